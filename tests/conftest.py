@@ -1,0 +1,86 @@
+"""Shared test configuration: markers that skip with a stated reason when their need is missing.
+
+Markers: ``gpu`` (a CUDA device and CuPy), ``nvrtc`` (libnvrtc, no device), ``cpuemu`` (a C++ compiler for the
+CPU emulation of CUDA C), ``torch`` (PyTorch as an oracle), ``data`` (the CIFAR-10 development copy).
+``NPCONV_REQUIRE_GPU=1`` turns the ``gpu`` skips into failures, for a machine that has a GPU.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+
+def _has_gpu():
+    try:
+        import cupy
+        return bool(cupy.is_available())
+    except Exception:
+        return False
+
+
+def _has_nvrtc():
+    try:
+        from cupy.cuda import nvrtc
+        nvrtc.getVersion()
+        return True
+    except Exception:
+        return False
+
+
+def _has_torch():
+    try:
+        import torch  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+HAS_GPU = _has_gpu()
+HAS_NVRTC = _has_nvrtc()
+HAS_CXX = shutil.which(os.environ.get("CXX", "g++")) is not None
+HAS_TORCH = _has_torch()
+REQUIRE_GPU = os.environ.get("NPCONV_REQUIRE_GPU") == "1"
+
+
+def _has_data():
+    try:
+        from npconv.datasets import find_data_dir
+        find_data_dir()
+        return True
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    need = {
+        "gpu": (HAS_GPU, "no CUDA device (cupy missing or cupy.is_available() is False)"),
+        "nvrtc": (HAS_NVRTC, "libnvrtc not loadable: pip install 'npconv[check]'"),
+        "cpuemu": (HAS_CXX, "no C++ compiler for the CUDA C emulator"),
+        "torch": (HAS_TORCH, "PyTorch not installed: pip install 'npconv[torch]'"),
+    }
+    data_ok = None
+    for item in items:
+        for mark, (ok, why) in need.items():
+            if mark in item.keywords and not ok:
+                if mark == "gpu" and REQUIRE_GPU:
+                    continue  # run it and let it fail loudly
+                item.add_marker(pytest.mark.skip(reason=why))
+        if "data" in item.keywords:
+            if data_ok is None:
+                data_ok = _has_data()
+            if not data_ok:
+                item.add_marker(pytest.mark.skip(
+                    reason="CIFAR-10 not found: set NPCONV_DATA_DIR or place ../shared/data beside the checkout"))
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(12345)
+
+
+def tolerance(dtype):
+    """(rtol, atol) for comparing a float32/float64 computation with a float64 reference."""
+    return (2e-4, 2e-4) if np.dtype(dtype) == np.float32 else (1e-10, 1e-10)
