@@ -1,1 +1,14 @@
+"""npconv: CNN inference over NumPy (numba + BLAS on the CPU) and CuPy (CUDA RawKernels on the GPU), with the
+low-rank approximations of Denton et al., "Exploiting Linear Structure Within Convolutional Networks for Efficient
+Evaluation" (NIPS 2014).
 
+Importing npconv is light: no CuPy import, no kernel compilation (numba kernels compile on first use and are
+cached on disk).
+"""
+from . import functional  # noqa: F401
+from . import layers  # noqa: F401
+from .network import Network  # noqa: F401
+from .io import load, save, from_torch, load_state_dict  # noqa: F401
+
+__version__ = "0.1.0"
+__all__ = ["Network", "load", "save", "from_torch", "load_state_dict", "functional", "layers"]

@@ -1,0 +1,145 @@
+"""2-D convolution (cross-correlation, as in every CNN framework), NCHW.
+
+CPU algorithm: for a chunk of images, a numba kernel packs the receptive fields of one group of channels into a
+column matrix ``col`` of shape (C/groups*KH*KW, chunk*OH*OW); one BLAS GEMM ``w_g @ col`` then gives that group's
+outputs for the whole chunk. The chunk is chosen so that the GEMM has enough columns to run at full speed and the
+workspace stays under ``_WORKSPACE_BYTES`` whatever the batch size. A 1x1, stride-1, unpadded convolution skips the
+packing. A grouped convolution with one input channel per group (depthwise) runs as direct numba loops.
+
+GPU: CuPy arrays go to ``npconv.kernels.cuda.ops.conv2d`` (im2col kernel + cuBLAS).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .._backend import get_array_module
+from .._validate import as_pair, as_padding4, check_float_array, check_int, check_same_dtype, out_size
+
+__all__ = ["conv2d", "conv2d_output_shape", "normalize_conv_args"]
+
+#: upper bound of the packing buffer (and GEMM output staging) per call, in bytes
+_WORKSPACE_BYTES = 48 * 2**20
+#: the number of GEMM columns above which batching more images into one GEMM stops paying
+_TARGET_COLUMNS = 4096
+
+
+def normalize_conv_args(x, w, b, stride, padding, dilation, groups):
+    """Validate a conv2d call; return (stride pair, padding 4-tuple, dilation pair, groups, (OH, OW))."""
+    check_float_array(x, "x", ndim=4)
+    check_float_array(w, "w", ndim=4)
+    check_same_dtype("x", x, w=w)
+    if b is not None:
+        check_float_array(b, "b", ndim=1)
+        check_same_dtype("x", x, b=b)
+    groups = check_int(groups, "groups", min_value=1)
+    stride = as_pair(stride, "stride", min_value=1)
+    dilation = as_pair(dilation, "dilation", min_value=1)
+    pad = as_padding4(padding, "padding")
+    N, C, H, W = x.shape
+    F, Cg, KH, KW = w.shape
+    if C % groups:
+        raise ValueError(f"groups ({groups}) must divide the input channels of x ({C})")
+    if F % groups:
+        raise ValueError(f"groups ({groups}) must divide the output channels of w ({F})")
+    if Cg != C // groups:
+        raise ValueError(f"w must have C/groups = {C // groups} input channels (x has {C} channels, "
+                         f"groups={groups}), got w.shape[1] = {Cg} (w.shape {tuple(w.shape)})")
+    if min(F, KH, KW) < 1:
+        raise ValueError(f"w must have at least one filter and a non-empty kernel, got shape {tuple(w.shape)}")
+    if b is not None and b.shape[0] != F:
+        raise ValueError(f"b must have shape ({F},) to match w's {F} filters, got {tuple(b.shape)}")
+    OH = out_size(H, KH, stride[0], pad[0], pad[1], dilation[0], what="output height")
+    OW = out_size(W, KW, stride[1], pad[2], pad[3], dilation[1], what="output width")
+    return stride, pad, dilation, groups, (OH, OW)
+
+
+def conv2d_output_shape(in_shape, w_shape, *, stride=1, padding=0, dilation=1):
+    """Output shape (F, OH, OW) of a conv on an input (C, H, W) (no batch axis)."""
+    C, H, W = in_shape
+    F, _, KH, KW = w_shape
+    st, pd, dl = as_pair(stride, "stride"), as_padding4(padding), as_pair(dilation, "dilation")
+    return (F, out_size(H, KH, st[0], pd[0], pd[1], dl[0], what="output height"),
+            out_size(W, KW, st[1], pd[2], pd[3], dl[1], what="output width"))
+
+
+def conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1):
+    """2-D convolution of ``x`` (N, C, H, W) with ``w`` (F, C/groups, KH, KW), plus ``b`` (F,) if given.
+
+    Parameters
+    ----------
+    stride, dilation : int or (int, int)
+        Vertical and horizontal step, and spacing of the kernel taps (1 = none). Both >= 1.
+    padding : int, (int, int) or (top, bottom, left, right)
+        Zero padding; a pair means (vertical, horizontal) on both sides.
+    groups : int
+        Channel groups: input and output channels are split into ``groups`` blocks convolved separately.
+
+    Returns an array of shape (N, F, OH, OW) with the dtype of ``x`` (float32 or float64; ``w`` and ``b`` must have
+    the same dtype). NumPy inputs run on the CPU, CuPy inputs on the GPU; a mix is a TypeError. Non-finite weights
+    are not checked here (layers check them once, when they are built or loaded).
+    """
+    xp = get_array_module(x, w, b, names=("x", "w", "b"))
+    stride, pad, dilation, groups, (OH, OW) = normalize_conv_args(x, w, b, stride, padding, dilation, groups)
+    if xp is not np:
+        from ..kernels.cuda import ops
+        return ops.conv2d(x, w, b, stride=stride, padding=pad, dilation=dilation, groups=groups)
+    return _conv2d_cpu(x, w, b, stride, pad, dilation, groups, OH, OW)
+
+
+def _conv2d_cpu(x, w, b, stride, pad, dilation, groups, OH, OW):
+    from ..kernels.cpu import im2col as K
+
+    x = np.ascontiguousarray(x)
+    w = np.ascontiguousarray(w)
+    N, C, H, W = x.shape
+    F, Cg, KH, KW = w.shape
+    Fg = F // groups
+    P = OH * OW
+    dt = x.dtype
+    has_b = b is not None
+    bias = np.ascontiguousarray(b) if has_b else np.zeros(1, dt)
+    out = np.empty((N, F, OH, OW), dt)
+
+    if Cg == 1 and groups > 1 and Fg * KH * KW <= 64:
+        K.depthwise_direct(x, w, bias, has_b, Fg, stride[0], stride[1], pad[0], pad[2], dilation[0],
+                           dilation[1], out)
+        return out
+
+    out3 = out.reshape(N, F, P)
+    wmat = w.reshape(F, Cg * KH * KW)
+    pointwise = KH == 1 and KW == 1 and stride == (1, 1) and pad == (0, 0, 0, 0)
+    if pointwise:
+        x3 = x.reshape(N, C, H * W)
+        for n in range(N):
+            for g in range(groups):
+                yg = out3[n, g * Fg:(g + 1) * Fg]
+                np.matmul(wmat[g * Fg:(g + 1) * Fg], x3[n, g * Cg:(g + 1) * Cg], out=yg)
+                if has_b:
+                    K.add_bias_rows(yg, bias[g * Fg:(g + 1) * Fg])
+        return out
+
+    rows = Cg * KH * KW
+    item = dt.itemsize
+    per_img = (rows + Fg) * P * item  # packing + staging per image in a chunk
+    chunk = max(1, min(N, -(-_TARGET_COLUMNS // P), _WORKSPACE_BYTES // max(per_img, 1)))
+    col = np.empty((rows, chunk * P), dt)
+    stage = np.empty((Fg, chunk * P), dt) if chunk > 1 else None
+    for n0 in range(0, N, chunk):
+        n1 = min(N, n0 + chunk)
+        m = n1 - n0
+        cols = col[:, :m * P]
+        for g in range(groups):
+            K.im2col(x, n0, n1, g * Cg, (g + 1) * Cg, KH, KW, stride[0], stride[1], pad[0], pad[2],
+                     dilation[0], dilation[1], OH, OW, cols)
+            wg = wmat[g * Fg:(g + 1) * Fg]
+            bg = bias[g * Fg:(g + 1) * Fg] if has_b else bias
+            if m == 1:
+                yg = out3[n0, g * Fg:(g + 1) * Fg]
+                np.matmul(wg, cols, out=yg)
+                if has_b:
+                    K.add_bias_rows(yg, bg)
+            else:
+                st = stage[:, :m * P]
+                np.matmul(wg, cols, out=st)
+                K.scatter_chunk_bias(st, out3[:, g * Fg:(g + 1) * Fg], n0, m, bg, has_b)
+    return out

@@ -1,0 +1,5 @@
+"""Layer classes: thin holders of weights and hyper-parameters over ``npconv.functional``."""
+from .base import LAYER_REGISTRY, Layer, layer_class, register_layer  # noqa: F401
+from .dense import Conv2d, Linear  # noqa: F401
+from .simple import (AvgPool2d, Dropout, Flatten, LocalResponseNorm, MaxPool2d, Normalize, ReLU,  # noqa: F401
+                     Softmax)

@@ -1,0 +1,145 @@
+"""Dense (unfactored) layers with weights: Conv2d and Linear."""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import functional as F
+from .._backend import FLOAT_DTYPES, get_array_module
+from .._validate import as_pair, as_padding4, check_array, check_finite, check_int
+from ..functional.conv import conv2d_output_shape
+from .base import Layer, register_layer
+
+__all__ = ["Conv2d", "Linear", "as_weight"]
+
+
+def as_weight(a, name, ndim):
+    """Validate a weight array: an array of ``ndim`` dimensions, float32/float64, all finite."""
+    check_array(a, name, ndim=ndim)
+    if a.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have dtype float32 or float64, got {a.dtype}")
+    check_finite(a, name)
+    return a
+
+
+class _WeightCast:
+    """Per-dtype cache of a layer's arrays, so a float32 input does not re-cast float64 weights every call."""
+
+    def __init__(self):
+        self._cache = {}
+
+    def get(self, layer, dtype, xp):
+        key = (np.dtype(dtype), xp.__name__)
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = {k: (v if v.dtype == dtype else v.astype(dtype)) for k, v in layer.params.items()}
+            self._cache = {key: hit}  # keep one dtype: the cache never grows
+        return hit
+
+    def clear(self):
+        self._cache = {}
+
+
+class _WeightedLayer(Layer):
+    def __init__(self):
+        super().__init__()
+        self._cast = _WeightCast()
+
+    def _params_for(self, x):
+        xp = get_array_module(x, *self.params.values())
+        return self._cast.get(self, x.dtype, xp)
+
+    def _sync_params(self):
+        self._cast.clear()
+
+    @classmethod
+    def from_config(cls, config, params):
+        return cls(**params, **config)
+
+
+@register_layer
+class Conv2d(_WeightedLayer):
+    """Convolution layer: ``functional.conv2d`` with stored weight (F, C/groups, KH, KW) and bias (F,)."""
+    kind = "conv2d"
+
+    def __init__(self, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1):
+        super().__init__()
+        weight = as_weight(weight, "weight", 4)
+        if bias is not None:
+            bias = as_weight(bias, "bias", 1)
+            if bias.shape[0] != weight.shape[0]:
+                raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        self.stride = as_pair(stride, "stride")
+        self.padding = as_padding4(padding)
+        self.dilation = as_pair(dilation, "dilation")
+        self.groups = check_int(groups, "groups", min_value=1)
+        self.params = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
+
+    @property
+    def weight(self):
+        return self.params["weight"]
+
+    @property
+    def bias(self):
+        return self.params.get("bias")
+
+    def forward(self, x):
+        p = self._params_for(x)
+        return F.conv2d(x, p["weight"], p.get("bias"), stride=self.stride, padding=self.padding,
+                        dilation=self.dilation, groups=self.groups)
+
+    def config(self):
+        return dict(stride=list(self.stride), padding=list(self.padding), dilation=list(self.dilation),
+                    groups=self.groups)
+
+    def output_shape(self, in_shape):
+        C = in_shape[0]
+        if C != self.weight.shape[1] * self.groups:
+            raise ValueError(f"input to {self.kind} must have {self.weight.shape[1] * self.groups} channels, "
+                             f"got shape {tuple(in_shape)}")
+        return conv2d_output_shape(in_shape, self.weight.shape, stride=self.stride, padding=self.padding,
+                                   dilation=self.dilation)
+
+    def macs(self, in_shape):
+        Fo, OH, OW = self.output_shape(in_shape)
+        _, Cg, KH, KW = self.weight.shape
+        return int(Fo * OH * OW * Cg * KH * KW)
+
+
+@register_layer
+class Linear(_WeightedLayer):
+    """Fully connected layer with weight (out, in) and bias (out,). Inputs of more than 2 dims are flattened."""
+    kind = "linear"
+
+    def __init__(self, weight, bias=None):
+        super().__init__()
+        weight = as_weight(weight, "weight", 2)
+        if bias is not None:
+            bias = as_weight(bias, "bias", 1)
+            if bias.shape[0] != weight.shape[0]:
+                raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        self.params = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
+
+    @property
+    def weight(self):
+        return self.params["weight"]
+
+    @property
+    def bias(self):
+        return self.params.get("bias")
+
+    def forward(self, x):
+        p = self._params_for(x)
+        if x.ndim > 2:
+            x = x.reshape(x.shape[0], -1)
+        return F.linear(x, p["weight"], p.get("bias"))
+
+    def output_shape(self, in_shape):
+        n_in = int(np.prod(in_shape))
+        if n_in != self.weight.shape[1]:
+            raise ValueError(f"input to {self.kind} must have {self.weight.shape[1]} features, "
+                             f"got shape {tuple(in_shape)} ({n_in} features)")
+        return (self.weight.shape[0],)
+
+    def macs(self, in_shape):
+        self.output_shape(in_shape)
+        return int(self.weight.shape[0] * self.weight.shape[1])

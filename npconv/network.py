@@ -1,0 +1,253 @@
+"""Network: an ordered sequence of named layers.
+
+``forward`` runs the layers in order, each calling its pure function; intermediate activations are returned by
+name on request. ``predict`` streams a large array in batches; ``summary`` lists output shapes, parameters and
+multiply-adds per layer; ``profile`` measures the time per layer.
+"""
+from __future__ import annotations
+
+import copy
+import time
+
+import numpy as np
+
+from ._backend import FLOAT_DTYPES, is_cupy_array, require_cupy
+from ._validate import check_array, check_int
+from .layers.base import Layer
+
+__all__ = ["Network"]
+
+
+class Network:
+    """An ordered network of named layers.
+
+    Parameters
+    ----------
+    layers : sequence of (name, Layer) pairs, or a dict name -> Layer (in order)
+    input_shape : (C, H, W) or (features,), optional
+        The shape of one input, without the batch axis; used by ``summary`` and checked by ``forward``.
+    meta : dict, optional
+        JSON-serialisable metadata stored with the network (class names, preprocessing notes, provenance).
+    """
+
+    def __init__(self, layers, *, input_shape=None, meta=None):
+        items = list(layers.items()) if isinstance(layers, dict) else list(layers)
+        self._layers: dict[str, Layer] = {}
+        for i, item in enumerate(items):
+            if not (isinstance(item, (tuple, list)) and len(item) == 2):
+                raise TypeError(f"layers[{i}] must be a (name, layer) pair, got {type(item).__name__}")
+            name, layer = item
+            if not isinstance(name, str) or not name:
+                raise TypeError(f"layers[{i}]: the name must be a non-empty str, got {name!r}")
+            if not isinstance(layer, Layer):
+                raise TypeError(f"layers[{i}] ({name!r}) must be an npconv Layer, got {type(layer).__name__}")
+            if name in self._layers:
+                raise ValueError(f"layers: the name {name!r} is used twice")
+            self._layers[name] = layer
+        if not self._layers:
+            raise ValueError("layers must hold at least one layer")
+        self.input_shape = None if input_shape is None else tuple(check_int(s, "input_shape", min_value=1)
+                                                                  for s in input_shape)
+        self.meta = dict(meta or {})
+
+    # ------------------------------------------------------------------ container
+    @property
+    def names(self):
+        return list(self._layers)
+
+    def items(self):
+        return list(self._layers.items())
+
+    def __getitem__(self, name):
+        try:
+            return self._layers[name]
+        except KeyError:
+            raise KeyError(f"no layer named {name!r}; layers are {self.names}") from None
+
+    def __contains__(self, name):
+        return name in self._layers
+
+    def __len__(self):
+        return len(self._layers)
+
+    def __iter__(self):
+        return iter(self._layers.items())
+
+    def __repr__(self):
+        body = "\n".join(f"  ({n}): {l!r}" for n, l in self._layers.items())
+        return f"Network(\n{body}\n)"
+
+    def copy(self):
+        """A deep copy: arrays included, so changing one network never changes the other."""
+        return copy.deepcopy(self)
+
+    def replace(self, replacements):
+        """A NEW network with some layers replaced: ``replacements`` maps a name to a layer (or a list of
+        (name, layer) pairs that take its place). The other layers are deep copies; ``self`` is untouched."""
+        for name in replacements:
+            self[name]  # KeyError naming the layer
+        out = []
+        for name, layer in self._layers.items():
+            if name not in replacements:
+                out.append((name, copy.deepcopy(layer)))
+                continue
+            rep = replacements[name]
+            out.extend(rep if isinstance(rep, list) else [(name, rep)])
+        return Network(out, input_shape=self.input_shape, meta=copy.deepcopy(self.meta))
+
+    # ------------------------------------------------------------------ devices
+    def to_gpu(self):
+        """Move every layer's arrays to the GPU once (in place; returns self)."""
+        require_cupy()
+        for layer in self._layers.values():
+            layer.to_gpu()
+        return self
+
+    def to_cpu(self):
+        for layer in self._layers.values():
+            layer.to_cpu()
+        return self
+
+    @property
+    def on_gpu(self):
+        return any(layer.on_gpu for layer in self._layers.values())
+
+    # ------------------------------------------------------------------ computation
+    def _check_input(self, x):
+        check_array(x, "x")
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"x must have dtype float32 or float64, got {x.dtype}")
+        if self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"x must have shape (N, {', '.join(map(str, self.input_shape))}), "
+                             f"got {tuple(x.shape)}")
+
+    def forward(self, x, *, until=None, return_intermediates=None):
+        """Run the network on ``x`` (N, ...).
+
+        until : str, optional
+            Stop after the layer of this name and return its output.
+        return_intermediates : sequence of names, or "all", optional
+            Also return a dict name -> activation (the output of each named layer).
+        """
+        self._check_input(x)
+        if until is not None:
+            self[until]
+        want = set(self.names) if return_intermediates == "all" else set(return_intermediates or ())
+        unknown = want - set(self.names)
+        if unknown:
+            raise ValueError(f"return_intermediates names unknown layers {sorted(unknown)}; layers are {self.names}")
+        acts = {}
+        for name, layer in self._layers.items():
+            x = layer(x)
+            if name in want:
+                acts[name] = x
+            if name == until:
+                break
+        return (x, acts) if return_intermediates is not None else x
+
+    __call__ = forward
+
+    def predict(self, X, *, batch_size=128, dtype=np.float32, progress=False, until=None):
+        """Run the network over a large array ``X`` (N, ...) in batches; returns the stacked outputs.
+
+        ``X`` may be of any real dtype (e.g. uint8 images, a memory map); each batch is converted to ``dtype``
+        and, for a network on the GPU, copied to the device (outputs come back as NumPy arrays).
+        """
+        check_array(X, "X")
+        batch_size = check_int(batch_size, "batch_size", min_value=1)
+        dtype = np.dtype(dtype)
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+        gpu = self.on_gpu
+        from ._progress import progress_bar
+        outs = []
+        starts = range(0, len(X), batch_size)
+        for s in progress_bar(starts, desc="predict", enable=progress):
+            xb = np.asarray(X[s:s + batch_size]) if not is_cupy_array(X) else X[s:s + batch_size]
+            if gpu and not is_cupy_array(xb):
+                xb = require_cupy().asarray(xb)
+            xb = xb.astype(dtype, copy=False)
+            y = self.forward(xb, until=until)
+            outs.append(y.get() if is_cupy_array(y) else y)
+        if not outs:
+            raise ValueError("X must hold at least one sample, got 0")
+        return np.concatenate(outs)
+
+    # ------------------------------------------------------------------ description
+    def shapes(self, input_shape=None):
+        """Output shape (without batch) of every layer, as a list of (name, layer, in_shape, out_shape)."""
+        shape = tuple(input_shape) if input_shape is not None else self.input_shape
+        if shape is None:
+            raise ValueError("input_shape is needed: give it here or when building the Network")
+        rows = []
+        for name, layer in self._layers.items():
+            out = tuple(layer.output_shape(shape))
+            rows.append((name, layer, shape, out))
+            shape = out
+        return rows
+
+    def summary(self, input_shape=None, *, print_fn=print):
+        """Print and return a per-layer table: output shape, parameter count and multiply-adds per image."""
+        rows = []
+        for name, layer, shp, out in self.shapes(input_shape):
+            rows.append(dict(name=name, kind=layer.kind, output_shape=out, params=layer.n_params(),
+                             macs=int(layer.macs(shp))))
+        if print_fn is not None:
+            print_fn(format_table(rows))
+        return rows
+
+    def profile(self, x, *, repeat=3, warmup=1, print_fn=print):
+        """Measure the time of each layer on ``x`` (median of ``repeat`` runs after ``warmup``); returns rows."""
+        self._check_input(x)
+        repeat = check_int(repeat, "repeat", min_value=1)
+        sync = _sync_for(x)
+        times = {n: [] for n in self.names}
+        for it in range(warmup + repeat):
+            h = x
+            for name, layer in self._layers.items():
+                sync()
+                t0 = time.perf_counter()
+                h = layer(h)
+                sync()
+                if it >= warmup:
+                    times[name].append(time.perf_counter() - t0)
+        total = sum(float(np.median(t)) for t in times.values())
+        rows = [dict(name=n, kind=self[n].kind, seconds=float(np.median(t)),
+                     share=float(np.median(t)) / total if total > 0 else 0.0) for n, t in times.items()]
+        if print_fn is not None:
+            print_fn(format_table([dict(r, ms=r["seconds"] * 1e3) for r in rows],
+                                  columns=("name", "kind", "ms", "share")))
+        return rows
+
+    def n_params(self):
+        return sum(layer.n_params() for layer in self._layers.values())
+
+
+def _sync_for(x):
+    if is_cupy_array(x):
+        cp = require_cupy()
+        return cp.cuda.get_current_stream().synchronize
+    return lambda: None
+
+
+def format_table(rows, columns=None):
+    """A plain-text table of dict rows (numbers right-aligned)."""
+    if not rows:
+        return "(empty)"
+    columns = list(columns or rows[0].keys())
+
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
+        if isinstance(v, (int, np.integer)):
+            return f"{int(v):,}"
+        return str(v)
+
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = "  ".join(c.ljust(w) for c, w in zip(columns, widths))
+    out = [line, "  ".join("-" * w for w in widths)]
+    for row in cells:
+        out.append("  ".join(v.rjust(w) if v[:1].isdigit() or v[:1] == "-" else v.ljust(w)
+                             for v, w in zip(row, widths)))
+    return "\n".join(out)

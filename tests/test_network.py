@@ -1,0 +1,121 @@
+import numpy as np
+import pytest
+
+from npconv import Network
+from npconv.layers import Conv2d, Linear
+from npconv.layers.simple import Flatten, LocalResponseNorm, MaxPool2d, ReLU, Softmax
+from tests.reference import conv2d_naive
+
+
+def small_net(rng, dtype=np.float64):
+    w1 = rng.standard_normal((4, 3, 3, 3)).astype(dtype) * 0.3
+    b1 = rng.standard_normal(4).astype(dtype)
+    w2 = rng.standard_normal((5, 4 * 3 * 3)).astype(dtype) * 0.3
+    b2 = rng.standard_normal(5).astype(dtype)
+    net = Network([("conv1", Conv2d(w1, b1, padding=1)), ("relu1", ReLU()),
+                   ("pool1", MaxPool2d(2, stride=2, ceil_mode=True)), ("norm1", LocalResponseNorm(3)),
+                   ("flat", Flatten()), ("fc", Linear(w2, b2)), ("prob", Softmax())],
+                  input_shape=(3, 5, 5), meta={"classes": list("abcde")})
+    return net, (w1, b1, w2, b2)
+
+
+def reference_forward(x, w1, b1, w2, b2):
+    h = np.maximum(conv2d_naive(x, w1, b1, padding=(1, 1, 1, 1)), 0)
+    # max pool 2x2 stride 2 ceil mode on 5x5 -> 3x3 (last window covers one row/column)
+    p = np.full((h.shape[0], h.shape[1], 3, 3), -np.inf)
+    for i in range(3):
+        for j in range(3):
+            p[:, :, i, j] = h[:, :, 2 * i:2 * i + 2, 2 * j:2 * j + 2].max(axis=(2, 3))
+    sq = np.pad(p ** 2, ((0, 0), (1, 1), (0, 0), (0, 0)))
+    s = sq[:, :-2] + sq[:, 1:-1] + sq[:, 2:]
+    n = p / (2.0 + 1e-4 / 3 * s) ** 0.75
+    z = n.reshape(len(x), -1) @ w2.T + b2
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True), h
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_forward_matches_reference_and_intermediates(rng, dtype):
+    net, ws = small_net(rng)
+    x = rng.standard_normal((3, 3, 5, 5)).astype(dtype)
+    y, acts = net.forward(x, return_intermediates=["relu1", "fc"])
+    ref, h = reference_forward(x, *ws)
+    tol = 1e-4 if dtype == np.float32 else 1e-10
+    assert y.dtype == dtype
+    np.testing.assert_allclose(y, ref, rtol=tol, atol=tol)
+    np.testing.assert_allclose(acts["relu1"], h, rtol=tol, atol=tol)
+    assert set(acts) == {"relu1", "fc"}
+    np.testing.assert_allclose(net.forward(x, until="relu1"), h, rtol=tol, atol=tol)
+
+
+def test_predict_streams_batches_and_accepts_uint8(rng):
+    net, ws = small_net(rng)
+    X = rng.integers(0, 255, (11, 3, 5, 5)).astype(np.uint8)
+    y = net.predict(X, batch_size=4, dtype=np.float64)
+    ref, _ = reference_forward(X.astype(np.float64), *ws)
+    np.testing.assert_allclose(y, ref, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        net.predict(X, batch_size=0)
+
+
+def test_summary_counts_params_and_macs(rng):
+    net, _ = small_net(rng)
+    rows = {r["name"]: r for r in net.summary(print_fn=None)}
+    assert rows["conv1"]["output_shape"] == (4, 5, 5)
+    assert rows["conv1"]["params"] == 4 * 3 * 9 + 4
+    assert rows["conv1"]["macs"] == 4 * 5 * 5 * 3 * 9
+    assert rows["pool1"]["output_shape"] == (4, 3, 3)
+    assert rows["fc"]["macs"] == 5 * 36 and rows["fc"]["params"] == 5 * 36 + 5
+    assert net.n_params() == sum(r["params"] for r in rows.values())
+
+
+def test_profile_reports_each_layer(rng):
+    net, _ = small_net(rng)
+    rows = net.profile(rng.standard_normal((2, 3, 5, 5)), repeat=2, print_fn=None)
+    assert [r["name"] for r in rows] == net.names
+    assert all(r["seconds"] > 0 for r in rows)
+    assert abs(sum(r["share"] for r in rows) - 1) < 1e-9
+
+
+def test_replace_returns_new_network_and_keeps_original(rng):
+    net, _ = small_net(rng)
+    before = net["conv1"].weight.copy()
+    new = net.replace({"relu1": [("relu1a", ReLU())]})
+    assert new.names[1] == "relu1a" and "relu1" in net
+    new["conv1"].params["weight"][...] = 0
+    np.testing.assert_array_equal(net["conv1"].weight, before)
+
+
+def test_bad_inputs(rng):
+    net, _ = small_net(rng)
+    with pytest.raises(ValueError, match=r"x must have shape \(N, 3, 5, 5\), got \(2, 3, 4, 4\)"):
+        net.forward(np.zeros((2, 3, 4, 4)))
+    with pytest.raises(TypeError, match="x must have dtype float32 or float64, got int32"):
+        net.forward(np.zeros((2, 3, 5, 5), np.int32))
+    with pytest.raises(ValueError, match="unknown layers"):
+        net.forward(np.zeros((1, 3, 5, 5)), return_intermediates=["nope"])
+    with pytest.raises(KeyError, match="no layer named 'nope'"):
+        net["nope"]
+    with pytest.raises(ValueError, match="used twice"):
+        Network([("a", ReLU()), ("a", ReLU())])
+    with pytest.raises(TypeError, match=r"layers\[0\] \('a'\) must be an npconv Layer"):
+        Network([("a", object())])
+
+
+def test_layer_rejects_nan_weights_and_bad_dtype(rng):
+    w = rng.standard_normal((2, 3, 3, 3))
+    w[0, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match=r"weight contains 1 non-finite value"):
+        Conv2d(w)
+    with pytest.raises(TypeError, match="weight must have dtype float32 or float64, got int64"):
+        Linear(np.zeros((2, 3), np.int64))
+    with pytest.raises(ValueError, match=r"weight must have 2 dimensions, got 4"):
+        Linear(np.zeros((2, 3, 1, 1)))
+
+
+def test_layers_cast_weights_to_input_dtype(rng):
+    conv = Conv2d(rng.standard_normal((2, 3, 3, 3)), rng.standard_normal(2))
+    x = rng.standard_normal((1, 3, 6, 6)).astype(np.float32)
+    y = conv(x)
+    assert y.dtype == np.float32
+    np.testing.assert_allclose(y, conv2d_naive(x, conv.weight, conv.bias), rtol=1e-4, atol=1e-4)
