@@ -6,7 +6,7 @@ Reproducible: fixed seeds, single data order per seed, deterministic torch algor
 is logged. Batch norm is used while training and folded into the convolutions on export, so the exported
 network is the paper's kind: conv, ReLU, max-pool, LRN, dense layers. The result is written in npconv's
 format by ``npconv.io`` (``--out``/reference.npz) together with the float64 logits of the training tool on
-the test split, for the agreement check.
+the test split, for the agreement check (``--export-only`` redoes only that step).
 """
 from __future__ import annotations
 
@@ -76,6 +76,14 @@ def to_float(xb, torch):
     return (x - m) / s
 
 
+def to_double(xb, torch):
+    """The same preprocessing in float64 throughout (for the oracle logits npconv is compared with)."""
+    x = torch.from_numpy(np.asarray(xb, np.float64)) / 255.0
+    m = torch.tensor(MEAN, dtype=torch.float64).view(1, 3, 1, 1)
+    s = torch.tensor(STD, dtype=torch.float64).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
 def evaluate(model, X, y, torch, bs=1000):
     model.eval()
     correct = 0
@@ -111,7 +119,13 @@ def main(argv=None):
     ap.add_argument("--data", default=None, help="folder holding CIFAR-10 (see npconv.datasets)")
     ap.add_argument("--out", default="runs/reference")
     ap.add_argument("--limit-batches", type=int, default=0, help="for a smoke test: batches per epoch")
+    ap.add_argument("--export-only", action="store_true",
+                    help="skip training: export an earlier run in --out to npconv's format (--bundle)")
+    ap.add_argument("--bundle", default=None,
+                    help="where to write the npconv network and its test fixtures (default: next to this script)")
     args = ap.parse_args(argv)
+    if args.export_only:
+        return export(args.out, args.bundle)
 
     import torch
     from npconv.datasets import load_cifar10, train_val_split
@@ -163,18 +177,58 @@ def main(argv=None):
         log.flush()
     te_acc = evaluate(model, Xte, yte, torch)
     torch.save(model.state_dict(), os.path.join(args.out, "model_state.pt"))
-    # float64 reference logits of the training tool on the whole test split (for the agreement check)
-    m64 = model.double().eval()
-    with torch.no_grad():
-        logits = np.concatenate([m64(to_float(Xte[i:i + 500], torch).double()).numpy()
-                                 for i in range(0, len(Xte), 500)])
-    np.save(os.path.join(args.out, "torch_test_logits_f64.npy"), logits)
     np.savez(os.path.join(args.out, "folded.npz"), **folded_weights(model))
     summary = dict(test_top1=float(te_acc), val_top1=float(va_acc), epochs=args.epochs, seed=args.seed,
                    threads=args.threads, train_s=round(time.time() - t_start, 1), torch=torch.__version__,
                    argv=sys.argv[1:])
     json.dump(summary, open(os.path.join(args.out, "summary.json"), "w"), indent=1)
     print(json.dumps(summary))
+    export(args.out, args.bundle)
+
+
+def export(run_dir, bundle=None):
+    """Write the trained model in npconv's format, plus the oracle outputs the tests compare against.
+
+    - ``reference.npz``: the network (float64 weights, batch norm folded), input = raw RGB floats in [0, 255];
+    - ``tests/data/reference_guard.npz``: 8 seeded synthetic images and the training tool's float64 logits on them
+      (a regression guard that needs no dataset);
+    - ``tests/data/reference_torch_test_logits.npy``: the training tool's float64 logits on the whole test split.
+    """
+    import shutil
+    import torch
+    import npconv
+    from npconv.layers import Normalize
+    here = os.path.dirname(os.path.abspath(__file__))
+    bundle = bundle or here
+    tests_data = os.path.join(os.path.dirname(os.path.dirname(here)), "tests", "data")
+    os.makedirs(tests_data, exist_ok=True)
+    model = build_torch_model(torch)
+    model.load_state_dict(torch.load(os.path.join(run_dir, "model_state.pt"), weights_only=True))
+    model = model.double().eval()
+    summary = json.load(open(os.path.join(run_dir, "summary.json")))
+    body = npconv.from_torch(model)
+    mean = np.array(MEAN, np.float64) * 255
+    std = np.array(STD, np.float64) * 255
+    meta = dict(name="npconv-cifar10-reference", classes=list(__import__("npconv.datasets", fromlist=["x"])
+                                                              .CIFAR10_CLASSES),
+                input="RGB, NCHW, float values in [0, 255] (uint8 images cast to float)",
+                test_top1_training_tool=summary["test_top1"], trained_with=f"torch {summary['torch']}",
+                command="python -m npconv.models.train_reference " + " ".join(summary.get("argv", [])))
+    net = npconv.Network([("normalize", Normalize(mean, std))] + body.items(), input_shape=(3, 32, 32), meta=meta)
+    npconv.save(net, os.path.join(bundle, "reference.npz"), compress=True)
+    rng = np.random.default_rng(2014)
+    guard_x = rng.integers(0, 256, (8, 3, 32, 32)).astype(np.float64)
+    with torch.no_grad():
+        guard_logits = model(to_double(guard_x, torch)).numpy()
+        from npconv.datasets import load_cifar10
+        Xte, _ = load_cifar10("test")
+        test_logits = np.concatenate([model(to_double(Xte[i:i + 500], torch)).numpy()
+                                      for i in range(0, len(Xte), 500)])
+    np.savez(os.path.join(tests_data, "reference_guard.npz"), x=guard_x, logits=guard_logits)
+    np.save(os.path.join(tests_data, "reference_torch_test_logits.npy"), test_logits)
+    shutil.copy(os.path.join(run_dir, "train_log.jsonl"), os.path.join(bundle, "reference_train_log.jsonl"))
+    shutil.copy(os.path.join(run_dir, "summary.json"), os.path.join(bundle, "reference_summary.json"))
+    print("exported to", os.path.join(bundle, "reference.npz"))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,143 @@
+"""Dense convolution on the CPU: npconv against PyTorch in the same run, with the same thread count.
+
+    python bench/bench_dense.py                 # batch 1 and 128, ZF conv1-2 and AlexNet conv3-5
+    python bench/bench_dense.py --quick         # tiny shapes, for a smoke test
+
+Prints GFLOP/s of both and the ratio (npconv speed / PyTorch speed: > 1 means npconv is faster), plus the peak
+memory of ZF conv1 at batch 128 measured in a fresh process against input + output size.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __name__ == "__main__":
+    from bench._env import clean_blas_env
+    clean_blas_env()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+#: name -> (C, H=W, F, K, stride, padding)
+LAYERS = {
+    "zf_conv1": (3, 224, 96, 7, 2, 1),
+    "zf_conv2": (96, 55, 256, 5, 2, 0),
+    "alexnet_conv3": (256, 13, 384, 3, 1, 1),
+    "alexnet_conv4": (384, 13, 384, 3, 1, 1),
+    "alexnet_conv5": (384, 13, 256, 3, 1, 1),
+}
+QUICK_LAYERS = {"tiny_conv1": (3, 32, 16, 5, 2, 1), "tiny_conv2": (16, 15, 32, 3, 1, 1)}
+
+
+def conv_flops(N, C, H, F, K, s, p):
+    OH = (H + 2 * p - K) // s + 1
+    return 2.0 * N * F * C * K * K * OH * OH
+
+
+def make_case(C, H, F, K, N, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((N, C, H, H), dtype=np.float32)
+    w = (rng.standard_normal((F, C, K, K), dtype=np.float32) / np.sqrt(C * K * K)).astype(np.float32)
+    b = rng.standard_normal(F, dtype=np.float32)
+    return x, w, b
+
+
+def rows(quick=False):
+    """Rows for bench/run_all.py: (name, setup) pairs; setup returns {impl: callable} for one case."""
+    out = []
+    layers = QUICK_LAYERS if quick else LAYERS
+    for name, (C, H, F, K, s, p) in layers.items():
+        for N in ((1, 4) if quick else (1, 128)):
+            out.append(dict(name=f"{name}/b{N}", layer=name, batch=N, flops=conv_flops(N, C, H, F, K, s, p),
+                            setup=_setup_factory(C, H, F, K, s, p, N)))
+    return out
+
+
+def _setup_factory(C, H, F, K, s, p, N):
+    def setup():
+        from npconv.functional import conv2d
+        x, w, b = make_case(C, H, F, K, N)
+        impls = {"npconv": lambda: conv2d(x, w, b, stride=s, padding=p)}
+        try:
+            import torch
+            xt, wt, bt = map(torch.from_numpy, (x, w, b))
+
+            def run_torch():
+                with torch.no_grad():
+                    return torch.nn.functional.conv2d(xt, wt, bt, stride=s, padding=p)
+            impls["torch"] = run_torch
+        except ImportError:
+            pass
+        return impls
+    return setup
+
+
+def peak_memory_child(C, H, F, K, s, p, N):
+    """In a fresh process: peak RSS growth of one conv2d call at batch N, against input + output bytes."""
+    code = f"""
+import resource, numpy as np, json
+from npconv.functional import conv2d
+import npconv.kernels.cpu.im2col  # compile/load kernels before the baseline
+rng = np.random.default_rng(0)
+w = rng.standard_normal(({F},{C},{K},{K}), dtype=np.float32); b = np.zeros({F}, np.float32)
+conv2d(rng.standard_normal((1,{C},{H},{H}), dtype=np.float32), w, b, stride={s}, padding={p})
+x = rng.standard_normal(({N},{C},{H},{H}), dtype=np.float32)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+y = conv2d(x, w, b, stride={s}, padding={p})
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps(dict(growth_mib=(peak-base)/1024, out_mib=y.nbytes/2**20, in_mib=x.nbytes/2**20)))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: os.cpu_count())")
+    ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--keep-blas-env", action="store_true")
+    args = ap.parse_args(argv)
+    from bench._env import describe
+    from bench._timing import measure, thread_info
+    threads = args.threads or len(os.sched_getaffinity(0))
+    try:
+        import torch
+        torch.set_num_threads(threads)
+    except ImportError:
+        torch = None
+    info = thread_info()
+    print(f"# threads: torch={threads if torch else 'n/a'} numba={info.get('numba_threads')} "
+          f"({info.get('numba_threading_layer')}); BLAS: {info.get('blas')}; env: {describe()}")
+    results = []
+    print(f"{'layer':<22}{'npconv ms':>11}{'GF/s':>8}{'torch ms':>11}{'GF/s':>8}{'ratio':>8}")
+    for row in rows(args.quick):
+        impls = row["setup"]()
+        res = {k: measure(f, warmup=1, repeat=args.repeat) for k, f in impls.items()}
+        t_np = res["npconv"]["median"]
+        line = f"{row['name']:<22}{t_np * 1e3:>11.2f}{row['flops'] / t_np / 1e9:>8.1f}"
+        rec = dict(name=row["name"], batch=row["batch"], flops=row["flops"], npconv=res["npconv"])
+        if "torch" in res:
+            t_t = res["torch"]["median"]
+            line += f"{t_t * 1e3:>11.2f}{row['flops'] / t_t / 1e9:>8.1f}{t_t / t_np:>8.2f}"
+            rec.update(torch=res["torch"], ratio=t_t / t_np)
+        print(line, flush=True)
+        results.append(rec)
+    C, H, F, K, s, p = (QUICK_LAYERS["tiny_conv1"] if args.quick else LAYERS["zf_conv1"])
+    N = 4 if args.quick else 128
+    mem = peak_memory_child(C, H, F, K, s, p, N)
+    print(f"# peak memory, conv1 at batch {N}: grew {mem['growth_mib']:.1f} MiB for an output of "
+          f"{mem['out_mib']:.1f} MiB (input {mem['in_mib']:.1f} MiB, allocated before): workspace "
+          f"{mem['growth_mib'] - mem['out_mib']:.1f} MiB")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(info=info, env=describe(), results=results, memory=mem), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,295 @@
+"""The main job: the paper's experiment on the bundled CIFAR-10 reference network.
+
+    python -m npconv                  # default sweep, about 5 minutes on 2 cores
+    python -m npconv --full           # a larger sweep
+    python -m npconv --limit 300      # a smoke run on 300 validation and 300 test images
+
+Steps: load the network and the data; report the exact network's top-1; apply each approximation over a grid of
+settings, scored on a validation split held out of the training images; pick, per method, the fastest setting
+within 1 point of top-1; report those (and their combination) on the test split, once; measure the CPU time per
+image of the approximated layers and of the whole network; write a table, results.json, results.md and plots.
+Without the data it still runs the speed part and says how to get the data.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+__all__ = ["main"]
+
+
+def build_grid(full=False):
+    """The approximation settings swept by the main job (family, plan) for the reference network."""
+    from .approximate import SVD, Bicluster, Monochromatic, Separable
+    from .experiment import Config
+    grid = []
+    for c in ((4, 6, 8, 12, 16, 24) if full else (4, 8, 16)):
+        grid.append(Config("monochromatic conv1", {"conv1": Monochromatic(colors=c)}))
+    for G, H, K in (((4, 2, 8), (4, 2, 16), (8, 2, 16), (8, 2, 24), (8, 4, 24), (16, 2, 32)) if full
+                    else ((4, 2, 16), (8, 2, 24))):
+        grid.append(Config("bicluster-CP conv2", {"conv2": Bicluster(G=G, H=H, rank=K, method="cp")}))
+    for K1, K2 in (((8, 24), (12, 32), (16, 48), (24, 64)) if full else ((12, 32), (16, 48))):
+        grid.append(Config("bicluster-SVD conv2", {"conv2": Bicluster(G=2, H=2, ranks=(K1, K2), method="svd")}))
+    for r in ((24, 32, 48, 64) if full else (32, 48)):
+        grid.append(Config("separable conv3+conv4", {"conv3": Separable(rank=r), "conv4": Separable(rank=r)}))
+    for r in ((16, 32, 64, 128) if full else (32, 64)):
+        grid.append(Config("SVD fc5", {"fc5": SVD(rank=r)}))
+    return grid
+
+
+def _machine():
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}, {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} cores"
+
+
+def _fmt_row(r, base_top1=None):
+    d = r if isinstance(r, dict) else r.as_dict(base_top1)
+    acc = "" if d.get("top1") is None else f"{100 * d['top1']:6.2f}"
+    dl = "" if d.get("delta_top1") is None else f"{100 * d['delta_top1']:+6.2f}"
+    ag = "" if d.get("agreement") is None else f"{100 * d['agreement']:6.2f}"
+    return (f"{d['family']:<24}{d['config']:<52}{d['params_after']:>10,}{d['theoretical_gain']:>7.2f}"
+            f"{d['ms_per_image_layers_after']:>9.3f}{d['layer_speedup']:>7.2f}{d['ms_per_image_net_after']:>9.3f}"
+            f"{d['net_speedup']:>7.2f}{acc:>8}{dl:>8}{ag:>8}")
+
+
+HEADER = (f"{'method':<24}{'settings':<52}{'params':>10}{'gain':>7}{'ms/img':>9}{'x':>7}{'net ms':>9}{'net x':>7}"
+          f"{'top1%':>8}{'d top1':>8}{'agree%':>8}")
+LEGEND = ("gain: theoretical (multiply-adds) of the approximated layers; ms/img, x: their measured CPU time per "
+          "image and speedup; net ms, net x: the whole network's; d top1: change against the exact network; "
+          "agree%: predictions equal to the exact network's")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m npconv", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=None, help="folder holding CIFAR-10 (default: $NPCONV_DATA_DIR, the user "
+                    "cache, then ../shared/data)")
+    ap.add_argument("--download", action="store_true", help="download the official CIFAR-10 archive first")
+    ap.add_argument("--full", action="store_true", help="the larger sweep")
+    ap.add_argument("--limit", type=int, default=0, help="use only this many validation and test images")
+    ap.add_argument("--batch", type=int, default=128, help="batch size for the timing (default 128)")
+    ap.add_argument("--repeat", type=int, default=5, help="timing repeats (median reported)")
+    ap.add_argument("--budget", type=float, default=1.0, help="top-1 budget in points for the selection (1.0)")
+    ap.add_argument("--backend", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--out", default="runs/main", help="output folder (results.json, results.md, plots)")
+    ap.add_argument("--write-docs", action="store_true", help="also write docs/results.md in the checkout")
+    ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    if args.limit < 0:
+        ap.error(f"--limit must be >= 0, got {args.limit}")
+    if args.batch < 1:
+        ap.error(f"--batch must be >= 1, got {args.batch}")
+
+    from . import datasets
+    from .experiment import evaluate, run_config, select, time_layers
+    from .models import load_reference
+    progress = not args.no_progress and sys.stderr.isatty()
+    t_start = time.perf_counter()
+    os.makedirs(args.out, exist_ok=True)
+
+    net = load_reference()
+    print(f"# npconv main job: {net.meta.get('name', 'network')} on {_machine()}, backend {args.backend}")
+    net.summary()
+    if args.backend == "cuda":
+        from ._backend import cupy_available, require_cupy
+        require_cupy()
+        if not cupy_available():
+            raise SystemExit("--backend cuda: CuPy is installed but no CUDA device is visible")
+
+    # ---------------------------------------------------------------- data
+    try:
+        Xtr, ytr = datasets.load_cifar10("train", root=args.data, download=args.download, progress=progress)
+        Xte, yte = datasets.load_cifar10("test", root=args.data, progress=progress)
+        have_data = True
+    except datasets.DataNotFoundError as exc:
+        print("\n" + str(exc) + "\nRunning the speed part only (no accuracy).\n")
+        have_data = False
+
+    rng = np.random.default_rng(0)
+    if have_data:
+        tr_idx, va_idx = datasets.train_val_split(ytr, 5000)
+        Xva, yva = Xtr[va_idx], ytr[va_idx]
+        calib = Xtr[tr_idx[rng.choice(len(tr_idx), 512, replace=False)]].astype(np.float64)
+        if args.limit:
+            sv = np.linspace(0, len(Xva) - 1, min(args.limit, len(Xva))).astype(int)
+            st = np.linspace(0, len(Xte) - 1, min(args.limit, len(Xte))).astype(int)
+            Xva, yva, Xte, yte = Xva[sv], yva[sv], Xte[st], yte[st]
+        timing_batch = Xva[:args.batch].astype(np.float32)
+        if len(timing_batch) < args.batch:
+            timing_batch = np.resize(timing_batch, (args.batch,) + timing_batch.shape[1:])
+    else:
+        calib = None
+        timing_batch = rng.uniform(0, 255, (args.batch, 3, 32, 32)).astype(np.float32)
+
+    def device(n):
+        return n.to_gpu() if args.backend == "cuda" else n
+
+    def dev_x(x):
+        return __import__("cupy").asarray(x) if args.backend == "cuda" else x
+
+    base = device(net.copy())
+    base_times = time_layers(base, dev_x(timing_batch), repeat=args.repeat)
+    print(f"\nexact network: {1e3 * base_times[1] / args.batch:.3f} ms per image at batch {args.batch} "
+          f"(CPU threads: {_threads()})")
+
+    results = {"machine": _machine(), "date": time.strftime("%Y-%m-%d"), "command": "python -m npconv " +
+               " ".join(argv if argv is not None else sys.argv[1:]), "batch": args.batch, "backend": args.backend,
+               "baseline": {"ms_per_image": 1e3 * base_times[1] / args.batch,
+                            "per_layer_ms_per_image": {k: 1e3 * v / args.batch for k, v in base_times[0].items()}}}
+    grid = build_grid(args.full)
+
+    if not have_data:
+        rows = []
+        for cfg in grid:
+            res = _speed_only(net, cfg, base_times, dev_x(timing_batch), device, args.repeat)
+            rows.append(res)
+            print(_fmt_row(res))
+        results["speed_only"] = rows
+        _write(args, results, None)
+        return 0
+
+    base_va_top1, base_va_pred = evaluate(base, Xva, yva, progress=progress)
+    base_te_top1, base_te_pred = evaluate(base, Xte, yte, progress=progress)
+    print(f"exact network top-1: validation {100 * base_va_top1:.2f}% ({len(yva)} images), "
+          f"test {100 * base_te_top1:.2f}% ({len(yte)} images)")
+    results["baseline"].update(val_top1=base_va_top1, test_top1=base_te_top1, n_val=len(yva), n_test=len(yte))
+
+    # ---------------------------------------------------------------- sweep on validation
+    print(f"\n## sweep on the validation split ({len(yva)} images held out of train)\n{HEADER}")
+    val_results = []
+    for cfg in grid:
+        r = _run(net, cfg, Xva, yva, base_va_pred, base_times, timing_batch, calib, device, dev_x, args)
+        r.split = "val"
+        val_results.append(r)
+        print(_fmt_row(r, base_va_top1), flush=True)
+    chosen = select(val_results, base_va_top1, budget=args.budget / 100)
+
+    # combination of the chosen settings (one per layer), scored on validation too
+    from .experiment import Config
+    combo_plan = {}
+    for fam, r in chosen.items():
+        if base_va_top1 - r.top1 <= args.budget / 100:
+            for k, v in r.config.plan.items():
+                combo_plan.setdefault(k, v)
+    conv_plan = {k: v for k, v in combo_plan.items() if k.startswith("conv")}
+    finals = list(chosen.values())
+    for label, plan in (("combined conv layers", conv_plan), ("combined all", combo_plan)):
+        if len(plan) >= 2:
+            r = _run(net, Config(label, plan), Xva, yva, base_va_pred, base_times, timing_batch, calib, device,
+                     dev_x, args)
+            r.split = "val"
+            val_results.append(r)
+            print(_fmt_row(r, base_va_top1), flush=True)
+            finals.append(r)
+
+    # ---------------------------------------------------------------- the chosen ones on test, once
+    print(f"\n## chosen settings on the test split ({len(yte)} images), reported once\n{HEADER}")
+    test_results = []
+    for rv in finals:
+        r = _run(net, rv.config, Xte, yte, base_te_pred, base_times, timing_batch, calib, device, dev_x, args)
+        r.split = "test"
+        test_results.append(r)
+        print(_fmt_row(r, base_te_top1), flush=True)
+    print("\n" + LEGEND)
+    results["val"] = [r.as_dict(base_va_top1) for r in val_results]
+    results["test"] = [r.as_dict(base_te_top1) for r in test_results]
+    results["elapsed_s"] = time.perf_counter() - t_start
+    _write(args, results, net)
+    print(f"\ndone in {results['elapsed_s']:.0f} s; results in {args.out}/")
+    return 0
+
+
+def _threads():
+    try:
+        import numba
+        return f"numba {numba.get_num_threads()}"
+    except Exception:
+        return "?"
+
+
+def _run(net, cfg, X, y, base_pred, base_times, timing_batch, calib, device, dev_x, args):
+    from .experiment import run_config
+    return run_config(net, cfg, X, y, base_pred=base_pred, base_times=base_times, timing_batch=dev_x(timing_batch),
+                      data=calib, repeat=args.repeat, device=device)
+
+
+def _speed_only(net, cfg, base_times, timing_batch, device, repeat):
+    from .approximate import approximate
+    from .experiment import time_layers
+    approx, reports = approximate(net, cfg.plan, return_report=True)
+    per_after, net_after = time_layers(device(approx), timing_batch, repeat=repeat)
+    names = list(cfg.plan)
+    b = len(timing_batch)
+    before = sum(base_times[0][n] for n in names)
+    after = sum(per_after[n] for n in names)
+    macs_b = sum(r.macs_before for r in reports)
+    macs_a = sum(r.macs_after for r in reports)
+    return dict(family=cfg.family, config=cfg.label, params_after=sum(r.params_after for r in reports),
+                theoretical_gain=macs_b / macs_a, ms_per_image_layers_after=1e3 * after / b,
+                layer_speedup=before / after, ms_per_image_net_after=1e3 * net_after / b,
+                net_speedup=base_times[1] / net_after, top1=None, delta_top1=None, agreement=None)
+
+
+def _write(args, results, net):
+    from .io import _atomic_write
+    path = os.path.join(args.out, "results.json")
+    _atomic_write(path, lambda f: f.write(json.dumps(results, indent=1, default=float).encode()))
+    md = _markdown(results)
+    _atomic_write(os.path.join(args.out, "results.md"), lambda f: f.write(md.encode()))
+    if args.write_docs:
+        docs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "results.md")
+        _atomic_write(docs, lambda f: f.write(md.encode()))
+    if not args.no_plots and net is not None:
+        try:
+            from . import plots
+            plots.accuracy_vs_speedup(results, os.path.join(args.out, "accuracy_vs_speedup.png"))
+            plots.conv1_filters(net, os.path.join(args.out, "conv1_filters.png"), results)
+        except ImportError as exc:
+            print(f"(plots skipped: {exc}; pip install 'npconv[plot]')")
+
+
+def _markdown(res):
+    lines = [f"# Results of the main job", "",
+             f"- command: `{res['command']}`", f"- machine: {res['machine']}", f"- date: {res['date']}",
+             f"- backend: {res['backend']}, timing batch {res['batch']}", ""]
+    b = res["baseline"]
+    if "test_top1" in b:
+        lines += [f"Exact network: top-1 {100 * b['test_top1']:.2f}% on test ({b['n_test']} images), "
+                  f"{100 * b['val_top1']:.2f}% on validation ({b['n_val']} images held out of train); "
+                  f"{b['ms_per_image']:.3f} ms per image.", ""]
+    cols = ("method", "settings", "params", "gain", "ms/img", "x", "net ms", "net x", "top1 %", "d top1", "agree %")
+    for split, title in (("test", "Chosen settings on test (reported once)"),
+                         ("val", "Sweep on validation (settings chosen here)"),
+                         ("speed_only", "Speed only (no data found)")):
+        if split not in res:
+            continue
+        lines += [f"## {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for d in res[split]:
+            acc = "" if d.get("top1") is None else f"{100 * d['top1']:.2f}"
+            dl = "" if d.get("delta_top1") is None else f"{100 * d['delta_top1']:+.2f}"
+            ag = "" if d.get("agreement") is None else f"{100 * d['agreement']:.2f}"
+            lines.append(f"| {d['family']} | {d['config']} | {d['params_after']:,} | {d['theoretical_gain']:.2f} | "
+                         f"{d['ms_per_image_layers_after']:.3f} | {d['layer_speedup']:.2f} | "
+                         f"{d['ms_per_image_net_after']:.3f} | {d['net_speedup']:.2f} | {acc} | {dl} | {ag} |")
+        lines.append("")
+    lines += [LEGEND, ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""The paper's experiment on a trained network: approximate layers, measure accuracy and wall-clock speed.
+
+Used by the main job (``python -m npconv``); the functions are public so library callers can run their own
+sweeps: ``evaluate`` (top-1 and predictions), ``time_layers`` (measured time per layer and per image),
+``run_config`` (one approximation plan, measured), ``select`` (the fastest configuration per method within a
+top-1 budget, chosen on a validation split).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .approximate import approximate
+from .network import Network
+
+__all__ = ["evaluate", "time_layers", "Config", "ConfigResult", "run_config", "select"]
+
+
+def evaluate(net: Network, X, y, *, batch_size=250, dtype=np.float32, progress=False):
+    """Top-1 accuracy of ``net`` on ``(X, y)`` and the predicted classes."""
+    logits = net.predict(X, batch_size=batch_size, dtype=dtype, progress=progress)
+    pred = logits.argmax(axis=1)
+    return float((pred == np.asarray(y)).mean()), pred
+
+
+def time_layers(net: Network, x, *, repeat=5, warmup=1):
+    """Median seconds per layer on the batch ``x`` and for the whole forward pass (sum of the layers)."""
+    rows = net.profile(x, repeat=repeat, warmup=warmup, print_fn=None)
+    per_layer = {r["name"]: r["seconds"] for r in rows}
+    return per_layer, sum(per_layer.values())
+
+
+@dataclass(frozen=True)
+class Config:
+    """One named approximation plan: ``{layer: spec}`` plus the method family it belongs to."""
+    family: str
+    plan: dict
+
+    @property
+    def label(self):
+        return "; ".join(f"{k}: {v.describe()}" for k, v in self.plan.items())
+
+
+@dataclass
+class ConfigResult:
+    config: Config
+    reports: list
+    top1: float
+    agreement: float
+    seconds_layers_before: float
+    seconds_layers_after: float
+    seconds_net_before: float
+    seconds_net_after: float
+    batch: int
+    split: str
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def layer_speedup(self):
+        return self.seconds_layers_before / self.seconds_layers_after
+
+    @property
+    def net_speedup(self):
+        return self.seconds_net_before / self.seconds_net_after
+
+    @property
+    def theoretical_gain(self):
+        before = sum(r.macs_before for r in self.reports)
+        after = sum(r.macs_after for r in self.reports)
+        return before / after if after else float("inf")
+
+    @property
+    def params_before(self):
+        return sum(r.params_before for r in self.reports)
+
+    @property
+    def params_after(self):
+        return sum(r.params_after for r in self.reports)
+
+    def as_dict(self, baseline_top1=None):
+        d = dict(family=self.config.family, config=self.config.label, split=self.split, top1=self.top1,
+                 settings={k: {**v.settings(), "method": v.method} for k, v in self.config.plan.items()},
+                 agreement=self.agreement, theoretical_gain=self.theoretical_gain, layer_speedup=self.layer_speedup,
+                 net_speedup=self.net_speedup, params_before=self.params_before, params_after=self.params_after,
+                 ms_per_image_layers_before=1e3 * self.seconds_layers_before / self.batch,
+                 ms_per_image_layers_after=1e3 * self.seconds_layers_after / self.batch,
+                 ms_per_image_net_before=1e3 * self.seconds_net_before / self.batch,
+                 ms_per_image_net_after=1e3 * self.seconds_net_after / self.batch,
+                 layers=[r.as_dict() for r in self.reports], **self.extra)
+        if baseline_top1 is not None:
+            d["delta_top1"] = self.top1 - baseline_top1
+        return d
+
+
+def run_config(net, config, X, y, *, base_pred, base_times, timing_batch, data=None, repeat=5,
+               device=None, dtype=np.float32):
+    """Approximate ``net`` with ``config``, then measure top-1, agreement with ``base_pred`` and time.
+
+    ``base_times`` is ``time_layers(net, timing_batch)`` measured once for the exact network (on the same
+    device). ``data``: network inputs for specs with ``fit="data"``. ``device``: a function moving a network to
+    where ``timing_batch`` lives (e.g. ``Network.to_gpu``); the approximation itself runs on the CPU.
+    """
+    t0 = time.perf_counter()
+    needs_data = any(getattr(s, "fit", "weights") == "data" for s in config.plan.values())
+    approx, reports = approximate(net, config.plan, data=data if needs_data else None, return_report=True)
+    fit_s = time.perf_counter() - t0
+    if device is not None:
+        approx = device(approx)
+    top1, pred = evaluate(approx, X, y, dtype=dtype)
+    per_before, net_before = base_times
+    per_after, net_after = time_layers(approx, timing_batch, repeat=repeat)
+    names = list(config.plan)
+    return ConfigResult(config=config, reports=reports, top1=top1, agreement=float((pred == base_pred).mean()),
+                        seconds_layers_before=sum(per_before[n] for n in names),
+                        seconds_layers_after=sum(per_after[n] for n in names),
+                        seconds_net_before=net_before, seconds_net_after=net_after,
+                        batch=len(timing_batch), split="", extra=dict(fit_seconds=fit_s))
+
+
+def select(results, baseline_top1, *, budget=0.01):
+    """Per family, the configuration with the largest measured layer speedup whose top-1 drop is within
+    ``budget`` (fraction, 0.01 = 1 point); a family with none within budget gives its most accurate one."""
+    best = {}
+    for r in results:
+        ok = baseline_top1 - r.top1 <= budget
+        key = (ok, r.layer_speedup if ok else r.top1)
+        cur = best.get(r.config.family)
+        if cur is None or key > cur[0]:
+            best[r.config.family] = (key, r)
+    return {fam: v[1] for fam, v in best.items()}

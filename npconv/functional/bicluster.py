@@ -1,0 +1,522 @@
+"""Biclustered convolutions executed as their factors (paper section 4.4), and the shared-separable variant.
+
+The factor layout is the one of :mod:`npconv.decompose.bicluster` and :mod:`npconv.decompose.shared`: the input
+channels in group order are ``in_perm`` with group ``g`` at ``in_perm[in_offsets[g]:in_offsets[g+1]]``; the
+output channels likewise with ``out_perm`` / ``out_offsets``; stacked factor rows follow the permuted order.
+
+* :func:`bicluster_cp_conv2d` -- per block (g, h), K rank-1 components: gather the input group, C_g -> K 1x1
+  reduction, vertical X x 1 pass (row stride), horizontal 1 x Y pass (column stride), K -> F_h 1x1 expansion
+  added into the output group.
+* :func:`bicluster_svd_conv2d` -- per block: C_g -> K1 1x1 reduction, X x Y conv K1 -> K2, K2 -> F_h expansion.
+* :func:`shared_separable_conv2d` -- as CP, but the blocks' separable filters come from a shared collection:
+  each input channel of a group is filtered once per shared filter the group uses, and every component is a
+  C_g-term combination of those filtered maps (the reduction moves after the spatial filtering).
+* :func:`bicluster_conv2d` -- either of the first two, chosen by the number of factor arrays (8: CP, 7: SVD),
+  so ``bicluster_conv2d(x, *result)`` runs a decomposition result directly.
+
+CPU (NumPy): numba kernels + BLAS, over chunks of the batch so the workspace stays bounded
+(``_WORKSPACE_BYTES``). The expansion of output group h is ONE GEMM ``expand_h (F_h, G*K) @ Z_h (G*K, chunk*P)``;
+the CP front end (reduction + both spatial passes) is one fused numba kernel parallel over components; the SVD
+form is three GEMM stages (a channel-major im2col feeds the middle one).
+
+GPU (CuPy): the same functions compose :func:`npconv.functional.conv2d` calls (grouped 1x1 convs and depthwise
+passes, which run on the GPU) with CuPy gathers/transposes; with unequal group sizes the groups are looped over.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .._backend import get_array_module, to_numpy
+from .._validate import (as_pair, as_padding4, check_array, check_float_array, check_same_dtype, out_size)
+from .conv import conv2d
+
+__all__ = ["bicluster_conv2d", "bicluster_cp_conv2d", "bicluster_svd_conv2d", "shared_separable_conv2d"]
+
+#: workspace bound per call (packed input, component maps, GEMM staging), in bytes
+_WORKSPACE_BYTES = 32 * 2**20
+#: GEMM columns (chunk * output positions) above which batching more images into one chunk stops paying
+_TARGET_COLUMNS = 4096
+
+
+# --------------------------------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------------------------------
+def _check_groups(perm, offsets, n, name):
+    check_array(perm, f"{name}_perm", ndim=1)
+    check_array(offsets, f"{name}_offsets", ndim=1)
+    for nm, a in ((f"{name}_perm", perm), (f"{name}_offsets", offsets)):
+        if a.dtype.kind not in "iu":
+            raise TypeError(f"{nm} must be an integer array, got dtype {a.dtype}")
+    if perm.shape[0] != n:
+        raise ValueError(f"{name}_perm must have {n} entries (one per channel), got {perm.shape[0]}")
+    off = to_numpy(offsets).astype(np.int64)
+    if off.shape[0] < 2 or off[0] != 0 or off[-1] != n or np.any(np.diff(off) < 1):
+        raise ValueError(f"{name}_offsets must rise strictly from 0 to {n} (non-empty groups), got {off.tolist()}")
+    return off
+
+
+def _check_common(x, in_perm, in_offsets, out_perm, out_offsets, bias, stride, padding, factors, C_rows, F_rows):
+    check_float_array(x, "x", ndim=4)
+    for nm, a in factors.items():
+        check_float_array(a, nm)
+    check_same_dtype("x", x, **factors)
+    if bias is not None:
+        check_float_array(bias, "bias", ndim=1)
+        check_same_dtype("x", x, bias=bias)
+    N, C, Hin, Win = x.shape
+    if C_rows != C:
+        raise ValueError(f"the factors are for {C_rows} input channels, but x has {C} (x.shape {tuple(x.shape)})")
+    in_off = _check_groups(in_perm, in_offsets, C, "in")
+    out_off = _check_groups(out_perm, out_offsets, F_rows, "out")
+    if bias is not None and bias.shape[0] != F_rows:
+        raise ValueError(f"bias must have shape ({F_rows},), got {tuple(bias.shape)}")
+    stride = as_pair(stride, "stride")
+    pad = as_padding4(padding)
+    return in_off, out_off, stride, pad
+
+
+def _geometry(x, X, Y, stride, pad):
+    OH = out_size(x.shape[2], X, stride[0], pad[0], pad[1], what="output height")
+    OW = out_size(x.shape[3], Y, stride[1], pad[2], pad[3], what="output width")
+    return OH, OW
+
+
+def _validate_cp(x, in_perm, in_offsets, reduce, vertical, horizontal, expand, out_perm, out_offsets, bias,
+                 stride, padding):
+    for nm, a, nd in (("reduce", reduce, 3), ("vertical", vertical, 4), ("horizontal", horizontal, 4),
+                      ("expand", expand, 3)):
+        check_array(a, nm, ndim=nd)
+    C, H, K = reduce.shape
+    G = vertical.shape[0]
+    if vertical.shape[:3] != (G, H, K):
+        raise ValueError(f"vertical must have shape (G, {H}, {K}, X) to match reduce {tuple(reduce.shape)}, "
+                         f"got {tuple(vertical.shape)}")
+    if horizontal.shape[:3] != (G, H, K):
+        raise ValueError(f"horizontal must have shape ({G}, {H}, {K}, Y), got {tuple(horizontal.shape)}")
+    if expand.shape[1:] != (G, K):
+        raise ValueError(f"expand must have shape (F, {G}, {K}), got {tuple(expand.shape)}")
+    in_off, out_off, stride, pad = _check_common(
+        x, in_perm, in_offsets, out_perm, out_offsets, bias, stride, padding,
+        dict(reduce=reduce, vertical=vertical, horizontal=horizontal, expand=expand), C, expand.shape[0])
+    if in_off.shape[0] - 1 != G:
+        raise ValueError(f"in_offsets must describe {G} input groups (vertical.shape[0]), got {in_off.shape[0] - 1}")
+    if out_off.shape[0] - 1 != H:
+        raise ValueError(f"out_offsets must describe {H} output groups (reduce.shape[1]), got {out_off.shape[0] - 1}")
+    if min(vertical.shape[3], horizontal.shape[3]) < 1:
+        raise ValueError("vertical and horizontal must have at least one tap")
+    OH, OW = _geometry(x, vertical.shape[3], horizontal.shape[3], stride, pad)
+    return in_off, out_off, stride, pad, OH, OW
+
+
+def _validate_svd(x, in_perm, in_offsets, reduce, spatial, expand, out_perm, out_offsets, bias, stride, padding):
+    check_array(reduce, "reduce", ndim=3)
+    check_array(spatial, "spatial", ndim=6)
+    check_array(expand, "expand", ndim=3)
+    C, H, K1 = reduce.shape
+    G, _, K2 = spatial.shape[:3]
+    if spatial.shape[1] != H or spatial.shape[3] != K1:
+        raise ValueError(f"spatial must have shape (G, {H}, K2, {K1}, X, Y) to match reduce {tuple(reduce.shape)}, "
+                         f"got {tuple(spatial.shape)}")
+    if expand.shape[1:] != (G, K2):
+        raise ValueError(f"expand must have shape (F, {G}, {K2}), got {tuple(expand.shape)}")
+    in_off, out_off, stride, pad = _check_common(
+        x, in_perm, in_offsets, out_perm, out_offsets, bias, stride, padding,
+        dict(reduce=reduce, spatial=spatial, expand=expand), C, expand.shape[0])
+    if in_off.shape[0] - 1 != G:
+        raise ValueError(f"in_offsets must describe {G} input groups (spatial.shape[0]), got {in_off.shape[0] - 1}")
+    if out_off.shape[0] - 1 != H:
+        raise ValueError(f"out_offsets must describe {H} output groups (reduce.shape[1]), got {out_off.shape[0] - 1}")
+    OH, OW = _geometry(x, spatial.shape[4], spatial.shape[5], stride, pad)
+    return in_off, out_off, stride, pad, OH, OW
+
+
+def _validate_shared(x, in_perm, in_offsets, reduce, assign, vertical, horizontal, expand, out_perm, out_offsets,
+                     bias, stride, padding):
+    check_array(reduce, "reduce", ndim=3)
+    check_array(assign, "assign", ndim=3)
+    check_array(vertical, "vertical", ndim=2)
+    check_array(horizontal, "horizontal", ndim=2)
+    check_array(expand, "expand", ndim=3)
+    if assign.dtype.kind not in "iu":
+        raise TypeError(f"assign must be an integer array, got dtype {assign.dtype}")
+    C, H, K = reduce.shape
+    G = assign.shape[0]
+    S = vertical.shape[0]
+    if assign.shape != (G, H, K):
+        raise ValueError(f"assign must have shape (G, {H}, {K}), got {tuple(assign.shape)}")
+    if horizontal.shape[0] != S:
+        raise ValueError(f"horizontal must have {S} rows like vertical, got {horizontal.shape[0]}")
+    if expand.shape[1:] != (G, K):
+        raise ValueError(f"expand must have shape (F, {G}, {K}), got {tuple(expand.shape)}")
+    a = to_numpy(assign)
+    if a.size and (a.min() < 0 or a.max() >= S):
+        raise ValueError(f"assign must index the {S} shared filters, got values in [{a.min()}, {a.max()}]")
+    in_off, out_off, stride, pad = _check_common(
+        x, in_perm, in_offsets, out_perm, out_offsets, bias, stride, padding,
+        dict(reduce=reduce, vertical=vertical, horizontal=horizontal, expand=expand), C, expand.shape[0])
+    if in_off.shape[0] - 1 != G:
+        raise ValueError(f"in_offsets must describe {G} input groups (assign.shape[0]), got {in_off.shape[0] - 1}")
+    if out_off.shape[0] - 1 != H:
+        raise ValueError(f"out_offsets must describe {H} output groups (reduce.shape[1]), got {out_off.shape[0] - 1}")
+    OH, OW = _geometry(x, vertical.shape[1], horizontal.shape[1], stride, pad)
+    return in_off, out_off, stride, pad, OH, OW
+
+
+# --------------------------------------------------------------------------------------------------------------
+# public functions
+# --------------------------------------------------------------------------------------------------------------
+def bicluster_cp_conv2d(x, in_perm, in_offsets, reduce, vertical, horizontal, expand, out_perm, out_offsets,
+                        bias=None, *, stride=1, padding=0):
+    """Biclustered CP convolution of ``x`` (N, C, H, W) executed as its factors.
+
+    Parameters
+    ----------
+    in_perm (C,), in_offsets (G+1,), out_perm (F,), out_offsets (H+1,) : integer arrays, the groups
+    reduce : (C, H, K)  input factor, rows in ``in_perm`` order
+    vertical : (G, H, K, X), horizontal : (G, H, K, Y)  the separable spatial factors
+    expand : (F, G, K)  output factor (CP weights folded in), rows in ``out_perm`` order
+    bias : (F,) or None, in the original output-channel order
+    stride, padding : as :func:`npconv.functional.conv2d` (padding int, pair or 4-tuple)
+
+    Returns (N, F, OH, OW) in x's dtype; all float arrays must share x's dtype. NumPy or CuPy arrays.
+    """
+    xp = get_array_module(x, reduce, vertical, horizontal, expand, bias)
+    in_off, out_off, stride, pad, OH, OW = _validate_cp(x, in_perm, in_offsets, reduce, vertical, horizontal,
+                                                         expand, out_perm, out_offsets, bias, stride, padding)
+    if xp is not np:
+        return _cp_composed(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, out_off, bias,
+                            stride, pad)
+    return _cp_cpu(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, out_off, bias, stride,
+                   pad, OH, OW)
+
+
+def bicluster_svd_conv2d(x, in_perm, in_offsets, reduce, spatial, expand, out_perm, out_offsets, bias=None, *,
+                         stride=1, padding=0):
+    """Biclustered two-stage-SVD convolution of ``x`` (N, C, H, W) executed as its factors.
+
+    ``reduce`` (C, H, K1), ``spatial`` (G, H, K2, K1, X, Y), ``expand`` (F, G, K2); groups, bias, stride and
+    padding as :func:`bicluster_cp_conv2d`.
+    """
+    xp = get_array_module(x, reduce, spatial, expand, bias)
+    in_off, out_off, stride, pad, OH, OW = _validate_svd(x, in_perm, in_offsets, reduce, spatial, expand,
+                                                          out_perm, out_offsets, bias, stride, padding)
+    if xp is not np:
+        return _svd_composed(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bias, stride, pad)
+    return _svd_cpu(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bias, stride, pad, OH, OW)
+
+
+def shared_separable_conv2d(x, in_perm, in_offsets, reduce, assign, vertical, horizontal, expand, out_perm,
+                            out_offsets, bias=None, *, stride=1, padding=0):
+    """Biclustered CP convolution whose separable filters come from a shared collection, executed shared.
+
+    ``reduce`` (C, H, K) combination weights (rows in ``in_perm`` order), ``assign`` (G, H, K) integer index of
+    each component's shared filter, ``vertical`` (S, X) and ``horizontal`` (S, Y) the shared filters,
+    ``expand`` (F, G, K); groups, bias, stride, padding as :func:`bicluster_cp_conv2d`. Component (g, h, k) is
+    ``sum_{j in g} reduce[j, h, k] * (horizontal[s] * (vertical[s] * x_j))`` with ``s = assign[g, h, k]``; the
+    filtered maps are computed once per (input channel, shared filter used by the group).
+    """
+    xp = get_array_module(x, reduce, vertical, horizontal, expand, bias)
+    in_off, out_off, stride, pad, OH, OW = _validate_shared(x, in_perm, in_offsets, reduce, assign, vertical,
+                                                             horizontal, expand, out_perm, out_offsets, bias,
+                                                             stride, padding)
+    if xp is not np:
+        return _shared_composed(x, in_perm, in_off, reduce, assign, vertical, horizontal, expand, out_perm,
+                                out_off, bias, stride, pad)
+    return _shared_cpu(x, in_perm, in_off, reduce, assign, vertical, horizontal, expand, out_perm, out_off, bias,
+                       stride, pad, OH, OW)
+
+
+def bicluster_conv2d(x, *factors, bias=None, stride=1, padding=0):
+    """Run a biclustered conv from its factors in result order: 8 arrays -> CP form
+    (:func:`bicluster_cp_conv2d`), 7 arrays -> SVD form (:func:`bicluster_svd_conv2d`).
+
+    ``bicluster_conv2d(x, *bicluster(W, G, H, ...), bias=b, stride=2)`` executes a decomposition result.
+    """
+    if len(factors) == 8:
+        return bicluster_cp_conv2d(x, *factors, bias, stride=stride, padding=padding)
+    if len(factors) == 7:
+        return bicluster_svd_conv2d(x, *factors, bias, stride=stride, padding=padding)
+    raise ValueError("bicluster_conv2d takes the factors in result order: 8 arrays (in_perm, in_offsets, reduce, "
+                     "vertical, horizontal, expand, out_perm, out_offsets) for the CP form or 7 (in_perm, in_offsets, "
+                     f"reduce, spatial, expand, out_perm, out_offsets) for the SVD form; got {len(factors)}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CPU paths
+# --------------------------------------------------------------------------------------------------------------
+def _chunk(N, P, per_img_items, itemsize):
+    per = max(1, per_img_items * itemsize)
+    return max(1, min(N, -(-_TARGET_COLUMNS // P), _WORKSPACE_BYTES // per))
+
+
+def _expand_scatter(Z, expand, out_perm, out_off, bias, n0, m, P, ybuf, y3):
+    """Ybuf[rows of h] = expand_h @ Z[h] (one GEMM per output group), then scatter into y3 with the bias."""
+    from ..kernels.cpu import bicluster as KB
+    G = expand.shape[1]
+    Kc = expand.shape[2]
+    for h in range(out_off.shape[0] - 1):
+        o0, o1 = int(out_off[h]), int(out_off[h + 1])
+        eh = expand[o0:o1].reshape(o1 - o0, G * Kc)
+        np.matmul(eh, Z[h], out=ybuf[o0:o1])
+    has_b = bias is not None
+    b = bias if has_b else np.zeros(1, y3.dtype)
+    KB.scatter_rows(ybuf, out_perm, b, has_b, n0, m, y3)
+
+
+def _as_index(a):
+    return np.ascontiguousarray(a, dtype=np.int64)
+
+
+def _phase_geometry(OH, OW, X, Y, stride):
+    sh, sw = stride
+    R = (OH - 1) * sh + X
+    M = -(-((OW - 1) * sw + Y) // sw)
+    return R, M
+
+
+def _cp_cpu(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, out_off, bias, stride, pad, OH, OW):
+    from ..kernels.cpu import bicluster as KB
+    x = np.ascontiguousarray(x)
+    reduce = np.ascontiguousarray(reduce)
+    vertical = np.ascontiguousarray(vertical)
+    horizontal = np.ascontiguousarray(horizontal)
+    expand = np.ascontiguousarray(expand)
+    bias = None if bias is None else np.ascontiguousarray(bias)
+    in_perm = _as_index(in_perm)
+    out_perm = _as_index(out_perm)
+    N, C = x.shape[:2]
+    G, H, K, X = vertical.shape
+    Y = horizontal.shape[3]
+    F = expand.shape[0]
+    sh, sw = stride
+    R, M = _phase_geometry(OH, OW, X, Y, stride)
+    P = OH * OW
+    per_xs = C * R * sw * M
+    per_z = H * G * K * P
+    nb = _chunk(N, P, per_xs + per_z + F * P, x.dtype.itemsize)
+    dt = x.dtype
+    xs_buf = np.empty(nb * per_xs, dt)
+    z_buf = np.empty(nb * per_z, dt)
+    y_buf = np.empty(nb * F * P, dt)
+    y = np.empty((N, F, OH, OW), dt)
+    y3 = y.reshape(N, F, P)
+    for n0 in range(0, N, nb):
+        m = min(nb, N - n0)
+        xs = xs_buf[:m * per_xs].reshape(m, C, R, sw, M)
+        Z = z_buf[:m * per_z].reshape(H, G * K, m * P)
+        ybuf = y_buf[:m * F * P].reshape(F, m * P)
+        KB.pack_phase(x, n0, in_perm, pad[0], pad[2], sw, xs)
+        KB.cp_front(xs, in_off, reduce, vertical, horizontal, sh, OH, OW, Z)
+        _expand_scatter(Z, expand, out_perm, out_off, bias, n0, m, P, ybuf, y3)
+    return y
+
+
+def _svd_cpu(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bias, stride, pad, OH, OW):
+    from ..kernels.cpu import bicluster as KB
+    x = np.ascontiguousarray(x)
+    expand = np.ascontiguousarray(expand)
+    bias = None if bias is None else np.ascontiguousarray(bias)
+    in_perm = _as_index(in_perm)
+    out_perm = _as_index(out_perm)
+    N, C, Hin, Win = x.shape
+    G, H, K2, K1, X, Y = spatial.shape
+    F = expand.shape[0]
+    sh, sw = stride
+    P = OH * OW
+    HW = Hin * Win
+    dt = x.dtype
+    # per-group reduction matrices (H*K1, C_g) and per-block spatial matrices (K2, K1*X*Y), contiguous
+    red_t = [np.ascontiguousarray(reduce[in_off[g]:in_off[g + 1]].reshape(-1, H * K1).T) for g in range(G)]
+    sp_mats = np.ascontiguousarray(spatial).reshape(G, H, K2, K1 * X * Y)
+    identity_in = bool(np.array_equal(in_perm, np.arange(C)))
+    per_xg = C * HW
+    per_z1 = G * H * K1 * HW
+    per_col = K1 * X * Y * P
+    per_z2 = H * G * K2 * P
+    nb = _chunk(N, P, per_xg + per_z1 + per_col + per_z2 + F * P, dt.itemsize)
+    xg_buf = np.empty(nb * per_xg, dt)
+    z1_buf = np.empty(nb * per_z1, dt)
+    col_buf = np.empty(nb * per_col, dt)
+    z2_buf = np.empty(nb * per_z2, dt)
+    y_buf = np.empty(nb * F * P, dt)
+    y = np.empty((N, F, OH, OW), dt)
+    y3 = y.reshape(N, F, P)
+    x3 = x.reshape(N, C, HW)
+    for n0 in range(0, N, nb):
+        m = min(nb, N - n0)
+        if m == 1 and identity_in:
+            xg = x3[n0].reshape(C, 1, HW)
+        else:
+            xg = xg_buf[:m * per_xg].reshape(C, m, HW)
+            KB.gather_channels(x3, n0, m, in_perm, xg)
+        z1 = z1_buf[:m * per_z1].reshape(G * H * K1, m, Hin, Win)
+        z1f = z1.reshape(G * H * K1, m * HW)
+        for g in range(G):
+            i0, i1 = int(in_off[g]), int(in_off[g + 1])
+            np.matmul(red_t[g], xg[i0:i1].reshape(i1 - i0, m * HW), out=z1f[g * H * K1:(g + 1) * H * K1])
+        col = col_buf[:m * per_col].reshape(K1 * X * Y, m * P)
+        Z = z2_buf[:m * per_z2].reshape(H, G * K2, m * P)
+        for g in range(G):
+            for h in range(H):
+                c0 = (g * H + h) * K1
+                KB.im2col_cm(z1, c0, c0 + K1, X, Y, sh, sw, pad[0], pad[2], OH, OW, col)
+                np.matmul(sp_mats[g, h], col, out=Z[h, g * K2:(g + 1) * K2])
+        ybuf = y_buf[:m * F * P].reshape(F, m * P)
+        _expand_scatter(Z, expand, out_perm, out_off, bias, n0, m, P, ybuf, y3)
+    return y
+
+
+def shared_plan(assign, in_off):
+    """Per-group list of the shared filters used: (used_ptr (G+1,), used_filter, slot (G, H, K)) int64 arrays,
+    ``slot[g, h, k]`` the position of ``assign[g, h, k]`` among group g's used filters."""
+    assign = np.asarray(assign, dtype=np.int64)
+    G = assign.shape[0]
+    used_ptr = np.zeros(G + 1, np.int64)
+    used = []
+    slot = np.empty_like(assign)
+    for g in range(G):
+        u, inv = np.unique(assign[g].ravel(), return_inverse=True)
+        used.append(u)
+        slot[g] = inv.reshape(assign.shape[1:])
+        used_ptr[g + 1] = used_ptr[g] + u.shape[0]
+    return used_ptr, np.concatenate(used).astype(np.int64), slot
+
+
+def _shared_cpu(x, in_perm, in_off, reduce, assign, vertical, horizontal, expand, out_perm, out_off, bias, stride,
+                pad, OH, OW):
+    from ..kernels.cpu import bicluster as KB
+    x = np.ascontiguousarray(x)
+    reduce = np.ascontiguousarray(reduce)
+    vertical = np.ascontiguousarray(vertical)
+    horizontal = np.ascontiguousarray(horizontal)
+    expand = np.ascontiguousarray(expand)
+    bias = None if bias is None else np.ascontiguousarray(bias)
+    in_perm = _as_index(in_perm)
+    out_perm = _as_index(out_perm)
+    used_ptr, used_filter, slot = shared_plan(assign, in_off)
+    N, C = x.shape[:2]
+    G, H, K = slot.shape
+    X = vertical.shape[1]
+    Y = horizontal.shape[1]
+    F = expand.shape[0]
+    sh, sw = stride
+    R, M = _phase_geometry(OH, OW, X, Y, stride)
+    P = OH * OW
+    per_xs = C * R * sw * M
+    per_z = H * G * K * P
+    nb = _chunk(N, P, per_xs + per_z + F * P, x.dtype.itemsize)
+    dt = x.dtype
+    xs_buf = np.empty(nb * per_xs, dt)
+    z_buf = np.empty(nb * per_z, dt)
+    y_buf = np.empty(nb * F * P, dt)
+    y = np.empty((N, F, OH, OW), dt)
+    y3 = y.reshape(N, F, P)
+    for n0 in range(0, N, nb):
+        m = min(nb, N - n0)
+        xs = xs_buf[:m * per_xs].reshape(m, C, R, sw, M)
+        Z = z_buf[:m * per_z].reshape(H, G * K, m * P)
+        ybuf = y_buf[:m * F * P].reshape(F, m * P)
+        KB.pack_phase(x, n0, in_perm, pad[0], pad[2], sw, xs)
+        KB.shared_front(xs, in_off, used_ptr, used_filter, vertical, horizontal, reduce, slot, sh, OH, OW, Z)
+        _expand_scatter(Z, expand, out_perm, out_off, bias, n0, m, P, ybuf, y3)
+    return y
+
+
+# --------------------------------------------------------------------------------------------------------------
+# composed paths (CuPy; also run on NumPy arrays by the tests): conv2d calls + array ops only
+# --------------------------------------------------------------------------------------------------------------
+def _sizes(off):
+    return np.diff(off)
+
+
+def _reduce_weight(xp, reduce, i0, i1, HK):
+    """(H*K, C_g, 1, 1) 1x1 weight of one input group from reduce rows [i0, i1) (C_g, H, K)."""
+    return xp.ascontiguousarray(reduce[i0:i1].reshape(i1 - i0, HK).T).reshape(HK, i1 - i0, 1, 1)
+
+
+def _grouped_1x1(xp, xg, reduce, in_off, HK):
+    """Per input group g: C_g -> H*K 1x1 conv; output channels ordered (g, h, k)."""
+    sizes = _sizes(in_off)
+    G = sizes.shape[0]
+    if np.all(sizes == sizes[0]):
+        cg = int(sizes[0])
+        w = xp.ascontiguousarray(reduce.reshape(G, cg, HK).transpose(0, 2, 1)).reshape(G * HK, cg, 1, 1)
+        return conv2d(xg, w, groups=G)
+    parts = [conv2d(xg[:, int(in_off[g]):int(in_off[g + 1])],
+                    _reduce_weight(xp, reduce, int(in_off[g]), int(in_off[g + 1]), HK)) for g in range(G)]
+    return xp.concatenate(parts, axis=1)
+
+
+def _expand_composed(xp, u, G, H, Kc, expand, out_perm, out_off, bias):
+    """u (N, G*H*Kc, OH, OW) in (g, h, k) order -> y (N, F, OH, OW) in the original channel order."""
+    N, _, OH, OW = u.shape
+    F = expand.shape[0]
+    u = xp.ascontiguousarray(u.reshape(N, G, H, Kc, OH, OW).transpose(0, 2, 1, 3, 4, 5)).reshape(N, H * G * Kc,
+                                                                                               OH, OW)
+    sizes = _sizes(out_off)
+    if np.all(sizes == sizes[0]):
+        yp = conv2d(u, xp.ascontiguousarray(expand).reshape(F, G * Kc, 1, 1), groups=H)
+    else:
+        yp = xp.concatenate([conv2d(u[:, h * G * Kc:(h + 1) * G * Kc],
+                                    xp.ascontiguousarray(expand[int(out_off[h]):int(out_off[h + 1])]).reshape(
+                                        int(sizes[h]), G * Kc, 1, 1)) for h in range(H)], axis=1)
+    y = xp.empty_like(yp)
+    y[:, out_perm] = yp
+    if bias is not None:
+        y += bias.reshape(1, F, 1, 1)
+    return y
+
+
+def _cp_composed(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, out_off, bias, stride, pad):
+    xp = get_array_module(x)
+    G, H, K, X = vertical.shape
+    Y = horizontal.shape[3]
+    n = G * H * K
+    xg = xp.take(x, in_perm, axis=1)
+    z = _grouped_1x1(xp, xg, reduce, in_off, H * K)
+    v = conv2d(z, xp.ascontiguousarray(vertical).reshape(n, 1, X, 1), stride=(stride[0], 1),
+               padding=(pad[0], pad[1], 0, 0), groups=n)
+    u = conv2d(v, xp.ascontiguousarray(horizontal).reshape(n, 1, 1, Y), stride=(1, stride[1]),
+               padding=(0, 0, pad[2], pad[3]), groups=n)
+    return _expand_composed(xp, u, G, H, K, expand, out_perm, out_off, bias)
+
+
+def _svd_composed(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bias, stride, pad):
+    xp = get_array_module(x)
+    G, H, K2, K1, X, Y = spatial.shape
+    xg = xp.take(x, in_perm, axis=1)
+    z = _grouped_1x1(xp, xg, reduce, in_off, H * K1)
+    u = conv2d(z, xp.ascontiguousarray(spatial).reshape(G * H * K2, K1, X, Y), stride=stride, padding=pad,
+               groups=G * H)
+    return _expand_composed(xp, u, G, H, K2, expand, out_perm, out_off, bias)
+
+
+def _shared_composed(x, in_perm, in_off, reduce, assign, vertical, horizontal, expand, out_perm, out_off, bias,
+                     stride, pad):
+    """Every input channel filtered by every shared filter (depthwise passes), then a grouped 1x1 conv whose
+    (H*K) x (C_g*S) matrix holds each component's weights at its filter's columns (zeros elsewhere)."""
+    xp = get_array_module(x)
+    C, H, K = reduce.shape
+    S, X = vertical.shape
+    Y = horizontal.shape[1]
+    G = assign.shape[0]
+    xg = xp.take(x, in_perm, axis=1)
+    wv = xp.ascontiguousarray(xp.broadcast_to(vertical.reshape(1, S, X), (C, S, X))).reshape(C * S, 1, X, 1)
+    wh = xp.ascontiguousarray(xp.broadcast_to(horizontal.reshape(1, S, Y), (C, S, Y))).reshape(C * S, 1, 1, Y)
+    q = conv2d(xg, wv, stride=(stride[0], 1), padding=(pad[0], pad[1], 0, 0), groups=C)
+    q = conv2d(q, wh, stride=(1, stride[1]), padding=(0, 0, pad[2], pad[3]), groups=C * S)   # channels (c, s)
+    onehot = (xp.arange(S).reshape(1, 1, 1, S) == assign.reshape(G, H, K, 1)).astype(x.dtype)  # (G, H, K, S)
+    sizes = _sizes(in_off)
+    parts = []
+    for g in range(G):
+        i0, i1 = int(in_off[g]), int(in_off[g + 1])
+        # (H, K, C_g, S): weight of component (h, k) on map (c, s)
+        wg = reduce[i0:i1].transpose(1, 2, 0).reshape(H, K, i1 - i0, 1) * onehot[g].reshape(H, K, 1, S)
+        parts.append(wg.reshape(H * K, (i1 - i0) * S, 1, 1))
+    if np.all(sizes == sizes[0]):
+        w = xp.ascontiguousarray(xp.concatenate(parts, axis=0))
+        z = conv2d(q, w, groups=G)
+    else:
+        z = xp.concatenate([conv2d(q[:, int(in_off[g]) * S:int(in_off[g + 1]) * S], xp.ascontiguousarray(parts[g]))
+                            for g in range(G)], axis=1)
+    return _expand_composed(xp, z, G, H, K, expand, out_perm, out_off, bias)

@@ -1,0 +1,118 @@
+"""Numba kernels for 2-D max and average pooling.
+
+The input is a C-contiguous array of planes ``(P, H, W)`` (an NCHW batch viewed as ``P = N*C`` planes); the
+planes are processed in parallel (``prange``). The geometry (kernel, stride, padding, output size) arrives already
+validated from :mod:`npconv.functional.pooling`; the padding is never materialised: every window is clipped to
+the real input, which is the same as padding with ``-inf`` (max) or ``0`` (average).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import numba
+import numpy as np
+
+__all__ = ["max_pool2d_planes", "avg_pool2d_planes", "serial_if_small", "SMALL_WORK"]
+
+#: below this many input elements a kernel call runs on one thread: starting a parallel region costs more
+#: (tens of microseconds idle, milliseconds when the cores are oversubscribed) than the work itself
+SMALL_WORK = 1 << 15
+
+
+@contextlib.contextmanager
+def serial_if_small(n_elements):
+    """Run the enclosed numba call on one thread when ``n_elements`` < ``SMALL_WORK``.
+
+    Only the calling thread's numba setting changes (``numba.set_num_threads`` is thread-local), and it is
+    restored on exit, so the user's thread count still governs every call large enough to be parallel.
+    """
+    if n_elements >= SMALL_WORK:
+        yield
+        return
+    prev = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(prev)
+
+
+@numba.njit(cache=True, fastmath=False, parallel=True)
+def max_pool2d_planes(x, kh, kw, sh, sw, ph, pw, oh, ow):
+    """Max over each window of the planes ``x`` (P, H, W) -> (P, oh, ow), same dtype.
+
+    Windows start at ``(i*sh - ph, j*sw - pw)``; the part outside the input counts as ``-inf``. A NaN in a
+    window makes that output NaN (as in PyTorch). Separable: for each output row, the column maxima over the
+    window's rows go to a row buffer (a contiguous, vectorisable loop), then each output takes the maximum of
+    its ``kw`` buffer entries.
+    """
+    P, H, W = x.shape
+    out = np.empty((P, oh, ow), dtype=x.dtype)
+    for p in numba.prange(P):
+        buf = np.empty(W, dtype=x.dtype)
+        for i in range(oh):
+            h0 = i * sh - ph
+            hs = max(h0, 0)
+            he = min(h0 + kh, H)
+            if he <= hs:  # cannot happen with validated geometry; keeps the kernel safe on its own
+                for w in range(W):
+                    buf[w] = -np.inf
+            else:
+                for w in range(W):
+                    buf[w] = x[p, hs, w]
+            for h in range(hs + 1, he):
+                for w in range(W):
+                    v = x[p, h, w]
+                    r = buf[w]
+                    buf[w] = v if (v > r or v != v) else r
+            for j in range(ow):
+                w0 = j * sw - pw
+                ws = max(w0, 0)
+                we = min(w0 + kw, W)
+                m = -np.inf
+                for w in range(ws, we):
+                    v = buf[w]
+                    if v > m or v != v:
+                        m = v
+                out[p, i, j] = m
+    return out
+
+
+@numba.njit(cache=True, fastmath=False, parallel=True)
+def avg_pool2d_planes(x, kh, kw, sh, sw, ph, pw, oh, ow, count_include_pad):
+    """Mean over each window of the planes ``x`` (P, H, W) -> (P, oh, ow), same dtype (float64 accumulation).
+
+    The divisor is the window clipped to the padded input ``[-ph, H+ph) x [-pw, W+pw)`` when
+    ``count_include_pad`` is true, else the window clipped to the real input ``[0, H) x [0, W)``.
+    Separable like :func:`max_pool2d_planes`: column sums over the window's rows, then row sums.
+    """
+    P, H, W = x.shape
+    out = np.empty((P, oh, ow), dtype=x.dtype)
+    for p in numba.prange(P):
+        buf = np.empty(W, dtype=np.float64)
+        for i in range(oh):
+            h0 = i * sh - ph
+            hs = max(h0, 0)
+            he = min(h0 + kh, H)
+            if count_include_pad:
+                hn = min(h0 + kh, H + ph) - h0
+            else:
+                hn = he - hs
+            for w in range(W):
+                buf[w] = 0.0
+            for h in range(hs, he):
+                for w in range(W):
+                    buf[w] += x[p, h, w]
+            for j in range(ow):
+                w0 = j * sw - pw
+                ws = max(w0, 0)
+                we = min(w0 + kw, W)
+                if count_include_pad:
+                    wn = min(w0 + kw, W + pw) - w0
+                else:
+                    wn = we - ws
+                acc = 0.0
+                for w in range(ws, we):
+                    acc += buf[w]
+                out[p, i, j] = acc / (hn * wn)
+    return out
