@@ -1,0 +1,326 @@
+"""GPU benchmark: npconv's CuPy path against PyTorch + cuDNN in the same run, for the dense ZF-net layers.
+
+    python bench/bench_gpu.py                    # per-image time vs batch, per-layer table at batch 1 and 128
+    python bench/bench_gpu.py --quick            # small batches, a smoke test
+    python bench/bench_gpu.py --dtype float64 --out out/bench/gpu_f64.json
+
+Times are CUDA-event times (the device is synchronised, then events are recorded around each call), median of
+``--repeat`` runs after warm-up. The first conv layer is also timed with its direct kernel switched off
+(im2col + cuBLAS), so the dispatch rule in ``npconv/kernels/cuda/ops.py`` can be checked against measurement.
+Without a CUDA device it prints why and exits with status 0. It also provides ``rows(quick)`` for
+``bench/run_all.py`` (GPU rows, skipped where there is no device).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+_ROOT = Path(__file__).resolve().parent.parent
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+import numpy as np  # noqa: E402
+
+#: the dense ZF-net feature layers: name -> (C, H=W, F, K, stride, padding)
+LAYERS = {
+    "conv1": (3, 224, 96, 7, 2, 1),
+    "conv2": (96, 55, 256, 5, 2, 0),
+    "conv3": (256, 13, 384, 3, 1, 1),
+    "conv4": (384, 13, 384, 3, 1, 1),
+    "conv5": (384, 13, 256, 3, 1, 1),
+}
+#: input height/width of the stack (conv1's H)
+INPUT_HW = 224
+BATCHES = (1, 8, 32, 64, 128)
+QUICK_BATCHES = (1, 4)
+
+
+def conv_macs(N, C, H, F, K, s, p):
+    OH = (H + 2 * p - K) // s + 1
+    return N * F * C * K * K * OH * OH
+
+
+def gpu_missing():
+    """Why the GPU path cannot run here (a str), or None."""
+    try:
+        import cupy
+    except Exception as exc:  # not installed, or a broken CUDA install
+        return f"CuPy is not importable ({exc!r})"
+    try:
+        return None if cupy.is_available() else "CuPy sees no CUDA device"
+    except Exception as exc:
+        return f"CuPy cannot query the device ({exc!r})"
+
+
+def torch_cuda():
+    """The torch module when PyTorch with CUDA is usable, else None."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch if torch.cuda.is_available() else None
+
+
+# --- the computations --------------------------------------------------------------------------------------------
+
+def _weights(rng, C, F, K, dtype):
+    w = (rng.standard_normal((F, C, K, K)) / np.sqrt(C * K * K)).astype(dtype)
+    return w, (rng.standard_normal(F) * 0.1).astype(dtype)
+
+
+def npconv_layer(name, N, dtype, *, direct=True):
+    """A zero-argument callable running one layer (conv + bias) through npconv.functional on the GPU."""
+    import cupy as cp
+
+    from npconv.functional import conv2d
+    from npconv.kernels.cuda import ops
+    C, H, F, K, s, p = LAYERS[name]
+    rng = np.random.default_rng(0)
+    x = cp.asarray(rng.standard_normal((N, C, H, H)).astype(dtype))
+    w, b = (cp.asarray(a) for a in _weights(rng, C, F, K, dtype))
+
+    def run():
+        if direct:
+            return conv2d(x, w, b, stride=s, padding=p)
+        saved, ops.DIRECT_CONV_MAX_C = ops.DIRECT_CONV_MAX_C, 0
+        try:
+            return conv2d(x, w, b, stride=s, padding=p)
+        finally:
+            ops.DIRECT_CONV_MAX_C = saved
+    return run
+
+
+def torch_layer(name, N, dtype):
+    torch = torch_cuda()
+    C, H, F, K, s, p = LAYERS[name]
+    rng = np.random.default_rng(0)
+    dev = torch.device("cuda")
+    x = torch.from_numpy(rng.standard_normal((N, C, H, H)).astype(dtype)).to(dev)
+    w, b = (torch.from_numpy(a).to(dev) for a in _weights(rng, C, F, K, dtype))
+
+    def run():
+        with torch.no_grad():
+            return torch.nn.functional.conv2d(x, w, b, stride=s, padding=p)
+    return run
+
+
+def npconv_stack(N, dtype):
+    """conv1 .. conv5 with ReLU and the two 3x3/2 max pools (ceil mode, 110 -> 55 and 26 -> 13) of ZF-net."""
+    import cupy as cp
+
+    import npconv.functional as F
+    rng = np.random.default_rng(0)
+    x = cp.asarray(rng.standard_normal((N, 3, INPUT_HW, INPUT_HW)).astype(dtype))
+    params = {n: tuple(cp.asarray(a) for a in _weights(rng, C, Fo, K, dtype))
+              for n, (C, H, Fo, K, s, p) in LAYERS.items()}
+
+    def run():
+        h = x
+        for n, (C, H, Fo, K, s, p) in LAYERS.items():
+            h = F.relu(F.conv2d(h, *params[n], stride=s, padding=p))
+            if n in ("conv1", "conv2"):
+                h = F.max_pool2d(h, 3, stride=2, ceil_mode=True)
+        return h
+    return run
+
+
+def torch_stack(N, dtype):
+    torch = torch_cuda()
+    rng = np.random.default_rng(0)
+    dev = torch.device("cuda")
+    x = torch.from_numpy(rng.standard_normal((N, 3, INPUT_HW, INPUT_HW)).astype(dtype)).to(dev)
+    params = {n: tuple(torch.from_numpy(a).to(dev) for a in _weights(rng, C, Fo, K, dtype))
+              for n, (C, H, Fo, K, s, p) in LAYERS.items()}
+    fn = torch.nn.functional
+
+    def run():
+        with torch.no_grad():
+            h = x
+            for n, (C, H, Fo, K, s, p) in LAYERS.items():
+                h = fn.relu(fn.conv2d(h, *params[n], stride=s, padding=p))
+                if n in ("conv1", "conv2"):
+                    h = fn.max_pool2d(h, 3, stride=2, ceil_mode=True)
+            return h
+    return run
+
+
+# --- timing with CUDA events ---------------------------------------------------------------------------------------
+
+def time_cupy(fn, *, warmup, repeat):
+    """Median and min milliseconds of ``fn()`` between two CUDA events, after a device synchronize."""
+    import cupy as cp
+    for _ in range(warmup):
+        fn()
+    cp.cuda.Device().synchronize()
+    start, end = cp.cuda.Event(), cp.cuda.Event()
+    times = []
+    for _ in range(repeat):
+        cp.cuda.Device().synchronize()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(cp.cuda.get_elapsed_time(start, end))
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "n": repeat}
+
+
+def time_torch(fn, *, warmup, repeat):
+    torch = torch_cuda()
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(repeat):
+        torch.cuda.synchronize()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "n": repeat}
+
+
+# --- the standalone run --------------------------------------------------------------------------------------------
+
+def measure_all(batches, layer_batches, dtype, warmup, repeat):
+    torch = torch_cuda()
+    if torch is not None:
+        torch.backends.cudnn.benchmark = True      # cuDNN picks its fastest algorithm per shape
+    results = {"stack": [], "layers": []}
+    for N in batches:
+        row = {"batch": N, "npconv": time_cupy(npconv_stack(N, dtype), warmup=warmup, repeat=repeat)}
+        if torch is not None:
+            row["torch"] = time_torch(torch_stack(N, dtype), warmup=warmup, repeat=repeat)
+        results["stack"].append(row)
+        _free()
+    for N in layer_batches:
+        for name in LAYERS:
+            macs = conv_macs(N, *LAYERS[name])
+            row = {"layer": name, "batch": N, "macs": macs,
+                   "npconv": time_cupy(npconv_layer(name, N, dtype), warmup=warmup, repeat=repeat)}
+            if LAYERS[name][0] <= 4:
+                row["npconv_im2col"] = time_cupy(npconv_layer(name, N, dtype, direct=False), warmup=warmup,
+                                                 repeat=repeat)
+            if torch is not None:
+                row["torch"] = time_torch(torch_layer(name, N, dtype), warmup=warmup, repeat=repeat)
+            results["layers"].append(row)
+            _free()
+    return results
+
+
+def _free():
+    import cupy as cp
+    cp.get_default_memory_pool().free_all_blocks()
+    torch = torch_cuda()
+    if torch is not None:
+        torch.cuda.empty_cache()
+
+
+def format_tables(results):
+    lines = ["Conv stack conv1..conv5 (+ReLU, 2 max pools): time per image",
+             f"{'batch':>6} {'npconv ms/img':>14} {'torch ms/img':>13} {'npconv/torch':>13}"]
+    for r in results["stack"]:
+        n = r["batch"]
+        ours = r["npconv"]["median_ms"] / n
+        theirs = r["torch"]["median_ms"] / n if "torch" in r else None
+        lines.append(f"{n:>6} {ours:>14.4f} {_fmt(theirs, 13, '.4f')} {_fmt(theirs and ours / theirs, 13, '.2f')}")
+    lines += ["", "Per layer (conv + bias), median CUDA-event time",
+              f"{'layer':>6} {'batch':>6} {'npconv ms':>10} {'GFLOP/s':>9} {'im2col ms':>10} {'torch ms':>9} "
+              f"{'npconv/torch':>13}"]
+    for r in results["layers"]:
+        ours = r["npconv"]["median_ms"]
+        theirs = r["torch"]["median_ms"] if "torch" in r else None
+        alt = r["npconv_im2col"]["median_ms"] if "npconv_im2col" in r else None
+        gflops = 2 * r["macs"] / (ours * 1e-3) / 1e9
+        lines.append(f"{r['layer']:>6} {r['batch']:>6} {ours:>10.3f} {gflops:>9.0f} {_fmt(alt, 10, '.3f')} "
+                     f"{_fmt(theirs, 9, '.3f')} {_fmt(theirs and ours / theirs, 13, '.2f')}")
+    lines.append("npconv/torch > 1 means npconv is slower. im2col: conv1 with the direct kernel switched off.")
+    return "\n".join(lines)
+
+
+def _fmt(v, width, spec):
+    return f"{'-':>{width}}" if v is None else f"{v:>{width}{spec}}"
+
+
+def _device_info():
+    import cupy as cp
+    props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+    name = props["name"]
+    return {"name": name.decode() if isinstance(name, bytes) else str(name),
+            "compute_capability": cp.cuda.Device().compute_capability,
+            "cupy": cp.__version__, "cuda_runtime": cp.cuda.runtime.runtimeGetVersion()}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="batches 1 and 4 only, few repeats")
+    ap.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    ap.add_argument("--repeat", type=int, default=None, help="timed runs per measurement")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=_ROOT / "out" / "bench" / "gpu.json", help="JSON output file")
+    args = ap.parse_args(argv)
+    why = gpu_missing()
+    if why:
+        print(f"bench_gpu: skipped, no GPU to measure on: {why}. Nothing was timed.")
+        return 0
+    batches = QUICK_BATCHES if args.quick else BATCHES
+    layer_batches = QUICK_BATCHES if args.quick else (1, 128)
+    repeat = args.repeat or (5 if args.quick else 20)
+    results = measure_all(batches, layer_batches, np.dtype(args.dtype), args.warmup, repeat)
+    torch = torch_cuda()
+    report = {"device": _device_info(), "dtype": args.dtype, "repeat": repeat, "warmup": args.warmup,
+              "torch": None if torch is None else {"version": torch.__version__,
+                                                   "cudnn": torch.backends.cudnn.version()},
+              "timing": "CUDA events around each call after a device synchronize; median over repeats",
+              **results}
+    print(f"device: {report['device']['name']}  dtype: {args.dtype}  torch: "
+          f"{'not available (no CUDA build)' if torch is None else torch.__version__}")
+    print(format_tables(results))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+# --- rows for bench/run_all.py ----------------------------------------------------------------------------------------
+
+def rows(quick=False):
+    """GPU rows for the harness: each layer at batch 1 and 128 (1 and 4 with ``quick``), npconv and PyTorch."""
+    from bench._harness import Row, SkipRow
+
+    def setup_factory(kind, name, N):
+        def setup():
+            why = gpu_missing()
+            if why:
+                raise SkipRow(why)
+            if kind == "torch":
+                if torch_cuda() is None:
+                    raise SkipRow("PyTorch with CUDA is not installed")
+                fn = torch_layer(name, N, np.float32)
+                torch = torch_cuda()
+                torch.backends.cudnn.benchmark = True
+                return fn
+            return npconv_layer(name, N, np.float32)
+        return setup
+
+    out = []
+    for name in LAYERS:
+        for N in (QUICK_BATCHES if quick else (1, 128)):
+            if quick and name != "conv3":
+                continue
+            macs = conv_macs(N, *LAYERS[name])
+            meta = {"dtype": "float32", "layer": name, "batch": N}
+            torch_name = f"gpu_{name}/b{N}/torch"
+            out.append(Row(f"gpu_{name}/b{N}/npconv", setup_factory("npconv", name, N), macs=macs, device="gpu",
+                           meta={**meta, "impl": "npconv"}, baseline=torch_name))
+            out.append(Row(torch_name, setup_factory("torch", name, N), macs=macs, device="gpu",
+                           meta={**meta, "impl": "torch"}))
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,303 @@
+"""GPU entry points for CuPy arrays, one per functional op.
+
+``npconv.functional`` validates and normalises the arguments (stride/dilation pairs, padding as
+``(top, bottom, left, right)``, pooling output size) and then calls these functions; they only make the arrays
+contiguous, pick a kernel and launch it. The output dtype is the input dtype (float32 or float64).
+
+Every launch goes through :func:`_launch`, which packs the arguments from :data:`LAUNCH_SIGNATURES` (the one
+table of kernel parameter kinds: device pointer, ``np.int32``, or a scalar of the array dtype). The tests compare
+that table, and the arguments actually passed, with the parameter sizes in the compiled PTX.
+
+Convolution strategy:
+  * depthwise (``groups == C > 1``, one input channel per group): a direct kernel (``depthwise.cu``);
+  * 1x1, stride 1, no padding, ``groups == 1``: a batched GEMM on the input as it is (no packing);
+  * few input channels (``C <= DIRECT_CONV_MAX_C``, ``groups == 1``: the first layer): a direct kernel with
+    the weights of 16 filters in shared memory (``conv_direct.cu``);
+  * otherwise im2col: the column matrix of a chunk of images (``im2col.cu``), one cuBLAS GEMM per group
+    (``cupy.matmul``), and a kernel that writes the result to NCHW adding the bias. The chunk is as many images
+    as fit in :data:`WORKSPACE_BYTES`, so the workspace is bounded whatever the batch size.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ... import _backend
+from . import loader
+
+__all__ = [
+    "conv2d", "linear", "max_pool2d", "avg_pool2d", "local_response_norm", "relu", "bias_relu", "softmax",
+    "normalize", "LAUNCH_SIGNATURES", "WORKSPACE_BYTES", "DIRECT_CONV_MAX_C",
+]
+
+#: upper bound of the im2col workspace (column matrix + GEMM result of one chunk), in bytes
+WORKSPACE_BYTES = 256 * 2**20
+#: convolutions with at most this many input channels (groups == 1) use the direct kernel
+DIRECT_CONV_MAX_C = 4
+#: filters per block of the direct kernel (NPCONV_DIRECT_FT in conv_direct.cu)
+DIRECT_FILTERS_PER_BLOCK = 16
+#: threads per block of the softmax kernel (NPCONV_SOFTMAX_THREADS in softmax.cu)
+SOFTMAX_THREADS = 128
+#: shared memory a block may use without opting in to more (every CUDA GPU since sm_20)
+SHARED_MEM_LIMIT = 48 * 1024
+
+_BLOCK = 256
+_MAX_GRID = 1 << 18                 # blocks of a grid-stride launch, so grid * block <= 2^26
+_INDEX_LIMIT = 2**31 - 2**26        # elements an int-indexed grid-stride loop may cover without overflow
+
+PTR, I32, REAL = "ptr", "i32", "real"
+
+#: kernel name -> (source file, parameter kinds). PTR: a C-contiguous device array of the dtype;
+#: I32: ``np.int32``; REAL: a scalar of the dtype (``np.float32`` / ``np.float64``).
+LAUNCH_SIGNATURES: dict[str, tuple[str, tuple[str, ...]]] = {
+    # x, col, NB, C, H, W, KH, KW, SH, SW, PT, PL, DH, DW, OH, OW
+    "im2col": ("im2col", (PTR, PTR) + (I32,) * 14),
+    # r, bias, y, FG, NB, P, F, F0, has_bias
+    "conv_scatter": ("im2col", (PTR, PTR, PTR) + (I32,) * 6),
+    # x, w, bias, y, N, C, H, W, F, KH, KW, SH, SW, PT, PL, DH, DW, OH, OW, has_bias
+    "conv_direct": ("conv_direct", (PTR,) * 4 + (I32,) * 16),
+    # x, w, bias, y, N, C, H, W, M, KH, KW, SH, SW, PT, PL, DH, DW, OH, OW, has_bias
+    "depthwise_conv": ("depthwise", (PTR,) * 4 + (I32,) * 16),
+    # x, y, NC, H, W, KH, KW, SH, SW, PH, PW, OH, OW
+    "max_pool": ("pool", (PTR, PTR) + (I32,) * 11),
+    # x, y, NC, H, W, KH, KW, SH, SW, PH, PW, OH, OW, count_include_pad
+    "avg_pool": ("pool", (PTR, PTR) + (I32,) * 12),
+    # x, y, N, C, S, size, alpha, beta, k
+    "lrn": ("lrn", (PTR, PTR, I32, I32, I32, I32, REAL, REAL, REAL)),
+    # y, b, N, C, S
+    "bias_add": ("elementwise", (PTR, PTR, I32, I32, I32)),
+    "bias_relu": ("elementwise", (PTR, PTR, I32, I32, I32)),
+    # x, y, n
+    "relu": ("elementwise", (PTR, PTR, I32)),
+    # x, mean, scale, y, N, C, S
+    "normalize": ("elementwise", (PTR, PTR, PTR, PTR, I32, I32, I32)),
+    # x, y, R, L
+    "softmax_rows": ("softmax", (PTR, PTR, I32, I32)),
+}
+
+
+def _cupy():
+    return _backend.require_cupy()
+
+
+def _launch(name, dtype, grid, block, args, shared_mem=0):
+    """Pack ``args`` as :data:`LAUNCH_SIGNATURES` declares for kernel ``name`` and launch it."""
+    source, kinds = LAUNCH_SIGNATURES[name]
+    if len(args) != len(kinds):
+        raise TypeError(f"kernel {name} takes {len(kinds)} arguments, got {len(args)}")
+    packed = []
+    for i, (kind, a) in enumerate(zip(kinds, args)):
+        if kind == PTR:
+            if a.dtype != dtype or not a.flags.c_contiguous:
+                raise TypeError(f"kernel {name}, argument {i}: expected a C-contiguous {dtype} array, "
+                                f"got dtype {a.dtype} (c_contiguous={a.flags.c_contiguous})")
+            packed.append(a)
+        elif kind == I32:
+            v = int(a)
+            if not -2**31 <= v < 2**31:
+                raise ValueError(f"kernel {name}, argument {i}: {v} does not fit a 32-bit int")
+            packed.append(np.int32(v))
+        else:
+            packed.append(dtype.type(a))
+    kernel = loader.get_kernel(source, name, dtype)
+    kernel(tuple(grid), tuple(block), tuple(packed), shared_mem=shared_mem)
+
+
+def _check_index_range(total, what):
+    if total > _INDEX_LIMIT:
+        raise ValueError(f"{what} has {total} elements; the CUDA kernels index with 32-bit ints and take at most "
+                         f"{_INDEX_LIMIT}: split the batch")
+
+
+def _launch_1d(name, dtype, total, args, what="the array"):
+    """Launch a grid-stride kernel over ``total`` elements (nothing to do when ``total`` is 0)."""
+    if total == 0:
+        return
+    _check_index_range(total, what)
+    blocks = min(-(-total // _BLOCK), _MAX_GRID)
+    _launch(name, dtype, (blocks,), (_BLOCK,), args)
+
+
+def _contig(cp, a, dtype=None):
+    return None if a is None else cp.ascontiguousarray(a, dtype=dtype)
+
+
+# --- convolution ------------------------------------------------------------------------------------------
+
+def conv2d(x, w, b, *, stride, padding, dilation, groups):
+    """2-D convolution of CuPy arrays: x (N, C, H, W), w (F, C/groups, KH, KW), b (F,) or None.
+
+    ``stride`` and ``dilation`` are (vertical, horizontal) pairs, ``padding`` is (top, bottom, left, right) zero
+    padding, ``groups`` divides C and F. Returns a new (N, F, OH, OW) array of x's dtype.
+    """
+    cp = _cupy()
+    x, w, b = _contig(cp, x), _contig(cp, w), _contig(cp, b)
+    dt = x.dtype
+    N, C, H, W = (int(v) for v in x.shape)
+    F, Cg, KH, KW = (int(v) for v in w.shape)
+    sh, sw = (int(v) for v in stride)
+    pt, pb, pl, pr = (int(v) for v in padding)
+    dh, dw = (int(v) for v in dilation)
+    groups = int(groups)
+    OH = (H + pt + pb - dh * (KH - 1) - 1) // sh + 1
+    OW = (W + pl + pr - dw * (KW - 1) - 1) // sw + 1
+    has_bias = b is not None
+    bias = b if has_bias else w          # a dummy pointer of the right dtype when there is no bias
+
+    if groups == 1 and KH == KW == 1 and sh == sw == 1 and not any((pt, pb, pl, pr)):
+        y = cp.matmul(w.reshape(F, C), x.reshape(N, C, H * W)).reshape(N, F, H, W)
+        y = cp.ascontiguousarray(y)
+        if has_bias:
+            _launch_1d("bias_add", dt, y.size, (y, b, N, F, H * W), "the convolution output")
+        return y
+
+    y = cp.empty((N, F, OH, OW), dtype=dt)
+    if y.size == 0:
+        return y
+    geometry = (KH, KW, sh, sw, pt, pl, dh, dw, OH, OW)
+
+    if groups > 1 and groups == C and Cg == 1:
+        _launch_1d("depthwise_conv", dt, y.size, (x, w, bias, y, N, C, H, W, F // C, *geometry, has_bias),
+                   "the convolution output")
+        return y
+
+    smem = C * KH * KW * DIRECT_FILTERS_PER_BLOCK * dt.itemsize
+    if groups == 1 and C <= DIRECT_CONV_MAX_C and smem <= SHARED_MEM_LIMIT:
+        total = N * OH * OW
+        _check_index_range(total, "the convolution output")
+        grid = (min(-(-total // _BLOCK), _MAX_GRID), -(-F // DIRECT_FILTERS_PER_BLOCK))
+        _launch("conv_direct", dt, grid, (_BLOCK,), (x, w, bias, y, N, C, H, W, F, *geometry, has_bias),
+                shared_mem=smem)
+        return y
+
+    _conv_im2col(cp, x, w, b, y, groups, geometry)
+    return y
+
+
+def _conv_im2col(cp, x, w, b, y, groups, geometry):
+    """im2col + one GEMM per group, over chunks of images sized by WORKSPACE_BYTES; fills ``y``."""
+    KH, KW, sh, sw, pt, pl, dh, dw, OH, OW = geometry
+    dt = x.dtype
+    N, C, H, W = x.shape
+    F, Cg = w.shape[:2]
+    P = OH * OW
+    K, Kg, Fg = C * KH * KW, Cg * KH * KW, F // groups
+    per_image = (K + Fg) * P * dt.itemsize
+    nb = max(1, min(N, WORKSPACE_BYTES // per_image))
+    nb = min(nb, _INDEX_LIMIT // (max(K, Fg) * P))
+    if nb == 0:
+        _check_index_range(max(K, Fg) * P, "the im2col matrix of one image")
+    col_buf = cp.empty(K * nb * P, dtype=dt)
+    w2 = w.reshape(F, Kg)
+    has_bias = b is not None
+    bias = b if has_bias else w
+    for n0 in range(0, N, nb):
+        m = min(nb, N - n0)
+        col = col_buf[:K * m * P].reshape(K, m * P)
+        _launch_1d("im2col", dt, K * m * P, (x[n0:n0 + m], col, m, C, H, W, KH, KW, sh, sw, pt, pl, dh, dw, OH, OW))
+        yc = y[n0:n0 + m]
+        for g in range(groups):
+            r = cp.matmul(w2[g * Fg:(g + 1) * Fg], col[g * Kg:(g + 1) * Kg])
+            _launch_1d("conv_scatter", dt, Fg * m * P, (r, bias, yc, Fg, m, P, F, g * Fg, has_bias))
+
+
+def linear(x, w, b):
+    """Fully connected layer of CuPy arrays: ``x @ w.T + b`` with x (N, in), w (out, in), b (out,) or None."""
+    cp = _cupy()
+    x, w, b = _contig(cp, x), _contig(cp, w), _contig(cp, b)
+    y = cp.ascontiguousarray(cp.matmul(x, w.T))
+    if b is not None:
+        N, O = y.shape
+        _launch_1d("bias_add", x.dtype, y.size, (y, b, N, O, 1), "the linear output")
+    return y
+
+
+# --- pooling ----------------------------------------------------------------------------------------------
+
+def _pool(name, x, kernel, stride, padding, out_hw, extra=()):
+    cp = _cupy()
+    x = _contig(cp, x)
+    N, C, H, W = (int(v) for v in x.shape)
+    kh, kw = (int(v) for v in kernel)
+    sh, sw = (int(v) for v in stride)
+    ph, pw = (int(v) for v in padding)
+    oh, ow = (int(v) for v in out_hw)
+    y = cp.empty((N, C, oh, ow), dtype=x.dtype)
+    _launch_1d(name, x.dtype, y.size, (x, y, N * C, H, W, kh, kw, sh, sw, ph, pw, oh, ow, *extra),
+               "the pooled output")
+    return y
+
+
+def max_pool2d(x, *, kernel, stride, padding, out_hw):
+    """Max pooling of a CuPy x (N, C, H, W); padding (ph, pw) counts as -inf; ``out_hw`` is the output size
+    (floor or ceil mode, computed by the caller). Returns a new (N, C, OH, OW) array."""
+    return _pool("max_pool", x, kernel, stride, padding, out_hw)
+
+
+def avg_pool2d(x, *, kernel, stride, padding, out_hw, count_include_pad):
+    """Average pooling of a CuPy x (N, C, H, W) with PyTorch's divisor rule (a window is clipped to the padded
+    input; ``count_include_pad`` counts its padding cells, otherwise only the input cells are counted)."""
+    return _pool("avg_pool", x, kernel, stride, padding, out_hw, (int(bool(count_include_pad)),))
+
+
+# --- normalisation and activations ---------------------------------------------------------------------------
+
+def local_response_norm(x, *, size, alpha, beta, k):
+    """Cross-channel LRN of a CuPy x (N, C, ...): ``x / (k + alpha/size * sum x^2)^beta`` over the channels
+    ``c - size//2 .. c + (size-1)//2``. Returns a new array."""
+    cp = _cupy()
+    x = _contig(cp, x)
+    N, C = int(x.shape[0]), int(x.shape[1])
+    S = int(np.prod(x.shape[2:], dtype=np.int64))
+    y = cp.empty(x.shape, dtype=x.dtype)
+    _launch_1d("lrn", x.dtype, y.size, (x, y, N, C, S, int(size), alpha, beta, k))
+    return y
+
+
+def relu(x):
+    """``max(x, 0)`` of a CuPy array of any shape (NaN stays NaN); a new contiguous array."""
+    cp = _cupy()
+    x = _contig(cp, x)
+    y = cp.empty(x.shape, dtype=x.dtype)
+    _launch_1d("relu", x.dtype, y.size, (x, y, y.size))
+    return y
+
+
+def bias_relu(y, b):
+    """In place on a CuPy y (N, C, ...): ``y = max(y + b[c], 0)`` (b (C,) or None for a plain ReLU); returns y."""
+    cp = _cupy()
+    work = y if y.flags.c_contiguous else cp.ascontiguousarray(y)
+    if b is None:
+        _launch_1d("relu", y.dtype, work.size, (work, work, work.size))
+    else:
+        b = _contig(cp, b)
+        N, C = int(y.shape[0]), int(y.shape[1])
+        S = int(np.prod(y.shape[2:], dtype=np.int64))
+        _launch_1d("bias_relu", y.dtype, work.size, (work, b, N, C, S))
+    if work is not y:
+        y[...] = work
+    return y
+
+
+def softmax(x2d):
+    """Numerically stable softmax over the last axis of a 2-D CuPy array; a new (R, L) array."""
+    cp = _cupy()
+    x2d = _contig(cp, x2d)
+    R, L = (int(v) for v in x2d.shape)
+    y = cp.empty((R, L), dtype=x2d.dtype)
+    if y.size:
+        _check_index_range(y.size, "the softmax input")
+        _launch("softmax_rows", x2d.dtype, (min(R, _MAX_GRID),), (SOFTMAX_THREADS,), (x2d, y, R, L))
+    return y
+
+
+def normalize(x, *, mean, scale):
+    """Per-channel ``(x[:, c] - mean[c]) * scale[c]`` of a CuPy x (N, C, ...); a new array."""
+    cp = _cupy()
+    x = _contig(cp, x)
+    dt = x.dtype
+    mean, scale = _contig(cp, mean, dt), _contig(cp, scale, dt)
+    N, C = int(x.shape[0]), int(x.shape[1])
+    S = int(np.prod(x.shape[2:], dtype=np.int64))
+    y = cp.empty(x.shape, dtype=dt)
+    _launch_1d("normalize", dt, y.size, (x, mean, scale, y, N, C, S))
+    return y

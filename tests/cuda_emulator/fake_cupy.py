@@ -1,0 +1,51 @@
+"""A CuPy stand-in over NumPy and the CPU emulator, for running ``npconv.kernels.cuda.ops`` without a GPU.
+
+Only what ops.py uses: ``ndarray`` (a NumPy subclass marking "device" arrays), ``asarray``, ``ascontiguousarray``,
+``empty`` (filled with NaN, so an output element no kernel wrote shows up), ``zeros``, ``matmul``, ``asnumpy``
+and ``RawModule`` (:class:`CpuRawModule`). Install it with ``monkeypatch.setattr(npconv._backend, "require_cupy",
+lambda: fake_cupy)`` and clear ``npconv.kernels.cuda.loader``'s cache.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .emulator import CpuRawModule
+
+float32, float64, int32 = np.float32, np.float64, np.int32
+
+
+class ndarray(np.ndarray):
+    """Host memory standing in for a device array."""
+
+
+def _dev(a):
+    return np.asarray(a).view(ndarray)
+
+
+def asarray(a, dtype=None):
+    return _dev(np.asarray(a, dtype=dtype))
+
+
+def ascontiguousarray(a, dtype=None):
+    return _dev(np.ascontiguousarray(a, dtype=dtype))
+
+
+def empty(shape, dtype=np.float64):
+    dt = np.dtype(dtype)
+    return _dev(np.full(shape, np.nan, dtype=dt) if dt.kind == "f" else np.empty(shape, dtype=dt))
+
+
+def zeros(shape, dtype=np.float64):
+    return _dev(np.zeros(shape, dtype=dtype))
+
+
+def matmul(a, b):
+    return _dev(np.matmul(np.asarray(a), np.asarray(b)))
+
+
+def asnumpy(a):
+    return np.array(a).view(np.ndarray)
+
+
+def RawModule(code, options=(), name_expressions=None):  # noqa: N802 (mirrors cupy.RawModule)
+    return CpuRawModule(code, options, name_expressions)

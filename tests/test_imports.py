@@ -1,0 +1,22 @@
+import subprocess
+import sys
+
+
+def test_import_is_light_and_framework_free():
+    """Importing every runtime module loads neither PyTorch nor CuPy (CuPy only on the GPU path)."""
+    code = ("import sys, npconv, npconv.approximate, npconv.cli, npconv.experiment, npconv.datasets, "
+            "npconv.decompose, npconv.functional, npconv.layers, npconv.models, npconv.network, npconv.io\n"
+            "bad = [m for m in ('torch', 'cupy', 'tensorflow', 'jax') if m in sys.modules]\n"
+            "print(','.join(bad))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "", f"importing npconv pulled in {out}"
+
+
+def test_gpu_call_without_cupy_gives_install_hint(monkeypatch):
+    import npconv._backend as B
+    monkeypatch.setattr(B, "_cupy", None)
+    monkeypatch.setattr(B, "_cupy_tried", True)
+    monkeypatch.setattr(B, "_cupy_error", ImportError("No module named 'cupy'"))
+    import pytest
+    with pytest.raises(ImportError, match=r"pip install 'npconv\[gpu\]'.*No module named 'cupy'"):
+        B.require_cupy()
