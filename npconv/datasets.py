@@ -9,14 +9,16 @@ folder (``$XDG_CACHE_HOME/npconv`` or ``~/.cache/npconv``), and ``../shared/data
 from __future__ import annotations
 
 import hashlib
+import lzma
 import os
 import tarfile
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 
-from ._validate import check_option
+from ._validate import check_int, check_option
 
 __all__ = [
     "CIFAR10_CLASSES", "find_data_dir", "load_image_folder", "load_cifar10", "default_cache_dir",
@@ -205,8 +207,15 @@ def _safe_extract(archive: Path, dest_parent: Path, top: str):
                     if m.name.startswith("/") or ".." in parts or not parts or parts[0] != top:
                         raise ValueError(f"archive {str(archive)!r} holds the unexpected path {m.name!r}")
                 tf.extractall(tmp, members=members, filter="data")
-        except (tarfile.TarError, EOFError, OSError) as exc:
+                # tarfile stops at the end-of-archive blocks and never reaches the compressed stream's
+                # trailer, so its CRC would go unchecked and a damaged archive would extract silently:
+                # read to the end of the stream to have gzip/bz2/xz verify it.
+                while tf.fileobj.read(1 << 20):
+                    pass
+        except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as exc:
             raise ValueError(f"archive {str(archive)!r} is corrupt or truncated: {exc}") from exc
+        if not (tmp / top).is_dir():
+            raise ValueError(f"archive {str(archive)!r} does not hold the folder {top!r}")
         try:
             os.replace(tmp / top, final)
         except OSError:
@@ -230,15 +239,18 @@ def load_cifar10(split="train", *, root=None, download=False, cache_dir=None, pr
     """
     check_option(split, "split", ("train", "test"))
     if download:
+        # the downloaded copy is the one used (another copy found earlier in the search must not win)
+        from ._cifar_batches import load_cifar10_batches
         from ._download import download_cifar10
-        download_cifar10(_writable_cache(cache_dir if root is None else root))
+        folder = download_cifar10(_writable_cache(cache_dir if root is None else root), progress=progress)
+        return load_cifar10_batches(folder, split, cache_dir=cache_dir)
     d = find_data_dir(root)
     if (d / "cifar-10-batches-py").is_dir() or (d / "cifar-10-python.tar.gz").exists():
         from ._cifar_batches import load_cifar10_batches
         folder = d / "cifar-10-batches-py"
         if not folder.is_dir():
             folder = _safe_extract(d / "cifar-10-python.tar.gz", _writable_cache(cache_dir), "cifar-10-batches-py")
-        return load_cifar10_batches(folder, split)
+        return load_cifar10_batches(folder, split, cache_dir=cache_dir)
     folder = d / "cifar10-jpg"
     if not folder.is_dir():
         folder = _safe_extract(d / "cifar10-jpg.tar.gz", _writable_cache(cache_dir), "cifar10-jpg")
@@ -252,11 +264,20 @@ def train_val_split(y, n_val=5000):
     Deterministic (no shuffling), balanced over classes, and independent of the order of classes in ``y``,
     so the validation split is the same for training, for choosing approximation settings and for tests.
     """
+    n_val = check_int(n_val, "n_val", min_value=0)
     y = np.asarray(y)
+    if y.ndim != 1:
+        raise ValueError(f"y must be a 1-D array of labels, got shape {y.shape}")
+    if y.dtype.kind not in "iu":
+        raise TypeError(f"y must hold integer labels, got dtype {y.dtype}")
+    if len(y) == 0:
+        raise ValueError("y must hold at least one label, got an empty array")
     classes = np.unique(y)
     if n_val % len(classes):
         raise ValueError(f"n_val must be a multiple of the number of classes ({len(classes)}), got {n_val}")
     per = n_val // len(classes)
+    if per == 0:  # idx[-0:] would be the whole class
+        return np.arange(len(y)), np.zeros(0, np.int64)
     val = []
     for c in classes:
         idx = np.flatnonzero(y == c)
