@@ -47,32 +47,40 @@ def make_case(C, H, F, K, N, seed=0):
 
 
 def rows(quick=False):
-    """Rows for bench/run_all.py: (name, setup) pairs; setup returns {impl: callable} for one case."""
+    """Rows for bench/run_all.py: npconv and PyTorch per layer and batch; the npconv row is the torch row's
+    baseline, so the harness's ``speedup`` column of a torch row is npconv's speed relative to PyTorch."""
+    from bench._harness import Row
     out = []
     layers = QUICK_LAYERS if quick else LAYERS
     for name, (C, H, F, K, s, p) in layers.items():
         for N in ((1, 4) if quick else (1, 128)):
-            out.append(dict(name=f"{name}/b{N}", layer=name, batch=N, flops=conv_flops(N, C, H, F, K, s, p),
-                            setup=_setup_factory(C, H, F, K, s, p, N)))
+            flops = conv_flops(N, C, H, F, K, s, p)
+            meta = dict(layer=name, batch=N, dtype="float32")
+            out.append(Row(f"{name}/b{N}/npconv", _setup(C, H, F, K, s, p, N, "npconv"), flops=flops,
+                           group=f"dense/{name}", meta=dict(meta, impl="npconv")))
+            out.append(Row(f"{name}/b{N}/torch", _setup(C, H, F, K, s, p, N, "torch"), flops=flops,
+                           group=f"dense/{name}", meta=dict(meta, impl="torch"), baseline=f"{name}/b{N}/npconv"))
     return out
 
 
-def _setup_factory(C, H, F, K, s, p, N):
+def _setup(C, H, F, K, s, p, N, impl):
     def setup():
-        from npconv.functional import conv2d
         x, w, b = make_case(C, H, F, K, N)
-        impls = {"npconv": lambda: conv2d(x, w, b, stride=s, padding=p)}
+        if impl == "npconv":
+            from npconv.functional import conv2d
+            return lambda: conv2d(x, w, b, stride=s, padding=p)
         try:
             import torch
-            xt, wt, bt = map(torch.from_numpy, (x, w, b))
-
-            def run_torch():
-                with torch.no_grad():
-                    return torch.nn.functional.conv2d(xt, wt, bt, stride=s, padding=p)
-            impls["torch"] = run_torch
         except ImportError:
-            pass
-        return impls
+            from bench._harness import SkipRow
+            raise SkipRow("PyTorch is not installed") from None
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+        xt, wt, bt = map(torch.from_numpy, (x, w, b))
+
+        def run_torch():
+            with torch.no_grad():
+                return torch.nn.functional.conv2d(xt, wt, bt, stride=s, padding=p)
+        return run_torch
     return setup
 
 
@@ -116,15 +124,20 @@ def main(argv=None):
           f"({info.get('numba_threading_layer')}); BLAS: {info.get('blas')}; env: {describe()}")
     results = []
     print(f"{'layer':<22}{'npconv ms':>11}{'GF/s':>8}{'torch ms':>11}{'GF/s':>8}{'ratio':>8}")
-    for row in rows(args.quick):
-        impls = row["setup"]()
-        res = {k: measure(f, warmup=1, repeat=args.repeat) for k, f in impls.items()}
+    table = rows(args.quick)
+    for r_np, r_t in zip(table[::2], table[1::2]):
+        res = {"npconv": measure(r_np.setup(), warmup=1, repeat=args.repeat)}
+        try:
+            res["torch"] = measure(r_t.setup(), warmup=1, repeat=args.repeat)
+        except Exception as exc:  # SkipRow: no torch
+            print(f"# torch skipped: {exc}")
         t_np = res["npconv"]["median"]
-        line = f"{row['name']:<22}{t_np * 1e3:>11.2f}{row['flops'] / t_np / 1e9:>8.1f}"
-        rec = dict(name=row["name"], batch=row["batch"], flops=row["flops"], npconv=res["npconv"])
+        name = r_np.name.rsplit("/", 1)[0]
+        line = f"{name:<22}{t_np * 1e3:>11.2f}{r_np.flops / t_np / 1e9:>8.1f}"
+        rec = dict(name=name, batch=r_np.meta["batch"], flops=r_np.flops, npconv=res["npconv"])
         if "torch" in res:
             t_t = res["torch"]["median"]
-            line += f"{t_t * 1e3:>11.2f}{row['flops'] / t_t / 1e9:>8.1f}{t_t / t_np:>8.2f}"
+            line += f"{t_t * 1e3:>11.2f}{r_np.flops / t_t / 1e9:>8.1f}{t_t / t_np:>8.2f}"
             rec.update(torch=res["torch"], ratio=t_t / t_np)
         print(line, flush=True)
         results.append(rec)

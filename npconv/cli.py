@@ -114,7 +114,7 @@ def main(argv=None):
     # ---------------------------------------------------------------- data
     try:
         Xtr, ytr = datasets.load_cifar10("train", root=args.data, download=args.download, progress=progress)
-        Xte, yte = datasets.load_cifar10("test", root=args.data, progress=progress)
+        Xte, yte = datasets.load_cifar10("test", root=args.data, download=args.download, progress=progress)
         have_data = True
     except datasets.DataNotFoundError as exc:
         print("\n" + str(exc) + "\nRunning the speed part only (no accuracy).\n")

@@ -1,7 +1,8 @@
 """Dataset loaders: CIFAR-10 (image-folder layout or the official python batches) and generic image folders.
 
 Images come back as ``uint8`` arrays in NCHW layout, labels as ``int64``. Decoded arrays are cached as
-``.npy`` files (written atomically), so a second load is a memory map away.
+``.npy`` files (written atomically, readable by every user of a shared cache), so a second load reads
+one file instead of decoding thousands of images.
 
 Where the data is looked for, in order: the ``root``/``--data`` argument, ``$NPCONV_DATA_DIR``, the user cache
 folder (``$XDG_CACHE_HOME/npconv`` or ``~/.cache/npconv``), and ``../shared/data`` beside the project.
@@ -82,11 +83,19 @@ def _atomic_save_npy(path: Path, arr):
     try:
         with os.fdopen(fd, "wb") as f:
             np.save(f, arr, allow_pickle=False)
+        _umask_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask_mode(path):
+    """Give a mkstemp file (mode 0600) the mode a plain open() would have had (0666 less the umask)."""
+    um = os.umask(0)
+    os.umask(um)
+    os.chmod(path, 0o666 & ~um)
 
 
 def _cached(key, cache_dir, build):
