@@ -1,0 +1,160 @@
+"""Factored layers (monochromatic, low-rank conv, separable) against npconv's own dense conv2d, ZF conv1 shapes.
+
+    python bench/bench_lowrank.py               # batch 1 and 128, ZF conv1 (3 -> 96, 7x7, stride 2, 224x224)
+    python bench/bench_lowrank.py --quick       # tiny shapes, a smoke test
+    python bench/bench_lowrank.py --batch 1     # one batch size only
+    python bench/bench_lowrank.py --threads 1   # BLAS and numba limited to one thread
+
+For every factored layer it prints the measured speed-up over the dense ``conv2d`` (same input, same threads,
+medians), the theoretical gain (exact executed multiply-adds, ``npconv.decompose.cost``; the paper's closed form
+in brackets) and their ratio, which the project asks to be >= 0.8. ``rows(quick)`` gives the same cases to
+``bench/run_all.py`` (each factored row has the dense row of its batch as ``baseline``).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __name__ == "__main__":
+    from bench._env import clean_blas_env
+    clean_blas_env()
+
+import argparse  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+#: (C, H=W, F, K, stride, padding)
+ZF_CONV1 = (3, 224, 96, 7, 2, 1)
+TINY = (3, 32, 16, 5, 2, 1)
+MONO_COLORS = (4, 6, 8, 12, 24)
+LOWRANK_RANKS = (8, 16)
+SEPARABLE_RANKS = (4, 8)
+
+
+def _cases(quick):
+    """(layer geometry, batch sizes, [(method, size)])."""
+    if quick:
+        return TINY, (1, 4), [("monochromatic", 4), ("conv_svd", 4), ("separable", 3)]
+    return ZF_CONV1, (1, 128), ([("monochromatic", c) for c in MONO_COLORS]
+                                + [("conv_svd", r) for r in LOWRANK_RANKS]
+                                + [("separable", r) for r in SEPARABLE_RANKS])
+
+
+def _weights(C, F, K, seed=0):
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((F, C, K, K)) / np.sqrt(C * K * K)).astype(np.float32)
+    b = rng.standard_normal(F).astype(np.float32)
+    return w, b
+
+
+def _factored_layer(method, size, w, b, stride, padding):
+    from npconv.decompose.monochromatic import monochromatic
+    from npconv.decompose.separable import separable
+    from npconv.decompose.svd import conv_svd
+    if method == "monochromatic":
+        res = monochromatic(w, size, random_state=0, n_init=3)
+    elif method == "conv_svd":
+        res = conv_svd(w, size)
+    elif method == "separable":
+        res = separable(w, size)
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    return res.to_layer(bias=b, stride=stride, padding=padding)
+
+
+def _costs(method, size, geom):
+    from npconv.decompose import cost
+    C, H, F, K, s, p = geom
+    kw = dict(stride=s, padding=p)
+    fn = {"monochromatic": cost.monochromatic_cost, "conv_svd": cost.conv_svd_cost,
+          "separable": cost.separable_cost}[method]
+    out = {}
+    for form in ("exact", "paper"):
+        dense = cost.conv2d_cost((C, H, H), F, K, form=form, **kw)
+        out[form] = (dense, fn((C, H, H), F, K, size, form=form, **kw))
+    return out
+
+
+def cases(quick=False):
+    """Plain descriptions of every case: dicts with name, batch, method, size, macs, gains and two setups."""
+    geom, batches, methods = _cases(quick)
+    C, H, F, K, s, p = geom
+    out = []
+    for N in batches:
+        def dense_setup(N=N):
+            from npconv.functional import conv2d
+            w, b = _weights(C, F, K)
+            x = np.random.default_rng(1).standard_normal((N, C, H, H), dtype=np.float32)
+            return lambda: conv2d(x, w, b, stride=s, padding=p)
+        costs0 = _costs("monochromatic", 1, geom)["exact"][0]
+        dense_name = f"conv1/dense/b{N}"
+        out.append(dict(name=dense_name, batch=N, method="dense", size=None, macs=N * costs0.macs,
+                        gain=1.0, gain_paper=1.0, setup=dense_setup, baseline=None))
+        for method, size in methods:
+            def setup(N=N, method=method, size=size):
+                w, b = _weights(C, F, K)
+                layer = _factored_layer(method, size, w, b, s, p)
+                x = np.random.default_rng(1).standard_normal((N, C, H, H), dtype=np.float32)
+                layer(x[:1])                      # compile / fill the weight cache outside the timing
+                return lambda: layer(x)
+            c = _costs(method, size, geom)
+            from npconv.decompose.cost import gain
+            out.append(dict(name=f"conv1/{method}{size}/b{N}", batch=N, method=method, size=size,
+                            macs=N * c["exact"][1].macs, gain=gain(*c["exact"]), gain_paper=gain(*c["paper"]),
+                            setup=setup, baseline=dense_name))
+    return out
+
+
+def rows(quick=False):
+    """Rows for ``bench/run_all.py`` (``bench._harness.Row``)."""
+    from bench._harness import Row
+    res = []
+    for c in cases(quick):
+        res.append(Row(c["name"], c["setup"], macs=c["macs"], group=f"lowrank/b{c['batch']}",
+                       baseline=c["baseline"],
+                       meta={"impl": "npconv", "dtype": "float32", "method": c["method"], "size": c["size"],
+                             "batch": c["batch"], "theoretical_gain": round(c["gain"], 3),
+                             "theoretical_gain_paper": round(c["gain_paper"], 3)}))
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny shapes")
+    ap.add_argument("--batch", type=int, default=None, help="only this batch size")
+    ap.add_argument("--repeat", type=int, default=None, help="timed runs per case (default 10, 3 at batch >= 64)")
+    ap.add_argument("--threads", type=int, default=None, help="limit BLAS and numba to this many threads")
+    ap.add_argument("--keep-blas-env", action="store_true", help="keep OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE")
+    args = ap.parse_args(argv)
+    from bench._timing import thread_limit
+    with thread_limit(args.threads):
+        _run(args)
+
+
+def _run(args):
+    from bench._env import describe
+    from bench._timing import measure, thread_info
+    info = thread_info()
+    print(f"# numba threads {info.get('numba_threads')} ({info.get('numba_threading_layer')}); "
+          f"BLAS {info.get('blas')}; env: {describe()}")
+    print(f"{'case':<28}{'ms':>10}{'speedup':>9}{'gain':>7}{'(paper)':>9}{'ratio':>7}")
+    base = {}
+    for c in cases(args.quick):
+        if args.batch is not None and c["batch"] != args.batch:
+            continue
+        fn = c["setup"]()
+        rep = args.repeat or (3 if c["batch"] >= 64 else 10)
+        t = measure(fn, warmup=1, repeat=rep)["median"]
+        del fn
+        if c["baseline"] is None:
+            base[c["name"]] = t
+            print(f"{c['name']:<28}{t * 1e3:>10.2f}{'1.00':>9}{'1.00':>7}{'':>9}{'':>7}", flush=True)
+            continue
+        sp = base[c["baseline"]] / t
+        print(f"{c['name']:<28}{t * 1e3:>10.2f}{sp:>9.2f}{c['gain']:>7.2f}{c['gain_paper']:>9.2f}"
+              f"{sp / c['gain']:>7.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,375 @@
+"""Factored (low-rank, monochromatic, separable) layers, executed as their factors.
+
+None of these functions rebuilds the approximated kernel: each runs the cheaper sequence of operations that the
+factorisation stands for, so its cost is the factored cost of :mod:`npconv.decompose.cost`.
+
+* :func:`lowrank_linear` -- ``y = (x b^T) a^T + bias``: two GEMMs, ``t (in + out)`` multiply-adds per sample.
+* :func:`lowrank_conv2d` -- a conv to ``t`` channels, then a 1x1 conv (one GEMM per image) to F channels.
+* :func:`monochromatic_conv2d` -- the C' x C colour transform of the input, then one single-channel X x Y filter
+  per output channel reading its colour's channel.
+* :func:`separable_conv2d` -- a vertical (X x 1, row stride) conv to K channels, then a horizontal (1 x Y,
+  column stride) conv to F channels.
+
+CPU (NumPy arrays): convolutions with few filters per input group (all of the monochromatic filters; the first
+stage of a low-rank conv and the vertical separable pass when they have few filters and taps) run on the direct
+polyphase kernel of :mod:`npconv.kernels.cpu.lowrank`, which reads the input planes in place instead of packing
+an im2col matrix; the others go through :func:`npconv.functional.conv2d` (im2col + BLAS). The direct kernel's
+workspace is one band of polyphase rows per running job (about ``_BAND_BYTES``), whatever the batch size; the
+intermediate maps of the two-stage layers (low-rank conv, separable) are made for a chunk of images at a time,
+at most ``_WORKSPACE_BYTES``.
+
+GPU (CuPy arrays): the same functions compose :func:`npconv.functional.conv2d` (which dispatches to the GPU) with
+CuPy matmuls; the monochromatic filters run as one grouped conv (equal clusters) or one conv per colour.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from .._backend import get_array_module, to_numpy
+from .._validate import (as_pair, as_padding4, check_array, check_float_array, check_same_dtype, out_size)
+from .conv import conv2d
+
+__all__ = ["lowrank_linear", "lowrank_conv2d", "monochromatic_conv2d", "separable_conv2d"]
+
+#: target size of one job's buffer of polyphase rows (it should stay in the L2 cache), in bytes
+_BAND_BYTES = 384 * 2**10
+#: upper bound of the intermediate maps of a two-stage layer held at once (CPU), in bytes
+_WORKSPACE_BYTES = 32 * 2**20
+#: a generic (all-channels) conv stage runs on the direct kernel when it has at most this many filters ...
+_DIRECT_MAX_FILTERS = 32
+#: ... and at most this many taps per filter; otherwise im2col + GEMM (BLAS wins once the GEMM has enough rows)
+_DIRECT_MAX_TAPS = 512
+
+
+# ----------------------------------------------------------------------------------------------------- helpers
+def _check_bias(x, bias, F):
+    if bias is None:
+        return
+    check_float_array(bias, "bias", ndim=1)
+    check_same_dtype("x", x, bias=bias)
+    if bias.shape[0] != F:
+        raise ValueError(f"bias must have shape ({F},) (one per output channel), got {tuple(bias.shape)}")
+
+
+def _bias_or_zeros(bias, F, dtype):
+    if bias is None:
+        return np.zeros(F, dtype)
+    return np.ascontiguousarray(bias)
+
+
+def _plane_geometry(H, W, X, Y, stride, pad):
+    """Output size and polyphase plane width for a kernel X x Y (see kernels.cpu.lowrank)."""
+    Dh, Dw = stride
+    Ho = out_size(H, X, Dh, pad[0], pad[1], what="output height")
+    Wo = out_size(W, Y, Dw, pad[2], pad[3], what="output width")
+    Wq = max(-(-(W + pad[2] + pad[3]) // Dw), Wo + (Y - 1) // Dw)
+    return Ho, Wo, Wq
+
+
+@functools.lru_cache(maxsize=64)
+def _tap_offsets(Cg, X, Y, Dh, Dw, Hb, Wq):
+    """Offsets of the taps (c, x, y), flattened in that order, in a job buffer of Cg planes (Dh, Dw, Hb, Wq)."""
+    c, x, y = np.meshgrid(np.arange(Cg), np.arange(X), np.arange(Y), indexing="ij")
+    plane = (c * Dh + x % Dh) * Dw + y % Dw
+    off = np.ascontiguousarray((plane * (Hb * Wq) + (x // Dh) * Wq + y // Dw).ravel().astype(np.int64))
+    off.flags.writeable = False          # shared by the cache
+    return off
+
+
+def _blocks(groups_of_filters):
+    """Filter blocks of 4 (padded by repeating the last id), their sizes, and each group's first block."""
+    blk_f, blk_nf, grp_blk = [], [], [0]
+    for fl in groups_of_filters:
+        for s in range(0, len(fl), 4):
+            part = list(fl[s:s + 4])
+            blk_nf.append(len(part))
+            blk_f.append(part + [part[-1]] * (4 - len(part)))
+        grp_blk.append(len(blk_f))
+    return (np.asarray(blk_f, np.int64).reshape(-1, 4), np.asarray(blk_nf, np.int64),
+            np.asarray(grp_blk, np.int64))
+
+
+def _band_rows(Ho, margin, n_jobs_per_band, plane_row_bytes):
+    """Output rows per job (a job is one image and one band of rows): the job's buffers stay near
+    ``_BAND_BYTES`` and there are at least 2 jobs per thread when the batch allows."""
+    import numba
+    band = max(4, _BAND_BYTES // max(plane_row_bytes, 1) - margin)
+    want = 2 * numba.get_num_threads()
+    nband = -(-Ho // band)
+    if n_jobs_per_band * nband < want:
+        nband = -(-want // max(n_jobs_per_band, 1))
+    nband = min(nband, Ho)
+    return int(-(-Ho // nband))          # equal bands
+
+
+def _direct_conv_cpu(x, wt, groups_of_filters, group_plane, Cg, X, Y, bias, stride, pad, F, transform=None,
+                     out=None):
+    """Run filters (F, Cg*X*Y taps in ``wt``) on the polyphase planes of ``x`` (optionally colour-transformed).
+
+    ``groups_of_filters[g]`` lists the filters that read planes ``group_plane[g] : group_plane[g] + Cg``.
+    ``out`` (a C-contiguous (N, F, H', W') array) receives the result when given.
+    """
+    from ..kernels.cpu import lowrank as K
+
+    x = np.ascontiguousarray(x)
+    N, C, H, W = x.shape
+    Dh, Dw = stride
+    Ho, Wo, Wq = _plane_geometry(H, W, X, Y, stride, pad)
+    margin = (X - 1) // Dh + 1
+    band = _band_rows(Ho, margin, N, (C + (transform is not None)) * Dh * Dw * Wq * x.dtype.itemsize)
+    Hb = band + margin
+    tapoff = _tap_offsets(Cg, X, Y, Dh, Dw, Hb, Wq)
+    blk_f, blk_nf, grp_blk = _blocks(groups_of_filters)
+    T = transform if transform is not None else np.zeros((1, 1), x.dtype)
+    if out is None:
+        out = np.empty((N, F, Ho, Wo), x.dtype)
+    K.fused_direct_conv(x, T, transform is not None, np.asarray(group_plane, np.int64), Cg, grp_blk, blk_f,
+                        blk_nf, tapoff, wt, _bias_or_zeros(bias, F, x.dtype), pad[0], pad[2], Dh, Dw, band, Hb,
+                        Wq, out)
+    return out
+
+
+def _use_direct(n_filters, n_taps):
+    """Whether a full conv stage runs on the direct kernel (few filters: an im2col matrix would cost more to
+    pack than the small GEMM saves) rather than im2col + GEMM."""
+    return n_filters <= _DIRECT_MAX_FILTERS and n_taps <= _DIRECT_MAX_TAPS
+
+
+def _generic_conv(x, w, bias, stride, pad, out=None):
+    """A full conv (all input channels to every filter): direct kernel for few taps, else im2col + GEMM.
+
+    ``out`` (C-contiguous, the output's shape) receives the result when given."""
+    F, C, X, Y = w.shape
+    if _use_direct(F, C * X * Y):
+        wt = np.ascontiguousarray(w.reshape(F, C * X * Y))
+        return _direct_conv_cpu(x, wt, [list(range(F))], [0], C, X, Y, bias, stride, pad, F, out=out)
+    y = conv2d(x, np.ascontiguousarray(w), bias, stride=stride, padding=pad)
+    if out is None:
+        return y
+    out[...] = y
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ linear
+def lowrank_linear(x, a, b_fac, bias=None):
+    """Rank-t dense layer: ``y = (x @ b_fac.T) @ a.T + bias``.
+
+    Parameters
+    ----------
+    x : (N, in) array;  a : (out, t);  b_fac : (t, in);  bias : (out,) or None
+        All of one dtype (float32 or float64), all NumPy or all CuPy.
+
+    Returns (N, out) in x's dtype: two GEMMs, ``t (in + out)`` multiply-adds per sample.
+    """
+    xp = get_array_module(x, a, b_fac, bias, names=("x", "a", "b_fac", "bias"))
+    check_float_array(x, "x", ndim=2)
+    check_float_array(a, "a", ndim=2)
+    check_float_array(b_fac, "b_fac", ndim=2)
+    check_same_dtype("x", x, a=a, b_fac=b_fac)
+    if b_fac.shape[1] != x.shape[1]:
+        raise ValueError(f"b_fac must have shape (t, {x.shape[1]}) to match x's {x.shape[1]} features, "
+                         f"got {tuple(b_fac.shape)}")
+    if a.shape[1] != b_fac.shape[0]:
+        raise ValueError(f"a must have shape (out, {b_fac.shape[0]}) to match b_fac's rank, got {tuple(a.shape)}")
+    _check_bias(x, bias, a.shape[0])
+    h = xp.matmul(x, b_fac.T)
+    y = xp.matmul(h, a.T)
+    if bias is not None:
+        y += bias
+    return y
+
+
+# -------------------------------------------------------------------------------------------------- low-rank conv
+def lowrank_conv2d(x, first, second, bias=None, *, stride=1, padding=0, dilation=1):
+    """Rank-t convolution: a conv with ``first`` (t, C, X, Y) to t channels, then the 1x1 conv ``second``.
+
+    Parameters
+    ----------
+    x : (N, C, H, W);  first : (t, C, X, Y);  second : (F, t) or (F, t, 1, 1);  bias : (F,) or None
+    stride, dilation : int or pair;  padding : int, pair or (top, bottom, left, right)
+        Of the original conv (the 1x1 stage has none).
+
+    Returns (N, F, H', W') in x's dtype.
+    """
+    xp = get_array_module(x, first, second, bias, names=("x", "first", "second", "bias"))
+    check_float_array(x, "x", ndim=4)
+    check_float_array(first, "first", ndim=4)
+    check_float_array(second, "second", ndim=(2, 4))
+    check_same_dtype("x", x, first=first, second=second)
+    if second.ndim == 4:
+        if second.shape[2:] != (1, 1):
+            raise ValueError(f"second must be (F, t) or (F, t, 1, 1), got {tuple(second.shape)}")
+        second = second.reshape(second.shape[0], second.shape[1])
+    t = first.shape[0]
+    if second.shape[1] != t:
+        raise ValueError(f"second must have shape (F, {t}) to match first's {t} channels, got {tuple(second.shape)}")
+    if first.shape[1] != x.shape[1]:
+        raise ValueError(f"first must have shape (t, {x.shape[1]}, X, Y) to match x's {x.shape[1]} channels, "
+                         f"got {tuple(first.shape)}")
+    _check_bias(x, bias, second.shape[0])
+    st = as_pair(stride, "stride")
+    pad = as_padding4(padding)
+    dil = as_pair(dilation, "dilation")
+    F = second.shape[0]
+    if xp is not np:
+        h = conv2d(x, first, None, stride=st, padding=pad, dilation=dil)
+        N, _, Ho, Wo = h.shape
+        out = xp.matmul(second, h.reshape(N, t, Ho * Wo)).reshape(N, F, Ho, Wo)
+        if bias is not None:
+            out += bias.reshape(1, F, 1, 1)
+        return out
+    N, _, H, W = x.shape
+    Ho = out_size(H, dil[0] * (first.shape[2] - 1) + 1, st[0], pad[0], pad[1], what="output height")
+    Wo = out_size(W, dil[1] * (first.shape[3] - 1) + 1, st[1], pad[2], pad[3], what="output width")
+    out = np.empty((N, F, Ho, Wo), x.dtype)
+    second = np.ascontiguousarray(second)
+    chunk = int(max(1, min(N, _WORKSPACE_BYTES // max(t * Ho * Wo * x.dtype.itemsize, 1))))
+    for n0 in range(0, N, chunk):
+        xc = x[n0:n0 + chunk]
+        if dil == (1, 1):
+            h = _generic_conv(xc, first, None, st, pad)
+        else:
+            h = conv2d(xc, first, None, stride=st, padding=pad, dilation=dil)
+        m = h.shape[0]
+        np.matmul(second, h.reshape(m, t, Ho * Wo), out=out[n0:n0 + m].reshape(m, F, Ho * Wo))
+    if bias is not None:
+        out += bias.reshape(1, F, 1, 1)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ monochromatic
+def _check_mono(x, color_transform, assignment, spatial, bias):
+    check_float_array(x, "x", ndim=4)
+    check_float_array(color_transform, "color_transform", ndim=2)
+    check_float_array(spatial, "spatial", ndim=3)
+    check_array(assignment, "assignment", ndim=1)
+    check_same_dtype("x", x, color_transform=color_transform, spatial=spatial)
+    if assignment.dtype.kind not in "iu":
+        raise TypeError(f"assignment must be an integer array, got dtype {assignment.dtype}")
+    Cp, C = color_transform.shape
+    if C != x.shape[1]:
+        raise ValueError(f"color_transform must have shape (C', {x.shape[1]}) to match x's channels, "
+                         f"got {tuple(color_transform.shape)}")
+    F = spatial.shape[0]
+    if assignment.shape[0] != F:
+        raise ValueError(f"assignment must have {F} entries (one per spatial filter), got {assignment.shape[0]}")
+    a = to_numpy(assignment).astype(np.int64)
+    if F and (a.min() < 0 or a.max() >= Cp):
+        raise ValueError(f"assignment must lie in [0, {Cp}) (the number of colours), got values in "
+                         f"[{a.min()}, {a.max()}]")
+    _check_bias(x, bias, F)
+    return a
+
+
+def monochromatic_conv2d(x, color_transform, assignment, spatial, bias=None, *, stride=1, padding=0):
+    """Monochromatic convolution (Denton et al. 2014, section 4.1), executed as its factors.
+
+    Parameters
+    ----------
+    x : (N, C, H, W)
+    color_transform : (C', C) -- the colours; the input is first mapped to C' colour channels
+    assignment : (F,) integers in [0, C') -- the colour each output channel reads
+    spatial : (F, X, Y) -- one single-channel filter per output channel
+    bias : (F,) or None
+    stride : int or pair;  padding : int, pair or (top, bottom, left, right)
+
+    Returns (N, F, H', W') with ``out[n, f] = corr(sum_c T[a_f, c] x[n, c], spatial[f]) + bias[f]``, i.e. the conv
+    with ``W[f, c] = T[a_f, c] * spatial[f]``. Cost: ``C C' H W + X Y F H' W'`` multiply-adds per image.
+    Clusters of any sizes (empty ones included) are handled.
+    """
+    xp = get_array_module(x, color_transform, spatial, bias, names=("x", "color_transform", "spatial", "bias"))
+    a = _check_mono(x, color_transform, assignment, spatial, bias)
+    st = as_pair(stride, "stride")
+    pad = as_padding4(padding)
+    Cp = color_transform.shape[0]
+    F, X, Y = spatial.shape
+    if xp is not np:
+        return _monochromatic_gpu(xp, x, color_transform, a, spatial, bias, st, pad)
+    x = np.ascontiguousarray(x)
+    order = np.argsort(a, kind="stable")
+    bounds = np.searchsorted(a[order], np.arange(Cp + 1))
+    groups = [order[bounds[c]:bounds[c + 1]].tolist() for c in range(Cp)]
+    keep = [c for c in range(Cp) if groups[c]]
+    wt = np.ascontiguousarray(spatial.reshape(F, X * Y))
+    # only the colours some filter reads are built
+    T = np.ascontiguousarray(color_transform[keep])
+    return _direct_conv_cpu(x, wt, [groups[c] for c in keep], list(range(len(keep))), 1, X, Y, bias, st, pad,
+                            F, transform=T)
+
+
+def _monochromatic_gpu(xp, x, T, a, spatial, bias, st, pad):
+    N, C, H, W = x.shape
+    Cp = T.shape[0]
+    F, X, Y = spatial.shape
+    z = xp.matmul(T, x.reshape(N, C, H * W)).reshape(N, Cp, H, W)
+    counts = np.bincount(a, minlength=Cp)
+    if counts.min() == counts.max():
+        # equal clusters: one grouped conv over the filters sorted by colour, then undo the permutation
+        perm = np.argsort(a, kind="stable")
+        w = spatial[xp.asarray(perm)][:, None]
+        y = conv2d(z, xp.ascontiguousarray(w), None, stride=st, padding=pad, groups=Cp)
+        out = xp.empty_like(y)
+        out[:, xp.asarray(perm)] = y
+    else:
+        Ho = out_size(H, X, st[0], pad[0], pad[1], what="output height")
+        Wo = out_size(W, Y, st[1], pad[2], pad[3], what="output width")
+        out = xp.empty((N, F, Ho, Wo), x.dtype)
+        for c in range(Cp):
+            idx = np.flatnonzero(a == c)
+            if idx.size == 0:
+                continue
+            di = xp.asarray(idx)
+            out[:, di] = conv2d(xp.ascontiguousarray(z[:, c:c + 1]), xp.ascontiguousarray(spatial[di][:, None]),
+                                None, stride=st, padding=pad)
+    if bias is not None:
+        out += bias.reshape(1, F, 1, 1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- separable
+def separable_conv2d(x, vertical, horizontal, bias=None, *, stride=1, padding=0):
+    """Separable convolution: ``vertical`` (K, C, X, 1) then ``horizontal`` (F, K, 1, Y).
+
+    The vertical pass takes the row stride and the top/bottom padding, the horizontal pass the column stride and
+    the left/right padding, so the result equals the conv with ``W[f, c, x, y] = sum_k H[f, k, 0, y] V[k, c, x, 0]``
+    and the given ``stride`` and ``padding``. Returns (N, F, H', W') in x's dtype.
+    """
+    xp = get_array_module(x, vertical, horizontal, bias, names=("x", "vertical", "horizontal", "bias"))
+    check_float_array(x, "x", ndim=4)
+    check_float_array(vertical, "vertical", ndim=4)
+    check_float_array(horizontal, "horizontal", ndim=4)
+    check_same_dtype("x", x, vertical=vertical, horizontal=horizontal)
+    K, C, X, one = vertical.shape
+    if one != 1:
+        raise ValueError(f"vertical must have shape (K, C, X, 1), got {tuple(vertical.shape)}")
+    if C != x.shape[1]:
+        raise ValueError(f"vertical must have shape (K, {x.shape[1]}, X, 1) to match x's channels, "
+                         f"got {tuple(vertical.shape)}")
+    if horizontal.shape[1] != K or horizontal.shape[2] != 1:
+        raise ValueError(f"horizontal must have shape (F, {K}, 1, Y) to match vertical's {K} filters, "
+                         f"got {tuple(horizontal.shape)}")
+    F = horizontal.shape[0]
+    _check_bias(x, bias, F)
+    st = as_pair(stride, "stride")
+    pt, pb, pl, pr = as_padding4(padding)
+    # validates the output size of the whole conv (an impossible geometry fails before any work)
+    out_size(x.shape[2], X, st[0], pt, pb, what="output height")
+    out_size(x.shape[3], horizontal.shape[3], st[1], pl, pr, what="output width")
+    if xp is not np:
+        h = conv2d(x, vertical, None, stride=(st[0], 1), padding=(pt, pb, 0, 0))
+        return conv2d(h, horizontal, bias, stride=(1, st[1]), padding=(0, 0, pl, pr))
+    N = x.shape[0]
+    Ho = out_size(x.shape[2], X, st[0], pt, pb, what="output height")
+    per_img = K * Ho * x.shape[3] * x.dtype.itemsize
+    chunk = int(max(1, min(N, _WORKSPACE_BYTES // max(per_img, 1))))
+    if chunk >= N:
+        h = _generic_conv(x, vertical, None, (st[0], 1), (pt, pb, 0, 0))
+        return _generic_conv(h, horizontal, bias, (1, st[1]), (0, 0, pl, pr))
+    Wo = out_size(x.shape[3], horizontal.shape[3], st[1], pl, pr, what="output width")
+    out = np.empty((N, F, Ho, Wo), x.dtype)
+    for n0 in range(0, N, chunk):
+        h = _generic_conv(x[n0:n0 + chunk], vertical, None, (st[0], 1), (pt, pb, 0, 0))
+        _generic_conv(h, horizontal, bias, (1, st[1]), (0, 0, pl, pr), out=out[n0:n0 + h.shape[0]])
+    return out

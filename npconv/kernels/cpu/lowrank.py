@@ -1,0 +1,209 @@
+"""Numba kernel of the factored conv layers: direct convolution on polyphase planes, built band by band.
+
+Why not im2col here: a factored layer's convolutions have few taps per output channel (the monochromatic layer
+has one X x Y single-channel filter per output channel, 4-24 filters per colour). An im2col matrix would be
+X*Y/stride^2 times larger than the plane it comes from and would be read by only a handful of filters, so the
+packing, not the arithmetic, would set the time. This kernel reads small input planes in place.
+
+Layout. A strided convolution is made stride-free by splitting each zero-padded input plane into its
+``Dh x Dw`` polyphase components ``Q[c, ph, pw, q, m] = xpad[c, q*Dh + ph, m*Dw + pw]``. Tap ``(c, x, y)`` of
+output pixel ``(i, j)`` reads ``Q[c, x % Dh, y % Dw, i + x // Dh, j + y // Dw]``: with each component flattened,
+output position ``v = i*Wq + j`` reads ``plane[v + off(c, x, y)]`` -- one contiguous stream per tap, whatever the
+stride. Outputs are computed for all ``j < Wq`` (the ``Wq - Wo`` extra columns are discarded), so a band of rows
+is one long vectorisable loop.
+
+Work split. A job is (image, filter group, band of output rows). It builds, in a private cache-sized buffer, the
+polyphase rows its band needs of the group's input planes -- each plane is either an input channel or, for the
+monochromatic layer, a colour ``sum_c T[p, c] x[c]`` (the colour transform is fused here, so the C' colour
+channels never exist as full images) -- then runs the group's filters over the band, 4 filters at a time: a
+chunk of output positions is accumulated in a small buffer seven taps at a time (each input vector load feeds 4
+filters, each accumulator load/store covers 7 taps), then written to the output rows with the bias.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+__all__ = ["fused_direct_conv", "CHUNK"]
+
+#: output positions per accumulation chunk (rounded down to whole rows of Wq; the 4 accumulator rows stay in L1/L2)
+CHUNK = 2048
+
+
+@numba.njit(cache=True, fastmath=False, nogil=True)
+def _gather_copy(dst, src, Dw, cnt):
+    """dst[m] = src[m * Dw] for m < cnt, in blocks of 16."""
+    nb = cnt // 16
+    for b in range(nb):
+        s = src[16 * Dw * b:]
+        d = dst[16 * b:]
+        for m in range(16):
+            d[m] = s[m * Dw]
+    for m in range(16 * nb, cnt):
+        dst[m] = src[m * Dw]
+
+
+@numba.njit(cache=True, fastmath=False, nogil=True)
+def _fill_band(x, n, c, i0, nq, pt, pl, Dh, Dw, buf):
+    """Polyphase rows ``0 .. nq - 1`` of input channel ``c`` for the band starting at output row ``i0``.
+
+    buf is (Dh, Dw, Hb, Wq) with Hb >= nq; rows and columns outside the image are zero.
+    """
+    H = x.shape[2]
+    W = x.shape[3]
+    Wq = buf.shape[3]
+    for ph in range(Dh):
+        for q in range(nq):
+            r = (i0 + q) * Dh + ph - pt
+            for pw in range(Dw):
+                dst = buf[ph, pw, q]
+                if r < 0 or r >= H:
+                    for m in range(Wq):
+                        dst[m] = 0
+                    continue
+                # column m reads input column m*Dw + off: valid for m in [m_lo, m_hi)
+                off = pw - pl
+                m_lo = 0 if off >= 0 else (-off + Dw - 1) // Dw
+                m_hi = min(Wq, (W - 1 - off) // Dw + 1) if W - 1 - off >= 0 else 0
+                if m_lo > m_hi:
+                    m_lo = m_hi
+                for m in range(m_lo):
+                    dst[m] = 0
+                for m in range(m_hi, Wq):
+                    dst[m] = 0
+                # slices and non-negative range indices: no wrap-around checks in the copy loop
+                _gather_copy(dst[m_lo:], x[n, c, r, m_lo * Dw + off:], Dw, m_hi - m_lo)
+
+
+@numba.njit(cache=True, fastmath=False, nogil=True)
+def _conv_block(src, tapoff, Wt, f0, f1, f2, f3, L, acc):
+    """acc[k, :L] = sum_t Wt[f_k, t] * src[tapoff[t] + :L] for the 4 filters f0..f3."""
+    T = tapoff.shape[0]
+    A0 = acc[0]
+    A1 = acc[1]
+    A2 = acc[2]
+    A3 = acc[3]
+    t = 0
+    if T < 7:
+        for j in range(L):
+            A0[j] = 0
+            A1[j] = 0
+            A2[j] = 0
+            A3[j] = 0
+    while t + 7 <= T:
+        s0 = src[tapoff[t]:]
+        s1 = src[tapoff[t + 1]:]
+        s2 = src[tapoff[t + 2]:]
+        s3 = src[tapoff[t + 3]:]
+        s4 = src[tapoff[t + 4]:]
+        s5 = src[tapoff[t + 5]:]
+        s6 = src[tapoff[t + 6]:]
+        a0 = Wt[f0, t]; a1 = Wt[f0, t + 1]; a2 = Wt[f0, t + 2]; a3 = Wt[f0, t + 3]      # noqa: E702
+        a4 = Wt[f0, t + 4]; a5 = Wt[f0, t + 5]; a6 = Wt[f0, t + 6]                      # noqa: E702
+        b0 = Wt[f1, t]; b1 = Wt[f1, t + 1]; b2 = Wt[f1, t + 2]; b3 = Wt[f1, t + 3]      # noqa: E702
+        b4 = Wt[f1, t + 4]; b5 = Wt[f1, t + 5]; b6 = Wt[f1, t + 6]                      # noqa: E702
+        c0 = Wt[f2, t]; c1 = Wt[f2, t + 1]; c2 = Wt[f2, t + 2]; c3 = Wt[f2, t + 3]      # noqa: E702
+        c4 = Wt[f2, t + 4]; c5 = Wt[f2, t + 5]; c6 = Wt[f2, t + 6]                      # noqa: E702
+        d0 = Wt[f3, t]; d1 = Wt[f3, t + 1]; d2 = Wt[f3, t + 2]; d3 = Wt[f3, t + 3]      # noqa: E702
+        d4 = Wt[f3, t + 4]; d5 = Wt[f3, t + 5]; d6 = Wt[f3, t + 6]                      # noqa: E702
+        if t == 0:       # the first seven taps initialise the accumulators
+            for j in range(L):
+                u0 = s0[j]; u1 = s1[j]; u2 = s2[j]; u3 = s3[j]; u4 = s4[j]; u5 = s5[j]; u6 = s6[j]  # noqa: E702
+                A0[j] = ((a0 * u0 + a1 * u1) + (a2 * u2 + a3 * u3)) + ((a4 * u4 + a5 * u5) + a6 * u6)
+                A1[j] = ((b0 * u0 + b1 * u1) + (b2 * u2 + b3 * u3)) + ((b4 * u4 + b5 * u5) + b6 * u6)
+                A2[j] = ((c0 * u0 + c1 * u1) + (c2 * u2 + c3 * u3)) + ((c4 * u4 + c5 * u5) + c6 * u6)
+                A3[j] = ((d0 * u0 + d1 * u1) + (d2 * u2 + d3 * u3)) + ((d4 * u4 + d5 * u5) + d6 * u6)
+        else:
+            for j in range(L):
+                u0 = s0[j]; u1 = s1[j]; u2 = s2[j]; u3 = s3[j]; u4 = s4[j]; u5 = s5[j]; u6 = s6[j]  # noqa: E702
+                A0[j] += ((a0 * u0 + a1 * u1) + (a2 * u2 + a3 * u3)) + ((a4 * u4 + a5 * u5) + a6 * u6)
+                A1[j] += ((b0 * u0 + b1 * u1) + (b2 * u2 + b3 * u3)) + ((b4 * u4 + b5 * u5) + b6 * u6)
+                A2[j] += ((c0 * u0 + c1 * u1) + (c2 * u2 + c3 * u3)) + ((c4 * u4 + c5 * u5) + c6 * u6)
+                A3[j] += ((d0 * u0 + d1 * u1) + (d2 * u2 + d3 * u3)) + ((d4 * u4 + d5 * u5) + d6 * u6)
+        t += 7
+    while t < T:
+        s0 = src[tapoff[t]:]
+        a0 = Wt[f0, t]
+        b0 = Wt[f1, t]
+        c0 = Wt[f2, t]
+        d0 = Wt[f3, t]
+        for j in range(L):
+            u0 = s0[j]
+            A0[j] += a0 * u0
+            A1[j] += b0 * u0
+            A2[j] += c0 * u0
+            A3[j] += d0 * u0
+        t += 1
+
+
+@numba.njit(parallel=True, cache=True, fastmath=False, nogil=True)
+def fused_direct_conv(x, T, has_T, grp_plane, Cg, grp_blk, blk_f, blk_nf, tapoff, Wt, bias, pt, pl, Dh, Dw,
+                      band, Hb, Wq, out):
+    """Grouped direct convolution of ``x`` (N, C, H, W) into ``out`` (N, F, Ho, Wo), bias included.
+
+    Group ``g`` reads planes ``grp_plane[g] .. grp_plane[g] + Cg - 1`` of the input channels, or, when
+    ``has_T``, the single colour plane ``sum_c T[grp_plane[g], c] x[c]`` (then ``Cg`` must be 1); it owns the
+    filter blocks ``grp_blk[g] .. grp_blk[g + 1] - 1``, block ``b`` holding the filters ``blk_f[b, :blk_nf[b]]``
+    (unused slots repeat the last id). ``tapoff`` (Tn,) gives, for each flattened tap (c, x, y), its offset in a
+    buffer of ``Cg`` planes of shape (Dh, Dw, Hb, Wq); ``Wt`` (F, Tn) holds every filter's taps in that order.
+    A job is one image and one band of ``band`` output rows (``Hb >= band + (X - 1) // Dh + 1``).
+    """
+    N = x.shape[0]
+    C = x.shape[1]
+    Ho = out.shape[2]
+    Wo = out.shape[3]
+    G = grp_plane.shape[0]
+    nband = (Ho + band - 1) // band
+    plane = Dh * Dw * Hb * Wq
+    for job in numba.prange(N * nband):
+        n = job // nband
+        i0 = (job - n * nband) * band
+        rows = min(band, Ho - i0)
+        nq = rows + (Hb - band)          # the plane rows this band reads (all of them are filled)
+        xbuf = np.empty(C * plane + Wq, out.dtype)
+        for j in range(C * plane, C * plane + Wq):
+            xbuf[j] = 0
+        for c in range(C):
+            _fill_band(x, n, c, i0, nq, pt, pl, Dh, Dw, xbuf[c * plane:(c + 1) * plane].reshape(Dh, Dw, Hb, Wq))
+        cbuf = np.empty(plane + Wq if has_T else 1, out.dtype)
+        if has_T:
+            for j in range(plane, plane + Wq):
+                cbuf[j] = 0
+        # chunks of whole rows (about CHUNK positions): the write-out is a plain copy of Wo columns per row
+        crows = max(1, CHUNK // Wq)
+        acc = np.empty((4, crows * Wq), out.dtype)
+        for g in range(G):
+            if has_T:
+                # the colour plane of this group: contiguous axpys over the filled rows of each phase
+                p = grp_plane[g]
+                for ph in range(Dh * Dw):
+                    o = ph * Hb * Wq
+                    d = cbuf[o:o + nq * Wq]
+                    s0 = xbuf[o:o + nq * Wq]
+                    t0 = T[p, 0]
+                    for j in range(nq * Wq):
+                        d[j] = t0 * s0[j]
+                    for c in range(1, C):
+                        sc = xbuf[c * plane + o:c * plane + o + nq * Wq]
+                        tc = T[p, c]
+                        for j in range(nq * Wq):
+                            d[j] += tc * sc[j]
+                src = cbuf
+            else:
+                src = xbuf[grp_plane[g] * plane:]
+            for b in range(grp_blk[g], grp_blk[g + 1]):
+                nb = blk_nf[b]
+                for r0 in range(0, rows, crows):
+                    nr = min(crows, rows - r0)
+                    _conv_block(src[r0 * Wq:], tapoff, Wt, blk_f[b, 0], blk_f[b, 1], blk_f[b, 2], blk_f[b, 3],
+                                nr * Wq, acc)
+                    for k in range(nb):
+                        f = blk_f[b, k]
+                        ak = acc[k]
+                        bv = bias[f]
+                        for r in range(nr):
+                            # slices, so the copy indexes from 0 (no wrap-around checks): it vectorises
+                            od = out[n, f, i0 + r0 + r]
+                            sv = ak[r * Wq:]
+                            for q in range(Wo):
+                                od[q] = sv[q] + bv
