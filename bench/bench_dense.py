@@ -47,8 +47,9 @@ def make_case(C, H, F, K, N, seed=0):
 
 
 def rows(quick=False):
-    """Rows for bench/run_all.py: npconv and PyTorch per layer and batch; the npconv row is the torch row's
-    baseline, so the harness's ``speedup`` column of a torch row is npconv's speed relative to PyTorch."""
+    """Rows for bench/run_all.py: npconv and PyTorch per layer and batch. The torch row is the npconv row's
+    baseline, so the harness's ``speedup`` column of an npconv row is torch time / npconv time: npconv's speed
+    relative to PyTorch (> 1: npconv is faster)."""
     from bench._harness import Row
     out = []
     layers = QUICK_LAYERS if quick else LAYERS
@@ -57,9 +58,9 @@ def rows(quick=False):
             flops = conv_flops(N, C, H, F, K, s, p)
             meta = dict(layer=name, batch=N, dtype="float32")
             out.append(Row(f"{name}/b{N}/npconv", _setup(C, H, F, K, s, p, N, "npconv"), flops=flops,
-                           group=f"dense/{name}", meta=dict(meta, impl="npconv")))
+                           group=f"dense/{name}", meta=dict(meta, impl="npconv"), baseline=f"{name}/b{N}/torch"))
             out.append(Row(f"{name}/b{N}/torch", _setup(C, H, F, K, s, p, N, "torch"), flops=flops,
-                           group=f"dense/{name}", meta=dict(meta, impl="torch"), baseline=f"{name}/b{N}/npconv"))
+                           group=f"dense/{name}", meta=dict(meta, impl="torch")))
     return out
 
 

@@ -137,8 +137,12 @@ class Network:
         if unknown:
             raise ValueError(f"return_intermediates names unknown layers {sorted(unknown)}; layers are {self.names}")
         acts = {}
+        x0 = x
         for name, layer in self._layers.items():
-            x = layer(x)
+            if layer.kind == "relu" and _owned(x, x0, acts):
+                x = _relu_inplace(x)  # the producer's fresh output is rectified where it lies
+            else:
+                x = layer(x)
             if name in want:
                 acts[name] = x
             if name == until:
@@ -221,6 +225,21 @@ class Network:
 
     def n_params(self):
         return sum(layer.n_params() for layer in self._layers.values())
+
+
+def _owned(x, x0, acts):
+    """True when ``x`` is a NumPy array no one else holds: not the caller's input nor a returned activation
+    (a view of either counts as held), so a ReLU may overwrite it."""
+    if not isinstance(x, np.ndarray) or not x.flags.writeable:
+        return False
+    if np.may_share_memory(x, x0):
+        return False
+    return not any(np.may_share_memory(x, a) for a in acts.values() if isinstance(a, np.ndarray))
+
+
+def _relu_inplace(x):
+    from .functional import bias_relu_
+    return bias_relu_(x, None)
 
 
 def _sync_for(x):

@@ -119,3 +119,18 @@ def test_layers_cast_weights_to_input_dtype(rng):
     y = conv(x)
     assert y.dtype == np.float32
     np.testing.assert_allclose(y, conv2d_naive(x, conv.weight, conv.bias), rtol=1e-4, atol=1e-4)
+
+
+def test_inplace_relu_never_touches_input_or_returned_activations(rng):
+    from npconv.layers import Flatten, Linear, ReLU
+    # ReLU right on the input, after a view (Flatten) of a returned activation, and after a fresh output
+    net = Network([("r0", ReLU()), ("flat", Flatten()), ("r1", ReLU()),
+                   ("fc", Linear(rng.standard_normal((3, 12)))), ("r2", ReLU())], input_shape=(3, 2, 2))
+    x = rng.standard_normal((4, 3, 2, 2))
+    x_copy = x.copy()
+    y, acts = net.forward(x, return_intermediates=["r0", "fc"])
+    np.testing.assert_array_equal(x, x_copy)                       # the caller's input is intact
+    np.testing.assert_array_equal(acts["r0"], np.maximum(x_copy, 0))
+    fc = np.maximum(x_copy, 0).reshape(4, -1) @ net["fc"].weight.T
+    np.testing.assert_allclose(acts["fc"], fc)                     # a returned activation is not rectified
+    np.testing.assert_allclose(y, np.maximum(fc, 0))
