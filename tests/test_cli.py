@@ -1,0 +1,48 @@
+"""The main job end to end, on a small subset (flags for CI)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def run_cli(*args, env=None, timeout=900):
+    e = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "npconv", *args], capture_output=True, text=True, env=e,
+                          timeout=timeout)
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_main_job_on_a_subset(tmp_path):
+    out = tmp_path / "run"
+    r = run_cli("--limit", "200", "--batch", "16", "--repeat", "1", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "exact network top-1" in r.stdout and "chosen settings on the test split" in r.stdout
+    res = json.loads((out / "results.json").read_text())
+    assert res["baseline"]["n_test"] == 200 and 0.5 < res["baseline"]["test_top1"] <= 1
+    assert res["val"] and res["test"]
+    for d in res["val"] + res["test"]:
+        assert d["theoretical_gain"] > 1 and d["layer_speedup"] > 0 and 0 <= d["agreement"] <= 1
+    assert (out / "results.md").read_text().startswith("# Results of the main job")
+    assert (out / "accuracy_vs_speedup.png").stat().st_size > 1000
+    assert (out / "conv1_filters.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_main_job_without_data_runs_speed_part(tmp_path):
+    empty = tmp_path / "nodata"
+    empty.mkdir()
+    out = tmp_path / "run"
+    r = run_cli("--data", str(empty), "--batch", "8", "--repeat", "1", "--out", str(out), "--no-plots")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "CIFAR-10 was not found" in r.stdout and "--data DIR" in r.stdout
+    assert "Running the speed part only" in r.stdout
+    res = json.loads((out / "results.json").read_text())
+    assert res["speed_only"] and all(d["layer_speedup"] > 0 for d in res["speed_only"])
+
+
+def test_bad_arguments_are_refused():
+    r = run_cli("--limit", "-3")
+    assert r.returncode == 2 and "--limit must be >= 0, got -3" in r.stderr
