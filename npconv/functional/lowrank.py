@@ -18,8 +18,11 @@ workspace is one band of polyphase rows per running job (about ``_BAND_BYTES``),
 intermediate maps of the two-stage layers (low-rank conv, separable) are made for a chunk of images at a time,
 at most ``_WORKSPACE_BYTES``.
 
-GPU (CuPy arrays): the same functions compose :func:`npconv.functional.conv2d` (which dispatches to the GPU) with
-CuPy matmuls; the monochromatic filters run as one grouped conv (equal clusters) or one conv per colour.
+GPU (CuPy arrays): after the same validation, the convolutions go to :mod:`npconv.kernels.cuda.ops_lowrank`: the
+monochromatic layer is one fused kernel (colour transform on the fly into shared memory, then the single-channel
+filters of each colour); the separable passes and the first stage of a low-rank conv run on a direct kernel with
+no im2col matrix; the 1x1 second stage is one cuBLAS GEMM. The low-rank linear layer is two cuBLAS GEMMs on either
+device. See docs/gpu_lowrank.md.
 """
 from __future__ import annotations
 
@@ -44,6 +47,12 @@ _DIRECT_MAX_TAPS = 512
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
+def _gpu_ops():
+    """The GPU entry points (imported on first use; importing them does not import CuPy)."""
+    from ..kernels.cuda import ops_lowrank
+    return ops_lowrank
+
+
 def _check_bias(x, bias, F):
     if bias is None:
         return
@@ -213,16 +222,11 @@ def lowrank_conv2d(x, first, second, bias=None, *, stride=1, padding=0, dilation
     pad = as_padding4(padding)
     dil = as_pair(dilation, "dilation")
     F = second.shape[0]
-    if xp is not np:
-        h = conv2d(x, first, None, stride=st, padding=pad, dilation=dil)
-        N, _, Ho, Wo = h.shape
-        out = xp.matmul(second, h.reshape(N, t, Ho * Wo)).reshape(N, F, Ho, Wo)
-        if bias is not None:
-            out += bias.reshape(1, F, 1, 1)
-        return out
     N, _, H, W = x.shape
     Ho = out_size(H, dil[0] * (first.shape[2] - 1) + 1, st[0], pad[0], pad[1], what="output height")
     Wo = out_size(W, dil[1] * (first.shape[3] - 1) + 1, st[1], pad[2], pad[3], what="output width")
+    if xp is not np:
+        return _gpu_ops().lowrank_conv2d(x, first, second, bias, stride=st, padding=pad, dilation=dil)
     out = np.empty((N, F, Ho, Wo), x.dtype)
     second = np.ascontiguousarray(second)
     chunk = int(max(1, min(N, _WORKSPACE_BYTES // max(t * Ho * Wo * x.dtype.itemsize, 1))))
@@ -285,8 +289,10 @@ def monochromatic_conv2d(x, color_transform, assignment, spatial, bias=None, *, 
     pad = as_padding4(padding)
     Cp = color_transform.shape[0]
     F, X, Y = spatial.shape
+    out_size(x.shape[2], X, st[0], pad[0], pad[1], what="output height")
+    out_size(x.shape[3], Y, st[1], pad[2], pad[3], what="output width")
     if xp is not np:
-        return _monochromatic_gpu(xp, x, color_transform, a, spatial, bias, st, pad)
+        return _gpu_ops().monochromatic_conv2d(x, color_transform, a, spatial, bias, stride=st, padding=pad)
     x = np.ascontiguousarray(x)
     order = np.argsort(a, kind="stable")
     bounds = np.searchsorted(a[order], np.arange(Cp + 1))
@@ -297,35 +303,6 @@ def monochromatic_conv2d(x, color_transform, assignment, spatial, bias=None, *, 
     T = np.ascontiguousarray(color_transform[keep])
     return _direct_conv_cpu(x, wt, [groups[c] for c in keep], list(range(len(keep))), 1, X, Y, bias, st, pad,
                             F, transform=T)
-
-
-def _monochromatic_gpu(xp, x, T, a, spatial, bias, st, pad):
-    N, C, H, W = x.shape
-    Cp = T.shape[0]
-    F, X, Y = spatial.shape
-    z = xp.matmul(T, x.reshape(N, C, H * W)).reshape(N, Cp, H, W)
-    counts = np.bincount(a, minlength=Cp)
-    if counts.min() == counts.max():
-        # equal clusters: one grouped conv over the filters sorted by colour, then undo the permutation
-        perm = np.argsort(a, kind="stable")
-        w = spatial[xp.asarray(perm)][:, None]
-        y = conv2d(z, xp.ascontiguousarray(w), None, stride=st, padding=pad, groups=Cp)
-        out = xp.empty_like(y)
-        out[:, xp.asarray(perm)] = y
-    else:
-        Ho = out_size(H, X, st[0], pad[0], pad[1], what="output height")
-        Wo = out_size(W, Y, st[1], pad[2], pad[3], what="output width")
-        out = xp.empty((N, F, Ho, Wo), x.dtype)
-        for c in range(Cp):
-            idx = np.flatnonzero(a == c)
-            if idx.size == 0:
-                continue
-            di = xp.asarray(idx)
-            out[:, di] = conv2d(xp.ascontiguousarray(z[:, c:c + 1]), xp.ascontiguousarray(spatial[di][:, None]),
-                                None, stride=st, padding=pad)
-    if bias is not None:
-        out += bias.reshape(1, F, 1, 1)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------- separable
@@ -358,8 +335,7 @@ def separable_conv2d(x, vertical, horizontal, bias=None, *, stride=1, padding=0)
     out_size(x.shape[2], X, st[0], pt, pb, what="output height")
     out_size(x.shape[3], horizontal.shape[3], st[1], pl, pr, what="output width")
     if xp is not np:
-        h = conv2d(x, vertical, None, stride=(st[0], 1), padding=(pt, pb, 0, 0))
-        return conv2d(h, horizontal, bias, stride=(1, st[1]), padding=(0, 0, pl, pr))
+        return _gpu_ops().separable_conv2d(x, vertical, horizontal, bias, stride=st, padding=(pt, pb, pl, pr))
     N = x.shape[0]
     Ho = out_size(x.shape[2], X, st[0], pt, pb, what="output height")
     per_img = K * Ho * x.shape[3] * x.dtype.itemsize

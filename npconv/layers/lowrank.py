@@ -160,8 +160,10 @@ class LowRankConv2d(_FactoredConv):
 class MonochromaticConv2d(_FactoredConv):
     """Monochromatic conv: colours ``colors`` (C', C), ``assignment`` (F,) ints, ``spatial`` (F, X, Y), + bias.
 
-    ``assignment`` is kept as an integer array (never cast to the input's dtype) and is not counted by
-    ``n_params`` (which counts stored weights, as ``cost.monochromatic_cost``).
+    ``assignment`` is kept as an integer NumPy array (never cast to the input's dtype) and is not counted by
+    ``n_params`` (which counts stored weights, as ``cost.monochromatic_cost``). It stays in host memory after
+    ``to_gpu``: the GPU path builds its per-colour filter lists from it on the host, so keeping it there avoids a
+    device-to-host copy (and a synchronisation) on every call.
     """
     kind = "monochromatic_conv2d"
 
@@ -181,7 +183,7 @@ class MonochromaticConv2d(_FactoredConv):
         bias = _check_bias(bias, spatial.shape[0])
         _check_dtype_match("colors", colors, spatial=spatial, bias=bias)
         self._geometry(stride, padding)
-        self.params = {"colors": colors, "assignment": assignment.astype(np.int64, copy=False),
+        self.params = {"colors": colors, "assignment": to_numpy(assignment).astype(np.int64, copy=False),
                        "spatial": spatial}
         if bias is not None:
             self.params["bias"] = bias
@@ -200,6 +202,14 @@ class MonochromaticConv2d(_FactoredConv):
             hit["assignment"] = self.params["assignment"]
             self._cast._cache = {key: hit}
         return hit
+
+    def to_gpu(self):
+        """Move the float arrays to the current CUDA device (``assignment`` stays a NumPy array); returns self."""
+        assignment = to_numpy(self.params["assignment"])
+        super().to_gpu()
+        self.params["assignment"] = assignment
+        self._sync_params()
+        return self
 
     def _kernel_size(self):
         return tuple(int(v) for v in self.params["spatial"].shape[1:])

@@ -140,17 +140,6 @@ def test_two_stage_batch_chunks(rng, monkeypatch, direct):
     check(separable_conv2d(x, V, Hh, b, stride=2, padding=(1, 0, 1, 1)), ref, np.float32)
 
 
-def test_gpu_composition_on_numpy(rng):
-    """The GPU composition of the monochromatic layer (grouped conv / conv per colour), run with NumPy arrays."""
-    x = rng.standard_normal((2, 3, 10, 9))
-    T = rng.standard_normal((3, 3))
-    S = rng.standard_normal((6, 3, 3))
-    b = rng.standard_normal(6)
-    for a in (np.array([2, 0, 1, 1, 0, 2]), np.array([0, 0, 0, 0, 2, 2])):
-        ref = conv2d_einsum(x, _mono_kernel(T, a, S), b, (2, 1), (1, 1, 0, 1))
-        check(FL._monochromatic_gpu(np, x, T, a, S, b, (2, 1), (1, 1, 0, 1)), ref, np.float64)
-
-
 def test_lowrank_conv_dilation(rng):
     x = rng.standard_normal((1, 2, 9, 9))
     first = rng.standard_normal((3, 2, 3, 3))

@@ -1,0 +1,313 @@
+"""GPU entry points of the factored layers (CuPy arrays), with their own kernels in ``_lowrank.cu``.
+
+``npconv.functional.lowrank`` validates and normalises the arguments (stride pairs, padding as
+``(top, bottom, left, right)``, the colour assignment as a host integer array) and calls these functions for CuPy
+arrays. The output dtype is the input dtype (float32 or float64).
+
+How each layer runs:
+  * monochromatic: one fused kernel, ``mono_conv``. A block takes one image, one colour and a tile of output
+    pixels; it builds the colour (``sum_c T[p, c] x[c]``) of the input tile the output tile reads, in shared
+    memory, then runs every filter of that colour on it, 8 filters per pass held in registers. The C' colour
+    images are never written to global memory and the filters need no sorting or gathering of the output. When
+    the tile cannot fit in shared memory (very large kernels), it falls back to the composition: a cuBLAS colour
+    transform, then one convolution per colour through :func:`npconv.kernels.cuda.ops.conv2d`.
+  * separable: two passes of ``factor_conv``, a direct conv (no im2col matrix): the vertical X x 1 pass with the
+    row stride and the top/bottom padding, then the horizontal 1 x Y pass with the column stride, the left/right
+    padding and the bias.
+  * low-rank conv: the first stage (t filters) on ``factor_conv``, then one cuBLAS GEMM ``second (F, t) @ h``
+    batched over the images, then the bias.
+A conv stage runs on ``factor_conv`` when it has at most :data:`DIRECT_MAX_FILTERS` filters and the weights of one
+input channel for 16 filters fit :data:`FACTOR_SMEM_BUDGET`; otherwise it goes to ``ops.conv2d`` (im2col +
+cuBLAS, or its own direct kernels). These thresholds have not been measured on a GPU (see docs/gpu_lowrank.md).
+
+Launches go through :func:`_launch`, which packs the arguments from :data:`LAUNCH_SIGNATURES` (this module's table,
+in the form of ``ops.LAUNCH_SIGNATURES`` plus one kind, ``IPTR``, a C-contiguous ``int32`` device array). The
+source is built by :func:`source_text` exactly as ``loader.source_text`` builds the package sources (the two dtype
+``#define`` lines, then ``_prelude.cu``); ``_lowrank.cu`` starts with an underscore so that ``loader`` and the
+tests of ``ops.LAUNCH_SIGNATURES`` leave it to this module.
+"""
+from __future__ import annotations
+
+import threading
+from importlib import resources
+
+import numpy as np
+
+from ... import _backend
+from . import loader, ops
+
+__all__ = [
+    "lowrank_conv2d", "monochromatic_conv2d", "separable_conv2d", "factor_conv", "conv_stage",
+    "LAUNCH_SIGNATURES", "SOURCE", "source_text", "get_kernel", "clear_cache", "mono_tiling", "factor_chunk",
+    "uses_factor_conv", "DIRECT_MAX_FILTERS", "FACTOR_SMEM_BUDGET", "MONO_SMEM_BUDGET",
+    "MONO_FILTERS_PER_PASS", "FACTOR_FILTERS_PER_BLOCK", "MONO_TILE_W", "MONO_TILE_ROWS",
+]
+
+#: the kernel source of this module (a file of npconv.kernels.cuda)
+SOURCE = "_lowrank"
+#: filters per register pass of mono_conv (NPCONV_MONO_FT in _lowrank.cu)
+MONO_FILTERS_PER_PASS = 8
+#: filters per block of factor_conv (NPCONV_FACTOR_FT in _lowrank.cu)
+FACTOR_FILTERS_PER_BLOCK = 16
+#: output columns per mono_conv block (blockDim.x), and the rows (blockDim.y) tried, largest first
+MONO_TILE_W = 32
+MONO_TILE_ROWS = (8, 4, 2, 1)
+#: shared memory a mono_conv block may use (colour tile + weights of one pass), bytes
+MONO_SMEM_BUDGET = 24 * 1024
+#: shared memory a factor_conv block may use for one chunk of input channels, bytes
+FACTOR_SMEM_BUDGET = 16 * 1024
+#: a conv stage with at most this many filters runs on factor_conv (more: ops.conv2d, im2col + cuBLAS)
+DIRECT_MAX_FILTERS = 128
+
+_BLOCK = 256
+_MAX_GRID = 1 << 18                 # blocks of a grid-stride launch, so grid * block <= 2^26
+_MAX_GRID_YZ = 65535
+_INDEX_LIMIT = 2**31 - 2**26        # elements an int-indexed grid-stride loop may cover without overflow
+
+PTR, IPTR, I32, REAL = "ptr", "iptr", "i32", "real"
+
+#: kernel name -> (source file, parameter kinds). PTR: a C-contiguous device array of the dtype; IPTR: a
+#: C-contiguous int32 device array; I32: ``np.int32``; REAL: a scalar of the dtype.
+LAUNCH_SIGNATURES: dict[str, tuple[str, tuple[str, ...]]] = {
+    # x, T, spatial, order, starts, bias, y, N, C, H, W, F, KH, KW, SH, SW, PT, PL, OH, OW, tiles_w, has_bias
+    "mono_conv": (SOURCE, (PTR, PTR, PTR, IPTR, IPTR, PTR, PTR) + (I32,) * 15),
+    # x, w, bias, y, N, C, H, W, F, KH, KW, SH, SW, PT, PL, DH, DW, OH, OW, CC, has_bias
+    "factor_conv": (SOURCE, (PTR,) * 4 + (I32,) * 17),
+}
+
+_CTYPE = {"f32": "float", "f64": "double"}
+_modules: dict = {}
+_lock = threading.Lock()
+
+
+# --- the module ------------------------------------------------------------------------------------------------
+
+def _read(filename):
+    return (resources.files(loader.__package__) / filename).read_text(encoding="utf-8")
+
+
+def source_text(dtype) -> str:
+    """The CUDA C text of ``_lowrank.cu`` for ``dtype``, built as :func:`loader.source_text` builds a source."""
+    dt = np.dtype(dtype)
+    if dt not in loader.DTYPE_SUFFIX:
+        raise TypeError(f"dtype must be float32 or float64 for a CUDA kernel, got {dt}")
+    sfx = loader.DTYPE_SUFFIX[dt]
+    return (f"#define NPCONV_REAL {_CTYPE[sfx]}\n#define NPCONV_SFX {sfx}\n"
+            f"{_read('_prelude.cu')}\n#line 1 \"{SOURCE}.cu\"\n{_read(SOURCE + '.cu')}")
+
+
+def _module(dtype):
+    cp = _backend.require_cupy()
+    key = (id(cp), np.dtype(dtype).name)      # the entry keeps ``cp`` alive, so its id is not reused
+    entry = _modules.get(key)
+    if entry is None:
+        code = source_text(dtype)
+        with _lock:
+            entry = _modules.get(key)
+            if entry is None:
+                entry = _modules[key] = (cp, cp.RawModule(code=code, options=loader.RAWMODULE_OPTIONS))
+    return entry[1]
+
+
+def get_kernel(name, dtype):
+    """The kernel ``npconv_<name>_<f32|f64>`` of ``_lowrank.cu`` (a ``cupy.RawKernel``)."""
+    if name not in LAUNCH_SIGNATURES:
+        raise ValueError(f"no kernel {name!r} in {SOURCE}.cu; known: {sorted(LAUNCH_SIGNATURES)}")
+    return _module(dtype).get_function(loader.kernel_name(name, dtype))
+
+
+def clear_cache() -> None:
+    """Forget the memoized modules (the next call builds them again)."""
+    with _lock:
+        _modules.clear()
+
+
+def _cupy():
+    return _backend.require_cupy()
+
+
+def _launch(name, dtype, grid, block, args, shared_mem=0):
+    """Pack ``args`` as :data:`LAUNCH_SIGNATURES` declares for kernel ``name`` and launch it."""
+    _, kinds = LAUNCH_SIGNATURES[name]
+    if len(args) != len(kinds):
+        raise TypeError(f"kernel {name} takes {len(kinds)} arguments, got {len(args)}")
+    packed = []
+    for i, (kind, a) in enumerate(zip(kinds, args)):
+        if kind in (PTR, IPTR):
+            want = np.dtype(np.int32) if kind == IPTR else dtype
+            if a.dtype != want or not a.flags.c_contiguous:
+                raise TypeError(f"kernel {name}, argument {i}: expected a C-contiguous {want} array, "
+                                f"got dtype {a.dtype} (c_contiguous={a.flags.c_contiguous})")
+            packed.append(a)
+        elif kind == I32:
+            v = int(a)
+            if not -2**31 <= v < 2**31:
+                raise ValueError(f"kernel {name}, argument {i}: {v} does not fit a 32-bit int")
+            packed.append(np.int32(v))
+        else:
+            packed.append(dtype.type(a))
+    get_kernel(name, dtype)(tuple(grid), tuple(block), tuple(packed), shared_mem=shared_mem)
+
+
+def _contig(cp, a):
+    return None if a is None else cp.ascontiguousarray(a)
+
+
+def _out_len(size, k, s, lo, hi, d=1):
+    return (size + lo + hi - d * (k - 1) - 1) // s + 1
+
+
+# --- factor_conv: the direct conv of the two-stage layers ---------------------------------------------------------
+
+def factor_chunk(C, KH, KW, itemsize):
+    """Input channels per shared-memory chunk of factor_conv (0 when not even one fits the budget)."""
+    per_channel = KH * KW * FACTOR_FILTERS_PER_BLOCK * itemsize
+    return min(C, FACTOR_SMEM_BUDGET // per_channel)
+
+
+def uses_factor_conv(F, C, KH, KW, itemsize) -> bool:
+    """Whether a conv stage (F filters, C channels, KH x KW, groups 1) runs on factor_conv."""
+    return F <= DIRECT_MAX_FILTERS and factor_chunk(C, KH, KW, itemsize) >= 1
+
+
+def factor_conv(x, w, b, *, stride, padding, dilation):
+    """Direct convolution of CuPy arrays on ``factor_conv``: x (N, C, H, W), w (F, C, KH, KW), b (F,) or None;
+    ``stride``/``dilation`` pairs, ``padding`` (top, bottom, left, right). Returns a new (N, F, OH, OW) array.
+
+    Raises ValueError when the weights of one input channel for 16 filters do not fit
+    :data:`FACTOR_SMEM_BUDGET` (see :func:`uses_factor_conv`)."""
+    cp = _cupy()
+    x, w, b = _contig(cp, x), _contig(cp, w), _contig(cp, b)
+    dt = x.dtype
+    N, C, H, W = (int(v) for v in x.shape)
+    F, _, KH, KW = (int(v) for v in w.shape)
+    sh, sw = (int(v) for v in stride)
+    pt, pb, pl, pr = (int(v) for v in padding)
+    dh, dw = (int(v) for v in dilation)
+    OH, OW = _out_len(H, KH, sh, pt, pb, dh), _out_len(W, KW, sw, pl, pr, dw)
+    y = cp.empty((N, F, OH, OW), dtype=dt)
+    if y.size == 0:
+        return y
+    CC = factor_chunk(C, KH, KW, dt.itemsize)
+    if CC < 1:
+        raise ValueError(f"factor_conv: a {KH}x{KW} kernel needs {KH * KW * FACTOR_FILTERS_PER_BLOCK * dt.itemsize} "
+                         f"bytes of shared memory per input channel, more than FACTOR_SMEM_BUDGET "
+                         f"({FACTOR_SMEM_BUDGET}); use ops.conv2d")
+    total = N * OH * OW
+    if total > _INDEX_LIMIT:
+        raise ValueError(f"the convolution output has {total} pixels (N*OH*OW); the CUDA kernels index with 32-bit "
+                         f"ints and take at most {_INDEX_LIMIT}: split the batch")
+    fblocks = -(-F // FACTOR_FILTERS_PER_BLOCK)
+    if fblocks > _MAX_GRID_YZ:
+        raise ValueError(f"factor_conv takes at most {_MAX_GRID_YZ * FACTOR_FILTERS_PER_BLOCK} filters, got {F}")
+    has_bias = b is not None
+    grid = (min(-(-total // _BLOCK), _MAX_GRID), fblocks)
+    _launch("factor_conv", dt, grid, (_BLOCK,),
+            (x, w, b if has_bias else w, y, N, C, H, W, F, KH, KW, sh, sw, pt, pl, dh, dw, OH, OW, CC, has_bias),
+            shared_mem=CC * KH * KW * FACTOR_FILTERS_PER_BLOCK * dt.itemsize)
+    return y
+
+
+def conv_stage(x, w, b, *, stride, padding, dilation=(1, 1)):
+    """One conv stage of a factored layer (groups 1): ``factor_conv`` when :func:`uses_factor_conv`, else
+    :func:`ops.conv2d`. Arguments as :func:`factor_conv`."""
+    F, C, KH, KW = (int(v) for v in w.shape)
+    if uses_factor_conv(F, C, KH, KW, x.dtype.itemsize):
+        return factor_conv(x, w, b, stride=stride, padding=padding, dilation=dilation)
+    return ops.conv2d(x, w, b, stride=stride, padding=padding, dilation=dilation, groups=1)
+
+
+# --- the layers ----------------------------------------------------------------------------------------------------
+
+def lowrank_conv2d(x, first, second, bias, *, stride, padding, dilation):
+    """Rank-t conv of CuPy arrays: x (N, C, H, W), first (t, C, X, Y), second (F, t), bias (F,) or None.
+    Returns a new (N, F, OH, OW) array."""
+    cp = _cupy()
+    h = conv_stage(x, first, None, stride=stride, padding=padding, dilation=dilation)
+    N, t, OH, OW = (int(v) for v in h.shape)
+    F = int(second.shape[0])
+    out = cp.matmul(cp.ascontiguousarray(second), h.reshape(N, t, OH * OW)).reshape(N, F, OH, OW)
+    if bias is not None:
+        out += bias.reshape(1, F, 1, 1)
+    return out
+
+
+def separable_conv2d(x, vertical, horizontal, bias, *, stride, padding):
+    """Separable conv of CuPy arrays: vertical (K, C, X, 1) with the row stride and the top/bottom padding, then
+    horizontal (F, K, 1, Y) with the column stride, the left/right padding and the bias (F,) or None."""
+    sh, sw = stride
+    pt, pb, pl, pr = padding
+    h = conv_stage(x, vertical, None, stride=(sh, 1), padding=(pt, pb, 0, 0))
+    return conv_stage(h, horizontal, bias, stride=(1, sw), padding=(0, 0, pl, pr))
+
+
+def mono_tiling(KH, KW, SH, SW, itemsize):
+    """(tile columns, tile rows, shared-memory bytes) of a mono_conv block, or None when even one row of
+    :data:`MONO_TILE_W` outputs does not fit :data:`MONO_SMEM_BUDGET`."""
+    for TH in MONO_TILE_ROWS:
+        tile = ((TH - 1) * SH + KH) * ((MONO_TILE_W - 1) * SW + KW)
+        smem = (tile + KH * KW * MONO_FILTERS_PER_PASS) * itemsize
+        if smem <= MONO_SMEM_BUDGET:
+            return MONO_TILE_W, TH, smem
+    return None
+
+
+def _colour_groups(assignment, Cp):
+    """(order, starts): the filters sorted by colour (stable) and where each colour's filters begin, int32."""
+    a = np.asarray(assignment, np.int64)
+    order = np.argsort(a, kind="stable")
+    starts = np.searchsorted(a[order], np.arange(Cp + 1))
+    return order.astype(np.int32), starts.astype(np.int32)
+
+
+def monochromatic_conv2d(x, color_transform, assignment, spatial, bias, *, stride, padding):
+    """Monochromatic conv of CuPy arrays: x (N, C, H, W), color_transform (C', C), ``assignment`` a host (NumPy)
+    integer array (F,) with values in [0, C'), spatial (F, X, Y), bias (F,) or None. Returns (N, F, OH, OW)."""
+    cp = _cupy()
+    x, T, S, b = _contig(cp, x), _contig(cp, color_transform), _contig(cp, spatial), _contig(cp, bias)
+    dt = x.dtype
+    N, C, H, W = (int(v) for v in x.shape)
+    Cp = int(T.shape[0])
+    F, KH, KW = (int(v) for v in S.shape)
+    sh, sw = (int(v) for v in stride)
+    pt, pb, pl, pr = (int(v) for v in padding)
+    OH, OW = _out_len(H, KH, sh, pt, pb), _out_len(W, KW, sw, pl, pr)
+    tiling = mono_tiling(KH, KW, sh, sw, dt.itemsize)
+    if tiling is None or Cp > _MAX_GRID_YZ:
+        return _monochromatic_composed(cp, x, T, assignment, S, b, (sh, sw), (pt, pb, pl, pr), (OH, OW))
+    y = cp.empty((N, F, OH, OW), dtype=dt)
+    if y.size == 0:
+        return y
+    TW, TH, smem = tiling
+    tiles_w = -(-OW // TW)
+    n_tiles = -(-OH // TH) * tiles_w
+    if n_tiles >= 2**31:
+        raise ValueError(f"the output ({OH} x {OW}) has too many tiles for one launch")
+    order, starts = _colour_groups(assignment, Cp)
+    has_bias = b is not None
+    _launch("mono_conv", dt, (n_tiles, Cp, min(N, _MAX_GRID_YZ)), (TW, TH),
+            (x, T, S, cp.asarray(order), cp.asarray(starts), b if has_bias else S, y,
+             N, C, H, W, F, KH, KW, sh, sw, pt, pl, OH, OW, tiles_w, has_bias), shared_mem=smem)
+    return y
+
+
+def _monochromatic_composed(cp, x, T, assignment, S, b, stride, padding, out_hw):
+    """The fallback: colours by one batched cuBLAS GEMM, then one ``ops.conv2d`` per colour."""
+    N, C, H, W = (int(v) for v in x.shape)
+    Cp = int(T.shape[0])
+    F, KH, KW = (int(v) for v in S.shape)
+    a = np.asarray(assignment, np.int64)
+    out = cp.empty((N, F) + tuple(out_hw), dtype=x.dtype)
+    if out.size == 0:
+        return out
+    z = cp.matmul(T, x.reshape(N, C, H * W)).reshape(N, Cp, H, W)
+    for c in range(Cp):
+        idx = np.flatnonzero(a == c)
+        if idx.size == 0:
+            continue
+        di = cp.asarray(idx)
+        out[:, di] = ops.conv2d(cp.ascontiguousarray(z[:, c:c + 1]), cp.ascontiguousarray(S[di][:, None]), None,
+                                stride=stride, padding=padding, dilation=(1, 1), groups=1)
+    if b is not None:
+        out += b.reshape(1, F, 1, 1)
+    return out

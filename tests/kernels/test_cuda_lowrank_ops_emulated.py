@@ -1,0 +1,176 @@
+"""npconv.kernels.cuda.ops_lowrank itself, without a GPU: the CuPy stand-in (NumPy + the CPU emulator) replaces
+CuPy, so the dispatch, argument packing, shared-memory sizing and launch geometry of the factored layers' GPU
+entry points run end to end. References: the dense conv of the rebuilt kernel (tests/reference.py), in float64.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from reference import conv2d_einsum
+from test_cuda_lowrank_emulated import mono_dense_kernel
+
+from npconv.kernels.cuda import loader, ops_lowrank
+
+pytestmark = pytest.mark.cpuemu
+
+
+@pytest.fixture
+def fc(fake_cupy):
+    """The CuPy stand-in, with ops_lowrank's module cache cleared around the test."""
+    ops_lowrank.clear_cache()
+    yield fake_cupy
+    ops_lowrank.clear_cache()
+
+
+@pytest.fixture
+def launched(monkeypatch, fc):
+    """Names of the kernels launched, from ops.py's sources and from _lowrank.cu, in order."""
+    names = []
+    real_ops, real_lr = loader.get_kernel, ops_lowrank.get_kernel
+
+    def spy_ops(source, name, dtype):
+        names.append(name)
+        return real_ops(source, name, dtype)
+
+    def spy_lr(name, dtype):
+        names.append(name)
+        return real_lr(name, dtype)
+    monkeypatch.setattr(loader, "get_kernel", spy_ops)
+    monkeypatch.setattr(ops_lowrank, "get_kernel", spy_lr)
+    return names
+
+
+def check(y, ref, dtype, taps=9):
+    from cuda_emulator import fake_cupy
+    assert isinstance(y, fake_cupy.ndarray), "GPU entry points must return device arrays"
+    assert y.dtype == dtype and y.shape == ref.shape
+    tol = (2e-5 if dtype == np.float32 else 1e-12) * max(1.0, np.sqrt(taps))
+    np.testing.assert_allclose(np.asarray(y), ref, rtol=tol, atol=tol * max(1.0, float(np.abs(ref).max())))
+
+
+def strided(fc, a):
+    """A device view of ``a``'s values that is not C-contiguous."""
+    big = np.zeros(tuple(2 * n for n in a.shape), a.dtype)
+    view = big[tuple(slice(None, None, 2) for _ in a.shape)]
+    view[...] = a
+    assert not view.flags.c_contiguous
+    return fc.ndarray.__new__(fc.ndarray, view.shape, view.dtype, big, 0, view.strides)
+
+
+def mono_inputs(rng, dtype, N, C, H, W, a, KH, KW):
+    Cp = max(a) + 1
+    return (rng.standard_normal((N, C, H, W)).astype(dtype), rng.standard_normal((Cp, C)).astype(dtype),
+            np.asarray(a), rng.standard_normal((len(a), KH, KW)).astype(dtype),
+            rng.standard_normal(len(a)).astype(dtype))
+
+
+# --- monochromatic --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "strided"])
+def test_monochromatic_fused(fc, launched, rng, dtype, order, contiguous):
+    a = [2, 0, 2, 2, 1, 2, 2, 2, 2, 2, 2]                # colour 2 has 9 filters: two register passes
+    x, T, a, S, b = mono_inputs(rng, dtype, 2, 3, 19, 21, a, 7, 7)
+    dev = (lambda v: fc.asarray(v)) if contiguous else (lambda v: strided(fc, v))
+    y = ops_lowrank.monochromatic_conv2d(dev(x), dev(T), a, dev(S), fc.asarray(b), stride=(2, 2),
+                                         padding=(1, 1, 1, 1))
+    check(y, conv2d_einsum(x, mono_dense_kernel(T, a, S), b, stride=(2, 2), padding=(1, 1, 1, 1)), dtype, 3 * 49)
+    assert launched == ["mono_conv"]
+
+
+def test_monochromatic_image_loop_and_no_bias(fc, launched, monkeypatch, rng, dtype):
+    """More images than grid z (``_MAX_GRID_YZ`` lowered to 2): the kernel's image loop covers the rest."""
+    monkeypatch.setattr(ops_lowrank, "_MAX_GRID_YZ", 2)
+    x, T, a, S, _ = mono_inputs(rng, dtype, 5, 2, 6, 7, [1, 0, 1], 3, 2)
+    y = ops_lowrank.monochromatic_conv2d(fc.asarray(x), fc.asarray(T), a, fc.asarray(S), None, stride=(1, 2),
+                                         padding=(0, 1, 1, 0))
+    check(y, conv2d_einsum(x, mono_dense_kernel(T, a, S), None, stride=(1, 2), padding=(0, 1, 1, 0)), dtype, 12)
+    assert launched == ["mono_conv"]
+
+
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+def test_monochromatic_fallback_when_the_tile_does_not_fit(fc, launched, monkeypatch, rng, dtype, with_bias):
+    monkeypatch.setattr(ops_lowrank, "MONO_SMEM_BUDGET", 64)           # no tile fits: the composed path
+    x, T, a, S, b = mono_inputs(rng, dtype, 2, 3, 9, 8, [0, 3, 3, 0, 3], 3, 3)     # colours 1, 2 unused
+    b = b if with_bias else None
+    y = ops_lowrank.monochromatic_conv2d(fc.asarray(x), fc.asarray(T), a, fc.asarray(S),
+                                         None if b is None else fc.asarray(b), stride=(1, 1), padding=(1, 1, 1, 1))
+    check(y, conv2d_einsum(x, mono_dense_kernel(T, a, S), b, stride=(1, 1), padding=(1, 1, 1, 1)), dtype, 27)
+    assert "mono_conv" not in launched and launched.count("conv_direct") == 2      # one conv per used colour
+
+
+def test_monochromatic_empty_batch(fc, launched, dtype):
+    y = ops_lowrank.monochromatic_conv2d(fc.zeros((0, 3, 8, 8), dtype), fc.zeros((2, 3), dtype), np.array([0, 1]),
+                                         fc.zeros((2, 3, 3), dtype), None, stride=(1, 1), padding=(0, 0, 0, 0))
+    assert y.shape == (0, 2, 6, 6) and y.dtype == dtype and launched == []
+
+
+# --- factor_conv and the two-stage layers ----------------------------------------------------------------------------
+
+def test_factor_conv_chunks_channels(fc, launched, monkeypatch, rng, dtype, order):
+    """A shared-memory budget of 2 channels per chunk for 7 channels: chunks 2+2+2+1; strided input."""
+    F, C, KH, KW = 18, 7, 3, 2
+    monkeypatch.setattr(ops_lowrank, "FACTOR_SMEM_BUDGET", 2 * KH * KW * 16 * dtype.itemsize)
+    assert ops_lowrank.factor_chunk(C, KH, KW, dtype.itemsize) == 2
+    x = rng.standard_normal((3, C, 8, 9)).astype(dtype)
+    w, b = rng.standard_normal((F, C, KH, KW)).astype(dtype), rng.standard_normal(F).astype(dtype)
+    y = ops_lowrank.factor_conv(strided(fc, x), fc.asarray(w), fc.asarray(b), stride=(1, 2), padding=(2, 0, 1, 1),
+                                dilation=(2, 1))
+    check(y, conv2d_einsum(x, w, b, stride=(1, 2), padding=(2, 0, 1, 1), dilation=(2, 1)), dtype, C * KH * KW)
+    assert launched == ["factor_conv"]
+
+
+def test_factor_conv_refuses_a_kernel_too_large(fc, dtype):
+    w = fc.zeros((4, 1, 40, 40), dtype)
+    with pytest.raises(ValueError, match="FACTOR_SMEM_BUDGET"):
+        ops_lowrank.factor_conv(fc.zeros((1, 1, 41, 41), dtype), w, None, stride=(1, 1), padding=(0, 0, 0, 0),
+                                dilation=(1, 1))
+
+
+@pytest.mark.parametrize("t,expect", [(6, {"factor_conv"}), (20, {"im2col", "conv_scatter"})])
+def test_lowrank_conv2d(fc, launched, monkeypatch, rng, dtype, t, expect):
+    """The first stage on factor_conv when t <= DIRECT_MAX_FILTERS (lowered to 8 here), else ops.conv2d."""
+    monkeypatch.setattr(ops_lowrank, "DIRECT_MAX_FILTERS", 8)
+    N, C, F = 2, 6, 10
+    x = rng.standard_normal((N, C, 9, 10)).astype(dtype)
+    first = rng.standard_normal((t, C, 3, 3)).astype(dtype)
+    second = rng.standard_normal((F, t)).astype(dtype)
+    b = rng.standard_normal(F).astype(dtype)
+    y = ops_lowrank.lowrank_conv2d(strided(fc, x), fc.asarray(first), strided(fc, second), fc.asarray(b),
+                                   stride=(2, 1), padding=(1, 1, 0, 2), dilation=(1, 2))
+    dense = np.einsum("ft,tcxy->fcxy", second.astype(np.float64), first.astype(np.float64))
+    check(y, conv2d_einsum(x, dense, b, stride=(2, 1), padding=(1, 1, 0, 2), dilation=(1, 2)), dtype, C * 9 * t)
+    assert set(launched) == expect
+
+
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+def test_separable_conv2d(fc, launched, rng, dtype, order, with_bias):
+    N, C, K, F, X, Y = 2, 3, 4, 20, 5, 3
+    x = rng.standard_normal((N, C, 13, 12)).astype(dtype)
+    V = rng.standard_normal((K, C, X, 1)).astype(dtype)
+    Hz = rng.standard_normal((F, K, 1, Y)).astype(dtype)
+    b = rng.standard_normal(F).astype(dtype) if with_bias else None
+    y = ops_lowrank.separable_conv2d(fc.asarray(x), strided(fc, V), fc.asarray(Hz),
+                                     None if b is None else fc.asarray(b), stride=(2, 3), padding=(2, 1, 0, 2))
+    dense = np.einsum("fky,kcx->fcxy", Hz[:, :, 0].astype(np.float64), V[..., 0].astype(np.float64))
+    check(y, conv2d_einsum(x, dense, b, stride=(2, 3), padding=(2, 1, 0, 2)), dtype, C * X * K * Y)
+    assert launched == ["factor_conv", "factor_conv"]
+
+
+def test_conv_stage_falls_back_to_ops_when_the_kernel_is_too_large(fc, launched, rng):
+    dtype = np.dtype(np.float64)
+    x, w = rng.standard_normal((1, 2, 13, 13)), rng.standard_normal((3, 2, 12, 12))     # 144*16*8 B > 16 KiB
+    y = ops_lowrank.conv_stage(fc.asarray(x), fc.asarray(w), None, stride=(1, 1), padding=(0, 0, 0, 0))
+    check(y, conv2d_einsum(x, w), dtype, 288)
+    assert "factor_conv" not in launched and launched
+
+
+def test_launch_refuses_wrong_argument_types(fc, rng):
+    x = fc.asarray(rng.standard_normal((1, 1, 4, 4)))
+    with pytest.raises(TypeError, match="takes 21 arguments"):
+        ops_lowrank._launch("factor_conv", x.dtype, (1,), (32,), (x,))
+    T = fc.asarray(np.zeros((1, 1)))
+    args = [x, T, T, fc.asarray(np.zeros(1, np.int64)), fc.asarray(np.zeros(2, np.int32)), T, x] + [1] * 15
+    with pytest.raises(TypeError, match="argument 3: expected a C-contiguous int32 array"):
+        ops_lowrank._launch("mono_conv", x.dtype, (1, 1, 1), (32, 1), tuple(args))
+    with pytest.raises(ValueError, match="does not fit a 32-bit int"):
+        ops_lowrank._launch("factor_conv", x.dtype, (1,), (32,), (x, x, x, x, 2**31) + (1,) * 16)
