@@ -59,3 +59,8 @@ def conv2d_einsum(x, w, b=None, stride=(1, 1), padding=(0, 0, 0, 0), dilation=(1
     if b is not None:
         out += np.asarray(b, np.float64)[None, :, None, None]
     return out
+
+
+def tolerance(dtype):
+    """(rtol, atol) for comparing a float32/float64 computation with a float64 reference."""
+    return (2e-4, 2e-4) if np.dtype(dtype) == np.float32 else (1e-10, 1e-10)

@@ -24,9 +24,12 @@ passes, which run on the GPU) with CuPy gathers/transposes; with unequal group s
 """
 from __future__ import annotations
 
+import threading
+
+import numba
 import numpy as np
 
-from .._backend import get_array_module, to_numpy
+from .._backend import get_array_module, is_cupy_array, to_numpy
 from .._validate import (as_pair, as_padding4, check_array, check_float_array, check_same_dtype, out_size)
 from .conv import conv2d
 
@@ -35,13 +38,17 @@ __all__ = ["bicluster_conv2d", "bicluster_cp_conv2d", "bicluster_svd_conv2d", "s
 #: workspace bound per call (packed input, component maps, GEMM staging), in bytes
 _WORKSPACE_BYTES = 32 * 2**20
 #: GEMM columns (chunk * output positions) above which batching more images into one chunk stops paying
-_TARGET_COLUMNS = 4096
+_TARGET_COLUMNS = 2048
+#: a chunk's intermediates should stay about this size (cache-resident between the front end and the GEMM)
+_CACHE_BYTES = 4 * 2**20
 
 
 # --------------------------------------------------------------------------------------------------------------
 # validation
 # --------------------------------------------------------------------------------------------------------------
 def _check_groups(perm, offsets, n, name):
+    """Validate one side's groups; return the offsets as a host int64 array."""
+    from ..kernels.cpu.bicluster import group_check
     check_array(perm, f"{name}_perm", ndim=1)
     check_array(offsets, f"{name}_offsets", ndim=1)
     for nm, a in ((f"{name}_perm", perm), (f"{name}_offsets", offsets)):
@@ -49,8 +56,12 @@ def _check_groups(perm, offsets, n, name):
             raise TypeError(f"{nm} must be an integer array, got dtype {a.dtype}")
     if perm.shape[0] != n:
         raise ValueError(f"{name}_perm must have {n} entries (one per channel), got {perm.shape[0]}")
-    off = to_numpy(offsets).astype(np.int64)
-    if off.shape[0] < 2 or off[0] != 0 or off[-1] != n or np.any(np.diff(off) < 1):
+    ph = np.ascontiguousarray(to_numpy(perm), dtype=np.int64)
+    off = np.ascontiguousarray(to_numpy(offsets), dtype=np.int64)
+    code = group_check(ph, off, n)
+    if code == 1:
+        raise ValueError(f"{name}_perm must be a permutation of range({n})")
+    if code == 2:
         raise ValueError(f"{name}_offsets must rise strictly from 0 to {n} (non-empty groups), got {off.tolist()}")
     return off
 
@@ -226,6 +237,19 @@ def shared_separable_conv2d(x, in_perm, in_offsets, reduce, assign, vertical, ho
                        stride, pad, OH, OW)
 
 
+def run_validated(form, x, args, bias, stride, pad, OH, OW):
+    """Execute factors that were validated before (the layers validate theirs once, at construction).
+
+    ``form``: "cp", "svd" or "shared"; ``args``: the factor arrays in the order of the public function, with
+    the offsets as host int64 arrays and every float array in x's dtype and on x's device; ``stride`` a pair,
+    ``pad`` a 4-tuple, ``OH``/``OW`` the output size. No checks: use the public functions otherwise.
+    """
+    cpu, composed = _RUNNERS[form]
+    if is_cupy_array(x):
+        return composed(x, *args, bias, stride, pad)
+    return cpu(x, *args, bias, stride, pad, OH, OW)
+
+
 def bicluster_conv2d(x, *factors, bias=None, stride=1, padding=0):
     """Run a biclustered conv from its factors in result order: 8 arrays -> CP form
     (:func:`bicluster_cp_conv2d`), 7 arrays -> SVD form (:func:`bicluster_svd_conv2d`).
@@ -244,9 +268,34 @@ def bicluster_conv2d(x, *factors, bias=None, stride=1, padding=0):
 # --------------------------------------------------------------------------------------------------------------
 # CPU paths
 # --------------------------------------------------------------------------------------------------------------
+class _Workspace(threading.local):
+    """Per-thread scratch buffers reused across calls (fresh large allocations cost page faults on every call).
+
+    ``get(slot, n, dtype)`` returns a 1-D array of at least ``n`` items; each slot keeps its largest buffer,
+    and all slots together stay within a few times ``_WORKSPACE_BYTES`` by construction of the chunking.
+    """
+
+    def __init__(self):
+        self.bufs = {}
+
+    def get(self, slot, n, dtype):
+        key = (slot, np.dtype(dtype))
+        buf = self.bufs.get(key)
+        if buf is None or buf.shape[0] < n:
+            buf = np.empty(max(n, 1), dtype)
+            self.bufs[key] = buf
+        return buf[:n]
+
+
+_WS = _Workspace()
+
+
 def _chunk(N, P, per_img_items, itemsize):
+    """Images per chunk: enough GEMM columns (``_TARGET_COLUMNS``), but the chunk's intermediates within
+    ``_CACHE_BYTES`` (one image at a time when an image's alone exceed it: measured faster than bigger GEMMs
+    whose operands spill out of the cache) and the workspace within ``_WORKSPACE_BYTES``."""
     per = max(1, per_img_items * itemsize)
-    return max(1, min(N, -(-_TARGET_COLUMNS // P), _WORKSPACE_BYTES // per))
+    return max(1, min(N, -(-_TARGET_COLUMNS // P), _CACHE_BYTES // per, _WORKSPACE_BYTES // per))
 
 
 def _expand_scatter(Z, expand, out_perm, out_off, bias, n0, m, P, ybuf, y3):
@@ -268,8 +317,9 @@ def _as_index(a):
 
 
 def _phase_geometry(OH, OW, X, Y, stride):
+    """Rows R per row phase and columns M per column phase of the phase-split packed input."""
     sh, sw = stride
-    R = (OH - 1) * sh + X
+    R = -(-((OH - 1) * sh + X) // sh)
     M = -(-((OW - 1) * sw + Y) // sw)
     return R, M
 
@@ -284,29 +334,28 @@ def _cp_cpu(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, 
     bias = None if bias is None else np.ascontiguousarray(bias)
     in_perm = _as_index(in_perm)
     out_perm = _as_index(out_perm)
-    N, C = x.shape[:2]
+    N = x.shape[0]
     G, H, K, X = vertical.shape
     Y = horizontal.shape[3]
     F = expand.shape[0]
     sh, sw = stride
     R, M = _phase_geometry(OH, OW, X, Y, stride)
     P = OH * OW
-    per_xs = C * R * sw * M
     per_z = H * G * K * P
-    nb = _chunk(N, P, per_xs + per_z + F * P, x.dtype.itemsize)
+    nb = _chunk(N, P, per_z + F * P, x.dtype.itemsize)
+    # enough parallel jobs: split a group's components when images x groups alone are too few
+    nsplit = max(1, min(H * K, -(-4 * numba.get_num_threads() // (nb * G))))
     dt = x.dtype
-    xs_buf = np.empty(nb * per_xs, dt)
-    z_buf = np.empty(nb * per_z, dt)
-    y_buf = np.empty(nb * F * P, dt)
+    z_buf = _WS.get("z", nb * per_z, dt)
+    y_buf = _WS.get("y", nb * F * P, dt)
     y = np.empty((N, F, OH, OW), dt)
     y3 = y.reshape(N, F, P)
     for n0 in range(0, N, nb):
         m = min(nb, N - n0)
-        xs = xs_buf[:m * per_xs].reshape(m, C, R, sw, M)
         Z = z_buf[:m * per_z].reshape(H, G * K, m * P)
         ybuf = y_buf[:m * F * P].reshape(F, m * P)
-        KB.pack_phase(x, n0, in_perm, pad[0], pad[2], sw, xs)
-        KB.cp_front(xs, in_off, reduce, vertical, horizontal, sh, OH, OW, Z)
+        KB.cp_front(x, n0, m, in_perm, in_off, reduce, vertical, horizontal, pad[0], pad[2], sh, sw, R, M, OH, OW,
+                    nsplit, Z)
         _expand_scatter(Z, expand, out_perm, out_off, bias, n0, m, P, ybuf, y3)
     return y
 
@@ -318,68 +367,68 @@ def _svd_cpu(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bia
     bias = None if bias is None else np.ascontiguousarray(bias)
     in_perm = _as_index(in_perm)
     out_perm = _as_index(out_perm)
-    N, C, Hin, Win = x.shape
+    N, C = x.shape[:2]
     G, H, K2, K1, X, Y = spatial.shape
     F = expand.shape[0]
     sh, sw = stride
+    R, M = _phase_geometry(OH, OW, X, Y, stride)
     P = OH * OW
-    HW = Hin * Win
     dt = x.dtype
+    plane = sh * sw * R * M
     # per-group reduction matrices (H*K1, C_g) and per-block spatial matrices (K2, K1*X*Y), contiguous
     red_t = [np.ascontiguousarray(reduce[in_off[g]:in_off[g + 1]].reshape(-1, H * K1).T) for g in range(G)]
     sp_mats = np.ascontiguousarray(spatial).reshape(G, H, K2, K1 * X * Y)
-    identity_in = bool(np.array_equal(in_perm, np.arange(C)))
-    per_xg = C * HW
-    per_z1 = G * H * K1 * HW
+    per_xs = C * plane
+    per_z1 = G * H * K1 * plane
     per_col = K1 * X * Y * P
     per_z2 = H * G * K2 * P
-    nb = _chunk(N, P, per_xg + per_z1 + per_col + per_z2 + F * P, dt.itemsize)
-    xg_buf = np.empty(nb * per_xg, dt)
-    z1_buf = np.empty(nb * per_z1, dt)
-    col_buf = np.empty(nb * per_col, dt)
-    z2_buf = np.empty(nb * per_z2, dt)
-    y_buf = np.empty(nb * F * P, dt)
+    nb = _chunk(N, P, per_xs + per_z1 + per_col + per_z2 + F * P, dt.itemsize)
+    xs_buf = _WS.get("xs", nb * per_xs, dt)
+    z1_buf = _WS.get("z1", nb * per_z1, dt)
+    col_buf = _WS.get("col", nb * per_col, dt)
+    z2_buf = _WS.get("z2", nb * per_z2, dt)
+    y_buf = _WS.get("y", nb * F * P, dt)
     y = np.empty((N, F, OH, OW), dt)
     y3 = y.reshape(N, F, P)
-    x3 = x.reshape(N, C, HW)
     for n0 in range(0, N, nb):
         m = min(nb, N - n0)
-        if m == 1 and identity_in:
-            xg = x3[n0].reshape(C, 1, HW)
-        else:
-            xg = xg_buf[:m * per_xg].reshape(C, m, HW)
-            KB.gather_channels(x3, n0, m, in_perm, xg)
-        z1 = z1_buf[:m * per_z1].reshape(G * H * K1, m, Hin, Win)
-        z1f = z1.reshape(G * H * K1, m * HW)
-        for g in range(G):
-            i0, i1 = int(in_off[g]), int(in_off[g + 1])
-            np.matmul(red_t[g], xg[i0:i1].reshape(i1 - i0, m * HW), out=z1f[g * H * K1:(g + 1) * H * K1])
+        xs = xs_buf[:m * per_xs].reshape(m, C, sh, sw, R, M)
+        KB.pack_phase(x, n0, in_perm, pad[0], pad[2], sh, sw, xs)
+        xs2 = xs.reshape(m, C, plane)
+        z1 = z1_buf[:m * per_z1].reshape(m, G * H * K1, sh, sw, R, M)
+        z1f = z1.reshape(m, G * H * K1, plane)
+        for i in range(m):
+            for g in range(G):
+                i0, i1 = int(in_off[g]), int(in_off[g + 1])
+                np.matmul(red_t[g], xs2[i, i0:i1], out=z1f[i, g * H * K1:(g + 1) * H * K1])
         col = col_buf[:m * per_col].reshape(K1 * X * Y, m * P)
         Z = z2_buf[:m * per_z2].reshape(H, G * K2, m * P)
         for g in range(G):
             for h in range(H):
                 c0 = (g * H + h) * K1
-                KB.im2col_cm(z1, c0, c0 + K1, X, Y, sh, sw, pad[0], pad[2], OH, OW, col)
+                KB.im2col_phase(z1, c0, c0 + K1, X, Y, OH, OW, col)
                 np.matmul(sp_mats[g, h], col, out=Z[h, g * K2:(g + 1) * K2])
         ybuf = y_buf[:m * F * P].reshape(F, m * P)
         _expand_scatter(Z, expand, out_perm, out_off, bias, n0, m, P, ybuf, y3)
     return y
 
 
-def shared_plan(assign, in_off):
-    """Per-group list of the shared filters used: (used_ptr (G+1,), used_filter, slot (G, H, K)) int64 arrays,
-    ``slot[g, h, k]`` the position of ``assign[g, h, k]`` among group g's used filters."""
-    assign = np.asarray(assign, dtype=np.int64)
+def shared_plan(assign, n_filters=None):
+    """Per-group list of the shared filters used: (used_ptr (G+1,), used_filter, slot (G, H, K)) int64 arrays;
+    group g uses ``used_filter[used_ptr[g]:used_ptr[g+1]]`` (ascending) and ``slot[g, h, k]`` is the position
+    of ``assign[g, h, k]`` in that list."""
+    assign = np.asarray(to_numpy(assign), dtype=np.int64)
     G = assign.shape[0]
+    S = int(assign.max()) + 1 if n_filters is None else int(n_filters)
+    flat = assign.reshape(G, -1)
+    used = np.zeros((G, S), bool)
+    used[np.repeat(np.arange(G), flat.shape[1]), flat.ravel()] = True
+    rank = np.cumsum(used, axis=1) - 1
+    slot = np.take_along_axis(rank, flat, axis=1).reshape(assign.shape).astype(np.int64)
     used_ptr = np.zeros(G + 1, np.int64)
-    used = []
-    slot = np.empty_like(assign)
-    for g in range(G):
-        u, inv = np.unique(assign[g].ravel(), return_inverse=True)
-        used.append(u)
-        slot[g] = inv.reshape(assign.shape[1:])
-        used_ptr[g + 1] = used_ptr[g] + u.shape[0]
-    return used_ptr, np.concatenate(used).astype(np.int64), slot
+    np.cumsum(used.sum(1), out=used_ptr[1:])
+    used_filter = np.nonzero(used)[1].astype(np.int64)
+    return used_ptr, used_filter, slot
 
 
 def _shared_cpu(x, in_perm, in_off, reduce, assign, vertical, horizontal, expand, out_perm, out_off, bias, stride,
@@ -393,8 +442,8 @@ def _shared_cpu(x, in_perm, in_off, reduce, assign, vertical, horizontal, expand
     bias = None if bias is None else np.ascontiguousarray(bias)
     in_perm = _as_index(in_perm)
     out_perm = _as_index(out_perm)
-    used_ptr, used_filter, slot = shared_plan(assign, in_off)
-    N, C = x.shape[:2]
+    used_ptr, used_filter, slot = shared_plan(assign, vertical.shape[0])
+    N = x.shape[0]
     G, H, K = slot.shape
     X = vertical.shape[1]
     Y = horizontal.shape[1]
@@ -402,22 +451,19 @@ def _shared_cpu(x, in_perm, in_off, reduce, assign, vertical, horizontal, expand
     sh, sw = stride
     R, M = _phase_geometry(OH, OW, X, Y, stride)
     P = OH * OW
-    per_xs = C * R * sw * M
     per_z = H * G * K * P
-    nb = _chunk(N, P, per_xs + per_z + F * P, x.dtype.itemsize)
+    nb = _chunk(N, P, per_z + F * P, x.dtype.itemsize)
     dt = x.dtype
-    xs_buf = np.empty(nb * per_xs, dt)
-    z_buf = np.empty(nb * per_z, dt)
-    y_buf = np.empty(nb * F * P, dt)
+    z_buf = _WS.get("z", nb * per_z, dt)
+    y_buf = _WS.get("y", nb * F * P, dt)
     y = np.empty((N, F, OH, OW), dt)
     y3 = y.reshape(N, F, P)
     for n0 in range(0, N, nb):
         m = min(nb, N - n0)
-        xs = xs_buf[:m * per_xs].reshape(m, C, R, sw, M)
         Z = z_buf[:m * per_z].reshape(H, G * K, m * P)
         ybuf = y_buf[:m * F * P].reshape(F, m * P)
-        KB.pack_phase(x, n0, in_perm, pad[0], pad[2], sw, xs)
-        KB.shared_front(xs, in_off, used_ptr, used_filter, vertical, horizontal, reduce, slot, sh, OH, OW, Z)
+        KB.shared_front(x, n0, m, in_perm, in_off, used_ptr, used_filter, vertical, horizontal, reduce, slot, pad[0],
+                        pad[2], sh, sw, R, M, OH, OW, Z)
         _expand_scatter(Z, expand, out_perm, out_off, bias, n0, m, P, ybuf, y3)
     return y
 
@@ -520,3 +566,7 @@ def _shared_composed(x, in_perm, in_off, reduce, assign, vertical, horizontal, e
         z = xp.concatenate([conv2d(q[:, int(in_off[g]) * S:int(in_off[g + 1]) * S], xp.ascontiguousarray(parts[g]))
                             for g in range(G)], axis=1)
     return _expand_composed(xp, z, G, H, K, expand, out_perm, out_off, bias)
+
+
+_RUNNERS = {"cp": (_cp_cpu, _cp_composed), "svd": (_svd_cpu, _svd_composed),
+            "shared": (_shared_cpu, _shared_composed)}

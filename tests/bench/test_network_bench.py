@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.conftest import tolerance  # noqa: E402
+from tests.reference import tolerance  # noqa: E402
 
 QUICK = dict(input_size=64, width=1 / 8, fc_width=128, classes=100)
 LRN_SIZE = 5

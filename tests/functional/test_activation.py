@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from conftest import tolerance
+from tests.reference import tolerance
 from npconv.functional import activation
 from npconv.functional.activation import bias_relu_, dropout, flatten, relu, softmax
 

@@ -4,7 +4,7 @@ from hypothesis import given, settings, strategies as st
 
 from npconv.functional import conv2d
 from tests.reference import conv2d_einsum, conv2d_naive
-from tests.conftest import tolerance
+from tests.reference import tolerance
 
 DTYPES = [np.float32, np.float64]
 

@@ -4,7 +4,7 @@ import pytest
 
 from npconv.functional import lowrank as FL
 from npconv.functional.lowrank import lowrank_conv2d, lowrank_linear, monochromatic_conv2d, separable_conv2d
-from tests.conftest import tolerance
+from tests.reference import tolerance
 from tests.reference import conv2d_einsum, conv2d_naive
 
 DTYPES = [np.float32, np.float64]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from conftest import tolerance
+from tests.reference import tolerance
 from npconv.functional import normalization
 from npconv.functional.normalization import local_response_norm, normalize
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from conftest import tolerance
+from tests.reference import tolerance
 from npconv.functional import pooling
 from npconv.functional.pooling import avg_pool2d, max_pool2d, pool2d_out_hw
 

@@ -10,7 +10,7 @@ from npconv.decompose.separable import separable
 from npconv.decompose.svd import conv_svd, svd_lowrank
 from npconv.layers.base import layer_class
 from npconv.layers.lowrank import LowRankConv2d, LowRankLinear, MonochromaticConv2d, SeparableConv2d
-from tests.conftest import tolerance
+from tests.reference import tolerance
 from tests.reference import conv2d_einsum
 
 DTYPES = [np.float32, np.float64]

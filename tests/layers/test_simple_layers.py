@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from conftest import tolerance
+from tests.reference import tolerance
 from npconv.layers.base import Layer, layer_class
 from npconv.layers.simple import (AvgPool2d, Dropout, Flatten, LocalResponseNorm, MaxPool2d, Normalize, ReLU,
                                   Softmax)

@@ -1,0 +1,422 @@
+"""Numba kernels of the biclustered (CP, SVD) and shared-separable conv layers.
+
+Layouts (``nb`` images of a batch chunk, ``P = OH * OW`` output positions):
+
+* ``pack_phase`` writes the input in *group order and phase-split padded* layout
+  ``xs[i, j, r, q, m] = x_padded[n0 + i, in_perm[j], r, m * sw + q]`` (``q`` the column phase of the horizontal
+  stride ``sw``). Every later pass then reads contiguous runs: a horizontal tap ``b`` at stride ``sw`` is the
+  contiguous slice ``[b // sw, b // sw + OW)`` of phase ``b % sw``; the zero padding is materialised once.
+* The CP front end ``cp_front`` runs, for one (image, group g, output group h, component k) per parallel job,
+  the C_g -> 1 reduction, the vertical X-tap pass (row stride) and the horizontal Y-tap pass in a small
+  per-job scratch buffer, and writes the component's P outputs to ``Z[h, g * K + k, i * P:(i + 1) * P]``.
+  The inner loops run over contiguous rows, so the compiler vectorises them.
+* ``Z[h]`` (G*K, nb*P) is then the right operand of ONE BLAS GEMM per output group (done by the caller),
+  ``Ybuf[rows of h] = expand_h (F_h, G*K) @ Z[h]``, and ``scatter_rows`` moves ``Ybuf`` (rows in permuted
+  output order, columns image-major) to ``y`` (N, F, P) adding the bias.
+* The SVD form uses ``gather_channels`` (group order, channel-major ``(C, nb, H*W)`` so that a group's
+  reduction is one GEMM for the whole chunk) and ``im2col_cm`` (patch matrix of a channel range of a
+  channel-major ``(Ctot, nb, H, W)`` array).
+* The shared-separable front end ``shared_front`` filters every input channel of a group once per shared
+  filter the group uses, then forms each component as a C_g-term combination of those maps.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+
+@numba.njit(cache=True, nogil=True)
+def group_check(perm, offsets, n):
+    """0 when perm is a permutation of range(n) and offsets rise strictly from 0 to n; 1: bad perm; 2: bad
+    offsets. (One pass each, instead of several NumPy calls on every forward.)"""
+    if perm.shape[0] != n:
+        return 1
+    seen = np.zeros(n, np.uint8)
+    for i in range(n):
+        v = perm[i]
+        if v < 0 or v >= n or seen[v]:
+            return 1
+        seen[v] = 1
+    k = offsets.shape[0]
+    if k < 2 or offsets[0] != 0 or offsets[k - 1] != n:
+        return 2
+    for i in range(1, k):
+        if offsets[i] <= offsets[i - 1]:
+            return 2
+    return 0
+
+
+@numba.njit(cache=True, nogil=True)
+def _pack_plane(xin, pt, pl, sh, sw, dst):
+    """dst[p, q, r, m] = xin[r*sh + p - pt, m*sw + q - pl] (0 outside): one channel, phase-split and padded.
+
+    xin (H, W); dst (sh, sw, R, M). Stride-2 columns are split with paired contiguous stores.
+    """
+    SH, SW, R, M = dst.shape
+    H = xin.shape[0]
+    W = xin.shape[1]
+    for p in range(SH):
+        for r in range(R):
+            ih = r * sh + p - pt
+            if ih < 0 or ih >= H:
+                for q in range(SW):
+                    d = dst[p, q, r]
+                    for m in range(M):
+                        d[m] = 0
+                continue
+            src = xin[ih]
+            if sw == 1:
+                d = dst[p, 0, r]
+                m_lo = min(pl, M)
+                m_hi = min(M, W + pl)
+                for m in range(m_lo):
+                    d[m] = 0
+                dv = d[m_lo:m_hi]
+                sv = src[m_lo - pl:m_hi - pl]
+                for e in range(m_hi - m_lo):
+                    dv[e] = sv[e]
+                for m in range(m_hi, M):
+                    d[m] = 0
+            elif sw == 2:
+                # input columns 2e and 2e+1 land in phases q0 and 1-q0 at m = e + pl//2 and e + (pl+1)//2
+                q0 = pl % 2
+                da = dst[p, q0, r]
+                db = dst[p, 1 - q0, r]
+                sa = min(pl // 2, M)
+                sb = min((pl + 1) // 2, M)
+                na = max(0, min(M - sa, (W + 1) // 2))
+                nbb = max(0, min(M - sb, W // 2))
+                for m in range(sa):
+                    da[m] = 0
+                for m in range(sa + na, M):
+                    da[m] = 0
+                for m in range(sb):
+                    db[m] = 0
+                for m in range(sb + nbb, M):
+                    db[m] = 0
+                E = min(na, nbb)
+                dav = da[sa:sa + na]
+                dbv = db[sb:sb + nbb]
+                for e in range(E):
+                    dav[e] = src[2 * e]
+                    dbv[e] = src[2 * e + 1]
+                for e in range(E, na):
+                    dav[e] = src[2 * e]
+                for e in range(E, nbb):
+                    dbv[e] = src[2 * e + 1]
+            else:
+                for q in range(SW):
+                    d = dst[p, q, r]
+                    off = q - pl
+                    for m in range(M):
+                        col = m * sw + off
+                        if col >= 0 and col < W:
+                            d[m] = src[col]
+                        else:
+                            d[m] = 0
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def pack_phase(x, n0, in_perm, pt, pl, sh, sw, xs):
+    """xs[i, j, p, q, r, m] = x[n0+i, in_perm[j], r*sh + p - pt, m*sw + q - pl], zero outside the input.
+
+    xs is (nb, C, sh, sw, R, M): the padded input of every channel, in group order, split by row phase p and
+    column phase q of the stride, so that every tap of a strided pass is a contiguous run.
+    """
+    nb = xs.shape[0]
+    C = xs.shape[1]
+    for job in numba.prange(nb * C):
+        j = job % C
+        i = job // C
+        _pack_plane(x[n0 + i, in_perm[j]], pt, pl, sh, sw, xs[i, j])
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _taps(dst, src, offs, coef, n, accumulate):
+    """dst[e] (+)= sum_t coef[t] * src[offs[t] + e] for e < n.
+
+    Four taps per sweep (five, three or two when that is all there is) keep the partial sum in registers (one
+    store per sweep instead of one per tap; the remainder after a 4-tap sweep goes one tap per sweep, which
+    keeps the number of compiled loops, and so the compile time, down),
+    and every array is read through a 1-D view indexed by the bare loop variable, so numba drops its
+    negative-index test and the loops vectorise.
+    """
+    T = offs.shape[0]
+    t = 0
+    first = not accumulate
+    while t < T:
+        r = T - t
+        if r == 5 and first:
+            # the common 5-tap case (5x5 kernels) in one sweep
+            c0 = coef[t]
+            c1 = coef[t + 1]
+            c2 = coef[t + 2]
+            c3 = coef[t + 3]
+            c4 = coef[t + 4]
+            s0 = src[offs[t]:offs[t] + n]
+            s1 = src[offs[t + 1]:offs[t + 1] + n]
+            s2 = src[offs[t + 2]:offs[t + 2] + n]
+            s3 = src[offs[t + 3]:offs[t + 3] + n]
+            s4 = src[offs[t + 4]:offs[t + 4] + n]
+            for e in range(n):
+                dst[e] = c0 * s0[e] + c1 * s1[e] + c2 * s2[e] + c3 * s3[e] + c4 * s4[e]
+            t += 5
+        elif r >= 4:
+            c0 = coef[t]
+            c1 = coef[t + 1]
+            c2 = coef[t + 2]
+            c3 = coef[t + 3]
+            s0 = src[offs[t]:offs[t] + n]
+            s1 = src[offs[t + 1]:offs[t + 1] + n]
+            s2 = src[offs[t + 2]:offs[t + 2] + n]
+            s3 = src[offs[t + 3]:offs[t + 3] + n]
+            if first:
+                for e in range(n):
+                    dst[e] = c0 * s0[e] + c1 * s1[e] + c2 * s2[e] + c3 * s3[e]
+            else:
+                for e in range(n):
+                    dst[e] += c0 * s0[e] + c1 * s1[e] + c2 * s2[e] + c3 * s3[e]
+            t += 4
+        elif r == 3 and first:
+            c0 = coef[t]
+            c1 = coef[t + 1]
+            c2 = coef[t + 2]
+            s0 = src[offs[t]:offs[t] + n]
+            s1 = src[offs[t + 1]:offs[t + 1] + n]
+            s2 = src[offs[t + 2]:offs[t + 2] + n]
+            for e in range(n):
+                dst[e] = c0 * s0[e] + c1 * s1[e] + c2 * s2[e]
+            t += 3
+        elif r == 2 and first:
+            c0 = coef[t]
+            c1 = coef[t + 1]
+            s0 = src[offs[t]:offs[t] + n]
+            s1 = src[offs[t + 1]:offs[t + 1] + n]
+            for e in range(n):
+                dst[e] = c0 * s0[e] + c1 * s1[e]
+            t += 2
+        else:
+            c0 = coef[t]
+            s0 = src[offs[t]:offs[t] + n]
+            if first:
+                for e in range(n):
+                    dst[e] = c0 * s0[e]
+            else:
+                for e in range(n):
+                    dst[e] += c0 * s0[e]
+            t += 1
+        first = False
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def cp_front(x, n0, nb, in_perm, in_offsets, reduce, vertical, horizontal, pt, pl, sh, sw, R, M, OH, OW, nsplit,
+             Z):
+    """CP front end: Z[h, g*K + k, i*P:(i+1)*P] = horiz_k * (vert_k * (sum_j reduce[j, h, k] x_pad[n0+i, j])).
+
+    One parallel job per (image i, input group g, slice b of the group's H*K components; ``nsplit`` slices,
+    more than one only when there are too few groups to keep the threads busy). A job packs its group's
+    channels (``_pack_plane``: padded, split by the stride phases) into its own scratch, then for each of its
+    components: the reduction into ``zf`` (sh*sw*R*M), the vertical pass of every column phase q into ``v``
+    (sw, OH, M) (tap a reads row phase a % sh from row a // sh on: one flat run per tap over the whole plane),
+    the horizontal pass into ``o`` (OH, M) (tap b reads column phase b % sw from column b // sw on), and the
+    compaction of ``o``'s first OW columns per row into Z. All passes go through ONE inlined ``_taps`` call
+    site (compile time). reduce (C, H, K); vertical (G, H, K, X); horizontal (G, H, K, Y); Z (H, G*K, nb*P).
+    """
+    G, H, K, X = vertical.shape
+    Y = horizontal.shape[3]
+    SH = sh
+    SW = sw
+    P = OH * OW
+    plane = SH * SW * R * M
+    OM = OH * M
+    dt = Z.dtype
+    HK = H * K
+    T = max(X, Y, in_perm.shape[0])
+    for job in numba.prange(nb * G * nsplit):
+        b = job % nsplit
+        t = job // nsplit
+        g = t % G
+        i = t // G
+        j0 = in_offsets[g]
+        cg = in_offsets[g + 1] - j0
+        xsg = np.empty((cg, SH, SW, R, M), dt)
+        for u in range(cg):
+            _pack_plane(x[n0 + i, in_perm[j0 + u]], pt, pl, sh, sw, xsg[u])
+        xs1 = xsg.reshape(cg * plane)
+        zf = np.empty(plane, dt)
+        v = np.zeros(SW * OM + Y, dt)
+        o = np.empty(OM, dt)
+        offs = np.empty(T, np.int64)
+        coef = np.empty(T, dt)
+        for hk in range(b * HK // nsplit, (b + 1) * HK // nsplit):
+            h = hk // K
+            k = hk - h * K
+            # passes: 0 = reduction into zf, 1..SW = vertical pass of column phase q into v, SW+1 = horizontal
+            for ps in range(SW + 2):
+                if ps == 0:
+                    nt = cg
+                    for u in range(cg):
+                        offs[u] = u * plane
+                        coef[u] = reduce[j0 + u, h, k]
+                    src = xs1
+                    dst = zf
+                    n = plane
+                elif ps <= SW:
+                    q = ps - 1
+                    nt = X
+                    for a in range(X):
+                        offs[a] = (((a % SH) * SW + q) * R + a // SH) * M
+                        coef[a] = vertical[g, h, k, a]
+                    src = zf
+                    dst = v[q * OM:(q + 1) * OM]
+                    n = OM
+                else:
+                    nt = Y
+                    for a in range(Y):
+                        offs[a] = (a % SW) * OM + a // SW
+                        coef[a] = horizontal[g, h, k, a]
+                    src = v
+                    dst = o
+                    n = OM
+                _taps(dst, src, offs[:nt], coef[:nt], n, False)
+            zrow = Z[h, g * K + k, i * P:(i + 1) * P]
+            for oi in range(OH):
+                d = zrow[oi * OW:(oi + 1) * OW]
+                sr = o[oi * M:oi * M + OW]
+                for e in range(OW):
+                    d[e] = sr[e]
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def shared_front(x, n0, nb, in_perm, in_offsets, used_ptr, used_filter, vertical, horizontal, comb, comb_slot, pt, pl,
+                 sh, sw, R, M, OH, OW, Z):
+    """Shared-separable front end.
+
+    For image i and group g, every input channel j of the group is filtered once by every shared filter the
+    group uses (``used_filter[used_ptr[g]:used_ptr[g+1]]``; vertical (S, X), horizontal (S, Y)) into ``qbuf``;
+    component (h, k) of the group is then ``sum_j comb[j, h, k] * qbuf[slot, j]`` with
+    ``slot = comb_slot[g, h, k]`` (an index into the group's used filters), written to
+    ``Z[h, g*K + k, i*P:(i+1)*P]``. One parallel job per (image, group), which packs its group's channels
+    itself; passes as in :func:`cp_front`, through one ``_taps`` call site.
+    """
+    SH = sh
+    SW = sw
+    G, H, K = comb_slot.shape
+    X = vertical.shape[1]
+    Y = horizontal.shape[1]
+    P = OH * OW
+    plane = SH * SW * R * M
+    OM = OH * M
+    dt = Z.dtype
+    T = max(X, Y, in_perm.shape[0])
+    for job in numba.prange(nb * G):
+        g = job % G
+        i = job // G
+        j0 = in_offsets[g]
+        cg = in_offsets[g + 1] - j0
+        xsg = np.empty((cg, SH, SW, R, M), dt)
+        for u in range(cg):
+            _pack_plane(x[n0 + i, in_perm[j0 + u]], pt, pl, sh, sw, xsg[u])
+        xs1 = xsg.reshape(cg * plane)
+        u0 = used_ptr[g]
+        nu = used_ptr[g + 1] - u0
+        v = np.zeros(SW * OM + Y, dt)
+        o = np.empty(OM, dt)
+        offs = np.empty(T, np.int64)
+        coef = np.empty(T, dt)
+        qbuf = np.empty(nu * cg * P, dt)
+        nfilt = cg * nu * (SW + 1)
+        for t in range(nfilt + H * K):
+            # every variable used after the _taps call is set on every path (numba miscompiled otherwise)
+            post = 0          # 0: nothing, 1: compact o into qbuf row `prow`
+            prow = 0
+            h = 0
+            row = 0
+            if t < nfilt:
+                ps = t % (SW + 1)
+                cs = t // (SW + 1)
+                s = cs % nu
+                jj = cs // nu
+                f = used_filter[u0 + s]
+                if ps < SW:
+                    nt = X
+                    for a in range(X):
+                        offs[a] = (((a % SH) * SW + ps) * R + a // SH) * M
+                        coef[a] = vertical[f, a]
+                    src = xs1[jj * plane:(jj + 1) * plane]
+                    dst = v[ps * OM:(ps + 1) * OM]
+                    n = OM
+                else:
+                    nt = Y
+                    for a in range(Y):
+                        offs[a] = (a % SW) * OM + a // SW
+                        coef[a] = horizontal[f, a]
+                    src = v
+                    dst = o
+                    n = OM
+                    post = 1
+                    prow = s * cg + jj
+            else:
+                hk = t - nfilt
+                h = hk // K
+                k = hk - h * K
+                row = g * K + k
+                sl = comb_slot[g, h, k]
+                nt = cg
+                for u in range(cg):
+                    offs[u] = (sl * cg + u) * P
+                    coef[u] = comb[j0 + u, h, k]
+                src = qbuf
+                dst = Z[h, row, i * P:(i + 1) * P]
+                n = P
+            _taps(dst, src, offs[:nt], coef[:nt], n, False)
+            if post == 1:
+                qr = qbuf[prow * P:(prow + 1) * P]
+                for oi in range(OH):
+                    d = qr[oi * OW:(oi + 1) * OW]
+                    sr = o[oi * M:oi * M + OW]
+                    for e in range(OW):
+                        d[e] = sr[e]
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def scatter_rows(ybuf, out_perm, bias, has_bias, n0, nb, y):
+    """y[n0+i, out_perm[r], :] = ybuf[r, i*P:(i+1)*P] (+ bias[out_perm[r]]); y is (N, F, P)."""
+    F = ybuf.shape[0]
+    P = y.shape[2]
+    for job in numba.prange(nb * F):
+        i = job // F
+        r = job - i * F
+        f = out_perm[r]
+        b = bias[f] if has_bias else 0.0
+        src = ybuf[r, i * P:(i + 1) * P]
+        dst = y[n0 + i, f]
+        for p in range(P):
+            dst[p] = src[p] + b
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def im2col_phase(z, c0, c1, KH, KW, OH, OW, col):
+    """Patch matrix of channels [c0, c1) of a phase-split array z (nb, Ctot, sh, sw, R, M):
+    col[(c - c0)*KH*KW + kh*KW + kw, i*OH*OW + oh*OW + ow] = z[i, c, kh % sh, kw % sw, oh + kh // sh, ow + kw // sw],
+    i.e. the strided conv's receptive fields, each a contiguous run of OW values."""
+    nb = z.shape[0]
+    SH = z.shape[2]
+    SW = z.shape[3]
+    P = OH * OW
+    nrows = (c1 - c0) * KH * KW
+    for job in numba.prange(nrows * nb):
+        r = job // nb
+        i = job - r * nb
+        c = c0 + r // (KH * KW)
+        kh = (r // KW) % KH
+        kw = r % KW
+        plane = z[i, c, kh % SH, kw % SW]
+        dst = col[r, i * P:(i + 1) * P]
+        r0 = kh // SH
+        m0 = kw // SW
+        for oh in range(OH):
+            s = plane[r0 + oh, m0:m0 + OW]
+            d = dst[oh * OW:(oh + 1) * OW]
+            for e in range(OW):
+                d[e] = s[e]

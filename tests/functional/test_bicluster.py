@@ -1,0 +1,235 @@
+"""Factored execution of biclustered convs (CP, SVD, shared separable) against a plain conv with the kernel
+rebuilt (independently, in this file) from the same factors; CPU kernels and the composed (GPU) path."""
+import numpy as np
+import pytest
+
+from npconv.functional import bicluster as FB
+from npconv.functional.bicluster import (bicluster_conv2d, bicluster_cp_conv2d, bicluster_svd_conv2d,
+                                         shared_separable_conv2d)
+from tests.reference import tolerance
+from tests.reference import conv2d_einsum, conv2d_naive
+
+DTYPES = [np.float32, np.float64]
+GEOMS = [  # stride, padding (top, bottom, left, right)
+    ((1, 1), (0, 0, 0, 0)),
+    ((2, 2), (1, 1, 1, 1)),
+    ((2, 3), (2, 0, 1, 3)),
+    ((3, 1), (0, 1, 2, 0)),
+]
+
+
+def _groups(rng, n, sizes):
+    perm = rng.permutation(n).astype(np.int64)
+    off = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    assert off[-1] == n
+    return perm, off
+
+
+def _cp_factors(rng, C, F, X, Y, in_sizes, out_sizes, K, dtype):
+    G, H = len(in_sizes), len(out_sizes)
+    in_perm, in_off = _groups(rng, C, in_sizes)
+    out_perm, out_off = _groups(rng, F, out_sizes)
+    r = lambda *s: rng.standard_normal(s).astype(dtype)  # noqa: E731
+    return (in_perm, in_off, r(C, H, K), r(G, H, K, X), r(G, H, K, Y), r(F, G, K), out_perm, out_off)
+
+
+def _svd_factors(rng, C, F, X, Y, in_sizes, out_sizes, K1, K2, dtype):
+    G, H = len(in_sizes), len(out_sizes)
+    in_perm, in_off = _groups(rng, C, in_sizes)
+    out_perm, out_off = _groups(rng, F, out_sizes)
+    r = lambda *s: rng.standard_normal(s).astype(dtype)  # noqa: E731
+    return (in_perm, in_off, r(C, H, K1), r(G, H, K2, K1, X, Y), r(F, G, K2), out_perm, out_off)
+
+
+def _shared_factors(rng, C, F, X, Y, in_sizes, out_sizes, K, S, dtype):
+    G, H = len(in_sizes), len(out_sizes)
+    in_perm, in_off = _groups(rng, C, in_sizes)
+    out_perm, out_off = _groups(rng, F, out_sizes)
+    r = lambda *s: rng.standard_normal(s).astype(dtype)  # noqa: E731
+    assign = rng.integers(0, S, size=(G, H, K)).astype(np.int64)
+    return (in_perm, in_off, r(C, H, K), assign, r(S, X), r(S, Y), r(F, G, K), out_perm, out_off)
+
+
+def _dense_kernel(kind, f):
+    """The dense kernel the factors stand for, built entry by entry from the definitions."""
+    if kind == "shared":
+        in_perm, in_off, red, assign, vs, hs, exp, out_perm, out_off = f
+        X, Y = vs.shape[1], hs.shape[1]
+    elif kind == "cp":
+        in_perm, in_off, red, vert, hor, exp, out_perm, out_off = f
+        X, Y = vert.shape[3], hor.shape[3]
+    else:
+        in_perm, in_off, red, sp, exp, out_perm, out_off = f
+        X, Y = sp.shape[4], sp.shape[5]
+    C, F = in_perm.size, out_perm.size
+    W = np.zeros((F, C, X, Y))
+    in_g = np.repeat(np.arange(in_off.size - 1), np.diff(in_off))
+    out_g = np.repeat(np.arange(out_off.size - 1), np.diff(out_off))
+    red, exp = red.astype(np.float64), exp.astype(np.float64)
+    for i in range(F):
+        for j in range(C):
+            g, h = in_g[j], out_g[i]
+            if kind == "cp":
+                blk = np.einsum("k,kx,ky->xy", exp[i, g] * red[j, h], vert[g, h].astype(np.float64),
+                                hor[g, h].astype(np.float64))
+            elif kind == "svd":
+                blk = np.einsum("m,mkxy,k->xy", exp[i, g], sp[g, h].astype(np.float64), red[j, h])
+            else:
+                s = assign[g, h]
+                blk = np.einsum("k,kx,ky->xy", exp[i, g] * red[j, h], vs[s].astype(np.float64),
+                                hs[s].astype(np.float64))
+            W[out_perm[i], in_perm[j]] = blk
+    return W
+
+
+def _run(kind, x, f, b, stride, padding):
+    if kind == "cp":
+        return bicluster_cp_conv2d(x, *f, b, stride=stride, padding=padding)
+    if kind == "svd":
+        return bicluster_svd_conv2d(x, *f, b, stride=stride, padding=padding)
+    return shared_separable_conv2d(x, *f, b, stride=stride, padding=padding)
+
+
+def _make(kind, rng, dtype, C=6, F=8, X=3, Y=4, in_sizes=(2, 2, 2), out_sizes=(4, 4)):
+    if kind == "cp":
+        return _cp_factors(rng, C, F, X, Y, in_sizes, out_sizes, 3, dtype)
+    if kind == "svd":
+        return _svd_factors(rng, C, F, X, Y, in_sizes, out_sizes, 2, 3, dtype)
+    return _shared_factors(rng, C, F, X, Y, in_sizes, out_sizes, 3, 2, dtype)
+
+
+KINDS = ["cp", "svd", "shared"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("stride,padding", GEOMS)
+def test_matches_conv_with_rebuilt_kernel(rng, kind, dtype, stride, padding):
+    f = _make(kind, rng, dtype)
+    x = rng.standard_normal((2, 6, 9, 11)).astype(dtype)
+    b = rng.standard_normal(8).astype(dtype)
+    y = _run(kind, x, f, b, stride, padding)
+    ref = conv2d_naive(x, _dense_kernel(kind, f), b, stride, padding)
+    assert y.dtype == dtype and y.shape == ref.shape
+    np.testing.assert_allclose(y, ref, *tolerance(dtype))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_uneven_groups_and_no_bias(rng, kind):
+    f = _make(kind, rng, np.float64, C=7, F=9, in_sizes=(1, 4, 2), out_sizes=(2, 3, 4))
+    x = rng.standard_normal((3, 7, 8, 8))
+    y = _run(kind, x, f, None, (2, 1), (1, 1, 0, 2))
+    np.testing.assert_allclose(y, conv2d_einsum(x, _dense_kernel(kind, f), None, (2, 1), (1, 1, 0, 2)),
+                               *tolerance(np.float64))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_contiguous_inputs(rng, kind, dtype):
+    f = _make(kind, rng, dtype)
+    big = rng.standard_normal((3, 12, 10, 9)).astype(dtype)
+    x = big[::2, ::2].transpose(0, 1, 3, 2)                     # (2, 6, 9, 10), strided and transposed
+    assert not x.flags.c_contiguous
+    fnc = tuple(np.asfortranarray(a) if a.ndim > 1 and a.dtype.kind == "f" else a for a in f)
+    b = rng.standard_normal(16).astype(dtype)[::2]
+    y = _run(kind, x, fnc, b, (2, 2), (1, 0, 1, 0))
+    np.testing.assert_allclose(y, conv2d_einsum(x, _dense_kernel(kind, f), b, (2, 2), (1, 0, 1, 0)),
+                               *tolerance(dtype))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_batch_chunking(rng, kind, monkeypatch):
+    """A tiny workspace bound forces one image per chunk (and a partial last chunk of the default run)."""
+    f = _make(kind, rng, np.float32)
+    x = rng.standard_normal((5, 6, 9, 9)).astype(np.float32)
+    b = rng.standard_normal(8).astype(np.float32)
+    ref = conv2d_einsum(x, _dense_kernel(kind, f), b, (2, 2), (1, 1, 1, 1))
+    monkeypatch.setattr(FB, "_WORKSPACE_BYTES", 1)
+    y1 = _run(kind, x, f, b, 2, 1)
+    monkeypatch.setattr(FB, "_WORKSPACE_BYTES", 32 * 2**20)
+    monkeypatch.setattr(FB, "_TARGET_COLUMNS", 2 * 25)   # chunks of 2 images: 2 + 2 + 1
+    y2 = _run(kind, x, f, b, 2, 1)
+    np.testing.assert_allclose(y1, ref, *tolerance(np.float32))
+    np.testing.assert_allclose(y2, ref, *tolerance(np.float32))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_composed_path_used_on_gpu(rng, kind, dtype):
+    """The CuPy path composes conv2d calls; it runs on NumPy arrays too, so its logic is checked here."""
+    for in_sizes, out_sizes in (((2, 2, 2), (4, 4)), ((1, 3, 2), (3, 5))):
+        f = _make(kind, rng, dtype, in_sizes=in_sizes, out_sizes=out_sizes)
+        x = rng.standard_normal((2, 6, 9, 8)).astype(dtype)
+        b = rng.standard_normal(8).astype(dtype)
+        stride, pad = (2, 1), (1, 0, 2, 1)
+        if kind == "cp":
+            y = FB._cp_composed(x, *f[:7], f[7], b, stride, pad)
+        elif kind == "svd":
+            y = FB._svd_composed(x, *f[:6], f[6], b, stride, pad)
+        else:
+            y = FB._shared_composed(x, *f[:8], f[8], b, stride, pad)
+        ref = conv2d_einsum(x, _dense_kernel(kind, f), b, stride, pad)
+        assert y.dtype == dtype
+        np.testing.assert_allclose(y, ref, *tolerance(dtype))
+
+
+def test_bicluster_conv2d_dispatches_on_factor_count(rng):
+    x = rng.standard_normal((1, 6, 7, 7))
+    for kind in ("cp", "svd"):
+        f = _make(kind, rng, np.float64)
+        np.testing.assert_allclose(bicluster_conv2d(x, *f, stride=2, padding=1),
+                                   conv2d_einsum(x, _dense_kernel(kind, f), None, (2, 2), (1, 1, 1, 1)),
+                                   *tolerance(np.float64))
+    with pytest.raises(ValueError, match="8 arrays"):
+        bicluster_conv2d(x, *f[:5])
+
+
+def test_validation(rng):
+    f = list(_make("cp", rng, np.float32))
+    x = rng.standard_normal((1, 6, 7, 7)).astype(np.float32)
+    with pytest.raises(TypeError, match="reduce must have the dtype of x"):
+        bicluster_cp_conv2d(x, *f[:2], f[2].astype(np.float64), *f[3:])
+    with pytest.raises(TypeError, match="x must have dtype"):
+        bicluster_cp_conv2d(x.astype(np.int32), *f)
+    with pytest.raises(ValueError, match="x must have 4 dimensions"):
+        bicluster_cp_conv2d(x[0], *f)
+    with pytest.raises(ValueError, match="6 input channels, but x has 5"):
+        bicluster_cp_conv2d(x[:, :5], *f)
+    with pytest.raises(ValueError, match="in_perm must be a permutation"):
+        bicluster_cp_conv2d(x, np.array([0, 1, 2, 3, 4, 6]), *f[1:])
+    with pytest.raises(ValueError, match="in_perm must be a permutation"):
+        bicluster_cp_conv2d(x, np.array([0, 1, 2, 3, 4, 4]), *f[1:])
+    with pytest.raises(ValueError, match="in_offsets must rise strictly"):
+        bicluster_cp_conv2d(x, f[0], np.array([0, 3, 3, 6]), *f[2:])
+    with pytest.raises(TypeError, match="out_perm must be an integer array"):
+        bicluster_cp_conv2d(x, *f[:6], f[6].astype(np.float32), f[7])
+    with pytest.raises(ValueError, match="vertical must have shape"):
+        bicluster_cp_conv2d(x, *f[:3], f[3][:, :1], *f[4:])
+    with pytest.raises(ValueError, match="expand must have shape"):
+        bicluster_cp_conv2d(x, *f[:5], f[5][:, :2], *f[6:])
+    with pytest.raises(ValueError, match="bias must have shape"):
+        bicluster_cp_conv2d(x, *f, np.ones(3, np.float32))
+    with pytest.raises(ValueError, match="stride must be >= 1"):
+        bicluster_cp_conv2d(x, *f, stride=0)
+    with pytest.raises(ValueError, match="output height"):
+        bicluster_cp_conv2d(x[:, :, :2], *f)
+    s = list(_make("shared", rng, np.float32))
+    with pytest.raises(ValueError, match="assign must index"):
+        shared_separable_conv2d(x, *s[:3], s[3] + 7, *s[4:])
+    with pytest.raises(TypeError, match="assign must be an integer array"):
+        shared_separable_conv2d(x, *s[:3], s[3].astype(np.float32), *s[4:])
+    v = list(_make("svd", rng, np.float32))
+    with pytest.raises(ValueError, match="spatial must have shape"):
+        bicluster_svd_conv2d(x, *v[:3], v[3][:, :, :, :1], *v[4:])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", KINDS)
+def test_gpu_matches_cpu(rng, kind):
+    import cupy as cp
+    f = _make(kind, rng, np.float32)
+    x = rng.standard_normal((2, 6, 9, 9)).astype(np.float32)
+    b = rng.standard_normal(8).astype(np.float32)
+    y_cpu = _run(kind, x, f, b, 2, 1)
+    y_gpu = _run(kind, cp.asarray(x), tuple(cp.asarray(a) for a in f), cp.asarray(b), 2, 1)
+    np.testing.assert_allclose(cp.asnumpy(y_gpu), y_cpu, *tolerance(np.float32))

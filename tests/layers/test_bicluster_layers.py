@@ -1,0 +1,119 @@
+"""BiclusterConv2d (CP, SVD) and SharedSeparableConv2d: forward, config round trip, shapes, costs, validation."""
+import numpy as np
+import pytest
+
+from npconv.decompose import cost
+from npconv.decompose.bicluster import bicluster
+from npconv.decompose.shared import shared_separable
+from npconv.layers.base import layer_class
+from npconv.layers.bicluster import BiclusterConv2d, SharedSeparableConv2d
+from tests.reference import tolerance
+from tests.reference import conv2d_einsum
+
+DTYPES = [np.float32, np.float64]
+
+
+@pytest.fixture(scope="module")
+def results():
+    rng = np.random.default_rng(7)
+    W = rng.standard_normal((8, 6, 3, 3))
+    return W, {
+        "cp": bicluster(W, 3, 2, method="cp", rank=2, random_state=0),
+        "svd": bicluster(W, 3, 2, method="svd", ranks=(2, 3), random_state=0),
+        "shared": shared_separable(W, 3, 2, rank=2, n_filters=3, refit_iter=3, random_state=0),
+    }
+
+
+@pytest.mark.parametrize("kind", ["cp", "svd", "shared"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_equals_conv_with_rebuilt_kernel(rng, results, kind, dtype):
+    _, res = results
+    r = res[kind]
+    b = rng.standard_normal(8)
+    layer = r.to_layer(bias=b, stride=2, padding=(1, 0))
+    x = rng.standard_normal((3, 6, 10, 9)).astype(dtype)
+    y = layer(x)
+    ref = conv2d_einsum(x, r.to_tensor(), b, (2, 2), (1, 1, 0, 0))
+    assert y.dtype == dtype and y.shape == (3,) + layer.output_shape((6, 10, 9))
+    np.testing.assert_allclose(y, ref, *tolerance(dtype))
+    # non-contiguous input
+    xt = np.ascontiguousarray(x.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)
+    np.testing.assert_allclose(layer(xt), y, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["cp", "svd", "shared"])
+def test_config_round_trip_keeps_integer_arrays(rng, results, kind):
+    _, res = results
+    layer = res[kind].to_layer(bias=np.ones(8), stride=(2, 1), padding=(1, 2, 0, 1))
+    cls = layer_class(layer.kind)
+    assert cls in (BiclusterConv2d, SharedSeparableConv2d)
+    clone = cls.from_config(layer.config(), dict(layer.params))
+    x = rng.standard_normal((2, 6, 9, 9)).astype(np.float32)
+    np.testing.assert_array_equal(clone(x), layer(x))
+    assert layer.params["in_perm"].dtype.kind == "i"
+    layer(x)   # float32 input with float64 weights: cast once, index arrays untouched
+    assert all(layer._params_for(x)[k].dtype.kind == "i" for k in ("in_perm", "in_offsets", "out_perm"))
+
+
+def test_costs_and_params(results):
+    _, res = results
+    in_shape = (6, 13, 13)
+    cp_l = res["cp"].to_layer(stride=2, padding=1)
+    svd_l = res["svd"].to_layer(stride=2, padding=1, bias=np.zeros(8))
+    assert cp_l.macs(in_shape) == cost.bicluster_cp_cost(in_shape, 8, 3, 3, 2, 2, stride=2, padding=1).macs
+    assert svd_l.macs(in_shape) == cost.bicluster_svd_cost(in_shape, 8, 3, 3, 2, (2, 3), stride=2,
+                                                           padding=1).macs
+    assert cp_l.n_params() == 6 * 2 * 2 + 2 * 3 * 2 * 2 * 3 + 8 * 3 * 2          # index arrays not counted
+    assert svd_l.n_params() == 6 * 2 * 2 + 3 * 2 * 3 * 2 * 9 + 8 * 3 * 3 + 8     # + bias
+    sh = res["shared"].to_layer()
+    assert sh.macs(in_shape) == res["shared"].cost(in_shape).macs
+    assert cp_l.output_shape(in_shape) == (8, 7, 7)
+    with pytest.raises(ValueError, match="6 channels"):
+        cp_l.output_shape((5, 13, 13))
+
+
+def test_constructor_validation(results):
+    _, res = results
+    parts = dict(zip(res["cp"].FACTORS, res["cp"]))
+    with pytest.raises(ValueError, match="form"):
+        BiclusterConv2d(form="tucker", **parts)
+    with pytest.raises(ValueError, match="needs spatial"):
+        BiclusterConv2d(form="svd", **{k: v for k, v in parts.items() if k not in ("vertical", "horizontal")})
+    with pytest.raises(ValueError, match="takes vertical and horizontal, not spatial"):
+        BiclusterConv2d(form="cp", spatial=np.ones((3, 2, 1, 1, 3, 3)), **parts)
+    with pytest.raises(ValueError, match="non-finite"):
+        BiclusterConv2d(form="cp", **dict(parts, reduce=parts["reduce"] * np.nan))
+    with pytest.raises(ValueError, match="bias must be an array of shape"):
+        BiclusterConv2d(form="cp", bias=np.ones(3), **parts)
+    with pytest.raises(ValueError, match="non-finite"):
+        BiclusterConv2d(form="cp", bias=np.full(8, np.inf), **parts)
+    with pytest.raises(TypeError, match="BiclusterCPResult or BiclusterSVDResult"):
+        BiclusterConv2d.from_result(res["shared"])
+    with pytest.raises(TypeError, match="SharedSeparableResult"):
+        SharedSeparableConv2d.from_result(res["cp"])
+    with pytest.raises(ValueError, match="stride"):
+        res["cp"].to_layer(stride=0)
+
+
+def test_layer_rejects_wrong_input(results, rng):
+    _, res = results
+    layer = res["cp"].to_layer()
+    with pytest.raises(ValueError, match="input channels"):
+        layer(rng.standard_normal((1, 5, 8, 8)))
+    with pytest.raises(TypeError, match="dtype"):
+        layer(np.ones((1, 6, 8, 8), np.int64))
+
+
+@pytest.mark.parametrize("kind", ["cp", "svd", "shared"])
+def test_save_load_round_trip(tmp_path, rng, results, kind):
+    from npconv.io import load, save
+    from npconv.network import Network
+    _, res = results
+    layer = res[kind].to_layer(bias=np.arange(8.0), stride=2, padding=1)
+    net = Network([("conv", layer)], input_shape=(6, 9, 9))
+    path = tmp_path / f"{kind}.npz"
+    save(net, path)
+    back = load(path)
+    x = rng.standard_normal((2, 6, 9, 9))
+    np.testing.assert_array_equal(back.forward(x), net.forward(x))
+    assert type(back["conv"]) is type(layer) and back["conv"].config() == layer.config()
