@@ -184,18 +184,42 @@ def separable_cost(in_shape, out_channels, kernel_size, rank, *, stride=1, paddi
     return Cost(macs, K * g.C * g.X + g.F * K * g.Y + g.bias(bias))
 
 
-def shared_separable_cost(in_shape, out_channels, kernel_size, n_basis, *, stride=1, padding=0, form="exact",
-                          bias=False):
-    """Shared separable basis (Jaderberg et al. scheme 1 layout): every input channel is filtered by the same
-    ``n_basis`` = B rank-1 filters ``v_b h_b^T`` (vertical pass, row stride, over the input width; then the
-    horizontal pass), and a 1x1 conv mixes the C B maps into F outputs::
+def shared_separable_cost(in_shape, out_channels, kernel_size, in_groups, out_groups, rank, n_filters, *,
+                          filters_used=None, in_group_sizes=None, stride=1, padding=0, form="exact", bias=False):
+    """Biclustered CP blocks whose rank-1 spatial filters come from a shared collection of ``n_filters`` = S
+    (the execution of ``npconv.decompose.shared``): every input channel of group g is filtered ONCE by each of
+    the U_g shared filters its components use (vertical pass with row stride over the input width, then the
+    horizontal pass), a 1x1 combination makes the H K components of the group, and each output group sums
+    its G K components::
 
-        C B X H' W  +  C B Y H' W'  +  F C B H' W'
+        sum_g C_g U_g (X H' W + Y H' W')  +  C H K H' W'  +  F G K H' W'
 
-    Parameters: ``B (X + Y) + F C B``. (The layout of the shared-filter layer is defined in
-    ``npconv.decompose.shared``; this count assumes that execution order.)
+    ``filters_used``: U_g per input group (a sequence of G ints, each <= S); by default every group uses all S.
+    ``in_group_sizes``: C_g per group (default: C // G or C // G + 1, the larger ones first).
+    Parameters: ``C H K + S (X + Y) + F G K`` (the combination weights, the shared filters, the expansion).
     """
     g = _Geom(in_shape, out_channels, kernel_size, stride, padding, form)
-    B = check_int(n_basis, "n_basis", min_value=1)
-    macs = g.C * B * g.X * g.n_rows + g.C * B * g.Y * g.n_out + g.F * g.C * B * g.n_out
-    return Cost(macs, B * (g.X + g.Y) + g.F * g.C * B + g.bias(bias))
+    G = check_int(in_groups, "in_groups", min_value=1)
+    H = check_int(out_groups, "out_groups", min_value=1)
+    K = check_int(rank, "rank", min_value=1)
+    S = check_int(n_filters, "n_filters", min_value=1)
+    if G > g.C:
+        raise ValueError(f"in_groups must be <= the input channels ({g.C}), got {G}")
+    if H > g.F:
+        raise ValueError(f"out_groups must be <= the output channels ({g.F}), got {H}")
+    if filters_used is None:
+        spatial_channels = g.C * S
+    else:
+        used = [check_int(u, "filters_used", min_value=0, max_value=S) for u in filters_used]
+        if len(used) != G:
+            raise ValueError(f"filters_used must have one entry per input group ({G}), got {len(used)}")
+        if in_group_sizes is None:
+            base, extra = divmod(g.C, G)
+            sizes = [base + (1 if i < extra else 0) for i in range(G)]
+        else:
+            sizes = [check_int(c, "in_group_sizes", min_value=0) for c in in_group_sizes]
+            if len(sizes) != G or sum(sizes) != g.C:
+                raise ValueError(f"in_group_sizes must be {G} sizes summing to C={g.C}, got {sizes}")
+        spatial_channels = sum(c * u for c, u in zip(sizes, used))
+    macs = spatial_channels * (g.X * g.n_rows + g.Y * g.n_out) + g.C * H * K * g.n_out + g.F * G * K * g.n_out
+    return Cost(macs, g.C * H * K + S * (g.X + g.Y) + g.F * G * K + g.bias(bias))

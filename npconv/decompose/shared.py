@@ -123,18 +123,15 @@ class SharedSeparableResult(_GroupsMixin, Decomposition):
         return out
 
     def cost(self, in_shape, *, stride=1, padding=0, form="exact"):
-        """Multiply-adds per image and parameters of the shared execution (formula in the module doc)."""
-        geo = self._geometry(in_shape, stride, padding, form)
-        K = self.rank
+        """Multiply-adds per image and parameters of the shared execution (``cost.shared_separable_cost``)."""
+        from .cost import Cost, shared_separable_cost
         cg = np.diff(self.in_offsets)
         fh = np.diff(self.out_offsets)
-        G, H = cg.shape[0], fh.shape[0]
-        used = np.array([u.shape[0] for u in self.used_filters()])
-        spatial = float(np.sum(cg * used)) * (geo["X"] * geo["n_rows"] + geo["Y"] * geo["n_out"])
-        comb = float(cg.sum()) * H * K * geo["n_out"]
-        expand = float(fh.sum()) * G * K * geo["n_out"]
-        macs = spatial + comb + expand
-        return Cost(int(round(macs)) if form == "exact" else macs, self.n_params())
+        used = [u.shape[0] for u in self.used_filters()]
+        c = shared_separable_cost(tuple(in_shape), int(fh.sum()), self.kernel_size, cg.shape[0], fh.shape[0],
+                                  self.rank, self.n_filters, filters_used=used, in_group_sizes=[int(c) for c in cg], stride=stride, padding=padding,
+                                  form=form)
+        return Cost(c.macs, self.n_params())
 
     def to_layer(self, *, bias=None, stride=1, padding=0):
         """A :class:`npconv.layers.bicluster.SharedSeparableConv2d` executing the shared factors."""

@@ -67,9 +67,13 @@ def test_separable_and_lowrank_conv():
         8 * 3 * 7 * NM1 / 2 + 96 * 8 * 7 * NM1 / 4)
     lr = cost.conv_svd_cost(**C1, rank=16)
     assert lr.macs == (16 * 147 + 96 * 16) * 110 * 110
-    sh = cost.shared_separable_cost(**C1, n_basis=4)
-    assert sh.macs == 3 * 4 * 7 * 110 * 224 + 3 * 4 * 7 * 110 * 110 + 96 * 3 * 4 * 110 * 110
-    assert sh.params == 4 * 14 + 96 * 12
+    sh = cost.shared_separable_cost(**C2, in_groups=48, out_groups=2, rank=6, n_filters=4)
+    # every input channel through 4 shared filters (vertical over the 55-wide input, then horizontal), the
+    # 1x1 combination into H*K = 12 components per group, and the expansion summing G*K = 288 per output
+    assert sh.macs == 96 * 4 * (5 * 26 * 55 + 5 * 26 * 26) + 96 * 2 * 6 * 676 + 256 * 48 * 6 * 676
+    assert sh.params == 96 * 2 * 6 + 4 * 10 + 256 * 48 * 6
+    few = cost.shared_separable_cost(**C2, in_groups=48, out_groups=2, rank=6, n_filters=4, filters_used=[1] * 48)
+    assert few.macs == 96 * 1 * (5 * 26 * 55 + 5 * 26 * 26) + 96 * 2 * 6 * 676 + 256 * 48 * 6 * 676
 
 
 def test_cost_errors():
