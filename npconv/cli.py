@@ -246,7 +246,7 @@ def _speed_only(net, cfg, base_times, timing_batch, device, repeat):
 
 
 def _write(args, results, net):
-    from .io import _atomic_write
+    from ._fileio import atomic_write as _atomic_write
     path = os.path.join(args.out, "results.json")
     _atomic_write(path, lambda f: f.write(json.dumps(results, indent=1, default=float).encode()))
     md = _markdown(results)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._fileio import atomic_write
 from ._validate import check_int, check_option
 
 __all__ = [
@@ -79,23 +80,7 @@ def find_data_dir(root=None):
 # ------------------------------------------------------------------------------------------------ cache
 def _atomic_save_npy(path: Path, arr):
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, arr, allow_pickle=False)
-        _umask_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask_mode(path):
-    """Give a mkstemp file (mode 0600) the mode a plain open() would have had (0666 less the umask)."""
-    um = os.umask(0)
-    os.umask(um)
-    os.chmod(path, 0o666 & ~um)
+    atomic_write(path, lambda f: np.save(f, arr, allow_pickle=False))
 
 
 def _cached(key, cache_dir, build):

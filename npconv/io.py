@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 
 import numpy as np
 
 from ._backend import to_numpy
+from ._fileio import atomic_write
 from .layers import layer_class
 from .network import Network
 
@@ -26,23 +26,6 @@ __all__ = ["save", "load", "from_torch", "load_state_dict", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 _MANIFEST = "__npconv__"
-
-
-def _atomic_write(path, write):
-    """Call ``write(fileobj)`` on a temporary file next to ``path``, fsync it, then rename it into place."""
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save(net, path, *, compress=False):
@@ -68,7 +51,7 @@ def save(net, path, *, compress=False):
         raise ValueError(f"net: the configuration or meta is not JSON-serialisable: {exc}") from exc
     arrays[_MANIFEST] = np.frombuffer(text.encode("utf-8"), np.uint8)
     writer = np.savez_compressed if compress else np.savez
-    _atomic_write(path, lambda f: writer(f, **arrays))
+    atomic_write(path, lambda f: writer(f, **arrays))
 
 
 def load(path):
