@@ -5,10 +5,16 @@ Evaluation" (NIPS 2014).
 Importing npconv is light: no CuPy import, no kernel compilation (numba kernels compile on first use and are
 cached on disk).
 """
-from . import functional  # noqa: F401
-from . import layers  # noqa: F401
-from .network import Network  # noqa: F401
-from .io import load, save, from_torch, load_state_dict  # noqa: F401
+from ._threads import configure_openmp_wait_policy as _configure_omp
+
+_configure_omp()  # before numba loads its OpenMP runtime: see npconv/_threads.py
+
+from . import functional  # noqa: E402,F401
+from . import layers  # noqa: E402,F401
+from . import models  # noqa: E402,F401
+from .network import Network  # noqa: E402,F401
+from .io import load, save, from_torch, load_state_dict  # noqa: E402,F401
+from .approximate import approximate  # noqa: E402,F401
 
 __version__ = "0.1.0"
-__all__ = ["Network", "load", "save", "from_torch", "load_state_dict", "functional", "layers"]
+__all__ = ["Network", "load", "save", "from_torch", "load_state_dict", "approximate", "functional", "layers", "models"]

@@ -20,3 +20,16 @@ def test_gpu_call_without_cupy_gives_install_hint(monkeypatch):
     import pytest
     with pytest.raises(ImportError, match=r"pip install 'npconv\[gpu\]'.*No module named 'cupy'"):
         B.require_cupy()
+
+
+def test_openmp_wait_policy_default_and_opt_out():
+    import os
+    code = "import os, npconv; print(os.environ.get('OMP_WAIT_POLICY'))"
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "NPCONV_KEEP_OMP_POLICY")}
+
+    def run(**extra):
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env=dict(base, **extra)).stdout.strip()
+    assert run() == "PASSIVE"
+    assert run(OMP_WAIT_POLICY="ACTIVE") == "ACTIVE"
+    assert run(NPCONV_KEEP_OMP_POLICY="1") == "None"
