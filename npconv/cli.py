@@ -25,21 +25,26 @@ __all__ = ["main"]
 
 
 def build_grid(full=False):
-    """The approximation settings swept by the main job (family, plan) for the reference network."""
+    """The approximation settings swept by the main job (family, plan) for the reference network.
+
+    Monochromatic, separable and dense-SVD fits use the data metric (the covariance of the layer's input
+    patches over 512 training images); biclustering fits the weights.
+    """
     from .approximate import SVD, Bicluster, Monochromatic, Separable
     from .experiment import Config
     grid = []
-    for c in ((4, 6, 8, 12, 16, 24) if full else (4, 8, 16)):
-        grid.append(Config("monochromatic conv1", {"conv1": Monochromatic(colors=c)}))
-    for G, H, K in (((4, 2, 8), (4, 2, 16), (8, 2, 16), (8, 2, 24), (8, 4, 24), (16, 2, 32)) if full
-                    else ((4, 2, 16), (8, 2, 24))):
+    for c in ((4, 8, 12, 16, 24, 32) if full else (16, 24, 32)):
+        grid.append(Config("monochromatic conv1", {"conv1": Monochromatic(colors=c, fit="data")}))
+    for G, H, K in (((4, 2, 16), (8, 2, 16), (8, 2, 24), (8, 2, 32), (8, 4, 32), (16, 2, 32)) if full
+                    else ((8, 2, 24), (8, 2, 32))):
         grid.append(Config("bicluster-CP conv2", {"conv2": Bicluster(G=G, H=H, rank=K, method="cp")}))
-    for K1, K2 in (((8, 24), (12, 32), (16, 48), (24, 64)) if full else ((12, 32), (16, 48))):
+    for K1, K2 in (((12, 32), (16, 48), (24, 64), (32, 64)) if full else ((16, 48), (24, 64))):
         grid.append(Config("bicluster-SVD conv2", {"conv2": Bicluster(G=2, H=2, ranks=(K1, K2), method="svd")}))
-    for r in ((24, 32, 48, 64) if full else (32, 48)):
-        grid.append(Config("separable conv3+conv4", {"conv3": Separable(rank=r), "conv4": Separable(rank=r)}))
-    for r in ((16, 32, 64, 128) if full else (32, 64)):
-        grid.append(Config("SVD fc5", {"fc5": SVD(rank=r)}))
+    for r in ((32, 48, 64, 96) if full else (48, 64)):
+        grid.append(Config("separable conv3+conv4", {"conv3": Separable(rank=r, fit="data"),
+                                                     "conv4": Separable(rank=r, fit="data")}))
+    for r in ((8, 16, 32, 64) if full else (16, 32)):
+        grid.append(Config("SVD fc5", {"fc5": SVD(rank=r, fit="data")}))
     return grid
 
 
