@@ -2,7 +2,7 @@
 
     python -m npconv                  # default sweep, about 5 minutes on 2 cores
     python -m npconv --full           # a larger sweep
-    python -m npconv --limit 300      # a smoke run on 300 validation and 300 test images
+    python -m npconv --quick --limit 300   # a smoke run: one setting per method, 300 images per split
 
 Steps: load the network and the data; report the exact network's top-1; apply each approximation over a grid of
 settings, scored on a validation split held out of the training images; pick, per method, the fastest setting
@@ -24,7 +24,7 @@ import numpy as np
 __all__ = ["main"]
 
 
-def build_grid(full=False):
+def build_grid(full=False, quick=False):
     """The approximation settings swept by the main job (family, plan) for the reference network.
 
     Monochromatic, separable and dense-SVD fits use the data metric (the covariance of the layer's input
@@ -32,6 +32,13 @@ def build_grid(full=False):
     """
     from .approximate import SVD, Bicluster, Monochromatic, Separable
     from .experiment import Config
+    if quick:  # one setting per method (smoke runs, CI)
+        return [Config("monochromatic conv1", {"conv1": Monochromatic(colors=24, fit="data")}),
+                Config("bicluster-CP conv2", {"conv2": Bicluster(G=8, H=2, rank=24, method="cp")}),
+                Config("bicluster-SVD conv2", {"conv2": Bicluster(G=2, H=2, ranks=(16, 48), method="svd")}),
+                Config("separable conv3+conv4", {"conv3": Separable(rank=64, fit="data"),
+                                                 "conv4": Separable(rank=64, fit="data")}),
+                Config("SVD fc5", {"fc5": SVD(rank=16, fit="data")})]
     grid = []
     for c in ((4, 8, 12, 16, 24, 32) if full else (16, 24, 32)):
         grid.append(Config("monochromatic conv1", {"conv1": Monochromatic(colors=c, fit="data")}))
@@ -85,6 +92,7 @@ def main(argv=None):
                     "cache, then ../shared/data)")
     ap.add_argument("--download", action="store_true", help="download the official CIFAR-10 archive first")
     ap.add_argument("--full", action="store_true", help="the larger sweep")
+    ap.add_argument("--quick", action="store_true", help="one setting per method (a smoke run)")
     ap.add_argument("--limit", type=int, default=0, help="use only this many validation and test images")
     ap.add_argument("--batch", type=int, default=128, help="batch size for the timing (default 128)")
     ap.add_argument("--repeat", type=int, default=5, help="timing repeats (median reported)")
@@ -101,7 +109,7 @@ def main(argv=None):
         ap.error(f"--batch must be >= 1, got {args.batch}")
 
     from . import datasets
-    from .experiment import evaluate, run_config, select, time_layers
+    from .experiment import evaluate, select, time_layers
     from .models import load_reference
     progress = not args.no_progress and sys.stderr.isatty()
     t_start = time.perf_counter()
@@ -156,7 +164,9 @@ def main(argv=None):
                " ".join(argv if argv is not None else sys.argv[1:]), "batch": args.batch, "backend": args.backend,
                "baseline": {"ms_per_image": 1e3 * base_times[1] / args.batch,
                             "per_layer_ms_per_image": {k: 1e3 * v / args.batch for k, v in base_times[0].items()}}}
-    grid = build_grid(args.full)
+    if args.full and args.quick:
+        ap.error("--full and --quick exclude each other")
+    grid = build_grid(args.full, args.quick)
 
     if not have_data:
         rows = []
@@ -184,23 +194,23 @@ def main(argv=None):
         print(_fmt_row(r, base_va_top1), flush=True)
     chosen = select(val_results, base_va_top1, budget=args.budget / 100)
 
-    # combination of the chosen settings (one per layer), scored on validation too
-    from .experiment import Config
-    combo_plan = {}
-    for fam, r in chosen.items():
-        if base_va_top1 - r.top1 <= args.budget / 100:
-            for k, v in r.config.plan.items():
-                combo_plan.setdefault(k, v)
-    conv_plan = {k: v for k, v in combo_plan.items() if k.startswith("conv")}
+    # combinations (one setting per family), searched greedily on validation: the conv layers, then everything
+    from .experiment import greedy_combine
+
+    def evaluate_on_val(cfg):
+        r = _run(net, cfg, Xva, yva, base_va_pred, base_times, timing_batch, calib, device, dev_x, args)
+        r.split = "val"
+        print(_fmt_row(r, base_va_top1), flush=True)
+        return r
+
     finals = list(chosen.values())
-    for label, plan in (("combined conv layers", conv_plan), ("combined all", combo_plan)):
-        if len(plan) >= 2:
-            r = _run(net, Config(label, plan), Xva, yva, base_va_pred, base_times, timing_batch, calib, device,
-                     dev_x, args)
-            r.split = "val"
-            val_results.append(r)
-            print(_fmt_row(r, base_va_top1), flush=True)
-            finals.append(r)
+    singles = list(val_results)
+    conv_results = [r for r in singles if all(k.startswith("conv") for k in r.config.plan)]
+    for label, pool in (("combined conv layers", conv_results), ("combined all", singles)):
+        tried = greedy_combine(pool, base_va_top1, evaluate_on_val, family=label, budget=args.budget / 100)
+        val_results.extend(tried)
+        if tried:
+            finals.append(tried[-1])
 
     # ---------------------------------------------------------------- the chosen ones on test, once
     print(f"\n## chosen settings on the test split ({len(yte)} images), reported once\n{HEADER}")
@@ -234,9 +244,13 @@ def _run(net, cfg, X, y, base_pred, base_times, timing_batch, calib, device, dev
 
 
 def _speed_only(net, cfg, base_times, timing_batch, device, repeat):
+    import dataclasses
     from .approximate import approximate
     from .experiment import time_layers
-    approx, reports = approximate(net, cfg.plan, return_report=True)
+    # no data: fit in the weight metric (the time of a factored layer does not depend on its values)
+    plan = {k: (dataclasses.replace(v, fit="weights") if getattr(v, "fit", "weights") == "data" else v)
+            for k, v in cfg.plan.items()}
+    approx, reports = approximate(net, plan, return_report=True)
     per_after, net_after = time_layers(device(approx), timing_batch, repeat=repeat)
     names = list(cfg.plan)
     b = len(timing_batch)

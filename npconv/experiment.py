@@ -15,7 +15,7 @@ import numpy as np
 from .approximate import approximate
 from .network import Network
 
-__all__ = ["evaluate", "time_layers", "Config", "ConfigResult", "run_config", "select"]
+__all__ = ["evaluate", "time_layers", "Config", "ConfigResult", "run_config", "select", "greedy_combine"]
 
 
 def evaluate(net: Network, X, y, *, batch_size=250, dtype=np.float32, progress=False):
@@ -130,3 +130,39 @@ def select(results, baseline_top1, *, budget=0.01):
         if cur is None or key > cur[0]:
             best[r.config.family] = (key, r)
     return {fam: v[1] for fam, v in best.items()}
+
+
+def greedy_combine(results, baseline_top1, evaluate_config, *, family="combined", budget=0.01, max_steps=4):
+    """Combine one setting per family into a single plan that stays within the top-1 budget, greedily.
+
+    Starts from the fastest within-budget setting of every family (``results``: the validation results), evaluates
+    the combination with ``evaluate_config(Config) -> ConfigResult``, and while it loses more than ``budget``,
+    backs off the family whose current setting loses most to its next more accurate setting (or, when it has
+    none, leaves that family out). Returns the list of evaluated ConfigResults; the last one is the answer when
+    it is within budget.
+    """
+    options = {}
+    for r in results:
+        if baseline_top1 - r.top1 <= budget:
+            options.setdefault(r.config.family, []).append(r)
+    for fam in options:
+        options[fam].sort(key=lambda r: -r.layer_speedup)
+    choice = {fam: 0 for fam in options}
+    tried = []
+    for _ in range(max_steps):
+        if len(choice) < 2:
+            break
+        plan = {}
+        for fam, i in choice.items():
+            plan.update(options[fam][i].config.plan)
+        r = evaluate_config(Config(family, plan))
+        tried.append(r)
+        if baseline_top1 - r.top1 <= budget:
+            break
+        worst = max(choice, key=lambda f: baseline_top1 - options[f][choice[f]].top1)
+        if choice[worst] + 1 < len(options[worst]) and \
+                options[worst][choice[worst] + 1].top1 > options[worst][choice[worst]].top1:
+            choice[worst] += 1
+        else:
+            del choice[worst]
+    return tried

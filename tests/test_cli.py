@@ -17,7 +17,7 @@ def run_cli(*args, env=None, timeout=900):
 @pytest.mark.slow
 def test_main_job_on_a_subset(tmp_path):
     out = tmp_path / "run"
-    r = run_cli("--limit", "200", "--batch", "16", "--repeat", "1", "--out", str(out))
+    r = run_cli("--quick", "--limit", "200", "--batch", "16", "--repeat", "1", "--out", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "exact network top-1" in r.stdout and "chosen settings on the test split" in r.stdout
     res = json.loads((out / "results.json").read_text())
@@ -35,7 +35,7 @@ def test_main_job_without_data_runs_speed_part(tmp_path):
     empty = tmp_path / "nodata"
     empty.mkdir()
     out = tmp_path / "run"
-    r = run_cli("--data", str(empty), "--batch", "8", "--repeat", "1", "--out", str(out), "--no-plots")
+    r = run_cli("--quick", "--data", str(empty), "--batch", "8", "--repeat", "1", "--out", str(out), "--no-plots")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "CIFAR-10 was not found" in r.stdout and "--data DIR" in r.stdout
     assert "Running the speed part only" in r.stdout
