@@ -124,7 +124,7 @@ def select(results, baseline_top1, *, budget=0.01):
     ``budget`` (fraction, 0.01 = 1 point); a family with none within budget gives its most accurate one."""
     best = {}
     for r in results:
-        ok = baseline_top1 - r.top1 <= budget
+        ok = _within(r, baseline_top1, budget)
         key = (ok, r.layer_speedup if ok else r.top1)
         cur = best.get(r.config.family)
         if cur is None or key > cur[0]:
@@ -132,37 +132,41 @@ def select(results, baseline_top1, *, budget=0.01):
     return {fam: v[1] for fam, v in best.items()}
 
 
-def greedy_combine(results, baseline_top1, evaluate_config, *, family="combined", budget=0.01, max_steps=4):
-    """Combine one setting per family into a single plan that stays within the top-1 budget, greedily.
+def _within(r, baseline_top1, budget):
+    return baseline_top1 - r.top1 <= budget + 1e-9  # a drop of exactly the budget is within it
 
-    Starts from the fastest within-budget setting of every family (``results``: the validation results), evaluates
-    the combination with ``evaluate_config(Config) -> ConfigResult``, and while it loses more than ``budget``,
-    backs off the family whose current setting loses most to its next more accurate setting (or, when it has
-    none, leaves that family out). Returns the list of evaluated ConfigResults; the last one is the answer when
-    it is within budget.
+
+def greedy_combine(results, baseline_top1, evaluate_config, *, family="combined", budget=0.01, max_steps=4):
+    """Combine one setting per layer group into a single plan that stays within the top-1 budget, greedily.
+
+    The within-budget validation ``results`` are grouped by the layers they replace (two methods for the same
+    layer compete for it). Starting from the fastest setting of every group, the combination is evaluated with
+    ``evaluate_config(Config) -> ConfigResult``; while it loses more than ``budget``, the group whose current
+    setting loses most moves to its next more accurate setting, or is left out when it has none. Returns the
+    evaluated ConfigResults; the last one is the answer when it is within budget.
     """
     options = {}
     for r in results:
-        if baseline_top1 - r.top1 <= budget:
-            options.setdefault(r.config.family, []).append(r)
-    for fam in options:
-        options[fam].sort(key=lambda r: -r.layer_speedup)
-    choice = {fam: 0 for fam in options}
+        if _within(r, baseline_top1, budget):
+            options.setdefault(tuple(sorted(r.config.plan)), []).append(r)
+    for key in options:
+        options[key].sort(key=lambda r: -r.layer_speedup)
+    choice = {key: 0 for key in options}
     tried = []
     for _ in range(max_steps):
         if len(choice) < 2:
             break
         plan = {}
-        for fam, i in choice.items():
-            plan.update(options[fam][i].config.plan)
+        for key, i in choice.items():
+            plan.update(options[key][i].config.plan)
         r = evaluate_config(Config(family, plan))
         tried.append(r)
-        if baseline_top1 - r.top1 <= budget:
+        if _within(r, baseline_top1, budget):
             break
-        worst = max(choice, key=lambda f: baseline_top1 - options[f][choice[f]].top1)
-        if choice[worst] + 1 < len(options[worst]) and \
-                options[worst][choice[worst] + 1].top1 > options[worst][choice[worst]].top1:
-            choice[worst] += 1
+        worst = max(choice, key=lambda k: baseline_top1 - options[k][choice[k]].top1)
+        nxt = choice[worst] + 1
+        if nxt < len(options[worst]) and options[worst][nxt].top1 > options[worst][choice[worst]].top1:
+            choice[worst] = nxt
         else:
             del choice[worst]
     return tried
