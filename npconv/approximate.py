@@ -68,7 +68,6 @@ class Spec:
         raise NotImplementedError
 
     def build(self, layer, result):
-        W = layer.weight
         kw = {} if isinstance(layer, Linear) else dict(stride=layer.stride, padding=layer.padding)
         return result.to_layer(bias=None if layer.bias is None else np.array(layer.bias), **kw)
 

@@ -44,7 +44,7 @@ _BLOCK = 256
 _MAX_GRID = 1 << 18                 # blocks of a grid-stride launch, so grid * block <= 2^26
 _INDEX_LIMIT = 2**31 - 2**26        # elements an int-indexed grid-stride loop may cover without overflow
 
-PTR, I32, REAL = "ptr", "i32", "real"
+PTR, IPTR, I32, REAL = "ptr", "iptr", "i32", "real"  # IPTR: an int32 array
 
 #: kernel name -> (source file, parameter kinds). PTR: a C-contiguous device array of the dtype;
 #: I32: ``np.int32``; REAL: a scalar of the dtype (``np.float32`` / ``np.float64``).
@@ -79,16 +79,17 @@ def _cupy():
     return _backend.require_cupy()
 
 
-def _launch(name, dtype, grid, block, args, shared_mem=0):
-    """Pack ``args`` as :data:`LAUNCH_SIGNATURES` declares for kernel ``name`` and launch it."""
-    source, kinds = LAUNCH_SIGNATURES[name]
+def pack_args(name, kinds, dtype, args):
+    """Pack ``args`` for a kernel whose parameters are ``kinds`` (PTR: a C-contiguous array of ``dtype``,
+    IPTR: of int32, I32: an int that fits 32 bits, REAL: a scalar of ``dtype``), checking each one."""
     if len(args) != len(kinds):
         raise TypeError(f"kernel {name} takes {len(kinds)} arguments, got {len(args)}")
     packed = []
     for i, (kind, a) in enumerate(zip(kinds, args)):
-        if kind == PTR:
-            if a.dtype != dtype or not a.flags.c_contiguous:
-                raise TypeError(f"kernel {name}, argument {i}: expected a C-contiguous {dtype} array, "
+        if kind in (PTR, IPTR):
+            want = np.dtype(np.int32) if kind == IPTR else dtype
+            if a.dtype != want or not a.flags.c_contiguous:
+                raise TypeError(f"kernel {name}, argument {i}: expected a C-contiguous {want} array, "
                                 f"got dtype {a.dtype} (c_contiguous={a.flags.c_contiguous})")
             packed.append(a)
         elif kind == I32:
@@ -98,8 +99,14 @@ def _launch(name, dtype, grid, block, args, shared_mem=0):
             packed.append(np.int32(v))
         else:
             packed.append(dtype.type(a))
+    return tuple(packed)
+
+
+def _launch(name, dtype, grid, block, args, shared_mem=0):
+    """Pack ``args`` as :data:`LAUNCH_SIGNATURES` declares for kernel ``name`` and launch it."""
+    source, kinds = LAUNCH_SIGNATURES[name]
     kernel = loader.get_kernel(source, name, dtype)
-    kernel(tuple(grid), tuple(block), tuple(packed), shared_mem=shared_mem)
+    kernel(tuple(grid), tuple(block), pack_args(name, kinds, dtype, args), shared_mem=shared_mem)
 
 
 def _check_index_range(total, what):

@@ -35,6 +35,7 @@ import numpy as np
 
 from ... import _backend
 from . import loader, ops
+from .ops import I32, IPTR, PTR, REAL, pack_args  # one argument packer for every launch
 
 __all__ = [
     "lowrank_conv2d", "monochromatic_conv2d", "separable_conv2d", "factor_conv", "conv_stage",
@@ -64,7 +65,6 @@ _MAX_GRID = 1 << 18                 # blocks of a grid-stride launch, so grid * 
 _MAX_GRID_YZ = 65535
 _INDEX_LIMIT = 2**31 - 2**26        # elements an int-indexed grid-stride loop may cover without overflow
 
-PTR, IPTR, I32, REAL = "ptr", "iptr", "i32", "real"
 
 #: kernel name -> (source file, parameter kinds). PTR: a C-contiguous device array of the dtype; IPTR: a
 #: C-contiguous int32 device array; I32: ``np.int32``; REAL: a scalar of the dtype.
@@ -129,24 +129,7 @@ def _cupy():
 def _launch(name, dtype, grid, block, args, shared_mem=0):
     """Pack ``args`` as :data:`LAUNCH_SIGNATURES` declares for kernel ``name`` and launch it."""
     _, kinds = LAUNCH_SIGNATURES[name]
-    if len(args) != len(kinds):
-        raise TypeError(f"kernel {name} takes {len(kinds)} arguments, got {len(args)}")
-    packed = []
-    for i, (kind, a) in enumerate(zip(kinds, args)):
-        if kind in (PTR, IPTR):
-            want = np.dtype(np.int32) if kind == IPTR else dtype
-            if a.dtype != want or not a.flags.c_contiguous:
-                raise TypeError(f"kernel {name}, argument {i}: expected a C-contiguous {want} array, "
-                                f"got dtype {a.dtype} (c_contiguous={a.flags.c_contiguous})")
-            packed.append(a)
-        elif kind == I32:
-            v = int(a)
-            if not -2**31 <= v < 2**31:
-                raise ValueError(f"kernel {name}, argument {i}: {v} does not fit a 32-bit int")
-            packed.append(np.int32(v))
-        else:
-            packed.append(dtype.type(a))
-    get_kernel(name, dtype)(tuple(grid), tuple(block), tuple(packed), shared_mem=shared_mem)
+    get_kernel(name, dtype)(tuple(grid), tuple(block), pack_args(name, kinds, dtype, args), shared_mem=shared_mem)
 
 
 def _contig(cp, a):
