@@ -14,13 +14,16 @@ _VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 def clean_blas_env(argv=None):
     """Re-exec the current script without the OpenBLAS overrides (once). Call before importing NumPy.
 
-    Also applies npconv's OpenMP wait policy (PASSIVE unless set, see npconv/_threads.py) from the start of the
-    process: the harness queries numba's threading layer before npconv is imported, and GNU OpenMP reads the
-    policy only when it is loaded. PyTorch's own OpenMP runtime then runs with the same policy.
+    Also applies npconv's thread settings (``OMP_WAIT_POLICY=PASSIVE`` and ``OPENBLAS_THREAD_TIMEOUT=4`` unless
+    set, see npconv/_threads.py) from the start of the process: the harness queries numba's threading layer and
+    imports NumPy before npconv is imported, and both runtimes read their variable only when they are loaded.
+    PyTorch's own OpenMP runtime then runs with the same policy.
     """
     argv = sys.argv if argv is None else argv
     if os.environ.get("NPCONV_KEEP_OMP_POLICY") != "1":
+        # the values of npconv/_threads.py (importing npconv here would load NumPy first)
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
     if "--keep-blas-env" in argv:
         return "kept: " + ", ".join(f"{v}={os.environ[v]}" for v in _VARS if v in os.environ)
     present = [v for v in _VARS if v in os.environ]
@@ -36,4 +39,5 @@ def clean_blas_env(argv=None):
 def describe():
     dropped = os.environ.get("NPCONV_BENCH_DROPPED_BLAS_ENV")
     base = f"dropped {dropped}" if dropped else "no OpenBLAS overrides dropped"
-    return f"{base}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}"
+    return (f"{base}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; "
+            f"OPENBLAS_THREAD_TIMEOUT={os.environ.get('OPENBLAS_THREAD_TIMEOUT')}")

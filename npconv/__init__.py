@@ -5,9 +5,9 @@ Evaluation" (NIPS 2014).
 Importing npconv is light: no CuPy import, no kernel compilation (numba kernels compile on first use and are
 cached on disk).
 """
-from ._threads import configure_openmp_wait_policy as _configure_omp
+from ._threads import configure_thread_env as _configure_threads
 
-_configure_omp()  # before numba loads its OpenMP runtime: see npconv/_threads.py
+_configure_threads()  # before numba loads its OpenMP runtime (and NumPy its OpenBLAS, if not yet): npconv/_threads.py
 
 from . import functional  # noqa: E402,F401
 from . import layers  # noqa: E402,F401

@@ -22,14 +22,15 @@ def test_gpu_call_without_cupy_gives_install_hint(monkeypatch):
         B.require_cupy()
 
 
-def test_openmp_wait_policy_default_and_opt_out():
+def test_thread_env_defaults_and_opt_out():
     import os
-    code = "import os, npconv; print(os.environ.get('OMP_WAIT_POLICY'))"
-    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "NPCONV_KEEP_OMP_POLICY")}
+    code = "import os, npconv; print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('OPENBLAS_THREAD_TIMEOUT'))"
+    drop = ("OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT", "NPCONV_KEEP_OMP_POLICY")
+    base = {k: v for k, v in os.environ.items() if k not in drop}
 
     def run(**extra):
         return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                               env=dict(base, **extra)).stdout.strip()
-    assert run() == "PASSIVE"
-    assert run(OMP_WAIT_POLICY="ACTIVE") == "ACTIVE"
-    assert run(NPCONV_KEEP_OMP_POLICY="1") == "None"
+    assert run() == "PASSIVE 4"
+    assert run(OMP_WAIT_POLICY="ACTIVE", OPENBLAS_THREAD_TIMEOUT="20") == "ACTIVE 20"
+    assert run(NPCONV_KEEP_OMP_POLICY="1") == "None None"

@@ -24,12 +24,11 @@ passes, which run on the GPU) with CuPy gathers/transposes; with unequal group s
 """
 from __future__ import annotations
 
-import threading
-
 import numba
 import numpy as np
 
 from .._backend import get_array_module, is_cupy_array, to_numpy
+from .._workspace import WS
 from .._validate import (as_pair, as_padding4, check_array, check_float_array, check_same_dtype, out_size)
 from .conv import conv2d
 
@@ -268,26 +267,7 @@ def bicluster_conv2d(x, *factors, bias=None, stride=1, padding=0):
 # --------------------------------------------------------------------------------------------------------------
 # CPU paths
 # --------------------------------------------------------------------------------------------------------------
-class _Workspace(threading.local):
-    """Per-thread scratch buffers reused across calls (fresh large allocations cost page faults on every call).
-
-    ``get(slot, n, dtype)`` returns a 1-D array of at least ``n`` items; each slot keeps its largest buffer,
-    and all slots together stay within a few times ``_WORKSPACE_BYTES`` by construction of the chunking.
-    """
-
-    def __init__(self):
-        self.bufs = {}
-
-    def get(self, slot, n, dtype):
-        key = (slot, np.dtype(dtype))
-        buf = self.bufs.get(key)
-        if buf is None or buf.shape[0] < n:
-            buf = np.empty(max(n, 1), dtype)
-            self.bufs[key] = buf
-        return buf[:n]
-
-
-_WS = _Workspace()
+_WS = WS  # shared per-thread scratch buffers (npconv/_workspace.py)
 
 
 def _chunk(N, P, per_img_items, itemsize):

@@ -1,10 +1,13 @@
 """2-D convolution (cross-correlation, as in every CNN framework), NCHW.
 
 CPU algorithm: for a chunk of images, a numba kernel packs the receptive fields of one group of channels into a
-column matrix ``col`` of shape (C/groups*KH*KW, chunk*OH*OW); one BLAS GEMM ``w_g @ col`` then gives that group's
-outputs for the whole chunk. The chunk is chosen so that the GEMM has enough columns to run at full speed and the
-workspace stays under ``_WORKSPACE_BYTES`` whatever the batch size. A 1x1, stride-1, unpadded convolution skips the
-packing. A grouped convolution with one input channel per group (depthwise) runs as direct numba loops.
+column matrix ``col`` of shape (C/groups*KH*KW [+1], chunk*OH*OW), reading each input plane from a padded,
+stride-phase-split copy so that every packed row is contiguous copies; one BLAS GEMM ``[w_g | b_g] @ col`` then
+gives that group's outputs with the bias (a row of ones under the packed columns) for the whole chunk. A chunk of
+one image writes straight into the output; a larger chunk (small images) goes through a staging buffer. The chunk
+is chosen so that the GEMM has enough columns to run at full speed and the workspace stays under
+``_WORKSPACE_BYTES`` whatever the batch size. A 1x1, stride-1, unpadded convolution skips the packing. A grouped
+convolution with one input channel per group (depthwise) runs as direct numba loops.
 
 GPU: CuPy arrays go to ``npconv.kernels.cuda.ops.conv2d`` (im2col kernel + cuBLAS).
 """
@@ -13,14 +16,17 @@ from __future__ import annotations
 import numpy as np
 
 from .._backend import get_array_module
+from .._workspace import WS
 from .._validate import as_pair, as_padding4, check_float_array, check_int, check_same_dtype, out_size
 
 __all__ = ["conv2d", "conv2d_output_shape", "normalize_conv_args"]
 
 #: upper bound of the packing buffer (and GEMM output staging) per call, in bytes
 _WORKSPACE_BYTES = 48 * 2**20
-#: the number of GEMM columns above which batching more images into one GEMM stops paying
-_TARGET_COLUMNS = 4096
+#: the number of GEMM columns above which batching more images into one GEMM stops paying: OpenBLAS SGEMM measured
+#: 450-470 GFLOP/s from 338 columns on (ZF conv2, AlexNet conv3/5 shapes, 2 cores) and slower with chunks of
+#: 4+ large images, whose column matrix no longer stays in the cache between packing and GEMM
+_TARGET_COLUMNS = 640
 
 
 def normalize_conv_args(x, w, b, stride, padding, dilation, groups):
@@ -120,26 +126,28 @@ def _conv2d_cpu(x, w, b, stride, pad, dilation, groups, OH, OW):
 
     rows = Cg * KH * KW
     item = dt.itemsize
-    per_img = (rows + Fg) * P * item  # packing + staging per image in a chunk
+    per_img = (rows + 1 + Fg) * P * item  # packing + staging per image in a chunk
     chunk = max(1, min(N, -(-_TARGET_COLUMNS // P), _WORKSPACE_BYTES // max(per_img, 1)))
-    col = np.empty((rows, chunk * P), dt)
-    stage = np.empty((Fg, chunk * P), dt) if chunk > 1 else None
+    # the bias rides in the GEMM: a row of ones under the packed columns and the bias as an extra weight column
+    # (no separate pass over the output)
+    kb = rows + 1 if has_b else rows
+    col = WS.get("conv.col", kb * chunk * P, dt).reshape(kb, chunk * P)
+    if has_b:
+        col[rows] = 1
+        wmat = np.concatenate([wmat, bias.reshape(F, 1)], axis=1)
+    stage = WS.get("conv.stage", Fg * chunk * P, dt).reshape(Fg, chunk * P) if chunk > 1 else None
     for n0 in range(0, N, chunk):
         n1 = min(N, n0 + chunk)
         m = n1 - n0
         cols = col[:, :m * P]
         for g in range(groups):
             K.im2col(x, n0, n1, g * Cg, (g + 1) * Cg, KH, KW, stride[0], stride[1], pad[0], pad[2],
-                     dilation[0], dilation[1], OH, OW, cols)
+                     dilation[0], dilation[1], OH, OW, K.row_split(m, Cg, KH), cols)
             wg = wmat[g * Fg:(g + 1) * Fg]
-            bg = bias[g * Fg:(g + 1) * Fg] if has_b else bias
             if m == 1:
-                yg = out3[n0, g * Fg:(g + 1) * Fg]
-                np.matmul(wg, cols, out=yg)
-                if has_b:
-                    K.add_bias_rows(yg, bg)
+                np.matmul(wg, cols, out=out3[n0, g * Fg:(g + 1) * Fg])
             else:
                 st = stage[:, :m * P]
                 np.matmul(wg, cols, out=st)
-                K.scatter_chunk_bias(st, out3[:, g * Fg:(g + 1) * Fg], n0, m, bg, has_b)
+                K.scatter_chunk(st, out3[:, g * Fg:(g + 1) * Fg], n0, m)
     return out

@@ -24,6 +24,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from ._pack import pack_plane as _pack_plane
+
 
 @numba.njit(cache=True, nogil=True)
 def group_check(perm, offsets, n):
@@ -44,76 +46,6 @@ def group_check(perm, offsets, n):
         if offsets[i] <= offsets[i - 1]:
             return 2
     return 0
-
-
-@numba.njit(cache=True, nogil=True)
-def _pack_plane(xin, pt, pl, sh, sw, dst):
-    """dst[p, q, r, m] = xin[r*sh + p - pt, m*sw + q - pl] (0 outside): one channel, phase-split and padded.
-
-    xin (H, W); dst (sh, sw, R, M). Stride-2 columns are split with paired contiguous stores.
-    """
-    SH, SW, R, M = dst.shape
-    H = xin.shape[0]
-    W = xin.shape[1]
-    for p in range(SH):
-        for r in range(R):
-            ih = r * sh + p - pt
-            if ih < 0 or ih >= H:
-                for q in range(SW):
-                    d = dst[p, q, r]
-                    for m in range(M):
-                        d[m] = 0
-                continue
-            src = xin[ih]
-            if sw == 1:
-                d = dst[p, 0, r]
-                m_lo = min(pl, M)
-                m_hi = min(M, W + pl)
-                for m in range(m_lo):
-                    d[m] = 0
-                dv = d[m_lo:m_hi]
-                sv = src[m_lo - pl:m_hi - pl]
-                for e in range(m_hi - m_lo):
-                    dv[e] = sv[e]
-                for m in range(m_hi, M):
-                    d[m] = 0
-            elif sw == 2:
-                # input columns 2e and 2e+1 land in phases q0 and 1-q0 at m = e + pl//2 and e + (pl+1)//2
-                q0 = pl % 2
-                da = dst[p, q0, r]
-                db = dst[p, 1 - q0, r]
-                sa = min(pl // 2, M)
-                sb = min((pl + 1) // 2, M)
-                na = max(0, min(M - sa, (W + 1) // 2))
-                nbb = max(0, min(M - sb, W // 2))
-                for m in range(sa):
-                    da[m] = 0
-                for m in range(sa + na, M):
-                    da[m] = 0
-                for m in range(sb):
-                    db[m] = 0
-                for m in range(sb + nbb, M):
-                    db[m] = 0
-                E = min(na, nbb)
-                dav = da[sa:sa + na]
-                dbv = db[sb:sb + nbb]
-                for e in range(E):
-                    dav[e] = src[2 * e]
-                    dbv[e] = src[2 * e + 1]
-                for e in range(E, na):
-                    dav[e] = src[2 * e]
-                for e in range(E, nbb):
-                    dbv[e] = src[2 * e + 1]
-            else:
-                for q in range(SW):
-                    d = dst[p, q, r]
-                    off = q - pl
-                    for m in range(M):
-                        col = m * sw + off
-                        if col >= 0 and col < W:
-                            d[m] = src[col]
-                        else:
-                            d[m] = 0
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
