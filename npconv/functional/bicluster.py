@@ -19,8 +19,10 @@ CPU (NumPy): numba kernels + BLAS, over chunks of the batch so the workspace sta
 the CP front end (reduction + both spatial passes) is one fused numba kernel parallel over components; the SVD
 form is three GEMM stages (a channel-major im2col feeds the middle one).
 
-GPU (CuPy): the same functions compose :func:`npconv.functional.conv2d` calls (grouped 1x1 convs and depthwise
-passes, which run on the GPU) with CuPy gathers/transposes; with unequal group sizes the groups are looped over.
+GPU (CuPy): dedicated kernels, :mod:`npconv.kernels.cuda.ops_bicluster` (a fused CP front end, the SVD block conv,
+the shared-filter passes; cuBLAS expansion GEMMs and a scatter by ``out_perm``). The composed paths
+(``_cp_composed`` ...: :func:`npconv.functional.conv2d` calls with gathers/transposes, on NumPy or CuPy) are the
+reference the tests compare against, and the GPU fallback for kernels too large for the dedicated tiles.
 """
 from __future__ import annotations
 
@@ -194,8 +196,7 @@ def bicluster_cp_conv2d(x, in_perm, in_offsets, reduce, vertical, horizontal, ex
     in_off, out_off, stride, pad, OH, OW = _validate_cp(x, in_perm, in_offsets, reduce, vertical, horizontal,
                                                          expand, out_perm, out_offsets, bias, stride, padding)
     if xp is not np:
-        return _cp_composed(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, out_off, bias,
-                            stride, pad)
+        return _cp_gpu(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, out_off, bias, stride, pad)
     return _cp_cpu(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, out_off, bias, stride,
                    pad, OH, OW)
 
@@ -211,7 +212,7 @@ def bicluster_svd_conv2d(x, in_perm, in_offsets, reduce, spatial, expand, out_pe
     in_off, out_off, stride, pad, OH, OW = _validate_svd(x, in_perm, in_offsets, reduce, spatial, expand,
                                                           out_perm, out_offsets, bias, stride, padding)
     if xp is not np:
-        return _svd_composed(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bias, stride, pad)
+        return _svd_gpu(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bias, stride, pad)
     return _svd_cpu(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bias, stride, pad, OH, OW)
 
 
@@ -230,8 +231,8 @@ def shared_separable_conv2d(x, in_perm, in_offsets, reduce, assign, vertical, ho
                                                              horizontal, expand, out_perm, out_offsets, bias,
                                                              stride, padding)
     if xp is not np:
-        return _shared_composed(x, in_perm, in_off, reduce, assign, vertical, horizontal, expand, out_perm,
-                                out_off, bias, stride, pad)
+        return _shared_gpu(x, in_perm, in_off, reduce, assign, vertical, horizontal, expand, out_perm, out_off, bias,
+                           stride, pad)
     return _shared_cpu(x, in_perm, in_off, reduce, assign, vertical, horizontal, expand, out_perm, out_off, bias,
                        stride, pad, OH, OW)
 
@@ -243,9 +244,9 @@ def run_validated(form, x, args, bias, stride, pad, OH, OW):
     the offsets as host int64 arrays and every float array in x's dtype and on x's device; ``stride`` a pair,
     ``pad`` a 4-tuple, ``OH``/``OW`` the output size. No checks: use the public functions otherwise.
     """
-    cpu, composed = _RUNNERS[form]
+    cpu, gpu = _RUNNERS[form]
     if is_cupy_array(x):
-        return composed(x, *args, bias, stride, pad)
+        return gpu(x, *args, bias, stride, pad)
     return cpu(x, *args, bias, stride, pad, OH, OW)
 
 
@@ -548,5 +549,29 @@ def _shared_composed(x, in_perm, in_off, reduce, assign, vertical, horizontal, e
     return _expand_composed(xp, z, G, H, K, expand, out_perm, out_off, bias)
 
 
-_RUNNERS = {"cp": (_cp_cpu, _cp_composed), "svd": (_svd_cpu, _svd_composed),
-            "shared": (_shared_cpu, _shared_composed)}
+# --------------------------------------------------------------------------------------------------------------
+# GPU paths (CuPy): the dedicated kernels of npconv.kernels.cuda.ops_bicluster (imported on first use; importing it
+# does not import CuPy). The composed paths above stay as the reference the tests compare against.
+# --------------------------------------------------------------------------------------------------------------
+def _cuda():
+    from ..kernels.cuda import ops_bicluster
+    return ops_bicluster
+
+
+def _cp_gpu(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, out_off, bias, stride, pad):
+    return _cuda().bicluster_cp_conv2d(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, out_off,
+                                       bias, stride=stride, padding=pad)
+
+
+def _svd_gpu(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bias, stride, pad):
+    return _cuda().bicluster_svd_conv2d(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bias,
+                                        stride=stride, padding=pad)
+
+
+def _shared_gpu(x, in_perm, in_off, reduce, assign, vertical, horizontal, expand, out_perm, out_off, bias, stride,
+                pad):
+    return _cuda().shared_separable_conv2d(x, in_perm, in_off, reduce, assign, vertical, horizontal, expand,
+                                           out_perm, out_off, bias, stride=stride, padding=pad)
+
+
+_RUNNERS = {"cp": (_cp_cpu, _cp_gpu), "svd": (_svd_cpu, _svd_gpu), "shared": (_shared_cpu, _shared_gpu)}

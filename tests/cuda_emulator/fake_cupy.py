@@ -1,9 +1,10 @@
 """A CuPy stand-in over NumPy and the CPU emulator, for running ``npconv.kernels.cuda.ops`` without a GPU.
 
 Only what ops.py uses: ``ndarray`` (a NumPy subclass marking "device" arrays), ``asarray``, ``ascontiguousarray``,
-``empty`` (filled with NaN, so an output element no kernel wrote shows up), ``zeros``, ``matmul``, ``asnumpy``
-and ``RawModule`` (:class:`CpuRawModule`). Install it with ``monkeypatch.setattr(npconv._backend, "require_cupy",
-lambda: fake_cupy)`` and clear ``npconv.kernels.cuda.loader``'s cache.
+``empty`` (filled with NaN, so an output element no kernel wrote shows up), ``zeros``, ``matmul`` (``out=`` too),
+``asnumpy`` and ``RawModule`` (:class:`CpuRawModule`). Install it with
+``monkeypatch.setattr(npconv._backend, "require_cupy", lambda: fake_cupy)`` and clear ``npconv.kernels.cuda.loader``'s
+cache.
 """
 from __future__ import annotations
 
@@ -39,8 +40,13 @@ def zeros(shape, dtype=np.float64):
     return _dev(np.zeros(shape, dtype=dtype))
 
 
-def matmul(a, b):
-    return _dev(np.matmul(np.asarray(a), np.asarray(b)))
+def matmul(a, b, out=None):
+    if out is None:
+        return _dev(np.matmul(np.asarray(a), np.asarray(b)))
+    if not isinstance(out, ndarray):
+        raise TypeError(f"out must be a device array, got {type(out).__name__}")
+    np.matmul(np.asarray(a), np.asarray(b), out=out.view(np.ndarray))
+    return out
 
 
 def asnumpy(a):

@@ -1,0 +1,346 @@
+// Kernels of the biclustered factored layers (npconv.functional.bicluster on CuPy arrays). They are launched by
+// npconv.kernels.cuda.ops_bicluster from its own table (ops_bicluster.LAUNCH_SIGNATURES). The leading underscore
+// keeps this file out of loader.source_names(), the sources of ops.py's table; ops_bicluster builds it with the
+// same prelude and #defines.
+//
+// Layouts shared by the kernels (one chunk of m images at a time; P = OH*OW output pixels per image):
+//   * input groups: the channels of group g are in_perm[in_off[g] .. in_off[g+1]-1] ("permuted order");
+//   * Z, the input of the expansion GEMMs: Z[(h*G + g)*K + k][n*P + p], so the rows of output group h are one
+//     contiguous (G*K, m*P) matrix and the expansion of group h is the GEMM expand_h (F_h, G*K) @ Z_h;
+//   * the GEMM result of output group h, r (F_h, m*P), is written to NCHW by bic_scatter through out_perm.
+//
+//  * bic_cp_front       -- CP form, fused: gathers a group's channels through in_perm, the C_g -> 1 reduction of
+//                          NPCONV_BIC_KC components, the vertical X x 1 pass (row stride) and the horizontal
+//                          1 x Y pass (column stride) of each, through shared memory; writes Z.
+//  * bic_gather         -- SVD form: x gathered through in_perm into a channel-major matrix xg[j][n*H*W + s], so
+//                          each group's C_g -> H*K1 reduction is one GEMM on contiguous rows.
+//  * bic_svd_spatial    -- SVD form: the K1 -> K2 X x Y conv of every block (g, h), direct (no im2col matrix),
+//                          from the reduction's output to Z.
+//  * bic_shared_filter  -- shared separable form: every input channel filtered by each shared filter its group
+//                          uses (vertical then horizontal pass), once: Q rows.
+//  * bic_shared_combine -- shared separable form: component (g, h, k) = sum_j reduce[j, h, k] * Q[j, slot]: Z.
+//  * bic_scatter        -- r (F_h, m*P) to y (m, F, P) at channels out_perm[o0 + f], adding the bias.
+
+#define NPCONV_BIC_KC 4   // components per bic_cp_front block (accumulators held in registers)
+#define NPCONV_BIC_FT 16  // filters per bic_svd_spatial block (accumulators held in registers)
+
+// CP front end.
+//   x (m, C, H, W); in_perm (C,), in_off (G+1,); reduce (C, NH*K) rows in permuted order; vertical (G, NH*K, X);
+//   horizontal (G, NH*K, Y); z (NH*G*K, m*P) as in the header. Zero padding PT/PL at the top/left (the
+//   bottom/right padding only enters through OH/OW).
+// Launch: block (TW, TH) with TW*TH <= 256; grid (tiles_h * tiles_w, G * kchunks, min(m, 65535)) where
+// kchunks = ceil(NH*K / NPCONV_BIC_KC): block (tile, g, chunk) computes components q0 .. q0+KC-1 (q = h*K + k)
+// of group g for a TH x TW tile of output pixels, looping over the images. Dynamic shared memory, in real_t:
+//   KC * TIH * TIW (the reduced input tiles; TIH = (TH-1)*SH + X, TIW = (TW-1)*SW + Y)
+//   + KC * TH * TIW (after the vertical pass) + KC * (X + Y) (the block's spatial weights).
+NPCONV_KERNEL_LB(bic_cp_front, 256)(const real_t* __restrict__ x, const int* __restrict__ in_perm,
+                                    const int* __restrict__ in_off, const real_t* __restrict__ reduce,
+                                    const real_t* __restrict__ vertical, const real_t* __restrict__ horizontal,
+                                    real_t* __restrict__ z, int m, int C, int H, int W, int G, int NH, int K,
+                                    int X, int Y, int SH, int SW, int PT, int PL, int OH, int OW, int tiles_w,
+                                    int kchunks) {
+  extern __shared__ __align__(16) unsigned char npconv_bic_cp_smem[];
+  const int KC = NPCONV_BIC_KC;
+  const int TW = blockDim.x;
+  const int TH = blockDim.y;
+  const int TIH = (TH - 1) * SH + X;
+  const int TIW = (TW - 1) * SW + Y;
+  const int TIT = TIH * TIW;  // one reduced input tile
+  const int TVT = TH * TIW;   // one tile after the vertical pass
+  real_t* rs = reinterpret_cast<real_t*>(npconv_bic_cp_smem);
+  real_t* vs = rs + KC * TIT;
+  real_t* wv = vs + KC * TVT;  // wv[i * X + t]
+  real_t* wh = wv + KC * X;    // wh[i * Y + t]
+
+  const int HK = NH * K;
+  const int g = blockIdx.y / kchunks;
+  const int q0 = (blockIdx.y - g * kchunks) * KC;
+  const int nq = min(KC, HK - q0);
+  const int i0 = in_off[g];
+  const int i1 = in_off[g + 1];
+  const int tx = threadIdx.x;
+  const int ty = threadIdx.y;
+  const int tid = ty * TW + tx;
+  const int nthreads = TW * TH;
+  const int tile_r = blockIdx.x / tiles_w;
+  const int tile_c = blockIdx.x - tile_r * tiles_w;
+  const int oh = tile_r * TH + ty;
+  const int ow = tile_c * TW + tx;
+  const int ih0 = tile_r * TH * SH - PT;
+  const int iw0 = tile_c * TW * SW - PL;
+  const bool active = oh < OH && ow < OW;
+  const size_t HW = (size_t)H * W;
+  const size_t P = (size_t)OH * OW;
+  const size_t ldz = (size_t)m * P;
+
+  // the spatial weights of the block's components (zero past the last component)
+  for (int j = tid; j < KC * (X + Y); j += nthreads) {
+    if (j < KC * X) {
+      const int i = j / X;
+      wv[j] = i < nq ? __ldg(vertical + ((size_t)g * HK + q0 + i) * X + (j - i * X)) : real_t(0);
+    } else {
+      const int jj = j - KC * X;
+      const int i = jj / Y;
+      wh[jj] = i < nq ? __ldg(horizontal + ((size_t)g * HK + q0 + i) * Y + (jj - i * Y)) : real_t(0);
+    }
+  }
+
+  for (int n = blockIdx.z; n < m; n += gridDim.z) {
+    // 1. reduction of the group's channels over the input tile, KC components at once (zero padding stays 0).
+    //    The previous image's rs was last read before the barrier ahead of its step 3, so no barrier is needed.
+    const real_t* xn = x + (size_t)n * C * HW;
+    for (int j = tid; j < TIT; j += nthreads) {
+      const int r = j / TIW;
+      const int ih = ih0 + r;
+      const int iw = iw0 + (j - r * TIW);
+      real_t acc[NPCONV_BIC_KC];
+#pragma unroll
+      for (int i = 0; i < NPCONV_BIC_KC; ++i) acc[i] = real_t(0);
+      if (npc_inside(ih, H) && npc_inside(iw, W)) {
+        const real_t* xp = xn + (size_t)ih * W + iw;
+        const real_t* rr = reduce + (size_t)i0 * HK + q0;
+        for (int c = i0; c < i1; ++c, rr += HK) {
+          const real_t v = __ldg(xp + (size_t)__ldg(in_perm + c) * HW);
+#pragma unroll
+          for (int i = 0; i < NPCONV_BIC_KC; ++i) acc[i] += __ldg(rr + min(i, nq - 1)) * v;
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < NPCONV_BIC_KC; ++i) rs[i * TIT + j] = acc[i];
+    }
+    __syncthreads();  // rs written; the previous image's vs is no longer read
+    // 2. vertical pass (row stride SH) of every component
+    for (int j = tid; j < nq * TVT; j += nthreads) {
+      const int i = j / TVT;
+      const int rem = j - i * TVT;
+      const int r = rem / TIW;
+      const real_t* src = rs + i * TIT + r * SH * TIW + (rem - r * TIW);
+      const real_t* w = wv + i * X;
+      real_t s = real_t(0);
+      for (int t = 0; t < X; ++t) s += w[t] * src[t * TIW];
+      vs[j] = s;
+    }
+    __syncthreads();
+    // 3. horizontal pass (column stride SW); one output pixel per thread
+    if (active) {
+      const size_t col = (size_t)n * P + (size_t)oh * OW + ow;
+      for (int i = 0; i < nq; ++i) {
+        const real_t* src = vs + i * TVT + ty * TIW + tx * SW;
+        const real_t* w = wh + i * Y;
+        real_t s = real_t(0);
+        for (int t = 0; t < Y; ++t) s += w[t] * src[t];
+        const int q = q0 + i;
+        const int h = q / K;
+        z[((size_t)(h * G + g) * K + (q - h * K)) * ldz + col] = s;
+      }
+    }
+  }
+}
+
+// x (m, C, H*W) gathered through perm into the channel-major xg (C, m*H*W): xg[j][n*HW + s] = x[n][perm[j]][s].
+NPCONV_KERNEL_LB(bic_gather, 256)(const real_t* __restrict__ x, const int* __restrict__ perm,
+                                  real_t* __restrict__ xg, int m, int C, int HW) {
+  const int row = m * HW;
+  const int total = C * row;
+  NPCONV_FOR_EACH(i, total) {
+    const int j = i / row;
+    const int rem = i - j * row;
+    const int n = rem / HW;
+    xg[i] = __ldg(x + ((size_t)n * C + __ldg(perm + j)) * HW + (rem - n * HW));
+  }
+}
+
+// SVD form, the K1 -> K2 X x Y conv of every block (g, h), groups of its own: z1 (G*NH*K1, m*H*W) holds the
+// reduction's output, row (g*NH + h)*K1 + k1; spatial (G, NH, K2, K1, X, Y); z (NH*G*K2, m*P) as in the header.
+// Launch: 1-D blocks (at most 256 threads), grid (pixel blocks, ceil(K2 / NPCONV_BIC_FT), G*NH); the pixel loop
+// is grid-stride with a trip count that is the same for every thread of a block (the loop holds barriers).
+// Dynamic shared memory: CC * X * Y * NPCONV_BIC_FT real_t, the weights of the block's filters for CC of the K1
+// input channels (CC >= 1), laid out wsh[k * FT + f].
+NPCONV_KERNEL_LB(bic_svd_spatial, 256)(const real_t* __restrict__ z1, const real_t* __restrict__ spatial,
+                                       real_t* __restrict__ z, int m, int G, int NH, int K1, int K2, int H,
+                                       int W, int X, int Y, int SH, int SW, int PT, int PL, int OH, int OW,
+                                       int CC) {
+  extern __shared__ __align__(16) unsigned char npconv_bic_svd_smem[];
+  real_t* wsh = reinterpret_cast<real_t*>(npconv_bic_svd_smem);
+  const int FT = NPCONV_BIC_FT;
+  const int XY = X * Y;
+  const int blk = blockIdx.z;  // g * NH + h
+  const int g = blk / NH;
+  const int h = blk - g * NH;
+  const int f0 = blockIdx.y * FT;
+  const int P = OH * OW;
+  const int total = m * P;
+  const size_t HW = (size_t)H * W;
+  const size_t ldi = (size_t)m * HW;
+  const size_t ldo = (size_t)total;
+  const real_t* zin = z1 + (size_t)blk * K1 * ldi;
+  const real_t* wb = spatial + (size_t)blk * K2 * K1 * XY;
+  real_t* zout = z + ((size_t)h * G + g) * K2 * ldo;
+  for (int base = blockIdx.x * blockDim.x; base < total; base += blockDim.x * gridDim.x) {
+    const int i = base + threadIdx.x;  // n * P + pixel
+    const bool active = i < total;
+    const int n = active ? i / P : 0;
+    const int pix = active ? i - n * P : 0;
+    const int oh = pix / OW;
+    const int ih0 = oh * SH - PT;
+    const int iw0 = (pix - oh * OW) * SW - PL;
+    real_t acc[NPCONV_BIC_FT];
+#pragma unroll
+    for (int f = 0; f < NPCONV_BIC_FT; ++f) acc[f] = real_t(0);
+    for (int c0 = 0; c0 < K1; c0 += CC) {
+      const int cc = min(CC, K1 - c0);
+      __syncthreads();  // the previous chunk's weights are no longer read
+      for (int j = threadIdx.x; j < cc * XY * FT; j += blockDim.x) {
+        const int f = j % FT;
+        const int k = j / FT;  // (c - c0) * XY + x * Y + y
+        wsh[j] = (f0 + f < K2) ? __ldg(wb + ((size_t)(f0 + f) * K1 + c0) * XY + k) : real_t(0);
+      }
+      __syncthreads();
+      if (active) {
+        const real_t* wk = wsh;
+        for (int c = 0; c < cc; ++c) {
+          const real_t* src = zin + (size_t)(c0 + c) * ldi + (size_t)n * HW;
+          for (int kh = 0; kh < X; ++kh) {
+            const int ih = ih0 + kh;
+            const bool row_ok = npc_inside(ih, H);
+            for (int kw = 0; kw < Y; ++kw, wk += NPCONV_BIC_FT) {
+              const int iw = iw0 + kw;
+              real_t v = real_t(0);
+              if (row_ok && npc_inside(iw, W)) v = __ldg(src + (size_t)ih * W + iw);
+#pragma unroll
+              for (int f = 0; f < NPCONV_BIC_FT; ++f) acc[f] += v * wk[f];
+            }
+          }
+        }
+      }
+    }
+    if (active) {
+#pragma unroll
+      for (int f = 0; f < NPCONV_BIC_FT; ++f)
+        if (f0 + f < K2) zout[(size_t)(f0 + f) * ldo + i] = acc[f];
+    }
+  }
+}
+
+// Shared separable form, the filtering: input channel jj (permuted order) of group g = chan_group[jj] is filtered
+// by each shared filter its group uses, s = used_filter[used_ptr[g] + u] for u < U_g = used_ptr[g+1] - used_ptr[g]
+// (vertical (S, X) with the row stride, then horizontal (S, Y) with the column stride), into
+//   q[(qoff[g] + (jj - in_off[g]) * U_g + u)][n*P + p]      (q has qoff[G] rows of m*P).
+// Launch: block (TW, TH) with TW*TH <= 256; grid (tiles_h * tiles_w, C, min(m, 65535)). Dynamic shared memory,
+// in real_t: TIH * TIW (the input tile, TIH = (TH-1)*SH + X, TIW = (TW-1)*SW + Y) + TH * TIW (vertical pass).
+NPCONV_KERNEL_LB(bic_shared_filter, 256)(const real_t* __restrict__ x, const int* __restrict__ in_perm,
+                                         const int* __restrict__ chan_group, const int* __restrict__ in_off,
+                                         const int* __restrict__ used_ptr, const int* __restrict__ used_filter,
+                                         const int* __restrict__ qoff, const real_t* __restrict__ vertical,
+                                         const real_t* __restrict__ horizontal, real_t* __restrict__ q, int m,
+                                         int C, int H, int W, int X, int Y, int SH, int SW, int PT, int PL,
+                                         int OH, int OW, int tiles_w) {
+  extern __shared__ __align__(16) unsigned char npconv_bic_shared_smem[];
+  const int TW = blockDim.x;
+  const int TH = blockDim.y;
+  const int TIH = (TH - 1) * SH + X;
+  const int TIW = (TW - 1) * SW + Y;
+  const int TIT = TIH * TIW;
+  const int TVT = TH * TIW;
+  real_t* xs = reinterpret_cast<real_t*>(npconv_bic_shared_smem);
+  real_t* vs = xs + TIT;
+
+  const int jj = blockIdx.y;
+  const int g = chan_group[jj];
+  const int u0 = used_ptr[g];
+  const int U = used_ptr[g + 1] - u0;
+  const int row0 = qoff[g] + (jj - in_off[g]) * U;
+  const int c = in_perm[jj];
+  const int tx = threadIdx.x;
+  const int ty = threadIdx.y;
+  const int tid = ty * TW + tx;
+  const int nthreads = TW * TH;
+  const int tile_r = blockIdx.x / tiles_w;
+  const int tile_c = blockIdx.x - tile_r * tiles_w;
+  const int oh = tile_r * TH + ty;
+  const int ow = tile_c * TW + tx;
+  const int ih0 = tile_r * TH * SH - PT;
+  const int iw0 = tile_c * TW * SW - PL;
+  const bool active = oh < OH && ow < OW;
+  const size_t HW = (size_t)H * W;
+  const size_t P = (size_t)OH * OW;
+  const size_t ldq = (size_t)m * P;
+
+  for (int n = blockIdx.z; n < m; n += gridDim.z) {
+    // the input tile (zero padding); its previous readers finished before the barrier ahead of the last step 3
+    const real_t* xc = x + ((size_t)n * C + c) * HW;
+    for (int j = tid; j < TIT; j += nthreads) {
+      const int r = j / TIW;
+      const int ih = ih0 + r;
+      const int iw = iw0 + (j - r * TIW);
+      xs[j] = (npc_inside(ih, H) && npc_inside(iw, W)) ? __ldg(xc + (size_t)ih * W + iw) : real_t(0);
+    }
+    for (int u = 0; u < U; ++u) {
+      const int s = __ldg(used_filter + u0 + u);
+      const real_t* wv = vertical + (size_t)s * X;
+      const real_t* wh = horizontal + (size_t)s * Y;
+      __syncthreads();  // xs written; the previous filter's vs is no longer read
+      for (int j = tid; j < TVT; j += nthreads) {
+        const int r = j / TIW;
+        const real_t* src = xs + r * SH * TIW + (j - r * TIW);
+        real_t v = real_t(0);
+#pragma unroll 1  // unrolled, ptxas spills this loop in the f64 sm_80 build
+        for (int t = 0; t < X; ++t) v += __ldg(wv + t) * src[t * TIW];
+        vs[j] = v;
+      }
+      __syncthreads();
+      if (active) {
+        const real_t* src = vs + ty * TIW + tx * SW;
+        real_t v = real_t(0);
+        for (int t = 0; t < Y; ++t) v += __ldg(wh + t) * src[t];
+        q[(size_t)(row0 + u) * ldq + (size_t)n * P + (size_t)oh * OW + ow] = v;
+      }
+    }
+  }
+}
+
+// Shared separable form, the combination: z[(h*G + g)*K + k][col] = sum_{j in group g} reduce[j, h, k] *
+// q[qoff[g] + (j - in_off[g]) * U_g + slot[g, h, k]][col], with reduce (C, NH, K) in permuted order, slot (G, NH, K)
+// the position of each component's shared filter in its group's list, and col = n*P + p < m*P. One thread per
+// element of z (NH*G*K rows of m*P).
+NPCONV_KERNEL_LB(bic_shared_combine, 256)(const real_t* __restrict__ q, const real_t* __restrict__ reduce,
+                                          const int* __restrict__ slot, const int* __restrict__ in_off,
+                                          const int* __restrict__ used_ptr, const int* __restrict__ qoff,
+                                          real_t* __restrict__ z, int m, int P, int G, int NH, int K) {
+  const int ldz = m * P;
+  const int total = NH * G * K * ldz;
+  const int HK = NH * K;
+  NPCONV_FOR_EACH(i, total) {
+    const int row = i / ldz;
+    const int col = i - row * ldz;
+    const int h = row / (G * K);
+    const int rem = row - h * G * K;
+    const int g = rem / K;
+    const int hk = h * K + (rem - g * K);
+    const int i0 = in_off[g];
+    const int i1 = in_off[g + 1];
+    const size_t step = (size_t)(used_ptr[g + 1] - used_ptr[g]) * ldz;
+    const real_t* qp = q + (size_t)(qoff[g] + slot[g * HK + hk]) * ldz + col;
+    real_t acc = real_t(0);
+    for (int j = i0; j < i1; ++j, qp += step) acc += __ldg(reduce + (size_t)j * HK + hk) * __ldg(qp);
+    z[i] = acc;
+  }
+}
+
+// r (F_h, m*P), the expansion GEMM of one output group, into y (m, F, P) at channel out_perm[o0 + f], adding
+// bias[out_perm[o0 + f]] when has_bias != 0.
+NPCONV_KERNEL_LB(bic_scatter, 256)(const real_t* __restrict__ r, const int* __restrict__ out_perm,
+                                   const real_t* __restrict__ bias, real_t* __restrict__ y, int Fh, int m, int P,
+                                   int F, int o0, int has_bias) {
+  const int row = m * P;
+  const int total = Fh * row;
+  NPCONV_FOR_EACH(i, total) {
+    const int f = i / row;
+    const int rem = i - f * row;
+    const int n = rem / P;
+    const int fo = __ldg(out_perm + o0 + f);
+    real_t v = r[i];
+    if (has_bias) v += __ldg(bias + fo);
+    y[((size_t)n * F + fo) * P + (rem - n * P)] = v;
+  }
+}

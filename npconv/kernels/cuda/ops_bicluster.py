@@ -1,0 +1,424 @@
+"""GPU entry points of the biclustered factored layers (CuPy arrays), with their own kernels in ``_bicluster.cu``.
+
+``npconv.functional.bicluster`` validates the factors and normalises the arguments (stride pair, padding as
+``(top, bottom, left, right)``, the group offsets as host integer arrays), then calls these functions for CuPy
+arrays. The output dtype is the input dtype (float32 or float64). The factor layout is that of
+:mod:`npconv.decompose.bicluster` / :mod:`npconv.decompose.shared`: input group g is
+``in_perm[in_off[g]:in_off[g+1]]``, stacked factor rows follow the permuted order, likewise for the outputs.
+
+Every form ends the same way. The front end writes ``Z`` (NH, G*K, m*P) for a chunk of m images (P = OH*OW):
+row ``(h*G + g)*K + k`` holds component k of block (g, h). The expansion of output group h is then one cuBLAS GEMM,
+``expand_h (F_h, G*K) @ Z_h (G*K, m*P)``, and ``bic_scatter`` writes its rows to the output channels
+``out_perm[out_off[h]:out_off[h+1]]`` of NCHW, adding the bias. How each form builds Z:
+
+  * CP (:func:`bicluster_cp_conv2d`): one fused kernel, ``bic_cp_front``. A block takes one image, one input group,
+    :data:`CP_COMPONENTS_PER_BLOCK` components (h, k) and a tile of output pixels. It reduces the group's channels
+    (read through in_perm) over the input tile the output tile needs, for its components at once (accumulators in
+    registers), into shared memory; then the vertical X x 1 pass (row stride) into shared memory, then the
+    horizontal 1 x Y pass (column stride), one output pixel per thread, straight into Z.
+  * SVD (:func:`bicluster_svd_conv2d`): ``bic_gather`` copies x through in_perm into a channel-major matrix (C, m*H*W),
+    so each group's C_g -> NH*K1 reduction is one cuBLAS GEMM on contiguous rows; ``bic_svd_spatial`` then runs the
+    K1 -> K2 X x Y conv of every block (g, h) directly (16 filters per block in registers, their weights in shared
+    memory one chunk of K1 channels at a time, no im2col matrix), from the reduction's output to Z.
+  * Shared separable (:func:`shared_separable_conv2d`): ``bic_shared_filter`` filters each input channel once per
+    shared filter its group uses (vertical then horizontal pass through shared memory), into Q; ``bic_shared_combine``
+    forms each component as the C_g-term combination of its group's filtered maps, into Z.
+
+When a tile does not fit its shared-memory budget even with one row of outputs (very large kernels), or a grid
+dimension would pass 65535, a form falls back to the composition of generic ops (the functions ``_cp_composed``,
+``_svd_composed``, ``_shared_composed`` of :mod:`npconv.functional.bicluster`: grouped 1x1 and depthwise convs through
+:func:`npconv.kernels.cuda.ops.conv2d`). The batch is processed in chunks of images whose intermediates fit
+:data:`WORKSPACE_BYTES`. None of the budgets and tile shapes here has been measured on a GPU (docs/gpu_bicluster.md).
+
+Small host arrays go to the device on every call: the offsets, and for the shared form its filter lists (computed on
+the host from ``assign``, memoised by content). A device ``assign`` is copied to the host for that (a
+synchronisation); :class:`npconv.layers.bicluster.SharedSeparableConv2d` keeps its ``assign`` on the host.
+
+Launches go through :func:`_launch`, which packs the arguments from :data:`LAUNCH_SIGNATURES` (parameter kinds as in
+``ops.LAUNCH_SIGNATURES``, plus ``IPTR``, a C-contiguous int32 device array). :func:`source_text` builds the module
+exactly as ``loader.source_text`` builds the package sources; ``_bicluster.cu`` starts with an underscore so that
+``loader`` and the tests of ``ops.LAUNCH_SIGNATURES`` leave it to this module.
+"""
+from __future__ import annotations
+
+import collections
+import functools
+import threading
+
+import numpy as np
+
+from ... import _backend
+from . import loader
+from .ops import I32, IPTR, PTR, pack_args  # one argument packer for every launch
+
+__all__ = [
+    "bicluster_cp_conv2d", "bicluster_svd_conv2d", "shared_separable_conv2d", "LAUNCH_SIGNATURES", "SOURCE",
+    "source_text", "get_kernel", "clear_cache", "cp_tiling", "shared_tiling", "svd_chunk", "shared_launch_plan",
+    "CP_COMPONENTS_PER_BLOCK", "SVD_FILTERS_PER_BLOCK", "TILE_W", "TILE_ROWS", "CP_SMEM_BUDGET",
+    "SHARED_SMEM_BUDGET", "SVD_SMEM_BUDGET", "WORKSPACE_BYTES",
+]
+
+#: the kernel source of this module (a file of npconv.kernels.cuda)
+SOURCE = "_bicluster"
+#: components per bic_cp_front block (NPCONV_BIC_KC in _bicluster.cu)
+CP_COMPONENTS_PER_BLOCK = 4
+#: filters per bic_svd_spatial block (NPCONV_BIC_FT in _bicluster.cu)
+SVD_FILTERS_PER_BLOCK = 16
+#: output columns per tile of bic_cp_front / bic_shared_filter (blockDim.x), and the rows tried, largest first
+TILE_W = 32
+TILE_ROWS = (8, 4, 2, 1)
+#: shared memory a bic_cp_front block may use (reduced tiles + vertical pass + weights), bytes
+CP_SMEM_BUDGET = 32 * 1024
+#: shared memory a bic_shared_filter block may use (input tile + vertical pass), bytes
+SHARED_SMEM_BUDGET = 24 * 1024
+#: shared memory a bic_svd_spatial block may use for one chunk of K1 channels' weights, bytes
+SVD_SMEM_BUDGET = 16 * 1024
+#: bound on the intermediates of one chunk of images (Z, the GEMM result, and the form's own buffers), bytes
+WORKSPACE_BYTES = 256 * 2**20
+
+_BLOCK = 256
+_MAX_GRID = 1 << 18                 # blocks of a grid-stride launch, so grid * block <= 2^26
+_MAX_GRID_YZ = 65535
+_INDEX_LIMIT = 2**31 - 2**26        # elements an int-indexed grid-stride loop may cover without overflow
+
+#: kernel name -> (source file, parameter kinds). PTR: a C-contiguous device array of the dtype; IPTR: a
+#: C-contiguous int32 device array; I32: ``np.int32``.
+LAUNCH_SIGNATURES: dict[str, tuple[str, tuple[str, ...]]] = {
+    # x, in_perm, in_off, reduce, vertical, horizontal, z,
+    # m, C, H, W, G, NH, K, X, Y, SH, SW, PT, PL, OH, OW, tiles_w, kchunks
+    "bic_cp_front": (SOURCE, (PTR, IPTR, IPTR, PTR, PTR, PTR, PTR) + (I32,) * 17),
+    # x, perm, xg, m, C, HW
+    "bic_gather": (SOURCE, (PTR, IPTR, PTR) + (I32,) * 3),
+    # z1, spatial, z, m, G, NH, K1, K2, H, W, X, Y, SH, SW, PT, PL, OH, OW, CC
+    "bic_svd_spatial": (SOURCE, (PTR, PTR, PTR) + (I32,) * 16),
+    # x, in_perm, chan_group, in_off, used_ptr, used_filter, qoff, vertical, horizontal, q,
+    # m, C, H, W, X, Y, SH, SW, PT, PL, OH, OW, tiles_w
+    "bic_shared_filter": (SOURCE, (PTR,) + (IPTR,) * 6 + (PTR,) * 3 + (I32,) * 13),
+    # q, reduce, slot, in_off, used_ptr, qoff, z, m, P, G, NH, K
+    "bic_shared_combine": (SOURCE, (PTR, PTR, IPTR, IPTR, IPTR, IPTR, PTR) + (I32,) * 5),
+    # r, out_perm, bias, y, Fh, m, P, F, o0, has_bias
+    "bic_scatter": (SOURCE, (PTR, IPTR, PTR, PTR) + (I32,) * 6),
+}
+
+_modules: dict = {}
+_lock = threading.Lock()
+
+
+# --- the module ------------------------------------------------------------------------------------------------
+
+def source_text(dtype) -> str:
+    """The CUDA C text of ``_bicluster.cu`` for ``dtype``, built as :func:`loader.source_text` builds a source."""
+    sfx = loader._suffix(dtype)              # TypeError for a dtype other than float32 / float64
+    return (f"#define NPCONV_REAL {loader._CTYPE[sfx]}\n#define NPCONV_SFX {sfx}\n"
+            f"{loader._read('_prelude.cu')}\n#line 1 \"{SOURCE}.cu\"\n{loader._read(SOURCE + '.cu')}")
+
+
+def _module(dtype):
+    cp = _backend.require_cupy()
+    key = (id(cp), np.dtype(dtype).name)      # the entry keeps ``cp`` alive, so its id is not reused
+    entry = _modules.get(key)
+    if entry is None:
+        code = source_text(dtype)
+        with _lock:
+            entry = _modules.get(key)
+            if entry is None:
+                entry = _modules[key] = (cp, cp.RawModule(code=code, options=loader.RAWMODULE_OPTIONS))
+    return entry[1]
+
+
+def get_kernel(name, dtype):
+    """The kernel ``npconv_<name>_<f32|f64>`` of ``_bicluster.cu`` (a ``cupy.RawKernel``)."""
+    if name not in LAUNCH_SIGNATURES:
+        raise ValueError(f"no kernel {name!r} in {SOURCE}.cu; known: {sorted(LAUNCH_SIGNATURES)}")
+    return _module(dtype).get_function(loader.kernel_name(name, dtype))
+
+
+def clear_cache() -> None:
+    """Forget the memoized modules (the next call builds them again)."""
+    with _lock:
+        _modules.clear()
+
+
+def _cupy():
+    return _backend.require_cupy()
+
+
+def _launch(name, dtype, grid, block, args, shared_mem=0):
+    """Pack ``args`` as :data:`LAUNCH_SIGNATURES` declares for kernel ``name`` and launch it."""
+    _, kinds = LAUNCH_SIGNATURES[name]
+    get_kernel(name, dtype)(tuple(grid), tuple(block), pack_args(name, kinds, np.dtype(dtype), args),
+                            shared_mem=shared_mem)
+
+
+def _launch_1d(name, dtype, total, args):
+    """A grid-stride kernel over ``total`` elements (nothing to do when ``total`` is 0)."""
+    if total == 0:
+        return
+    if total > _INDEX_LIMIT:
+        raise ValueError(f"{name}: {total} elements; the CUDA kernels index with 32-bit ints and take at most "
+                         f"{_INDEX_LIMIT}: split the batch")
+    _launch(name, dtype, (min(-(-total // _BLOCK), _MAX_GRID),), (_BLOCK,), args)
+
+
+def _contig(cp, a):
+    return None if a is None else cp.ascontiguousarray(a)
+
+
+def _ints(cp, a):
+    """A C-contiguous int32 device copy of an index array given on the host or on the device."""
+    return cp.ascontiguousarray(cp.asarray(a), dtype=np.int32)
+
+
+def _host_offsets(off):
+    return np.ascontiguousarray(_backend.to_numpy(off), dtype=np.int64)
+
+
+def _out_len(size, k, s, lo, hi):
+    return (size + lo + hi - k) // s + 1
+
+
+# --- launch geometry -------------------------------------------------------------------------------------------
+
+def _tile(X, Y, SH, SW, itemsize, budget, bytes_of):
+    for TH in TILE_ROWS:
+        TIH, TIW = (TH - 1) * SH + X, (TILE_W - 1) * SW + Y
+        smem = bytes_of(TH, TIH, TIW) * itemsize
+        if smem <= budget:
+            return TILE_W, TH, smem
+    return None
+
+
+def cp_tiling(X, Y, SH, SW, itemsize):
+    """(tile columns, tile rows, shared-memory bytes) of a bic_cp_front block, or None when even one row of
+    :data:`TILE_W` outputs does not fit :data:`CP_SMEM_BUDGET`."""
+    KC = CP_COMPONENTS_PER_BLOCK
+    return _tile(X, Y, SH, SW, itemsize, CP_SMEM_BUDGET,
+                 lambda TH, TIH, TIW: KC * (TIH * TIW + TH * TIW) + KC * (X + Y))
+
+
+def shared_tiling(X, Y, SH, SW, itemsize):
+    """(tile columns, tile rows, shared-memory bytes) of a bic_shared_filter block, or None when even one row of
+    :data:`TILE_W` outputs does not fit :data:`SHARED_SMEM_BUDGET`."""
+    return _tile(X, Y, SH, SW, itemsize, SHARED_SMEM_BUDGET, lambda TH, TIH, TIW: TIH * TIW + TH * TIW)
+
+
+def svd_chunk(K1, X, Y, itemsize):
+    """K1 channels per shared-memory chunk of bic_svd_spatial (0 when not even one fits :data:`SVD_SMEM_BUDGET`)."""
+    return min(K1, SVD_SMEM_BUDGET // (X * Y * SVD_FILTERS_PER_BLOCK * itemsize))
+
+
+def _images_per_chunk(N, per_image, largest, itemsize):
+    """Images per chunk: the chunk's intermediates (``per_image`` elements an image) within WORKSPACE_BYTES, and
+    the largest buffer (``largest`` elements an image) within the 32-bit index range of the kernels."""
+    if largest > _INDEX_LIMIT:
+        raise ValueError(f"the intermediates of one image have {largest} elements; the CUDA kernels index with "
+                         f"32-bit ints and take at most {_INDEX_LIMIT}")
+    nb = max(1, min(N, WORKSPACE_BYTES // max(1, per_image * itemsize)))
+    return min(nb, _INDEX_LIMIT // max(1, largest))
+
+
+SharedPlan = collections.namedtuple("SharedPlan", "chan_group used_ptr used_filter slot qoff")
+
+
+@functools.lru_cache(maxsize=64)
+def _shared_plan(assign_bytes, shape, in_off_bytes, n_filters):
+    from ...functional.bicluster import shared_plan
+    assign = np.frombuffer(assign_bytes, np.int64).reshape(shape)
+    in_off = np.frombuffer(in_off_bytes, np.int64)
+    used_ptr, used_filter, slot = shared_plan(assign, n_filters)
+    sizes = np.diff(in_off)
+    qoff = np.concatenate([[0], np.cumsum(sizes * np.diff(used_ptr))])
+    chan_group = np.repeat(np.arange(sizes.shape[0]), sizes)
+    arrays = [np.ascontiguousarray(a, dtype=np.int32) for a in (chan_group, used_ptr, used_filter, slot, qoff)]
+    for a in arrays:
+        a.flags.writeable = False         # memoised: shared between calls
+    return SharedPlan(*arrays)
+
+
+def shared_launch_plan(assign, in_off, n_filters) -> SharedPlan:
+    """The host int32 arrays the shared-separable kernels take, memoised by content:
+
+    ``chan_group`` (C,) the group of each channel in permuted order; ``used_ptr`` (G+1,) and ``used_filter``: group g
+    uses the shared filters ``used_filter[used_ptr[g]:used_ptr[g+1]]`` (ascending); ``slot`` (G, NH, K) the position
+    of ``assign[g, h, k]`` in that list; ``qoff`` (G+1,) the first row of group g in Q (group g has C_g * U_g rows,
+    channel-major: row ``qoff[g] + j * U_g + u`` is channel j of the group filtered by its u-th filter)."""
+    a = np.ascontiguousarray(_backend.to_numpy(assign), dtype=np.int64)
+    off = np.ascontiguousarray(_backend.to_numpy(in_off), dtype=np.int64)
+    return _shared_plan(a.tobytes(), a.shape, off.tobytes(), int(n_filters))
+
+
+# --- the common tail and the fallback ------------------------------------------------------------------------------
+
+def _expand_scatter(cp, z, expand, d_out_perm, out_off, bias, y, m, P):
+    """Per output group h: ``r = expand_h (F_h, G*K) @ z[h]`` (cuBLAS), then bic_scatter writes r into the chunk's
+    output ``y`` (m, F, OH, OW) at channels out_perm[out_off[h] ...], adding the bias."""
+    dt = z.dtype
+    F, G, K = (int(v) for v in expand.shape)
+    has_bias = bias is not None
+    b = bias if has_bias else expand          # a dummy pointer of the right dtype when there is no bias
+    for h in range(out_off.shape[0] - 1):
+        o0, o1 = int(out_off[h]), int(out_off[h + 1])
+        r = cp.ascontiguousarray(cp.matmul(expand[o0:o1].reshape(o1 - o0, G * K), z[h]))
+        _launch_1d("bic_scatter", dt, r.size, (r, d_out_perm, b, y, o1 - o0, m, P, F, o0, has_bias))
+
+
+def _composed(form, cp, x, in_perm, in_off, arrays, out_perm, out_off, bias, stride, padding):
+    """The fallback: the composition of generic ops of npconv.functional.bicluster (index arrays on the device)."""
+    from ...functional import bicluster as FB
+    run = {"cp": FB._cp_composed, "svd": FB._svd_composed, "shared": FB._shared_composed}[form]
+    return run(x, cp.asarray(in_perm), _host_offsets(in_off), *arrays, cp.asarray(out_perm),
+               _host_offsets(out_off), bias, tuple(stride), tuple(padding))
+
+
+# --- the layers ----------------------------------------------------------------------------------------------------
+
+def bicluster_cp_conv2d(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, out_off, bias, *,
+                        stride, padding):
+    """Biclustered CP conv of CuPy arrays: x (N, C, H, W), reduce (C, NH, K), vertical (G, NH, K, X), horizontal
+    (G, NH, K, Y), expand (F, G, K), bias (F,) or None; ``in_perm``/``out_perm`` index arrays (host or device),
+    ``in_off``/``out_off`` offsets; ``stride`` a pair, ``padding`` (top, bottom, left, right). Returns
+    (N, F, OH, OW)."""
+    cp = _cupy()
+    x, reduce, vertical, horizontal, expand, bias = (_contig(cp, a) for a in
+                                                     (x, reduce, vertical, horizontal, expand, bias))
+    dt = x.dtype
+    N, C, H, W = (int(v) for v in x.shape)
+    G, NH, K, X = (int(v) for v in vertical.shape)
+    Y = int(horizontal.shape[3])
+    F = int(expand.shape[0])
+    sh, sw = (int(v) for v in stride)
+    pt, pb, pl, pr = (int(v) for v in padding)
+    OH, OW = _out_len(H, X, sh, pt, pb), _out_len(W, Y, sw, pl, pr)
+    kchunks = -(-NH * K // CP_COMPONENTS_PER_BLOCK)
+    tiling = cp_tiling(X, Y, sh, sw, dt.itemsize)
+    if tiling is None or G * kchunks > _MAX_GRID_YZ:
+        return _composed("cp", cp, x, in_perm, in_off, (reduce, vertical, horizontal, expand), out_perm, out_off,
+                         bias, stride, padding)
+    y = cp.empty((N, F, OH, OW), dtype=dt)
+    if y.size == 0:
+        return y
+    TW, TH, smem = tiling
+    tiles_w = -(-OW // TW)
+    tiles = -(-OH // TH) * tiles_w
+    if tiles >= 2**31:
+        raise ValueError(f"the output ({OH} x {OW}) has too many tiles for one launch")
+    in_off_h, out_off_h = _host_offsets(in_off), _host_offsets(out_off)
+    d_in_perm, d_in_off, d_out_perm = _ints(cp, in_perm), _ints(cp, in_off_h), _ints(cp, out_perm)
+    P = OH * OW
+    rows = NH * G * K
+    Fh = int(np.diff(out_off_h).max())
+    nb = _images_per_chunk(N, (rows + Fh) * P, max(rows, Fh) * P, dt.itemsize)
+    zbuf = cp.empty(rows * nb * P, dtype=dt)
+    for n0 in range(0, N, nb):
+        m = min(nb, N - n0)
+        z = zbuf[:rows * m * P].reshape(NH, G * K, m * P)
+        _launch("bic_cp_front", dt, (tiles, G * kchunks, min(m, _MAX_GRID_YZ)), (TW, TH),
+                (x[n0:n0 + m], d_in_perm, d_in_off, reduce, vertical, horizontal, z,
+                 m, C, H, W, G, NH, K, X, Y, sh, sw, pt, pl, OH, OW, tiles_w, kchunks), shared_mem=smem)
+        _expand_scatter(cp, z, expand, d_out_perm, out_off_h, bias, y[n0:n0 + m], m, P)
+    return y
+
+
+def bicluster_svd_conv2d(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bias, *, stride, padding):
+    """Biclustered two-stage-SVD conv of CuPy arrays: reduce (C, NH, K1), spatial (G, NH, K2, K1, X, Y), expand
+    (F, G, K2); the rest as :func:`bicluster_cp_conv2d`."""
+    cp = _cupy()
+    x, reduce, spatial, expand, bias = (_contig(cp, a) for a in (x, reduce, spatial, expand, bias))
+    dt = x.dtype
+    N, C, H, W = (int(v) for v in x.shape)
+    G, NH, K2, K1, X, Y = (int(v) for v in spatial.shape)
+    F = int(expand.shape[0])
+    sh, sw = (int(v) for v in stride)
+    pt, pb, pl, pr = (int(v) for v in padding)
+    OH, OW = _out_len(H, X, sh, pt, pb), _out_len(W, Y, sw, pl, pr)
+    FT = SVD_FILTERS_PER_BLOCK
+    CC = svd_chunk(K1, X, Y, dt.itemsize)
+    fblocks = -(-K2 // FT)
+    if CC < 1 or G * NH > _MAX_GRID_YZ or fblocks > _MAX_GRID_YZ:
+        return _composed("svd", cp, x, in_perm, in_off, (reduce, spatial, expand), out_perm, out_off, bias,
+                         stride, padding)
+    y = cp.empty((N, F, OH, OW), dtype=dt)
+    if y.size == 0:
+        return y
+    in_off_h, out_off_h = _host_offsets(in_off), _host_offsets(out_off)
+    d_in_perm, d_out_perm = _ints(cp, in_perm), _ints(cp, out_perm)
+    HK1 = NH * K1
+    # per group, the reduction matrix (NH*K1, C_g): rows (h, k1), columns the group's channels in permuted order
+    red_t = [cp.ascontiguousarray(reduce[int(in_off_h[g]):int(in_off_h[g + 1])].reshape(-1, HK1).T)
+             for g in range(G)]
+    HW, P = H * W, OH * OW
+    rows1, rows2 = G * HK1, NH * G * K2
+    Fh = int(np.diff(out_off_h).max())
+    nb = _images_per_chunk(N, C * HW + rows1 * HW + rows2 * P + Fh * P,
+                           max(C * HW, rows1 * HW, rows2 * P, Fh * P), dt.itemsize)
+    xg_buf = cp.empty(C * nb * HW, dtype=dt)
+    z1_buf = cp.empty(rows1 * nb * HW, dtype=dt)
+    z2_buf = cp.empty(rows2 * nb * P, dtype=dt)
+    for n0 in range(0, N, nb):
+        m = min(nb, N - n0)
+        xg = xg_buf[:C * m * HW].reshape(C, m * HW)
+        _launch_1d("bic_gather", dt, xg.size, (x[n0:n0 + m], d_in_perm, xg, m, C, HW))
+        z1 = z1_buf[:rows1 * m * HW].reshape(rows1, m * HW)
+        for g in range(G):
+            cp.matmul(red_t[g], xg[int(in_off_h[g]):int(in_off_h[g + 1])], out=z1[g * HK1:(g + 1) * HK1])
+        z2 = z2_buf[:rows2 * m * P].reshape(NH, G * K2, m * P)
+        grid = (min(-(-(m * P) // _BLOCK), _MAX_GRID), fblocks, G * NH)
+        _launch("bic_svd_spatial", dt, grid, (_BLOCK,),
+                (z1, spatial, z2, m, G, NH, K1, K2, H, W, X, Y, sh, sw, pt, pl, OH, OW, CC),
+                shared_mem=CC * X * Y * FT * dt.itemsize)
+        _expand_scatter(cp, z2, expand, d_out_perm, out_off_h, bias, y[n0:n0 + m], m, P)
+    return y
+
+
+def shared_separable_conv2d(x, in_perm, in_off, reduce, assign, vertical, horizontal, expand, out_perm, out_off,
+                            bias, *, stride, padding):
+    """Biclustered CP conv with shared separable filters, of CuPy arrays: reduce (C, NH, K), ``assign`` (G, NH, K)
+    integer (host or device; a device one is copied to the host), vertical (S, X), horizontal (S, Y), expand
+    (F, G, K); the rest as :func:`bicluster_cp_conv2d`."""
+    cp = _cupy()
+    x, reduce, vertical, horizontal, expand, bias = (_contig(cp, a) for a in
+                                                     (x, reduce, vertical, horizontal, expand, bias))
+    dt = x.dtype
+    N, C, H, W = (int(v) for v in x.shape)
+    _, NH, K = (int(v) for v in reduce.shape)
+    S, X = (int(v) for v in vertical.shape)
+    Y = int(horizontal.shape[1])
+    G = int(assign.shape[0])
+    F = int(expand.shape[0])
+    sh, sw = (int(v) for v in stride)
+    pt, pb, pl, pr = (int(v) for v in padding)
+    OH, OW = _out_len(H, X, sh, pt, pb), _out_len(W, Y, sw, pl, pr)
+    tiling = shared_tiling(X, Y, sh, sw, dt.itemsize)
+    if tiling is None or C > _MAX_GRID_YZ:
+        return _composed("shared", cp, x, in_perm, in_off, (reduce, cp.asarray(assign), vertical, horizontal, expand),
+                         out_perm, out_off, bias, stride, padding)
+    y = cp.empty((N, F, OH, OW), dtype=dt)
+    if y.size == 0:
+        return y
+    TW, TH, smem = tiling
+    tiles_w = -(-OW // TW)
+    tiles = -(-OH // TH) * tiles_w
+    if tiles >= 2**31:
+        raise ValueError(f"the output ({OH} x {OW}) has too many tiles for one launch")
+    in_off_h, out_off_h = _host_offsets(in_off), _host_offsets(out_off)
+    plan = shared_launch_plan(assign, in_off_h, S)
+    d_in_perm, d_in_off, d_out_perm = _ints(cp, in_perm), _ints(cp, in_off_h), _ints(cp, out_perm)
+    d_group, d_used_ptr, d_used_filter, d_slot, d_qoff = (_ints(cp, a) for a in plan)
+    P = OH * OW
+    QR = int(plan.qoff[-1])
+    rows = NH * G * K
+    Fh = int(np.diff(out_off_h).max())
+    nb = _images_per_chunk(N, (QR + rows + Fh) * P, max(QR, rows, Fh) * P, dt.itemsize)
+    q_buf = cp.empty(QR * nb * P, dtype=dt)
+    z_buf = cp.empty(rows * nb * P, dtype=dt)
+    for n0 in range(0, N, nb):
+        m = min(nb, N - n0)
+        q = q_buf[:QR * m * P].reshape(QR, m * P)
+        _launch("bic_shared_filter", dt, (tiles, C, min(m, _MAX_GRID_YZ)), (TW, TH),
+                (x[n0:n0 + m], d_in_perm, d_group, d_in_off, d_used_ptr, d_used_filter, d_qoff, vertical, horizontal,
+                 q, m, C, H, W, X, Y, sh, sw, pt, pl, OH, OW, tiles_w), shared_mem=smem)
+        z = z_buf[:rows * m * P].reshape(NH, G * K, m * P)
+        _launch_1d("bic_shared_combine", dt, z.size,
+                   (q, reduce, d_slot, d_in_off, d_used_ptr, d_qoff, z, m, P, G, NH, K))
+        _expand_scatter(cp, z, expand, d_out_perm, out_off_h, bias, y[n0:n0 + m], m, P)
+    return y
