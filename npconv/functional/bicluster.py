@@ -329,6 +329,9 @@ def _cp_cpu(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, 
     dt = x.dtype
     z_buf = _WS.get("z", nb * per_z, dt)
     y_buf = _WS.get("y", nb * F * P, dt)
+    nth = numba.get_num_threads()
+    srow = KB.cp_scratch_size(int(np.diff(in_off).max()), sh, sw, R, M, OH, Y)
+    scratch = _WS.get("front", nth * srow, dt).reshape(nth, srow)
     y = np.empty((N, F, OH, OW), dt)
     y3 = y.reshape(N, F, P)
     for n0 in range(0, N, nb):
@@ -336,7 +339,7 @@ def _cp_cpu(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, 
         Z = z_buf[:m * per_z].reshape(H, G * K, m * P)
         ybuf = y_buf[:m * F * P].reshape(F, m * P)
         KB.cp_front(x, n0, m, in_perm, in_off, reduce, vertical, horizontal, pad[0], pad[2], sh, sw, R, M, OH, OW,
-                    nsplit, Z)
+                    nsplit, Z, scratch)
         _expand_scatter(Z, expand, out_perm, out_off, bias, n0, m, P, ybuf, y3)
     return y
 
@@ -439,12 +442,15 @@ def _shared_cpu(x, in_perm, in_off, reduce, assign, vertical, horizontal, expand
     y_buf = _WS.get("y", nb * F * P, dt)
     y = np.empty((N, F, OH, OW), dt)
     y3 = y.reshape(N, F, P)
+    nth = numba.get_num_threads()
+    srow = KB.shared_scratch_size(int(np.diff(in_off).max()), int(np.diff(used_ptr).max()), sh, sw, R, M, OH, OW, Y)
+    scratch = _WS.get("front", nth * srow, dt).reshape(nth, srow)
     for n0 in range(0, N, nb):
         m = min(nb, N - n0)
         Z = z_buf[:m * per_z].reshape(H, G * K, m * P)
         ybuf = y_buf[:m * F * P].reshape(F, m * P)
         KB.shared_front(x, n0, m, in_perm, in_off, used_ptr, used_filter, vertical, horizontal, reduce, slot, pad[0],
-                        pad[2], sh, sw, R, M, OH, OW, Z)
+                        pad[2], sh, sw, R, M, OH, OW, Z, scratch)
         _expand_scatter(Z, expand, out_perm, out_off, bias, n0, m, P, ybuf, y3)
     return y
 
