@@ -184,6 +184,9 @@ class SharedSeparableConv2d(_FactoredConv):
 
     Parameters (keyword-only): the group arrays, ``reduce`` (C, H, K), ``assign`` (G, H, K) int,
     ``vertical`` (S, X), ``horizontal`` (S, Y), ``expand`` (F, G, K), ``bias``, ``stride``, ``padding``.
+
+    ``to_gpu`` keeps ``assign`` in host memory: the GPU path builds its filter lists from it on the host, so keeping
+    it there avoids a device-to-host copy (and a synchronisation) on every call.
     """
     kind = "shared_separable_conv2d"
     _INT_KEYS = _GROUP_KEYS + ("assign",)
@@ -209,6 +212,14 @@ class SharedSeparableConv2d(_FactoredConv):
 
     def config(self):
         return self._config_common()
+
+    def to_gpu(self):
+        """Move the arrays to the current CUDA device, except ``assign`` (kept in host memory); returns self."""
+        assign = _host(self.params["assign"])
+        super().to_gpu()
+        self.params["assign"] = assign
+        self._sync_params()
+        return self
 
     def forward(self, x):
         return self._run("shared", x, self._result.FACTORS)

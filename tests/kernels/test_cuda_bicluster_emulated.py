@@ -1,0 +1,302 @@
+"""The biclustered layers' kernels (``_bicluster.cu``) on the CPU emulator, with hand-written launches, against NumPy
+references written here: each component as a reduction followed by the dense conv of its separable filter
+(tests/reference.py), the SVD block conv as a dense grouped conv, the shared-filter maps and their combination by
+loops over the definitions.
+
+Every case runs in float32 and float64, with two launch shapes: a full grid in forward thread order, and a small
+block / small grid in reverse order, so that the tile, grid-stride and image loops wrap. Outputs and shared memory
+start as NaN, so an element no thread writes, or a shared value read before any thread wrote it, fails the
+comparison. The launch geometry here is worked out independently of ops_bicluster.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from cuda_emulator import CpuRawModule
+from reference import conv2d_einsum
+
+from npconv.kernels.cuda import loader, ops_bicluster
+
+pytestmark = pytest.mark.cpuemu
+i32 = np.int32
+KC = 4     # components per bic_cp_front block (NPCONV_BIC_KC)
+FT = 16    # filters per bic_svd_spatial block (NPCONV_BIC_FT)
+LAUNCHES = ["forward-full", "reverse-small"]
+
+
+@pytest.fixture(scope="module")
+def bic_module():
+    """dtype -> the emulated module of _bicluster.cu (g++ runs once; later sessions hit the emulator's cache)."""
+    mods = {}
+
+    def get(dtype):
+        dt = np.dtype(dtype)
+        if dt not in mods:
+            mods[dt] = CpuRawModule(ops_bicluster.source_text(dt), name="_bicluster.cu")
+        return mods[dt]
+    return get
+
+
+def kernel(bic_module, name, dtype):
+    return bic_module(dtype).get_function(loader.kernel_name(name, dtype))
+
+
+def check(got, ref, dtype, taps):
+    """float32 sums of ``taps`` products: the tolerance grows with the length of the sum."""
+    tol = (2e-5 if np.dtype(dtype) == np.float32 else 1e-12) * max(1.0, np.sqrt(taps))
+    assert not np.isnan(got).any(), "some outputs were never written"
+    np.testing.assert_allclose(got, ref, rtol=tol, atol=tol * max(1.0, float(np.abs(ref).max())))
+
+
+def out_len(size, k, s, lo, hi):
+    return (size + lo + hi - k) // s + 1
+
+
+def group_of(in_off):
+    return np.repeat(np.arange(len(in_off) - 1), np.diff(in_off))
+
+
+def sep_conv(img, v, h, stride, pad):
+    """img (N, H, W) float64 through the X x Y filter outer(v, h): the dense conv (N, OH, OW)."""
+    w = np.outer(np.asarray(v, np.float64), np.asarray(h, np.float64))[None, None]
+    return conv2d_einsum(img[:, None], w, None, stride=stride, padding=pad)[:, 0]
+
+
+def tile_launch(launch, N, smem_of):
+    """(thread order, tile columns, tile rows, grid z, shared-memory bytes) of a tiled kernel for one launch shape:
+    a 32-column tile with the most rows (8, 4, 2, 1) whose ``smem_of(TW, TH)`` fits 48 KiB and z = N; or a narrow
+    tile of 2 rows and z = 1 (the image loop)."""
+    if launch == "forward-full":
+        TH = next(th for th in (8, 4, 2, 1) if smem_of(32, th) <= 48 * 1024)
+        return "forward", 32, TH, N, smem_of(32, TH)
+    return "reverse", 8, 2, 1, smem_of(8, 2)
+
+
+# --- bic_cp_front ----------------------------------------------------------------------------------------------------
+
+CP_CASES = {
+    # name: (N, C, H, W, input group sizes, NH, K, X, Y, stride, (top, bottom, left, right))
+    "equal-3x3": (2, 6, 9, 11, (2, 2, 2), 2, 3, 3, 3, (1, 1), (1, 1, 1, 1)),           # 6 components: 4 + 2
+    "unequal-s2": (2, 7, 10, 9, (1, 4, 2), 3, 2, 5, 3, (2, 2), (2, 1, 0, 3)),
+    "zf-like-5x5s2": (1, 4, 13, 15, (2, 2), 2, 2, 5, 5, (2, 2), (0, 0, 0, 0)),         # exactly one chunk
+    "1x1": (2, 3, 6, 5, (3,), 1, 5, 1, 1, (1, 1), (0, 0, 0, 0)),
+    "wide-padding": (1, 2, 4, 5, (1, 1), 1, 1, 2, 2, (1, 1), (3, 0, 0, 3)),            # all-zero windows
+    "stride3x1": (1, 5, 11, 8, (2, 3), 2, 1, 3, 2, (3, 1), (0, 1, 2, 0)),
+}
+
+
+def cp_reference(x, in_perm, in_off, reduce, vert, hor, stride, pad):
+    """Z (NH*G*K, N*P): row (h*G + g)*K + k is component (g, h, k), reduced then filtered, by definition."""
+    N = x.shape[0]
+    G, NH, K, _ = vert.shape
+    rows = []
+    for h in range(NH):
+        for g in range(G):
+            for k in range(K):
+                r = np.zeros((N,) + x.shape[2:])
+                for j in range(in_off[g], in_off[g + 1]):
+                    r += float(reduce[j, h, k]) * x[:, in_perm[j]].astype(np.float64)
+                rows.append(sep_conv(r, vert[g, h, k], hor[g, h, k], stride, pad).reshape(-1))
+    return np.stack(rows)
+
+
+@pytest.mark.parametrize("launch", LAUNCHES)
+@pytest.mark.parametrize("case", sorted(CP_CASES))
+def test_cp_front(bic_module, rng, dtype, launch, case):
+    N, C, H, W, sizes, NH, K, X, Y, stride, pad = CP_CASES[case]
+    G = len(sizes)
+    in_perm = rng.permutation(C)
+    in_off = np.concatenate([[0], np.cumsum(sizes)])
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    reduce = rng.standard_normal((C, NH, K)).astype(dtype)
+    vert = rng.standard_normal((G, NH, K, X)).astype(dtype)
+    hor = rng.standard_normal((G, NH, K, Y)).astype(dtype)
+    OH, OW = out_len(H, X, stride[0], pad[0], pad[1]), out_len(W, Y, stride[1], pad[2], pad[3])
+
+    def smem_of(TW, TH):
+        TIH, TIW = (TH - 1) * stride[0] + X, (TW - 1) * stride[1] + Y
+        return (KC * (TIH * TIW + TH * TIW) + KC * (X + Y)) * dtype.itemsize
+    order, TW, TH, gz, smem = tile_launch(launch, N, smem_of)
+    tiles_w = -(-OW // TW)
+    kchunks = -(-NH * K // KC)
+    z = np.full((NH * G * K, N * OH * OW), np.nan, dtype)
+    args = (x, in_perm.astype(i32), in_off.astype(i32), reduce, vert, hor, z,
+            *map(i32, (N, C, H, W, G, NH, K, X, Y, *stride, pad[0], pad[2], OH, OW, tiles_w, kchunks)))
+    kernel(bic_module, "bic_cp_front", dtype)((-(-OH // TH) * tiles_w, G * kchunks, gz), (TW, TH), args,
+                                              shared_mem=smem, order=order)
+    check(z, cp_reference(x, in_perm, in_off, reduce, vert, hor, stride, pad), dtype, max(sizes) * X * Y)
+
+
+def test_cp_tiling_formula_matches_the_kernel_layout():
+    """ops_bicluster sizes bic_cp_front's dynamic shared memory with the kernel's layout (checked independently)."""
+    for X, Y, SH, SW, item in [(5, 5, 2, 2, 4), (3, 3, 1, 1, 8), (5, 5, 2, 2, 8), (7, 1, 1, 1, 4)]:
+        TW, TH, smem = ops_bicluster.cp_tiling(X, Y, SH, SW, item)
+        TIH, TIW = (TH - 1) * SH + X, (TW - 1) * SW + Y
+        assert smem == (KC * (TIH * TIW + TH * TIW) + KC * (X + Y)) * item
+        assert smem <= ops_bicluster.CP_SMEM_BUDGET and TW * TH <= 256
+    assert ops_bicluster.cp_tiling(5, 5, 2, 2, 4)[:2] == (32, 8)      # ZF conv2, float32: the full tile
+    assert ops_bicluster.cp_tiling(5, 5, 2, 2, 8)[1] < 8               # float64: fewer rows
+    assert ops_bicluster.cp_tiling(31, 31, 4, 4, 8) is None            # too large: the composed fallback
+
+
+# --- bic_gather and bic_scatter ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("launch", LAUNCHES)
+@pytest.mark.parametrize("shape", [(2, 5, 3, 4), (1, 1, 7, 1), (3, 4, 2, 5)])
+def test_gather(bic_module, rng, dtype, launch, shape):
+    m, C, H, W = shape
+    x = rng.standard_normal(shape).astype(dtype)
+    perm = rng.permutation(C)
+    xg = np.full((C, m * H * W), np.nan, dtype)
+    ref = np.stack([x[:, perm[j]].reshape(-1) for j in range(C)])
+    order, grid, block = ("forward", -(-xg.size // 256), 256) if launch == "forward-full" else ("reverse", 2, 32)
+    kernel(bic_module, "bic_gather", dtype)((grid,), (block,), (x, perm.astype(i32), xg, *map(i32, (m, C, H * W))),
+                                            order=order)
+    np.testing.assert_array_equal(xg, ref)
+
+
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("launch", LAUNCHES)
+def test_scatter(bic_module, rng, dtype, launch, with_bias):
+    m, F, P, o0, Fh = 3, 9, 7, 2, 4
+    out_perm = rng.permutation(F)
+    r = rng.standard_normal((Fh, m * P)).astype(dtype)
+    b = rng.standard_normal(F).astype(dtype)
+    y = np.full((m, F, P), np.nan, dtype)
+    untouched = np.setdiff1d(np.arange(F), out_perm[o0:o0 + Fh])
+    order, grid, block = ("forward", -(-r.size // 256), 256) if launch == "forward-full" else ("reverse", 2, 32)
+    kernel(bic_module, "bic_scatter", dtype)((grid,), (block,), (r, out_perm.astype(i32), b if with_bias else r, y,
+                                                                 *map(i32, (Fh, m, P, F, o0, with_bias))), order=order)
+    for f in range(Fh):
+        fo = out_perm[o0 + f]
+        want = r[f].reshape(m, P) + (b[fo] if with_bias else 0)
+        np.testing.assert_array_equal(y[:, fo], want)
+    assert np.isnan(y[:, untouched]).all(), "channels of other output groups were written"
+
+
+# --- bic_svd_spatial -----------------------------------------------------------------------------------------------
+
+SVD_CASES = {
+    # name: (m, G, NH, K1, K2, H, W, X, Y, stride, padding, CC (K1 channels per shared-memory chunk))
+    "3x3": (2, 2, 2, 3, 5, 7, 8, 3, 3, (1, 1), (1, 1, 1, 1), 3),
+    "chunks-two-filter-blocks": (1, 1, 3, 5, 20, 9, 6, 2, 3, (2, 1), (1, 0, 2, 1), 2),      # K1 = 2 + 2 + 1
+    "1x1-stride2": (2, 3, 1, 2, 16, 5, 5, 1, 1, (2, 2), (0, 0, 0, 0), 1),
+    "wide-padding": (1, 1, 1, 1, 3, 4, 5, 2, 2, (1, 1), (3, 0, 0, 3), 1),
+}
+
+
+@pytest.mark.parametrize("launch", LAUNCHES)
+@pytest.mark.parametrize("case", sorted(SVD_CASES))
+def test_svd_spatial(bic_module, rng, dtype, launch, case):
+    m, G, NH, K1, K2, H, W, X, Y, stride, pad, CC = SVD_CASES[case]
+    z1 = rng.standard_normal((G * NH * K1, m * H * W)).astype(dtype)
+    sp = rng.standard_normal((G, NH, K2, K1, X, Y)).astype(dtype)
+    OH, OW = out_len(H, X, stride[0], pad[0], pad[1]), out_len(W, Y, stride[1], pad[2], pad[3])
+    P = OH * OW
+    ref = np.zeros((NH * G * K2, m * P))
+    for g in range(G):
+        for h in range(NH):
+            rows = z1[(g * NH + h) * K1:(g * NH + h + 1) * K1].reshape(K1, m, H, W).transpose(1, 0, 2, 3)
+            out = conv2d_einsum(rows, sp[g, h], None, stride=stride, padding=pad)        # (m, K2, OH, OW)
+            ref[(h * G + g) * K2:(h * G + g + 1) * K2] = out.transpose(1, 0, 2, 3).reshape(K2, m * P)
+    z = np.full(ref.shape, np.nan, dtype)
+    total = m * P
+    if launch == "forward-full":
+        order, grid, block = "forward", (-(-total // 256), -(-K2 // FT), G * NH), (256,)
+    else:
+        order, grid, block = "reverse", (2, -(-K2 // FT), G * NH), (32,)
+    args = (z1, sp, z, *map(i32, (m, G, NH, K1, K2, H, W, X, Y, *stride, pad[0], pad[2], OH, OW, CC)))
+    kernel(bic_module, "bic_svd_spatial", dtype)(grid, block, args, shared_mem=CC * X * Y * FT * dtype.itemsize,
+                                                 order=order)
+    check(z, ref, dtype, K1 * X * Y)
+
+
+# --- bic_shared_filter and bic_shared_combine ----------------------------------------------------------------------
+
+SHARED_CASES = {
+    # name: (N, C, H, W, input group sizes, NH, K, S, X, Y, stride, padding)
+    "equal-3x3": (2, 6, 9, 10, (2, 2, 2), 2, 3, 4, 3, 3, (1, 1), (1, 1, 1, 1)),
+    "unequal-s2": (2, 7, 11, 9, (1, 4, 2), 2, 2, 3, 5, 3, (2, 2), (2, 1, 0, 3)),
+    "one-filter": (1, 3, 6, 7, (3,), 1, 4, 1, 2, 4, (1, 2), (0, 0, 1, 1)),
+    "wide-padding": (1, 2, 4, 5, (1, 1), 1, 2, 2, 2, 2, (1, 1), (3, 0, 0, 3)),
+}
+
+
+def shared_lists(assign, in_off):
+    """Per group the shared filters used (ascending), each component's slot in that list, and the Q row offsets,
+    by loops (written independently of ops_bicluster.shared_launch_plan)."""
+    G = assign.shape[0]
+    used = [sorted(set(int(s) for s in assign[g].ravel())) for g in range(G)]
+    slot = np.array([[[used[g].index(int(assign[g, h, k])) for k in range(assign.shape[2])]
+                      for h in range(assign.shape[1])] for g in range(G)])
+    used_ptr = np.concatenate([[0], np.cumsum([len(u) for u in used])])
+    qoff = np.concatenate([[0], np.cumsum([(in_off[g + 1] - in_off[g]) * len(used[g]) for g in range(G)])])
+    return used, slot, used_ptr, qoff
+
+
+def shared_q_reference(x, in_perm, in_off, used, vert, hor, stride, pad):
+    rows = []
+    for g in range(len(used)):
+        for j in range(in_off[g], in_off[g + 1]):
+            for s in used[g]:
+                rows.append(sep_conv(x[:, in_perm[j]].astype(np.float64), vert[s], hor[s], stride, pad).reshape(-1))
+    return np.stack(rows)
+
+
+@pytest.mark.parametrize("launch", LAUNCHES)
+@pytest.mark.parametrize("case", sorted(SHARED_CASES))
+def test_shared_filter_and_combine(bic_module, rng, dtype, launch, case):
+    N, C, H, W, sizes, NH, K, S, X, Y, stride, pad = SHARED_CASES[case]
+    G = len(sizes)
+    in_perm = rng.permutation(C)
+    in_off = np.concatenate([[0], np.cumsum(sizes)])
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    reduce = rng.standard_normal((C, NH, K)).astype(dtype)
+    assign = rng.integers(0, S, size=(G, NH, K))
+    vert, hor = rng.standard_normal((S, X)).astype(dtype), rng.standard_normal((S, Y)).astype(dtype)
+    used, slot, used_ptr, qoff = shared_lists(assign, in_off)
+    OH, OW = out_len(H, X, stride[0], pad[0], pad[1]), out_len(W, Y, stride[1], pad[2], pad[3])
+    P = OH * OW
+
+    def smem_of(TW, TH):
+        return (((TH - 1) * stride[0] + X) * ((TW - 1) * stride[1] + Y) + TH * ((TW - 1) * stride[1] + Y)) \
+            * dtype.itemsize
+    order, TW, TH, gz, smem = tile_launch(launch, N, smem_of)
+    tiles_w = -(-OW // TW)
+    q_ref = shared_q_reference(x, in_perm, in_off, used, vert, hor, stride, pad)
+    q = np.full(q_ref.shape, np.nan, dtype)
+    ints = [a.astype(i32) for a in (in_perm, group_of(in_off), in_off, used_ptr, np.concatenate(used), qoff)]
+    args = (x, *ints, vert, hor, q, *map(i32, (N, C, H, W, X, Y, *stride, pad[0], pad[2], OH, OW, tiles_w)))
+    kernel(bic_module, "bic_shared_filter", dtype)((-(-OH // TH) * tiles_w, C, gz), (TW, TH), args,
+                                                   shared_mem=smem, order=order)
+    check(q, q_ref, dtype, X * Y)
+
+    # the combination, of the reference maps (in the dtype)
+    q_in = q_ref.astype(dtype)
+    z_ref = np.zeros((NH * G * K, N * P))
+    for h in range(NH):
+        for g in range(G):
+            U = len(used[g])
+            for k in range(K):
+                for jj, j in enumerate(range(in_off[g], in_off[g + 1])):
+                    z_ref[(h * G + g) * K + k] += float(reduce[j, h, k]) * q_in[qoff[g] + jj * U + slot[g, h, k]]
+    z = np.full(z_ref.shape, np.nan, dtype)
+    grid, block = ((-(-z.size // 256),), (256,)) if launch == "forward-full" else ((2,), (32,))
+    kernel(bic_module, "bic_shared_combine", dtype)(
+        grid, block, (q_in, reduce, slot.astype(i32), in_off.astype(i32), used_ptr.astype(i32), qoff.astype(i32), z,
+                      *map(i32, (N, P, G, NH, K))), order=order)
+    check(z, z_ref, dtype, max(sizes))
+
+
+def test_shared_launch_plan_matches_independent_lists(rng):
+    in_off = np.array([0, 1, 5, 7])
+    assign = rng.integers(0, 6, size=(3, 2, 4))
+    plan = ops_bicluster.shared_launch_plan(assign, in_off, 6)
+    used, slot, used_ptr, qoff = shared_lists(assign, in_off)
+    np.testing.assert_array_equal(plan.used_ptr, used_ptr)
+    np.testing.assert_array_equal(plan.used_filter, np.concatenate(used))
+    np.testing.assert_array_equal(plan.slot, slot)
+    np.testing.assert_array_equal(plan.qoff, qoff)
+    np.testing.assert_array_equal(plan.chan_group, [0, 1, 1, 1, 1, 2, 2])
+    assert all(a.dtype == np.int32 and not a.flags.writeable for a in plan)
+    assert ops_bicluster.shared_launch_plan(assign.copy(), in_off, 6) is plan        # memoised by content
