@@ -10,36 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from gpu_helpers import to_gpu
 from reference import conv2d_einsum
 
 pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(scope="module")
-def cp():
-    import cupy
-    return cupy
-
-
-@pytest.fixture(params=[np.float32, np.float64], ids=["float32", "float64"])
-def dtype(request):
-    return np.dtype(request.param)
-
-
-@pytest.fixture(params=[True, False], ids=["contiguous", "strided"])
-def contiguous(request):
-    return request.param
-
-
-def to_gpu(cp, a, contiguous=True):
-    """A CuPy copy of ``a``; with ``contiguous=False`` the same values as every other element of a larger array."""
-    if contiguous or a.size < 2:
-        return cp.asarray(a)
-    big = cp.zeros(tuple(2 * n for n in a.shape), dtype=a.dtype)
-    view = big[tuple(slice(None, None, 2) for _ in a.shape)]
-    view[...] = cp.asarray(a)
-    assert not view.flags.c_contiguous
-    return view
 
 
 def check(cp, y, ref, dtype, taps):

@@ -10,36 +10,10 @@ import numpy as np
 import pytest
 from cuda_emulator.numpy_reference import (avg_pool_ref, bias_relu_ref, lrn_ref, max_pool_ref, normalize_ref,
                                            softmax_ref, tolerance)
+from gpu_helpers import to_gpu
 from reference import conv2d_einsum
 
 pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(scope="module")
-def cp():
-    import cupy
-    return cupy
-
-
-@pytest.fixture(params=[np.float32, np.float64], ids=["float32", "float64"])
-def dtype(request):
-    return np.dtype(request.param)
-
-
-@pytest.fixture(params=[True, False], ids=["contiguous", "strided"])
-def contiguous(request):
-    return request.param
-
-
-def to_gpu(cp, a, contiguous=True):
-    """A CuPy copy of ``a``; with ``contiguous=False`` the same values as every other element of a larger array."""
-    if contiguous or a.size < 2:
-        return cp.asarray(a)
-    big = cp.zeros(tuple(2 * n for n in a.shape), dtype=a.dtype)
-    view = big[tuple(slice(None, None, 2) for _ in a.shape)]
-    view[...] = cp.asarray(a)
-    assert not view.flags.c_contiguous
-    return view
 
 
 def check(cp, y, ref, dtype):

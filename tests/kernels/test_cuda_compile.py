@@ -24,6 +24,16 @@ def test_every_source_is_used_by_ops():
     assert set(SOURCES) == {src for src, _ in ops.LAUNCH_SIGNATURES.values()}
 
 
+def test_every_cuda_file_is_checked():
+    """Every .cu file of the package is a source of ops.py (compiled by this file), the prelude, or the source of a
+    launch module with its own NVRTC and PTX checks (test_cuda_lowrank_nvrtc.py, test_cuda_bicluster_nvrtc.py)."""
+    from importlib import resources
+
+    from npconv.kernels.cuda import ops_bicluster, ops_lowrank
+    files = {p.name[:-3] for p in resources.files(loader.__package__).iterdir() if p.name.endswith(".cu")}
+    assert files == set(SOURCES) | {"_prelude", ops_lowrank.SOURCE, ops_bicluster.SOURCE}
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("dtype_name", DTYPE_NAMES)
 @pytest.mark.parametrize("source", SOURCES)
