@@ -1,0 +1,91 @@
+"""CPU driver of the Winograd F(2x2, 3x3) convolution (kernels in :mod:`npconv.kernels.cpu.winograd`).
+
+Per chunk of images: the input transform ``V`` (16, C, T) of the chunk's T tiles, 16 BLAS GEMMs
+``M[xi] = U[xi] (F, C) @ V[xi] (C, T)`` (one batched ``np.matmul``), and the output transform straight into the
+NCHW output with the bias. The transformed weights ``U`` (16, F, C) are computed once per call (about 1% of a
+batch-8 call on AlexNet conv3-5 shapes).
+
+:func:`use_winograd` decides for ``conv2d(..., algorithm="auto")``: 3x3, stride 1, no dilation, no groups, enough
+channels for the GEMMs to run at speed, and enough tiles per call for the transforms to pay (see the thresholds).
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from .._workspace import WS
+
+__all__ = ["use_winograd", "winograd_eligible", "conv2d_winograd_cpu"]
+
+#: workspace bound of the transformed input and output tiles of a chunk, in bytes
+_WORKSPACE_BYTES = 48 * 2**20
+#: tiles (GEMM columns) per chunk above which a larger chunk stops paying
+_TARGET_TILES = 512
+#: "auto" uses Winograd from this many input and output channels ...
+MIN_CHANNELS = 32
+#: ... and this many 2x2 output tiles per call (below, the GEMMs are too narrow and im2col + GEMM is as fast)
+MIN_TILES = 192
+
+
+def winograd_eligible(w_shape, stride, dilation, groups):
+    """Whether the Winograd F(2x2, 3x3) path can run this convolution at all."""
+    return (tuple(w_shape[2:]) == (3, 3) and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
+            and groups == 1)
+
+
+def use_winograd(x_shape, w_shape, stride, dilation, groups, out_hw):
+    """The ``algorithm="auto"`` choice: Winograd where it is eligible and measured faster than im2col + GEMM."""
+    if not winograd_eligible(w_shape, stride, dilation, groups):
+        return False
+    N, C = x_shape[:2]
+    F = w_shape[0]
+    tiles = N * (-(-out_hw[0] // 2)) * (-(-out_hw[1] // 2))
+    return min(C, F) >= MIN_CHANNELS and tiles >= MIN_TILES
+
+
+def _stride(n):
+    """Stride (items) between the 16 transformed matrices of n items each: n rounded up to a multiple of 16, plus
+    16, so that consecutive matrices start 64 items (one or two cache lines) past a 4 KiB multiple of each other."""
+    return -(-n // 16) * 16 + 16
+
+
+def _stack(buf, stride, rows, cols):
+    """The (16, rows, cols) view of the 16 matrices in a flat buffer, ``stride`` items apart (for the GEMMs)."""
+    return buf[:16 * stride].reshape(16, stride)[:, :rows * cols].reshape(16, rows, cols)
+
+
+def conv2d_winograd_cpu(x, w, bias, pad, OH, OW):
+    """``conv2d`` of contiguous ``x`` (N, C, H, W) by 3x3 ``w`` (F, C, 3, 3), stride 1, padding ``pad``
+    (top, bottom, left, right) to an (OH, OW) output; ``bias`` (F,) or None. Geometry already validated."""
+    from ..kernels.cpu import winograd as KW
+    N, C = x.shape[:2]
+    F = w.shape[0]
+    dt = x.dtype
+    TH = -(-OH // 2)
+    TW = -(-OW // 2)
+    TT = TH * TW
+    per_img = 16 * (C + F) * TT * dt.itemsize
+    chunk = max(1, min(N, -(-_TARGET_TILES // TT), _WORKSPACE_BYTES // max(per_img, 1)))
+    su = _stride(F * C)
+    u_buf = WS.get("wino.U", 16 * su, dt)
+    KW.weight_transform(w, u_buf, su)
+    U = _stack(u_buf, su, F, C)
+    sv_max = _stride(C * chunk * TT)
+    sm_max = _stride(F * chunk * TT)
+    v_buf = WS.get("wino.V", 16 * sv_max, dt)
+    m_buf = WS.get("wino.M", 16 * sm_max, dt)
+    nth = numba.get_num_threads()
+    srow = (2 * TH + 2) * (2 * TW + 2) + 4 * (2 * TW + 2)
+    scratch = WS.get("wino.scratch", nth * srow, dt).reshape(nth, srow)
+    has_b = bias is not None
+    b = bias if has_b else np.zeros(1, dt)
+    out = np.empty((N, F, OH, OW), dt)
+    for n0 in range(0, N, chunk):
+        m = min(chunk, N - n0)
+        T = m * TT
+        sv = _stride(C * T)
+        sm = _stride(F * T)
+        KW.input_transform(x, n0, m, pad[0], pad[2], TH, TW, v_buf, T, sv, scratch)
+        np.matmul(U, _stack(v_buf, sv, C, T), out=_stack(m_buf, sm, F, T))
+        KW.output_transform(m_buf, T, sm, n0, m, TH, TW, b, has_b, out)
+    return out
