@@ -64,12 +64,25 @@ def rows(quick=False):
     return out
 
 
+def _layer(name, quick):
+    return (QUICK_LAYERS if quick else LAYERS)[name]
+
+
+def _auto_algorithm(name, N, quick):
+    """What conv2d's algorithm="auto" runs for this layer and batch."""
+    from npconv.functional._winograd import use_winograd
+    C, H, F, K, s, p = _layer(name, quick)
+    OH = (H + 2 * p - K) // s + 1
+    return "winograd" if use_winograd((N, C, H, H), (F, C, K, K), (s, s), (1, 1), 1, (OH, OH)) else "gemm"
+
+
 def _setup(C, H, F, K, s, p, N, impl):
     def setup():
         x, w, b = make_case(C, H, F, K, N)
-        if impl == "npconv":
+        if impl in ("npconv", "npconv-gemm"):
             from npconv.functional import conv2d
-            return lambda: conv2d(x, w, b, stride=s, padding=p)
+            algo = "gemm" if impl == "npconv-gemm" else "auto"
+            return lambda: conv2d(x, w, b, stride=s, padding=p, algorithm=algo)
         try:
             import torch
         except ImportError:
@@ -102,7 +115,9 @@ x = rng.standard_normal(({N},{C},{H},{H}), dtype=np.float32)
 base = hwm()
 y = conv2d(x, w, b, stride={s}, padding={p})
 peak = hwm()
-print(json.dumps(dict(growth_mib=(peak-base)/1024, out_mib=y.nbytes/2**20, in_mib=x.nbytes/2**20)))
+from npconv._workspace import WS
+print(json.dumps(dict(growth_mib=(peak-base)/1024, out_mib=y.nbytes/2**20, in_mib=x.nbytes/2**20,
+                      ws_mib=WS.nbytes()/2**20)))
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -133,7 +148,8 @@ def main(argv=None):
     print(f"# threads: torch={threads if torch else 'n/a'} numba={info.get('numba_threads')} "
           f"({info.get('numba_threading_layer')}); BLAS: {info.get('blas')}; env: {describe()}")
     results = []
-    print(f"{'layer':<22}{'npconv ms':>11}{'GF/s':>8}{'torch ms':>11}{'GF/s':>8}{'ratio':>8}")
+    print(f"{'layer':<22}{'npconv ms':>11}{'GF/s':>8}{'torch ms':>11}{'GF/s':>8}{'ratio':>8}  algorithm "
+          "(winograd: also im2col+GEMM ms)")
     table = rows(args.quick)
     for r_np, r_t in zip(table[::2], table[1::2]):
         res = {"npconv": measure(r_np.setup(), warmup=1, repeat=args.repeat)}
@@ -149,6 +165,13 @@ def main(argv=None):
             t_t = res["torch"]["median"]
             line += f"{t_t * 1e3:>11.2f}{r_np.flops / t_t / 1e9:>8.1f}{t_t / t_np:>8.2f}"
             rec.update(torch=res["torch"], ratio=t_t / t_np)
+        algo = _auto_algorithm(r_np.meta["layer"], r_np.meta["batch"], args.quick)
+        line += f"  {algo}"
+        rec["algorithm"] = algo
+        if algo == "winograd":  # the im2col + GEMM path on the same layer, for the record
+            setup = _setup(*_layer(r_np.meta["layer"], args.quick), r_np.meta["batch"], "npconv-gemm")
+            rec["npconv_gemm"] = measure(setup(), warmup=1, repeat=args.repeat)
+            line += f" ({rec['npconv_gemm']['median'] * 1e3:.2f})"
         print(line, flush=True)
         results.append(rec)
     C, H, F, K, s, p = (QUICK_LAYERS["tiny_conv1"] if args.quick else LAYERS["zf_conv1"])
@@ -156,7 +179,8 @@ def main(argv=None):
     mem = peak_memory_child(C, H, F, K, s, p, N)
     print(f"# peak memory, conv1 at batch {N}: grew {mem['growth_mib']:.1f} MiB for an output of "
           f"{mem['out_mib']:.1f} MiB (input {mem['in_mib']:.1f} MiB, allocated before): workspace "
-          f"{mem['growth_mib'] - mem['out_mib']:.1f} MiB")
+          f"{mem['growth_mib'] - mem['out_mib']:.1f} MiB beyond the persistent per-thread workspace of "
+          f"{mem['ws_mib']:.1f} MiB (npconv._workspace.WS, allocated by the batch-1 warm-up call and kept)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(info=info, env=describe(), results=results, memory=mem), f, indent=1)

@@ -26,10 +26,10 @@ ALGORITHMS = ("auto", "gemm", "winograd")
 
 #: upper bound of the packing buffer (and GEMM output staging) per call, in bytes
 _WORKSPACE_BYTES = 48 * 2**20
-#: the number of GEMM columns above which batching more images into one GEMM stops paying: OpenBLAS SGEMM measured
-#: 450-470 GFLOP/s from 338 columns on (ZF conv2, AlexNet conv3/5 shapes, 2 cores) and slower with chunks of
-#: 4+ large images, whose column matrix no longer stays in the cache between packing and GEMM
-_TARGET_COLUMNS = 640
+#: GEMM columns per chunk (images are batched up to this many output positions): measured against 640 and 2048
+#: (interleaved runs, batch 64, 2 cores) it was as fast or faster on 4 of 5 ZF/AlexNet/CIFAR layers, 1.35x on
+#: CIFAR conv1 (few GEMM rows: per-chunk overheads dominate), 5% slower on CIFAR conv2
+_TARGET_COLUMNS = 4096
 
 
 def normalize_conv_args(x, w, b, stride, padding, dilation, groups):
