@@ -43,38 +43,44 @@ def lrn_across_channels(x, size, alpha, beta, k):
         s0 = (t % nblk) * _BLOCK
         L = min(s0 + _BLOCK, S) - s0
         acc = np.zeros(L, dtype=np.float64)
+        # 1-D row views indexed from 0 by the bare loop variable: the loops vectorise (3-D indexing did not)
         # the window of channel 0: channels 0 .. after (those that exist)
         for c in range(min(after, C - 1) + 1):
+            xa = x[n, c, s0:s0 + L]
             for q in range(L):
-                v = np.float64(x[n, c, s0 + q])
+                v = np.float64(xa[q])
                 acc[q] += v * v
         for c in range(C):
             if c > 0:
                 a = c + after
                 if a < C:
+                    xa = x[n, a, s0:s0 + L]
                     for q in range(L):
-                        v = np.float64(x[n, a, s0 + q])
+                        v = np.float64(xa[q])
                         acc[q] += v * v
                 r = c - 1 - before
                 if r >= 0:
+                    xr = x[n, r, s0:s0 + L]
                     for q in range(L):
-                        v = np.float64(x[n, r, s0 + q])
+                        v = np.float64(xr[q])
                         acc[q] -= v * v
+            xc = x[n, c, s0:s0 + L]
+            oc = out[n, c, s0:s0 + L]
             if mode == 1:
                 for q in range(L):
                     base = k + coef * max(acc[q], 0.0)
                     inv = 1.0 / math.sqrt(base)
-                    out[n, c, s0 + q] = x[n, c, s0 + q] * (inv * math.sqrt(inv))
+                    oc[q] = xc[q] * (inv * math.sqrt(inv))
             elif mode == 2:
                 for q in range(L):
                     base = k + coef * max(acc[q], 0.0)
-                    out[n, c, s0 + q] = x[n, c, s0 + q] / math.sqrt(base)
+                    oc[q] = xc[q] / math.sqrt(base)
             elif mode == 3:
                 for q in range(L):
                     base = k + coef * max(acc[q], 0.0)
-                    out[n, c, s0 + q] = x[n, c, s0 + q] / base
+                    oc[q] = xc[q] / base
             else:
                 for q in range(L):
                     base = k + coef * max(acc[q], 0.0)
-                    out[n, c, s0 + q] = x[n, c, s0 + q] * base ** (-beta)
+                    oc[q] = xc[q] * base ** (-beta)
     return out
