@@ -138,11 +138,22 @@ class Network:
             raise ValueError(f"return_intermediates names unknown layers {sorted(unknown)}; layers are {self.names}")
         acts = {}
         x0 = x
-        for name, layer in self._layers.items():
+        items = list(self._layers.items())
+        deferred = False  # a ReLU moved past the max pooling that follows it
+        for i, (name, layer) in enumerate(items):
+            if (layer.kind == "relu" and name not in want and name != until and i + 1 < len(items)
+                    and items[i + 1][1].kind == "max_pool2d"):
+                # max pooling commutes with ReLU (a monotone map), so rectify the pooled output instead: a
+                # quarter (or less) of the data, and the pool's fresh output is owned
+                deferred = True
+                continue
             if layer.kind == "relu" and _owned(x, x0, acts):
                 x = _relu_inplace(x)  # the producer's fresh output is rectified where it lies
             else:
                 x = layer(x)
+            if deferred:
+                x = _relu_inplace(x) if _owned(x, x0, acts) else items[i - 1][1](x)
+                deferred = False
             if name in want:
                 acts[name] = x
             if name == until:

@@ -134,3 +134,42 @@ def test_inplace_relu_never_touches_input_or_returned_activations(rng):
     fc = np.maximum(x_copy, 0).reshape(4, -1) @ net["fc"].weight.T
     np.testing.assert_allclose(acts["fc"], fc)                     # a returned activation is not rectified
     np.testing.assert_allclose(y, np.maximum(fc, 0))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_relu_before_max_pool_runs_after_it_with_identical_results(rng, dtype, monkeypatch):
+    """forward() rectifies the pooled output instead of the conv output (max pooling commutes with ReLU): the
+    result must equal running the layers one by one, bit for bit, including NaN and -inf inputs; a ReLU whose
+    output is asked for (intermediates, until) runs where it stands."""
+    net, ws = small_net(rng, dtype)
+    net = Network([("relu0", ReLU()), ("pool0", MaxPool2d(3, stride=1, padding=1))] + list(net._layers.items()),
+                  input_shape=(3, 5, 5))
+    x = rng.standard_normal((4, 3, 5, 5)).astype(dtype)
+    x[0, 0, 1, 1] = np.nan
+    x[1, 2] = -np.inf
+    x[2, 1, :3, :3] = -np.abs(x[2, 1, :3, :3])   # windows with no positive value
+    x_copy = x.copy()
+
+    def one_by_one(x, until=None):
+        for name, layer in net._layers.items():
+            x = layer(x)
+            if name == until:
+                break
+        return x
+
+    expect = one_by_one(x)
+    import npconv.network as N
+    shapes = []
+    real = N._relu_inplace
+    monkeypatch.setattr(N, "_relu_inplace", lambda a: shapes.append(a.shape) or real(a))
+    np.testing.assert_array_equal(net.forward(x), expect)
+    assert shapes == [(4, 3, 5, 5), (4, 4, 3, 3)]                  # relu0 after pool0, relu1 on pool1's output
+    np.testing.assert_array_equal(x, x_copy)                       # the input is never written
+    y, acts = net.forward(x, return_intermediates=["relu1", "pool1", "pool0"])
+    np.testing.assert_array_equal(y, expect)
+    np.testing.assert_array_equal(acts["relu1"], one_by_one(x, "relu1"))
+    np.testing.assert_array_equal(acts["pool1"], one_by_one(x, "pool1"))
+    np.testing.assert_array_equal(acts["pool0"], one_by_one(x, "pool0"))
+    assert (acts["pool0"][~np.isnan(acts["pool0"])] >= 0).all()
+    np.testing.assert_array_equal(net.forward(x, until="relu1"), one_by_one(x, "relu1"))
+    np.testing.assert_array_equal(net.forward(x, until="pool1"), one_by_one(x, "pool1"))
