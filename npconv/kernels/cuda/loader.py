@@ -20,7 +20,7 @@ import numpy as np
 from ... import _backend
 
 __all__ = [
-    "RAWMODULE_OPTIONS", "DTYPE_SUFFIX", "source_names", "source_text", "kernel_name", "get_module",
+    "RAWMODULE_OPTIONS", "DTYPE_SUFFIX", "source_names", "private_source_names", "source_text", "kernel_name", "get_module",
     "get_kernel", "clear_cache",
 ]
 
@@ -60,12 +60,21 @@ def _read(filename: str) -> str:
     return (_files() / filename).read_text(encoding="utf-8")
 
 
+@functools.lru_cache(maxsize=None)
+def private_source_names() -> tuple[str, ...]:
+    """Names of the sources that start with an underscore (``_lowrank``, ``_bicluster``; not the prelude): their
+    launch tables live in their own ops modules (``ops_lowrank``, ``ops_bicluster``), not in ``ops``."""
+    return tuple(sorted(p.name[:-3] for p in _files().iterdir()
+                        if p.name.endswith(".cu") and p.name.startswith("_") and p.name != _PRELUDE))
+
+
 def source_text(source: str, dtype) -> str:
-    """The complete CUDA C text of ``source`` (a name from :func:`source_names`) specialised for ``dtype``."""
+    """The complete CUDA C text of ``source`` (a name from :func:`source_names` or
+    :func:`private_source_names`) specialised for ``dtype``."""
     sfx = _suffix(dtype)
-    if source not in source_names():
+    if source not in source_names() and source not in private_source_names():
         raise ValueError(f"no CUDA source {source!r} in npconv.kernels.cuda; "
-                         f"known sources: {', '.join(source_names())}")
+                         f"known sources: {', '.join(source_names() + private_source_names())}")
     body = _read(f"{source}.cu")
     return (f"#define NPCONV_REAL {_CTYPE[sfx]}\n#define NPCONV_SFX {sfx}\n"
             f"{_read(_PRELUDE)}\n#line 1 \"{source}.cu\"\n{body}")

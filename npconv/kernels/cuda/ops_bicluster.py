@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import threading
 
 import numpy as np
 
@@ -100,43 +99,26 @@ LAUNCH_SIGNATURES: dict[str, tuple[str, tuple[str, ...]]] = {
     "bic_scatter": (SOURCE, (PTR, IPTR, PTR, PTR) + (I32,) * 6),
 }
 
-_modules: dict = {}
-_lock = threading.Lock()
-
 
 # --- the module ------------------------------------------------------------------------------------------------
 
 def source_text(dtype) -> str:
-    """The CUDA C text of ``_bicluster.cu`` for ``dtype``, built as :func:`loader.source_text` builds a source."""
-    sfx = loader._suffix(dtype)              # TypeError for a dtype other than float32 / float64
-    return (f"#define NPCONV_REAL {loader._CTYPE[sfx]}\n#define NPCONV_SFX {sfx}\n"
-            f"{loader._read('_prelude.cu')}\n#line 1 \"{SOURCE}.cu\"\n{loader._read(SOURCE + '.cu')}")
-
-
-def _module(dtype):
-    cp = _backend.require_cupy()
-    key = (id(cp), np.dtype(dtype).name)      # the entry keeps ``cp`` alive, so its id is not reused
-    entry = _modules.get(key)
-    if entry is None:
-        code = source_text(dtype)
-        with _lock:
-            entry = _modules.get(key)
-            if entry is None:
-                entry = _modules[key] = (cp, cp.RawModule(code=code, options=loader.RAWMODULE_OPTIONS))
-    return entry[1]
+    """The CUDA C text of ``_bicluster.cu`` for ``dtype``, exactly as ``cupy.RawModule`` gets it
+    (:func:`loader.source_text`)."""
+    return loader.source_text(SOURCE, dtype)
 
 
 def get_kernel(name, dtype):
-    """The kernel ``npconv_<name>_<f32|f64>`` of ``_bicluster.cu`` (a ``cupy.RawKernel``)."""
+    """The kernel ``npconv_<name>_<f32|f64>`` of ``_bicluster.cu`` (a ``cupy.RawKernel``), from the loader's
+    memoized module."""
     if name not in LAUNCH_SIGNATURES:
         raise ValueError(f"no kernel {name!r} in {SOURCE}.cu; known: {sorted(LAUNCH_SIGNATURES)}")
-    return _module(dtype).get_function(loader.kernel_name(name, dtype))
+    return loader.get_kernel(SOURCE, name, dtype)
 
 
 def clear_cache() -> None:
-    """Forget the memoized modules (the next call builds them again)."""
-    with _lock:
-        _modules.clear()
+    """Forget the memoized modules (the loader's, which hold this source's too)."""
+    loader.clear_cache()
 
 
 def _cupy():

@@ -28,8 +28,6 @@ tests of ``ops.LAUNCH_SIGNATURES`` leave it to this module.
 """
 from __future__ import annotations
 
-import threading
-from importlib import resources
 
 import numpy as np
 
@@ -75,51 +73,26 @@ LAUNCH_SIGNATURES: dict[str, tuple[str, tuple[str, ...]]] = {
     "factor_conv": (SOURCE, (PTR,) * 4 + (I32,) * 17),
 }
 
-_CTYPE = {"f32": "float", "f64": "double"}
-_modules: dict = {}
-_lock = threading.Lock()
 
-
-# --- the module ------------------------------------------------------------------------------------------------
-
-def _read(filename):
-    return (resources.files(loader.__package__) / filename).read_text(encoding="utf-8")
-
+# --- the module (built and memoized by the loader, like the package sources) -------------------------------------
 
 def source_text(dtype) -> str:
-    """The CUDA C text of ``_lowrank.cu`` for ``dtype``, built as :func:`loader.source_text` builds a source."""
-    dt = np.dtype(dtype)
-    if dt not in loader.DTYPE_SUFFIX:
-        raise TypeError(f"dtype must be float32 or float64 for a CUDA kernel, got {dt}")
-    sfx = loader.DTYPE_SUFFIX[dt]
-    return (f"#define NPCONV_REAL {_CTYPE[sfx]}\n#define NPCONV_SFX {sfx}\n"
-            f"{_read('_prelude.cu')}\n#line 1 \"{SOURCE}.cu\"\n{_read(SOURCE + '.cu')}")
-
-
-def _module(dtype):
-    cp = _backend.require_cupy()
-    key = (id(cp), np.dtype(dtype).name)      # the entry keeps ``cp`` alive, so its id is not reused
-    entry = _modules.get(key)
-    if entry is None:
-        code = source_text(dtype)
-        with _lock:
-            entry = _modules.get(key)
-            if entry is None:
-                entry = _modules[key] = (cp, cp.RawModule(code=code, options=loader.RAWMODULE_OPTIONS))
-    return entry[1]
+    """The CUDA C text of ``_lowrank.cu`` for ``dtype``, exactly as ``cupy.RawModule`` gets it
+    (:func:`loader.source_text`)."""
+    return loader.source_text(SOURCE, dtype)
 
 
 def get_kernel(name, dtype):
-    """The kernel ``npconv_<name>_<f32|f64>`` of ``_lowrank.cu`` (a ``cupy.RawKernel``)."""
+    """The kernel ``npconv_<name>_<f32|f64>`` of ``_lowrank.cu`` (a ``cupy.RawKernel``), from the loader's
+    memoized module."""
     if name not in LAUNCH_SIGNATURES:
         raise ValueError(f"no kernel {name!r} in {SOURCE}.cu; known: {sorted(LAUNCH_SIGNATURES)}")
-    return _module(dtype).get_function(loader.kernel_name(name, dtype))
+    return loader.get_kernel(SOURCE, name, dtype)
 
 
 def clear_cache() -> None:
-    """Forget the memoized modules (the next call builds them again)."""
-    with _lock:
-        _modules.clear()
+    """Forget the memoized modules (the loader's, which hold this source's too)."""
+    loader.clear_cache()
 
 
 def _cupy():
