@@ -2,9 +2,10 @@
 
 CPU algorithm: for a chunk of images, a numba kernel packs the receptive fields of one group of channels into a
 column matrix ``col`` of shape (C/groups*KH*KW [+1], chunk*OH*OW), reading each input plane from a padded,
-stride-phase-split copy so that every packed row is contiguous copies; one BLAS GEMM ``[w_g | b_g] @ col`` then
-gives that group's outputs with the bias (a row of ones under the packed columns) for the whole chunk. A chunk of
-one image writes straight into the output; a larger chunk (small images) goes through a staging buffer. The chunk
+stride-phase-split copy so that every packed row is contiguous copies; one BLAS GEMM ``w_g [| b_g] @ col`` then
+gives that group's outputs for the whole chunk (the bias rides in the GEMM as a row of ones when the output is
+larger than the weights). A chunk of one image writes straight into the output; a larger chunk (small images) goes
+through a staging buffer, whose scatter adds the bias. The chunk
 is chosen so that the GEMM has enough columns to run at full speed and the workspace stays under
 ``_WORKSPACE_BYTES`` whatever the batch size. A 1x1, stride-1, unpadded convolution skips the packing. A grouped
 convolution with one input channel per group (depthwise) runs as direct numba loops.
@@ -154,11 +155,14 @@ def _conv2d_cpu(x, w, b, stride, pad, dilation, groups, OH, OW):
     item = dt.itemsize
     per_img = (rows + 1 + Fg) * P * item  # packing + staging per image in a chunk
     chunk = max(1, min(N, -(-_TARGET_COLUMNS // P), _WORKSPACE_BYTES // max(per_img, 1)))
-    # the bias rides in the GEMM: a row of ones under the packed columns and the bias as an extra weight column
-    # (no separate pass over the output)
-    kb = rows + 1 if has_b else rows
+    # With one image per chunk and an output larger than the weights, the bias rides in the GEMM (a row of ones
+    # under the packed columns, the bias as an extra weight column): no separate pass over a large output, for a
+    # copy of the (smaller) weights. Otherwise the bias is added by a pass over the output (one image) or by the
+    # scatter out of the staging buffer (several images), which is free.
+    aug = has_b and chunk == 1 and rows < P
+    kb = rows + 1 if aug else rows
     col = WS.get("conv.col", kb * chunk * P, dt).reshape(kb, chunk * P)
-    if has_b:
+    if aug:
         col[rows] = 1
         wmat = np.concatenate([wmat, bias.reshape(F, 1)], axis=1)
     stage = WS.get("conv.stage", Fg * chunk * P, dt).reshape(Fg, chunk * P) if chunk > 1 else None
@@ -170,10 +174,14 @@ def _conv2d_cpu(x, w, b, stride, pad, dilation, groups, OH, OW):
             K.im2col(x, n0, n1, g * Cg, (g + 1) * Cg, KH, KW, stride[0], stride[1], pad[0], pad[2],
                      dilation[0], dilation[1], OH, OW, K.row_split(m, Cg, KH), cols)
             wg = wmat[g * Fg:(g + 1) * Fg]
+            bg = bias[g * Fg:(g + 1) * Fg] if has_b else bias
             if m == 1:
-                np.matmul(wg, cols, out=out3[n0, g * Fg:(g + 1) * Fg])
+                yg = out3[n0, g * Fg:(g + 1) * Fg]
+                np.matmul(wg, cols, out=yg)
+                if has_b and not aug:
+                    K.add_bias_rows(yg, bg)
             else:
                 st = stage[:, :m * P]
                 np.matmul(wg, cols, out=st)
-                K.scatter_chunk(st, out3[:, g * Fg:(g + 1) * Fg], n0, m)
+                K.scatter_chunk_bias(st, out3[:, g * Fg:(g + 1) * Fg], n0, m, bg, has_b)
     return out

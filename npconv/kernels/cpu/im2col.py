@@ -57,17 +57,18 @@ def row_split(nimg, nch, KH):
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def scatter_chunk(tmp, out, n0, nimg):
-    """out[n0+i, f, p] = tmp[f, i*P + p]: undo the chunk-major GEMM layout."""
+def scatter_chunk_bias(tmp, out, n0, nimg, bias, has_bias):
+    """out[n0+i, f, p] = tmp[f, i*P + p] (+ bias[f]): undo the chunk-major GEMM layout."""
     F = out.shape[1]
     P = out.shape[2]
     for job in numba.prange(nimg * F):
         i = job // F
         f = job - i * F
+        b = bias[f] if has_bias else 0.0
         src = tmp[f, i * P:(i + 1) * P]
         dst = out[n0 + i, f]
         for p in range(P):
-            dst[p] = src[p]
+            dst[p] = src[p] + b
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
