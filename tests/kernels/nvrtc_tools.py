@@ -76,3 +76,25 @@ def ptx_entries(ptx: str) -> dict[str, list[int]]:
     """Kernel name -> parameter sizes in bytes, from the ``.entry`` declarations of a PTX text."""
     return {name: [int(bits) // 8 * int(count or 1) for _, bits, count in _PTX_PARAM.findall(params)]
             for name, params in _PTX_ENTRY.findall(ptx)}
+
+
+_KIND_BYTES = {"ptr": 8, "iptr": 8, "i32": 4}
+
+
+def declared_sizes(kinds, dtype) -> list[int]:
+    """Parameter sizes in bytes that a launch-table entry declares (``real`` is the dtype's item size)."""
+    return [_KIND_BYTES.get(k) or np.dtype(dtype).itemsize for k in kinds]
+
+
+def check_launch_log(log) -> set:
+    """Check every recorded launch ``(module code, kernel name, packed sizes)`` against the PTX of its module;
+    return the names launched."""
+    launched = set()
+    ptx_cache = {}
+    for code, name, sizes in log:
+        if code not in ptx_cache:
+            ptx_cache[code] = ptx_entries(nvrtc_compile(code, "90", ptx=True, extra=())[0])
+        assert name in ptx_cache[code], f"launched {name}, which its module does not define"
+        assert sizes == ptx_cache[code][name], f"{name}: passed {sizes} bytes, PTX parameters {ptx_cache[code][name]}"
+        launched.add(name)
+    return launched
