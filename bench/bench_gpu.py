@@ -196,7 +196,7 @@ def measure_all(batches, layer_batches, dtype, warmup, repeat):
         if torch is not None:
             row["torch"] = time_torch(torch_stack(N, dtype), warmup=warmup, repeat=repeat)
         results["stack"].append(row)
-        _free()
+        free_gpu_memory()
     for N in layer_batches:
         for name in LAYERS:
             macs = conv_macs(N, *LAYERS[name])
@@ -208,16 +208,29 @@ def measure_all(batches, layer_batches, dtype, warmup, repeat):
             if torch is not None:
                 row["torch"] = time_torch(torch_layer(name, N, dtype), warmup=warmup, repeat=repeat)
             results["layers"].append(row)
-            _free()
+            free_gpu_memory()
     return results
 
 
-def _free():
+def free_gpu_memory():
+    """Return the memory pools' blocks (CuPy's, and PyTorch's when it runs on CUDA) between configurations."""
     import cupy as cp
     cp.get_default_memory_pool().free_all_blocks()
     torch = torch_cuda()
     if torch is not None:
         torch.cuda.empty_cache()
+
+
+
+def gpu_guarded(setup):
+    """A harness row setup that raises ``SkipRow`` with the reason when there is no usable GPU, else runs ``setup``."""
+    def run_setup():
+        from bench._harness import SkipRow
+        why = gpu_missing()
+        if why:
+            raise SkipRow(why)
+        return setup()
+    return run_setup
 
 
 def format_tables(results):

@@ -29,7 +29,8 @@ if str(_ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from bench.bench_gpu import _fmt, gpu_missing, time_cupy, time_torch, torch_cuda  # noqa: E402
+from bench.bench_gpu import (_fmt, free_gpu_memory, gpu_guarded, gpu_missing, time_cupy, time_torch,  # noqa: E402
+                             torch_cuda)
 
 #: layer geometry: (C, H=W, F, kernel, stride, padding)
 ZF_CONV2 = (96, 55, 256, 5, 2, 0)
@@ -188,30 +189,14 @@ def cases(quick=False, dtype=np.float32):
 
 def rows(quick=False):
     """GPU rows for ``bench/run_all.py`` (``bench._harness.Row``), npconv only, float32."""
-    from bench._harness import Row, SkipRow
+    from bench._harness import Row
 
-    def guarded(setup):
-        def run_setup():
-            why = gpu_missing()
-            if why:
-                raise SkipRow(why)
-            return setup()
-        return run_setup
-
-    return [Row(c["name"], guarded(c["setup"]), macs=c["macs"], group=f"gpu_bicluster/b{c['batch']}", device="gpu",
-                baseline=c["baseline"],
+    return [Row(c["name"], gpu_guarded(c["setup"]), macs=c["macs"], group=f"gpu_bicluster/b{c['batch']}",
+                device="gpu", baseline=c["baseline"],
                 meta={"impl": "npconv", "dtype": "float32", "kind": c["kind"], "config": c["config"],
                       "batch": c["batch"], "theoretical_gain": round(c["gain"], 3),
                       "theoretical_gain_paper": round(c["gain_paper"], 3)})
             for c in cases(quick)]
-
-
-def _free():
-    import cupy as cp
-    cp.get_default_memory_pool().free_all_blocks()
-    torch = torch_cuda()
-    if torch is not None:
-        torch.cuda.empty_cache()
 
 
 def measure_all(quick, dtype, warmup, repeat):
@@ -221,7 +206,7 @@ def measure_all(quick, dtype, warmup, repeat):
     results, base = [], {}
     for c in cases(quick, dtype):
         t = time_cupy(c["setup"](), warmup=warmup, repeat=repeat)
-        _free()
+        free_gpu_memory()
         row = {k: c[k] for k in ("name", "batch", "kind", "config", "macs", "gain", "gain_paper")}
         row["time"] = t
         if c["baseline"] is None:
@@ -232,7 +217,7 @@ def measure_all(quick, dtype, warmup, repeat):
             fn = c["torch_setup"]()
             if fn is not None:
                 row["torch_time"] = time_torch(fn, warmup=warmup, repeat=repeat)
-                _free()
+                free_gpu_memory()
         results.append(row)
     return results
 

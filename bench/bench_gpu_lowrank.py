@@ -26,7 +26,7 @@ if str(_ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from bench.bench_gpu import gpu_missing, time_cupy  # noqa: E402
+from bench.bench_gpu import free_gpu_memory, gpu_guarded, gpu_missing, time_cupy  # noqa: E402
 from bench.bench_lowrank import (LOWRANK_RANKS, MONO_COLORS, SEPARABLE_RANKS, TINY, ZF_CONV1,  # noqa: E402
                                  _costs, _factored_layer, _weights)
 
@@ -92,34 +92,21 @@ def cases(quick=False, dtype=np.float32):
 
 def rows(quick=False):
     """GPU rows for ``bench/run_all.py`` (``bench._harness.Row``), float32."""
-    from bench._harness import Row, SkipRow
+    from bench._harness import Row
 
-    def guarded(setup):
-        def run_setup():
-            why = gpu_missing()
-            if why:
-                raise SkipRow(why)
-            return setup()
-        return run_setup
-
-    return [Row(c["name"], guarded(c["setup"]), macs=c["macs"], group=f"gpu_lowrank/b{c['batch']}", device="gpu",
-                baseline=c["baseline"],
+    return [Row(c["name"], gpu_guarded(c["setup"]), macs=c["macs"], group=f"gpu_lowrank/b{c['batch']}",
+                device="gpu", baseline=c["baseline"],
                 meta={"impl": "npconv", "dtype": "float32", "method": c["method"], "size": c["size"],
                       "batch": c["batch"], "theoretical_gain": round(c["gain"], 3),
                       "theoretical_gain_paper": round(c["gain_paper"], 3)})
             for c in cases(quick)]
 
 
-def _free():
-    import cupy as cp
-    cp.get_default_memory_pool().free_all_blocks()
-
-
 def measure_all(quick, dtype, warmup, repeat):
     results, base = [], {}
     for c in cases(quick, dtype):
         t = time_cupy(c["setup"](), warmup=warmup, repeat=repeat)
-        _free()
+        free_gpu_memory()
         row = {k: c[k] for k in ("name", "batch", "method", "size", "macs", "gain", "gain_paper")}
         row["time"] = t
         if c["baseline"] is None:

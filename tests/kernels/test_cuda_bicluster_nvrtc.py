@@ -33,7 +33,8 @@ def test_constants_shared_with_the_source():
 def test_a_wrong_declaration_is_caught():
     source, kinds = ops_bicluster.LAUNCH_SIGNATURES["bic_scatter"]
     wrong = kinds[:1] + ("i32",) + kinds[2:]                    # out_perm declared an int, the kernel takes int*
-    assert ptx_entries(ptx_of_source(ops_bicluster.SOURCE, "float32"))["npconv_bic_scatter_f32"] != declared_sizes(wrong, np.float32)
+    ptx = ptx_entries(ptx_of_source(ops_bicluster.SOURCE, "float32"))
+    assert ptx["npconv_bic_scatter_f32"] != declared_sizes(wrong, np.float32)
 
 
 @pytest.fixture

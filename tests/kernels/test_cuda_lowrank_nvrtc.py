@@ -30,7 +30,8 @@ def test_constants_shared_with_the_source():
 def test_a_wrong_declaration_is_caught():
     source, kinds = ops_lowrank.LAUNCH_SIGNATURES["mono_conv"]
     wrong = kinds[:3] + ("i32",) + kinds[4:]                    # order declared an int, the kernel takes int*
-    assert ptx_entries(ptx_of_source(ops_lowrank.SOURCE, "float32"))["npconv_mono_conv_f32"] != declared_sizes(wrong, np.float32)
+    ptx = ptx_entries(ptx_of_source(ops_lowrank.SOURCE, "float32"))
+    assert ptx["npconv_mono_conv_f32"] != declared_sizes(wrong, np.float32)
 
 
 @pytest.fixture
