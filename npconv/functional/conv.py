@@ -31,6 +31,9 @@ _WORKSPACE_BYTES = 48 * 2**20
 #: (interleaved runs, batch 64, 2 cores) it was as fast or faster on 4 of 5 ZF/AlexNet/CIFAR layers, 1.35x on
 #: CIFAR conv1 (few GEMM rows: per-chunk overheads dominate), 5% slower on CIFAR conv2
 _TARGET_COLUMNS = 4096
+#: outputs below this many values get their bias from one NumPy pass (9 us for AlexNet conv4 at batch 1) rather
+#: than a parallel numba kernel (51 us, mostly waking the threads)
+_SERIAL_BIAS = 1 << 18
 
 
 def normalize_conv_args(x, w, b, stride, padding, dilation, groups):
@@ -179,7 +182,10 @@ def _conv2d_cpu(x, w, b, stride, pad, dilation, groups, OH, OW):
                 yg = out3[n0, g * Fg:(g + 1) * Fg]
                 np.matmul(wg, cols, out=yg)
                 if has_b and not aug:
-                    K.add_bias_rows(yg, bg)
+                    if yg.size < _SERIAL_BIAS:   # waking numba's threads costs more than the pass itself
+                        np.add(yg, bg[:, None], out=yg)
+                    else:
+                        K.add_bias_rows(yg, bg)
             else:
                 st = stage[:, :m * P]
                 np.matmul(wg, cols, out=st)
