@@ -15,7 +15,7 @@ from test_cuda_lowrank_functional_emulated import cp, to_dev  # noqa: F401  (cp:
 from npconv.decompose.bicluster import BiclusterCPResult, BiclusterSVDResult
 from npconv.decompose.shared import SharedSeparableResult
 from npconv.functional import bicluster as FB
-from npconv.kernels.cuda import ops_bicluster
+from npconv.kernels.cuda import loader, ops_bicluster
 from npconv.layers.bicluster import BiclusterConv2d, SharedSeparableConv2d
 
 pytestmark = pytest.mark.cpuemu
@@ -31,12 +31,13 @@ def bcp(cp, monkeypatch):  # noqa: F811  (the imported fixture)
     in ``bcp.launched``."""
     ops_bicluster.clear_cache()
     launched = []
-    real = ops_bicluster.get_kernel
+    real = loader.get_kernel
 
-    def spy(name, dtype):
-        launched.append(name)
-        return real(name, dtype)
-    monkeypatch.setattr(ops_bicluster, "get_kernel", spy)
+    def spy(source, name, dtype):
+        if source == ops_bicluster.SOURCE:
+            launched.append(name)
+        return real(source, name, dtype)
+    monkeypatch.setattr(loader, "get_kernel", spy)
     monkeypatch.setattr(cp, "launched", launched, raising=False)
     yield cp
     ops_bicluster.clear_cache()

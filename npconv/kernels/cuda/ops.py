@@ -102,11 +102,20 @@ def pack_args(name, kinds, dtype, args):
     return tuple(packed)
 
 
-def _launch(name, dtype, grid, block, args, shared_mem=0):
-    """Pack ``args`` as :data:`LAUNCH_SIGNATURES` declares for kernel ``name`` and launch it."""
-    source, kinds = LAUNCH_SIGNATURES[name]
+def launch(table, name, dtype, grid, block, args, shared_mem=0):
+    """Launch kernel ``name`` of a launch table (``{name: (source, kinds)}``: :data:`LAUNCH_SIGNATURES`, or the
+    private sources' tables in ``ops_lowrank``/``ops_bicluster``), its ``args`` packed and checked as declared."""
+    if name not in table:
+        raise ValueError(f"no kernel {name!r} in this launch table; known: {sorted(table)}")
+    source, kinds = table[name]
+    dtype = np.dtype(dtype)
     kernel = loader.get_kernel(source, name, dtype)
     kernel(tuple(grid), tuple(block), pack_args(name, kinds, dtype, args), shared_mem=shared_mem)
+
+
+def _launch(name, dtype, grid, block, args, shared_mem=0):
+    """Pack ``args`` as :data:`LAUNCH_SIGNATURES` declares for kernel ``name`` and launch it."""
+    launch(LAUNCH_SIGNATURES, name, dtype, grid, block, args, shared_mem)
 
 
 def _check_index_range(total, what):

@@ -47,8 +47,8 @@ import functools
 import numpy as np
 
 from ... import _backend
-from . import loader
-from .ops import I32, IPTR, PTR, pack_args  # one argument packer for every launch
+from . import loader, ops
+from .ops import I32, IPTR, PTR  # the kinds of the launch table; ops.launch packs every launch
 
 __all__ = [
     "bicluster_cp_conv2d", "bicluster_svd_conv2d", "shared_separable_conv2d", "LAUNCH_SIGNATURES", "SOURCE",
@@ -126,10 +126,8 @@ def _cupy():
 
 
 def _launch(name, dtype, grid, block, args, shared_mem=0):
-    """Pack ``args`` as :data:`LAUNCH_SIGNATURES` declares for kernel ``name`` and launch it."""
-    _, kinds = LAUNCH_SIGNATURES[name]
-    get_kernel(name, dtype)(tuple(grid), tuple(block), pack_args(name, kinds, np.dtype(dtype), args),
-                            shared_mem=shared_mem)
+    """Pack ``args`` as :data:`LAUNCH_SIGNATURES` declares for kernel ``name`` and launch it (``ops.launch``)."""
+    ops.launch(LAUNCH_SIGNATURES, name, dtype, grid, block, args, shared_mem)
 
 
 def _launch_1d(name, dtype, total, args):

@@ -33,7 +33,7 @@ import numpy as np
 
 from ... import _backend
 from . import loader, ops
-from .ops import I32, IPTR, PTR, REAL, pack_args  # one argument packer for every launch
+from .ops import I32, IPTR, PTR, REAL  # the kinds of the launch table; ops.launch packs every launch
 
 __all__ = [
     "lowrank_conv2d", "monochromatic_conv2d", "separable_conv2d", "factor_conv", "conv_stage",
@@ -100,9 +100,8 @@ def _cupy():
 
 
 def _launch(name, dtype, grid, block, args, shared_mem=0):
-    """Pack ``args`` as :data:`LAUNCH_SIGNATURES` declares for kernel ``name`` and launch it."""
-    _, kinds = LAUNCH_SIGNATURES[name]
-    get_kernel(name, dtype)(tuple(grid), tuple(block), pack_args(name, kinds, dtype, args), shared_mem=shared_mem)
+    """Pack ``args`` as :data:`LAUNCH_SIGNATURES` declares for kernel ``name`` and launch it (``ops.launch``)."""
+    ops.launch(LAUNCH_SIGNATURES, name, dtype, grid, block, args, shared_mem)
 
 
 def _contig(cp, a):
