@@ -222,6 +222,19 @@ def free_gpu_memory():
 
 
 
+def factored_bench_args(doc, out_name, argv=None):
+    """The command line shared by the factored-layer GPU benches (``bench_gpu_lowrank``, ``bench_gpu_bicluster``)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, batch 1 and 4")
+    ap.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    ap.add_argument("--repeat", type=int, default=None, help="timed runs per case (default 20, 5 with --quick)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=_ROOT / "out" / "bench" / out_name, help="JSON output")
+    args = ap.parse_args(argv)
+    args.repeat = args.repeat or (5 if args.quick else 20)
+    return args
+
+
 def gpu_guarded(setup):
     """A harness row setup that raises ``SkipRow`` with the reason when there is no usable GPU, else runs ``setup``."""
     def run_setup():

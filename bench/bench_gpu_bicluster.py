@@ -18,7 +18,6 @@ with the dense row of its batch as ``baseline``.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -29,8 +28,8 @@ if str(_ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from bench.bench_gpu import (_fmt, free_gpu_memory, gpu_guarded, gpu_missing, time_cupy, time_torch,  # noqa: E402
-                             torch_cuda)
+from bench.bench_gpu import (_fmt, factored_bench_args, free_gpu_memory, gpu_guarded, gpu_missing,  # noqa: E402
+                             time_cupy, time_torch, torch_cuda)
 
 #: layer geometry: (C, H=W, F, kernel, stride, padding)
 ZF_CONV2 = (96, 55, 256, 5, 2, 0)
@@ -242,19 +241,13 @@ def format_table(results):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny shapes, batch 1 and 4")
-    ap.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    ap.add_argument("--repeat", type=int, default=None, help="timed runs per case (default 20, 5 with --quick)")
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--out", type=Path, default=_ROOT / "out" / "bench" / "gpu_bicluster.json", help="JSON output")
-    args = ap.parse_args(argv)
+    args = factored_bench_args(__doc__, "gpu_bicluster.json", argv)
     why = gpu_missing()
     if why:
         print(f"bench_gpu_bicluster: skipped, no GPU to measure on: {why}. Nothing was timed.")
         return 0
     from bench.bench_gpu import _device_info
-    repeat = args.repeat or (5 if args.quick else 20)
+    repeat = args.repeat
     results = measure_all(args.quick, np.dtype(args.dtype), args.warmup, repeat)
     torch = torch_cuda()
     report = {"device": _device_info(), "dtype": args.dtype, "repeat": repeat, "warmup": args.warmup,

@@ -15,7 +15,6 @@ to ``bench/run_all.py`` as GPU rows (skipped where there is no device), each wit
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -26,7 +25,8 @@ if str(_ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from bench.bench_gpu import free_gpu_memory, gpu_guarded, gpu_missing, time_cupy  # noqa: E402
+from bench.bench_gpu import (factored_bench_args, free_gpu_memory, gpu_guarded, gpu_missing,  # noqa: E402
+                             time_cupy)
 from bench.bench_lowrank import (LOWRANK_RANKS, MONO_COLORS, SEPARABLE_RANKS, TINY, ZF_CONV1,  # noqa: E402
                                  _costs, _factored_layer, _weights)
 
@@ -132,19 +132,13 @@ def format_table(results):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny shapes, batch 1 and 4")
-    ap.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    ap.add_argument("--repeat", type=int, default=None, help="timed runs per case (default 20, 5 with --quick)")
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--out", type=Path, default=_ROOT / "out" / "bench" / "gpu_lowrank.json", help="JSON output")
-    args = ap.parse_args(argv)
+    args = factored_bench_args(__doc__, "gpu_lowrank.json", argv)
     why = gpu_missing()
     if why:
         print(f"bench_gpu_lowrank: skipped, no GPU to measure on: {why}. Nothing was timed.")
         return 0
     from bench.bench_gpu import _device_info
-    repeat = args.repeat or (5 if args.quick else 20)
+    repeat = args.repeat
     results = measure_all(args.quick, np.dtype(args.dtype), args.warmup, repeat)
     report = {"device": _device_info(), "dtype": args.dtype, "repeat": repeat, "warmup": args.warmup,
               "timing": "CUDA events around each call after a device synchronize; median over repeats",
