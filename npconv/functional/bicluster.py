@@ -269,7 +269,6 @@ def bicluster_conv2d(x, *factors, bias=None, stride=1, padding=0):
 # --------------------------------------------------------------------------------------------------------------
 # CPU paths
 # --------------------------------------------------------------------------------------------------------------
-_WS = WS  # shared per-thread scratch buffers (npconv/_workspace.py)
 
 
 def _chunk(N, P, per_img_items, itemsize):
@@ -328,11 +327,11 @@ def _cp_cpu(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, 
     # enough parallel jobs: split a group's components when images x groups alone are too few
     nsplit = max(1, min(H * K, -(-4 * numba.get_num_threads() // (nb * G))))
     dt = x.dtype
-    z_buf = _WS.get("z", nb * per_z, dt)
-    y_buf = _WS.get("y", nb * F * P, dt)
+    z_buf = WS.get("z", nb * per_z, dt)
+    y_buf = WS.get("y", nb * F * P, dt)
     nth = numba.get_num_threads()
     srow = KB.cp_scratch_size(int(np.diff(in_off).max()), sh, sw, R, M, OH, Y)
-    scratch = _WS.get("front", nth * srow, dt).reshape(nth, srow)
+    scratch = WS.get("front", nth * srow, dt).reshape(nth, srow)
     y = np.empty((N, F, OH, OW), dt)
     y3 = y.reshape(N, F, P)
     for n0 in range(0, N, nb):
@@ -368,11 +367,11 @@ def _svd_cpu(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bia
     per_col = K1 * X * Y * P
     per_z2 = H * G * K2 * P
     nb = _chunk(N, P, per_xs + per_z1 + per_col + per_z2 + F * P, dt.itemsize)
-    xs_buf = _WS.get("xs", nb * per_xs, dt)
-    z1_buf = _WS.get("z1", nb * per_z1, dt)
-    col_buf = _WS.get("col", nb * per_col, dt)
-    z2_buf = _WS.get("z2", nb * per_z2, dt)
-    y_buf = _WS.get("y", nb * F * P, dt)
+    xs_buf = WS.get("xs", nb * per_xs, dt)
+    z1_buf = WS.get("z1", nb * per_z1, dt)
+    col_buf = WS.get("col", nb * per_col, dt)
+    z2_buf = WS.get("z2", nb * per_z2, dt)
+    y_buf = WS.get("y", nb * F * P, dt)
     y = np.empty((N, F, OH, OW), dt)
     y3 = y.reshape(N, F, P)
     for n0 in range(0, N, nb):
@@ -439,13 +438,13 @@ def _shared_cpu(x, in_perm, in_off, reduce, assign, vertical, horizontal, expand
     per_z = H * G * K * P
     nb = _chunk(N, P, per_z + F * P, x.dtype.itemsize)
     dt = x.dtype
-    z_buf = _WS.get("z", nb * per_z, dt)
-    y_buf = _WS.get("y", nb * F * P, dt)
+    z_buf = WS.get("z", nb * per_z, dt)
+    y_buf = WS.get("y", nb * F * P, dt)
     y = np.empty((N, F, OH, OW), dt)
     y3 = y.reshape(N, F, P)
     nth = numba.get_num_threads()
     srow = KB.shared_scratch_size(int(np.diff(in_off).max()), int(np.diff(used_ptr).max()), sh, sw, R, M, OH, OW, Y)
-    scratch = _WS.get("front", nth * srow, dt).reshape(nth, srow)
+    scratch = WS.get("front", nth * srow, dt).reshape(nth, srow)
     for n0 in range(0, N, nb):
         m = min(nb, N - n0)
         Z = z_buf[:m * per_z].reshape(H, G * K, m * P)
