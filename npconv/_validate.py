@@ -14,7 +14,8 @@ from ._backend import FLOAT_DTYPES, is_cupy_array
 
 __all__ = [
     "check_array", "check_float_array", "check_same_dtype", "as_pair", "as_padding4",
-    "out_size", "pool_out_size", "check_option", "check_finite", "check_int", "check_real",
+    "out_size", "pool_out_size", "check_option", "check_finite", "check_int", "check_real", "check_out",
+    "fill_out",
 ]
 
 
@@ -145,3 +146,39 @@ def check_finite(a, name):
     if not bool(xp.isfinite(a).all()):
         bad = int((~xp.isfinite(a)).sum())
         raise ValueError(f"{name} contains {bad} non-finite value(s) (NaN or inf)")
+
+
+def check_out(out, shape, dtype, *, like, inputs=(), name="out"):
+    """Validate an ``out=`` argument; returns ``out`` (``None`` stays ``None``: the caller allocates).
+
+    ``out`` must be an array of the same kind as ``like`` (NumPy for NumPy inputs, CuPy for CuPy inputs), with
+    exactly ``shape`` and ``dtype``, C-contiguous and writeable, and it must not overlap any of ``inputs``
+    (pairs ``(name, array)``): the kernels read their inputs while they write, so in-place is not supported.
+    """
+    if out is None:
+        return None
+    want_gpu = is_cupy_array(like)
+    if not _is_array(out) or is_cupy_array(out) != want_gpu:
+        kind = "cupy.ndarray" if want_gpu else "numpy.ndarray"
+        raise TypeError(f"{name} must be a {kind} (like the input), got {type(out).__name__}")
+    if out.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {np.dtype(dtype)} (the result's), got {out.dtype}")
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)} (the result's), got {tuple(out.shape)}")
+    if not out.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous, got an array with strides {tuple(out.strides)}")
+    if not want_gpu and not out.flags.writeable:
+        raise ValueError(f"{name} must be writeable, got a read-only array")
+    xp = __import__("cupy") if want_gpu else np
+    for in_name, a in inputs:
+        if a is not None and _is_array(a) and is_cupy_array(a) == want_gpu and xp.may_share_memory(out, a):
+            raise ValueError(f"{name} must not overlap {in_name} (in-place evaluation is not supported)")
+    return out
+
+
+def fill_out(y, out):
+    """``y`` itself when ``out`` is None, else ``out`` holding a copy of ``y`` (paths that compute elsewhere)."""
+    if out is None:
+        return y
+    out[...] = y
+    return out

@@ -173,3 +173,92 @@ def test_relu_before_max_pool_runs_after_it_with_identical_results(rng, dtype, m
     assert (acts["pool0"][~np.isnan(acts["pool0"])] >= 0).all()
     np.testing.assert_array_equal(net.forward(x, until="relu1"), one_by_one(x, "relu1"))
     np.testing.assert_array_equal(net.forward(x, until="pool1"), one_by_one(x, "pool1"))
+
+
+# ------------------------------------------------------------------ reused activation buffers
+def _conv_tail_net(rng, dtype=np.float64):
+    """Ends in layers that write into buffers (conv, pool) and in a Flatten view: the returned output must still
+    be the caller's own memory."""
+    net, _ = small_net(rng, dtype)
+    w3 = rng.standard_normal((2, 4, 2, 2)).astype(dtype)
+    items = [(n, l) for n, l in net.items() if n not in ("flat", "fc", "prob")]
+    return Network(items + [("conv3", Conv2d(w3, None)), ("flat", Flatten())], input_shape=(3, 5, 5))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_reused_buffers_give_the_fresh_results_and_never_leak(rng, dtype):
+    net, ws = small_net(rng, dtype)
+    tail = _conv_tail_net(rng, dtype)
+    xa = rng.standard_normal((3, 3, 5, 5)).astype(dtype)
+    xb = rng.standard_normal((3, 3, 5, 5)).astype(dtype)
+    for n in (net, tail):
+        fresh_a = n.forward(xa, reuse_buffers=False)
+        fresh_b = n.forward(xb, reuse_buffers=False)
+        ya, acts = n.forward(xa, return_intermediates="all")
+        keep = {k: v.copy() for k, v in acts.items()}
+        ya_copy = ya.copy()
+        until = {k: n.forward(xa, until=k) for k in n.names}
+        until_copy = {k: v.copy() for k, v in until.items()}
+        yb = n.forward(xb)   # reuses the buffers; nothing handed out before may change
+        np.testing.assert_array_equal(ya, fresh_a)
+        np.testing.assert_array_equal(yb, fresh_b)
+        np.testing.assert_array_equal(ya, ya_copy)
+        for k in keep:
+            np.testing.assert_array_equal(acts[k], keep[k])
+            np.testing.assert_array_equal(until[k], until_copy[k])
+            ref = n.forward(xa, until=k, reuse_buffers=False)
+            np.testing.assert_array_equal(until[k], ref)
+    ref, h = reference_forward(xa.astype(np.float64), *ws)
+    tol = 1e-4 if dtype == np.float32 else 1e-10
+    np.testing.assert_allclose(net.forward(xa), ref, rtol=tol, atol=tol)
+
+
+def test_buffers_are_kept_grown_and_released(rng):
+    net = _conv_tail_net(rng)
+    assert net.buffer_bytes() == 0
+    net.forward(rng.standard_normal((2, 3, 5, 5)))
+    small = net.buffer_bytes()
+    # conv1's output (2 x 4 x 5 x 5 float64) is the largest activation: one buffer holds at least that
+    assert small >= 2 * 4 * 5 * 5 * 8
+    x = rng.standard_normal((7, 3, 5, 5))
+    y = net.forward(x)
+    assert net.buffer_bytes() > small
+    np.testing.assert_array_equal(y, net.forward(x, reuse_buffers=False))
+    np.testing.assert_array_equal(net.forward(x[:1]), net.forward(x[:1], reuse_buffers=False))
+    assert net.release_buffers() > small
+    assert net.buffer_bytes() == 0 and net.release_buffers() == 0
+    np.testing.assert_array_equal(net.forward(x), y)
+    clone = net.copy()   # a copy starts without buffers and works on its own
+    assert clone.buffer_bytes() == 0
+    np.testing.assert_array_equal(clone.forward(x), y)
+    net.forward(x, reuse_buffers=False)
+    with pytest.raises(TypeError, match="reuse_buffers must be a bool"):
+        net.forward(x, reuse_buffers=1)
+
+
+def test_threads_get_buffers_of_their_own(rng):
+    import threading
+    net, _ = small_net(rng, np.float64)
+    xs = [rng.standard_normal((4, 3, 5, 5)) for _ in range(4)]
+    want = [net.forward(x, reuse_buffers=False) for x in xs]
+    got = [None] * len(xs)
+    errors = []
+
+    def work(i):
+        try:
+            for _ in range(30):
+                y = net.forward(xs[i])
+                if not np.array_equal(y, want[i]):
+                    raise AssertionError(f"thread {i} got a wrong result")
+            got[i] = y
+        except Exception as exc:  # noqa: BLE001 -- reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)

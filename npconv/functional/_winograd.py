@@ -54,7 +54,7 @@ def _stack(buf, stride, rows, cols):
     return buf[:16 * stride].reshape(16, stride)[:, :rows * cols].reshape(16, rows, cols)
 
 
-def conv2d_winograd_cpu(x, w, bias, pad, OH, OW):
+def conv2d_winograd_cpu(x, w, bias, pad, OH, OW, out=None):
     """``conv2d`` of contiguous ``x`` (N, C, H, W) by 3x3 ``w`` (F, C, 3, 3), stride 1, padding ``pad``
     (top, bottom, left, right) to an (OH, OW) output; ``bias`` (F,) or None. Geometry already validated."""
     from ..kernels.cpu import winograd as KW
@@ -79,7 +79,8 @@ def conv2d_winograd_cpu(x, w, bias, pad, OH, OW):
     scratch = WS.get("wino.scratch", nth * srow, dt).reshape(nth, srow)
     has_b = bias is not None
     b = bias if has_b else np.zeros(1, dt)
-    out = np.empty((N, F, OH, OW), dt)
+    if out is None:
+        out = np.empty((N, F, OH, OW), dt)
     for n0 in range(0, N, chunk):
         m = min(chunk, N - n0)
         T = m * TT

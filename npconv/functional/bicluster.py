@@ -31,7 +31,8 @@ import numpy as np
 
 from .._backend import get_array_module, is_cupy_array, to_numpy
 from .._workspace import WS
-from .._validate import (as_pair, as_padding4, check_array, check_float_array, check_same_dtype, out_size)
+from .._validate import (as_pair, as_padding4, check_array, check_float_array, check_out, check_same_dtype, fill_out,
+                         out_size)
 from .conv import conv2d
 
 __all__ = ["bicluster_conv2d", "bicluster_cp_conv2d", "bicluster_svd_conv2d", "shared_separable_conv2d"]
@@ -179,7 +180,7 @@ def _validate_shared(x, in_perm, in_offsets, reduce, assign, vertical, horizonta
 # public functions
 # --------------------------------------------------------------------------------------------------------------
 def bicluster_cp_conv2d(x, in_perm, in_offsets, reduce, vertical, horizontal, expand, out_perm, out_offsets,
-                        bias=None, *, stride=1, padding=0):
+                        bias=None, *, stride=1, padding=0, out=None):
     """Biclustered CP convolution of ``x`` (N, C, H, W) executed as its factors.
 
     Parameters
@@ -190,40 +191,47 @@ def bicluster_cp_conv2d(x, in_perm, in_offsets, reduce, vertical, horizontal, ex
     expand : (F, G, K)  output factor (CP weights folded in), rows in ``out_perm`` order
     bias : (F,) or None, in the original output-channel order
     stride, padding : as :func:`npconv.functional.conv2d` (padding int, pair or 4-tuple)
+    out : array, optional
+        Where to write the result (see :func:`npconv.functional.conv2d`'s ``out``).
 
-    Returns (N, F, OH, OW) in x's dtype; all float arrays must share x's dtype. NumPy or CuPy arrays.
+    Returns (N, F, OH, OW) in x's dtype (``out`` when given); all float arrays must share x's dtype. NumPy or
+    CuPy arrays.
     """
     xp = get_array_module(x, reduce, vertical, horizontal, expand, bias)
     in_off, out_off, stride, pad, OH, OW = _validate_cp(x, in_perm, in_offsets, reduce, vertical, horizontal,
                                                          expand, out_perm, out_offsets, bias, stride, padding)
+    _check_out(out, x, OH, OW, expand, (reduce, vertical, horizontal, expand, bias))
     if xp is not np:
-        return _cp_gpu(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, out_off, bias, stride, pad)
+        return fill_out(_cp_gpu(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, out_off, bias,
+                                stride, pad), out)
     return _cp_cpu(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, out_off, bias, stride,
-                   pad, OH, OW)
+                   pad, OH, OW, out)
 
 
 def bicluster_svd_conv2d(x, in_perm, in_offsets, reduce, spatial, expand, out_perm, out_offsets, bias=None, *,
-                         stride=1, padding=0):
+                         stride=1, padding=0, out=None):
     """Biclustered two-stage-SVD convolution of ``x`` (N, C, H, W) executed as its factors.
 
-    ``reduce`` (C, H, K1), ``spatial`` (G, H, K2, K1, X, Y), ``expand`` (F, G, K2); groups, bias, stride and
-    padding as :func:`bicluster_cp_conv2d`.
+    ``reduce`` (C, H, K1), ``spatial`` (G, H, K2, K1, X, Y), ``expand`` (F, G, K2); groups, bias, stride,
+    padding and ``out`` as :func:`bicluster_cp_conv2d`.
     """
     xp = get_array_module(x, reduce, spatial, expand, bias)
     in_off, out_off, stride, pad, OH, OW = _validate_svd(x, in_perm, in_offsets, reduce, spatial, expand,
                                                           out_perm, out_offsets, bias, stride, padding)
+    _check_out(out, x, OH, OW, expand, (reduce, spatial, expand, bias))
     if xp is not np:
-        return _svd_gpu(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bias, stride, pad)
-    return _svd_cpu(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bias, stride, pad, OH, OW)
+        return fill_out(_svd_gpu(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bias, stride, pad),
+                        out)
+    return _svd_cpu(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bias, stride, pad, OH, OW, out)
 
 
 def shared_separable_conv2d(x, in_perm, in_offsets, reduce, assign, vertical, horizontal, expand, out_perm,
-                            out_offsets, bias=None, *, stride=1, padding=0):
+                            out_offsets, bias=None, *, stride=1, padding=0, out=None):
     """Biclustered CP convolution whose separable filters come from a shared collection, executed shared.
 
     ``reduce`` (C, H, K) combination weights (rows in ``in_perm`` order), ``assign`` (G, H, K) integer index of
     each component's shared filter, ``vertical`` (S, X) and ``horizontal`` (S, Y) the shared filters,
-    ``expand`` (F, G, K); groups, bias, stride, padding as :func:`bicluster_cp_conv2d`. Component (g, h, k) is
+    ``expand`` (F, G, K); groups, bias, stride, padding, ``out`` as :func:`bicluster_cp_conv2d`. Component (g, h, k) is
     ``sum_{j in g} reduce[j, h, k] * (horizontal[s] * (vertical[s] * x_j))`` with ``s = assign[g, h, k]``; the
     filtered maps are computed once per (input channel, shared filter used by the group).
     """
@@ -231,36 +239,45 @@ def shared_separable_conv2d(x, in_perm, in_offsets, reduce, assign, vertical, ho
     in_off, out_off, stride, pad, OH, OW = _validate_shared(x, in_perm, in_offsets, reduce, assign, vertical,
                                                              horizontal, expand, out_perm, out_offsets, bias,
                                                              stride, padding)
+    _check_out(out, x, OH, OW, expand, (reduce, vertical, horizontal, expand, bias))
     if xp is not np:
-        return _shared_gpu(x, in_perm, in_off, reduce, assign, vertical, horizontal, expand, out_perm, out_off, bias,
-                           stride, pad)
+        return fill_out(_shared_gpu(x, in_perm, in_off, reduce, assign, vertical, horizontal, expand, out_perm,
+                                    out_off, bias, stride, pad), out)
     return _shared_cpu(x, in_perm, in_off, reduce, assign, vertical, horizontal, expand, out_perm, out_off, bias,
-                       stride, pad, OH, OW)
+                       stride, pad, OH, OW, out)
 
 
-def run_validated(form, x, args, bias, stride, pad, OH, OW):
+def _check_out(out, x, OH, OW, expand, factors):
+    check_out(out, (x.shape[0], expand.shape[0], OH, OW), x.dtype, like=x,
+              inputs=(("x", x),) + tuple((f"factor {i}", f) for i, f in enumerate(factors)))
+
+
+def run_validated(form, x, args, bias, stride, pad, OH, OW, out=None):
     """Execute factors that were validated before (the layers validate theirs once, at construction).
 
     ``form``: "cp", "svd" or "shared"; ``args``: the factor arrays in the order of the public function, with
     the offsets as host int64 arrays and every float array in x's dtype and on x's device; ``stride`` a pair,
-    ``pad`` a 4-tuple, ``OH``/``OW`` the output size. No checks: use the public functions otherwise.
+    ``pad`` a 4-tuple, ``OH``/``OW`` the output size. No checks of the factors: use the public functions
+    otherwise. ``out`` (checked here) is where to write the result, as in :func:`bicluster_cp_conv2d`.
     """
     cpu, gpu = _RUNNERS[form]
+    if out is not None:
+        _check_out(out, x, OH, OW, args[-3], args[2:-2] + (bias,))
     if is_cupy_array(x):
-        return gpu(x, *args, bias, stride, pad)
-    return cpu(x, *args, bias, stride, pad, OH, OW)
+        return fill_out(gpu(x, *args, bias, stride, pad), out)
+    return cpu(x, *args, bias, stride, pad, OH, OW, out)
 
 
-def bicluster_conv2d(x, *factors, bias=None, stride=1, padding=0):
+def bicluster_conv2d(x, *factors, bias=None, stride=1, padding=0, out=None):
     """Run a biclustered conv from its factors in result order: 8 arrays -> CP form
     (:func:`bicluster_cp_conv2d`), 7 arrays -> SVD form (:func:`bicluster_svd_conv2d`).
 
     ``bicluster_conv2d(x, *bicluster(W, G, H, ...), bias=b, stride=2)`` executes a decomposition result.
     """
     if len(factors) == 8:
-        return bicluster_cp_conv2d(x, *factors, bias, stride=stride, padding=padding)
+        return bicluster_cp_conv2d(x, *factors, bias, stride=stride, padding=padding, out=out)
     if len(factors) == 7:
-        return bicluster_svd_conv2d(x, *factors, bias, stride=stride, padding=padding)
+        return bicluster_svd_conv2d(x, *factors, bias, stride=stride, padding=padding, out=out)
     raise ValueError("bicluster_conv2d takes the factors in result order: 8 arrays (in_perm, in_offsets, reduce, "
                      "vertical, horizontal, expand, out_perm, out_offsets) for the CP form or 7 (in_perm, in_offsets, "
                      f"reduce, spatial, expand, out_perm, out_offsets) for the SVD form; got {len(factors)}")
@@ -305,7 +322,8 @@ def _phase_geometry(OH, OW, X, Y, stride):
     return R, M
 
 
-def _cp_cpu(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, out_off, bias, stride, pad, OH, OW):
+def _cp_cpu(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, out_off, bias, stride, pad, OH, OW,
+            out=None):
     from ..kernels.cpu import bicluster as KB
     x = np.ascontiguousarray(x)
     reduce = np.ascontiguousarray(reduce)
@@ -332,7 +350,7 @@ def _cp_cpu(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, 
     nth = numba.get_num_threads()
     srow = KB.cp_scratch_size(int(np.diff(in_off).max()), sh, sw, R, M, OH, Y)
     scratch = WS.get("front", nth * srow, dt).reshape(nth, srow)
-    y = np.empty((N, F, OH, OW), dt)
+    y = np.empty((N, F, OH, OW), dt) if out is None else out
     y3 = y.reshape(N, F, P)
     for n0 in range(0, N, nb):
         m = min(nb, N - n0)
@@ -344,7 +362,7 @@ def _cp_cpu(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, 
     return y
 
 
-def _svd_cpu(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bias, stride, pad, OH, OW):
+def _svd_cpu(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bias, stride, pad, OH, OW, out=None):
     from ..kernels.cpu import bicluster as KB
     x = np.ascontiguousarray(x)
     expand = np.ascontiguousarray(expand)
@@ -372,7 +390,7 @@ def _svd_cpu(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bia
     col_buf = WS.get("col", nb * per_col, dt)
     z2_buf = WS.get("z2", nb * per_z2, dt)
     y_buf = WS.get("y", nb * F * P, dt)
-    y = np.empty((N, F, OH, OW), dt)
+    y = np.empty((N, F, OH, OW), dt) if out is None else out
     y3 = y.reshape(N, F, P)
     for n0 in range(0, N, nb):
         m = min(nb, N - n0)
@@ -416,7 +434,7 @@ def shared_plan(assign, n_filters=None):
 
 
 def _shared_cpu(x, in_perm, in_off, reduce, assign, vertical, horizontal, expand, out_perm, out_off, bias, stride,
-                pad, OH, OW):
+                pad, OH, OW, out=None):
     from ..kernels.cpu import bicluster as KB
     x = np.ascontiguousarray(x)
     reduce = np.ascontiguousarray(reduce)
@@ -440,7 +458,7 @@ def _shared_cpu(x, in_perm, in_off, reduce, assign, vertical, horizontal, expand
     dt = x.dtype
     z_buf = WS.get("z", nb * per_z, dt)
     y_buf = WS.get("y", nb * F * P, dt)
-    y = np.empty((N, F, OH, OW), dt)
+    y = np.empty((N, F, OH, OW), dt) if out is None else out
     y3 = y.reshape(N, F, P)
     nth = numba.get_num_threads()
     srow = KB.shared_scratch_size(int(np.diff(in_off).max()), int(np.diff(used_ptr).max()), sh, sw, R, M, OH, OW, Y)

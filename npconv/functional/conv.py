@@ -18,7 +18,8 @@ import numpy as np
 
 from .._backend import get_array_module
 from .._workspace import WS
-from .._validate import as_pair, as_padding4, check_float_array, check_int, check_same_dtype, out_size
+from .._validate import (as_pair, as_padding4, check_float_array, check_int, check_out, check_same_dtype, fill_out,
+                         out_size)
 
 __all__ = ["conv2d", "conv2d_output_shape", "normalize_conv_args", "ALGORITHMS"]
 
@@ -75,7 +76,7 @@ def conv2d_output_shape(in_shape, w_shape, *, stride=1, padding=0, dilation=1):
             out_size(W, KW, st[1], pd[2], pd[3], dl[1], what="output width"))
 
 
-def conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1, algorithm="auto"):
+def conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1, algorithm="auto", out=None):
     """2-D convolution of ``x`` (N, C, H, W) with ``w`` (F, C/groups, KH, KW), plus ``b`` (F,) if given.
 
     Parameters
@@ -92,10 +93,16 @@ def conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1, algorithm
         last place times the channel count). "auto": Winograd where it is eligible and the call is large enough
         for it to be faster (``npconv.functional._winograd.use_winograd``), else "gemm". CuPy arrays take "auto"
         only (the GPU path chooses its own kernels).
+    out : array, optional
+        Where to write the result: an array of exactly the result's shape and dtype, C-contiguous, writeable, of
+        the input's kind (NumPy or CuPy) and not overlapping any input; otherwise a TypeError or ValueError. On
+        the CPU the kernels write into it directly, so a caller that evaluates the same shapes repeatedly reuses
+        its memory instead of faulting in fresh pages every call (``Network.forward`` does this). On the GPU the
+        result is computed as usual and copied into ``out`` (CuPy's memory pool already makes allocation cheap).
 
-    Returns an array of shape (N, F, OH, OW) with the dtype of ``x`` (float32 or float64; ``w`` and ``b`` must have
-    the same dtype). NumPy inputs run on the CPU, CuPy inputs on the GPU; a mix is a TypeError. Non-finite weights
-    are not checked here (layers check them once, when they are built or loaded).
+    Returns an array of shape (N, F, OH, OW) (``out`` when given) with the dtype of ``x`` (float32 or float64;
+    ``w`` and ``b`` must have the same dtype). NumPy inputs run on the CPU, CuPy inputs on the GPU; a mix is a
+    TypeError. Non-finite weights are not checked here (layers check them once, when they are built or loaded).
     """
     xp = get_array_module(x, w, b, names=("x", "w", "b"))
     stride, pad, dilation, groups, (OH, OW) = normalize_conv_args(x, w, b, stride, padding, dilation, groups)
@@ -103,12 +110,13 @@ def conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1, algorithm
         raise TypeError(f"algorithm must be a string, one of {ALGORITHMS}, got {type(algorithm).__name__}")
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    check_out(out, (x.shape[0], w.shape[0], OH, OW), x.dtype, like=x, inputs=(("x", x), ("w", w), ("b", b)))
     if xp is not np:
         if algorithm != "auto":
             raise ValueError(f'algorithm={algorithm!r} selects a CPU algorithm; CuPy arrays take algorithm="auto" '
                              "(the GPU path chooses its own kernels)")
         from ..kernels.cuda import ops
-        return ops.conv2d(x, w, b, stride=stride, padding=pad, dilation=dilation, groups=groups)
+        return fill_out(ops.conv2d(x, w, b, stride=stride, padding=pad, dilation=dilation, groups=groups), out)
     from . import _winograd as WG
     if algorithm == "winograd":
         if not WG.winograd_eligible(w.shape, stride, dilation, groups):
@@ -118,11 +126,11 @@ def conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1, algorithm
         algorithm = "winograd" if WG.use_winograd(x.shape, w.shape, stride, dilation, groups, (OH, OW)) else "gemm"
     if algorithm == "winograd":
         return WG.conv2d_winograd_cpu(np.ascontiguousarray(x), np.ascontiguousarray(w),
-                                      None if b is None else np.ascontiguousarray(b), pad, OH, OW)
-    return _conv2d_cpu(x, w, b, stride, pad, dilation, groups, OH, OW)
+                                      None if b is None else np.ascontiguousarray(b), pad, OH, OW, out=out)
+    return _conv2d_cpu(x, w, b, stride, pad, dilation, groups, OH, OW, out)
 
 
-def _conv2d_cpu(x, w, b, stride, pad, dilation, groups, OH, OW):
+def _conv2d_cpu(x, w, b, stride, pad, dilation, groups, OH, OW, out=None):
     from ..kernels.cpu import im2col as K
 
     x = np.ascontiguousarray(x)
@@ -134,7 +142,8 @@ def _conv2d_cpu(x, w, b, stride, pad, dilation, groups, OH, OW):
     dt = x.dtype
     has_b = b is not None
     bias = np.ascontiguousarray(b) if has_b else np.zeros(1, dt)
-    out = np.empty((N, F, OH, OW), dt)
+    if out is None:
+        out = np.empty((N, F, OH, OW), dt)
 
     if Cg == 1 and groups > 1 and Fg * KH * KW <= 64:
         K.depthwise_direct(x, w, bias, has_b, Fg, stride[0], stride[1], pad[0], pad[2], dilation[0],

@@ -31,7 +31,8 @@ import functools
 import numpy as np
 
 from .._backend import get_array_module, to_numpy
-from .._validate import (as_pair, as_padding4, check_array, check_float_array, check_same_dtype, out_size)
+from .._validate import (as_pair, as_padding4, check_array, check_float_array, check_out, check_same_dtype, fill_out,
+                         out_size)
 from .conv import conv2d
 
 __all__ = ["lowrank_linear", "lowrank_conv2d", "monochromatic_conv2d", "separable_conv2d"]
@@ -154,11 +155,7 @@ def _generic_conv(x, w, bias, stride, pad, out=None):
     if _use_direct(F, C * X * Y):
         wt = np.ascontiguousarray(w.reshape(F, C * X * Y))
         return _direct_conv_cpu(x, wt, [list(range(F))], [0], C, X, Y, bias, stride, pad, F, out=out)
-    y = conv2d(x, np.ascontiguousarray(w), bias, stride=stride, padding=pad)
-    if out is None:
-        return y
-    out[...] = y
-    return out
+    return conv2d(x, np.ascontiguousarray(w), bias, stride=stride, padding=pad, out=out)
 
 
 # ------------------------------------------------------------------------------------------------------ linear
@@ -191,7 +188,7 @@ def lowrank_linear(x, a, b_fac, bias=None):
 
 
 # -------------------------------------------------------------------------------------------------- low-rank conv
-def lowrank_conv2d(x, first, second, bias=None, *, stride=1, padding=0, dilation=1):
+def lowrank_conv2d(x, first, second, bias=None, *, stride=1, padding=0, dilation=1, out=None):
     """Rank-t convolution: a conv with ``first`` (t, C, X, Y) to t channels, then the 1x1 conv ``second``.
 
     Parameters
@@ -199,8 +196,10 @@ def lowrank_conv2d(x, first, second, bias=None, *, stride=1, padding=0, dilation
     x : (N, C, H, W);  first : (t, C, X, Y);  second : (F, t) or (F, t, 1, 1);  bias : (F,) or None
     stride, dilation : int or pair;  padding : int, pair or (top, bottom, left, right)
         Of the original conv (the 1x1 stage has none).
+    out : array, optional
+        Where to write the result (see :func:`npconv.functional.conv2d`'s ``out``).
 
-    Returns (N, F, H', W') in x's dtype.
+    Returns (N, F, H', W') in x's dtype (``out`` when given).
     """
     xp = get_array_module(x, first, second, bias, names=("x", "first", "second", "bias"))
     check_float_array(x, "x", ndim=4)
@@ -225,9 +224,13 @@ def lowrank_conv2d(x, first, second, bias=None, *, stride=1, padding=0, dilation
     N, _, H, W = x.shape
     Ho = out_size(H, dil[0] * (first.shape[2] - 1) + 1, st[0], pad[0], pad[1], what="output height")
     Wo = out_size(W, dil[1] * (first.shape[3] - 1) + 1, st[1], pad[2], pad[3], what="output width")
+    check_out(out, (N, F, Ho, Wo), x.dtype, like=x,
+              inputs=(("x", x), ("first", first), ("second", second), ("bias", bias)))
     if xp is not np:
-        return _gpu_ops().lowrank_conv2d(x, first, second, bias, stride=st, padding=pad, dilation=dil)
-    out = np.empty((N, F, Ho, Wo), x.dtype)
+        return fill_out(_gpu_ops().lowrank_conv2d(x, first, second, bias, stride=st, padding=pad, dilation=dil),
+                        out)
+    if out is None:
+        out = np.empty((N, F, Ho, Wo), x.dtype)
     second = np.ascontiguousarray(second)
     chunk = int(max(1, min(N, _WORKSPACE_BYTES // max(t * Ho * Wo * x.dtype.itemsize, 1))))
     for n0 in range(0, N, chunk):
@@ -267,7 +270,7 @@ def _check_mono(x, color_transform, assignment, spatial, bias):
     return a
 
 
-def monochromatic_conv2d(x, color_transform, assignment, spatial, bias=None, *, stride=1, padding=0):
+def monochromatic_conv2d(x, color_transform, assignment, spatial, bias=None, *, stride=1, padding=0, out=None):
     """Monochromatic convolution (Denton et al. 2014, section 4.1), executed as its factors.
 
     Parameters
@@ -278,8 +281,10 @@ def monochromatic_conv2d(x, color_transform, assignment, spatial, bias=None, *, 
     spatial : (F, X, Y) -- one single-channel filter per output channel
     bias : (F,) or None
     stride : int or pair;  padding : int, pair or (top, bottom, left, right)
+    out : array, optional
+        Where to write the result (see :func:`npconv.functional.conv2d`'s ``out``).
 
-    Returns (N, F, H', W') with ``out[n, f] = corr(sum_c T[a_f, c] x[n, c], spatial[f]) + bias[f]``, i.e. the conv
+    Returns (N, F, H', W') (``out`` when given) with ``out[n, f] = corr(sum_c T[a_f, c] x[n, c], spatial[f]) + bias[f]``, i.e. the conv
     with ``W[f, c] = T[a_f, c] * spatial[f]``. Cost: ``C C' H W + X Y F H' W'`` multiply-adds per image.
     Clusters of any sizes (empty ones included) are handled.
     """
@@ -289,10 +294,13 @@ def monochromatic_conv2d(x, color_transform, assignment, spatial, bias=None, *, 
     pad = as_padding4(padding)
     Cp = color_transform.shape[0]
     F, X, Y = spatial.shape
-    out_size(x.shape[2], X, st[0], pad[0], pad[1], what="output height")
-    out_size(x.shape[3], Y, st[1], pad[2], pad[3], what="output width")
+    Ho = out_size(x.shape[2], X, st[0], pad[0], pad[1], what="output height")
+    Wo = out_size(x.shape[3], Y, st[1], pad[2], pad[3], what="output width")
+    check_out(out, (x.shape[0], F, Ho, Wo), x.dtype, like=x,
+              inputs=(("x", x), ("color_transform", color_transform), ("spatial", spatial), ("bias", bias)))
     if xp is not np:
-        return _gpu_ops().monochromatic_conv2d(x, color_transform, a, spatial, bias, stride=st, padding=pad)
+        return fill_out(_gpu_ops().monochromatic_conv2d(x, color_transform, a, spatial, bias, stride=st,
+                                                        padding=pad), out)
     x = np.ascontiguousarray(x)
     order = np.argsort(a, kind="stable")
     bounds = np.searchsorted(a[order], np.arange(Cp + 1))
@@ -302,16 +310,17 @@ def monochromatic_conv2d(x, color_transform, assignment, spatial, bias=None, *, 
     # only the colours some filter reads are built
     T = np.ascontiguousarray(color_transform[keep])
     return _direct_conv_cpu(x, wt, [groups[c] for c in keep], list(range(len(keep))), 1, X, Y, bias, st, pad,
-                            F, transform=T)
+                            F, transform=T, out=out)
 
 
 # ---------------------------------------------------------------------------------------------------- separable
-def separable_conv2d(x, vertical, horizontal, bias=None, *, stride=1, padding=0):
+def separable_conv2d(x, vertical, horizontal, bias=None, *, stride=1, padding=0, out=None):
     """Separable convolution: ``vertical`` (K, C, X, 1) then ``horizontal`` (F, K, 1, Y).
 
     The vertical pass takes the row stride and the top/bottom padding, the horizontal pass the column stride and
     the left/right padding, so the result equals the conv with ``W[f, c, x, y] = sum_k H[f, k, 0, y] V[k, c, x, 0]``
-    and the given ``stride`` and ``padding``. Returns (N, F, H', W') in x's dtype.
+    and the given ``stride`` and ``padding``. Returns (N, F, H', W') in x's dtype; ``out``, optional, is where
+    to write it (see :func:`npconv.functional.conv2d`'s ``out``).
     """
     xp = get_array_module(x, vertical, horizontal, bias, names=("x", "vertical", "horizontal", "bias"))
     check_float_array(x, "x", ndim=4)
@@ -332,19 +341,21 @@ def separable_conv2d(x, vertical, horizontal, bias=None, *, stride=1, padding=0)
     st = as_pair(stride, "stride")
     pt, pb, pl, pr = as_padding4(padding)
     # validates the output size of the whole conv (an impossible geometry fails before any work)
-    out_size(x.shape[2], X, st[0], pt, pb, what="output height")
-    out_size(x.shape[3], horizontal.shape[3], st[1], pl, pr, what="output width")
-    if xp is not np:
-        return _gpu_ops().separable_conv2d(x, vertical, horizontal, bias, stride=st, padding=(pt, pb, pl, pr))
-    N = x.shape[0]
     Ho = out_size(x.shape[2], X, st[0], pt, pb, what="output height")
+    Wo = out_size(x.shape[3], horizontal.shape[3], st[1], pl, pr, what="output width")
+    N = x.shape[0]
+    check_out(out, (N, F, Ho, Wo), x.dtype, like=x,
+              inputs=(("x", x), ("vertical", vertical), ("horizontal", horizontal), ("bias", bias)))
+    if xp is not np:
+        return fill_out(_gpu_ops().separable_conv2d(x, vertical, horizontal, bias, stride=st,
+                                                    padding=(pt, pb, pl, pr)), out)
     per_img = K * Ho * x.shape[3] * x.dtype.itemsize
     chunk = int(max(1, min(N, _WORKSPACE_BYTES // max(per_img, 1))))
     if chunk >= N:
         h = _generic_conv(x, vertical, None, (st[0], 1), (pt, pb, 0, 0))
-        return _generic_conv(h, horizontal, bias, (1, st[1]), (0, 0, pl, pr))
-    Wo = out_size(x.shape[3], horizontal.shape[3], st[1], pl, pr, what="output width")
-    out = np.empty((N, F, Ho, Wo), x.dtype)
+        return _generic_conv(h, horizontal, bias, (1, st[1]), (0, 0, pl, pr), out=out)
+    if out is None:
+        out = np.empty((N, F, Ho, Wo), x.dtype)
     for n0 in range(0, N, chunk):
         h = _generic_conv(x[n0:n0 + chunk], vertical, None, (st[0], 1), (pt, pb, 0, 0))
         _generic_conv(h, horizontal, bias, (1, st[1]), (0, 0, pl, pr), out=out[n0:n0 + h.shape[0]])

@@ -16,12 +16,12 @@ from __future__ import annotations
 import numpy as np
 
 from .._backend import get_array_module
-from .._validate import check_array, check_finite, check_float_array, check_int, check_real
+from .._validate import check_array, check_finite, check_float_array, check_int, check_out, check_real, fill_out
 
 __all__ = ["local_response_norm", "normalize"]
 
 
-def local_response_norm(x, *, size, alpha=1e-4, beta=0.75, k=2.0):
+def local_response_norm(x, *, size, alpha=1e-4, beta=0.75, k=2.0, out=None):
     """Local response normalisation of ``x`` (N, C, H, W) across channels.
 
     Parameters
@@ -35,8 +35,10 @@ def local_response_norm(x, *, size, alpha=1e-4, beta=0.75, k=2.0):
         Exponent, >= 0.
     k : float
         Additive constant, > 0 (so the base is always positive).
+    out : array, optional
+        Where to write the result (see :func:`npconv.functional.conv2d`'s ``out``).
 
-    Returns an array of the shape and dtype of ``x``.
+    Returns an array of the shape and dtype of ``x`` (``out`` when given).
     """
     check_float_array(x, "x", ndim=4)
     size = check_int(size, "size", min_value=1)
@@ -44,16 +46,19 @@ def local_response_norm(x, *, size, alpha=1e-4, beta=0.75, k=2.0):
     beta = check_real(beta, "beta", min_value=0.0)
     k = check_real(k, "k", positive=True)
     xp = get_array_module(x, names=("x",))
+    check_out(out, x.shape, x.dtype, like=x, inputs=(("x", x),))
     if xp is not np:
         from ..kernels.cuda import ops
-        return ops.local_response_norm(xp.ascontiguousarray(x), size=size, alpha=alpha, beta=beta, k=k)
+        return fill_out(ops.local_response_norm(xp.ascontiguousarray(x), size=size, alpha=alpha, beta=beta, k=k),
+                        out)
     from ..kernels.cpu.lrn import lrn_across_channels
     from ..kernels.cpu.pool import serial_if_small
     N, C, H, W = x.shape
     xs = np.ascontiguousarray(x).reshape(N, C, H * W)
+    y = np.empty((N, C, H, W), x.dtype) if out is None else out
     with serial_if_small(xs.size):
-        out = lrn_across_channels(xs, size, alpha, beta, k)
-    return out.reshape(N, C, H, W)
+        lrn_across_channels(xs, size, alpha, beta, k, y.reshape(N, C, H * W))
+    return y
 
 
 def _per_channel(v, name, x, C):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._backend import get_array_module
-from .._validate import as_pair, check_float_array, pool_out_size
+from .._validate import as_pair, check_float_array, check_out, fill_out, pool_out_size
 
 __all__ = ["max_pool2d", "avg_pool2d", "pool2d_out_hw"]
 
@@ -69,7 +69,7 @@ def _prepare(x, kernel, stride, padding, ceil_mode):
     return k, s, p, (oh, ow)
 
 
-def max_pool2d(x, kernel, *, stride=None, padding=0, ceil_mode=False):
+def max_pool2d(x, kernel, *, stride=None, padding=0, ceil_mode=False, out=None):
     """2-D max pooling of ``x`` (N, C, H, W).
 
     Parameters
@@ -82,23 +82,28 @@ def max_pool2d(x, kernel, *, stride=None, padding=0, ceil_mode=False):
         Implicit ``-inf`` padding on both sides of each axis (vertical, horizontal), at most ``kernel // 2``.
     ceil_mode : bool
         Round the output size up instead of down (a window starting in the padding is dropped).
+    out : array, optional
+        Where to write the result (see :func:`npconv.functional.conv2d`'s ``out``).
 
-    Returns an array (N, C, OH, OW) with the dtype of ``x``; a NaN inside a window gives NaN.
+    Returns an array (N, C, OH, OW) with the dtype of ``x`` (``out`` when given); a NaN inside a window gives NaN.
     """
     k, s, p, (oh, ow) = _prepare(x, kernel, stride, padding, ceil_mode)
     xp = get_array_module(x, names=("x",))
+    N, C, H, W = x.shape
+    check_out(out, (N, C, oh, ow), x.dtype, like=x, inputs=(("x", x),))
     if xp is not np:
         from ..kernels.cuda import ops
-        return ops.max_pool2d(xp.ascontiguousarray(x), kernel=k, stride=s, padding=p, out_hw=(oh, ow))
+        return fill_out(ops.max_pool2d(xp.ascontiguousarray(x), kernel=k, stride=s, padding=p, out_hw=(oh, ow)),
+                        out)
     from ..kernels.cpu.pool import max_pool2d_planes, serial_if_small
-    N, C, H, W = x.shape
     planes = np.ascontiguousarray(x).reshape(N * C, H, W)
+    y = np.empty((N, C, oh, ow), x.dtype) if out is None else out
     with serial_if_small(planes.size):
-        out = max_pool2d_planes(planes, k[0], k[1], s[0], s[1], p[0], p[1], oh, ow)
-    return out.reshape(N, C, oh, ow)
+        max_pool2d_planes(planes, k[0], k[1], s[0], s[1], p[0], p[1], oh, ow, y.reshape(N * C, oh, ow))
+    return y
 
 
-def avg_pool2d(x, kernel, *, stride=None, padding=0, ceil_mode=False, count_include_pad=True):
+def avg_pool2d(x, kernel, *, stride=None, padding=0, ceil_mode=False, count_include_pad=True, out=None):
     """2-D average pooling of ``x`` (N, C, H, W).
 
     Parameters
@@ -108,19 +113,25 @@ def avg_pool2d(x, kernel, *, stride=None, padding=0, ceil_mode=False, count_incl
     count_include_pad : bool
         True: divide by the window clipped to the padded input (padding zeros count, a ceil-mode overhang past
         the padding does not). False: divide by the number of real input elements in the window.
+    out : array, optional
+        Where to write the result (see :func:`npconv.functional.conv2d`'s ``out``).
 
-    Returns an array (N, C, OH, OW) with the dtype of ``x`` (sums accumulate in float64 on the CPU).
+    Returns an array (N, C, OH, OW) with the dtype of ``x`` (``out`` when given; sums accumulate in float64 on
+    the CPU).
     """
     k, s, p, (oh, ow) = _prepare(x, kernel, stride, padding, ceil_mode)
     count_include_pad = _check_bool(count_include_pad, "count_include_pad")
     xp = get_array_module(x, names=("x",))
+    N, C, H, W = x.shape
+    check_out(out, (N, C, oh, ow), x.dtype, like=x, inputs=(("x", x),))
     if xp is not np:
         from ..kernels.cuda import ops
-        return ops.avg_pool2d(xp.ascontiguousarray(x), kernel=k, stride=s, padding=p, out_hw=(oh, ow),
-                              count_include_pad=count_include_pad)
+        return fill_out(ops.avg_pool2d(xp.ascontiguousarray(x), kernel=k, stride=s, padding=p, out_hw=(oh, ow),
+                                       count_include_pad=count_include_pad), out)
     from ..kernels.cpu.pool import avg_pool2d_planes, serial_if_small
-    N, C, H, W = x.shape
     planes = np.ascontiguousarray(x).reshape(N * C, H, W)
+    y = np.empty((N, C, oh, ow), x.dtype) if out is None else out
     with serial_if_small(planes.size):
-        out = avg_pool2d_planes(planes, k[0], k[1], s[0], s[1], p[0], p[1], oh, ow, count_include_pad)
-    return out.reshape(N, C, oh, ow)
+        avg_pool2d_planes(planes, k[0], k[1], s[0], s[1], p[0], p[1], oh, ow, count_include_pad,
+                          y.reshape(N * C, oh, ow))
+    return y

@@ -36,8 +36,13 @@ class Layer:
 
     Optional hooks used by ``Network.summary`` and the cost model:
     ``output_shape(in_shape)`` (without the batch axis) and ``macs(in_shape)`` (multiply-adds per image).
+
+    A layer whose ``writes_out`` is true takes ``forward(x, *, out=None)``: ``out`` is an array of the output's
+    shape and dtype to write the result into (``Network.forward`` passes reused buffers this way).
     """
     kind = "layer"
+    #: whether ``forward`` takes ``out=`` (see the class docstring)
+    writes_out = False
 
     def __init__(self):
         self.params: dict = {}
@@ -46,8 +51,8 @@ class Layer:
     def forward(self, x):
         raise NotImplementedError
 
-    def __call__(self, x):
-        return self.forward(x)
+    def __call__(self, x, **kwargs):
+        return self.forward(x, **kwargs)
 
     # --- description ---------------------------------------------------------------------------------
     def config(self) -> dict:

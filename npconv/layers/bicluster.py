@@ -92,7 +92,9 @@ class _FactoredConv(Layer):
             self._cache = {key: hit}
         return hit
 
-    def _run(self, form, x, names):
+    writes_out = True
+
+    def _run(self, form, x, names, out=None):
         p = self._params_for(x)
         C = self._result.shape[1]
         if x.shape[1] != C:
@@ -100,7 +102,7 @@ class _FactoredConv(Layer):
                              f"(x.shape {tuple(x.shape)})")
         _, OH, OW = self.output_shape(tuple(x.shape[1:]))
         return FB.run_validated(form, x, tuple(p[k] for k in names), p.get("bias"), self.stride, self.padding,
-                                OH, OW)
+                                OH, OW, out)
 
     def output_shape(self, in_shape):
         C, H, W = in_shape
@@ -174,8 +176,8 @@ class BiclusterConv2d(_FactoredConv):
     def config(self):
         return {"form": self.form, **self._config_common()}
 
-    def forward(self, x):
-        return self._run(self.form, x, self._result.FACTORS)
+    def forward(self, x, *, out=None):
+        return self._run(self.form, x, self._result.FACTORS, out)
 
 
 @register_layer
@@ -221,5 +223,5 @@ class SharedSeparableConv2d(_FactoredConv):
         self._sync_params()
         return self
 
-    def forward(self, x):
-        return self._run("shared", x, self._result.FACTORS)
+    def forward(self, x, *, out=None):
+        return self._run("shared", x, self._result.FACTORS, out)

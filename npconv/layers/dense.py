@@ -82,10 +82,12 @@ class Conv2d(_WeightedLayer):
     def bias(self):
         return self.params.get("bias")
 
-    def forward(self, x):
+    writes_out = True
+
+    def forward(self, x, *, out=None):
         p = self._params_for(x)
         return F.conv2d(x, p["weight"], p.get("bias"), stride=self.stride, padding=self.padding,
-                        dilation=self.dilation, groups=self.groups)
+                        dilation=self.dilation, groups=self.groups, out=out)
 
     def config(self):
         return dict(stride=list(self.stride), padding=list(self.padding), dilation=list(self.dilation),

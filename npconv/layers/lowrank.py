@@ -142,10 +142,12 @@ class LowRankConv2d(_FactoredConv):
     def _out_channels(self):
         return int(self.params["second"].shape[0])
 
-    def forward(self, x):
+    writes_out = True
+
+    def forward(self, x, *, out=None):
         p = self._params_for(x)
         return FL.lowrank_conv2d(x, p["first"], p["second"], p.get("bias"), stride=self.stride,
-                                 padding=self.padding, dilation=self.dilation)
+                                 padding=self.padding, dilation=self.dilation, out=out)
 
     def config(self):
         return dict(super().config(), dilation=list(self.dilation))
@@ -220,10 +222,12 @@ class MonochromaticConv2d(_FactoredConv):
     def _out_channels(self):
         return int(self.params["spatial"].shape[0])
 
-    def forward(self, x):
+    writes_out = True
+
+    def forward(self, x, *, out=None):
         p = self._params_for(x)
         return FL.monochromatic_conv2d(x, p["colors"], p["assignment"], p["spatial"], p.get("bias"),
-                                       stride=self.stride, padding=self.padding)
+                                       stride=self.stride, padding=self.padding, out=out)
 
     def n_params(self):
         return int(sum(int(np.prod(v.shape)) for k, v in self.params.items() if k != "assignment"))
@@ -268,10 +272,12 @@ class SeparableConv2d(_FactoredConv):
     def _out_channels(self):
         return int(self.params["horizontal"].shape[0])
 
-    def forward(self, x):
+    writes_out = True
+
+    def forward(self, x, *, out=None):
         p = self._params_for(x)
         return FL.separable_conv2d(x, p["vertical"], p["horizontal"], p.get("bias"), stride=self.stride,
-                                   padding=self.padding)
+                                   padding=self.padding, out=out)
 
     def macs(self, in_shape):
         self.output_shape(in_shape)

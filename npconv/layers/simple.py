@@ -55,8 +55,11 @@ class MaxPool2d(_Pool2d):
     """2-D max pooling (:func:`npconv.functional.pooling.max_pool2d`); ``stride`` None means ``kernel``."""
     kind = "max_pool2d"
 
-    def forward(self, x):
-        return max_pool2d(x, self.kernel, stride=self.stride, padding=self.padding, ceil_mode=self.ceil_mode)
+    writes_out = True
+
+    def forward(self, x, *, out=None):
+        return max_pool2d(x, self.kernel, stride=self.stride, padding=self.padding, ceil_mode=self.ceil_mode,
+                          out=out)
 
 
 @register_layer
@@ -71,9 +74,11 @@ class AvgPool2d(_Pool2d):
     def config(self):
         return {**super().config(), "count_include_pad": self.count_include_pad}
 
-    def forward(self, x):
+    writes_out = True
+
+    def forward(self, x, *, out=None):
         return avg_pool2d(x, self.kernel, stride=self.stride, padding=self.padding, ceil_mode=self.ceil_mode,
-                          count_include_pad=self.count_include_pad)
+                          count_include_pad=self.count_include_pad, out=out)
 
 
 @register_layer
@@ -91,8 +96,10 @@ class LocalResponseNorm(Layer):
     def config(self):
         return {"size": self.size, "alpha": self.alpha, "beta": self.beta, "k": self.k}
 
-    def forward(self, x):
-        return local_response_norm(x, size=self.size, alpha=self.alpha, beta=self.beta, k=self.k)
+    writes_out = True
+
+    def forward(self, x, *, out=None):
+        return local_response_norm(x, size=self.size, alpha=self.alpha, beta=self.beta, k=self.k, out=out)
 
     def output_shape(self, in_shape):
         return _chw(in_shape, self.kind)

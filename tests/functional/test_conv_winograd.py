@@ -115,7 +115,7 @@ def test_winograd_alexnet_like_and_non_contiguous(rng, dtype):
 def test_auto_chooses_by_shape(rng, monkeypatch):
     calls = []
     real = WG.conv2d_winograd_cpu
-    monkeypatch.setattr(WG, "conv2d_winograd_cpu", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(WG, "conv2d_winograd_cpu", lambda *a, **k: calls.append(1) or real(*a, **k))
     big = rng.standard_normal((8, 32, 13, 13)).astype(np.float32)
     w3 = rng.standard_normal((32, 32, 3, 3)).astype(np.float32)
     assert WG.use_winograd(big.shape, w3.shape, (1, 1), (1, 1), 1, (13, 13))

@@ -75,7 +75,7 @@ def _fill_band(x, n, c, i0, nq, pt, pl, Dh, Dw, buf):
                 _gather_copy(dst[m_lo:], x[n, c, r, m_lo * Dw + off:], Dw, m_hi - m_lo)
 
 
-@numba.njit(cache=True, fastmath=False, nogil=True)
+@numba.njit(cache=True, fastmath={"contract"}, nogil=True)
 def _conv_block(src, tapoff, Wt, f0, f1, f2, f3, L, acc):
     """acc[k, :L] = sum_t Wt[f_k, t] * src[tapoff[t] + :L] for the 4 filters f0..f3."""
     T = tapoff.shape[0]

@@ -22,10 +22,10 @@ _BLOCK = 512
 
 
 @numba.njit(cache=True, fastmath=False, parallel=True)
-def lrn_across_channels(x, size, alpha, beta, k):
-    """LRN of a C-contiguous ``x`` (N, C, S) across its channel axis -> a new array of the same shape and dtype."""
+def lrn_across_channels(x, size, alpha, beta, k, out):
+    """LRN of a C-contiguous ``x`` (N, C, S) across its channel axis, written to ``out`` (same shape and dtype,
+    allocated by the caller)."""
     N, C, S = x.shape
-    out = np.empty_like(x)
     before = size // 2          # channels below c in the window
     after = (size - 1) // 2     # channels above c in the window
     coef = alpha / size
@@ -83,4 +83,3 @@ def lrn_across_channels(x, size, alpha, beta, k):
                 for q in range(L):
                     base = k + coef * max(acc[q], 0.0)
                     oc[q] = xc[q] * base ** (-beta)
-    return out

@@ -2,7 +2,9 @@
 
 The input is a C-contiguous array of planes ``(P, H, W)`` (an NCHW batch viewed as ``P = N*C`` planes); the
 planes are processed in parallel (``prange``). The geometry (kernel, stride, padding, output size) arrives already
-validated from :mod:`npconv.functional.pooling`; the padding is never materialised: every window is clipped to
+validated from :mod:`npconv.functional.pooling`, which also allocates the output (NumPy, not numba, so that a
+large output gets NumPy's transparent-huge-page advice: 4 KiB page faults on a fresh 140 MiB output cost tens of
+milliseconds on a virtual machine); the padding is never materialised: every window is clipped to
 the real input, which is the same as padding with ``-inf`` (max) or ``0`` (average).
 """
 from __future__ import annotations
@@ -45,8 +47,8 @@ def _max_nan(v, m):
 
 
 @numba.njit(cache=True, fastmath=False, parallel=True)
-def max_pool2d_planes(x, kh, kw, sh, sw, ph, pw, oh, ow):
-    """Max over each window of the planes ``x`` (P, H, W) -> (P, oh, ow), same dtype.
+def max_pool2d_planes(x, kh, kw, sh, sw, ph, pw, oh, ow, out):
+    """Max over each window of the planes ``x`` (P, H, W), written to ``out`` (P, oh, ow) of the same dtype.
 
     Windows start at ``(i*sh - ph, j*sw - pw)``; the part outside the input counts as ``-inf``. A NaN in a
     window makes that output NaN (as in PyTorch). Separable: for each output row, the column maxima over the
@@ -56,7 +58,6 @@ def max_pool2d_planes(x, kh, kw, sh, sw, ph, pw, oh, ow):
     their window.
     """
     P, H, W = x.shape
-    out = np.empty((P, oh, ow), dtype=x.dtype)
     # output columns [j_lo, j_hi) have their whole window inside [0, W)
     j_lo = min(ow, (pw + sw - 1) // sw)
     j_hi = max(j_lo, min(ow, (W - kw + pw) // sw + 1))
@@ -93,19 +94,18 @@ def max_pool2d_planes(x, kh, kw, sh, sw, ph, pw, oh, ow):
                 for w in range(max(w0, 0), min(w0 + kw, W)):
                     m = _max_nan(buf[w], m)
                 orow[j] = m
-    return out
 
 
 @numba.njit(cache=True, fastmath=False, parallel=True)
-def avg_pool2d_planes(x, kh, kw, sh, sw, ph, pw, oh, ow, count_include_pad):
-    """Mean over each window of the planes ``x`` (P, H, W) -> (P, oh, ow), same dtype (float64 accumulation).
+def avg_pool2d_planes(x, kh, kw, sh, sw, ph, pw, oh, ow, count_include_pad, out):
+    """Mean over each window of the planes ``x`` (P, H, W), written to ``out`` (P, oh, ow) of the same dtype
+    (float64 accumulation).
 
     The divisor is the window clipped to the padded input ``[-ph, H+ph) x [-pw, W+pw)`` when
     ``count_include_pad`` is true, else the window clipped to the real input ``[0, H) x [0, W)``.
     Separable like :func:`max_pool2d_planes`: column sums over the window's rows, then row sums.
     """
     P, H, W = x.shape
-    out = np.empty((P, oh, ow), dtype=x.dtype)
     for p in numba.prange(P):
         buf = np.empty(W, dtype=np.float64)
         for i in range(oh):
@@ -133,4 +133,3 @@ def avg_pool2d_planes(x, kh, kw, sh, sw, ph, pw, oh, ow, count_include_pad):
                 for w in range(ws, we):
                     acc += buf[w]
                 out[p, i, j] = acc / (hn * wn)
-    return out
