@@ -13,6 +13,10 @@ time, which leaves out the time the process was descheduled.
 
 ``rows(quick)`` gives the same configurations to the harness (``bench/run_all.py``): the dense row of each batch
 is the baseline of its factored rows, so the harness's ``speedup`` column is the measured speedup.
+
+Dense and factored layers both write into an output array allocated once (``out=``), as ``Network.forward``
+does, so the page faults of a fresh output (whose cost depends on the availability of transparent huge pages)
+stay out of the ratios.
 """
 from __future__ import annotations
 
@@ -117,7 +121,8 @@ def rows(quick=False):
             x = rng.standard_normal((N, C, H, H)).astype(np.float32)
             w = rng.standard_normal((F, C, K, K)).astype(np.float32)
             b = rng.standard_normal(F).astype(np.float32)
-            return lambda: conv2d(x, w, b, stride=s, padding=p)
+            o = np.empty((N, F, (H + 2 * p - K) // s + 1, (H + 2 * p - K) // s + 1), np.float32)
+            return lambda: conv2d(x, w, b, stride=s, padding=p, out=o)
 
         from npconv.decompose import cost
         dense_macs = N * cost.conv2d_cost((C, H, H), F, K, stride=s, padding=p).macs
@@ -127,7 +132,8 @@ def rows(quick=False):
             def setup(kind=kind, opts=opts, N=N):
                 _, layer = make_layer(kind, opts, C, F, K, s, p)
                 x = np.random.default_rng(1).standard_normal((N, C, H, H)).astype(np.float32)
-                return lambda: layer(x)
+                o = np.empty((N,) + tuple(layer.output_shape((C, H, H))), np.float32)
+                return lambda: layer(x, out=o)
             res, _ = make_layer(kind, opts, C, F, K, s, p)
             paper, exact = theoretical(kind, opts, res, C, H, F, K, s, p)
             out.append(Row(f"{layer_name}/b{N}/{name}", setup, macs=N * res.cost((C, H, H), stride=s, padding=p).macs,
@@ -204,8 +210,9 @@ def main(argv=None):
         for name, (kind, opts) in configs.items():
             res, layer = make_layer(kind, opts, C, F, K, s, p)
             paper, exact = theoretical(kind, opts, res, C, H, F, K, s, p)
-            t = _interleaved({"dense": lambda: conv2d(x, w, b, stride=s, padding=p), "approx": lambda: layer(x)},
-                             args.repeat, args.min_time, clock)
+            o = np.empty((N,) + tuple(layer.output_shape((C, H, H))), np.float32)
+            t = _interleaved({"dense": lambda: conv2d(x, w, b, stride=s, padding=p, out=o),
+                              "approx": lambda: layer(x, out=o)}, args.repeat, args.min_time, clock)
             td, ta = t["dense"]["median"], t["approx"]["median"]
             speed = td / ta
             print(f"{name:<24}{N:>6}{td * 1e3:>10.2f}{ta * 1e3:>11.2f}{speed:>9.2f}{paper:>13.2f}{exact:>13.2f}"

@@ -26,6 +26,10 @@ Rows (one timed callable each; all at the same thread count for npconv -- numba 
   batch 1 and 128 (quick: 2): every layer of the dense network, and each approximated variant's replaced
   layers (its other layers are the dense ones).
 
+Memory: npconv's whole-network rows run ``forward`` as users do, with its default ``reuse_buffers=True`` (the
+activations go to buffers reused from call to call); its per-layer rows write into an output allocated once per
+row (``out=``), the same thing for one layer. PyTorch's rows allocate as PyTorch does (fresh tensors).
+
 ``macs`` of a row is the executed multiply-adds (``layer.macs``) times N, so the harness reports GFLOP/s and the
 fraction of the measured SGEMM peak. Baselines (the harness's ``speedup`` = baseline time / row time): an npconv
 dense row's baseline is the matching torch row (> 1: npconv is faster than PyTorch); an approximated row's
@@ -231,6 +235,9 @@ def _layer_setup(net, variant, impl, N, name, quick):
         x = layer_inputs(net, N, quick)[name]
         if impl == "npconv":
             layer = network(net, variant, quick)[name]
+            if layer.writes_out:  # a reused output, as Network.forward gives it (no fresh-page faults)
+                o = np.empty((x.shape[0],) + tuple(layer.output_shape(tuple(x.shape[1:]))), x.dtype)
+                return lambda: layer(x, out=o)
             return lambda: layer(x)
         _need_torch()
         return _torch_call(dict(torch_model(net, variant, quick).named_children())[name], x)

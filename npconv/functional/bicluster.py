@@ -394,15 +394,15 @@ def _svd_cpu(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bia
     y3 = y.reshape(N, F, P)
     for n0 in range(0, N, nb):
         m = min(nb, N - n0)
-        xs = xs_buf[:m * per_xs].reshape(m, C, sh, sw, R, M)
+        # channel-major (C, m, ...) layouts: a group's reduction is one GEMM over the whole chunk
+        xs = xs_buf[:m * per_xs].reshape(C, m, sh, sw, R, M)
         KB.pack_phase(x, n0, in_perm, pad[0], pad[2], sh, sw, xs)
-        xs2 = xs.reshape(m, C, plane)
-        z1 = z1_buf[:m * per_z1].reshape(m, G * H * K1, sh, sw, R, M)
-        z1f = z1.reshape(m, G * H * K1, plane)
-        for i in range(m):
-            for g in range(G):
-                i0, i1 = int(in_off[g]), int(in_off[g + 1])
-                np.matmul(red_t[g], xs2[i, i0:i1], out=z1f[i, g * H * K1:(g + 1) * H * K1])
+        xs2 = xs.reshape(C, m * plane)
+        z1 = z1_buf[:m * per_z1].reshape(G * H * K1, m, sh, sw, R, M)
+        z1f = z1.reshape(G * H * K1, m * plane)
+        for g in range(G):
+            i0, i1 = int(in_off[g]), int(in_off[g + 1])
+            np.matmul(red_t[g], xs2[i0:i1], out=z1f[g * H * K1:(g + 1) * H * K1])
         col = col_buf[:m * per_col].reshape(K1 * X * Y, m * P)
         Z = z2_buf[:m * per_z2].reshape(H, G * K2, m * P)
         for g in range(G):

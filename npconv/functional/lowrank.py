@@ -16,7 +16,7 @@ polyphase kernel of :mod:`npconv.kernels.cpu.lowrank`, which reads the input pla
 an im2col matrix; the others go through :func:`npconv.functional.conv2d` (im2col + BLAS). The direct kernel's
 workspace is one band of polyphase rows per running job (about ``_BAND_BYTES``), whatever the batch size; the
 intermediate maps of the two-stage layers (low-rank conv, separable) are made for a chunk of images at a time,
-at most ``_WORKSPACE_BYTES``.
+at most ``_WORKSPACE_BYTES``, in a per-thread workspace reused across calls (``npconv._workspace.WS``).
 
 GPU (CuPy arrays): after the same validation, the convolutions go to :mod:`npconv.kernels.cuda.ops_lowrank`: the
 monochromatic layer is one fused kernel (colour transform on the fly into shared memory, then the single-channel
@@ -31,6 +31,7 @@ import functools
 import numpy as np
 
 from .._backend import get_array_module, to_numpy
+from .._workspace import WS
 from .._validate import (as_pair, as_padding4, check_array, check_float_array, check_out, check_same_dtype, fill_out,
                          out_size)
 from .conv import conv2d
@@ -233,13 +234,16 @@ def lowrank_conv2d(x, first, second, bias=None, *, stride=1, padding=0, dilation
         out = np.empty((N, F, Ho, Wo), x.dtype)
     second = np.ascontiguousarray(second)
     chunk = int(max(1, min(N, _WORKSPACE_BYTES // max(t * Ho * Wo * x.dtype.itemsize, 1))))
+    # the rank-t intermediate of a chunk lives in the reused workspace (a fresh one faulted in tens of MiB a call)
+    h_buf = WS.get("lowrank.h", chunk * t * Ho * Wo, x.dtype)
     for n0 in range(0, N, chunk):
         xc = x[n0:n0 + chunk]
+        m = xc.shape[0]
+        h = h_buf[:m * t * Ho * Wo].reshape(m, t, Ho, Wo)
         if dil == (1, 1):
-            h = _generic_conv(xc, first, None, st, pad)
+            _generic_conv(xc, first, None, st, pad, out=h)
         else:
-            h = conv2d(xc, first, None, stride=st, padding=pad, dilation=dil)
-        m = h.shape[0]
+            conv2d(xc, first, None, stride=st, padding=pad, dilation=dil, out=h)
         np.matmul(second, h.reshape(m, t, Ho * Wo), out=out[n0:n0 + m].reshape(m, F, Ho * Wo))
     if bias is not None:
         out += bias.reshape(1, F, 1, 1)
@@ -349,14 +353,17 @@ def separable_conv2d(x, vertical, horizontal, bias=None, *, stride=1, padding=0,
     if xp is not np:
         return fill_out(_gpu_ops().separable_conv2d(x, vertical, horizontal, bias, stride=st,
                                                     padding=(pt, pb, pl, pr)), out)
-    per_img = K * Ho * x.shape[3] * x.dtype.itemsize
+    W = x.shape[3]
+    per_img = K * Ho * W * x.dtype.itemsize
     chunk = int(max(1, min(N, _WORKSPACE_BYTES // max(per_img, 1))))
-    if chunk >= N:
-        h = _generic_conv(x, vertical, None, (st[0], 1), (pt, pb, 0, 0))
-        return _generic_conv(h, horizontal, bias, (1, st[1]), (0, 0, pl, pr), out=out)
     if out is None:
         out = np.empty((N, F, Ho, Wo), x.dtype)
+    # the K-channel intermediate of a chunk lives in the reused workspace
+    h_buf = WS.get("separable.h", chunk * K * Ho * W, x.dtype)
     for n0 in range(0, N, chunk):
-        h = _generic_conv(x[n0:n0 + chunk], vertical, None, (st[0], 1), (pt, pb, 0, 0))
-        _generic_conv(h, horizontal, bias, (1, st[1]), (0, 0, pl, pr), out=out[n0:n0 + h.shape[0]])
+        xc = x[n0:n0 + chunk]
+        m = xc.shape[0]
+        h = h_buf[:m * K * Ho * W].reshape(m, K, Ho, W)
+        _generic_conv(xc, vertical, None, (st[0], 1), (pt, pb, 0, 0), out=h)
+        _generic_conv(h, horizontal, bias, (1, st[1]), (0, 0, pl, pr), out=out[n0:n0 + m])
     return out

@@ -2,10 +2,10 @@
 
 Layouts (``nb`` images of a batch chunk, ``P = OH * OW`` output positions):
 
-* ``pack_phase`` writes the input in *group order and phase-split padded* layout
-  ``xs[i, j, r, q, m] = x_padded[n0 + i, in_perm[j], r, m * sw + q]`` (``q`` the column phase of the horizontal
-  stride ``sw``). Every later pass then reads contiguous runs: a horizontal tap ``b`` at stride ``sw`` is the
-  contiguous slice ``[b // sw, b // sw + OW)`` of phase ``b % sw``; the zero padding is materialised once.
+* The phase-split padded layout (``_pack.pack_plane``) stores a padded input plane split by the row and column
+  phases of the stride, ``[p, q, r, m] = x_padded[r * sh + p, m * sw + q]``. Every later pass then reads
+  contiguous runs: a horizontal tap ``b`` at stride ``sw`` is the contiguous slice ``[b // sw, b // sw + OW)``
+  of phase ``b % sw``; the zero padding is materialised once.
 * The CP front end ``cp_front`` runs, for one (image, group g, output group h, component k) per parallel job,
   the C_g -> 1 reduction, the vertical X-tap pass (row stride) and the horizontal Y-tap pass in a small
   per-job scratch buffer, and writes the component's P outputs to ``Z[h, g * K + k, i * P:(i + 1) * P]``.
@@ -13,9 +13,9 @@ Layouts (``nb`` images of a batch chunk, ``P = OH * OW`` output positions):
 * ``Z[h]`` (G*K, nb*P) is then the right operand of ONE BLAS GEMM per output group (done by the caller),
   ``Ybuf[rows of h] = expand_h (F_h, G*K) @ Z[h]``, and ``scatter_rows`` moves ``Ybuf`` (rows in permuted
   output order, columns image-major) to ``y`` (N, F, P) adding the bias.
-* The SVD form uses ``gather_channels`` (group order, channel-major ``(C, nb, H*W)`` so that a group's
-  reduction is one GEMM for the whole chunk) and ``im2col_cm`` (patch matrix of a channel range of a
-  channel-major ``(Ctot, nb, H, W)`` array).
+* The SVD form packs with ``pack_phase`` (group order, padded and phase-split, channel-major
+  ``(C, nb, sh, sw, R, M)`` so that a group's reduction is one GEMM for the whole chunk) and builds each
+  block's patch matrix with ``im2col_phase`` from the reduced channels, in the same channel-major layout.
 * The shared-separable front end ``shared_front`` filters every input channel of a group once per shared
   filter the group uses, then forms each component as a C_g-term combination of those maps.
 """
@@ -61,17 +61,18 @@ def shared_scratch_size(cg_max, nu_max, sh, sw, R, M, OH, OW, Y):
 
 @numba.njit(parallel=True, cache=True, nogil=True)
 def pack_phase(x, n0, in_perm, pt, pl, sh, sw, xs):
-    """xs[i, j, p, q, r, m] = x[n0+i, in_perm[j], r*sh + p - pt, m*sw + q - pl], zero outside the input.
+    """xs[j, i, p, q, r, m] = x[n0+i, in_perm[j], r*sh + p - pt, m*sw + q - pl], zero outside the input.
 
-    xs is (nb, C, sh, sw, R, M): the padded input of every channel, in group order, split by row phase p and
-    column phase q of the stride, so that every tap of a strided pass is a contiguous run.
+    xs is (C, nb, sh, sw, R, M), channel-major: the padded input of every channel, in group order, split by row
+    phase p and column phase q of the stride (every tap of a strided pass is a contiguous run), with the planes of
+    one channel for all the chunk's images side by side, so that a group's reduction is one GEMM for the chunk.
     """
-    nb = xs.shape[0]
-    C = xs.shape[1]
+    C = xs.shape[0]
+    nb = xs.shape[1]
     for job in numba.prange(nb * C):
-        j = job % C
-        i = job // C
-        _pack_plane(x[n0 + i, in_perm[j]], pt, pl, sh, sw, xs[i, j])
+        j = job // nb
+        i = job - j * nb
+        _pack_plane(x[n0 + i, in_perm[j]], pt, pl, sh, sw, xs[j, i])
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -353,10 +354,10 @@ def scatter_rows(ybuf, out_perm, bias, has_bias, n0, nb, y):
 
 @numba.njit(parallel=True, cache=True, nogil=True)
 def im2col_phase(z, c0, c1, KH, KW, OH, OW, col):
-    """Patch matrix of channels [c0, c1) of a phase-split array z (nb, Ctot, sh, sw, R, M):
-    col[(c - c0)*KH*KW + kh*KW + kw, i*OH*OW + oh*OW + ow] = z[i, c, kh % sh, kw % sw, oh + kh // sh, ow + kw // sw],
+    """Patch matrix of channels [c0, c1) of a channel-major phase-split array z (Ctot, nb, sh, sw, R, M):
+    col[(c - c0)*KH*KW + kh*KW + kw, i*OH*OW + oh*OW + ow] = z[c, i, kh % sh, kw % sw, oh + kh // sh, ow + kw // sw],
     i.e. the strided conv's receptive fields, each a contiguous run of OW values."""
-    nb = z.shape[0]
+    nb = z.shape[1]
     SH = z.shape[2]
     SW = z.shape[3]
     P = OH * OW
@@ -367,7 +368,7 @@ def im2col_phase(z, c0, c1, KH, KW, OH, OW, col):
         c = c0 + r // (KH * KW)
         kh = (r // KW) % KH
         kw = r % KW
-        plane = z[i, c, kh % SH, kw % SW]
+        plane = z[c, i, kh % SH, kw % SW]
         dst = col[r, i * P:(i + 1) * P]
         r0 = kh // SH
         m0 = kw // SW
