@@ -3,8 +3,8 @@
 ``forward`` runs the layers in order, each calling its pure function; intermediate activations are returned by
 name on request. On the CPU the layers that can (``Layer.writes_out``) write their outputs into two activation
 buffers that the network keeps per thread and reuses from call to call (``reuse_buffers``), so a steady stream of
-batches does not fault in fresh memory for every activation. ``predict`` streams a large array in batches; ``summary`` lists output shapes, parameters and
-multiply-adds per layer; ``profile`` measures the time per layer.
+batches does not fault in fresh memory for every activation. ``predict`` streams a large array in batches;
+``summary`` lists output shapes, parameters and multiply-adds per layer; ``profile`` measures the time per layer.
 """
 from __future__ import annotations
 
@@ -313,7 +313,7 @@ class _Arena:
         buf = self.slots[i]
         if buf is None or buf.nbytes < nbytes:
             self.slots[i] = None  # free the smaller buffer before allocating the larger one
-            # a whole number of 64-byte lines, and at least 1 byte; NumPy aligns it and advises huge pages
+            # a whole number of 64-byte lines (at least one); NumPy advises huge pages for a large one
             buf = self.slots[i] = np.empty(max(64, -(-nbytes // 64) * 64), np.uint8)
         return buf[:nbytes].view(dtype).reshape(shape)
 

@@ -288,8 +288,9 @@ def monochromatic_conv2d(x, color_transform, assignment, spatial, bias=None, *, 
     out : array, optional
         Where to write the result (see :func:`npconv.functional.conv2d`'s ``out``).
 
-    Returns (N, F, H', W') (``out`` when given) with ``out[n, f] = corr(sum_c T[a_f, c] x[n, c], spatial[f]) + bias[f]``, i.e. the conv
-    with ``W[f, c] = T[a_f, c] * spatial[f]``. Cost: ``C C' H W + X Y F H' W'`` multiply-adds per image.
+    Returns (N, F, H', W') (``out`` when given) with
+    ``y[n, f] = corr(sum_c T[a_f, c] x[n, c], spatial[f]) + bias[f]``, i.e. the conv with
+    ``W[f, c] = T[a_f, c] * spatial[f]``. Cost: ``C C' H W + X Y F H' W'`` multiply-adds per image.
     Clusters of any sizes (empty ones included) are handled.
     """
     xp = get_array_module(x, color_transform, spatial, bias, names=("x", "color_transform", "spatial", "bias"))
