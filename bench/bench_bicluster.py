@@ -117,11 +117,12 @@ def rows(quick=False):
 
         def dense_setup(N=N):
             from npconv.functional import conv2d
+            from npconv.functional.conv import conv2d_output_shape
             rng = np.random.default_rng(0)
             x = rng.standard_normal((N, C, H, H)).astype(np.float32)
             w = rng.standard_normal((F, C, K, K)).astype(np.float32)
             b = rng.standard_normal(F).astype(np.float32)
-            o = np.empty((N, F, (H + 2 * p - K) // s + 1, (H + 2 * p - K) // s + 1), np.float32)
+            o = np.empty((N,) + conv2d_output_shape((C, H, H), w.shape, stride=s, padding=p), np.float32)
             return lambda: conv2d(x, w, b, stride=s, padding=p, out=o)
 
         from npconv.decompose import cost

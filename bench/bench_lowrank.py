@@ -88,9 +88,10 @@ def cases(quick=False):
     for N in batches:
         def dense_setup(N=N):
             from npconv.functional import conv2d
+            from npconv.functional.conv import conv2d_output_shape
             w, b = _weights(C, F, K)
             x = np.random.default_rng(1).standard_normal((N, C, H, H), dtype=np.float32)
-            o = np.empty((N, F, (H + 2 * p - K) // s + 1, (H + 2 * p - K) // s + 1), np.float32)
+            o = np.empty((N,) + conv2d_output_shape((C, H, H), w.shape, stride=s, padding=p), np.float32)
             return lambda: conv2d(x, w, b, stride=s, padding=p, out=o)
         costs0 = _costs("monochromatic", 1, geom)["exact"][0]
         dense_name = f"conv1/dense/b{N}"
