@@ -360,8 +360,26 @@ def im2col_phase(z, c0, c1, KH, KW, OH, OW, col):
     nb = z.shape[1]
     SH = z.shape[2]
     SW = z.shape[3]
+    R = z.shape[4]
+    M = z.shape[5]
     P = OH * OW
     nrows = (c1 - c0) * KH * KW
+    if SH == 1 and SW == 1:
+        # unstrided: one job per (channel, image) builds all KH*KW rows from its plane, which stays in L1
+        # (ZF conv4's 13x13 maps: 6.3 -> 5.0 ms per batch of 128)
+        for job in numba.prange((c1 - c0) * nb):
+            cc = job // nb
+            i = job - cc * nb
+            pf = z[c0 + cc, i, 0, 0].reshape(R * M)
+            for kh in range(KH):
+                for kw in range(KW):
+                    dst = col[(cc * KH + kh) * KW + kw, i * P:(i + 1) * P]
+                    for oh in range(OH):
+                        s = pf[(oh + kh) * M + kw:]
+                        d = dst[oh * OW:]
+                        for e in range(OW):
+                            d[e] = s[e]
+        return
     for job in numba.prange(nrows * nb):
         r = job // nb
         i = job - r * nb
