@@ -140,6 +140,21 @@ def test_two_stage_batch_chunks(rng, monkeypatch, direct):
     check(separable_conv2d(x, V, Hh, b, stride=2, padding=(1, 0, 1, 1)), ref, np.float32)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_direct_kernel_several_chunks_per_band(rng, dtype, monkeypatch):
+    """Wide single-channel rows: a band of output rows spans several accumulation chunks of the direct kernel."""
+    from npconv.kernels.cpu import lowrank as KL
+    monkeypatch.setattr(FL, "_use_direct", lambda f, t: True)
+    x = rng.standard_normal((1, 1, 70, 400)).astype(dtype)
+    Ho, Wo, Wq = FL._plane_geometry(70, 400, 3, 3, (1, 1), (1, 1, 1, 1))
+    band = FL._band_rows(Ho, 3, 1, Wq * x.itemsize)
+    assert band > KL.CHUNK // Wq, (band, KL.CHUNK // Wq)       # the premise of this test, not a check of npconv
+    first, second = rng.standard_normal((2, 1, 3, 3)).astype(dtype), rng.standard_normal((6, 2)).astype(dtype)
+    b = rng.standard_normal(6).astype(dtype)
+    ref = conv2d_einsum(x, np.einsum("ft,tcxy->fcxy", second, first), b, (1, 1), (1, 1, 1, 1))
+    check(lowrank_conv2d(x, first, second, b, stride=1, padding=1), ref, dtype)
+
+
 def test_lowrank_conv_dilation(rng):
     x = rng.standard_normal((1, 2, 9, 9))
     first = rng.standard_normal((3, 2, 3, 3))
