@@ -85,6 +85,11 @@ CASES = [
     ((1, 1, 5, 5), (2, 2), (3, 3), (1, 1), True),    # stride > kernel
     ((1, 3, 1, 1), (1, 1), (1, 1), (0, 0), False),   # 1x1 input
     ((1, 1, 3, 3), (2, 2), (2, 2), (1, 1), True),    # ceil window dropped (would start in the padding)
+    # 3-wide windows at column stride 2 (the even/odd split of the max-pool kernel), wide enough for its
+    # vector loops: even and odd widths, with and without padding, ceil mode
+    ((2, 2, 9, 40), (3, 3), (2, 2), (1, 1), False),
+    ((1, 2, 8, 37), (3, 3), (2, 2), (0, 0), True),
+    ((1, 1, 6, 34), (2, 3), (1, 2), (0, 1), False),
 ]
 
 
@@ -131,6 +136,22 @@ def test_max_pool_pads_with_minus_infinity(rng):
     x = -1.0 - rng.random((1, 1, 4, 4))
     y = max_pool2d(x, 3, stride=1, padding=1)
     assert (y < -1.0).all()  # zero padding would give 0 on the border
+
+
+@pytest.mark.parametrize("padding,ceil", [((1, 1), False), ((0, 0), True)])
+def test_max_pool_nan_anywhere_3x3_stride2(rng, padding, ceil):
+    """A NaN at each input position makes exactly the outputs whose window holds it NaN."""
+    x0 = tie_free((1, 1, 7, 35), rng, np.float64)
+    for r in range(7):
+        for c in range(35):
+            x = x0.copy()
+            x[0, 0, r, c] = np.nan
+            got = max_pool2d(x, 3, stride=2, padding=padding, ceil_mode=ceil)
+            mark = np.zeros_like(x0)
+            mark[0, 0, r, c] = 1.0
+            hit = ref_pool(mark, (3, 3), (2, 2), padding, ceil, "max") > 0
+            np.testing.assert_array_equal(np.isnan(got), hit)
+            np.testing.assert_array_equal(got[~hit], ref_pool(x0, (3, 3), (2, 2), padding, ceil, "max")[~hit])
 
 
 def test_max_pool_propagates_nan(rng):

@@ -55,7 +55,9 @@ def max_pool2d_planes(x, kh, kw, sh, sw, ph, pw, oh, ow, out):
     window's rows go to a row buffer (a contiguous, vectorisable loop over 1-D row views); then the maxima of all
     ``kw``-wide windows of that buffer are taken in ``kw`` contiguous sweeps, and the outputs whose window lies
     inside the row pick every ``sw``-th of them (the earlier per-tap sweeps with stride ``sw`` did not vectorise:
-    ZF pool1 at batch 128 went from 37.7 to 24.5-25 ms); the few border outputs clip their window.
+    ZF pool1 at batch 128 went from 37.7 to 24.5-25 ms); the few border outputs clip their window. 3-wide windows
+    at stride 2 split the buffer into its even and odd columns instead, so every output is one contiguous
+    three-way maximum (ZF pool1: 24.5 -> 17.6 ms, pool2: 7.5 -> 6.2 ms).
     """
     P, H, W = x.shape
     # output columns [j_lo, j_hi) have their whole window inside [0, W)
@@ -64,6 +66,8 @@ def max_pool2d_planes(x, kh, kw, sh, sw, ph, pw, oh, ow, out):
     for p in numba.prange(P):
         buf = np.empty(W, dtype=x.dtype)
         hmax = np.empty(W, dtype=x.dtype)
+        ev = np.empty(W // 2 + 2, dtype=x.dtype)
+        od = np.empty(W // 2 + 2, dtype=x.dtype)
         xp = x[p]
         op = out[p]
         for i in range(oh):
@@ -88,7 +92,21 @@ def max_pool2d_planes(x, kh, kw, sh, sw, ph, pw, oh, ow, out):
                     buf[w] = _max_nan(r[w], buf[w])
             orow = op[i]
             base = j_lo * sw - pw
-            if j_hi > j_lo:
+            if j_hi > j_lo and sw == 2 and kw == 3:
+                # 3-wide windows at stride 2 (AlexNet/ZF pooling): split the row buffer into its even and odd
+                # columns (a full stride-2 interleave group, which vectorises with shuffles), then every output
+                # is max(even[j], odd[j], even[j + 1]) -- contiguous
+                n = j_hi - j_lo
+                hb = buf[base:]
+                for m in range(n):
+                    ev[m] = hb[2 * m]
+                    od[m] = hb[2 * m + 1]
+                ev[n] = hb[2 * n]
+                ov = orow[j_lo:]
+                e1 = ev[1:]
+                for m in range(n):
+                    ov[m] = _max_nan(e1[m], _max_nan(od[m], ev[m]))
+            elif j_hi > j_lo:
                 # the maxima of every kw-wide window of the row buffer (contiguous sweeps that vectorise), then
                 # the outputs pick every sw-th one
                 nwin = (j_hi - 1 - j_lo) * sw + 1
