@@ -159,19 +159,19 @@ class Network:
             if (layer.kind == "relu" and name not in want and name != until and i + 1 < len(items)
                     and items[i + 1][1].kind == "max_pool2d"):
                 # max pooling commutes with ReLU (a monotone map), so rectify the pooled output instead: a
-                # quarter (or less) of the data, and the pool's fresh output is owned
+                # quarter (or less) of the data, in the pooling kernel's own pass (max_pool2d's relu option)
                 deferred = True
                 continue
+            # the deferred ReLU rides in the max pooling (its relu option: one pass over the pooled output)
+            kw = {"relu": True} if deferred else {}
+            deferred = False
             if layer.kind == "relu" and _owned(x, x0, acts):
                 x = _relu_inplace(x)  # the producer's fresh output is rectified where it lies
             elif arena is not None and layer.writes_out and name not in want and name != last:
                 shape = (x.shape[0],) + tuple(layer.output_shape(tuple(x.shape[1:])))
-                x = layer(x, out=arena.take(shape, x.dtype, avoid=x))
+                x = layer(x, out=arena.take(shape, x.dtype, avoid=x), **kw)
             else:
-                x = layer(x)
-            if deferred:
-                x = _relu_inplace(x) if _owned(x, x0, acts) else items[i - 1][1](x)
-                deferred = False
+                x = layer(x, **kw)
             if name in want:
                 if arena is not None and arena.holds(x):
                     x = x.copy()  # e.g. a ReLU rectified a buffer in place: the caller's copy must stay put

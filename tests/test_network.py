@@ -159,11 +159,15 @@ def test_relu_before_max_pool_runs_after_it_with_identical_results(rng, dtype, m
 
     expect = one_by_one(x)
     import npconv.network as N
-    shapes = []
+    shapes, fused = [], []
     real = N._relu_inplace
     monkeypatch.setattr(N, "_relu_inplace", lambda a: shapes.append(a.shape) or real(a))
+    real_pool = MaxPool2d.forward
+    monkeypatch.setattr(MaxPool2d, "forward",
+                        lambda self, a, **kw: fused.append(kw.get("relu", False)) or real_pool(self, a, **kw))
     np.testing.assert_array_equal(net.forward(x), expect)
-    assert shapes == [(4, 3, 5, 5), (4, 4, 3, 3)]                  # relu0 after pool0, relu1 on pool1's output
+    assert shapes == []                                            # no separate ReLU pass ...
+    assert fused == [True, True]                                   # ... both ride in the pooling that follows
     np.testing.assert_array_equal(x, x_copy)                       # the input is never written
     y, acts = net.forward(x, return_intermediates=["relu1", "pool1", "pool0"])
     np.testing.assert_array_equal(y, expect)

@@ -57,9 +57,10 @@ class MaxPool2d(_Pool2d):
 
     writes_out = True
 
-    def forward(self, x, *, out=None):
+    def forward(self, x, *, out=None, relu=False):
+        """``relu=True``: the pooling of ``relu(x)``, in one pass (see :func:`max_pool2d`)."""
         return max_pool2d(x, self.kernel, stride=self.stride, padding=self.padding, ceil_mode=self.ceil_mode,
-                          out=out)
+                          relu=relu, out=out)
 
 
 @register_layer

@@ -388,3 +388,28 @@ def test_serial_if_small_restores_the_thread_count():
         assert numba.get_num_threads() == before
     max_pool2d(np.zeros((1, 1, 4, 4)), 2)
     assert numba.get_num_threads() == before
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,kernel,stride,padding,ceil", CASES)
+def test_max_pool_relu_option_pools_the_rectified_input(shape, kernel, stride, padding, ceil, dtype, rng):
+    """relu=True equals pooling max(x, 0) (tie-free values of both signs, a NaN, a window of negatives only)."""
+    x = tie_free(shape, rng, dtype)
+    x.flat[len(x.flat) // 3] = np.nan
+    x[..., :2, :2] = -np.abs(x[..., :2, :2]) - 1
+    # the reference loops use Python's max, which does not propagate NaN: the NaN stands in as +inf there
+    ref = ref_pool(np.where(np.isnan(x), np.inf, np.maximum(x, 0)), kernel, stride, padding, ceil, "max")
+    got = max_pool2d(x, kernel, stride=stride, padding=padding, ceil_mode=ceil, relu=True)
+    np.testing.assert_array_equal(np.isnan(got), np.isinf(ref))
+    check(got[~np.isnan(got)], ref[~np.isinf(ref)], dtype)
+    assert (got[~np.isnan(got)] >= 0).all()
+    out = np.full_like(got, 7)
+    assert max_pool2d(x, kernel, stride=stride, padding=padding, ceil_mode=ceil, relu=True, out=out) is out
+    np.testing.assert_array_equal(out, got)
+
+
+@pytest.mark.parametrize("value", [1, None, "true"])
+def test_max_pool_relu_must_be_bool(value, rng):
+    x = rng.standard_normal((1, 1, 4, 4))
+    with pytest.raises(TypeError, match="relu must be a bool"):
+        max_pool2d(x, 2, relu=value)

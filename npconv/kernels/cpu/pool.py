@@ -47,8 +47,9 @@ def _max_nan(v, m):
 
 
 @numba.njit(cache=True, fastmath=False, parallel=True)
-def max_pool2d_planes(x, kh, kw, sh, sw, ph, pw, oh, ow, out):
-    """Max over each window of the planes ``x`` (P, H, W), written to ``out`` (P, oh, ow) of the same dtype.
+def max_pool2d_planes(x, kh, kw, sh, sw, ph, pw, oh, ow, relu, out):
+    """Max over each window of the planes ``x`` (P, H, W), written to ``out`` (P, oh, ow) of the same dtype;
+    with ``relu``, ``max(., 0)`` of it (the pooling of ReLU(x): max commutes with the monotone ReLU).
 
     Windows start at ``(i*sh - ph, j*sw - pw)``; the part outside the input counts as ``-inf``. A NaN in a
     window makes that output NaN (as in PyTorch). Separable: for each output row, the column maxima over the
@@ -131,6 +132,10 @@ def max_pool2d_planes(x, kh, kw, sh, sw, ph, pw, oh, ow, out):
                 for w in range(max(w0, 0), min(w0 + kw, W)):
                     m = _max_nan(buf[w], m)
                 orow[j] = m
+            if relu:
+                zero = orow.dtype.type(0)
+                for j in range(ow):
+                    orow[j] = _max_nan(orow[j], zero)
 
 
 @numba.njit(cache=True, fastmath=False, parallel=True)
