@@ -1,19 +1,29 @@
 """Thread pools: numba's OpenMP workers and OpenBLAS's threads take turns on the same cores.
 
 npconv alternates numba ``prange`` kernels (packing, pooling, LRN, factored-layer loops) with BLAS GEMMs. A pool
-that keeps its threads spinning after its work is done takes the cores from the pool that runs next:
+that keeps its threads spinning after its work is done takes the cores from the pool that runs next, and a pool
+whose threads sleep at once pays a wake-up at every parallel region:
 
-* GNU OpenMP's default ACTIVE wait policy keeps numba's workers spinning after each parallel region: on 2 cores
-  an im2col -> SGEMM -> scatter sequence measured 11.3 ms instead of 0.67 ms with ``OMP_WAIT_POLICY=PASSIVE``.
+* GNU OpenMP's default keeps numba's workers spinning (300,000 spins) after each parallel region: on 2 cores an
+  im2col -> SGEMM -> scatter sequence measured 11.3 ms instead of 0.67 ms with ``OMP_WAIT_POLICY=PASSIVE``.
+* PASSIVE puts them to sleep at once, and waking them costs 32-51 us per parallel region (1.2 us while they still
+  spin): at batch 1, where a layer is a few hundred microseconds, that was 10-15% of a factored layer. A short
+  spin, ``GOMP_SPINCOUNT=1000``, keeps both benefits: the workers are still awake for the next region of the same
+  layer, and asleep before a GEMM needs the cores. Measured against PASSIVE (2026-11-26, 2 cores, interleaved
+  processes): biclustered CP conv2 at batch 1 0.61-0.75 -> 0.54-0.56 ms, the approximated ZF network at batch 1
+  5.5-5.9 -> 4.7-5.1 ms, dense ZF at batch 1 12.6-13.8 -> 12.1-12.4 ms; at batch 128 unchanged. Longer spins
+  (10,000 and 100,000) were slower, up to 1.4x on the dense ZF network, as the spinning took the GEMMs' cores.
 * OpenBLAS's workers spin for 2^28 cycles (about 0.1 s) after each GEMM before they sleep, against the numba
   kernel that runs next: a batch-64 convolution (im2col and GEMM per chunk) measured 6-15% faster on the
   ZF/AlexNet layers with ``OPENBLAS_THREAD_TIMEOUT=4`` (2^4 cycles), the same GEMM speed otherwise
   (docs/benchmarks.md, 2026-11-25).
 
-So, unless the user set them, npconv sets ``OMP_WAIT_POLICY=PASSIVE`` and ``OPENBLAS_THREAD_TIMEOUT=4`` at
-import. Both runtimes read their variable once, when they are loaded: GNU OpenMP is loaded by numba on the first
-parallel kernel (after npconv's import, so the policy always applies), but OpenBLAS is loaded by NumPy, so the
-timeout applies only when npconv is imported before NumPy, or when it is exported in the shell. Set
+So, unless the user set them, npconv sets at import: ``GOMP_SPINCOUNT=1000`` (GNU OpenMP, numba's usual layer),
+``KMP_BLOCKTIME=0`` (LLVM/Intel OpenMP, if numba uses that one instead: sleep at once, as PASSIVE did) and
+``OPENBLAS_THREAD_TIMEOUT=4``. A user who set ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` keeps the OpenMP
+settings as they are. The runtimes read their variables once, when they are loaded: GNU OpenMP is loaded by numba
+on the first parallel kernel (after npconv's import, so the setting always applies), but OpenBLAS is loaded by
+NumPy, so the timeout applies only when npconv is imported before NumPy, or when it is exported in the shell. Set
 ``NPCONV_KEEP_OMP_POLICY=1`` to leave the environment untouched.
 """
 from __future__ import annotations
@@ -24,21 +34,29 @@ __all__ = ["configure_thread_env", "configure_openmp_wait_policy"]
 
 #: OpenBLAS worker spin time after a GEMM, as log2 of CPU cycles (OpenBLAS's minimum; its default is 28)
 OPENBLAS_TIMEOUT = "4"
+#: GNU OpenMP spins before a worker sleeps (its default is 300,000; PASSIVE means 0)
+GOMP_SPINS = "1000"
 
 
 def configure_openmp_wait_policy():
-    """Set OMP_WAIT_POLICY=PASSIVE unless the user set it (or NPCONV_KEEP_OMP_POLICY=1). Returns the policy."""
-    if os.environ.get("NPCONV_KEEP_OMP_POLICY") == "1":
-        return os.environ.get("OMP_WAIT_POLICY")
-    return os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    """Set ``GOMP_SPINCOUNT=1000`` and ``KMP_BLOCKTIME=0`` unless the user set ``OMP_WAIT_POLICY`` or
+    ``GOMP_SPINCOUNT`` (or ``NPCONV_KEEP_OMP_POLICY=1``). Returns ``{variable: value or None}`` afterwards."""
+    names = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+    if os.environ.get("NPCONV_KEEP_OMP_POLICY") != "1" and not (
+            "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ):
+        os.environ["GOMP_SPINCOUNT"] = GOMP_SPINS
+        os.environ.setdefault("KMP_BLOCKTIME", "0")
+    return {v: os.environ.get(v) for v in names}
 
 
 def configure_thread_env():
-    """Set both variables unless the user set them (or NPCONV_KEEP_OMP_POLICY=1).
+    """Apply the OpenMP settings above and ``OPENBLAS_THREAD_TIMEOUT=4`` unless the user set them (or
+    ``NPCONV_KEEP_OMP_POLICY=1``).
 
     Returns ``{variable: value or None}`` as they stand afterwards.
     """
-    configure_openmp_wait_policy()
+    out = configure_openmp_wait_policy()
     if os.environ.get("NPCONV_KEEP_OMP_POLICY") != "1":
         os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", OPENBLAS_TIMEOUT)
-    return {v: os.environ.get(v) for v in ("OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT")}
+    out["OPENBLAS_THREAD_TIMEOUT"] = os.environ.get("OPENBLAS_THREAD_TIMEOUT")
+    return out

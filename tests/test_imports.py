@@ -24,13 +24,16 @@ def test_gpu_call_without_cupy_gives_install_hint(monkeypatch):
 
 def test_thread_env_defaults_and_opt_out():
     import os
-    code = "import os, npconv; print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('OPENBLAS_THREAD_TIMEOUT'))"
-    drop = ("OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT", "NPCONV_KEEP_OMP_POLICY")
+    names = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "OPENBLAS_THREAD_TIMEOUT")
+    code = f"import os, npconv; print(*[os.environ.get(v) for v in {names!r}])"
+    drop = names + ("NPCONV_KEEP_OMP_POLICY",)
     base = {k: v for k, v in os.environ.items() if k not in drop}
 
     def run(**extra):
         return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                               env=dict(base, **extra)).stdout.strip()
-    assert run() == "PASSIVE 4"
-    assert run(OMP_WAIT_POLICY="ACTIVE", OPENBLAS_THREAD_TIMEOUT="20") == "ACTIVE 20"
-    assert run(NPCONV_KEEP_OMP_POLICY="1") == "None None"
+    assert run() == "None 1000 0 4"
+    assert run(OMP_WAIT_POLICY="PASSIVE", OPENBLAS_THREAD_TIMEOUT="20") == "PASSIVE None None 20"
+    assert run(GOMP_SPINCOUNT="5") == "None 5 None 4"
+    assert run(KMP_BLOCKTIME="7") == "None 1000 7 4"
+    assert run(NPCONV_KEEP_OMP_POLICY="1") == "None None None None"
