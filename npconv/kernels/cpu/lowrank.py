@@ -24,7 +24,6 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-
 __all__ = ["fused_direct_conv", "aligned_rows", "CHUNK"]
 
 #: output positions per accumulation chunk (rounded down to whole rows of Wq; the 4 accumulator rows, 96 KiB in
