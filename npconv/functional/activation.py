@@ -1,6 +1,7 @@
 """Activations and shape ops: ``relu``, ``bias_relu_`` (fused, in place), ``softmax``, ``flatten``, ``dropout``.
 
-CPU: ``relu`` is ``np.maximum(x, 0)``; ``softmax`` and ``bias_relu_`` are numba kernels (no temporaries).
+CPU: ``relu`` is ``np.maximum(x, 0)``, or a parallel numba pass for large contiguous arrays; ``softmax`` and
+``bias_relu_`` are numba kernels (no temporaries).
 GPU: CuPy arrays go to ``npconv.kernels.cuda.ops.relu`` / ``softmax``; ``flatten`` and ``dropout`` need no kernel.
 """
 from __future__ import annotations
@@ -9,8 +10,8 @@ import numba
 import numpy as np
 
 from .._backend import get_array_module
-from .._validate import check_float_array, check_int, check_real
-from ..kernels.cpu.pool import serial_if_small
+from .._validate import check_float_array, check_int, check_out, check_real, fill_out
+from ..kernels.cpu.pool import SMALL_WORK, serial_if_small
 
 __all__ = ["relu", "bias_relu_", "softmax", "flatten", "dropout"]
 
@@ -31,6 +32,21 @@ def _bias_relu_nchw(y, b):
                 if v < 0:
                     v = 0
                 y[n, c, h, w] = v
+
+
+@numba.njit(cache=True, fastmath=False, parallel=True)
+def _relu_flat(x, out):
+    """``out[i] = max(x[i], 0)`` over 1-D contiguous arrays, in blocks across the threads (NaN stays NaN)."""
+    n = x.shape[0]
+    blk = 1 << 16
+    for b in numba.prange((n + blk - 1) // blk):
+        lo = b * blk
+        xs = x[lo:min(n, lo + blk)]
+        os = out[lo:min(n, lo + blk)]
+        zero = xs.dtype.type(0)
+        for i in range(xs.shape[0]):
+            v = xs[i]
+            os[i] = zero if v < zero else v
 
 
 @numba.njit(cache=True, fastmath=False, parallel=True)
@@ -57,14 +73,27 @@ def _softmax_rows(x):
 
 # --- public functions ----------------------------------------------------------------------------------------
 
-def relu(x):
-    """``max(x, 0)`` elementwise, any shape; a new array with the dtype of ``x`` (NaN stays NaN)."""
+def relu(x, *, out=None):
+    """``max(x, 0)`` elementwise, any shape, with the dtype of ``x`` (NaN stays NaN).
+
+    out : array, optional
+        Where to write the result (see :func:`npconv.functional.conv2d`'s ``out``); it may not overlap ``x`` (for
+        an in-place ReLU of a 4-D array see :func:`bias_relu_`). Without it the result is a new array. A large
+        result should go into a reused ``out``: a fresh 567 MiB array costs 36-200 ms of page faults on the
+        development machine, several times the ReLU itself (``Network.forward`` passes one).
+    """
     check_float_array(x, "x")
     xp = get_array_module(x, names=("x",))
+    check_out(out, x.shape, x.dtype, like=x, inputs=(("x", x),))
     if xp is not np:
         from ..kernels.cuda import ops
-        return ops.relu(xp.ascontiguousarray(x))
-    return np.maximum(x, x.dtype.type(0), out=np.empty_like(x))  # out=: a 0-d input stays an array
+        return fill_out(ops.relu(xp.ascontiguousarray(x)), out)
+    y = np.empty_like(x) if out is None else out
+    if x.size >= SMALL_WORK and x.flags.c_contiguous and y.flags.c_contiguous:
+        _relu_flat(x.reshape(-1), y.reshape(-1))   # both cores: NumPy's maximum runs on one
+    else:
+        np.maximum(x, x.dtype.type(0), out=y)  # out=: a 0-d input stays an array
+    return y
 
 
 def bias_relu_(y, b):
@@ -90,7 +119,11 @@ def bias_relu_(y, b):
         xp.maximum(y, 0, out=y)
         return y
     if b is None:
-        np.maximum(y, y.dtype.type(0), out=y)
+        if y.size >= SMALL_WORK and y.flags.c_contiguous:
+            flat = y.reshape(-1)
+            _relu_flat(flat, flat)      # element i is read before it is written: safe in place
+        else:
+            np.maximum(y, y.dtype.type(0), out=y)
     else:
         with serial_if_small(y.size):
             _bias_relu_nchw(y, np.ascontiguousarray(b))

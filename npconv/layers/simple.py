@@ -180,8 +180,10 @@ class ReLU(Layer):
     """``max(x, 0)`` (:func:`npconv.functional.activation.relu`)."""
     kind = "relu"
 
-    def forward(self, x):
-        return relu(x)
+    writes_out = True
+
+    def forward(self, x, *, out=None):
+        return relu(x, out=out)
 
 
 @register_layer

@@ -45,6 +45,35 @@ def test_relu_non_contiguous_and_nan(dtype, rng):
     assert isinstance(z, np.ndarray) and z.shape == () and z.dtype == np.dtype(dtype) and z == 0
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_relu_large_parallel_path_and_out(dtype, rng):
+    """Above the serial threshold (the threads' blocks, a ragged last block), with NaN, into a NaN-filled ``out``
+    and into an ``out`` that already holds a result (overwritten completely)."""
+    n = 3 * (1 << 16) + 17
+    x = rng.standard_normal(n).astype(dtype)
+    x[[5, 1 << 16, n - 1]] = np.nan
+    ref = np.where(np.isnan(x), np.nan, np.where(x > 0, x, 0))
+    got = relu(x)
+    np.testing.assert_array_equal(got, ref)
+    out = np.full((3, n), np.nan, dtype)[1]
+    assert relu(x, out=out) is out
+    np.testing.assert_array_equal(out, ref)
+    x4 = x[:n - 17].reshape(3, 4, 128, 128)
+    out4 = np.full(x4.shape, 7.0, dtype)
+    assert relu(x4, out=out4) is out4
+    np.testing.assert_array_equal(out4, ref[:n - 17].reshape(x4.shape))
+
+
+def test_relu_bad_out(rng):
+    x = rng.standard_normal((2, 3, 4, 5)).astype(np.float32)
+    with pytest.raises(TypeError, match="out must have dtype float32"):
+        relu(x, out=np.empty(x.shape, np.float64))
+    with pytest.raises(ValueError, match=r"out must have shape \(2, 3, 4, 5\)"):
+        relu(x, out=np.empty((2, 3, 4, 6), np.float32))
+    with pytest.raises(ValueError, match="out must not overlap x"):
+        relu(x, out=x)
+
+
 @pytest.mark.parametrize("bad,err,word", [
     (np.array([1, -2]), TypeError, "int64"), ([1.0, -1.0], TypeError, "list"),
     (np.array([1, 2], np.float16), TypeError, "float16")])
@@ -70,8 +99,9 @@ def ref_bias_relu(y, b):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_bias_relu_in_place(with_bias, dtype, rng):
-    y = rng.standard_normal((2, 4, 3, 5)).astype(dtype)
+@pytest.mark.parametrize("shape", [(2, 4, 3, 5), (2, 4, 64, 81)])    # the second above the serial threshold
+def test_bias_relu_in_place(with_bias, dtype, shape, rng):
+    y = rng.standard_normal(shape).astype(dtype)
     b = rng.standard_normal(4).astype(dtype) if with_bias else None
     ref = ref_bias_relu(y, b)
     out = bias_relu_(y, b)
