@@ -5,7 +5,6 @@ are checked in test_bench_gpu_lowrank.py and test_bench_gpu_bicluster.py."""
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 import os
 import sys
@@ -19,8 +18,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from tests.conftest import HAS_CXX, HAS_GPU  # noqa: E402
+from tests.cuda_emulator import install_as_cupy  # noqa: E402
 
-AS_CUPY = ROOT / "tests" / "cuda_emulator" / "as_cupy" / "cupy" / "__init__.py"
 #: bench module -> the output shape (without the batch) of its quick cases
 BENCHES = {"bench_gpu_lowrank": (16, 15, 15), "bench_gpu_bicluster": (32, 8, 8)}
 
@@ -42,16 +41,8 @@ def test_skips_without_a_gpu(name, capsys):
 
 @pytest.fixture
 def emulated_cupy(monkeypatch):
-    import npconv._backend
     from npconv.kernels.cuda import loader
-    spec = importlib.util.spec_from_file_location("cupy", AS_CUPY)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    monkeypatch.setitem(sys.modules, "cupy", mod)
-    monkeypatch.setattr(npconv._backend, "require_cupy", lambda: mod)
-    # CuPy's device-to-host copy, which the stand-in's ndarray lacks (the biclustered layers read their offsets back)
-    monkeypatch.setattr(mod.ndarray, "get", lambda self: np.array(self).view(np.ndarray), raising=False)
-    loader.clear_cache()
+    mod = install_as_cupy(monkeypatch)
     yield mod
     loader.clear_cache()
 

@@ -6,37 +6,22 @@ independent references in tests/functional and tests/layers) and with the dense 
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
-
 import numpy as np
 import pytest
+from cuda_emulator import install_as_cupy
 from reference import conv2d_einsum
 
-import npconv._backend
 from npconv.functional import lowrank as FL
 from npconv.kernels.cuda import loader, ops_lowrank
 from npconv.layers.lowrank import LowRankConv2d, LowRankLinear, MonochromaticConv2d, SeparableConv2d
 
 pytestmark = pytest.mark.cpuemu
-AS_CUPY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cuda_emulator", "as_cupy",
-                       "cupy", "__init__.py")
 
 
 @pytest.fixture
 def cp(monkeypatch):
     """The emulated ``cupy``, installed as ``sys.modules["cupy"]`` and as npconv's CuPy for this test."""
-    spec = importlib.util.spec_from_file_location("cupy", AS_CUPY)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    monkeypatch.setitem(sys.modules, "cupy", mod)
-    # CuPy's device-to-host copy, which the stand-in's ndarray lacks (npconv._backend.to_numpy and Layer.to_cpu
-    # call it)
-    monkeypatch.setattr(mod.ndarray, "get", lambda self: np.array(self).view(np.ndarray), raising=False)
-    monkeypatch.setattr(npconv._backend, "require_cupy", lambda: mod)
-    loader.clear_cache()
-    ops_lowrank.clear_cache()
+    mod = install_as_cupy(monkeypatch)
     yield mod
     loader.clear_cache()
     ops_lowrank.clear_cache()
