@@ -314,6 +314,13 @@ def _as_index(a):
     return np.ascontiguousarray(a, dtype=np.int64)
 
 
+def _inverse(perm):
+    """inv[perm[j]] = j for a validated permutation (int64)."""
+    inv = np.empty_like(perm)
+    inv[perm] = np.arange(perm.shape[0], dtype=perm.dtype)
+    return inv
+
+
 def _phase_geometry(OH, OW, X, Y, stride):
     """Rows R per row phase and columns M per column phase of the phase-split packed input."""
     sh, sw = stride
@@ -340,32 +347,43 @@ def _cp_cpu(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, 
     sh, sw = stride
     R, M = _phase_geometry(OH, OW, X, Y, stride)
     P = OH * OW
+    C = x.shape[1]
+    plane = sh * sw * R * M
     per_z = H * G * K * P
-    nb = _chunk(N, P, per_z + F * P, x.dtype.itemsize)
+    nb = _chunk(N, P, C * plane + per_z + F * P, x.dtype.itemsize)
     # enough parallel jobs: split a group's components when images x groups alone are too few
     nsplit = max(1, min(H * K, -(-4 * numba.get_num_threads() // (nb * G))))
     dt = x.dtype
+    xs_buf = WS.get("xs", nb * C * plane, dt)
     z_buf = WS.get("z", nb * per_z, dt)
     y_buf = WS.get("y", nb * F * P, dt)
     nth = numba.get_num_threads()
-    srow = KB.cp_scratch_size(int(np.diff(in_off).max()), sh, sw, R, M, OH, Y)
+    srow = KB.cp_scratch_size(sh, sw, R, M, OH, Y)
     scratch = WS.get("front", nth * srow, dt).reshape(nth, srow)
+    inv_perm = _inverse(in_perm)
     y = np.empty((N, F, OH, OW), dt) if out is None else out
     y3 = y.reshape(N, F, P)
     for n0 in range(0, N, nb):
         m = min(nb, N - n0)
+        xs = xs_buf[:m * C * plane].reshape(m, C, sh, sw, R, M)
+        KB.pack_phase(x, n0, inv_perm, pad[0], pad[2], sh, sw, True, xs)
         Z = z_buf[:m * per_z].reshape(H, G * K, m * P)
         ybuf = y_buf[:m * F * P].reshape(F, m * P)
-        KB.cp_front(x, n0, m, in_perm, in_off, reduce, vertical, horizontal, pad[0], pad[2], sh, sw, R, M, OH, OW,
-                    nsplit, Z, scratch)
+        KB.cp_front(xs, in_off, reduce, vertical, horizontal, OH, OW, nsplit, Z, scratch)
         _expand_scatter(Z, expand, out_perm, out_off, bias, n0, m, P, ybuf, y3)
     return y
+
+
+def _round_rows(n):
+    """GEMM row counts are padded up to a multiple of 8 with zero rows: OpenBLAS's SGEMM runs a 51-row left
+    operand (the paper's K2 = 51) 16-20% slower in absolute time than a 56-row one, and 38 rows 15% slower than
+    40 (2 cores, ZF conv2 block shapes, 2026-11-26); the padding rows cost less than the odd-width edge kernels."""
+    return -(-n // 8) * 8
 
 
 def _svd_cpu(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bias, stride, pad, OH, OW, out=None):
     from ..kernels.cpu import bicluster as KB
     x = np.ascontiguousarray(x)
-    expand = np.ascontiguousarray(expand)
     bias = None if bias is None else np.ascontiguousarray(bias)
     in_perm = _as_index(in_perm)
     out_perm = _as_index(out_perm)
@@ -377,13 +395,28 @@ def _svd_cpu(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bia
     P = OH * OW
     dt = x.dtype
     plane = sh * sw * R * M
-    # per-group reduction matrices (H*K1, C_g) and per-block spatial matrices (K2, K1*X*Y), contiguous
-    red_t = [np.ascontiguousarray(reduce[in_off[g]:in_off[g + 1]].reshape(-1, H * K1).T) for g in range(G)]
-    sp_mats = np.ascontiguousarray(spatial).reshape(G, H, K2, K1 * X * Y)
+    # zero-padded GEMM operands (_round_rows): per-group reduction matrices (R1 >= H*K1, C_g), per-block spatial
+    # matrices (K2p >= K2, K1*X*Y) and the expansion (F, G, K2p) with zero columns under the padding rows
+    R1 = _round_rows(H * K1)
+    K2p = _round_rows(K2)
+    inv_perm = _inverse(in_perm)
+    red_t = []
+    for g in range(G):
+        i0, i1 = int(in_off[g]), int(in_off[g + 1])
+        rg = np.zeros((R1, i1 - i0), dt)
+        rg[:H * K1] = reduce[i0:i1].reshape(i1 - i0, H * K1).T
+        red_t.append(rg)
+    sp_mats = np.zeros((G, H, K2p, K1 * X * Y), dt)
+    sp_mats[:, :, :K2] = spatial.reshape(G, H, K2, K1 * X * Y)
+    if K2p == K2:
+        expand_p = np.ascontiguousarray(expand)
+    else:
+        expand_p = np.zeros((F, G, K2p), dt)
+        expand_p[:, :, :K2] = expand
     per_xs = C * plane
-    per_z1 = G * H * K1 * plane
+    per_z1 = G * R1 * plane
     per_col = K1 * X * Y * P
-    per_z2 = H * G * K2 * P
+    per_z2 = H * G * K2p * P
     nb = _chunk(N, P, per_xs + per_z1 + per_col + per_z2 + F * P, dt.itemsize)
     xs_buf = WS.get("xs", nb * per_xs, dt)
     z1_buf = WS.get("z1", nb * per_z1, dt)
@@ -396,22 +429,22 @@ def _svd_cpu(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bia
         m = min(nb, N - n0)
         # channel-major (C, m, ...) layouts: a group's reduction is one GEMM over the whole chunk
         xs = xs_buf[:m * per_xs].reshape(C, m, sh, sw, R, M)
-        KB.pack_phase(x, n0, in_perm, pad[0], pad[2], sh, sw, xs)
+        KB.pack_phase(x, n0, inv_perm, pad[0], pad[2], sh, sw, False, xs)
         xs2 = xs.reshape(C, m * plane)
-        z1 = z1_buf[:m * per_z1].reshape(G * H * K1, m, sh, sw, R, M)
-        z1f = z1.reshape(G * H * K1, m * plane)
+        z1 = z1_buf[:m * per_z1].reshape(G * R1, m, sh, sw, R, M)
+        z1f = z1.reshape(G * R1, m * plane)
         for g in range(G):
             i0, i1 = int(in_off[g]), int(in_off[g + 1])
-            np.matmul(red_t[g], xs2[i0:i1], out=z1f[g * H * K1:(g + 1) * H * K1])
+            np.matmul(red_t[g], xs2[i0:i1], out=z1f[g * R1:(g + 1) * R1])
         col = col_buf[:m * per_col].reshape(K1 * X * Y, m * P)
-        Z = z2_buf[:m * per_z2].reshape(H, G * K2, m * P)
+        Z = z2_buf[:m * per_z2].reshape(H, G * K2p, m * P)
         for g in range(G):
             for h in range(H):
-                c0 = (g * H + h) * K1
+                c0 = g * R1 + h * K1
                 KB.im2col_phase(z1, c0, c0 + K1, X, Y, OH, OW, col)
-                np.matmul(sp_mats[g, h], col, out=Z[h, g * K2:(g + 1) * K2])
+                np.matmul(sp_mats[g, h], col, out=Z[h, g * K2p:(g + 1) * K2p])
         ybuf = y_buf[:m * F * P].reshape(F, m * P)
-        _expand_scatter(Z, expand, out_perm, out_off, bias, n0, m, P, ybuf, y3)
+        _expand_scatter(Z, expand_p, out_perm, out_off, bias, n0, m, P, ybuf, y3)
     return y
 
 
@@ -453,22 +486,27 @@ def _shared_cpu(x, in_perm, in_off, reduce, assign, vertical, horizontal, expand
     sh, sw = stride
     R, M = _phase_geometry(OH, OW, X, Y, stride)
     P = OH * OW
+    C = x.shape[1]
+    plane = sh * sw * R * M
     per_z = H * G * K * P
-    nb = _chunk(N, P, per_z + F * P, x.dtype.itemsize)
+    nb = _chunk(N, P, C * plane + per_z + F * P, x.dtype.itemsize)
     dt = x.dtype
+    xs_buf = WS.get("xs", nb * C * plane, dt)
     z_buf = WS.get("z", nb * per_z, dt)
     y_buf = WS.get("y", nb * F * P, dt)
     y = np.empty((N, F, OH, OW), dt) if out is None else out
     y3 = y.reshape(N, F, P)
     nth = numba.get_num_threads()
-    srow = KB.shared_scratch_size(int(np.diff(in_off).max()), int(np.diff(used_ptr).max()), sh, sw, R, M, OH, OW, Y)
+    srow = KB.shared_scratch_size(int(np.diff(in_off).max()), int(np.diff(used_ptr).max()), sw, M, OH, OW, Y)
     scratch = WS.get("front", nth * srow, dt).reshape(nth, srow)
+    inv_perm = _inverse(in_perm)
     for n0 in range(0, N, nb):
         m = min(nb, N - n0)
+        xs = xs_buf[:m * C * plane].reshape(m, C, sh, sw, R, M)
+        KB.pack_phase(x, n0, inv_perm, pad[0], pad[2], sh, sw, True, xs)
         Z = z_buf[:m * per_z].reshape(H, G * K, m * P)
         ybuf = y_buf[:m * F * P].reshape(F, m * P)
-        KB.shared_front(x, n0, m, in_perm, in_off, used_ptr, used_filter, vertical, horizontal, reduce, slot, pad[0],
-                        pad[2], sh, sw, R, M, OH, OW, Z, scratch)
+        KB.shared_front(xs, in_off, used_ptr, used_filter, vertical, horizontal, reduce, slot, OH, OW, Z, scratch)
         _expand_scatter(Z, expand, out_perm, out_off, bias, n0, m, P, ybuf, y3)
     return y
 

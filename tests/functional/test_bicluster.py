@@ -114,6 +114,18 @@ def test_matches_conv_with_rebuilt_kernel(rng, kind, dtype, stride, padding):
     np.testing.assert_allclose(y, ref, *tolerance(dtype))
 
 
+@pytest.mark.parametrize("K1,K2", [(2, 3), (4, 8), (5, 16), (3, 9)])
+def test_svd_ranks_around_gemm_row_padding(rng, K1, K2):
+    """The SVD path pads its GEMM operands' rows (H*K1 per group, K2 per block) to a multiple of 8 with zeros:
+    ranks on both sides of that boundary, with uneven groups, still give the rebuilt kernel's conv."""
+    f = _svd_factors(rng, 7, 10, 3, 3, (3, 4), (4, 6), K1, K2, np.float32)
+    x = rng.standard_normal((3, 7, 9, 10)).astype(np.float32)
+    b = rng.standard_normal(10).astype(np.float32)
+    y = bicluster_svd_conv2d(x, *f, b, stride=(2, 1), padding=1)
+    ref = conv2d_einsum(x, _dense_kernel("svd", f), b, (2, 1), (1, 1, 1, 1))
+    np.testing.assert_allclose(y, ref, *tolerance(np.float32))
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_uneven_groups_and_no_bias(rng, kind):
     f = _make(kind, rng, np.float64, C=7, F=9, in_sizes=(1, 4, 2), out_sizes=(2, 3, 4))
