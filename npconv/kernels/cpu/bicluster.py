@@ -173,8 +173,8 @@ def cp_front(xs, in_offsets, reduce, vertical, horizontal, OH, OW, nsplit, Z, sc
     in group order, image-major). One parallel job per (image i, input group g, slice b of the group's H*K
     components; ``nsplit`` slices, more than one only when there are too few groups to keep the threads busy);
     for each of its components: the reduction into ``zf`` (sh*sw*R*M), the vertical pass of every column phase
-    q into ``v`` (sw, OH, M) (tap a reads row phase a % sh from row a // sh on: one flat run per tap over the whole plane),
-    the horizontal pass into ``o`` (OH, M) (tap b reads column phase b % sw from column b // sw on), and the
+    q into ``v`` (sw, OH, M) (tap a reads row phase a % sh from row a // sh on: one flat run per tap over the
+    whole plane), the horizontal pass into ``o`` (OH, M) (tap b reads column phase b % sw from column b // sw on), and the
     compaction of ``o``'s first OW columns per row into Z. All passes go through ONE inlined ``_taps`` call
     site (compile time). reduce (C, H, K); vertical (G, H, K, X); horizontal (G, H, K, Y); Z (H, G*K, nb*P).
     ``scratch`` (threads, :func:`cp_scratch_size`) holds each thread's buffers: allocating them per job cost 20% of
