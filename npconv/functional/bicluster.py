@@ -406,8 +406,11 @@ def _svd_cpu(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bia
         rg = np.zeros((R1, i1 - i0), dt)
         rg[:H * K1] = reduce[i0:i1].reshape(i1 - i0, H * K1).T
         red_t.append(rg)
-    sp_mats = np.zeros((G, H, K2p, K1 * X * Y), dt)
-    sp_mats[:, :, :K2] = spatial.reshape(G, H, K2, K1 * X * Y)
+    if K2p == K2:
+        sp_mats = np.ascontiguousarray(spatial).reshape(G, H, K2, K1 * X * Y)
+    else:
+        sp_mats = np.zeros((G, H, K2p, K1 * X * Y), dt)
+        sp_mats[:, :, :K2] = spatial.reshape(G, H, K2, K1 * X * Y)
     if K2p == K2:
         expand_p = np.ascontiguousarray(expand)
     else:
