@@ -408,12 +408,10 @@ def _svd_cpu(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bia
         red_t.append(rg)
     if K2p == K2:
         sp_mats = np.ascontiguousarray(spatial).reshape(G, H, K2, K1 * X * Y)
+        expand_p = np.ascontiguousarray(expand)
     else:
         sp_mats = np.zeros((G, H, K2p, K1 * X * Y), dt)
         sp_mats[:, :, :K2] = spatial.reshape(G, H, K2, K1 * X * Y)
-    if K2p == K2:
-        expand_p = np.ascontiguousarray(expand)
-    else:
         expand_p = np.zeros((F, G, K2p), dt)
         expand_p[:, :, :K2] = expand
     per_xs = C * plane
@@ -425,12 +423,11 @@ def _svd_cpu(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bia
     nb = _chunk(N, P, per_xs + per_z1 + per_col + per_z2 + F * P, dt.itemsize)
     xs_buf = WS.get("xs", nb * per_xs, dt)
     z1_buf = WS.get("z1", nb * per_z1, dt)
-    # A batch that is one chunk (small batches) builds every block's patches in one parallel region (when they fit
-    # the workspace bound): one region
-    # per block, each followed by its GEMM, paid a hand-over between numba's and OpenBLAS's threads per block (ZF
-    # conv2 SVD at batch 1: 707 -> 620 us for the four blocks' patches and GEMMs; conv5-sized blocks 370 -> 300
-    # us). Over many chunks, one block at a time measured faster (ZF conv2 at batch 128: 119-120 against 125-135
-    # ms): a block's patches are still in the cache when its GEMM reads them.
+    # A batch that is one chunk (small batches) builds every block's patches in one parallel region, when they fit
+    # the workspace bound: one region per block, each followed by its GEMM, paid a hand-over between numba's and
+    # OpenBLAS's threads per block (ZF conv2 SVD at batch 1: 707 -> 620 us for the four blocks' patches and GEMMs;
+    # conv5-sized blocks 370 -> 300 us). Over many chunks, one block at a time measured faster (ZF conv2 at batch
+    # 128: 115-120 against 125-135 ms): a block's patches are still in the cache when its GEMM reads them.
     nblk_col = G * H if nb >= N and G * H * nb * per_col * dt.itemsize <= _WORKSPACE_BYTES else 1
     col_buf = WS.get("col", nblk_col * nb * per_col, dt)
     z2_buf = WS.get("z2", nb * per_z2, dt)
