@@ -321,6 +321,18 @@ def _inverse(perm):
     return inv
 
 
+def _pack_chunk(x, n0, m, inv_perm, pad, stride, R, M, buf, image_major):
+    """Images n0..n0+m of x packed by ``pack_phase`` into ``buf``: (m, C, sh, sw, R, M) when ``image_major`` (the
+    CP and shared front ends), else channel-major (C, m, sh, sw, R, M) (the SVD form's per-group GEMMs)."""
+    from ..kernels.cpu import bicluster as KB
+    C = x.shape[1]
+    sh, sw = stride
+    shape = (m, C, sh, sw, R, M) if image_major else (C, m, sh, sw, R, M)
+    xs = buf[:m * C * sh * sw * R * M].reshape(shape)
+    KB.pack_phase(x, n0, inv_perm, pad[0], pad[2], sh, sw, image_major, xs)
+    return xs
+
+
 def _phase_geometry(OH, OW, X, Y, stride):
     """Rows R per row phase and columns M per column phase of the phase-split packed input."""
     sh, sw = stride
@@ -365,8 +377,7 @@ def _cp_cpu(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, 
     y3 = y.reshape(N, F, P)
     for n0 in range(0, N, nb):
         m = min(nb, N - n0)
-        xs = xs_buf[:m * C * plane].reshape(m, C, sh, sw, R, M)
-        KB.pack_phase(x, n0, inv_perm, pad[0], pad[2], sh, sw, True, xs)
+        xs = _pack_chunk(x, n0, m, inv_perm, pad, stride, R, M, xs_buf, True)
         Z = z_buf[:m * per_z].reshape(H, G * K, m * P)
         ybuf = y_buf[:m * F * P].reshape(F, m * P)
         KB.cp_front(xs, in_off, reduce, vertical, horizontal, OH, OW, nsplit, Z, scratch)
@@ -437,9 +448,7 @@ def _svd_cpu(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bia
     for n0 in range(0, N, nb):
         m = min(nb, N - n0)
         # channel-major (C, m, ...) layouts: a group's reduction is one GEMM over the whole chunk
-        xs = xs_buf[:m * per_xs].reshape(C, m, sh, sw, R, M)
-        KB.pack_phase(x, n0, inv_perm, pad[0], pad[2], sh, sw, False, xs)
-        xs2 = xs.reshape(C, m * plane)
+        xs2 = _pack_chunk(x, n0, m, inv_perm, pad, stride, R, M, xs_buf, False).reshape(C, m * plane)
         z1 = z1_buf[:m * per_z1].reshape(G * R1, m, sh, sw, R, M)
         z1f = z1.reshape(G * R1, m * plane)
         for g in range(G):
@@ -517,8 +526,7 @@ def _shared_cpu(x, in_perm, in_off, reduce, assign, vertical, horizontal, expand
     inv_perm = _inverse(in_perm)
     for n0 in range(0, N, nb):
         m = min(nb, N - n0)
-        xs = xs_buf[:m * C * plane].reshape(m, C, sh, sw, R, M)
-        KB.pack_phase(x, n0, inv_perm, pad[0], pad[2], sh, sw, True, xs)
+        xs = _pack_chunk(x, n0, m, inv_perm, pad, stride, R, M, xs_buf, True)
         Z = z_buf[:m * per_z].reshape(H, G * K, m * P)
         ybuf = y_buf[:m * F * P].reshape(F, m * P)
         KB.shared_front(xs, in_off, used_ptr, used_filter, vertical, horizontal, reduce, slot, OH, OW, Z, scratch)
