@@ -35,6 +35,8 @@ LAYERS = {
 #: input height/width of the stack (conv1's H)
 INPUT_HW = 224
 BATCHES = (1, 8, 32, 64, 128)
+#: batches of the per-layer table (8 and 32 show where Winograd starts to pay)
+LAYER_BATCHES = (1, 8, 32, 128)
 QUICK_BATCHES = (1, 4)
 
 
@@ -56,12 +58,18 @@ def gpu_missing():
 
 
 def torch_cuda():
-    """The torch module when PyTorch with CUDA is usable, else None."""
+    """The torch module when PyTorch with CUDA is usable (TF32 switched off), else None."""
     try:
         import torch
     except ImportError:
         return None
-    return torch if torch.cuda.is_available() else None
+    if not torch.cuda.is_available():
+        return None
+    # the same arithmetic as npconv (plain float32 multiply-adds): PyTorch lets cuDNN convolutions use TF32
+    # tensor cores by default (10-bit mantissa products), which would compare a lower precision
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    return torch
 
 
 # --- the computations --------------------------------------------------------------------------------------------
@@ -71,8 +79,14 @@ def _weights(rng, C, F, K, dtype):
     return w, (rng.standard_normal(F) * 0.1).astype(dtype)
 
 
-def npconv_layer(name, N, dtype, *, direct=True):
-    """A zero-argument callable running one layer (conv + bias) through npconv.functional on the GPU."""
+#: conv2d paths a layer row can force: the ops.py dispatch thresholds set for the call, then restored
+PATHS = {"auto": {}, "im2col": {"DIRECT_CONV_MAX_C": 0, "WINOGRAD_MIN_TILES": 2**62},
+         "winograd": {"WINOGRAD_MIN_TILES": 0, "WINOGRAD_MIN_CHANNELS": 0}}
+
+
+def npconv_layer(name, N, dtype, *, path="auto"):
+    """A zero-argument callable running one layer (conv + bias) through npconv.functional on the GPU, with the
+    dispatch of ops.py (``path="auto"``) or forced to ``"im2col"`` or ``"winograd"`` (3x3 stride-1 layers)."""
     import cupy as cp
 
     from npconv.functional import conv2d
@@ -81,16 +95,24 @@ def npconv_layer(name, N, dtype, *, direct=True):
     rng = np.random.default_rng(0)
     x = cp.asarray(rng.standard_normal((N, C, H, H)).astype(dtype))
     w, b = (cp.asarray(a) for a in _weights(rng, C, F, K, dtype))
+    knobs = PATHS[path]
 
     def run():
-        if direct:
-            return conv2d(x, w, b, stride=s, padding=p)
-        saved, ops.DIRECT_CONV_MAX_C = ops.DIRECT_CONV_MAX_C, 0
+        saved = {k: getattr(ops, k) for k in knobs}
+        for k, v in knobs.items():
+            setattr(ops, k, v)
         try:
             return conv2d(x, w, b, stride=s, padding=p)
         finally:
-            ops.DIRECT_CONV_MAX_C = saved
+            for k, v in saved.items():
+                setattr(ops, k, v)
     return run
+
+
+def winograd_shape(name):
+    """Whether the layer is 3x3 with stride 1 (the shapes Winograd F(2x2, 3x3) can take)."""
+    C, H, F, K, s, p = LAYERS[name]
+    return K == 3 and s == 1
 
 
 def torch_layer(name, N, dtype):
@@ -202,9 +224,12 @@ def measure_all(batches, layer_batches, dtype, warmup, repeat):
             macs = conv_macs(N, *LAYERS[name])
             row = {"layer": name, "batch": N, "macs": macs,
                    "npconv": time_cupy(npconv_layer(name, N, dtype), warmup=warmup, repeat=repeat)}
-            if LAYERS[name][0] <= 4:
-                row["npconv_im2col"] = time_cupy(npconv_layer(name, N, dtype, direct=False), warmup=warmup,
+            if LAYERS[name][0] <= 4 or winograd_shape(name):
+                row["npconv_im2col"] = time_cupy(npconv_layer(name, N, dtype, path="im2col"), warmup=warmup,
                                                  repeat=repeat)
+            if winograd_shape(name):
+                row["npconv_winograd"] = time_cupy(npconv_layer(name, N, dtype, path="winograd"), warmup=warmup,
+                                                   repeat=repeat)
             if torch is not None:
                 row["torch"] = time_torch(torch_layer(name, N, dtype), warmup=warmup, repeat=repeat)
             results["layers"].append(row)
@@ -255,16 +280,18 @@ def format_tables(results):
         theirs = r["torch"]["median_ms"] / n if "torch" in r else None
         lines.append(f"{n:>6} {ours:>14.4f} {_fmt(theirs, 13, '.4f')} {_fmt(theirs and ours / theirs, 13, '.2f')}")
     lines += ["", "Per layer (conv + bias), median CUDA-event time",
-              f"{'layer':>6} {'batch':>6} {'npconv ms':>10} {'GFLOP/s':>9} {'im2col ms':>10} {'torch ms':>9} "
-              f"{'npconv/torch':>13}"]
+              f"{'layer':>6} {'batch':>6} {'npconv ms':>10} {'GFLOP/s':>9} {'im2col ms':>10} {'winograd ms':>12} "
+              f"{'torch ms':>9} {'npconv/torch':>13}"]
     for r in results["layers"]:
         ours = r["npconv"]["median_ms"]
         theirs = r["torch"]["median_ms"] if "torch" in r else None
         alt = r["npconv_im2col"]["median_ms"] if "npconv_im2col" in r else None
+        wino = r["npconv_winograd"]["median_ms"] if "npconv_winograd" in r else None
         gflops = 2 * r["macs"] / (ours * 1e-3) / 1e9
         lines.append(f"{r['layer']:>6} {r['batch']:>6} {ours:>10.3f} {gflops:>9.0f} {_fmt(alt, 10, '.3f')} "
-                     f"{_fmt(theirs, 9, '.3f')} {_fmt(theirs and ours / theirs, 13, '.2f')}")
-    lines.append("npconv/torch > 1 means npconv is slower. im2col: conv1 with the direct kernel switched off.")
+                     f"{_fmt(wino, 12, '.3f')} {_fmt(theirs, 9, '.3f')} {_fmt(theirs and ours / theirs, 13, '.2f')}")
+    lines.append("npconv/torch > 1 means npconv is slower. GFLOP/s: direct-convolution multiply-adds x 2 / time. "
+                 "im2col / winograd: the layer forced onto that path (conv1: the direct kernel switched off).")
     return "\n".join(lines)
 
 
@@ -294,13 +321,13 @@ def main(argv=None):
         print(f"bench_gpu: skipped, no GPU to measure on: {why}. Nothing was timed.")
         return 0
     batches = QUICK_BATCHES if args.quick else BATCHES
-    layer_batches = QUICK_BATCHES if args.quick else (1, 128)
+    layer_batches = QUICK_BATCHES if args.quick else LAYER_BATCHES
     repeat = args.repeat or (5 if args.quick else 20)
     results = measure_all(batches, layer_batches, np.dtype(args.dtype), args.warmup, repeat)
     torch = torch_cuda()
     report = {"device": _device_info(), "dtype": args.dtype, "repeat": repeat, "warmup": args.warmup,
               "torch": None if torch is None else {"version": torch.__version__,
-                                                   "cudnn": torch.backends.cudnn.version()},
+                                                   "cudnn": torch.backends.cudnn.version(), "tf32": False},
               "timing": "CUDA events around each call after a device synchronize; median over repeats",
               **results}
     print(f"device: {report['device']['name']}  dtype: {args.dtype}  torch: "

@@ -252,7 +252,7 @@ def main(argv=None):
     torch = torch_cuda()
     report = {"device": _device_info(), "dtype": args.dtype, "repeat": repeat, "warmup": args.warmup,
               "torch": None if torch is None else {"version": torch.__version__,
-                                                   "cudnn": torch.backends.cudnn.version()},
+                                                   "cudnn": torch.backends.cudnn.version(), "tf32": False},
               "timing": "CUDA events around each call after a device synchronize; median over repeats",
               "results": results}
     print(f"device: {report['device']['name']}  dtype: {args.dtype}  torch: "

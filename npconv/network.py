@@ -112,6 +112,18 @@ class Network:
             layer.to_cpu()
         return self
 
+    def cuda_graph(self, x, *, until=None):
+        """Record ``forward(x, until=until)`` as a CUDA graph; returns a callable that replays it.
+
+        ``x`` is an example CuPy batch: the returned :class:`npconv._cuda_graph.CudaGraphForward` takes inputs of
+        exactly its shape and dtype (``fn(x)`` -> the output, a new array; ``fn(x, copy=False)`` -> the graph's
+        own output buffer, overwritten by the next call). One replay is one launch, so a small batch is no longer
+        bound by the per-layer Python and launch overhead. The graph keeps the parameters' device addresses as
+        they are now: after ``to_gpu``/``to_cpu`` or replacing a layer, record a new one.
+        """
+        from ._cuda_graph import CudaGraphForward
+        return CudaGraphForward(self, x, until=until)
+
     @property
     def on_gpu(self):
         return any(layer.on_gpu for layer in self._layers.values())
@@ -153,7 +165,7 @@ class Network:
         x0 = x
         items = list(self._layers.items())
         last = until if until is not None else items[-1][0]
-        arena = self._arena() if reuse_buffers and isinstance(x, np.ndarray) else None
+        arena = self._arena() if reuse_buffers and not is_cupy_array(x) else None
         deferred = False  # a ReLU moved past the max pooling that follows it
         for i, (name, layer) in enumerate(items):
             if (layer.kind == "relu" and name not in want and name != until and i + 1 < len(items)
@@ -325,19 +337,25 @@ class _Arena:
 
 
 def _owned(x, x0, acts):
-    """True when ``x`` is a NumPy array no one else holds: not the caller's input nor a returned activation
-    (a view of either counts as held), so a ReLU may overwrite it."""
-    if not isinstance(x, np.ndarray) or not x.flags.writeable:
+    """True when ``x`` (NumPy or CuPy) is an array no one else holds: not the caller's input nor a returned
+    activation (a view of either counts as held), so a ReLU may overwrite it."""
+    if is_cupy_array(x):
+        share = require_cupy().may_share_memory
+    elif isinstance(x, np.ndarray) and x.flags.writeable:
+        share = np.may_share_memory
+    else:
         return False
-    if np.may_share_memory(x, x0):
+    if share(x, x0):  # the input and the activations are of the same kind as x (checked by forward)
         return False
-    return not any(np.may_share_memory(x, a) for a in acts.values() if isinstance(a, np.ndarray))
+    return not any(share(x, a) for a in acts.values())
 
 
 def _relu_inplace(x):
     if x.ndim == 4:
         from .functional import bias_relu_
-        return bias_relu_(x, None)  # one parallel numba pass
+        return bias_relu_(x, None)  # NumPy: one parallel numba pass; CuPy: one in-place elementwise kernel
+    if is_cupy_array(x):
+        return require_cupy().maximum(x, 0, out=x)
     return np.maximum(x, 0, out=x)
 
 

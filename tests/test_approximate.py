@@ -59,6 +59,28 @@ def test_approximated_network_saves_and_loads(tmp_path, rng):
     assert back.meta["approximations"]["fc"].startswith("SVD")
 
 
+@pytest.mark.parametrize("conv2", [Bicluster(G=2, H=2, ranks=(3, 3), method="svd"),
+                                   Bicluster(G=2, H=2, rank=3, method="cp"), Separable(rank=3)],
+                         ids=["bicluster-svd", "bicluster-cp", "separable"])
+def test_approximated_network_copies_and_is_approximated_again(rng, conv2):
+    """``Network.copy`` (a deep copy) of an approximated network after a forward pass, and ``approximate`` of it
+    (which deep-copies the layers it keeps): the results carry a read-only ``meta`` mapping, which a plain
+    ``copy.deepcopy`` could not copy."""
+    net = approximate(make_net(rng), {"conv1": Monochromatic(colors=2), "conv2": conv2})
+    x = rng.standard_normal((2, 3, 8, 8))
+    y = net.forward(x)
+    twin = net.copy()
+    res, res2 = getattr(net["conv2"], "result", None), getattr(twin["conv2"], "result", None)
+    if res is not None:
+        assert res2 is not res and type(res2) is type(res) and dict(res2.meta) == dict(res.meta)
+        for a, b in zip(res, res2):
+            assert a is not b and np.array_equal(a, b)
+    np.testing.assert_array_equal(twin.forward(x), y)
+    again = approximate(net, {"fc": SVD(rank=3)})
+    h = net["relu1"](net["conv1"](x))
+    np.testing.assert_array_equal(again["conv2"](h), net["conv2"](h))
+
+
 def test_data_fit_reduces_output_error_on_that_data(rng):
     # inputs concentrated in a few directions: the data-weighted SVD must do better on them than plain SVD
     net = Network([("fc", Linear(rng.standard_normal((20, 30))))], input_shape=(30,))

@@ -266,3 +266,10 @@ def test_threads_get_buffers_of_their_own(rng):
     assert not errors, errors
     for g, w in zip(got, want):
         np.testing.assert_array_equal(g, w)
+
+
+def test_cuda_graph_needs_a_cupy_input():
+    """Recording a CUDA graph of a NumPy batch is a TypeError that names the type (no CuPy needed to say so)."""
+    net = Network([("r", ReLU())], input_shape=(1, 2, 2))
+    with pytest.raises(TypeError, match="cupy.ndarray.*numpy.ndarray"):
+        net.cuda_graph(np.zeros((1, 1, 2, 2), np.float32))

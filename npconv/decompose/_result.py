@@ -27,8 +27,9 @@ Writing a new result type (``result_class`` is ``dataclass(frozen=True, eq=False
 """
 from __future__ import annotations
 
+import copy
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any, ClassVar, Mapping
 
@@ -71,6 +72,15 @@ class Decomposition:
             raise TypeError(f"meta must be a mapping, got {type(self.meta).__name__}")
         object.__setattr__(self, "meta", MappingProxyType(dict(self.meta)))
         self._validate()
+
+    def __deepcopy__(self, memo):
+        # ``meta`` is a MappingProxyType, which ``copy.deepcopy`` cannot copy: rebuild (and revalidate) the result
+        # from deep copies of its fields, ``meta`` as a plain dict. Networks and layers deep-copy their results.
+        vals = {f.name: copy.deepcopy(dict(self.meta) if f.name == "meta" else getattr(self, f.name), memo)
+                for f in fields(self) if f.init}
+        out = type(self)(**vals)
+        memo[id(self)] = out
+        return out
 
     # --- subclass hooks ----------------------------------------------------------------------------------
     def _validate(self):

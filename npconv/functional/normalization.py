@@ -91,10 +91,17 @@ def normalize(x, *, mean, std):
     if not bool((std > 0).all()):
         raise ValueError(f"std must be > 0 for every channel, got a minimum of {float(std.min())}")
     xp = get_array_module(x, mean, std, names=("x", "mean", "std"))
+    return _normalize(xp, x, mean, std, None if xp is np else xp.ascontiguousarray(1 / std))
+
+
+def _normalize(xp, x, mean, std, scale):
+    """``normalize`` on checked arguments (the ``Normalize`` layer checks its arrays once, when it is built):
+    ``xp`` the array module of x, ``mean``/``std`` of x's dtype and device; ``scale`` (= 1/std, contiguous) is
+    used on the GPU only. No check here synchronises the device."""
     if xp is not np:
         from ..kernels.cuda import ops
-        scale = xp.ascontiguousarray(1 / std)
-        return ops.normalize(xp.ascontiguousarray(x), mean=xp.ascontiguousarray(mean), scale=scale)
+        return ops.normalize(xp.ascontiguousarray(x), mean=mean, scale=scale)
+    C = x.shape[1]
     out = np.subtract(x, mean.reshape(1, C, 1, 1))
     np.divide(out, std.reshape(1, C, 1, 1), out=out)
     return out

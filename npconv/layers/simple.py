@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._backend import is_cupy_array
+from .._backend import is_cupy_array, require_cupy
 from .._validate import as_pair, check_float_array, check_int, check_real
 from ..functional.activation import dropout, flatten, relu, softmax
-from ..functional.normalization import local_response_norm, normalize
+from ..functional.normalization import _normalize, local_response_norm
 from ..functional.pooling import _check_bool, _pool_args, avg_pool2d, max_pool2d, pool2d_out_hw
 from .base import Layer, register_layer
 
@@ -156,16 +156,25 @@ class Normalize(Layer):
         super()._sync_params()
         self._cast = {}
 
-    def _params_as(self, dtype):
-        key = np.dtype(dtype)
+    def _params_as(self, x):
+        """(mean, std, 1/std) in x's dtype, on the layer's device (checked at construction; cached per dtype)."""
+        key = np.dtype(x.dtype)
         if key not in self._cast:
-            self._cast[key] = (self.mean.astype(key, copy=False), self.std.astype(key, copy=False))
+            if is_cupy_array(x) != is_cupy_array(self.mean):
+                where = "GPU (CuPy)" if is_cupy_array(self.mean) else "CPU (NumPy)"
+                raise TypeError(f"x must be on the layer's device: the layer's arrays are on the {where}, x is a "
+                                f"{type(x).__module__}.{type(x).__name__}; use to_gpu()/to_cpu()")
+            mean, std = self.mean.astype(key, copy=False), self.std.astype(key, copy=False)
+            self._cast[key] = (mean, std, 1 / std)
         return self._cast[key]
 
     def forward(self, x):
         check_float_array(x, "x", ndim=4)
-        mean, std = self._params_as(x.dtype)
-        return normalize(x, mean=mean, std=std)
+        if x.shape[1] != self.mean.shape[0]:
+            raise ValueError(f"x must have {self.mean.shape[0]} channels (the length of this Normalize layer's "
+                             f"mean and std), got shape {tuple(x.shape)}")
+        mean, std, scale = self._params_as(x)
+        return _normalize(require_cupy() if is_cupy_array(x) else np, x, mean, std, scale)
 
     def output_shape(self, in_shape):
         shape = _chw(in_shape, self.kind)

@@ -8,6 +8,8 @@ cache.
 """
 from __future__ import annotations
 
+import types
+
 import numpy as np
 
 from .emulator import CpuRawModule
@@ -17,6 +19,10 @@ float32, float64, int32 = np.float32, np.float64, np.int32
 
 class ndarray(np.ndarray):
     """Host memory standing in for a device array."""
+
+    def get(self):
+        """A host copy, as ``cupy.ndarray.get`` returns."""
+        return np.array(self).view(np.ndarray)
 
 
 def _dev(a):
@@ -51,6 +57,24 @@ def matmul(a, b, out=None):
 
 def asnumpy(a):
     return np.array(a).view(np.ndarray)
+
+
+class _Stream:
+    """The current stream: never recording a CUDA graph here (the emulator has no stream capture)."""
+    ptr = 0
+
+    def is_capturing(self):
+        return False
+
+
+class _Device:
+    id = 0
+
+    def __init__(self, device=0):
+        pass
+
+
+cuda = types.SimpleNamespace(get_current_stream=_Stream, Device=_Device)
 
 
 def RawModule(code, options=(), name_expressions=None):  # noqa: N802 (mirrors cupy.RawModule)

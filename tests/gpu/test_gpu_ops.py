@@ -60,6 +60,54 @@ def test_conv2d_batch_chunks(cp, rng, dtype, monkeypatch):
     check(cp, y, conv2d_einsum(x, w, b, padding=(1, 1, 1, 1)), dtype)
 
 
+WINOGRAD_CASES = {
+    # x shape, w shape, padding (stride 1, no dilation, groups 1)
+    "odd-output": ((2, 5, 7, 9), (6, 5, 3, 3), (1, 1, 1, 1)),
+    "uneven-padding": ((3, 5, 6, 8), (3, 5, 3, 3), (2, 0, 0, 1)),
+    "zf-conv3-like": ((4, 64, 13, 13), (96, 64, 3, 3), (1, 1, 1, 1)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WINOGRAD_CASES))
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_conv2d_winograd(cp, rng, dtype, contiguous, monkeypatch, case, with_bias):
+    """The Winograd F(2x2, 3x3) path (thresholds lowered so small shapes take it; two images per chunk)."""
+    from npconv.kernels.cuda import ops
+    xs, ws, pad = WINOGRAD_CASES[case]
+    taken = []
+    real = ops._conv_winograd
+    monkeypatch.setattr(ops, "_conv_winograd", lambda *a: taken.append(1) or real(*a))
+    monkeypatch.setattr(ops, "WINOGRAD_MIN_CHANNELS", 1)
+    monkeypatch.setattr(ops, "WINOGRAD_MIN_TILES", 1)
+    OH, OW = xs[2] + pad[0] + pad[1] - 2, xs[3] + pad[2] + pad[3] - 2
+    tiles = -(-OH // 2) * -(-OW // 2)
+    monkeypatch.setattr(ops, "WORKSPACE_BYTES", 2 * 16 * (xs[1] + ws[0]) * tiles * dtype.itemsize)
+    x, w = rng.standard_normal(xs).astype(dtype), rng.standard_normal(ws).astype(dtype)
+    b = rng.standard_normal(ws[0]).astype(dtype) if with_bias else None
+    y = ops.conv2d(to_gpu(cp, x, contiguous), to_gpu(cp, w, contiguous), None if b is None else cp.asarray(b),
+                   stride=(1, 1), padding=pad, dilation=(1, 1), groups=1)
+    assert taken, "the Winograd path was not taken"
+    ref = conv2d_einsum(x, w, b, padding=pad)
+    rtol, atol = tolerance(dtype)
+    scale = max(1.0, float(np.sqrt(np.prod(ws[1:]))) / 4)       # long float32 sums: tolerance grows with K
+    assert y.dtype == dtype
+    np.testing.assert_allclose(cp.asnumpy(y), ref, rtol=rtol * scale, atol=atol * scale)
+
+
+def test_conv2d_winograd_default_rule_at_zf_conv3_batch_48(cp, rng):
+    """ZF conv3 at batch 48 (2352 tiles) takes Winograd with the default thresholds and agrees with the CPU
+    convolution in float64."""
+    from npconv.kernels.cuda import ops
+    x = rng.standard_normal((48, 256, 13, 13)).astype(np.float32)
+    w = (rng.standard_normal((384, 256, 3, 3)) / 48).astype(np.float32)
+    assert ops.use_winograd(48, 256, 384, 1, (3, 3), (1, 1), (1, 1), (13, 13))
+    y = ops.conv2d(cp.asarray(x), cp.asarray(w), None, stride=(1, 1), padding=(1, 1, 1, 1), dilation=(1, 1),
+                   groups=1)
+    from npconv.functional import conv2d
+    ref = conv2d(x.astype(np.float64), w.astype(np.float64), padding=1)
+    np.testing.assert_allclose(cp.asnumpy(y), ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
+
+
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_linear(cp, rng, dtype, contiguous, with_bias):
     from npconv.kernels.cuda import ops

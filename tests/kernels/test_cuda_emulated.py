@@ -113,6 +113,91 @@ def test_conv_direct(emulated, rng, dtype, cfg, case, F):
     check(y, ref, dtype)
 
 
+# --- Winograd F(2x2, 3x3): each transform against the matrix products of Lavin & Gray, written out here ----------
+
+WINO_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
+WINO_BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=float)
+WINO_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=float)
+WINO_CASES = [
+    # N, C, F, H, W, (top, bottom, left, right) padding
+    (2, 3, 5, 7, 9, (1, 1, 1, 1)),     # odd output: 7x9, a half tile on each axis
+    (1, 2, 4, 6, 6, (0, 0, 0, 0)),     # no padding: 4x4 output, whole tiles
+    (2, 2, 3, 5, 8, (2, 0, 0, 1)),     # uneven padding
+]
+
+
+def wino_geometry(H, W, pad):
+    OH, OW = H + pad[0] + pad[1] - 2, W + pad[2] + pad[3] - 2
+    return OH, OW, -(-OH // 2), -(-OW // 2)
+
+
+def wino_input_ref(x, pad, TH, TW):
+    """V (16, C, N*TH*TW): B^T d B of each 4x4 window (zero outside the image)."""
+    N, C, H, W = x.shape
+    xp = np.zeros((N, C, 2 * TH + 2, 2 * TW + 2))
+    src = np.asarray(x, np.float64)[:, :, max(0, -pad[0]):, max(0, -pad[2]):]
+    h, w = min(H, xp.shape[2] - pad[0]), min(W, xp.shape[3] - pad[2])
+    xp[:, :, pad[0]:pad[0] + h, pad[2]:pad[2] + w] = src[:, :, :h, :w]
+    V = np.empty((4, 4, C, N, TH, TW))
+    for th in range(TH):
+        for tw in range(TW):
+            d = xp[:, :, 2 * th:2 * th + 4, 2 * tw:2 * tw + 4]            # (N, C, 4, 4)
+            V[:, :, :, :, th, tw] = np.einsum("ai,ncij,bj->abcn", WINO_BT, d, WINO_BT)
+    return V.reshape(16, C, N * TH * TW)
+
+
+@pytest.mark.parametrize("F,C", [(5, 3), (1, 1)])
+def test_wino_filter(emulated, rng, dtype, cfg, F, C):
+    w = randn(rng, (F, C, 3, 3), dtype)
+    u = nan_like((16, F, C), dtype)
+    run(emulated.kernel("winograd", "wino_filter", dtype), F * C, (w, u, i32(F), i32(C)), cfg)
+    ref = np.einsum("ai,fcij,bj->abfc", WINO_G, w.astype(np.float64), WINO_G).reshape(16, F, C)
+    check(u, ref, dtype)
+
+
+@pytest.mark.parametrize("case", WINO_CASES)
+def test_wino_input(emulated, rng, dtype, cfg, case):
+    N, C, F, H, W, pad = case
+    OH, OW, TH, TW = wino_geometry(H, W, pad)
+    x = randn(rng, (N, C, H, W), dtype)
+    v = nan_like((16, C, N * TH * TW), dtype)
+    run(emulated.kernel("winograd", "wino_input", dtype), C * N * TH * TW,
+        (x, v, *map(i32, (N, C, H, W, pad[0], pad[2], TH, TW))), cfg)
+    check(v, wino_input_ref(x, pad, TH, TW), dtype)
+
+
+@pytest.mark.parametrize("case", WINO_CASES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_wino_output(emulated, rng, dtype, cfg, case, with_bias):
+    N, C, F, H, W, pad = case
+    OH, OW, TH, TW = wino_geometry(H, W, pad)
+    m = randn(rng, (16, F, N * TH * TW), dtype)
+    b = randn(rng, (F,), dtype)
+    y = nan_like((N, F, OH, OW), dtype)
+    run(emulated.kernel("winograd", "wino_output", dtype), F * N * TH * TW,
+        (m, b, y, *map(i32, (N, F, OH, OW, TH, TW, with_bias))), cfg)
+    tiles = np.einsum("ai,ijfntu,bj->fntaub", WINO_AT, m.astype(np.float64).reshape(4, 4, F, N, TH, TW), WINO_AT)
+    ref = tiles.reshape(F, N, 2 * TH, 2 * TW)[:, :, :OH, :OW].transpose(1, 0, 2, 3)
+    check(y, ref + (b[None, :, None, None] if with_bias else 0), dtype)
+
+
+@pytest.mark.parametrize("case", WINO_CASES)
+def test_winograd_transforms_compose_to_the_convolution(emulated, rng, dtype, cfg, case):
+    """filter -> input -> 16 products -> output, all three kernels, equals the direct convolution (einsum)."""
+    N, C, F, H, W, pad = case
+    OH, OW, TH, TW = wino_geometry(H, W, pad)
+    x, w, b = randn(rng, (N, C, H, W), dtype), randn(rng, (F, C, 3, 3), dtype), randn(rng, (F,), dtype)
+    u, v = nan_like((16, F, C), dtype), nan_like((16, C, N * TH * TW), dtype)
+    run(emulated.kernel("winograd", "wino_filter", dtype), F * C, (w, u, i32(F), i32(C)), cfg)
+    run(emulated.kernel("winograd", "wino_input", dtype), v.size // 16,
+        (x, v, *map(i32, (N, C, H, W, pad[0], pad[2], TH, TW))), cfg)
+    m = np.matmul(u, v)
+    y = nan_like((N, F, OH, OW), dtype)
+    run(emulated.kernel("winograd", "wino_output", dtype), m.size // 16,
+        (m, b, y, *map(i32, (N, F, OH, OW, TH, TW, 1))), cfg)
+    check(y, conv2d_einsum(x, w, b, padding=pad), dtype)
+
+
 DEPTHWISE_CASES = [
     # N, C, M, H, W, KH, KW, stride, padding, dilation
     (2, 3, 1, 8, 7, 5, 1, (1, 1), (2, 2, 0, 0), (1, 1)),

@@ -79,6 +79,48 @@ def test_conv2d_chunks_the_batch_and_takes_noncontiguous_input(fake_cupy, launch
     assert launched.count("im2col") == 3                 # chunks of 2, 2 and 1 images
 
 
+WINOGRAD_CASES = {
+    # name: (x shape, w shape, padding); stride 1, no dilation, groups 1
+    "odd-output": ((2, 5, 7, 9), (6, 5, 3, 3), (1, 1, 1, 1)),
+    "uneven-padding": ((3, 5, 6, 8), (3, 5, 3, 3), (2, 0, 0, 1)),
+    "no-padding": ((1, 6, 6, 6), (4, 6, 3, 3), (0, 0, 0, 0)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WINOGRAD_CASES))
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_conv2d_winograd_path(fake_cupy, launched, monkeypatch, rng, dtype, order, case, with_bias):
+    """Above the (lowered) thresholds a 3x3 stride-1 conv takes Winograd, in chunks of two images; the result is
+    the convolution of the einsum reference, for non-contiguous input too."""
+    xs, ws, pad = WINOGRAD_CASES[case]
+    monkeypatch.setattr(ops, "WINOGRAD_MIN_CHANNELS", 1)
+    monkeypatch.setattr(ops, "WINOGRAD_MIN_TILES", 1)
+    OH, OW = xs[2] + pad[0] + pad[1] - 2, xs[3] + pad[2] + pad[3] - 2
+    tiles = -(-OH // 2) * -(-OW // 2)
+    monkeypatch.setattr(ops, "WORKSPACE_BYTES", 2 * 16 * (xs[1] + ws[0]) * tiles * dtype.itemsize)
+    x = rng.standard_normal((xs[0], xs[1], xs[3], xs[2])).astype(dtype).transpose(0, 1, 3, 2)
+    w = rng.standard_normal(ws).astype(dtype)
+    b = rng.standard_normal(ws[0]).astype(dtype) if with_bias else None
+    y = ops.conv2d(dev(fake_cupy, x), dev(fake_cupy, w), None if b is None else dev(fake_cupy, b),
+                   stride=(1, 1), padding=pad, dilation=(1, 1), groups=1)
+    check(y, conv2d_einsum(x, w, b, padding=pad), dtype)
+    assert set(launched) == {"wino_filter", "wino_input", "wino_output"}
+    assert launched.count("wino_input") == -(-xs[0] // 2) and launched.count("wino_filter") == 1
+
+
+@pytest.mark.parametrize("N,C,F,hw,k,stride,groups,expect", [
+    (128, 256, 384, 13, 3, 1, 1, True),      # ZF conv3 at batch 128: 128*49 tiles
+    (1, 256, 384, 13, 3, 1, 1, False),       # batch 1: 49 tiles, im2col
+    (128, 8, 384, 13, 3, 1, 1, False),       # too few input channels
+    (128, 256, 384, 13, 3, 2, 1, False),     # stride 2
+    (128, 256, 384, 13, 5, 1, 1, False),     # 5x5
+    (128, 256, 384, 13, 3, 1, 2, False),     # grouped
+])
+def test_use_winograd_rule(N, C, F, hw, k, stride, groups, expect):
+    OH = (hw + 2 - k) // stride + 1
+    assert ops.use_winograd(N, C, F, groups, (k, k), (stride, stride), (1, 1), (OH, OH)) is expect
+
+
 def test_conv2d_direct_falls_back_when_weights_exceed_shared_memory(fake_cupy, launched, rng):
     dtype = np.dtype(np.float64)
     x, w = rng.standard_normal((1, 4, 12, 12)), rng.standard_normal((3, 4, 11, 11))   # 4*121*16*8 B > 48 KiB

@@ -117,6 +117,13 @@ def _drive_every_op(cp, dtype, rng):
     conv = dict(stride=(1, 1), padding=(1, 1, 1, 1), dilation=(1, 1))
     ops.conv2d(a(2, 6, 6, 6), a(4, 6, 3, 3), a(4), groups=1, **conv)             # im2col + scatter
     ops.conv2d(a(2, 3, 6, 6), a(4, 3, 3, 3), None, groups=1, **conv)             # direct
+    mp = pytest.MonkeyPatch()
+    mp.setattr(ops, "WINOGRAD_MIN_CHANNELS", 1)
+    mp.setattr(ops, "WINOGRAD_MIN_TILES", 1)
+    try:
+        ops.conv2d(a(2, 6, 6, 6), a(4, 6, 3, 3), a(4), groups=1, **conv)         # Winograd
+    finally:
+        mp.undo()
     ops.conv2d(a(2, 4, 6, 6), a(4, 1, 3, 3), a(4), groups=4, **conv)             # depthwise
     ops.conv2d(a(2, 6, 6, 6), a(4, 6, 1, 1), a(4), groups=1, stride=(1, 1), padding=(0, 0, 0, 0),
                dilation=(1, 1))                                                  # 1x1 + bias_add

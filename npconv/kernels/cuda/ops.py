@@ -13,6 +13,8 @@ Convolution strategy:
   * 1x1, stride 1, no padding, ``groups == 1``: a batched GEMM on the input as it is (no packing);
   * few input channels (``C <= DIRECT_CONV_MAX_C``, ``groups == 1``: the first layer): a direct kernel with
     the weights of 16 filters in shared memory (``conv_direct.cu``);
+  * 3x3, stride 1, no dilation, ``groups == 1``, enough channels and output tiles (:func:`use_winograd`):
+    Winograd F(2x2, 3x3) (``winograd.cu``: filter, input and output transforms around one batched GEMM);
   * otherwise im2col: the column matrix of a chunk of images (``im2col.cu``), one cuBLAS GEMM per group
     (``cupy.matmul``), and a kernel that writes the result to NCHW adding the bias. The chunk is as many images
     as fit in :data:`WORKSPACE_BYTES`, so the workspace is bounded whatever the batch size.
@@ -23,16 +25,24 @@ import numpy as np
 
 from ... import _backend
 from . import loader
+from ._gemm import matmul as _matmul
 
 __all__ = [
     "conv2d", "linear", "max_pool2d", "avg_pool2d", "local_response_norm", "relu", "bias_relu", "softmax",
-    "normalize", "LAUNCH_SIGNATURES", "WORKSPACE_BYTES", "DIRECT_CONV_MAX_C",
+    "normalize", "use_winograd", "LAUNCH_SIGNATURES", "WORKSPACE_BYTES", "DIRECT_CONV_MAX_C",
+    "WINOGRAD_MIN_CHANNELS", "WINOGRAD_MIN_TILES",
 ]
 
 #: upper bound of the im2col workspace (column matrix + GEMM result of one chunk), in bytes
 WORKSPACE_BYTES = 256 * 2**20
 #: convolutions with at most this many input channels (groups == 1) use the direct kernel
 DIRECT_CONV_MAX_C = 4
+#: 3x3, stride-1, undilated, ungrouped convolutions with at least this many input and output channels and at least
+#: WINOGRAD_MIN_TILES output tiles (2x2 blocks, over the whole batch) use Winograd F(2x2, 3x3) (``winograd.cu``).
+#: Measured on an H200 (docs/gpu.md), ZF conv3-conv5 (13x13, 49 tiles per image): Winograd was level with im2col
+#: at batch 8 (392 tiles), 1.4-1.6x faster at batch 32 (1568 tiles) and 2.0-2.5x at batch 128, slower at batch 1.
+WINOGRAD_MIN_CHANNELS = 16
+WINOGRAD_MIN_TILES = 1024
 #: filters per block of the direct kernel (NPCONV_DIRECT_FT in conv_direct.cu)
 DIRECT_FILTERS_PER_BLOCK = 16
 #: threads per block of the softmax kernel (NPCONV_SOFTMAX_THREADS in softmax.cu)
@@ -43,6 +53,8 @@ SHARED_MEM_LIMIT = 48 * 1024
 _BLOCK = 256
 _MAX_GRID = 1 << 18                 # blocks of a grid-stride launch, so grid * block <= 2^26
 _INDEX_LIMIT = 2**31 - 2**26        # elements an int-indexed grid-stride loop may cover without overflow
+_MAX_GRID_Y = 65535                 # the hardware limit of gridDim.y
+_IM2COL_BLOCKS = 1 << 20            # blocks of an im2col launch (rows x row blocks), at most
 
 PTR, IPTR, I32, REAL = "ptr", "iptr", "i32", "real"  # IPTR: an int32 array
 
@@ -53,6 +65,12 @@ LAUNCH_SIGNATURES: dict[str, tuple[str, tuple[str, ...]]] = {
     "im2col": ("im2col", (PTR, PTR) + (I32,) * 14),
     # r, bias, y, FG, NB, P, F, F0, has_bias
     "conv_scatter": ("im2col", (PTR, PTR, PTR) + (I32,) * 6),
+    # w, u, F, C
+    "wino_filter": ("winograd", (PTR, PTR, I32, I32)),
+    # x, v, NB, C, H, W, PT, PL, TH, TW
+    "wino_input": ("winograd", (PTR, PTR) + (I32,) * 8),
+    # m, bias, y, NB, F, OH, OW, TH, TW, has_bias
+    "wino_output": ("winograd", (PTR, PTR, PTR) + (I32,) * 7),
     # x, w, bias, y, N, C, H, W, F, KH, KW, SH, SW, PT, PL, DH, DW, OH, OW, has_bias
     "conv_direct": ("conv_direct", (PTR,) * 4 + (I32,) * 16),
     # x, w, bias, y, N, C, H, W, M, KH, KW, SH, SW, PT, PL, DH, DW, OH, OW, has_bias
@@ -84,22 +102,26 @@ def pack_args(name, kinds, dtype, args):
     IPTR: of int32, I32: an int that fits 32 bits, REAL: a scalar of ``dtype``), checking each one."""
     if len(args) != len(kinds):
         raise TypeError(f"kernel {name} takes {len(kinds)} arguments, got {len(args)}")
-    packed = []
-    for i, (kind, a) in enumerate(zip(kinds, args)):
-        if kind in (PTR, IPTR):
-            want = np.dtype(np.int32) if kind == IPTR else dtype
+    packed = list(args)
+    i32 = _I32_TYPE
+    for i, kind in enumerate(kinds):   # one pass, cheap branches first: this runs before every launch
+        a = args[i]
+        if kind is I32:
+            if not -2147483648 <= a <= 2147483647:
+                raise ValueError(f"kernel {name}, argument {i}: {a} does not fit a 32-bit int")
+            packed[i] = i32(a)
+        elif kind is REAL:
+            packed[i] = dtype.type(a)
+        else:
+            want = _INT32 if kind is IPTR else dtype
             if a.dtype != want or not a.flags.c_contiguous:
                 raise TypeError(f"kernel {name}, argument {i}: expected a C-contiguous {want} array, "
                                 f"got dtype {a.dtype} (c_contiguous={a.flags.c_contiguous})")
-            packed.append(a)
-        elif kind == I32:
-            v = int(a)
-            if not -2**31 <= v < 2**31:
-                raise ValueError(f"kernel {name}, argument {i}: {v} does not fit a 32-bit int")
-            packed.append(np.int32(v))
-        else:
-            packed.append(dtype.type(a))
     return tuple(packed)
+
+
+_I32_TYPE = np.int32
+_INT32 = np.dtype(np.int32)
 
 
 def launch(table, name, dtype, grid, block, args, shared_mem=0):
@@ -160,7 +182,7 @@ def conv2d(x, w, b, *, stride, padding, dilation, groups):
     bias = b if has_bias else w          # a dummy pointer of the right dtype when there is no bias
 
     if groups == 1 and KH == KW == 1 and sh == sw == 1 and not any((pt, pb, pl, pr)):
-        y = cp.matmul(w.reshape(F, C), x.reshape(N, C, H * W)).reshape(N, F, H, W)
+        y = _matmul(w.reshape(F, C), x.reshape(N, C, H * W)).reshape(N, F, H, W)
         y = cp.ascontiguousarray(y)
         if has_bias:
             _launch_1d("bias_add", dt, y.size, (y, b, N, F, H * W), "the convolution output")
@@ -185,8 +207,49 @@ def conv2d(x, w, b, *, stride, padding, dilation, groups):
                 shared_mem=smem)
         return y
 
+    if use_winograd(N, C, F, groups, (KH, KW), (sh, sw), (dh, dw), (OH, OW)):
+        _conv_winograd(cp, x, w, b, y, pt, pl)
+        return y
     _conv_im2col(cp, x, w, b, y, groups, geometry)
     return y
+
+
+def use_winograd(N, C, F, groups, kernel, stride, dilation, out_hw):
+    """Whether ``conv2d`` takes the Winograd F(2x2, 3x3) path for these shapes (see WINOGRAD_MIN_*)."""
+    if groups != 1 or tuple(kernel) != (3, 3) or tuple(stride) != (1, 1) or tuple(dilation) != (1, 1):
+        return False
+    tiles = N * (-(-out_hw[0] // 2)) * (-(-out_hw[1] // 2))
+    return min(C, F) >= WINOGRAD_MIN_CHANNELS and tiles >= WINOGRAD_MIN_TILES
+
+
+def _conv_winograd(cp, x, w, b, y, pt, pl):
+    """Winograd F(2x2, 3x3): filter transform, then per chunk of images the input transform, 16 GEMMs in one
+    batched cuBLAS call and the output transform (+ bias); chunks sized by WORKSPACE_BYTES. Fills ``y``."""
+    dt = x.dtype
+    N, C, H, W = (int(v) for v in x.shape)
+    F = int(w.shape[0])
+    OH, OW = (int(v) for v in y.shape[2:])
+    TH, TW = -(-OH // 2), -(-OW // 2)
+    tiles = TH * TW
+    u = cp.empty((16, F, C), dtype=dt)
+    _launch_1d("wino_filter", dt, F * C, (w, u, F, C), "the Winograd filter transform")
+    per_image = 16 * (C + F) * tiles * dt.itemsize
+    nb = max(1, min(N, WORKSPACE_BYTES // per_image))
+    nb = min(nb, _INDEX_LIMIT // (max(C, F) * tiles))
+    if nb == 0:
+        _check_index_range(max(C, F) * tiles, "the Winograd transform of one image")
+    v_buf = cp.empty(16 * C * nb * tiles, dtype=dt)
+    m_buf = cp.empty(16 * F * nb * tiles, dtype=dt)
+    has_bias = b is not None
+    bias = b if has_bias else w
+    for n0 in range(0, N, nb):
+        m = min(nb, N - n0)
+        T = m * tiles
+        v = v_buf[:16 * C * T].reshape(16, C, T)
+        _launch_1d("wino_input", dt, C * T, (x[n0:n0 + m], v, m, C, H, W, pt, pl, TH, TW))
+        prod = m_buf[:16 * F * T].reshape(16, F, T)
+        _matmul(u, v, out=prod)
+        _launch_1d("wino_output", dt, F * T, (prod, bias, y[n0:n0 + m], m, F, OH, OW, TH, TW, has_bias))
 
 
 def _conv_im2col(cp, x, w, b, y, groups, geometry):
@@ -209,10 +272,12 @@ def _conv_im2col(cp, x, w, b, y, groups, geometry):
     for n0 in range(0, N, nb):
         m = min(nb, N - n0)
         col = col_buf[:K * m * P].reshape(K, m * P)
-        _launch_1d("im2col", dt, K * m * P, (x[n0:n0 + m], col, m, C, H, W, KH, KW, sh, sw, pt, pl, dh, dw, OH, OW))
+        rows = min(K, _MAX_GRID_Y)      # blockIdx.y walks the rows, x the m*P columns of a row (grid-stride)
+        grid = (min(-(-m * P // _BLOCK), max(1, _IM2COL_BLOCKS // rows), _MAX_GRID), rows)
+        _launch("im2col", dt, grid, (_BLOCK,), (x[n0:n0 + m], col, m, C, H, W, KH, KW, sh, sw, pt, pl, dh, dw, OH, OW))
         yc = y[n0:n0 + m]
         for g in range(groups):
-            r = cp.matmul(w2[g * Fg:(g + 1) * Fg], col[g * Kg:(g + 1) * Kg])
+            r = _matmul(w2[g * Fg:(g + 1) * Fg], col[g * Kg:(g + 1) * Kg])
             _launch_1d("conv_scatter", dt, Fg * m * P, (r, bias, yc, Fg, m, P, F, g * Fg, has_bias))
 
 
@@ -220,7 +285,7 @@ def linear(x, w, b):
     """Fully connected layer of CuPy arrays: ``x @ w.T + b`` with x (N, in), w (out, in), b (out,) or None."""
     cp = _cupy()
     x, w, b = _contig(cp, x), _contig(cp, w), _contig(cp, b)
-    y = cp.ascontiguousarray(cp.matmul(x, w.T))
+    y = cp.ascontiguousarray(_matmul(x, w.T))
     if b is not None:
         N, O = y.shape
         _launch_1d("bias_add", x.dtype, y.size, (y, b, N, O, 1), "the linear output")

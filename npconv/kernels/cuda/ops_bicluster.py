@@ -48,6 +48,7 @@ import numpy as np
 
 from ... import _backend
 from . import loader, ops
+from ._gemm import matmul as _matmul
 from .ops import I32, IPTR, PTR  # the kinds of the launch table; ops.launch packs every launch
 
 __all__ = [
@@ -145,8 +146,24 @@ def _contig(cp, a):
 
 
 def _ints(cp, a):
-    """A C-contiguous int32 device copy of an index array given on the host or on the device."""
-    return cp.ascontiguousarray(cp.asarray(a), dtype=np.int32)
+    """A C-contiguous int32 device copy of an index array. A device array is converted on the device; a host array
+    (offsets, the shared-filter plan) is copied once per content and device, then reused: a forward pass does no
+    host-to-device copy (none is allowed while a CUDA graph is recorded, and each is a pageable transfer)."""
+    if _backend.is_cupy_array(a):
+        return cp.ascontiguousarray(a, dtype=np.int32)
+    h = np.ascontiguousarray(a, dtype=np.int32)
+    key = (h.tobytes(), h.shape, cp.cuda.Device().id)
+    hit = _DEVICE_INTS.get(key)
+    if hit is None:
+        if len(_DEVICE_INTS) >= _DEVICE_INTS_SIZE:
+            _DEVICE_INTS.pop(next(iter(_DEVICE_INTS)))
+        hit = _DEVICE_INTS[key] = cp.asarray(h)
+    return hit
+
+
+#: (bytes, shape, device) -> the device copy of a host index array (read-only for every kernel)
+_DEVICE_INTS: dict = {}
+_DEVICE_INTS_SIZE = 256
 
 
 def _host_offsets(off):
@@ -238,7 +255,7 @@ def _expand_scatter(cp, z, expand, d_out_perm, out_off, bias, y, m, P):
     b = bias if has_bias else expand          # a dummy pointer of the right dtype when there is no bias
     for h in range(out_off.shape[0] - 1):
         o0, o1 = int(out_off[h]), int(out_off[h + 1])
-        r = cp.ascontiguousarray(cp.matmul(expand[o0:o1].reshape(o1 - o0, G * K), z[h]))
+        r = cp.ascontiguousarray(_matmul(expand[o0:o1].reshape(o1 - o0, G * K), z[h]))
         _launch_1d("bic_scatter", dt, r.size, (r, d_out_perm, b, y, o1 - o0, m, P, F, o0, has_bias))
 
 
@@ -340,7 +357,7 @@ def bicluster_svd_conv2d(x, in_perm, in_off, reduce, spatial, expand, out_perm, 
         _launch_1d("bic_gather", dt, xg.size, (x[n0:n0 + m], d_in_perm, xg, m, C, HW))
         z1 = z1_buf[:rows1 * m * HW].reshape(rows1, m * HW)
         for g in range(G):
-            cp.matmul(red_t[g], xg[int(in_off_h[g]):int(in_off_h[g + 1])], out=z1[g * HK1:(g + 1) * HK1])
+            _matmul(red_t[g], xg[int(in_off_h[g]):int(in_off_h[g + 1])], out=z1[g * HK1:(g + 1) * HK1])
         z2 = z2_buf[:rows2 * m * P].reshape(NH, G * K2, m * P)
         grid = (min(-(-(m * P) // _BLOCK), _MAX_GRID), fblocks, G * NH)
         _launch("bic_svd_spatial", dt, grid, (_BLOCK,),

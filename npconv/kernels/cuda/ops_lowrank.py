@@ -33,6 +33,7 @@ import numpy as np
 
 from ... import _backend
 from . import loader, ops
+from ._gemm import matmul as _matmul
 from .ops import I32, IPTR, PTR, REAL  # the kinds of the launch table; ops.launch packs every launch
 
 __all__ = [
@@ -181,7 +182,7 @@ def lowrank_conv2d(x, first, second, bias, *, stride, padding, dilation):
     h = conv_stage(x, first, None, stride=stride, padding=padding, dilation=dilation)
     N, t, OH, OW = (int(v) for v in h.shape)
     F = int(second.shape[0])
-    out = cp.matmul(cp.ascontiguousarray(second), h.reshape(N, t, OH * OW)).reshape(N, F, OH, OW)
+    out = _matmul(cp.ascontiguousarray(second), h.reshape(N, t, OH * OW)).reshape(N, F, OH, OW)
     if bias is not None:
         out += bias.reshape(1, F, 1, 1)
     return out
@@ -215,6 +216,28 @@ def _colour_groups(assignment, Cp):
     return order.astype(np.int32), starts.astype(np.int32)
 
 
+#: (assignment bytes, C', device) -> the device copies of ``_colour_groups`` and of each colour's filter indices
+_GROUPS_ON_DEVICE: dict = {}
+_GROUPS_CACHE_SIZE = 64
+
+
+def _device_colour_groups(cp, assignment, Cp):
+    """``_colour_groups`` and the per-colour filter indices, copied to the device once per assignment: a forward
+    pass then does no host-to-device copy (none is allowed while a CUDA graph is recorded, and each costs a
+    pageable-memory transfer)."""
+    a = np.ascontiguousarray(assignment, np.int64)
+    key = (a.tobytes(), int(Cp), cp.cuda.Device().id)
+    hit = _GROUPS_ON_DEVICE.get(key)
+    if hit is None:
+        order, starts = _colour_groups(a, Cp)
+        per_colour = [cp.asarray(np.flatnonzero(a == c)) for c in range(Cp)]
+        hit = (cp.asarray(order), cp.asarray(starts), per_colour)
+        if len(_GROUPS_ON_DEVICE) >= _GROUPS_CACHE_SIZE:
+            _GROUPS_ON_DEVICE.pop(next(iter(_GROUPS_ON_DEVICE)))
+        _GROUPS_ON_DEVICE[key] = hit
+    return hit
+
+
 def monochromatic_conv2d(x, color_transform, assignment, spatial, bias, *, stride, padding):
     """Monochromatic conv of CuPy arrays: x (N, C, H, W), color_transform (C', C), ``assignment`` a host (NumPy)
     integer array (F,) with values in [0, C'), spatial (F, X, Y), bias (F,) or None. Returns (N, F, OH, OW)."""
@@ -238,10 +261,10 @@ def monochromatic_conv2d(x, color_transform, assignment, spatial, bias, *, strid
     n_tiles = -(-OH // TH) * tiles_w
     if n_tiles >= 2**31:
         raise ValueError(f"the output ({OH} x {OW}) has too many tiles for one launch")
-    order, starts = _colour_groups(assignment, Cp)
+    order, starts, _ = _device_colour_groups(cp, assignment, Cp)
     has_bias = b is not None
     _launch("mono_conv", dt, (n_tiles, Cp, min(N, _MAX_GRID_YZ)), (TW, TH),
-            (x, T, S, cp.asarray(order), cp.asarray(starts), b if has_bias else S, y,
+            (x, T, S, order, starts, b if has_bias else S, y,
              N, C, H, W, F, KH, KW, sh, sw, pt, pl, OH, OW, tiles_w, has_bias), shared_mem=smem)
     return y
 
@@ -251,16 +274,13 @@ def _monochromatic_composed(cp, x, T, assignment, S, b, stride, padding, out_hw)
     N, C, H, W = (int(v) for v in x.shape)
     Cp = int(T.shape[0])
     F, KH, KW = (int(v) for v in S.shape)
-    a = np.asarray(assignment, np.int64)
     out = cp.empty((N, F) + tuple(out_hw), dtype=x.dtype)
     if out.size == 0:
         return out
-    z = cp.matmul(T, x.reshape(N, C, H * W)).reshape(N, Cp, H, W)
-    for c in range(Cp):
-        idx = np.flatnonzero(a == c)
-        if idx.size == 0:
+    z = _matmul(T, x.reshape(N, C, H * W)).reshape(N, Cp, H, W)
+    for c, di in enumerate(_device_colour_groups(cp, assignment, Cp)[2]):
+        if di.size == 0:
             continue
-        di = cp.asarray(idx)
         out[:, di] = ops.conv2d(cp.ascontiguousarray(z[:, c:c + 1]), cp.ascontiguousarray(S[di][:, None]), None,
                                 stride=stride, padding=padding, dilation=(1, 1), groups=1)
     if b is not None:

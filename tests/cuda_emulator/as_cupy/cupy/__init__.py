@@ -81,5 +81,6 @@ def get_default_memory_pool():
 
 cuda = types.SimpleNamespace(
     Event=_Event, Device=_Device, get_elapsed_time=lambda a, b: (b.t - a.t) * 1e3,
+    get_current_stream=_stand_in.cuda.get_current_stream,
     runtime=types.SimpleNamespace(getDeviceProperties=lambda i: {"name": b"CPU emulator (not a GPU)"},
                                   runtimeGetVersion=lambda: 0))

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The checks of a machine with a CUDA device, in one go (issue 3): the GPU tests with NPCONV_REQUIRE_GPU=1 (a skip
+# is a failure there), then the GPU benchmarks, each step under its own time limit so that one hang cannot eat the
+# others' time. Logs and JSON files go to OUTDIR (default out/gpu), and OUTDIR/gpu_results.tgz packs them.
+#
+#   bash bench/run_gpu.sh [OUTDIR] [STEP ...]     # steps: info tests suite bench network factored (default: all
+#                                                 # but suite; suite = the whole test suite, GPU tests included)
+#
+# Environment: PYTHON (default python3), NPCONV_TEST_JOBS (pytest-xdist workers, default 8), TESTS_LIMIT and
+# SUITE_LIMIT (seconds), TAIL_LINES (log lines echoed per step), PACK (where the .tgz goes).
+set -u
+cd "$(dirname "$0")/.."
+out=${1:-out/gpu}
+shift || true
+steps=${*:-info tests bench network factored}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 NPCONV_REQUIRE_GPU=1
+py=${PYTHON:-python3}
+jobs=${NPCONV_TEST_JOBS:-8}
+
+step() {  # step NAME LIMIT_S COMMAND...: run it under timeout, log to OUTDIR/NAME.log, print its tail
+    local name=$1 limit=$2 t0=$SECONDS rc
+    shift 2
+    echo "== $name (limit ${limit} s): $*"
+    timeout "$limit" "$@" >"$out/$name.log" 2>&1
+    rc=$?
+    echo "== $name: exit $rc after $((SECONDS - t0)) s"
+    tail -n "${TAIL_LINES:-25}" "$out/$name.log"
+    tar czf "${PACK:-$out/gpu_results.tgz}" -C "$out" --exclude gpu_results.tgz .   # what is done so far
+}
+
+for s in $steps; do
+    case $s in
+    info)
+        step info 60 bash -c "nvidia-smi; $py -c 'import sys, numpy, scipy, numba, cupy; print(sys.version); \
+print(\"numpy\", numpy.__version__, \"scipy\", scipy.__version__, \"numba\", numba.__version__, \"cupy\", \
+cupy.__version__, \"cuda runtime\", cupy.cuda.runtime.runtimeGetVersion()); import torch; print(\"torch\", \
+torch.__version__, \"cudnn\", torch.backends.cudnn.version())'; nproc; lscpu | grep -i 'model name'" ;;
+    tests)
+        step tests "${TESTS_LIMIT:-240}" "$py" -m pytest -q -m gpu -n "$jobs" -p no:cacheprovider --timeout 120 tests ;;
+    suite)
+        step suite "${SUITE_LIMIT:-420}" "$py" -m pytest -q -n "$jobs" -p no:cacheprovider --timeout 300 ;;
+    bench)
+        step bench_gpu 150 "$py" bench/bench_gpu.py --out "$out/gpu.json" ;;
+    network)
+        step bench_gpu_network 240 "$py" bench/bench_gpu_network.py --out "$out/gpu_network.json" ;;
+    factored)
+        step bench_gpu_bicluster 90 "$py" bench/bench_gpu_bicluster.py --out "$out/gpu_bicluster.json"
+        step bench_gpu_lowrank 90 "$py" bench/bench_gpu_lowrank.py --out "$out/gpu_lowrank.json" ;;
+    *)
+        echo "unknown step $s (steps: info tests suite bench network factored)"; exit 2 ;;
+    esac
+done
