@@ -21,13 +21,24 @@ def _has_gpu():
         return False
 
 
-def _has_nvrtc():
+def _nvrtc_status():
+    """(usable, why not): libnvrtc loads and accepts the checks' ``-Werror=all-warnings`` (older NVRTC releases,
+    such as the one on a GPU machine's CUDA 13.0 image, reject it as an unrecognized option)."""
     try:
         from cupy.cuda import nvrtc
-        nvrtc.getVersion()
-        return True
+        version = nvrtc.getVersion()
     except Exception:
-        return False
+        return False, "libnvrtc not loadable: pip install 'npconv[check]'"
+    try:
+        import io
+
+        from cupy.cuda import compiler
+        prog = compiler._NVRTCProgram('extern "C" __global__ void probe() {}', "probe.cu", method="ptx")
+        prog.compile(("-Werror=all-warnings", "-arch=compute_75"), io.StringIO())
+    except Exception as exc:
+        return False, (f"libnvrtc {version[0]}.{version[1]} cannot run the compile checks ({exc!r:.120}): "
+                       "pip install 'npconv[check]' for the pinned NVRTC")
+    return True, ""
 
 
 def _has_torch():
@@ -39,7 +50,7 @@ def _has_torch():
 
 
 HAS_GPU = _has_gpu()
-HAS_NVRTC = _has_nvrtc()
+HAS_NVRTC, NVRTC_WHY = _nvrtc_status()
 HAS_CXX = shutil.which(os.environ.get("CXX", "g++")) is not None
 HAS_TORCH = _has_torch()
 REQUIRE_GPU = os.environ.get("NPCONV_REQUIRE_GPU") == "1"
@@ -57,7 +68,7 @@ def _has_data():
 def pytest_collection_modifyitems(config, items):
     need = {
         "gpu": (HAS_GPU, "no CUDA device (cupy missing or cupy.is_available() is False)"),
-        "nvrtc": (HAS_NVRTC, "libnvrtc not loadable: pip install 'npconv[check]'"),
+        "nvrtc": (HAS_NVRTC, NVRTC_WHY),
         "cpuemu": (HAS_CXX, "no C++ compiler for the CUDA C emulator"),
         "torch": (HAS_TORCH, "PyTorch not installed: pip install 'npconv[torch]'"),
     }

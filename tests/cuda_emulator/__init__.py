@@ -33,6 +33,11 @@ def install_as_cupy(monkeypatch):
     spec.loader.exec_module(mod)
     monkeypatch.setitem(sys.modules, "cupy", mod)
     monkeypatch.setattr(npconv._backend, "require_cupy", lambda: mod)
+    # modules that imported require_cupy by name reach the cached module: on a machine with a GPU the real CuPy
+    # may be cached there already, and it must not serve this test
+    monkeypatch.setattr(npconv._backend, "_cupy", mod)
+    monkeypatch.setattr(npconv._backend, "_cupy_tried", True)
+    monkeypatch.setattr(npconv._backend, "_cupy_error", None)
     monkeypatch.setattr(mod.ndarray, "get", lambda self: np.array(self).view(np.ndarray), raising=False)
     loader.clear_cache()     # the private sources' modules are memoized there too (ops_lowrank, ops_bicluster)
     return mod

@@ -143,8 +143,11 @@ def test_two_stage_batch_chunks(rng, monkeypatch, direct):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_direct_kernel_several_chunks_per_band(rng, dtype, monkeypatch):
     """Wide single-channel rows: a band of output rows spans several accumulation chunks of the direct kernel."""
+    import numba
+
     from npconv.kernels.cpu import lowrank as KL
     monkeypatch.setattr(FL, "_use_direct", lambda f, t: True)
+    monkeypatch.setattr(numba, "get_num_threads", lambda: 2)   # the band height: as on 2 cores, on any machine
     x = rng.standard_normal((1, 1, 70, 400)).astype(dtype)
     Ho, Wo, Wq = FL._plane_geometry(70, 400, 3, 3, (1, 1), (1, 1, 1, 1))
     band = FL._band_rows(Ho, 3, 1, Wq * x.itemsize)

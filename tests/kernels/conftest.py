@@ -69,6 +69,8 @@ def fake_cupy(monkeypatch, emulated):
     from cuda_emulator import fake_cupy as fc
     from npconv.kernels.cuda import loader
     monkeypatch.setattr(npconv._backend, "require_cupy", lambda: fc)
+    monkeypatch.setattr(npconv._backend, "_cupy", fc)      # also where require_cupy was imported by name
+    monkeypatch.setattr(npconv._backend, "_cupy_tried", True)
     loader.clear_cache()
     yield fc
     loader.clear_cache()
