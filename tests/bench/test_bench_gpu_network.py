@@ -32,6 +32,7 @@ def test_quick_run_on_the_emulated_cupy(monkeypatch, tmp_path, capsys):
     from bench import bench_gpu_network
     from npconv.kernels.cuda import loader
     install_as_cupy(monkeypatch)
+    monkeypatch.setattr(bench_gpu_network, "torch_cuda", lambda: None)   # emulated arrays live on the host
     try:
         out = tmp_path / "gpu_network.json"
         assert bench_gpu_network.main(["--quick", "--nets", "zf", "--repeat", "1", "--warmup", "0",

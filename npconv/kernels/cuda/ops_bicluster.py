@@ -152,7 +152,7 @@ def _ints(cp, a):
     if _backend.is_cupy_array(a):
         return cp.ascontiguousarray(a, dtype=np.int32)
     h = np.ascontiguousarray(a, dtype=np.int32)
-    key = (h.tobytes(), h.shape, cp.cuda.Device().id)
+    key = (h.tobytes(), h.shape, cp.cuda.Device().id, id(cp))   # id(cp): one module's arrays never serve another
     hit = _DEVICE_INTS.get(key)
     if hit is None:
         if len(_DEVICE_INTS) >= _DEVICE_INTS_SIZE:
@@ -161,7 +161,7 @@ def _ints(cp, a):
     return hit
 
 
-#: (bytes, shape, device) -> the device copy of a host index array (read-only for every kernel)
+#: (bytes, shape, device, array module) -> the device copy of a host index array (read-only for every kernel)
 _DEVICE_INTS: dict = {}
 _DEVICE_INTS_SIZE = 256
 

@@ -216,7 +216,7 @@ def _colour_groups(assignment, Cp):
     return order.astype(np.int32), starts.astype(np.int32)
 
 
-#: (assignment bytes, C', device) -> the device copies of ``_colour_groups`` and of each colour's filter indices
+#: (assignment bytes, C', device, array module) -> the device copies of ``_colour_groups`` and of each colour's filter indices
 _GROUPS_ON_DEVICE: dict = {}
 _GROUPS_CACHE_SIZE = 64
 
@@ -226,7 +226,7 @@ def _device_colour_groups(cp, assignment, Cp):
     pass then does no host-to-device copy (none is allowed while a CUDA graph is recorded, and each costs a
     pageable-memory transfer)."""
     a = np.ascontiguousarray(assignment, np.int64)
-    key = (a.tobytes(), int(Cp), cp.cuda.Device().id)
+    key = (a.tobytes(), int(Cp), cp.cuda.Device().id, id(cp))   # id(cp): one module's arrays never serve another
     hit = _GROUPS_ON_DEVICE.get(key)
     if hit is None:
         order, starts = _colour_groups(a, Cp)
