@@ -4,6 +4,7 @@ the same networks, dense and approximated, in the same run.
     python bench/bench_gpu_network.py                     # ZF (224x224) and the CIFAR reference, batches 1..256
     python bench/bench_gpu_network.py --quick             # the tiny ZF-shaped network of bench_network --quick
     python bench/bench_gpu_network.py --nets zf --batches 1 128 --out out/bench/gpu_network.json
+    python bench/bench_gpu_network.py --from-json docs/gpu_runs/2026-11-26-h200/gpu_network.json --plot g.png
 
 The networks and variants are those of ``bench/bench_network.py`` (ZF: ``dense``, ``paper``, ``all`` with random
 factors of the shapes ``approximate`` produces; CIFAR: the bundled reference network and its fitted ``approx``).
@@ -11,7 +12,9 @@ Each npconv network is built on the host and moved once with ``Network.to_gpu()`
 ``bench.torch_factored.torch_net`` of the same network (the factored layers as sequences of ordinary convolutions)
 moved with ``.cuda()``, with ``cudnn.benchmark`` on.
 
-* Per-image time against batch size: ``forward`` of the whole network on a device-resident batch.
+* Per-image time against batch size: ``forward`` of the whole network on a device-resident batch, eager and
+  replayed as a CUDA graph (npconv: ``Network.cuda_graph``; PyTorch: ``torch.cuda.graph``). A graph that cannot be
+  recorded is reported in its row, with the error, and the run goes on.
 * Per-layer breakdown at batch 1 and 128 (``--layer-batches``): each layer of the dense network, and each
   approximated variant's replaced layers, on its real input (the dense network's activation, computed on the
   device and handed to PyTorch through DLPack, so both read the same memory).
@@ -218,6 +221,42 @@ def format_tables(res):
     return "\n".join(lines)
 
 
+def plot(res, path):
+    """Per-image time against batch size, one panel per network: npconv and PyTorch, eager (solid) and replayed
+    as a CUDA graph (dotted). Returns the path, or None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    nets = list(dict.fromkeys(r["net"] for r in res["batch"]))
+    if not nets:
+        return None
+    fig, axes = plt.subplots(1, len(nets), figsize=(6.5 * len(nets), 4.8), squeeze=False)
+    styles = {"npconv": ("-", "o"), "torch": ("--", "s"), "npconv_graph": (":", "o"), "torch_graph": ("-.", "s")}
+    for ax, net in zip(axes[0], nets):
+        rows = [r for r in res["batch"] if r["net"] == net]
+        for j, v in enumerate(dict.fromkeys(r["variant"] for r in rows)):     # colour: variant; line: impl
+            for impl, (ls, mk) in styles.items():
+                pts = sorted((r["batch"], _per_image(r, impl)) for r in rows if r["variant"] == v and _ms(r, impl))
+                if pts:
+                    ax.plot(*zip(*pts), ls, color=f"C{j}", marker=mk, markersize=3,
+                            label=f"{v} / {impl.replace('_', ' ')}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("time per image (ms)")
+        ax.set_title(f"{net} on the GPU: per-image time")
+        ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="the tiny ZF-shaped network, batches 1 and 4")
@@ -228,7 +267,17 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--no-graphs", action="store_true", help="time the eager forward passes only")
     ap.add_argument("--out", type=Path, default=_ROOT / "out" / "bench" / "gpu_network.json", help="JSON output")
+    ap.add_argument("--plot", type=Path, default=None, help="also write the per-image-time plot (PNG) here")
+    ap.add_argument("--from-json", type=Path, default=None,
+                    help="print the tables (and --plot) of an earlier run's JSON report; runs nothing")
     args = ap.parse_args(argv)
+    if args.from_json is not None:
+        report = json.loads(args.from_json.read_text())
+        print(f"device: {report['device']['name']}  torch: {report.get('torch')}")
+        print(format_tables(report))
+        if args.plot is not None:
+            print(f"wrote {plot(report, args.plot)}")
+        return 0
     why = gpu_missing()
     if why:
         print(f"bench_gpu_network: skipped, no GPU to measure on: {why}. Nothing was timed.")
@@ -251,6 +300,8 @@ def main(argv=None):
               "torch": None if torch is None else {"version": torch.__version__,
                                                    "cudnn": torch.backends.cudnn.version(), "tf32": False},
               "timing": "CUDA events around each call after a device synchronize; median over repeats", **res}
+    if args.plot is not None:
+        print(f"wrote {plot(res, args.plot)}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(args.out.suffix + ".tmp")
     tmp.write_text(json.dumps(report, indent=2))
