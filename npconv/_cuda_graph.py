@@ -46,6 +46,9 @@ class CudaGraphForward:
         self.network, self.until = network, until
         self.shape, self.dtype = tuple(x.shape), np.dtype(x.dtype)
         network.forward(x, until=until)                 # 1. compile, load, fill the caches (default pool)
+        # the graph reads the parameters at their current addresses: hold them, and refuse to replay once the
+        # network's parameter arrays are others (to_cpu/to_gpu, a replaced layer or array)
+        self._params = _param_arrays(network)
         self._pool = cp.cuda.MemoryPool()
         self._stream = cp.cuda.Stream(non_blocking=True)
         with cp.cuda.using_allocator(self._pool.malloc), self._stream:
@@ -56,7 +59,10 @@ class CudaGraphForward:
             try:
                 y = network.forward(self._x, until=until)     # 2. recorded, not run
             except BaseException:
-                self._stream.end_capture()
+                try:
+                    self._stream.end_capture()    # leave the stream usable; the forward pass's error is the news
+                except Exception:  # noqa: BLE001
+                    pass
                 raise
             self._graph = self._stream.end_capture()
         self._y = y
@@ -74,11 +80,24 @@ class CudaGraphForward:
         if tuple(x.shape) != self.shape or x.dtype != self.dtype:
             raise ValueError(f"x must have the recorded shape {self.shape} and dtype {self.dtype}, got shape "
                              f"{tuple(x.shape)} and dtype {x.dtype}: record another graph for it")
+        self._check_params()
         stream = cp.cuda.get_current_stream()
         self._x[...] = x                                # on the current stream, after the work that made x
         self._graph.launch(stream)
         return self._y.copy() if copy else self._y
 
+    def _check_params(self):
+        now = _param_arrays(self.network)
+        if len(now) != len(self._params) or any(a is not b for a, b in zip(now, self._params)):
+            raise RuntimeError("the network's parameter arrays changed since this CUDA graph was recorded "
+                               "(to_cpu/to_gpu, or a replaced layer or array): record a new one with "
+                               "network.cuda_graph(x)")
+
     def __repr__(self):
         return (f"CudaGraphForward(input {self.shape} {self.dtype.name} -> output {self.output_shape}, "
                 f"{len(self.network)} layers)")
+
+
+def _param_arrays(network):
+    """Every parameter array of every layer of ``network``, in a fixed order."""
+    return [layer.params[k] for _, layer in network.items() for k in sorted(getattr(layer, "params", {}) or {})]

@@ -119,7 +119,9 @@ class Network:
         exactly its shape and dtype (``fn(x)`` -> the output, a new array; ``fn(x, copy=False)`` -> the graph's
         own output buffer, overwritten by the next call). One replay is one launch, so a small batch is no longer
         bound by the per-layer Python and launch overhead. The graph keeps the parameters' device addresses as
-        they are now: after ``to_gpu``/``to_cpu`` or replacing a layer, record a new one.
+        they are now: after ``to_gpu``/``to_cpu`` or replacing a layer or a parameter array, a replay raises
+        RuntimeError; record a new one. A recorded graph is not meant for concurrent calls from several threads
+        (its input and output buffers are shared).
         """
         from ._cuda_graph import CudaGraphForward
         return CudaGraphForward(self, x, until=until)

@@ -273,3 +273,18 @@ def test_cuda_graph_needs_a_cupy_input():
     net = Network([("r", ReLU())], input_shape=(1, 2, 2))
     with pytest.raises(TypeError, match="cupy.ndarray.*numpy.ndarray"):
         net.cuda_graph(np.zeros((1, 1, 2, 2), np.float32))
+
+
+def test_cuda_graph_refuses_to_replay_after_the_parameters_changed():
+    """The replay check (no GPU needed): a recorded graph holds the parameter arrays it read; once the network's
+    arrays are others (``to_cpu``/``to_gpu``, a replaced array), a replay is a RuntimeError, not stale memory."""
+    from npconv._cuda_graph import CudaGraphForward, _param_arrays
+    rng = np.random.default_rng(0)
+    net = Network([("conv", Conv2d(rng.standard_normal((4, 3, 3, 3)), np.zeros(4))), ("r", ReLU())],
+                  input_shape=(3, 5, 5))
+    fn = object.__new__(CudaGraphForward)      # the state a recording leaves, without the recording itself
+    fn.network, fn._params = net, _param_arrays(net)
+    fn._check_params()
+    net["conv"].params = dict(net["conv"].params, bias=np.ones(4))
+    with pytest.raises(RuntimeError, match="record a new one"):
+        fn._check_params()
