@@ -50,9 +50,10 @@ def check_same_dtype(ref_name, ref, **others):
 
 
 def check_int(v, name, *, min_value=None, max_value=None):
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__} ({v!r})")
-    v = operator.index(v)
+    if type(v) is not int:   # exact int: the common case, without the slow abstract-base-class checks below
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {type(v).__name__} ({v!r})")
+        v = operator.index(v)
     if min_value is not None and v < min_value:
         raise ValueError(f"{name} must be >= {min_value}, got {v}")
     if max_value is not None and v > max_value:
@@ -78,7 +79,7 @@ def as_pair(v, name, *, min_value=1):
     if isinstance(v, (tuple, list)):
         if len(v) != 2:
             raise ValueError(f"{name} must be an int or a pair of ints, got a sequence of length {len(v)}")
-        return tuple(check_int(e, name, min_value=min_value) for e in v)
+        return (check_int(v[0], name, min_value=min_value), check_int(v[1], name, min_value=min_value))
     v = check_int(v, name, min_value=min_value)
     return (v, v)
 
@@ -93,10 +94,10 @@ def as_padding4(padding, name="padding"):
                          f"got the string {padding!r}")
     if isinstance(padding, (tuple, list)):
         if len(padding) == 2:
-            ph, pw = (check_int(p, name, min_value=0) for p in padding)
+            ph, pw = check_int(padding[0], name, min_value=0), check_int(padding[1], name, min_value=0)
             return (ph, ph, pw, pw)
         if len(padding) == 4:
-            return tuple(check_int(p, name, min_value=0) for p in padding)
+            return tuple([check_int(p, name, min_value=0) for p in padding])
         raise ValueError(f"{name} must have 1, 2 or 4 entries, got {len(padding)}")
     p = check_int(padding, name, min_value=0)
     return (p, p, p, p)
