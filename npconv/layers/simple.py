@@ -158,12 +158,12 @@ class Normalize(Layer):
 
     def _params_as(self, x):
         """(mean, std, 1/std) in x's dtype, on the layer's device (checked at construction; cached per dtype)."""
+        if is_cupy_array(x) != is_cupy_array(self.mean):
+            where = "GPU (CuPy)" if is_cupy_array(self.mean) else "CPU (NumPy)"
+            raise TypeError(f"x must be on the layer's device: the layer's arrays are on the {where}, x is a "
+                            f"{type(x).__module__}.{type(x).__name__}; use to_gpu()/to_cpu()")
         key = np.dtype(x.dtype)
         if key not in self._cast:
-            if is_cupy_array(x) != is_cupy_array(self.mean):
-                where = "GPU (CuPy)" if is_cupy_array(self.mean) else "CPU (NumPy)"
-                raise TypeError(f"x must be on the layer's device: the layer's arrays are on the {where}, x is a "
-                                f"{type(x).__module__}.{type(x).__name__}; use to_gpu()/to_cpu()")
             mean, std = self.mean.astype(key, copy=False), self.std.astype(key, copy=False)
             self._cast[key] = (mean, std, 1 / std)
         return self._cast[key]

@@ -39,7 +39,7 @@ WORKSPACE_BYTES = 256 * 2**20
 DIRECT_CONV_MAX_C = 4
 #: 3x3, stride-1, undilated, ungrouped convolutions with at least this many input and output channels and at least
 #: WINOGRAD_MIN_TILES output tiles (2x2 blocks, over the whole batch) use Winograd F(2x2, 3x3) (``winograd.cu``).
-#: Measured on an H200 (docs/gpu.md), ZF conv3-conv5 (13x13, 49 tiles per image): Winograd was level with im2col
+#: Measured on an H200 (docs/gpu_results.md), ZF conv3-conv5 (13x13, 49 tiles per image): Winograd was level with im2col
 #: at batch 8 (392 tiles), 1.4-1.6x faster at batch 32 (1568 tiles) and 2.0-2.5x at batch 128, slower at batch 1.
 WINOGRAD_MIN_CHANNELS = 16
 WINOGRAD_MIN_TILES = 1024
