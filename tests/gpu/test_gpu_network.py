@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gpu_helpers import need_stream_capture
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
@@ -33,11 +34,6 @@ def _reference_or_skip():
     if not Path(reference_path()).exists():
         pytest.skip(f"the bundled reference network {reference_path()} is missing")
     return load_reference()
-
-
-def _need_stream_capture(cp):
-    if not hasattr(cp.cuda, "MemoryPool"):
-        pytest.skip("the CPU-emulator stand-in for cupy has no stream capture (CUDA graphs need a real device)")
 
 
 def _cifar_batch(n, seed=0):
@@ -97,7 +93,7 @@ def test_small_zf_network_with_every_factored_kind(cp, dtype):
 def test_cuda_graph_replays_the_forward_pass(cp, variant):
     """``Network.cuda_graph``: replays equal the eager forward pass for new inputs, also after CuPy's default pool
     was emptied; ``copy=False`` hands out the graph's own output buffer; another shape is refused."""
-    _need_stream_capture(cp)
+    need_stream_capture(cp)
     net = _reference_or_skip()
     if variant == "approx":
         from npconv.approximate import Bicluster, Monochromatic, approximate
@@ -123,7 +119,7 @@ def test_cuda_graph_replays_the_forward_pass(cp, variant):
 
 
 def test_cuda_graph_of_a_small_zf_network_with_every_factored_kind(cp):
-    _need_stream_capture(cp)
+    need_stream_capture(cp)
     import npconv.layers.bicluster  # noqa: F401
     import npconv.layers.lowrank  # noqa: F401
     from bench.zf_net import random_approximation, zf_net, zf_plan

@@ -155,6 +155,25 @@ def _launch_1d(name, dtype, total, args, what="the array"):
     _launch(name, dtype, (blocks,), (_BLOCK,), args)
 
 
+#: (key, device, array module) -> device arrays built from host data by ``on_device`` (read-only for every kernel)
+_ON_DEVICE: dict = {}
+_ON_DEVICE_SIZE = 256
+
+
+def on_device(cp, key, build):
+    """``build()`` (device copies of host index data), memoised by ``key`` (hashable, e.g. the host bytes), device
+    and array module, oldest entry out past ``_ON_DEVICE_SIZE``. A forward pass then copies nothing from the host:
+    none is allowed while a CUDA graph is recorded, and each copy is a pageable transfer. ``id(cp)`` in the key keeps
+    one module's arrays (a CPU stand-in's, a real CuPy's) from serving the other."""
+    full = (key, cp.cuda.Device().id, id(cp))
+    hit = _ON_DEVICE.get(full)
+    if hit is None:
+        if len(_ON_DEVICE) >= _ON_DEVICE_SIZE:
+            _ON_DEVICE.pop(next(iter(_ON_DEVICE)))
+        hit = _ON_DEVICE[full] = build()
+    return hit
+
+
 def _contig(cp, a, dtype=None):
     return None if a is None else cp.ascontiguousarray(a, dtype=dtype)
 

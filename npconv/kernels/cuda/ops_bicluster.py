@@ -147,23 +147,11 @@ def _contig(cp, a):
 
 def _ints(cp, a):
     """A C-contiguous int32 device copy of an index array. A device array is converted on the device; a host array
-    (offsets, the shared-filter plan) is copied once per content and device, then reused: a forward pass does no
-    host-to-device copy (none is allowed while a CUDA graph is recorded, and each is a pageable transfer)."""
+    (offsets, the shared-filter plan) is copied once per content (``ops.on_device``)."""
     if _backend.is_cupy_array(a):
         return cp.ascontiguousarray(a, dtype=np.int32)
     h = np.ascontiguousarray(a, dtype=np.int32)
-    key = (h.tobytes(), h.shape, cp.cuda.Device().id, id(cp))   # id(cp): one module's arrays never serve another
-    hit = _DEVICE_INTS.get(key)
-    if hit is None:
-        if len(_DEVICE_INTS) >= _DEVICE_INTS_SIZE:
-            _DEVICE_INTS.pop(next(iter(_DEVICE_INTS)))
-        hit = _DEVICE_INTS[key] = cp.asarray(h)
-    return hit
-
-
-#: (bytes, shape, device, array module) -> the device copy of a host index array (read-only for every kernel)
-_DEVICE_INTS: dict = {}
-_DEVICE_INTS_SIZE = 256
+    return ops.on_device(cp, ("ints", h.tobytes(), h.shape), lambda: cp.asarray(h))
 
 
 def _host_offsets(off):

@@ -216,26 +216,15 @@ def _colour_groups(assignment, Cp):
     return order.astype(np.int32), starts.astype(np.int32)
 
 
-#: (assignment bytes, C', device, array module) -> the device copies of ``_colour_groups`` and of each colour's filter indices
-_GROUPS_ON_DEVICE: dict = {}
-_GROUPS_CACHE_SIZE = 64
-
-
 def _device_colour_groups(cp, assignment, Cp):
-    """``_colour_groups`` and the per-colour filter indices, copied to the device once per assignment: a forward
-    pass then does no host-to-device copy (none is allowed while a CUDA graph is recorded, and each costs a
-    pageable-memory transfer)."""
+    """``_colour_groups`` and the per-colour filter indices, on the device, copied once per assignment
+    (``ops.on_device``)."""
     a = np.ascontiguousarray(assignment, np.int64)
-    key = (a.tobytes(), int(Cp), cp.cuda.Device().id, id(cp))   # id(cp): one module's arrays never serve another
-    hit = _GROUPS_ON_DEVICE.get(key)
-    if hit is None:
+
+    def build():
         order, starts = _colour_groups(a, Cp)
-        per_colour = [cp.asarray(np.flatnonzero(a == c)) for c in range(Cp)]
-        hit = (cp.asarray(order), cp.asarray(starts), per_colour)
-        if len(_GROUPS_ON_DEVICE) >= _GROUPS_CACHE_SIZE:
-            _GROUPS_ON_DEVICE.pop(next(iter(_GROUPS_ON_DEVICE)))
-        _GROUPS_ON_DEVICE[key] = hit
-    return hit
+        return cp.asarray(order), cp.asarray(starts), [cp.asarray(np.flatnonzero(a == c)) for c in range(Cp)]
+    return ops.on_device(cp, ("colour groups", a.tobytes(), int(Cp)), build)
 
 
 def monochromatic_conv2d(x, color_transform, assignment, spatial, bias, *, stride, padding):
