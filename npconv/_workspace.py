@@ -33,6 +33,15 @@ class Workspace(threading.local):
             self.bufs[key] = buf
         return buf[:n]
 
+    def get_aligned(self, slot, n, dtype, align=64):
+        """As :meth:`get`, the view starting on an ``align``-byte boundary (for kernels whose rows must be
+        aligned: unaligned 512-bit loads and stores cross a cache line)."""
+        item = np.dtype(dtype).itemsize
+        extra = -(-align // item)
+        buf = self.get(slot, n + extra, dtype)
+        off = (-buf.ctypes.data % align) // item
+        return buf[off:off + n]
+
     def clear(self):
         self.bufs.clear()
 

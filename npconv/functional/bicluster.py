@@ -345,9 +345,7 @@ def _cp_cpu(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, 
             out=None):
     from ..kernels.cpu import bicluster as KB
     x = np.ascontiguousarray(x)
-    reduce = np.ascontiguousarray(reduce)
     vertical = np.ascontiguousarray(vertical)
-    horizontal = np.ascontiguousarray(horizontal)
     expand = np.ascontiguousarray(expand)
     bias = None if bias is None else np.ascontiguousarray(bias)
     in_perm = _as_index(in_perm)
@@ -357,30 +355,38 @@ def _cp_cpu(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, 
     Y = horizontal.shape[3]
     F = expand.shape[0]
     sh, sw = stride
+    dt = x.dtype
     R, M = _phase_geometry(OH, OW, X, Y, stride)
+    # rows of the packed input and of the front end's planes padded to 64 bytes: the vertical taps, whole rows
+    # apart, then load aligned
+    per = 64 // dt.itemsize
+    Mp = -(-M // per) * per
     P = OH * OW
     C = x.shape[1]
-    plane = sh * sw * R * M
+    plane = sh * sw * R * Mp
     per_z = H * G * K * P
-    nb = _chunk(N, P, C * plane + per_z + F * P, x.dtype.itemsize)
-    # enough parallel jobs: split a group's components when images x groups alone are too few
-    nsplit = max(1, min(H * K, -(-4 * numba.get_num_threads() // (nb * G))))
-    dt = x.dtype
-    xs_buf = WS.get("xs", nb * C * plane, dt)
+    nb = _chunk(N, P, C * plane + per_z + F * P, dt.itemsize)
+    # enough parallel jobs: split a group's quads of components when images x groups alone are too few
+    nsplit = max(1, min(-(-H * K // 4), -(-4 * numba.get_num_threads() // (nb * G))))
+    # the reduction folded into the horizontal taps: hcoef[j, h*K + k, b] = reduce[j, h, k] * horizontal[g(j), h, k, b]
+    g_of = np.repeat(np.arange(G), np.diff(in_off))
+    hcoef = np.ascontiguousarray(reduce.reshape(C, H * K, 1) * horizontal.reshape(G, H * K, Y)[g_of], dtype=dt)
+    xs_buf = WS.get_aligned("xs", nb * C * plane + Mp, dt)
+    xs_buf[nb * C * plane:] = 0      # slack: the last plane's shifted taps read up to (Y - 1) // sw items past it
     z_buf = WS.get("z", nb * per_z, dt)
     y_buf = WS.get("y", nb * F * P, dt)
     nth = numba.get_num_threads()
-    srow = KB.cp_scratch_size(sh, sw, R, M, OH, Y)
-    scratch = WS.get("front", nth * srow, dt).reshape(nth, srow)
+    srow = KB.cp_scratch_size(sh, R, Mp, OH)
+    scratch = WS.get_aligned("front", nth * srow, dt).reshape(nth, srow)
     inv_perm = _inverse(in_perm)
     y = np.empty((N, F, OH, OW), dt) if out is None else out
     y3 = y.reshape(N, F, P)
     for n0 in range(0, N, nb):
         m = min(nb, N - n0)
-        xs = _pack_chunk(x, n0, m, inv_perm, pad, stride, R, M, xs_buf, True)
+        _pack_chunk(x, n0, m, inv_perm, pad, stride, R, Mp, xs_buf, True)
         Z = z_buf[:m * per_z].reshape(H, G * K, m * P)
         ybuf = y_buf[:m * F * P].reshape(F, m * P)
-        KB.cp_front(xs, in_off, reduce, vertical, horizontal, OH, OW, nsplit, Z, scratch)
+        KB.cp_front(xs_buf, m, C, sh, sw, R, Mp, in_off, hcoef, vertical, OH, OW, nsplit, Z, scratch)
         _expand_scatter(Z, expand, out_perm, out_off, bias, n0, m, P, ybuf, y3)
     return y
 

@@ -126,6 +126,22 @@ def test_svd_ranks_around_gemm_row_padding(rng, K1, K2):
     np.testing.assert_allclose(y, ref, *tolerance(np.float32))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("X,Y,K", [(5, 5, 1), (1, 7, 4), (7, 2, 5), (2, 1, 3), (4, 6, 2)])
+@pytest.mark.parametrize("stride,padding", [((1, 1), (0, 0, 0, 0)), ((2, 2), (2, 2, 2, 2)),
+                                            ((2, 3), (1, 0, 0, 2))])
+def test_cp_tap_counts_and_component_quads(rng, dtype, X, Y, K, stride, padding):
+    """The CPU CP front end takes its components 4 at a time (a short last quad when H*K is not a multiple of 4)
+    and its horizontal taps in sweeps of 5, 3 and 1: tap counts 1-7 and K from 1 to 5, with uneven groups."""
+    f = _cp_factors(rng, 6, 8, X, Y, (1, 2, 3), (3, 5), K, dtype)
+    x = rng.standard_normal((3, 6, 13, 17)).astype(dtype)
+    b = rng.standard_normal(8).astype(dtype)
+    y = bicluster_cp_conv2d(x, *f, b, stride=stride, padding=padding)
+    ref = conv2d_naive(x, _dense_kernel("cp", f), b, stride, padding)
+    assert y.shape == ref.shape
+    np.testing.assert_allclose(y, ref, *tolerance(dtype))
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_uneven_groups_and_no_bias(rng, kind):
     f = _make(kind, rng, np.float64, C=7, F=9, in_sizes=(1, 4, 2), out_sizes=(2, 3, 4))

@@ -8,10 +8,12 @@ Layouts (``nb`` images of a batch chunk, ``P = OH * OW`` output positions):
   of phase ``b % sw``; the zero padding is materialised once.
 * ``pack_phase`` packs a chunk's input (padded, phase-split, channels in group order) for every form, reading
   the input in its memory order.
-* The CP front end ``cp_front`` runs, for one (image, group g, output group h, component k) per parallel job,
-  the C_g -> 1 reduction, the vertical X-tap pass (row stride) and the horizontal Y-tap pass in a small
-  per-thread scratch buffer, and writes the component's P outputs to ``Z[h, g * K + k, i * P:(i + 1) * P]``.
-  The inner loops run over contiguous rows, so the compiler vectorises them.
+* The CP front end ``cp_front`` runs, for one (image, group g) per parallel job and 4 components at a time, the
+  C_g -> 1 reduction folded into the horizontal Y-tap pass (column stride; each shifted input stream is loaded
+  once for the 4 components), then per component the vertical X-tap pass (row stride; whole rows apart, so
+  aligned loads) in a small per-thread scratch buffer, and writes the component's P outputs to
+  ``Z[h, g * K + k, i * P:(i + 1) * P]``. For it the packed rows are padded to ``Mp`` items, a multiple of 64
+  bytes. The inner loops run over contiguous runs, so the compiler vectorises them.
 * ``Z[h]`` (G*K, nb*P) is then the right operand of ONE BLAS GEMM per output group (done by the caller),
   ``Ybuf[rows of h] = expand_h (F_h, G*K) @ Z[h]``, and ``scatter_rows`` moves ``Ybuf`` (rows in permuted
   output order, columns image-major) to ``y`` (N, F, P) adding the bias.
@@ -165,31 +167,138 @@ def _taps(dst, src, offs, coef, n, accumulate):
         first = False
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
-def cp_front(xs, in_offsets, reduce, vertical, horizontal, OH, OW, nsplit, Z, scratch):
-    """CP front end: Z[h, g*K + k, i*P:(i+1)*P] = horiz_k * (vert_k * (sum_j reduce[j, h, k] xs[i, j])).
+@numba.njit(cache=True, fastmath={"contract"}, nogil=True)
+def _sweep4(acc, ao, src, offs, coef, t, nt, n, init):
+    """``acc[k, ao:ao+n] (+)= sum_{tap = t .. t+nt-1} coef[k, tap] * src[offs[tap] + :n]`` for the 4 rows k of acc
+    (assigning when ``init``); ``nt`` is 5, 3 or 1. Each source load feeds 4 accumulators, so the loads of the
+    shifted (unaligned) tap streams are shared by 4 components; the multiply-adds are contracted into FMAs."""
+    A0 = acc[0, ao:]
+    A1 = acc[1, ao:]
+    A2 = acc[2, ao:]
+    A3 = acc[3, ao:]
+    if nt == 5:
+        s0 = src[offs[t]:]
+        s1 = src[offs[t + 1]:]
+        s2 = src[offs[t + 2]:]
+        s3 = src[offs[t + 3]:]
+        s4 = src[offs[t + 4]:]
+        a0 = coef[0, t]; a1 = coef[0, t + 1]; a2 = coef[0, t + 2]; a3 = coef[0, t + 3]; a4 = coef[0, t + 4]  # noqa: E702
+        b0 = coef[1, t]; b1 = coef[1, t + 1]; b2 = coef[1, t + 2]; b3 = coef[1, t + 3]; b4 = coef[1, t + 4]  # noqa: E702
+        c0 = coef[2, t]; c1 = coef[2, t + 1]; c2 = coef[2, t + 2]; c3 = coef[2, t + 3]; c4 = coef[2, t + 4]  # noqa: E702
+        d0 = coef[3, t]; d1 = coef[3, t + 1]; d2 = coef[3, t + 2]; d3 = coef[3, t + 3]; d4 = coef[3, t + 4]  # noqa: E702
+        if init:
+            for j in range(n):
+                u0 = s0[j]; u1 = s1[j]; u2 = s2[j]; u3 = s3[j]; u4 = s4[j]  # noqa: E702
+                A0[j] = a0 * u0 + a1 * u1 + a2 * u2 + a3 * u3 + a4 * u4
+                A1[j] = b0 * u0 + b1 * u1 + b2 * u2 + b3 * u3 + b4 * u4
+                A2[j] = c0 * u0 + c1 * u1 + c2 * u2 + c3 * u3 + c4 * u4
+                A3[j] = d0 * u0 + d1 * u1 + d2 * u2 + d3 * u3 + d4 * u4
+        else:
+            for j in range(n):
+                u0 = s0[j]; u1 = s1[j]; u2 = s2[j]; u3 = s3[j]; u4 = s4[j]  # noqa: E702
+                A0[j] = A0[j] + a0 * u0 + a1 * u1 + a2 * u2 + a3 * u3 + a4 * u4
+                A1[j] = A1[j] + b0 * u0 + b1 * u1 + b2 * u2 + b3 * u3 + b4 * u4
+                A2[j] = A2[j] + c0 * u0 + c1 * u1 + c2 * u2 + c3 * u3 + c4 * u4
+                A3[j] = A3[j] + d0 * u0 + d1 * u1 + d2 * u2 + d3 * u3 + d4 * u4
+    elif nt == 3:
+        s0 = src[offs[t]:]
+        s1 = src[offs[t + 1]:]
+        s2 = src[offs[t + 2]:]
+        a0 = coef[0, t]; a1 = coef[0, t + 1]; a2 = coef[0, t + 2]  # noqa: E702
+        b0 = coef[1, t]; b1 = coef[1, t + 1]; b2 = coef[1, t + 2]  # noqa: E702
+        c0 = coef[2, t]; c1 = coef[2, t + 1]; c2 = coef[2, t + 2]  # noqa: E702
+        d0 = coef[3, t]; d1 = coef[3, t + 1]; d2 = coef[3, t + 2]  # noqa: E702
+        if init:
+            for j in range(n):
+                u0 = s0[j]; u1 = s1[j]; u2 = s2[j]  # noqa: E702
+                A0[j] = a0 * u0 + a1 * u1 + a2 * u2
+                A1[j] = b0 * u0 + b1 * u1 + b2 * u2
+                A2[j] = c0 * u0 + c1 * u1 + c2 * u2
+                A3[j] = d0 * u0 + d1 * u1 + d2 * u2
+        else:
+            for j in range(n):
+                u0 = s0[j]; u1 = s1[j]; u2 = s2[j]  # noqa: E702
+                A0[j] = A0[j] + a0 * u0 + a1 * u1 + a2 * u2
+                A1[j] = A1[j] + b0 * u0 + b1 * u1 + b2 * u2
+                A2[j] = A2[j] + c0 * u0 + c1 * u1 + c2 * u2
+                A3[j] = A3[j] + d0 * u0 + d1 * u1 + d2 * u2
+    else:
+        s0 = src[offs[t]:]
+        a0 = coef[0, t]
+        b0 = coef[1, t]
+        c0 = coef[2, t]
+        d0 = coef[3, t]
+        if init:
+            for j in range(n):
+                u0 = s0[j]
+                A0[j] = a0 * u0
+                A1[j] = b0 * u0
+                A2[j] = c0 * u0
+                A3[j] = d0 * u0
+        else:
+            for j in range(n):
+                u0 = s0[j]
+                A0[j] = A0[j] + a0 * u0
+                A1[j] = A1[j] + b0 * u0
+                A2[j] = A2[j] + c0 * u0
+                A3[j] = A3[j] + d0 * u0
 
-    ``xs`` (nb, C, sh, sw, R, M) is the chunk's input packed by :func:`pack_phase` (padded, phase-split, channels
-    in group order, image-major). One parallel job per (image i, input group g, slice b of the group's H*K
-    components; ``nsplit`` slices, more than one only when there are too few groups to keep the threads busy);
-    for each of its components: the reduction into ``zf`` (sh*sw*R*M), the vertical pass of every column phase
-    q into ``v`` (sw, OH, M) (tap a reads row phase a % sh from row a // sh on: one flat run per tap over the
-    whole plane), the horizontal pass into ``o`` (OH, M) (tap b reads column phase b % sw from column b // sw on), and the
-    compaction of ``o``'s first OW columns per row into Z. All passes go through ONE inlined ``_taps`` call
-    site (compile time). reduce (C, H, K); vertical (G, H, K, X); horizontal (G, H, K, Y); Z (H, G*K, nb*P).
-    ``scratch`` (threads, :func:`cp_scratch_size`) holds each thread's buffers: allocating them per job cost 20% of
-    the kernel's time on ZF conv2 (576 components).
+
+@numba.njit(cache=True, nogil=True)
+def _taps4(acc, ao, src, offs, coef, T, n, init):
+    """``acc[k, ao:ao+n] (+)= sum_{t < T} coef[k, t] * src[offs[t] + :n]`` for 4 rows: sweeps of 5, 3 or 1 taps."""
+    t = 0
+    while t < T:
+        r = T - t
+        nt = 5 if r >= 5 else (3 if r >= 3 else 1)
+        _sweep4(acc, ao, src, offs, coef, t, nt, n, init and t == 0)
+        t += nt
+
+
+def cp_scratch_size(sh, R, Mp, OH):
+    """Items of one thread's scratch row for :func:`cp_front` (4 accumulator planes of ``sh * R * Mp`` and the
+    ``OH * Mp`` output plane); a multiple of ``Mp``, so rows that start aligned stay aligned."""
+    return 4 * sh * R * Mp + OH * Mp
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def cp_front(xflat, nb, C, SH, SW, R, Mp, in_offsets, hcoef, vertical, OH, OW, nsplit, Z, scratch):
+    """CP front end: Z[h, g*K + k, i*P:(i+1)*P] = vert_k * (horiz_k * (sum_j reduce[j, h, k] xs[i, j])).
+
+    ``xflat`` holds the chunk's input packed by :func:`pack_phase` image-major, (nb, C, SH, SW, R, Mp) (padded,
+    phase-split, channels in group order), with rows of ``Mp`` items (a multiple of 64 bytes, on 64-byte
+    boundaries) and at least ``Mp`` items of slack after it. ``hcoef`` (C, H*K, Y) is the reduction folded into
+    the horizontal taps, ``hcoef[j, h*K + k, b] = reduce[j, h, k] * horizontal[g(j), h, k, b]``; vertical
+    (G, H, K, X); Z (H, G*K, nb*P).
+
+    One parallel job per (image i, input group g, slice of the group's components; ``nsplit`` slices, more than
+    one only when images x groups alone are too few jobs). Components go 4 at a time:
+
+    1. the reduction and the horizontal pass in one: for each row phase p and input channel j of the group,
+       ``acc[k, p] (+)= sum_b hcoef[j, k, b] * xs[i, j, p, b % SW, :, b // SW + :]`` over the flat (R, Mp) plane
+       (the Y shifted tap streams, unaligned, are loaded once for the 4 components);
+    2. per component, the vertical pass ``o = sum_a vertical[a] * acc[k, a % SH, a // SH + :, :]``, whose tap
+       offsets are whole rows (aligned loads);
+    3. the compaction of ``o``'s first ``OW`` columns per row into Z.
+
+    Columns ``OW .. Mp - 1`` of each row are computed and dropped (they read past the row, into the next one or
+    the slack). Against the earlier reduction, vertical and horizontal passes one component at a time, the ZF
+    conv2 front end (G=48, H=2, K=6, 2 threads) went from 301-323 to 249-265 ns per component (step 1: 133, step
+    2: 37, step 3: about 57, the writes of Z missing the cache); the whole layer at batch 128 was 1.02-1.08x
+    faster in same-process A/B runs (2026-11-26).
+    ``scratch`` (threads, >= :func:`cp_scratch_size`), rows on 64-byte boundaries.
     """
     G, H, K, X = vertical.shape
-    Y = horizontal.shape[3]
-    nb, C, SH, SW, R, M = xs.shape
-    P = OH * OW
-    plane = SH * SW * R * M
-    OM = OH * M
-    dt = Z.dtype
+    Y = hcoef.shape[2]
     HK = H * K
-    T = max(X, Y, C)
-    xflat = xs.reshape(nb * C * plane)
+    P = OH * OW
+    RM = R * Mp
+    PL = SH * RM
+    plane = SH * SW * RM
+    OM = OH * Mp
+    dt = Z.dtype
+    nq = (HK + 3) // 4
+    T = max(X, Y)
     for job in numba.prange(nb * G * nsplit):
         b = job % nsplit
         t = job // nsplit
@@ -198,52 +307,44 @@ def cp_front(xs, in_offsets, reduce, vertical, horizontal, OH, OW, nsplit, Z, sc
         j0 = in_offsets[g]
         cg = in_offsets[g + 1] - j0
         sc = scratch[numba.get_thread_id()]
-        xs1 = xflat[(i * C + j0) * plane:(i * C + j0 + cg) * plane]
-        zf = sc[:plane]
-        e0 = plane
-        v = sc[e0:e0 + SW * OM + Y]
-        v[SW * OM:] = 0          # the horizontal taps read up to Y values past the last phase's run
-        e0 += SW * OM + Y
-        o = sc[e0:e0 + OM]
+        acc = sc[:4 * PL].reshape(4, PL)
+        o = sc[4 * PL:4 * PL + OM]
         offs = np.empty(T, np.int64)
-        coef = np.empty(T, dt)
-        for hk in range(b * HK // nsplit, (b + 1) * HK // nsplit):
-            h = hk // K
-            k = hk - h * K
-            # passes: 0 = reduction into zf, 1..SW = vertical pass of column phase q into v, SW+1 = horizontal
-            for ps in range(SW + 2):
-                if ps == 0:
-                    nt = cg
-                    for u in range(cg):
-                        offs[u] = u * plane
-                        coef[u] = reduce[j0 + u, h, k]
-                    src = xs1
-                    dst = zf
-                    n = plane
-                elif ps <= SW:
-                    q = ps - 1
-                    nt = X
-                    for a in range(X):
-                        offs[a] = (((a % SH) * SW + q) * R + a // SH) * M
-                        coef[a] = vertical[g, h, k, a]
-                    src = zf
-                    dst = v[q * OM:(q + 1) * OM]
-                    n = OM
-                else:
-                    nt = Y
-                    for a in range(Y):
-                        offs[a] = (a % SW) * OM + a // SW
-                        coef[a] = horizontal[g, h, k, a]
-                    src = v
-                    dst = o
-                    n = OM
-                _taps(dst, src, offs[:nt], coef[:nt], n, False)
-            zrow = Z[h, g * K + k, i * P:(i + 1) * P]
-            for oi in range(OH):
-                d = zrow[oi * OW:(oi + 1) * OW]
-                sr = o[oi * M:oi * M + OW]
-                for e in range(OW):
-                    d[e] = sr[e]
+        coef = np.empty((4, T), dt)
+        vcoef = np.empty(T, dt)
+        hk4 = np.empty(4, np.int64)
+        voffs = np.empty(X, np.int64)
+        for a in range(Y):
+            offs[a] = (a % SW) * RM + a // SW
+        for a in range(X):
+            voffs[a] = ((a % SH) * R + a // SH) * Mp
+        for qd in range(b * nq // nsplit, (b + 1) * nq // nsplit):
+            nk = min(4, HK - 4 * qd)
+            for kk in range(4):
+                hk4[kk] = 4 * qd + min(kk, nk - 1)    # a short last quad repeats its last component
+            # 1. reduction + horizontal pass, 4 components at a time
+            for p in range(SH):
+                for u in range(cg):
+                    for kk in range(4):
+                        for a in range(Y):
+                            coef[kk, a] = hcoef[j0 + u, hk4[kk], a]
+                    src = xflat[((i * C + j0 + u) * SH + p) * SW * RM:]
+                    _taps4(acc, p * RM, src, offs, coef, Y, RM, u == 0)
+            # 2. + 3. vertical pass and compaction, per component
+            for kk in range(nk):
+                hk = hk4[kk]
+                h = hk // K
+                k = hk - h * K
+                a_src = acc[kk]
+                for a in range(X):
+                    vcoef[a] = vertical[g, h, k, a]
+                _taps(o, a_src, voffs, vcoef[:X], OM, False)
+                zrow = Z[h, g * K + k, i * P:(i + 1) * P]
+                for oi in range(OH):
+                    d = zrow[oi * OW:(oi + 1) * OW]
+                    sr = o[oi * Mp:oi * Mp + OW]
+                    for e in range(OW):
+                        d[e] = sr[e]
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
