@@ -89,17 +89,22 @@ def _tap_offsets(Cg, X, Y, Dh, Dw, Hb, Wq):
     return off
 
 
-def _blocks(groups_of_filters):
-    """Filter blocks of 4 (padded by repeating the last id), their sizes, and each group's first block."""
-    blk_f, blk_nf, grp_blk = [], [], [0]
-    for fl in groups_of_filters:
-        for s in range(0, len(fl), 4):
-            part = list(fl[s:s + 4])
-            blk_nf.append(len(part))
-            blk_f.append(part + [part[-1]] * (4 - len(part)))
-        grp_blk.append(len(blk_f))
-    return (np.asarray(blk_f, np.int64).reshape(-1, 4), np.asarray(blk_nf, np.int64),
-            np.asarray(grp_blk, np.int64))
+def _blocks(order, bounds):
+    """Filter blocks of 4 (padded by repeating the last id), their sizes, and each group's first block.
+
+    Group g holds the filters ``order[bounds[g]:bounds[g + 1]]`` (no group empty). Vectorised: a loop over the
+    filters cost 20 us of a 0.5 ms monochromatic ZF conv1 at batch 1.
+    """
+    order = np.asarray(order, np.int64)
+    sizes = np.diff(np.asarray(bounds, np.int64))
+    nblk = (sizes + 3) // 4
+    grp_blk = np.concatenate(([0], np.cumsum(nblk))).astype(np.int64)
+    gb = np.repeat(np.arange(sizes.shape[0]), nblk)                   # each block's group
+    jb = np.arange(grp_blk[-1]) - grp_blk[gb]                          # its index within the group
+    pos = np.minimum(4 * jb[:, None] + np.arange(4), (sizes[gb] - 1)[:, None])
+    blk_f = np.ascontiguousarray(order[np.asarray(bounds, np.int64)[gb][:, None] + pos])
+    blk_nf = np.minimum(4, sizes[gb] - 4 * jb).astype(np.int64)
+    return blk_f, blk_nf, grp_blk
 
 
 def _band_rows(Ho, margin, n_jobs_per_band, plane_row_bytes):
@@ -115,11 +120,12 @@ def _band_rows(Ho, margin, n_jobs_per_band, plane_row_bytes):
     return int(-(-Ho // nband))          # equal bands
 
 
-def _direct_conv_cpu(x, wt, groups_of_filters, group_plane, Cg, X, Y, bias, stride, pad, F, transform=None,
+def _direct_conv_cpu(x, wt, order, bounds, group_plane, Cg, X, Y, bias, stride, pad, F, transform=None,
                      out=None):
     """Run filters (F, Cg*X*Y taps in ``wt``) on the polyphase planes of ``x`` (optionally colour-transformed).
 
-    ``groups_of_filters[g]`` lists the filters that read planes ``group_plane[g] : group_plane[g] + Cg``.
+    Group g, the filters ``order[bounds[g]:bounds[g + 1]]`` (none empty), reads planes
+    ``group_plane[g] : group_plane[g] + Cg``.
     ``out`` (a C-contiguous (N, F, H', W') array) receives the result when given.
     """
     from ..kernels.cpu import lowrank as K
@@ -132,7 +138,7 @@ def _direct_conv_cpu(x, wt, groups_of_filters, group_plane, Cg, X, Y, bias, stri
     band = _band_rows(Ho, margin, N, (C + (transform is not None)) * Dh * Dw * Wq * x.dtype.itemsize)
     Hb = band + margin
     tapoff = _tap_offsets(Cg, X, Y, Dh, Dw, Hb, Wq)
-    blk_f, blk_nf, grp_blk = _blocks(groups_of_filters)
+    blk_f, blk_nf, grp_blk = _blocks(order, bounds)
     T = transform if transform is not None else np.zeros((1, 1), x.dtype)
     if out is None:
         out = np.empty((N, F, Ho, Wo), x.dtype)
@@ -155,7 +161,7 @@ def _generic_conv(x, w, bias, stride, pad, out=None):
     F, C, X, Y = w.shape
     if _use_direct(F, C * X * Y):
         wt = np.ascontiguousarray(w.reshape(F, C * X * Y))
-        return _direct_conv_cpu(x, wt, [list(range(F))], [0], C, X, Y, bias, stride, pad, F, out=out)
+        return _direct_conv_cpu(x, wt, np.arange(F), [0, F], [0], C, X, Y, bias, stride, pad, F, out=out)
     return conv2d(x, np.ascontiguousarray(w), bias, stride=stride, padding=pad, out=out)
 
 
@@ -312,15 +318,15 @@ def monochromatic_conv2d(x, color_transform, assignment, spatial, bias=None, *, 
         return fill_out(_gpu_ops().monochromatic_conv2d(x, color_transform, a, spatial, bias, stride=st,
                                                         padding=pad), out)
     x = np.ascontiguousarray(x)
+    # the filters by colour; only the colours some filter reads are built
     order = np.argsort(a, kind="stable")
-    bounds = np.searchsorted(a[order], np.arange(Cp + 1))
-    groups = [order[bounds[c]:bounds[c + 1]].tolist() for c in range(Cp)]
-    keep = [c for c in range(Cp) if groups[c]]
+    counts = np.bincount(a, minlength=Cp)
+    keep = np.flatnonzero(counts)
+    bounds = np.concatenate(([0], np.cumsum(counts[keep])))
     wt = np.ascontiguousarray(spatial.reshape(F, X * Y))
-    # only the colours some filter reads are built
     T = np.ascontiguousarray(color_transform[keep])
-    return _direct_conv_cpu(x, wt, [groups[c] for c in keep], list(range(len(keep))), 1, X, Y, bias, st, pad,
-                            F, transform=T, out=out)
+    return _direct_conv_cpu(x, wt, order, bounds, np.arange(keep.shape[0]), 1, X, Y, bias, st, pad, F,
+                            transform=T, out=out)
 
 
 # ---------------------------------------------------------------------------------------------------- separable

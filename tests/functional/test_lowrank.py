@@ -51,6 +51,20 @@ def test_monochromatic(rng, dtype, geom, colors, unequal):
     check(monochromatic_conv2d(x, T, a, S, None, stride=st, padding=pad), ref - b[None, :, None, None], dtype)
 
 
+@pytest.mark.parametrize("W", [9, 12])
+@pytest.mark.parametrize("pl,pr", [(0, 0), (1, 2), (2, 1), (3, 3)])
+def test_monochromatic_column_stride_2_paddings(rng, W, pl, pr):
+    """Column stride 2 fills both column phases of a row in one pass (``_pack.split_row2``): every left padding
+    parity, odd and even widths."""
+    x = rng.standard_normal((2, 3, 8, W)).astype(np.float32)
+    T = rng.standard_normal((3, 3)).astype(np.float32)
+    a = np.array([0, 1, 2, 0, 1, 2])
+    S = rng.standard_normal((6, 3, 5)).astype(np.float32)
+    pad = (1, 0, pl, pr)
+    ref = conv2d_naive(x, _mono_kernel(T, a, S), None, (1, 2), pad)
+    check(monochromatic_conv2d(x, T, a, S, stride=(1, 2), padding=pad), ref, np.float32)
+
+
 def test_monochromatic_empty_cluster_and_naive(rng):
     x = rng.standard_normal((2, 3, 7, 6))
     T = rng.standard_normal((5, 3))

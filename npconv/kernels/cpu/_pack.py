@@ -14,6 +14,42 @@ _SMALL_PLANE = 4096
 
 
 @numba.njit(cache=True, nogil=True)
+def split_row2(src, W, pl, da, db):
+    """One input row split by the two column phases of stride 2, zero-padded by ``pl`` columns on the left:
+    ``da[m] = src[2m - pl + pl % 2]`` and ``db[m] = src[2m - pl + 1 - pl % 2]`` where those columns exist, 0
+    elsewhere (da is phase ``pl % 2``, db the other; both have the same length).
+
+    Input columns 2e and 2e+1 land at ``m = e + pl // 2`` of da and ``m = e + (pl + 1) // 2`` of db, so one loop
+    reads the row once and writes both phases with contiguous stores (compiled to loads and shuffles; one
+    strided gather per phase ran at half the speed: the polyphase fill of the monochromatic ZF conv1 took 9.3 ms
+    instead of 4.3 at batch 128, 2 threads).
+    """
+    M = da.shape[0]
+    sa = min(pl // 2, M)
+    sb = min((pl + 1) // 2, M)
+    na = max(0, min(M - sa, (W + 1) // 2))
+    nbb = max(0, min(M - sb, W // 2))
+    for m in range(sa):
+        da[m] = 0
+    for m in range(sa + na, M):
+        da[m] = 0
+    for m in range(sb):
+        db[m] = 0
+    for m in range(sb + nbb, M):
+        db[m] = 0
+    E = min(na, nbb)
+    dav = da[sa:sa + na]
+    dbv = db[sb:sb + nbb]
+    for e in range(E):
+        dav[e] = src[2 * e]
+        dbv[e] = src[2 * e + 1]
+    for e in range(E, na):
+        dav[e] = src[2 * e]
+    for e in range(E, nbb):
+        dbv[e] = src[2 * e + 1]
+
+
+@numba.njit(cache=True, nogil=True)
 def pack_plane(xin, pt, pl, sh, sw, dst):
     """dst[p, q, r, m] = xin[r*sh + p - pt, m*sw + q - pl] (0 outside): one channel, phase-split and padded.
 
@@ -61,32 +97,7 @@ def pack_plane(xin, pt, pl, sh, sw, dst):
                 for m in range(m_hi, M):
                     d[m] = 0
             elif sw == 2:
-                # input columns 2e and 2e+1 land in phases q0 and 1-q0 at m = e + pl//2 and e + (pl+1)//2
-                q0 = pl % 2
-                da = dst[p, q0, r]
-                db = dst[p, 1 - q0, r]
-                sa = min(pl // 2, M)
-                sb = min((pl + 1) // 2, M)
-                na = max(0, min(M - sa, (W + 1) // 2))
-                nbb = max(0, min(M - sb, W // 2))
-                for m in range(sa):
-                    da[m] = 0
-                for m in range(sa + na, M):
-                    da[m] = 0
-                for m in range(sb):
-                    db[m] = 0
-                for m in range(sb + nbb, M):
-                    db[m] = 0
-                E = min(na, nbb)
-                dav = da[sa:sa + na]
-                dbv = db[sb:sb + nbb]
-                for e in range(E):
-                    dav[e] = src[2 * e]
-                    dbv[e] = src[2 * e + 1]
-                for e in range(E, na):
-                    dav[e] = src[2 * e]
-                for e in range(E, nbb):
-                    dbv[e] = src[2 * e + 1]
+                split_row2(src, W, pl, dst[p, pl % 2, r], dst[p, 1 - pl % 2, r])
             else:
                 for q in range(SW):
                     d = dst[p, q, r]

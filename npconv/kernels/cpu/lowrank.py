@@ -24,6 +24,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from ._pack import split_row2
+
 __all__ = ["fused_direct_conv", "aligned_rows", "CHUNK"]
 
 #: output positions per accumulation chunk (rounded down to whole rows of Wq; the 4 accumulator rows, 96 KiB in
@@ -57,6 +59,10 @@ def _fill_band(x, n, c, i0, nq, pt, pl, Dh, Dw, buf):
     for ph in range(Dh):
         for q in range(nq):
             r = (i0 + q) * Dh + ph - pt
+            if Dw == 2 and 0 <= r < H:
+                # both column phases from one read of the row (pw = pl % 2 takes the even input columns)
+                split_row2(x[n, c, r], W, pl, buf[ph, pl % 2, q], buf[ph, 1 - pl % 2, q])
+                continue
             for pw in range(Dw):
                 dst = buf[ph, pw, q]
                 if r < 0 or r >= H:

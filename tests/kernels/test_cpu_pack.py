@@ -1,0 +1,45 @@
+"""The CPU packing helpers (``npconv.kernels.cpu._pack``) against element-by-element definitions."""
+import numpy as np
+import pytest
+
+from npconv.kernels.cpu._pack import pack_plane, split_row2
+
+
+def _padded(xin, pt, pl, rows, cols):
+    """x zero-padded by pt rows on top and pl columns on the left, cut or zero-extended to (rows, cols)."""
+    out = np.zeros((rows, cols), xin.dtype)
+    for r in range(rows):
+        for c in range(cols):
+            i, j = r - pt, c - pl
+            if 0 <= i < xin.shape[0] and 0 <= j < xin.shape[1]:
+                out[r, c] = xin[i, j]
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("W", [1, 2, 5, 8, 33, 40])
+@pytest.mark.parametrize("pl", [0, 1, 2, 3, 5])
+@pytest.mark.parametrize("M", [1, 3, 17, 24])
+def test_split_row2(rng, dtype, W, pl, M):
+    src = rng.standard_normal(W).astype(dtype)
+    da = np.full(M, np.nan, dtype)
+    db = np.full(M, np.nan, dtype)
+    split_row2(src, W, pl, da, db)
+    row = _padded(src[None], 0, pl, 1, 2 * M + 2)[0]
+    # da is column phase pl % 2 of the padded row, db the other phase
+    np.testing.assert_array_equal(da, row[pl % 2::2][:M])
+    np.testing.assert_array_equal(db, row[1 - pl % 2::2][:M])
+
+
+@pytest.mark.parametrize("sh,sw", [(1, 1), (2, 2), (2, 1), (1, 2), (3, 2), (2, 3)])
+@pytest.mark.parametrize("pt,pl", [(0, 0), (1, 1), (2, 3), (3, 2)])
+@pytest.mark.parametrize("H,W", [(7, 9), (10, 6), (4, 15)])
+def test_pack_plane(rng, sh, sw, pt, pl, H, W):
+    xin = rng.standard_normal((H, W)).astype(np.float32)
+    R, M = 6, 9
+    dst = np.full((sh, sw, R, M), np.nan, np.float32)
+    pack_plane(xin, pt, pl, sh, sw, dst)
+    xp = _padded(xin, pt, pl, R * sh + sh, M * sw + sw)
+    for p in range(sh):
+        for q in range(sw):
+            np.testing.assert_array_equal(dst[p, q], xp[p::sh, q::sw][:R, :M])
