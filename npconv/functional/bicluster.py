@@ -371,22 +371,29 @@ def _cp_cpu(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, 
     # the reduction folded into the horizontal taps: hcoef[j, h*K + k, b] = reduce[j, h, k] * horizontal[g(j), h, k, b]
     g_of = np.repeat(np.arange(G), np.diff(in_off))
     hcoef = np.ascontiguousarray(reduce.reshape(C, H * K, 1) * horizontal.reshape(G, H * K, Y)[g_of], dtype=dt)
-    xs_buf = WS.get_aligned("xs", nb * C * plane + Mp, dt)
-    xs_buf[nb * C * plane:] = 0      # slack: the last plane's shifted taps read up to (Y - 1) // sw items past it
+    # a batch that is one chunk: the front end's jobs pack their own groups (no separate packing pass)
+    own = nb >= N
+    if not own:
+        xs_buf = WS.get_aligned("xs", nb * C * plane + Mp, dt)
+        xs_buf[nb * C * plane:] = 0   # slack: the last plane's shifted taps read up to (Y - 1) // sw items past it
+    else:
+        xs_buf = np.zeros(0, dt)
     z_buf = WS.get("z", nb * per_z, dt)
     y_buf = WS.get("y", nb * F * P, dt)
     nth = numba.get_num_threads()
-    srow = KB.cp_scratch_size(sh, R, Mp, OH)
+    srow = KB.cp_scratch_size(sh, sw, R, Mp, OH, int(np.diff(in_off).max()) if own else 0)
     scratch = WS.get_aligned("front", nth * srow, dt).reshape(nth, srow)
     inv_perm = _inverse(in_perm)
     y = np.empty((N, F, OH, OW), dt) if out is None else out
     y3 = y.reshape(N, F, P)
     for n0 in range(0, N, nb):
         m = min(nb, N - n0)
-        _pack_chunk(x, n0, m, inv_perm, pad, stride, R, Mp, xs_buf, True)
+        if not own:
+            _pack_chunk(x, n0, m, inv_perm, pad, stride, R, Mp, xs_buf, True)
         Z = z_buf[:m * per_z].reshape(H, G * K, m * P)
         ybuf = y_buf[:m * F * P].reshape(F, m * P)
-        KB.cp_front(xs_buf, m, C, sh, sw, R, Mp, in_off, hcoef, vertical, OH, OW, nsplit, Z, scratch)
+        KB.cp_front(xs_buf, x, n0, in_perm, pad[0], pad[2], m, C, sh, sw, R, Mp, in_off, hcoef, vertical, OH, OW,
+                    nsplit, Z, scratch)
         _expand_scatter(Z, expand, out_perm, out_off, bias, n0, m, P, ybuf, y3)
     return y
 
