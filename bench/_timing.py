@@ -51,6 +51,30 @@ def measure(fn, *, warmup=1, repeat=5, min_time=0.0, sync=None, max_repeat=1000)
     return dict(median=statistics.median(times), min=times[0], max=times[-1], p25=q[0], p75=q[2], n=len(times))
 
 
+def interleaved(fns, repeat, min_time=0.0, clock=time.perf_counter, block=3, max_calls=300):
+    """Median and min time of each callable of ``fns`` (a dict). Calls come in blocks of ``block`` consecutive
+    calls of one callable (warm caches, as when each is timed on its own), and the blocks of the callables
+    alternate, so all see the same machine state over the run (on the development VM a layer timed minutes apart
+    from its baseline drifted by up to 25%). Each callable runs ``repeat`` times at least, more while under
+    ``min_time`` seconds (up to ``max_calls``).
+    """
+    if repeat < 1:
+        raise ValueError(f"repeat must be >= 1, got {repeat}")
+    for f in fns.values():
+        f()
+    times = {k: [] for k in fns}
+    t0 = time.perf_counter()
+    while min(len(v) for v in times.values()) < repeat or (time.perf_counter() - t0 < min_time and
+                                                           min(len(v) for v in times.values()) < max_calls):
+        for k, f in fns.items():
+            f()                                    # re-warm after the other callable's block
+            for _ in range(block):
+                t = clock()
+                f()
+                times[k].append(clock() - t)
+    return {k: dict(median=statistics.median(v), min=min(v), n=len(v)) for k, v in times.items()}
+
+
 # ------------------------------------------------------------------------------------------------ threads
 def thread_info():
     """Thread counts and the BLAS / threading layers in use (threadpoolctl when installed)."""

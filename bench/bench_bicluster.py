@@ -144,25 +144,6 @@ def rows(quick=False):
     return out
 
 
-def _interleaved(fns, repeat, min_time, clock=time.perf_counter, block=3):
-    """Median and min time of each callable. Calls come in blocks of ``block`` consecutive calls of one callable
-    (warm caches, as in the harness, which times each row on its own), and the blocks of the callables
-    alternate, so all see the same machine load over the run."""
-    for f in fns.values():
-        f()
-    times = {k: [] for k in fns}
-    t0 = time.perf_counter()
-    while min(len(v) for v in times.values()) < repeat or (time.perf_counter() - t0 < min_time and
-                                                           min(len(v) for v in times.values()) < 300):
-        for k, f in fns.items():
-            f()                                    # re-warm after the other callable's block
-            for _ in range(block):
-                t = clock()
-                f()
-                times[k].append(clock() - t)
-    return {k: dict(median=float(np.median(v)), min=float(np.min(v)), n=len(v)) for k, v in times.items()}
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test)")
@@ -186,7 +167,7 @@ def main(argv=None):
         threadpool_limits(args.threads)
     clock = time.thread_time if args.clock == "thread" else time.perf_counter
     from bench._env import describe
-    from bench._timing import thread_info
+    from bench._timing import interleaved, thread_info
     from npconv.functional import conv2d
     (C, H, F, K, s, p), configs, batches = _case(args.quick)
     if args.batches:
@@ -212,7 +193,7 @@ def main(argv=None):
             res, layer = make_layer(kind, opts, C, F, K, s, p)
             paper, exact = theoretical(kind, opts, res, C, H, F, K, s, p)
             o = np.empty((N,) + tuple(layer.output_shape((C, H, H))), np.float32)
-            t = _interleaved({"dense": lambda: conv2d(x, w, b, stride=s, padding=p, out=o),
+            t = interleaved({"dense": lambda: conv2d(x, w, b, stride=s, padding=p, out=o),
                               "approx": lambda: layer(x, out=o)}, args.repeat, args.min_time, clock)
             td, ta = t["dense"]["median"], t["approx"]["median"]
             speed = td / ta
@@ -222,8 +203,9 @@ def main(argv=None):
                                 speedup_min=t["dense"]["min"] / t["approx"]["min"], gain_paper=paper,
                                 gain_exact=exact, ratio=speed / paper))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(info=info, env=describe(), results=results), f, indent=1)
+        from npconv._fileio import atomic_write
+        text = json.dumps(dict(info=info, env=describe(), results=results), indent=1)
+        atomic_write(args.json, lambda f: f.write(text.encode()))
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@
     python bench/bench_lowrank.py --batch 1     # one batch size only
     python bench/bench_lowrank.py --threads 1   # BLAS and numba limited to one thread
 
-For every factored layer it prints the measured speed-up over the dense ``conv2d`` (same input, same threads,
-medians), the theoretical gain (exact executed multiply-adds, ``npconv.decompose.cost``; the paper's closed form
+For every factored layer it prints the measured speed-up over the dense ``conv2d`` (same input, same output
+array, same threads; the two timed in alternating blocks of calls, medians), the theoretical gain (exact executed multiply-adds, ``npconv.decompose.cost``; the paper's closed form
 in brackets) and their ratio, which the project asks to be >= 0.8. ``rows(quick)`` gives the same cases to
 ``bench/run_all.py`` (each factored row has the dense row of its batch as ``baseline``).
 
@@ -25,6 +25,7 @@ if __name__ == "__main__":
     clean_blas_env()
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -130,7 +131,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny shapes")
     ap.add_argument("--batch", type=int, default=None, help="only this batch size")
-    ap.add_argument("--repeat", type=int, default=None, help="timed runs per case (default 10, 3 at batch >= 64)")
+    ap.add_argument("--repeat", type=int, default=None,
+                    help="timed runs of each side per case, interleaved (default 10, 3 at batch >= 64)")
+    ap.add_argument("--min-time", type=float, default=1.0, help="keep timing each case until this many seconds")
+    ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--threads", type=int, default=None, help="limit BLAS and numba to this many threads")
     ap.add_argument("--keep-blas-env", action="store_true", help="keep OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE")
     args = ap.parse_args(argv)
@@ -141,26 +145,44 @@ def main(argv=None):
 
 def _run(args):
     from bench._env import describe
-    from bench._timing import measure, thread_info
+    from bench._timing import interleaved, thread_info
+    from npconv.decompose.cost import gain
+    from npconv.functional import conv2d
     info = thread_info()
     print(f"# numba threads {info.get('numba_threads')} ({info.get('numba_threading_layer')}); "
           f"BLAS {info.get('blas')}; env: {describe()}")
-    print(f"{'case':<28}{'ms':>10}{'speedup':>9}{'gain':>7}{'(paper)':>9}{'ratio':>7}")
-    base = {}
-    for c in cases(args.quick):
-        if args.batch is not None and c["batch"] != args.batch:
+    print(f"{'case':<28}{'dense ms':>10}{'ms':>10}{'speedup':>9}{'gain':>7}{'(paper)':>9}{'ratio':>7}")
+    geom, batches, methods = _cases(args.quick)
+    C, H, F, K, s, p = geom
+    w, b = _weights(C, F, K)
+    results = []
+    for N in batches:
+        if args.batch is not None and N != args.batch:
             continue
-        fn = c["setup"]()
-        rep = args.repeat or (3 if c["batch"] >= 64 else 10)
-        t = measure(fn, warmup=1, repeat=rep)["median"]
-        del fn
-        if c["baseline"] is None:
-            base[c["name"]] = t
-            print(f"{c['name']:<28}{t * 1e3:>10.2f}{'1.00':>9}{'1.00':>7}{'':>9}{'':>7}", flush=True)
-            continue
-        sp = base[c["baseline"]] / t
-        print(f"{c['name']:<28}{t * 1e3:>10.2f}{sp:>9.2f}{c['gain']:>7.2f}{c['gain_paper']:>9.2f}"
-              f"{sp / c['gain']:>7.2f}", flush=True)
+        x = np.random.default_rng(1).standard_normal((N, C, H, H), dtype=np.float32)
+        o = None
+        rep = args.repeat or (3 if N >= 64 else 10)
+        for method, size in methods:
+            layer = _factored_layer(method, size, w, b, s, p)
+            if o is None:
+                o = np.empty((N,) + tuple(layer.output_shape((C, H, H))), np.float32)
+            # the dense layer is timed with each factored one, blocks alternating, on the same input and output
+            t = interleaved({"dense": lambda: conv2d(x, w, b, stride=s, padding=p, out=o),
+                             "approx": lambda: layer(x, out=o)}, rep, args.min_time)
+            td, ta = t["dense"]["median"], t["approx"]["median"]
+            c = _costs(method, size, geom)
+            g, gp = gain(*c["exact"]), gain(*c["paper"])
+            sp = td / ta
+            name = f"conv1/{method}{size}/b{N}"
+            print(f"{name:<28}{td * 1e3:>10.2f}{ta * 1e3:>10.2f}{sp:>9.2f}{g:>7.2f}{gp:>9.2f}{sp / g:>7.2f}",
+                  flush=True)
+            results.append(dict(case=name, method=method, size=size, batch=N, dense=t["dense"],
+                                approx=t["approx"], speedup=sp, gain_exact=g, gain_paper=gp, ratio=sp / g))
+    if args.json:
+        from npconv._fileio import atomic_write
+        text = json.dumps(dict(info=info, env=describe(), results=results), indent=1)
+        atomic_write(args.json, lambda f: f.write(text.encode()))
+    return results
 
 
 if __name__ == "__main__":

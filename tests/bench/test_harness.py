@@ -21,7 +21,7 @@ if str(ROOT) not in sys.path:
 from bench import _harness  # noqa: E402
 from bench._harness import (Row, Settings, SkipRow, add_derived, discover, format_table, load_module,  # noqa: E402
                             make_plots, module_rows, run_and_report, run_rows)
-from bench._timing import machine_info, measure, thread_limit  # noqa: E402
+from bench._timing import interleaved, machine_info, measure, thread_limit  # noqa: E402
 
 TOY = Path(__file__).resolve().parent / "bench_toy.py"
 FAST = dict(warmup=1, repeat=3, min_time=0.0, peak_size=64)
@@ -52,6 +52,25 @@ def test_measure_keeps_going_until_min_time():
     n = []
     t = measure(lambda: n.append(time.sleep(0.001)), warmup=0, repeat=1, min_time=0.03)
     assert t["n"] == len(n) and t["n"] > 1
+
+
+def test_interleaved_alternates_blocks_and_counts_calls():
+    order = []
+    fns = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
+    t = interleaved(fns, repeat=4, block=2)
+    # one warm-up call each, then per round a re-warm and `block` timed calls of each, a's block first
+    assert order[:2] == ["a", "b"]
+    assert order[2:8] == ["a", "a", "a", "b", "b", "b"]
+    assert t["a"]["n"] == t["b"]["n"] == 4
+    assert order.count("a") == order.count("b") == 1 + 2 * 3
+    assert 0 <= t["a"]["min"] <= t["a"]["median"]
+    with pytest.raises(ValueError, match="repeat"):
+        interleaved(fns, repeat=0)
+
+
+def test_interleaved_sees_a_slow_callable():
+    t = interleaved({"fast": lambda: None, "slow": lambda: time.sleep(0.002)}, repeat=3, block=1)
+    assert t["slow"]["min"] >= 0.002 > t["fast"]["median"]
 
 
 def test_thread_limit_is_scoped():

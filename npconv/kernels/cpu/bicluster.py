@@ -292,8 +292,8 @@ def cp_front(xflat, x, n0, in_perm, pt, pl, nb, C, SH, SW, R, Mp, in_offsets, hc
     Columns ``OW .. Mp - 1`` of each row are computed and dropped (they read past the row, into the next one or
     the slack). Against the earlier reduction, vertical and horizontal passes one component at a time, the ZF
     conv2 front end (G=48, H=2, K=6, 2 threads) went from 301-323 to 249-265 ns per component (step 1: 133, step
-    2: 37, step 3: about 57, the writes of Z missing the cache); the whole layer at batch 128 was 1.02-1.08x
-    faster in same-process A/B runs (2026-11-26).
+    2: 37, step 3: about 57, the writes of Z missing the cache); the whole layer at batch 128 ran 1.02-1.08x
+    faster in 7 of 8 same-process A/B runs against that code (one run: 0.87-0.97x), 1.05x at K=12 (2026-11-26).
     ``scratch`` (threads, >= :func:`cp_scratch_size`), rows on 64-byte boundaries.
     """
     G, H, K, X = vertical.shape

@@ -1,0 +1,40 @@
+"""The CPU factored-layer benchmarks' ``--quick`` mode (tiny shapes): they run, print one row per case and write
+JSON that parses, with the speed-up equal to the two medians' ratio. Their numbers are not asserted."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import bench_bicluster, bench_lowrank  # noqa: E402
+
+
+def test_bench_lowrank_quick(tmp_path, capsys):
+    out = tmp_path / "lowrank.json"
+    bench_lowrank.main(["--quick", "--repeat", "2", "--min-time", "0", "--json", str(out)])
+    printed = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    rows = data["results"]
+    assert {r["batch"] for r in rows} == {1, 4}
+    assert len(rows) == 2 * 3                       # 3 methods at each quick batch
+    for r in rows:
+        assert r["case"] in printed
+        assert r["dense"]["n"] >= 2 and r["approx"]["n"] >= 2
+        assert abs(r["speedup"] - r["dense"]["median"] / r["approx"]["median"]) < 1e-12
+        assert abs(r["ratio"] - r["speedup"] / r["gain_exact"]) < 1e-12
+        assert r["gain_exact"] > 1
+
+
+def test_bench_bicluster_quick(tmp_path, capsys):
+    out = tmp_path / "bicluster.json"
+    bench_bicluster.main(["--quick", "--repeat", "2", "--min-time", "0", "--json", str(out)])
+    printed = capsys.readouterr().out
+    rows = json.loads(out.read_text())["results"]
+    assert len(rows) == 2 * 3
+    for r in rows:
+        assert r["config"] in printed
+        assert abs(r["speedup"] - r["dense"]["median"] / r["approx"]["median"]) < 1e-12
