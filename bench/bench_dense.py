@@ -70,10 +70,13 @@ def _layer(name, quick):
 
 def _auto_algorithm(name, N, quick):
     """What conv2d's algorithm="auto" runs for this layer and batch."""
+    from npconv.functional._direct import use_direct
     from npconv.functional._winograd import use_winograd
     C, H, F, K, s, p = _layer(name, quick)
     OH = (H + 2 * p - K) // s + 1
-    return "winograd" if use_winograd((N, C, H, H), (F, C, K, K), (s, s), (1, 1), 1, (OH, OH)) else "gemm"
+    if use_winograd((N, C, H, H), (F, C, K, K), (s, s), (1, 1), 1, (OH, OH)):
+        return "winograd"
+    return "direct" if use_direct((N, C, H, H), (F, C, K, K), (1, 1), 1, (OH, OH)) else "gemm"
 
 
 def _setup(C, H, F, K, s, p, N, impl):
@@ -149,7 +152,7 @@ def main(argv=None):
           f"({info.get('numba_threading_layer')}); BLAS: {info.get('blas')}; env: {describe()}")
     results = []
     print(f"{'layer':<22}{'npconv ms':>11}{'GF/s':>8}{'torch ms':>11}{'GF/s':>8}{'ratio':>8}  algorithm "
-          "(winograd: also im2col+GEMM ms)")
+          "(winograd, direct: also im2col+GEMM ms)")
     table = rows(args.quick)
     for r_np, r_t in zip(table[::2], table[1::2]):
         res = {"npconv": measure(r_np.setup(), warmup=1, repeat=args.repeat)}
@@ -168,7 +171,7 @@ def main(argv=None):
         algo = _auto_algorithm(r_np.meta["layer"], r_np.meta["batch"], args.quick)
         line += f"  {algo}"
         rec["algorithm"] = algo
-        if algo == "winograd":  # the im2col + GEMM path on the same layer, for the record
+        if algo in ("winograd", "direct"):  # the im2col + GEMM path on the same layer, for the record
             setup = _setup(*_layer(r_np.meta["layer"], args.quick), r_np.meta["batch"], "npconv-gemm")
             rec["npconv_gemm"] = measure(setup(), warmup=1, repeat=args.repeat)
             line += f" ({rec['npconv_gemm']['median'] * 1e3:.2f})"

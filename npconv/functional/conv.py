@@ -8,7 +8,10 @@ larger than the weights). A chunk of one image writes straight into the output; 
 through a staging buffer, whose scatter adds the bias. The chunk
 is chosen so that the GEMM has enough columns to run at full speed and the workspace stays under
 ``_WORKSPACE_BYTES`` whatever the batch size. A 1x1, stride-1, unpadded convolution skips the packing. A grouped
-convolution with one input channel per group (depthwise) runs as direct numba loops.
+convolution with one input channel per group (depthwise) runs as direct numba loops. Two other algorithms are
+chosen where they are faster (``algorithm="auto"``): Winograd F(2x2, 3x3) for large enough 3x3 layers
+(``_winograd.py``), and for convs with few taps per filter, such as a network's first layer (3 channels), the
+im2col-free direct kernel (``_direct.py``), whose GEMM would be too shallow to pay for its packing.
 
 GPU: CuPy arrays go to ``npconv.kernels.cuda.ops.conv2d`` (im2col kernel + cuBLAS).
 """
@@ -24,7 +27,7 @@ from .._validate import (as_pair, as_padding4, check_float_array, check_int, che
 __all__ = ["conv2d", "conv2d_output_shape", "normalize_conv_args", "ALGORITHMS"]
 
 #: the values of conv2d's ``algorithm`` option
-ALGORITHMS = ("auto", "gemm", "winograd")
+ALGORITHMS = ("auto", "gemm", "winograd", "direct")
 
 #: upper bound of the packing buffer (and GEMM output staging) per call, in bytes
 _WORKSPACE_BYTES = 48 * 2**20
@@ -87,12 +90,14 @@ def conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1, algorithm
         Zero padding; a pair means (vertical, horizontal) on both sides.
     groups : int
         Channel groups: input and output channels are split into ``groups`` blocks convolved separately.
-    algorithm : {"auto", "gemm", "winograd"}
+    algorithm : {"auto", "gemm", "winograd", "direct"}
         CPU algorithm. "gemm": im2col + BLAS GEMM. "winograd": Winograd F(2x2, 3x3) (3x3 kernels, stride 1, no
         dilation, no groups; 2.25x fewer multiply-adds, float32 results differ from "gemm" by a few units in the
-        last place times the channel count). "auto": Winograd where it is eligible and the call is large enough
-        for it to be faster (``npconv.functional._winograd.use_winograd``), else "gemm". CuPy arrays take "auto"
-        only (the GPU path chooses its own kernels).
+        last place times the channel count). "direct": the im2col-free kernel of ``npconv.functional._direct``
+        (no dilation, no groups). "auto": Winograd where it is eligible and the call is large enough for it to be
+        faster (``npconv.functional._winograd.use_winograd``), else the direct kernel for convs with few taps per
+        filter, such as a network's first layer (``npconv.functional._direct.use_direct``), else "gemm". CuPy
+        arrays take "auto" only (the GPU path chooses its own kernels).
     out : array, optional
         Where to write the result: an array of exactly the result's shape and dtype, C-contiguous, writeable, of
         the input's kind (NumPy or CuPy) and not overlapping any input; otherwise a TypeError or ValueError. On
@@ -117,16 +122,30 @@ def conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1, algorithm
                              "(the GPU path chooses its own kernels)")
         from ..kernels.cuda import ops
         return fill_out(ops.conv2d(x, w, b, stride=stride, padding=pad, dilation=dilation, groups=groups), out)
+    from . import _direct as DR
     from . import _winograd as WG
     if algorithm == "winograd":
         if not WG.winograd_eligible(w.shape, stride, dilation, groups):
             raise ValueError(f'algorithm="winograd" needs a 3x3 kernel, stride 1, dilation 1 and groups=1; got kernel '
                              f"{tuple(w.shape[2:])}, stride {stride}, dilation {dilation}, groups {groups}")
+    elif algorithm == "direct":
+        if not DR.direct_eligible(w.shape, dilation, groups):
+            raise ValueError(f'algorithm="direct" needs dilation 1 and groups=1; got dilation {dilation}, '
+                             f"groups {groups}")
     elif algorithm == "auto":
-        algorithm = "winograd" if WG.use_winograd(x.shape, w.shape, stride, dilation, groups, (OH, OW)) else "gemm"
+        if WG.use_winograd(x.shape, w.shape, stride, dilation, groups, (OH, OW)):
+            algorithm = "winograd"
+        elif DR.use_direct(x.shape, w.shape, dilation, groups, (OH, OW)):
+            algorithm = "direct"
+        else:
+            algorithm = "gemm"
     if algorithm == "winograd":
         return WG.conv2d_winograd_cpu(np.ascontiguousarray(x), np.ascontiguousarray(w),
                                       None if b is None else np.ascontiguousarray(b), pad, OH, OW, out=out)
+    if algorithm == "direct":
+        F, C, KH, KW = w.shape
+        wt = np.ascontiguousarray(w.reshape(F, C * KH * KW))
+        return DR.direct_conv_cpu(x, wt, np.arange(F), [0, F], [0], C, KH, KW, b, stride, pad, F, out=out)
     return _conv2d_cpu(x, w, b, stride, pad, dilation, groups, OH, OW, out)
 
 

@@ -14,7 +14,7 @@ CPU (NumPy arrays): convolutions with few filters per input group (all of the mo
 stage of a low-rank conv and the vertical separable pass when they have few filters and taps) run on the direct
 polyphase kernel of :mod:`npconv.kernels.cpu.lowrank`, which reads the input planes in place instead of packing
 an im2col matrix; the others go through :func:`npconv.functional.conv2d` (im2col + BLAS). The direct kernel's
-workspace is one band of polyphase rows per running job (about ``_BAND_BYTES``), whatever the batch size; the
+workspace is one band of polyphase rows per running job (about ``_direct._BAND_BYTES``), whatever the batch size; the
 intermediate maps of the two-stage layers (low-rank conv, separable) are made for a chunk of images at a time,
 at most ``_WORKSPACE_BYTES``, in a per-thread workspace reused across calls (``npconv._workspace.WS``).
 
@@ -34,12 +34,11 @@ from .._backend import get_array_module, to_numpy
 from .._workspace import WS
 from .._validate import (as_pair, as_padding4, check_array, check_float_array, check_out, check_same_dtype, fill_out,
                          out_size)
+from ._direct import _band_rows, _plane_geometry, direct_conv_cpu  # noqa: F401  (tests patch these)
 from .conv import conv2d
 
 __all__ = ["lowrank_linear", "lowrank_conv2d", "monochromatic_conv2d", "separable_conv2d"]
 
-#: target size of one job's buffer of polyphase rows (it should stay in the L2 cache), in bytes
-_BAND_BYTES = 384 * 2**10
 #: upper bound of the intermediate maps of a two-stage layer held at once (CPU), in bytes
 _WORKSPACE_BYTES = 32 * 2**20
 #: a generic (all-channels) conv stage runs on the direct kernel when it has at most this many filters ...
@@ -64,90 +63,6 @@ def _check_bias(x, bias, F):
         raise ValueError(f"bias must have shape ({F},) (one per output channel), got {tuple(bias.shape)}")
 
 
-def _bias_or_zeros(bias, F, dtype):
-    if bias is None:
-        return np.zeros(F, dtype)
-    return np.ascontiguousarray(bias)
-
-
-def _plane_geometry(H, W, X, Y, stride, pad):
-    """Output size and polyphase plane width for a kernel X x Y (see kernels.cpu.lowrank)."""
-    Dh, Dw = stride
-    Ho = out_size(H, X, Dh, pad[0], pad[1], what="output height")
-    Wo = out_size(W, Y, Dw, pad[2], pad[3], what="output width")
-    Wq = max(-(-(W + pad[2] + pad[3]) // Dw), Wo + (Y - 1) // Dw)
-    return Ho, Wo, Wq
-
-
-@functools.lru_cache(maxsize=64)
-def _tap_offsets(Cg, X, Y, Dh, Dw, Hb, Wq):
-    """Offsets of the taps (c, x, y), flattened in that order, in a job buffer of Cg planes (Dh, Dw, Hb, Wq)."""
-    c, x, y = np.meshgrid(np.arange(Cg), np.arange(X), np.arange(Y), indexing="ij")
-    plane = (c * Dh + x % Dh) * Dw + y % Dw
-    off = np.ascontiguousarray((plane * (Hb * Wq) + (x // Dh) * Wq + y // Dw).ravel().astype(np.int64))
-    off.flags.writeable = False          # shared by the cache
-    return off
-
-
-def _blocks(order, bounds):
-    """Filter blocks of 4 (padded by repeating the last id), their sizes, and each group's first block.
-
-    Group g holds the filters ``order[bounds[g]:bounds[g + 1]]`` (no group empty). Vectorised: a loop over the
-    filters cost 20 us of a 0.5 ms monochromatic ZF conv1 at batch 1.
-    """
-    order = np.asarray(order, np.int64)
-    sizes = np.diff(np.asarray(bounds, np.int64))
-    nblk = (sizes + 3) // 4
-    grp_blk = np.concatenate(([0], np.cumsum(nblk))).astype(np.int64)
-    gb = np.repeat(np.arange(sizes.shape[0]), nblk)                   # each block's group
-    jb = np.arange(grp_blk[-1]) - grp_blk[gb]                          # its index within the group
-    pos = np.minimum(4 * jb[:, None] + np.arange(4), (sizes[gb] - 1)[:, None])
-    blk_f = np.ascontiguousarray(order[np.asarray(bounds, np.int64)[gb][:, None] + pos])
-    blk_nf = np.minimum(4, sizes[gb] - 4 * jb).astype(np.int64)
-    return blk_f, blk_nf, grp_blk
-
-
-def _band_rows(Ho, margin, n_jobs_per_band, plane_row_bytes):
-    """Output rows per job (a job is one image and one band of rows): the job's buffers stay near
-    ``_BAND_BYTES`` and there are at least 2 jobs per thread when the batch allows."""
-    import numba
-    band = max(4, _BAND_BYTES // max(plane_row_bytes, 1) - margin)
-    want = 2 * numba.get_num_threads()
-    nband = -(-Ho // band)
-    if n_jobs_per_band * nband < want:
-        nband = -(-want // max(n_jobs_per_band, 1))
-    nband = min(nband, Ho)
-    return int(-(-Ho // nband))          # equal bands
-
-
-def _direct_conv_cpu(x, wt, order, bounds, group_plane, Cg, X, Y, bias, stride, pad, F, transform=None,
-                     out=None):
-    """Run filters (F, Cg*X*Y taps in ``wt``) on the polyphase planes of ``x`` (optionally colour-transformed).
-
-    Group g, the filters ``order[bounds[g]:bounds[g + 1]]`` (none empty), reads planes
-    ``group_plane[g] : group_plane[g] + Cg``.
-    ``out`` (a C-contiguous (N, F, H', W') array) receives the result when given.
-    """
-    from ..kernels.cpu import lowrank as K
-
-    x = np.ascontiguousarray(x)
-    N, C, H, W = x.shape
-    Dh, Dw = stride
-    Ho, Wo, Wq = _plane_geometry(H, W, X, Y, stride, pad)
-    margin = (X - 1) // Dh + 1
-    band = _band_rows(Ho, margin, N, (C + (transform is not None)) * Dh * Dw * Wq * x.dtype.itemsize)
-    Hb = band + margin
-    tapoff = _tap_offsets(Cg, X, Y, Dh, Dw, Hb, Wq)
-    blk_f, blk_nf, grp_blk = _blocks(order, bounds)
-    T = transform if transform is not None else np.zeros((1, 1), x.dtype)
-    if out is None:
-        out = np.empty((N, F, Ho, Wo), x.dtype)
-    K.fused_direct_conv(x, T, transform is not None, np.asarray(group_plane, np.int64), Cg, grp_blk, blk_f,
-                        blk_nf, tapoff, wt, _bias_or_zeros(bias, F, x.dtype), pad[0], pad[2], Dh, Dw, band, Hb,
-                        Wq, out)
-    return out
-
-
 def _use_direct(n_filters, n_taps):
     """Whether a full conv stage runs on the direct kernel (few filters: an im2col matrix would cost more to
     pack than the small GEMM saves) rather than im2col + GEMM."""
@@ -161,7 +76,7 @@ def _generic_conv(x, w, bias, stride, pad, out=None):
     F, C, X, Y = w.shape
     if _use_direct(F, C * X * Y):
         wt = np.ascontiguousarray(w.reshape(F, C * X * Y))
-        return _direct_conv_cpu(x, wt, np.arange(F), [0, F], [0], C, X, Y, bias, stride, pad, F, out=out)
+        return direct_conv_cpu(x, wt, np.arange(F), [0, F], [0], C, X, Y, bias, stride, pad, F, out=out)
     return conv2d(x, np.ascontiguousarray(w), bias, stride=stride, padding=pad, out=out)
 
 
@@ -325,7 +240,7 @@ def monochromatic_conv2d(x, color_transform, assignment, spatial, bias=None, *, 
     bounds = np.concatenate(([0], np.cumsum(counts[keep])))
     wt = np.ascontiguousarray(spatial.reshape(F, X * Y))
     T = np.ascontiguousarray(color_transform[keep])
-    return _direct_conv_cpu(x, wt, order, bounds, np.arange(keep.shape[0]), 1, X, Y, bias, st, pad, F,
+    return direct_conv_cpu(x, wt, order, bounds, np.arange(keep.shape[0]), 1, X, Y, bias, st, pad, F,
                             transform=T, out=out)
 
 
