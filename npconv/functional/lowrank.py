@@ -26,15 +26,13 @@ device. See docs/gpu_lowrank.md.
 """
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 
 from .._backend import get_array_module, to_numpy
 from .._workspace import WS
 from .._validate import (as_pair, as_padding4, check_array, check_float_array, check_out, check_same_dtype, fill_out,
                          out_size)
-from ._direct import _band_rows, _plane_geometry, direct_conv_cpu  # noqa: F401  (tests patch these)
+from ._direct import direct_conv_cpu
 from .conv import conv2d
 
 __all__ = ["lowrank_linear", "lowrank_conv2d", "monochromatic_conv2d", "separable_conv2d"]

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from npconv.functional import _direct as DR
 from npconv.functional import lowrank as FL
 from npconv.functional.lowrank import lowrank_conv2d, lowrank_linear, monochromatic_conv2d, separable_conv2d
 from tests.reference import tolerance
@@ -163,8 +164,8 @@ def test_direct_kernel_several_chunks_per_band(rng, dtype, monkeypatch):
     monkeypatch.setattr(FL, "_use_direct", lambda f, t: True)
     monkeypatch.setattr(numba, "get_num_threads", lambda: 2)   # the band height: as on 2 cores, on any machine
     x = rng.standard_normal((1, 1, 70, 400)).astype(dtype)
-    Ho, Wo, Wq = FL._plane_geometry(70, 400, 3, 3, (1, 1), (1, 1, 1, 1))
-    band = FL._band_rows(Ho, 3, 1, Wq * x.itemsize)
+    Ho, Wo, Wq = DR._plane_geometry(70, 400, 3, 3, (1, 1), (1, 1, 1, 1))
+    band = DR._band_rows(Ho, 3, 1, Wq * x.itemsize)
     assert band > KL.CHUNK // Wq, (band, KL.CHUNK // Wq)       # the premise of this test, not a check of npconv
     first, second = rng.standard_normal((2, 1, 3, 3)).astype(dtype), rng.standard_normal((6, 2)).astype(dtype)
     b = rng.standard_normal(6).astype(dtype)
