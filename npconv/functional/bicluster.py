@@ -44,6 +44,8 @@ _TARGET_COLUMNS = 2048
 #: a chunk's intermediates stay within this size: 16 MiB measured 1.1-1.26x faster than 4 MiB at batch 64 on the
 #: ZF conv2/conv3/conv5 and CIFAR conv2 shapes (CP, SVD and shared forms; interleaved runs), 8-32 MiB within 5%
 _CACHE_BYTES = 16 * 2**20
+#: the CP front end's jobs pack their own input group (a batch of one chunk) when it is at most this large
+_OWN_PACK_BYTES = 128 * 2**10
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -371,8 +373,10 @@ def _cp_cpu(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, 
     # the reduction folded into the horizontal taps: hcoef[j, h*K + k, b] = reduce[j, h, k] * horizontal[g(j), h, k, b]
     g_of = np.repeat(np.arange(G), np.diff(in_off))
     hcoef = np.ascontiguousarray(reduce.reshape(C, H * K, 1) * horizontal.reshape(G, H * K, Y)[g_of], dtype=dt)
-    # a batch that is one chunk: the front end's jobs pack their own groups (no separate packing pass)
-    own = nb >= N
+    # a batch that is one chunk: the front end's jobs pack their own groups (no separate packing pass), when each
+    # group is packed by one job only (nsplit 1) into an L1/L2-sized scratch
+    cg_max = int(np.diff(in_off).max())
+    own = _cp_own_pack(nb >= N, nsplit, cg_max * plane * dt.itemsize)
     if not own:
         xs_buf = WS.get_aligned("xs", nb * C * plane + Mp, dt)
         xs_buf[nb * C * plane:] = 0   # slack: the last plane's shifted taps read up to (Y - 1) // sw items past it
@@ -381,7 +385,7 @@ def _cp_cpu(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, 
     z_buf = WS.get("z", nb * per_z, dt)
     y_buf = WS.get("y", nb * F * P, dt)
     nth = numba.get_num_threads()
-    srow = KB.cp_scratch_size(sh, sw, R, Mp, OH, int(np.diff(in_off).max()) if own else 0)
+    srow = KB.cp_scratch_size(sh, sw, R, Mp, OH, cg_max if own else 0)
     scratch = WS.get_aligned("front", nth * srow, dt).reshape(nth, srow)
     inv_perm = _inverse(in_perm)
     y = np.empty((N, F, OH, OW), dt) if out is None else out
@@ -396,6 +400,11 @@ def _cp_cpu(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, 
                     nsplit, Z, scratch)
         _expand_scatter(Z, expand, out_perm, out_off, bias, n0, m, P, ybuf, y3)
     return y
+
+
+def _cp_own_pack(one_chunk, nsplit, group_bytes):
+    """Whether the CP front end's jobs pack their own input group instead of a packing pass over the chunk."""
+    return one_chunk and nsplit == 1 and group_bytes <= _OWN_PACK_BYTES
 
 
 def _round_rows(n):

@@ -142,6 +142,20 @@ def test_cp_tap_counts_and_component_quads(rng, dtype, X, Y, K, stride, padding)
     np.testing.assert_allclose(y, ref, *tolerance(dtype))
 
 
+@pytest.mark.parametrize("own", [True, False])
+@pytest.mark.parametrize("N", [1, 3])
+def test_cp_front_end_packing_either_way(rng, monkeypatch, own, N):
+    """The CP front end's jobs pack their own input group, or read a packing pass over the chunk: both give the
+    rebuilt kernel's conv (forced either way; left to itself the choice depends on the thread count)."""
+    monkeypatch.setattr(FB, "_cp_own_pack", lambda *a: own)
+    f = _cp_factors(rng, 12, 10, 5, 5, (2, 1, 3, 2, 4), (4, 6), 3, np.float32)
+    x = rng.standard_normal((N, 12, 15, 14)).astype(np.float32)
+    b = rng.standard_normal(10).astype(np.float32)
+    y = bicluster_cp_conv2d(x, *f, b, stride=2, padding=(2, 1, 0, 2))
+    ref = conv2d_naive(x, _dense_kernel("cp", f), b, (2, 2), (2, 1, 0, 2))
+    np.testing.assert_allclose(y, ref, *tolerance(np.float32))
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_uneven_groups_and_no_bias(rng, kind):
     f = _make(kind, rng, np.float64, C=7, F=9, in_sizes=(1, 4, 2), out_sizes=(2, 3, 4))
