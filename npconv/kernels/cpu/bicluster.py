@@ -7,7 +7,8 @@ Layouts (``nb`` images of a batch chunk, ``P = OH * OW`` output positions):
   contiguous runs: a horizontal tap ``b`` at stride ``sw`` is the contiguous slice ``[b // sw, b // sw + OW)``
   of phase ``b % sw``; the zero padding is materialised once.
 * ``pack_phase`` packs a chunk's input (padded, phase-split, channels in group order) for every form, reading
-  the input in its memory order.
+  the input in its memory order (the CP front end's jobs pack their own group instead when the batch is one chunk
+  and each group has one job).
 * The CP front end ``cp_front`` runs, for one (image, group g) per parallel job and 4 components at a time, the
   C_g -> 1 reduction folded into the horizontal Y-tap pass (column stride; each shifted input stream is loaded
   once for the 4 components), then per component the vertical X-tap pass (row stride; whole rows apart, so
