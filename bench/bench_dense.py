@@ -70,13 +70,10 @@ def _layer(name, quick):
 
 def _auto_algorithm(name, N, quick):
     """What conv2d's algorithm="auto" runs for this layer and batch."""
-    from npconv.functional._direct import use_direct
-    from npconv.functional._winograd import use_winograd
+    from npconv.functional.conv import auto_algorithm
     C, H, F, K, s, p = _layer(name, quick)
     OH = (H + 2 * p - K) // s + 1
-    if use_winograd((N, C, H, H), (F, C, K, K), (s, s), (1, 1), 1, (OH, OH)):
-        return "winograd"
-    return "direct" if use_direct((N, C, H, H), (F, C, K, K), (1, 1), 1, (OH, OH)) else "gemm"
+    return auto_algorithm((N, C, H, H), (F, C, K, K), (s, s), (1, 1), 1, (OH, OH))
 
 
 def _setup(C, H, F, K, s, p, N, impl):
@@ -185,8 +182,9 @@ def main(argv=None):
           f"{mem['growth_mib'] - mem['out_mib']:.1f} MiB beyond the persistent per-thread workspace of "
           f"{mem['ws_mib']:.1f} MiB (npconv._workspace.WS, allocated by the batch-1 warm-up call and kept)")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(info=info, env=describe(), results=results, memory=mem), f, indent=1)
+        from npconv._fileio import atomic_write
+        text = json.dumps(dict(info=info, env=describe(), results=results, memory=mem), indent=1)
+        atomic_write(args.json, lambda f: f.write(text.encode()))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from .._workspace import WS
 from .._validate import (as_pair, as_padding4, check_float_array, check_int, check_out, check_same_dtype, fill_out,
                          out_size)
 
-__all__ = ["conv2d", "conv2d_output_shape", "normalize_conv_args", "ALGORITHMS"]
+__all__ = ["conv2d", "conv2d_output_shape", "normalize_conv_args", "auto_algorithm", "ALGORITHMS"]
 
 #: the values of conv2d's ``algorithm`` option
 ALGORITHMS = ("auto", "gemm", "winograd", "direct")
@@ -133,12 +133,7 @@ def conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1, algorithm
             raise ValueError(f'algorithm="direct" needs dilation 1 and groups=1; got dilation {dilation}, '
                              f"groups {groups}")
     elif algorithm == "auto":
-        if WG.use_winograd(x.shape, w.shape, stride, dilation, groups, (OH, OW)):
-            algorithm = "winograd"
-        elif DR.use_direct(x.shape, w.shape, dilation, groups, (OH, OW)):
-            algorithm = "direct"
-        else:
-            algorithm = "gemm"
+        algorithm = auto_algorithm(x.shape, w.shape, stride, dilation, groups, (OH, OW))
     if algorithm == "winograd":
         return WG.conv2d_winograd_cpu(np.ascontiguousarray(x), np.ascontiguousarray(w),
                                       None if b is None else np.ascontiguousarray(b), pad, OH, OW, out=out)
@@ -147,6 +142,18 @@ def conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1, algorithm
         wt = np.ascontiguousarray(w.reshape(F, C * KH * KW))
         return DR.direct_conv_cpu(x, wt, np.arange(F), [0, F], [0], C, KH, KW, b, stride, pad, F, out=out)
     return _conv2d_cpu(x, w, b, stride, pad, dilation, groups, OH, OW, out)
+
+
+def auto_algorithm(x_shape, w_shape, stride, dilation, groups, out_hw):
+    """The CPU algorithm ``conv2d(algorithm="auto")`` runs for these shapes (normalised pairs for ``stride`` and
+    ``dilation``): "winograd", "direct" or "gemm" (the depthwise and 1x1 special cases are part of "gemm")."""
+    from . import _direct as DR
+    from . import _winograd as WG
+    if WG.use_winograd(x_shape, w_shape, stride, dilation, groups, out_hw):
+        return "winograd"
+    if DR.use_direct(x_shape, w_shape, dilation, groups, out_hw):
+        return "direct"
+    return "gemm"
 
 
 def _conv2d_cpu(x, w, b, stride, pad, dilation, groups, OH, OW, out=None):

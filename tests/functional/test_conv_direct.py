@@ -83,3 +83,11 @@ def test_use_direct_bounds():
     assert DR.use_direct(**{**ok, "x_shape": (1, 4, 13, 13), "out_hw": (13, 13)})   # 1.08 M: enough
     assert not DR.use_direct(**{**ok, "dilation": (1, 2)})
     assert not DR.use_direct(**{**ok, "groups": 2})
+
+
+def test_auto_algorithm_names_what_auto_runs():
+    from npconv.functional.conv import auto_algorithm
+    one = ((1, 1), (1, 1), 1)
+    assert auto_algorithm((4, 3, 32, 32), (64, 3, 5, 5), *one, (32, 32)) == "direct"      # CIFAR conv1
+    assert auto_algorithm((1, 3, 224, 224), (96, 3, 7, 7), (2, 2), (1, 1), 1, (110, 110)) == "gemm"   # ZF conv1
+    assert auto_algorithm((8, 256, 13, 13), (384, 256, 3, 3), *one, (13, 13)) == "winograd"
