@@ -6,9 +6,10 @@
     python bench/bench_lowrank.py --threads 1   # BLAS and numba limited to one thread
 
 For every factored layer it prints the measured speed-up over the dense ``conv2d`` (same input, same output
-array, same threads; the two timed in alternating blocks of calls, medians), the theoretical gain (exact executed multiply-adds, ``npconv.decompose.cost``; the paper's closed form
-in brackets) and their ratio, which the project asks to be >= 0.8. ``rows(quick)`` gives the same cases to
-``bench/run_all.py`` (each factored row has the dense row of its batch as ``baseline``).
+array, same threads; the two timed in alternating blocks of calls, medians), the theoretical gain (exact executed
+multiply-adds, ``npconv.decompose.cost``; the paper's closed form in brackets) and their ratio, which the project
+asks to be >= 0.8. ``rows(quick)`` gives the same cases to ``bench/run_all.py`` (each factored row has the dense
+row of its batch as ``baseline``).
 
 Both sides write into an output array allocated once per case (``out=``), as ``Network.forward`` does: the
 timings are the steady state of repeated calls, without the page faults of a fresh 567 MiB output (36-200 ms

@@ -22,7 +22,7 @@ import numpy as np
 
 from .._validate import out_size
 
-__all__ = ["direct_conv_cpu", "direct_eligible", "use_direct"]
+__all__ = ["dense_direct", "direct_conv_cpu", "direct_eligible", "use_direct"]
 
 #: target size of one job's buffer of polyphase rows (it should stay in the L2 cache), in bytes
 _BAND_BYTES = 384 * 2**10
@@ -36,15 +36,15 @@ DENSE_DIRECT_MAX_PLANE = 4096
 DENSE_DIRECT_MIN_MACS = 1 << 20
 
 
-def direct_eligible(w_shape, dilation, groups):
-    """Whether the direct kernel can run a dense conv of this kernel: no dilation and one group."""
+def direct_eligible(dilation, groups):
+    """Whether the direct kernel can run a dense conv: no dilation and one group."""
     return groups == 1 and tuple(dilation) == (1, 1)
 
 
 def use_direct(x_shape, w_shape, dilation, groups, out_hw):
     """Whether ``conv2d(algorithm="auto")`` runs the direct kernel on the CPU: eligible, and within the
     ``DENSE_DIRECT_*`` bounds (taps per filter, filters, output plane, multiply-adds)."""
-    if not direct_eligible(w_shape, dilation, groups):
+    if not direct_eligible(dilation, groups):
         return False
     F, C, KH, KW = w_shape
     taps = C * KH * KW
@@ -138,3 +138,9 @@ def direct_conv_cpu(x, wt, order, bounds, group_plane, Cg, X, Y, bias, stride, p
     return out
 
 
+def dense_direct(x, w, bias, stride, pad, out=None):
+    """A dense conv (``w`` (F, C, KH, KW), every input channel to every filter) on the direct kernel; stride and
+    padding as :func:`direct_conv_cpu` takes them."""
+    F, C, KH, KW = w.shape
+    wt = np.ascontiguousarray(w.reshape(F, C * KH * KW))
+    return direct_conv_cpu(x, wt, np.arange(F), [0, F], [0], C, KH, KW, bias, stride, pad, F, out=out)

@@ -129,7 +129,7 @@ def conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1, algorithm
             raise ValueError(f'algorithm="winograd" needs a 3x3 kernel, stride 1, dilation 1 and groups=1; got kernel '
                              f"{tuple(w.shape[2:])}, stride {stride}, dilation {dilation}, groups {groups}")
     elif algorithm == "direct":
-        if not DR.direct_eligible(w.shape, dilation, groups):
+        if not DR.direct_eligible(dilation, groups):
             raise ValueError(f'algorithm="direct" needs dilation 1 and groups=1; got dilation {dilation}, '
                              f"groups {groups}")
     elif algorithm == "auto":
@@ -138,9 +138,7 @@ def conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1, algorithm
         return WG.conv2d_winograd_cpu(np.ascontiguousarray(x), np.ascontiguousarray(w),
                                       None if b is None else np.ascontiguousarray(b), pad, OH, OW, out=out)
     if algorithm == "direct":
-        F, C, KH, KW = w.shape
-        wt = np.ascontiguousarray(w.reshape(F, C * KH * KW))
-        return DR.direct_conv_cpu(x, wt, np.arange(F), [0, F], [0], C, KH, KW, b, stride, pad, F, out=out)
+        return DR.dense_direct(x, w, b, stride, pad, out=out)
     return _conv2d_cpu(x, w, b, stride, pad, dilation, groups, OH, OW, out)
 
 

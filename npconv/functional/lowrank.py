@@ -14,8 +14,8 @@ CPU (NumPy arrays): convolutions with few filters per input group (all of the mo
 stage of a low-rank conv and the vertical separable pass when they have few filters and taps) run on the direct
 polyphase kernel of :mod:`npconv.kernels.cpu.lowrank`, which reads the input planes in place instead of packing
 an im2col matrix; the others go through :func:`npconv.functional.conv2d` (im2col + BLAS). The direct kernel's
-workspace is one band of polyphase rows per running job (about ``_direct._BAND_BYTES``), whatever the batch size; the
-intermediate maps of the two-stage layers (low-rank conv, separable) are made for a chunk of images at a time,
+workspace is one band of polyphase rows per running job (about ``_direct._BAND_BYTES``), whatever the batch size;
+the intermediate maps of the two-stage layers (low-rank conv, separable) are made for a chunk of images at a time,
 at most ``_WORKSPACE_BYTES``, in a per-thread workspace reused across calls (``npconv._workspace.WS``).
 
 GPU (CuPy arrays): after the same validation, the convolutions go to :mod:`npconv.kernels.cuda.ops_lowrank`: the
@@ -32,7 +32,7 @@ from .._backend import get_array_module, to_numpy
 from .._workspace import WS
 from .._validate import (as_pair, as_padding4, check_array, check_float_array, check_out, check_same_dtype, fill_out,
                          out_size)
-from ._direct import direct_conv_cpu
+from ._direct import dense_direct, direct_conv_cpu
 from .conv import conv2d
 
 __all__ = ["lowrank_linear", "lowrank_conv2d", "monochromatic_conv2d", "separable_conv2d"]
@@ -73,8 +73,7 @@ def _generic_conv(x, w, bias, stride, pad, out=None):
     ``out`` (C-contiguous, the output's shape) receives the result when given."""
     F, C, X, Y = w.shape
     if _use_direct(F, C * X * Y):
-        wt = np.ascontiguousarray(w.reshape(F, C * X * Y))
-        return direct_conv_cpu(x, wt, np.arange(F), [0, F], [0], C, X, Y, bias, stride, pad, F, out=out)
+        return dense_direct(x, w, bias, stride, pad, out=out)
     return conv2d(x, np.ascontiguousarray(w), bias, stride=stride, padding=pad, out=out)
 
 

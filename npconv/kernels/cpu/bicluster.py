@@ -183,10 +183,14 @@ def _sweep4(acc, ao, src, offs, coef, t, nt, n, init):
         s2 = src[offs[t + 2]:]
         s3 = src[offs[t + 3]:]
         s4 = src[offs[t + 4]:]
-        a0 = coef[0, t]; a1 = coef[0, t + 1]; a2 = coef[0, t + 2]; a3 = coef[0, t + 3]; a4 = coef[0, t + 4]  # noqa: E702
-        b0 = coef[1, t]; b1 = coef[1, t + 1]; b2 = coef[1, t + 2]; b3 = coef[1, t + 3]; b4 = coef[1, t + 4]  # noqa: E702
-        c0 = coef[2, t]; c1 = coef[2, t + 1]; c2 = coef[2, t + 2]; c3 = coef[2, t + 3]; c4 = coef[2, t + 4]  # noqa: E702
-        d0 = coef[3, t]; d1 = coef[3, t + 1]; d2 = coef[3, t + 2]; d3 = coef[3, t + 3]; d4 = coef[3, t + 4]  # noqa: E702
+        a0 = coef[0, t]; a1 = coef[0, t + 1]; a2 = coef[0, t + 2]  # noqa: E702
+        a3 = coef[0, t + 3]; a4 = coef[0, t + 4]  # noqa: E702
+        b0 = coef[1, t]; b1 = coef[1, t + 1]; b2 = coef[1, t + 2]  # noqa: E702
+        b3 = coef[1, t + 3]; b4 = coef[1, t + 4]  # noqa: E702
+        c0 = coef[2, t]; c1 = coef[2, t + 1]; c2 = coef[2, t + 2]  # noqa: E702
+        c3 = coef[2, t + 3]; c4 = coef[2, t + 4]  # noqa: E702
+        d0 = coef[3, t]; d1 = coef[3, t + 1]; d2 = coef[3, t + 2]  # noqa: E702
+        d3 = coef[3, t + 3]; d4 = coef[3, t + 4]  # noqa: E702
         if init:
             for j in range(n):
                 u0 = s0[j]; u1 = s1[j]; u2 = s2[j]; u3 = s3[j]; u4 = s4[j]  # noqa: E702
@@ -307,7 +311,6 @@ def cp_front(xflat, x, n0, in_perm, pt, pl, nb, C, SH, SW, R, Mp, in_offsets, hc
     OM = OH * Mp
     dt = Z.dtype
     nq = (HK + 3) // 4
-    T = max(X, Y)
     own = xflat.shape[0] == 0
     for job in numba.prange(nb * G * nsplit):
         b = job % nsplit
@@ -331,9 +334,9 @@ def cp_front(xflat, x, n0, in_perm, pt, pl, nb, C, SH, SW, R, Mp, in_offsets, hc
         else:
             xsrc = xflat
             xbase = (i * C + j0) * plane
-        offs = np.empty(T, np.int64)
-        coef = np.empty((4, T), dt)
-        vcoef = np.empty(T, dt)
+        offs = np.empty(Y, np.int64)
+        coef = np.empty((4, Y), dt)
+        vcoef = np.empty(X, dt)
         hk4 = np.empty(4, np.int64)
         voffs = np.empty(X, np.int64)
         for a in range(Y):
@@ -344,12 +347,12 @@ def cp_front(xflat, x, n0, in_perm, pt, pl, nb, C, SH, SW, R, Mp, in_offsets, hc
             nk = min(4, HK - 4 * qd)
             for kk in range(4):
                 hk4[kk] = 4 * qd + min(kk, nk - 1)    # a short last quad repeats its last component
-            # 1. reduction + horizontal pass, 4 components at a time
-            for p in range(SH):
-                for u in range(cg):
-                    for kk in range(4):
-                        for a in range(Y):
-                            coef[kk, a] = hcoef[j0 + u, hk4[kk], a]
+            # 1. reduction + horizontal pass, 4 components at a time (each row phase p has its own accumulators)
+            for u in range(cg):
+                for kk in range(4):
+                    for a in range(Y):
+                        coef[kk, a] = hcoef[j0 + u, hk4[kk], a]
+                for p in range(SH):
                     src = xsrc[xbase + (u * SH + p) * SW * RM:]
                     _taps4(acc, p * RM, src, offs, coef, Y, RM, u == 0)
             # 2. + 3. vertical pass and compaction, per component
@@ -360,7 +363,7 @@ def cp_front(xflat, x, n0, in_perm, pt, pl, nb, C, SH, SW, R, Mp, in_offsets, hc
                 a_src = acc[kk]
                 for a in range(X):
                     vcoef[a] = vertical[g, h, k, a]
-                _taps(o, a_src, voffs, vcoef[:X], OM, False)
+                _taps(o, a_src, voffs, vcoef, OM, False)
                 zrow = Z[h, g * K + k, i * P:(i + 1) * P]
                 for oi in range(OH):
                     d = zrow[oi * OW:(oi + 1) * OW]
