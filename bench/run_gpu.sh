@@ -5,6 +5,11 @@
 #
 #   bash bench/run_gpu.sh [OUTDIR] [STEP ...]     # steps: info tests suite bench network factored (default: all
 #                                                 # but suite; suite = the whole test suite, GPU tests included)
+#                                                 # and, only when named: probe ncu memcheck racecheck
+#
+# probe: bench/gpu_profile.py's CUDA-event times of the parts of the dense conv2 and of variants; ncu: Nsight Compute
+# on bench/gpu_profile.py's workloads (report and its details page); memcheck / racecheck: compute-sanitizer over the
+# float32 GPU tests (racecheck: the kernels with shared memory), each stopped at its time limit.
 #
 # Environment: PYTHON (default python3), NPCONV_TEST_JOBS (pytest-xdist workers, default 8), TESTS_LIMIT and
 # SUITE_LIMIT (seconds), TAIL_LINES (log lines echoed per step), PACK (where the .tgz goes).
@@ -47,7 +52,25 @@ torch.__version__, \"cudnn\", torch.backends.cudnn.version())'; nproc; lscpu | g
     factored)
         step bench_gpu_bicluster 90 "$py" bench/bench_gpu_bicluster.py --out "$out/gpu_bicluster.json"
         step bench_gpu_lowrank 90 "$py" bench/bench_gpu_lowrank.py --out "$out/gpu_lowrank.json" ;;
+    probe)
+        step probe "${PROBE_LIMIT:-120}" "$py" bench/gpu_profile.py probe --out "$out/probe.json" ;;
+    ncu)
+        step ncu "${NCU_LIMIT:-150}" ncu --profile-from-start off --clock-control none --target-processes all \
+            --section SpeedOfLight --section LaunchStats --section Occupancy --section MemoryWorkloadAnalysis \
+            --section ComputeWorkloadAnalysis --section WarpStateStats --section SchedulerStats -f -o "$out/ncu" \
+            "$py" bench/gpu_profile.py ncu
+        step ncu_details 60 ncu -i "$out/ncu.ncu-rep" --page details ;;
+    memcheck)
+        step memcheck "${MEMCHECK_LIMIT:-120}" compute-sanitizer --tool memcheck --target-processes all \
+            --error-exitcode 3 --print-limit 20 "$py" -m pytest -q -x -m gpu -n "$jobs" -p no:cacheprovider \
+            --timeout 100 -k float32 tests/gpu ;;
+    racecheck)
+        step racecheck "${RACECHECK_LIMIT:-60}" compute-sanitizer --tool racecheck --target-processes all \
+            --error-exitcode 3 --print-limit 20 "$py" -m pytest -q -x -m gpu -n "$jobs" -p no:cacheprovider \
+            --timeout 50 -k float32 tests/gpu/test_gpu_bicluster.py tests/gpu/test_gpu_lowrank.py \
+            tests/gpu/test_gpu_ops.py ;;
     *)
-        echo "unknown step $s (steps: info tests suite bench network factored)"; exit 2 ;;
+        echo "unknown step $s (steps: info tests suite bench network factored probe ncu memcheck racecheck)"
+        exit 2 ;;
     esac
 done

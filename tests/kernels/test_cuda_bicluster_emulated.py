@@ -82,6 +82,8 @@ CP_CASES = {
     "1x1": (2, 3, 6, 5, (3,), 1, 5, 1, 1, (1, 1), (0, 0, 0, 0)),
     "wide-padding": (1, 2, 4, 5, (1, 1), 1, 1, 2, 2, (1, 1), (3, 0, 0, 3)),            # all-zero windows
     "stride3x1": (1, 5, 11, 8, (2, 3), 2, 1, 3, 2, (3, 1), (0, 1, 2, 0)),
+    "7x7-odd-groups": (2, 9, 12, 13, (3, 1, 5), 2, 3, 7, 7, (1, 2), (3, 3, 2, 1)),   # 6 comps: a run across h
+    "7x1-many-channels": (1, 12, 9, 7, (12,), 1, 4, 7, 1, (1, 1), (3, 3, 0, 0)),
 }
 
 
@@ -114,8 +116,7 @@ def test_cp_front(bic_module, rng, dtype, launch, case):
     OH, OW = out_len(H, X, stride[0], pad[0], pad[1]), out_len(W, Y, stride[1], pad[2], pad[3])
 
     def smem_of(TW, TH):
-        TIH, TIW = (TH - 1) * stride[0] + X, (TW - 1) * stride[1] + Y
-        return (KC * (TIH * TIW + TH * TIW) + KC * (X + Y)) * dtype.itemsize
+        return cp_smem(X, Y, TW, TH, stride, max(sizes), dtype.itemsize)
     order, TW, TH, gz, smem = tile_launch(launch, N, smem_of)
     tiles_w = -(-OW // TW)
     kchunks = -(-NH * K // KC)
@@ -127,16 +128,23 @@ def test_cp_front(bic_module, rng, dtype, launch, case):
     check(z, cp_reference(x, in_perm, in_off, reduce, vert, hor, stride, pad), dtype, max(sizes) * X * Y)
 
 
+def cp_smem(X, Y, TW, TH, stride, cg_max, item):
+    """bic_cp_front's dynamic shared memory, from the layout described in _bicluster.cu: spatial taps, reduced
+    tiles, vertical-pass tiles and reduction weights (reals, rounded to an even count), then 8-byte offsets."""
+    TIH, TIW = (TH - 1) * stride[0] + X, (TW - 1) * stride[1] + Y
+    reals = KC * (X + Y) + KC * TIH * TIW + KC * TH * TIW + KC * cg_max
+    return (reals + reals % 2) * item + 8 * cg_max
+
+
 def test_cp_tiling_formula_matches_the_kernel_layout():
     """ops_bicluster sizes bic_cp_front's dynamic shared memory with the kernel's layout (checked independently)."""
-    for X, Y, SH, SW, item in [(5, 5, 2, 2, 4), (3, 3, 1, 1, 8), (5, 5, 2, 2, 8), (7, 1, 1, 1, 4)]:
-        TW, TH, smem = ops_bicluster.cp_tiling(X, Y, SH, SW, item)
-        TIH, TIW = (TH - 1) * SH + X, (TW - 1) * SW + Y
-        assert smem == (KC * (TIH * TIW + TH * TIW) + KC * (X + Y)) * item
+    for X, Y, SH, SW, item, cg in [(5, 5, 2, 2, 4, 2), (3, 3, 1, 1, 8, 7), (5, 5, 2, 2, 8, 1), (7, 1, 1, 1, 4, 96)]:
+        TW, TH, smem = ops_bicluster.cp_tiling(X, Y, SH, SW, item, cg)
+        assert smem == cp_smem(X, Y, TW, TH, (SH, SW), cg, item)
         assert smem <= ops_bicluster.CP_SMEM_BUDGET and TW * TH <= 256
-    assert ops_bicluster.cp_tiling(5, 5, 2, 2, 4)[:2] == (32, 8)      # ZF conv2, float32: the full tile
-    assert ops_bicluster.cp_tiling(5, 5, 2, 2, 8)[1] < 8               # float64: fewer rows
-    assert ops_bicluster.cp_tiling(31, 31, 4, 4, 8) is None            # too large: the composed fallback
+    assert ops_bicluster.cp_tiling(5, 5, 2, 2, 4, 2)[:2] == (32, 8)   # ZF conv2, float32: the full tile
+    assert ops_bicluster.cp_tiling(5, 5, 2, 2, 8, 2)[1] < 8            # float64: fewer rows
+    assert ops_bicluster.cp_tiling(31, 31, 4, 4, 8, 2) is None         # too large: the composed fallback
 
 
 # --- bic_gather and bic_scatter ----------------------------------------------------------------------------------

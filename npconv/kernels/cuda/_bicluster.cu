@@ -30,15 +30,71 @@
 //   bottom/right padding only enters through OH/OW).
 // Launch: block (TW, TH) with TW*TH <= 256; grid (tiles_h * tiles_w, G * kchunks, min(m, 65535)) where
 // kchunks = ceil(NH*K / NPCONV_BIC_KC): block (tile, g, chunk) computes components q0 .. q0+KC-1 (q = h*K + k)
-// of group g for a TH x TW tile of output pixels, looping over the images. Dynamic shared memory, in real_t:
-//   KC * TIH * TIW (the reduced input tiles; TIH = (TH-1)*SH + X, TIW = (TW-1)*SW + Y)
-//   + KC * TH * TIW (after the vertical pass) + KC * (X + Y) (the block's spatial weights).
-NPCONV_KERNEL_LB(bic_cp_front, 256)(const real_t* __restrict__ x, const int* __restrict__ in_perm,
-                                    const int* __restrict__ in_off, const real_t* __restrict__ reduce,
-                                    const real_t* __restrict__ vertical, const real_t* __restrict__ horizontal,
-                                    real_t* __restrict__ z, int m, int C, int H, int W, int G, int NH, int K,
-                                    int X, int Y, int SH, int SW, int PT, int PL, int OH, int OW, int tiles_w,
-                                    int kchunks) {
+// of group g for a TH x TW tile of output pixels, looping over the images. Dynamic shared memory, in this order:
+//   real_t: KC * (X + Y) (the block's spatial weights), KC * TIH * TIW (the reduced input tiles;
+//           TIH = (TH-1)*SH + X, TIW = (TW-1)*SW + Y), KC * TH * TIW (after the vertical pass),
+//           KC * cg (the block's reduction weights; cg = its group's size), rounded up to an even count;
+//   long long: cg (the offsets of the group's channels in an image).
+// The host sizes it for the largest group (the layout grows with cg).
+// At most 64 registers a thread (4 blocks of 256 threads a multiprocessor): the first version, with no bound,
+// took 128 and ran at 25% occupancy, latency bound (ncu on an H100, ZF conv2 CP K=8, batch 128: 3.4 ms).
+// Each pass keeps its work free of integer division inside the loops and holds the taps of the common kernel
+// sizes (3, 5, 7) in registers (npc_cp_taps<T>); other sizes take the generic loop (T = 0).
+
+// s = sum_t w[t] * src[t * step], t < T (unrolled, taps in registers) or t < n when T == 0
+template <int T>
+__device__ __forceinline__ real_t npc_cp_taps(const real_t* w, const real_t* src, int step, int n) {
+  real_t s = real_t(0);
+  if (T > 0) {
+#pragma unroll
+    for (int t = 0; t < (T > 0 ? T : 1); ++t) s += w[t] * src[t * step];
+  } else {
+    for (int t = 0; t < n; ++t) s += w[t] * src[t * step];
+  }
+  return s;
+}
+
+// vertical pass of the block's nq components, row ty of the tile (blockDim.y == TH rows), columns tx, tx + TW, ...:
+// vs[i][ty][c] = sum_t wv[i][t] * rs[i][ty*SH + t][c]
+template <int T>
+__device__ __forceinline__ void npc_cp_vertical(const real_t* rs, real_t* vs, const real_t* wv, int nq, int X,
+                                                int TIW, int TIT, int TVT, int SH, int tx, int ty, int TW) {
+  for (int i = 0; i < nq; ++i) {
+    const real_t* src = rs + i * TIT + ty * SH * TIW;
+    real_t* dst = vs + i * TVT + ty * TIW;
+    if (T > 0) {
+      real_t w[T > 0 ? T : 1];
+#pragma unroll
+      for (int t = 0; t < (T > 0 ? T : 1); ++t) w[t] = wv[i * X + t];
+      for (int c = tx; c < TIW; c += TW) dst[c] = npc_cp_taps<T>(w, src + c, TIW, X);
+    } else {
+      for (int c = tx; c < TIW; c += TW) dst[c] = npc_cp_taps<0>(wv + i * X, src + c, TIW, X);
+    }
+  }
+}
+
+// horizontal pass of the block's nq components for the thread's output pixel, into Z
+template <int T>
+__device__ __forceinline__ void npc_cp_horizontal(const real_t* vs, const real_t* wh, real_t* zc, size_t zstride,
+                                                  int nq, int Y, int TVT, int TIW, int ty, int tx, int SW) {
+  const real_t* src = vs + ty * TIW + tx * SW;
+  for (int i = 0; i < nq; ++i, src += TVT, zc += zstride) {
+    if (T > 0) {
+      real_t w[T > 0 ? T : 1];
+#pragma unroll
+      for (int t = 0; t < (T > 0 ? T : 1); ++t) w[t] = wh[i * Y + t];
+      *zc = npc_cp_taps<T>(w, src, 1, Y);
+    } else {
+      *zc = npc_cp_taps<0>(wh + i * Y, src, 1, Y);
+    }
+  }
+}
+
+NPCONV_KERNEL_LB_MIN(bic_cp_front, 256, 4)(
+    const real_t* __restrict__ x, const int* __restrict__ in_perm, const int* __restrict__ in_off,
+    const real_t* __restrict__ reduce, const real_t* __restrict__ vertical, const real_t* __restrict__ horizontal,
+    real_t* __restrict__ z, int m, int C, int H, int W, int G, int NH, int K, int X, int Y, int SH, int SW, int PT,
+    int PL, int OH, int OW, int tiles_w, int kchunks) {
   extern __shared__ __align__(16) unsigned char npconv_bic_cp_smem[];
   const int KC = NPCONV_BIC_KC;
   const int TW = blockDim.x;
@@ -47,17 +103,13 @@ NPCONV_KERNEL_LB(bic_cp_front, 256)(const real_t* __restrict__ x, const int* __r
   const int TIW = (TW - 1) * SW + Y;
   const int TIT = TIH * TIW;  // one reduced input tile
   const int TVT = TH * TIW;   // one tile after the vertical pass
-  real_t* rs = reinterpret_cast<real_t*>(npconv_bic_cp_smem);
-  real_t* vs = rs + KC * TIT;
-  real_t* wv = vs + KC * TVT;  // wv[i * X + t]
-  real_t* wh = wv + KC * X;    // wh[i * Y + t]
 
   const int HK = NH * K;
   const int g = blockIdx.y / kchunks;
   const int q0 = (blockIdx.y - g * kchunks) * KC;
   const int nq = min(KC, HK - q0);
   const int i0 = in_off[g];
-  const int i1 = in_off[g + 1];
+  const int cg = in_off[g + 1] - i0;
   const int tx = threadIdx.x;
   const int ty = threadIdx.y;
   const int tid = ty * TW + tx;
@@ -72,37 +124,58 @@ NPCONV_KERNEL_LB(bic_cp_front, 256)(const real_t* __restrict__ x, const int* __r
   const size_t HW = (size_t)H * W;
   const size_t P = (size_t)OH * OW;
   const size_t ldz = (size_t)m * P;
+  const int step_r = nthreads / TIW;  // a step of nthreads pixels in the reduced tile, as rows and columns
+  const int step_c = nthreads - step_r * TIW;
 
-  // the spatial weights of the block's components (zero past the last component)
-  for (int j = tid; j < KC * (X + Y); j += nthreads) {
-    if (j < KC * X) {
-      const int i = j / X;
-      wv[j] = i < nq ? __ldg(vertical + ((size_t)g * HK + q0 + i) * X + (j - i * X)) : real_t(0);
-    } else {
-      const int jj = j - KC * X;
-      const int i = jj / Y;
-      wh[jj] = i < nq ? __ldg(horizontal + ((size_t)g * HK + q0 + i) * Y + (jj - i * Y)) : real_t(0);
-    }
+  real_t* wv = reinterpret_cast<real_t*>(npconv_bic_cp_smem);  // wv[i * X + t]
+  real_t* wh = wv + KC * X;                                      // wh[i * Y + t]
+  real_t* rs = wh + KC * Y;
+  real_t* vs = rs + KC * TIT;
+  real_t* wr = vs + KC * TVT;                                    // wr[j * KC + i], j < cg
+  size_t reals = (size_t)KC * (X + Y + TIT + TVT + cg);          // the offsets follow this group's weights,
+  reals += reals & 1;                                            // 8-byte aligned
+  long long* choff = reinterpret_cast<long long*>(npconv_bic_cp_smem + reals * sizeof(real_t));
+
+  // the block's weights: spatial taps (zero past the last component), reduction (zero past nq), channel offsets
+  for (int j = tid; j < KC * X; j += nthreads) {
+    const int i = j / X;
+    wv[j] = i < nq ? __ldg(vertical + ((size_t)g * HK + q0 + i) * X + (j - i * X)) : real_t(0);
   }
+  for (int j = tid; j < KC * Y; j += nthreads) {
+    const int i = j / Y;
+    wh[j] = i < nq ? __ldg(horizontal + ((size_t)g * HK + q0 + i) * Y + (j - i * Y)) : real_t(0);
+  }
+  for (int j = tid; j < KC * cg; j += nthreads) {
+    const int c = j / KC;
+    const int i = j - c * KC;
+    wr[j] = i < nq ? __ldg(reduce + (size_t)(i0 + c) * HK + q0 + i) : real_t(0);
+  }
+  for (int c = tid; c < cg; c += nthreads) choff[c] = (long long)__ldg(in_perm + i0 + c) * (long long)HW;
+  __syncthreads();
 
   for (int n = blockIdx.z; n < m; n += gridDim.z) {
     // 1. reduction of the group's channels over the input tile, KC components at once (zero padding stays 0).
     //    The previous image's rs was last read before the barrier ahead of its step 3, so no barrier is needed.
     const real_t* xn = x + (size_t)n * C * HW;
-    for (int j = tid; j < TIT; j += nthreads) {
-      const int r = j / TIW;
+    //    Pixel j = r * TIW + c of the tile, j = tid, tid + nthreads, ...: (r, c) advanced without division.
+    for (int j = tid, r = tid / TIW, c = tid - (tid / TIW) * TIW; j < TIT;
+         j += nthreads, r += step_r, c += step_c) {
+      if (c >= TIW) {
+        c -= TIW;
+        ++r;
+      }
       const int ih = ih0 + r;
-      const int iw = iw0 + (j - r * TIW);
+      const int iw = iw0 + c;
       real_t acc[NPCONV_BIC_KC];
 #pragma unroll
       for (int i = 0; i < NPCONV_BIC_KC; ++i) acc[i] = real_t(0);
       if (npc_inside(ih, H) && npc_inside(iw, W)) {
         const real_t* xp = xn + (size_t)ih * W + iw;
-        const real_t* rr = reduce + (size_t)i0 * HK + q0;
-        for (int c = i0; c < i1; ++c, rr += HK) {
-          const real_t v = __ldg(xp + (size_t)__ldg(in_perm + c) * HW);
+#pragma unroll 2  // (more unrolling needs more than the 64 registers of 4 blocks)
+        for (int ch = 0; ch < cg; ++ch) {
+          const real_t v = __ldg(xp + choff[ch]);
 #pragma unroll
-          for (int i = 0; i < NPCONV_BIC_KC; ++i) acc[i] += __ldg(rr + min(i, nq - 1)) * v;
+          for (int i = 0; i < NPCONV_BIC_KC; ++i) acc[i] += wr[ch * NPCONV_BIC_KC + i] * v;
         }
       }
 #pragma unroll
@@ -110,28 +183,28 @@ NPCONV_KERNEL_LB(bic_cp_front, 256)(const real_t* __restrict__ x, const int* __r
     }
     __syncthreads();  // rs written; the previous image's vs is no longer read
     // 2. vertical pass (row stride SH) of every component
-    for (int j = tid; j < nq * TVT; j += nthreads) {
-      const int i = j / TVT;
-      const int rem = j - i * TVT;
-      const int r = rem / TIW;
-      const real_t* src = rs + i * TIT + r * SH * TIW + (rem - r * TIW);
-      const real_t* w = wv + i * X;
-      real_t s = real_t(0);
-      for (int t = 0; t < X; ++t) s += w[t] * src[t * TIW];
-      vs[j] = s;
-    }
+    if (X == 3) npc_cp_vertical<3>(rs, vs, wv, nq, X, TIW, TIT, TVT, SH, tx, ty, TW);
+    else if (X == 5) npc_cp_vertical<5>(rs, vs, wv, nq, X, TIW, TIT, TVT, SH, tx, ty, TW);
+    else if (X == 7) npc_cp_vertical<7>(rs, vs, wv, nq, X, TIW, TIT, TVT, SH, tx, ty, TW);
+    else npc_cp_vertical<0>(rs, vs, wv, nq, X, TIW, TIT, TVT, SH, tx, ty, TW);
     __syncthreads();
-    // 3. horizontal pass (column stride SW); one output pixel per thread
+    // 3. horizontal pass (column stride SW); one output pixel per thread, component q = h*K + k to its Z row
     if (active) {
+      // rows of consecutive components differ by ldz within an output group h; the groups are G*K rows apart
       const size_t col = (size_t)n * P + (size_t)oh * OW + ow;
-      for (int i = 0; i < nq; ++i) {
-        const real_t* src = vs + i * TVT + ty * TIW + tx * SW;
-        const real_t* w = wh + i * Y;
-        real_t s = real_t(0);
-        for (int t = 0; t < Y; ++t) s += w[t] * src[t];
+      for (int i = 0; i < nq;) {
         const int q = q0 + i;
         const int h = q / K;
-        z[((size_t)(h * G + g) * K + (q - h * K)) * ldz + col] = s;
+        const int k = q - h * K;
+        const int run = min(nq - i, K - k);  // components of this output group in the block
+        real_t* zc = z + ((size_t)(h * G + g) * K + k) * ldz + col;
+        const real_t* vi = vs + i * TVT;
+        const real_t* whi = wh + i * Y;
+        if (Y == 3) npc_cp_horizontal<3>(vi, whi, zc, ldz, run, Y, TVT, TIW, ty, tx, SW);
+        else if (Y == 5) npc_cp_horizontal<5>(vi, whi, zc, ldz, run, Y, TVT, TIW, ty, tx, SW);
+        else if (Y == 7) npc_cp_horizontal<7>(vi, whi, zc, ldz, run, Y, TVT, TIW, ty, tx, SW);
+        else npc_cp_horizontal<0>(vi, whi, zc, ldz, run, Y, TVT, TIW, ty, tx, SW);
+        i += run;
       }
     }
   }

@@ -15,6 +15,9 @@ typedef NPCONV_REAL real_t;
 #define NPCONV_KERNEL(base) extern "C" __global__ void NPCONV_JOIN(npconv_##base, NPCONV_SFX)
 #define NPCONV_KERNEL_LB(base, threads) \
   extern "C" __global__ void __launch_bounds__(threads) NPCONV_JOIN(npconv_##base, NPCONV_SFX)
+// ... and at least min_blocks resident blocks a multiprocessor (caps the registers a thread at 64K / (threads*blocks))
+#define NPCONV_KERNEL_LB_MIN(base, threads, min_blocks) \
+  extern "C" __global__ void __launch_bounds__(threads, min_blocks) NPCONV_JOIN(npconv_##base, NPCONV_SFX)
 
 // grid-stride loop over [0, total); ops.py keeps total + gridDim.x * blockDim.x below 2^31
 #define NPCONV_FOR_EACH(i, total) \

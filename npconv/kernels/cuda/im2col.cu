@@ -6,34 +6,37 @@
 // computes that group for the whole chunk. Zero padding may differ on each side: the top/left padding
 // shifts the windows, the bottom/right padding only enters through OH/OW (computed by the caller).
 
-// Launch geometry: blockIdx.y (and its grid-stride loop) walks the rows k, so each thread works out (c, kh, kw)
-// once per row; the x dimension walks the row's NB*P columns with two integer divisions per element (instead of
-// six for one flat index over the whole matrix).
+// Launch geometry: each thread owns one column j = (n, oh, ow) of the chunk and works out its window origin once;
+// blockIdx.y (and its grid-stride loop) walks the input channels, and for each channel the thread writes the
+// KH*KW rows of that channel in its column. A warp writes 32 consecutive floats of one row per store, reads a
+// row of x at the column stride, and spends a handful of instructions per element: the first version (a thread
+// per element, two integer divisions each and a row decode per element) was issue bound, at 0.6 TB/s on an H100
+// (ZF conv2, batch 128: 1.54 ms of the conv's 4.0 ms).
 NPCONV_KERNEL_LB(im2col, 256)(const real_t* __restrict__ x, real_t* __restrict__ col,
                               int NB, int C, int H, int W, int KH, int KW, int SH, int SW,
                               int PT, int PL, int DH, int DW, int OH, int OW) {
   const int P = OH * OW;
   const int L = NB * P;            // columns of col
-  const int K = C * KH * KW;       // rows of col
-  for (int k = blockIdx.y; k < K; k += gridDim.y) {
-    const int kw = k % KW;
-    const int kh = (k / KW) % KH;
-    const int c = k / (KW * KH);
-    const int h0 = kh * DH - PT;
-    const int w0 = kw * DW - PL;
-    const real_t* xc = x + (size_t)c * H * W;
-    real_t* row = col + (size_t)k * L;
-    NPCONV_FOR_EACH(j, L) {
-      const int n = j / P;
-      const int p = j - n * P;
-      const int oh = p / OW;
-      const int ow = p - oh * OW;
-      const int ih = oh * SH + h0;
-      const int iw = ow * SW + w0;
-      real_t v = real_t(0);
-      if (npc_inside(ih, H) && npc_inside(iw, W))
-        v = __ldg(xc + ((size_t)n * C * H + ih) * W + iw);
-      row[j] = v;
+  const int KK = KH * KW;
+  const size_t HW = (size_t)H * W;
+  NPCONV_FOR_EACH(j, L) {
+    const int n = j / P;
+    const int p = j - n * P;
+    const int oh = p / OW;
+    const int ih0 = oh * SH - PT;
+    const int iw0 = (p - oh * OW) * SW - PL;
+    for (int c = blockIdx.y; c < C; c += gridDim.y) {
+      const real_t* xc = x + ((size_t)n * C + c) * HW;
+      real_t* out = col + (size_t)c * KK * L + j;
+      for (int kh = 0; kh < KH; ++kh) {
+        const int ih = ih0 + kh * DH;
+        const bool row_in = npc_inside(ih, H);
+        const real_t* xr = xc + (size_t)(row_in ? ih : 0) * W;
+        for (int kw = 0; kw < KW; ++kw, out += L) {
+          const int iw = iw0 + kw * DW;
+          *out = row_in && npc_inside(iw, W) ? __ldg(xr + iw) : real_t(0);
+        }
+      }
     }
   }
 }

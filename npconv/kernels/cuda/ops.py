@@ -54,7 +54,6 @@ _BLOCK = 256
 _MAX_GRID = 1 << 18                 # blocks of a grid-stride launch, so grid * block <= 2^26
 _INDEX_LIMIT = 2**31 - 2**26        # elements an int-indexed grid-stride loop may cover without overflow
 _MAX_GRID_Y = 65535                 # the hardware limit of gridDim.y
-_IM2COL_BLOCKS = 1 << 20            # blocks of an im2col launch (rows x row blocks), at most
 
 PTR, IPTR, I32, REAL = "ptr", "iptr", "i32", "real"  # IPTR: an int32 array
 
@@ -291,8 +290,8 @@ def _conv_im2col(cp, x, w, b, y, groups, geometry):
     for n0 in range(0, N, nb):
         m = min(nb, N - n0)
         col = col_buf[:K * m * P].reshape(K, m * P)
-        rows = min(K, _MAX_GRID_Y)      # blockIdx.y walks the rows, x the m*P columns of a row (grid-stride)
-        grid = (min(-(-m * P // _BLOCK), max(1, _IM2COL_BLOCKS // rows), _MAX_GRID), rows)
+        # a thread per column (x, grid-stride), blockIdx.y walks the input channels (KH*KW rows each)
+        grid = (min(-(-m * P // _BLOCK), _MAX_GRID), min(C, _MAX_GRID_Y))
         _launch("im2col", dt, grid, (_BLOCK,), (x[n0:n0 + m], col, m, C, H, W, KH, KW, sh, sw, pt, pl, dh, dw, OH, OW))
         yc = y[n0:n0 + m]
         for g in range(groups):

@@ -13,9 +13,10 @@ row ``(h*G + g)*K + k`` holds component k of block (g, h). The expansion of outp
 
   * CP (:func:`bicluster_cp_conv2d`): one fused kernel, ``bic_cp_front``. A block takes one image, one input group,
     :data:`CP_COMPONENTS_PER_BLOCK` components (h, k) and a tile of output pixels. It reduces the group's channels
-    (read through in_perm) over the input tile the output tile needs, for its components at once (accumulators in
-    registers), into shared memory; then the vertical X x 1 pass (row stride) into shared memory, then the
-    horizontal 1 x Y pass (column stride), one output pixel per thread, straight into Z.
+    (read through in_perm; the reduction weights and channel offsets in shared memory) over the input tile the output
+    tile needs, for its components at once (accumulators in registers), into shared memory; then the vertical
+    X x 1 pass (row stride), a tile row per thread row, into shared memory, then the horizontal 1 x Y pass (column
+    stride), one output pixel per thread, straight into Z. Taps of 3, 5 and 7 are held in registers.
   * SVD (:func:`bicluster_svd_conv2d`): ``bic_gather`` copies x through in_perm into a channel-major matrix (C, m*H*W),
     so each group's C_g -> NH*K1 reduction is one cuBLAS GEMM on contiguous rows; ``bic_svd_spatial`` then runs the
     K1 -> K2 X x Y conv of every block (g, h) directly (16 filters per block in registers, their weights in shared
@@ -173,12 +174,17 @@ def _tile(X, Y, SH, SW, itemsize, budget, bytes_of):
     return None
 
 
-def cp_tiling(X, Y, SH, SW, itemsize):
-    """(tile columns, tile rows, shared-memory bytes) of a bic_cp_front block, or None when even one row of
-    :data:`TILE_W` outputs does not fit :data:`CP_SMEM_BUDGET`."""
+def cp_tiling(X, Y, SH, SW, itemsize, cg_max):
+    """(tile columns, tile rows, shared-memory bytes) of a bic_cp_front block whose largest input group has
+    ``cg_max`` channels, or None when even one row of :data:`TILE_W` outputs does not fit :data:`CP_SMEM_BUDGET`.
+    The layout (``_bicluster.cu``): KC * (X + Y + TIH*TIW + TH*TIW + cg_max) reals, rounded up to an even count,
+    then cg_max 8-byte channel offsets."""
     KC = CP_COMPONENTS_PER_BLOCK
-    return _tile(X, Y, SH, SW, itemsize, CP_SMEM_BUDGET,
-                 lambda TH, TIH, TIW: KC * (TIH * TIW + TH * TIW) + KC * (X + Y))
+
+    def size(TH, TIH, TIW):
+        reals = KC * (X + Y + TIH * TIW + TH * TIW + cg_max)
+        return (reals + (reals & 1)) * itemsize + 8 * cg_max
+    return _tile(X, Y, SH, SW, 1, CP_SMEM_BUDGET, size)
 
 
 def shared_tiling(X, Y, SH, SW, itemsize):
@@ -275,7 +281,8 @@ def bicluster_cp_conv2d(x, in_perm, in_off, reduce, vertical, horizontal, expand
     pt, pb, pl, pr = (int(v) for v in padding)
     OH, OW = _out_len(H, X, sh, pt, pb), _out_len(W, Y, sw, pl, pr)
     kchunks = -(-NH * K // CP_COMPONENTS_PER_BLOCK)
-    tiling = cp_tiling(X, Y, sh, sw, dt.itemsize)
+    in_off_h = _host_offsets(in_off)
+    tiling = cp_tiling(X, Y, sh, sw, dt.itemsize, int(np.diff(in_off_h).max()) if G else 1)
     if tiling is None or G * kchunks > _MAX_GRID_YZ:
         return _composed("cp", cp, x, in_perm, in_off, (reduce, vertical, horizontal, expand), out_perm, out_off,
                          bias, stride, padding)
@@ -287,7 +294,7 @@ def bicluster_cp_conv2d(x, in_perm, in_off, reduce, vertical, horizontal, expand
     tiles = -(-OH // TH) * tiles_w
     if tiles >= 2**31:
         raise ValueError(f"the output ({OH} x {OW}) has too many tiles for one launch")
-    in_off_h, out_off_h = _host_offsets(in_off), _host_offsets(out_off)
+    out_off_h = _host_offsets(out_off)
     d_in_perm, d_in_off, d_out_perm = _ints(cp, in_perm), _ints(cp, in_off_h), _ints(cp, out_perm)
     P = OH * OW
     rows = NH * G * K
