@@ -95,6 +95,12 @@ MONO_CASES = {
     "unequal-empty": (3, 4, 17, 20, 5, 3, (2, 1), (2, 0, 1, 3), [3, 3, 0, 3, 3, 0, 3, 3, 3, 3, 3, 3]),
     "1x1": (2, 3, 9, 8, 1, 1, (1, 1), (0, 0, 0, 0), [0, 1, 1, 0]),
     "wide-padding": (1, 2, 5, 6, 2, 2, (1, 1), (3, 0, 0, 3), [1, 0, 1]),
+    # colours of 1, 3, 4, 5 and 17 filters (every pass width of mono_conv, and spare accumulators), stride 2
+    "groups-1-3-4-5-17": (2, 3, 41, 75, 7, 7, (2, 2), (1, 1, 1, 1), list(np.random.default_rng(5).permutation(
+        [p for p, k in enumerate([3, 1, 17, 5, 4]) for _ in range(k)]))),
+    # 40 colours of 1 to 4 filters, stride 1, a 3x3 kernel and C > 4 (the general colour loop)
+    "many-colours-s1": (1, 6, 19, 33, 3, 3, (1, 1), (1, 1, 1, 1), list(np.random.default_rng(6).permutation(
+        [p % 40 for p in range(40)] + [p for p in range(40) for _ in range(p % 4)]))),
 }
 
 
@@ -115,6 +121,19 @@ def test_monochromatic_paths(cp, rng, dtype, contiguous, monkeypatch, case, fall
     y = monochromatic_conv2d(to_gpu(cp, x, contiguous), to_gpu(cp, T, contiguous), a, to_gpu(cp, S, contiguous),
                              cp.asarray(b), stride=st, padding=pad)
     check(cp, y, conv2d_einsum(x, mono_dense(T, a, S), b, stride=st, padding=pad), dtype, C * X * Y)
+
+
+def test_monochromatic_zf_conv1_24_colours(cp, rng, dtype):
+    """ZF conv1 (3 -> 96, 7x7, stride 2, padding 1) on a 224 x 224 image with C' = 24 unequal colours (1 to 9
+    filters), the case the fused kernel was slow on; against the dense conv of the rebuilt kernel."""
+    from npconv.functional.lowrank import monochromatic_conv2d
+    a = np.asarray(list(range(24)) + list(np.random.default_rng(8).integers(0, 24, 72)))
+    x = rng.standard_normal((1, 3, 224, 224)).astype(dtype)
+    T = rng.standard_normal((24, 3)).astype(dtype)
+    S = rng.standard_normal((96, 7, 7)).astype(dtype)
+    b = rng.standard_normal(96).astype(dtype)
+    y = monochromatic_conv2d(cp.asarray(x), cp.asarray(T), a, cp.asarray(S), cp.asarray(b), stride=2, padding=1)
+    check(cp, y, conv2d_einsum(x, mono_dense(T, a, S), b, stride=(2, 2), padding=(1, 1, 1, 1)), dtype, 3 * 49)
 
 
 @pytest.mark.parametrize("budget_channels", [None, 2], ids=["one-chunk", "chunked"])

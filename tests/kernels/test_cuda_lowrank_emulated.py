@@ -16,7 +16,6 @@ from npconv.kernels.cuda import loader, ops_lowrank
 
 pytestmark = pytest.mark.cpuemu
 i32 = np.int32
-MONO_FT = 8
 FACTOR_FT = 16
 
 
@@ -100,6 +99,26 @@ def mono_dense_kernel(T, a, S):
     return Wd
 
 
+def mono_loops(x, T, a, S, b, stride, pad):
+    """The monochromatic conv by plain loops over outputs and taps (float64): y[n, f, i, j] =
+    sum_{kh, kw} S[f, kh, kw] * sum_c T[a_f, c] * x[n, c, i*SH + kh - top, j*SW + kw - left], zero outside."""
+    N, C, H, W = x.shape
+    F, KH, KW = S.shape
+    OH, OW = out_len(H, KH, stride[0], pad[0], pad[1]), out_len(W, KW, stride[1], pad[2], pad[3])
+    xp = np.zeros((N, C, H + pad[0] + pad[1] + KH, W + pad[2] + pad[3] + KW))
+    xp[:, :, pad[0]:pad[0] + H, pad[2]:pad[2] + W] = x
+    y = np.zeros((N, F, OH, OW))
+    for f in range(F):
+        colour = np.einsum("c,nchw->nhw", T[a[f]].astype(np.float64), xp)
+        for kh in range(KH):
+            for kw in range(KW):
+                win = colour[:, kh:kh + (OH - 1) * stride[0] + 1:stride[0], kw:kw + (OW - 1) * stride[1] + 1:stride[1]]
+                y[:, f] += float(S[f, kh, kw]) * win
+        if b is not None:
+            y[:, f] += float(b[f])
+    return y
+
+
 def colour_lists(a, Cp):
     """(order, starts) written independently of ops_lowrank: filters of each colour in increasing order."""
     order, starts = [], [0]
@@ -109,69 +128,116 @@ def colour_lists(a, Cp):
     return np.asarray(order, np.int32), np.asarray(starts, np.int32)
 
 
+def _groups(sizes):
+    """An assignment whose colour p has sizes[p] filters, the filters interleaved across colours."""
+    a = [p for p, k in enumerate(sizes) for _ in range(k)]
+    return [a[i] for i in np.random.default_rng(7).permutation(len(a))]
+
+
 MONO_CASES = {
     # name: (N, C, H, W, KH, KW, stride, (top, bottom, left, right), assignment)
     "equal-3x3": (2, 3, 11, 13, 3, 3, (1, 1), (1, 1, 1, 1), [0, 1, 2, 0, 1, 2]),
-    "zf-like-7x7s2": (1, 3, 21, 19, 7, 7, (2, 2), (1, 1, 1, 1), [0] * 10 + [1] * 3 + [2] * 4),   # 10 > 8: two passes
+    "zf-like-7x7s2": (1, 3, 21, 19, 7, 7, (2, 2), (1, 1, 1, 1), [0] * 10 + [1] * 3 + [2] * 4),   # passes 8+2, 4, 4
     "unequal-empty": (2, 4, 9, 10, 5, 3, (2, 1), (2, 0, 1, 3), [3, 3, 0, 3, 3, 0, 3]),          # colours 1, 2 empty
     "wide-padding": (1, 2, 5, 6, 2, 2, (1, 1), (3, 0, 0, 3), [1, 0, 1]),                         # all-zero windows
     "1x1-stride3": (2, 3, 8, 8, 1, 1, (3, 3), (0, 0, 0, 0), [0, 1, 1, 0]),
     "5x1": (1, 1, 9, 6, 5, 1, (1, 2), (2, 2, 0, 0), [0, 0]),
+    # colours of 1, 3, 4, 5 and 17 filters: passes 2; 4; 4; 8; 8+8+2 (every pass width, spare accumulators)
+    "groups-1-3-4-5-17-s1": (1, 3, 9, 37, 3, 3, (1, 1), (1, 1, 1, 1), _groups([1, 3, 4, 5, 17])),
+    "groups-1-3-4-5-17-s2": (1, 3, 19, 40, 5, 5, (2, 2), (2, 1, 0, 2), _groups([5, 1, 17, 4, 3])),
+    "groups-6-7-8-9-s2x1": (1, 2, 12, 20, 3, 4, (2, 1), (1, 1, 2, 1), _groups([6, 7, 8, 9])),  # 8, 8, 8, 8+2
+    "many-colours": (1, 3, 10, 12, 3, 3, (1, 1), (1, 1, 1, 1), _groups([1, 2, 0, 3, 1, 4, 2, 1, 5, 1, 2, 1] * 3)),
+    "c5-kernel-narrower-than-stride": (2, 5, 11, 23, 2, 1, (3, 2), (0, 1, 1, 0), _groups([2, 3])),  # C > 4; SW > KW
 }
-# (TW, TH, grid z) per launch: the full tile and z = N; a narrow tile, one row per block, and z = 1 (image loop)
-MONO_LAUNCHES = {"forward-full": ("forward", 32, 8, None), "reverse-small": ("reverse", 8, 1, 1)}
+# launch name -> (thread order, TW, TH, extra row padding): the three compiled block widths; blocks that cut the
+# output at the right and bottom; a row stride longer than the smallest (the kernel must use RS, not recompute it)
+MONO_LAUNCHES = {
+    "forward-32x2": ("forward", 32, 2, 0),
+    "reverse-16x3": ("reverse", 16, 3, 5),
+    "reverse-8x1": ("reverse", 8, 1, 0),
+    "forward-8x5": ("forward", 8, 5, 3),
+}
+
+
+def mono_layout(KH, KW, SH, SW, TW, TH, extra=0):
+    """(TIH, TIW, RS, smem elements) of a TW x TH block, from the layout documented in _lowrank.cu: 2 rows and 4
+    columns a thread, the weights of an 8-filter pass, then the colour tile with SW phase rows of ceil(TIW/SW)."""
+    TIH, TIW = (2 * TH - 1) * SH + KH, (4 * TW - 1) * SW + KW
+    RS = SW * -(-TIW // SW) + extra
+    return TIH, TIW, RS, KH * KW * 8 + TIH * RS
 
 
 def run_mono(lowrank_module, dtype, x, T, a, S, b, stride, pad, launch):
-    order, TW, TH, gz = MONO_LAUNCHES[launch]
+    order, TW, TH, extra = MONO_LAUNCHES[launch]
     N, C, H, W = x.shape
     Cp = T.shape[0]
     F, KH, KW = S.shape
     OH, OW = out_len(H, KH, stride[0], pad[0], pad[1]), out_len(W, KW, stride[1], pad[2], pad[3])
-    tiles_w, tiles_h = -(-OW // TW), -(-OH // TH)
+    tiles_w, tiles_h = -(-OW // (4 * TW)), -(-OH // (2 * TH))
     perm, starts = colour_lists(a, Cp)
-    TIH, TIW = (TH - 1) * stride[0] + KH, (TW - 1) * stride[1] + KW
-    smem = (TIH * TIW + KH * KW * MONO_FT) * dtype.itemsize
+    _, _, RS, smem = mono_layout(KH, KW, stride[0], stride[1], TW, TH, extra)
     y = np.full((N, F, OH, OW), np.nan, dtype)
     args = (x, T, S, perm, starts, S if b is None else b, y,
-            *map(i32, (N, C, H, W, F, KH, KW, *stride, pad[0], pad[2], OH, OW, tiles_w, b is not None)))
-    kernel(lowrank_module, "mono_conv", dtype)((tiles_h * tiles_w, Cp, gz or N), (TW, TH), args, shared_mem=smem,
-                                               order=order)
+            *map(i32, (N, C, H, W, F, KH, KW, *stride, pad[0], pad[2], OH, OW, tiles_w, RS, b is not None)))
+    kernel(lowrank_module, "mono_conv", dtype)((tiles_h * tiles_w, Cp, N), (TW, TH), args,
+                                               shared_mem=smem * dtype.itemsize, order=order)
     return y
 
 
-@pytest.mark.parametrize("launch", list(MONO_LAUNCHES))
-@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("case", sorted(MONO_CASES))
-def test_mono_conv(lowrank_module, rng, dtype, launch, with_bias, case):
+def mono_inputs(rng, dtype, case, with_bias):
     N, C, H, W, KH, KW, stride, pad, a = MONO_CASES[case]
     F, Cp = len(a), max(a) + 1
     x = rng.standard_normal((N, C, H, W)).astype(dtype)
     T = rng.standard_normal((Cp, C)).astype(dtype)
     S = rng.standard_normal((F, KH, KW)).astype(dtype)
     b = rng.standard_normal(F).astype(dtype) if with_bias else None
+    return x, T, a, S, b, stride, pad
+
+
+@pytest.mark.parametrize("launch", list(MONO_LAUNCHES))
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("case", sorted(MONO_CASES))
+def test_mono_conv(lowrank_module, rng, dtype, launch, with_bias, case):
+    x, T, a, S, b, stride, pad = mono_inputs(rng, dtype, case, with_bias)
     y = run_mono(lowrank_module, dtype, x, T, a, S, b, stride, pad, launch)
     ref = conv2d_einsum(x, mono_dense_kernel(T, a, S), b, stride=stride, padding=pad)
-    check(y, ref, dtype, C * KH * KW)
+    check(y, ref, dtype, x.shape[1] * S.shape[1] * S.shape[2])
+
+
+@pytest.mark.parametrize("case", ["groups-1-3-4-5-17-s2", "many-colours", "c5-kernel-narrower-than-stride"])
+def test_mono_conv_against_loops(lowrank_module, rng, dtype, case):
+    """A second reference, plain loops over the taps of the colour images (no dense kernel, no conv routine)."""
+    x, T, a, S, b, stride, pad = mono_inputs(rng, dtype, case, True)
+    y = run_mono(lowrank_module, dtype, x, T, a, S, b, stride, pad, "forward-8x5")
+    check(y, mono_loops(x, T, a, S, b, stride, pad), dtype, x.shape[1] * S.shape[1] * S.shape[2])
 
 
 def test_mono_conv_tile_edges(lowrank_module, rng, dtype):
-    """An output of 33 x 17 on 32 x 8 tiles: a 1-column tile on the right and a 1-row tile at the bottom."""
+    """An output of 17 x 65 on 6 x 64 tiles (16 x 3 threads): the second column of tiles holds one valid output
+    column, and in the last row of tiles the threads of ty = 2 have their second row slot past the bottom."""
     N, C, KH, KW, stride, pad = 1, 2, 3, 3, (1, 1), (1, 1, 1, 1)
     a = [1, 0, 1, 0, 1]
-    x = rng.standard_normal((N, C, 17, 33)).astype(dtype)
+    x = rng.standard_normal((N, C, 17, 65)).astype(dtype)
     T = rng.standard_normal((2, C)).astype(dtype)
     S = rng.standard_normal((5, KH, KW)).astype(dtype)
-    y = run_mono(lowrank_module, dtype, x, T, a, S, None, stride, pad, "forward-full")
+    y = run_mono(lowrank_module, dtype, x, T, a, S, None, stride, pad, "reverse-16x3")
     check(y, conv2d_einsum(x, mono_dense_kernel(T, a, S), None, stride=stride, padding=pad), dtype, C * KH * KW)
 
 
-def test_mono_conv_smem_formula_matches_ops():
-    """ops_lowrank sizes the dynamic shared memory with the kernel's layout (checked here independently)."""
-    for KH, KW, SH, SW, item in [(7, 7, 2, 2, 4), (3, 3, 1, 1, 8), (11, 11, 4, 4, 8), (5, 1, 1, 2, 4)]:
-        TW, TH, smem = ops_lowrank.mono_tiling(KH, KW, SH, SW, item)
-        assert smem == (((TH - 1) * SH + KH) * ((TW - 1) * SW + KW) + KH * KW * MONO_FT) * item
-        assert smem <= ops_lowrank.MONO_SMEM_BUDGET and TW * TH <= 256
-    assert ops_lowrank.mono_tiling(7, 7, 2, 2, 4)[:2] == (32, 8)       # ZF conv1 gets the full tile
-    assert ops_lowrank.mono_tiling(11, 11, 4, 4, 8)[1] < 8              # a large f64 kernel gets fewer rows
-    assert ops_lowrank.mono_tiling(40, 40, 4, 4, 8) is None             # too large: the composed fallback
+@pytest.mark.parametrize("item", [4, 8])
+def test_mono_tiling_matches_the_kernel_layout(item):
+    """ops_lowrank sizes the dynamic shared memory with the kernel's layout (checked here independently), keeps it
+    within the budget and the block within the kernel's compiled widths and launch bound."""
+    geoms = [(110, 110, 3, 7, 7, 2, 2), (32, 32, 3, 5, 5, 1, 1), (55, 55, 3, 11, 11, 4, 4), (224, 224, 3, 3, 3, 1, 1),
+             (13, 13, 256, 3, 3, 1, 1), (5, 4, 3, 3, 3, 1, 1), (7, 300, 3, 5, 1, 1, 2), (9, 9, 3, 1, 1, 3, 3)]
+    for OH, OW, C, KH, KW, SH, SW in geoms:
+        TW, TH, RS, smem = ops_lowrank.mono_tiling(OH, OW, C, KH, KW, SH, SW, item)
+        assert TW in (8, 16, 32) and 1 <= TW * TH <= 256
+        TIH, TIW, RS0, elems = mono_layout(KH, KW, SH, SW, TW, TH)
+        assert RS0 <= RS < RS0 + 32
+        assert smem == elems * item + (RS - RS0) * TIH * item <= ops_lowrank.MONO_SMEM_BUDGET
+        if TW == 32:
+            assert RS == RS0                       # a warp is one row of threads: no padding needed
+        elif any((SH * (RS0 + k) - TW) % 32 == 0 for k in range(32)):
+            assert (SH * RS - TW) % 32 == 0        # a warp's rows of threads read consecutive banks
+    assert ops_lowrank.mono_tiling(10, 10, 3, 40, 40, 4, 4, item) is None   # too large: the composed fallback

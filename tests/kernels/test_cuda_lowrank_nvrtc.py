@@ -22,9 +22,15 @@ DTYPE_NAMES = ("float32", "float64")
 def test_constants_shared_with_the_source():
     text = ops_lowrank.source_text(np.float32)
     assert int(re.search(r"#define NPCONV_MONO_FT (\d+)", text)[1]) == ops_lowrank.MONO_FILTERS_PER_PASS
+    assert int(re.search(r"#define NPCONV_MONO_RX (\d+)", text)[1]) == ops_lowrank.MONO_COLS_PER_THREAD
+    assert int(re.search(r"#define NPCONV_MONO_RY (\d+)", text)[1]) == ops_lowrank.MONO_ROWS_PER_THREAD
     assert int(re.search(r"#define NPCONV_FACTOR_FT (\d+)", text)[1]) == ops_lowrank.FACTOR_FILTERS_PER_BLOCK
-    assert re.search(r"NPCONV_KERNEL_LB\(mono_conv, 256\)", text) and ops_lowrank.MONO_TILE_W * max(
-        ops_lowrank.MONO_TILE_ROWS) <= 256
+    # the launch bound (threads, blocks per SM) and the block widths the kernel is compiled for
+    assert re.search(r"#define NPCONV_MONO_BOUNDS (\d+), 2\n", text)[1] == str(ops_lowrank.MONO_MAX_THREADS)
+    assert re.search(r"NPCONV_KERNEL_LB\(mono_conv, NPCONV_MONO_BOUNDS\)", text)
+    assert set(map(int, re.findall(r"npc_mono_passes<(\d+)>\(", text))) == set(ops_lowrank.MONO_TILE_WIDTHS)
+    # the widest pass is the weight buffer's width; the pass widths the kernel picks from
+    assert set(map(int, re.findall(r"npc_mono_pass<(\d+), \d+, TW>\(", text))) == {8, 4, 2}
 
 
 def test_a_wrong_declaration_is_caught():

@@ -73,13 +73,26 @@ def test_monochromatic_fused(fc, launched, rng, dtype, order, contiguous):
     assert launched == ["mono_conv"]
 
 
-def test_monochromatic_image_loop_and_no_bias(fc, launched, monkeypatch, rng, dtype):
-    """More images than grid z (``_MAX_GRID_YZ`` lowered to 2): the kernel's image loop covers the rest."""
+def test_monochromatic_image_chunks_and_no_bias(fc, launched, monkeypatch, rng, dtype):
+    """More images than grid z (``_MAX_GRID_YZ`` lowered to 2): one launch per 2 images, on views of x and y."""
     monkeypatch.setattr(ops_lowrank, "_MAX_GRID_YZ", 2)
     x, T, a, S, _ = mono_inputs(rng, dtype, 5, 2, 6, 7, [1, 0, 1], 3, 2)
     y = ops_lowrank.monochromatic_conv2d(fc.asarray(x), fc.asarray(T), a, fc.asarray(S), None, stride=(1, 2),
                                          padding=(0, 1, 1, 0))
     check(y, conv2d_einsum(x, mono_dense_kernel(T, a, S), None, stride=(1, 2), padding=(0, 1, 1, 0)), dtype, 12)
+    assert launched == ["mono_conv"] * 3
+
+
+@pytest.mark.parametrize("sizes", [[1] * 40, [3, 1, 17, 5, 4], [96]], ids=["40-singletons", "1-3-4-5-17", "one-colour"])
+def test_monochromatic_colour_groups(fc, launched, rng, dtype, order, sizes):
+    """Colour groups of every size the pass selection distinguishes, through ops_lowrank's own tiling (ZF-like
+    7x7 stride 2 on a small image, so the tile is cut on both edges)."""
+    a = [p for p, k in enumerate(sizes) for _ in range(k)]
+    a = [a[i] for i in np.random.default_rng(3).permutation(len(a))]
+    x, T, a, S, b = mono_inputs(rng, dtype, 1, 3, 23, 37, a, 7, 7)
+    y = ops_lowrank.monochromatic_conv2d(fc.asarray(x), fc.asarray(T), a, fc.asarray(S), fc.asarray(b),
+                                         stride=(2, 2), padding=(1, 1, 1, 1))
+    check(y, conv2d_einsum(x, mono_dense_kernel(T, a, S), b, stride=(2, 2), padding=(1, 1, 1, 1)), dtype, 3 * 49)
     assert launched == ["mono_conv"]
 
 
@@ -165,7 +178,7 @@ def test_launch_refuses_wrong_argument_types(fc, rng):
     with pytest.raises(TypeError, match="takes 21 arguments"):
         ops_lowrank._launch("factor_conv", x.dtype, (1,), (32,), (x,))
     T = fc.asarray(np.zeros((1, 1)))
-    args = [x, T, T, fc.asarray(np.zeros(1, np.int64)), fc.asarray(np.zeros(2, np.int32)), T, x] + [1] * 15
+    args = [x, T, T, fc.asarray(np.zeros(1, np.int64)), fc.asarray(np.zeros(2, np.int32)), T, x] + [1] * 16
     with pytest.raises(TypeError, match="argument 3: expected a C-contiguous int32 array"):
         ops_lowrank._launch("mono_conv", x.dtype, (1, 1, 1), (32, 1), tuple(args))
     with pytest.raises(ValueError, match="does not fit a 32-bit int"):

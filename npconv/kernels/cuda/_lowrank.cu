@@ -10,97 +10,223 @@
 //                   input channels at a time, so no im2col matrix is built and any channel count fits.
 
 #define NPCONV_MONO_FT 8
+#define NPCONV_MONO_RX 4
+#define NPCONV_MONO_RY 2
 #define NPCONV_FACTOR_FT 16
+
+// The weights of one tap for an FT-filter pass of mono_conv, read with one aligned load (FT = 8: two LDS.128 in
+// float, four in double; FT = 4: one LDS.128 / two; FT = 2: LDS.64 / LDS.128). The buffer starts the dynamic
+// shared memory and tap k's row begins at k * FT * sizeof(real_t) bytes, so every row is aligned as declared.
+template <int FT> struct npc_mono_wrow;
+template <> struct __align__(16) npc_mono_wrow<8> { real_t v[8]; };
+template <> struct __align__(16) npc_mono_wrow<4> { real_t v[4]; };
+template <> struct __align__(2 * sizeof(real_t)) npc_mono_wrow<2> { real_t v[2]; };
+
+// One filter pass of mono_conv over RY of the thread's output rows (slots) and its NPCONV_MONO_RX columns, for FT
+// filters, and the stores. Columns are TW apart (tx + r * TW), so their offsets in the tile are immediates and each
+// warp-wide load and store touches consecutive words; row slots are slot_off apart in the tile, yslot in y.
+// Per tap a thread loads RY * RX colour values and one weight row, and does FT * RY * RX multiply-adds: FT = 8 runs
+// one slot at a time (RY = 1), FT = 4 and 2 both slots at once (RY = 2), so every pass keeps 8 or 16 pixels in
+// flight and at most 32 accumulators.
+//   tin:  the tile at the thread's first slot, phase 0, column tx; wsh: wsh[k * FT + f], k = kh * KW + kw;
+//   yout: y at the thread's first slot and column; rows / cols: valid slots, OW - (first column).
+template <int FT, int RY, int TW>
+__device__ __forceinline__ void npc_mono_pass(const real_t* __restrict__ tin, int slot_off,
+                                              const real_t* __restrict__ wsh, int KH, int KW, int SW, int RS,
+                                              int PW, int nf, const int* __restrict__ filters,
+                                              const real_t* __restrict__ bias, int has_bias,
+                                              real_t* __restrict__ yout, int yslot, size_t P, int rows, int cols) {
+  const int RX = NPCONV_MONO_RX;
+  real_t acc[FT][RY][NPCONV_MONO_RX];
+#pragma unroll
+  for (int f = 0; f < FT; ++f)
+#pragma unroll
+    for (int s = 0; s < RY; ++s)
+#pragma unroll
+      for (int r = 0; r < RX; ++r) acc[f][s][r] = real_t(0);
+  const int nph = min(SW, KW);
+  for (int kh = 0; kh < KH; ++kh) {
+    for (int ph = 0; ph < nph; ++ph) {
+      // taps kw = ph, ph + SW, ...: the colour of tile column o * SW + kw is at phase ph, index o + kw / SW
+      const real_t* ip = tin + kh * RS + ph * PW;
+      const npc_mono_wrow<FT>* wk = reinterpret_cast<const npc_mono_wrow<FT>*>(wsh) + kh * KW + ph;
+#pragma unroll 1
+      for (int kw = ph; kw < KW; kw += SW, ++ip, wk += SW) {
+        real_t v[RY][NPCONV_MONO_RX];
+#pragma unroll
+        for (int s = 0; s < RY; ++s)
+#pragma unroll
+          for (int r = 0; r < RX; ++r) v[s][r] = ip[s * slot_off + r * TW];
+        const npc_mono_wrow<FT> w = *wk;
+#pragma unroll
+        for (int f = 0; f < FT; ++f)
+#pragma unroll
+          for (int s = 0; s < RY; ++s)
+#pragma unroll
+            for (int r = 0; r < RX; ++r) acc[f][s][r] += w.v[f] * v[s][r];
+      }
+    }
+  }
+#pragma unroll
+  for (int f = 0; f < FT; ++f) {
+    if (f < nf) {
+      const int fo = filters[f];
+      const real_t bf = has_bias ? bias[fo] : real_t(0);
+      real_t* yf = yout + (size_t)fo * P;
+#pragma unroll
+      for (int s = 0; s < RY; ++s)
+#pragma unroll
+        for (int r = 0; r < RX; ++r)
+          if (s < rows && r * TW < cols) yf[s * yslot + r * TW] = acc[f][s][r] + bf;
+    }
+  }
+}
+
+// The filter passes of one colour tile, for a block width TW known at compile time: 8 filters per pass while more
+// than 4 are left, then 4 (3 or 4 left) or 2 (1 or 2 left), so a pass has at most 3 spare accumulators per pixel
+// (1 when under 3 filters are left). Barriers: two per pass, reached by every thread of the block.
+template <int TW>
+__device__ __forceinline__ void npc_mono_passes(const real_t* __restrict__ tile, real_t* __restrict__ wsh,
+                                                const real_t* __restrict__ spatial, const int* __restrict__ order,
+                                                int g0, int g1, const real_t* __restrict__ bias, int has_bias,
+                                                real_t* __restrict__ yout, size_t P, int OW, int KH, int KW,
+                                                int SH, int SW, int RS, int PW, int rows, int cols) {
+  const int TH = blockDim.y;
+  const int tid = threadIdx.y * TW + threadIdx.x;
+  const int nthreads = TW * TH;
+  const int KK = KH * KW;
+  const real_t* tin = tile + (threadIdx.y * SH) * RS + threadIdx.x;
+  const int slot_off = TH * SH * RS;  // the tile offset between the thread's two output rows (ty, ty + TH)
+  const int yslot = TH * OW;
+  for (int f0 = g0; f0 < g1;) {
+    const int left = g1 - f0;
+    const int FT = left > 4 ? 8 : (left > 2 ? 4 : 2);  // block-uniform
+    const int nf = min(FT, left);
+    __syncthreads();  // the tile is written; the previous pass's weights are no longer read
+    for (int j = tid; j < KK * FT; j += nthreads) {
+      const int f = j % FT;
+      const int k = j / FT;
+      wsh[j] = f < nf ? __ldg(spatial + (size_t)order[f0 + f] * KK + k) : real_t(0);
+    }
+    __syncthreads();
+    if (rows > 0 && cols > 0) {
+      if (FT == 8) {
+#pragma unroll
+        for (int s = 0; s < NPCONV_MONO_RY; ++s)
+          if (s < rows)
+            npc_mono_pass<8, 1, TW>(tin + s * slot_off, 0, wsh, KH, KW, SW, RS, PW, nf, order + f0, bias, has_bias,
+                                    yout + s * yslot, 0, P, 1, cols);
+      } else if (FT == 4) {
+        npc_mono_pass<4, 2, TW>(tin, slot_off, wsh, KH, KW, SW, RS, PW, nf, order + f0, bias, has_bias, yout, yslot,
+                                P, rows, cols);
+      } else {
+        npc_mono_pass<2, 2, TW>(tin, slot_off, wsh, KH, KW, SW, RS, PW, nf, order + f0, bias, has_bias, yout, yslot,
+                                P, rows, cols);
+      }
+    }
+    f0 += nf;
+  }
+}
 
 // Monochromatic conv.
 //   x (N, C, H, W); T (C', C) colours; spatial (F, KH*KW); order (F,): the filters sorted by colour;
 //   starts (C'+1,): the filters of colour p are order[starts[p] .. starts[p+1]-1]; bias (F,) when has_bias.
 //   y (N, F, OH, OW). Zero padding PT/PL at the top/left (bottom/right padding only enters through OH/OW).
-// Launch: block (TW, TH) with TW*TH <= 256; grid (tiles_h * tiles_w, C', min(N, 65535)); one output pixel per
-// thread, a TH x TW tile of output pixels per block. Dynamic shared memory, in real_t elements:
-//   TIH * TIW (the colour tile; TIH = (TH-1)*SH + KH, TIW = (TW-1)*SW + KW) + KH*KW*NPCONV_MONO_FT (weights).
-NPCONV_KERNEL_LB(mono_conv, 256)(const real_t* __restrict__ x, const real_t* __restrict__ T,
-                                 const real_t* __restrict__ spatial, const int* __restrict__ order,
-                                 const int* __restrict__ starts, const real_t* __restrict__ bias,
-                                 real_t* __restrict__ y, int N, int C, int H, int W, int F, int KH, int KW,
-                                 int SH, int SW, int PT, int PL, int OH, int OW, int tiles_w, int has_bias) {
+// Launch: block (TW, TH) with TW in {8, 16, 32} and TW*TH <= 256; grid (tiles_h * tiles_w, C', N), N <= 65535
+// (ops_lowrank launches one grid per 65535 images). A block computes an output tile of NPCONV_MONO_RY*TH rows x
+// NPCONV_MONO_RX*TW columns of one image, for every filter of one colour: thread (tx, ty) computes rows ty and
+// ty + TH of the tile, columns tx + r * TW (r < NPCONV_MONO_RX).
+// Dynamic shared memory, in real_t elements: KH*KW*NPCONV_MONO_FT (the weights of one pass; first, so 16-byte
+// aligned) + TIH * RS (the colour tile). TIH = (RY*TH - 1)*SH + KH rows; a row holds TIW = (RX*TW - 1)*SW + KW
+// colour values de-interleaved by column phase, column q at (q % SW) * PW + q / SW with PW = ceil(TIW / SW), so
+// the 32 threads of a warp read 32 consecutive words at any column stride. RS >= SW * PW is the row stride;
+// ops_lowrank pads it so that SH * RS = TW (mod 32) where it can, which keeps a warp that spans several rows of
+// threads (TW < 32) free of bank conflicts too.
+// __launch_bounds__(256, 2): at most 256 threads, and registers for 2 such blocks per SM (up to 128 a thread);
+// without the second figure ptxas may squeeze the 32 accumulators and the pass state into 64 registers and spill.
+#define NPCONV_MONO_BOUNDS 256, 2
+NPCONV_KERNEL_LB(mono_conv, NPCONV_MONO_BOUNDS)(const real_t* __restrict__ x, const real_t* __restrict__ T,
+                                                const real_t* __restrict__ spatial, const int* __restrict__ order,
+                                                const int* __restrict__ starts, const real_t* __restrict__ bias,
+                                                real_t* __restrict__ y, int N, int C, int H, int W, int F, int KH,
+                                                int KW, int SH, int SW, int PT, int PL, int OH, int OW,
+                                                int tiles_w, int RS, int has_bias) {
   extern __shared__ __align__(16) unsigned char npconv_mono_smem[];
-  const int FT = NPCONV_MONO_FT;
   const int TW = blockDim.x;
   const int TH = blockDim.y;
-  const int TIH = (TH - 1) * SH + KH;
-  const int TIW = (TW - 1) * SW + KW;
-  const int KK = KH * KW;
-  real_t* tile = reinterpret_cast<real_t*>(npconv_mono_smem);
-  real_t* wsh = tile + TIH * TIW;  // wsh[k * FT + f]
+  const int TIH = (NPCONV_MONO_RY * TH - 1) * SH + KH;
+  const int TIW = (NPCONV_MONO_RX * TW - 1) * SW + KW;
+  const int PW = (TIW + SW - 1) / SW;
+  real_t* wsh = reinterpret_cast<real_t*>(npconv_mono_smem);
+  real_t* tile = wsh + KH * KW * NPCONV_MONO_FT;
 
   const int p = blockIdx.y;
+  const int n = blockIdx.z;
   const int g0 = starts[p];
   const int g1 = starts[p + 1];
-  if (g0 >= g1) return;  // a colour no filter reads: the whole block leaves before any barrier
+  if (g0 >= g1 || n >= N) return;  // a colour no filter reads: the whole block leaves before any barrier
 
   const int tx = threadIdx.x;
   const int ty = threadIdx.y;
-  const int tid = ty * TW + tx;
-  const int nthreads = TW * TH;
-  const int oh = (blockIdx.x / tiles_w) * TH + ty;
-  const int ow = (blockIdx.x % tiles_w) * TW + tx;
-  const int ih0 = (blockIdx.x / tiles_w) * TH * SH - PT;
-  const int iw0 = (blockIdx.x % tiles_w) * TW * SW - PL;
-  const bool active = oh < OH && ow < OW;
+  const int oh0 = (blockIdx.x / tiles_w) * (NPCONV_MONO_RY * TH);  // the tile's first output row and column
+  const int ow0 = (blockIdx.x % tiles_w) * (NPCONV_MONO_RX * TW);
   const size_t HW = (size_t)H * W;
   const size_t P = (size_t)OH * OW;
-  const real_t* Tp = T + (size_t)p * C;
 
-  for (int n = blockIdx.z; n < N; n += gridDim.z) {
-    __syncthreads();  // the previous image's tile is no longer read
+  // 1. the colour sum_c T[p, c] x[n, c] of the input the tile reads, zero outside the image
+  {
+    const int ih0 = oh0 * SH - PT;
+    const int iw0 = ow0 * SW - PL;
     const real_t* xn = x + (size_t)n * C * HW;
-    for (int j = tid; j < TIH * TIW; j += nthreads) {
-      const int r = j / TIW;
-      const int q = j - r * TIW;
+    const real_t* Tp = T + (size_t)p * C;
+    // tile column q = tx + i * TW is phase q % SW, index q / SW: stepping q by TW moves the index by TW / SW and
+    // the phase by TW % SW, with a carry
+    const int dq_j = TW / SW;
+    const int dq_ph = TW - dq_j * SW;
+    for (int r = ty; r < TIH; r += TH) {
       const int ih = ih0 + r;
-      const int iw = iw0 + q;
-      real_t v = real_t(0);  // the colour of zero padding is zero
-      if (npc_inside(ih, H) && npc_inside(iw, W)) {
-        const real_t* xp = xn + (size_t)ih * W + iw;
-        for (int c = 0; c < C; ++c) v += __ldg(Tp + c) * __ldg(xp + c * HW);
-      }
-      tile[j] = v;
-    }
-    for (int f0 = g0; f0 < g1; f0 += FT) {
-      const int nf = min(FT, g1 - f0);
-      __syncthreads();  // the tile is written; the previous chunk's weights are no longer read
-      for (int j = tid; j < KK * FT; j += nthreads) {
-        const int f = j % FT;
-        const int k = j / FT;
-        wsh[j] = f < nf ? __ldg(spatial + (size_t)order[f0 + f] * KK + k) : real_t(0);
-      }
-      __syncthreads();
-      if (active) {
-        real_t acc[NPCONV_MONO_FT];
+      const bool row_ok = npc_inside(ih, H);
+      real_t* trow = tile + r * RS;
+      int ph = tx % SW;
+      int j = tx / SW;
+      for (int q = tx; q < TIW; q += TW) {
+        const int iw = iw0 + q;
+        real_t v = real_t(0);  // the colour of zero padding is zero
+        if (row_ok && npc_inside(iw, W)) {
+          const real_t* xp = xn + (size_t)ih * W + iw;
+          if (C <= 4) {  // an RGB(A) first layer: the channel loop unrolled
 #pragma unroll
-        for (int f = 0; f < NPCONV_MONO_FT; ++f) acc[f] = real_t(0);
-        const real_t* wk = wsh;
-        for (int kh = 0; kh < KH; ++kh) {
-          const real_t* row = tile + (ty * SH + kh) * TIW + tx * SW;
-          for (int kw = 0; kw < KW; ++kw, wk += NPCONV_MONO_FT) {
-            const real_t v = row[kw];
-#pragma unroll
-            for (int f = 0; f < NPCONV_MONO_FT; ++f) acc[f] += v * wk[f];
+            for (int c = 0; c < 4; ++c)
+              if (c < C) v += __ldg(Tp + c) * __ldg(xp + c * HW);
+          } else {
+#pragma unroll 1
+            for (int c = 0; c < C; ++c) v += __ldg(Tp + c) * __ldg(xp + c * HW);
           }
         }
-#pragma unroll
-        for (int f = 0; f < NPCONV_MONO_FT; ++f) {
-          if (f < nf) {
-            const int fo = order[f0 + f];
-            real_t v = acc[f];
-            if (has_bias) v += bias[fo];
-            y[((size_t)n * F + fo) * P + (size_t)oh * OW + ow] = v;
-          }
+        trow[ph * PW + j] = v;
+        ph += dq_ph;
+        j += dq_j;
+        if (ph >= SW) {
+          ph -= SW;
+          ++j;
         }
       }
     }
   }
+
+  // 2. the filter passes (the first barrier of each pass also publishes the tile)
+  const int rows = OH - (oh0 + ty) <= 0 ? 0 : (OH - (oh0 + ty) <= TH ? 1 : 2);  // the thread's valid row slots
+  const int cols = OW - (ow0 + tx);                                                // valid columns: r * TW < cols
+  real_t* yout = y + (size_t)n * F * P + (size_t)(oh0 + ty) * OW + ow0 + tx;
+  if (TW == 32)
+    npc_mono_passes<32>(tile, wsh, spatial, order, g0, g1, bias, has_bias, yout, P, OW, KH, KW, SH, SW, RS, PW, rows,
+                        cols);
+  else if (TW == 16)
+    npc_mono_passes<16>(tile, wsh, spatial, order, g0, g1, bias, has_bias, yout, P, OW, KH, KW, SH, SW, RS, PW, rows,
+                        cols);
+  else
+    npc_mono_passes<8>(tile, wsh, spatial, order, g0, g1, bias, has_bias, yout, P, OW, KH, KW, SH, SW, RS, PW, rows,
+                       cols);
 }
 
 // Direct convolution, groups == 1: x (N, C, H, W), w (F, C, KH, KW), bias (F,) when has_bias, y (N, F, OH, OW).

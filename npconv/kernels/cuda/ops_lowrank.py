@@ -7,10 +7,12 @@ arrays. The output dtype is the input dtype (float32 or float64).
 How each layer runs:
   * monochromatic: one fused kernel, ``mono_conv``. A block takes one image, one colour and a tile of output
     pixels; it builds the colour (``sum_c T[p, c] x[c]``) of the input tile the output tile reads, in shared
-    memory, then runs every filter of that colour on it, 8 filters per pass held in registers. The C' colour
-    images are never written to global memory and the filters need no sorting or gathering of the output. When
-    the tile cannot fit in shared memory (very large kernels), it falls back to the composition: a cuBLAS colour
-    transform, then one convolution per colour through :func:`npconv.kernels.cuda.ops.conv2d`.
+    memory, then runs every filter of that colour on it in passes of 8, 4 or 2 filters (chosen from how many are
+    left), each thread holding 8 output pixels (2 rows x 4 columns) of the pass in registers. The C' colour
+    images are never written to global memory and the filters need no sorting or gathering of the output.
+    :func:`mono_tiling` picks the tile. When no tile fits in shared memory (very large kernels), it falls back
+    to the composition: a cuBLAS colour transform, then one convolution per colour through
+    :func:`npconv.kernels.cuda.ops.conv2d`.
   * separable: two passes of ``factor_conv``, a direct conv (no im2col matrix): the vertical X x 1 pass with the
     row stride and the top/bottom padding, then the horizontal 1 x Y pass with the column stride, the left/right
     padding and the bias.
@@ -28,6 +30,8 @@ tests of ``ops.LAUNCH_SIGNATURES`` leave it to this module.
 """
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
 
 import numpy as np
 
@@ -40,18 +44,22 @@ __all__ = [
     "lowrank_conv2d", "monochromatic_conv2d", "separable_conv2d", "factor_conv", "conv_stage",
     "LAUNCH_SIGNATURES", "SOURCE", "source_text", "get_kernel", "clear_cache", "mono_tiling", "factor_chunk",
     "uses_factor_conv", "DIRECT_MAX_FILTERS", "FACTOR_SMEM_BUDGET", "MONO_SMEM_BUDGET",
-    "MONO_FILTERS_PER_PASS", "FACTOR_FILTERS_PER_BLOCK", "MONO_TILE_W", "MONO_TILE_ROWS",
+    "MONO_FILTERS_PER_PASS", "FACTOR_FILTERS_PER_BLOCK", "MONO_COLS_PER_THREAD", "MONO_ROWS_PER_THREAD",
+    "MONO_TILE_WIDTHS", "MONO_MAX_THREADS", "MonoTiling", "mono_row_stride",
 ]
 
 #: the kernel source of this module (a file of npconv.kernels.cuda)
 SOURCE = "_lowrank"
-#: filters per register pass of mono_conv (NPCONV_MONO_FT in _lowrank.cu)
+#: filters of mono_conv's widest register pass (NPCONV_MONO_FT in _lowrank.cu); its weight buffer holds this many
 MONO_FILTERS_PER_PASS = 8
 #: filters per block of factor_conv (NPCONV_FACTOR_FT in _lowrank.cu)
 FACTOR_FILTERS_PER_BLOCK = 16
-#: output columns per mono_conv block (blockDim.x), and the rows (blockDim.y) tried, largest first
-MONO_TILE_W = 32
-MONO_TILE_ROWS = (8, 4, 2, 1)
+#: output columns and rows per mono_conv thread (NPCONV_MONO_RX, NPCONV_MONO_RY): columns TW apart, rows TH apart
+MONO_COLS_PER_THREAD = 4
+MONO_ROWS_PER_THREAD = 2
+#: the block widths (blockDim.x) mono_conv is compiled for, and its most threads per block (its launch bound)
+MONO_TILE_WIDTHS = (32, 16, 8)
+MONO_MAX_THREADS = 256
 #: shared memory a mono_conv block may use (colour tile + weights of one pass), bytes
 MONO_SMEM_BUDGET = 24 * 1024
 #: shared memory a factor_conv block may use for one chunk of input channels, bytes
@@ -68,8 +76,8 @@ _INDEX_LIMIT = 2**31 - 2**26        # elements an int-indexed grid-stride loop m
 #: kernel name -> (source file, parameter kinds). PTR: a C-contiguous device array of the dtype; IPTR: a
 #: C-contiguous int32 device array; I32: ``np.int32``; REAL: a scalar of the dtype.
 LAUNCH_SIGNATURES: dict[str, tuple[str, tuple[str, ...]]] = {
-    # x, T, spatial, order, starts, bias, y, N, C, H, W, F, KH, KW, SH, SW, PT, PL, OH, OW, tiles_w, has_bias
-    "mono_conv": (SOURCE, (PTR, PTR, PTR, IPTR, IPTR, PTR, PTR) + (I32,) * 15),
+    # x, T, spatial, order, starts, bias, y, N, C, H, W, F, KH, KW, SH, SW, PT, PL, OH, OW, tiles_w, RS, has_bias
+    "mono_conv": (SOURCE, (PTR, PTR, PTR, IPTR, IPTR, PTR, PTR) + (I32,) * 16),
     # x, w, bias, y, N, C, H, W, F, KH, KW, SH, SW, PT, PL, DH, DW, OH, OW, CC, has_bias
     "factor_conv": (SOURCE, (PTR,) * 4 + (I32,) * 17),
 }
@@ -197,15 +205,66 @@ def separable_conv2d(x, vertical, horizontal, bias, *, stride, padding):
     return conv_stage(h, horizontal, bias, stride=(1, sw), padding=(0, 0, pl, pr))
 
 
-def mono_tiling(KH, KW, SH, SW, itemsize):
-    """(tile columns, tile rows, shared-memory bytes) of a mono_conv block, or None when even one row of
-    :data:`MONO_TILE_W` outputs does not fit :data:`MONO_SMEM_BUDGET`."""
-    for TH in MONO_TILE_ROWS:
-        tile = ((TH - 1) * SH + KH) * ((MONO_TILE_W - 1) * SW + KW)
-        smem = (tile + KH * KW * MONO_FILTERS_PER_PASS) * itemsize
-        if smem <= MONO_SMEM_BUDGET:
-            return MONO_TILE_W, TH, smem
-    return None
+class MonoTiling(NamedTuple):
+    """The launch shape of a mono_conv block: ``TW`` x ``TH`` threads for an output tile of
+    ``MONO_ROWS_PER_THREAD * TH`` rows and ``MONO_COLS_PER_THREAD * TW`` columns; ``RS`` the colour tile's row stride
+    and ``smem`` the dynamic shared memory, in bytes."""
+    TW: int
+    TH: int
+    RS: int
+    smem: int
+
+
+def mono_row_stride(TW, SH, SW, TIW):
+    """The colour tile's row stride (elements): room for the SW column phases of ``ceil(TIW / SW)`` values each,
+    padded, when the block is narrower than a warp and the padding exists, so that ``SH * RS = TW (mod 32)``: the
+    warp's rows of threads then read consecutive banks."""
+    rs = SW * -(-TIW // SW)
+    if TW < 32:
+        for pad in range(32):
+            if (SH * (rs + pad) - TW) % 32 == 0:
+                return rs + pad
+    return rs
+
+
+def _mono_shape(TW, TH, KH, KW, SH, SW, itemsize):
+    """(TIH, TIW, RS, smem bytes) of a TW x TH block: the layout of _lowrank.cu's mono_conv."""
+    TIH = (MONO_ROWS_PER_THREAD * TH - 1) * SH + KH
+    TIW = (MONO_COLS_PER_THREAD * TW - 1) * SW + KW
+    RS = mono_row_stride(TW, SH, SW, TIW)
+    return TIH, TIW, RS, (KH * KW * MONO_FILTERS_PER_PASS + TIH * RS) * itemsize
+
+
+def mono_tiling(OH, OW, C, KH, KW, SH, SW, itemsize):
+    """The :class:`MonoTiling` of a mono_conv launch, or None when not even the smallest tile fits
+    :data:`MONO_SMEM_BUDGET`. Memoised (by the arguments and the budget): a layer asks on every call.
+
+    Among the block widths of :data:`MONO_TILE_WIDTHS` and the row counts that keep a block within
+    :data:`MONO_MAX_THREADS` and the budget, it takes the one with the fewest estimated instructions over the whole
+    output (an issue count from the kernel's loops, not a measurement): the colour tile costs about ``6 + 3C`` per
+    value, halo included, and a thread about 48 per tap for its 8 pixels of a 4-filter pass, counted for every thread
+    of every tile, idle or not, in whole warps and for at least 64 threads a block (smaller blocks leave an SM's
+    block slots idle). Ties go to the wider block (a warp on one row: whole rows of stores)."""
+    return _mono_tiling(int(OH), int(OW), int(C), int(KH), int(KW), int(SH), int(SW), int(itemsize),
+                        MONO_SMEM_BUDGET)
+
+
+@functools.lru_cache(maxsize=256)
+def _mono_tiling(OH, OW, C, KH, KW, SH, SW, itemsize, budget):
+    best = None
+    KK = KH * KW
+    for TW in MONO_TILE_WIDTHS:
+        tiles_w = -(-OW // (MONO_COLS_PER_THREAD * TW))
+        for TH in range(1, MONO_MAX_THREADS // TW + 1):
+            TIH, TIW, RS, smem = _mono_shape(TW, TH, KH, KW, SH, SW, itemsize)
+            if smem > budget:
+                break                                   # taller tiles only need more
+            tiles = tiles_w * -(-OH // (MONO_ROWS_PER_THREAD * TH))
+            threads = max(-(-TW * TH // 32) * 32, 64)  # whole warps, and at least 2 of them
+            cost = tiles * (TIH * TIW * (6 + 3 * C) + threads * (KK * 48 + 200))
+            if best is None or cost < best[0]:
+                best = (cost, MonoTiling(TW, TH, RS, smem))
+    return None if best is None else best[1]
 
 
 def _colour_groups(assignment, Cp):
@@ -239,22 +298,24 @@ def monochromatic_conv2d(x, color_transform, assignment, spatial, bias, *, strid
     sh, sw = (int(v) for v in stride)
     pt, pb, pl, pr = (int(v) for v in padding)
     OH, OW = _out_len(H, KH, sh, pt, pb), _out_len(W, KW, sw, pl, pr)
-    tiling = mono_tiling(KH, KW, sh, sw, dt.itemsize)
+    tiling = mono_tiling(max(OH, 1), max(OW, 1), C, KH, KW, sh, sw, dt.itemsize)
     if tiling is None or Cp > _MAX_GRID_YZ:
         return _monochromatic_composed(cp, x, T, assignment, S, b, (sh, sw), (pt, pb, pl, pr), (OH, OW))
     y = cp.empty((N, F, OH, OW), dtype=dt)
     if y.size == 0:
         return y
-    TW, TH, smem = tiling
-    tiles_w = -(-OW // TW)
-    n_tiles = -(-OH // TH) * tiles_w
+    TW, TH, RS, smem = tiling
+    tiles_w = -(-OW // (MONO_COLS_PER_THREAD * TW))
+    n_tiles = -(-OH // (MONO_ROWS_PER_THREAD * TH)) * tiles_w
     if n_tiles >= 2**31:
         raise ValueError(f"the output ({OH} x {OW}) has too many tiles for one launch")
     order, starts, _ = _device_colour_groups(cp, assignment, Cp)
     has_bias = b is not None
-    _launch("mono_conv", dt, (n_tiles, Cp, min(N, _MAX_GRID_YZ)), (TW, TH),
-            (x, T, S, order, starts, b if has_bias else S, y,
-             N, C, H, W, F, KH, KW, sh, sw, pt, pl, OH, OW, tiles_w, has_bias), shared_mem=smem)
+    for n0 in range(0, N, _MAX_GRID_YZ):                 # one image per grid z: a launch per 65535 images
+        n1 = min(N, n0 + _MAX_GRID_YZ)
+        _launch("mono_conv", dt, (n_tiles, Cp, n1 - n0), (TW, TH),
+                (x[n0:n1], T, S, order, starts, b if has_bias else S, y[n0:n1],
+                 n1 - n0, C, H, W, F, KH, KW, sh, sw, pt, pl, OH, OW, tiles_w, RS, has_bias), shared_mem=smem)
     return y
 
 
