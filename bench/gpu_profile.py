@@ -95,33 +95,7 @@ def probe(N=128, repeat=20):
         flops = 2.0 * N * F * KK * P
         out[f"{key}/gflop"] = flops / 1e9
         cp.get_default_memory_pool().free_all_blocks()
-    split_k_probe(t)
     return out
-
-
-def split_k_probe(t, batches=(1, 8)):
-    """The dense ZF layers on the im2col path at small batches, with ops.split_k as it is and switched off."""
-    import cupy as cp
-
-    from bench.bench_gpu import LAYERS
-    from npconv.functional import conv2d
-    from npconv.kernels.cuda import ops
-    for name, geom in LAYERS.items():
-        if geom[0] <= ops.DIRECT_CONV_MAX_C:
-            continue
-        C, H, F, K, s, p = geom
-        for N in batches:
-            x, w, b = _conv_inputs(cp, geom, N)
-            saved = ops.SPLITK_MAX, ops.WINOGRAD_MIN_TILES
-            ops.WINOGRAD_MIN_TILES = 2**62
-            try:
-                OH = (H + 2 * p - K) // s + 1
-                S = ops.split_k(F, N * OH * OH, C * K * K, 4)
-                t(f"zf_{name}/b{N}/im2col split-K S={S}", lambda: conv2d(x, w, b, stride=s, padding=p))
-                ops.SPLITK_MAX = 1
-                t(f"zf_{name}/b{N}/im2col no split", lambda: conv2d(x, w, b, stride=s, padding=p))
-            finally:
-                ops.SPLITK_MAX, ops.WINOGRAD_MIN_TILES = saved
 
 
 def _profiled(run, name):

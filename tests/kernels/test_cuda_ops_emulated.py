@@ -79,34 +79,6 @@ def test_conv2d_chunks_the_batch_and_takes_noncontiguous_input(fake_cupy, launch
     assert launched.count("im2col") == 3                 # chunks of 2, 2 and 1 images
 
 
-@pytest.mark.parametrize("groups,depth,expect_s", [(1, 6, 3), (2, 7, 2)])
-def test_conv2d_split_k(fake_cupy, launched, monkeypatch, rng, dtype, order, groups, depth, expect_s):
-    """A small product is split along K into a batched GEMM; conv_scatter sums the parts (with the bias)."""
-    x = rng.standard_normal((2, 6, 5, 4)).astype(dtype)
-    w = rng.standard_normal((4, 6 // groups, 3, 2)).astype(dtype)        # K per group: 36 or 18
-    b = rng.standard_normal(4).astype(dtype)
-    monkeypatch.setattr(ops, "SPLITK_MIN_DEPTH", depth)
-    monkeypatch.setattr(ops, "SPLITK_MAX", 3)
-    assert ops.split_k(4 // groups, 2 * 4 * 3, 36 // groups, dtype.itemsize) == expect_s
-    splits = []
-    real_launch = ops._launch_1d
-    monkeypatch.setattr(ops, "_launch_1d", lambda name, dt, total, args, *a: (
-        splits.append(args[-1]) if name == "conv_scatter" else None, real_launch(name, dt, total, args, *a))[1])
-    y = ops.conv2d(dev(fake_cupy, x), dev(fake_cupy, w), dev(fake_cupy, b), stride=(1, 1), padding=(0, 0, 1, 0),
-                   dilation=(1, 1), groups=groups)
-    check(y, conv2d_einsum(x, w, b, padding=(0, 0, 1, 0), groups=groups), dtype)
-    assert splits == [expect_s] * groups
-
-
-def test_split_k_rule():
-    """No split for large outputs or when no divisor of K leaves SPLITK_MIN_DEPTH rows; at most SPLITK_MAX."""
-    assert ops.split_k(256, 128 * 729, 2400, 4) == 1             # ZF conv2, batch 128: 1458 tiles
-    assert ops.split_k(256, 729, 2400, 4) == ops.SPLITK_MAX      # batch 1: 12 tiles
-    assert ops.split_k(5, 18, 54, 4) == 1                        # K too short to split
-    assert ops.split_k(64, 64, 131, 4) == 1                      # K prime: no divisor
-    assert ops.split_k(64, 64, 3 * 67, 4) == 3                   # the largest divisor leaving 64 rows a slice
-
-
 WINOGRAD_CASES = {
     # name: (x shape, w shape, padding); stride 1, no dilation, groups 1
     "odd-output": ((2, 5, 7, 9), (6, 5, 3, 3), (1, 1, 1, 1)),

@@ -41,21 +41,18 @@ NPCONV_KERNEL_LB(im2col, 256)(const real_t* __restrict__ x, real_t* __restrict__
   }
 }
 
-// r is the GEMM result of one channel group for one chunk, in S split-K parts: r[s][f][n][p] (S, FG, NB, P), the
-// products over S consecutive slices of the group's K = Cg*KH*KW rows (S = 1: the plain product). Write the sum of
-// the parts into the chunk's output y (NB, F, P) at channels F0 .. F0+FG-1, adding bias[F0 + f] when has_bias != 0.
+// r is the GEMM result of one channel group for one chunk: r[f][n][p] (FG, NB, P). Write it into the
+// chunk's output y (NB, F, P) at channels F0 .. F0+FG-1, adding bias[F0 + f] when has_bias != 0.
 NPCONV_KERNEL_LB(conv_scatter, 256)(const real_t* __restrict__ r, const real_t* __restrict__ bias,
                                     real_t* __restrict__ y, int FG, int NB, int P, int F, int F0,
-                                    int has_bias, int S) {
+                                    int has_bias) {
   const int total = FG * NB * P;
   NPCONV_FOR_EACH(i, total) {
     const int p = i % P;
     const int t = i / P;
     const int f = t % FG;
     const int n = t / FG;
-    const size_t src = ((size_t)f * NB + n) * P + p;
-    real_t v = r[src];
-    for (int s = 1; s < S; ++s) v += r[(size_t)s * total + src];
+    real_t v = r[((size_t)f * NB + n) * P + p];
     if (has_bias) v += bias[F0 + f];
     y[((size_t)n * F + F0 + f) * P + p] = v;
   }

@@ -17,8 +17,7 @@ Convolution strategy:
     Winograd F(2x2, 3x3) (``winograd.cu``: filter, input and output transforms around one batched GEMM);
   * otherwise im2col: the column matrix of a chunk of images (``im2col.cu``), one cuBLAS GEMM per group
     (``cupy.matmul``), and a kernel that writes the result to NCHW adding the bias. The chunk is as many images
-    as fit in :data:`WORKSPACE_BYTES`, so the workspace is bounded whatever the batch size. A product with a small
-    output (batch 1) is split along K into a batched GEMM whose parts the same kernel sums (:func:`split_k`).
+    as fit in :data:`WORKSPACE_BYTES`, so the workspace is bounded whatever the batch size.
 """
 from __future__ import annotations
 
@@ -31,7 +30,7 @@ from ._gemm import matmul as _matmul
 __all__ = [
     "conv2d", "linear", "max_pool2d", "avg_pool2d", "local_response_norm", "relu", "bias_relu", "softmax",
     "normalize", "use_winograd", "LAUNCH_SIGNATURES", "WORKSPACE_BYTES", "DIRECT_CONV_MAX_C",
-    "WINOGRAD_MIN_CHANNELS", "WINOGRAD_MIN_TILES", "SPLITK_MIN_TILES", "SPLITK_MAX", "SPLITK_MIN_DEPTH", "split_k",
+    "WINOGRAD_MIN_CHANNELS", "WINOGRAD_MIN_TILES",
 ]
 
 #: upper bound of the im2col workspace (column matrix + GEMM result of one chunk), in bytes
@@ -44,13 +43,6 @@ DIRECT_CONV_MAX_C = 4
 #: at batch 8 (392 tiles), 1.4-1.6x faster at batch 32 (1568 tiles) and 2.0-2.5x at batch 128, slower at batch 1.
 WINOGRAD_MIN_CHANNELS = 16
 WINOGRAD_MIN_TILES = 1024
-#: split-K of the im2col GEMM when its output is small (batch 1, small maps): a product whose output has fewer than
-#: SPLITK_MIN_TILES tiles of 128 x 128 is computed as S batched products over slices of K (S up to SPLITK_MAX, a
-#: divisor of K leaving at least SPLITK_MIN_DEPTH rows a slice), summed by conv_scatter. One product of 12 tiles
-#: (ZF conv2, batch 1: 256 x 729 outputs) keeps a tenth of an H100's multiprocessors busy.
-SPLITK_MIN_TILES = 64
-SPLITK_MAX = 16
-SPLITK_MIN_DEPTH = 64
 #: filters per block of the direct kernel (NPCONV_DIRECT_FT in conv_direct.cu)
 DIRECT_FILTERS_PER_BLOCK = 16
 #: threads per block of the softmax kernel (NPCONV_SOFTMAX_THREADS in softmax.cu)
@@ -71,7 +63,7 @@ LAUNCH_SIGNATURES: dict[str, tuple[str, tuple[str, ...]]] = {
     # x, col, NB, C, H, W, KH, KW, SH, SW, PT, PL, DH, DW, OH, OW
     "im2col": ("im2col", (PTR, PTR) + (I32,) * 14),
     # r, bias, y, FG, NB, P, F, F0, has_bias
-    "conv_scatter": ("im2col", (PTR, PTR, PTR) + (I32,) * 7),
+    "conv_scatter": ("im2col", (PTR, PTR, PTR) + (I32,) * 6),
     # w, u, F, C
     "wino_filter": ("winograd", (PTR, PTR, I32, I32)),
     # x, v, NB, C, H, W, PT, PL, TH, TW
@@ -302,28 +294,9 @@ def _conv_im2col(cp, x, w, b, y, groups, geometry):
         grid = (min(-(-m * P // _BLOCK), _MAX_GRID), min(C, _MAX_GRID_Y))
         _launch("im2col", dt, grid, (_BLOCK,), (x[n0:n0 + m], col, m, C, H, W, KH, KW, sh, sw, pt, pl, dh, dw, OH, OW))
         yc = y[n0:n0 + m]
-        S = split_k(Fg, m * P, Kg, dt.itemsize)
         for g in range(groups):
-            wg, cg = w2[g * Fg:(g + 1) * Fg], col[g * Kg:(g + 1) * Kg]
-            if S > 1:   # S products over slices of K: (S, Fg, Kg/S) strided view @ (S, Kg/S, m*P)
-                r = _matmul(wg.reshape(Fg, S, Kg // S).transpose(1, 0, 2), cg.reshape(S, Kg // S, m * P))
-            else:
-                r = _matmul(wg, cg)
-            r = cp.ascontiguousarray(r)
-            _launch_1d("conv_scatter", dt, Fg * m * P, (r, bias, yc, Fg, m, P, F, g * Fg, has_bias, S))
-
-
-def split_k(M, N, K, itemsize):
-    """The number of K slices (1: no split) of an (M, K) @ (K, N) im2col product, by SPLITK_MIN_TILES / SPLITK_MAX /
-    SPLITK_MIN_DEPTH; the S partial products (S * M * N elements) stay within a quarter of WORKSPACE_BYTES."""
-    tiles = -(-M // 128) * -(-N // 128)
-    if tiles >= SPLITK_MIN_TILES or SPLITK_MAX < 2:
-        return 1
-    cap = min(SPLITK_MAX, -(-4 * SPLITK_MIN_TILES // tiles), WORKSPACE_BYTES // 4 // max(1, M * N * itemsize))
-    for S in range(cap, 1, -1):
-        if K % S == 0 and K // S >= SPLITK_MIN_DEPTH:
-            return S
-    return 1
+            r = _matmul(w2[g * Fg:(g + 1) * Fg], col[g * Kg:(g + 1) * Kg])
+            _launch_1d("conv_scatter", dt, Fg * m * P, (r, bias, yc, Fg, m, P, F, g * Fg, has_bias))
 
 
 def linear(x, w, b):
