@@ -70,7 +70,8 @@ class _FactoredConv(Layer):
         self._cache = {}
 
     def _params_for(self, x):
-        """Float arrays cast to x's dtype (cached for one dtype and device), offsets as host int64 arrays."""
+        """Float arrays cast to x's dtype (cached for one dtype and device), offsets as host int64 arrays, and on the
+        GPU the device index arrays as int32 (the kernels' index type: converted once here, not on every call)."""
         check_float_array(x, "x", ndim=4)
         gpu = is_cupy_array(x)
         key = (np.dtype(x.dtype), gpu)
@@ -86,7 +87,7 @@ class _FactoredConv(Layer):
                 if k in ("in_offsets", "out_offsets"):
                     hit[k] = np.ascontiguousarray(_host(v), dtype=np.int64)
                 elif k in self._INT_KEYS:
-                    hit[k] = v
+                    hit[k] = v.astype(np.int32) if gpu and is_cupy_array(v) and v.dtype != np.int32 else v
                 else:
                     hit[k] = v if v.dtype == x.dtype else v.astype(x.dtype)
             self._cache = {key: hit}

@@ -117,6 +117,10 @@ def test_layers_on_device(bcp, rng, dtype, contiguous, kind):
     got = layer(to_dev(bcp, x, contiguous))
     check(bcp, got, want, dtype, 6 * 9 * 4)
     assert {"cp": "bic_cp_front", "svd": "bic_svd_spatial", "shared": "bic_shared_filter"}[kind] in bcp.launched
+    cached = layer._params_for(to_dev(bcp, x, True))
+    for k in ("in_perm", "out_perm"):                     # converted to the kernels' int32 once, not every call
+        assert isinstance(cached[k], bcp.ndarray) and cached[k].dtype == np.int32, k
+        np.testing.assert_array_equal(np.asarray(cached[k]), layer.result.__getattribute__(k))
     if kind == "shared":
         assert isinstance(layer.params["assign"], np.ndarray) and not isinstance(layer.params["assign"], bcp.ndarray), \
             "assign stays in host memory"
