@@ -24,7 +24,7 @@ if str(_ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from bench.bench_gpu import time_cupy, time_torch, torch_cuda  # noqa: E402
+from bench.bench_gpu import gpu_missing, time_cupy, time_torch, torch_cuda  # noqa: E402
 
 #: (C, H=W, F, K, stride, padding)
 SHAPES = {"zf_conv2": (96, 55, 256, 5, 2, 0), "cifar_conv2": (64, 16, 128, 5, 1, 2)}
@@ -135,15 +135,22 @@ def ncu_workloads(N=128):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("what", choices=("probe", "ncu"))
-    ap.add_argument("--out", help="JSON file for the probe's times")
+    ap.add_argument("--out", help="JSON file for the probe's times (written atomically)")
     args = ap.parse_args(argv)
+    why = gpu_missing()
+    if why is not None:
+        print(f"gpu_profile {args.what}: skipped, no GPU ({why})")
+        return 0
     if args.what == "probe":
         res = probe()
         if args.out:
-            Path(args.out).write_text(json.dumps(res, indent=1))
+            from npconv._fileio import atomic_write
+            text = json.dumps(res, indent=1)
+            atomic_write(args.out, lambda f: f.write(text.encode()))
     else:
         ncu_workloads()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""bench/gpu_profile.py: without a CUDA device both of its commands say why and exit with status 0 (it runs on a
+lent GPU only, through bench/run_gpu.sh); bad arguments are refused by its parser."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tests.conftest import HAS_GPU  # noqa: E402
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the behaviour without a CUDA device")
+@pytest.mark.parametrize("what", ["probe", "ncu"])
+def test_skips_without_a_gpu(capsys, tmp_path, what):
+    from bench import gpu_profile
+    out = tmp_path / "probe.json"
+    assert gpu_profile.main([what, "--out", str(out)]) == 0
+    assert f"gpu_profile {what}: skipped, no GPU" in capsys.readouterr().out
+    assert not out.exists()
+
+
+def test_unknown_command_is_refused(capsys):
+    from bench import gpu_profile
+    with pytest.raises(SystemExit) as exc:
+        gpu_profile.main(["profile-everything"])
+    assert exc.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
