@@ -18,6 +18,8 @@ import time
 
 import numpy as np
 
+from .._fileio import atomic_write
+
 # architecture: (name, kind, params). The PyTorch model and the exported npconv network are built from it.
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
@@ -175,13 +177,16 @@ def main(argv=None):
         print(json.dumps(rec), flush=True)
         log.write(json.dumps(rec) + "\n")
         log.flush()
+    log.close()     # a progress log, appended epoch by epoch; the artifacts below are written atomically
     te_acc = evaluate(model, Xte, yte, torch)
-    torch.save(model.state_dict(), os.path.join(args.out, "model_state.pt"))
-    np.savez(os.path.join(args.out, "folded.npz"), **folded_weights(model))
+    state, folded = model.state_dict(), folded_weights(model)
+    atomic_write(os.path.join(args.out, "model_state.pt"), lambda f: torch.save(state, f))
+    atomic_write(os.path.join(args.out, "folded.npz"), lambda f: np.savez(f, **folded))
     summary = dict(test_top1=float(te_acc), val_top1=float(va_acc), epochs=args.epochs, seed=args.seed,
                    threads=args.threads, train_s=round(time.time() - t_start, 1), torch=torch.__version__,
                    argv=sys.argv[1:])
-    json.dump(summary, open(os.path.join(args.out, "summary.json"), "w"), indent=1)
+    text = json.dumps(summary, indent=1)
+    atomic_write(os.path.join(args.out, "summary.json"), lambda f: f.write(text.encode()))
     print(json.dumps(summary))
     export(args.out, args.bundle)
 
@@ -194,7 +199,6 @@ def export(run_dir, bundle=None):
       (a regression guard that needs no dataset);
     - ``tests/data/reference_torch_test_logits.npy``: the training tool's float64 logits on the whole test split.
     """
-    import shutil
     import torch
     import npconv
     from npconv.datasets import CIFAR10_CLASSES, load_cifar10
@@ -206,7 +210,8 @@ def export(run_dir, bundle=None):
     model = build_torch_model(torch)
     model.load_state_dict(torch.load(os.path.join(run_dir, "model_state.pt"), weights_only=True))
     model = model.double().eval()
-    summary = json.load(open(os.path.join(run_dir, "summary.json")))
+    with open(os.path.join(run_dir, "summary.json"), encoding="utf-8") as f:
+        summary = json.load(f)
     body = npconv.from_torch(model)
     mean = np.array(MEAN, np.float64) * 255
     std = np.array(STD, np.float64) * 255
@@ -225,10 +230,13 @@ def export(run_dir, bundle=None):
     # the training tool's top-1 on test, in float64 (the float32 figure is in reference_summary.json)
     net.meta["test_top1_training_tool"] = float((test_logits.argmax(1) == yte).mean())
     npconv.save(net, os.path.join(bundle, "reference.npz"), compress=True)
-    np.savez(os.path.join(tests_data, "reference_guard.npz"), x=guard_x, logits=guard_logits)
-    np.save(os.path.join(tests_data, "reference_torch_test_logits.npy"), test_logits)
-    shutil.copy(os.path.join(run_dir, "train_log.jsonl"), os.path.join(bundle, "reference_train_log.jsonl"))
-    shutil.copy(os.path.join(run_dir, "summary.json"), os.path.join(bundle, "reference_summary.json"))
+    atomic_write(os.path.join(tests_data, "reference_guard.npz"),
+                 lambda f: np.savez(f, x=guard_x, logits=guard_logits))
+    atomic_write(os.path.join(tests_data, "reference_torch_test_logits.npy"), lambda f: np.save(f, test_logits))
+    for src, dst in (("train_log.jsonl", "reference_train_log.jsonl"), ("summary.json", "reference_summary.json")):
+        with open(os.path.join(run_dir, src), "rb") as f:
+            data = f.read()
+        atomic_write(os.path.join(bundle, dst), lambda f, data=data: f.write(data))
     print("exported to", os.path.join(bundle, "reference.npz"))
 
 
