@@ -184,7 +184,7 @@ def cp_tiling(X, Y, SH, SW, itemsize, cg_max):
     def size(TH, TIH, TIW):
         reals = KC * (X + Y + TIH * TIW + TH * TIW + cg_max)
         return (reals + (reals & 1)) * itemsize + 8 * cg_max
-    return _tile(X, Y, SH, SW, 1, CP_SMEM_BUDGET, size)
+    return _tile(X, Y, SH, SW, 1, CP_SMEM_BUDGET, size)     # itemsize 1: size() counts bytes itself
 
 
 def shared_tiling(X, Y, SH, SW, itemsize):
@@ -282,7 +282,7 @@ def bicluster_cp_conv2d(x, in_perm, in_off, reduce, vertical, horizontal, expand
     OH, OW = _out_len(H, X, sh, pt, pb), _out_len(W, Y, sw, pl, pr)
     kchunks = -(-NH * K // CP_COMPONENTS_PER_BLOCK)
     in_off_h = _host_offsets(in_off)
-    tiling = cp_tiling(X, Y, sh, sw, dt.itemsize, int(np.diff(in_off_h).max()) if G else 1)
+    tiling = cp_tiling(X, Y, sh, sw, dt.itemsize, int(np.diff(in_off_h).max()))
     if tiling is None or G * kchunks > _MAX_GRID_YZ:
         return _composed("cp", cp, x, in_perm, in_off, (reduce, vertical, horizontal, expand), out_perm, out_off,
                          bias, stride, padding)
