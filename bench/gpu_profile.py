@@ -7,9 +7,9 @@
 the whole npconv conv (im2col + GEMM + scatter, the chunk size that ``ops.WORKSPACE_BYTES`` gives and larger ones),
 its im2col kernel alone, its GEMM alone in both operand orders and chunk sizes, cuDNN's conv and PyTorch's GEMM of the
 same shape (TF32 off on both sides). ``ncu`` runs each workload once between ``cudaProfilerStart`` and ``Stop`` after
-a warm-up, so that ``ncu --profile-from-start off`` sees only the timed kernels: npconv conv2, cuDNN conv2, the
-biclustered CP layer (K = 8) and the monochromatic conv1 (C' = 24) at batch 128, the two factored forms slower than
-the dense layer in docs/gpu_results.md.
+a warm-up, so that ``ncu --profile-from-start off`` sees only the timed kernels (``NCU_WORKLOADS``; ``--workloads
+b128``: npconv and cuDNN conv2, the biclustered CP layer with K = 8 and 12 and the monochromatic conv1 with C' = 24 at
+batch 128; ``b1``: conv2 and CP K = 8 at batch 1, where the layers' time hardly depends on their work).
 """
 from __future__ import annotations
 
@@ -77,7 +77,8 @@ def probe(N=128, repeat=20):
             reps = -(-N // nb)
             t(f"{key}/b{N}/gemm (F,K)@(K,{nb}P) x{reps}", lambda col=col, reps=reps: [w2 @ col for _ in range(reps)])
             colT = cp.ascontiguousarray(col.T)
-            t(f"{key}/b{N}/gemm ({nb}P,K)@(K,F) x{reps}", lambda colT=colT, reps=reps: [colT @ w2.T for _ in range(reps)])
+            t(f"{key}/b{N}/gemm ({nb}P,K)@(K,F) x{reps}",
+              lambda colT=colT, reps=reps: [colT @ w2.T for _ in range(reps)])
             per = col.reshape(KK, nb, P).transpose(1, 0, 2).copy()      # (nb, K, P): each image's own columns
             t(f"{key}/b{N}/gemm batched (F,K)@({nb}x K,P) x{reps}",
               lambda per=per, reps=reps: [cp.matmul(w2, per) for _ in range(reps)])
@@ -110,7 +111,14 @@ def _profiled(run, name):
     print(f"profiled {name}", flush=True)
 
 
-def ncu_workloads(N=128):
+#: the ncu workloads: name -> (batch, what); "conv2" is npconv's dense ZF conv2 and cuDNN's, "cp<K>" the biclustered
+#: CP layer G=48 H=2 with that K, "mono<C'>" the monochromatic ZF conv1 with C' colours
+NCU_WORKLOADS = {"b128": ((128, "conv2"), (128, "cp8"), (128, "cp12"), (128, "mono24")),
+                 "b1": ((1, "conv2"), (1, "cp8"))}
+
+
+def ncu_workloads(which="b128"):
+    """Run each workload of NCU_WORKLOADS[which] once between cudaProfilerStart/Stop (after two warm-up runs)."""
     import cupy as cp
 
     from bench.bench_gpu_bicluster import ZF_CONV2, factored_callable
@@ -118,24 +126,32 @@ def ncu_workloads(N=128):
     from bench.bench_gpu_lowrank import factored_callable as lowrank_callable
     from npconv.functional import conv2d
     torch = torch_cuda()
-    geom = SHAPES["zf_conv2"]
-    C, H, F, K, s, p = geom
-    x, w, b = _conv_inputs(cp, geom, N)
-    _profiled(lambda: conv2d(x, w, b, stride=s, padding=p), "npconv_conv2")
-    if torch is not None:
-        torch.backends.cudnn.benchmark = True
-        tx, tw, tb = (torch.as_tensor(a, device="cuda") for a in (x, w, b))
-        with torch.no_grad():
-            _profiled(lambda: torch.nn.functional.conv2d(tx, tw, tb, stride=s, padding=p), "cudnn_conv2")
-    del x
-    _profiled(factored_callable("cp", (48, 2, 8), N, ZF_CONV2, np.float32), "cp_k8")
-    _profiled(lowrank_callable("monochromatic", 24, N, ZF_CONV1, np.float32), "mono24")
+    for N, what in NCU_WORKLOADS[which]:
+        if what == "conv2":
+            geom = SHAPES["zf_conv2"]
+            C, H, F, K, s, p = geom
+            x, w, b = _conv_inputs(cp, geom, N)
+            _profiled(lambda: conv2d(x, w, b, stride=s, padding=p), f"npconv_conv2_b{N}")
+            if torch is not None:
+                torch.backends.cudnn.benchmark = True
+                tx, tw, tb = (torch.as_tensor(a, device="cuda") for a in (x, w, b))
+                with torch.no_grad():
+                    _profiled(lambda: torch.nn.functional.conv2d(tx, tw, tb, stride=s, padding=p),
+                              f"cudnn_conv2_b{N}")
+            del x
+        elif what.startswith("cp"):
+            _profiled(factored_callable("cp", (48, 2, int(what[2:])), N, ZF_CONV2, np.float32), f"{what}_b{N}")
+        else:
+            _profiled(lowrank_callable("monochromatic", int(what[4:]), N, ZF_CONV1, np.float32), f"{what}_b{N}")
+        cp.get_default_memory_pool().free_all_blocks()
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("what", choices=("probe", "ncu"))
     ap.add_argument("--out", help="JSON file for the probe's times (written atomically)")
+    ap.add_argument("--workloads", choices=sorted(NCU_WORKLOADS), default="b128",
+                    help="ncu: which set of workloads (NCU_WORKLOADS)")
     args = ap.parse_args(argv)
     why = gpu_missing()
     if why is not None:
@@ -148,7 +164,7 @@ def main(argv=None):
             text = json.dumps(res, indent=1)
             atomic_write(args.out, lambda f: f.write(text.encode()))
     else:
-        ncu_workloads()
+        ncu_workloads(args.workloads)
     return 0
 
 

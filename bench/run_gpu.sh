@@ -8,7 +8,7 @@
 #                                                 # and, only when named: probe ncu memcheck racecheck
 #
 # probe: bench/gpu_profile.py's CUDA-event times of the parts of the dense conv2 and of variants; ncu: Nsight Compute
-# on bench/gpu_profile.py's workloads (report and its details page); memcheck / racecheck: compute-sanitizer over the
+# on bench/gpu_profile.py's workloads (report and its details page; NCU_SET=b1 for the batch-1 set); memcheck / racecheck: compute-sanitizer over the
 # float32 GPU tests (racecheck: the kernels with shared memory), each stopped at its time limit.
 #
 # Environment: PYTHON (default python3), NPCONV_TEST_JOBS (pytest-xdist workers, default 8), TESTS_LIMIT and
@@ -58,7 +58,7 @@ torch.__version__, \"cudnn\", torch.backends.cudnn.version())'; nproc; lscpu | g
         step ncu "${NCU_LIMIT:-150}" ncu --profile-from-start off --clock-control none --target-processes all \
             --section SpeedOfLight --section LaunchStats --section Occupancy --section MemoryWorkloadAnalysis \
             --section ComputeWorkloadAnalysis --section WarpStateStats --section SchedulerStats -f -o "$out/ncu" \
-            "$py" bench/gpu_profile.py ncu
+            "$py" bench/gpu_profile.py ncu --workloads "${NCU_SET:-b128}"
         step ncu_details 60 ncu -i "$out/ncu.ncu-rep" --page details ;;
     memcheck)   # one process (under the sanitizer, each pytest-xdist worker's start costs more than its tests)
         step memcheck "${MEMCHECK_LIMIT:-150}" compute-sanitizer --tool memcheck --error-exitcode 3 \
