@@ -15,6 +15,8 @@ from . import models  # noqa: E402,F401
 from .network import Network  # noqa: E402,F401
 from .io import load, save, from_torch, load_state_dict  # noqa: E402,F401
 from .approximate import approximate  # noqa: E402,F401
+from .tuning import tune  # noqa: E402,F401
 
 __version__ = "0.1.0"
-__all__ = ["Network", "load", "save", "from_torch", "load_state_dict", "approximate", "functional", "layers", "models"]
+__all__ = ["Network", "load", "save", "from_torch", "load_state_dict", "approximate", "tune", "functional", "layers",
+           "models"]

@@ -66,6 +66,15 @@ class _FactoredConv(Layer):
         """The decomposition result this layer executes (host arrays)."""
         return self._result
 
+    def to_dense(self):
+        """The :class:`~npconv.layers.Conv2d` computing the same map: the kernel rebuilt from the factors
+        (``result.to_tensor()``, in the factors' dtype), the same bias, stride and padding, on this layer's device."""
+        from .dense import Conv2d
+        b = self.params.get("bias")
+        dense = Conv2d(self._result.to_tensor(), None if b is None else _host(b), stride=self.stride,
+                       padding=self.padding)
+        return dense.to_gpu() if self.on_gpu else dense
+
     def _sync_params(self):
         self._cache = {}
 

@@ -66,6 +66,9 @@ class _Stream:
     def is_capturing(self):
         return False
 
+    def synchronize(self):
+        """Nothing to wait for: every emulated launch has finished when it returns."""
+
 
 class _Device:
     id = 0
