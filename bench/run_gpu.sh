@@ -3,8 +3,8 @@
 # is a failure there), then the GPU benchmarks, each step under its own time limit so that one hang cannot eat the
 # others' time. Logs and JSON files go to OUTDIR (default out/gpu), and OUTDIR/gpu_results.tgz packs them.
 #
-#   bash bench/run_gpu.sh [OUTDIR] [STEP ...]     # steps: info tests suite bench network factored (default: all
-#                                                 # but suite; suite = the whole test suite, GPU tests included)
+#   bash bench/run_gpu.sh [OUTDIR] [STEP ...]     # steps: info tests suite bench network factored tune (default:
+#                                                 # all but suite; suite = the whole test suite, GPU tests included)
 #                                                 # and, only when named: probe ncu memcheck racecheck
 #
 # probe: bench/gpu_profile.py's CUDA-event times of the parts of the dense conv2 and of variants; ncu: Nsight Compute
@@ -17,7 +17,7 @@ set -u
 cd "$(dirname "$0")/.."
 out=${1:-out/gpu}
 shift || true
-steps=${*:-info tests bench network factored}
+steps=${*:-info tests bench network factored tune}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 NPCONV_REQUIRE_GPU=1
 py=${PYTHON:-python3}
@@ -52,6 +52,8 @@ torch.__version__, \"cudnn\", torch.backends.cudnn.version())'; nproc; lscpu | g
     factored)
         step bench_gpu_bicluster 90 "$py" bench/bench_gpu_bicluster.py --out "$out/gpu_bicluster.json"
         step bench_gpu_lowrank 90 "$py" bench/bench_gpu_lowrank.py --out "$out/gpu_lowrank.json" ;;
+    tune)
+        step bench_tune_gpu 90 "$py" bench/bench_tune.py --gpu ;;
     probe)
         step probe "${PROBE_LIMIT:-120}" "$py" bench/gpu_profile.py probe --out "$out/probe.json" ;;
     ncu)
@@ -70,7 +72,7 @@ torch.__version__, \"cudnn\", torch.backends.cudnn.version())'; nproc; lscpu | g
             -k "float32 and not strided and not network and not gemm" tests/gpu/test_gpu_bicluster.py \
             tests/gpu/test_gpu_lowrank.py tests/gpu/test_gpu_ops.py ;;
     *)
-        echo "unknown step $s (steps: info tests suite bench network factored probe ncu memcheck racecheck)"
+        echo "unknown step $s (steps: info tests suite bench network factored tune probe ncu memcheck racecheck)"
         exit 2 ;;
     esac
 done
