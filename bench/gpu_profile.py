@@ -67,8 +67,8 @@ def probe(N=128, repeat=20):
         for nb in (8, 33, N):
             col = cp.empty((KK, nb * P), dtype=np.float32)
             t(f"{key}/b{N}/im2col alone x{-(-N // nb)} (chunk {nb})",
-              lambda col=col, nb=nb: [ops._launch("im2col", np.dtype(np.float32),
-                                                  (min(-(-nb * P // 256), 1 << 18), min(C, 65535)), (256,),
+              lambda col=col, nb=nb: [ops._launch("im2col", np.dtype(np.float32), ops.im2col_grid(nb * P, C),
+                                                  (ops._BLOCK,),
                                                   (x[i:i + nb], col, min(nb, N - i), C, H, H, K, K, s, s, p, p, 1,
                                                    1, OH, OH))
                                       for i in range(0, N, nb)])

@@ -23,6 +23,7 @@ from ..decompose.bicluster import BiclusterCPResult, BiclusterSVDResult
 from ..decompose.shared import SharedSeparableResult
 from ..functional import bicluster as FB
 from .base import Layer, register_layer
+from .dense import dense_equivalent
 
 __all__ = ["BiclusterConv2d", "SharedSeparableConv2d"]
 
@@ -69,11 +70,8 @@ class _FactoredConv(Layer):
     def to_dense(self):
         """The :class:`~npconv.layers.Conv2d` computing the same map: the kernel rebuilt from the factors
         (``result.to_tensor()``, in the factors' dtype), the same bias, stride and padding, on this layer's device."""
-        from .dense import Conv2d
-        b = self.params.get("bias")
-        dense = Conv2d(self._result.to_tensor(), None if b is None else _host(b), stride=self.stride,
-                       padding=self.padding)
-        return dense.to_gpu() if self.on_gpu else dense
+        W = self._result.to_tensor()
+        return dense_equivalent(self, W, W.dtype, stride=self.stride, padding=self.padding)
 
     def _sync_params(self):
         self._cache = {}

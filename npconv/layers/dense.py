@@ -9,7 +9,7 @@ from .._validate import as_pair, as_padding4, check_array, check_finite, check_i
 from ..functional.conv import conv2d_output_shape
 from .base import Layer, register_layer
 
-__all__ = ["Conv2d", "Linear", "as_weight"]
+__all__ = ["Conv2d", "Linear", "as_weight", "dense_equivalent"]
 
 
 def as_weight(a, name, ndim):
@@ -145,3 +145,15 @@ class Linear(_WeightedLayer):
     def macs(self, in_shape):
         self.output_shape(in_shape)
         return int(self.weight.shape[0] * self.weight.shape[1])
+
+
+def dense_equivalent(layer, weight, dtype, **geometry):
+    """The dense layer a factored ``layer`` stands for: ``Conv2d`` (4-D ``weight``, with ``geometry``) or ``Linear``
+    (2-D), its kernel ``weight`` (rebuilt from the factors on the host) stored in ``dtype``, with ``layer``'s bias,
+    on ``layer``'s device. The factored layers' ``to_dense()`` build their result with it."""
+    from .._backend import to_numpy
+    b = layer.params.get("bias")
+    b = None if b is None else to_numpy(b)
+    w = np.asarray(weight).astype(dtype, copy=False)
+    dense = Conv2d(w, b, **geometry) if w.ndim == 4 else Linear(w, b)
+    return dense.to_gpu() if layer.on_gpu else dense

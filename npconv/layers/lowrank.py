@@ -14,7 +14,7 @@ from .._validate import as_pair, as_padding4, check_array, out_size
 from ..decompose import cost as _cost
 from ..functional import lowrank as FL
 from .base import register_layer
-from .dense import _WeightedLayer, as_weight
+from .dense import _WeightedLayer, as_weight, dense_equivalent
 
 __all__ = ["LowRankLinear", "LowRankConv2d", "MonochromaticConv2d", "SeparableConv2d"]
 
@@ -41,18 +41,6 @@ def _check_channels(kind, in_shape, C):
 
 def _host64(a):
     return np.asarray(to_numpy(a), np.float64)
-
-
-def _placed(layer, dense):
-    """``dense`` on ``layer``'s device (a factored layer's dense equivalent)."""
-    return dense.to_gpu() if layer.on_gpu else dense
-
-
-def _dense_conv(layer, W, dtype, **geometry):
-    """The Conv2d of kernel ``W`` (float64, rebuilt from ``layer``'s factors) in ``dtype``, with ``layer``'s bias."""
-    from .dense import Conv2d
-    b = layer.params.get("bias")
-    return _placed(layer, Conv2d(W.astype(dtype), None if b is None else to_numpy(b), **geometry))
 
 
 class _FactoredConv(_WeightedLayer):
@@ -108,11 +96,8 @@ class LowRankLinear(_WeightedLayer):
     def to_dense(self):
         """The :class:`~npconv.layers.Linear` computing the same map, weight ``a @ b`` (rebuilt in float64, stored in
         the factors' dtype), on this layer's device."""
-        from .dense import Linear
-        a, b = self.params["a"], self.params["b"]
-        bias = self.params.get("bias")
-        W = (_host64(a) @ _host64(b)).astype(a.dtype)
-        return _placed(self, Linear(W, None if bias is None else to_numpy(bias)))
+        a = self.params["a"]
+        return dense_equivalent(self, _host64(a) @ _host64(self.params["b"]), a.dtype)
 
     def forward(self, x):
         p = self._params_for(x)
@@ -162,7 +147,7 @@ class LowRankConv2d(_FactoredConv):
         (rebuilt in float64, stored in the factors' dtype), same geometry, on this layer's device."""
         first = self.params["first"]
         W = np.einsum("ft,tcxy->fcxy", _host64(self.params["second"]), _host64(first))
-        return _dense_conv(self, W, first.dtype, stride=self.stride, padding=self.padding, dilation=self.dilation)
+        return dense_equivalent(self, W, first.dtype, stride=self.stride, padding=self.padding, dilation=self.dilation)
 
     def _kernel_size(self):
         X, Y = self.params["first"].shape[2:]
@@ -232,7 +217,7 @@ class MonochromaticConv2d(_FactoredConv):
         colors = self.params["colors"]
         a = np.asarray(to_numpy(self.params["assignment"]), np.int64)
         W = _host64(colors)[a][:, :, None, None] * _host64(self.params["spatial"])[:, None]
-        return _dense_conv(self, W, colors.dtype, stride=self.stride, padding=self.padding)
+        return dense_equivalent(self, W, colors.dtype, stride=self.stride, padding=self.padding)
 
     def _params_for(self, x):
         floats = {k: v for k, v in self.params.items() if k != "assignment"}
@@ -308,7 +293,7 @@ class SeparableConv2d(_FactoredConv):
         vertical[k, c, x, 0]`` (rebuilt in float64, stored in the factors' dtype), same stride and padding."""
         v = self.params["vertical"]
         W = np.einsum("fky,kcx->fcxy", _host64(self.params["horizontal"])[:, :, 0], _host64(v)[..., 0])
-        return _dense_conv(self, W, v.dtype, stride=self.stride, padding=self.padding)
+        return dense_equivalent(self, W, v.dtype, stride=self.stride, padding=self.padding)
 
     def _kernel_size(self):
         return (int(self.params["vertical"].shape[2]), int(self.params["horizontal"].shape[3]))

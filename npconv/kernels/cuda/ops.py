@@ -30,7 +30,7 @@ from ._gemm import matmul as _matmul
 __all__ = [
     "conv2d", "linear", "max_pool2d", "avg_pool2d", "local_response_norm", "relu", "bias_relu", "softmax",
     "normalize", "use_winograd", "LAUNCH_SIGNATURES", "WORKSPACE_BYTES", "DIRECT_CONV_MAX_C",
-    "WINOGRAD_MIN_CHANNELS", "WINOGRAD_MIN_TILES",
+    "WINOGRAD_MIN_CHANNELS", "WINOGRAD_MIN_TILES", "im2col_grid",
 ]
 
 #: upper bound of the im2col workspace (column matrix + GEMM result of one chunk), in bytes
@@ -270,6 +270,12 @@ def _conv_winograd(cp, x, w, b, y, pt, pl):
         _launch_1d("wino_output", dt, F * T, (prod, bias, y[n0:n0 + m], m, F, OH, OW, TH, TW, has_bias))
 
 
+def im2col_grid(columns, C):
+    """The grid of an im2col launch (blocks of ``_BLOCK`` threads): a thread per column of the chunk's matrix (x,
+    grid-stride), blockIdx.y walking the C input channels (KH*KW rows each)."""
+    return (min(-(-columns // _BLOCK), _MAX_GRID), min(C, _MAX_GRID_Y))
+
+
 def _conv_im2col(cp, x, w, b, y, groups, geometry):
     """im2col + one GEMM per group, over chunks of images sized by WORKSPACE_BYTES; fills ``y``."""
     KH, KW, sh, sw, pt, pl, dh, dw, OH, OW = geometry
@@ -290,9 +296,8 @@ def _conv_im2col(cp, x, w, b, y, groups, geometry):
     for n0 in range(0, N, nb):
         m = min(nb, N - n0)
         col = col_buf[:K * m * P].reshape(K, m * P)
-        # a thread per column (x, grid-stride), blockIdx.y walks the input channels (KH*KW rows each)
-        grid = (min(-(-m * P // _BLOCK), _MAX_GRID), min(C, _MAX_GRID_Y))
-        _launch("im2col", dt, grid, (_BLOCK,), (x[n0:n0 + m], col, m, C, H, W, KH, KW, sh, sw, pt, pl, dh, dw, OH, OW))
+        _launch("im2col", dt, im2col_grid(m * P, C), (_BLOCK,),
+                (x[n0:n0 + m], col, m, C, H, W, KH, KW, sh, sw, pt, pl, dh, dw, OH, OW))
         yc = y[n0:n0 + m]
         for g in range(groups):
             r = _matmul(w2[g * Fg:(g + 1) * Fg], col[g * Kg:(g + 1) * Kg])
