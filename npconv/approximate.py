@@ -127,7 +127,11 @@ class Monochromatic(Spec):
 
 @dataclass(frozen=True)
 class Bicluster(Spec):
-    """Biclustering (§4.4): G input x H output channel groups, each block by CP (``rank``) or SVD (``ranks``)."""
+    """Biclustering (§4.4): G input x H output channel groups, each block by CP (``rank``) or SVD (``ranks``).
+
+    ``fit="data"``: the blocks are refitted in the data metric of the layer's input patches (the groups stay
+    those clustered on the weights; ``npconv.decompose.bicluster``'s ``data_cov``).
+    """
     G: int = 2
     H: int = 2
     rank: Optional[int] = None
@@ -151,7 +155,7 @@ class Bicluster(Spec):
                 raise ValueError(f"ranks must be a pair (K1, K2) for method='svd', got {self.ranks!r}")
             for r in self.ranks:
                 check_int(r, "ranks", min_value=1)
-        check_option(self.fit, "fit", ("weights",))
+        _check_fit(self.fit)
 
     @property
     def method_name(self):
@@ -165,7 +169,7 @@ class Bicluster(Spec):
         from .decompose.bicluster import bicluster
         kw = dict(rank=self.rank) if self.method == "cp" else dict(ranks=tuple(self.ranks))
         return bicluster(np.array(layer.weight), self.G, self.H, method=self.method, equal_size=self.equal_size,
-                         random_state=self.random_state, **kw)
+                         random_state=self.random_state, data_cov=data_cov, **kw)
 
 
 @dataclass(frozen=True)

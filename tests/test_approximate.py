@@ -92,6 +92,18 @@ def test_data_fit_reduces_output_error_on_that_data(rng):
     assert rep_d[0].relative_error >= rep_w[0].relative_error  # worse in weights, better where the data is
 
 
+@pytest.mark.parametrize("spec", [dict(G=2, H=2, ranks=(2, 3), method="svd"), dict(G=2, H=2, rank=2, method="cp")],
+                         ids=["svd", "cp"])
+def test_bicluster_data_fit_reduces_output_error_on_that_data(rng, spec):
+    # conv2's inputs (relu1's outputs) made strongly correlated across channels: a few input patterns only
+    net = make_net(rng)
+    data = np.repeat(rng.standard_normal((60, 1, 8, 8)), 3, axis=1) * rng.uniform(0.5, 1.5, (1, 3, 1, 1))
+    _, rep_w = approximate(net, {"conv2": Bicluster(**spec)}, data=data, return_report=True)
+    new, rep_d = approximate(net, {"conv2": Bicluster(fit="data", **spec)}, data=data, return_report=True)
+    assert rep_d[0].data_error < 0.9 * rep_w[0].data_error
+    assert type(new["conv2"]).__name__ == "BiclusterConv2d"
+
+
 def test_plan_errors(rng):
     net = make_net(rng)
     with pytest.raises(KeyError, match="no layer named 'conv9'"):

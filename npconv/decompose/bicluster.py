@@ -44,11 +44,14 @@ from typing import ClassVar
 
 import numpy as np
 
+from .._backend import to_numpy
 from .._validate import as_padding4, as_pair, check_int, check_option, check_real, out_size
 from ._kmeans import kmeans
 from ._result import Decomposition, check_factor, check_random_state, check_tensor, result_class, svd_flip
 from .cost import Cost
 from .cp import cp_als, cp_greedy, max_cp_rank
+from .metrics import covariance_sqrt
+from ._bicluster_data import block_term, refit_data_metric
 
 __all__ = ["bicluster", "BiclusterCPResult", "BiclusterSVDResult", "channel_groups", "max_bicluster_ranks"]
 
@@ -327,8 +330,27 @@ def _svd_block(B, K1, K2):
     return U1, spatial, expand
 
 
+def _relative(B, approx):
+    nb = float(np.sum(B * B))
+    return float(np.sqrt(np.sum((B - approx) ** 2) / nb)) if nb > 0 else 0.0
+
+
+def _frobenius(Wd, in_perm, in_off, out_perm, out_off, method, factors):
+    """(squared Frobenius error of the whole kernel, relative error of every block (G, H)) of stacked factors."""
+    G, H = len(in_off) - 1, len(out_off) - 1
+    block_err = np.zeros((G, H))
+    sq_err = 0.0
+    for g in range(G):
+        for h in range(H):
+            B = Wd[np.ix_(out_perm[out_off[h]:out_off[h + 1]], in_perm[in_off[g]:in_off[g + 1]])]
+            approx = block_term(method, factors, in_off, out_off, g, h).reshape(B.shape)
+            sq_err += float(np.sum((B - approx) ** 2))
+            block_err[g, h] = _relative(B, approx)
+    return sq_err, block_err
+
+
 def bicluster(W, G, H, *, method="svd", rank=None, ranks=None, equal_size=True, n_iter=200, tol=1e-7,
-              cp_algorithm="als", n_init=10, random_state=None, callback=None):
+              cp_algorithm="als", n_init=10, random_state=None, callback=None, data_cov=None, data_iter=10):
     """Biclustered approximation of a conv kernel ``W`` (F, C, X, Y).
 
     Parameters
@@ -352,12 +374,24 @@ def bicluster(W, G, H, *, method="svd", rank=None, ranks=None, equal_size=True, 
         Drives k-means and the CP fits; a fixed value gives identical results.
     callback : callable or None
         Called with a dict: ``{"stage": "cluster_inputs"|"cluster_outputs", ...k-means info}`` during the
-        clustering and ``{"stage": "block", "g": g, "h": h, "error": e}`` after every block.
+        clustering, ``{"stage": "block", "g": g, "h": h, "error": e}`` after every block and, with
+        ``data_cov``, ``{"stage": "data_fit", "sweep": i, "error": e}`` after every refitting sweep.
+    data_cov : ndarray (C X Y, C X Y) or None
+        Second moment of the layer's input patches (``metrics.patch_covariance``, entry order ``(c, x, y)``).
+        Given, the blocks fitted in the weight metric are refitted in the data metric ``E||(W - W~) p||^2``
+        (``npconv.decompose._bicluster_data``): every factor of every block in turn by its exact least-squares
+        update, so the data error never increases, and the coupling of blocks through correlated input groups
+        is included. The groups stay those clustered on the weights.
+    data_iter : int
+        Most refitting sweeps over all blocks (``data_cov`` only); a sweep that lowers the relative data error
+        by less than ``tol`` of itself ends the refit.
 
     Returns
     -------
     BiclusterCPResult or BiclusterSVDResult
-        Factors in W's dtype (fitted in float64).
+        Factors in W's dtype (fitted in float64). With ``data_cov``, ``meta["data_errors"]`` holds the relative
+        data-metric error ``sqrt(tr(D S D^T) / tr(W S W^T))`` (D = W - W~ as an F x (C X Y) matrix) before the
+        refit and after each sweep, non-increasing.
     """
     W = check_tensor(W, "W", ndim=4)
     F, C, X, Y = W.shape
@@ -374,6 +408,10 @@ def bicluster(W, G, H, *, method="svd", rank=None, ranks=None, equal_size=True, 
     check_option(cp_algorithm, "cp_algorithm", {"als", "greedy"})
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
+    data_iter = check_int(data_iter, "data_iter", min_value=1)
+    if data_cov is not None:
+        covariance_sqrt(data_cov, C * X * Y, "data_cov")     # validation: shape, symmetry, semi-definiteness
+        data_cov = np.asarray(to_numpy(data_cov), np.float64)
     if method == "cp":
         if ranks is not None:
             raise ValueError("ranks (K1, K2) is for method='svd'; method='cp' takes rank=K")
@@ -426,8 +464,7 @@ def bicluster(W, G, H, *, method="svd", rank=None, ranks=None, equal_size=True, 
         reduce = np.zeros((C, H, K1))
         spatial = np.zeros((G, H, K2, K1, X, Y))
         expand = np.zeros((F, G, K2))
-    block_err = np.zeros((G, H))
-    sq_err = 0.0
+    factors = (reduce, vert, horiz, expand) if method == "cp" else (reduce, spatial, expand)
     for g in range(G):
         i0, i1 = int(in_off[g]), int(in_off[g + 1])
         ci = in_perm[i0:i1]
@@ -439,25 +476,21 @@ def bicluster(W, G, H, *, method="svd", rank=None, ranks=None, equal_size=True, 
                 fo, fi, fv, fz = _cp_block(B, kb, cp_algorithm, n_iter, tol, rng)
                 expand[o0:o1, g, :kb] = fo
                 reduce[i0:i1, h, :kb] = fi
-                vert[g, h, :, :] = 0.0
                 vert[g, h, :kb] = fv.T
                 horiz[g, h, :kb] = fz.T
-                approx = np.einsum("fk,ck,xk,yk->fcxy", fo, fi, fv, fz)
             else:
-                U1, sp, ex = _svd_block(B, K1, K2)
-                reduce[i0:i1, h] = U1
-                spatial[g, h] = sp
-                expand[o0:o1, g] = ex
-                approx = np.einsum("fm,mkxy,ck->fcxy", ex, sp, U1)
-            e2 = float(np.sum((B - approx) ** 2))
-            sq_err += e2
-            nb = float(np.sum(B * B))
-            block_err[g, h] = np.sqrt(e2 / nb) if nb > 0 else 0.0
+                reduce[i0:i1, h], spatial[g, h], expand[o0:o1, g] = _svd_block(B, K1, K2)
             if callback is not None:
-                callback({"stage": "block", "g": g, "h": h, "error": float(block_err[g, h])})
-    rel = float(np.sqrt(sq_err) / np.linalg.norm(Wd.ravel()))
+                e = _relative(B, block_term(method, factors, in_off, out_off, g, h).reshape(B.shape))
+                callback({"stage": "block", "g": g, "h": h, "error": e})
     meta = {"shape": tuple(W.shape), "method": method, "in_groups": G, "out_groups": H,
-            "equal_size": bool(equal_size), "block_errors": tuple(map(tuple, block_err.tolist()))}
+            "equal_size": bool(equal_size), "data_metric": data_cov is not None}
+    if data_cov is not None:
+        meta["data_errors"] = tuple(refit_data_metric(Wd, data_cov, in_perm, in_off, out_perm, out_off, factors,
+                                                      method, n_iter=data_iter, tol=tol, callback=callback))
+    sq_err, block_err = _frobenius(Wd, in_perm, in_off, out_perm, out_off, method, factors)
+    meta["block_errors"] = tuple(map(tuple, block_err.tolist()))
+    rel = float(np.sqrt(sq_err) / np.linalg.norm(Wd.ravel()))
     if method == "cp":
         meta.update(rank=K, cp_algorithm=cp_algorithm)
         return BiclusterCPResult(in_perm, in_off, reduce.astype(dt), vert.astype(dt), horiz.astype(dt),
