@@ -66,18 +66,23 @@ class ConfigResult:
         return self.seconds_net_before / self.seconds_net_after
 
     @property
+    def approximated(self):
+        """The reports of the plan's layers (without those of layers refitted above them)."""
+        return [r for r in self.reports if r.layer in self.config.plan]
+
+    @property
     def theoretical_gain(self):
-        before = sum(r.macs_before for r in self.reports)
-        after = sum(r.macs_after for r in self.reports)
+        before = sum(r.macs_before for r in self.approximated)
+        after = sum(r.macs_after for r in self.approximated)
         return before / after if after else float("inf")
 
     @property
     def params_before(self):
-        return sum(r.params_before for r in self.reports)
+        return sum(r.params_before for r in self.approximated)
 
     @property
     def params_after(self):
-        return sum(r.params_after for r in self.reports)
+        return sum(r.params_after for r in self.approximated)
 
     def as_dict(self, baseline_top1=None):
         d = dict(family=self.config.family, config=self.config.label, split=self.split, top1=self.top1,
@@ -95,16 +100,19 @@ class ConfigResult:
 
 
 def run_config(net, config, X, y, *, base_pred, base_times, timing_batch, data=None, repeat=5,
-               device=None, dtype=np.float32):
+               device=None, dtype=np.float32, refit=False):
     """Approximate ``net`` with ``config``, then measure top-1, agreement with ``base_pred`` and time.
 
     ``base_times`` is ``time_layers(net, timing_batch)`` measured once for the exact network (on the same
     device). ``data``: network inputs for specs with ``fit="data"``. ``device``: a function moving a network to
     where ``timing_batch`` lives (e.g. ``Network.to_gpu``); the approximation itself runs on the CPU.
+    ``refit``: approximate sequentially and refit the dense layers above (``approximate``'s ``sequential`` and
+    ``refit_above``; needs ``data``). The result's gain, parameters and layer times count the plan's layers.
     """
     t0 = time.perf_counter()
-    needs_data = any(getattr(s, "fit", "weights") == "data" for s in config.plan.values())
-    approx, reports = approximate(net, config.plan, data=data if needs_data else None, return_report=True)
+    needs_data = refit or any(getattr(s, "fit", "weights") == "data" for s in config.plan.values())
+    approx, reports = approximate(net, config.plan, data=data if needs_data else None, sequential=bool(refit),
+                                  refit_above=bool(refit), return_report=True)
     fit_s = time.perf_counter() - t0
     if device is not None:
         approx = device(approx)

@@ -8,6 +8,8 @@
   layer's weights multiply. The error of a layer approximated by ``W~`` is
   ``E||(W - W~) p||^2 = tr((W - W~) S (W - W~)^T)`` with ``S = E[p p^T]`` (the bias cancels), so the
   uncentred second moment is the right weighting; ``center=True`` gives the ordinary covariance instead.
+* ``paired_moments``: the second and cross moments of a layer's inputs in an approximated and in the exact
+  network (the sequential fit of ``npconv.approximate``).
 * ``covariance_sqrt``: validation of such a matrix and a factor ``L`` with ``L @ L.T == S``.
 """
 from __future__ import annotations
@@ -19,7 +21,7 @@ from .._validate import as_padding4, as_pair, check_int, out_size
 from ._result import Decomposition, check_random_state
 
 __all__ = ["frobenius_error", "relative_error", "data_distance", "patch_covariance", "input_covariance",
-           "covariance_sqrt"]
+           "paired_moments", "covariance_sqrt"]
 
 
 def _as_tensor(a, name):
@@ -96,6 +98,46 @@ def input_covariance(x, *, center=False):
     return (X.T @ X) / X.shape[0]
 
 
+def _patch_batches(xs, kernel, stride, padding, dilation, max_patches, random_state, chunk, dtype=np.float64):
+    """Yield, chunk by chunk of images, the patch matrices (n, C*KH*KW) of every array in ``xs`` (all of one
+    shape, (N, C, H, W)) at the same patch positions (all of them, or ``max_patches`` drawn at random), in
+    ``dtype``."""
+    kh, kw = as_pair(kernel, "kernel")
+    sh, sw = as_pair(stride, "stride")
+    dh, dw = as_pair(dilation, "dilation")
+    pt, pb, pl, pr = as_padding4(padding)
+    chunk = check_int(chunk, "chunk", min_value=1)
+    N, C, H, W = xs[0].shape
+    ho = out_size(H, kh, sh, pt, pb, dh)
+    wo = out_size(W, kw, sw, pl, pr, dw)
+    D = C * kh * kw
+    total = N * ho * wo
+    keep = None
+    if max_patches is not None:
+        max_patches = check_int(max_patches, "max_patches", min_value=1)
+        if max_patches < total:
+            rng = check_random_state(random_state)
+            keep = np.sort(rng.choice(total, size=max_patches, replace=False))
+    for n0 in range(0, N, chunk):
+        mats = []
+        m = min(chunk, N - n0)
+        if keep is not None:   # the chunk's sampled positions, as (image, row, column)
+            sel = keep[(keep >= n0 * ho * wo) & (keep < (n0 + m) * ho * wo)] - n0 * ho * wo
+            img, rest = np.divmod(sel, ho * wo)
+            row, col = np.divmod(rest, wo)
+        for x in xs:
+            xb = np.pad(x[n0:n0 + m].astype(dtype, copy=False), ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+            win = np.lib.stride_tricks.sliding_window_view(xb, ((kh - 1) * dh + 1, (kw - 1) * dw + 1),
+                                                           axis=(2, 3))
+            win = win[:, :, ::sh, ::sw, ::dh, ::dw][:, :, :ho, :wo]      # (n, C, ho, wo, kh, kw)
+            if keep is None:
+                P = win.transpose(0, 2, 3, 1, 4, 5).reshape(-1, D)
+            else:                # gather the sampled patches only (not every patch of the chunk, then a few)
+                P = win[img, :, row, col].reshape(-1, D)
+            mats.append(P)
+        yield mats
+
+
 def patch_covariance(x, kernel, *, stride=1, padding=0, dilation=1, max_patches=None, random_state=None,
                      center=False, chunk=16):
     """Second moment ``E[p p^T]`` of a conv layer's input patches, (C*KH*KW, C*KH*KW) float64.
@@ -107,42 +149,68 @@ def patch_covariance(x, kernel, *, stride=1, padding=0, dilation=1, max_patches=
     images are processed ``chunk`` at a time to bound memory.
     """
     x = _check_input(x, "x", (4,))
-    kh, kw = as_pair(kernel, "kernel")
-    sh, sw = as_pair(stride, "stride")
-    dh, dw = as_pair(dilation, "dilation")
-    pt, pb, pl, pr = as_padding4(padding)
-    chunk = check_int(chunk, "chunk", min_value=1)
-    N, C, H, W = x.shape
-    ho = out_size(H, kh, sh, pt, pb, dh)
-    wo = out_size(W, kw, sw, pl, pr, dw)
-    D = C * kh * kw
-    total = N * ho * wo
-    keep = None
-    if max_patches is not None:
-        max_patches = check_int(max_patches, "max_patches", min_value=1)
-        if max_patches < total:
-            rng = check_random_state(random_state)
-            keep = np.sort(rng.choice(total, size=max_patches, replace=False))
-    S = np.zeros((D, D))
-    s1 = np.zeros(D)
-    count = 0
-    for n0 in range(0, N, chunk):
-        xb = np.pad(x[n0:n0 + chunk].astype(np.float64), ((0, 0), (0, 0), (pt, pb), (pl, pr)))
-        win = np.lib.stride_tricks.sliding_window_view(xb, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
-        win = win[:, :, ::sh, ::sw, ::dh, ::dw][:, :, :ho, :wo]          # (n, C, ho, wo, kh, kw)
-        P = win.transpose(0, 2, 3, 1, 4, 5).reshape(-1, D)
-        if keep is not None:
-            lo, hi = n0 * ho * wo, (n0 + xb.shape[0]) * ho * wo
-            sel = keep[(keep >= lo) & (keep < hi)] - lo
-            P = P[sel]
-        S += P.T @ P
-        s1 += P.sum(0)
-        count += P.shape[0]
-    S /= count
+    S, _, m, _, _ = _moments([x], kernel, stride, padding, dilation, max_patches, random_state, chunk)
     if center:
-        m = s1 / count
         S -= np.outer(m, m)
     return S
+
+
+def _moments(xs, kernel, stride, padding, dilation, max_patches, random_state, chunk, dtype=np.float64):
+    """(E[p0 p0^T], E[p0 p1^T] or None, E[p0], E[p1] or None, count) over the patches of xs = [x0] or [x0, x1];
+    each chunk's products in ``dtype``, summed in float64."""
+    S = S01 = s0 = s1 = None
+    count = 0
+    for mats in _patch_batches(xs, kernel, stride, padding, dilation, max_patches, random_state, chunk, dtype):
+        P0 = mats[0]
+        if S is None:
+            D = P0.shape[1]
+            S, s0 = np.zeros((D, D)), np.zeros(D)
+            if len(mats) > 1:
+                S01, s1 = np.zeros((D, D)), np.zeros(D)
+        S += P0.T @ P0
+        s0 += P0.sum(0, dtype=np.float64)
+        if len(mats) > 1:
+            S01 += P0.T @ mats[1]
+            s1 += mats[1].sum(0, dtype=np.float64)
+        count += P0.shape[0]
+    S /= count
+    s0 /= count
+    if S01 is not None:
+        S01 /= count
+        s1 /= count
+    return S, S01, s0, s1, count
+
+
+def paired_moments(x_hat, x, kernel=None, *, stride=1, padding=0, dilation=1, max_patches=None, random_state=None,
+                   chunk=16):
+    """Moments of a layer's inputs in two versions of a network, at the same patch positions.
+
+    ``x_hat`` and ``x`` (same shape) are the inputs a layer receives from an approximated network and from the
+    exact one. For a conv layer pass ``kernel`` (and the conv's ``stride``, ``padding``, ``dilation``) and
+    (N, C, H, W) inputs: the moments are over its input patches (entry order ``(c, kh, kw)``); for a dense layer
+    leave ``kernel`` None: they are over the flattened inputs (N, ...). The products are taken in the inputs'
+    dtype (float32 inputs: float32 products of each chunk, summed in float64; about 4x faster than float64 for
+    the statistics of a sample). Returns ``(S_hh, S_hx, m_h, m_x)``:
+    ``E[p_hat p_hat^T]``, ``E[p_hat p^T]``, ``E[p_hat]`` and ``E[p]``, float64. With them, the layer weights W'
+    minimising ``E||W p - W' p_hat||^2`` solve ``W' S_hh = W S_hx^T`` (``npconv.approximate``'s sequential fit).
+    """
+    x_hat = _check_input(x_hat, "x_hat", (2, 3, 4))
+    x = _check_input(x, "x", (2, 3, 4))
+    if x_hat.shape != x.shape:
+        raise ValueError(f"x_hat and x must have the same shape, got {x_hat.shape} and {x.shape}")
+    if x_hat.dtype != x.dtype:
+        raise TypeError(f"x_hat and x must have the same dtype, got {x_hat.dtype} and {x.dtype}")
+    if kernel is None:
+        Ph = x_hat.reshape(len(x_hat), -1)
+        Px = x.reshape(len(x), -1)
+        n = Ph.shape[0]
+        return ((Ph.T @ Ph).astype(np.float64) / n, (Ph.T @ Px).astype(np.float64) / n,
+                Ph.mean(0, dtype=np.float64), Px.mean(0, dtype=np.float64))
+    if x.ndim != 4:
+        raise ValueError(f"x must have 4 dimensions (N, C, H, W) for a conv kernel, got shape {x.shape}")
+    S, S01, m0, m1, _ = _moments([x_hat, x], kernel, stride, padding, dilation, max_patches, random_state, chunk,
+                                 x.dtype)
+    return S, S01, m0, m1
 
 
 def covariance_sqrt(cov, n, name="data_cov"):
