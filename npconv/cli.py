@@ -7,9 +7,10 @@
 Steps: load the network and the data; report the exact network's top-1; apply each approximation over a grid of
 settings (every fit in the data metric of 512 training images; by default the layers are fitted in network order
 on the approximated network's inputs and the dense layers above them refitted by least squares, ``--no-refit``
-for the paper's protocol without fine-tuning), scored on a validation split held out of the training images; pick, per method, the fastest setting
-within 1 point of top-1; report those (and their combination) on the test split, once; measure the CPU time per
-image of the approximated layers and of the whole network; write a table, results.json, results.md and plots.
+for the paper's protocol without fine-tuning), scored on a validation split held out of the training images;
+pick, per method, the fastest setting within 1 point of top-1; report those (and their combination) on the test
+split, once; measure the CPU time per image of the approximated layers and of the whole network, each
+configuration interleaved with the exact network; write a table, results.json, results.md and plots.
 Without the data it still runs the speed part and says how to get the data.
 """
 from __future__ import annotations
@@ -197,7 +198,7 @@ def main(argv=None):
     print(f"\n## sweep on the validation split ({len(yva)} images held out of train)\n{HEADER}")
     val_results = []
     for cfg in grid:
-        r = _run(net, cfg, Xva, yva, base_va_pred, base_times, timing_batch, calib, device, dev_x, args)
+        r = _run(net, cfg, Xva, yva, base_va_pred, base_times, timing_batch, calib, device, dev_x, args, base)
         r.split = "val"
         val_results.append(r)
         print(_fmt_row(r, base_va_top1), flush=True)
@@ -207,7 +208,7 @@ def main(argv=None):
     from .experiment import greedy_combine
 
     def evaluate_on_val(cfg):
-        r = _run(net, cfg, Xva, yva, base_va_pred, base_times, timing_batch, calib, device, dev_x, args)
+        r = _run(net, cfg, Xva, yva, base_va_pred, base_times, timing_batch, calib, device, dev_x, args, base)
         r.split = "val"
         print(_fmt_row(r, base_va_top1), flush=True)
         return r
@@ -225,7 +226,7 @@ def main(argv=None):
     print(f"\n## chosen settings on the test split ({len(yte)} images), reported once\n{HEADER}")
     test_results = []
     for rv in finals:
-        r = _run(net, rv.config, Xte, yte, base_te_pred, base_times, timing_batch, calib, device, dev_x, args)
+        r = _run(net, rv.config, Xte, yte, base_te_pred, base_times, timing_batch, calib, device, dev_x, args, base)
         r.split = "test"
         test_results.append(r)
         print(_fmt_row(r, base_te_top1), flush=True)
@@ -246,10 +247,13 @@ def _threads():
         return "?"
 
 
-def _run(net, cfg, X, y, base_pred, base_times, timing_batch, calib, device, dev_x, args):
+def _run(net, cfg, X, y, base_pred, base_times, timing_batch, calib, device, dev_x, args, base):
+    """One configuration, approximated and measured; ``base`` (the exact network on the device) is timed again,
+    interleaved with the approximated one, so that both are measured in the same conditions."""
     from .experiment import run_config
     return run_config(net, cfg, X, y, base_pred=base_pred, base_times=base_times, timing_batch=dev_x(timing_batch),
-                      data=calib, repeat=args.repeat, device=device, refit=calib is not None and not args.no_refit)
+                      data=calib, repeat=args.repeat, device=device, refit=calib is not None and not args.no_refit,
+                      base_net=base)
 
 
 def _speed_only(net, cfg, base_times, timing_batch, device, repeat):

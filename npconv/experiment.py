@@ -15,7 +15,8 @@ import numpy as np
 from .approximate import approximate
 from .network import Network
 
-__all__ = ["evaluate", "time_layers", "Config", "ConfigResult", "run_config", "select", "greedy_combine"]
+__all__ = ["evaluate", "time_layers", "time_interleaved", "Config", "ConfigResult", "run_config", "select",
+           "greedy_combine"]
 
 
 def evaluate(net: Network, X, y, *, batch_size=250, dtype=np.float32, progress=False):
@@ -30,6 +31,23 @@ def time_layers(net: Network, x, *, repeat=5, warmup=1):
     rows = net.profile(x, repeat=repeat, warmup=warmup, print_fn=None)
     per_layer = {r["name"]: r["seconds"] for r in rows}
     return per_layer, sum(per_layer.values())
+
+
+def time_interleaved(nets, x, *, repeat=5, warmup=1):
+    """``time_layers`` of several networks on the batch ``x``, one run of each in turn, ``repeat`` rounds: on a
+    machine whose speed drifts (a shared host), every network is measured in the same conditions. Returns one
+    ``(per_layer, total)`` per network."""
+    for net in nets:
+        net.profile(x, repeat=1, warmup=warmup, print_fn=None)
+    runs = [[] for _ in nets]
+    for _ in range(repeat):
+        for i, net in enumerate(nets):
+            runs[i].append({r["name"]: r["seconds"] for r in net.profile(x, repeat=1, warmup=0, print_fn=None)})
+    out = []
+    for net, rs in zip(nets, runs):
+        per_layer = {n: float(np.median([r[n] for r in rs])) for n in net.names}
+        out.append((per_layer, sum(per_layer.values())))
+    return out
 
 
 @dataclass(frozen=True)
@@ -100,12 +118,14 @@ class ConfigResult:
 
 
 def run_config(net, config, X, y, *, base_pred, base_times, timing_batch, data=None, repeat=5,
-               device=None, dtype=np.float32, refit=False):
+               device=None, dtype=np.float32, refit=False, base_net=None):
     """Approximate ``net`` with ``config``, then measure top-1, agreement with ``base_pred`` and time.
 
     ``base_times`` is ``time_layers(net, timing_batch)`` measured once for the exact network (on the same
-    device). ``data``: network inputs for specs with ``fit="data"``. ``device``: a function moving a network to
-    where ``timing_batch`` lives (e.g. ``Network.to_gpu``); the approximation itself runs on the CPU.
+    device); with ``base_net`` (the exact network, on that device) the exact network is timed again, interleaved
+    with the approximated one (``time_interleaved``), and ``base_times`` is not used. ``data``: network inputs
+    for specs with ``fit="data"``. ``device``: a function moving a network to where ``timing_batch`` lives (e.g.
+    ``Network.to_gpu``); the approximation itself runs on the CPU.
     ``refit``: approximate sequentially and refit the dense layers above (``approximate``'s ``sequential`` and
     ``refit_above``; needs ``data``). The result's gain, parameters and layer times count the plan's layers.
     """
@@ -117,8 +137,12 @@ def run_config(net, config, X, y, *, base_pred, base_times, timing_batch, data=N
     if device is not None:
         approx = device(approx)
     top1, pred = evaluate(approx, X, y, dtype=dtype)
-    per_before, net_before = base_times
-    per_after, net_after = time_layers(approx, timing_batch, repeat=repeat)
+    if base_net is not None:
+        (per_before, net_before), (per_after, net_after) = time_interleaved([base_net, approx], timing_batch,
+                                                                            repeat=repeat)
+    else:
+        per_before, net_before = base_times
+        per_after, net_after = time_layers(approx, timing_batch, repeat=repeat)
     names = list(config.plan)
     return ConfigResult(config=config, reports=reports, top1=top1, agreement=float((pred == base_pred).mean()),
                         seconds_layers_before=sum(per_before[n] for n in names),
