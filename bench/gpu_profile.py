@@ -2,6 +2,7 @@
 
     python bench/gpu_profile.py probe [--out FILE.json]   # CUDA-event times of the parts and of variants
     ncu --profile-from-start off ... python bench/gpu_profile.py ncu     # one pass of each workload, profiled
+    python bench/gpu_profile.py host [--out FILE.json]    # where the host time of eager batch-1 calls goes
 
 ``probe`` times, on ZF conv2 (96 -> 256, 5x5, stride 2, 55x55) at batch 128 and the CIFAR reference net's conv2:
 the whole npconv conv (im2col + GEMM + scatter, the chunk size that ``ops.WORKSPACE_BYTES`` gives and larger ones),
@@ -10,6 +11,10 @@ same shape (TF32 off on both sides). ``ncu`` runs each workload once between ``c
 a warm-up, so that ``ncu --profile-from-start off`` sees only the timed kernels (``NCU_WORKLOADS``; ``--workloads
 b128``: npconv and cuDNN conv2, the biclustered CP layer with K = 8 and 12 and the monochromatic conv1 with C' = 24 at
 batch 128; ``b1``: conv2 and CP K = 8 at batch 1, where the layers' time hardly depends on their work).
+``host`` answers the batch-1 question from the host side: for eager calls of ZF conv2, the CP layer (K = 8) and
+the whole dense ZF network at batch 1 it measures the time per call when calls are queued back to back (one
+synchronisation at the end) and when each call is synchronised, and profiles the calls with cProfile, splitting the
+host time between npconv's Python, CuPy, NumPy and the rest (``host_split``).
 """
 from __future__ import annotations
 
@@ -146,9 +151,82 @@ def ncu_workloads(which="b128"):
         cp.get_default_memory_pool().free_all_blocks()
 
 
+def host_split(stats):
+    """Host seconds of a ``pstats.Stats`` by package: {"npconv", "cupy", "numpy", "other"} (own time of each
+    function; built-ins such as CuPy's compiled methods are placed by the name cProfile gives them)."""
+    out = {"npconv": 0.0, "cupy": 0.0, "numpy": 0.0, "other": 0.0}
+    for (filename, _line, name), (_cc, _nc, tottime, _ct, _callers) in stats.stats.items():
+        where = filename.replace("\\", "/")
+        if "/npconv/" in where:
+            key = "npconv"
+        elif "cupy" in where or "cupy" in name:
+            key = "cupy"
+        elif "/numpy/" in where or "numpy" in name:
+            key = "numpy"
+        else:
+            key = "other"
+        out[key] += tottime
+    return out
+
+
+def host(calls=200):
+    """Eager batch-1 calls on the GPU: wall time per call (queued and synchronised each) and the cProfile split of
+    the host time (``host_split``) plus the 15 functions with the most own time, per workload."""
+    import cProfile
+    import io
+    import pstats
+    import time
+
+    import cupy as cp
+
+    from bench.bench_gpu_bicluster import ZF_CONV2, factored_callable
+    from bench.zf_net import zf_net
+    from npconv.functional import conv2d
+    dev = cp.cuda.Device()
+    geom = SHAPES["zf_conv2"]
+    C, H, F, K, s, p = geom
+    x, w, b = _conv_inputs(cp, geom, 1)
+    net = zf_net(seed=0).to_gpu()
+    xn = cp.asarray(np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32))
+    work = {"conv2": lambda: conv2d(x, w, b, stride=s, padding=p),
+            "cp8": factored_callable("cp", (48, 2, 8), 1, ZF_CONV2, np.float32),
+            "zf_dense_net": lambda: net.forward(xn)}
+    res = {}
+    for name, fn in work.items():
+        for _ in range(20):
+            fn()
+        dev.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        dev.synchronize()
+        queued = (time.perf_counter() - t0) / calls
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+            dev.synchronize()
+        synced = (time.perf_counter() - t0) / calls
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(calls):
+            fn()
+        prof.disable()
+        dev.synchronize()
+        st = pstats.Stats(prof)
+        split = {k: v / calls for k, v in host_split(st).items()}
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(15)
+        res[name] = dict(ms_per_call_queued=1e3 * queued, ms_per_call_synced=1e3 * synced,
+                         host_ms_per_call_profiled={k: 1e3 * v for k, v in split.items()})
+        print(f"{name}: {1e3 * queued:.3f} ms per call queued, {1e3 * synced:.3f} synchronised; host time per call "
+              f"under cProfile (ms): " + ", ".join(f"{k} {1e3 * v:.3f}" for k, v in split.items()), flush=True)
+        print(text.getvalue()[:4000], flush=True)
+    return res
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=("probe", "ncu"))
+    ap.add_argument("what", choices=("probe", "ncu", "host"))
     ap.add_argument("--out", help="JSON file for the probe's times (written atomically)")
     ap.add_argument("--workloads", choices=sorted(NCU_WORKLOADS), default="b128",
                     help="ncu: which set of workloads (NCU_WORKLOADS)")
@@ -157,8 +235,8 @@ def main(argv=None):
     if why is not None:
         print(f"gpu_profile {args.what}: skipped, no GPU ({why})")
         return 0
-    if args.what == "probe":
-        res = probe()
+    if args.what in ("probe", "host"):
+        res = probe() if args.what == "probe" else host()
         if args.out:
             from npconv._fileio import atomic_write
             text = json.dumps(res, indent=1)

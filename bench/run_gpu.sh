@@ -5,11 +5,13 @@
 #
 #   bash bench/run_gpu.sh [OUTDIR] [STEP ...]     # steps: info tests suite bench network factored tune (default:
 #                                                 # all but suite; suite = the whole test suite, GPU tests included)
-#                                                 # and, only when named: probe ncu memcheck racecheck
+#                                                 # and, only when named: probe host ncu memcheck racecheck
 #
-# probe: bench/gpu_profile.py's CUDA-event times of the parts of the dense conv2 and of variants; ncu: Nsight Compute
-# on bench/gpu_profile.py's workloads (report and its details page; NCU_SET=b1 for the batch-1 set); memcheck / racecheck: compute-sanitizer over the
-# float32 GPU tests (racecheck: the kernels with shared memory), each stopped at its time limit.
+# probe: bench/gpu_profile.py's CUDA-event times of the parts of the dense conv2 and of variants; host: its split
+# of the host time of eager batch-1 calls (npconv's Python, CuPy, NumPy) and the per-call times, queued and
+# synchronised; ncu: Nsight Compute on bench/gpu_profile.py's workloads (report and its details page; NCU_SET=b1
+# for the batch-1 set); memcheck / racecheck: compute-sanitizer over the float32 GPU tests (racecheck: the kernels
+# with shared memory), each stopped at its time limit.
 #
 # Environment: PYTHON (default python3), NPCONV_TEST_JOBS (pytest-xdist workers, default 8), TESTS_LIMIT and
 # SUITE_LIMIT (seconds), TAIL_LINES (log lines echoed per step), PACK (where the .tgz goes).
@@ -56,6 +58,8 @@ torch.__version__, \"cudnn\", torch.backends.cudnn.version())'; nproc; lscpu | g
         step bench_tune_gpu 90 "$py" bench/bench_tune.py --gpu ;;
     probe)
         step probe "${PROBE_LIMIT:-120}" "$py" bench/gpu_profile.py probe --out "$out/probe.json" ;;
+    host)
+        step host 90 "$py" bench/gpu_profile.py host --out "$out/host.json" ;;
     ncu)
         step ncu "${NCU_LIMIT:-150}" ncu --profile-from-start off --clock-control none --target-processes all \
             --section SpeedOfLight --section LaunchStats --section Occupancy --section MemoryWorkloadAnalysis \

@@ -15,7 +15,7 @@ from tests.conftest import HAS_GPU  # noqa: E402
 
 
 @pytest.mark.skipif(HAS_GPU, reason="checks the behaviour without a CUDA device")
-@pytest.mark.parametrize("what", ["probe", "ncu"])
+@pytest.mark.parametrize("what", ["probe", "ncu", "host"])
 def test_skips_without_a_gpu(capsys, tmp_path, what):
     from bench import gpu_profile
     out = tmp_path / "probe.json"
@@ -30,3 +30,30 @@ def test_unknown_command_is_refused(capsys):
         gpu_profile.main(["profile-everything"])
     assert exc.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_host_split_places_the_time_by_package():
+    """host_split on a profile of CPU work: npconv's functions, NumPy's, and a plain Python loop."""
+    import cProfile
+    import pstats
+
+    import numpy as np
+
+    from bench import gpu_profile
+    from npconv._validate import as_padding4
+
+    def work():
+        for _ in range(3000):
+            as_padding4((1, 2))                    # npconv, pure Python
+        np.linalg.svd(np.ones((120, 120)))         # numpy
+        sum(i * i for i in range(200000))          # other
+
+    prof = cProfile.Profile()
+    prof.enable()
+    work()
+    prof.disable()
+    st = pstats.Stats(prof)
+    split = gpu_profile.host_split(st)
+    assert set(split) == {"npconv", "cupy", "numpy", "other"}
+    assert split["npconv"] > 0 and split["numpy"] > 0 and split["other"] > 0 and split["cupy"] == 0
+    assert sum(split.values()) == pytest.approx(st.total_tt, rel=1e-9)
