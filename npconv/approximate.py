@@ -406,8 +406,7 @@ def _approximate_sequential(net, plan, refit, data, ridge, shapes):
             dt = np.asarray(layer.weight).dtype
             target = target.reshape(W.shape).astype(dt)     # the fits compute in float64 whatever the dtype
             if spec is not None:
-                tmp = _dense_like(layer, target, bias, geo)
-                result = spec.decompose(tmp, Sreg)
+                result = spec.decompose(_dense_like(layer, target, None, geo), Sreg)   # the weights only
                 approx_kernel = result.to_tensor()
             else:
                 approx_kernel = target
