@@ -203,12 +203,12 @@ class SharedSeparable(Spec):
     def _check(self):
         for n in ("G", "H", "rank", "n_filters"):
             check_int(getattr(self, n), n, min_value=1)
-        check_option(self.fit, "fit", ("weights",))
+        _check_fit(self.fit)
 
     def decompose(self, layer, data_cov):
         from .decompose.shared import shared_separable
         return shared_separable(np.array(layer.weight), self.G, self.H, rank=self.rank, n_filters=self.n_filters,
-                                random_state=self.random_state)
+                                random_state=self.random_state, data_cov=data_cov)
 
 
 @dataclass

@@ -3,7 +3,7 @@ import pytest
 
 import npconv
 from npconv import Network
-from npconv.approximate import SVD, Bicluster, Monochromatic, Separable, approximate
+from npconv.approximate import SVD, Bicluster, Monochromatic, Separable, SharedSeparable, approximate
 from npconv.layers import Conv2d, Flatten, Linear, ReLU
 from tests.reference import conv2d_naive
 
@@ -92,16 +92,18 @@ def test_data_fit_reduces_output_error_on_that_data(rng):
     assert rep_d[0].relative_error >= rep_w[0].relative_error  # worse in weights, better where the data is
 
 
-@pytest.mark.parametrize("spec", [dict(G=2, H=2, ranks=(2, 3), method="svd"), dict(G=2, H=2, rank=2, method="cp")],
-                         ids=["svd", "cp"])
-def test_bicluster_data_fit_reduces_output_error_on_that_data(rng, spec):
+@pytest.mark.parametrize("make", [lambda **f: Bicluster(G=2, H=2, ranks=(2, 3), method="svd", **f),
+                                  lambda **f: Bicluster(G=2, H=2, rank=2, method="cp", **f),
+                                  lambda **f: SharedSeparable(G=2, H=2, rank=2, n_filters=3, **f)],
+                         ids=["svd", "cp", "shared"])
+def test_bicluster_data_fit_reduces_output_error_on_that_data(rng, make):
     # conv2's inputs (relu1's outputs) made strongly correlated across channels: a few input patterns only
     net = make_net(rng)
     data = np.repeat(rng.standard_normal((60, 1, 8, 8)), 3, axis=1) * rng.uniform(0.5, 1.5, (1, 3, 1, 1))
-    _, rep_w = approximate(net, {"conv2": Bicluster(**spec)}, data=data, return_report=True)
-    new, rep_d = approximate(net, {"conv2": Bicluster(fit="data", **spec)}, data=data, return_report=True)
+    _, rep_w = approximate(net, {"conv2": make()}, data=data, return_report=True)
+    new, rep_d = approximate(net, {"conv2": make(fit="data")}, data=data, return_report=True)
     assert rep_d[0].data_error < 0.9 * rep_w[0].data_error
-    assert type(new["conv2"]).__name__ == "BiclusterConv2d"
+    assert type(new["conv2"]).__name__ in ("BiclusterConv2d", "SharedSeparableConv2d")
 
 
 def test_plan_errors(rng):

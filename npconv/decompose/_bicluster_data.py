@@ -63,8 +63,9 @@ def _mode_step(Q, E, Sgg6, others, mode):
     return _solve_psd(G, r).reshape(n, K)
 
 
-def _cp_block_update(Q, Sgg6, E, R, V, Z):
-    """One pass over a CP block's factors: E (F_h, K), R (C_g, K), V (X, K), Z (Y, K)."""
+def _cp_block_update(Q, Sgg6, E, R, V, Z, spatial=True):
+    """One pass over a CP block's factors: E (F_h, K), R (C_g, K), V (X, K), Z (Y, K); with ``spatial=False``
+    the spatial factors V and Z stay as they are (shared filters)."""
     n = Q.shape[1]
 
     def M_of(R, V, Z):
@@ -73,11 +74,12 @@ def _cp_block_update(Q, Sgg6, E, R, V, Z):
     Sgg = Sgg6.reshape(n, n)
     E = _expand_step(Q, M_of(R, V, Z), Sgg)
     R = _mode_step(Q, E, Sgg6, (V, Z), 0)
-    V = _mode_step(Q, E, Sgg6, (R, Z), 1)
-    Z = _mode_step(Q, E, Sgg6, (R, V), 2)
+    if spatial:
+        V = _mode_step(Q, E, Sgg6, (R, Z), 1)
+        Z = _mode_step(Q, E, Sgg6, (R, V), 2)
     # unit columns for R, V and Z (a zero column stays zero), then the best expansion for them: the scales
     # stay balanced, and the span of M's rows, so the objective, is unchanged by the normalisation
-    for F in (R, V, Z):
+    for F in ((R, V, Z) if spatial else (R,)):
         nrm = np.linalg.norm(F, axis=0)
         nz = nrm > 0
         F[:, nz] /= nrm[nz]
@@ -140,10 +142,11 @@ def block_term(method, factors, in_off, out_off, g, h):
 
 
 def refit_data_metric(Wd, cov, in_perm, in_off, out_perm, out_off, factors, method, *, n_iter, tol,
-                      callback=None):
+                      callback=None, spatial=True):
     """Refine the stacked float64 factors of a biclustered fit of ``Wd`` (F, C, X, Y) in the data metric of
     ``cov`` ((C X Y)^2, validated). ``factors``: (reduce, vertical, horizontal, expand) for ``method="cp"``,
-    (reduce, spatial, expand) for ``"svd"``; updated in place. Returns the relative data-metric errors
+    (reduce, spatial, expand) for ``"svd"``; updated in place. ``spatial=False`` (CP) keeps the vertical and
+    horizontal factors (shared filters) and refits the others. Returns the relative data-metric errors
     ``sqrt(tr(D S D^T) / tr(W S W^T))``, one before the first sweep and one after each."""
     F, C, X, Y = Wd.shape
     P = X * Y
@@ -185,7 +188,7 @@ def refit_data_metric(Wd, cov, in_perm, in_off, out_perm, out_off, factors, meth
                 if method == "cp":
                     red, vert, hor, exp = factors
                     E, R, V, Z, new = _cp_block_update(Q, Sgg6, exp[o0:o1, g].copy(), red[i0:i1, h].copy(),
-                                                       vert[g, h].T.copy(), hor[g, h].T.copy())
+                                                       vert[g, h].T.copy(), hor[g, h].T.copy(), spatial)
                     exp[o0:o1, g], red[i0:i1, h], vert[g, h], hor[g, h] = E, R, V.T, Z.T
                 else:
                     red, spat, exp = factors

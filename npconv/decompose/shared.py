@@ -36,7 +36,10 @@ import numpy as np
 from .._validate import check_int, check_real
 from ._kmeans import kmeans
 from ._result import Decomposition, check_factor, check_random_state, check_tensor, result_class
+from .._backend import to_numpy
+from ._bicluster_data import refit_data_metric
 from .bicluster import BiclusterCPResult, _check_groups, _GroupsMixin, bicluster
+from .metrics import covariance_sqrt
 from .cost import Cost
 from .cp import _solve_gram, khatri_rao
 
@@ -55,7 +58,8 @@ class SharedSeparableResult(_GroupsMixin, Decomposition):
         s = assign[g, h, k]
 
     ``errors``: the relative Frobenius error of the whole kernel after the sharing and after every refit sweep
-    (non-increasing). ``meta``: ``shape``, ``rank``, ``n_filters``, ``in_groups``, ``out_groups``,
+    (non-increasing); with a data-metric fit, after the sharing and of the returned factors (which the data
+    metric may leave higher: it gives up accuracy in directions the inputs do not take). ``meta``: ``shape``, ``rank``, ``n_filters``, ``in_groups``, ``out_groups``,
     ``bicluster_error`` (the error of the unshared CP approximation it started from).
     """
     FACTORS: ClassVar[tuple] = ("in_perm", "in_offsets", "reduce", "assign", "vertical", "horizontal", "expand",
@@ -182,7 +186,8 @@ def _refit_block(B, fo, fi, V, Hz):
     return fo, fi
 
 
-def share_filters(W, base, n_filters, *, refit_iter=20, tol=1e-7, n_init=10, random_state=None, callback=None):
+def share_filters(W, base, n_filters, *, refit_iter=20, tol=1e-7, n_init=10, random_state=None, callback=None,
+                  data_cov=None, data_iter=10):
     """Replace the spatial filters of a biclustered CP result ``base`` by ``n_filters`` shared ones (see the
     module doc) and refit the other factors of every block to ``W``.
 
@@ -194,8 +199,12 @@ def share_filters(W, base, n_filters, *, refit_iter=20, tol=1e-7, n_init=10, ran
     refit_iter : int >= 0, ALS sweeps of the refit (0: keep the projected factors)
     tol : float >= 0, stop the refit when a sweep lowers the relative error by less than ``tol``
     n_init, random_state : k-means restarts and randomness
-    callback : called with ``{"stage": "cluster_filters", ...}`` during k-means and
-        ``{"stage": "refit", "iteration": i, "error": e}`` after every refit sweep.
+    callback : called with ``{"stage": "cluster_filters", ...}`` during k-means,
+        ``{"stage": "refit", "iteration": i, "error": e}`` after every refit sweep and, with ``data_cov``,
+        ``{"stage": "data_fit", "sweep": i, "error": e}`` after every data-metric sweep.
+    data_cov, data_iter : the (C X Y)^2 second moment of the layer's input patches and the most sweeps: the input
+        and output factors are then refitted in the data metric (the shared filters fixed), as
+        :func:`npconv.decompose.bicluster.bicluster` refits its blocks; ``meta["data_errors"]`` holds the errors.
     """
     W = check_tensor(W, "W", ndim=4)
     if not isinstance(base, BiclusterCPResult):
@@ -215,6 +224,11 @@ def share_filters(W, base, n_filters, *, refit_iter=20, tol=1e-7, n_init=10, ran
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
     rng = check_random_state(random_state)
+    data_iter = check_int(data_iter, "data_iter", min_value=1)
+    F, C, X0, Y0 = W.shape
+    if data_cov is not None:
+        covariance_sqrt(data_cov, C * X0 * Y0, "data_cov")     # validation: shape, symmetry, semi-definiteness
+        data_cov = np.asarray(to_numpy(data_cov), np.float64)
 
     Wd = W.astype(np.float64)
     vert = base.vertical.astype(np.float64).reshape(n, X)
@@ -261,7 +275,8 @@ def share_filters(W, base, n_filters, *, refit_iter=20, tol=1e-7, n_init=10, ran
         return e
 
     errors = [float(np.sqrt(total_error2() / norm2))]
-    for it in range(1, refit_iter + 1):
+    # with data_cov the weight-metric refit is skipped: the data-metric refit below replaces it
+    for it in range(1, (refit_iter if data_cov is None else 0) + 1):
         new_red = reduce.copy()
         new_exp = expand.copy()
         for g, h, i0, i1, o0, o1, B in blocks:
@@ -284,14 +299,22 @@ def share_filters(W, base, n_filters, *, refit_iter=20, tol=1e-7, n_init=10, ran
             break
     dt = W.dtype
     meta = {"shape": tuple(W.shape), "rank": K, "n_filters": S, "in_groups": G, "out_groups": H,
-            "bicluster_error": base.errors[-1] if base.errors else None}
+            "bicluster_error": base.errors[-1] if base.errors else None, "data_metric": data_cov is not None}
+    if data_cov is not None:
+        # the shared filters of every component, stacked per block, fixed; reduce and expand refitted in place
+        factors = (reduce, sv[assign], sh[assign], expand)
+        meta["data_errors"] = tuple(refit_data_metric(Wd, data_cov, base.in_perm, in_off, base.out_perm, out_off,
+                                                      factors, "cp", n_iter=data_iter, tol=tol, callback=callback,
+                                                      spatial=False))
+        errors.append(float(np.sqrt(total_error2() / norm2)))
     return SharedSeparableResult(base.in_perm.copy(), base.in_offsets.copy(), reduce.astype(dt),
                                  assign.astype(np.int64), sv.astype(dt), sh.astype(dt), expand.astype(dt),
                                  base.out_perm.copy(), base.out_offsets.copy(), errors=errors, meta=meta)
 
 
 def shared_separable(W, G, H, *, rank, n_filters, equal_size=True, n_iter=200, tol=1e-7, cp_algorithm="als",
-                     refit_iter=20, n_init=10, random_state=None, callback=None, init=None):
+                     refit_iter=20, n_init=10, random_state=None, callback=None, init=None, data_cov=None,
+                     data_iter=10):
     """Biclustered CP approximation with ``n_filters`` shared separable filters.
 
     Parameters
@@ -305,6 +328,8 @@ def shared_separable(W, G, H, *, rank, n_filters, equal_size=True, n_iter=200, t
     callback : callable or None, forwarded to both stages (dicts with a ``"stage"`` key)
     init : BiclusterCPResult or None
         Start from this biclustered CP result instead of computing one (``G``, ``H`` and ``rank`` must match).
+    data_cov, data_iter : fit in the data metric of the layer's input patches: the biclustered CP blocks (see
+        ``bicluster``), then, after the sharing, the input and output factors (see ``share_filters``).
 
     Returns
     -------
@@ -314,7 +339,8 @@ def shared_separable(W, G, H, *, rank, n_filters, equal_size=True, n_iter=200, t
     rng = check_random_state(random_state)
     if init is None:
         base = bicluster(W, G, H, method="cp", rank=rank, equal_size=equal_size, n_iter=n_iter, tol=tol,
-                         cp_algorithm=cp_algorithm, n_init=n_init, random_state=rng, callback=callback)
+                         cp_algorithm=cp_algorithm, n_init=n_init, random_state=rng, callback=callback,
+                         data_cov=data_cov, data_iter=data_iter)
     else:
         if not isinstance(init, BiclusterCPResult):
             raise TypeError(f"init must be a BiclusterCPResult or None, got {type(init).__name__}")
@@ -326,4 +352,4 @@ def shared_separable(W, G, H, *, rank, n_filters, equal_size=True, n_iter=200, t
                              f"expected G={G}, H={H}, rank={rank}")
         base = init
     return share_filters(W, base, n_filters, refit_iter=refit_iter, tol=tol, n_init=n_init, random_state=rng,
-                         callback=callback)
+                         callback=callback, data_cov=data_cov, data_iter=data_iter)
