@@ -295,13 +295,19 @@ def _write(args, results, net):
             print(f"(plots skipped: {exc}; pip install 'npconv[plot]')")
 
 
+def _fitting(res):
+    if "test_top1" not in res["baseline"]:
+        return "in the weight metric (no data found: speed only)"
+    if res.get("refit"):
+        return ("in network order on the approximated network's inputs, the dense layers above refitted by least "
+                "squares (`sequential`, `refit_above`)")
+    return "each layer on the exact network's inputs, no refit (`--no-refit`)"
+
+
 def _markdown(res):
     lines = [f"# Results of the main job", "",
              f"- command: `{res['command']}`", f"- machine: {res['machine']}", f"- date: {res['date']}",
-             f"- backend: {res['backend']}, timing batch {res['batch']}",
-             "- fitting: " + ("in network order on the approximated network's inputs, the dense layers above "
-                              "refitted by least squares (`sequential`, `refit_above`)" if res.get("refit") else
-                              "each layer on the exact network's inputs, no refit (`--no-refit`)"), ""]
+             f"- backend: {res['backend']}, timing batch {res['batch']}", f"- fitting: {_fitting(res)}", ""]
     b = res["baseline"]
     if "test_top1" in b:
         lines += [f"Exact network: top-1 {100 * b['test_top1']:.2f}% on test ({b['n_test']} images), "
