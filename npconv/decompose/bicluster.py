@@ -44,13 +44,12 @@ from typing import ClassVar
 
 import numpy as np
 
-from .._backend import to_numpy
 from .._validate import as_padding4, as_pair, check_int, check_option, check_real, out_size
 from ._kmeans import kmeans
 from ._result import Decomposition, check_factor, check_random_state, check_tensor, result_class, svd_flip
 from .cost import Cost
 from .cp import cp_als, cp_greedy, max_cp_rank
-from .metrics import covariance_sqrt
+from .metrics import as_covariance
 from ._bicluster_data import block_term, refit_data_metric
 
 __all__ = ["bicluster", "BiclusterCPResult", "BiclusterSVDResult", "channel_groups", "max_bicluster_ranks"]
@@ -410,8 +409,7 @@ def bicluster(W, G, H, *, method="svd", rank=None, ranks=None, equal_size=True, 
         raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
     data_iter = check_int(data_iter, "data_iter", min_value=1)
     if data_cov is not None:
-        covariance_sqrt(data_cov, C * X * Y, "data_cov")     # validation: shape, symmetry, semi-definiteness
-        data_cov = np.asarray(to_numpy(data_cov), np.float64)
+        data_cov = as_covariance(data_cov, C * X * Y, "data_cov")
     if method == "cp":
         if ranks is not None:
             raise ValueError("ranks (K1, K2) is for method='svd'; method='cp' takes rank=K")

@@ -10,7 +10,8 @@
   uncentred second moment is the right weighting; ``center=True`` gives the ordinary covariance instead.
 * ``paired_moments``: the second and cross moments of a layer's inputs in an approximated and in the exact
   network (the sequential fit of ``npconv.approximate``).
-* ``covariance_sqrt``: validation of such a matrix and a factor ``L`` with ``L @ L.T == S``.
+* ``covariance_sqrt``: validation of such a matrix and a factor ``L`` with ``L @ L.T == S``; ``as_covariance``: the
+  validation alone.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from .._validate import as_padding4, as_pair, check_int, out_size
 from ._result import Decomposition, check_random_state
 
 __all__ = ["frobenius_error", "relative_error", "data_distance", "patch_covariance", "input_covariance",
-           "paired_moments", "covariance_sqrt"]
+           "paired_moments", "covariance_sqrt", "as_covariance"]
 
 
 def _as_tensor(a, name):
@@ -213,12 +214,15 @@ def paired_moments(x_hat, x, kernel=None, *, stride=1, padding=0, dilation=1, ma
     return S, S01, m0, m1
 
 
-def covariance_sqrt(cov, n, name="data_cov"):
-    """Validate an (n, n) symmetric positive semi-definite matrix and return ``L`` (n, n) with ``L L^T = cov``.
+def as_covariance(cov, n, name="data_cov"):
+    """Validate an (n, n) symmetric positive semi-definite matrix (NumPy or CuPy) and return it as a symmetrised
+    float64 NumPy array (the checks of :func:`covariance_sqrt`, without the factor)."""
+    c, _ = _checked_eigh(cov, n, name, vectors=False)
+    return c
 
-    Small negative eigenvalues from round-off (down to ``-1e-6 * max``) are clipped to zero; a clearly
-    indefinite, asymmetric, non-finite or all-zero matrix is a ValueError.
-    """
+
+def _checked_eigh(cov, n, name, vectors):
+    """(symmetrised float64 matrix, (eigenvalues, eigenvectors or None)) after the covariance checks."""
     if is_cupy_array(cov):
         cov = to_numpy(cov)
     if not isinstance(cov, np.ndarray):
@@ -236,9 +240,21 @@ def covariance_sqrt(cov, n, name="data_cov"):
     if float(np.abs(c - c.T).max()) > 1e-6 * scale:
         raise ValueError(f"{name} must be symmetric (max |cov - cov.T| = {np.abs(c - c.T).max():.3g})")
     c = 0.5 * (c + c.T)
-    ev, Q = np.linalg.eigh(c)
+    if vectors:
+        ev, Q = np.linalg.eigh(c)
+    else:
+        ev, Q = np.linalg.eigvalsh(c), None
     if ev[0] < -1e-6 * max(ev[-1], 0.0) - 1e-300:
         raise ValueError(f"{name} must be positive semi-definite, its smallest eigenvalue is {ev[0]:.3g} "
                          f"(largest {ev[-1]:.3g})")
-    ev = np.clip(ev, 0.0, None)
-    return Q * np.sqrt(ev)
+    return c, (ev, Q)
+
+
+def covariance_sqrt(cov, n, name="data_cov"):
+    """Validate an (n, n) symmetric positive semi-definite matrix and return ``L`` (n, n) with ``L L^T = cov``.
+
+    Small negative eigenvalues from round-off (down to ``-1e-6 * max``) are clipped to zero; a clearly
+    indefinite, asymmetric, non-finite or all-zero matrix is a ValueError.
+    """
+    _, (ev, Q) = _checked_eigh(cov, n, name, vectors=True)
+    return Q * np.sqrt(np.clip(ev, 0.0, None))

@@ -36,10 +36,9 @@ import numpy as np
 from .._validate import check_int, check_real
 from ._kmeans import kmeans
 from ._result import Decomposition, check_factor, check_random_state, check_tensor, result_class
-from .._backend import to_numpy
 from ._bicluster_data import refit_data_metric
 from .bicluster import BiclusterCPResult, _check_groups, _GroupsMixin, bicluster
-from .metrics import covariance_sqrt
+from .metrics import as_covariance
 from .cost import Cost
 from .cp import _solve_gram, khatri_rao
 
@@ -227,8 +226,7 @@ def share_filters(W, base, n_filters, *, refit_iter=20, tol=1e-7, n_init=10, ran
     data_iter = check_int(data_iter, "data_iter", min_value=1)
     F, C, X0, Y0 = W.shape
     if data_cov is not None:
-        covariance_sqrt(data_cov, C * X0 * Y0, "data_cov")     # validation: shape, symmetry, semi-definiteness
-        data_cov = np.asarray(to_numpy(data_cov), np.float64)
+        data_cov = as_covariance(data_cov, C * X0 * Y0, "data_cov")
 
     Wd = W.astype(np.float64)
     vert = base.vertical.astype(np.float64).reshape(n, X)
