@@ -169,9 +169,14 @@ def host_split(stats):
     return out
 
 
-def host(calls=200):
+#: the host probe's small shapes (``--quick``): a conv2-like layer, and the CP layer on it
+QUICK_CONV2 = (8, 11, 16, 5, 2, 0)
+
+
+def host(calls=200, quick=False):
     """Eager batch-1 calls on the GPU: wall time per call (queued and synchronised each) and the cProfile split of
-    the host time (``host_split``) plus the 15 functions with the most own time, per workload."""
+    the host time (``host_split``) plus the 15 functions with the most own time, per workload. ``quick``: small
+    shapes and few calls (a check that the probe runs, e.g. on the emulated CuPy of the tests)."""
     import cProfile
     import io
     import pstats
@@ -183,17 +188,24 @@ def host(calls=200):
     from bench.zf_net import zf_net
     from npconv.functional import conv2d
     dev = cp.cuda.Device()
-    geom = SHAPES["zf_conv2"]
+    geom = QUICK_CONV2 if quick else SHAPES["zf_conv2"]
     C, H, F, K, s, p = geom
     x, w, b = _conv_inputs(cp, geom, 1)
-    net = zf_net(seed=0).to_gpu()
-    xn = cp.asarray(np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32))
+    if quick:
+        from bench.bench_network import QUICK_ZF
+        net = zf_net(seed=0, **QUICK_ZF).to_gpu()
+        calls, warm, cp_opts = min(calls, 2), 1, (4, 2, 2)
+    else:
+        net = zf_net(seed=0).to_gpu()
+        warm, cp_opts = 20, (48, 2, 8)
+    size = net.input_shape[1]
+    xn = cp.asarray(np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32))
     work = {"conv2": lambda: conv2d(x, w, b, stride=s, padding=p),
-            "cp8": factored_callable("cp", (48, 2, 8), 1, ZF_CONV2, np.float32),
+            f"cp{cp_opts[2]}": factored_callable("cp", cp_opts, 1, geom if quick else ZF_CONV2, np.float32),
             "zf_dense_net": lambda: net.forward(xn)}
     res = {}
     for name, fn in work.items():
-        for _ in range(20):
+        for _ in range(warm):
             fn()
         dev.synchronize()
         t0 = time.perf_counter()
@@ -230,13 +242,14 @@ def main(argv=None):
     ap.add_argument("--out", help="JSON file for the probe's times (written atomically)")
     ap.add_argument("--workloads", choices=sorted(NCU_WORKLOADS), default="b128",
                     help="ncu: which set of workloads (NCU_WORKLOADS)")
+    ap.add_argument("--quick", action="store_true", help="host: small shapes and two calls (a smoke run)")
     args = ap.parse_args(argv)
     why = gpu_missing()
     if why is not None:
         print(f"gpu_profile {args.what}: skipped, no GPU ({why})")
         return 0
     if args.what in ("probe", "host"):
-        res = probe() if args.what == "probe" else host()
+        res = probe() if args.what == "probe" else host(quick=args.quick)
         if args.out:
             from npconv._fileio import atomic_write
             text = json.dumps(res, indent=1)

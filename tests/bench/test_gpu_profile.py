@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.conftest import HAS_GPU  # noqa: E402
+from tests.conftest import HAS_CXX, HAS_GPU  # noqa: E402
+from tests.cuda_emulator import install_as_cupy  # noqa: E402
 
 
 @pytest.mark.skipif(HAS_GPU, reason="checks the behaviour without a CUDA device")
@@ -57,3 +58,27 @@ def test_host_split_places_the_time_by_package():
     assert set(split) == {"npconv", "cupy", "numpy", "other"}
     assert split["npconv"] > 0 and split["numpy"] > 0 and split["other"] > 0 and split["cupy"] == 0
     assert sum(split.values()) == pytest.approx(st.total_tt, rel=1e-9)
+
+
+@pytest.mark.cpuemu
+@pytest.mark.skipif(not HAS_CXX, reason="no C++ compiler for the CUDA C emulator")
+def test_host_quick_run_on_the_emulated_cupy(monkeypatch, tmp_path, capsys):
+    """The host probe's code path, on the CPU-emulated cupy with small shapes: it writes one record per workload
+    with finite times and a host split (no timing is asserted: the emulator says nothing about a GPU)."""
+    import json
+
+    from bench import gpu_profile
+    from npconv.kernels.cuda import loader
+    install_as_cupy(monkeypatch)
+    monkeypatch.setattr(gpu_profile, "gpu_missing", lambda: None)
+    out = tmp_path / "host.json"
+    try:
+        assert gpu_profile.main(["host", "--quick", "--out", str(out)]) == 0
+    finally:
+        loader.clear_cache()
+    rep = json.loads(out.read_text())
+    assert set(rep) == {"conv2", "cp2", "zf_dense_net"}
+    for row in rep.values():
+        assert row["ms_per_call_queued"] > 0 and row["ms_per_call_synced"] > 0
+        assert set(row["host_ms_per_call_profiled"]) == {"npconv", "cupy", "numpy", "other"}
+    assert "ms per call queued" in capsys.readouterr().out
