@@ -64,3 +64,17 @@ def conv2d_einsum(x, w, b=None, stride=(1, 1), padding=(0, 0, 0, 0), dilation=(1
 def tolerance(dtype):
     """(rtol, atol) for comparing a float32/float64 computation with a float64 reference."""
     return (2e-4, 2e-4) if np.dtype(dtype) == np.float32 else (1e-10, 1e-10)
+
+
+def count_calls(monkeypatch, owner, name):
+    """Wrap ``owner.name`` (for the test's duration) so that each call appends to the returned list and then runs
+    the real function: a test can tell whether a code path was taken."""
+    calls = []
+    real = getattr(owner, name)
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, spy)
+    return calls

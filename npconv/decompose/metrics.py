@@ -150,14 +150,14 @@ def patch_covariance(x, kernel, *, stride=1, padding=0, dilation=1, max_patches=
     images are processed ``chunk`` at a time to bound memory.
     """
     x = _check_input(x, "x", (4,))
-    S, _, m, _, _ = _moments([x], kernel, stride, padding, dilation, max_patches, random_state, chunk)
+    S, _, m, _ = _moments([x], kernel, stride, padding, dilation, max_patches, random_state, chunk)
     if center:
         S -= np.outer(m, m)
     return S
 
 
 def _moments(xs, kernel, stride, padding, dilation, max_patches, random_state, chunk, dtype=np.float64):
-    """(E[p0 p0^T], E[p0 p1^T] or None, E[p0], E[p1] or None, count) over the patches of xs = [x0] or [x0, x1];
+    """(E[p0 p0^T], E[p0 p1^T] or None, E[p0], E[p1] or None) over the patches of xs = [x0] or [x0, x1];
     each chunk's products in ``dtype``, summed in float64."""
     S = S01 = s0 = s1 = None
     count = 0
@@ -179,7 +179,7 @@ def _moments(xs, kernel, stride, padding, dilation, max_patches, random_state, c
     if S01 is not None:
         S01 /= count
         s1 /= count
-    return S, S01, s0, s1, count
+    return S, S01, s0, s1
 
 
 def paired_moments(x_hat, x, kernel=None, *, stride=1, padding=0, dilation=1, max_patches=None, random_state=None,
@@ -209,9 +209,7 @@ def paired_moments(x_hat, x, kernel=None, *, stride=1, padding=0, dilation=1, ma
                 Ph.mean(0, dtype=np.float64), Px.mean(0, dtype=np.float64))
     if x.ndim != 4:
         raise ValueError(f"x must have 4 dimensions (N, C, H, W) for a conv kernel, got shape {x.shape}")
-    S, S01, m0, m1, _ = _moments([x_hat, x], kernel, stride, padding, dilation, max_patches, random_state, chunk,
-                                 x.dtype)
-    return S, S01, m0, m1
+    return _moments([x_hat, x], kernel, stride, padding, dilation, max_patches, random_state, chunk, x.dtype)
 
 
 def as_covariance(cov, n, name="data_cov"):

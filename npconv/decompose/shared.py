@@ -58,8 +58,9 @@ class SharedSeparableResult(_GroupsMixin, Decomposition):
 
     ``errors``: the relative Frobenius error of the whole kernel after the sharing and after every refit sweep
     (non-increasing); with a data-metric fit, after the sharing and of the returned factors (which the data
-    metric may leave higher: it gives up accuracy in directions the inputs do not take). ``meta``: ``shape``, ``rank``, ``n_filters``, ``in_groups``, ``out_groups``,
-    ``bicluster_error`` (the error of the unshared CP approximation it started from).
+    metric may leave higher: it gives up accuracy in directions the inputs do not take). ``meta``: ``shape``,
+    ``rank``, ``n_filters``, ``in_groups``, ``out_groups``, ``bicluster_error`` (the error of the unshared CP
+    approximation it started from), ``data_metric``, and with it ``data_errors``.
     """
     FACTORS: ClassVar[tuple] = ("in_perm", "in_offsets", "reduce", "assign", "vertical", "horizontal", "expand",
                                 "out_perm", "out_offsets")

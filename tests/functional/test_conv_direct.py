@@ -6,7 +6,7 @@ import pytest
 
 import npconv.functional._direct as DR
 from npconv.functional import conv2d
-from tests.reference import conv2d_einsum, conv2d_naive, tolerance
+from tests.reference import conv2d_einsum, conv2d_naive, count_calls, tolerance
 
 DTYPES = [np.float32, np.float64]
 
@@ -43,9 +43,7 @@ def test_direct_non_contiguous_and_out(rng, dtype):
 
 
 def test_auto_chooses_direct_for_few_taps(rng, monkeypatch):
-    calls = []
-    real = DR.direct_conv_cpu
-    monkeypatch.setattr(DR, "direct_conv_cpu", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = count_calls(monkeypatch, DR, "direct_conv_cpu")
     x = rng.standard_normal((4, 3, 32, 32)).astype(np.float32)
     w = rng.standard_normal((64, 3, 5, 5)).astype(np.float32)
     b = rng.standard_normal(64).astype(np.float32)

@@ -6,7 +6,7 @@ import pytest
 import npconv.functional._winograd as WG
 from npconv.functional import conv2d
 from npconv.kernels.cpu import winograd as KW
-from tests.reference import conv2d_einsum, conv2d_naive, tolerance
+from tests.reference import conv2d_einsum, conv2d_naive, count_calls, tolerance
 
 DTYPES = [np.float32, np.float64]
 
@@ -113,9 +113,7 @@ def test_winograd_alexnet_like_and_non_contiguous(rng, dtype):
 
 
 def test_auto_chooses_by_shape(rng, monkeypatch):
-    calls = []
-    real = WG.conv2d_winograd_cpu
-    monkeypatch.setattr(WG, "conv2d_winograd_cpu", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = count_calls(monkeypatch, WG, "conv2d_winograd_cpu")
     big = rng.standard_normal((8, 32, 13, 13)).astype(np.float32)
     w3 = rng.standard_normal((32, 32, 3, 3)).astype(np.float32)
     assert WG.use_winograd(big.shape, w3.shape, (1, 1), (1, 1), 1, (13, 13))

@@ -11,7 +11,7 @@ import pytest
 from cuda_emulator.numpy_reference import (avg_pool_ref, bias_relu_ref, lrn_ref, max_pool_ref, normalize_ref,
                                            softmax_ref, tolerance)
 from gpu_helpers import to_gpu
-from reference import conv2d_einsum
+from reference import conv2d_einsum, count_calls
 
 pytestmark = pytest.mark.gpu
 
@@ -74,9 +74,7 @@ def test_conv2d_winograd(cp, rng, dtype, contiguous, monkeypatch, case, with_bia
     """The Winograd F(2x2, 3x3) path (thresholds lowered so small shapes take it; two images per chunk)."""
     from npconv.kernels.cuda import ops
     xs, ws, pad = WINOGRAD_CASES[case]
-    taken = []
-    real = ops._conv_winograd
-    monkeypatch.setattr(ops, "_conv_winograd", lambda *a: taken.append(1) or real(*a))
+    taken = count_calls(monkeypatch, ops, "_conv_winograd")
     monkeypatch.setattr(ops, "WINOGRAD_MIN_CHANNELS", 1)
     monkeypatch.setattr(ops, "WINOGRAD_MIN_TILES", 1)
     OH, OW = xs[2] + pad[0] + pad[1] - 2, xs[3] + pad[2] + pad[3] - 2
