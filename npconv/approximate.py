@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
 import numpy as np
-import scipy.linalg
 
 from ._validate import check_int, check_option, check_real
+from .decompose._linalg import solve_psd
 from .layers.dense import Conv2d, Linear
 from .network import Network
 
@@ -401,7 +401,7 @@ def _approximate_sequential(net, plan, refit, data, ridge, shapes):
             Sreg = S + lam * np.eye(D)
             # W' Sreg = W C^T + lam W: the ridge least-squares target, shrunk towards the trained weights (a
             # least-squares solve: with ridge 0 a direction the sample never takes, e.g. a dead ReLU, is singular)
-            target = scipy.linalg.lstsq(Sreg, C @ Wm.T + lam * Wm.T, lapack_driver="gelsy", check_finite=False)[0].T
+            target = solve_psd(Sreg, C @ Wm.T + lam * Wm.T).T
             geo = {} if isinstance(layer, Linear) else dict(stride=layer.stride, padding=layer.padding)
             dt = np.asarray(layer.weight).dtype
             target = target.reshape(W.shape).astype(dt)     # the fits compute in float64 whatever the dtype

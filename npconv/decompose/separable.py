@@ -24,6 +24,7 @@ import numpy as np
 import scipy.linalg
 
 from .._validate import check_int, check_real
+from ._linalg import solve_psd
 from ._result import Decomposition, check_factor, check_tensor, result_class, svd_flip
 from .metrics import covariance_sqrt
 
@@ -101,7 +102,7 @@ def _full_metric_refit(M, Vf, Hf, S6, n_iter, tol, cg_iter=20):
         T = np.einsum("kcx,cxydzw->kydzw", V, S6, optimize=True)               # (K, Y, C, X, Y) = B^T S
         G = np.einsum("kydzw,mdz->kymw", T, V, optimize=True).reshape(K * Y, K * Y)
         R = T.reshape(K * Y, D) @ Wf.T                                         # (K Y, F)
-        H = scipy.linalg.lstsq(G, R, lapack_driver="gelsy", check_finite=False)[0].reshape(K, Y, F)
+        H = solve_psd(G, R).reshape(K, Y, F)
         H = H.transpose(2, 0, 1).copy()                                        # (F, K, Y)
 
         # vertical: CG on the normal equations A(V) = b, A(V)[k, c, x] = sum_{f,y} H[f,k,y] (S w~_f(V))[c, x, y]

@@ -160,3 +160,4 @@ def test_validation(rng):
         W0 = W.copy()
         W0[:, 0, 0, 0] = 0.0
         bicluster(W0, 2, 2, method="cp", rank=2, data_cov=S)
+
