@@ -77,17 +77,19 @@ def _fmt_row(r, base_top1=None):
     d = r if isinstance(r, dict) else r.as_dict(base_top1)
     acc = "" if d.get("top1") is None else f"{100 * d['top1']:6.2f}"
     dl = "" if d.get("delta_top1") is None else f"{100 * d['delta_top1']:+6.2f}"
+    se = "" if d.get("delta_top1_se") is None else f"{100 * d['delta_top1_se']:.2f}"
     ag = "" if d.get("agreement") is None else f"{100 * d['agreement']:6.2f}"
     return (f"{d['family']:<24}{d['config']:<52}{d['params_after']:>10,}{d['theoretical_gain']:>7.2f}"
             f"{d['ms_per_image_layers_after']:>9.3f}{d['layer_speedup']:>7.2f}{d['ms_per_image_net_after']:>9.3f}"
-            f"{d['net_speedup']:>7.2f}{acc:>8}{dl:>8}{ag:>8}")
+            f"{d['net_speedup']:>7.2f}{acc:>8}{dl:>8}{se:>6}{ag:>8}")
 
 
 HEADER = (f"{'method':<24}{'settings':<52}{'params':>10}{'gain':>7}{'ms/img':>9}{'x':>7}{'net ms':>9}{'net x':>7}"
-          f"{'top1%':>8}{'d top1':>8}{'agree%':>8}")
+          f"{'top1%':>8}{'d top1':>8}{'se':>6}{'agree%':>8}")
 LEGEND = ("gain: theoretical (multiply-adds) of the approximated layers; ms/img, x: their measured CPU time per "
           "image and speedup; net ms, net x: the whole network's; d top1: change against the exact network; "
-          "agree%: predictions equal to the exact network's")
+          "se: its standard error, from the images on which the two networks disagree (paired); agree%: "
+          "predictions equal to the exact network's")
 
 
 def main(argv=None):
@@ -233,6 +235,9 @@ def main(argv=None):
     print("\n" + LEGEND)
     results["val"] = [r.as_dict(base_va_top1) for r in val_results]
     results["test"] = [r.as_dict(base_te_top1) for r in test_results]
+    exact_ms = [1e3 * r.seconds_net_before / r.batch for r in val_results + test_results]
+    results["baseline"]["interleaved_ms_per_image"] = dict(median=float(np.median(exact_ms)), min=min(exact_ms),
+                                                           max=max(exact_ms), n=len(exact_ms))
     results["elapsed_s"] = time.perf_counter() - t_start
     _write(args, results, net)
     print(f"\ndone in {results['elapsed_s']:.0f} s; results in {args.out}/")
@@ -304,6 +309,15 @@ def _fitting(res):
     return "each layer on the exact network's inputs, no refit (`--no-refit`)"
 
 
+def _interleaved_line(b):
+    """The exact network's time as measured beside every configuration (``time_interleaved``), if recorded."""
+    it = b.get("interleaved_ms_per_image")
+    if not it:
+        return ""
+    return (f"; timed again beside each of the {it['n']} configurations: median {it['median']:.3f} ms "
+            f"({it['min']:.3f}-{it['max']:.3f})")
+
+
 def _markdown(res):
     lines = [f"# Results of the main job", "",
              f"- command: `{res['command']}`", f"- machine: {res['machine']}", f"- date: {res['date']}",
@@ -312,8 +326,9 @@ def _markdown(res):
     if "test_top1" in b:
         lines += [f"Exact network: top-1 {100 * b['test_top1']:.2f}% on test ({b['n_test']} images), "
                   f"{100 * b['val_top1']:.2f}% on validation ({b['n_val']} images held out of train); "
-                  f"{b['ms_per_image']:.3f} ms per image.", ""]
-    cols = ("method", "settings", "params", "gain", "ms/img", "x", "net ms", "net x", "top1 %", "d top1", "agree %")
+                  f"{b['ms_per_image']:.3f} ms per image at the start" + _interleaved_line(b) + ".", ""]
+    cols = ("method", "settings", "params", "gain", "ms/img", "x", "net ms", "net x", "top1 %", "d top1", "se",
+            "agree %")
     for split, title in (("test", "Chosen settings on test (reported once)"),
                          ("val", "Sweep on validation (settings chosen here)"),
                          ("speed_only", "Speed only (no data found)")):
@@ -323,10 +338,11 @@ def _markdown(res):
         for d in res[split]:
             acc = "" if d.get("top1") is None else f"{100 * d['top1']:.2f}"
             dl = "" if d.get("delta_top1") is None else f"{100 * d['delta_top1']:+.2f}"
+            se = "" if d.get("delta_top1_se") is None else f"{100 * d['delta_top1_se']:.2f}"
             ag = "" if d.get("agreement") is None else f"{100 * d['agreement']:.2f}"
             lines.append(f"| {d['family']} | {d['config']} | {d['params_after']:,} | {d['theoretical_gain']:.2f} | "
                          f"{d['ms_per_image_layers_after']:.3f} | {d['layer_speedup']:.2f} | "
-                         f"{d['ms_per_image_net_after']:.3f} | {d['net_speedup']:.2f} | {acc} | {dl} | {ag} |")
+                         f"{d['ms_per_image_net_after']:.3f} | {d['net_speedup']:.2f} | {acc} | {dl} | {se} | {ag} |")
         lines.append("")
     lines += [LEGEND, ""]
     return "\n".join(lines)

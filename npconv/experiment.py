@@ -2,21 +2,23 @@
 
 Used by the main job (``python -m npconv``); the functions are public so library callers can run their own
 sweeps: ``evaluate`` (top-1 and predictions), ``time_layers`` (measured time per layer and per image),
-``run_config`` (one approximation plan, measured), ``select`` (the fastest configuration per method within a
+``run_config`` (one approximation plan, measured), ``paired_difference`` (a change of top-1 and its standard
+error from paired predictions), ``select`` (the fastest configuration per method within a
 top-1 budget, chosen on a validation split).
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 
 from .approximate import approximate
 from .network import Network
 
-__all__ = ["evaluate", "time_layers", "time_interleaved", "Config", "ConfigResult", "run_config", "select",
-           "greedy_combine"]
+__all__ = ["evaluate", "paired_difference", "time_layers", "time_interleaved", "Config", "ConfigResult",
+           "run_config", "select", "greedy_combine"]
 
 
 def evaluate(net: Network, X, y, *, batch_size=250, dtype=np.float32, progress=False):
@@ -24,6 +26,32 @@ def evaluate(net: Network, X, y, *, batch_size=250, dtype=np.float32, progress=F
     logits = net.predict(X, batch_size=batch_size, dtype=dtype, progress=progress)
     pred = logits.argmax(axis=1)
     return float((pred == np.asarray(y)).mean()), pred
+
+
+def paired_difference(y, pred_before, pred_after):
+    """The change of top-1 from ``pred_before`` to ``pred_after`` on the same labelled images, with its standard
+    error: ``(delta, se, gained, lost)``.
+
+    ``gained``/``lost`` count the images only the second/first predictions get right. The change is the mean of
+    the per-image differences ``d = [after right] - [before right]`` (each -1, 0 or 1), and ``se`` is its
+    standard error, ``sqrt(var(d) / n)`` with the sample variance: it comes from the images on which the two
+    disagree, so it is much smaller than the standard error of either accuracy on its own (McNemar's setting).
+    A change within about two standard errors of the budget is not resolved by this many images.
+    """
+    y, p0, p1 = np.asarray(y), np.asarray(pred_before), np.asarray(pred_after)
+    if not (y.ndim == 1 and p0.shape == p1.shape == y.shape):
+        raise ValueError(f"y, pred_before and pred_after must be 1-D of one length, got shapes {y.shape}, "
+                         f"{p0.shape} and {p1.shape}")
+    n = len(y)
+    if n == 0:
+        raise ValueError("y must hold at least one image, got 0")
+    a = p0 == y
+    b = p1 == y
+    gained = int(np.sum(b & ~a))
+    lost = int(np.sum(a & ~b))
+    delta = (gained - lost) / n
+    var = (gained + lost - n * delta * delta) / (n - 1) if n > 1 else 0.0
+    return delta, float(np.sqrt(max(var, 0.0) / n)), gained, lost
 
 
 def time_layers(net: Network, x, *, repeat=5, warmup=1):
@@ -74,6 +102,19 @@ class ConfigResult:
     batch: int
     split: str
     extra: dict = field(default_factory=dict)
+    #: the images only the approximated / only the exact network gets right, and the number of images
+    gained: Optional[int] = None
+    lost: Optional[int] = None
+    n_images: Optional[int] = None
+
+    @property
+    def delta_top1_se(self):
+        """The standard error of the change of top-1 (``paired_difference``), or None without the counts."""
+        if self.n_images is None:
+            return None
+        n, g, l = self.n_images, self.gained, self.lost
+        delta = (g - l) / n
+        return float(np.sqrt(max((g + l - n * delta * delta) / (n - 1), 0.0) / n)) if n > 1 else 0.0
 
     @property
     def layer_speedup(self):
@@ -114,12 +155,16 @@ class ConfigResult:
                  layers=[r.as_dict() for r in self.reports], **self.extra)
         if baseline_top1 is not None:
             d["delta_top1"] = self.top1 - baseline_top1
+        if self.n_images is not None:
+            d.update(gained=self.gained, lost=self.lost, n_images=self.n_images, delta_top1_se=self.delta_top1_se)
         return d
 
 
 def run_config(net, config, X, y, *, base_pred, base_times, timing_batch, data=None, repeat=5,
                device=None, dtype=np.float32, refit=False, base_net=None):
-    """Approximate ``net`` with ``config``, then measure top-1, agreement with ``base_pred`` and time.
+    """Approximate ``net`` with ``config``, then measure top-1, agreement with ``base_pred`` (the exact
+    network's predictions on ``X``), the images gained and lost against it (``ConfigResult.delta_top1_se``) and
+    time.
 
     ``base_times`` is ``time_layers(net, timing_batch)`` measured once for the exact network (on the same
     device); with ``base_net`` (the exact network, on that device) the exact network is timed again, interleaved
@@ -144,11 +189,13 @@ def run_config(net, config, X, y, *, base_pred, base_times, timing_batch, data=N
         per_before, net_before = base_times
         per_after, net_after = time_layers(approx, timing_batch, repeat=repeat)
     names = list(config.plan)
+    _, _, gained, lost = paired_difference(y, base_pred, pred)
     return ConfigResult(config=config, reports=reports, top1=top1, agreement=float((pred == base_pred).mean()),
                         seconds_layers_before=sum(per_before[n] for n in names),
                         seconds_layers_after=sum(per_after[n] for n in names),
                         seconds_net_before=net_before, seconds_net_after=net_after,
-                        batch=len(timing_batch), split="", extra=dict(fit_seconds=fit_s))
+                        batch=len(timing_batch), split="", extra=dict(fit_seconds=fit_s), gained=gained, lost=lost,
+                        n_images=len(pred))
 
 
 def select(results, baseline_top1, *, budget=0.01):

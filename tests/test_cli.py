@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 
@@ -25,7 +26,14 @@ def test_main_job_on_a_subset(tmp_path):
     assert res["val"] and res["test"]
     for d in res["val"] + res["test"]:
         assert d["theoretical_gain"] > 1 and d["layer_speedup"] > 0 and 0 <= d["agreement"] <= 1
-    assert (out / "results.md").read_text().startswith("# Results of the main job")
+        n = d["n_images"]
+        assert n == 200 and d["delta_top1"] == pytest.approx((d["gained"] - d["lost"]) / n, abs=1e-12)
+        assert d["gained"] + d["lost"] <= n * (1 - d["agreement"]) + 1e-9     # a changed answer can stay wrong
+        assert 0 <= d["delta_top1_se"] <= np.sqrt((d["gained"] + d["lost"]) / (n - 1) / n) + 1e-12
+    it = res["baseline"]["interleaved_ms_per_image"]
+    assert it["n"] == len(res["val"]) + len(res["test"]) and it["min"] <= it["median"] <= it["max"]
+    md = (out / "results.md").read_text()
+    assert md.startswith("# Results of the main job") and "| d top1 | se |" in md and "timed again beside" in md
     assert (out / "accuracy_vs_speedup.png").stat().st_size > 1000
     assert (out / "conv1_filters.png").stat().st_size > 1000
 

@@ -1,8 +1,10 @@
-"""The experiment helpers' timing: networks measured in turn (``time_interleaved``)."""
+"""The experiment helpers: networks timed in turn (``time_interleaved``), the paired change of top-1
+(``paired_difference``) against per-image differences counted here."""
 import numpy as np
+import pytest
 
 from npconv import Network
-from npconv.experiment import time_interleaved
+from npconv.experiment import paired_difference, time_interleaved
 from npconv.layers import Linear, ReLU
 
 
@@ -31,3 +33,55 @@ def test_time_interleaved_alternates_and_takes_medians(rng, monkeypatch):
     # medians per layer over the three rounds: a's fc times 0.5, 3.0, 9.0 and relu 1.0, 2.0, 5.0
     assert pa == {"fc": 3.0, "relu": 2.0} and ta == 5.0
     assert pb == {"fc": 7.0, "relu": 4.0} and tb == 11.0
+
+
+def test_paired_difference_against_hand_counts_and_the_sample_variance(rng):
+    y = np.array([0, 1, 2, 3, 4, 5, 6, 7])
+    before = np.array([0, 1, 2, 3, 0, 0, 6, 0])       # right on 0, 1, 2, 3, 6
+    after = np.array([0, 1, 9, 9, 4, 0, 6, 7])        # right on 0, 1, 4, 6, 7: gains 4 and 7, loses 2 and 3
+    delta, se, gained, lost = paired_difference(y, before, after)
+    assert (gained, lost) == (2, 2) and delta == 0.0
+    d = np.array([0, 0, -1, -1, 1, 0, 0, 1], float)
+    assert se == pytest.approx(np.std(d, ddof=1) / np.sqrt(8), rel=1e-12)
+    # random predictions: the closed form against the per-image differences
+    y = rng.integers(0, 10, 5000)
+    before = np.where(rng.random(5000) < 0.85, y, rng.integers(0, 10, 5000))
+    after = np.where(rng.random(5000) < 0.9, before, rng.integers(0, 10, 5000))
+    delta, se, gained, lost = paired_difference(y, before, after)
+    d = (after == y).astype(float) - (before == y)
+    assert delta == pytest.approx(d.mean(), abs=1e-15)
+    assert se == pytest.approx(d.std(ddof=1) / np.sqrt(len(d)), rel=1e-12)
+    assert gained == int(np.sum(d > 0)) and lost == int(np.sum(d < 0))
+    # identical predictions: no change and no uncertainty
+    assert paired_difference(y, before, before)[:2] == (0.0, 0.0)
+
+
+def test_paired_difference_validation():
+    with pytest.raises(ValueError, match="must be 1-D of one length"):
+        paired_difference(np.zeros(3), np.zeros(3), np.zeros(4))
+    with pytest.raises(ValueError, match="at least one image"):
+        paired_difference(np.zeros(0), np.zeros(0), np.zeros(0))
+
+
+def test_run_config_reports_gains_losses_and_their_standard_error(rng):
+    """The counts against the exact network's predictions, recomputed here from the two networks' outputs."""
+    from npconv.approximate import SVD, approximate
+    from npconv.experiment import Config, evaluate, run_config, time_layers
+
+    net = Network([("fc1", Linear(rng.standard_normal((16, 12)))), ("relu", ReLU()),
+                   ("fc2", Linear(rng.standard_normal((5, 16))))], input_shape=(12,))
+    X = rng.standard_normal((400, 12))
+    y = rng.integers(0, 5, 400)
+    _, base_pred = evaluate(net, X, y)
+    xb = X[:8].astype(np.float32)
+    cfg = Config("svd", {"fc1": SVD(rank=2)})
+    r = run_config(net, cfg, X, y, base_pred=base_pred, base_times=time_layers(net, xb, repeat=1),
+                   timing_batch=xb, repeat=1)
+    pred = evaluate(approximate(net, cfg.plan), X, y)[1]
+    a, b = base_pred == y, pred == y
+    assert (r.gained, r.lost, r.n_images) == (int(np.sum(b & ~a)), int(np.sum(a & ~b)), 400)
+    assert r.lost + r.gained > 0                      # rank 2 of 12 changes some predictions
+    d = b.astype(float) - a
+    assert r.delta_top1_se == pytest.approx(d.std(ddof=1) / np.sqrt(400), rel=1e-12)
+    out = r.as_dict(float(a.mean()))
+    assert out["delta_top1"] == pytest.approx(d.mean(), abs=1e-12) and out["delta_top1_se"] == r.delta_top1_se
