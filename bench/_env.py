@@ -1,18 +1,17 @@
 """Benchmark environment: drop the OpenBLAS core-type override before NumPy loads, so BLAS runs the kernels
 this CPU really supports (this workplace sets OPENBLAS_CORETYPE=Haswell for old OpenBLAS builds, which halves a
-current OpenBLAS's SGEMM speed on AVX-512 machines). Tests and CI keep the variables; only bench/ scripts drop
-them, and they print what they did. ``--keep-blas-env`` keeps them.
+current OpenBLAS's SGEMM speed on AVX-512 machines). Tests and CI keep the variables; the bench/ scripts and the
+main job (``python -m npconv``) drop them (``npconv._threads.drop_blas_overrides``), and they print what they did.
+``--keep-blas-env`` keeps them.
 """
 from __future__ import annotations
 
 import os
 import sys
 
-_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
-
 
 def _threads_module():
-    """npconv/_threads.py as a stand-alone module (it imports only ``os``)."""
+    """npconv/_threads.py as a stand-alone module (it imports only ``os`` and ``sys``)."""
     import importlib.util
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "npconv", "_threads.py")
     spec = importlib.util.spec_from_file_location("_npconv_threads_for_bench", path)
@@ -30,23 +29,22 @@ def clean_blas_env(argv=None):
     variables only when they are loaded. PyTorch's own OpenMP runtime then runs with the same settings.
     """
     argv = sys.argv if argv is None else argv
+    threads = _threads_module()
     if os.environ.get("NPCONV_KEEP_OMP_POLICY") != "1":
         # npconv/_threads.py's settings, loaded from its file: importing the npconv package would load NumPy
-        _threads_module().configure_thread_env()
+        threads.configure_thread_env()
     if "--keep-blas-env" in argv:
-        return "kept: " + ", ".join(f"{v}={os.environ[v]}" for v in _VARS if v in os.environ)
-    present = [v for v in _VARS if v in os.environ]
+        return "kept: " + ", ".join(f"{v}={os.environ[v]}" for v in threads.BLAS_OVERRIDES if v in os.environ)
+    present = [v for v in threads.BLAS_OVERRIDES if v in os.environ]
     if not present:
         return "no OpenBLAS overrides set"
     if "numpy" in sys.modules:
         return "numpy already imported; overrides kept: " + ", ".join(present)
-    env = {k: v for k, v in os.environ.items() if k not in _VARS}
-    env["NPCONV_BENCH_DROPPED_BLAS_ENV"] = ",".join(f"{v}={os.environ[v]}" for v in present)
-    os.execve(sys.executable, [sys.executable, *argv], env)
+    threads.drop_blas_overrides([sys.executable, *argv])
 
 
 def describe():
-    dropped = os.environ.get("NPCONV_BENCH_DROPPED_BLAS_ENV")
+    dropped = os.environ.get(_threads_module().DROPPED_BLAS_ENV)
     base = f"dropped {dropped}" if dropped else "no OpenBLAS overrides dropped"
     return (f"{base}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; "
             f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}; "

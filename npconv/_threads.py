@@ -29,8 +29,18 @@ NumPy, so the timeout applies only when npconv is imported before NumPy, or when
 from __future__ import annotations
 
 import os
+import sys
 
-__all__ = ["configure_thread_env", "configure_openmp_wait_policy"]
+__all__ = ["configure_thread_env", "configure_openmp_wait_policy", "BLAS_OVERRIDES", "DROPPED_BLAS_ENV",
+           "drop_blas_overrides", "blas_env_note"]
+
+#: variables that pin OpenBLAS to another core's kernels or cache size. Some workplaces set
+#: ``OPENBLAS_CORETYPE=Haswell`` for old OpenBLAS builds; on an AVX-512 CPU it halves a current OpenBLAS's SGEMM
+#: speed (433 against about 200 GFLOP/s on the 2-core development machine), which makes every GEMM-bound dense
+#: layer, and so every speedup measured against it, unrepresentative.
+BLAS_OVERRIDES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+#: set in the re-executed process: ``NAME=value`` pairs of the overrides that were dropped
+DROPPED_BLAS_ENV = "NPCONV_DROPPED_BLAS_ENV"
 
 #: OpenBLAS worker spin time after a GEMM, as log2 of CPU cycles (OpenBLAS's minimum; its default is 28)
 OPENBLAS_TIMEOUT = "4"
@@ -60,3 +70,29 @@ def configure_thread_env():
         os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", OPENBLAS_TIMEOUT)
     out["OPENBLAS_THREAD_TIMEOUT"] = os.environ.get("OPENBLAS_THREAD_TIMEOUT")
     return out
+
+
+def drop_blas_overrides(command):
+    """Replace this process by ``command`` (a list: the executable, then its arguments) run without the
+    variables of :data:`BLAS_OVERRIDES`, when any of them is set; the new process finds what was dropped in
+    ``$NPCONV_DROPPED_BLAS_ENV`` (:func:`blas_env_note`). OpenBLAS reads them once, when it is loaded, so only a
+    new process can drop them. Returns None when none is set (nothing to do); otherwise does not return."""
+    present = [v for v in BLAS_OVERRIDES if v in os.environ]
+    if not present:
+        return None
+    env = {k: v for k, v in os.environ.items() if k not in BLAS_OVERRIDES}
+    env[DROPPED_BLAS_ENV] = ",".join(f"{v}={os.environ[v]}" for v in present)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(command[0], list(command), env)
+
+
+def blas_env_note():
+    """One line on the OpenBLAS overrides: dropped (by :func:`drop_blas_overrides`), kept, or none set."""
+    dropped = os.environ.get(DROPPED_BLAS_ENV)
+    if dropped:
+        return f"dropped {dropped} (BLAS on this CPU's own kernels)"
+    kept = [f"{v}={os.environ[v]}" for v in BLAS_OVERRIDES if v in os.environ]
+    if kept:
+        return "kept " + ", ".join(kept)
+    return "no OpenBLAS overrides set"

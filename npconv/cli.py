@@ -12,6 +12,11 @@ pick, per method, the fastest setting within 1 point of top-1; report those (and
 split, once; measure the CPU time per image of the approximated layers and of the whole network, each
 configuration interleaved with the exact network; write a table, results.json, results.md and plots.
 Without the data it still runs the speed part and says how to get the data.
+
+The timings need the CPU's own BLAS kernels: when ``OPENBLAS_CORETYPE`` or ``OPENBLAS_L2_SIZE`` is set (some
+workplaces pin OpenBLAS to Haswell kernels, which halves SGEMM on an AVX-512 CPU and with it the dense layers the
+speedups are measured against), the job restarts itself once without them and says so in its header and results
+(``--keep-blas-env`` keeps them).
 """
 from __future__ import annotations
 
@@ -113,7 +118,14 @@ def main(argv=None):
     ap.add_argument("--write-docs", action="store_true", help="also write docs/results.md in the checkout")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--keep-blas-env", action="store_true", help="keep OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE: by "
+                    "default the job restarts itself without them, so that the dense layers it times against run "
+                    "on this CPU's own BLAS kernels")
     args = ap.parse_args(argv)
+    from ._threads import blas_env_note, drop_blas_overrides
+    if argv is None and not args.keep_blas_env:
+        # a process of its own (not a call from Python code): restart once without the OpenBLAS overrides
+        drop_blas_overrides([sys.executable, "-m", "npconv", *sys.argv[1:]])
     if args.limit < 0:
         ap.error(f"--limit must be >= 0, got {args.limit}")
     if args.batch < 1:
@@ -127,7 +139,8 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
 
     net = load_reference()
-    print(f"# npconv main job: {net.meta.get('name', 'network')} on {_machine()}, backend {args.backend}")
+    print(f"# npconv main job: {net.meta.get('name', 'network')} on {_machine()}, backend {args.backend}; "
+          f"BLAS: {blas_env_note()}")
     net.summary()
     if args.backend == "cuda":
         from ._backend import cupy_available, require_cupy
@@ -173,7 +186,7 @@ def main(argv=None):
 
     results = {"machine": _machine(), "date": time.strftime("%Y-%m-%d"), "command": "python -m npconv " +
                " ".join(argv if argv is not None else sys.argv[1:]), "batch": args.batch, "backend": args.backend,
-               "refit": calib is not None and not args.no_refit,
+               "refit": calib is not None and not args.no_refit, "blas_env": blas_env_note(),
                "baseline": {"ms_per_image": 1e3 * base_times[1] / args.batch,
                             "per_layer_ms_per_image": {k: 1e3 * v / args.batch for k, v in base_times[0].items()}}}
     if args.full and args.quick:
@@ -321,7 +334,10 @@ def _interleaved_line(b):
 def _markdown(res):
     lines = [f"# Results of the main job", "",
              f"- command: `{res['command']}`", f"- machine: {res['machine']}", f"- date: {res['date']}",
-             f"- backend: {res['backend']}, timing batch {res['batch']}", f"- fitting: {_fitting(res)}", ""]
+             f"- backend: {res['backend']}, timing batch {res['batch']}", f"- fitting: {_fitting(res)}"]
+    if res.get("blas_env"):
+        lines.append(f"- BLAS environment: {res['blas_env']}")
+    lines.append("")
     b = res["baseline"]
     if "test_top1" in b:
         lines += [f"Exact network: top-1 {100 * b['test_top1']:.2f}% on test ({b['n_test']} images), "

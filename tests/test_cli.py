@@ -18,10 +18,12 @@ def run_cli(*args, env=None, timeout=900):
 @pytest.mark.slow
 def test_main_job_on_a_subset(tmp_path):
     out = tmp_path / "run"
-    r = run_cli("--quick", "--limit", "200", "--batch", "16", "--repeat", "1", "--out", str(out))
+    r = run_cli("--quick", "--limit", "200", "--batch", "16", "--repeat", "1", "--out", str(out),
+                env={"OPENBLAS_CORETYPE": "Haswell"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "exact network top-1" in r.stdout and "chosen settings on the test split" in r.stdout
     res = json.loads((out / "results.json").read_text())
+    assert res["blas_env"].startswith("dropped OPENBLAS_CORETYPE=Haswell")       # restarted without it
     assert res["baseline"]["n_test"] == 200 and 0.5 < res["baseline"]["test_top1"] <= 1
     assert res["val"] and res["test"]
     for d in res["val"] + res["test"]:
@@ -34,6 +36,7 @@ def test_main_job_on_a_subset(tmp_path):
     assert it["n"] == len(res["val"]) + len(res["test"]) and it["min"] <= it["median"] <= it["max"]
     md = (out / "results.md").read_text()
     assert md.startswith("# Results of the main job") and "| d top1 | se |" in md and "timed again beside" in md
+    assert "- BLAS environment: dropped OPENBLAS_CORETYPE=Haswell" in md
     assert (out / "accuracy_vs_speedup.png").stat().st_size > 1000
     assert (out / "conv1_filters.png").stat().st_size > 1000
 
