@@ -113,6 +113,9 @@ def main(argv=None):
                     "default the layers are fitted in order on the approximated network's inputs and the dense "
                     "layers above are refitted by least squares (npconv.approximate's sequential, refit_above)")
     ap.add_argument("--budget", type=float, default=1.0, help="top-1 budget in points for the selection (1.0)")
+    ap.add_argument("--margin", type=float, default=0.0, help="selection margin in standard errors: a setting is "
+                    "within the budget when its drop plus this many standard errors of the drop is (default 0: the "
+                    "drop alone, the paper's protocol)")
     ap.add_argument("--backend", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--out", default="runs/main", help="output folder (results.json, results.md, plots)")
     ap.add_argument("--write-docs", action="store_true", help="also write docs/results.md in the checkout")
@@ -130,6 +133,8 @@ def main(argv=None):
         ap.error(f"--limit must be >= 0, got {args.limit}")
     if args.batch < 1:
         ap.error(f"--batch must be >= 1, got {args.batch}")
+    if not args.margin >= 0:
+        ap.error(f"--margin must be >= 0 (standard errors), got {args.margin}")
 
     from . import datasets
     from .experiment import evaluate, select, time_layers
@@ -187,6 +192,7 @@ def main(argv=None):
     results = {"machine": _machine(), "date": time.strftime("%Y-%m-%d"), "command": "python -m npconv " +
                " ".join(argv if argv is not None else sys.argv[1:]), "batch": args.batch, "backend": args.backend,
                "refit": calib is not None and not args.no_refit, "blas_env": blas_env_note(),
+               "budget_points": args.budget, "margin_se": args.margin,
                "baseline": {"ms_per_image": 1e3 * base_times[1] / args.batch,
                             "per_layer_ms_per_image": {k: 1e3 * v / args.batch for k, v in base_times[0].items()}}}
     if args.full and args.quick:
@@ -217,7 +223,7 @@ def main(argv=None):
         r.split = "val"
         val_results.append(r)
         print(_fmt_row(r, base_va_top1), flush=True)
-    chosen = select(val_results, base_va_top1, budget=args.budget / 100)
+    chosen = select(val_results, base_va_top1, budget=args.budget / 100, margin=args.margin)
 
     # combinations (one setting per family), searched greedily on validation: the conv layers, then everything
     from .experiment import greedy_combine
@@ -232,7 +238,8 @@ def main(argv=None):
     singles = list(val_results)
     conv_results = [r for r in singles if all(k.startswith("conv") for k in r.config.plan)]
     for label, pool in (("combined conv layers", conv_results), ("combined all", singles)):
-        tried = greedy_combine(pool, base_va_top1, evaluate_on_val, family=label, budget=args.budget / 100)
+        tried = greedy_combine(pool, base_va_top1, evaluate_on_val, family=label, budget=args.budget / 100,
+                               margin=args.margin)
         val_results.extend(tried)
         if tried:
             finals.append(tried[-1])
@@ -335,6 +342,11 @@ def _markdown(res):
     lines = [f"# Results of the main job", "",
              f"- command: `{res['command']}`", f"- machine: {res['machine']}", f"- date: {res['date']}",
              f"- backend: {res['backend']}, timing batch {res['batch']}", f"- fitting: {_fitting(res)}"]
+    if "budget_points" in res:
+        m = res.get("margin_se") or 0
+        rule = f"drop of top-1 plus {m:g} standard error(s)" if m else "drop of top-1"
+        lines.append(f"- selection: per method, the fastest setting whose {rule} on validation is at most "
+                     f"{res['budget_points']:g} point(s)")
     if res.get("blas_env"):
         lines.append(f"- BLAS environment: {res['blas_env']}")
     lines.append("")

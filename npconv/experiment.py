@@ -198,12 +198,18 @@ def run_config(net, config, X, y, *, base_pred, base_times, timing_batch, data=N
                         n_images=len(pred))
 
 
-def select(results, baseline_top1, *, budget=0.01):
+def select(results, baseline_top1, *, budget=0.01, margin=0.0):
     """Per family, the configuration with the largest measured layer speedup whose top-1 drop is within
-    ``budget`` (fraction, 0.01 = 1 point); a family with none within budget gives its most accurate one."""
+    ``budget`` (fraction, 0.01 = 1 point); a family with none within budget gives its most accurate one.
+
+    ``margin`` (>= 0, in standard errors): a configuration is within budget when its drop plus ``margin`` times
+    the standard error of its change (``ConfigResult.delta_top1_se``) is; 0 (the paper's protocol) compares the
+    drop alone. With ``margin=1`` or 2 a choice at the edge of the budget on the selection split is less likely to
+    exceed it on another split."""
+    margin = _check_margin(margin)
     best = {}
     for r in results:
-        ok = _within(r, baseline_top1, budget)
+        ok = _within(r, baseline_top1, budget, margin)
         key = (ok, r.layer_speedup if ok else r.top1)
         cur = best.get(r.config.family)
         if cur is None or key > cur[0]:
@@ -211,22 +217,34 @@ def select(results, baseline_top1, *, budget=0.01):
     return {fam: v[1] for fam, v in best.items()}
 
 
-def _within(r, baseline_top1, budget):
-    return baseline_top1 - r.top1 <= budget + 1e-9  # a drop of exactly the budget is within it
+def _check_margin(margin):
+    from ._validate import check_real
+    return check_real(margin, "margin", min_value=0.0)
 
 
-def greedy_combine(results, baseline_top1, evaluate_config, *, family="combined", budget=0.01, max_steps=4):
+def _within(r, baseline_top1, budget, margin=0.0):
+    se = r.delta_top1_se if margin else None
+    if margin and se is None:
+        raise ValueError(f"margin={margin} needs the standard error of each result's change of top-1 (run_config "
+                         f"records it), got a result without it ({r.config.label})")
+    return baseline_top1 - r.top1 + (margin * se if margin else 0.0) <= budget + 1e-9   # exactly the budget: within
+
+
+def greedy_combine(results, baseline_top1, evaluate_config, *, family="combined", budget=0.01, max_steps=4,
+                   margin=0.0):
     """Combine one setting per layer group into a single plan that stays within the top-1 budget, greedily.
 
     The within-budget validation ``results`` are grouped by the layers they replace (two methods for the same
     layer compete for it). Starting from the fastest setting of every group, the combination is evaluated with
     ``evaluate_config(Config) -> ConfigResult``; while it loses more than ``budget``, the group whose current
     setting loses most moves to its next more accurate setting, or is left out when it has none. Returns the
-    evaluated ConfigResults; the last one is the answer when it is within budget.
+    evaluated ConfigResults; the last one is the answer when it is within budget. ``margin``: as in
+    :func:`select`, for the settings and the combinations alike.
     """
+    margin = _check_margin(margin)
     options = {}
     for r in results:
-        if _within(r, baseline_top1, budget):
+        if _within(r, baseline_top1, budget, margin):
             options.setdefault(tuple(sorted(r.config.plan)), []).append(r)
     for key in options:
         options[key].sort(key=lambda r: -r.layer_speedup)
@@ -240,7 +258,7 @@ def greedy_combine(results, baseline_top1, evaluate_config, *, family="combined"
             plan.update(options[key][i].config.plan)
         r = evaluate_config(Config(family, plan))
         tried.append(r)
-        if _within(r, baseline_top1, budget):
+        if _within(r, baseline_top1, budget, margin):
             break
         worst = max(choice, key=lambda k: baseline_top1 - options[k][choice[k]].top1)
         nxt = choice[worst] + 1

@@ -57,3 +57,5 @@ def test_main_job_without_data_runs_speed_part(tmp_path):
 def test_bad_arguments_are_refused():
     r = run_cli("--limit", "-3")
     assert r.returncode == 2 and "--limit must be >= 0, got -3" in r.stderr
+    r = run_cli("--margin", "-1")
+    assert r.returncode == 2 and "--margin must be >= 0 (standard errors), got -1.0" in r.stderr

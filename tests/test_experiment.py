@@ -85,3 +85,65 @@ def test_run_config_reports_gains_losses_and_their_standard_error(rng):
     assert r.delta_top1_se == pytest.approx(d.std(ddof=1) / np.sqrt(400), rel=1e-12)
     out = r.as_dict(float(a.mean()))
     assert out["delta_top1"] == pytest.approx(d.mean(), abs=1e-12) and out["delta_top1_se"] == r.delta_top1_se
+
+
+def _result(family, label_rank, top1, speedup, gained, lost, n=10000):
+    """A ConfigResult with the given top-1, layer speedup and paired counts (nothing else measured)."""
+    from npconv.approximate import SVD
+    from npconv.experiment import Config, ConfigResult
+    return ConfigResult(config=Config(family, {"fc": SVD(rank=label_rank)}), reports=[], top1=top1, agreement=0.9,
+                        seconds_layers_before=speedup, seconds_layers_after=1.0, seconds_net_before=1.0,
+                        seconds_net_after=1.0, batch=1, split="val", gained=gained, lost=lost, n_images=n)
+
+
+def test_select_with_a_margin_of_standard_errors():
+    """Base top-1 80% on 10,000 images: the faster setting drops 0.9 points (se 0.0996 points), the slower 0.3."""
+    from npconv.experiment import select
+    edge = _result("svd", 2, 0.791, 5.0, gained=5, lost=95)
+    safe = _result("svd", 4, 0.797, 3.0, gained=0, lost=30)
+    assert edge.delta_top1_se == pytest.approx(np.sqrt((100 - 10000 * 0.009 ** 2) / 9999 / 10000), rel=1e-12)
+    assert select([edge, safe], 0.80, budget=0.01)["svd"] is edge    # the paper's rule: the drop alone
+    assert select([edge, safe], 0.80, budget=0.01, margin=1.5)["svd"] is safe     # 0.9 + 0.149 > 1 point
+    assert select([edge, safe], 0.80, budget=0.01, margin=0.5)["svd"] is edge     # 0.9 + 0.050 < 1 point
+    with pytest.raises(ValueError, match="margin must be"):
+        select([edge], 0.80, margin=-1.0)
+    bare = _result("svd", 2, 0.791, 5.0, gained=None, lost=None, n=None)
+    with pytest.raises(ValueError, match="needs the standard error"):
+        select([bare], 0.80, margin=1.0)
+
+
+def _layer_result(layer, rank, top1, speedup, lost=0):
+    from npconv.approximate import SVD
+    from npconv.experiment import Config, ConfigResult
+    return ConfigResult(config=Config(layer, {layer: SVD(rank=rank)}), reports=[], top1=top1, agreement=0.9,
+                        seconds_layers_before=speedup, seconds_layers_after=1.0, seconds_net_before=1.0,
+                        seconds_net_after=1.0, batch=1, split="val", gained=0, lost=lost, n_images=10000)
+
+
+def test_greedy_combine_backs_off_the_layer_that_loses_most():
+    """Two layers, two settings each; a combination loses the sum of its settings' drops (a model of the network
+    written here). Base 0.80, budget 1 point."""
+    from npconv.experiment import ConfigResult, greedy_combine
+    a_fast, a_slow = _layer_result("a", 2, 0.794, 6.0, 60), _layer_result("a", 4, 0.798, 3.0, 20)
+    b_fast, b_slow = _layer_result("b", 2, 0.797, 5.0, 30), _layer_result("b", 4, 0.799, 2.0, 10)
+    drop = {("a", 2): 0.006, ("a", 4): 0.002, ("b", 2): 0.003, ("b", 4): 0.001}
+    seen = []
+
+    def evaluate_config(cfg):
+        seen.append({k: v.rank for k, v in cfg.plan.items()})
+        d = sum(drop[(k, v.rank)] for k, v in cfg.plan.items())
+        return ConfigResult(config=cfg, reports=[], top1=0.80 - d, agreement=0.9, seconds_layers_before=1.0,
+                            seconds_layers_after=1.0, seconds_net_before=1.0, seconds_net_after=1.0, batch=1,
+                            split="val", gained=0, lost=int(round(d * 10000)), n_images=10000)
+
+    tried = greedy_combine([a_fast, a_slow, b_fast, b_slow], 0.80, evaluate_config, budget=0.01)
+    # fastest of each (0.6 + 0.3 = 0.9 points): within budget at once
+    assert seen == [{"a": 2, "b": 2}] and tried[-1].top1 == pytest.approx(0.791)
+    seen.clear()
+    tried = greedy_combine([a_fast, a_slow, b_fast, b_slow], 0.80, evaluate_config, budget=0.008)
+    # 0.9 points > 0.8: layer a (0.6 of it) moves to its slower setting: 0.2 + 0.3 = 0.5 points
+    assert seen == [{"a": 2, "b": 2}, {"a": 4, "b": 2}] and tried[-1].top1 == pytest.approx(0.795)
+    seen.clear()
+    # with a margin of 2 standard errors the 0.9-point combination (se 0.094 points) is over the 1-point budget
+    tried = greedy_combine([a_fast, a_slow, b_fast, b_slow], 0.80, evaluate_config, budget=0.01, margin=2.0)
+    assert seen == [{"a": 2, "b": 2}, {"a": 4, "b": 2}]
