@@ -163,11 +163,18 @@ class Network:
         unknown = want - set(self.names)
         if unknown:
             raise ValueError(f"return_intermediates names unknown layers {sorted(unknown)}; layers are {self.names}")
+        arena = self._arena() if reuse_buffers and not is_cupy_array(x) else None
+        x, acts = self._run(x, until, want, arena)
+        return (x, acts) if return_intermediates is not None else x
+
+    def _run(self, x, until, want, arena, times=None, sync=None):
+        """The layers of ``forward`` on ``x``: returns (output, {name: activation} for ``want``). ``times``: a dict
+        name -> list, appended each layer's seconds (``sync`` called around each; a ReLU deferred into the max
+        pooling after it counts 0, its work being in the pooling's time)."""
         acts = {}
         x0 = x
         items = list(self._layers.items())
         last = until if until is not None else items[-1][0]
-        arena = self._arena() if reuse_buffers and not is_cupy_array(x) else None
         deferred = False  # a ReLU moved past the max pooling that follows it
         for i, (name, layer) in enumerate(items):
             if (layer.kind == "relu" and name not in want and name != until and i + 1 < len(items)
@@ -175,7 +182,12 @@ class Network:
                 # max pooling commutes with ReLU (a monotone map), so rectify the pooled output instead: a
                 # quarter (or less) of the data, in the pooling kernel's own pass (max_pool2d's relu option)
                 deferred = True
+                if times is not None:
+                    times[name].append(0.0)
                 continue
+            if times is not None:
+                sync()
+                t0 = time.perf_counter()
             # the deferred ReLU rides in the max pooling (its relu option: one pass over the pooled output)
             kw = {"relu": True} if deferred else {}
             deferred = False
@@ -190,11 +202,14 @@ class Network:
                 if arena is not None and arena.holds(x):
                     x = x.copy()  # e.g. a ReLU rectified a buffer in place: the caller's copy must stay put
                 acts[name] = x
+            if times is not None:
+                sync()
+                times[name].append(time.perf_counter() - t0)
             if name == until:
                 break
         if arena is not None and arena.holds(x):
             x = x.copy()  # e.g. a Flatten view of a buffer: the caller gets memory of its own
-        return (x, acts) if return_intermediates is not None else x
+        return x, acts
 
     __call__ = forward
 
@@ -281,20 +296,23 @@ class Network:
         return rows
 
     def profile(self, x, *, repeat=3, warmup=1, print_fn=print):
-        """Measure the time of each layer on ``x`` (median of ``repeat`` runs after ``warmup``); returns rows."""
+        """Measure the time of each layer on ``x`` (median of ``repeat`` runs after ``warmup``); returns rows.
+
+        The layers run as ``forward`` runs them: intermediate activations in the network's reused buffers, a
+        ReLU rectifying its producer's output in place, and a ReLU just before a max pooling done by the pooling
+        (its row then shows 0 seconds, the work being in the pooling's row). So the rows add up to the time of a
+        forward pass, not of the layers called one by one on fresh arrays (page faults and all)."""
         self._check_input(x)
         repeat = check_int(repeat, "repeat", min_value=1)
         sync = _sync_for(x)
         times = {n: [] for n in self.names}
+        arena = None if is_cupy_array(x) else self._arena()
         for it in range(warmup + repeat):
-            h = x
-            for name, layer in self._layers.items():
-                sync()
-                t0 = time.perf_counter()
-                h = layer(h)
-                sync()
-                if it >= warmup:
-                    times[name].append(time.perf_counter() - t0)
+            run = {n: [] for n in self.names}
+            self._run(x, None, set(), arena, times=run, sync=sync)
+            if it >= warmup:
+                for n in self.names:
+                    times[n].append(run[n][0])
         total = sum(float(np.median(t)) for t in times.values())
         rows = [dict(name=n, kind=self[n].kind, seconds=float(np.median(t)),
                      share=float(np.median(t)) / total if total > 0 else 0.0) for n, t in times.items()]

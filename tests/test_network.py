@@ -73,8 +73,31 @@ def test_profile_reports_each_layer(rng):
     net, _ = small_net(rng)
     rows = net.profile(rng.standard_normal((2, 3, 5, 5)), repeat=2, print_fn=None)
     assert [r["name"] for r in rows] == net.names
-    assert all(r["seconds"] > 0 for r in rows)
+    # as forward runs it: the ReLU before the max pooling is done by the pooling (0 s of its own)
+    assert net.names[1:3] == ["relu1", "pool1"] and net["pool1"].kind == "max_pool2d"
+    assert all((r["seconds"] == 0) == (r["name"] == "relu1") for r in rows)
     assert abs(sum(r["share"] for r in rows) - 1) < 1e-9
+
+
+def test_profile_runs_the_forward_pass(rng, monkeypatch):
+    """The layers profile runs, with their keyword arguments (``out=`` buffers, the pooling's ``relu``), are those
+    forward runs; the in-place ReLU of forward (not a layer call) is skipped by both."""
+    net, _ = small_net(rng)
+    x = rng.standard_normal((2, 3, 5, 5))
+    calls = []
+    for name in net.names:
+        layer = net[name]
+
+        def spy(h, _real=layer.forward, _name=name, **kw):
+            calls.append((_name, sorted(kw)))
+            return _real(h, **kw)
+        monkeypatch.setattr(layer, "forward", spy)      # Layer.__call__ looks up self.forward
+    net.forward(x)
+    seen_forward = list(calls)
+    assert ("pool1", ["out", "relu"]) in seen_forward and all(n != "relu1" for n, _ in seen_forward)
+    calls.clear()
+    net.profile(x, repeat=1, warmup=0, print_fn=None)
+    assert calls == seen_forward
 
 
 def test_replace_returns_new_network_and_keeps_original(rng):
