@@ -370,13 +370,23 @@ def _cp_cpu(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, 
     nb = _chunk(N, P, C * plane + per_z + F * P, dt.itemsize)
     # enough parallel jobs: split a group's quads of components when images x groups alone are too few
     nsplit = max(1, min(-(-H * K // 4), -(-4 * numba.get_num_threads() // (nb * G))))
-    # the reduction folded into the horizontal taps: hcoef[j, h*K + k, b] = reduce[j, h, k] * horizontal[g(j), h, k, b]
-    g_of = np.repeat(np.arange(G), np.diff(in_off))
-    hcoef = np.ascontiguousarray(reduce.reshape(C, H * K, 1) * horizontal.reshape(G, H * K, Y)[g_of], dtype=dt)
     # a batch that is one chunk: the front end's jobs pack their own groups (no separate packing pass), when each
     # group is packed by one job only (nsplit 1) into an L1/L2-sized scratch
     cg_max = int(np.diff(in_off).max())
     own = _cp_own_pack(nb >= N, nsplit, cg_max * plane * dt.itemsize)
+    # groups of many channels: reduce to one plane per component first, then the horizontal taps
+    rfirst = KB.cp_reduce_first(cg_max, sw, Y)
+    if rfirst:
+        rcoef = np.ascontiguousarray(reduce.reshape(C, H * K), dtype=dt)
+        hor = np.ascontiguousarray(horizontal.reshape(G, H * K, Y), dtype=dt)
+        hcoef = np.zeros((1, 1, 1), dt)
+    else:
+        # the reduction folded into the horizontal taps:
+        # hcoef[j, h*K + k, b] = reduce[j, h, k] * horizontal[g(j), h, k, b]
+        g_of = np.repeat(np.arange(G), np.diff(in_off))
+        hcoef = np.ascontiguousarray(reduce.reshape(C, H * K, 1) * horizontal.reshape(G, H * K, Y)[g_of], dtype=dt)
+        rcoef = np.zeros((1, 1), dt)
+        hor = np.zeros((1, 1, 1), dt)
     if not own:
         xs_buf = WS.get_aligned("xs", nb * C * plane + Mp, dt)
         xs_buf[nb * C * plane:] = 0   # slack: the last plane's shifted taps read up to (Y - 1) // sw items past it
@@ -385,7 +395,7 @@ def _cp_cpu(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, 
     z_buf = WS.get("z", nb * per_z, dt)
     y_buf = WS.get("y", nb * F * P, dt)
     nth = numba.get_num_threads()
-    srow = KB.cp_scratch_size(sh, sw, R, Mp, OH, cg_max if own else 0)
+    srow = KB.cp_scratch_size(sh, sw, R, Mp, OH, cg_max if own else 0, rfirst)
     scratch = WS.get_aligned("front", nth * srow, dt).reshape(nth, srow)
     inv_perm = _inverse(in_perm)
     y = np.empty((N, F, OH, OW), dt) if out is None else out
@@ -397,7 +407,7 @@ def _cp_cpu(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, 
         Z = z_buf[:m * per_z].reshape(H, G * K, m * P)
         ybuf = y_buf[:m * F * P].reshape(F, m * P)
         KB.cp_front(xs_buf, x, n0, in_perm, pad[0], pad[2], m, C, sh, sw, R, Mp, in_off, hcoef, vertical, OH, OW,
-                    nsplit, Z, scratch)
+                    nsplit, Z, scratch, rfirst, rcoef, hor)
         _expand_scatter(Z, expand, out_perm, out_off, bias, n0, m, P, ybuf, y3)
     return y
 

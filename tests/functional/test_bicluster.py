@@ -142,18 +142,38 @@ def test_cp_tap_counts_and_component_quads(rng, dtype, X, Y, K, stride, padding)
     np.testing.assert_allclose(y, ref, *tolerance(dtype))
 
 
+@pytest.mark.parametrize("reduce_first", [False, True])
 @pytest.mark.parametrize("own", [True, False])
 @pytest.mark.parametrize("N", [1, 3])
-def test_cp_front_end_packing_either_way(rng, monkeypatch, own, N):
-    """The CP front end's jobs pack their own input group, or read a packing pass over the chunk: both give the
-    rebuilt kernel's conv (forced either way; left to itself the choice depends on the thread count)."""
+def test_cp_front_end_packing_either_way(rng, monkeypatch, own, N, reduce_first):
+    """The CP front end's jobs pack their own input group, or read a packing pass over the chunk; they fold the
+    reduction into the horizontal taps, or reduce first: each way gives the rebuilt kernel's conv (forced; left to
+    itself the first choice depends on the thread count, the second on the group size and the stride)."""
+    from npconv.kernels.cpu import bicluster as KB
     monkeypatch.setattr(FB, "_cp_own_pack", lambda *a: own)
+    monkeypatch.setattr(KB, "cp_reduce_first", lambda *a: reduce_first)
     f = _cp_factors(rng, 12, 10, 5, 5, (2, 1, 3, 2, 4), (4, 6), 3, np.float32)
     x = rng.standard_normal((N, 12, 15, 14)).astype(np.float32)
     b = rng.standard_normal(10).astype(np.float32)
-    y = bicluster_cp_conv2d(x, *f, b, stride=2, padding=(2, 1, 0, 2))
-    ref = conv2d_naive(x, _dense_kernel("cp", f), b, (2, 2), (2, 1, 0, 2))
-    np.testing.assert_allclose(y, ref, *tolerance(np.float32))
+    for stride, pad in (((2, 2), (2, 1, 0, 2)), ((1, 1), (2, 2, 2, 2)), ((2, 3), (1, 0, 0, 2))):
+        y = bicluster_cp_conv2d(x, *f, b, stride=stride, padding=pad)
+        ref = conv2d_naive(x, _dense_kernel("cp", f), b, stride, pad)
+        np.testing.assert_allclose(y, ref, *tolerance(np.float32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("X,Y,K", [(1, 7, 4), (7, 2, 5), (4, 6, 2)])
+def test_cp_reduce_first_tap_counts_and_quads(rng, monkeypatch, dtype, X, Y, K):
+    """The reduce-first front end (forced) on the tap counts and component quads of the folded one's test, with
+    groups of 1 to 5 channels (the reduction's sweeps of 5, 3 and 1 channels)."""
+    from npconv.kernels.cpu import bicluster as KB
+    monkeypatch.setattr(KB, "cp_reduce_first", lambda *a: True)
+    f = _cp_factors(rng, 12, 8, X, Y, (1, 2, 4, 5), (3, 5), K, dtype)
+    x = rng.standard_normal((2, 12, 13, 17)).astype(dtype)
+    b = rng.standard_normal(8).astype(dtype)
+    for stride, pad in (((1, 1), (0, 0, 0, 0)), ((2, 3), (1, 0, 0, 2))):
+        y = bicluster_cp_conv2d(x, *f, b, stride=stride, padding=pad)
+        np.testing.assert_allclose(y, conv2d_naive(x, _dense_kernel("cp", f), b, stride, pad), *tolerance(dtype))
 
 
 @pytest.mark.parametrize("kind", KINDS)

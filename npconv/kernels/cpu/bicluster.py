@@ -53,12 +53,6 @@ def group_check(perm, offsets, n):
     return 0
 
 
-def cp_scratch_size(sh, sw, R, M, OH, Y):
-    """Items of one thread's scratch row for :func:`cp_front`."""
-    plane = sh * sw * R * M
-    return plane + sw * OH * M + Y + OH * M
-
-
 def shared_scratch_size(cg_max, nu_max, sw, M, OH, OW, Y):
     """Items of one thread's scratch row for :func:`shared_front` (largest input group ``cg_max``, ``nu_max``
     shared filters used per group)."""
@@ -260,18 +254,33 @@ def _taps4(acc, ao, src, offs, coef, T, n, init):
         t += nt
 
 
-def cp_scratch_size(sh, sw, R, Mp, OH, cg_pack=0):
+def cp_scratch_size(sh, sw, R, Mp, OH, cg_pack=0, reduce_first=False):
     """Items of one thread's scratch row for :func:`cp_front`: 4 accumulator planes of ``sh * R * Mp``, the
-    ``OH * Mp`` output plane and, when the jobs pack their own input (``cg_pack``, the largest input group, > 0),
-    that group's planes (``sh * sw * R * Mp`` each) and ``Mp`` items of slack; a multiple of ``Mp``, so rows that
-    start aligned stay aligned."""
-    own = cg_pack * sh * sw * R * Mp + Mp if cg_pack else 0
-    return 4 * sh * R * Mp + OH * Mp + own
+    ``OH * Mp`` output plane, when the jobs pack their own input (``cg_pack``, the largest input group, > 0) that
+    group's planes (``sh * sw * R * Mp`` each) and ``Mp`` items of slack, and with ``reduce_first`` 4 reduced
+    planes (``sh * sw * R * Mp`` each) and ``Mp`` items of slack; a multiple of ``Mp``, so rows that start aligned
+    stay aligned."""
+    plane = sh * sw * R * Mp
+    own = cg_pack * plane + Mp if cg_pack else 0
+    red = 4 * plane + Mp if reduce_first else 0
+    return 4 * sh * R * Mp + OH * Mp + own + red
+
+
+def cp_reduce_first(cg, sw, Y):
+    """Whether :func:`cp_front` reduces a group's ``cg`` channels to one plane per component before the
+    horizontal pass (``cg * sw + Y`` multiply-adds per horizontal output, the reduction on every column phase)
+    rather than folding the reduction into the horizontal taps (``cg * Y``, but the input loads shared by 4
+    components and no extra pass): when folding costs at least 1.5 times as many multiply-adds. Measured at
+    Y = 5 (same process, interleaved, 2026-11-26): C_g = 2 folds (stride 1: 18.1 against 18.9 ms; ZF conv2,
+    stride 2: 11.6 against 12.6), C_g = 3 and 4 reduce first (stride 1: 9.4 against 10.3, 10.0 against 11.6;
+    C_g = 4, stride 2: 4.9 against 5.9), as do C_g = 8 and 12 (the bundled CIFAR network's conv2 at G = 8:
+    6.2 against 8.6 ms at batch 128)."""
+    return 2 * cg * Y >= 3 * (cg * sw + Y)
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
 def cp_front(xflat, x, n0, in_perm, pt, pl, nb, C, SH, SW, R, Mp, in_offsets, hcoef, vertical, OH, OW, nsplit, Z,
-             scratch):
+             scratch, reduce_first, rcoef, hor):
     """CP front end: Z[h, g*K + k, i*P:(i+1)*P] = vert_k * (horiz_k * (sum_j reduce[j, h, k] xs[i, j])).
 
     ``xflat``, when not empty, holds the chunk's input packed by :func:`pack_phase` image-major,
@@ -294,6 +303,12 @@ def cp_front(xflat, x, n0, in_perm, pt, pl, nb, C, SH, SW, R, Mp, in_offsets, hc
        offsets are whole rows (aligned loads);
     3. the compaction of ``o``'s first ``OW`` columns per row into Z.
 
+    With ``reduce_first`` (:func:`cp_reduce_first`: groups of many channels), step 1 is instead a reduction of the
+    group's channels to one phase-split plane per component, 4 components at a time (``rcoef`` (C, H*K), the
+    reduction factors), then per component and row phase the horizontal pass over it (``hor`` (G, H*K, Y)):
+    ``cg * SW + Y`` multiply-adds per horizontal output instead of ``cg * Y``. ``hcoef`` is then not read (and
+    ``rcoef``/``hor`` are not read otherwise).
+
     Columns ``OW .. Mp - 1`` of each row are computed and dropped (they read past the row, into the next one or
     the slack). Against the earlier reduction, vertical and horizontal passes one component at a time, the ZF
     conv2 front end (G=48, H=2, K=6, 2 threads) went from 301-323 to 249-265 ns per component (step 1: 133, step
@@ -302,7 +317,7 @@ def cp_front(xflat, x, n0, in_perm, pt, pl, nb, C, SH, SW, R, Mp, in_offsets, hc
     ``scratch`` (threads, >= :func:`cp_scratch_size`), rows on 64-byte boundaries.
     """
     G, H, K, X = vertical.shape
-    Y = hcoef.shape[2]
+    Y = hor.shape[2] if reduce_first else hcoef.shape[2]
     HK = H * K
     P = OH * OW
     RM = R * Mp
@@ -343,24 +358,49 @@ def cp_front(xflat, x, n0, in_perm, pt, pl, nb, C, SH, SW, R, Mp, in_offsets, hc
             offs[a] = (a % SW) * RM + a // SW
         for a in range(X):
             voffs[a] = ((a % SH) * R + a // SH) * Mp
+        if reduce_first:
+            # 4 reduced planes after the rest of the scratch row, then Mp items of slack (read only into the
+            # dropped columns of the horizontal pass)
+            r0 = 4 * PL + OM + (cg * plane + Mp if own else 0)
+            red = sc[r0:r0 + 4 * plane + Mp]
+            red[4 * plane:] = 0
+            red4 = red[:4 * plane].reshape(4, plane)
+            choffs = np.empty(cg, np.int64)
+            for u in range(cg):
+                choffs[u] = xbase + u * plane
+            rc = np.empty((4, cg), dt)
+            hc = np.empty(Y, dt)
         for qd in range(b * nq // nsplit, (b + 1) * nq // nsplit):
             nk = min(4, HK - 4 * qd)
             for kk in range(4):
                 hk4[kk] = 4 * qd + min(kk, nk - 1)    # a short last quad repeats its last component
-            # 1. reduction + horizontal pass, 4 components at a time (each row phase p has its own accumulators)
-            for u in range(cg):
+            if reduce_first:
+                # 1. the group's channels reduced to one plane per component, 4 components per pass over them
                 for kk in range(4):
-                    for a in range(Y):
-                        coef[kk, a] = hcoef[j0 + u, hk4[kk], a]
-                for p in range(SH):
-                    src = xsrc[xbase + (u * SH + p) * SW * RM:]
-                    _taps4(acc, p * RM, src, offs, coef, Y, RM, u == 0)
+                    for u in range(cg):
+                        rc[kk, u] = rcoef[j0 + u, hk4[kk]]
+                _taps4(red4, 0, xsrc, choffs, rc, cg, plane, True)
+            else:
+                # 1. reduction + horizontal pass, 4 components at a time (each row phase p has its own accumulators)
+                for u in range(cg):
+                    for kk in range(4):
+                        for a in range(Y):
+                            coef[kk, a] = hcoef[j0 + u, hk4[kk], a]
+                    for p in range(SH):
+                        src = xsrc[xbase + (u * SH + p) * SW * RM:]
+                        _taps4(acc, p * RM, src, offs, coef, Y, RM, u == 0)
             # 2. + 3. vertical pass and compaction, per component
             for kk in range(nk):
                 hk = hk4[kk]
                 h = hk // K
                 k = hk - h * K
                 a_src = acc[kk]
+                if reduce_first:
+                    # the horizontal pass of this component's reduced plane, per row phase
+                    for a in range(Y):
+                        hc[a] = hor[g, hk, a]
+                    for p in range(SH):
+                        _taps(a_src[p * RM:(p + 1) * RM], red[kk * plane + p * SW * RM:], offs, hc, RM, False)
                 for a in range(X):
                     vcoef[a] = vertical[g, h, k, a]
                 _taps(o, a_src, voffs, vcoef, OM, False)
