@@ -49,9 +49,15 @@ def paired_difference(y, pred_before, pred_after):
     b = p1 == y
     gained = int(np.sum(b & ~a))
     lost = int(np.sum(a & ~b))
+    return (gained - lost) / n, _paired_se(gained, lost, n), gained, lost
+
+
+def _paired_se(gained, lost, n):
+    """Standard error of the mean of n per-image differences, ``gained`` of them +1 and ``lost`` -1."""
+    if n < 2:
+        return 0.0
     delta = (gained - lost) / n
-    var = (gained + lost - n * delta * delta) / (n - 1) if n > 1 else 0.0
-    return delta, float(np.sqrt(max(var, 0.0) / n)), gained, lost
+    return float(np.sqrt(max((gained + lost - n * delta * delta) / (n - 1), 0.0) / n))
 
 
 def time_layers(net: Network, x, *, repeat=5, warmup=1):
@@ -110,11 +116,7 @@ class ConfigResult:
     @property
     def delta_top1_se(self):
         """The standard error of the change of top-1 (``paired_difference``), or None without the counts."""
-        if self.n_images is None:
-            return None
-        n, g, l = self.n_images, self.gained, self.lost
-        delta = (g - l) / n
-        return float(np.sqrt(max((g + l - n * delta * delta) / (n - 1), 0.0) / n)) if n > 1 else 0.0
+        return None if self.n_images is None else _paired_se(self.gained, self.lost, self.n_images)
 
     @property
     def layer_speedup(self):
