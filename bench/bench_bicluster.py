@@ -1,6 +1,7 @@
 """Biclustered conv layers (CP, SVD, shared separable) against npconv's dense conv2d, on ZF conv2 shapes.
 
     python bench/bench_bicluster.py              # ZF conv2 (96->256, 5x5, stride 2, 55x55), batch 1 and 128
+    python bench/bench_bicluster.py --layer cifar_conv2   # the bundled CIFAR network's conv2 at the main job's settings
     python bench/bench_bicluster.py --quick      # tiny shapes, a smoke test
     python bench/bench_bicluster.py --threads 1 --clock thread   # CPU time of one thread: for a busy machine
 
@@ -36,6 +37,8 @@ import numpy as np  # noqa: E402
 
 #: layer geometry: (C, H=W, F, kernel, stride, padding)
 ZF_CONV2 = (96, 55, 256, 5, 2, 0)
+#: the bundled CIFAR-10 reference network's conv2 (64 -> 128, 5x5, 16x16, padding 2)
+CIFAR_CONV2 = (64, 16, 128, 5, 1, 2)
 QUICK = (16, 15, 32, 3, 2, 1)
 
 #: name -> (kind, options): kind "cp" (G, H, K), "svd" (G, H, (K1, K2)), "shared" (G, H, K, S)
@@ -45,6 +48,13 @@ CONFIGS = {
     "cp_G48_H2_K12": ("cp", (48, 2, 12)),
     "svd_G2_H2_K19_51": ("svd", (2, 2, (19, 51))),
     "shared_G48_H2_K6_S4": ("shared", (48, 2, 6, 4)),
+}
+#: the main job's grid for the CIFAR network's conv2 (groups of 8 input channels: the reduce-first CP front end)
+CIFAR_CONFIGS = {
+    "cp_G8_H2_K8": ("cp", (8, 2, 8)),
+    "cp_G8_H2_K12": ("cp", (8, 2, 12)),
+    "cp_G8_H2_K16": ("cp", (8, 2, 16)),
+    "svd_G2_H2_K8_24": ("svd", (2, 2, (8, 24))),
 }
 QUICK_CONFIGS = {
     "cp_G4_H2_K3": ("cp", (4, 2, 3)),
@@ -99,11 +109,12 @@ def theoretical(kind, opts, res, C, H, F, K, stride, padding):
     return tuple(out)
 
 
-def _case(quick):
-    geom = QUICK if quick else ZF_CONV2
-    configs = QUICK_CONFIGS if quick else CONFIGS
-    batches = (1, 4) if quick else (1, 128)
-    return geom, configs, batches
+def _case(quick, layer="zf_conv2"):
+    if quick:
+        return QUICK, QUICK_CONFIGS, (1, 4)
+    if layer == "cifar_conv2":
+        return CIFAR_CONV2, CIFAR_CONFIGS, (1, 128)
+    return ZF_CONV2, CONFIGS, (1, 128)
 
 
 def rows(quick=False):
@@ -147,6 +158,8 @@ def rows(quick=False):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test)")
+    ap.add_argument("--layer", choices=("zf_conv2", "cifar_conv2"), default="zf_conv2",
+                    help="the layer shape and its configurations (default: ZF conv2 at the paper's settings)")
     ap.add_argument("--repeat", type=int, default=7, help="timed calls of each implementation (interleaved)")
     ap.add_argument("--min-time", type=float, default=1.0, help="keep timing until this many seconds")
     ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,128; quick 1,4)")
@@ -169,7 +182,7 @@ def main(argv=None):
     from bench._env import describe
     from bench._timing import interleaved, thread_info
     from npconv.functional import conv2d
-    (C, H, F, K, s, p), configs, batches = _case(args.quick)
+    (C, H, F, K, s, p), configs, batches = _case(args.quick, args.layer)
     if args.batches:
         batches = tuple(int(b) for b in args.batches.split(","))
     if args.only:

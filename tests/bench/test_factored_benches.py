@@ -38,3 +38,14 @@ def test_bench_bicluster_quick(tmp_path, capsys):
     for r in rows:
         assert r["config"] in printed
         assert abs(r["speedup"] - r["dense"]["median"] / r["approx"]["median"]) < 1e-12
+
+
+def test_bench_bicluster_cifar_layer(tmp_path, capsys):
+    """``--layer cifar_conv2``: the CIFAR network's conv2 shape and the main job's settings (one batch-1 row)."""
+    out = tmp_path / "bicluster.json"
+    bench_bicluster.main(["--layer", "cifar_conv2", "--batches", "1", "--only", "cp_G8_H2_K8", "--repeat", "2",
+                          "--min-time", "0", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert "C=64 H=W=16 F=128 k=5 stride=1 pad=2" in printed
+    rows = json.loads(out.read_text())["results"]
+    assert [r["config"] for r in rows] == ["cp_G8_H2_K8"] and rows[0]["speedup"] > 0
