@@ -67,10 +67,11 @@ def time_layers(net: Network, x, *, repeat=5, warmup=1):
     return per_layer, sum(per_layer.values())
 
 
-def time_interleaved(nets, x, *, repeat=5, warmup=1):
+def time_interleaved(nets, x, *, repeat=5, warmup=1, rounds=False):
     """``time_layers`` of several networks on the batch ``x``, one run of each in turn, ``repeat`` rounds: on a
     machine whose speed drifts (a shared host), every network is measured in the same conditions. Returns one
-    ``(per_layer, total)`` per network."""
+    ``(per_layer, total)`` per network (medians over the rounds); with ``rounds=True``, also the rounds themselves:
+    ``(that list, [[{layer: seconds} per round] per network])``, for ratios taken round by round."""
     for net in nets:
         net.profile(x, repeat=1, warmup=warmup, print_fn=None)
     runs = [[] for _ in nets]
@@ -81,7 +82,7 @@ def time_interleaved(nets, x, *, repeat=5, warmup=1):
     for net, rs in zip(nets, runs):
         per_layer = {n: float(np.median([r[n] for r in rs])) for n in net.names}
         out.append((per_layer, sum(per_layer.values())))
-    return out
+    return (out, runs) if rounds else out
 
 
 @dataclass(frozen=True)
@@ -118,12 +119,23 @@ class ConfigResult:
         """The standard error of the change of top-1 (``paired_difference``), or None without the counts."""
         return None if self.n_images is None else _paired_se(self.gained, self.lost, self.n_images)
 
+    #: speedups as medians of the ratios of the same round (``time_interleaved(..., rounds=True)``), when timed so
+    paired_layer_speedup: Optional[float] = None
+    paired_net_speedup: Optional[float] = None
+
     @property
     def layer_speedup(self):
+        """Measured speedup of the plan's layers: the median of the per-round ratios when the exact network was
+        timed interleaved (robust to a change of the host's speed between rounds), else the ratio of the medians."""
+        if self.paired_layer_speedup is not None:
+            return self.paired_layer_speedup
         return self.seconds_layers_before / self.seconds_layers_after
 
     @property
     def net_speedup(self):
+        """As :attr:`layer_speedup`, for the whole network."""
+        if self.paired_net_speedup is not None:
+            return self.paired_net_speedup
         return self.seconds_net_before / self.seconds_net_after
 
     @property
@@ -170,7 +182,8 @@ def run_config(net, config, X, y, *, base_pred, base_times, timing_batch, data=N
 
     ``base_times`` is ``time_layers(net, timing_batch)`` measured once for the exact network (on the same
     device); with ``base_net`` (the exact network, on that device) the exact network is timed again, interleaved
-    with the approximated one (``time_interleaved``), and ``base_times`` is not used. ``data``: network inputs
+    with the approximated one (``time_interleaved``), the speedups are the medians of the per-round ratios, and
+    ``base_times`` is not used. ``data``: network inputs
     for specs with ``fit="data"``. ``device``: a function moving a network to where ``timing_batch`` lives (e.g.
     ``Network.to_gpu``); the approximation itself runs on the CPU.
     ``refit``: approximate sequentially and refit the dense layers above (``approximate``'s ``sequential`` and
@@ -184,20 +197,25 @@ def run_config(net, config, X, y, *, base_pred, base_times, timing_batch, data=N
     if device is not None:
         approx = device(approx)
     top1, pred = evaluate(approx, X, y, dtype=dtype)
+    names = list(config.plan)
+    paired = {}
     if base_net is not None:
-        (per_before, net_before), (per_after, net_after) = time_interleaved([base_net, approx], timing_batch,
-                                                                            repeat=repeat)
+        ((per_before, net_before), (per_after, net_after)), (rb, ra) = time_interleaved(
+            [base_net, approx], timing_batch, repeat=repeat, rounds=True)
+        paired = dict(
+            paired_layer_speedup=float(np.median([sum(b[n] for n in names) / sum(a[n] for n in names)
+                                                  for b, a in zip(rb, ra)])),
+            paired_net_speedup=float(np.median([sum(b.values()) / sum(a.values()) for b, a in zip(rb, ra)])))
     else:
         per_before, net_before = base_times
         per_after, net_after = time_layers(approx, timing_batch, repeat=repeat)
-    names = list(config.plan)
     _, _, gained, lost = paired_difference(y, base_pred, pred)
     return ConfigResult(config=config, reports=reports, top1=top1, agreement=float((pred == base_pred).mean()),
                         seconds_layers_before=sum(per_before[n] for n in names),
                         seconds_layers_after=sum(per_after[n] for n in names),
                         seconds_net_before=net_before, seconds_net_after=net_after,
                         batch=len(timing_batch), split="", extra=dict(fit_seconds=fit_s), gained=gained, lost=lost,
-                        n_images=len(pred))
+                        n_images=len(pred), **paired)
 
 
 def select(results, baseline_top1, *, budget=0.01, margin=0.0):

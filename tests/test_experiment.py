@@ -147,3 +147,37 @@ def test_greedy_combine_backs_off_the_layer_that_loses_most():
     # with a margin of 2 standard errors the 0.9-point combination (se 0.094 points) is over the 1-point budget
     tried = greedy_combine([a_fast, a_slow, b_fast, b_slow], 0.80, evaluate_config, budget=0.01, margin=2.0)
     assert seen == [{"a": 2, "b": 2}, {"a": 4, "b": 2}]
+
+
+def test_speedups_are_medians_of_per_round_ratios(rng, monkeypatch):
+    """With the exact network timed beside the approximated one, each round's ratio is taken before the median:
+    a round in which the host ran slow for both networks does not skew the speedup (scripted rounds: fc1 takes
+    2, 20, 3 against 1, 10, 1; the ratio of the medians is 3 / 1, the per-round ratios 2, 2, 3 have median 2)."""
+    from npconv.approximate import SVD
+    from npconv.experiment import Config, evaluate, run_config
+
+    net = Network([("fc1", Linear(rng.standard_normal((16, 12)))), ("relu", ReLU()),
+                   ("fc2", Linear(rng.standard_normal((5, 16))))], input_shape=(12,))
+    X = rng.standard_normal((50, 12))
+    y = rng.integers(0, 5, 50)
+    _, base_pred = evaluate(net, X, y)
+    rounds_before = [{"fc1": 2.0, "relu": 1.0, "fc2": 1.0}, {"fc1": 20.0, "relu": 1.0, "fc2": 1.0},
+                     {"fc1": 3.0, "relu": 1.0, "fc2": 1.0}]
+    rounds_after = [{"fc1": 1.0, "relu": 1.0, "fc2": 1.0}, {"fc1": 10.0, "relu": 1.0, "fc2": 1.0},
+                    {"fc1": 1.0, "relu": 1.0, "fc2": 1.0}]
+
+    def fake(nets, x, *, repeat, rounds):
+        assert len(nets) == 2 and rounds
+        meds = [({k: float(np.median([r[k] for r in rs])) for k in rs[0]}, 0.0) for rs in (rounds_before,
+                                                                                          rounds_after)]
+        return [(p, sum(p.values())) for p, _ in meds], [rounds_before, rounds_after]
+
+    import npconv.experiment as E
+    monkeypatch.setattr(E, "time_interleaved", fake)
+    r = run_config(net, Config("svd", {"fc1": SVD(rank=2)}), X, y, base_pred=base_pred, base_times=None,
+                   timing_batch=X[:4], repeat=3, base_net=net)
+    assert r.layer_speedup == pytest.approx(2.0)                 # median of 2, 2, 3
+    assert r.seconds_layers_before / r.seconds_layers_after == pytest.approx(3.0)   # the medians' ratio
+    # whole network: per-round totals 4/3, 22/12, 5/3 -> median 5/3
+    assert r.net_speedup == pytest.approx(5 / 3)
+    assert r.as_dict()["layer_speedup"] == pytest.approx(2.0)
