@@ -6,12 +6,14 @@ main job (``python -m npconv``) drop them (``npconv._threads.drop_blas_overrides
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
 
+@functools.lru_cache(maxsize=None)
 def _threads_module():
-    """npconv/_threads.py as a stand-alone module (it imports only ``os`` and ``sys``)."""
+    """npconv/_threads.py as a stand-alone module (it imports only ``os`` and ``sys``), loaded once."""
     import importlib.util
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "npconv", "_threads.py")
     spec = importlib.util.spec_from_file_location("_npconv_threads_for_bench", path)

@@ -144,8 +144,9 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
 
     net = load_reference()
+    blas_env = blas_env_note()
     print(f"# npconv main job: {net.meta.get('name', 'network')} on {_machine()}, backend {args.backend}; "
-          f"BLAS: {blas_env_note()}")
+          f"BLAS: {blas_env}")
     net.summary()
     if args.backend == "cuda":
         from ._backend import cupy_available, require_cupy
@@ -191,7 +192,7 @@ def main(argv=None):
 
     results = {"machine": _machine(), "date": time.strftime("%Y-%m-%d"), "command": "python -m npconv " +
                " ".join(argv if argv is not None else sys.argv[1:]), "batch": args.batch, "backend": args.backend,
-               "refit": calib is not None and not args.no_refit, "blas_env": blas_env_note(),
+               "refit": calib is not None and not args.no_refit, "blas_env": blas_env,
                "budget_points": args.budget, "margin_se": args.margin,
                "baseline": {"ms_per_image": 1e3 * base_times[1] / args.batch,
                             "per_layer_ms_per_image": {k: 1e3 * v / args.batch for k, v in base_times[0].items()}}}

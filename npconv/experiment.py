@@ -14,6 +14,7 @@ from typing import Optional
 
 import numpy as np
 
+from ._validate import check_real
 from .approximate import approximate
 from .network import Network
 
@@ -238,16 +239,18 @@ def select(results, baseline_top1, *, budget=0.01, margin=0.0):
 
 
 def _check_margin(margin):
-    from ._validate import check_real
     return check_real(margin, "margin", min_value=0.0)
 
 
 def _within(r, baseline_top1, budget, margin=0.0):
-    se = r.delta_top1_se if margin else None
-    if margin and se is None:
-        raise ValueError(f"margin={margin} needs the standard error of each result's change of top-1 (run_config "
-                         f"records it), got a result without it ({r.config.label})")
-    return baseline_top1 - r.top1 + (margin * se if margin else 0.0) <= budget + 1e-9   # exactly the budget: within
+    drop = baseline_top1 - r.top1
+    if margin:
+        se = r.delta_top1_se
+        if se is None:
+            raise ValueError(f"margin={margin} needs the standard error of each result's change of top-1 "
+                             f"(run_config records it), got a result without it ({r.config.label})")
+        drop += margin * se
+    return drop <= budget + 1e-9   # a drop of exactly the budget is within it
 
 
 def greedy_combine(results, baseline_top1, evaluate_config, *, family="combined", budget=0.01, max_steps=4,
