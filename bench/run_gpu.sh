@@ -5,13 +5,14 @@
 #
 #   bash bench/run_gpu.sh [OUTDIR] [STEP ...]     # steps: info tests suite bench network factored tune (default:
 #                                                 # all but suite; suite = the whole test suite, GPU tests included)
-#                                                 # and, only when named: probe host ncu memcheck racecheck
+#                                                 # and, only when named: probe host small ncu memcheck racecheck
 #
 # probe: bench/gpu_profile.py's CUDA-event times of the parts of the dense conv2 and of variants; host: its split
 # of the host time of eager batch-1 calls (npconv's Python, CuPy, NumPy) and the per-call times, queued and
-# synchronised; ncu: Nsight Compute on bench/gpu_profile.py's workloads (report and its details page; NCU_SET=b1
+# synchronised; small: its timings of the small-batch rules (implicit-GEMM conv, fused bicluster expansion, on or
+# off, and cuDNN) at batches 1-32; ncu: Nsight Compute on bench/gpu_profile.py's workloads (report and its details page; NCU_SET=b1
 # for the batch-1 set); memcheck / racecheck: compute-sanitizer over the float32 GPU tests (racecheck: the kernels
-# with shared memory), each stopped at its time limit.
+# with shared memory; RACECHECK_K narrows its pytest -k expression), each stopped at its time limit.
 #
 # Environment: PYTHON (default python3), NPCONV_TEST_JOBS (pytest-xdist workers, default 8), TESTS_LIMIT and
 # SUITE_LIMIT (seconds), TAIL_LINES (log lines echoed per step), PACK (where the .tgz goes).
@@ -60,6 +61,8 @@ torch.__version__, \"cudnn\", torch.backends.cudnn.version())'; nproc; lscpu | g
         step probe "${PROBE_LIMIT:-120}" "$py" bench/gpu_profile.py probe --out "$out/probe.json" ;;
     host)
         step host 90 "$py" bench/gpu_profile.py host --out "$out/host.json" ;;
+    small)
+        step small "${SMALL_LIMIT:-150}" "$py" bench/gpu_profile.py small --out "$out/small.json" ;;
     ncu)
         step ncu "${NCU_LIMIT:-150}" ncu --profile-from-start off --clock-control none --target-processes all \
             --section SpeedOfLight --section LaunchStats --section Occupancy --section MemoryWorkloadAnalysis \
@@ -73,10 +76,11 @@ torch.__version__, \"cudnn\", torch.backends.cudnn.version())'; nproc; lscpu | g
     racecheck)  # shared-memory hazards: the kernels with shared memory
         step racecheck "${RACECHECK_LIMIT:-100}" compute-sanitizer --tool racecheck --error-exitcode 3 \
             --print-limit 20 "$py" -m pytest -q -m gpu -p no:xdist -p no:cacheprovider --timeout 60 \
-            -k "float32 and not strided and not network and not gemm" tests/gpu/test_gpu_bicluster.py \
+            -k "${RACECHECK_K:-float32 and not strided and not network}" tests/gpu/test_gpu_bicluster.py \
             tests/gpu/test_gpu_lowrank.py tests/gpu/test_gpu_ops.py ;;
     *)
-        echo "unknown step $s (steps: info tests suite bench network factored tune probe ncu memcheck racecheck)"
+        echo "unknown step $s (steps: info tests suite bench network factored tune probe host small ncu memcheck" \
+            "racecheck)"
         exit 2 ;;
     esac
 done

@@ -1,4 +1,4 @@
-"""bench/gpu_profile.py: without a CUDA device both of its commands say why and exit with status 0 (it runs on a
+"""bench/gpu_profile.py: without a CUDA device each of its commands says why and exit with status 0 (it runs on a
 lent GPU only, through bench/run_gpu.sh); bad arguments are refused by its parser."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from tests.cuda_emulator import install_as_cupy  # noqa: E402
 
 
 @pytest.mark.skipif(HAS_GPU, reason="checks the behaviour without a CUDA device")
-@pytest.mark.parametrize("what", ["probe", "ncu", "host"])
+@pytest.mark.parametrize("what", ["probe", "ncu", "host", "small"])
 def test_skips_without_a_gpu(capsys, tmp_path, what):
     from bench import gpu_profile
     out = tmp_path / "probe.json"
@@ -82,3 +82,27 @@ def test_host_quick_run_on_the_emulated_cupy(monkeypatch, tmp_path, capsys):
         assert row["ms_per_call_queued"] > 0 and row["ms_per_call_synced"] > 0
         assert set(row["host_ms_per_call_profiled"]) == {"npconv", "cupy", "numpy", "other"}
     assert "ms per call queued" in capsys.readouterr().out
+
+
+@pytest.mark.cpuemu
+@pytest.mark.skipif(not HAS_CXX, reason="no C++ compiler for the CUDA C emulator")
+def test_small_quick_run_on_the_emulated_cupy(monkeypatch, tmp_path):
+    """The small-batch probe's code path on the CPU-emulated cupy: every variant of the conv and of the CP layer's
+    expansion runs (and the conv's variants agree), one record each, and the rules it patches are restored."""
+    import json
+
+    from bench import gpu_profile
+    from npconv.kernels.cuda import loader, ops, ops_bicluster
+    install_as_cupy(monkeypatch)
+    monkeypatch.setattr(gpu_profile, "gpu_missing", lambda: None)
+    before = (ops.IGEMM_MAX_COLUMNS, ops.IGEMM_TARGET_BLOCKS, ops_bicluster.EXPAND_TILED_MAX_COLUMNS)
+    out = tmp_path / "small.json"
+    try:
+        assert gpu_profile.main(["small", "--quick", "--out", str(out)]) == 0
+    finally:
+        loader.clear_cache()
+    rep = json.loads(out.read_text())
+    assert set(rep) == {"conv2/b1/igemm", "conv2/b1/igemm_1slice", "conv2/b1/no_igemm", "cp4/b1/fused",
+                        "cp4/b1/gemm"}
+    assert all(r["latency_ms"] > 0 and r["queued_ms"] > 0 for r in rep.values())
+    assert (ops.IGEMM_MAX_COLUMNS, ops.IGEMM_TARGET_BLOCKS, ops_bicluster.EXPAND_TILED_MAX_COLUMNS) == before

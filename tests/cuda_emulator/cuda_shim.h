@@ -37,7 +37,7 @@ struct dim3 {
 #define __forceinline__ inline
 #define __noinline__ __attribute__((noinline))
 #define __launch_bounds__(...)
-#define __align__(n) alignas(n)
+#define __align__(n) __attribute__((aligned(n)))
 // every static __shared__ variable lands in one section, which the scheduler poisons before each block
 #define __shared__ static __attribute__((section("npconv_emu_smem"), aligned(16)))
 

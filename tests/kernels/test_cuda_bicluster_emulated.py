@@ -182,6 +182,35 @@ def test_scatter(bic_module, rng, dtype, launch, with_bias):
     assert np.isnan(y[:, untouched]).all(), "channels of other output groups were written"
 
 
+# --- bic_expand ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("order", ["forward", "reverse"])
+@pytest.mark.parametrize("sizes,m,P,GK", [((3, 40, 5), 2, 21, 7), ((33,), 1, 70, 37), ((1, 2), 3, 5, 16)])
+def test_expand(bic_module, rng, dtype, order, sizes, m, P, GK, with_bias):
+    """Every output group's expansion and scatter in one launch, against loops over the definition: groups of
+    unequal size (a group of 40 rows spans two tiles of 32, a group of 1 leaves whole blocks with nothing to do),
+    columns and reduction rows that are not multiples of the 32 x 32 x 16 tile."""
+    NH, F = len(sizes), sum(sizes)
+    out_off = np.concatenate([[0], np.cumsum(sizes)]).astype(i32)
+    out_perm = rng.permutation(F).astype(i32)
+    z = rng.standard_normal((NH, GK, m * P)).astype(dtype)
+    expand = rng.standard_normal((F, GK)).astype(dtype)
+    b = rng.standard_normal(F).astype(dtype)
+    y = np.full((m, F, P), np.nan, dtype)
+    grid = (-(-(m * P) // 32), -(-max(sizes) // 32), NH)
+    kernel(bic_module, "bic_expand", dtype)(grid, (64,), (z, expand, out_off, out_perm, b if with_bias else z, y,
+                                                          *map(i32, (m, P, F, GK, with_bias))), order=order)
+    want = np.empty((m, F, P))
+    for h in range(NH):
+        for o in range(out_off[h], out_off[h + 1]):
+            for n in range(m):
+                for p in range(P):
+                    v = sum(float(expand[o, q]) * float(z[h, q, n * P + p]) for q in range(GK))
+                    want[n, out_perm[o], p] = v + (float(b[out_perm[o]]) if with_bias else 0.0)
+    check(y, want, dtype, GK)
+
+
 # --- bic_svd_spatial -----------------------------------------------------------------------------------------------
 
 SVD_CASES = {

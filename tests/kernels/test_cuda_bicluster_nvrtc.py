@@ -45,8 +45,9 @@ def recording(recording_cupy):  # noqa: F811  (the imported fixture)
 
 
 @pytest.mark.parametrize("dtype_name", DTYPE_NAMES)
-def test_every_launch_matches_ptx(recording, rng, dtype_name):
-    """Drive every entry point; every launch's packed sizes equal the PTX parameter sizes."""
+def test_every_launch_matches_ptx(recording, monkeypatch, rng, dtype_name):
+    """Drive every entry point, the expansion both ways; every launch's packed sizes equal the PTX parameter
+    sizes."""
     cp, log = recording
     dt = np.dtype(dtype_name)
     floats = {"cp": (2, 3, 4, 5), "svd": (2, 3, 4), "shared": (2, 4, 5, 6)}
@@ -58,6 +59,9 @@ def test_every_launch_matches_ptx(recording, rng, dtype_name):
         x = cp.asarray(rng.standard_normal((2, 5, 8, 7)).astype(dt))
         entry[kind](x, *args, cp.asarray(rng.standard_normal(6).astype(dt)), stride=(2, 1), padding=(1, 0, 2, 1))
         entry[kind](x, *args, None, stride=(1, 1), padding=(0, 0, 0, 0))
+        with monkeypatch.context() as mp:
+            mp.setattr(ops_bicluster, "EXPAND_TILED_MAX_COLUMNS", 0)     # a GEMM and a scatter a group
+            entry[kind](x, *args, None, stride=(1, 1), padding=(0, 0, 0, 0))
     launched = check_launch_log(log)
     assert launched == {loader.kernel_name(k, dt) for k in ops_bicluster.LAUNCH_SIGNATURES}
     assert [cupy_packed_size(v) for v in (np.zeros(2, np.int32), np.int32(1), 1)] == [8, 4, 8]

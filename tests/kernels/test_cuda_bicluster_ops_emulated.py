@@ -82,11 +82,14 @@ GEOMS = {
 }
 
 
+@pytest.mark.parametrize("expand", ["gemm", "fused"])
 @pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "strided"])
 @pytest.mark.parametrize("geom", sorted(GEOMS))
 @pytest.mark.parametrize("kind", KINDS)
-def test_matches_dense_conv_and_cpu(fc, launched, rng, dtype, order, kind, geom, contiguous):
-    """Unequal groups on both sides (1, 4, 2 input channels; 2, 3, 4 output channels), odd sizes, bias."""
+def test_matches_dense_conv_and_cpu(fc, launched, monkeypatch, rng, dtype, order, kind, geom, contiguous, expand):
+    """Unequal groups on both sides (1, 4, 2 input channels; 2, 3, 4 output channels), odd sizes, bias; the
+    expansion as a GEMM and a scatter a group, or as one bic_expand launch."""
+    monkeypatch.setattr(ops_bicluster, "EXPAND_TILED_MAX_COLUMNS", 0 if expand == "gemm" else 10**6)
     stride, pad = GEOMS[geom]
     C, F, X, Y = 7, 9, 3, 4
     f = make_factors(kind, rng, dtype, C, F, X, Y, (1, 4, 2), (2, 3, 4), RANKS[kind])
@@ -95,7 +98,7 @@ def test_matches_dense_conv_and_cpu(fc, launched, rng, dtype, order, kind, geom,
     y = run(fc, kind, x, f, b, stride, pad, dev=None if contiguous else (lambda a: strided(fc, a)))
     check(fc, y, conv2d_einsum(x, dense_kernel(kind, f), b, stride=stride, padding=pad), dtype, C * X * Y * 4)
     check(fc, y, CPU[kind](x, *f, b, stride=stride, padding=pad), dtype, C * X * Y * 4)
-    assert launched == FRONT[kind] + ["bic_scatter"] * 3
+    assert launched == FRONT[kind] + (["bic_scatter"] * 3 if expand == "gemm" else ["bic_expand"])
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -106,7 +109,7 @@ def test_device_index_arrays_and_no_bias(fc, launched, rng, dtype, kind):
     x = rng.standard_normal((1, 6, 7, 9)).astype(dtype)
     y = run(fc, kind, x, f, None, (1, 2), (0, 1, 1, 0), dev_index=True)
     check(fc, y, conv2d_naive(x, dense_kernel(kind, f), None, stride=(1, 2), padding=(0, 1, 1, 0)), dtype, 100)
-    assert launched == FRONT[kind] + ["bic_scatter"] * 2
+    assert launched == FRONT[kind] + ["bic_expand"]      # 56 output positions: the fused expansion
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -148,7 +151,7 @@ def test_svd_channel_chunks_and_pixel_loop(fc, launched, monkeypatch, rng, dtype
     x = rng.standard_normal((2, 6, 14, 13)).astype(dtype)
     y = run(fc, "svd", x, f, None, (1, 1), (1, 0, 0, 0))
     check(fc, y, conv2d_einsum(x, dense_kernel("svd", f), None, padding=(1, 0, 0, 0)), dtype, 6 * 6 * 5 * 18)
-    assert y.shape[2:] == (13, 12) and launched == ["bic_gather", "bic_svd_spatial", "bic_scatter", "bic_scatter"]
+    assert y.shape[2:] == (13, 12) and launched == ["bic_gather", "bic_svd_spatial", "bic_expand"]
 
 
 @pytest.mark.parametrize("kind,budget", [("cp", "CP_SMEM_BUDGET"), ("svd", "SVD_SMEM_BUDGET"),
@@ -173,14 +176,17 @@ def test_empty_batch(fc, launched, rng, dtype, kind):
     assert y.shape == (0, 6, 6, 6) and y.dtype == dtype and launched == []
 
 
-def test_zf_conv2_cp_shape_small_batch(fc, launched, rng):
-    """ZF conv2's grouping (96 -> 256 channels, G = 48, H = 2, K = 6, 5x5, stride 2) on a 23 x 23 input, float32."""
+@pytest.mark.parametrize("expand", ["gemm", "fused"])
+def test_zf_conv2_cp_shape_small_batch(fc, launched, monkeypatch, rng, expand):
+    """ZF conv2's grouping (96 -> 256 channels, G = 48, H = 2, K = 6, 5x5, stride 2) on a 23 x 23 input, float32:
+    128 rows a group (4 tiles of bic_expand) and 288 components."""
+    monkeypatch.setattr(ops_bicluster, "EXPAND_TILED_MAX_COLUMNS", 0 if expand == "gemm" else 10**6)
     dtype = np.dtype(np.float32)
     f = make_factors("cp", rng, dtype, 96, 256, 5, 5, (2,) * 48, (128, 128), 6)
     x = rng.standard_normal((1, 96, 23, 23)).astype(dtype)
     y = run(fc, "cp", x, f, None, (2, 2), (0, 0, 0, 0))
     check(fc, y, CPU["cp"](x, *f, None, stride=2, padding=0), dtype, 2 * 25 * 48 * 6)
-    assert launched == ["bic_cp_front", "bic_scatter", "bic_scatter"]
+    assert launched == ["bic_cp_front"] + (["bic_scatter", "bic_scatter"] if expand == "gemm" else ["bic_expand"])
 
 
 def test_launch_refuses_wrong_argument_types(fc, rng):

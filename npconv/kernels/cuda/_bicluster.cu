@@ -20,6 +20,8 @@
 //                          uses (vertical then horizontal pass), once: Q rows.
 //  * bic_shared_combine -- shared separable form: component (g, h, k) = sum_j reduce[j, h, k] * Q[j, slot]: Z.
 //  * bic_scatter        -- r (F_h, m*P) to y (m, F, P) at channels out_perm[o0 + f], adding the bias.
+//  * bic_expand         -- for few columns (batch 1): the expansion of every output group and the scatter, fused in
+//                          one launch (tiles of npc_tile_gemm), instead of a cuBLAS GEMM and a bic_scatter a group.
 
 #define NPCONV_BIC_KC 4   // components per bic_cp_front block (accumulators held in registers)
 #define NPCONV_BIC_FT 16  // filters per bic_svd_spatial block (accumulators held in registers)
@@ -415,5 +417,62 @@ NPCONV_KERNEL_LB(bic_scatter, 256)(const real_t* __restrict__ r, const int* __re
     real_t v = r[i];
     if (has_bias) v += __ldg(bias + fo);
     y[((size_t)n * F + fo) * P + (rem - n * P)] = v;
+  }
+}
+
+// The expansion of all output groups at once, for few columns: for h < NH and o0 = out_off[h] <= o < out_off[h+1],
+//   y[n][out_perm[o]][p] = bias[out_perm[o]] + sum_q expand[o][q] * z[h][q][n*P + p]      (q < GK = G*K rows)
+// expand (F, GK) rows in permuted order, z (NH, GK, m*P). Launch: block (64), grid (ceil(m*P / 32),
+// ceil(max F_h / 32), NH); a block whose 32 rows start past its group's end returns at once.
+struct npc_bx_rows {      // A: row o of expand
+  const real_t* row;
+  bool ok;
+  __device__ __forceinline__ real_t operator()(int q) const { return ok ? __ldg(row + q) : real_t(0); }
+};
+
+struct npc_bx_cols {      // B: column j of z[h]
+  const real_t* col;
+  int L;
+  bool ok;
+  __device__ __forceinline__ real_t operator()(int q) const { return ok ? __ldg(col + (size_t)q * L) : real_t(0); }
+};
+
+NPCONV_KERNEL_LB(bic_expand, NPC_TG_THREADS)(const real_t* __restrict__ z, const real_t* __restrict__ expand,
+                                             const int* __restrict__ out_off, const int* __restrict__ out_perm,
+                                             const real_t* __restrict__ bias, real_t* __restrict__ y, int m,
+                                             int P, int F, int GK, int has_bias) {
+  const int h = blockIdx.z;
+  const int o1 = __ldg(out_off + h + 1);
+  const int f0 = __ldg(out_off + h) + blockIdx.y * NPC_TG_BM;
+  if (f0 >= o1) return;    // the whole block: its group has fewer rows
+  const int L = m * P;
+  const int j0 = blockIdx.x * NPC_TG_BN;
+  const int r = threadIdx.x & 31;
+  npc_bx_rows la;
+  la.ok = f0 + r < o1;
+  la.row = expand + (size_t)(la.ok ? f0 + r : 0) * GK;
+  npc_bx_cols lb;
+  lb.ok = j0 + r < L;
+  lb.L = L;
+  lb.col = z + (size_t)h * GK * L + (lb.ok ? j0 + r : 0);
+  real_t acc[4][4];
+#pragma unroll
+  for (int u = 0; u < 4; ++u)
+#pragma unroll
+    for (int v = 0; v < 4; ++v) acc[u][v] = real_t(0);
+  npc_tile_gemm(la, lb, 0, GK, acc);
+
+  const int ty = threadIdx.x >> 3, tx = threadIdx.x & 7;
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    const int o = f0 + 4 * ty + u;
+    const int fo = o < o1 ? __ldg(out_perm + o) : 0;
+    const real_t b = (has_bias && o < o1) ? __ldg(bias + fo) : real_t(0);
+#pragma unroll
+    for (int v = 0; v < 4; ++v) {
+      const int j = j0 + 4 * tx + v;
+      const int n = j / P;
+      if (o < o1 && j < L) y[((size_t)n * F + fo) * P + (j - n * P)] = acc[u][v] + b;
+    }
   }
 }

@@ -33,6 +33,7 @@ _CTYPE = {"f32": "float", "f64": "double"}
 
 _PRELUDE = "_prelude.cu"
 _modules: dict = {}
+_kernels: dict = {}
 _lock = threading.Lock()
 
 
@@ -105,11 +106,20 @@ def get_module(source: str, dtype):
 
 def get_kernel(source: str, name: str, dtype):
     """The kernel ``npconv_<name>_<f32|f64>`` of ``source`` (a ``cupy.RawKernel``), e.g.
-    ``get_kernel("im2col", "im2col", cupy.float32)``."""
-    return get_module(source, dtype).get_function(kernel_name(name, dtype))
+    ``get_kernel("im2col", "im2col", cupy.float32)``; memoized per (CuPy module, current device, source, name,
+    dtype): every launch asks for its kernel, and at batch 1 the host's time per launch is the layer's time."""
+    cp = _backend.require_cupy()
+    key = (id(cp), cp.cuda.Device().id, source, name, _suffix(dtype))
+    kernel = _kernels.get(key)
+    if kernel is None:
+        kernel = get_module(source, dtype).get_function(kernel_name(name, dtype))
+        with _lock:
+            _kernels[key] = kernel
+    return kernel
 
 
 def clear_cache() -> None:
-    """Forget the memoized modules (the next call builds them again)."""
+    """Forget the memoized modules and kernels (the next call builds them again)."""
     with _lock:
         _modules.clear()
+        _kernels.clear()

@@ -56,7 +56,7 @@ __all__ = [
     "bicluster_cp_conv2d", "bicluster_svd_conv2d", "shared_separable_conv2d", "LAUNCH_SIGNATURES", "SOURCE",
     "source_text", "get_kernel", "clear_cache", "cp_tiling", "shared_tiling", "svd_chunk", "shared_launch_plan",
     "CP_COMPONENTS_PER_BLOCK", "SVD_FILTERS_PER_BLOCK", "TILE_W", "TILE_ROWS", "CP_SMEM_BUDGET",
-    "SHARED_SMEM_BUDGET", "SVD_SMEM_BUDGET", "WORKSPACE_BYTES",
+    "SHARED_SMEM_BUDGET", "SVD_SMEM_BUDGET", "WORKSPACE_BYTES", "EXPAND_TILED_MAX_COLUMNS",
 ]
 
 #: the kernel source of this module (a file of npconv.kernels.cuda)
@@ -74,6 +74,9 @@ CP_SMEM_BUDGET = 32 * 1024
 SHARED_SMEM_BUDGET = 24 * 1024
 #: shared memory a bic_svd_spatial block may use for one chunk of K1 channels' weights, bytes
 SVD_SMEM_BUDGET = 16 * 1024
+#: the expansion takes one fused launch (bic_expand) for at most this many columns (images x output positions), a
+#: cuBLAS GEMM and a scatter a group above
+EXPAND_TILED_MAX_COLUMNS = 4096
 #: bound on the intermediates of one chunk of images (Z, the GEMM result, and the form's own buffers), bytes
 WORKSPACE_BYTES = 256 * 2**20
 
@@ -99,6 +102,8 @@ LAUNCH_SIGNATURES: dict[str, tuple[str, tuple[str, ...]]] = {
     "bic_shared_combine": (SOURCE, (PTR, PTR, IPTR, IPTR, IPTR, IPTR, PTR) + (I32,) * 5),
     # r, out_perm, bias, y, Fh, m, P, F, o0, has_bias
     "bic_scatter": (SOURCE, (PTR, IPTR, PTR, PTR) + (I32,) * 6),
+    # z, expand, out_off, out_perm, bias, y, m, P, F, GK, has_bias
+    "bic_expand": (SOURCE, (PTR, PTR, IPTR, IPTR, PTR, PTR) + (I32,) * 5),
 }
 
 
@@ -242,12 +247,21 @@ def shared_launch_plan(assign, in_off, n_filters) -> SharedPlan:
 
 def _expand_scatter(cp, z, expand, d_out_perm, out_off, bias, y, m, P):
     """Per output group h: ``r = expand_h (F_h, G*K) @ z[h]`` (cuBLAS), then bic_scatter writes r into the chunk's
-    output ``y`` (m, F, OH, OW) at channels out_perm[out_off[h] ...], adding the bias."""
+    output ``y`` (m, F, OH, OW) at channels out_perm[out_off[h] ...], adding the bias. With at most
+    :data:`EXPAND_TILED_MAX_COLUMNS` columns (m*P) one bic_expand launch does all of it for every group."""
     dt = z.dtype
     F, G, K = (int(v) for v in expand.shape)
     has_bias = bias is not None
     b = bias if has_bias else expand          # a dummy pointer of the right dtype when there is no bias
-    for h in range(out_off.shape[0] - 1):
+    NH = out_off.shape[0] - 1
+    if m * P <= EXPAND_TILED_MAX_COLUMNS:
+        Fh = int(np.diff(out_off).max())
+        grid = (-(-(m * P) // ops.IGEMM_TILE[1]), -(-Fh // ops.IGEMM_TILE[0]), NH)
+        if grid[1] <= _MAX_GRID_YZ and grid[2] <= _MAX_GRID_YZ:
+            _launch("bic_expand", dt, grid, (ops.IGEMM_THREADS,),
+                    (z, expand, _ints(cp, out_off), d_out_perm, b, y, m, P, F, G * K, has_bias))
+            return
+    for h in range(NH):
         o0, o1 = int(out_off[h]), int(out_off[h + 1])
         r = cp.ascontiguousarray(_matmul(expand[o0:o1].reshape(o1 - o0, G * K), z[h]))
         _launch_1d("bic_scatter", dt, r.size, (r, d_out_perm, b, y, o1 - o0, m, P, F, o0, has_bias))
