@@ -6,8 +6,7 @@
 
 Times are CUDA-event times (the device is synchronised, then events are recorded around each call), median of
 ``--repeat`` runs after warm-up. The first conv layer is also timed with its direct kernel switched off
-(im2col + cuBLAS), and every layer is also timed forced onto im2col (no implicit GEMM at small batches, no
-Winograd), so the dispatch rules in ``npconv/kernels/cuda/ops.py`` can be checked against measurement.
+(im2col + cuBLAS), so the dispatch rule in ``npconv/kernels/cuda/ops.py`` can be checked against measurement.
 Without a CUDA device it prints why and exits with status 0. It also provides ``rows(quick)`` for
 ``bench/run_all.py`` (GPU rows, skipped where there is no device).
 """
@@ -81,8 +80,8 @@ def _weights(rng, C, F, K, dtype):
 
 
 #: conv2d paths a layer row can force: the ops.py dispatch thresholds set for the call, then restored
-PATHS = {"auto": {}, "im2col": {"DIRECT_CONV_MAX_C": 0, "WINOGRAD_MIN_TILES": 2**62, "IGEMM_MAX_COLUMNS": 0},
-         "winograd": {"WINOGRAD_MIN_TILES": 0, "WINOGRAD_MIN_CHANNELS": 0, "IGEMM_MAX_COLUMNS": 0}}
+PATHS = {"auto": {}, "im2col": {"DIRECT_CONV_MAX_C": 0, "WINOGRAD_MIN_TILES": 2**62},
+         "winograd": {"WINOGRAD_MIN_TILES": 0, "WINOGRAD_MIN_CHANNELS": 0}}
 
 
 def npconv_layer(name, N, dtype, *, path="auto"):
@@ -224,11 +223,10 @@ def measure_all(batches, layer_batches, dtype, warmup, repeat):
         for name in LAYERS:
             macs = conv_macs(N, *LAYERS[name])
             row = {"layer": name, "batch": N, "macs": macs,
-                   "npconv": time_cupy(npconv_layer(name, N, dtype), warmup=warmup, repeat=repeat),
-                   # every layer forced onto im2col: against the direct kernel (conv1), the implicit GEMM (small
-                   # batches) and Winograd (conv3-conv5 at large batches)
-                   "npconv_im2col": time_cupy(npconv_layer(name, N, dtype, path="im2col"), warmup=warmup,
-                                              repeat=repeat)}
+                   "npconv": time_cupy(npconv_layer(name, N, dtype), warmup=warmup, repeat=repeat)}
+            if LAYERS[name][0] <= 4 or winograd_shape(name):
+                row["npconv_im2col"] = time_cupy(npconv_layer(name, N, dtype, path="im2col"), warmup=warmup,
+                                                 repeat=repeat)
             if winograd_shape(name):
                 row["npconv_winograd"] = time_cupy(npconv_layer(name, N, dtype, path="winograd"), warmup=warmup,
                                                    repeat=repeat)

@@ -3,7 +3,7 @@
     python bench/gpu_profile.py probe [--out FILE.json]   # CUDA-event times of the parts and of variants
     ncu --profile-from-start off ... python bench/gpu_profile.py ncu     # one pass of each workload, profiled
     python bench/gpu_profile.py host [--out FILE.json]    # where the host time of eager batch-1 calls goes
-    python bench/gpu_profile.py small [--out FILE.json]   # small batches: implicit GEMM / fused expansion or not
+    python bench/gpu_profile.py small [--out FILE.json]   # small batches: dense vs cuDNN, fused expansion or not
 
 ``probe`` times, on ZF conv2 (96 -> 256, 5x5, stride 2, 55x55) at batch 128 and the CIFAR reference net's conv2:
 the whole npconv conv (im2col + GEMM + scatter, the chunk size that ``ops.WORKSPACE_BYTES`` gives and larger ones),
@@ -16,11 +16,10 @@ batch 128; ``b1``: conv2 and CP K = 8 at batch 1, where the layers' time hardly 
 the whole dense ZF network at batch 1 it measures the time per call when calls are queued back to back (one
 synchronisation at the end) and when each call is synchronised, and profiles the calls with cProfile, splitting the
 host time between npconv's Python, CuPy, NumPy and the rest (``host_split``).
-``small`` sets the small-batch rules (``ops.IGEMM_MAX_COLUMNS``, ``ops_bicluster.EXPAND_TILED_MAX_COLUMNS``): for ZF
-conv2-conv5 at batches 1-32 it times the conv with the implicit GEMM (split as ``ops.igemm_split`` says, and in one
-slice) and without it (im2col or Winograd, as the rules pick), and cuDNN; for the biclustered CP conv2 (K = 8, 12) at
-batches 1-8 the expansion fused (``bic_expand``) and as GEMMs + scatters. Each both as the latency of one call
-(CUDA events around it, after a synchronize) and as the time per call of 50 calls queued back to back.
+``small`` measures small batches, where a call's time is mostly the host's: ZF conv2-conv5 at batches 1-32, npconv
+and cuDNN, and the biclustered CP conv2 (K = 8, 12) at batches 1-8 with its expansion fused (``bic_expand``) and as
+GEMMs + scatters (the rule ``ops_bicluster.EXPAND_TILED_MAX_COLUMNS``). Each as the latency of one call (CUDA events
+around it, after a synchronize) and as the time per call of 50 calls queued back to back.
 """
 from __future__ import annotations
 
@@ -259,20 +258,17 @@ def _queued_ms(fn, sync, calls=50):
 
 
 def probe_small(batches=(1, 2, 4, 8, 16, 32), cp_batches=(1, 2, 4, 8), repeat=30, quick=False):
-    """The small-batch rules measured (see the module docstring): {"<layer>/b<N>/<variant>": {"latency_ms",
-    "queued_ms"}}; variants ``igemm`` (split by igemm_split), ``igemm_1slice``, ``no_igemm`` and ``cudnn``, and for
-    the CP layer ``fused`` and ``gemm``. ``quick``: one small shape and batch (a smoke run)."""
+    """The small-batch measurements (see the module docstring): {"<layer>/b<N>/<variant>": {"latency_ms",
+    "queued_ms"}}; the dense convs as ``npconv`` and ``cudnn``, the CP layer's expansion ``fused`` and ``gemm``.
+    ``quick``: one small shape and batch (a smoke run)."""
     import cupy as cp
 
     from bench.bench_gpu_bicluster import ZF_CONV2, factored_callable
     from npconv.functional import conv2d
-    from npconv.kernels.cuda import ops, ops_bicluster
+    from npconv.kernels.cuda import ops_bicluster
     torch = None if quick else torch_cuda()
     sync = cp.cuda.Device().synchronize
     out = {}
-    variants = {"igemm": {"IGEMM_MAX_COLUMNS": 10**9},
-                "igemm_1slice": {"IGEMM_MAX_COLUMNS": 10**9, "IGEMM_TARGET_BLOCKS": 0},
-                "no_igemm": {"IGEMM_MAX_COLUMNS": 0}}
     convs = {"conv2": QUICK_CONV2} if quick else ZF_CONVS
     batches, cp_batches = ((1,), (1,)) if quick else (batches, cp_batches)
 
@@ -280,34 +276,14 @@ def probe_small(batches=(1, 2, 4, 8, 16, 32), cp_batches=(1, 2, 4, 8), repeat=30
         out[key] = {"latency_ms": latency, "queued_ms": queued}
         print(f"{key:34s} latency {latency:8.4f} ms   queued {queued:8.4f} ms/call", flush=True)
 
-    def patched(owner, settings, fn):
-        saved = {k: getattr(owner, k) for k in settings}
-        def run():
-            for k, v in settings.items():
-                setattr(owner, k, v)
-            try:
-                return fn()
-            finally:
-                for k, v in saved.items():
-                    setattr(owner, k, v)
-        return run
-
     for name, geom in convs.items():
         C, H, F, K, s, p = geom
         for N in batches:
             x, w, b = _conv_inputs(cp, geom, N)
-            base = None
-            for variant, settings in variants.items():
-                fn = patched(ops, settings, lambda: conv2d(x, w, b, stride=s, padding=p))
-                y = fn()
-                if base is None:
-                    base = y
-                else:
-                    err = float(cp.abs(y - base).max())
-                    if err > 1e-3 * max(1.0, float(cp.abs(base).max())):
-                        raise AssertionError(f"{name} b{N} {variant}: differs from igemm by {err}")
-                record(f"{name}/b{N}/{variant}", time_cupy(fn, warmup=3, repeat=repeat)["median_ms"],
-                       _queued_ms(fn, sync))
+
+            def fn():
+                return conv2d(x, w, b, stride=s, padding=p)
+            record(f"{name}/b{N}/npconv", time_cupy(fn, warmup=3, repeat=repeat)["median_ms"], _queued_ms(fn, sync))
             if torch is not None:
                 torch.backends.cudnn.benchmark = True
                 tx, tw, tb = (torch.as_tensor(a, device="cuda") for a in (x, w, b))
@@ -318,14 +294,18 @@ def probe_small(batches=(1, 2, 4, 8, 16, 32), cp_batches=(1, 2, 4, 8), repeat=30
                 record(f"{name}/b{N}/cudnn", time_torch(tfn, warmup=3, repeat=repeat)["median_ms"],
                        _queued_ms(tfn, torch.cuda.synchronize))
             cp.get_default_memory_pool().free_all_blocks()
+    saved = ops_bicluster.EXPAND_TILED_MAX_COLUMNS
     for k in ((4,) if quick else (8, 12)):
         for N in cp_batches:
             opts, geom = ((4, 2, k), QUICK_CONV2) if quick else ((48, 2, k), ZF_CONV2)
             layer = factored_callable("cp", opts, N, geom, np.float32)
             for variant, limit in (("fused", 10**9), ("gemm", 0)):
-                fn = patched(ops_bicluster, {"EXPAND_TILED_MAX_COLUMNS": limit}, layer)
-                record(f"cp{k}/b{N}/{variant}", time_cupy(fn, warmup=3, repeat=repeat)["median_ms"],
-                       _queued_ms(fn, sync))
+                ops_bicluster.EXPAND_TILED_MAX_COLUMNS = limit
+                try:
+                    record(f"cp{k}/b{N}/{variant}", time_cupy(layer, warmup=3, repeat=repeat)["median_ms"],
+                           _queued_ms(layer, sync))
+                finally:
+                    ops_bicluster.EXPAND_TILED_MAX_COLUMNS = saved
             cp.get_default_memory_pool().free_all_blocks()
     return out
 

@@ -32,28 +32,13 @@ CONV_CASES = {
     "direct-7x7s2": ((2, 3, 23, 21), (20, 3, 7, 7), (2, 2), (1, 1, 1, 1), (1, 1), 1),
     "direct-C1-dilated": ((1, 1, 9, 9), (4, 1, 3, 3), (1, 1), (2, 0, 1, 1), (2, 2), 1),
     "zf-conv2-like": ((2, 24, 27, 27), (64, 24, 5, 5), (2, 2), (0, 0, 0, 0), (1, 1), 1),
-    "zf-conv3-batch1": ((1, 256, 13, 13), (384, 256, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1),
 }
-#: the ungrouped convs with more than DIRECT_CONV_MAX_C input channels, which the implicit GEMM can take
-IGEMM_ABLE = ("im2col", "pointwise", "zf-conv2-like", "zf-conv3-batch1")
 
 
-@pytest.mark.parametrize("case,path", [(c, p) for c in sorted(CONV_CASES)
-                                       for p in (("default", "im2col", "igemm", "igemm-split") if c in IGEMM_ABLE
-                                                 else ("default",))])
+@pytest.mark.parametrize("case", sorted(CONV_CASES))
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_conv2d(cp, rng, dtype, contiguous, monkeypatch, case, with_bias, path):
-    """Each case on the path the rules pick; the implicit-GEMM-able ones also forced through im2col (or the
-    pointwise GEMM), the implicit GEMM in one slice, and the implicit GEMM split into slices of 16 rows and up."""
+def test_conv2d(cp, rng, dtype, contiguous, case, with_bias):
     from npconv.kernels.cuda import ops
-    taken = count_calls(monkeypatch, ops, "_conv_igemm")
-    monkeypatch.setattr(ops, "IGEMM_MAX_COLUMNS", 0 if path == "im2col" else
-                        10**6 if path.startswith("igemm") else ops.IGEMM_MAX_COLUMNS)
-    if path == "igemm-split":
-        monkeypatch.setattr(ops, "IGEMM_MIN_KSLICE", 16)
-        monkeypatch.setattr(ops, "IGEMM_TARGET_BLOCKS", 10**6)
-    elif path == "igemm":
-        monkeypatch.setattr(ops, "IGEMM_TARGET_BLOCKS", 0)
     xs, ws, stride, pad, dil, groups = CONV_CASES[case]
     x, w = rng.standard_normal(xs).astype(dtype), rng.standard_normal(ws).astype(dtype)
     b = rng.standard_normal(ws[0]).astype(dtype) if with_bias else None
@@ -64,14 +49,11 @@ def test_conv2d(cp, rng, dtype, contiguous, monkeypatch, case, with_bias, path):
     scale = max(1.0, float(np.sqrt(np.prod(ws[1:]))) / 4)       # long float32 sums: tolerance grows with K
     assert y.dtype == dtype
     np.testing.assert_allclose(cp.asnumpy(y), ref, rtol=rtol * scale, atol=atol * scale)
-    if path != "default":
-        assert len(taken) == (path != "im2col")
 
 
 def test_conv2d_batch_chunks(cp, rng, dtype, monkeypatch):
     from npconv.kernels.cuda import ops
     x, w, b = (rng.standard_normal(s).astype(dtype) for s in [(5, 5, 8, 6), (6, 5, 3, 3), (6,)])
-    monkeypatch.setattr(ops, "IGEMM_MAX_COLUMNS", 0)                                   # the im2col path
     monkeypatch.setattr(ops, "WORKSPACE_BYTES", 2 * (45 + 6) * 48 * dtype.itemsize)   # two images per chunk
     y = ops.conv2d(cp.asarray(x), cp.asarray(w), cp.asarray(b), stride=(1, 1), padding=(1, 1, 1, 1),
                    dilation=(1, 1), groups=1)
@@ -95,7 +77,6 @@ def test_conv2d_winograd(cp, rng, dtype, contiguous, monkeypatch, case, with_bia
     taken = count_calls(monkeypatch, ops, "_conv_winograd")
     monkeypatch.setattr(ops, "WINOGRAD_MIN_CHANNELS", 1)
     monkeypatch.setattr(ops, "WINOGRAD_MIN_TILES", 1)
-    monkeypatch.setattr(ops, "IGEMM_MAX_COLUMNS", 0)
     OH, OW = xs[2] + pad[0] + pad[1] - 2, xs[3] + pad[2] + pad[3] - 2
     tiles = -(-OH // 2) * -(-OW // 2)
     monkeypatch.setattr(ops, "WORKSPACE_BYTES", 2 * 16 * (xs[1] + ws[0]) * tiles * dtype.itemsize)

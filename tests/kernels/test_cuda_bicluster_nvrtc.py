@@ -24,6 +24,9 @@ def test_constants_shared_with_the_source():
     text = ops_bicluster.source_text(np.float32)
     assert int(re.search(r"#define NPCONV_BIC_KC (\d+)", text)[1]) == ops_bicluster.CP_COMPONENTS_PER_BLOCK
     assert int(re.search(r"#define NPCONV_BIC_FT (\d+)", text)[1]) == ops_bicluster.SVD_FILTERS_PER_BLOCK
+    tile = tuple(int(re.search(rf"#define NPC_TG_{d} (\d+)", text)[1]) for d in ("BM", "BN"))
+    assert tile == ops_bicluster.EXPAND_TILE
+    assert int(re.search(r"#define NPC_TG_THREADS (\d+)", text)[1]) == ops_bicluster.EXPAND_THREADS
     for name in ("bic_cp_front", "bic_shared_filter"):          # 2-D tiles of TILE_W x up to max(TILE_ROWS) threads
         assert re.search(rf"NPCONV_KERNEL_LB(_MIN)?\({name}, 256[,)]", text)
     assert ops_bicluster.TILE_W * max(ops_bicluster.TILE_ROWS) <= 256

@@ -98,61 +98,6 @@ def test_conv_scatter(emulated, rng, dtype, cfg, with_bias):
     assert np.isnan(y[:, :F0]).all() and np.isnan(y[:, F0 + FG:]).all()   # other channels untouched
 
 
-def igemm_table(C, H, W, KH, KW, dil):
-    """conv_igemm's row table, by loops over (c, kh, kw): offset from the window origin, then the tap's place."""
-    rows = []
-    for c in range(C):
-        for kh in range(KH):
-            for kw in range(KW):
-                rows += [c * H * W + kh * dil[0] * W + kw * dil[1], kh * dil[0], kw * dil[1]]
-    return np.array(rows, dtype=i32)
-
-
-@pytest.mark.parametrize("order", ["forward", "reverse"])
-@pytest.mark.parametrize("slices", [1, 3])
-@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("case", CONV_CASES)
-@pytest.mark.parametrize("F", [5, 37])
-def test_conv_igemm(emulated, rng, dtype, order, case, F, with_bias, slices):
-    """The implicit-GEMM conv against the einsum conv: 32 x 32 tiles that the filters (5, 37) and the output columns
-    overhang, reduction rows in 16-row steps; with one slice it writes NCHW and the bias, with three its partial
-    products per slice (the last one shorter), which sum to the convolution."""
-    N, C, H, W, KH, KW, stride, pad, dil = case
-    x, w, b = randn(rng, (N, C, H, W), dtype), randn(rng, (F, C, KH, KW), dtype), randn(rng, (F,), dtype)
-    OH, OW = out_len(H, KH, stride[0], pad[0], pad[1], dil[0]), out_len(W, KW, stride[1], pad[2], pad[3], dil[1])
-    K, NP = C * KH * KW, N * OH * OW
-    kslice = -(-K // slices)
-    out = nan_like((N, F, OH, OW) if slices == 1 else (slices, F, NP), dtype)
-    k = emulated.kernel("igemm", "conv_igemm", dtype)
-    k((-(-NP // 32), -(-F // 32), slices), (64,),
-      (x, w, igemm_table(C, H, W, KH, KW, dil), b if with_bias else w, out,
-       *map(i32, (N, C, H, W, F, K, *stride, pad[0], pad[2], OH, OW, kslice, with_bias))), order=order)
-    ref = conv2d_einsum(x, w, b if with_bias and slices == 1 else None, stride=stride, padding=pad, dilation=dil)
-    got = out if slices == 1 else out.sum(axis=0).reshape(F, N, OH, OW).transpose(1, 0, 2, 3)
-    rtol, atol = tolerance(dtype)
-    np.testing.assert_allclose(got, ref, rtol=rtol, atol=atol * np.sqrt(K))
-    if slices > 1:      # each slice is the conv of its rows of the kernel alone
-        w2 = w.reshape(F, K)
-        for z in range(slices):
-            wz = np.zeros_like(w2)
-            wz[:, z * kslice:(z + 1) * kslice] = w2[:, z * kslice:(z + 1) * kslice]
-            ref_z = conv2d_einsum(x, wz.reshape(w.shape), None, stride=stride, padding=pad, dilation=dil)
-            np.testing.assert_allclose(out[z], ref_z.transpose(1, 0, 2, 3).reshape(F, NP), rtol=rtol,
-                                       atol=atol * np.sqrt(K))
-
-
-@pytest.mark.parametrize("with_bias", [True, False])
-def test_conv_splitk_sum(emulated, rng, dtype, cfg, with_bias):
-    S, N, F, P = 3, 2, 5, 7
-    part = randn(rng, (S, F, N * P), dtype)
-    b = randn(rng, (F,), dtype)
-    y = nan_like((N, F, P), dtype)
-    run(emulated.kernel("igemm", "conv_splitk_sum", dtype), y.size,
-        (part, b, y, *map(i32, (S, N, F, P, with_bias))), cfg)
-    ref = (part[0].astype(np.float64) + part[1] + part[2]).reshape(F, N, P).transpose(1, 0, 2)
-    check(y, ref + (b[None, :, None] if with_bias else 0), dtype)
-
-
 @pytest.mark.parametrize("case", CONV_CASES)
 @pytest.mark.parametrize("F", [5, 20])
 def test_conv_direct(emulated, rng, dtype, cfg, case, F):

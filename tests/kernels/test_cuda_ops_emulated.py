@@ -56,8 +56,7 @@ CONV_CASES = {
 
 @pytest.mark.parametrize("case", sorted(CONV_CASES))
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_conv2d_paths(fake_cupy, launched, monkeypatch, rng, dtype, order, case, with_bias):
-    monkeypatch.setattr(ops, "IGEMM_MAX_COLUMNS", 0)     # these small cases would take the implicit GEMM
+def test_conv2d_paths(fake_cupy, launched, rng, dtype, order, case, with_bias):
     xs, ws, stride, pad, dil, groups, kernels = CONV_CASES[case]
     x, w = rng.standard_normal(xs).astype(dtype), rng.standard_normal(ws).astype(dtype)
     b = rng.standard_normal(ws[0]).astype(dtype) if with_bias else None
@@ -73,64 +72,11 @@ def test_conv2d_chunks_the_batch_and_takes_noncontiguous_input(fake_cupy, launch
     w = rng.standard_normal((6, 5, 3, 3)).astype(dtype)
     b = rng.standard_normal(6).astype(dtype)
     K, P = 5 * 9, 6 * 8
-    monkeypatch.setattr(ops, "IGEMM_MAX_COLUMNS", 0)
     monkeypatch.setattr(ops, "WORKSPACE_BYTES", 2 * (K + 6) * P * dtype.itemsize)   # two images per chunk
     y = ops.conv2d(dev(fake_cupy, x), dev(fake_cupy, w), dev(fake_cupy, b), stride=(1, 1), padding=(1, 1, 1, 1),
                    dilation=(1, 1), groups=1)
     check(y, conv2d_einsum(x, w, b, padding=(1, 1, 1, 1)), dtype)
     assert launched.count("im2col") == 3                 # chunks of 2, 2 and 1 images
-
-
-IGEMM_CASES = {
-    # name: (x shape, w shape, stride, padding, dilation, target blocks (ops.IGEMM_TARGET_BLOCKS), slices)
-    "one-slice": ((2, 6, 9, 8), (37, 6, 3, 3), (2, 1), (1, 0, 2, 1), (1, 2), 1, 1),
-    "split": ((1, 7, 8, 9), (20, 7, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 10, 3),   # 63 rows: slices of 32, 31
-    "pointwise": ((1, 40, 5, 4), (33, 40, 1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1, 1),
-    "pointwise-split": ((2, 40, 3, 3), (9, 40, 1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 100, 2),
-}
-
-
-@pytest.mark.parametrize("case", sorted(IGEMM_CASES))
-@pytest.mark.parametrize("with_bias", [True, False])
-def test_conv2d_igemm_path(fake_cupy, launched, monkeypatch, rng, dtype, order, case, with_bias):
-    """Few output columns: the implicit GEMM in one launch, or split over the reduction (then the sum kernel adds
-    the slices and the bias); non-contiguous input; the 1x1 convs too."""
-    xs, ws, stride, pad, dil, target, slices = IGEMM_CASES[case]
-    monkeypatch.setattr(ops, "IGEMM_TARGET_BLOCKS", target)
-    monkeypatch.setattr(ops, "IGEMM_MIN_KSLICE", 16)
-    x = rng.standard_normal((xs[0], xs[1], xs[3], xs[2])).astype(dtype).transpose(0, 1, 3, 2)
-    w = rng.standard_normal(ws).astype(dtype)
-    b = rng.standard_normal(ws[0]).astype(dtype) if with_bias else None
-    y = ops.conv2d(dev(fake_cupy, x), dev(fake_cupy, w), None if b is None else dev(fake_cupy, b),
-                   stride=stride, padding=pad, dilation=dil, groups=1)
-    check(y, conv2d_einsum(x, w, b, stride=stride, padding=pad, dilation=dil), dtype)
-    assert launched == ["conv_igemm"] + (["conv_splitk_sum"] if slices > 1 else [])
-
-
-@pytest.mark.parametrize("columns,F,K,target,min_kslice,want", [
-    (729, 256, 2400, 264, 128, (2, 1200)),       # ZF conv2, batch 1: 23 x 8 = 184 tiles; 264 / 184 -> 2 slices
-    (169, 384, 2304, 264, 128, (4, 576)),        # ZF conv3, batch 1: 6 x 12 = 72 tiles -> 4 slices of 576 rows
-    (169, 256, 3456, 264, 128, (6, 576)),        # ZF conv5: 48 tiles -> 6 slices
-    (169, 384, 200, 264, 128, (1, 200)),         # too few rows to split
-    (4096, 256, 2400, 264, 128, (1, 2400)),      # enough tiles
-    (10, 5, 100, 264, 16, (4, 32)),              # 1 tile: 264 wanted, 100 // 16 = 6 allowed: 17 -> 32 rows, 4
-])
-def test_igemm_split(monkeypatch, columns, F, K, target, min_kslice, want):
-    monkeypatch.setattr(ops, "IGEMM_TARGET_BLOCKS", target)
-    monkeypatch.setattr(ops, "IGEMM_MIN_KSLICE", min_kslice)
-    assert ops.igemm_split(columns, F, K) == want
-
-
-@pytest.mark.parametrize("N,C,F,groups,out_hw,expect", [
-    (1, 96, 256, 1, (27, 27), True),         # ZF conv2 at batch 1: 729 columns
-    (8, 96, 256, 1, (27, 27), False),        # batch 8: 5832 > 4096 columns
-    (1, 3, 96, 1, (110, 110), False),        # the direct kernel's few channels
-    (1, 96, 256, 2, (27, 27), False),        # grouped
-    (0, 96, 256, 1, (27, 27), False),        # nothing to compute
-])
-def test_use_igemm_rule(N, C, F, groups, out_hw, expect):
-    assert ops.IGEMM_MAX_COLUMNS == 4096
-    assert ops.use_igemm(N, C, F, groups, out_hw) is expect
 
 
 WINOGRAD_CASES = {
@@ -149,7 +95,6 @@ def test_conv2d_winograd_path(fake_cupy, launched, monkeypatch, rng, dtype, orde
     xs, ws, pad = WINOGRAD_CASES[case]
     monkeypatch.setattr(ops, "WINOGRAD_MIN_CHANNELS", 1)
     monkeypatch.setattr(ops, "WINOGRAD_MIN_TILES", 1)
-    monkeypatch.setattr(ops, "IGEMM_MAX_COLUMNS", 0)
     OH, OW = xs[2] + pad[0] + pad[1] - 2, xs[3] + pad[2] + pad[3] - 2
     tiles = -(-OH // 2) * -(-OW // 2)
     monkeypatch.setattr(ops, "WORKSPACE_BYTES", 2 * 16 * (xs[1] + ws[0]) * tiles * dtype.itemsize)

@@ -22,7 +22,7 @@ DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def declared_sizes(kinds, dtype):
-    return [{"ptr": 8, "iptr": 8, "i32": 4, "real": np.dtype(dtype).itemsize}[k] for k in kinds]
+    return [{"ptr": 8, "i32": 4, "real": np.dtype(dtype).itemsize}[k] for k in kinds]
 
 
 def cupy_packed_size(arg):
@@ -77,17 +77,11 @@ def test_a_wrong_declaration_is_caught():
 
 
 def test_constants_shared_with_the_sources():
-    """ops.py's block size for the softmax, filters-per-block for the direct kernel and the implicit GEMM's tile
-    equal the #defines."""
+    """ops.py's block size for the softmax and filters-per-block for the direct kernel equal the #defines."""
     import re
     text = loader.source_text("softmax", np.float32) + loader.source_text("conv_direct", np.float32)
     assert int(re.search(r"#define NPCONV_SOFTMAX_THREADS (\d+)", text)[1]) == ops.SOFTMAX_THREADS
     assert int(re.search(r"#define NPCONV_DIRECT_FT (\d+)", text)[1]) == ops.DIRECT_FILTERS_PER_BLOCK
-
-    def define(name):
-        return int(re.search(rf"#define {name} (\d+)", text)[1])
-    assert (define("NPC_TG_BM"), define("NPC_TG_BN")) == ops.IGEMM_TILE
-    assert define("NPC_TG_THREADS") == ops.IGEMM_THREADS and define("NPC_TG_BK") == ops.IGEMM_KSTEP
 
 
 # --- what ops.py really passes -------------------------------------------------------------------------------------
@@ -121,18 +115,13 @@ def _drive_every_op(cp, dtype, rng):
     def a(*shape):
         return cp.asarray(rng.standard_normal(shape).astype(dtype))
     conv = dict(stride=(1, 1), padding=(1, 1, 1, 1), dilation=(1, 1))
-    ops.conv2d(a(2, 6, 6, 6), a(4, 6, 3, 3), a(4), groups=1, **conv)             # implicit GEMM
+    ops.conv2d(a(2, 6, 6, 6), a(4, 6, 3, 3), a(4), groups=1, **conv)             # im2col + scatter
     ops.conv2d(a(2, 3, 6, 6), a(4, 3, 3, 3), None, groups=1, **conv)             # direct
     mp = pytest.MonkeyPatch()
-    mp.setattr(ops, "IGEMM_MAX_COLUMNS", 0)
+    mp.setattr(ops, "WINOGRAD_MIN_CHANNELS", 1)
+    mp.setattr(ops, "WINOGRAD_MIN_TILES", 1)
     try:
-        ops.conv2d(a(2, 6, 6, 6), a(4, 6, 3, 3), a(4), groups=1, **conv)         # im2col + scatter
-        mp.setattr(ops, "WINOGRAD_MIN_CHANNELS", 1)
-        mp.setattr(ops, "WINOGRAD_MIN_TILES", 1)
         ops.conv2d(a(2, 6, 6, 6), a(4, 6, 3, 3), a(4), groups=1, **conv)         # Winograd
-        mp.undo()
-        mp.setattr(ops, "IGEMM_MIN_KSLICE", 16)
-        ops.conv2d(a(1, 6, 6, 6), a(4, 6, 3, 3), a(4), groups=1, **conv)         # implicit GEMM, split
     finally:
         mp.undo()
     ops.conv2d(a(2, 4, 6, 6), a(4, 1, 3, 3), a(4), groups=4, **conv)             # depthwise

@@ -21,7 +21,7 @@
 //  * bic_shared_combine -- shared separable form: component (g, h, k) = sum_j reduce[j, h, k] * Q[j, slot]: Z.
 //  * bic_scatter        -- r (F_h, m*P) to y (m, F, P) at channels out_perm[o0 + f], adding the bias.
 //  * bic_expand         -- for few columns (batch 1): the expansion of every output group and the scatter, fused in
-//                          one launch (tiles of npc_tile_gemm), instead of a cuBLAS GEMM and a bic_scatter a group.
+//                          one launch (tiles of npc_tile_gemm, below), instead of a cuBLAS GEMM and a bic_scatter a group.
 
 #define NPCONV_BIC_KC 4   // components per bic_cp_front block (accumulators held in registers)
 #define NPCONV_BIC_FT 16  // filters per bic_svd_spatial block (accumulators held in registers)
@@ -417,6 +417,68 @@ NPCONV_KERNEL_LB(bic_scatter, 256)(const real_t* __restrict__ r, const int* __re
     real_t v = r[i];
     if (has_bias) v += __ldg(bias + fo);
     y[((size_t)n * F + fo) * P + (rem - n * P)] = v;
+  }
+}
+
+// ---- a small tiled matrix product (bic_expand) ----------------------------------------------------------------
+// A block of NPC_TG_THREADS threads accumulates one NPC_TG_BM x NPC_TG_BN tile of C = A (M x K) B (K x N) over
+// k_begin <= k < k_end. The caller's loaders hand out the operands: la(k) is A[row, k] for the one row of the tile
+// this thread loads (row = tile row threadIdx.x % 32), lb(k) is B[k, col] for its one column (col = tile column
+// threadIdx.x % 32); each returns 0 outside the matrix. Each thread loads 8 elements of each operand per step of
+// NPC_TG_BK (k = k0 + threadIdx.x / 32 + 2 i), the next step's while it multiplies the current one (registers), and
+// owns acc[u][v] = C[tile row 4 ty + u, tile column 4 tx + v], ty = threadIdx.x / 8, tx = threadIdx.x % 8.
+// Every thread of the block must call it with the same k range (it has barriers).
+// Measured on an H100 (docs/gpu_results.md, eleventh session): as the core of an implicit-GEMM dense conv it ran at
+// 3-9 TFLOP/s, far below cuBLAS, so it serves only the small expansion products of bic_expand, where one launch in
+// place of two GEMMs and two scatters is what counts.
+#define NPC_TG_BM 32
+#define NPC_TG_BN 32
+#define NPC_TG_BK 16
+#define NPC_TG_THREADS 64
+
+template <class LoadA, class LoadB>
+__device__ __forceinline__ void npc_tile_gemm(const LoadA& la, const LoadB& lb, int k_begin, int k_end,
+                                              real_t (&acc)[4][4]) {
+  __shared__ __align__(16) real_t As[NPC_TG_BK][NPC_TG_BM];
+  __shared__ __align__(16) real_t Bs[NPC_TG_BK][NPC_TG_BN];
+  const int q = threadIdx.x >> 5, r = threadIdx.x & 31;
+  const int ty = threadIdx.x >> 3, tx = threadIdx.x & 7;
+  real_t ra[8], rb[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const int k = k_begin + q + 2 * i;
+    ra[i] = k < k_end ? la(k) : real_t(0);
+    rb[i] = k < k_end ? lb(k) : real_t(0);
+  }
+  for (int k0 = k_begin; k0 < k_end; k0 += NPC_TG_BK) {
+    __syncthreads();   // the last step's products are done with the tiles
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      As[q + 2 * i][r] = ra[i];
+      Bs[q + 2 * i][r] = rb[i];
+    }
+    __syncthreads();
+    if (k0 + NPC_TG_BK < k_end) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int k = k0 + NPC_TG_BK + q + 2 * i;
+        ra[i] = k < k_end ? la(k) : real_t(0);
+        rb[i] = k < k_end ? lb(k) : real_t(0);
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < NPC_TG_BK; ++kk) {
+      real_t a[4], b[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        a[u] = As[kk][4 * ty + u];
+        b[u] = Bs[kk][4 * tx + u];
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+#pragma unroll
+        for (int v = 0; v < 4; ++v) acc[u][v] += a[u] * b[v];
+    }
   }
 }
 

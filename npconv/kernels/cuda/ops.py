@@ -10,10 +10,6 @@ that table, and the arguments actually passed, with the parameter sizes in the c
 
 Convolution strategy:
   * depthwise (``groups == C > 1``, one input channel per group): a direct kernel (``depthwise.cu``);
-  * few output columns (``groups == 1``, ``N*OH*OW <= IGEMM_MAX_COLUMNS``, see :func:`use_igemm`): an implicit GEMM
-    in one launch (``igemm.cu``: 32 x 32 tiles of filters x output positions, read straight from x, bias added), split
-    over the reduction into a few slices when the tiles alone would leave most multiprocessors idle (then a second
-    kernel adds the slices). This is the batch-1 path: there the layer's time is the host's, per launch;
   * 1x1, stride 1, no padding, ``groups == 1``: a batched GEMM on the input as it is (no packing);
   * few input channels (``C <= DIRECT_CONV_MAX_C``, ``groups == 1``: the first layer): a direct kernel with
     the weights of 16 filters in shared memory (``conv_direct.cu``);
@@ -34,8 +30,7 @@ from ._gemm import matmul as _matmul
 __all__ = [
     "conv2d", "linear", "max_pool2d", "avg_pool2d", "local_response_norm", "relu", "bias_relu", "softmax",
     "normalize", "use_winograd", "LAUNCH_SIGNATURES", "WORKSPACE_BYTES", "DIRECT_CONV_MAX_C",
-    "WINOGRAD_MIN_CHANNELS", "WINOGRAD_MIN_TILES", "im2col_grid", "use_igemm", "igemm_split", "IGEMM_MAX_COLUMNS",
-    "IGEMM_TARGET_BLOCKS", "IGEMM_MIN_KSLICE",
+    "WINOGRAD_MIN_CHANNELS", "WINOGRAD_MIN_TILES", "im2col_grid",
 ]
 
 #: upper bound of the im2col workspace (column matrix + GEMM result of one chunk), in bytes
@@ -48,17 +43,6 @@ DIRECT_CONV_MAX_C = 4
 #: at batch 8 (392 tiles), 1.4-1.6x faster at batch 32 (1568 tiles) and 2.0-2.5x at batch 128, slower at batch 1.
 WINOGRAD_MIN_CHANNELS = 16
 WINOGRAD_MIN_TILES = 1024
-#: ungrouped convolutions with at most this many output columns (N*OH*OW, the whole batch) take the implicit GEMM
-#: (``igemm.cu``), which makes one launch where im2col makes three or four
-IGEMM_MAX_COLUMNS = 4096
-#: the implicit GEMM splits its reduction into slices until its grid has about this many blocks ...
-IGEMM_TARGET_BLOCKS = 264
-#: ... with at least this many reduction rows a slice (each step of a block covers 16)
-IGEMM_MIN_KSLICE = 128
-#: the tile of the implicit GEMM (NPC_TG_BM x NPC_TG_BN in _prelude.cu) and its threads (NPC_TG_THREADS)
-IGEMM_TILE = (32, 32)
-IGEMM_THREADS = 64
-IGEMM_KSTEP = 16
 #: filters per block of the direct kernel (NPCONV_DIRECT_FT in conv_direct.cu)
 DIRECT_FILTERS_PER_BLOCK = 16
 #: threads per block of the softmax kernel (NPCONV_SOFTMAX_THREADS in softmax.cu)
@@ -86,10 +70,6 @@ LAUNCH_SIGNATURES: dict[str, tuple[str, tuple[str, ...]]] = {
     "wino_input": ("winograd", (PTR, PTR) + (I32,) * 8),
     # m, bias, y, NB, F, OH, OW, TH, TW, has_bias
     "wino_output": ("winograd", (PTR, PTR, PTR) + (I32,) * 7),
-    # x, w, ktab, bias, out, N, C, H, W, F, K, SH, SW, PT, PL, OH, OW, kslice, has_bias
-    "conv_igemm": ("igemm", (PTR, PTR, IPTR, PTR, PTR) + (I32,) * 14),
-    # part, bias, y, S, N, F, P, has_bias
-    "conv_splitk_sum": ("igemm", (PTR, PTR, PTR) + (I32,) * 5),
     # x, w, bias, y, N, C, H, W, F, KH, KW, SH, SW, PT, PL, DH, DW, OH, OW, has_bias
     "conv_direct": ("conv_direct", (PTR,) * 4 + (I32,) * 16),
     # x, w, bias, y, N, C, H, W, M, KH, KW, SH, SW, PT, PL, DH, DW, OH, OW, has_bias
@@ -219,12 +199,6 @@ def conv2d(x, w, b, *, stride, padding, dilation, groups):
     has_bias = b is not None
     bias = b if has_bias else w          # a dummy pointer of the right dtype when there is no bias
 
-    if use_igemm(N, C, F, groups, (OH, OW)):
-        y = cp.empty((N, F, OH, OW), dtype=dt)
-        if y.size:
-            _conv_igemm(cp, x, w, b, y, (KH, KW, sh, sw, pt, pl, dh, dw))
-        return y
-
     if groups == 1 and KH == KW == 1 and sh == sw == 1 and not any((pt, pb, pl, pr)):
         y = _matmul(w.reshape(F, C), x.reshape(N, C, H * W)).reshape(N, F, H, W)
         y = cp.ascontiguousarray(y)
@@ -256,57 +230,6 @@ def conv2d(x, w, b, *, stride, padding, dilation, groups):
         return y
     _conv_im2col(cp, x, w, b, y, groups, geometry)
     return y
-
-
-def use_igemm(N, C, F, groups, out_hw):
-    """Whether ``conv2d`` takes the implicit GEMM (``igemm.cu``) for these shapes: ungrouped, more input channels
-    than the direct kernel takes, and at most :data:`IGEMM_MAX_COLUMNS` output positions over the whole batch."""
-    return groups == 1 and C > DIRECT_CONV_MAX_C and F > 0 and 0 < N * out_hw[0] * out_hw[1] <= IGEMM_MAX_COLUMNS
-
-
-def igemm_split(columns, F, K):
-    """(slices, rows a slice) of an implicit-GEMM launch: one slice when the 32 x 32 tiles of the F x ``columns``
-    output already give :data:`IGEMM_TARGET_BLOCKS` blocks, else as many as bring the grid there, each of at least
-    :data:`IGEMM_MIN_KSLICE` of the K reduction rows (a multiple of the 16-row step)."""
-    tiles = -(-columns // IGEMM_TILE[1]) * -(-F // IGEMM_TILE[0])
-    want = -(-IGEMM_TARGET_BLOCKS // tiles) if tiles < IGEMM_TARGET_BLOCKS else 1
-    slices = max(1, min(want, K // max(1, IGEMM_MIN_KSLICE), _MAX_GRID_Y))
-    rows = -(-K // slices)
-    kslice = min(K, -(-rows // IGEMM_KSTEP) * IGEMM_KSTEP)
-    return -(-K // kslice), kslice
-
-
-def _igemm_table(cp, C, H, W, KH, KW, dh, dw):
-    """The device int32 table of conv_igemm's reduction rows (see igemm.cu), made once per geometry."""
-    def build():
-        c, kh, kw = np.meshgrid(np.arange(C), np.arange(KH), np.arange(KW), indexing="ij")
-        tab = np.stack([c * (H * W) + kh * dh * W + kw * dw, kh * dh, kw * dw], axis=-1)
-        return cp.asarray(np.ascontiguousarray(tab.reshape(-1), dtype=np.int32))
-    return on_device(cp, ("igemm_ktab", C, H, W, KH, KW, dh, dw), build)
-
-
-def _conv_igemm(cp, x, w, b, y, geometry):
-    """The implicit GEMM (``igemm.cu``) of an ungrouped conv into ``y``: one launch, or two when split."""
-    KH, KW, sh, sw, pt, pl, dh, dw = geometry
-    dt = x.dtype
-    N, C, H, W = (int(v) for v in x.shape)
-    F = int(w.shape[0])
-    OH, OW = (int(v) for v in y.shape[2:])
-    K, NP = C * KH * KW, N * OH * OW
-    _check_index_range(max(x.size, w.size, y.size), "the convolution's arrays")
-    slices, kslice = igemm_split(NP, F, K)
-    has_bias = b is not None
-    bias = b if has_bias else w
-    tab = _igemm_table(cp, C, H, W, KH, KW, dh, dw)
-    grid = (-(-NP // IGEMM_TILE[1]), -(-F // IGEMM_TILE[0]), slices)
-    if grid[1] > _MAX_GRID_Y or grid[0] >= 2**31:
-        raise ValueError(f"the implicit-GEMM grid {grid} is too large")
-    out = y if slices == 1 else cp.empty((slices, F, NP), dtype=dt)
-    _launch("conv_igemm", dt, grid, (IGEMM_THREADS,),
-            (x, w, tab, bias, out, N, C, H, W, F, K, sh, sw, pt, pl, OH, OW, kslice, has_bias))
-    if slices > 1:
-        _check_index_range(slices * F * NP, "the implicit GEMM's slices")
-        _launch_1d("conv_splitk_sum", dt, y.size, (out, bias, y, slices, N, F, OH * OW, has_bias))
 
 
 def use_winograd(N, C, F, groups, kernel, stride, dilation, out_hw):

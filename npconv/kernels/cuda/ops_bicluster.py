@@ -56,7 +56,8 @@ __all__ = [
     "bicluster_cp_conv2d", "bicluster_svd_conv2d", "shared_separable_conv2d", "LAUNCH_SIGNATURES", "SOURCE",
     "source_text", "get_kernel", "clear_cache", "cp_tiling", "shared_tiling", "svd_chunk", "shared_launch_plan",
     "CP_COMPONENTS_PER_BLOCK", "SVD_FILTERS_PER_BLOCK", "TILE_W", "TILE_ROWS", "CP_SMEM_BUDGET",
-    "SHARED_SMEM_BUDGET", "SVD_SMEM_BUDGET", "WORKSPACE_BYTES", "EXPAND_TILED_MAX_COLUMNS",
+    "SHARED_SMEM_BUDGET", "SVD_SMEM_BUDGET", "WORKSPACE_BYTES", "EXPAND_TILED_MAX_COLUMNS", "EXPAND_TILE",
+    "EXPAND_THREADS",
 ]
 
 #: the kernel source of this module (a file of npconv.kernels.cuda)
@@ -75,8 +76,12 @@ SHARED_SMEM_BUDGET = 24 * 1024
 #: shared memory a bic_svd_spatial block may use for one chunk of K1 channels' weights, bytes
 SVD_SMEM_BUDGET = 16 * 1024
 #: the expansion takes one fused launch (bic_expand) for at most this many columns (images x output positions), a
-#: cuBLAS GEMM and a scatter a group above
+#: cuBLAS GEMM and a scatter a group above. Measured on an H100 (docs/gpu_results.md), ZF conv2 CP K = 8 and 12 (729
+#: positions an image): fused 1.2-1.8x faster per call at batches 1-4, slower at batch 8.
 EXPAND_TILED_MAX_COLUMNS = 4096
+#: bic_expand's tile (rows x columns, NPC_TG_BM x NPC_TG_BN in _bicluster.cu) and threads a block (NPC_TG_THREADS)
+EXPAND_TILE = (32, 32)
+EXPAND_THREADS = 64
 #: bound on the intermediates of one chunk of images (Z, the GEMM result, and the form's own buffers), bytes
 WORKSPACE_BYTES = 256 * 2**20
 
@@ -256,9 +261,9 @@ def _expand_scatter(cp, z, expand, d_out_perm, out_off, bias, y, m, P):
     NH = out_off.shape[0] - 1
     if m * P <= EXPAND_TILED_MAX_COLUMNS:
         Fh = int(np.diff(out_off).max())
-        grid = (-(-(m * P) // ops.IGEMM_TILE[1]), -(-Fh // ops.IGEMM_TILE[0]), NH)
+        grid = (-(-(m * P) // EXPAND_TILE[1]), -(-Fh // EXPAND_TILE[0]), NH)
         if grid[1] <= _MAX_GRID_YZ and grid[2] <= _MAX_GRID_YZ:
-            _launch("bic_expand", dt, grid, (ops.IGEMM_THREADS,),
+            _launch("bic_expand", dt, grid, (EXPAND_THREADS,),
                     (z, expand, _ints(cp, out_off), d_out_perm, b, y, m, P, F, G * K, has_bias))
             return
     for h in range(NH):
