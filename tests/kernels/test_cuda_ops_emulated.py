@@ -234,3 +234,29 @@ def test_index_range_is_checked(fake_cupy):
     big = ops._INDEX_LIMIT + 1
     with pytest.raises(ValueError, match="32-bit ints"):
         ops._launch_1d("relu", np.dtype(np.float32), big, (x, x, 1))
+
+
+def test_get_kernel_is_memoized_per_device(fake_cupy, monkeypatch):
+    """loader.get_kernel asks the module for a kernel once per (device, source, name, dtype); another device, or a
+    cleared cache, asks again."""
+    asked = []
+    real = loader.get_module
+
+    class Counting:
+        def __init__(self, mod):
+            self.mod = mod
+
+        def get_function(self, name):
+            asked.append(name)
+            return self.mod.get_function(name)
+    monkeypatch.setattr(loader, "get_module", lambda source, dtype: Counting(real(source, dtype)))
+    loader.clear_cache()
+    k = loader.get_kernel("elementwise", "relu", np.float32)
+    assert loader.get_kernel("elementwise", "relu", np.float32) is k and asked == ["npconv_relu_f32"]
+    loader.get_kernel("elementwise", "relu", np.float64)
+    monkeypatch.setattr(fake_cupy.cuda.Device, "id", 1)
+    loader.get_kernel("elementwise", "relu", np.float32)
+    assert asked == ["npconv_relu_f32", "npconv_relu_f64", "npconv_relu_f32"]
+    loader.clear_cache()
+    loader.get_kernel("elementwise", "relu", np.float32)
+    assert len(asked) == 4

@@ -20,8 +20,8 @@
 //                          uses (vertical then horizontal pass), once: Q rows.
 //  * bic_shared_combine -- shared separable form: component (g, h, k) = sum_j reduce[j, h, k] * Q[j, slot]: Z.
 //  * bic_scatter        -- r (F_h, m*P) to y (m, F, P) at channels out_perm[o0 + f], adding the bias.
-//  * bic_expand         -- for few columns (batch 1): the expansion of every output group and the scatter, fused in
-//                          one launch (tiles of npc_tile_gemm, below), instead of a cuBLAS GEMM and a bic_scatter a group.
+//  * bic_expand         -- for few columns (batch 1): the expansion of every output group and the scatter, fused
+//                          in one launch (tiles of npc_tile_gemm, below), instead of a GEMM and a bic_scatter a group.
 
 #define NPCONV_BIC_KC 4   // components per bic_cp_front block (accumulators held in registers)
 #define NPCONV_BIC_FT 16  // filters per bic_svd_spatial block (accumulators held in registers)

@@ -9,7 +9,8 @@ arrays. The output dtype is the input dtype (float32 or float64). The factor lay
 Every form ends the same way. The front end writes ``Z`` (NH, G*K, m*P) for a chunk of m images (P = OH*OW):
 row ``(h*G + g)*K + k`` holds component k of block (g, h). The expansion of output group h is then one cuBLAS GEMM,
 ``expand_h (F_h, G*K) @ Z_h (G*K, m*P)``, and ``bic_scatter`` writes its rows to the output channels
-``out_perm[out_off[h]:out_off[h+1]]`` of NCHW, adding the bias. How each form builds Z:
+``out_perm[out_off[h]:out_off[h+1]]`` of NCHW, adding the bias; for at most :data:`EXPAND_TILED_MAX_COLUMNS` columns
+``bic_expand`` does every group's product, the scatter and the bias in one launch. How each form builds Z:
 
   * CP (:func:`bicluster_cp_conv2d`): one fused kernel, ``bic_cp_front``. A block takes one image, one input group,
     :data:`CP_COMPONENTS_PER_BLOCK` components (h, k) and a tile of output pixels. It reduces the group's channels
@@ -29,7 +30,8 @@ When a tile does not fit its shared-memory budget even with one row of outputs (
 dimension would pass 65535, a form falls back to the composition of generic ops (the functions ``_cp_composed``,
 ``_svd_composed``, ``_shared_composed`` of :mod:`npconv.functional.bicluster`: grouped 1x1 and depthwise convs through
 :func:`npconv.kernels.cuda.ops.conv2d`). The batch is processed in chunks of images whose intermediates fit
-:data:`WORKSPACE_BYTES`. None of the budgets and tile shapes here has been measured on a GPU (docs/gpu_bicluster.md).
+:data:`WORKSPACE_BYTES`. The budgets and tile shapes here were not tuned on a GPU; the expansion rule was measured
+(docs/gpu_results.md).
 
 Small host arrays go to the device on every call: the offsets, and for the shared form its filter lists (computed on
 the host from ``assign``, memoised by content). A device ``assign`` is copied to the host for that (a
@@ -77,7 +79,8 @@ SHARED_SMEM_BUDGET = 24 * 1024
 SVD_SMEM_BUDGET = 16 * 1024
 #: the expansion takes one fused launch (bic_expand) for at most this many columns (images x output positions), a
 #: cuBLAS GEMM and a scatter a group above. Measured on an H100 (docs/gpu_results.md), ZF conv2 CP K = 8 and 12 (729
-#: positions an image): fused 1.2-1.8x faster per call at batches 1-4, slower at batch 8.
+#: positions an image): fused, a call is 1.3-1.9x faster queued at batches 1-4 (a single call's latency 1.3-1.5x at
+#: batches 1-2, level at 4), and slower at batch 8.
 EXPAND_TILED_MAX_COLUMNS = 4096
 #: bic_expand's tile (rows x columns, NPC_TG_BM x NPC_TG_BN in _bicluster.cu) and threads a block (NPC_TG_THREADS)
 EXPAND_TILE = (32, 32)
