@@ -5,8 +5,10 @@
     python bench/bench_gpu.py --dtype float64 --out out/bench/gpu_f64.json
 
 Times are CUDA-event times (the device is synchronised, then events are recorded around each call), median of
-``--repeat`` runs after warm-up. The first conv layer is also timed with its direct kernel switched off
-(im2col + cuBLAS), so the dispatch rule in ``npconv/kernels/cuda/ops.py`` can be checked against measurement.
+``--repeat`` runs after warm-up; the cases of a row (npconv on each path, PyTorch) are timed in alternation
+(``time_interleaved``), so that a slow phase of the machine does not land on one of them only. The first conv layer
+is also timed with its direct kernel switched off (im2col + cuBLAS), and the 3x3 layers on im2col and on Winograd,
+so the dispatch rules in ``npconv/kernels/cuda/ops.py`` can be checked against measurement.
 Without a CUDA device it prints why and exits with status 0. It also provides ``rows(quick)`` for
 ``bench/run_all.py`` (GPU rows, skipped where there is no device).
 """
@@ -171,39 +173,87 @@ def torch_stack(N, dtype):
 
 # --- timing with CUDA events ---------------------------------------------------------------------------------------
 
-def time_cupy(fn, *, warmup, repeat):
-    """Median and min milliseconds of ``fn()`` between two CUDA events, after a device synchronize."""
+def event_timer(kind="cupy"):
+    """``once(fn)``: the milliseconds of one call of ``fn`` between two CUDA events, recorded after a device
+    synchronize (``kind``: ``"cupy"`` events, or ``"torch"`` for PyTorch's)."""
+    if kind == "torch":
+        torch = torch_cuda()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+        def once(fn):
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        return once
+    if kind != "cupy":
+        raise ValueError(f"kind must be 'cupy' or 'torch', got {kind!r}")
     import cupy as cp
-    for _ in range(warmup):
-        fn()
-    cp.cuda.Device().synchronize()
     start, end = cp.cuda.Event(), cp.cuda.Event()
-    times = []
-    for _ in range(repeat):
+
+    def once(fn):
         cp.cuda.Device().synchronize()
         start.record()
         fn()
         end.record()
         end.synchronize()
-        times.append(cp.cuda.get_elapsed_time(start, end))
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "n": repeat}
+        return cp.cuda.get_elapsed_time(start, end)
+    return once
+
+
+def _summary(times):
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "n": len(times)}
+
+
+def time_cupy(fn, *, warmup, repeat):
+    """Median and min milliseconds of ``fn()`` between two CUDA events, after a device synchronize."""
+    once = event_timer("cupy")
+    for _ in range(warmup):
+        fn()
+    return _summary([once(fn) for _ in range(repeat)])
 
 
 def time_torch(fn, *, warmup, repeat):
-    torch = torch_cuda()
+    once = event_timer("torch")
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(repeat):
-        torch.cuda.synchronize()
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "n": repeat}
+    return _summary([once(fn) for _ in range(repeat)])
+
+
+def time_interleaved(cases, *, warmup, repeat, block=2, timers=None):
+    """Time several callables in alternation, so that a slow phase of the machine falls on all of them alike.
+
+    ``cases``: {name: (fn, kind)} with kind ``"cupy"`` or ``"torch"`` (which events time it). After ``warmup`` calls
+    of each, rounds follow until every case has ``repeat`` times: in a round each case in turn makes one untimed call
+    (its caches warm again after the others') and ``block`` timed ones. Returns ({name: {"median_ms", "min_ms",
+    "n"}}, {name: [the median of each round]}); :func:`paired_speedup` makes a ratio of two cases from the rounds.
+    ``timers`` ({kind: once}) replaces :func:`event_timer` (for tests)."""
+    if repeat < 1 or block < 1:
+        raise ValueError(f"repeat and block must be >= 1, got {repeat} and {block}")
+    timers = dict(timers or {})
+    for _fn, kind in cases.values():
+        if kind not in timers:
+            timers[kind] = event_timer(kind)
+    for fn, _kind in cases.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in cases}
+    rounds = {name: [] for name in cases}
+    while min(len(t) for t in times.values()) < repeat:
+        for name, (fn, kind) in cases.items():
+            fn()
+            got = [timers[kind](fn) for _ in range(block)]
+            times[name] += got
+            rounds[name].append(statistics.median(got))
+    return {name: _summary(t) for name, t in times.items()}, rounds
+
+
+def paired_speedup(rounds, base, case):
+    """The median over the rounds of ``base``'s time / ``case``'s time in the same round (:func:`time_interleaved`):
+    a change of the machine's speed between rounds cancels, where the ratio of the two medians would keep it."""
+    return statistics.median(b / c for b, c in zip(rounds[base], rounds[case]))
 
 
 # --- the standalone run --------------------------------------------------------------------------------------------
@@ -214,25 +264,27 @@ def measure_all(batches, layer_batches, dtype, warmup, repeat):
         torch.backends.cudnn.benchmark = True      # cuDNN picks its fastest algorithm per shape
     results = {"stack": [], "layers": []}
     for N in batches:
-        row = {"batch": N, "npconv": time_cupy(npconv_stack(N, dtype), warmup=warmup, repeat=repeat)}
+        cases = {"npconv": (npconv_stack(N, dtype), "cupy")}
         if torch is not None:
-            row["torch"] = time_torch(torch_stack(N, dtype), warmup=warmup, repeat=repeat)
-        results["stack"].append(row)
+            cases["torch"] = (torch_stack(N, dtype), "torch")
+        timed, _ = time_interleaved(cases, warmup=warmup, repeat=repeat)
+        results["stack"].append({"batch": N, **timed})
+        del cases
         free_gpu_memory()
     for N in layer_batches:
         for name in LAYERS:
-            macs = conv_macs(N, *LAYERS[name])
-            row = {"layer": name, "batch": N, "macs": macs,
-                   "npconv": time_cupy(npconv_layer(name, N, dtype), warmup=warmup, repeat=repeat)}
+            # conv1 and the 3x3 layers also forced onto im2col (against the direct kernel, Winograd); all of a row's
+            # cases timed in alternation
+            cases = {"npconv": (npconv_layer(name, N, dtype), "cupy")}
             if LAYERS[name][0] <= 4 or winograd_shape(name):
-                row["npconv_im2col"] = time_cupy(npconv_layer(name, N, dtype, path="im2col"), warmup=warmup,
-                                                 repeat=repeat)
+                cases["npconv_im2col"] = (npconv_layer(name, N, dtype, path="im2col"), "cupy")
             if winograd_shape(name):
-                row["npconv_winograd"] = time_cupy(npconv_layer(name, N, dtype, path="winograd"), warmup=warmup,
-                                                   repeat=repeat)
+                cases["npconv_winograd"] = (npconv_layer(name, N, dtype, path="winograd"), "cupy")
             if torch is not None:
-                row["torch"] = time_torch(torch_layer(name, N, dtype), warmup=warmup, repeat=repeat)
-            results["layers"].append(row)
+                cases["torch"] = (torch_layer(name, N, dtype), "torch")
+            timed, _ = time_interleaved(cases, warmup=warmup, repeat=repeat)
+            results["layers"].append({"layer": name, "batch": N, "macs": conv_macs(N, *LAYERS[name]), **timed})
+            del cases
             free_gpu_memory()
     return results
 
@@ -258,6 +310,39 @@ def factored_bench_args(doc, out_name, argv=None):
     args = ap.parse_args(argv)
     args.repeat = args.repeat or (5 if args.quick else 20)
     return args
+
+
+def measure_against_dense(cases, keys, *, warmup, repeat, with_torch=False):
+    """The rows of a factored-layer bench (``bench_gpu_lowrank``, ``bench_gpu_bicluster``). ``cases``: dicts with
+    ``name``, ``baseline`` (None for a dense case, else the name of the dense case of its batch, which comes first),
+    ``setup`` and optionally ``torch_setup`` (a callable or None: the same layer in PyTorch). A dense case is timed
+    alone (with its PyTorch twin); a factored case in alternation with its dense case (and its PyTorch twin), and its
+    ``speedup`` is :func:`paired_speedup` of the rounds. Each row has ``keys`` copied from its case, ``time``, and
+    ``dense_time``/``speedup``/``torch_time`` where they apply."""
+    torch = torch_cuda() if with_torch else None
+    results, dense = [], {}
+    for c in cases:
+        row = {k: c[k] for k in keys}
+        timed_cases = {"case": (c["setup"](), "cupy")}
+        if c["baseline"] is not None:
+            timed_cases["dense"] = (dense[c["baseline"]], "cupy")
+        tfn = c["torch_setup"]() if torch is not None and c.get("torch_setup") is not None else None
+        if tfn is not None:
+            timed_cases["torch"] = (tfn, "torch")
+        timed, rounds = time_interleaved(timed_cases, warmup=warmup, repeat=repeat)
+        row["time"] = timed["case"]
+        if c["baseline"] is None:
+            dense.clear()                            # the last batch's dense layer is done with
+            dense[c["name"]] = timed_cases["case"][0]
+        else:
+            row["dense_time"] = timed["dense"]
+            row["speedup"] = paired_speedup(rounds, "dense", "case")
+        if "torch" in timed:
+            row["torch_time"] = timed["torch"]
+        results.append(row)
+        del timed_cases, tfn
+        free_gpu_memory()
+    return results
 
 
 def gpu_guarded(setup):

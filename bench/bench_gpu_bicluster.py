@@ -8,9 +8,10 @@ against PyTorch (cuDNN) running the same layers composed of standard convs, when
 Cases: biclustered CP with G = 48, H = 2 and K = 6, 8, 12; biclustered SVD with G = H = 2 and ranks (19, 51); shared
 separable filters with G = 48, H = 2, K = 6, S = 4 (npconv only: bench/torch_factored.py has no PyTorch form of it).
 Timing depends only on the shapes, so the factors are random (with random groups of equal size). Each layer is built
-on the host, moved with ``to_gpu()`` and timed on the same input as the dense conv. Times are CUDA-event times after
-a device synchronize (``bench_gpu.time_cupy`` / ``time_torch``), medians of ``--repeat`` runs after warm-up. The table
-gives the measured speed-up over npconv's dense conv, the theoretical gain (``npconv.decompose.cost``, paper and exact
+on the host, moved with ``to_gpu()`` and timed on the same input as the dense conv, in alternation with it (and with
+its PyTorch twin: ``bench_gpu.measure_against_dense``). Times are CUDA-event times after a device synchronize, medians
+of ``--repeat`` runs after warm-up; the speed-up is the median of the rounds' ratios. The table gives the measured
+speed-up over npconv's dense conv, the theoretical gain (``npconv.decompose.cost``, paper and exact
 forms) and their ratio, and the PyTorch times: dense ``conv2d`` and the composed factored layer
 (``bench/torch_factored.py``), with ``cudnn.benchmark`` on. Without a CUDA device it prints why and exits with status
 0. ``rows(quick)`` gives the npconv cases to ``bench/run_all.py`` as GPU rows (skipped where there is no device), each
@@ -28,8 +29,8 @@ if str(_ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from bench.bench_gpu import (_fmt, factored_bench_args, free_gpu_memory, gpu_guarded, gpu_missing,  # noqa: E402
-                             time_cupy, time_torch, torch_cuda)
+from bench.bench_gpu import (_fmt, factored_bench_args, gpu_guarded, gpu_missing,  # noqa: E402
+                             measure_against_dense, torch_cuda)
 
 #: layer geometry: (C, H=W, F, kernel, stride, padding)
 ZF_CONV2 = (96, 55, 256, 5, 2, 0)
@@ -202,23 +203,8 @@ def measure_all(quick, dtype, warmup, repeat):
     torch = torch_cuda()
     if torch is not None:
         torch.backends.cudnn.benchmark = True      # cuDNN picks its fastest algorithm per shape
-    results, base = [], {}
-    for c in cases(quick, dtype):
-        t = time_cupy(c["setup"](), warmup=warmup, repeat=repeat)
-        free_gpu_memory()
-        row = {k: c[k] for k in ("name", "batch", "kind", "config", "macs", "gain", "gain_paper")}
-        row["time"] = t
-        if c["baseline"] is None:
-            base[c["name"]] = t["median_ms"]
-        else:
-            row["speedup"] = base[c["baseline"]] / t["median_ms"]
-        if torch is not None:
-            fn = c["torch_setup"]()
-            if fn is not None:
-                row["torch_time"] = time_torch(fn, warmup=warmup, repeat=repeat)
-                free_gpu_memory()
-        results.append(row)
-    return results
+    return measure_against_dense(cases(quick, dtype), ("name", "batch", "kind", "config", "macs", "gain", "gain_paper"),
+                                 warmup=warmup, repeat=repeat, with_torch=True)
 
 
 def format_table(results):

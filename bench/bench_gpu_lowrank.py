@@ -6,9 +6,10 @@
 
 Cases: monochromatic (C' = 4 .. 24 colours), low-rank conv (rank 8, 16) and separable (rank 4, 8), the same as
 ``bench/bench_lowrank.py`` (CPU). Each factored layer is built on the host from a decomposition of one random
-weight, moved with ``to_gpu()``, and timed on the same input as the dense conv. Times are CUDA-event times after a
-device synchronize (``bench_gpu.time_cupy``), medians of ``--repeat`` runs after warm-up. The table gives the
-measured speed-up over the dense conv, the theoretical gain (executed multiply-adds, ``npconv.decompose.cost``)
+weight, moved with ``to_gpu()``, and timed on the same input as the dense conv, in alternation with it
+(``bench_gpu.measure_against_dense``). Times are CUDA-event times after a device synchronize, medians of ``--repeat``
+runs after warm-up; the speed-up is the median of the rounds' ratios. The table gives the measured speed-up over the
+dense conv, the theoretical gain (executed multiply-adds, ``npconv.decompose.cost``)
 and their ratio. Without a CUDA device it prints why and exits with status 0. ``rows(quick)`` gives the same cases
 to ``bench/run_all.py`` as GPU rows (skipped where there is no device), each with the dense row of its batch as
 ``baseline``.
@@ -25,8 +26,7 @@ if str(_ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from bench.bench_gpu import (factored_bench_args, free_gpu_memory, gpu_guarded, gpu_missing,  # noqa: E402
-                             time_cupy)
+from bench.bench_gpu import factored_bench_args, gpu_guarded, gpu_missing, measure_against_dense  # noqa: E402
 from bench.bench_lowrank import (LOWRANK_RANKS, MONO_COLORS, SEPARABLE_RANKS, TINY, ZF_CONV1,  # noqa: E402
                                  _costs, _factored_layer, _weights)
 
@@ -103,18 +103,8 @@ def rows(quick=False):
 
 
 def measure_all(quick, dtype, warmup, repeat):
-    results, base = [], {}
-    for c in cases(quick, dtype):
-        t = time_cupy(c["setup"](), warmup=warmup, repeat=repeat)
-        free_gpu_memory()
-        row = {k: c[k] for k in ("name", "batch", "method", "size", "macs", "gain", "gain_paper")}
-        row["time"] = t
-        if c["baseline"] is None:
-            base[c["name"]] = t["median_ms"]
-        else:
-            row["speedup"] = base[c["baseline"]] / t["median_ms"]
-        results.append(row)
-    return results
+    return measure_against_dense(cases(quick, dtype), ("name", "batch", "method", "size", "macs", "gain", "gain_paper"),
+                                 warmup=warmup, repeat=repeat)
 
 
 def format_table(results):
