@@ -60,23 +60,28 @@ def test_host_split_places_the_time_by_package():
     assert sum(split.values()) == pytest.approx(st.total_tt, rel=1e-9)
 
 
-@pytest.mark.cpuemu
-@pytest.mark.skipif(not HAS_CXX, reason="no C++ compiler for the CUDA C emulator")
-def test_host_quick_run_on_the_emulated_cupy(monkeypatch, tmp_path, capsys):
-    """The host probe's code path, on the CPU-emulated cupy with small shapes: it writes one record per workload
-    with finite times and a host split (no timing is asserted: the emulator says nothing about a GPU)."""
+def quick_run_on_the_emulated_cupy(what, monkeypatch, tmp_path):
+    """``gpu_profile.py <what> --quick`` on the CPU-emulated cupy; its JSON report."""
     import json
 
     from bench import gpu_profile
     from npconv.kernels.cuda import loader
     install_as_cupy(monkeypatch)
     monkeypatch.setattr(gpu_profile, "gpu_missing", lambda: None)
-    out = tmp_path / "host.json"
+    out = tmp_path / f"{what}.json"
     try:
-        assert gpu_profile.main(["host", "--quick", "--out", str(out)]) == 0
+        assert gpu_profile.main([what, "--quick", "--out", str(out)]) == 0
     finally:
         loader.clear_cache()
-    rep = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+@pytest.mark.cpuemu
+@pytest.mark.skipif(not HAS_CXX, reason="no C++ compiler for the CUDA C emulator")
+def test_host_quick_run_on_the_emulated_cupy(monkeypatch, tmp_path, capsys):
+    """The host probe's code path, on the CPU-emulated cupy with small shapes: it writes one record per workload
+    with finite times and a host split (no timing is asserted: the emulator says nothing about a GPU)."""
+    rep = quick_run_on_the_emulated_cupy("host", monkeypatch, tmp_path)
     assert set(rep) == {"conv2", "cp2", "zf_dense_net"}
     for row in rep.values():
         assert row["ms_per_call_queued"] > 0 and row["ms_per_call_synced"] > 0
@@ -89,19 +94,9 @@ def test_host_quick_run_on_the_emulated_cupy(monkeypatch, tmp_path, capsys):
 def test_small_quick_run_on_the_emulated_cupy(monkeypatch, tmp_path):
     """The small-batch probe's code path on the CPU-emulated cupy: the conv and both variants of the CP layer's
     expansion run, one record each, and the rule it patches is restored."""
-    import json
-
-    from bench import gpu_profile
-    from npconv.kernels.cuda import loader, ops_bicluster
-    install_as_cupy(monkeypatch)
-    monkeypatch.setattr(gpu_profile, "gpu_missing", lambda: None)
+    from npconv.kernels.cuda import ops_bicluster
     before = ops_bicluster.EXPAND_TILED_MAX_COLUMNS
-    out = tmp_path / "small.json"
-    try:
-        assert gpu_profile.main(["small", "--quick", "--out", str(out)]) == 0
-    finally:
-        loader.clear_cache()
-    rep = json.loads(out.read_text())
+    rep = quick_run_on_the_emulated_cupy("small", monkeypatch, tmp_path)
     assert set(rep) == {"conv2/b1/npconv", "cp4/b1/fused", "cp4/b1/gemm"}
     assert all(r["latency_ms"] > 0 and r["queued_ms"] > 0 for r in rep.values())
     assert ops_bicluster.EXPAND_TILED_MAX_COLUMNS == before
