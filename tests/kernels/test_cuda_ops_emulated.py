@@ -260,3 +260,17 @@ def test_get_kernel_is_memoized_per_device(fake_cupy, monkeypatch):
     loader.clear_cache()
     loader.get_kernel("elementwise", "relu", np.float32)
     assert len(asked) == 4
+
+
+def test_contiguous_returns_a_ready_device_array_itself(fake_cupy):
+    """ops.contiguous makes no copy (and no CuPy call) for a C-contiguous device array of the wanted dtype, and a
+    C-contiguous device copy for anything else: a strided view, another dtype, a host array."""
+    a = fake_cupy.asarray(np.arange(12.0).reshape(3, 4))
+    assert ops.contiguous(fake_cupy, a) is a and ops.contiguous(fake_cupy, a, np.float64) is a
+    assert ops.contiguous(fake_cupy, None) is None
+    for got, want in [(ops.contiguous(fake_cupy, a[:, ::2]), np.arange(12.0).reshape(3, 4)[:, ::2]),
+                      (ops.contiguous(fake_cupy, a, np.float32), np.arange(12.0).reshape(3, 4)),
+                      (ops.contiguous(fake_cupy, np.arange(3.0)), np.arange(3.0))]:
+        assert isinstance(got, fake_cupy.ndarray) and got.flags.c_contiguous
+        np.testing.assert_array_equal(np.asarray(got), want)
+    assert ops.contiguous(fake_cupy, a, np.float32).dtype == np.float32

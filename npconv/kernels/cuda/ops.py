@@ -173,8 +173,16 @@ def on_device(cp, key, build):
     return hit
 
 
-def _contig(cp, a, dtype=None):
-    return None if a is None else cp.ascontiguousarray(a, dtype=dtype)
+def contiguous(cp, a, dtype=None):
+    """``a`` as a C-contiguous device array (of ``dtype`` when given); ``a`` itself when it already is one, without a
+    call into CuPy (at batch 1 a layer's time is the host's, and every input of every launch passes here). None stays
+    None. The ops modules of the factored layers use it too."""
+    if a is None:
+        return None
+    if isinstance(a, cp.ndarray) and a.flags.c_contiguous and (dtype is None or a.dtype == dtype):
+        return a
+    return cp.ascontiguousarray(a, dtype=dtype)
+
 
 
 # --- convolution ------------------------------------------------------------------------------------------
@@ -186,7 +194,7 @@ def conv2d(x, w, b, *, stride, padding, dilation, groups):
     padding, ``groups`` divides C and F. Returns a new (N, F, OH, OW) array of x's dtype.
     """
     cp = _cupy()
-    x, w, b = _contig(cp, x), _contig(cp, w), _contig(cp, b)
+    x, w, b = contiguous(cp, x), contiguous(cp, w), contiguous(cp, b)
     dt = x.dtype
     N, C, H, W = (int(v) for v in x.shape)
     F, Cg, KH, KW = (int(v) for v in w.shape)
@@ -307,7 +315,7 @@ def _conv_im2col(cp, x, w, b, y, groups, geometry):
 def linear(x, w, b):
     """Fully connected layer of CuPy arrays: ``x @ w.T + b`` with x (N, in), w (out, in), b (out,) or None."""
     cp = _cupy()
-    x, w, b = _contig(cp, x), _contig(cp, w), _contig(cp, b)
+    x, w, b = contiguous(cp, x), contiguous(cp, w), contiguous(cp, b)
     y = cp.ascontiguousarray(_matmul(x, w.T))
     if b is not None:
         N, O = y.shape
@@ -319,7 +327,7 @@ def linear(x, w, b):
 
 def _pool(name, x, kernel, stride, padding, out_hw, extra=()):
     cp = _cupy()
-    x = _contig(cp, x)
+    x = contiguous(cp, x)
     N, C, H, W = (int(v) for v in x.shape)
     kh, kw = (int(v) for v in kernel)
     sh, sw = (int(v) for v in stride)
@@ -349,7 +357,7 @@ def local_response_norm(x, *, size, alpha, beta, k):
     """Cross-channel LRN of a CuPy x (N, C, ...): ``x / (k + alpha/size * sum x^2)^beta`` over the channels
     ``c - size//2 .. c + (size-1)//2``. Returns a new array."""
     cp = _cupy()
-    x = _contig(cp, x)
+    x = contiguous(cp, x)
     N, C = int(x.shape[0]), int(x.shape[1])
     S = int(np.prod(x.shape[2:], dtype=np.int64))
     y = cp.empty(x.shape, dtype=x.dtype)
@@ -360,7 +368,7 @@ def local_response_norm(x, *, size, alpha, beta, k):
 def relu(x):
     """``max(x, 0)`` of a CuPy array of any shape (NaN stays NaN); a new contiguous array."""
     cp = _cupy()
-    x = _contig(cp, x)
+    x = contiguous(cp, x)
     y = cp.empty(x.shape, dtype=x.dtype)
     _launch_1d("relu", x.dtype, y.size, (x, y, y.size))
     return y
@@ -373,7 +381,7 @@ def bias_relu(y, b):
     if b is None:
         _launch_1d("relu", y.dtype, work.size, (work, work, work.size))
     else:
-        b = _contig(cp, b)
+        b = contiguous(cp, b)
         N, C = int(y.shape[0]), int(y.shape[1])
         S = int(np.prod(y.shape[2:], dtype=np.int64))
         _launch_1d("bias_relu", y.dtype, work.size, (work, b, N, C, S))
@@ -385,7 +393,7 @@ def bias_relu(y, b):
 def softmax(x2d):
     """Numerically stable softmax over the last axis of a 2-D CuPy array; a new (R, L) array."""
     cp = _cupy()
-    x2d = _contig(cp, x2d)
+    x2d = contiguous(cp, x2d)
     R, L = (int(v) for v in x2d.shape)
     y = cp.empty((R, L), dtype=x2d.dtype)
     if y.size:
@@ -397,9 +405,9 @@ def softmax(x2d):
 def normalize(x, *, mean, scale):
     """Per-channel ``(x[:, c] - mean[c]) * scale[c]`` of a CuPy x (N, C, ...); a new array."""
     cp = _cupy()
-    x = _contig(cp, x)
+    x = contiguous(cp, x)
     dt = x.dtype
-    mean, scale = _contig(cp, mean, dt), _contig(cp, scale, dt)
+    mean, scale = contiguous(cp, mean, dt), contiguous(cp, scale, dt)
     N, C = int(x.shape[0]), int(x.shape[1])
     S = int(np.prod(x.shape[2:], dtype=np.int64))
     y = cp.empty(x.shape, dtype=dt)

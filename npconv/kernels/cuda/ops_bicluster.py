@@ -155,15 +155,11 @@ def _launch_1d(name, dtype, total, args):
     _launch(name, dtype, (min(-(-total // _BLOCK), _MAX_GRID),), (_BLOCK,), args)
 
 
-def _contig(cp, a):
-    return None if a is None else cp.ascontiguousarray(a)
-
-
 def _ints(cp, a):
     """A C-contiguous int32 device copy of an index array. A device array is converted on the device; a host array
     (offsets, the shared-filter plan) is copied once per content (``ops.on_device``)."""
     if _backend.is_cupy_array(a):
-        return cp.ascontiguousarray(a, dtype=np.int32)
+        return ops.contiguous(cp, a, np.int32)
     h = np.ascontiguousarray(a, dtype=np.int32)
     return ops.on_device(cp, ("ints", h.tobytes(), h.shape), lambda: cp.asarray(h))
 
@@ -253,17 +249,17 @@ def shared_launch_plan(assign, in_off, n_filters) -> SharedPlan:
 
 # --- the common tail and the fallback ------------------------------------------------------------------------------
 
-def _expand_scatter(cp, z, expand, d_out_perm, out_off, bias, y, m, P):
+def _expand_scatter(cp, z, expand, d_out_perm, out_off, Fh, bias, y, m, P):
     """Per output group h: ``r = expand_h (F_h, G*K) @ z[h]`` (cuBLAS), then bic_scatter writes r into the chunk's
-    output ``y`` (m, F, OH, OW) at channels out_perm[out_off[h] ...], adding the bias. With at most
-    :data:`EXPAND_TILED_MAX_COLUMNS` columns (m*P) one bic_expand launch does all of it for every group."""
+    output ``y`` (m, F, OH, OW) at channels out_perm[out_off[h] ...], adding the bias (``Fh``: the largest group's
+    size). With at most :data:`EXPAND_TILED_MAX_COLUMNS` columns (m*P) one bic_expand launch does all of it for every
+    group."""
     dt = z.dtype
     F, G, K = (int(v) for v in expand.shape)
     has_bias = bias is not None
     b = bias if has_bias else expand          # a dummy pointer of the right dtype when there is no bias
     NH = out_off.shape[0] - 1
     if m * P <= EXPAND_TILED_MAX_COLUMNS:
-        Fh = int(np.diff(out_off).max())
         grid = (-(-(m * P) // EXPAND_TILE[1]), -(-Fh // EXPAND_TILE[0]), NH)
         if grid[1] <= _MAX_GRID_YZ and grid[2] <= _MAX_GRID_YZ:
             _launch("bic_expand", dt, grid, (EXPAND_THREADS,),
@@ -292,7 +288,7 @@ def bicluster_cp_conv2d(x, in_perm, in_off, reduce, vertical, horizontal, expand
     ``in_off``/``out_off`` offsets; ``stride`` a pair, ``padding`` (top, bottom, left, right). Returns
     (N, F, OH, OW)."""
     cp = _cupy()
-    x, reduce, vertical, horizontal, expand, bias = (_contig(cp, a) for a in
+    x, reduce, vertical, horizontal, expand, bias = (ops.contiguous(cp, a) for a in
                                                      (x, reduce, vertical, horizontal, expand, bias))
     dt = x.dtype
     N, C, H, W = (int(v) for v in x.shape)
@@ -329,7 +325,7 @@ def bicluster_cp_conv2d(x, in_perm, in_off, reduce, vertical, horizontal, expand
         _launch("bic_cp_front", dt, (tiles, G * kchunks, min(m, _MAX_GRID_YZ)), (TW, TH),
                 (x[n0:n0 + m], d_in_perm, d_in_off, reduce, vertical, horizontal, z,
                  m, C, H, W, G, NH, K, X, Y, sh, sw, pt, pl, OH, OW, tiles_w, kchunks), shared_mem=smem)
-        _expand_scatter(cp, z, expand, d_out_perm, out_off_h, bias, y[n0:n0 + m], m, P)
+        _expand_scatter(cp, z, expand, d_out_perm, out_off_h, Fh, bias, y[n0:n0 + m], m, P)
     return y
 
 
@@ -337,7 +333,7 @@ def bicluster_svd_conv2d(x, in_perm, in_off, reduce, spatial, expand, out_perm, 
     """Biclustered two-stage-SVD conv of CuPy arrays: reduce (C, NH, K1), spatial (G, NH, K2, K1, X, Y), expand
     (F, G, K2); the rest as :func:`bicluster_cp_conv2d`."""
     cp = _cupy()
-    x, reduce, spatial, expand, bias = (_contig(cp, a) for a in (x, reduce, spatial, expand, bias))
+    x, reduce, spatial, expand, bias = (ops.contiguous(cp, a) for a in (x, reduce, spatial, expand, bias))
     dt = x.dtype
     N, C, H, W = (int(v) for v in x.shape)
     G, NH, K2, K1, X, Y = (int(v) for v in spatial.shape)
@@ -380,7 +376,7 @@ def bicluster_svd_conv2d(x, in_perm, in_off, reduce, spatial, expand, out_perm, 
         _launch("bic_svd_spatial", dt, grid, (_BLOCK,),
                 (z1, spatial, z2, m, G, NH, K1, K2, H, W, X, Y, sh, sw, pt, pl, OH, OW, CC),
                 shared_mem=CC * X * Y * FT * dt.itemsize)
-        _expand_scatter(cp, z2, expand, d_out_perm, out_off_h, bias, y[n0:n0 + m], m, P)
+        _expand_scatter(cp, z2, expand, d_out_perm, out_off_h, Fh, bias, y[n0:n0 + m], m, P)
     return y
 
 
@@ -390,7 +386,7 @@ def shared_separable_conv2d(x, in_perm, in_off, reduce, assign, vertical, horizo
     integer (host or device; a device one is copied to the host), vertical (S, X), horizontal (S, Y), expand
     (F, G, K); the rest as :func:`bicluster_cp_conv2d`."""
     cp = _cupy()
-    x, reduce, vertical, horizontal, expand, bias = (_contig(cp, a) for a in
+    x, reduce, vertical, horizontal, expand, bias = (ops.contiguous(cp, a) for a in
                                                      (x, reduce, vertical, horizontal, expand, bias))
     dt = x.dtype
     N, C, H, W = (int(v) for v in x.shape)
@@ -434,5 +430,5 @@ def shared_separable_conv2d(x, in_perm, in_off, reduce, assign, vertical, horizo
         z = z_buf[:rows * m * P].reshape(NH, G * K, m * P)
         _launch_1d("bic_shared_combine", dt, z.size,
                    (q, reduce, d_slot, d_in_off, d_used_ptr, d_qoff, z, m, P, G, NH, K))
-        _expand_scatter(cp, z, expand, d_out_perm, out_off_h, bias, y[n0:n0 + m], m, P)
+        _expand_scatter(cp, z, expand, d_out_perm, out_off_h, Fh, bias, y[n0:n0 + m], m, P)
     return y

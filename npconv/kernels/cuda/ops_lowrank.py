@@ -113,10 +113,6 @@ def _launch(name, dtype, grid, block, args, shared_mem=0):
     ops.launch(LAUNCH_SIGNATURES, name, dtype, grid, block, args, shared_mem)
 
 
-def _contig(cp, a):
-    return None if a is None else cp.ascontiguousarray(a)
-
-
 def _out_len(size, k, s, lo, hi, d=1):
     return (size + lo + hi - d * (k - 1) - 1) // s + 1
 
@@ -141,7 +137,7 @@ def factor_conv(x, w, b, *, stride, padding, dilation):
     Raises ValueError when the weights of one input channel for 16 filters do not fit
     :data:`FACTOR_SMEM_BUDGET` (see :func:`uses_factor_conv`)."""
     cp = _cupy()
-    x, w, b = _contig(cp, x), _contig(cp, w), _contig(cp, b)
+    x, w, b = ops.contiguous(cp, x), ops.contiguous(cp, w), ops.contiguous(cp, b)
     dt = x.dtype
     N, C, H, W = (int(v) for v in x.shape)
     F, _, KH, KW = (int(v) for v in w.shape)
@@ -290,7 +286,7 @@ def monochromatic_conv2d(x, color_transform, assignment, spatial, bias, *, strid
     """Monochromatic conv of CuPy arrays: x (N, C, H, W), color_transform (C', C), ``assignment`` a host (NumPy)
     integer array (F,) with values in [0, C'), spatial (F, X, Y), bias (F,) or None. Returns (N, F, OH, OW)."""
     cp = _cupy()
-    x, T, S, b = _contig(cp, x), _contig(cp, color_transform), _contig(cp, spatial), _contig(cp, bias)
+    x, T, S, b = (ops.contiguous(cp, a) for a in (x, color_transform, spatial, bias))
     dt = x.dtype
     N, C, H, W = (int(v) for v in x.shape)
     Cp = int(T.shape[0])

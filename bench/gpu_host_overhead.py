@@ -1,0 +1,169 @@
+"""npconv's own host time per eager GPU call, measured without a GPU.
+
+    python bench/gpu_host_overhead.py [--calls 300] [--profile] [--out FILE.json]
+
+At batch 1 an eager GPU call is bound by the host (docs/gpu_results.md: a 0.2 ms ZF conv2 call runs 45 us of
+kernels), and part of that host time is npconv's own Python: argument checks, shapes, launch packing. This script
+measures that part on any machine: it runs the GPU code path on the CuPy stand-in of the tests
+(``tests/cuda_emulator/as_cupy``) with every kernel launch, matrix product and in-place ReLU made a no-op and
+``empty`` left unfilled, so what remains is npconv's Python plus the stand-in's cheap NumPy calls. CuPy's own costs (its launch,
+its cuBLAS call, its allocator) are not in it; ``bench/gpu_profile.py host`` measures the whole on a GPU.
+
+Workloads at batch 1, ZF shapes: the dense conv2 through ``npconv.functional.conv2d``, the biclustered CP conv2 layer
+(G=48, H=2, K=8), the monochromatic conv1 layer (C'=6), and the whole dense ZF network's ``forward``. Prints the best
+of five runs of ``--calls`` calls (microseconds per call), and with ``--profile`` cProfile's 12 functions with the
+most own time per workload.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+_ROOT = Path(__file__).resolve().parent.parent
+for _p in (_ROOT, _ROOT / "tests"):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+import numpy as np  # noqa: E402
+
+
+@contextlib.contextmanager
+def no_op_cupy():
+    """The tests' CuPy stand-in as npconv's CuPy, with kernel launches and matrix products that do nothing and an
+    ``empty`` that does not fill; everything restored on exit."""
+    import importlib.util
+
+    import npconv._backend as backend
+    from cuda_emulator import AS_CUPY
+    from npconv.kernels.cuda import _gemm, loader, ops, ops_bicluster, ops_lowrank
+
+    spec = importlib.util.spec_from_file_location("cupy", AS_CUPY)
+    fake = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fake)
+
+    def empty(shape, dtype=np.float64):
+        return np.empty(shape, dtype).view(fake.ndarray)
+
+    def matmul(a, b, out=None):
+        if out is not None:
+            return out
+        return empty(np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1]), a.dtype)
+
+    def no_launch(grid, block, args, shared_mem=0):
+        return None
+
+    def maximum(a, b, out=None):      # the in-place ReLUs of the CuPy path: device work, not host work
+        return out if out is not None else empty(np.shape(a), np.result_type(a))
+
+    patches = [(sys.modules, "cupy", fake), (backend, "require_cupy", lambda: fake), (backend, "_cupy", fake),
+               (backend, "_cupy_tried", True), (backend, "_cupy_error", None), (fake, "empty", empty),
+               (fake, "maximum", maximum),
+               (fake.ndarray, "get", lambda self: np.array(self).view(np.ndarray)),
+               (loader, "get_kernel", lambda source, name, dtype: no_launch), (_gemm, "matmul", matmul)]
+    patches += [(mod, "_matmul", matmul) for mod in (ops, ops_bicluster, ops_lowrank)]
+    missing = object()
+    saved = []
+    for owner, name, value in patches:
+        if isinstance(owner, dict):
+            saved.append((owner, name, owner.get(name, missing)))
+            owner[name] = value
+        else:
+            saved.append((owner, name, getattr(owner, name, missing)))
+            setattr(owner, name, value)
+    loader.clear_cache()
+    try:
+        yield fake
+    finally:
+        for owner, name, old in reversed(saved):
+            if isinstance(owner, dict):
+                if old is missing:
+                    owner.pop(name, None)
+                else:
+                    owner[name] = old
+            elif old is missing:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, old)
+        loader.clear_cache()
+
+
+def workloads(fake, quick=False):
+    """name -> zero-argument callable, on the stand-in's "device" arrays (``quick``: small shapes)."""
+    from bench.bench_gpu_bicluster import ZF_CONV2, factored_callable
+    from bench.bench_gpu_lowrank import ZF_CONV1
+    from bench.bench_gpu_lowrank import factored_callable as lowrank_callable
+    from bench.zf_net import zf_net
+    from npconv.functional import conv2d
+    conv2, conv1 = ((8, 11, 16, 5, 2, 0), (3, 15, 16, 3, 2, 1)) if quick else (ZF_CONV2, ZF_CONV1)
+    C, H, F, K, s, p = conv2
+    rng = np.random.default_rng(0)
+    x = fake.asarray(rng.standard_normal((1, C, H, H)).astype(np.float32))
+    w = fake.asarray(rng.standard_normal((F, C, K, K)).astype(np.float32))
+    b = fake.asarray(rng.standard_normal(F).astype(np.float32))
+    if quick:
+        from bench.bench_network import QUICK_ZF
+        net = zf_net(seed=0, **QUICK_ZF).to_gpu()
+    else:
+        net = zf_net(seed=0).to_gpu()
+    size = net.input_shape[1]
+    xn = fake.asarray(rng.standard_normal((1, 3, size, size)).astype(np.float32))
+    return {"conv2": lambda: conv2d(x, w, b, stride=s, padding=p),
+            "cp8_layer": factored_callable("cp", (4, 2, 2) if quick else (48, 2, 8), 1, conv2, np.float32),
+            "monochromatic6_layer": lowrank_callable("monochromatic", 2 if quick else 6, 1, conv1, np.float32),
+            "zf_dense_net": lambda: net.forward(xn)}
+
+
+def measure(calls=300, quick=False, profile=False, log=print):
+    """{workload: microseconds per call} (best of five runs of ``calls`` calls, after ``calls // 5`` warm-up calls)."""
+    import cProfile
+    import io
+    import pstats
+
+    out = {}
+    with no_op_cupy() as fake:
+        for name, fn in workloads(fake, quick).items():
+            for _ in range(max(1, calls // 5)):
+                fn()
+            best = float("inf")
+            for _ in range(5):
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                best = min(best, (time.perf_counter() - t0) / calls)
+            out[name] = 1e6 * best
+            log(f"{name:22s} {1e6 * best:8.1f} us per call (npconv's Python, launches and GEMMs as no-ops)")
+            if profile:
+                prof = cProfile.Profile()
+                prof.enable()
+                for _ in range(calls):
+                    fn()
+                prof.disable()
+                text = io.StringIO()
+                pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(12)
+                log(text.getvalue())
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--calls", type=int, default=300, help="calls per timed run (best of five runs)")
+    ap.add_argument("--quick", action="store_true", help="small shapes and few calls (a smoke run)")
+    ap.add_argument("--profile", action="store_true", help="also print cProfile's top functions per workload")
+    ap.add_argument("--out", help="JSON file for the results (written atomically)")
+    args = ap.parse_args(argv)
+    if args.calls < 1:
+        ap.error(f"--calls must be >= 1, got {args.calls}")
+    res = measure(calls=min(args.calls, 3) if args.quick else args.calls, quick=args.quick, profile=args.profile)
+    if args.out:
+        from npconv._fileio import atomic_write
+        text = json.dumps({"us_per_call": res, "calls": args.calls, "quick": args.quick}, indent=1)
+        atomic_write(args.out, lambda f: f.write(text.encode()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
