@@ -19,7 +19,8 @@ host time between npconv's Python, CuPy, NumPy and the rest (``host_split``).
 ``small`` measures small batches, where a call's time is mostly the host's: ZF conv2-conv5 at batches 1-32, npconv
 and cuDNN, and the biclustered CP conv2 (K = 8, 12) at batches 1-8 with its expansion fused (``bic_expand``) and as
 GEMMs + scatters (the rule ``ops_bicluster.EXPAND_TILED_MAX_COLUMNS``). Each as the latency of one call (CUDA events
-around it, after a synchronize) and as the time per call of 50 calls queued back to back.
+around it, after a synchronize; the variants of a row in alternation, ``bench_gpu.time_interleaved``) and as the
+time per call of 50 calls queued back to back.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ if str(_ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from bench.bench_gpu import gpu_missing, time_cupy, time_torch, torch_cuda  # noqa: E402
+from bench.bench_gpu import gpu_missing, time_cupy, time_interleaved, time_torch, torch_cuda  # noqa: E402
 
 #: (C, H=W, F, K, stride, padding)
 SHAPES = {"zf_conv2": (96, 55, 256, 5, 2, 0), "cifar_conv2": (64, 16, 128, 5, 1, 2)}
@@ -280,10 +281,7 @@ def probe_small(batches=(1, 2, 4, 8, 16, 32), cp_batches=(1, 2, 4, 8), repeat=30
         C, H, F, K, s, p = geom
         for N in batches:
             x, w, b = _conv_inputs(cp, geom, N)
-
-            def fn():
-                return conv2d(x, w, b, stride=s, padding=p)
-            record(f"{name}/b{N}/npconv", time_cupy(fn, warmup=3, repeat=repeat)["median_ms"], _queued_ms(fn, sync))
+            cases = {"npconv": (lambda: conv2d(x, w, b, stride=s, padding=p), "cupy")}
             if torch is not None:
                 torch.backends.cudnn.benchmark = True
                 tx, tw, tb = (torch.as_tensor(a, device="cuda") for a in (x, w, b))
@@ -291,21 +289,31 @@ def probe_small(batches=(1, 2, 4, 8, 16, 32), cp_batches=(1, 2, 4, 8), repeat=30
                 def tfn():
                     with torch.no_grad():
                         return torch.nn.functional.conv2d(tx, tw, tb, stride=s, padding=p)
-                record(f"{name}/b{N}/cudnn", time_torch(tfn, warmup=3, repeat=repeat)["median_ms"],
-                       _queued_ms(tfn, torch.cuda.synchronize))
+                cases["cudnn"] = (tfn, "torch")
+            timed, _ = time_interleaved(cases, warmup=3, repeat=repeat)
+            for variant, (fn, kind) in cases.items():
+                record(f"{name}/b{N}/{variant}", timed[variant]["median_ms"],
+                       _queued_ms(fn, sync if kind == "cupy" else torch.cuda.synchronize))
+            del cases
             cp.get_default_memory_pool().free_all_blocks()
     saved = ops_bicluster.EXPAND_TILED_MAX_COLUMNS
+
+    def with_rule(layer, limit):
+        def run():
+            ops_bicluster.EXPAND_TILED_MAX_COLUMNS = limit
+            try:
+                return layer()
+            finally:
+                ops_bicluster.EXPAND_TILED_MAX_COLUMNS = saved
+        return run
     for k in ((4,) if quick else (8, 12)):
         for N in cp_batches:
             opts, geom = ((4, 2, k), QUICK_CONV2) if quick else ((48, 2, k), ZF_CONV2)
             layer = factored_callable("cp", opts, N, geom, np.float32)
-            for variant, limit in (("fused", 10**9), ("gemm", 0)):
-                ops_bicluster.EXPAND_TILED_MAX_COLUMNS = limit
-                try:
-                    record(f"cp{k}/b{N}/{variant}", time_cupy(layer, warmup=3, repeat=repeat)["median_ms"],
-                           _queued_ms(layer, sync))
-                finally:
-                    ops_bicluster.EXPAND_TILED_MAX_COLUMNS = saved
+            cases = {"fused": (with_rule(layer, 10**9), "cupy"), "gemm": (with_rule(layer, 0), "cupy")}
+            timed, _ = time_interleaved(cases, warmup=3, repeat=repeat)
+            for variant, (fn, _kind) in cases.items():
+                record(f"cp{k}/b{N}/{variant}", timed[variant]["median_ms"], _queued_ms(fn, sync))
             cp.get_default_memory_pool().free_all_blocks()
     return out
 

@@ -184,7 +184,6 @@ def contiguous(cp, a, dtype=None):
     return cp.ascontiguousarray(a, dtype=dtype)
 
 
-
 # --- convolution ------------------------------------------------------------------------------------------
 
 def conv2d(x, w, b, *, stride, padding, dilation, groups):
