@@ -44,6 +44,10 @@ _TARGET_COLUMNS = 2048
 #: a chunk's intermediates stay within this size: 16 MiB measured 1.1-1.26x faster than 4 MiB at batch 64 on the
 #: ZF conv2/conv3/conv5 and CIFAR conv2 shapes (CP, SVD and shared forms; interleaved runs), 8-32 MiB within 5%
 _CACHE_BYTES = 16 * 2**20
+#: ... and for the CP and shared forms this smaller bound: ZF conv2 at batch 128 (2 cores, 32 MiB L3, eleventh
+#: session, interleaved): CP K=8 93.2 -> 86.8 ms, K=12 124.4 -> 119.0, K=6 72.9 -> 68.5, shared 62.4 -> 60.7 (two
+#: images a chunk instead of three or four); the SVD form measured 1.5% slower with it and keeps _CACHE_BYTES
+_CP_CACHE_BYTES = 12 * 2**20
 #: the CP front end's jobs pack their own input group (a batch of one chunk) when it is at most this large
 _OWN_PACK_BYTES = 128 * 2**10
 
@@ -290,12 +294,13 @@ def bicluster_conv2d(x, *factors, bias=None, stride=1, padding=0, out=None):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _chunk(N, P, per_img_items, itemsize):
+def _chunk(N, P, per_img_items, itemsize, cache_bytes=None):
     """Images per chunk: enough GEMM columns (``_TARGET_COLUMNS``), but the chunk's intermediates within
-    ``_CACHE_BYTES`` (one image at a time when an image's alone exceed it) and the workspace within
-    ``_WORKSPACE_BYTES``."""
+    ``cache_bytes`` (default ``_CACHE_BYTES``; one image at a time when an image's alone exceed it) and the workspace
+    within ``_WORKSPACE_BYTES``."""
     per = max(1, per_img_items * itemsize)
-    return max(1, min(N, -(-_TARGET_COLUMNS // P), _CACHE_BYTES // per, _WORKSPACE_BYTES // per))
+    cache = _CACHE_BYTES if cache_bytes is None else cache_bytes
+    return max(1, min(N, -(-_TARGET_COLUMNS // P), cache // per, _WORKSPACE_BYTES // per))
 
 
 def _expand_scatter(Z, expand, out_perm, out_off, bias, n0, m, P, ybuf, y3):
@@ -367,7 +372,7 @@ def _cp_cpu(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, 
     C = x.shape[1]
     plane = sh * sw * R * Mp
     per_z = H * G * K * P
-    nb = _chunk(N, P, C * plane + per_z + F * P, dt.itemsize)
+    nb = _chunk(N, P, C * plane + per_z + F * P, dt.itemsize, _CP_CACHE_BYTES)
     # enough parallel jobs: split a group's quads of components when images x groups alone are too few
     nsplit = max(1, min(-(-H * K // 4), -(-4 * numba.get_num_threads() // (nb * G))))
     # a batch that is one chunk: the front end's jobs pack their own groups (no separate packing pass), when each
@@ -545,7 +550,7 @@ def _shared_cpu(x, in_perm, in_off, reduce, assign, vertical, horizontal, expand
     C = x.shape[1]
     plane = sh * sw * R * M
     per_z = H * G * K * P
-    nb = _chunk(N, P, C * plane + per_z + F * P, x.dtype.itemsize)
+    nb = _chunk(N, P, C * plane + per_z + F * P, x.dtype.itemsize, _CP_CACHE_BYTES)
     dt = x.dtype
     xs_buf = WS.get("xs", nb * C * plane, dt)
     z_buf = WS.get("z", nb * per_z, dt)

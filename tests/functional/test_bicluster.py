@@ -295,3 +295,15 @@ def test_gpu_matches_cpu(rng, kind):
     y_cpu = _run(kind, x, f, b, 2, 1)
     y_gpu = _run(kind, cp.asarray(x), tuple(cp.asarray(a) for a in f), cp.asarray(b), 2, 1)
     np.testing.assert_allclose(cp.asnumpy(y_gpu), y_cpu, *tolerance(np.float32))
+
+
+def test_chunk_rule():
+    """Images per chunk: at most N, enough for the target GEMM columns, the intermediates within the cache bound
+    given (the CP and shared forms' smaller one) and within the workspace; one image when a single one exceeds them."""
+    from npconv.functional import bicluster as FB
+    per_img = 5 * 2**20 // 4                                  # 5 MiB of float32 intermediates an image
+    assert FB._chunk(128, 676, per_img, 4) == 3               # 16 MiB bound: 3 images (target columns: 4)
+    assert FB._chunk(128, 676, per_img, 4, FB._CP_CACHE_BYTES) == 2
+    assert FB._chunk(2, 676, per_img, 4) == 2                 # never more than the batch
+    assert FB._chunk(1000, 10, 16, 4) == -(-FB._TARGET_COLUMNS // 10)   # small images: the target columns
+    assert FB._chunk(128, 676, 64 * 2**20, 4) == 1            # one image alone exceeds every bound
