@@ -15,6 +15,8 @@
 """
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 
 from .._backend import is_cupy_array, to_numpy
@@ -212,10 +214,22 @@ def paired_moments(x_hat, x, kernel=None, *, stride=1, padding=0, dilation=1, ma
     return _moments([x_hat, x], kernel, stride, padding, dilation, max_patches, random_state, chunk, x.dtype)
 
 
+#: the arrays as_covariance returned (read-only), by id: handed back to it, they are not checked again
+_CHECKED_COVARIANCES = weakref.WeakValueDictionary()
+
+
 def as_covariance(cov, n, name="data_cov"):
     """Validate an (n, n) symmetric positive semi-definite matrix (NumPy or CuPy) and return it as a symmetrised
-    float64 NumPy array (the checks of :func:`covariance_sqrt`, without the factor)."""
+    float64 NumPy array (the checks of :func:`covariance_sqrt`, without the factor), read-only.
+
+    An array this function returned is returned as it is, without the checks again (an eigenvalue decomposition of
+    the matrix): a decomposition that validates once and hands the matrix to another one (``shared_separable`` to
+    ``bicluster`` and ``share_filters``) pays for one check. Being read-only, it cannot have changed since."""
+    if _CHECKED_COVARIANCES.get(id(cov)) is cov and cov.shape == (n, n):
+        return cov
     c, _ = _checked_eigh(cov, n, name, vectors=False)
+    c.flags.writeable = False
+    _CHECKED_COVARIANCES[id(c)] = c
     return c
 
 

@@ -336,6 +336,9 @@ def shared_separable(W, G, H, *, rank, n_filters, equal_size=True, n_iter=200, t
     """
     W = check_tensor(W, "W", ndim=4)
     rng = check_random_state(random_state)
+    if data_cov is not None:     # checked once here; bicluster and share_filters take the checked matrix as it is
+        F, C, X, Y = W.shape
+        data_cov = as_covariance(data_cov, C * X * Y, "data_cov")
     if init is None:
         base = bicluster(W, G, H, method="cp", rank=rank, equal_size=equal_size, n_iter=n_iter, tol=tol,
                          cp_algorithm=cp_algorithm, n_init=n_init, random_state=rng, callback=callback,

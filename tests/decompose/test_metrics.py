@@ -103,3 +103,32 @@ def test_covariance_sqrt(rng):
         covariance_sqrt(-S - np.eye(5), 5)
     with pytest.raises(TypeError):
         covariance_sqrt(np.eye(5, dtype=int), 5)
+
+
+def test_as_covariance_checks_a_matrix_once(rng, monkeypatch):
+    """as_covariance returns a read-only symmetrised float64 copy; that copy handed back is returned as it is,
+    without another eigenvalue check; a writable copy of it, or another size, is checked again."""
+    from npconv.decompose import metrics
+    checks = []
+    real = metrics._checked_eigh
+
+    def spy(*args, **kwargs):
+        checks.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(metrics, "_checked_eigh", spy)
+    A = rng.standard_normal((6, 6))
+    S = (A @ A.T).astype(np.float32)
+    c = metrics.as_covariance(S, 6)
+    assert c.dtype == np.float64 and not c.flags.writeable and len(checks) == 1
+    np.testing.assert_allclose(c, S.astype(np.float64), rtol=1e-6)
+    assert metrics.as_covariance(c, 6) is c and len(checks) == 1
+    with pytest.raises(ValueError, match="must be read-only|assignment destination is read-only"):
+        c[0, 0] = 1.0
+    fresh = c.copy()
+    assert metrics.as_covariance(fresh, 6) is not fresh and len(checks) == 2
+    with pytest.raises(ValueError, match=r"data_cov must have shape \(5, 5\)"):
+        metrics.as_covariance(c, 5)
+    bad = c.copy()
+    bad[0, 1] += 1.0                                       # no longer symmetric: the check still sees it
+    with pytest.raises(ValueError, match="symmetric"):
+        metrics.as_covariance(bad, 6)

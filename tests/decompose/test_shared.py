@@ -149,3 +149,19 @@ def test_data_metric_fit(rng):
     assert fit.errors[-1] == pytest.approx(np.linalg.norm(W - _rebuild(fit)) / np.linalg.norm(W), rel=1e-9)
     with pytest.raises(ValueError, match=r"data_cov must have shape \(54, 54\)"):
         shared_separable(W, 2, 2, rank=3, n_filters=4, data_cov=np.eye(5))
+
+
+def test_data_cov_is_checked_once(rng, monkeypatch):
+    """shared_separable checks data_cov (an eigenvalue decomposition) once, not in each of its two stages."""
+    from npconv.decompose import metrics
+    checks = []
+    real = metrics._checked_eigh
+
+    def spy(*args, **kwargs):
+        checks.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(metrics, "_checked_eigh", spy)
+    W = rng.standard_normal((8, 6, 3, 3))
+    P = rng.standard_normal((500, 54))
+    shared_separable(W, 2, 2, rank=3, n_filters=4, random_state=0, data_cov=P.T @ P / 500)
+    assert len(checks) == 1
