@@ -1,6 +1,7 @@
 """Error metrics, the data distance, and the input statistics (patch / input second moments)."""
 import numpy as np
 import pytest
+from reference import count_calls
 
 from npconv.decompose.metrics import (covariance_sqrt, data_distance, frobenius_error, input_covariance,
                                       patch_covariance, relative_error)
@@ -109,13 +110,7 @@ def test_as_covariance_checks_a_matrix_once(rng, monkeypatch):
     """as_covariance returns a read-only symmetrised float64 copy; that copy handed back is returned as it is,
     without another eigenvalue check; a writable copy of it, or another size, is checked again."""
     from npconv.decompose import metrics
-    checks = []
-    real = metrics._checked_eigh
-
-    def spy(*args, **kwargs):
-        checks.append(1)
-        return real(*args, **kwargs)
-    monkeypatch.setattr(metrics, "_checked_eigh", spy)
+    checks = count_calls(monkeypatch, metrics, "_checked_eigh")
     A = rng.standard_normal((6, 6))
     S = (A @ A.T).astype(np.float32)
     c = metrics.as_covariance(S, 6)

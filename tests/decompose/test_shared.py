@@ -2,6 +2,7 @@
 determinism and validation."""
 import numpy as np
 import pytest
+from reference import count_calls
 
 from npconv.decompose import cost
 from npconv.decompose.bicluster import bicluster
@@ -154,13 +155,7 @@ def test_data_metric_fit(rng):
 def test_data_cov_is_checked_once(rng, monkeypatch):
     """shared_separable checks data_cov (an eigenvalue decomposition) once, not in each of its two stages."""
     from npconv.decompose import metrics
-    checks = []
-    real = metrics._checked_eigh
-
-    def spy(*args, **kwargs):
-        checks.append(1)
-        return real(*args, **kwargs)
-    monkeypatch.setattr(metrics, "_checked_eigh", spy)
+    checks = count_calls(monkeypatch, metrics, "_checked_eigh")
     W = rng.standard_normal((8, 6, 3, 3))
     P = rng.standard_normal((500, 54))
     shared_separable(W, 2, 2, rank=3, n_filters=4, random_state=0, data_cov=P.T @ P / 500)
