@@ -232,6 +232,8 @@ def time_interleaved(cases, *, warmup, repeat, block=2, timers=None):
     ``timers`` ({kind: once}) replaces :func:`event_timer` (for tests)."""
     if repeat < 1 or block < 1:
         raise ValueError(f"repeat and block must be >= 1, got {repeat} and {block}")
+    if not cases:
+        raise ValueError("cases must name at least one callable to time, got none")
     timers = dict(timers or {})
     for _fn, kind in cases.values():
         if kind not in timers:

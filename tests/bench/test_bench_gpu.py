@@ -63,5 +63,7 @@ def test_bad_arguments_are_refused():
     from bench.bench_gpu import event_timer, time_interleaved
     with pytest.raises(ValueError, match="repeat and block must be >= 1"):
         time_interleaved({}, warmup=0, repeat=0)
+    with pytest.raises(ValueError, match="cases must name at least one callable"):
+        time_interleaved({}, warmup=0, repeat=3)
     with pytest.raises(ValueError, match="kind must be 'cupy' or 'torch'"):
         event_timer("opencl")
