@@ -20,8 +20,8 @@ import numpy as np
 from ... import _backend
 
 __all__ = [
-    "RAWMODULE_OPTIONS", "DTYPE_SUFFIX", "source_names", "private_source_names", "source_text", "kernel_name", "get_module",
-    "get_kernel", "clear_cache",
+    "RAWMODULE_OPTIONS", "DTYPE_SUFFIX", "source_names", "private_source_names", "source_text", "kernel_name",
+    "get_module", "get_kernel", "clear_cache",
 ]
 
 #: options passed to ``cupy.RawModule`` (CuPy adds its own: include paths, ``--std=c++17``, ``-ftz=true``, arch)
