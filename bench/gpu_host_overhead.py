@@ -33,62 +33,39 @@ import numpy as np  # noqa: E402
 
 @contextlib.contextmanager
 def no_op_cupy():
-    """The tests' CuPy stand-in as npconv's CuPy, with kernel launches and matrix products that do nothing and an
-    ``empty`` that does not fill; everything restored on exit."""
-    import importlib.util
+    """The tests' CuPy stand-in as npconv's CuPy (``cuda_emulator.install_as_cupy``), with kernel launches, matrix
+    products and in-place ReLUs that do nothing and an ``empty`` that does not fill; everything restored on exit."""
+    import pytest
 
-    import npconv._backend as backend
-    from cuda_emulator import AS_CUPY
+    from cuda_emulator import install_as_cupy
     from npconv.kernels.cuda import _gemm, loader, ops, ops_bicluster, ops_lowrank
 
-    spec = importlib.util.spec_from_file_location("cupy", AS_CUPY)
-    fake = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fake)
+    with pytest.MonkeyPatch.context() as mp:
+        fake = install_as_cupy(mp)
 
-    def empty(shape, dtype=np.float64):
-        return np.empty(shape, dtype).view(fake.ndarray)
+        def empty(shape, dtype=np.float64):
+            return np.empty(shape, dtype).view(fake.ndarray)
 
-    def matmul(a, b, out=None):
-        if out is not None:
-            return out
-        return empty(np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1]), a.dtype)
+        def matmul(a, b, out=None):
+            if out is not None:
+                return out
+            return empty(np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1]), a.dtype)
 
-    def no_launch(grid, block, args, shared_mem=0):
-        return None
+        def no_launch(grid, block, args, shared_mem=0):
+            return None
 
-    def maximum(a, b, out=None):      # the in-place ReLUs of the CuPy path: device work, not host work
-        return out if out is not None else empty(np.shape(a), np.result_type(a))
+        def maximum(a, b, out=None):      # the in-place ReLUs of the CuPy path: device work, not host work
+            return out if out is not None else empty(np.shape(a), np.result_type(a))
 
-    patches = [(sys.modules, "cupy", fake), (backend, "require_cupy", lambda: fake), (backend, "_cupy", fake),
-               (backend, "_cupy_tried", True), (backend, "_cupy_error", None), (fake, "empty", empty),
-               (fake, "maximum", maximum),
-               (fake.ndarray, "get", lambda self: np.array(self).view(np.ndarray)),
-               (loader, "get_kernel", lambda source, name, dtype: no_launch), (_gemm, "matmul", matmul)]
-    patches += [(mod, "_matmul", matmul) for mod in (ops, ops_bicluster, ops_lowrank)]
-    missing = object()
-    saved = []
-    for owner, name, value in patches:
-        if isinstance(owner, dict):
-            saved.append((owner, name, owner.get(name, missing)))
-            owner[name] = value
-        else:
-            saved.append((owner, name, getattr(owner, name, missing)))
-            setattr(owner, name, value)
-    loader.clear_cache()
-    try:
-        yield fake
-    finally:
-        for owner, name, old in reversed(saved):
-            if isinstance(owner, dict):
-                if old is missing:
-                    owner.pop(name, None)
-                else:
-                    owner[name] = old
-            elif old is missing:
-                delattr(owner, name)
-            else:
-                setattr(owner, name, old)
-        loader.clear_cache()
+        mp.setattr(fake, "empty", empty)
+        mp.setattr(fake, "maximum", maximum, raising=False)
+        mp.setattr(loader, "get_kernel", lambda source, name, dtype: no_launch)
+        for mod in (_gemm, ops, ops_bicluster, ops_lowrank):
+            mp.setattr(mod, "matmul" if mod is _gemm else "_matmul", matmul)
+        try:
+            yield fake
+        finally:
+            loader.clear_cache()
 
 
 def workloads(fake, quick=False):
