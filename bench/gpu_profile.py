@@ -125,7 +125,8 @@ def _profiled(run, name):
 #: the ncu workloads: name -> (batch, what); "conv2" is npconv's dense ZF conv2 and cuDNN's, "cp<K>" the biclustered
 #: CP layer G=48 H=2 with that K, "mono<C'>" the monochromatic ZF conv1 with C' colours
 NCU_WORKLOADS = {"b128": ((128, "conv2"), (128, "cp8"), (128, "cp12"), (128, "mono24")),
-                 "b1": ((1, "conv2"), (1, "cp8"))}
+                 "b1": ((1, "conv2"), (1, "cp8")),
+                 "cp": ((128, "cp6"), (128, "cp8"), (128, "cp12"), (1, "cp8"), (1, "cp12"))}
 
 
 def ncu_workloads(which="b128"):
@@ -206,7 +207,10 @@ def host(calls=200, quick=False):
         warm, cp_opts = 20, (48, 2, 8)
     size = net.input_shape[1]
     xn = cp.asarray(np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32))
+    x3, w3, b3 = _conv_inputs(cp, geom if quick else ZF_CONVS["conv3"], 1)
+    s3, p3 = (s, p) if quick else ZF_CONVS["conv3"][4:]
     work = {"conv2": lambda: conv2d(x, w, b, stride=s, padding=p),
+            "conv3": lambda: conv2d(x3, w3, b3, stride=s3, padding=p3),
             f"cp{cp_opts[2]}": factored_callable("cp", cp_opts, 1, geom if quick else ZF_CONV2, np.float32),
             "zf_dense_net": lambda: net.forward(xn)}
     res = {}
@@ -239,7 +243,36 @@ def host(calls=200, quick=False):
         print(f"{name}: {1e3 * queued:.3f} ms per call queued, {1e3 * synced:.3f} synchronised; host time per call "
               f"under cProfile (ms): " + ", ".join(f"{k} {1e3 * v:.3f}" for k, v in split.items()), flush=True)
         print(text.getvalue()[:4000], flush=True)
+    res["eager_gemm"] = eager_gemm_ab(work, cp, rounds=2 if quick else 9, calls=calls // 2 if not quick else 2)
     return res
+
+
+def eager_gemm_ab(work, cp, *, rounds, calls):
+    """Eager products through cuBLAS directly (``_gemm.EAGER_DIRECT``, the default) against ``cupy.matmul``, in
+    alternation (the order flips each round): ms per call queued back to back, the median of the rounds for each,
+    and the median of the rounds' ratios (cupy.matmul / direct: above 1, the direct call is faster)."""
+    import statistics
+
+    from npconv.kernels.cuda import _gemm
+    sync = cp.cuda.Device().synchronize
+    saved = _gemm.EAGER_DIRECT
+    out = {}
+    try:
+        for name, fn in work.items():
+            got = {True: [], False: []}
+            for r in range(rounds):
+                for flag in ((True, False) if r % 2 else (False, True)):
+                    _gemm.EAGER_DIRECT = flag
+                    got[flag].append(_queued_ms(fn, sync, calls))
+            ratio = statistics.median(c / d for c, d in zip(got[False], got[True]))
+            out[name] = dict(direct_ms=statistics.median(got[True]), cupy_matmul_ms=statistics.median(got[False]),
+                             cupy_over_direct=ratio, rounds=rounds, calls=calls)
+            print(f"eager products, {name}: direct cuBLAS {out[name]['direct_ms']:.4f} ms per call queued, "
+                  f"cupy.matmul {out[name]['cupy_matmul_ms']:.4f}; cupy.matmul / direct {ratio:.3f} (median of "
+                  f"{rounds} rounds)", flush=True)
+    finally:
+        _gemm.EAGER_DIRECT = saved
+    return out
 
 
 #: ZF conv2-conv5: (C, H=W, F, K, stride, padding)

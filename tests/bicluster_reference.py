@@ -46,6 +46,15 @@ def shared_factors(rng, C, F, X, Y, in_sizes, out_sizes, K, S, dtype):
     return (in_perm, in_off, r(C, NH, K), assign, r(S, X), r(S, Y), r(F, G, K), out_perm, out_off)
 
 
+#: the (X, row stride) pairs of the CP front end with an entry point of their own (see _bicluster.cu)
+CP_SPECIALISED = {(3, 1), (3, 2), (5, 1), (5, 2), (7, 1), (7, 2)}
+
+
+def cp_front_name(X, SH):
+    """The bic_cp_front entry point the GPU path should launch for X x Y filters at row stride SH."""
+    return f"bic_cp_front_x{X}s{SH}" if (X, SH) in CP_SPECIALISED else "bic_cp_front"
+
+
 def make_factors(kind, rng, dtype, C, F, X, Y, in_sizes, out_sizes, ranks):
     """Factors of ``kind`` ("cp": ranks K, "svd": (K1, K2), "shared": (K, S))."""
     if kind == "cp":

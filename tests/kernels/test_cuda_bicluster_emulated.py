@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from bicluster_reference import cp_front_name
 from cuda_emulator import CpuRawModule
 from reference import conv2d_einsum
 
@@ -19,7 +20,7 @@ from npconv.kernels.cuda import loader, ops_bicluster
 
 pytestmark = pytest.mark.cpuemu
 i32 = np.int32
-KC = 4     # components per bic_cp_front block (NPCONV_BIC_KC)
+TH_MAX = 8  # most output rows of a bic_cp_front tile (NPCONV_BIC_TH)
 FT = 16    # filters per bic_svd_spatial block (NPCONV_BIC_FT)
 LAUNCHES = ["forward-full", "reverse-small"]
 
@@ -76,14 +77,22 @@ def tile_launch(launch, N, smem_of):
 
 CP_CASES = {
     # name: (N, C, H, W, input group sizes, NH, K, X, Y, stride, (top, bottom, left, right))
-    "equal-3x3": (2, 6, 9, 11, (2, 2, 2), 2, 3, 3, 3, (1, 1), (1, 1, 1, 1)),           # 6 components: 4 + 2
+    "equal-3x3": (2, 6, 9, 11, (2, 2, 2), 2, 3, 3, 3, (1, 1), (1, 1, 1, 1)),           # 6 components
     "unequal-s2": (2, 7, 10, 9, (1, 4, 2), 3, 2, 5, 3, (2, 2), (2, 1, 0, 3)),
-    "zf-like-5x5s2": (1, 4, 13, 15, (2, 2), 2, 2, 5, 5, (2, 2), (0, 0, 0, 0)),         # exactly one chunk
-    "1x1": (2, 3, 6, 5, (3,), 1, 5, 1, 1, (1, 1), (0, 0, 0, 0)),
+    "zf-like-5x5s2": (1, 4, 13, 15, (2, 2), 2, 2, 5, 5, (2, 2), (0, 0, 0, 0)),
+    "3x3s2": (2, 5, 11, 10, (3, 2), 1, 3, 3, 3, (2, 2), (1, 1, 1, 1)),
+    "1x1": (2, 3, 6, 5, (3,), 1, 5, 1, 1, (1, 1), (0, 0, 0, 0)),                       # the generic column
     "wide-padding": (1, 2, 4, 5, (1, 1), 1, 1, 2, 2, (1, 1), (3, 0, 0, 3)),            # all-zero windows
     "stride3x1": (1, 5, 11, 8, (2, 3), 2, 1, 3, 2, (3, 1), (0, 1, 2, 0)),
     "7x7-odd-groups": (2, 9, 12, 13, (3, 1, 5), 2, 3, 7, 7, (1, 2), (3, 3, 2, 1)),   # 6 comps: a run across h
+    "7x7s2": (1, 4, 17, 9, (2, 2), 2, 2, 7, 4, (2, 1), (3, 2, 1, 2)),
     "7x1-many-channels": (1, 12, 9, 7, (12,), 1, 4, 7, 1, (1, 1), (3, 3, 0, 0)),
+    # tall enough for columns with no padding row (the loads held in registers) beside border columns
+    "tall-3x3": (2, 3, 24, 10, (1, 2), 1, 3, 3, 3, (1, 1), (1, 1, 1, 1)),
+    "tall-5x5s2": (1, 4, 40, 12, (2, 2), 2, 2, 5, 5, (2, 2), (1, 1, 1, 1)),
+    "tall-5x5s1": (1, 3, 30, 9, (3,), 1, 5, 5, 3, (1, 1), (2, 2, 0, 1)),
+    "tall-7x7s2": (1, 2, 52, 11, (1, 1), 1, 3, 7, 7, (2, 2), (0, 3, 3, 3)),
+    "tall-3x3s2": (1, 4, 41, 7, (1, 3), 2, 1, 3, 3, (2, 1), (1, 0, 1, 1)),
 }
 
 
@@ -102,6 +111,17 @@ def cp_reference(x, in_perm, in_off, reduce, vert, hor, stride, pad):
     return np.stack(rows)
 
 
+def cp_launch(launch, N, OH, OW, HK):
+    """(thread order, TW, TH, KC, threads, grid z) of bic_cp_front, chosen here: the whole output in one tile of
+    at most 32 x 8 with a thread a pixel, 4 components a block (a remainder chunk when HK is not a multiple) and
+    z = N; or 3 x 2 tiles, 3 components and 7 threads (fewer than a tile's pixels and than its (component,
+    column) pairs, so both phases loop) in reverse order with z = 1 (the image loop)."""
+    if launch == "forward-full":
+        TW, TH = min(OW, 32), min(OH, TH_MAX)
+        return "forward", TW, TH, min(4, HK), TW * TH, N
+    return "reverse", 3, 2, min(3, HK), 7, 1
+
+
 @pytest.mark.parametrize("launch", LAUNCHES)
 @pytest.mark.parametrize("case", sorted(CP_CASES))
 def test_cp_front(bic_module, rng, dtype, launch, case):
@@ -114,37 +134,42 @@ def test_cp_front(bic_module, rng, dtype, launch, case):
     vert = rng.standard_normal((G, NH, K, X)).astype(dtype)
     hor = rng.standard_normal((G, NH, K, Y)).astype(dtype)
     OH, OW = out_len(H, X, stride[0], pad[0], pad[1]), out_len(W, Y, stride[1], pad[2], pad[3])
-
-    def smem_of(TW, TH):
-        return cp_smem(X, Y, TW, TH, stride, max(sizes), dtype.itemsize)
-    order, TW, TH, gz, smem = tile_launch(launch, N, smem_of)
+    order, TW, TH, KC, threads, gz = cp_launch(launch, N, OH, OW, NH * K)
+    smem = cp_smem(X, Y, TW, TH, KC, stride, max(sizes), dtype.itemsize)
     tiles_w = -(-OW // TW)
     kchunks = -(-NH * K // KC)
     z = np.full((NH * G * K, N * OH * OW), np.nan, dtype)
     args = (x, in_perm.astype(i32), in_off.astype(i32), reduce, vert, hor, z,
-            *map(i32, (N, C, H, W, G, NH, K, X, Y, *stride, pad[0], pad[2], OH, OW, tiles_w, kchunks)))
-    kernel(bic_module, "bic_cp_front", dtype)((-(-OH // TH) * tiles_w, G * kchunks, gz), (TW, TH), args,
-                                              shared_mem=smem, order=order)
+            *map(i32, (N, C, H, W, G, NH, K, X, Y, *stride, pad[0], pad[2], OH, OW, TW, TH, KC, tiles_w, kchunks)))
+    kernel(bic_module, cp_front_name(X, stride[0]), dtype)((-(-OH // TH) * tiles_w, G * kchunks, gz), (threads,), args, shared_mem=smem,
+                                    order=order)
     check(z, cp_reference(x, in_perm, in_off, reduce, vert, hor, stride, pad), dtype, max(sizes) * X * Y)
 
 
-def cp_smem(X, Y, TW, TH, stride, cg_max, item):
-    """bic_cp_front's dynamic shared memory, from the layout described in _bicluster.cu: spatial taps, reduced
-    tiles, vertical-pass tiles and reduction weights (reals, rounded to an even count), then 8-byte offsets."""
-    TIH, TIW = (TH - 1) * stride[0] + X, (TW - 1) * stride[1] + Y
-    reals = KC * (X + Y) + KC * TIH * TIW + KC * TH * TIW + KC * cg_max
+def cp_smem(X, Y, TW, TH, KC, stride, cg_max, item):
+    """bic_cp_front's dynamic shared memory, from the layout described in _bicluster.cu: spatial taps, reduction
+    weights and the vertical pass's tiles (reals, rounded to an even count), then 8-byte offsets."""
+    TIW = (TW - 1) * stride[1] + Y
+    reals = KC * (X + Y) + KC * cg_max + KC * TH * TIW
     return (reals + reals % 2) * item + 8 * cg_max
 
 
-def test_cp_tiling_formula_matches_the_kernel_layout():
-    """ops_bicluster sizes bic_cp_front's dynamic shared memory with the kernel's layout (checked independently)."""
-    for X, Y, SH, SW, item, cg in [(5, 5, 2, 2, 4, 2), (3, 3, 1, 1, 8, 7), (5, 5, 2, 2, 8, 1), (7, 1, 1, 1, 4, 96)]:
-        TW, TH, smem = ops_bicluster.cp_tiling(X, Y, SH, SW, item, cg)
-        assert smem == cp_smem(X, Y, TW, TH, (SH, SW), cg, item)
-        assert smem <= ops_bicluster.CP_SMEM_BUDGET and TW * TH <= 256
-    assert ops_bicluster.cp_tiling(5, 5, 2, 2, 4, 2)[:2] == (32, 8)   # ZF conv2, float32: the full tile
-    assert ops_bicluster.cp_tiling(5, 5, 2, 2, 8, 2)[1] < 8            # float64: fewer rows
-    assert ops_bicluster.cp_tiling(31, 31, 4, 4, 8, 2) is None         # too large: the composed fallback
+def test_cp_tiling():
+    """ops_bicluster's geometry for bic_cp_front: the kernel's layout (checked independently), even tiles, the
+    block's threads used by phase A, and the budget."""
+    for X, Y, SH, SW, item, cg, OH, OW, HK in [(5, 5, 2, 2, 4, 2, 26, 26, 24), (3, 3, 1, 1, 8, 7, 13, 13, 12),
+                                               (5, 5, 2, 2, 8, 1, 55, 55, 8), (7, 1, 1, 1, 4, 96, 40, 3, 5),
+                                               (1, 1, 1, 1, 4, 3, 1, 200, 1)]:
+        TW, TH, KC, smem = ops_bicluster.cp_tiling(X, Y, SH, SW, item, cg, OH, OW, HK)
+        assert smem == cp_smem(X, Y, TW, TH, KC, (SH, SW), cg, item) <= ops_bicluster.CP_SMEM_BUDGET
+        assert TW <= 32 and TH <= TH_MAX and TW * TH <= 256 and 1 <= KC <= HK
+        assert -(-OW // TW) * TW - OW < -(-OW // TW) and -(-OH // TH) * TH - OH < -(-OH // TH)  # evenly split
+        TIW = (TW - 1) * SW + Y
+        assert KC * TIW <= TW * TH or KC == 1
+    # ZF conv2 (26 x 26 outputs, 5x5 stride 2, G = 48 groups of 2, K = 12, NH = 2): one tile of 26 columns, 4 of 7
+    # rows (4 x 8 would leave 6 rows idle), 3 components: 165 (component, column) pairs for 182 threads
+    assert ops_bicluster.cp_tiling(5, 5, 2, 2, 4, 2, 26, 26, 24)[:3] == (26, 7, 3)
+    assert ops_bicluster.cp_tiling(31, 31, 1, 1, 8, 4096, 64, 64, 8) is None        # too large: the fallback
 
 
 # --- bic_gather and bic_scatter ----------------------------------------------------------------------------------

@@ -22,13 +22,16 @@ DTYPE_NAMES = ("float32", "float64")
 
 def test_constants_shared_with_the_source():
     text = ops_bicluster.source_text(np.float32)
-    assert int(re.search(r"#define NPCONV_BIC_KC (\d+)", text)[1]) == ops_bicluster.CP_COMPONENTS_PER_BLOCK
+    assert int(re.search(r"#define NPCONV_BIC_TH (\d+)", text)[1]) == ops_bicluster.CP_TILE_ROWS
+    assert re.search(rf"NPCONV_KERNEL_LB_MIN\(base, {ops_bicluster.CP_MAX_THREADS}, ", text)   # bic_cp_front*
+    entries = set(re.findall(r"NPC_CP_FRONT_KERNEL\((bic_cp_front\w*), (\d+), (\d+)\)", text))
+    assert entries == {("bic_cp_front", "0", "0")} | {(ops_bicluster.cp_front_kernel(X, S), str(X), str(S))
+                                                      for X, S in ops_bicluster.CP_SPECIALISED}
     assert int(re.search(r"#define NPCONV_BIC_FT (\d+)", text)[1]) == ops_bicluster.SVD_FILTERS_PER_BLOCK
     tile = tuple(int(re.search(rf"#define NPC_TG_{d} (\d+)", text)[1]) for d in ("BM", "BN"))
     assert tile == ops_bicluster.EXPAND_TILE
     assert int(re.search(r"#define NPC_TG_THREADS (\d+)", text)[1]) == ops_bicluster.EXPAND_THREADS
-    for name in ("bic_cp_front", "bic_shared_filter"):          # 2-D tiles of TILE_W x up to max(TILE_ROWS) threads
-        assert re.search(rf"NPCONV_KERNEL_LB(_MIN)?\({name}, 256[,)]", text)
+    assert re.search(r"NPCONV_KERNEL_LB\(bic_shared_filter, 256\)", text)   # TILE_W x up to max(TILE_ROWS)
     assert ops_bicluster.TILE_W * max(ops_bicluster.TILE_ROWS) <= 256
     assert re.search(r"NPCONV_KERNEL_LB\(bic_svd_spatial, 256\)", text) and ops_bicluster._BLOCK <= 256
 
@@ -65,6 +68,12 @@ def test_every_launch_matches_ptx(recording, monkeypatch, rng, dtype_name):
         with monkeypatch.context() as mp:
             mp.setattr(ops_bicluster, "EXPAND_TILED_MAX_COLUMNS", 0)     # a GEMM and a scatter a group
             entry[kind](x, *args, None, stride=(1, 1), padding=(0, 0, 0, 0))
+    for X in (4, 5, 7):                 # the CP front end's other entry points (X = 4: the generic one)
+        f = make_factors("cp", rng, dt, 5, 6, X, 3, (2, 3), (4, 2), 2)
+        args = [cp.asarray(a) if i in floats["cp"] else a for i, a in enumerate(f)]
+        x = cp.asarray(rng.standard_normal((1, 5, 12, 9)).astype(dt))
+        for s in (1, 2):
+            entry["cp"](x, *args, None, stride=(s, 1), padding=(1, 1, 1, 1))
     launched = check_launch_log(log)
     assert launched == {loader.kernel_name(k, dt) for k in ops_bicluster.LAUNCH_SIGNATURES}
     assert [cupy_packed_size(v) for v in (np.zeros(2, np.int32), np.int32(1), 1)] == [8, 4, 8]

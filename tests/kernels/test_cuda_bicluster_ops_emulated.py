@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from bicluster_reference import dense_kernel, make_factors
+from bicluster_reference import cp_front_name, dense_kernel, make_factors
 from reference import conv2d_einsum, conv2d_naive
 
 from npconv.functional import bicluster as FB
@@ -23,8 +23,10 @@ FLOATS = {"cp": (2, 3, 4, 5), "svd": (2, 3, 4), "shared": (2, 4, 5, 6)}
 ENTRY = {"cp": ops_bicluster.bicluster_cp_conv2d, "svd": ops_bicluster.bicluster_svd_conv2d,
          "shared": ops_bicluster.shared_separable_conv2d}
 CPU = {"cp": FB.bicluster_cp_conv2d, "svd": FB.bicluster_svd_conv2d, "shared": FB.shared_separable_conv2d}
-FRONT = {"cp": ["bic_cp_front"], "svd": ["bic_gather", "bic_svd_spatial"],
-         "shared": ["bic_shared_filter", "bic_shared_combine"]}
+def front(kind, X, SH):
+    """The front end's launches of ``kind`` for X x Y filters at row stride SH."""
+    return {"cp": [cp_front_name(X, SH)], "svd": ["bic_gather", "bic_svd_spatial"],
+            "shared": ["bic_shared_filter", "bic_shared_combine"]}[kind]
 
 
 @pytest.fixture
@@ -98,7 +100,7 @@ def test_matches_dense_conv_and_cpu(fc, launched, monkeypatch, rng, dtype, order
     y = run(fc, kind, x, f, b, stride, pad, dev=None if contiguous else (lambda a: strided(fc, a)))
     check(fc, y, conv2d_einsum(x, dense_kernel(kind, f), b, stride=stride, padding=pad), dtype, C * X * Y * 4)
     check(fc, y, CPU[kind](x, *f, b, stride=stride, padding=pad), dtype, C * X * Y * 4)
-    assert launched == FRONT[kind] + (["bic_scatter"] * 3 if expand == "gemm" else ["bic_expand"])
+    assert launched == front(kind, X, stride[0]) + (["bic_scatter"] * 3 if expand == "gemm" else ["bic_expand"])
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -109,23 +111,23 @@ def test_device_index_arrays_and_no_bias(fc, launched, rng, dtype, kind):
     x = rng.standard_normal((1, 6, 7, 9)).astype(dtype)
     y = run(fc, kind, x, f, None, (1, 2), (0, 1, 1, 0), dev_index=True)
     check(fc, y, conv2d_naive(x, dense_kernel(kind, f), None, stride=(1, 2), padding=(0, 1, 1, 0)), dtype, 100)
-    assert launched == FRONT[kind] + ["bic_expand"]      # 56 output positions: the fused expansion
+    assert launched == front(kind, 2, 1) + ["bic_expand"]      # 56 output positions: the fused expansion
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_image_loop_and_batch_chunks(fc, launched, monkeypatch, rng, dtype, kind):
     """A grid z limit of 4 for 5 images (the kernels' image loops), then a workspace of two images' intermediates
     (chunks of 2 + 2 + 1 images)."""
-    C, F, X, Y, H, W = 4, 6, 3, 3, 8, 7
+    C, F, X, Y, H, W = 4, 6, 3, 3, 16, 15                       # CP: 8 x 8 tiles of 3 components, 2 chunks
     f = make_factors(kind, rng, dtype, C, F, X, Y, (1, 3), (3, 3), RANKS[kind])
     x = rng.standard_normal((5, C, H, W)).astype(dtype)
     b = rng.standard_normal(F).astype(dtype)
     ref = conv2d_einsum(x, dense_kernel(kind, f), b, stride=(2, 2), padding=(1, 1, 1, 1))
     monkeypatch.setattr(ops_bicluster, "_MAX_GRID_YZ", 4)      # still >= G * kchunks, C and G * NH here
     check(fc, run(fc, kind, x, f, b, (2, 2), (1, 1, 1, 1)), ref, dtype, 200)
-    assert launched.count(FRONT[kind][0]) == 1
+    assert launched.count(front(kind, X, 2)[0]) == 1
 
-    P, HW = 4 * 4, H * W                                        # output 4 x 4
+    P, HW = 8 * 8, H * W                                        # output 8 x 8
     if kind == "cp":
         per_image = (2 * 2 * 3 + 3) * P                         # Z (NH*G*K rows) + one group's GEMM result
     elif kind == "svd":
@@ -137,7 +139,7 @@ def test_image_loop_and_batch_chunks(fc, launched, monkeypatch, rng, dtype, kind
     monkeypatch.setattr(ops_bicluster, "WORKSPACE_BYTES", 2 * per_image * dtype.itemsize + 1)
     del launched[:]
     check(fc, run(fc, kind, x, f, b, (2, 2), (1, 1, 1, 1)), ref, dtype, 200)
-    assert launched.count(FRONT[kind][0]) == 3
+    assert launched.count(front(kind, X, 2)[0]) == 3
 
 
 def test_svd_channel_chunks_and_pixel_loop(fc, launched, monkeypatch, rng, dtype, order):
@@ -186,7 +188,7 @@ def test_zf_conv2_cp_shape_small_batch(fc, launched, monkeypatch, rng, expand):
     x = rng.standard_normal((1, 96, 23, 23)).astype(dtype)
     y = run(fc, "cp", x, f, None, (2, 2), (0, 0, 0, 0))
     check(fc, y, CPU["cp"](x, *f, None, stride=2, padding=0), dtype, 2 * 25 * 48 * 6)
-    assert launched == ["bic_cp_front"] + (["bic_scatter", "bic_scatter"] if expand == "gemm" else ["bic_expand"])
+    assert launched == ["bic_cp_front_x5s2"] + (["bic_scatter", "bic_scatter"] if expand == "gemm" else ["bic_expand"])
 
 
 def test_launch_refuses_wrong_argument_types(fc, rng):

@@ -10,8 +10,8 @@
 //   * the GEMM result of output group h, r (F_h, m*P), is written to NCHW by bic_scatter through out_perm.
 //
 //  * bic_cp_front       -- CP form, fused: gathers a group's channels through in_perm, the C_g -> 1 reduction of
-//                          NPCONV_BIC_KC components, the vertical X x 1 pass (row stride) and the horizontal
-//                          1 x Y pass (column stride) of each, through shared memory; writes Z.
+//                          KC components and the vertical X x 1 pass (row stride) of each, a column a thread in
+//                          registers, then the horizontal 1 x Y pass (column stride) from shared memory; writes Z.
 //  * bic_gather         -- SVD form: x gathered through in_perm into a channel-major matrix xg[j][n*H*W + s], so
 //                          each group's C_g -> H*K1 reduction is one GEMM on contiguous rows.
 //  * bic_svd_spatial    -- SVD form: the K1 -> K2 X x Y conv of every block (g, h), direct (no im2col matrix),
@@ -23,25 +23,31 @@
 //  * bic_expand         -- for few columns (batch 1): the expansion of every output group and the scatter, fused
 //                          in one launch (tiles of npc_tile_gemm, below), instead of a GEMM and a bic_scatter a group.
 
-#define NPCONV_BIC_KC 4   // components per bic_cp_front block (accumulators held in registers)
+#define NPCONV_BIC_TH 8   // most output rows of a bic_cp_front tile (a column's outputs held in registers)
 #define NPCONV_BIC_FT 16  // filters per bic_svd_spatial block (accumulators held in registers)
 
 // CP front end.
 //   x (m, C, H, W); in_perm (C,), in_off (G+1,); reduce (C, NH*K) rows in permuted order; vertical (G, NH*K, X);
 //   horizontal (G, NH*K, Y); z (NH*G*K, m*P) as in the header. Zero padding PT/PL at the top/left (the
 //   bottom/right padding only enters through OH/OW).
-// Launch: block (TW, TH) with TW*TH <= 256; grid (tiles_h * tiles_w, G * kchunks, min(m, 65535)) where
-// kchunks = ceil(NH*K / NPCONV_BIC_KC): block (tile, g, chunk) computes components q0 .. q0+KC-1 (q = h*K + k)
-// of group g for a TH x TW tile of output pixels, looping over the images. Dynamic shared memory, in this order:
-//   real_t: KC * (X + Y) (the block's spatial weights), KC * TIH * TIW (the reduced input tiles;
-//           TIH = (TH-1)*SH + X, TIW = (TW-1)*SW + Y), KC * TH * TIW (after the vertical pass),
-//           KC * cg (the block's reduction weights; cg = its group's size), rounded up to an even count;
+// Launch: 1-D blocks of at least one thread and at most 256; a tile of TH x TW output pixels (TH <= NPCONV_BIC_TH);
+// grid (tiles_h * tiles_w, G * kchunks, min(m, 65535)) where kchunks = ceil(NH*K / KC): block (tile, g, chunk)
+// computes components q0 .. q0+KC-1 (q = h*K + k) of group g for its tile, looping over the images. The host picks
+// KC so that KC * TIW threads cover the tile's input columns (TIW = (TW-1)*SW + Y, TIH = (TH-1)*SH + X).
+// Two phases an image:
+//   A. one thread per (component i, input column c): the group's reduction of that column, over the TIH rows the
+//      tile needs (each channel's rows loaded at once into registers), then the vertical X x 1 pass (row stride)
+//      of the column in registers, TH values to vs[i][o][c] in shared memory;
+//   B. one thread per output pixel, each component: the horizontal 1 x Y pass (column stride) from vs, into Z.
+// The first version reduced into a shared tile and then ran each pass from shared memory; on an H100 (ZF conv2,
+// CP K=12, batch 128) it took 70% of the layer's kernel time, its reduction a chain of dependent global loads.
+// Dynamic shared memory, in this order:
+//   real_t: KC * X (vertical taps), KC * Y (horizontal taps), KC * cg (reduction weights wr[j*KC + i]; cg = the
+//           group's size), KC * TH * TIW (vs), rounded up to an even count;
 //   long long: cg (the offsets of the group's channels in an image).
 // The host sizes it for the largest group (the layout grows with cg).
-// At most 64 registers a thread (4 blocks of 256 threads a multiprocessor): the first version, with no bound,
-// took 128 and ran at 25% occupancy, latency bound (ncu on an H100, ZF conv2 CP K=8, batch 128: 3.4 ms).
-// Each pass keeps its work free of integer division inside the loops and holds the taps of the common kernel
-// sizes (3, 5, 7) in registers (npc_cp_taps<T>); other sizes take the generic loop (T = 0).
+// Common (X, row stride) pairs take a column of TIH rows in registers (npc_cp_column<X, SH>); others the generic
+// form (X = 0), which accumulates the TH outputs row by row.
 
 // s = sum_t w[t] * src[t * step], t < T (unrolled, taps in registers) or t < n when T == 0
 template <int T>
@@ -56,31 +62,69 @@ __device__ __forceinline__ real_t npc_cp_taps(const real_t* w, const real_t* src
   return s;
 }
 
-// vertical pass of the block's nq components, row ty of the tile (blockDim.y == TH rows), columns tx, tx + TW, ...:
-// vs[i][ty][c] = sum_t wv[i][t] * rs[i][ty*SH + t][c]
-template <int T>
-__device__ __forceinline__ void npc_cp_vertical(const real_t* rs, real_t* vs, const real_t* wv, int nq, int X,
-                                                int TIW, int TIT, int TVT, int SH, int tx, int ty, int TW) {
-  for (int i = 0; i < nq; ++i) {
-    const real_t* src = rs + i * TIT + ty * SH * TIW;
-    real_t* dst = vs + i * TVT + ty * TIW;
-    if (T > 0) {
-      real_t w[T > 0 ? T : 1];
+// phase A for component i and input column iw of image xn, any column: vcol[o * TIW] for o < TH, the vertical pass
+// of red[r] = sum_j wr[j*KC + i] * x[channel j][ih0 + r][iw], r < TIH (zero outside the image), row by row
+__device__ __forceinline__ void npc_cp_column_rows(const real_t* __restrict__ xn, const long long* choff,
+                                                   const real_t* wr, const real_t* wv, real_t* vcol, int cg, int KC,
+                                                   int i, int X, int SH, int TH, int TIW, int H, int W, int ih0,
+                                                   int iw) {
+  const int TIH = (TH - 1) * SH + X;
+  real_t acc[NPCONV_BIC_TH];
 #pragma unroll
-      for (int t = 0; t < (T > 0 ? T : 1); ++t) w[t] = wv[i * X + t];
-      for (int c = tx; c < TIW; c += TW) dst[c] = npc_cp_taps<T>(w, src + c, TIW, X);
-    } else {
-      for (int c = tx; c < TIW; c += TW) dst[c] = npc_cp_taps<0>(wv + i * X, src + c, TIW, X);
+  for (int o = 0; o < NPCONV_BIC_TH; ++o) acc[o] = real_t(0);
+  for (int r = 0; r < TIH && npc_inside(iw, W); ++r) {
+    const int ih = ih0 + r;
+    if (!npc_inside(ih, H)) continue;
+    real_t red = real_t(0);
+    for (int j = 0; j < cg; ++j) red += wr[j * KC + i] * __ldg(xn + choff[j] + (size_t)ih * W + iw);
+#pragma unroll
+    for (int o = 0; o < NPCONV_BIC_TH; ++o) {
+      const int t = r - o * SH;  // the tap of input row r in output row o
+      if (o < TH && t >= 0 && t < X) acc[o] += wv[i * X + t] * red;
     }
+  }
+#pragma unroll
+  for (int o = 0; o < NPCONV_BIC_TH; ++o)
+    if (o < TH) vcol[o * TIW] = acc[o];
+}
+
+// the same for X = XT taps at row stride SHT and a column whose R = (NPCONV_BIC_TH-1)*SHT + XT rows from ih0 are
+// all inside the image: each channel's R loads issued at once, no bounds checks, the R sums and the vertical pass
+// in registers (rows past the tile's TIH when TH < NPCONV_BIC_TH are computed and not used)
+template <int XT, int SHT>
+__device__ __forceinline__ void npc_cp_column_regs(const real_t* __restrict__ xn, const long long* choff,
+                                                   const real_t* wr, const real_t* wv, real_t* vcol, int cg, int KC,
+                                                   int i, int TH, int TIW, int W, int ih0, int iw) {
+  constexpr int R = (NPCONV_BIC_TH - 1) * SHT + XT;
+  real_t red[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) red[r] = real_t(0);
+#pragma unroll 1
+  for (int j = 0; j < cg; ++j) {
+    const real_t w = wr[j * KC + i];
+    const real_t* xp = xn + choff[j] + (long long)ih0 * W + iw;  // row r at xp + r * W (a running pointer)
+#pragma unroll
+    for (int r = 0; r < R; ++r, xp += W) red[r] += w * __ldg(xp);
+  }
+  real_t wt[XT];
+#pragma unroll
+  for (int t = 0; t < XT; ++t) wt[t] = wv[i * XT + t];
+#pragma unroll
+  for (int o = 0; o < NPCONV_BIC_TH; ++o) {
+    real_t s = real_t(0);
+#pragma unroll
+    for (int t = 0; t < XT; ++t) s += wt[t] * red[o * SHT + t];
+    if (o < TH) vcol[o * TIW] = s;
   }
 }
 
-// horizontal pass of the block's nq components for the thread's output pixel, into Z
+// phase B for the output pixel (o, ow) of the tile: components i0 .. i0+run-1 from vs (KC x TH x TIW) into Z rows
+// zc, zc + zstride, ...
 template <int T>
 __device__ __forceinline__ void npc_cp_horizontal(const real_t* vs, const real_t* wh, real_t* zc, size_t zstride,
-                                                  int nq, int Y, int TVT, int TIW, int ty, int tx, int SW) {
-  const real_t* src = vs + ty * TIW + tx * SW;
-  for (int i = 0; i < nq; ++i, src += TVT, zc += zstride) {
+                                                  int run, int Y, int TVT, int TIW, int o, int ow, int SW) {
+  const real_t* src = vs + o * TIW + ow * SW;
+  for (int i = 0; i < run; ++i, src += TVT, zc += zstride) {
     if (T > 0) {
       real_t w[T > 0 ? T : 1];
 #pragma unroll
@@ -92,19 +136,16 @@ __device__ __forceinline__ void npc_cp_horizontal(const real_t* vs, const real_t
   }
 }
 
-NPCONV_KERNEL_LB_MIN(bic_cp_front, 256, 4)(
+// The kernel body, for a column of X = XT taps at row stride SHT (0, 0: any X and stride; launch parameters as above)
+template <int XT, int SHT>
+__device__ __forceinline__ void npc_cp_front(
     const real_t* __restrict__ x, const int* __restrict__ in_perm, const int* __restrict__ in_off,
     const real_t* __restrict__ reduce, const real_t* __restrict__ vertical, const real_t* __restrict__ horizontal,
     real_t* __restrict__ z, int m, int C, int H, int W, int G, int NH, int K, int X, int Y, int SH, int SW, int PT,
-    int PL, int OH, int OW, int tiles_w, int kchunks) {
+    int PL, int OH, int OW, int TW, int TH, int KC, int tiles_w, int kchunks) {
   extern __shared__ __align__(16) unsigned char npconv_bic_cp_smem[];
-  const int KC = NPCONV_BIC_KC;
-  const int TW = blockDim.x;
-  const int TH = blockDim.y;
-  const int TIH = (TH - 1) * SH + X;
   const int TIW = (TW - 1) * SW + Y;
-  const int TIT = TIH * TIW;  // one reduced input tile
-  const int TVT = TH * TIW;   // one tile after the vertical pass
+  const int TVT = TH * TIW;  // one component's tile after the vertical pass
 
   const int HK = NH * K;
   const int g = blockIdx.y / kchunks;
@@ -112,33 +153,25 @@ NPCONV_KERNEL_LB_MIN(bic_cp_front, 256, 4)(
   const int nq = min(KC, HK - q0);
   const int i0 = in_off[g];
   const int cg = in_off[g + 1] - i0;
-  const int tx = threadIdx.x;
-  const int ty = threadIdx.y;
-  const int tid = ty * TW + tx;
-  const int nthreads = TW * TH;
+  const int tid = threadIdx.x;
+  const int nthreads = blockDim.x;
   const int tile_r = blockIdx.x / tiles_w;
   const int tile_c = blockIdx.x - tile_r * tiles_w;
-  const int oh = tile_r * TH + ty;
-  const int ow = tile_c * TW + tx;
   const int ih0 = tile_r * TH * SH - PT;
   const int iw0 = tile_c * TW * SW - PL;
-  const bool active = oh < OH && ow < OW;
   const size_t HW = (size_t)H * W;
   const size_t P = (size_t)OH * OW;
   const size_t ldz = (size_t)m * P;
-  const int step_r = nthreads / TIW;  // a step of nthreads pixels in the reduced tile, as rows and columns
-  const int step_c = nthreads - step_r * TIW;
 
   real_t* wv = reinterpret_cast<real_t*>(npconv_bic_cp_smem);  // wv[i * X + t]
   real_t* wh = wv + KC * X;                                      // wh[i * Y + t]
-  real_t* rs = wh + KC * Y;
-  real_t* vs = rs + KC * TIT;
-  real_t* wr = vs + KC * TVT;                                    // wr[j * KC + i], j < cg
-  size_t reals = (size_t)KC * (X + Y + TIT + TVT + cg);          // the offsets follow this group's weights,
-  reals += reals & 1;                                            // 8-byte aligned
+  real_t* wr = wh + KC * Y;                                      // wr[j * KC + i], j < cg
+  real_t* vs = wr + KC * cg;                                     // vs[(i * TH + o) * TIW + c]
+  size_t reals = (size_t)KC * (X + Y + cg + TVT);                // the offsets follow, 8-byte aligned
+  reals += reals & 1;
   long long* choff = reinterpret_cast<long long*>(npconv_bic_cp_smem + reals * sizeof(real_t));
 
-  // the block's weights: spatial taps (zero past the last component), reduction (zero past nq), channel offsets
+  // the block's weights: spatial taps and reduction (zero past the last component), channel offsets
   for (int j = tid; j < KC * X; j += nthreads) {
     const int i = j / X;
     wv[j] = i < nq ? __ldg(vertical + ((size_t)g * HK + q0 + i) * X + (j - i * X)) : real_t(0);
@@ -155,45 +188,33 @@ NPCONV_KERNEL_LB_MIN(bic_cp_front, 256, 4)(
   for (int c = tid; c < cg; c += nthreads) choff[c] = (long long)__ldg(in_perm + i0 + c) * (long long)HW;
   __syncthreads();
 
+#pragma unroll 1
   for (int n = blockIdx.z; n < m; n += gridDim.z) {
-    // 1. reduction of the group's channels over the input tile, KC components at once (zero padding stays 0).
-    //    The previous image's rs was last read before the barrier ahead of its step 3, so no barrier is needed.
     const real_t* xn = x + (size_t)n * C * HW;
-    //    Pixel j = r * TIW + c of the tile, j = tid, tid + nthreads, ...: (r, c) advanced without division.
-    for (int j = tid, r = tid / TIW, c = tid - (tid / TIW) * TIW; j < TIT;
-         j += nthreads, r += step_r, c += step_c) {
-      if (c >= TIW) {
-        c -= TIW;
-        ++r;
-      }
-      const int ih = ih0 + r;
+    // A. a thread per (component, input column); vs of the previous image was last read before the barrier that
+    //    ends the previous iteration
+    for (int j = tid; j < nq * TIW; j += nthreads) {
+      const int i = j / TIW;
+      const int c = j - i * TIW;
+      real_t* vcol = vs + i * TVT + c;
       const int iw = iw0 + c;
-      real_t acc[NPCONV_BIC_KC];
-#pragma unroll
-      for (int i = 0; i < NPCONV_BIC_KC; ++i) acc[i] = real_t(0);
-      if (npc_inside(ih, H) && npc_inside(iw, W)) {
-        const real_t* xp = xn + (size_t)ih * W + iw;
-#pragma unroll 2  // (more unrolling needs more than the 64 registers of 4 blocks)
-        for (int ch = 0; ch < cg; ++ch) {
-          const real_t v = __ldg(xp + choff[ch]);
-#pragma unroll
-          for (int i = 0; i < NPCONV_BIC_KC; ++i) acc[i] += wr[ch * NPCONV_BIC_KC + i] * v;
-        }
-      }
-#pragma unroll
-      for (int i = 0; i < NPCONV_BIC_KC; ++i) rs[i * TIT + j] = acc[i];
+      if (XT > 0 && ih0 >= 0 && ih0 + (NPCONV_BIC_TH - 1) * SHT + XT <= H && npc_inside(iw, W))
+        npc_cp_column_regs<(XT > 0 ? XT : 1), (SHT > 0 ? SHT : 1)>(xn, choff, wr, wv, vcol, cg, KC, i, TH, TIW, W,
+                                                                   ih0, iw);
+      else  // a column that reaches the padding, or any X and stride
+        npc_cp_column_rows(xn, choff, wr, wv, vcol, cg, KC, i, XT > 0 ? XT : X, SHT > 0 ? SHT : SH, TH, TIW, H, W,
+                           ih0, iw);
     }
-    __syncthreads();  // rs written; the previous image's vs is no longer read
-    // 2. vertical pass (row stride SH) of every component
-    if (X == 3) npc_cp_vertical<3>(rs, vs, wv, nq, X, TIW, TIT, TVT, SH, tx, ty, TW);
-    else if (X == 5) npc_cp_vertical<5>(rs, vs, wv, nq, X, TIW, TIT, TVT, SH, tx, ty, TW);
-    else if (X == 7) npc_cp_vertical<7>(rs, vs, wv, nq, X, TIW, TIT, TVT, SH, tx, ty, TW);
-    else npc_cp_vertical<0>(rs, vs, wv, nq, X, TIW, TIT, TVT, SH, tx, ty, TW);
-    __syncthreads();
-    // 3. horizontal pass (column stride SW); one output pixel per thread, component q = h*K + k to its Z row
-    if (active) {
-      // rows of consecutive components differ by ldz within an output group h; the groups are G*K rows apart
-      const size_t col = (size_t)n * P + (size_t)oh * OW + ow;
+    __syncthreads();  // vs written
+    // B. a thread per output pixel; component q = h*K + k to its Z row. Rows of consecutive components differ by
+    //    ldz within an output group h; the groups are G*K rows apart.
+    for (int p = tid; p < TH * TW; p += nthreads) {
+      const int o = p / TW;
+      const int ow = p - o * TW;
+      const int oh = tile_r * TH + o;
+      const int owg = tile_c * TW + ow;
+      if (oh >= OH || owg >= OW) continue;
+      const size_t col = (size_t)n * P + (size_t)oh * OW + owg;
       for (int i = 0; i < nq;) {
         const int q = q0 + i;
         const int h = q / K;
@@ -202,15 +223,41 @@ NPCONV_KERNEL_LB_MIN(bic_cp_front, 256, 4)(
         real_t* zc = z + ((size_t)(h * G + g) * K + k) * ldz + col;
         const real_t* vi = vs + i * TVT;
         const real_t* whi = wh + i * Y;
-        if (Y == 3) npc_cp_horizontal<3>(vi, whi, zc, ldz, run, Y, TVT, TIW, ty, tx, SW);
-        else if (Y == 5) npc_cp_horizontal<5>(vi, whi, zc, ldz, run, Y, TVT, TIW, ty, tx, SW);
-        else if (Y == 7) npc_cp_horizontal<7>(vi, whi, zc, ldz, run, Y, TVT, TIW, ty, tx, SW);
-        else npc_cp_horizontal<0>(vi, whi, zc, ldz, run, Y, TVT, TIW, ty, tx, SW);
+        if (Y == 3) npc_cp_horizontal<3>(vi, whi, zc, ldz, run, Y, TVT, TIW, o, ow, SW);
+        else if (Y == 5) npc_cp_horizontal<5>(vi, whi, zc, ldz, run, Y, TVT, TIW, o, ow, SW);
+        else if (Y == 7) npc_cp_horizontal<7>(vi, whi, zc, ldz, run, Y, TVT, TIW, o, ow, SW);
+        else npc_cp_horizontal<0>(vi, whi, zc, ldz, run, Y, TVT, TIW, o, ow, SW);
         i += run;
       }
     }
+    __syncthreads();  // vs read; the next image may overwrite it
   }
 }
+
+#define NPC_CP_ARGS x, in_perm, in_off, reduce, vertical, horizontal, z, m, C, H, W, G, NH, K, X, Y, SH, SW, PT, PL, \
+    OH, OW, TW, TH, KC, tiles_w, kchunks
+// One entry point per specialisation: bic_cp_front (any X and stride) and bic_cp_front_x<X>s<SH>. At most 64
+// registers a thread in float32 (4 blocks of 256 threads a multiprocessor), 128 in float64 (a column's partial sums
+// take twice the registers).
+#define NPC_CP_MIN_BLOCKS_f32 4
+#define NPC_CP_MIN_BLOCKS_f64 2
+#define NPC_CP_FRONT_KERNEL(base, XT, SHT) \
+  NPCONV_KERNEL_LB_MIN(base, 256, NPCONV_JOIN(NPC_CP_MIN_BLOCKS, NPCONV_SFX))( \
+    const real_t* __restrict__ x, const int* __restrict__ in_perm, const int* __restrict__ in_off, \
+    const real_t* __restrict__ reduce, const real_t* __restrict__ vertical, const real_t* __restrict__ horizontal, \
+    real_t* __restrict__ z, int m, int C, int H, int W, int G, int NH, int K, int X, int Y, int SH, int SW, int PT, \
+    int PL, int OH, int OW, int TW, int TH, int KC, int tiles_w, int kchunks) { \
+    npc_cp_front<XT, SHT>(NPC_CP_ARGS); \
+  }
+NPC_CP_FRONT_KERNEL(bic_cp_front, 0, 0)
+NPC_CP_FRONT_KERNEL(bic_cp_front_x3s1, 3, 1)
+NPC_CP_FRONT_KERNEL(bic_cp_front_x3s2, 3, 2)
+NPC_CP_FRONT_KERNEL(bic_cp_front_x5s1, 5, 1)
+NPC_CP_FRONT_KERNEL(bic_cp_front_x5s2, 5, 2)
+NPC_CP_FRONT_KERNEL(bic_cp_front_x7s1, 7, 1)
+NPC_CP_FRONT_KERNEL(bic_cp_front_x7s2, 7, 2)
+#undef NPC_CP_FRONT_KERNEL
+#undef NPC_CP_ARGS
 
 // x (m, C, H*W) gathered through perm into the channel-major xg (C, m*H*W): xg[j][n*HW + s] = x[n][perm[j]][s].
 NPCONV_KERNEL_LB(bic_gather, 256)(const real_t* __restrict__ x, const int* __restrict__ perm,

@@ -12,12 +12,12 @@ row ``(h*G + g)*K + k`` holds component k of block (g, h). The expansion of outp
 ``out_perm[out_off[h]:out_off[h+1]]`` of NCHW, adding the bias; for at most :data:`EXPAND_TILED_MAX_COLUMNS` columns
 ``bic_expand`` does every group's product, the scatter and the bias in one launch. How each form builds Z:
 
-  * CP (:func:`bicluster_cp_conv2d`): one fused kernel, ``bic_cp_front``. A block takes one image, one input group,
-    :data:`CP_COMPONENTS_PER_BLOCK` components (h, k) and a tile of output pixels. It reduces the group's channels
-    (read through in_perm; the reduction weights and channel offsets in shared memory) over the input tile the output
-    tile needs, for its components at once (accumulators in registers), into shared memory; then the vertical
-    X x 1 pass (row stride), a tile row per thread row, into shared memory, then the horizontal 1 x Y pass (column
-    stride), one output pixel per thread, straight into Z. Taps of 3, 5 and 7 are held in registers.
+  * CP (:func:`bicluster_cp_conv2d`): one fused kernel, ``bic_cp_front``. A block takes one input group, KC
+    components (h, k) and a tile of output pixels, looping over the images (:func:`cp_tiling` picks the tile and KC).
+    First a thread per (component, input column of the tile) reduces the group's channels (read through in_perm)
+    down that column, each channel's rows loaded at once into registers, and runs the vertical X x 1 pass (row
+    stride) there, into shared memory; then a thread per output pixel runs the horizontal 1 x Y pass (column stride)
+    of each component straight into Z. Taps of 3, 5 and 7 and the common (X, row stride) pairs are specialised.
   * SVD (:func:`bicluster_svd_conv2d`): ``bic_gather`` copies x through in_perm into a channel-major matrix (C, m*H*W),
     so each group's C_g -> NH*K1 reduction is one cuBLAS GEMM on contiguous rows; ``bic_svd_spatial`` then runs the
     K1 -> K2 X x Y conv of every block (g, h) directly (16 filters per block in registers, their weights in shared
@@ -57,21 +57,26 @@ from .ops import I32, IPTR, PTR  # the kinds of the launch table; ops.launch pac
 __all__ = [
     "bicluster_cp_conv2d", "bicluster_svd_conv2d", "shared_separable_conv2d", "LAUNCH_SIGNATURES", "SOURCE",
     "source_text", "get_kernel", "clear_cache", "cp_tiling", "shared_tiling", "svd_chunk", "shared_launch_plan",
-    "CP_COMPONENTS_PER_BLOCK", "SVD_FILTERS_PER_BLOCK", "TILE_W", "TILE_ROWS", "CP_SMEM_BUDGET",
+    "CP_TILE_ROWS", "CP_MAX_THREADS", "CP_SPECIALISED", "cp_front_kernel", "SVD_FILTERS_PER_BLOCK", "TILE_W",
+    "TILE_ROWS", "CP_SMEM_BUDGET",
     "SHARED_SMEM_BUDGET", "SVD_SMEM_BUDGET", "WORKSPACE_BYTES", "EXPAND_TILED_MAX_COLUMNS", "EXPAND_TILE",
     "EXPAND_THREADS",
 ]
 
 #: the kernel source of this module (a file of npconv.kernels.cuda)
 SOURCE = "_bicluster"
-#: components per bic_cp_front block (NPCONV_BIC_KC in _bicluster.cu)
-CP_COMPONENTS_PER_BLOCK = 4
+#: most output rows of a bic_cp_front tile (NPCONV_BIC_TH in _bicluster.cu) and most threads of its block
+CP_TILE_ROWS = 8
+CP_MAX_THREADS = 256
+#: the (X, row stride) pairs with an entry point of their own, ``bic_cp_front_x<X>s<stride>`` (a column of the
+#: tile in registers); others take ``bic_cp_front``
+CP_SPECIALISED = ((3, 1), (3, 2), (5, 1), (5, 2), (7, 1), (7, 2))
 #: filters per bic_svd_spatial block (NPCONV_BIC_FT in _bicluster.cu)
 SVD_FILTERS_PER_BLOCK = 16
 #: output columns per tile of bic_cp_front / bic_shared_filter (blockDim.x), and the rows tried, largest first
 TILE_W = 32
 TILE_ROWS = (8, 4, 2, 1)
-#: shared memory a bic_cp_front block may use (reduced tiles + vertical pass + weights), bytes
+#: shared memory a bic_cp_front block may use (weights + the vertical pass's tiles), bytes
 CP_SMEM_BUDGET = 32 * 1024
 #: shared memory a bic_shared_filter block may use (input tile + vertical pass), bytes
 SHARED_SMEM_BUDGET = 24 * 1024
@@ -97,8 +102,9 @@ _INDEX_LIMIT = 2**31 - 2**26        # elements an int-indexed grid-stride loop m
 #: C-contiguous int32 device array; I32: ``np.int32``.
 LAUNCH_SIGNATURES: dict[str, tuple[str, tuple[str, ...]]] = {
     # x, in_perm, in_off, reduce, vertical, horizontal, z,
-    # m, C, H, W, G, NH, K, X, Y, SH, SW, PT, PL, OH, OW, tiles_w, kchunks
-    "bic_cp_front": (SOURCE, (PTR, IPTR, IPTR, PTR, PTR, PTR, PTR) + (I32,) * 17),
+    # m, C, H, W, G, NH, K, X, Y, SH, SW, PT, PL, OH, OW, TW, TH, KC, tiles_w, kchunks
+    **{name: (SOURCE, (PTR, IPTR, IPTR, PTR, PTR, PTR, PTR) + (I32,) * 20)
+       for name in ["bic_cp_front"] + [f"bic_cp_front_x{X}s{S}" for X, S in CP_SPECIALISED]},
     # x, perm, xg, m, C, HW
     "bic_gather": (SOURCE, (PTR, IPTR, PTR) + (I32,) * 3),
     # z1, spatial, z, m, G, NH, K1, K2, H, W, X, Y, SH, SW, PT, PL, OH, OW, CC
@@ -183,17 +189,43 @@ def _tile(X, Y, SH, SW, itemsize, budget, bytes_of):
     return None
 
 
-def cp_tiling(X, Y, SH, SW, itemsize, cg_max):
-    """(tile columns, tile rows, shared-memory bytes) of a bic_cp_front block whose largest input group has
-    ``cg_max`` channels, or None when even one row of :data:`TILE_W` outputs does not fit :data:`CP_SMEM_BUDGET`.
-    The layout (``_bicluster.cu``): KC * (X + Y + TIH*TIW + TH*TIW + cg_max) reals, rounded up to an even count,
-    then cg_max 8-byte channel offsets."""
-    KC = CP_COMPONENTS_PER_BLOCK
+CpTiling = collections.namedtuple("CpTiling", "TW TH KC smem")
 
-    def size(TH, TIH, TIW):
-        reals = KC * (X + Y + TIH * TIW + TH * TIW + cg_max)
+
+def _balanced(n, most):
+    """The smallest part of ``n`` items that needs as few parts as parts of at most ``most`` items do."""
+    return -(-n // -(-n // most))
+
+
+def cp_front_kernel(X, SH):
+    """The entry point of bic_cp_front for X taps at row stride SH."""
+    return f"bic_cp_front_x{X}s{SH}" if (X, SH) in CP_SPECIALISED else "bic_cp_front"
+
+
+def cp_tiling(X, Y, SH, SW, itemsize, cg_max, OH, OW, HK):
+    """The launch geometry of bic_cp_front (:class:`CpTiling`: tile columns and rows, components a block, dynamic
+    shared-memory bytes), or None when even one row and one component do not fit :data:`CP_SMEM_BUDGET`.
+
+    A tile is at most :data:`TILE_W` columns and :data:`CP_TILE_ROWS` rows, split evenly over the output (26
+    columns: one tile of 26, not one of 32 with 6 idle), with at most :data:`CP_MAX_THREADS` threads, one an output
+    pixel. The components a block (KC, of the ``HK`` = NH*K of a group) are as many as the block's threads can take
+    in phase A, a thread per (component, input column of the tile: TIW = (TW-1)*SW + Y), evened over the chunks.
+    The layout (``_bicluster.cu``): KC * (X + Y + cg_max + TH*TIW) reals, rounded up to an even count, then cg_max
+    8-byte channel offsets."""
+    TW = _balanced(OW, TILE_W)
+    TH = _balanced(OH, max(1, min(CP_TILE_ROWS, CP_MAX_THREADS // TW)))
+    TIW = (TW - 1) * SW + Y
+
+    def size(KC, TH):
+        reals = KC * (X + Y + cg_max + TH * TIW)
         return (reals + (reals & 1)) * itemsize + 8 * cg_max
-    return _tile(X, Y, SH, SW, 1, CP_SMEM_BUDGET, size)     # itemsize 1: size() counts bytes itself
+    for th in range(TH, 0, -1):
+        KC = _balanced(HK, max(1, min(HK, (TW * th) // TIW)))
+        while KC > 1 and size(KC, th) > CP_SMEM_BUDGET:
+            KC -= 1
+        if size(KC, th) <= CP_SMEM_BUDGET:
+            return CpTiling(TW, th, KC, size(KC, th))
+    return None
 
 
 def shared_tiling(X, Y, SH, SW, itemsize):
@@ -298,16 +330,17 @@ def bicluster_cp_conv2d(x, in_perm, in_off, reduce, vertical, horizontal, expand
     sh, sw = (int(v) for v in stride)
     pt, pb, pl, pr = (int(v) for v in padding)
     OH, OW = _out_len(H, X, sh, pt, pb), _out_len(W, Y, sw, pl, pr)
-    kchunks = -(-NH * K // CP_COMPONENTS_PER_BLOCK)
     in_off_h = _host_offsets(in_off)
-    tiling = cp_tiling(X, Y, sh, sw, dt.itemsize, int(np.diff(in_off_h).max()))
+    if min(OH, OW) < 1 or N == 0 or F == 0:
+        return cp.empty((N, F, max(OH, 0), max(OW, 0)), dtype=dt)
+    tiling = cp_tiling(X, Y, sh, sw, dt.itemsize, int(np.diff(in_off_h).max()), OH, OW, NH * K)
+    kchunks = -(-NH * K // tiling.KC) if tiling is not None else 0
     if tiling is None or G * kchunks > _MAX_GRID_YZ:
         return _composed("cp", cp, x, in_perm, in_off, (reduce, vertical, horizontal, expand), out_perm, out_off,
                          bias, stride, padding)
     y = cp.empty((N, F, OH, OW), dtype=dt)
-    if y.size == 0:
-        return y
-    TW, TH, smem = tiling
+    TW, TH, KC, smem = tiling
+    front = cp_front_kernel(X, sh)
     tiles_w = -(-OW // TW)
     tiles = -(-OH // TH) * tiles_w
     if tiles >= 2**31:
@@ -322,9 +355,9 @@ def bicluster_cp_conv2d(x, in_perm, in_off, reduce, vertical, horizontal, expand
     for n0 in range(0, N, nb):
         m = min(nb, N - n0)
         z = zbuf[:rows * m * P].reshape(NH, G * K, m * P)
-        _launch("bic_cp_front", dt, (tiles, G * kchunks, min(m, _MAX_GRID_YZ)), (TW, TH),
+        _launch(front, dt, (tiles, G * kchunks, min(m, _MAX_GRID_YZ)), (TW * TH,),
                 (x[n0:n0 + m], d_in_perm, d_in_off, reduce, vertical, horizontal, z,
-                 m, C, H, W, G, NH, K, X, Y, sh, sw, pt, pl, OH, OW, tiles_w, kchunks), shared_mem=smem)
+                 m, C, H, W, G, NH, K, X, Y, sh, sw, pt, pl, OH, OW, TW, TH, KC, tiles_w, kchunks), shared_mem=smem)
         _expand_scatter(cp, z, expand, d_out_perm, out_off_h, Fh, bias, y[n0:n0 + m], m, P)
     return y
 
