@@ -243,36 +243,7 @@ def host(calls=200, quick=False):
         print(f"{name}: {1e3 * queued:.3f} ms per call queued, {1e3 * synced:.3f} synchronised; host time per call "
               f"under cProfile (ms): " + ", ".join(f"{k} {1e3 * v:.3f}" for k, v in split.items()), flush=True)
         print(text.getvalue()[:4000], flush=True)
-    res["eager_gemm"] = eager_gemm_ab(work, cp, rounds=2 if quick else 9, calls=calls // 2 if not quick else 2)
     return res
-
-
-def eager_gemm_ab(work, cp, *, rounds, calls):
-    """Eager products through cuBLAS directly (``_gemm.EAGER_DIRECT``, the default) against ``cupy.matmul``, in
-    alternation (the order flips each round): ms per call queued back to back, the median of the rounds for each,
-    and the median of the rounds' ratios (cupy.matmul / direct: above 1, the direct call is faster)."""
-    import statistics
-
-    from npconv.kernels.cuda import _gemm
-    sync = cp.cuda.Device().synchronize
-    saved = _gemm.EAGER_DIRECT
-    out = {}
-    try:
-        for name, fn in work.items():
-            got = {True: [], False: []}
-            for r in range(rounds):
-                for flag in ((True, False) if r % 2 else (False, True)):
-                    _gemm.EAGER_DIRECT = flag
-                    got[flag].append(_queued_ms(fn, sync, calls))
-            ratio = statistics.median(c / d for c, d in zip(got[False], got[True]))
-            out[name] = dict(direct_ms=statistics.median(got[True]), cupy_matmul_ms=statistics.median(got[False]),
-                             cupy_over_direct=ratio, rounds=rounds, calls=calls)
-            print(f"eager products, {name}: direct cuBLAS {out[name]['direct_ms']:.4f} ms per call queued, "
-                  f"cupy.matmul {out[name]['cupy_matmul_ms']:.4f}; cupy.matmul / direct {ratio:.3f} (median of "
-                  f"{rounds} rounds)", flush=True)
-    finally:
-        _gemm.EAGER_DIRECT = saved
-    return out
 
 
 #: ZF conv2-conv5: (C, H=W, F, K, stride, padding)

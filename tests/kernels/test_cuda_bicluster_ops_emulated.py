@@ -115,9 +115,11 @@ def test_device_index_arrays_and_no_bias(fc, launched, rng, dtype, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_image_loop_and_batch_chunks(fc, launched, monkeypatch, rng, dtype, kind):
-    """A grid z limit of 4 for 5 images (the kernels' image loops), then a workspace of two images' intermediates
-    (chunks of 2 + 2 + 1 images)."""
+@pytest.mark.parametrize("per_block", [1, 3])
+def test_image_loop_and_batch_chunks(fc, launched, monkeypatch, rng, dtype, kind, per_block):
+    """A grid z limit of 4 for 5 images (the kernels' image loops; for CP also 3 images a block by its own rule),
+    then a workspace of two images' intermediates (chunks of 2 + 2 + 1 images)."""
+    monkeypatch.setattr(ops_bicluster, "CP_IMAGES_PER_BLOCK", per_block)
     C, F, X, Y, H, W = 4, 6, 3, 3, 16, 15                       # CP: 8 x 8 tiles of 3 components, 2 chunks
     f = make_factors(kind, rng, dtype, C, F, X, Y, (1, 3), (3, 3), RANKS[kind])
     x = rng.standard_normal((5, C, H, W)).astype(dtype)

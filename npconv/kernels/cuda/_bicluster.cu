@@ -88,23 +88,27 @@ __device__ __forceinline__ void npc_cp_column_rows(const real_t* __restrict__ xn
     if (o < TH) vcol[o * TIW] = acc[o];
 }
 
-// the same for X = XT taps at row stride SHT and a column whose R = (NPCONV_BIC_TH-1)*SHT + XT rows from ih0 are
-// all inside the image: each channel's R loads issued at once, no bounds checks, the R sums and the vertical pass
-// in registers (rows past the tile's TIH when TH < NPCONV_BIC_TH are computed and not used)
+// the same for X = XT taps at row stride SHT: each channel's R = (NPCONV_BIC_TH-1)*SHT + XT loads issued at once
+// (rows outside the image skipped), the R sums and the vertical pass in registers (rows past the tile's TIH when
+// TH < NPCONV_BIC_TH are computed and not used)
 template <int XT, int SHT>
 __device__ __forceinline__ void npc_cp_column_regs(const real_t* __restrict__ xn, const long long* choff,
                                                    const real_t* wr, const real_t* wv, real_t* vcol, int cg, int KC,
-                                                   int i, int TH, int TIW, int W, int ih0, int iw) {
+                                                   int i, int TH, int TIW, int H, int W, int ih0, int iw) {
   constexpr int R = (NPCONV_BIC_TH - 1) * SHT + XT;
   real_t red[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) red[r] = real_t(0);
+  const int r_lo = max(0, -ih0);                               // rows r_lo .. r_hi-1 are inside the image,
+  const int r_hi = npc_inside(iw, W) ? min(R, H - ih0) : 0;    // none in a column outside it: bit r of rows
+  const unsigned rows = r_hi > r_lo ? ((r_hi - r_lo < 32 ? (1u << (r_hi - r_lo)) : 0u) - 1u) << r_lo : 0u;
 #pragma unroll 1
   for (int j = 0; j < cg; ++j) {
     const real_t w = wr[j * KC + i];
     const real_t* xp = xn + choff[j] + (long long)ih0 * W + iw;  // row r at xp + r * W (a running pointer)
 #pragma unroll
-    for (int r = 0; r < R; ++r, xp += W) red[r] += w * __ldg(xp);
+    for (int r = 0; r < R; ++r, xp += W)
+      if (rows & (1u << r)) red[r] += w * __ldg(xp);  // (one mask, not R predicates held over the loop)
   }
   real_t wt[XT];
 #pragma unroll
@@ -198,12 +202,11 @@ __device__ __forceinline__ void npc_cp_front(
       const int c = j - i * TIW;
       real_t* vcol = vs + i * TVT + c;
       const int iw = iw0 + c;
-      if (XT > 0 && ih0 >= 0 && ih0 + (NPCONV_BIC_TH - 1) * SHT + XT <= H && npc_inside(iw, W))
-        npc_cp_column_regs<(XT > 0 ? XT : 1), (SHT > 0 ? SHT : 1)>(xn, choff, wr, wv, vcol, cg, KC, i, TH, TIW, W,
+      if (XT > 0)
+        npc_cp_column_regs<(XT > 0 ? XT : 1), (SHT > 0 ? SHT : 1)>(xn, choff, wr, wv, vcol, cg, KC, i, TH, TIW, H, W,
                                                                    ih0, iw);
-      else  // a column that reaches the padding, or any X and stride
-        npc_cp_column_rows(xn, choff, wr, wv, vcol, cg, KC, i, XT > 0 ? XT : X, SHT > 0 ? SHT : SH, TH, TIW, H, W,
-                           ih0, iw);
+      else
+        npc_cp_column_rows(xn, choff, wr, wv, vcol, cg, KC, i, X, SH, TH, TIW, H, W, ih0, iw);
     }
     __syncthreads();  // vs written
     // B. a thread per output pixel; component q = h*K + k to its Z row. Rows of consecutive components differ by

@@ -1,13 +1,11 @@
-"""Matrix products of the GPU path: cuBLAS's strided-batched GEMM called directly, through ctypes, on CuPy's own
-cuBLAS handle and the current stream.
+"""Matrix products of the GPU path: ``cupy.matmul``, except while a CUDA graph is being recorded.
 
-Two reasons. CuPy refuses every cuBLAS call during stream capture (its ``cublas.setStream`` raises
-``NotImplementedError``, CuPy 13 and 14), although cuBLAS itself supports capture, so a CUDA graph
-(``Network.cuda_graph``) needs the direct call. And at batch 1 an eager layer's time is the host's: under cProfile on
-an H100's host ``cupy.matmul`` took 45-54 us of host time a call (docs/gpu_results.md), its checks and dispatch over
-a GEMM of 20-30 us on the device. With :data:`EAGER_DIRECT` (the default) eager products take the direct call too;
-``cupy.matmul`` remains for what it does not cover (operands of other dtypes or ranks, an ``out`` that is not
-C-contiguous, a CuPy whose cuBLAS library cannot be found, as with the tests' CPU stand-in).
+CuPy refuses every cuBLAS call during stream capture (its ``cublas.setStream`` raises ``NotImplementedError``,
+CuPy 13 and 14), although cuBLAS itself supports capture. While the current stream is capturing
+(``Network.cuda_graph``), :func:`matmul` therefore calls cuBLAS's strided-batched GEMM itself, through ctypes, on
+CuPy's own cuBLAS handle and the capturing stream. Outside a capture it is ``cupy.matmul``: the same direct call
+made eagerly was measured on an H100 (twelfth session, docs/gpu_results.md) and was not faster, its host time per
+call through ctypes about that of ``cupy.matmul``.
 
 The captured product is row-major ``C = A @ B`` done the usual way on a column-major library: a row-major matrix
 with leading dimension ``ld`` is the column-major transpose, so cuBLAS computes ``C^T = B^T A^T``. Each operand is
@@ -26,48 +24,15 @@ from ... import _backend
 OP_N, OP_T = 0, 1          # cublasOperation_t
 POINTER_MODE_HOST = 0      # cublasPointerMode_t
 
-#: eager (not recorded) products call cuBLAS directly too; False: ``cupy.matmul`` (kept to measure one against the
-#: other, ``bench/gpu_profile.py host``)
-EAGER_DIRECT = True
-
 
 def matmul(a, b, out=None):
     """``cupy.matmul(a, b, out=out)`` for a (..., M, K) and b (..., K, N), 2-D or 3-D, also while a CUDA graph is
     being recorded on the current stream."""
     cp = _backend.require_cupy()
     stream = cp.cuda.get_current_stream()
-    if stream.is_capturing():
-        return _direct_matmul(cp, a, b, out, stream)
-    if EAGER_DIRECT and _direct_fits(a, b, out) and _direct_available(cp):
-        return _direct_matmul(cp, a, b, out, stream)
-    return cp.matmul(a, b, out=out)
-
-
-def _direct_fits(a, b, out):
-    """Whether the direct call takes these operands as they are (otherwise ``cupy.matmul`` does the product)."""
-    dt = a.dtype
-    return (b.dtype == dt and dt in _REALS and a.ndim in (2, 3) and b.ndim in (2, 3)
-            and (out is None or (out.dtype == dt and out.flags.c_contiguous)))
-
-
-_REALS = (np.dtype(np.float32), np.dtype(np.float64))
-_AVAILABLE: dict = {}
-
-
-def _direct_available(cp):
-    """Whether this CuPy has a cuBLAS handle and its library is mapped in the process (memoised per module: the
-    tests' CPU stand-in has neither)."""
-    key = id(cp)
-    ok = _AVAILABLE.get(key)
-    if ok is None:
-        try:
-            cp.cuda.device.get_cublas_handle()
-            _cublas()
-            ok = True
-        except (AttributeError, RuntimeError, OSError):
-            ok = False
-        _AVAILABLE[key] = ok
-    return ok
+    if not stream.is_capturing():
+        return cp.matmul(a, b, out=out)
+    return _captured_matmul(cp, a, b, out, stream)
 
 
 def operand(shape, strides, itemsize):
@@ -105,20 +70,16 @@ def gemm_plan(a_shape, a_strides, b_shape, b_strides, itemsize):
                 stride_a=pb[2], stride_b=pa[2], stride_c=M * N, batch=batch)
 
 
-#: gemm_plan memoised (a layer calls with the same shapes every time); its dicts are shared, read-only
-_plan = functools.lru_cache(maxsize=1024)(gemm_plan)
-
-
-def _direct_matmul(cp, a, b, out, stream):
+def _captured_matmul(cp, a, b, out, stream):
     dt = np.dtype(a.dtype)
     if b.dtype != dt or dt not in (np.float32, np.float64):
         raise TypeError(f"matmul: a and b must both be float32 or float64, got {a.dtype} and {b.dtype}")
     if not (a.ndim in (2, 3) and b.ndim in (2, 3)):
         raise ValueError(f"matmul: 2-D or 3-D operands only, got a {a.shape} and b {b.shape}")
-    plan = _plan(a.shape, a.strides, b.shape, b.strides, dt.itemsize)
+    plan = gemm_plan(a.shape, a.strides, b.shape, b.strides, dt.itemsize)
     if plan is None:
         a, b = cp.ascontiguousarray(a), cp.ascontiguousarray(b)
-        plan = _plan(a.shape, a.strides, b.shape, b.strides, dt.itemsize)
+        plan = gemm_plan(a.shape, a.strides, b.shape, b.strides, dt.itemsize)
     shape = ((plan["batch"],) if max(a.ndim, b.ndim) == 3 else ()) + (a.shape[-2], b.shape[-1])
     if out is None:
         out = cp.empty(shape, dtype=dt)

@@ -57,10 +57,9 @@ from .ops import I32, IPTR, PTR  # the kinds of the launch table; ops.launch pac
 __all__ = [
     "bicluster_cp_conv2d", "bicluster_svd_conv2d", "shared_separable_conv2d", "LAUNCH_SIGNATURES", "SOURCE",
     "source_text", "get_kernel", "clear_cache", "cp_tiling", "shared_tiling", "svd_chunk", "shared_launch_plan",
-    "CP_TILE_ROWS", "CP_MAX_THREADS", "CP_SPECIALISED", "cp_front_kernel", "SVD_FILTERS_PER_BLOCK", "TILE_W",
-    "TILE_ROWS", "CP_SMEM_BUDGET",
-    "SHARED_SMEM_BUDGET", "SVD_SMEM_BUDGET", "WORKSPACE_BYTES", "EXPAND_TILED_MAX_COLUMNS", "EXPAND_TILE",
-    "EXPAND_THREADS",
+    "CP_TILE_ROWS", "CP_MAX_THREADS", "CP_SPECIALISED", "CP_IMAGES_PER_BLOCK", "cp_front_kernel",
+    "SVD_FILTERS_PER_BLOCK", "TILE_W", "TILE_ROWS", "CP_SMEM_BUDGET", "SHARED_SMEM_BUDGET", "SVD_SMEM_BUDGET",
+    "WORKSPACE_BYTES", "EXPAND_TILED_MAX_COLUMNS", "EXPAND_TILE", "EXPAND_THREADS",
 ]
 
 #: the kernel source of this module (a file of npconv.kernels.cuda)
@@ -71,6 +70,8 @@ CP_MAX_THREADS = 256
 #: the (X, row stride) pairs with an entry point of their own, ``bic_cp_front_x<X>s<stride>`` (a column of the
 #: tile in registers); others take ``bic_cp_front``
 CP_SPECIALISED = ((3, 1), (3, 2), (5, 1), (5, 2), (7, 1), (7, 2))
+#: images a bic_cp_front block loops over (grid z = ceil(images / this)): its weights are staged once for them
+CP_IMAGES_PER_BLOCK = 1
 #: filters per bic_svd_spatial block (NPCONV_BIC_FT in _bicluster.cu)
 SVD_FILTERS_PER_BLOCK = 16
 #: output columns per tile of bic_cp_front / bic_shared_filter (blockDim.x), and the rows tried, largest first
@@ -355,7 +356,7 @@ def bicluster_cp_conv2d(x, in_perm, in_off, reduce, vertical, horizontal, expand
     for n0 in range(0, N, nb):
         m = min(nb, N - n0)
         z = zbuf[:rows * m * P].reshape(NH, G * K, m * P)
-        _launch(front, dt, (tiles, G * kchunks, min(m, _MAX_GRID_YZ)), (TW * TH,),
+        _launch(front, dt, (tiles, G * kchunks, min(-(-m // CP_IMAGES_PER_BLOCK), _MAX_GRID_YZ)), (TW * TH,),
                 (x[n0:n0 + m], d_in_perm, d_in_off, reduce, vertical, horizontal, z,
                  m, C, H, W, G, NH, K, X, Y, sh, sw, pt, pl, OH, OW, TW, TH, KC, tiles_w, kchunks), shared_mem=smem)
         _expand_scatter(cp, z, expand, d_out_perm, out_off_h, Fh, bias, y[n0:n0 + m], m, P)
