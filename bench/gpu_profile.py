@@ -4,6 +4,7 @@
     ncu --profile-from-start off ... python bench/gpu_profile.py ncu     # one pass of each workload, profiled
     python bench/gpu_profile.py host [--out FILE.json]    # where the host time of eager batch-1 calls goes
     python bench/gpu_profile.py small [--out FILE.json]   # small batches: dense vs cuDNN, fused expansion or not
+    python bench/gpu_profile.py cpblock [--out FILE.json] # the CP front end with 1, 2, 4 images a block
 
 ``probe`` times, on ZF conv2 (96 -> 256, 5x5, stride 2, 55x55) at batch 128 and the CIFAR reference net's conv2:
 the whole npconv conv (im2col + GEMM + scatter, the chunk size that ``ops.WORKSPACE_BYTES`` gives and larger ones),
@@ -21,6 +22,8 @@ and cuDNN, and the biclustered CP conv2 (K = 8, 12) at batches 1-8 with its expa
 GEMMs + scatters (the rule ``ops_bicluster.EXPAND_TILED_MAX_COLUMNS``). Each as the latency of one call (CUDA events
 around it, after a synchronize; the variants of a row in alternation, ``bench_gpu.time_interleaved``) and as the
 time per call of 50 calls queued back to back.
+``cpblock`` times the biclustered CP conv2 (K = 6, 8, 12, batch 128) with ``ops_bicluster.CP_IMAGES_PER_BLOCK`` at
+1, 2 and 4 in alternation, and checks that the outputs agree (``ncu --workloads cp`` profiles the front end alone).
 """
 from __future__ import annotations
 
@@ -35,7 +38,8 @@ if str(_ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from bench.bench_gpu import gpu_missing, time_cupy, time_interleaved, time_torch, torch_cuda  # noqa: E402
+from bench.bench_gpu import (gpu_missing, paired_speedup, time_cupy, time_interleaved, time_torch,  # noqa: E402
+                             torch_cuda)
 
 #: (C, H=W, F, K, stride, padding)
 SHAPES = {"zf_conv2": (96, 55, 256, 5, 2, 0), "cifar_conv2": (64, 16, 128, 5, 1, 2)}
@@ -322,21 +326,65 @@ def probe_small(batches=(1, 2, 4, 8, 16, 32), cp_batches=(1, 2, 4, 8), repeat=30
     return out
 
 
+def cp_images_per_block(per_block=(1, 2, 4), ks=(6, 8, 12), N=128, repeat=15, quick=False):
+    """{"cp<K>/b<N>/ipb<n>": {"median_ms", "speedup_over_first"}} for the CP layer with ``per_block`` images a
+    bic_cp_front block, timed in alternation; each output must equal the first setting's (float32 sums, same
+    order: to within 1e-4 of the output's scale). ``quick``: the small shape, K = 4, batch 5, one round."""
+    import cupy as cp
+
+    from bench.bench_gpu_bicluster import ZF_CONV2, factored_callable
+    from npconv.kernels.cuda import ops_bicluster
+    saved = ops_bicluster.CP_IMAGES_PER_BLOCK
+    out = {}
+    if quick:
+        ks, N, repeat = (4,), 5, 1
+    try:
+        for k in ks:
+            opts, geom = ((4, 2, k), QUICK_CONV2) if quick else ((48, 2, k), ZF_CONV2)
+            layer = factored_callable("cp", opts, N, geom, np.float32)
+            cases, ref = {}, None
+            for n in per_block:
+                def run(n=n):
+                    ops_bicluster.CP_IMAGES_PER_BLOCK = n
+                    return layer()
+                y = cp.asnumpy(run())
+                if ref is None:
+                    ref = y
+                elif not np.allclose(y, ref, rtol=0, atol=1e-4 * max(1.0, float(np.abs(ref).max()))):
+                    raise AssertionError(f"cp{k}: {n} images a block give another output than {per_block[0]}")
+                cases[f"ipb{n}"] = (run, "cupy")
+            timed, rounds = time_interleaved(cases, warmup=3, repeat=repeat)
+            first = f"ipb{per_block[0]}"
+            for name in cases:
+                key = f"cp{k}/b{N}/{name}"
+                out[key] = {"median_ms": timed[name]["median_ms"],
+                            "speedup_over_first": paired_speedup(rounds, first, name)}
+                print(f"{key:20s} {out[key]['median_ms']:8.3f} ms   x{out[key]['speedup_over_first']:.3f} "
+                      f"against {first}", flush=True)
+            cp.get_default_memory_pool().free_all_blocks()
+    finally:
+        ops_bicluster.CP_IMAGES_PER_BLOCK = saved
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=("probe", "ncu", "host", "small"))
+    ap.add_argument("what", choices=("probe", "ncu", "host", "small", "cpblock"))
     ap.add_argument("--out", help="JSON file for the probe's times (written atomically)")
     ap.add_argument("--workloads", choices=sorted(NCU_WORKLOADS), default="b128",
                     help="ncu: which set of workloads (NCU_WORKLOADS)")
-    ap.add_argument("--quick", action="store_true", help="host, small: small shapes, few calls (a smoke run)")
+    ap.add_argument("--quick", action="store_true",
+                    help="host, small, cpblock: small shapes, few calls (a smoke run)")
     args = ap.parse_args(argv)
     why = gpu_missing()
     if why is not None:
         print(f"gpu_profile {args.what}: skipped, no GPU ({why})")
         return 0
-    if args.what in ("probe", "host", "small"):
-        res = (probe() if args.what == "probe" else host(quick=args.quick) if args.what == "host"
-               else probe_small(quick=args.quick))
+    if args.what in ("probe", "host", "small", "cpblock"):
+        run = {"probe": lambda: probe(), "host": lambda: host(quick=args.quick),
+               "small": lambda: probe_small(quick=args.quick),
+               "cpblock": lambda: cp_images_per_block(quick=args.quick)}[args.what]
+        res = run()
         if args.out:
             from npconv._fileio import atomic_write
             text = json.dumps(res, indent=1)

@@ -5,14 +5,16 @@
 #
 #   bash bench/run_gpu.sh [OUTDIR] [STEP ...]     # steps: info tests suite bench network factored tune (default:
 #                                                 # all but suite; suite = the whole test suite, GPU tests included)
-#                                                 # and, only when named: probe host small ncu memcheck racecheck
+#                                                 # and, only when named: probe host small cpblock ncu memcheck
+#                                                 # racecheck
 #
 # probe: bench/gpu_profile.py's CUDA-event times of the parts of the dense conv2 and of variants; host: its split
 # of the host time of eager batch-1 calls (npconv's Python, CuPy, NumPy) and the per-call times, queued and
 # synchronised; small: its timings at small batches (dense convs against cuDNN, the biclustered expansion fused or
-# not); ncu: Nsight Compute on bench/gpu_profile.py's workloads (report and its details page; NCU_SET=b1
-# for the batch-1 set); memcheck / racecheck: compute-sanitizer over the float32 GPU tests (racecheck: the kernels
-# with shared memory; RACECHECK_K narrows its pytest -k expression), each stopped at its time limit.
+# not); cpblock: the CP layer with 1, 2, 4 images a bic_cp_front block; ncu: Nsight Compute on bench/gpu_profile.py's
+# workloads (report and its details page; NCU_SET=b1 for the batch-1 set, cp for the CP front end); memcheck /
+# racecheck: compute-sanitizer over the float32 GPU tests (racecheck: the kernels with shared memory; RACECHECK_K
+# narrows its pytest -k expression), each stopped at its time limit.
 #
 # Environment: PYTHON (default python3), NPCONV_TEST_JOBS (pytest-xdist workers, default 8), TESTS_LIMIT and
 # SUITE_LIMIT (seconds), TAIL_LINES (log lines echoed per step), PACK (where the .tgz goes).
@@ -63,6 +65,8 @@ torch.__version__, \"cudnn\", torch.backends.cudnn.version())'; nproc; lscpu | g
         step host 90 "$py" bench/gpu_profile.py host --out "$out/host.json" ;;
     small)
         step small "${SMALL_LIMIT:-150}" "$py" bench/gpu_profile.py small --out "$out/small.json" ;;
+    cpblock)
+        step cpblock 90 "$py" bench/gpu_profile.py cpblock --out "$out/cpblock.json" ;;
     ncu)
         step ncu "${NCU_LIMIT:-150}" ncu --profile-from-start off --clock-control none --target-processes all \
             --section SpeedOfLight --section LaunchStats --section Occupancy --section MemoryWorkloadAnalysis \

@@ -16,7 +16,7 @@ from tests.cuda_emulator import install_as_cupy  # noqa: E402
 
 
 @pytest.mark.skipif(HAS_GPU, reason="checks the behaviour without a CUDA device")
-@pytest.mark.parametrize("what", ["probe", "ncu", "host", "small"])
+@pytest.mark.parametrize("what", ["probe", "ncu", "host", "small", "cpblock"])
 def test_skips_without_a_gpu(capsys, tmp_path, what):
     from bench import gpu_profile
     out = tmp_path / "probe.json"
@@ -100,3 +100,17 @@ def test_small_quick_run_on_the_emulated_cupy(monkeypatch, tmp_path):
     assert set(rep) == {"conv2/b1/npconv", "cp4/b1/fused", "cp4/b1/gemm"}
     assert all(r["latency_ms"] > 0 and r["queued_ms"] > 0 for r in rep.values())
     assert ops_bicluster.EXPAND_TILED_MAX_COLUMNS == before
+
+
+@pytest.mark.cpuemu
+@pytest.mark.skipif(not HAS_CXX, reason="no C++ compiler for the CUDA C emulator")
+def test_cpblock_quick_run_on_the_emulated_cupy(monkeypatch, tmp_path):
+    """The images-per-block comparison on the CPU-emulated cupy: a record per setting, the outputs compared, the
+    setting restored."""
+    from npconv.kernels.cuda import ops_bicluster
+    before = ops_bicluster.CP_IMAGES_PER_BLOCK
+    rep = quick_run_on_the_emulated_cupy("cpblock", monkeypatch, tmp_path)
+    assert set(rep) == {"cp4/b5/ipb1", "cp4/b5/ipb2", "cp4/b5/ipb4"}
+    assert all(r["median_ms"] > 0 and r["speedup_over_first"] > 0 for r in rep.values())
+    assert rep["cp4/b5/ipb1"]["speedup_over_first"] == 1.0
+    assert ops_bicluster.CP_IMAGES_PER_BLOCK == before
