@@ -31,9 +31,11 @@
 //   horizontal (G, NH*K, Y); z (NH*G*K, m*P) as in the header. Zero padding PT/PL at the top/left (the
 //   bottom/right padding only enters through OH/OW).
 // Launch: 1-D blocks of at least one thread and at most 256; a tile of TH x TW output pixels (TH <= NPCONV_BIC_TH);
-// grid (tiles_h * tiles_w, G * kchunks, min(m, 65535)) where kchunks = ceil(NH*K / KC): block (tile, g, chunk)
-// computes components q0 .. q0+KC-1 (q = h*K + k) of group g for its tile, looping over the images. The host picks
-// KC so that KC * TIW threads cover the tile's input columns (TIW = (TW-1)*SW + Y, TIH = (TH-1)*SH + X).
+// grid (tiles_h * tiles_w, G * kchunks, z) where kchunks = ceil(NH*K / KC): block (tile, g, chunk) computes
+// components q0 .. q0+KC-1 (q = h*K + k) of group g for its tile, looping over images blockIdx.z, + gridDim.z, ...
+// (the host takes z = ceil(m / ops_bicluster.CP_IMAGES_PER_BLOCK), at most 65535, so that the weights staged below
+// serve several images). The host picks KC so that KC * TIW threads cover the tile's input columns
+// (TIW = (TW-1)*SW + Y, TIH = (TH-1)*SH + X).
 // Two phases an image:
 //   A. one thread per (component i, input column c): the group's reduction of that column, over the TIH rows the
 //      tile needs (each channel's rows loaded at once into registers), then the vertical X x 1 pass (row stride)
@@ -46,8 +48,9 @@
 //           group's size), KC * TH * TIW (vs), rounded up to an even count;
 //   long long: cg (the offsets of the group's channels in an image).
 // The host sizes it for the largest group (the layout grows with cg).
-// Common (X, row stride) pairs take a column of TIH rows in registers (npc_cp_column<X, SH>); others the generic
-// form (X = 0), which accumulates the TH outputs row by row.
+// Common (X, row stride) pairs have entry points of their own, bic_cp_front_x<X>s<SH>, which hold a column's rows
+// in registers (npc_cp_column_regs<X, SH>); bic_cp_front takes any other X and stride and accumulates the TH outputs
+// row by row (npc_cp_column_rows).
 
 // s = sum_t w[t] * src[t * step], t < T (unrolled, taps in registers) or t < n when T == 0
 template <int T>
@@ -192,7 +195,7 @@ __device__ __forceinline__ void npc_cp_front(
   for (int c = tid; c < cg; c += nthreads) choff[c] = (long long)__ldg(in_perm + i0 + c) * (long long)HW;
   __syncthreads();
 
-#pragma unroll 1
+#pragma unroll 1  // (the image loop: one copy of the body, as measured)
   for (int n = blockIdx.z; n < m; n += gridDim.z) {
     const real_t* xn = x + (size_t)n * C * HW;
     // A. a thread per (component, input column); vs of the previous image was last read before the barrier that
