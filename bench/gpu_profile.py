@@ -381,7 +381,7 @@ def main(argv=None):
         print(f"gpu_profile {args.what}: skipped, no GPU ({why})")
         return 0
     if args.what in ("probe", "host", "small", "cpblock"):
-        run = {"probe": lambda: probe(), "host": lambda: host(quick=args.quick),
+        run = {"probe": probe, "host": lambda: host(quick=args.quick),
                "small": lambda: probe_small(quick=args.quick),
                "cpblock": lambda: cp_images_per_block(quick=args.quick)}[args.what]
         res = run()

@@ -76,7 +76,8 @@ CP_SPECIALISED = ((3, 1), (3, 2), (5, 1), (5, 2), (7, 1), (7, 2))
 CP_IMAGES_PER_BLOCK = 4
 #: filters per bic_svd_spatial block (NPCONV_BIC_FT in _bicluster.cu)
 SVD_FILTERS_PER_BLOCK = 16
-#: output columns per tile of bic_cp_front / bic_shared_filter (blockDim.x), and the rows tried, largest first
+#: output columns per tile of bic_shared_filter (blockDim.x; also the most of a bic_cp_front tile), and the rows
+#: bic_shared_filter tries, largest first
 TILE_W = 32
 TILE_ROWS = (8, 4, 2, 1)
 #: shared memory a bic_cp_front block may use (weights + the vertical pass's tiles), bytes
