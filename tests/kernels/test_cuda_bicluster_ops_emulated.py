@@ -114,11 +114,11 @@ def test_device_index_arrays_and_no_bias(fc, launched, rng, dtype, kind):
     assert launched == front(kind, 2, 1) + ["bic_expand"]      # 56 output positions: the fused expansion
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("per_block", [1, 3])
+@pytest.mark.parametrize("kind,per_block", [("cp", 1), ("cp", 3), ("svd", 1), ("shared", 1)])
 def test_image_loop_and_batch_chunks(fc, launched, monkeypatch, rng, dtype, kind, per_block):
-    """A grid z limit of 4 for 5 images (the kernels' image loops; for CP also 3 images a block by its own rule),
-    then a workspace of two images' intermediates (chunks of 2 + 2 + 1 images)."""
+    """A grid z limit of 4 for 5 images (the kernels' image loops; for CP also 3 images a block by its own rule,
+    ``CP_IMAGES_PER_BLOCK``, which the other forms do not read), then a workspace of two images' intermediates
+    (chunks of 2 + 2 + 1 images)."""
     monkeypatch.setattr(ops_bicluster, "CP_IMAGES_PER_BLOCK", per_block)
     C, F, X, Y, H, W = 4, 6, 3, 3, 16, 15                       # CP: 8 x 8 tiles of 3 components, 2 chunks
     f = make_factors(kind, rng, dtype, C, F, X, Y, (1, 3), (3, 3), RANKS[kind])

@@ -143,13 +143,19 @@ __device__ __forceinline__ void npc_cp_horizontal(const real_t* vs, const real_t
   }
 }
 
-// The kernel body, for a column of X = XT taps at row stride SHT (0, 0: any X and stride; launch parameters as above)
+// The parameters of every entry point (above), and the arguments passing them on
+#define NPC_CP_PARAMS                                                                                          \
+  const real_t* __restrict__ x, const int* __restrict__ in_perm, const int* __restrict__ in_off,               \
+      const real_t* __restrict__ reduce, const real_t* __restrict__ vertical,                                  \
+      const real_t* __restrict__ horizontal, real_t* __restrict__ z, int m, int C, int H, int W, int G, int NH, \
+      int K, int X, int Y, int SH, int SW, int PT, int PL, int OH, int OW, int TW, int TH, int KC, int tiles_w, \
+      int kchunks
+#define NPC_CP_ARGS x, in_perm, in_off, reduce, vertical, horizontal, z, m, C, H, W, G, NH, K, X, Y, SH, SW, PT, PL, \
+    OH, OW, TW, TH, KC, tiles_w, kchunks
+
+// The kernel body, for a column of X = XT taps at row stride SHT (0, 0: any X and stride)
 template <int XT, int SHT>
-__device__ __forceinline__ void npc_cp_front(
-    const real_t* __restrict__ x, const int* __restrict__ in_perm, const int* __restrict__ in_off,
-    const real_t* __restrict__ reduce, const real_t* __restrict__ vertical, const real_t* __restrict__ horizontal,
-    real_t* __restrict__ z, int m, int C, int H, int W, int G, int NH, int K, int X, int Y, int SH, int SW, int PT,
-    int PL, int OH, int OW, int TW, int TH, int KC, int tiles_w, int kchunks) {
+__device__ __forceinline__ void npc_cp_front(NPC_CP_PARAMS) {
   extern __shared__ __align__(16) unsigned char npconv_bic_cp_smem[];
   const int TIW = (TW - 1) * SW + Y;
   const int TVT = TH * TIW;  // one component's tile after the vertical pass
@@ -240,20 +246,14 @@ __device__ __forceinline__ void npc_cp_front(
   }
 }
 
-#define NPC_CP_ARGS x, in_perm, in_off, reduce, vertical, horizontal, z, m, C, H, W, G, NH, K, X, Y, SH, SW, PT, PL, \
-    OH, OW, TW, TH, KC, tiles_w, kchunks
 // One entry point per specialisation: bic_cp_front (any X and stride) and bic_cp_front_x<X>s<SH>. At most 64
 // registers a thread in float32 (4 blocks of 256 threads a multiprocessor), 128 in float64 (a column's partial sums
 // take twice the registers).
 #define NPC_CP_MIN_BLOCKS_f32 4
 #define NPC_CP_MIN_BLOCKS_f64 2
-#define NPC_CP_FRONT_KERNEL(base, XT, SHT) \
-  NPCONV_KERNEL_LB_MIN(base, 256, NPCONV_JOIN(NPC_CP_MIN_BLOCKS, NPCONV_SFX))( \
-    const real_t* __restrict__ x, const int* __restrict__ in_perm, const int* __restrict__ in_off, \
-    const real_t* __restrict__ reduce, const real_t* __restrict__ vertical, const real_t* __restrict__ horizontal, \
-    real_t* __restrict__ z, int m, int C, int H, int W, int G, int NH, int K, int X, int Y, int SH, int SW, int PT, \
-    int PL, int OH, int OW, int TW, int TH, int KC, int tiles_w, int kchunks) { \
-    npc_cp_front<XT, SHT>(NPC_CP_ARGS); \
+#define NPC_CP_FRONT_KERNEL(base, XT, SHT)                                                        \
+  NPCONV_KERNEL_LB_MIN(base, 256, NPCONV_JOIN(NPC_CP_MIN_BLOCKS, NPCONV_SFX))(NPC_CP_PARAMS) { \
+    npc_cp_front<XT, SHT>(NPC_CP_ARGS);                                                            \
   }
 NPC_CP_FRONT_KERNEL(bic_cp_front, 0, 0)
 NPC_CP_FRONT_KERNEL(bic_cp_front_x3s1, 3, 1)
@@ -264,6 +264,7 @@ NPC_CP_FRONT_KERNEL(bic_cp_front_x7s1, 7, 1)
 NPC_CP_FRONT_KERNEL(bic_cp_front_x7s2, 7, 2)
 #undef NPC_CP_FRONT_KERNEL
 #undef NPC_CP_ARGS
+#undef NPC_CP_PARAMS
 
 // x (m, C, H*W) gathered through perm into the channel-major xg (C, m*H*W): xg[j][n*HW + s] = x[n][perm[j]][s].
 NPCONV_KERNEL_LB(bic_gather, 256)(const real_t* __restrict__ x, const int* __restrict__ perm,

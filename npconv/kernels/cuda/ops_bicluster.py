@@ -335,14 +335,14 @@ def bicluster_cp_conv2d(x, in_perm, in_off, reduce, vertical, horizontal, expand
     pt, pb, pl, pr = (int(v) for v in padding)
     OH, OW = _out_len(H, X, sh, pt, pb), _out_len(W, Y, sw, pl, pr)
     in_off_h = _host_offsets(in_off)
-    if min(OH, OW) < 1 or N == 0 or F == 0:
-        return cp.empty((N, F, max(OH, 0), max(OW, 0)), dtype=dt)
+    y = cp.empty((N, F, OH, OW), dtype=dt)
+    if y.size == 0:
+        return y
     tiling = cp_tiling(X, Y, sh, sw, dt.itemsize, int(np.diff(in_off_h).max()), OH, OW, NH * K)
     kchunks = -(-NH * K // tiling.KC) if tiling is not None else 0
     if tiling is None or G * kchunks > _MAX_GRID_YZ:
         return _composed("cp", cp, x, in_perm, in_off, (reduce, vertical, horizontal, expand), out_perm, out_off,
                          bias, stride, padding)
-    y = cp.empty((N, F, OH, OW), dtype=dt)
     TW, TH, KC, smem = tiling
     front = cp_front_kernel(X, sh)
     tiles_w = -(-OW // TW)
