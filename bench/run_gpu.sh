@@ -10,8 +10,8 @@
 #
 # probe: bench/gpu_profile.py's CUDA-event times of the parts of the dense conv2 and of variants; host: its split
 # of the host time of eager batch-1 calls (npconv's Python, CuPy, NumPy) and the per-call times, queued and
-# synchronised; small: its timings at small batches (dense convs against cuDNN, the biclustered expansion fused or
-# not); cpblock: the CP layer with 1, 2, 4 images a bic_cp_front block; ncu: Nsight Compute on bench/gpu_profile.py's
+# synchronised; small: its timings at small batches (dense convs against cuDNN, the biclustered CP expansion and
+# SVD reduction fused or not); cpblock: the CP layer with 1, 2, 4 images a bic_cp_front block; ncu: Nsight Compute on bench/gpu_profile.py's
 # workloads (report and its details page; NCU_SET=b1 for the batch-1 set, cp for the CP front end); memcheck /
 # racecheck: compute-sanitizer over the float32 GPU tests (racecheck: the kernels with shared memory; RACECHECK_K
 # narrows its pytest -k expression), each stopped at its time limit.

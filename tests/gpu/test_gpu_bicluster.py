@@ -51,9 +51,11 @@ GEOMS = {
 @pytest.mark.parametrize("geom", sorted(GEOMS))
 @pytest.mark.parametrize("kind", KINDS)
 def test_functional_matches_dense_conv_and_cpu(cp, rng, dtype, contiguous, monkeypatch, kind, geom, expand):
-    """The expansion as a cuBLAS GEMM and a scatter a group, or as one bic_expand launch (few columns)."""
+    """The expansion as a cuBLAS GEMM and a scatter a group, or as one bic_expand launch (few columns); the SVD
+    form's gather and reductions likewise (bic_gather and a GEMM a group, or one bic_reduce launch)."""
     from npconv.kernels.cuda import ops_bicluster
     monkeypatch.setattr(ops_bicluster, "EXPAND_TILED_MAX_COLUMNS", 0 if expand == "gemm" else 10**6)
+    monkeypatch.setattr(ops_bicluster, "REDUCE_TILED_MAX_COLUMNS", 0 if expand == "gemm" else 10**6)
     stride, pad = GEOMS[geom]
     C, F, X, Y = 7, 9, 3, 4
     f = make_factors(kind, rng, dtype, C, F, X, Y, (1, 4, 2), (2, 3, 4), RANKS[kind])

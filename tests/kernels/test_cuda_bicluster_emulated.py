@@ -236,6 +236,33 @@ def test_expand(bic_module, rng, dtype, order, sizes, m, P, GK, with_bias):
     check(y, want, dtype, GK)
 
 
+# --- bic_reduce ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("order", ["forward", "reverse"])
+@pytest.mark.parametrize("sizes,m,HW,HK1", [((3, 40, 5), 2, 21, 7), ((1, 2), 3, 5, 33), ((17,), 1, 70, 38)])
+def test_reduce(bic_module, rng, dtype, order, sizes, m, HW, HK1):
+    """The gather and every input group's reduction in one launch, against loops over the definition: groups of
+    unequal size (40 channels take three steps of 16, a group of 1 one partial step), HK1 rows that span two tiles
+    of 32, columns that are not multiples of 32 and cross from one image to the next."""
+    G, C = len(sizes), sum(sizes)
+    in_off = np.concatenate([[0], np.cumsum(sizes)]).astype(i32)
+    in_perm = rng.permutation(C).astype(i32)
+    x = rng.standard_normal((m, C, HW)).astype(dtype)
+    reduce = rng.standard_normal((C, HK1)).astype(dtype)
+    z1 = np.full((G * HK1, m * HW), np.nan, dtype)
+    grid = (-(-(m * HW) // 32), -(-HK1 // 32), G)
+    kernel(bic_module, "bic_reduce", dtype)(grid, (64,), (x, in_perm, in_off, reduce, z1,
+                                                          *map(i32, (m, C, HW, HK1))), order=order)
+    want = np.empty((G * HK1, m * HW))
+    for g in range(G):
+        for r in range(HK1):
+            for n in range(m):
+                for s in range(HW):
+                    want[g * HK1 + r, n * HW + s] = sum(float(reduce[j, r]) * float(x[n, in_perm[j], s])
+                                                        for j in range(in_off[g], in_off[g + 1]))
+    check(z1, want, dtype, max(sizes))
+
+
 # --- bic_svd_spatial -----------------------------------------------------------------------------------------------
 
 SVD_CASES = {

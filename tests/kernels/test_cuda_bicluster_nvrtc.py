@@ -31,6 +31,7 @@ def test_constants_shared_with_the_source():
     tile = tuple(int(re.search(rf"#define NPC_TG_{d} (\d+)", text)[1]) for d in ("BM", "BN"))
     assert tile == ops_bicluster.EXPAND_TILE
     assert int(re.search(r"#define NPC_TG_THREADS (\d+)", text)[1]) == ops_bicluster.EXPAND_THREADS
+    assert re.search(r"NPCONV_KERNEL_LB\(bic_reduce, NPC_TG_THREADS\)", text)     # launched with EXPAND_THREADS
     assert re.search(r"NPCONV_KERNEL_LB\(bic_shared_filter, 256\)", text)   # TILE_W x up to max(TILE_ROWS)
     assert ops_bicluster.TILE_W * max(ops_bicluster.TILE_ROWS) <= 256
     assert re.search(r"NPCONV_KERNEL_LB\(bic_svd_spatial, 256\)", text) and ops_bicluster._BLOCK <= 256
@@ -52,8 +53,8 @@ def recording(recording_cupy):  # noqa: F811  (the imported fixture)
 
 @pytest.mark.parametrize("dtype_name", DTYPE_NAMES)
 def test_every_launch_matches_ptx(recording, monkeypatch, rng, dtype_name):
-    """Drive every entry point, the expansion both ways; every launch's packed sizes equal the PTX parameter
-    sizes."""
+    """Drive every entry point, the expansion (and the SVD form's reduction) both ways; every launch's packed sizes
+    equal the PTX parameter sizes."""
     cp, log = recording
     dt = np.dtype(dtype_name)
     floats = {"cp": (2, 3, 4, 5), "svd": (2, 3, 4), "shared": (2, 4, 5, 6)}
@@ -67,6 +68,7 @@ def test_every_launch_matches_ptx(recording, monkeypatch, rng, dtype_name):
         entry[kind](x, *args, None, stride=(1, 1), padding=(0, 0, 0, 0))
         with monkeypatch.context() as mp:
             mp.setattr(ops_bicluster, "EXPAND_TILED_MAX_COLUMNS", 0)     # a GEMM and a scatter a group
+            mp.setattr(ops_bicluster, "REDUCE_TILED_MAX_COLUMNS", 0)     # bic_gather and a GEMM a group
             entry[kind](x, *args, None, stride=(1, 1), padding=(0, 0, 0, 0))
     for X in (4, 5, 7):                 # the CP front end's other entry points (X = 4: the generic one)
         f = make_factors("cp", rng, dt, 5, 6, X, 3, (2, 3), (4, 2), 2)

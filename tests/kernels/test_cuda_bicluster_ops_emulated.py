@@ -23,9 +23,10 @@ FLOATS = {"cp": (2, 3, 4, 5), "svd": (2, 3, 4), "shared": (2, 4, 5, 6)}
 ENTRY = {"cp": ops_bicluster.bicluster_cp_conv2d, "svd": ops_bicluster.bicluster_svd_conv2d,
          "shared": ops_bicluster.shared_separable_conv2d}
 CPU = {"cp": FB.bicluster_cp_conv2d, "svd": FB.bicluster_svd_conv2d, "shared": FB.shared_separable_conv2d}
-def front(kind, X, SH):
-    """The front end's launches of ``kind`` for X x Y filters at row stride SH."""
-    return {"cp": [cp_front_name(X, SH)], "svd": ["bic_gather", "bic_svd_spatial"],
+def front(kind, X, SH, fused=True):
+    """The front end's launches of ``kind`` for X x Y filters at row stride SH; for SVD with the gather and the
+    reductions in one bic_reduce launch (``fused``, few columns) or as bic_gather and cuBLAS GEMMs."""
+    return {"cp": [cp_front_name(X, SH)], "svd": ["bic_reduce" if fused else "bic_gather", "bic_svd_spatial"],
             "shared": ["bic_shared_filter", "bic_shared_combine"]}[kind]
 
 
@@ -90,8 +91,10 @@ GEOMS = {
 @pytest.mark.parametrize("kind", KINDS)
 def test_matches_dense_conv_and_cpu(fc, launched, monkeypatch, rng, dtype, order, kind, geom, contiguous, expand):
     """Unequal groups on both sides (1, 4, 2 input channels; 2, 3, 4 output channels), odd sizes, bias; the
-    expansion as a GEMM and a scatter a group, or as one bic_expand launch."""
+    expansion as a GEMM and a scatter a group, or as one bic_expand launch; likewise the SVD form's gather and
+    reductions (bic_gather and a GEMM a group, or one bic_reduce launch)."""
     monkeypatch.setattr(ops_bicluster, "EXPAND_TILED_MAX_COLUMNS", 0 if expand == "gemm" else 10**6)
+    monkeypatch.setattr(ops_bicluster, "REDUCE_TILED_MAX_COLUMNS", 0 if expand == "gemm" else 10**6)
     stride, pad = GEOMS[geom]
     C, F, X, Y = 7, 9, 3, 4
     f = make_factors(kind, rng, dtype, C, F, X, Y, (1, 4, 2), (2, 3, 4), RANKS[kind])
@@ -100,7 +103,8 @@ def test_matches_dense_conv_and_cpu(fc, launched, monkeypatch, rng, dtype, order
     y = run(fc, kind, x, f, b, stride, pad, dev=None if contiguous else (lambda a: strided(fc, a)))
     check(fc, y, conv2d_einsum(x, dense_kernel(kind, f), b, stride=stride, padding=pad), dtype, C * X * Y * 4)
     check(fc, y, CPU[kind](x, *f, b, stride=stride, padding=pad), dtype, C * X * Y * 4)
-    assert launched == front(kind, X, stride[0]) + (["bic_scatter"] * 3 if expand == "gemm" else ["bic_expand"])
+    assert launched == (front(kind, X, stride[0], fused=expand == "fused")
+                        + (["bic_scatter"] * 3 if expand == "gemm" else ["bic_expand"]))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -155,7 +159,32 @@ def test_svd_channel_chunks_and_pixel_loop(fc, launched, monkeypatch, rng, dtype
     x = rng.standard_normal((2, 6, 14, 13)).astype(dtype)
     y = run(fc, "svd", x, f, None, (1, 1), (1, 0, 0, 0))
     check(fc, y, conv2d_einsum(x, dense_kernel("svd", f), None, padding=(1, 0, 0, 0)), dtype, 6 * 6 * 5 * 18)
-    assert y.shape[2:] == (13, 12) and launched == ["bic_gather", "bic_svd_spatial", "bic_expand"]
+    assert y.shape[2:] == (13, 12) and launched == ["bic_reduce", "bic_svd_spatial", "bic_expand"]
+
+
+def test_svd_reduction_paths_by_chunk(fc, launched, monkeypatch, rng, dtype):
+    """Chunks of 2 + 2 + 1 images (a workspace of two images' intermediates) with room for one image's columns in
+    bic_reduce: the two full chunks gather and reduce by GEMMs, the last one by bic_reduce; then, with one input
+    group and K1 = 33, a grid limit of 2 below bic_reduce's ceil(NH*K1 / 32) = 3 row tiles sends the chunk to the
+    GEMMs."""
+    C, F, X, Y, H, W = 5, 6, 3, 3, 9, 8
+    f = make_factors("svd", rng, dtype, C, F, X, Y, (1, 3, 1), (2, 4), (2, 3))
+    x = rng.standard_normal((5, C, H, W)).astype(dtype)
+    b = rng.standard_normal(F).astype(dtype)
+    ref = conv2d_einsum(x, dense_kernel("svd", f), b, stride=(1, 1), padding=(1, 1, 1, 1))
+    HW = H * W
+    per_image = C * HW + 3 * 2 * 2 * HW + 2 * 3 * 3 * HW + 4 * HW      # gathered x, reduction, Z, GEMM result
+    monkeypatch.setattr(ops_bicluster, "WORKSPACE_BYTES", 2 * per_image * dtype.itemsize + 1)
+    monkeypatch.setattr(ops_bicluster, "REDUCE_TILED_MAX_COLUMNS", HW)
+    check(fc, run(fc, "svd", x, f, b, (1, 1), (1, 1, 1, 1)), ref, dtype, C * X * Y * 3)
+    assert [n for n in launched if n in ("bic_gather", "bic_reduce")] == ["bic_gather", "bic_gather", "bic_reduce"]
+    del launched[:]
+    f = make_factors("svd", rng, dtype, C, F, X, Y, (C,), (2, 4), (33, 3))
+    monkeypatch.setattr(ops_bicluster, "_MAX_GRID_YZ", 2)        # G * NH = 2 blocks (g, h): the kernels still run
+    monkeypatch.setattr(ops_bicluster, "REDUCE_TILED_MAX_COLUMNS", 10**6)
+    y = run(fc, "svd", x[:1], f, b, (1, 1), (1, 1, 1, 1))
+    check(fc, y, conv2d_einsum(x[:1], dense_kernel("svd", f), b, padding=(1, 1, 1, 1)), dtype, C * X * Y * 33)
+    assert launched == ["bic_gather", "bic_svd_spatial", "bic_expand"]
 
 
 @pytest.mark.parametrize("kind,budget", [("cp", "CP_SMEM_BUDGET"), ("svd", "SVD_SMEM_BUDGET"),

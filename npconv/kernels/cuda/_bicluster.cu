@@ -22,6 +22,8 @@
 //  * bic_scatter        -- r (F_h, m*P) to y (m, F, P) at channels out_perm[o0 + f], adding the bias.
 //  * bic_expand         -- for few columns (batch 1): the expansion of every output group and the scatter, fused
 //                          in one launch (tiles of npc_tile_gemm, below), instead of a GEMM and a bic_scatter a group.
+//  * bic_reduce         -- SVD form, for few columns (batch 1): the gather and every input group's reduction in
+//                          one launch (tiles of npc_tile_gemm), instead of bic_gather and a GEMM a group.
 
 #define NPCONV_BIC_TH 8   // most output rows of a bic_cp_front tile (a column's outputs held in registers)
 #define NPCONV_BIC_FT 16  // filters per bic_svd_spatial block (accumulators held in registers)
@@ -483,8 +485,8 @@ NPCONV_KERNEL_LB(bic_scatter, 256)(const real_t* __restrict__ r, const int* __re
 // owns acc[u][v] = C[tile row 4 ty + u, tile column 4 tx + v], ty = threadIdx.x / 8, tx = threadIdx.x % 8.
 // Every thread of the block must call it with the same k range (it has barriers).
 // Measured on an H100 (docs/gpu_results.md, eleventh session): as the core of an implicit-GEMM dense conv it ran at
-// 3-9 TFLOP/s, far below cuBLAS, so it serves only the small expansion products of bic_expand, where one launch in
-// place of two GEMMs and two scatters is what counts.
+// 3-9 TFLOP/s, far below cuBLAS, so it serves only small products: the expansion of bic_expand, where one launch in
+// place of two GEMMs and two scatters is what counts, and the SVD form's reduction of bic_reduce likewise.
 #define NPC_TG_BM 32
 #define NPC_TG_BN 32
 #define NPC_TG_BK 16
@@ -589,6 +591,70 @@ NPCONV_KERNEL_LB(bic_expand, NPC_TG_THREADS)(const real_t* __restrict__ z, const
       const int j = j0 + 4 * tx + v;
       const int n = j / P;
       if (o < o1 && j < L) y[((size_t)n * F + fo) * P + (j - n * P)] = acc[u][v] + b;
+    }
+  }
+}
+
+// SVD form, for few columns (batch 1): the gather through in_perm and every group's reduction in one launch,
+// instead of bic_gather and a cuBLAS GEMM a group (tiles of npc_tile_gemm, above):
+//   z1[g*HK1 + r][n*HW + s] = sum_{j < C_g} reduce[in_off[g] + j][r] * x[n][in_perm[in_off[g] + j]][s]
+// reduce (C, HK1) rows in permuted order (HK1 = NH*K1), x (m, C, HW), z1 (G*HK1, m*HW) as bic_svd_spatial reads it.
+// Launch: block (64), grid (ceil(m*HW / 32), ceil(HK1 / 32), G).
+struct npc_br_rows {      // A: row r of group g's reduction matrix, reduce^T; k runs over the group's channels
+  const real_t* col;      // reduce + in_off[g]*HK1 + r
+  int HK1;
+  bool ok;
+  __device__ __forceinline__ real_t operator()(int j) const {
+    return ok ? __ldg(col + (size_t)j * HK1) : real_t(0);
+  }
+};
+
+struct npc_br_cols {      // B: column (n, s) of group g's channels, read through in_perm
+  const real_t* px;       // x + n*C*HW + s
+  const int* perm;        // in_perm + in_off[g]
+  int HW;
+  bool ok;
+  __device__ __forceinline__ real_t operator()(int j) const {
+    return ok ? __ldg(px + (size_t)__ldg(perm + j) * HW) : real_t(0);
+  }
+};
+
+NPCONV_KERNEL_LB(bic_reduce, NPC_TG_THREADS)(const real_t* __restrict__ x, const int* __restrict__ in_perm,
+                                             const int* __restrict__ in_off, const real_t* __restrict__ reduce,
+                                             real_t* __restrict__ z1, int m, int C, int HW, int HK1) {
+  const int g = blockIdx.z;
+  const int c0 = __ldg(in_off + g);
+  const int cg = __ldg(in_off + g + 1) - c0;
+  const int L = m * HW;
+  const int r0 = blockIdx.y * NPC_TG_BM;
+  const int j0 = blockIdx.x * NPC_TG_BN;
+  const int t = threadIdx.x & 31;
+  npc_br_rows la;
+  la.ok = r0 + t < HK1;
+  la.HK1 = HK1;
+  la.col = reduce + (size_t)c0 * HK1 + (la.ok ? r0 + t : 0);
+  npc_br_cols lb;
+  const int jt = j0 + t;
+  lb.ok = jt < L;
+  const int n = lb.ok ? jt / HW : 0;
+  lb.px = x + (size_t)n * C * HW + (lb.ok ? jt - n * HW : 0);
+  lb.perm = in_perm + c0;
+  lb.HW = HW;
+  real_t acc[4][4];
+#pragma unroll
+  for (int u = 0; u < 4; ++u)
+#pragma unroll
+    for (int v = 0; v < 4; ++v) acc[u][v] = real_t(0);
+  npc_tile_gemm(la, lb, 0, cg, acc);
+
+  const int ty = threadIdx.x >> 3, tx = threadIdx.x & 7;
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    const int r = r0 + 4 * ty + u;
+#pragma unroll
+    for (int v = 0; v < 4; ++v) {
+      const int j = j0 + 4 * tx + v;
+      if (r < HK1 && j < L) z1[((size_t)g * HK1 + r) * L + j] = acc[u][v];
     }
   }
 }

@@ -19,7 +19,9 @@ row ``(h*G + g)*K + k`` holds component k of block (g, h). The expansion of outp
     stride) there, into shared memory; then a thread per output pixel runs the horizontal 1 x Y pass (column stride)
     of each component straight into Z. Taps of 3, 5 and 7 and the common (X, row stride) pairs are specialised.
   * SVD (:func:`bicluster_svd_conv2d`): ``bic_gather`` copies x through in_perm into a channel-major matrix (C, m*H*W),
-    so each group's C_g -> NH*K1 reduction is one cuBLAS GEMM on contiguous rows; ``bic_svd_spatial`` then runs the
+    so each group's C_g -> NH*K1 reduction is one cuBLAS GEMM on contiguous rows (for at most
+    :data:`REDUCE_TILED_MAX_COLUMNS` columns ``bic_reduce`` reads x through in_perm and does every group's
+    reduction in one launch); ``bic_svd_spatial`` then runs the
     K1 -> K2 X x Y conv of every block (g, h) directly (16 filters per block in registers, their weights in shared
     memory one chunk of K1 channels at a time, no im2col matrix), from the reduction's output to Z.
   * Shared separable (:func:`shared_separable_conv2d`): ``bic_shared_filter`` filters each input channel once per
@@ -59,7 +61,7 @@ __all__ = [
     "source_text", "get_kernel", "clear_cache", "cp_tiling", "shared_tiling", "svd_chunk", "shared_launch_plan",
     "CP_TILE_ROWS", "CP_MAX_THREADS", "CP_SPECIALISED", "CP_IMAGES_PER_BLOCK", "cp_front_kernel",
     "SVD_FILTERS_PER_BLOCK", "TILE_W", "TILE_ROWS", "CP_SMEM_BUDGET", "SHARED_SMEM_BUDGET", "SVD_SMEM_BUDGET",
-    "WORKSPACE_BYTES", "EXPAND_TILED_MAX_COLUMNS", "EXPAND_TILE", "EXPAND_THREADS",
+    "WORKSPACE_BYTES", "EXPAND_TILED_MAX_COLUMNS", "EXPAND_TILE", "EXPAND_THREADS", "REDUCE_TILED_MAX_COLUMNS",
 ]
 
 #: the kernel source of this module (a file of npconv.kernels.cuda)
@@ -91,6 +93,11 @@ SVD_SMEM_BUDGET = 16 * 1024
 #: positions an image): fused, a call is 1.3-1.9x faster queued at batches 1-4 (a single call's latency 1.3-1.5x at
 #: batches 1-2, level at 4), and slower at batch 8.
 EXPAND_TILED_MAX_COLUMNS = 4096
+#: the SVD form's gather and reduction take one fused launch (bic_reduce) for at most this many columns (images x
+#: input pixels), bic_gather and a cuBLAS GEMM an input group above. The bound is bic_expand's, taken over: at batch 1
+#: both are products of a few MFLOP whose launches cost more host time than their kernels take (docs/gpu_results.md);
+#: not yet timed on a GPU.
+REDUCE_TILED_MAX_COLUMNS = 4096
 #: bic_expand's tile (rows x columns, NPC_TG_BM x NPC_TG_BN in _bicluster.cu) and threads a block (NPC_TG_THREADS)
 EXPAND_TILE = (32, 32)
 EXPAND_THREADS = 64
@@ -122,6 +129,8 @@ LAUNCH_SIGNATURES: dict[str, tuple[str, tuple[str, ...]]] = {
     "bic_scatter": (SOURCE, (PTR, IPTR, PTR, PTR) + (I32,) * 6),
     # z, expand, out_off, out_perm, bias, y, m, P, F, GK, has_bias
     "bic_expand": (SOURCE, (PTR, PTR, IPTR, IPTR, PTR, PTR) + (I32,) * 5),
+    # x, in_perm, in_off, reduce, z1, m, C, HW, HK1
+    "bic_reduce": (SOURCE, (PTR, IPTR, IPTR, PTR, PTR) + (I32,) * 4),
 }
 
 
@@ -390,24 +399,37 @@ def bicluster_svd_conv2d(x, in_perm, in_off, reduce, spatial, expand, out_perm, 
     in_off_h, out_off_h = _host_offsets(in_off), _host_offsets(out_off)
     d_in_perm, d_out_perm = _ints(cp, in_perm), _ints(cp, out_perm)
     HK1 = NH * K1
-    # per group, the reduction matrix (NH*K1, C_g): rows (h, k1), columns the group's channels in permuted order
-    red_t = [cp.ascontiguousarray(reduce[int(in_off_h[g]):int(in_off_h[g + 1])].reshape(-1, HK1).T)
-             for g in range(G)]
     HW, P = H * W, OH * OW
     rows1, rows2 = G * HK1, NH * G * K2
     Fh = int(np.diff(out_off_h).max())
     nb = _images_per_chunk(N, C * HW + rows1 * HW + rows2 * P + Fh * P,
                            max(C * HW, rows1 * HW, rows2 * P, Fh * P), dt.itemsize)
-    xg_buf = cp.empty(C * nb * HW, dtype=dt)
+    # the gather and the reductions: one bic_reduce launch for a chunk of few columns, else bic_gather and a GEMM a
+    # group (its operands made on the first such chunk)
+    reduce_grid = (-(-HK1 // EXPAND_TILE[0]), G)
+    fused_ok = max(reduce_grid) <= _MAX_GRID_YZ
+    red_t = xg_buf = d_in_off = None
     z1_buf = cp.empty(rows1 * nb * HW, dtype=dt)
     z2_buf = cp.empty(rows2 * nb * P, dtype=dt)
     for n0 in range(0, N, nb):
         m = min(nb, N - n0)
-        xg = xg_buf[:C * m * HW].reshape(C, m * HW)
-        _launch_1d("bic_gather", dt, xg.size, (x[n0:n0 + m], d_in_perm, xg, m, C, HW))
         z1 = z1_buf[:rows1 * m * HW].reshape(rows1, m * HW)
-        for g in range(G):
-            _matmul(red_t[g], xg[int(in_off_h[g]):int(in_off_h[g + 1])], out=z1[g * HK1:(g + 1) * HK1])
+        if fused_ok and m * HW <= REDUCE_TILED_MAX_COLUMNS:
+            if d_in_off is None:
+                d_in_off = _ints(cp, in_off_h)
+            _launch("bic_reduce", dt, (-(-(m * HW) // EXPAND_TILE[1]),) + reduce_grid, (EXPAND_THREADS,),
+                    (x[n0:n0 + m], d_in_perm, d_in_off, reduce, z1, m, C, HW, HK1))
+        else:
+            if red_t is None:
+                # per group, the reduction matrix (NH*K1, C_g): rows (h, k1), columns the group's channels in
+                # permuted order
+                red_t = [cp.ascontiguousarray(reduce[int(in_off_h[g]):int(in_off_h[g + 1])].reshape(-1, HK1).T)
+                         for g in range(G)]
+                xg_buf = cp.empty(C * nb * HW, dtype=dt)
+            xg = xg_buf[:C * m * HW].reshape(C, m * HW)
+            _launch_1d("bic_gather", dt, xg.size, (x[n0:n0 + m], d_in_perm, xg, m, C, HW))
+            for g in range(G):
+                _matmul(red_t[g], xg[int(in_off_h[g]):int(in_off_h[g + 1])], out=z1[g * HK1:(g + 1) * HK1])
         z2 = z2_buf[:rows2 * m * P].reshape(NH, G * K2, m * P)
         grid = (min(-(-(m * P) // _BLOCK), _MAX_GRID), fblocks, G * NH)
         _launch("bic_svd_spatial", dt, grid, (_BLOCK,),
