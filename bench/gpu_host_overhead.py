@@ -10,7 +10,9 @@ measures that part on any machine: it runs the GPU code path on the CuPy stand-i
 its cuBLAS call, its allocator) are not in it; ``bench/gpu_profile.py host`` measures the whole on a GPU.
 
 Workloads at batch 1, ZF shapes: the dense conv2 through ``npconv.functional.conv2d``, the biclustered CP conv2 layer
-(G=48, H=2, K=8), the monochromatic conv1 layer (C'=6), and the whole dense ZF network's ``forward``. Prints the best
+(G=48, H=2, K=8), the biclustered SVD conv2 layer (G=H=2, (19, 51)) as it runs (``bic_reduce``) and with its gather
+and reductions as ``bic_gather`` and a GEMM a group (``svd_layer_gather_gemms``), the monochromatic conv1 layer
+(C'=6), and the whole dense ZF network's ``forward``. Prints the best
 of five runs of ``--calls`` calls (microseconds per call), and with ``--profile`` cProfile's 12 functions with the
 most own time per workload.
 """
@@ -88,8 +90,21 @@ def workloads(fake, quick=False):
         net = zf_net(seed=0).to_gpu()
     size = net.input_shape[1]
     xn = fake.asarray(rng.standard_normal((1, 3, size, size)).astype(np.float32))
+    svd = factored_callable("svd", (2, 2, (2, 3)) if quick else (2, 2, (19, 51)), 1, conv2, np.float32)
+
+    def svd_gather_gemms():
+        # the SVD layer's gather and reductions as before bic_reduce: bic_gather and a GEMM an input group
+        from npconv.kernels.cuda import ops_bicluster
+        saved = ops_bicluster.REDUCE_TILED_MAX_COLUMNS
+        ops_bicluster.REDUCE_TILED_MAX_COLUMNS = 0
+        try:
+            return svd()
+        finally:
+            ops_bicluster.REDUCE_TILED_MAX_COLUMNS = saved
     return {"conv2": lambda: conv2d(x, w, b, stride=s, padding=p),
             "cp8_layer": factored_callable("cp", (4, 2, 2) if quick else (48, 2, 8), 1, conv2, np.float32),
+            "svd_layer": svd,
+            "svd_layer_gather_gemms": svd_gather_gemms,
             "monochromatic6_layer": lowrank_callable("monochromatic", 2 if quick else 6, 1, conv1, np.float32),
             "zf_dense_net": lambda: net.forward(xn)}
 
