@@ -6,15 +6,16 @@ At batch 1 an eager GPU call is bound by the host (docs/gpu_results.md: a 0.2 ms
 kernels), and part of that host time is npconv's own Python: argument checks, shapes, launch packing. This script
 measures that part on any machine: it runs the GPU code path on the CuPy stand-in of the tests
 (``tests/cuda_emulator/as_cupy``) with every kernel launch, matrix product and in-place ReLU made a no-op and
-``empty`` left unfilled, so what remains is npconv's Python plus the stand-in's cheap NumPy calls. CuPy's own costs (its launch,
-its cuBLAS call, its allocator) are not in it; ``bench/gpu_profile.py host`` measures the whole on a GPU.
+``empty`` left unfilled, so what remains is npconv's Python plus the stand-in's cheap NumPy calls. CuPy's own costs
+(its launch, its cuBLAS call, its allocator) are not in it; ``bench/gpu_profile.py host`` measures the whole on a
+GPU.
 
 Workloads at batch 1, ZF shapes: the dense conv2 through ``npconv.functional.conv2d``, the biclustered CP conv2 layer
 (G=48, H=2, K=8), the biclustered SVD conv2 layer (G=H=2, (19, 51)) as it runs (``bic_reduce``) and with its gather
-and reductions as ``bic_gather`` and a GEMM a group (``svd_layer_gather_gemms``), the monochromatic conv1 layer
-(C'=6), and the whole dense ZF network's ``forward``. Prints the best
-of five runs of ``--calls`` calls (microseconds per call), and with ``--profile`` cProfile's 12 functions with the
-most own time per workload.
+and reductions as ``bic_gather`` and a GEMM a group (``svd_layer_gather_gemms``), the shared separable conv2 layer
+(G=48, H=2, K=6, S=4), the monochromatic conv1 layer (C'=6), and the whole dense ZF network's ``forward``. Prints
+the best of five runs of ``--calls`` calls (microseconds per call), and with ``--profile`` cProfile's 12 functions
+with the most own time per workload.
 """
 from __future__ import annotations
 
@@ -105,6 +106,7 @@ def workloads(fake, quick=False):
             "cp8_layer": factored_callable("cp", (4, 2, 2) if quick else (48, 2, 8), 1, conv2, np.float32),
             "svd_layer": svd,
             "svd_layer_gather_gemms": svd_gather_gemms,
+            "shared_layer": factored_callable("shared", (4, 2, 3, 2) if quick else (48, 2, 6, 4), 1, conv2, np.float32),
             "monochromatic6_layer": lowrank_callable("monochromatic", 2 if quick else 6, 1, conv1, np.float32),
             "zf_dense_net": lambda: net.forward(xn)}
 

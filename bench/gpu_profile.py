@@ -14,13 +14,16 @@ a warm-up, so that ``ncu --profile-from-start off`` sees only the timed kernels 
 b128``: npconv and cuDNN conv2, the biclustered CP layer with K = 8 and 12 and the monochromatic conv1 with C' = 24 at
 batch 128; ``b1``: conv2 and CP K = 8 at batch 1, where the layers' time hardly depends on their work).
 ``host`` answers the batch-1 question from the host side: for eager calls of ZF conv2 and conv3, the CP layer (K = 8),
-the SVD layer ((K1, K2) = (19, 51)) and the whole dense ZF network at batch 1 it measures the time per call when calls are queued back to back (one
+the SVD layer ((K1, K2) = (19, 51)), the shared separable layer (K = 6, S = 4) and the whole dense ZF network at batch
+1 it measures the time per call when calls are queued back to back (one
 synchronisation at the end) and when each call is synchronised, and profiles the calls with cProfile, splitting the
 host time between npconv's Python, CuPy, NumPy and the rest (``host_split``).
 ``small`` measures small batches, where a call's time is mostly the host's: ZF conv2-conv5 at batches 1-32, npconv
 and cuDNN, the biclustered CP conv2 (K = 8, 12) at batches 1-8 with its expansion fused (``bic_expand``) and as
-GEMMs + scatters (the rule ``ops_bicluster.EXPAND_TILED_MAX_COLUMNS``), and the biclustered SVD conv2 (19, 51) with
-its gather and reductions fused (``bic_reduce``) and as ``bic_gather`` + GEMMs (``REDUCE_TILED_MAX_COLUMNS``). Each as the latency of one call (CUDA events
+GEMMs + scatters (the rule ``ops_bicluster.EXPAND_TILED_MAX_COLUMNS``), the biclustered SVD conv2 (19, 51) with
+its gather and reductions fused (``bic_reduce``) and as ``bic_gather`` + GEMMs (``REDUCE_TILED_MAX_COLUMNS``), and the
+shared separable conv2 (K = 6, S = 4) with its combination and expansion fused (``bic_expand_shared``) and as
+``bic_shared_combine`` + GEMMs + scatters (``EXPAND_TILED_MAX_COLUMNS``). Each as the latency of one call (CUDA events
 around it, after a synchronize; the variants of a row in alternation, ``bench_gpu.time_interleaved``) and as the
 time per call of 50 calls queued back to back.
 ``cpblock`` times the biclustered CP conv2 (K = 6, 8, 12, batch 128) with ``ops_bicluster.CP_IMAGES_PER_BLOCK`` at
@@ -206,10 +209,10 @@ def host(calls=200, quick=False):
     if quick:
         from bench.bench_network import QUICK_ZF
         net = zf_net(seed=0, **QUICK_ZF).to_gpu()
-        calls, warm, cp_opts, svd_opts = min(calls, 2), 1, (4, 2, 2), (2, 2, (2, 3))
+        calls, warm, cp_opts, svd_opts, shared_opts = min(calls, 2), 1, (4, 2, 2), (2, 2, (2, 3)), (4, 2, 3, 2)
     else:
         net = zf_net(seed=0).to_gpu()
-        warm, cp_opts, svd_opts = 20, (48, 2, 8), (2, 2, (19, 51))
+        warm, cp_opts, svd_opts, shared_opts = 20, (48, 2, 8), (2, 2, (19, 51)), (48, 2, 6, 4)
     size = net.input_shape[1]
     xn = cp.asarray(np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32))
     x3, w3, b3 = _conv_inputs(cp, geom if quick else ZF_CONVS["conv3"], 1)
@@ -218,6 +221,7 @@ def host(calls=200, quick=False):
             "conv3": lambda: conv2d(x3, w3, b3, stride=s3, padding=p3),
             f"cp{cp_opts[2]}": factored_callable("cp", cp_opts, 1, geom if quick else ZF_CONV2, np.float32),
             "svd": factored_callable("svd", svd_opts, 1, geom if quick else ZF_CONV2, np.float32),
+            "shared": factored_callable("shared", shared_opts, 1, geom if quick else ZF_CONV2, np.float32),
             "zf_dense_net": lambda: net.forward(xn)}
     res = {}
     for name, fn in work.items():
@@ -316,11 +320,13 @@ def probe_small(batches=(1, 2, 4, 8, 16, 32), cp_batches=(1, 2, 4, 8), repeat=30
             finally:
                 setattr(ops_bicluster, rule, saved)
         return run
-    # (name, kind, options, the rule its two variants set): the CP expansion, and the SVD form's gather + reductions
+    # (name, kind, options, the rule its two variants set): the CP expansion, the SVD form's gather + reductions
     # (bic_reduce, or bic_gather and a GEMM a group; its expansion follows EXPAND_TILED_MAX_COLUMNS as it is)
     forms = [(f"cp{k}", "cp", (4, 2, k) if quick else (48, 2, k), "EXPAND_TILED_MAX_COLUMNS")
              for k in ((4,) if quick else (8, 12))]
     forms.append(("svd", "svd", (2, 2, (2, 3)) if quick else (2, 2, (19, 51)), "REDUCE_TILED_MAX_COLUMNS"))
+    # the shared form: its combination in the fused expansion (bic_expand_shared), or bic_shared_combine and GEMMs
+    forms.append(("shared", "shared", (4, 2, 3, 2) if quick else (48, 2, 6, 4), "EXPAND_TILED_MAX_COLUMNS"))
     for name, kind, opts, rule in forms:
         for N in cp_batches:
             layer = factored_callable(kind, opts, N, QUICK_CONV2 if quick else ZF_CONV2, np.float32)

@@ -141,8 +141,8 @@ def test_cp_front(bic_module, rng, dtype, launch, case):
     z = np.full((NH * G * K, N * OH * OW), np.nan, dtype)
     args = (x, in_perm.astype(i32), in_off.astype(i32), reduce, vert, hor, z,
             *map(i32, (N, C, H, W, G, NH, K, X, Y, *stride, pad[0], pad[2], OH, OW, TW, TH, KC, tiles_w, kchunks)))
-    kernel(bic_module, cp_front_name(X, stride[0]), dtype)((-(-OH // TH) * tiles_w, G * kchunks, gz), (threads,), args, shared_mem=smem,
-                                    order=order)
+    kernel(bic_module, cp_front_name(X, stride[0]), dtype)((-(-OH // TH) * tiles_w, G * kchunks, gz), (threads,), args,
+                                                           shared_mem=smem, order=order)
     check(z, cp_reference(x, in_perm, in_off, reduce, vert, hor, stride, pad), dtype, max(sizes) * X * Y)
 
 
@@ -375,6 +375,45 @@ def test_shared_filter_and_combine(bic_module, rng, dtype, launch, case):
         grid, block, (q_in, reduce, slot.astype(i32), in_off.astype(i32), used_ptr.astype(i32), qoff.astype(i32), z,
                       *map(i32, (N, P, G, NH, K))), order=order)
     check(z, z_ref, dtype, max(sizes))
+
+
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("order", ["forward", "reverse"])
+@pytest.mark.parametrize("in_sizes,out_sizes,K,S,m,P", [((1, 4, 2), (3, 40, 5), 3, 4, 2, 21),
+                                                         ((2, 2), (33,), 5, 2, 1, 70), ((3,), (1, 2), 2, 3, 3, 5)])
+def test_expand_shared(bic_module, rng, dtype, order, in_sizes, out_sizes, K, S, m, P, with_bias):
+    """The shared separable form's combination and expansion in one launch, against loops over the definitions (the
+    combination as for bic_shared_combine, then the expansion as for bic_expand): unequal input groups with different
+    numbers of used filters, output groups of 40 and 33 rows (two tiles of 32) and of 1 (whole blocks idle), GK and
+    columns that are not multiples of the 32 x 32 x 16 tile."""
+    G, NH, C, F = len(in_sizes), len(out_sizes), sum(in_sizes), sum(out_sizes)
+    in_off = np.concatenate([[0], np.cumsum(in_sizes)])
+    out_off = np.concatenate([[0], np.cumsum(out_sizes)]).astype(i32)
+    out_perm = rng.permutation(F).astype(i32)
+    assign = rng.integers(0, S, size=(G, NH, K))
+    used, slot, used_ptr, qoff = shared_lists(assign, in_off)
+    q = rng.standard_normal((int(qoff[-1]), m * P)).astype(dtype)
+    reduce = rng.standard_normal((C, NH, K)).astype(dtype)
+    expand = rng.standard_normal((F, G, K)).astype(dtype)
+    b = rng.standard_normal(F).astype(dtype)
+    y = np.full((m, F, P), np.nan, dtype)
+    grid = (-(-(m * P) // 32), -(-max(out_sizes) // 32), NH)
+    ints = [a.astype(i32) for a in (slot, in_off, used_ptr, qoff)]
+    kernel(bic_module, "bic_expand_shared", dtype)(
+        grid, (64,), (q, reduce, *ints, expand, out_off, out_perm, b if with_bias else q, y,
+                      *map(i32, (m, P, F, G, NH, K, with_bias))), order=order)
+    want = np.empty((m, F, P))
+    for h in range(NH):
+        z = np.zeros((G, K, m * P))
+        for g in range(G):
+            U = len(used[g])
+            for k in range(K):
+                for jj, j in enumerate(range(in_off[g], in_off[g + 1])):
+                    z[g, k] += float(reduce[j, h, k]) * q[qoff[g] + jj * U + slot[g, h, k]].astype(np.float64)
+        for o in range(out_off[h], out_off[h + 1]):
+            row = sum(float(expand[o, g, k]) * z[g, k] for g in range(G) for k in range(K))
+            want[:, out_perm[o]] = row.reshape(m, P) + (float(b[out_perm[o]]) if with_bias else 0.0)
+    check(y, want, dtype, G * K * max(in_sizes))
 
 
 def test_shared_launch_plan_matches_independent_lists(rng):

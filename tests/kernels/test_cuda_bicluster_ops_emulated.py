@@ -24,10 +24,18 @@ ENTRY = {"cp": ops_bicluster.bicluster_cp_conv2d, "svd": ops_bicluster.bicluster
          "shared": ops_bicluster.shared_separable_conv2d}
 CPU = {"cp": FB.bicluster_cp_conv2d, "svd": FB.bicluster_svd_conv2d, "shared": FB.shared_separable_conv2d}
 def front(kind, X, SH, fused=True):
-    """The front end's launches of ``kind`` for X x Y filters at row stride SH; for SVD with the gather and the
-    reductions in one bic_reduce launch (``fused``, few columns) or as bic_gather and cuBLAS GEMMs."""
+    """The front end's launches of ``kind`` for X x Y filters at row stride SH: for few columns (``fused``) the SVD
+    form's gather and reductions are one bic_reduce launch (else bic_gather and cuBLAS GEMMs), and the shared form's
+    combination is part of its expansion (else bic_shared_combine)."""
     return {"cp": [cp_front_name(X, SH)], "svd": ["bic_reduce" if fused else "bic_gather", "bic_svd_spatial"],
-            "shared": ["bic_shared_filter", "bic_shared_combine"]}[kind]
+            "shared": ["bic_shared_filter"] + ([] if fused else ["bic_shared_combine"])}[kind]
+
+
+def launches(kind, X, SH, fused=True, NH=3):
+    """Every launch of ``kind``: the front end, then the expansion (one fused launch for few columns, else a scatter
+    after each of the NH output groups' GEMMs)."""
+    tail = ["bic_expand_shared" if kind == "shared" else "bic_expand"] if fused else ["bic_scatter"] * NH
+    return front(kind, X, SH, fused) + tail
 
 
 @pytest.fixture
@@ -103,8 +111,7 @@ def test_matches_dense_conv_and_cpu(fc, launched, monkeypatch, rng, dtype, order
     y = run(fc, kind, x, f, b, stride, pad, dev=None if contiguous else (lambda a: strided(fc, a)))
     check(fc, y, conv2d_einsum(x, dense_kernel(kind, f), b, stride=stride, padding=pad), dtype, C * X * Y * 4)
     check(fc, y, CPU[kind](x, *f, b, stride=stride, padding=pad), dtype, C * X * Y * 4)
-    assert launched == (front(kind, X, stride[0], fused=expand == "fused")
-                        + (["bic_scatter"] * 3 if expand == "gemm" else ["bic_expand"]))
+    assert launched == launches(kind, X, stride[0], fused=expand == "fused")
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -115,7 +122,7 @@ def test_device_index_arrays_and_no_bias(fc, launched, rng, dtype, kind):
     x = rng.standard_normal((1, 6, 7, 9)).astype(dtype)
     y = run(fc, kind, x, f, None, (1, 2), (0, 1, 1, 0), dev_index=True)
     check(fc, y, conv2d_naive(x, dense_kernel(kind, f), None, stride=(1, 2), padding=(0, 1, 1, 0)), dtype, 100)
-    assert launched == front(kind, 2, 1) + ["bic_expand"]      # 56 output positions: the fused expansion
+    assert launched == launches(kind, 2, 1)      # 56 output positions: the fused expansion
 
 
 @pytest.mark.parametrize("kind,per_block", [("cp", 1), ("cp", 3), ("svd", 1), ("shared", 1)])
@@ -187,6 +194,25 @@ def test_svd_reduction_paths_by_chunk(fc, launched, monkeypatch, rng, dtype):
     assert launched == ["bic_gather", "bic_svd_spatial", "bic_expand"]
 
 
+def test_shared_expansion_paths_by_chunk(fc, launched, monkeypatch, rng, dtype):
+    """Chunks of 2 + 2 + 1 images with room for one image's columns in the fused expansion: the two full chunks
+    combine into Z and expand by GEMMs and scatters (Z allocated once, for both), the last one by bic_expand_shared."""
+    C, F, X, Y, H, W = 5, 6, 3, 2, 8, 9
+    f = make_factors("shared", rng, dtype, C, F, X, Y, (1, 3, 1), (2, 4), RANKS["shared"])
+    x = rng.standard_normal((5, C, H, W)).astype(dtype)
+    b = rng.standard_normal(F).astype(dtype)
+    ref = conv2d_einsum(x, dense_kernel("shared", f), b, stride=(1, 1), padding=(1, 1, 0, 1))
+    P = 8 * 9
+    assign, in_off = f[3], f[1]
+    qrows = sum((in_off[g + 1] - in_off[g]) * len(set(assign[g].ravel().tolist())) for g in range(3))
+    per_image = (qrows + 2 * 3 * 3 + 4) * P                     # filtered maps, Z, GEMM result
+    monkeypatch.setattr(ops_bicluster, "WORKSPACE_BYTES", 2 * per_image * dtype.itemsize + 1)
+    monkeypatch.setattr(ops_bicluster, "EXPAND_TILED_MAX_COLUMNS", P)
+    check(fc, run(fc, "shared", x, f, b, (1, 1), (1, 1, 0, 1)), ref, dtype, C * X * Y * 3)
+    assert launched == (["bic_shared_filter", "bic_shared_combine", "bic_scatter", "bic_scatter"] * 2
+                        + ["bic_shared_filter", "bic_expand_shared"])
+
+
 @pytest.mark.parametrize("kind,budget", [("cp", "CP_SMEM_BUDGET"), ("svd", "SVD_SMEM_BUDGET"),
                                          ("shared", "SHARED_SMEM_BUDGET")])
 def test_fallback_when_the_tile_does_not_fit(fc, launched, monkeypatch, rng, dtype, kind, budget):
@@ -219,7 +245,7 @@ def test_zf_conv2_cp_shape_small_batch(fc, launched, monkeypatch, rng, expand):
     x = rng.standard_normal((1, 96, 23, 23)).astype(dtype)
     y = run(fc, "cp", x, f, None, (2, 2), (0, 0, 0, 0))
     check(fc, y, CPU["cp"](x, *f, None, stride=2, padding=0), dtype, 2 * 25 * 48 * 6)
-    assert launched == ["bic_cp_front_x5s2"] + (["bic_scatter", "bic_scatter"] if expand == "gemm" else ["bic_expand"])
+    assert launched == launches("cp", 5, 2, fused=expand == "fused", NH=2)
 
 
 def test_launch_refuses_wrong_argument_types(fc, rng):

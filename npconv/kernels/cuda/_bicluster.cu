@@ -22,6 +22,7 @@
 //  * bic_scatter        -- r (F_h, m*P) to y (m, F, P) at channels out_perm[o0 + f], adding the bias.
 //  * bic_expand         -- for few columns (batch 1): the expansion of every output group and the scatter, fused
 //                          in one launch (tiles of npc_tile_gemm, below), instead of a GEMM and a bic_scatter a group.
+//  * bic_expand_shared  -- shared separable form, for few columns: bic_shared_combine and bic_expand in one launch.
 //  * bic_reduce         -- SVD form, for few columns (batch 1): the gather and every input group's reduction in
 //                          one launch (tiles of npc_tile_gemm), instead of bic_gather and a GEMM a group.
 
@@ -555,24 +556,17 @@ struct npc_bx_cols {      // B: column j of z[h]
   __device__ __forceinline__ real_t operator()(int q) const { return ok ? __ldg(col + (size_t)q * L) : real_t(0); }
 };
 
-NPCONV_KERNEL_LB(bic_expand, NPC_TG_THREADS)(const real_t* __restrict__ z, const real_t* __restrict__ expand,
-                                             const int* __restrict__ out_off, const int* __restrict__ out_perm,
-                                             const real_t* __restrict__ bias, real_t* __restrict__ y, int m,
-                                             int P, int F, int GK, int has_bias) {
-  const int h = blockIdx.z;
-  const int o1 = __ldg(out_off + h + 1);
-  const int f0 = __ldg(out_off + h) + blockIdx.y * NPC_TG_BM;
-  if (f0 >= o1) return;    // the whole block: its group has fewer rows
-  const int L = m * P;
-  const int j0 = blockIdx.x * NPC_TG_BN;
+// The tile of rows f0 .. f0+31 (of output group h, which ends at o1) and columns j0 .. j0+31 of the expansion, its
+// scatter through out_perm and the bias; lb: this thread's column (j0 + threadIdx.x % 32) of the group's B operand.
+template <class LoadB>
+__device__ __forceinline__ void npc_expand_tile(const LoadB& lb, int f0, int o1, int j0, int L,
+                                                const real_t* __restrict__ expand, const int* __restrict__ out_perm,
+                                                const real_t* __restrict__ bias, real_t* __restrict__ y, int P,
+                                                int F, int GK, int has_bias) {
   const int r = threadIdx.x & 31;
   npc_bx_rows la;
   la.ok = f0 + r < o1;
   la.row = expand + (size_t)(la.ok ? f0 + r : 0) * GK;
-  npc_bx_cols lb;
-  lb.ok = j0 + r < L;
-  lb.L = L;
-  lb.col = z + (size_t)h * GK * L + (lb.ok ? j0 + r : 0);
   real_t acc[4][4];
 #pragma unroll
   for (int u = 0; u < 4; ++u)
@@ -593,6 +587,79 @@ NPCONV_KERNEL_LB(bic_expand, NPC_TG_THREADS)(const real_t* __restrict__ z, const
       if (o < o1 && j < L) y[((size_t)n * F + fo) * P + (j - n * P)] = acc[u][v] + b;
     }
   }
+}
+
+NPCONV_KERNEL_LB(bic_expand, NPC_TG_THREADS)(const real_t* __restrict__ z, const real_t* __restrict__ expand,
+                                             const int* __restrict__ out_off, const int* __restrict__ out_perm,
+                                             const real_t* __restrict__ bias, real_t* __restrict__ y, int m,
+                                             int P, int F, int GK, int has_bias) {
+  const int h = blockIdx.z;
+  const int o1 = __ldg(out_off + h + 1);
+  const int f0 = __ldg(out_off + h) + blockIdx.y * NPC_TG_BM;
+  if (f0 >= o1) return;    // the whole block: its group has fewer rows
+  const int L = m * P;
+  const int j0 = blockIdx.x * NPC_TG_BN;
+  const int r = threadIdx.x & 31;
+  npc_bx_cols lb;
+  lb.ok = j0 + r < L;
+  lb.L = L;
+  lb.col = z + (size_t)h * GK * L + (lb.ok ? j0 + r : 0);
+  npc_expand_tile(lb, f0, o1, j0, L, expand, out_perm, bias, y, P, F, GK, has_bias);
+}
+
+// Shared separable form, for few columns (batch 1): bic_shared_combine and bic_expand in one launch. The B operand
+// of output group h, z[h][g*K + k][col] (bic_shared_combine's definition), is formed as the tiles load it, from q:
+//   sum_{j in group g} reduce[j, h, k] * q[qoff[g] + (j - in_off[g]) * U_g + slot[g, h, k]][col]
+// (each element once per 32-row tile of the group's outputs: C_g multiply-adds). Arguments as bic_shared_combine and
+// bic_expand; GK = G*K. Launch as bic_expand.
+struct npc_bxs_cols {     // B: column j of output group h's components, combined from q
+  const real_t* qcol;     // q + j
+  const real_t* reduce;   // reduce + h*K: reduce[jj*HK + k]
+  const int* slot;        // slot + h*K: slot[g*HK + k]
+  const int* in_off;
+  const int* used_ptr;
+  const int* qoff;
+  int K, HK, L;
+  bool ok;
+  __device__ __forceinline__ real_t operator()(int q) const {
+    if (!ok) return real_t(0);
+    const int g = q / K;
+    const int k = q - g * K;
+    const int i0 = __ldg(in_off + g), i1 = __ldg(in_off + g + 1);
+    const size_t step = (size_t)(__ldg(used_ptr + g + 1) - __ldg(used_ptr + g)) * L;
+    const real_t* qp = qcol + (size_t)(__ldg(qoff + g) + __ldg(slot + g * HK + k)) * L;
+    real_t acc = real_t(0);
+#pragma unroll 1
+    for (int jj = i0; jj < i1; ++jj, qp += step) acc += __ldg(reduce + (size_t)jj * HK + k) * __ldg(qp);
+    return acc;
+  }
+};
+
+NPCONV_KERNEL_LB(bic_expand_shared, NPC_TG_THREADS)(
+    const real_t* __restrict__ q, const real_t* __restrict__ reduce, const int* __restrict__ slot,
+    const int* __restrict__ in_off, const int* __restrict__ used_ptr, const int* __restrict__ qoff,
+    const real_t* __restrict__ expand, const int* __restrict__ out_off, const int* __restrict__ out_perm,
+    const real_t* __restrict__ bias, real_t* __restrict__ y, int m, int P, int F, int G, int NH, int K,
+    int has_bias) {
+  const int h = blockIdx.z;
+  const int o1 = __ldg(out_off + h + 1);
+  const int f0 = __ldg(out_off + h) + blockIdx.y * NPC_TG_BM;
+  if (f0 >= o1) return;    // the whole block: its group has fewer rows
+  const int L = m * P;
+  const int j0 = blockIdx.x * NPC_TG_BN;
+  const int r = threadIdx.x & 31;
+  npc_bxs_cols lb;
+  lb.ok = j0 + r < L;
+  lb.qcol = q + (lb.ok ? j0 + r : 0);
+  lb.reduce = reduce + h * K;
+  lb.slot = slot + h * K;
+  lb.in_off = in_off;
+  lb.used_ptr = used_ptr;
+  lb.qoff = qoff;
+  lb.K = K;
+  lb.HK = NH * K;
+  lb.L = L;
+  npc_expand_tile(lb, f0, o1, j0, L, expand, out_perm, bias, y, P, F, G * K, has_bias);
 }
 
 // SVD form, for few columns (batch 1): the gather through in_perm and every group's reduction in one launch,

@@ -26,7 +26,9 @@ row ``(h*G + g)*K + k`` holds component k of block (g, h). The expansion of outp
     memory one chunk of K1 channels at a time, no im2col matrix), from the reduction's output to Z.
   * Shared separable (:func:`shared_separable_conv2d`): ``bic_shared_filter`` filters each input channel once per
     shared filter its group uses (vertical then horizontal pass through shared memory), into Q; ``bic_shared_combine``
-    forms each component as the C_g-term combination of its group's filtered maps, into Z.
+    forms each component as the C_g-term combination of its group's filtered maps, into Z. For at most
+    :data:`EXPAND_TILED_MAX_COLUMNS` columns ``bic_expand_shared`` forms the combination as the fused expansion's
+    tiles load it, so the form makes two launches and no Z.
 
 When a tile does not fit its shared-memory budget even with one row of outputs (very large kernels), or a grid
 dimension would pass 65535, a form falls back to the composition of generic ops (the functions ``_cp_composed``,
@@ -129,6 +131,8 @@ LAUNCH_SIGNATURES: dict[str, tuple[str, tuple[str, ...]]] = {
     "bic_scatter": (SOURCE, (PTR, IPTR, PTR, PTR) + (I32,) * 6),
     # z, expand, out_off, out_perm, bias, y, m, P, F, GK, has_bias
     "bic_expand": (SOURCE, (PTR, PTR, IPTR, IPTR, PTR, PTR) + (I32,) * 5),
+    # q, reduce, slot, in_off, used_ptr, qoff, expand, out_off, out_perm, bias, y, m, P, F, G, NH, K, has_bias
+    "bic_expand_shared": (SOURCE, (PTR, PTR) + (IPTR,) * 4 + (PTR, IPTR, IPTR, PTR, PTR) + (I32,) * 7),
     # x, in_perm, in_off, reduce, z1, m, C, HW, HK1
     "bic_reduce": (SOURCE, (PTR, IPTR, IPTR, PTR, PTR) + (I32,) * 4),
 }
@@ -294,6 +298,16 @@ def shared_launch_plan(assign, in_off, n_filters) -> SharedPlan:
 
 # --- the common tail and the fallback ------------------------------------------------------------------------------
 
+def _expand_grid(L, Fh, NH):
+    """The grid of the fused expansion (``bic_expand``, ``bic_expand_shared``) for ``L`` columns, or None when the
+    expansion takes cuBLAS GEMMs and scatters instead: above :data:`EXPAND_TILED_MAX_COLUMNS` columns, or a grid
+    dimension past 65535."""
+    grid = (-(-L // EXPAND_TILE[1]), -(-Fh // EXPAND_TILE[0]), NH)
+    if L > EXPAND_TILED_MAX_COLUMNS or grid[1] > _MAX_GRID_YZ or grid[2] > _MAX_GRID_YZ:
+        return None
+    return grid
+
+
 def _expand_scatter(cp, z, expand, d_out_perm, out_off, Fh, bias, y, m, P):
     """Per output group h: ``r = expand_h (F_h, G*K) @ z[h]`` (cuBLAS), then bic_scatter writes r into the chunk's
     output ``y`` (m, F, OH, OW) at channels out_perm[out_off[h] ...], adding the bias (``Fh``: the largest group's
@@ -304,12 +318,11 @@ def _expand_scatter(cp, z, expand, d_out_perm, out_off, Fh, bias, y, m, P):
     has_bias = bias is not None
     b = bias if has_bias else expand          # a dummy pointer of the right dtype when there is no bias
     NH = out_off.shape[0] - 1
-    if m * P <= EXPAND_TILED_MAX_COLUMNS:
-        grid = (-(-(m * P) // EXPAND_TILE[1]), -(-Fh // EXPAND_TILE[0]), NH)
-        if grid[1] <= _MAX_GRID_YZ and grid[2] <= _MAX_GRID_YZ:
-            _launch("bic_expand", dt, grid, (EXPAND_THREADS,),
-                    (z, expand, _ints(cp, out_off), d_out_perm, b, y, m, P, F, G * K, has_bias))
-            return
+    grid = _expand_grid(m * P, Fh, NH)
+    if grid is not None:
+        _launch("bic_expand", dt, grid, (EXPAND_THREADS,),
+                (z, expand, _ints(cp, out_off), d_out_perm, b, y, m, P, F, G * K, has_bias))
+        return
     for h in range(NH):
         o0, o1 = int(out_off[h]), int(out_off[h + 1])
         r = cp.ascontiguousarray(_matmul(expand[o0:o1].reshape(o1 - o0, G * K), z[h]))
@@ -408,17 +421,15 @@ def bicluster_svd_conv2d(x, in_perm, in_off, reduce, spatial, expand, out_perm, 
     # group (its operands made on the first such chunk)
     reduce_grid = (-(-HK1 // EXPAND_TILE[0]), G)
     fused_ok = max(reduce_grid) <= _MAX_GRID_YZ
-    red_t = xg_buf = d_in_off = None
+    red_t = xg_buf = None
     z1_buf = cp.empty(rows1 * nb * HW, dtype=dt)
     z2_buf = cp.empty(rows2 * nb * P, dtype=dt)
     for n0 in range(0, N, nb):
         m = min(nb, N - n0)
         z1 = z1_buf[:rows1 * m * HW].reshape(rows1, m * HW)
         if fused_ok and m * HW <= REDUCE_TILED_MAX_COLUMNS:
-            if d_in_off is None:
-                d_in_off = _ints(cp, in_off_h)
             _launch("bic_reduce", dt, (-(-(m * HW) // EXPAND_TILE[1]),) + reduce_grid, (EXPAND_THREADS,),
-                    (x[n0:n0 + m], d_in_perm, d_in_off, reduce, z1, m, C, HW, HK1))
+                    (x[n0:n0 + m], d_in_perm, _ints(cp, in_off_h), reduce, z1, m, C, HW, HK1))
         else:
             if red_t is None:
                 # per group, the reduction matrix (NH*K1, C_g): rows (h, k1), columns the group's channels in
@@ -479,13 +490,23 @@ def shared_separable_conv2d(x, in_perm, in_off, reduce, assign, vertical, horizo
     Fh = int(np.diff(out_off_h).max())
     nb = _images_per_chunk(N, (QR + rows + Fh) * P, max(QR, rows, Fh) * P, dt.itemsize)
     q_buf = cp.empty(QR * nb * P, dtype=dt)
-    z_buf = cp.empty(rows * nb * P, dtype=dt)
+    z_buf = None
     for n0 in range(0, N, nb):
         m = min(nb, N - n0)
         q = q_buf[:QR * m * P].reshape(QR, m * P)
         _launch("bic_shared_filter", dt, (tiles, C, min(m, _MAX_GRID_YZ)), (TW, TH),
                 (x[n0:n0 + m], d_in_perm, d_group, d_in_off, d_used_ptr, d_used_filter, d_qoff, vertical, horizontal,
                  q, m, C, H, W, X, Y, sh, sw, pt, pl, OH, OW, tiles_w), shared_mem=smem)
+        grid = _expand_grid(m * P, Fh, NH)
+        if grid is not None:
+            # few columns: the combination formed as the expansion's tiles load it (no Z)
+            has_bias = bias is not None
+            _launch("bic_expand_shared", dt, grid, (EXPAND_THREADS,),
+                    (q, reduce, d_slot, d_in_off, d_used_ptr, d_qoff, expand, _ints(cp, out_off_h), d_out_perm,
+                     bias if has_bias else expand, y[n0:n0 + m], m, P, F, G, NH, K, has_bias))
+            continue
+        if z_buf is None:
+            z_buf = cp.empty(rows * nb * P, dtype=dt)
         z = z_buf[:rows * m * P].reshape(NH, G * K, m * P)
         _launch_1d("bic_shared_combine", dt, z.size,
                    (q, reduce, d_slot, d_in_off, d_used_ptr, d_qoff, z, m, P, G, NH, K))
