@@ -103,3 +103,104 @@ def test_outside_a_capture_it_is_cupy_matmul(monkeypatch, rng):
     y = _gemm.matmul(fake_cupy.asarray(a), fake_cupy.asarray(b))
     assert isinstance(y, fake_cupy.ndarray)
     np.testing.assert_allclose(np.asarray(y), a @ b)
+
+
+# --- the eager direct call through CuPy's Cython binding (EAGER_CUBLAS) --------------------------------------------
+
+class _DevArray(np.ndarray):
+    """Host memory standing in for a device array, with CuPy's ``data.ptr``."""
+
+    @property
+    def data(self):
+        return type("MemoryPointer", (), {"ptr": self.__array_interface__["data"][0]})()
+
+
+def _dev(a):
+    return np.asarray(a).view(_DevArray)
+
+
+class _FakeCythonCublas:
+    """The few functions of ``cupy_backends.cuda.libs.cublas`` the direct call uses, over host memory: pointers are
+    addresses, read through ctypes; the product is the NumPy model above. The handle starts in device pointer mode,
+    as CuPy may leave it."""
+
+    def __init__(self):
+        self.mode, self.calls = 1, []
+
+    def getPointerMode(self, handle):  # noqa: N802 (the binding's names)
+        return self.mode
+
+    def setPointerMode(self, handle, mode):  # noqa: N802
+        self.mode = mode
+
+    def _gemm(self, ctype, handle, transa, transb, m, n, k, alpha, A, lda, sa, B, ldb, sb, beta, C, ldc, sc, batch):
+        import ctypes
+        assert self.mode == _gemm.POINTER_MODE_HOST, "alpha and beta are host pointers"
+        assert ctype.from_address(alpha).value == 1 and ctype.from_address(beta).value == 0
+
+        def buf(ptr, rows, cols, ld, stride):
+            count = stride * (batch - 1) + ld * (cols - 1) + rows
+            return np.ctypeslib.as_array((ctype * count).from_address(ptr))
+        ra, ca = (m, k) if transa == _gemm.OP_N else (k, m)
+        rb, cb = (k, n) if transb == _gemm.OP_N else (n, k)
+        cublas_gemm_strided_batched(transa, transb, m, n, k, buf(A, ra, ca, lda, sa), lda, sa,
+                                    buf(B, rb, cb, ldb, sb), ldb, sb, buf(C, m, n, ldc, sc), ldc, sc, batch)
+        self.calls.append((handle, m, n, k, batch))
+
+    def sgemmStridedBatched(self, *args):  # noqa: N802
+        import ctypes
+        self._gemm(ctypes.c_float, *args)
+
+    def dgemmStridedBatched(self, *args):  # noqa: N802
+        import ctypes
+        self._gemm(ctypes.c_double, *args)
+
+
+def _fake_cp():
+    import types
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("cupy.matmul was called")
+    stream = types.SimpleNamespace(is_capturing=lambda: False)
+    return types.SimpleNamespace(
+        empty=lambda shape, dtype: _dev(np.full(shape, np.nan, dtype)),
+        ascontiguousarray=lambda a: _dev(np.ascontiguousarray(a)), matmul=not_here,
+        cuda=types.SimpleNamespace(get_current_stream=lambda: stream,
+                                   device=types.SimpleNamespace(get_cublas_handle=lambda: 7)))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("case", ["contiguous", "b-transposed", "both-transposed", "row-slices", "batched",
+                                  "broadcast-a"])
+def test_eager_direct_call_computes_the_product(monkeypatch, rng, dtype, case):
+    """With EAGER_CUBLAS, one call of the binding's strided-batched GEMM on the operands' memory gives the product,
+    into a new array or into ``out``, and the handle's pointer mode is put back."""
+    import npconv._backend
+    cp, lib = _fake_cp(), _FakeCythonCublas()
+    monkeypatch.setattr(npconv._backend, "require_cupy", lambda: cp)
+    monkeypatch.setattr(_gemm, "_cython_cublas", lambda: lib)
+    monkeypatch.setattr(_gemm, "EAGER_CUBLAS", True)
+    a, b = (_dev(v) for v in _cases(rng, dtype)[case])
+    want = np.matmul(np.asarray(a, np.float64), np.asarray(b, np.float64))
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    got = _gemm.matmul(a, b)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=tol, atol=tol)
+    out = cp.empty(want.shape, dtype)
+    assert _gemm.matmul(a, b, out=out) is out
+    np.testing.assert_allclose(np.asarray(out), want, rtol=tol, atol=tol)
+    assert len(lib.calls) == 2 and lib.calls[0][0] == 7 and lib.mode == 1
+
+
+def test_eager_direct_call_falls_back_to_cupy_matmul(monkeypatch, rng):
+    """EAGER_CUBLAS off, or the binding not importable: cupy.matmul."""
+    from cuda_emulator import fake_cupy
+
+    import npconv._backend
+    monkeypatch.setattr(npconv._backend, "require_cupy", lambda: fake_cupy)
+    a, b = rng.standard_normal((3, 4)), rng.standard_normal((4, 2))
+    for eager, lib in ((False, _FakeCythonCublas()), (True, None)):
+        monkeypatch.setattr(_gemm, "EAGER_CUBLAS", eager)
+        monkeypatch.setattr(_gemm, "_cython_cublas", lambda lib=lib: lib)
+        y = _gemm.matmul(fake_cupy.asarray(a), fake_cupy.asarray(b))
+        assert isinstance(y, fake_cupy.ndarray)
+        np.testing.assert_allclose(np.asarray(y), a @ b)

@@ -4,8 +4,13 @@ CuPy refuses every cuBLAS call during stream capture (its ``cublas.setStream`` r
 CuPy 13 and 14), although cuBLAS itself supports capture. While the current stream is capturing
 (``Network.cuda_graph``), :func:`matmul` therefore calls cuBLAS's strided-batched GEMM itself, through ctypes, on
 CuPy's own cuBLAS handle and the capturing stream. Outside a capture it is ``cupy.matmul``: the same direct call
-made eagerly was measured on an H100 (twelfth session, docs/gpu_results.md) and was not faster, its host time per
-call through ctypes about that of ``cupy.matmul``.
+made eagerly through ctypes was measured on an H100 (twelfth session, docs/gpu_results.md) and was not faster, its
+host time per call about that of ``cupy.matmul`` (ctypes converts every argument of every call).
+
+:data:`EAGER_CUBLAS` (off by default) makes eager products call the same GEMM through CuPy's Cython binding of
+cuBLAS (``cupy_backends.cuda.libs.cublas``, which sets the handle's stream itself), where a call costs about what a
+Python function call does. It has not been timed on a GPU yet (``bench/gpu_profile.py host`` times both);
+``cupy.matmul`` serves where the binding cannot be imported.
 
 The captured product is row-major ``C = A @ B`` done the usual way on a column-major library: a row-major matrix
 with leading dimension ``ld`` is the column-major transpose, so cuBLAS computes ``C^T = B^T A^T``. Each operand is
@@ -24,15 +29,25 @@ from ... import _backend
 OP_N, OP_T = 0, 1          # cublasOperation_t
 POINTER_MODE_HOST = 0      # cublasPointerMode_t
 
+#: eager products through CuPy's Cython binding of cuBLAS instead of ``cupy.matmul`` (see the module docstring)
+EAGER_CUBLAS = False
+
+#: alpha = 1 and beta = 0 in host memory, per dtype, for the eager direct call
+_HOST_SCALARS = {np.dtype(t): (np.ones(1, t), np.zeros(1, t)) for t in (np.float32, np.float64)}
+
 
 def matmul(a, b, out=None):
     """``cupy.matmul(a, b, out=out)`` for a (..., M, K) and b (..., K, N), 2-D or 3-D, also while a CUDA graph is
     being recorded on the current stream."""
     cp = _backend.require_cupy()
     stream = cp.cuda.get_current_stream()
-    if not stream.is_capturing():
-        return cp.matmul(a, b, out=out)
-    return _captured_matmul(cp, a, b, out, stream)
+    if stream.is_capturing():
+        return _captured_matmul(cp, a, b, out, stream)
+    if EAGER_CUBLAS:
+        lib = _cython_cublas()
+        if lib is not None:
+            return _direct_matmul(cp, lib, a, b, out)
+    return cp.matmul(a, b, out=out)
 
 
 def operand(shape, strides, itemsize):
@@ -70,7 +85,10 @@ def gemm_plan(a_shape, a_strides, b_shape, b_strides, itemsize):
                 stride_a=pb[2], stride_b=pa[2], stride_c=M * N, batch=batch)
 
 
-def _captured_matmul(cp, a, b, out, stream):
+def _prepared(cp, a, b, out):
+    """(a, b, out, plan) of one strided-batched GEMM for ``a @ b``: the operands (copied when in neither memory
+    order), the output (checked, or allocated) and :func:`gemm_plan`'s arguments; plan None when nothing is left to
+    compute (an empty output, or a zero inner dimension: then out is zero-filled)."""
     dt = np.dtype(a.dtype)
     if b.dtype != dt or dt not in (np.float32, np.float64):
         raise TypeError(f"matmul: a and b must both be float32 or float64, got {a.dtype} and {b.dtype}")
@@ -87,10 +105,51 @@ def _captured_matmul(cp, a, b, out, stream):
         raise ValueError(f"matmul: out must be a C-contiguous {dt} array of shape {shape}, got {out.dtype} "
                          f"{tuple(out.shape)}")
     if out.size == 0:
-        return out
+        return a, b, out, None
     if a.shape[-1] == 0:
         out.fill(0)
+        return a, b, out, None
+    return a, b, out, plan
+
+
+@functools.lru_cache(maxsize=1)
+def _cython_cublas():
+    """CuPy's Cython binding of cuBLAS (``cupy_backends.cuda.libs.cublas``), or None where it cannot be imported."""
+    try:
+        from cupy_backends.cuda.libs import cublas
+    except ImportError:
+        return None
+    return cublas
+
+
+def _direct_matmul(cp, lib, a, b, out):
+    """The eager product as one call of ``lib`` (the Cython binding): host pointer mode for the host alpha and beta,
+    the handle's mode restored after."""
+    a, b, out, p = _prepared(cp, a, b, out)
+    if p is None:
         return out
+    dt = np.dtype(out.dtype)
+    one, zero = _HOST_SCALARS[dt]
+    handle = cp.cuda.device.get_cublas_handle()
+    mode = lib.getPointerMode(handle)
+    if mode != POINTER_MODE_HOST:
+        lib.setPointerMode(handle, POINTER_MODE_HOST)
+    fn = lib.sgemmStridedBatched if dt == np.float32 else lib.dgemmStridedBatched
+    try:
+        fn(handle, p["transa"], p["transb"], p["m"], p["n"], p["k"], one.ctypes.data, b.data.ptr, p["lda"],
+           p["stride_a"], a.data.ptr, p["ldb"], p["stride_b"], zero.ctypes.data, out.data.ptr, p["ldc"],
+           p["stride_c"], p["batch"])
+    finally:
+        if mode != POINTER_MODE_HOST:
+            lib.setPointerMode(handle, mode)
+    return out
+
+
+def _captured_matmul(cp, a, b, out, stream):
+    a, b, out, plan = _prepared(cp, a, b, out)
+    if plan is None:
+        return out
+    dt = np.dtype(out.dtype)
     handle = ctypes.c_void_p(cp.cuda.device.get_cublas_handle())   # first: creating it loads libcublas
     lib = _cublas()
     scalar = ctypes.c_float if dt == np.float32 else ctypes.c_double
