@@ -483,7 +483,7 @@ NPCONV_KERNEL_LB(bic_scatter, 256)(const real_t* __restrict__ r, const int* __re
 // this thread loads (row = tile row threadIdx.x % 32), lb(k) is B[k, col] for its one column (col = tile column
 // threadIdx.x % 32); each returns 0 outside the matrix. Each thread loads 8 elements of each operand per step of
 // NPC_TG_BK (k = k0 + threadIdx.x / 32 + 2 i), the next step's while it multiplies the current one (registers), and
-// owns acc[u][v] = C[tile row 4 ty + u, tile column 4 tx + v], ty = threadIdx.x / 8, tx = threadIdx.x % 8.
+// sets acc[u][v] = C[tile row 4 ty + u, tile column 4 tx + v], ty = threadIdx.x / 8, tx = threadIdx.x % 8.
 // Every thread of the block must call it with the same k range (it has barriers).
 // Measured on an H100 (docs/gpu_results.md, eleventh session): as the core of an implicit-GEMM dense conv it ran at
 // 3-9 TFLOP/s, far below cuBLAS, so it serves only small products: the expansion of bic_expand, where one launch in
@@ -500,6 +500,10 @@ __device__ __forceinline__ void npc_tile_gemm(const LoadA& la, const LoadB& lb, 
   __shared__ __align__(16) real_t Bs[NPC_TG_BK][NPC_TG_BN];
   const int q = threadIdx.x >> 5, r = threadIdx.x & 31;
   const int ty = threadIdx.x >> 3, tx = threadIdx.x & 7;
+#pragma unroll
+  for (int u = 0; u < 4; ++u)
+#pragma unroll
+    for (int v = 0; v < 4; ++v) acc[u][v] = real_t(0);
   real_t ra[8], rb[8];
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
@@ -556,22 +560,29 @@ struct npc_bx_cols {      // B: column j of z[h]
   __device__ __forceinline__ real_t operator()(int q) const { return ok ? __ldg(col + (size_t)q * L) : real_t(0); }
 };
 
-// The tile of rows f0 .. f0+31 (of output group h, which ends at o1) and columns j0 .. j0+31 of the expansion, its
-// scatter through out_perm and the bias; lb: this thread's column (j0 + threadIdx.x % 32) of the group's B operand.
+// Where a block of the fused expansion works: output group h = blockIdx.z, its rows f0 .. f0+31 (the group ends at
+// o1; idle when f0 >= o1: the group has fewer rows), columns j0 .. j0+31 of L; col, this thread's column.
+struct npc_expand_at {
+  int h, f0, o1, L, j0, col;
+  __device__ __forceinline__ npc_expand_at(const int* __restrict__ out_off, int L_)
+      : h(blockIdx.z), f0(__ldg(out_off + blockIdx.z) + blockIdx.y * NPC_TG_BM), o1(__ldg(out_off + blockIdx.z + 1)),
+        L(L_), j0(blockIdx.x * NPC_TG_BN), col(blockIdx.x * NPC_TG_BN + (threadIdx.x & 31)) {}
+  __device__ __forceinline__ bool idle() const { return f0 >= o1; }
+};
+
+// The block's tile of the expansion (``at``), its scatter through out_perm and the bias; lb: this thread's column
+// (at.col) of the group's B operand.
 template <class LoadB>
-__device__ __forceinline__ void npc_expand_tile(const LoadB& lb, int f0, int o1, int j0, int L,
+__device__ __forceinline__ void npc_expand_tile(const LoadB& lb, const npc_expand_at& at,
                                                 const real_t* __restrict__ expand, const int* __restrict__ out_perm,
                                                 const real_t* __restrict__ bias, real_t* __restrict__ y, int P,
                                                 int F, int GK, int has_bias) {
   const int r = threadIdx.x & 31;
+  const int f0 = at.f0, o1 = at.o1, j0 = at.j0, L = at.L;
   npc_bx_rows la;
   la.ok = f0 + r < o1;
   la.row = expand + (size_t)(la.ok ? f0 + r : 0) * GK;
   real_t acc[4][4];
-#pragma unroll
-  for (int u = 0; u < 4; ++u)
-#pragma unroll
-    for (int v = 0; v < 4; ++v) acc[u][v] = real_t(0);
   npc_tile_gemm(la, lb, 0, GK, acc);
 
   const int ty = threadIdx.x >> 3, tx = threadIdx.x & 7;
@@ -593,18 +604,13 @@ NPCONV_KERNEL_LB(bic_expand, NPC_TG_THREADS)(const real_t* __restrict__ z, const
                                              const int* __restrict__ out_off, const int* __restrict__ out_perm,
                                              const real_t* __restrict__ bias, real_t* __restrict__ y, int m,
                                              int P, int F, int GK, int has_bias) {
-  const int h = blockIdx.z;
-  const int o1 = __ldg(out_off + h + 1);
-  const int f0 = __ldg(out_off + h) + blockIdx.y * NPC_TG_BM;
-  if (f0 >= o1) return;    // the whole block: its group has fewer rows
-  const int L = m * P;
-  const int j0 = blockIdx.x * NPC_TG_BN;
-  const int r = threadIdx.x & 31;
+  const npc_expand_at at(out_off, m * P);
+  if (at.idle()) return;
   npc_bx_cols lb;
-  lb.ok = j0 + r < L;
-  lb.L = L;
-  lb.col = z + (size_t)h * GK * L + (lb.ok ? j0 + r : 0);
-  npc_expand_tile(lb, f0, o1, j0, L, expand, out_perm, bias, y, P, F, GK, has_bias);
+  lb.ok = at.col < at.L;
+  lb.L = at.L;
+  lb.col = z + (size_t)at.h * GK * at.L + (lb.ok ? at.col : 0);
+  npc_expand_tile(lb, at, expand, out_perm, bias, y, P, F, GK, has_bias);
 }
 
 // Shared separable form, for few columns (batch 1): bic_shared_combine and bic_expand in one launch. The B operand
@@ -641,25 +647,20 @@ NPCONV_KERNEL_LB(bic_expand_shared, NPC_TG_THREADS)(
     const real_t* __restrict__ expand, const int* __restrict__ out_off, const int* __restrict__ out_perm,
     const real_t* __restrict__ bias, real_t* __restrict__ y, int m, int P, int F, int G, int NH, int K,
     int has_bias) {
-  const int h = blockIdx.z;
-  const int o1 = __ldg(out_off + h + 1);
-  const int f0 = __ldg(out_off + h) + blockIdx.y * NPC_TG_BM;
-  if (f0 >= o1) return;    // the whole block: its group has fewer rows
-  const int L = m * P;
-  const int j0 = blockIdx.x * NPC_TG_BN;
-  const int r = threadIdx.x & 31;
+  const npc_expand_at at(out_off, m * P);
+  if (at.idle()) return;
   npc_bxs_cols lb;
-  lb.ok = j0 + r < L;
-  lb.qcol = q + (lb.ok ? j0 + r : 0);
-  lb.reduce = reduce + h * K;
-  lb.slot = slot + h * K;
+  lb.ok = at.col < at.L;
+  lb.qcol = q + (lb.ok ? at.col : 0);
+  lb.reduce = reduce + at.h * K;
+  lb.slot = slot + at.h * K;
   lb.in_off = in_off;
   lb.used_ptr = used_ptr;
   lb.qoff = qoff;
   lb.K = K;
   lb.HK = NH * K;
-  lb.L = L;
-  npc_expand_tile(lb, f0, o1, j0, L, expand, out_perm, bias, y, P, F, G * K, has_bias);
+  lb.L = at.L;
+  npc_expand_tile(lb, at, expand, out_perm, bias, y, P, F, G * K, has_bias);
 }
 
 // SVD form, for few columns (batch 1): the gather through in_perm and every group's reduction in one launch,
@@ -708,10 +709,6 @@ NPCONV_KERNEL_LB(bic_reduce, NPC_TG_THREADS)(const real_t* __restrict__ x, const
   lb.perm = in_perm + c0;
   lb.HW = HW;
   real_t acc[4][4];
-#pragma unroll
-  for (int u = 0; u < 4; ++u)
-#pragma unroll
-    for (int v = 0; v < 4; ++v) acc[u][v] = real_t(0);
   npc_tile_gemm(la, lb, 0, cg, acc);
 
   const int ty = threadIdx.x >> 3, tx = threadIdx.x & 7;
