@@ -191,6 +191,17 @@ def _host_offsets(off):
     return np.ascontiguousarray(_backend.to_numpy(off), dtype=np.int64)
 
 
+def _largest(off):
+    """The size of the largest group of host int64 offsets ``off``, memoised by content (np.diff and max cost 2.5 us
+    a call, a tenth of a layer's Python at batch 1)."""
+    return _largest_of(off.tobytes())
+
+
+@functools.lru_cache(maxsize=256)
+def _largest_of(off_bytes):
+    return int(np.diff(np.frombuffer(off_bytes, np.int64)).max())
+
+
 def _out_len(size, k, s, lo, hi):
     return (size + lo + hi - k) // s + 1
 
@@ -221,7 +232,8 @@ def cp_front_kernel(X, SH):
 
 def cp_tiling(X, Y, SH, SW, itemsize, cg_max, OH, OW, HK):
     """The launch geometry of bic_cp_front (:class:`CpTiling`: tile columns and rows, components a block, dynamic
-    shared-memory bytes), or None when even one row and one component do not fit :data:`CP_SMEM_BUDGET`.
+    shared-memory bytes), or None when even one row and one component do not fit :data:`CP_SMEM_BUDGET`; memoised
+    (with the module's limits in the key).
 
     A tile is at most :data:`TILE_W` columns and :data:`CP_TILE_ROWS` rows, split evenly over the output (26
     columns: one tile of 26, not one of 32 with 6 idle), with at most :data:`CP_MAX_THREADS` threads, one an output
@@ -229,6 +241,12 @@ def cp_tiling(X, Y, SH, SW, itemsize, cg_max, OH, OW, HK):
     in phase A, a thread per (component, input column of the tile: TIW = (TW-1)*SW + Y), evened over the chunks.
     The layout (``_bicluster.cu``): KC * (X + Y + cg_max + TH*TIW) reals, rounded up to an even count, then cg_max
     8-byte channel offsets."""
+    return _cp_tiling(X, Y, SH, SW, itemsize, cg_max, OH, OW, HK, TILE_W, CP_TILE_ROWS, CP_MAX_THREADS,
+                      CP_SMEM_BUDGET)
+
+
+@functools.lru_cache(maxsize=256)
+def _cp_tiling(X, Y, SH, SW, itemsize, cg_max, OH, OW, HK, TILE_W, CP_TILE_ROWS, CP_MAX_THREADS, CP_SMEM_BUDGET):
     TW = _balanced(OW, TILE_W)
     TH = _balanced(OH, max(1, min(CP_TILE_ROWS, CP_MAX_THREADS // TW)))
     TIW = (TW - 1) * SW + Y
@@ -291,9 +309,21 @@ def shared_launch_plan(assign, in_off, n_filters) -> SharedPlan:
     uses the shared filters ``used_filter[used_ptr[g]:used_ptr[g+1]]`` (ascending); ``slot`` (G, NH, K) the position
     of ``assign[g, h, k]`` in that list; ``qoff`` (G+1,) the first row of group g in Q (group g has C_g * U_g rows,
     channel-major: row ``qoff[g] + j * U_g + u`` is channel j of the group filtered by its u-th filter)."""
+    return _shared_plan(*_shared_key(assign, in_off, n_filters))
+
+
+def _shared_key(assign, in_off, n_filters):
     a = np.ascontiguousarray(_backend.to_numpy(assign), dtype=np.int64)
     off = np.ascontiguousarray(_backend.to_numpy(in_off), dtype=np.int64)
-    return _shared_plan(a.tobytes(), a.shape, off.tobytes(), int(n_filters))
+    return a.tobytes(), a.shape, off.tobytes(), int(n_filters)
+
+
+def _device_shared_plan(cp, assign, in_off, n_filters):
+    """:func:`shared_launch_plan` and its arrays on the device (memoised with ``ops.on_device``, one key for all five:
+    at batch 1 a lookup per array was a tenth of the layer's Python)."""
+    key = _shared_key(assign, in_off, n_filters)
+    plan = _shared_plan(*key)
+    return plan, ops.on_device(cp, ("shared-plan",) + key, lambda: tuple(cp.asarray(a) for a in plan))
 
 
 # --- the common tail and the fallback ------------------------------------------------------------------------------
@@ -360,7 +390,7 @@ def bicluster_cp_conv2d(x, in_perm, in_off, reduce, vertical, horizontal, expand
     y = cp.empty((N, F, OH, OW), dtype=dt)
     if y.size == 0:
         return y
-    tiling = cp_tiling(X, Y, sh, sw, dt.itemsize, int(np.diff(in_off_h).max()), OH, OW, NH * K)
+    tiling = cp_tiling(X, Y, sh, sw, dt.itemsize, _largest(in_off_h), OH, OW, NH * K)
     kchunks = -(-NH * K // tiling.KC) if tiling is not None else 0
     if tiling is None or G * kchunks > _MAX_GRID_YZ:
         return _composed("cp", cp, x, in_perm, in_off, (reduce, vertical, horizontal, expand), out_perm, out_off,
@@ -375,7 +405,7 @@ def bicluster_cp_conv2d(x, in_perm, in_off, reduce, vertical, horizontal, expand
     d_in_perm, d_in_off, d_out_perm = _ints(cp, in_perm), _ints(cp, in_off_h), _ints(cp, out_perm)
     P = OH * OW
     rows = NH * G * K
-    Fh = int(np.diff(out_off_h).max())
+    Fh = _largest(out_off_h)
     nb = _images_per_chunk(N, (rows + Fh) * P, max(rows, Fh) * P, dt.itemsize)
     zbuf = cp.empty(rows * nb * P, dtype=dt)
     for n0 in range(0, N, nb):
@@ -414,7 +444,7 @@ def bicluster_svd_conv2d(x, in_perm, in_off, reduce, spatial, expand, out_perm, 
     HK1 = NH * K1
     HW, P = H * W, OH * OW
     rows1, rows2 = G * HK1, NH * G * K2
-    Fh = int(np.diff(out_off_h).max())
+    Fh = _largest(out_off_h)
     nb = _images_per_chunk(N, C * HW + rows1 * HW + rows2 * P + Fh * P,
                            max(C * HW, rows1 * HW, rows2 * P, Fh * P), dt.itemsize)
     # the gather and the reductions: one bic_reduce launch for a chunk of few columns, else bic_gather and a GEMM a
@@ -481,13 +511,12 @@ def shared_separable_conv2d(x, in_perm, in_off, reduce, assign, vertical, horizo
     if tiles >= 2**31:
         raise ValueError(f"the output ({OH} x {OW}) has too many tiles for one launch")
     in_off_h, out_off_h = _host_offsets(in_off), _host_offsets(out_off)
-    plan = shared_launch_plan(assign, in_off_h, S)
+    plan, (d_group, d_used_ptr, d_used_filter, d_slot, d_qoff) = _device_shared_plan(cp, assign, in_off_h, S)
     d_in_perm, d_in_off, d_out_perm = _ints(cp, in_perm), _ints(cp, in_off_h), _ints(cp, out_perm)
-    d_group, d_used_ptr, d_used_filter, d_slot, d_qoff = (_ints(cp, a) for a in plan)
     P = OH * OW
     QR = int(plan.qoff[-1])
     rows = NH * G * K
-    Fh = int(np.diff(out_off_h).max())
+    Fh = _largest(out_off_h)
     nb = _images_per_chunk(N, (QR + rows + Fh) * P, max(QR, rows, Fh) * P, dt.itemsize)
     q_buf = cp.empty(QR * nb * P, dtype=dt)
     z_buf = None
