@@ -26,6 +26,8 @@ reference the tests compare against, and the GPU fallback for kernels too large 
 """
 from __future__ import annotations
 
+import collections
+
 import numba
 import numpy as np
 
@@ -258,19 +260,23 @@ def _check_out(out, x, OH, OW, expand, factors):
               inputs=(("x", x),) + tuple((f"factor {i}", f) for i, f in enumerate(factors)))
 
 
-def run_validated(form, x, args, bias, stride, pad, OH, OW, out=None):
+def run_validated(form, x, args, bias, stride, pad, OH, OW, out=None, prep=None):
     """Execute factors that were validated before (the layers validate theirs once, at construction).
 
     ``form``: "cp", "svd" or "shared"; ``args``: the factor arrays in the order of the public function, with
     the offsets as host int64 arrays and every float array in x's dtype and on x's device; ``stride`` a pair,
     ``pad`` a 4-tuple, ``OH``/``OW`` the output size. No checks of the factors: use the public functions
-    otherwise. ``out`` (checked here) is where to write the result, as in :func:`bicluster_cp_conv2d`.
+    otherwise. ``out`` (checked here) is where to write the result, as in :func:`bicluster_cp_conv2d`. ``prep``: a
+    dict in which the CPU path may keep what it derives from the factors alone, for the next call; the caller
+    empties it whenever the factors change (a layer passes its per-dtype parameter cache).
     """
     cpu, gpu = _RUNNERS[form]
     if out is not None:
         _check_out(out, x, OH, OW, args[-3], args[2:-2] + (bias,))
     if is_cupy_array(x):
         return fill_out(gpu(x, *args, bias, stride, pad), out)
+    if form in ("cp", "svd"):
+        return cpu(x, *args, bias, stride, pad, OH, OW, out, prep)
     return cpu(x, *args, bias, stride, pad, OH, OW, out)
 
 
@@ -348,21 +354,62 @@ def _phase_geometry(OH, OW, X, Y, stride):
     return R, M
 
 
+_CpWeights = collections.namedtuple("_CpWeights", "in_perm inv_perm out_perm vertical expand cg_max rfirst hcoef "
+                                                   "rcoef hor")
+
+
+def _cp_weights(in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, sw, dt):
+    """What the CPU CP path derives from the factors alone (index arrays as int64, the inverse input permutation,
+    contiguous factors, the largest input group, the front end's choice and its tap coefficients)."""
+    from ..kernels.cpu import bicluster as KB
+    G, H, K, _ = vertical.shape
+    C = reduce.shape[0]
+    Y = horizontal.shape[3]
+    in_perm = _as_index(in_perm)
+    cg_max = int(np.diff(in_off).max())
+    # groups of many channels: reduce to one plane per component first, then the horizontal taps
+    rfirst = KB.cp_reduce_first(cg_max, sw, Y)
+    if rfirst:
+        rcoef = np.ascontiguousarray(reduce.reshape(C, H * K), dtype=dt)
+        hor = np.ascontiguousarray(horizontal.reshape(G, H * K, Y), dtype=dt)
+        hcoef = np.zeros((1, 1, 1), dt)
+    else:
+        # the reduction folded into the horizontal taps:
+        # hcoef[j, h*K + k, b] = reduce[j, h, k] * horizontal[g(j), h, k, b]
+        g_of = np.repeat(np.arange(G), np.diff(in_off))
+        hcoef = np.ascontiguousarray(reduce.reshape(C, H * K, 1) * horizontal.reshape(G, H * K, Y)[g_of], dtype=dt)
+        rcoef = np.zeros((1, 1), dt)
+        hor = np.zeros((1, 1, 1), dt)
+    return _CpWeights(in_perm, _inverse(in_perm), _as_index(out_perm), np.ascontiguousarray(vertical),
+                      np.ascontiguousarray(expand), cg_max, rfirst, hcoef, rcoef, hor)
+
+
+def _prepared(prep, key, make):
+    """``make()``, kept in the caller's dict ``prep`` under ``key`` when one is given (a layer passes a dict that it
+    empties whenever its parameters change), else computed."""
+    if prep is None:
+        return make()
+    hit = prep.get(key)
+    if hit is None:
+        hit = prep[key] = make()
+    return hit
+
+
 def _cp_cpu(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, out_off, bias, stride, pad, OH, OW,
-            out=None):
+            out=None, prep=None):
     from ..kernels.cpu import bicluster as KB
     x = np.ascontiguousarray(x)
-    vertical = np.ascontiguousarray(vertical)
-    expand = np.ascontiguousarray(expand)
     bias = None if bias is None else np.ascontiguousarray(bias)
-    in_perm = _as_index(in_perm)
-    out_perm = _as_index(out_perm)
+    sh, sw = stride
+    dt = x.dtype
+    wts = _prepared(prep, ("cpu-cp", dt, sw), lambda: _cp_weights(in_perm, in_off, reduce, vertical, horizontal,
+                                                                  expand, out_perm, sw, dt))
+    in_perm, inv_perm, out_perm, vertical, expand = wts.in_perm, wts.inv_perm, wts.out_perm, wts.vertical, wts.expand
+    cg_max, rfirst, hcoef, rcoef, hor = wts.cg_max, wts.rfirst, wts.hcoef, wts.rcoef, wts.hor
     N = x.shape[0]
     G, H, K, X = vertical.shape
     Y = horizontal.shape[3]
     F = expand.shape[0]
-    sh, sw = stride
-    dt = x.dtype
     R, M = _phase_geometry(OH, OW, X, Y, stride)
     # rows of the packed input and of the front end's planes padded to 64 bytes: the vertical taps, whole rows
     # apart, then load aligned
@@ -377,21 +424,7 @@ def _cp_cpu(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, 
     nsplit = max(1, min(-(-H * K // 4), -(-4 * numba.get_num_threads() // (nb * G))))
     # a batch that is one chunk: the front end's jobs pack their own groups (no separate packing pass), when each
     # group is packed by one job only (nsplit 1) into an L1/L2-sized scratch
-    cg_max = int(np.diff(in_off).max())
     own = _cp_own_pack(nb >= N, nsplit, cg_max * plane * dt.itemsize)
-    # groups of many channels: reduce to one plane per component first, then the horizontal taps
-    rfirst = KB.cp_reduce_first(cg_max, sw, Y)
-    if rfirst:
-        rcoef = np.ascontiguousarray(reduce.reshape(C, H * K), dtype=dt)
-        hor = np.ascontiguousarray(horizontal.reshape(G, H * K, Y), dtype=dt)
-        hcoef = np.zeros((1, 1, 1), dt)
-    else:
-        # the reduction folded into the horizontal taps:
-        # hcoef[j, h*K + k, b] = reduce[j, h, k] * horizontal[g(j), h, k, b]
-        g_of = np.repeat(np.arange(G), np.diff(in_off))
-        hcoef = np.ascontiguousarray(reduce.reshape(C, H * K, 1) * horizontal.reshape(G, H * K, Y)[g_of], dtype=dt)
-        rcoef = np.zeros((1, 1), dt)
-        hor = np.zeros((1, 1, 1), dt)
     if not own:
         xs_buf = WS.get_aligned("xs", nb * C * plane + Mp, dt)
         xs_buf[nb * C * plane:] = 0   # slack: the last plane's shifted taps read up to (Y - 1) // sw items past it
@@ -402,7 +435,6 @@ def _cp_cpu(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, 
     nth = numba.get_num_threads()
     srow = KB.cp_scratch_size(sh, sw, R, Mp, OH, cg_max if own else 0, rfirst)
     scratch = WS.get_aligned("front", nth * srow, dt).reshape(nth, srow)
-    inv_perm = _inverse(in_perm)
     y = np.empty((N, F, OH, OW), dt) if out is None else out
     y3 = y.reshape(N, F, P)
     for n0 in range(0, N, nb):
@@ -429,25 +461,17 @@ def _round_rows(n):
     return -(-n // 8) * 8
 
 
-def _svd_cpu(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bias, stride, pad, OH, OW, out=None):
-    from ..kernels.cpu import bicluster as KB
-    x = np.ascontiguousarray(x)
-    bias = None if bias is None else np.ascontiguousarray(bias)
-    in_perm = _as_index(in_perm)
-    out_perm = _as_index(out_perm)
-    N, C = x.shape[:2]
+_SvdWeights = collections.namedtuple("_SvdWeights", "inv_perm out_perm red_t sp_mats expand_p")
+
+
+def _svd_weights(in_perm, in_off, reduce, spatial, expand, out_perm, dt):
+    """The CPU SVD path's zero-padded GEMM operands (:func:`_round_rows`): per-group reduction matrices
+    (R1 >= H*K1, C_g), per-block spatial matrices (K2p >= K2, K1*X*Y) and the expansion (F, G, K2p) with zero
+    columns under the padding rows; the inverse input permutation and the output permutation as int64."""
     G, H, K2, K1, X, Y = spatial.shape
     F = expand.shape[0]
-    sh, sw = stride
-    R, M = _phase_geometry(OH, OW, X, Y, stride)
-    P = OH * OW
-    dt = x.dtype
-    plane = sh * sw * R * M
-    # zero-padded GEMM operands (_round_rows): per-group reduction matrices (R1 >= H*K1, C_g), per-block spatial
-    # matrices (K2p >= K2, K1*X*Y) and the expansion (F, G, K2p) with zero columns under the padding rows
     R1 = _round_rows(H * K1)
     K2p = _round_rows(K2)
-    inv_perm = _inverse(in_perm)
     red_t = []
     for g in range(G):
         i0, i1 = int(in_off[g]), int(in_off[g + 1])
@@ -462,6 +486,27 @@ def _svd_cpu(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bia
         sp_mats[:, :, :K2] = spatial.reshape(G, H, K2, K1 * X * Y)
         expand_p = np.zeros((F, G, K2p), dt)
         expand_p[:, :, :K2] = expand
+    return _SvdWeights(_inverse(_as_index(in_perm)), _as_index(out_perm), red_t, sp_mats, expand_p)
+
+
+def _svd_cpu(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bias, stride, pad, OH, OW, out=None,
+             prep=None):
+    from ..kernels.cpu import bicluster as KB
+    x = np.ascontiguousarray(x)
+    bias = None if bias is None else np.ascontiguousarray(bias)
+    N, C = x.shape[:2]
+    G, H, K2, K1, X, Y = spatial.shape
+    F = expand.shape[0]
+    sh, sw = stride
+    R, M = _phase_geometry(OH, OW, X, Y, stride)
+    P = OH * OW
+    dt = x.dtype
+    plane = sh * sw * R * M
+    R1 = _round_rows(H * K1)
+    K2p = _round_rows(K2)
+    wts = _prepared(prep, ("cpu-svd", dt), lambda: _svd_weights(in_perm, in_off, reduce, spatial, expand, out_perm,
+                                                                dt))
+    inv_perm, out_perm, red_t, sp_mats, expand_p = wts
     per_xs = C * plane
     per_z1 = G * R1 * plane
     per_col = K1 * X * Y * P

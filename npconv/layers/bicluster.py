@@ -109,8 +109,9 @@ class _FactoredConv(Layer):
             raise ValueError(f"x must have {C} input channels (the layer's), got {x.shape[1]} "
                              f"(x.shape {tuple(x.shape)})")
         _, OH, OW = self.output_shape(tuple(x.shape[1:]))
+        # p (reset with the parameters) also keeps what the CPU path derives from the factors
         return FB.run_validated(form, x, tuple(p[k] for k in names), p.get("bias"), self.stride, self.padding,
-                                OH, OW, out)
+                                OH, OW, out, prep=p)
 
     def output_shape(self, in_shape):
         C, H, W = in_shape

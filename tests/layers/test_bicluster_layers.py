@@ -41,6 +41,30 @@ def test_forward_equals_conv_with_rebuilt_kernel(rng, results, kind, dtype):
     np.testing.assert_allclose(layer(xt), y, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["cp", "svd"])
+def test_derived_weights_follow_replaced_params(rng, results, kind):
+    """The CPU path keeps what it derives from the factors in the layer's parameter cache; each dtype gets its own,
+    and replacing a factor (then ``_sync_params``, as every parameter update does) is seen by the next call."""
+    _, res = results
+    r = res[kind]
+    layer = r.to_layer(stride=1, padding=1)
+    x = rng.standard_normal((2, 6, 7, 8))
+    for dtype in (np.float32, np.float64, np.float32):
+        y = layer(x.astype(dtype))
+        np.testing.assert_allclose(y, conv2d_einsum(x.astype(dtype), r.to_tensor(), None, (1, 1), (1, 1, 1, 1)),
+                                   *tolerance(dtype))
+        assert any(isinstance(k, tuple) for k in layer._cache[(np.dtype(dtype), False)]), "nothing was kept"
+    factors = dict(zip(r.FACTORS, (getattr(r, k) for k in r.FACTORS)))
+    factors["expand"] = 2 * factors["expand"]
+    factors["reduce"] = -factors["reduce"]
+    layer.params["expand"], layer.params["reduce"] = factors["expand"], factors["reduce"]
+    layer._sync_params()
+    changed = type(r)(*(factors[k] for k in r.FACTORS)).to_tensor()
+    x32 = x.astype(np.float32)                    # the dtype of the last call: its cache entry was the one kept
+    np.testing.assert_allclose(layer(x32), conv2d_einsum(x32, changed, None, (1, 1), (1, 1, 1, 1)),
+                               *tolerance(np.float32))
+
+
 @pytest.mark.parametrize("kind", ["cp", "svd", "shared"])
 def test_config_round_trip_keeps_integer_arrays(rng, results, kind):
     _, res = results
