@@ -275,9 +275,7 @@ def run_validated(form, x, args, bias, stride, pad, OH, OW, out=None, prep=None)
         _check_out(out, x, OH, OW, args[-3], args[2:-2] + (bias,))
     if is_cupy_array(x):
         return fill_out(gpu(x, *args, bias, stride, pad), out)
-    if form in ("cp", "svd"):
-        return cpu(x, *args, bias, stride, pad, OH, OW, out, prep)
-    return cpu(x, *args, bias, stride, pad, OH, OW, out)
+    return cpu(x, *args, bias, stride, pad, OH, OW, out, prep)
 
 
 def bicluster_conv2d(x, *factors, bias=None, stride=1, padding=0, out=None):
@@ -404,8 +402,7 @@ def _cp_cpu(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, 
     dt = x.dtype
     wts = _prepared(prep, ("cpu-cp", dt, sw), lambda: _cp_weights(in_perm, in_off, reduce, vertical, horizontal,
                                                                   expand, out_perm, sw, dt))
-    in_perm, inv_perm, out_perm, vertical, expand = wts.in_perm, wts.inv_perm, wts.out_perm, wts.vertical, wts.expand
-    cg_max, rfirst, hcoef, rcoef, hor = wts.cg_max, wts.rfirst, wts.hcoef, wts.rcoef, wts.hor
+    in_perm, inv_perm, out_perm, vertical, expand, cg_max, rfirst, hcoef, rcoef, hor = wts
     N = x.shape[0]
     G, H, K, X = vertical.shape
     Y = horizontal.shape[3]
@@ -572,18 +569,29 @@ def shared_plan(assign, n_filters=None):
     return used_ptr, used_filter, slot
 
 
+_SharedWeights = collections.namedtuple("_SharedWeights", "inv_perm out_perm reduce vertical horizontal expand "
+                                                           "used_ptr used_filter slot cg_max nu_max")
+
+
+def _shared_weights(in_perm, in_off, reduce, assign, vertical, horizontal, expand, out_perm):
+    """What the CPU shared-separable path derives from the factors alone: the inverse input permutation and the
+    output permutation as int64, contiguous factors, the filter lists (:func:`shared_plan`), the largest input group
+    and the most filters a group uses."""
+    used_ptr, used_filter, slot = shared_plan(assign, vertical.shape[0])
+    return _SharedWeights(_inverse(_as_index(in_perm)), _as_index(out_perm), np.ascontiguousarray(reduce),
+                          np.ascontiguousarray(vertical), np.ascontiguousarray(horizontal),
+                          np.ascontiguousarray(expand), used_ptr, used_filter, slot, int(np.diff(in_off).max()),
+                          int(np.diff(used_ptr).max()))
+
+
 def _shared_cpu(x, in_perm, in_off, reduce, assign, vertical, horizontal, expand, out_perm, out_off, bias, stride,
-                pad, OH, OW, out=None):
+                pad, OH, OW, out=None, prep=None):
     from ..kernels.cpu import bicluster as KB
     x = np.ascontiguousarray(x)
-    reduce = np.ascontiguousarray(reduce)
-    vertical = np.ascontiguousarray(vertical)
-    horizontal = np.ascontiguousarray(horizontal)
-    expand = np.ascontiguousarray(expand)
     bias = None if bias is None else np.ascontiguousarray(bias)
-    in_perm = _as_index(in_perm)
-    out_perm = _as_index(out_perm)
-    used_ptr, used_filter, slot = shared_plan(assign, vertical.shape[0])
+    wts = _prepared(prep, ("cpu-shared", x.dtype), lambda: _shared_weights(in_perm, in_off, reduce, assign, vertical,
+                                                                           horizontal, expand, out_perm))
+    inv_perm, out_perm, reduce, vertical, horizontal, expand, used_ptr, used_filter, slot, cg_max, nu_max = wts
     N = x.shape[0]
     G, H, K = slot.shape
     X = vertical.shape[1]
@@ -603,9 +611,8 @@ def _shared_cpu(x, in_perm, in_off, reduce, assign, vertical, horizontal, expand
     y = np.empty((N, F, OH, OW), dt) if out is None else out
     y3 = y.reshape(N, F, P)
     nth = numba.get_num_threads()
-    srow = KB.shared_scratch_size(int(np.diff(in_off).max()), int(np.diff(used_ptr).max()), sw, M, OH, OW, Y)
+    srow = KB.shared_scratch_size(cg_max, nu_max, sw, M, OH, OW, Y)
     scratch = WS.get("front", nth * srow, dt).reshape(nth, srow)
-    inv_perm = _inverse(in_perm)
     for n0 in range(0, N, nb):
         m = min(nb, N - n0)
         xs = _pack_chunk(x, n0, m, inv_perm, pad, stride, R, M, xs_buf, True)

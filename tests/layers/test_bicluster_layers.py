@@ -41,7 +41,7 @@ def test_forward_equals_conv_with_rebuilt_kernel(rng, results, kind, dtype):
     np.testing.assert_allclose(layer(xt), y, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["cp", "svd"])
+@pytest.mark.parametrize("kind", ["cp", "svd", "shared"])
 def test_derived_weights_follow_replaced_params(rng, results, kind):
     """The CPU path keeps what it derives from the factors in the layer's parameter cache; each dtype gets its own,
     and replacing a factor (then ``_sync_params``, as every parameter update does) is seen by the next call."""
