@@ -83,17 +83,28 @@ def _blocks(order, bounds):
     """Filter blocks of 4 (padded by repeating the last id), their sizes, and each group's first block.
 
     Group g holds the filters ``order[bounds[g]:bounds[g + 1]]`` (no group empty). Vectorised: a loop over the
-    filters cost 20 us of a 0.5 ms monochromatic ZF conv1 at batch 1.
+    filters cost 20 us of a 0.5 ms monochromatic ZF conv1 at batch 1. Memoised by content (read-only arrays): the
+    vectorised form still took 14 us a call, a tenth of the bundled CIFAR network's conv1 at batch 1.
     """
-    order = np.asarray(order, np.int64)
-    sizes = np.diff(np.asarray(bounds, np.int64))
+    order = np.ascontiguousarray(order, np.int64)
+    bounds = np.ascontiguousarray(bounds, np.int64)
+    return _blocks_of(order.tobytes(), bounds.tobytes())
+
+
+@functools.lru_cache(maxsize=64)
+def _blocks_of(order_bytes, bounds_bytes):
+    order = np.frombuffer(order_bytes, np.int64)
+    bounds = np.frombuffer(bounds_bytes, np.int64)
+    sizes = np.diff(bounds)
     nblk = (sizes + 3) // 4
     grp_blk = np.concatenate(([0], np.cumsum(nblk))).astype(np.int64)
     gb = np.repeat(np.arange(sizes.shape[0]), nblk)                   # each block's group
     jb = np.arange(grp_blk[-1]) - grp_blk[gb]                          # its index within the group
     pos = np.minimum(4 * jb[:, None] + np.arange(4), (sizes[gb] - 1)[:, None])
-    blk_f = np.ascontiguousarray(order[np.asarray(bounds, np.int64)[gb][:, None] + pos])
+    blk_f = np.ascontiguousarray(order[bounds[gb][:, None] + pos])
     blk_nf = np.minimum(4, sizes[gb] - 4 * jb).astype(np.int64)
+    for a in (blk_f, blk_nf, grp_blk):
+        a.flags.writeable = False          # shared by the cache
     return blk_f, blk_nf, grp_blk
 
 
