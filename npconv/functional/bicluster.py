@@ -35,6 +35,7 @@ from .._backend import get_array_module, is_cupy_array, to_numpy
 from .._workspace import WS
 from .._validate import (as_pair, as_padding4, check_array, check_float_array, check_out, check_same_dtype, fill_out,
                          out_size)
+from ._prepared import prepared
 from .conv import conv2d
 
 __all__ = ["bicluster_conv2d", "bicluster_cp_conv2d", "bicluster_svd_conv2d", "shared_separable_conv2d"]
@@ -382,17 +383,6 @@ def _cp_weights(in_perm, in_off, reduce, vertical, horizontal, expand, out_perm,
                       np.ascontiguousarray(expand), cg_max, rfirst, hcoef, rcoef, hor)
 
 
-def _prepared(prep, key, make):
-    """``make()``, kept in the caller's dict ``prep`` under ``key`` when one is given (a layer passes a dict that it
-    empties whenever its parameters change), else computed."""
-    if prep is None:
-        return make()
-    hit = prep.get(key)
-    if hit is None:
-        hit = prep[key] = make()
-    return hit
-
-
 def _cp_cpu(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, out_off, bias, stride, pad, OH, OW,
             out=None, prep=None):
     from ..kernels.cpu import bicluster as KB
@@ -400,7 +390,7 @@ def _cp_cpu(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, 
     bias = None if bias is None else np.ascontiguousarray(bias)
     sh, sw = stride
     dt = x.dtype
-    wts = _prepared(prep, ("cpu-cp", dt, sw), lambda: _cp_weights(in_perm, in_off, reduce, vertical, horizontal,
+    wts = prepared(prep, ("cpu-cp", dt, sw), lambda: _cp_weights(in_perm, in_off, reduce, vertical, horizontal,
                                                                   expand, out_perm, sw, dt))
     in_perm, inv_perm, out_perm, vertical, expand, cg_max, rfirst, hcoef, rcoef, hor = wts
     N = x.shape[0]
@@ -501,7 +491,7 @@ def _svd_cpu(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bia
     plane = sh * sw * R * M
     R1 = _round_rows(H * K1)
     K2p = _round_rows(K2)
-    wts = _prepared(prep, ("cpu-svd", dt), lambda: _svd_weights(in_perm, in_off, reduce, spatial, expand, out_perm,
+    wts = prepared(prep, ("cpu-svd", dt), lambda: _svd_weights(in_perm, in_off, reduce, spatial, expand, out_perm,
                                                                 dt))
     inv_perm, out_perm, red_t, sp_mats, expand_p = wts
     per_xs = C * plane
@@ -589,7 +579,7 @@ def _shared_cpu(x, in_perm, in_off, reduce, assign, vertical, horizontal, expand
     from ..kernels.cpu import bicluster as KB
     x = np.ascontiguousarray(x)
     bias = None if bias is None else np.ascontiguousarray(bias)
-    wts = _prepared(prep, ("cpu-shared", x.dtype), lambda: _shared_weights(in_perm, in_off, reduce, assign, vertical,
+    wts = prepared(prep, ("cpu-shared", x.dtype), lambda: _shared_weights(in_perm, in_off, reduce, assign, vertical,
                                                                            horizontal, expand, out_perm))
     inv_perm, out_perm, reduce, vertical, horizontal, expand, used_ptr, used_filter, slot, cg_max, nu_max = wts
     N = x.shape[0]

@@ -33,6 +33,7 @@ from .._workspace import WS
 from .._validate import (as_pair, as_padding4, check_array, check_float_array, check_out, check_same_dtype, fill_out,
                          out_size)
 from ._direct import dense_direct, direct_conv_cpu
+from ._prepared import prepared
 from .conv import conv2d
 
 __all__ = ["lowrank_linear", "lowrank_conv2d", "monochromatic_conv2d", "separable_conv2d"]
@@ -220,7 +221,6 @@ def monochromatic_conv2d(x, color_transform, assignment, spatial, bias=None, *, 
     a = _check_mono(x, color_transform, assignment, spatial, bias)
     st = as_pair(stride, "stride")
     pad = as_padding4(padding)
-    Cp = color_transform.shape[0]
     F, X, Y = spatial.shape
     Ho = out_size(x.shape[2], X, st[0], pad[0], pad[1], what="output height")
     Wo = out_size(x.shape[3], Y, st[1], pad[2], pad[3], what="output width")
@@ -229,16 +229,29 @@ def monochromatic_conv2d(x, color_transform, assignment, spatial, bias=None, *, 
     if xp is not np:
         return fill_out(_gpu_ops().monochromatic_conv2d(x, color_transform, a, spatial, bias, stride=st,
                                                         padding=pad), out)
-    x = np.ascontiguousarray(x)
-    # the filters by colour; only the colours some filter reads are built
+    return mono_cpu(x, color_transform, a, spatial, bias, st, pad, out)
+
+
+def _mono_weights(color_transform, a, spatial):
+    """The filters by colour (order, group bounds), only the colours some filter reads (their rows of the colour
+    transform, and each group's colour plane), and the filters' taps as rows."""
+    F, X, Y = spatial.shape
     order = np.argsort(a, kind="stable")
-    counts = np.bincount(a, minlength=Cp)
+    counts = np.bincount(a, minlength=color_transform.shape[0])
     keep = np.flatnonzero(counts)
     bounds = np.concatenate(([0], np.cumsum(counts[keep])))
-    wt = np.ascontiguousarray(spatial.reshape(F, X * Y))
-    T = np.ascontiguousarray(color_transform[keep])
-    return direct_conv_cpu(x, wt, order, bounds, np.arange(keep.shape[0]), 1, X, Y, bias, st, pad, F,
-                            transform=T, out=out)
+    return (order, bounds, np.arange(keep.shape[0]), np.ascontiguousarray(spatial.reshape(F, X * Y)),
+            np.ascontiguousarray(color_transform[keep]))
+
+
+def mono_cpu(x, color_transform, a, spatial, bias, st, pad, out, prep=None):
+    """The CPU monochromatic conv of validated arguments (``a`` the int64 assignment, ``st`` a pair, ``pad`` a
+    4-tuple, ``out`` checked or None); ``prep`` as in :mod:`npconv.functional._prepared` (a layer's cache)."""
+    F, X, Y = spatial.shape
+    order, bounds, planes, wt, T = prepared(prep, ("cpu-mono", x.dtype),
+                                            lambda: _mono_weights(color_transform, a, spatial))
+    return direct_conv_cpu(np.ascontiguousarray(x), wt, order, bounds, planes, 1, X, Y, bias, st, pad, F,
+                           transform=T, out=out)
 
 
 # ---------------------------------------------------------------------------------------------------- separable

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._backend import get_array_module, to_numpy
-from .._validate import as_pair, as_padding4, check_array, out_size
+from .._backend import get_array_module, is_cupy_array, to_numpy
+from .._validate import as_pair, as_padding4, check_array, check_float_array, check_out, out_size
 from ..decompose import cost as _cost
 from ..functional import lowrank as FL
 from .base import register_layer
@@ -250,7 +250,15 @@ class MonochromaticConv2d(_FactoredConv):
     writes_out = True
 
     def forward(self, x, *, out=None):
+        check_float_array(x, "x", ndim=4)
         p = self._params_for(x)
+        if not is_cupy_array(x):
+            # the CPU path, validated here (the factors were at construction), with what it derives from the
+            # factors kept in p (emptied with the parameters)
+            F, Ho, Wo = self.output_shape(tuple(x.shape[1:]))
+            check_out(out, (x.shape[0], F, Ho, Wo), x.dtype, like=x, inputs=(("x", x),))
+            return FL.mono_cpu(x, p["colors"], p["assignment"], p["spatial"], p.get("bias"), self.stride,
+                               self.padding, out, prep=p)
         return FL.monochromatic_conv2d(x, p["colors"], p["assignment"], p["spatial"], p.get("bias"),
                                        stride=self.stride, padding=self.padding, out=out)
 

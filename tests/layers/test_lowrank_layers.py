@@ -115,3 +115,26 @@ def test_bad_layers(rng):
         SeparableConv2d(rng.standard_normal((2, 3, 3, 1)), rng.standard_normal((4, 2, 2, 3)))
     with pytest.raises(ValueError, match="stride"):
         SeparableConv2d(rng.standard_normal((2, 3, 3, 1)), rng.standard_normal((4, 2, 1, 3)), stride=0)
+
+
+def test_monochromatic_derived_weights_follow_replaced_params(rng):
+    """On the CPU the layer keeps what it derives from its factors (colour order, blocks, taps) in its per-dtype
+    cache; a replaced factor (then ``_sync_params``) is seen by the next call of the same dtype, and bad inputs are
+    refused by name."""
+    colors = rng.standard_normal((3, 4))
+    spatial = rng.standard_normal((5, 3, 3))
+    layer = MonochromaticConv2d(colors=colors, assignment=np.array([2, 0, 2, 1, 0]), spatial=spatial, padding=1)
+    x = rng.standard_normal((2, 4, 7, 6))
+
+    def dense(a, c):
+        return conv2d_einsum(x, c[a][:, :, None, None] * spatial[:, None], None, (1, 1), (1, 1, 1, 1))
+    np.testing.assert_allclose(layer(x), dense(np.array([2, 0, 2, 1, 0]), colors), *tolerance(np.float64))
+    assert any(isinstance(k, tuple) for k in layer._params_for(x)), "nothing was kept"
+    layer.params["assignment"] = np.array([1, 1, 0, 0, 0])
+    layer.params["colors"] = 3 * colors
+    layer._sync_params()
+    np.testing.assert_allclose(layer(x), dense(np.array([1, 1, 0, 0, 0]), 3 * colors), *tolerance(np.float64))
+    with pytest.raises(TypeError, match="x must be"):
+        layer([[1.0]])
+    with pytest.raises(ValueError, match="out must have shape"):
+        layer(x, out=np.zeros((2, 5, 7, 5)))
