@@ -256,7 +256,8 @@ class MonochromaticConv2d(_FactoredConv):
             # the CPU path, validated here (the factors were at construction), with what it derives from the
             # factors kept in p (emptied with the parameters)
             F, Ho, Wo = self.output_shape(tuple(x.shape[1:]))
-            check_out(out, (x.shape[0], F, Ho, Wo), x.dtype, like=x, inputs=(("x", x),))
+            check_out(out, (x.shape[0], F, Ho, Wo), x.dtype, like=x,
+                      inputs=(("x", x), ("colors", p["colors"]), ("spatial", p["spatial"]), ("bias", p.get("bias"))))
             return FL.mono_cpu(x, p["colors"], p["assignment"], p["spatial"], p.get("bias"), self.stride,
                                self.padding, out, prep=p)
         return FL.monochromatic_conv2d(x, p["colors"], p["assignment"], p["spatial"], p.get("bias"),

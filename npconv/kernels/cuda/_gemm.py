@@ -85,7 +85,7 @@ def gemm_plan(a_shape, a_strides, b_shape, b_strides, itemsize):
                 stride_a=pb[2], stride_b=pa[2], stride_c=M * N, batch=batch)
 
 
-def _prepared(cp, a, b, out):
+def _operands(cp, a, b, out):
     """(a, b, out, plan) of one strided-batched GEMM for ``a @ b``: the operands (copied when in neither memory
     order), the output (checked, or allocated) and :func:`gemm_plan`'s arguments; plan None when nothing is left to
     compute (an empty output, or a zero inner dimension: then out is zero-filled)."""
@@ -125,7 +125,7 @@ def _cython_cublas():
 def _direct_matmul(cp, lib, a, b, out):
     """The eager product as one call of ``lib`` (the Cython binding): host pointer mode for the host alpha and beta,
     the handle's mode restored after."""
-    a, b, out, p = _prepared(cp, a, b, out)
+    a, b, out, p = _operands(cp, a, b, out)
     if p is None:
         return out
     dt = np.dtype(out.dtype)
@@ -146,7 +146,7 @@ def _direct_matmul(cp, lib, a, b, out):
 
 
 def _captured_matmul(cp, a, b, out, stream):
-    a, b, out, plan = _prepared(cp, a, b, out)
+    a, b, out, plan = _operands(cp, a, b, out)
     if plan is None:
         return out
     dt = np.dtype(out.dtype)
