@@ -21,6 +21,7 @@ import numpy as np
 
 from .._backend import get_array_module
 from .._workspace import WS
+from ._prepared import prepared
 from .._validate import (as_pair, as_padding4, check_float_array, check_int, check_out, check_same_dtype, fill_out,
                          out_size)
 
@@ -38,6 +39,9 @@ _TARGET_COLUMNS = 4096
 #: outputs below this many values get their bias from one NumPy pass (9 us for AlexNet conv4 at batch 1) rather
 #: than a parallel numba kernel (51 us, mostly waking the threads)
 _SERIAL_BIAS = 1 << 18
+#: the dense "gemm" algorithm's product: npconv's micro-kernel (``kernels/cpu/gemm.py``) where the CPU has AVX2 or
+#: AVX-512, else BLAS. A module constant for same-process comparisons, not a user setting.
+USE_MICROKERNEL = True
 
 
 def normalize_conv_args(x, w, b, stride, padding, dilation, groups):
@@ -97,7 +101,9 @@ def conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1, algorithm
         (no dilation, no groups). "auto": Winograd where it is eligible and the call is large enough for it to be
         faster (``npconv.functional._winograd.use_winograd``), else the direct kernel for convs with few taps per
         filter, such as a network's first layer (``npconv.functional._direct.use_direct``), else "gemm". CuPy
-        arrays take "auto" only (the GPU path chooses its own kernels).
+        arrays take "auto" only (the GPU path chooses its own kernels). Winograd's transforms add and subtract
+        inputs, so an infinite input gives NaN where the other algorithms give an infinity (NaN inputs give NaN
+        everywhere alike); choose "gemm" where infinities must come through as such.
     out : array, optional
         Where to write the result: an array of exactly the result's shape and dtype, C-contiguous, writeable, of
         the input's kind (NumPy or CuPy) and not overlapping any input; otherwise a TypeError or ValueError. On
@@ -109,6 +115,13 @@ def conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1, algorithm
     ``w`` and ``b`` must have the same dtype). NumPy inputs run on the CPU, CuPy inputs on the GPU; a mix is a
     TypeError. Non-finite weights are not checked here (layers check them once, when they are built or loaded).
     """
+    return _conv2d(x, w, b, stride=stride, padding=padding, dilation=dilation, groups=groups, algorithm=algorithm,
+                   out=out)
+
+
+def _conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1, algorithm="auto", out=None, prep=None):
+    """:func:`conv2d`, with ``prep``: a layer's per-dtype parameter cache (``functional/_prepared.py``), where the CPU
+    path keeps the weights packed for its GEMM micro-kernel."""
     xp = get_array_module(x, w, b, names=("x", "w", "b"))
     stride, pad, dilation, groups, (OH, OW) = normalize_conv_args(x, w, b, stride, padding, dilation, groups)
     if not isinstance(algorithm, str):
@@ -124,6 +137,12 @@ def conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1, algorithm
         return fill_out(ops.conv2d(x, w, b, stride=stride, padding=pad, dilation=dilation, groups=groups), out)
     from . import _direct as DR
     from . import _winograd as WG
+    x, stride, pad = _single_output_axes(x, w.shape, stride, pad, dilation, OH, OW)
+    if w.shape[1] == 0:
+        # no input channels: every output is its bias (the kernels would have no taps to start their sums with)
+        y = np.empty((x.shape[0], w.shape[0], OH, OW), x.dtype) if out is None else out
+        y[...] = 0 if b is None else np.asarray(b).reshape(-1, 1, 1)
+        return y
     if algorithm == "winograd":
         if not WG.winograd_eligible(w.shape, stride, dilation, groups):
             raise ValueError(f'algorithm="winograd" needs a 3x3 kernel, stride 1, dilation 1 and groups=1; got kernel '
@@ -139,7 +158,27 @@ def conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1, algorithm
                                       None if b is None else np.ascontiguousarray(b), pad, OH, OW, out=out)
     if algorithm == "direct":
         return DR.dense_direct(x, w, b, stride, pad, out=out)
-    return _conv2d_cpu(x, w, b, stride, pad, dilation, groups, OH, OW, out)
+    return _conv2d_cpu(x, w, b, stride, pad, dilation, groups, OH, OW, out, prep)
+
+
+def _single_output_axes(x, w_shape, stride, pad, dilation, OH, OW):
+    """Along an axis with one output, the stride does not matter: make it 1 and keep only the input rows (columns)
+    the one window reads, so that a stride far larger than the input does not size the phase-split buffers of the
+    CPU kernels by it. Same output; returns (x, stride, pad)."""
+    sh, sw = stride
+    pt, pb, pl, pr = pad
+    H, W = x.shape[2:]
+    eh = (w_shape[2] - 1) * dilation[0] + 1
+    ew = (w_shape[3] - 1) * dilation[1] + 1
+    if OH == 1 and sh > 1 and eh - pt >= 1:
+        keep = min(H, eh - pt)              # input rows the window reads; zero rows below make up the rest
+        x = x[:, :, :keep]
+        sh, pb = 1, eh - pt - keep
+    if OW == 1 and sw > 1 and ew - pl >= 1:
+        keep = min(W, ew - pl)
+        x = x[:, :, :, :keep]
+        sw, pr = 1, ew - pl - keep
+    return x, (sh, sw), (pt, pb, pl, pr)
 
 
 def auto_algorithm(x_shape, w_shape, stride, dilation, groups, out_hw):
@@ -154,7 +193,7 @@ def auto_algorithm(x_shape, w_shape, stride, dilation, groups, out_hw):
     return "gemm"
 
 
-def _conv2d_cpu(x, w, b, stride, pad, dilation, groups, OH, OW, out=None):
+def _conv2d_cpu(x, w, b, stride, pad, dilation, groups, OH, OW, out=None, prep=None):
     from ..kernels.cpu import im2col as K
 
     x = np.ascontiguousarray(x)
@@ -189,6 +228,9 @@ def _conv2d_cpu(x, w, b, stride, pad, dilation, groups, OH, OW, out=None):
 
     rows = Cg * KH * KW
     item = dt.itemsize
+    tile = _tile(dt) if USE_MICROKERNEL else None
+    if tile is not None:
+        return _conv2d_mk(x, wmat, bias, has_b, groups, Cg, KH, KW, tile, stride, pad, dilation, OH, OW, out, prep)
     per_img = (rows + 1 + Fg) * P * item  # packing + staging per image in a chunk
     chunk = max(1, min(N, -(-_TARGET_COLUMNS // P), _WORKSPACE_BYTES // max(per_img, 1)))
     # With one image per chunk and an output larger than the weights, the bias rides in the GEMM (a row of ones
@@ -223,4 +265,49 @@ def _conv2d_cpu(x, w, b, stride, pad, dilation, groups, OH, OW, out=None):
                 st = stage[:, :m * P]
                 np.matmul(wg, cols, out=st)
                 K.scatter_chunk_bias(st, out3[:, g * Fg:(g + 1) * Fg], n0, m, bg, has_b)
+    return out
+
+
+def _tile(dt):
+    from ..kernels.cpu import gemm as KG
+    return KG.tile_shape(dt)
+
+
+def _conv2d_mk(x, wmat, bias, has_b, groups, Cg, KH, KW, tile, stride, pad, dilation, OH, OW, out, prep):
+    """im2col, then npconv's GEMM micro-kernel (``kernels/cpu/gemm.py``) from the packed columns straight into
+    each image's output rows, the bias added as the tiles are stored (no staging buffer, no bias pass)."""
+    import numba
+    from ..kernels.cpu import gemm as KG
+    from ..kernels.cpu import im2col as K
+    N = x.shape[0]
+    F = wmat.shape[0]
+    Fg = F // groups
+    rows = wmat.shape[1]
+    P = OH * OW
+    dt = x.dtype
+    VW, MR, NV = tile
+    NR = VW * NV
+    packs = prepared(prep, ("cpu-conv-mk", dt, MR), lambda: [KG.pack_a(wmat[g * Fg:(g + 1) * Fg], MR)
+                                                             for g in range(groups)])
+    KC = max(16, KG.KC_BYTES // (NR * dt.itemsize))
+    chunk = max(1, min(N, -(-_TARGET_COLUMNS // P), _WORKSPACE_BYTES // max(rows * P * dt.itemsize, 1)))
+    ld = chunk * P
+    # NR readable values past the last column: an image's last, partial panel loads whole vectors
+    col_flat = WS.get("conv.col", rows * ld + NR, dt)
+    col_flat[rows * ld:] = 0
+    col = col_flat[:rows * ld].reshape(rows, ld)
+    outf = out.reshape(-1)
+    nblk = -(-Fg // MR)
+    nth = numba.get_num_threads()
+    for n0 in range(0, N, chunk):
+        n1 = min(N, n0 + chunk)
+        m = n1 - n0
+        # enough jobs for the threads: split the row blocks when the column panels are too few
+        mgroups = max(1, min(nblk, -(-4 * nth // -(-m * P // NR))))
+        for g in range(groups):
+            K.im2col(x, n0, n1, g * Cg, (g + 1) * Cg, KH, KW, stride[0], stride[1], pad[0], pad[2], dilation[0],
+                     dilation[1], OH, OW, K.row_split(m, Cg, KH), col[:, :m * P])
+            bg = bias[g * Fg:(g + 1) * Fg] if has_b else bias
+            KG.gemm_images(packs[g], Fg, rows, MR, NR, KC, col_flat, ld, P, m, outf[(n0 * F + g * Fg) * P:], F * P,
+                           bg, has_b, mgroups)
     return out

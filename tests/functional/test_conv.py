@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from npconv.functional import conv as conv_module
 from npconv.functional import conv2d
 from tests.reference import conv2d_einsum, conv2d_naive
 from tests.reference import tolerance
@@ -25,7 +26,10 @@ def _case(rng, N, C, H, W, F, KH, KW, groups, dtype):
     ((3, 2), (0, 1, 0, 1), (1, 1), 3),
     ((1, 1), (1, 1, 1, 1), (1, 1), 6),   # depthwise
 ])
-def test_conv2d_matches_naive_loops(rng, dtype, stride, padding, dilation, groups):
+@pytest.mark.parametrize("microkernel", [True, False], ids=["microkernel", "blas"])
+def test_conv2d_matches_naive_loops(rng, monkeypatch, dtype, stride, padding, dilation, groups, microkernel):
+    # the "gemm" algorithm's product both ways: npconv's micro-kernel (where the CPU has one) and BLAS
+    monkeypatch.setattr(conv_module, "USE_MICROKERNEL", microkernel)
     x, w, b = _case(rng, 2, 6, 9, 8, 12, 3, 3, groups, dtype)
     y = conv2d(x, w, b, stride=stride, padding=padding, dilation=dilation, groups=groups)
     ref = conv2d_naive(x, w, b, stride, padding, dilation, groups)
@@ -40,11 +44,46 @@ def test_conv2d_without_bias_and_pointwise(rng, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_conv2d_batch_chunking_large_batch(rng, dtype):
+@pytest.mark.parametrize("microkernel", [True, False], ids=["microkernel", "blas"])
+def test_conv2d_batch_chunking_large_batch(rng, monkeypatch, dtype, microkernel):
     # many small images: several images share one GEMM, and the result must be scattered back per image
+    monkeypatch.setattr(conv_module, "USE_MICROKERNEL", microkernel)
     x, w, b = _case(rng, 37, 3, 6, 6, 5, 3, 3, 1, dtype)
-    y = conv2d(x, w, b, padding=1)
+    y = conv2d(x, w, b, padding=1, algorithm="gemm")
     np.testing.assert_allclose(y, conv2d_einsum(x, w, b, padding=(1, 1, 1, 1)), *tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("microkernel", [True, False], ids=["microkernel", "blas"])
+def test_conv2d_gemm_wide_layer_several_chunks(rng, monkeypatch, dtype, microkernel):
+    # more filters than a row block, more taps than a K block, a partial last column panel, two chunks of images
+    monkeypatch.setattr(conv_module, "USE_MICROKERNEL", microkernel)
+    monkeypatch.setattr(conv_module, "_TARGET_COLUMNS", 300)
+    x, w, b = _case(rng, 5, 40, 13, 11, 29, 3, 3, 1, dtype)
+    y = conv2d(x, w, b, padding=(1, 0, 2, 1), algorithm="gemm")
+    np.testing.assert_allclose(y, conv2d_einsum(x, w, b, padding=(1, 0, 2, 1)), *tolerance(dtype))
+
+
+@pytest.mark.parametrize("algorithm", ["auto", "gemm", "direct"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_conv2d_without_input_channels_gives_the_bias(algorithm, with_bias):
+    x = np.ones((2, 0, 9, 8), np.float32)
+    w = np.ones((5, 0, 3, 3), np.float32)
+    b = np.arange(5, dtype=np.float32) if with_bias else None
+    y = conv2d(x, w, b, padding=1, algorithm=algorithm)
+    want = np.zeros((2, 5, 9, 8), np.float32) + (0 if b is None else b[None, :, None, None])
+    np.testing.assert_array_equal(y, want)
+
+
+@pytest.mark.parametrize("algorithm", ["auto", "gemm", "direct"])
+@pytest.mark.parametrize("stride,padding", [(10**6, 0), ((1, 10**6), 1), ((10**6, 2), (2, 1)), ((9, 4), (0, 3))])
+def test_conv2d_stride_beyond_the_input(rng, algorithm, stride, padding):
+    # one output along an axis whatever the stride: the result of the one window, without buffers sized by it
+    x, w, b = _case(rng, 2, 3, 9, 9, 4, 3, 3, 1, np.float64)
+    y = conv2d(x, w, b, stride=stride, padding=padding, algorithm=algorithm)
+    s = stride if isinstance(stride, tuple) else (stride, stride)
+    p = padding if isinstance(padding, tuple) else (padding, padding)
+    np.testing.assert_allclose(y, conv2d_naive(x, w, b, s, (p[0], p[0], p[1], p[1])), *tolerance(np.float64))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

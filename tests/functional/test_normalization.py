@@ -86,11 +86,30 @@ def test_lrn_many_channels_and_pixels(dtype, rng):
 
 
 def test_lrn_running_sum_wide_dynamic_range(rng):
-    """A huge channel followed by tiny ones: the running sum must not leave visible cancellation error."""
+    """A huge channel followed by tiny ones: the window sums must not leave visible cancellation error."""
     x = rng.standard_normal((1, 10, 4, 4)) * 1e-3
     x[:, 2] = 1e4
     got = local_response_norm(x, size=3, alpha=1e-4, beta=0.75, k=1.0)
     np.testing.assert_allclose(got, ref_lrn(x, 3, 1e-4, 0.75, 1.0), rtol=1e-9, atol=0)
+    # a channel 1e9 times larger than the rest, a small k: its square dwarfs the others' in any running sum
+    x = np.full((1, 6, 1, 1), 1e-3)
+    x[0, 0] = 1e6
+    got = local_response_norm(x, size=3, alpha=3.0, beta=0.75, k=1e-6)
+    np.testing.assert_allclose(got, ref_lrn(x, 3, 3.0, 0.75, 1e-6), rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_lrn_non_finite_stays_in_its_windows(bad, dtype):
+    """A NaN or infinity affects only the outputs whose window holds it (as in PyTorch), not later channels."""
+    x = np.ones((1, 8, 2, 3), dtype)
+    x[0, 1, 1, 2] = bad
+    got = local_response_norm(x, size=3, alpha=0.5, beta=0.75, k=1.0)
+    with np.errstate(invalid="ignore"):
+        ref = ref_lrn(x, 3, 0.5, 0.75, 1.0)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+    assert np.isnan(got[0, 1, 1, 2]) and np.isfinite(got[0, 3:]).all()
+    check(np.nan_to_num(got), np.nan_to_num(ref), dtype)
 
 
 def test_lrn_matches_alexnet_paper_formula_with_scaled_alpha(rng):

@@ -1,0 +1,248 @@
+"""npconv's own GEMM micro-kernel, written in LLVM IR through a numba intrinsic.
+
+Why: OpenBLAS's SGEMM, which the dense conv and the factored layers call, keeps its accumulators in registers but
+packs both operands first and runs its own threads; numba's auto-vectoriser cannot keep a register tile of
+accumulators across a reduction loop (it keeps them in memory, or unrolls to scalars), so a GEMM written in plain
+numba code runs at a few GFLOP/s. This module emits the register tile directly: ``MR x NV`` vector accumulators
+(LLVM ``<VW x float>`` values carried by phi nodes through the ``k`` loop), one broadcast of ``A`` per row and one
+vector load of ``B`` per column vector each step, ``llvm.fma`` for every product. LLVM allocates the registers and
+schedules the loop for the host CPU (numba compiles for it), so the same IR serves AVX-512 (16 floats a vector)
+and AVX2 (8) with the tile chosen to fit the register file (:func:`tile_shape`).
+
+The micro-kernel computes one tile::
+
+    C[i, j] (op)= sum_{k < K} A[aoff + k*MR + i] * B[boff + k*ldb + j]      i < MR, j < NV*VW
+
+``A`` is packed (for each ``k`` the ``MR`` values of a row block, contiguous); ``B`` is read in place, row ``k`` at
+``boff + k*ldb``, which covers both a row-major matrix and a panel-major copy. ``mode`` selects the write:
+0 stores the sum, 1 adds it to ``C``, 2 stores the sum plus ``bias[boff_bias + i]`` on each row.
+Callers guarantee that every address the tile touches is in bounds (:mod:`npconv.kernels.cpu.gemm` routes edge
+tiles through a scratch tile).
+"""
+from __future__ import annotations
+
+import functools
+
+import llvmlite.ir as ir
+import numba
+import numpy as np
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+__all__ = ["tile_shape", "microkernel", "pack_a", "gemm_images", "KC_BYTES"]
+
+
+@functools.lru_cache(maxsize=None)
+def _target_features():
+    """The CPU features numba compiles for: ``NUMBA_CPU_FEATURES`` when set, none known for another
+    ``NUMBA_CPU_NAME`` without them (the callers then keep BLAS), else the host's."""
+    feats = numba.config.CPU_FEATURES
+    if feats:
+        return frozenset(f[1:] for f in feats.split(",") if f.startswith("+"))
+    if numba.config.CPU_NAME not in (None, "host"):
+        return frozenset()
+    try:
+        import llvmlite.binding as llb
+        return frozenset(k for k, v in llb.get_host_cpu_features().items() if v)
+    except Exception:   # pragma: no cover - llvmlite without host feature queries
+        return frozenset()
+
+
+def tile_shape(dtype, features=None):
+    """(VW, MR, NV) of the register tile for ``dtype`` on this CPU, or None where the micro-kernel is not used.
+
+    AVX-512 (32 vector registers): 12 rows x 2 vectors = 24 accumulators, 2 loads of B and 12 broadcasts of A per
+    24 FMAs. AVX2 (16 registers): 6 x 2 = 12 accumulators. Without AVX2 the callers keep BLAS.
+    """
+    feats = _target_features() if features is None else set(features)
+    item = np.dtype(dtype).itemsize
+    if "avx512f" in feats:
+        return 64 // item, 12, 2
+    if "avx2" in feats and "fma" in feats:
+        return 32 // item, 6, 2
+    return None
+
+
+@intrinsic
+def microkernel(typingctx, a, aoff, b, boff, ldb, c, coff, ldc, K, mode, bias, boff_bias):
+    """``microkernel(a, aoff, b, boff, ldb, c, coff, ldc, K, mode, bias, boff_bias)``: one ``MR x (NV*VW)`` tile
+    (module docstring) of the shape :func:`tile_shape` gives for the arrays' dtype. ``a``, ``b``, ``c`` and
+    ``bias`` are 1-D contiguous arrays of one float dtype; offsets and sizes are integers."""
+    arrs = (a, b, c, bias)
+    if not all(isinstance(t, types.Array) and t.ndim == 1 and t.layout == "C" for t in arrs):
+        return None
+    if len(set(t.dtype for t in arrs)) != 1 or a.dtype not in (types.float32, types.float64):
+        return None
+    is32 = a.dtype == types.float32
+    shape = tile_shape(np.float32 if is32 else np.float64)
+    if shape is None:
+        return None
+    VW, MR, NV = shape
+    fname = "v%df32" % VW if is32 else "v%df64" % VW
+    i8 = types.int64
+    sig = types.void(a, i8, b, i8, i8, c, i8, i8, i8, i8, bias, i8)
+
+    def codegen(context, builder, signature, args):
+        a_v, aoff_v, b_v, boff_v, ldb_v, c_v, coff_v, ldc_v, K_v, mode_v, bias_v, bb_v = args
+        sty = ir.FloatType() if is32 else ir.DoubleType()
+        vty = ir.VectorType(sty, VW)
+        i64 = ir.IntType(64)
+        i32 = ir.IntType(32)
+
+        def data(k, v):
+            return context.make_array(signature.args[k])(context, builder, v).data
+
+        A = builder.gep(data(0, a_v), [aoff_v])
+        B = builder.gep(data(2, b_v), [boff_v])
+        C = builder.gep(data(5, c_v), [coff_v])
+        BI = data(10, bias_v)
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty, vty, vty]),
+                                             "llvm.fma." + fname)
+        zero = ir.Constant(vty, [0.0] * VW)
+        undef = ir.Constant(vty, ir.Undefined)
+        splat0 = ir.Constant(ir.VectorType(i32, VW), [0] * VW)
+
+        def splat(s):
+            return builder.shuffle_vector(builder.insert_element(undef, s, ir.Constant(i32, 0)), undef, splat0)
+
+        def vptr(base, off):
+            return builder.bitcast(builder.gep(base, [off]), vty.as_pointer())
+
+        pre = builder.block
+        loop = builder.append_basic_block("npc_mk.loop")
+        done = builder.append_basic_block("npc_mk.done")
+        builder.cbranch(builder.icmp_signed(">", K_v, ir.Constant(i64, 0)), loop, done)
+
+        builder.position_at_end(loop)
+        kphi = builder.phi(i64)
+        kphi.add_incoming(ir.Constant(i64, 0), pre)
+        accs = []
+        for _ in range(MR * NV):
+            p = builder.phi(vty)
+            p.add_incoming(zero, pre)
+            accs.append(p)
+        brow = builder.mul(kphi, ldb_v)
+        bvs = [builder.load(vptr(B, builder.add(brow, ir.Constant(i64, v * VW))), align=1) for v in range(NV)]
+        arow = builder.gep(A, [builder.mul(kphi, ir.Constant(i64, MR))])
+        new = []
+        for i in range(MR):
+            s = splat(builder.load(builder.gep(arow, [ir.Constant(i64, i)])))
+            for v in range(NV):
+                new.append(builder.call(fma, [s, bvs[v], accs[i * NV + v]]))
+        knext = builder.add(kphi, ir.Constant(i64, 1))
+        tail = builder.block
+        kphi.add_incoming(knext, tail)
+        for p, n in zip(accs, new):
+            p.add_incoming(n, tail)
+        builder.cbranch(builder.icmp_signed("<", knext, K_v), loop, done)
+
+        builder.position_at_end(done)
+        fin = []
+        for q in range(MR * NV):
+            p = builder.phi(vty)
+            p.add_incoming(zero, pre)
+            p.add_incoming(new[q], tail)
+            fin.append(p)
+        add_c = builder.icmp_signed("==", mode_v, ir.Constant(i64, 1))
+        add_b = builder.icmp_signed("==", mode_v, ir.Constant(i64, 2))
+        for i in range(MR):
+            crow = builder.mul(ir.Constant(i64, i), ldc_v)
+            # the bias is read only in mode 2 (its array may be a 1-element placeholder otherwise)
+            bsel = builder.select(add_b, builder.add(bb_v, ir.Constant(i64, i)), ir.Constant(i64, 0))
+            bval = splat(builder.load(builder.gep(BI, [bsel])))
+            for v in range(NV):
+                ptr = vptr(C, builder.add(crow, ir.Constant(i64, v * VW)))
+                val = fin[i * NV + v]
+                with_b = builder.select(add_b, builder.fadd(val, bval), val)
+                with cgutils.if_likely(builder, builder.not_(add_c)):
+                    builder.store(with_b, ptr, align=1)
+                with cgutils.if_unlikely(builder, add_c):
+                    builder.store(builder.fadd(builder.load(ptr, align=1), val), ptr, align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+#: depth of a K block: the B panel's slice (KC x NR values) stays in L1 while every row block of A passes over it
+KC_BYTES = 32 * 1024
+
+
+def pack_a(a, MR):
+    """``a`` (M, K) packed for :func:`microkernel`: row blocks of ``MR`` (the last zero-padded), each stored
+    k-major, ``[blk, k, r] = a[blk*MR + r, k]``; flat, C-contiguous."""
+    M, K = a.shape
+    nb = -(-M // MR)
+    ap = np.zeros((nb * MR, K), a.dtype)
+    ap[:M] = a
+    return np.ascontiguousarray(ap.reshape(nb, MR, K).transpose(0, 2, 1)).reshape(-1)
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def gemm_images(ap, M, K, MR, NR, KC, b, ldb, P, nimg, c, cimg, bias, has_bias, mgroups):
+    """For each image ``i < nimg``: ``c[i*cimg + f*P + p] = sum_k A[f, k] * b[k*ldb + i*P + p] (+ bias[f])``,
+    ``f < M``, ``p < P``; ``ap`` is ``A`` packed by :func:`pack_a` with ``MR`` rows a block.
+
+    The ``nimg * P`` columns of ``b`` are cut into panels of ``NR``, whatever the image boundaries (an image's
+    last partial panel would waste its unused columns' arithmetic). A job is (panel, group of row blocks); it walks
+    ``K`` in blocks of ``KC`` and every row block of its group over the panel's slice of ``b``. A tile inside one
+    image and the matrix writes its output rows directly (with the bias); a tile across an image boundary, past
+    the last column or past the last row runs into a job-local scratch tile, copied out column by column. ``b``
+    must have ``NR`` readable values past the last column of its last row (the last panel's loads run over it;
+    those columns are never stored).
+    """
+    nblk = (M + MR - 1) // MR
+    total = nimg * P
+    npan = (total + NR - 1) // NR
+    bper = (nblk + mgroups - 1) // mgroups
+    if K == 0:
+        # an empty sum: each output is its bias (or zero)
+        for i in range(nimg):
+            for f in range(M):
+                bv = bias[f] if has_bias else 0.0
+                row = c[i * cimg + f * P:]
+                for p in range(P):
+                    row[p] = bv
+        return
+    for job in numba.prange(npan * mgroups):
+        g = job % mgroups
+        jp = job // mgroups
+        ib0 = g * bper
+        ib1 = min(nblk, ib0 + bper)
+        j0 = jp * NR
+        cols = min(NR, total - j0)
+        i0 = j0 // P
+        p0 = j0 - i0 * P
+        inside = cols == NR and p0 + NR <= P     # the panel's columns are all in image i0
+        scratch = np.empty(max(1, (ib1 - ib0) * MR * NR), c.dtype)
+        for k0 in range(0, K, KC):
+            kc = min(KC, K - k0)
+            first = k0 == 0
+            for ib in range(ib0, ib1):
+                aoff = ib * K * MR + k0 * MR
+                boff = k0 * ldb + j0
+                if inside and (ib + 1) * MR <= M:
+                    mode = (2 if has_bias else 0) if first else 1
+                    microkernel(ap, aoff, b, boff, ldb, c, i0 * cimg + ib * MR * P + p0, P, kc, mode, bias,
+                                ib * MR if has_bias else 0)
+                else:
+                    microkernel(ap, aoff, b, boff, ldb, scratch, (ib - ib0) * MR * NR, NR, kc, 0 if first else 1,
+                                bias, 0)
+        for ib in range(ib0, ib1):
+            if inside and (ib + 1) * MR <= M:
+                continue
+            for r in range(min(MR, M - ib * MR)):
+                f = ib * MR + r
+                bv = bias[f] if has_bias else 0.0
+                src = scratch[((ib - ib0) * MR + r) * NR:]
+                # runs of columns within one image
+                q = 0
+                while q < cols:
+                    i = (j0 + q) // P
+                    p = j0 + q - i * P
+                    run = min(cols - q, P - p)
+                    dst = c[i * cimg + f * P + p:]
+                    sq = src[q:]
+                    for e in range(run):
+                        dst[e] = sq[e] + bv
+                    q += run

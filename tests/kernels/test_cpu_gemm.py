@@ -1,0 +1,145 @@
+"""npconv's GEMM micro-kernel (npconv/kernels/cpu/gemm.py) against float64 NumPy products.
+
+The shapes straddle every edge of the tiling: rows around multiples of MR (the last row block through the scratch
+tile), columns around multiples of the panel width NR (the last panel reads past the image), K around the K block
+(the accumulate mode), several images and row-block groups per job. The AVX2 tile is compiled in a subprocess for
+a Haswell target where the host can run it.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from npconv.kernels.cpu import gemm as G
+
+DTYPES = [np.float32, np.float64]
+pytestmark = pytest.mark.skipif(G.tile_shape(np.float32) is None, reason="this CPU has neither AVX2 nor AVX-512")
+
+
+def _run(A, Bm, P, nimg, bias, mgroups, KC, dtype):
+    """gemm_images on (M, K) A and (K, nimg*P) B; returns (nimg, M, P)."""
+    VW, MR, NV = G.tile_shape(dtype)
+    NR = VW * NV
+    M, K = A.shape
+    ld = Bm.shape[1]
+    # the NR values past the last column are readable but must never reach the output: NaN shows if they do
+    bflat = np.concatenate([Bm.ravel(), np.full(NR, np.nan, dtype)])
+    c = np.full(nimg * M * P + 5, np.nan, dtype)
+    has_b = bias is not None
+    G.gemm_images(G.pack_a(A, MR), M, K, MR, NR, KC, bflat, ld, P, nimg, c, M * P,
+                  bias if has_b else np.zeros(1, dtype), has_b, mgroups)
+    assert np.isnan(c[nimg * M * P:]).all(), "wrote past the last output"
+    return c[:nimg * M * P].reshape(nimg, M, P)
+
+
+def _reference(A, Bm, P, nimg, bias):
+    A64 = A.astype(np.float64)
+    out = np.stack([A64 @ Bm[:, i * P:(i + 1) * P].astype(np.float64) for i in range(nimg)])
+    return out if bias is None else out + bias.astype(np.float64)[None, :, None]
+
+
+def _tol(dtype, K):
+    return (2e-6 if dtype == np.float32 else 1e-14) * max(1.0, np.sqrt(K))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dm", [-1, 0, 1, 5])
+@pytest.mark.parametrize("dp", [-1, 0, 1, 7])
+def test_gemm_images_edges(rng, dtype, dm, dp):
+    VW, MR, NV = G.tile_shape(dtype)
+    NR = VW * NV
+    M = max(1, 2 * MR + dm)
+    P = max(1, 2 * NR + dp)
+    K, nimg, KC = 37, 2, 16                        # three K blocks, the last one short
+    A = rng.standard_normal((M, K)).astype(dtype)
+    Bm = rng.standard_normal((K, nimg * P)).astype(dtype)
+    bias = rng.standard_normal(M).astype(dtype)
+    for mgroups in (1, 2, 5):
+        got = _run(A, Bm, P, nimg, bias, mgroups, KC, dtype)
+        ref = _reference(A, Bm, P, nimg, bias)
+        np.testing.assert_allclose(got, ref, rtol=_tol(dtype, K), atol=_tol(dtype, K) * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,K,P,nimg,KC", [
+    (1, 1, 1, 1, 64),          # one value
+    (3, 5, 2, 4, 64),          # every tile an edge tile
+    (30, 300, 40, 3, 64),      # K blocks of 64
+    (64, 200, 256, 1, 512),    # one K block, whole panels and row blocks only
+])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gemm_images_shapes(rng, dtype, M, K, P, nimg, KC, with_bias):
+    A = rng.standard_normal((M, K)).astype(dtype)
+    # a chunk buffer wider than the images it holds (ld > nimg * P), as the conv's last chunk has
+    Bm = rng.standard_normal((K, nimg * P + 3)).astype(dtype)
+    bias = rng.standard_normal(M).astype(dtype) if with_bias else None
+    got = _run(A, Bm, P, nimg, bias, 2, KC, dtype)
+    ref = _reference(A, Bm, P, nimg, bias)
+    np.testing.assert_allclose(got, ref, rtol=_tol(dtype, K), atol=_tol(dtype, K) * max(1.0, np.abs(ref).max()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemm_images_empty_sum_is_the_bias(dtype):
+    bias = np.arange(1, 4, dtype=dtype)
+    got = _run(np.zeros((3, 0), dtype), np.zeros((0, 10), dtype), 5, 2, bias, 1, 64, dtype)
+    np.testing.assert_array_equal(got, np.broadcast_to(bias[None, :, None], (2, 3, 5)))
+
+
+def test_pack_a_layout(rng):
+    a = rng.standard_normal((7, 5)).astype(np.float32)
+    ap = G.pack_a(a, 4).reshape(2, 5, 4)
+    # block b, step k, row r holds a[4b + r, k]; rows past the matrix are zero
+    for blk in range(2):
+        for k in range(5):
+            for r in range(4):
+                assert ap[blk, k, r] == (a[4 * blk + r, k] if 4 * blk + r < 7 else 0)
+
+
+def test_tile_shape_follows_the_features():
+    assert G.tile_shape(np.float32, {"avx512f", "avx2", "fma"}) == (16, 12, 2)
+    assert G.tile_shape(np.float64, {"avx512f"}) == (8, 12, 2)
+    assert G.tile_shape(np.float32, {"avx2", "fma"}) == (8, 6, 2)
+    assert G.tile_shape(np.float64, {"avx2", "fma"}) == (4, 6, 2)
+    assert G.tile_shape(np.float32, {"avx2"}) is None
+    assert G.tile_shape(np.float32, {"sse4.2"}) is None
+
+
+_AVX2_SCRIPT = textwrap.dedent("""
+    import numpy as np
+    from npconv.kernels.cpu import gemm as G
+    rng = np.random.default_rng(5)
+    for dt in (np.float32, np.float64):
+        VW, MR, NV = G.tile_shape(dt)
+        assert (VW, MR, NV) == (32 // np.dtype(dt).itemsize, 6, 2), (VW, MR, NV)
+        NR = VW * NV
+        M, K, P, nimg = 2 * MR + 1, 70, 3 * NR + 5, 2
+        A = rng.standard_normal((M, K)).astype(dt)
+        Bm = rng.standard_normal((K, nimg * P)).astype(dt)
+        bias = rng.standard_normal(M).astype(dt)
+        b = np.concatenate([Bm.ravel(), np.zeros(NR, dt)])
+        c = np.empty(nimg * M * P, dt)
+        G.gemm_images(G.pack_a(A, MR), M, K, MR, NR, 32, b, nimg * P, P, nimg, c, M * P, bias, True, 2)
+        ref = np.stack([A.astype(float) @ Bm[:, i * P:(i + 1) * P] + bias[:, None] for i in range(nimg)])
+        err = np.abs(c.reshape(nimg, M, P) - ref).max() / np.abs(ref).max()
+        assert err < (1e-5 if dt == np.float32 else 1e-13), err
+    print("ok")
+""")
+
+
+def test_avx2_tile_in_a_haswell_build(tmp_path):
+    """The 6 x 2 tile LLVM compiles for an AVX2 target (16 vector registers) gives the same products."""
+    feats = G._target_features()
+    if not {"avx2", "fma"} <= feats:
+        pytest.skip("the host cannot run AVX2 code")
+    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CACHE_DIR=str(tmp_path),
+               NUMBA_CPU_FEATURES="+avx,+avx2,+fma,+sse,+sse2,+sse3,+ssse3,+sse4.1,+sse4.2,+popcnt,+f16c,+bmi,"
+                                  "+bmi2,+lzcnt,+movbe,+cx16")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-c", _AVX2_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
