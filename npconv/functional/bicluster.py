@@ -53,6 +53,11 @@ _CACHE_BYTES = 16 * 2**20
 _CP_CACHE_BYTES = 12 * 2**20
 #: the CP front end's jobs pack their own input group (a batch of one chunk) when it is at most this large
 _OWN_PACK_BYTES = 128 * 2**10
+#: readable values past the component maps: the micro-kernel's last column panel loads whole vectors
+_SLACK = 64
+#: the expansion GEMMs on npconv's micro-kernel (``kernels/cpu/gemm.py``) where the CPU has one, else BLAS; a module
+#: constant for same-process comparisons, not a user setting
+USE_MICROKERNEL = True
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -308,11 +313,40 @@ def _chunk(N, P, per_img_items, itemsize, cache_bytes=None):
     return max(1, min(N, -(-_TARGET_COLUMNS // P), cache // per, _WORKSPACE_BYTES // per))
 
 
-def _expand_scatter(Z, expand, out_perm, out_off, bias, n0, m, P, ybuf, y3):
-    """Ybuf[rows of h] = expand_h @ Z[h] (one GEMM per output group), then scatter into y3 with the bias."""
+def _expand_packs(prep, key, expand, out_off, dt):
+    """(tile, per-output-group packed expansions) for the GEMM micro-kernel (``kernels/cpu/gemm.py``), kept in the
+    layer's cache under ``key``; (None, None) where the CPU has no micro-kernel (BLAS then)."""
+    from ..kernels.cpu import gemm as KG
+    tile = KG.tile_shape(dt) if USE_MICROKERNEL else None
+    if tile is None:
+        return None, None
+
+    def make():
+        G, Kc = expand.shape[1:]
+        return [KG.pack_a(np.ascontiguousarray(expand[int(out_off[h]):int(out_off[h + 1])]).reshape(-1, G * Kc)
+                          .astype(dt, copy=False), tile[1]) for h in range(out_off.shape[0] - 1)]
+    return tile, prepared(prep, key, make)
+
+
+def _expand_scatter(z_buf, Z, expand, out_perm, out_off, bias, n0, m, P, ybuf, y3, mk=(None, None)):
+    """The expansion of each output group h, ``expand_h @ Z[h]``, into the output channels ``out_perm`` of group h,
+    with the bias: with the micro-kernel (``mk`` from :func:`_expand_packs`) one product per group stores straight
+    into ``y3``'s rows; else one BLAS GEMM per group into ``ybuf``, then a scatter. ``Z`` is a view of ``z_buf``,
+    which has :data:`_SLACK` readable values past it."""
     from ..kernels.cpu import bicluster as KB
     G = expand.shape[1]
     Kc = expand.shape[2]
+    tile, packs = mk
+    if packs is not None:
+        from ..kernels.cpu import gemm as KG
+        N, F = y3.shape[:2]
+        yflat = y3.reshape(-1)[n0 * F * P:]
+        for h in range(out_off.shape[0] - 1):
+            o0, o1 = int(out_off[h]), int(out_off[h + 1])
+            rows = out_perm[o0:o1]
+            KG.matmul(packs[h], o1 - o0, G * Kc, tile, z_buf[h * G * Kc * m * P:], m * P, P, yflat, nimg=m,
+                      cimg=F * P, bias=None if bias is None else np.ascontiguousarray(bias[rows]), rowmap=rows)
+        return
     for h in range(out_off.shape[0] - 1):
         o0, o1 = int(out_off[h]), int(out_off[h + 1])
         eh = expand[o0:o1].reshape(o1 - o0, G * Kc)
@@ -417,8 +451,9 @@ def _cp_cpu(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, 
         xs_buf[nb * C * plane:] = 0   # slack: the last plane's shifted taps read up to (Y - 1) // sw items past it
     else:
         xs_buf = np.zeros(0, dt)
-    z_buf = WS.get("z", nb * per_z, dt)
+    z_buf = WS.get("z", nb * per_z + _SLACK, dt)
     y_buf = WS.get("y", nb * F * P, dt)
+    mk = _expand_packs(prep, ("cpu-cp-mk", dt), expand, out_off, dt)
     nth = numba.get_num_threads()
     srow = KB.cp_scratch_size(sh, sw, R, Mp, OH, cg_max if own else 0, rfirst)
     scratch = WS.get_aligned("front", nth * srow, dt).reshape(nth, srow)
@@ -432,7 +467,7 @@ def _cp_cpu(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, 
         ybuf = y_buf[:m * F * P].reshape(F, m * P)
         KB.cp_front(xs_buf, x, n0, in_perm, pad[0], pad[2], m, C, sh, sw, R, Mp, in_off, hcoef, vertical, OH, OW,
                     nsplit, Z, scratch, rfirst, rcoef, hor)
-        _expand_scatter(Z, expand, out_perm, out_off, bias, n0, m, P, ybuf, y3)
+        _expand_scatter(z_buf, Z, expand, out_perm, out_off, bias, n0, m, P, ybuf, y3, mk)
     return y
 
 
@@ -501,7 +536,7 @@ def _svd_cpu(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bia
     # block (g, h)'s K1 reduced channels start at row g * R1 + h * K1 of z1
     c0s = (np.arange(G)[:, None] * R1 + np.arange(H)[None, :] * K1).reshape(G * H).astype(np.int64)
     nb = _chunk(N, P, per_xs + per_z1 + per_col + per_z2 + F * P, dt.itemsize)
-    xs_buf = WS.get("xs", nb * per_xs, dt)
+    xs_buf = WS.get("xs", nb * per_xs + _SLACK, dt)
     z1_buf = WS.get("z1", nb * per_z1, dt)
     # A batch that is one chunk (small batches) builds every block's patches in one parallel region, when they fit
     # the workspace bound: one region per block, each followed by its GEMM, paid a hand-over between numba's and
@@ -509,11 +544,19 @@ def _svd_cpu(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bia
     # conv5-sized blocks 370 -> 300 us). Over many chunks, one block at a time measured faster (ZF conv2 at batch
     # 128: 115-120 against 125-135 ms): a block's patches are still in the cache when its GEMM reads them.
     nblk_col = G * H if nb >= N and G * H * nb * per_col * dt.itemsize <= _WORKSPACE_BYTES else 1
-    col_buf = WS.get("col", nblk_col * nb * per_col, dt)
-    z2_buf = WS.get("z2", nb * per_z2, dt)
+    col_buf = WS.get("col", nblk_col * nb * per_col + _SLACK, dt)
+    z2_buf = WS.get("z2", nb * per_z2 + _SLACK, dt)
     y_buf = WS.get("y", nb * F * P, dt)
+    mk = _expand_packs(prep, ("cpu-svd-mk", dt), expand_p, out_off, dt)
+    tile = mk[0]
+    if tile is not None:
+        from ..kernels.cpu import gemm as KG
+        red_pk, sp_pk = prepared(prep, ("cpu-svd-mk-in", dt), lambda: (
+            [KG.pack_a(r, tile[1]) for r in red_t],
+            [KG.pack_a(sp_mats[g, h], tile[1]) for g in range(G) for h in range(H)]))
     y = np.empty((N, F, OH, OW), dt) if out is None else out
     y3 = y.reshape(N, F, P)
+    KXY = K1 * X * Y
     for n0 in range(0, N, nb):
         m = min(nb, N - n0)
         # channel-major (C, m, ...) layouts: a group's reduction is one GEMM over the whole chunk
@@ -522,22 +565,37 @@ def _svd_cpu(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bia
         z1f = z1.reshape(G * R1, m * plane)
         for g in range(G):
             i0, i1 = int(in_off[g]), int(in_off[g + 1])
-            np.matmul(red_t[g], xs2[i0:i1], out=z1f[g * R1:(g + 1) * R1])
+            if tile is not None:
+                KG.matmul(red_pk[g], R1, i1 - i0, tile, xs_buf[i0 * m * plane:], m * plane, m * plane,
+                          z1_buf[g * R1 * m * plane:])
+            else:
+                np.matmul(red_t[g], xs2[i0:i1], out=z1f[g * R1:(g + 1) * R1])
         Z = z2_buf[:m * per_z2].reshape(H, G * K2p, m * P)
+
+        def spatial(b, cb):
+            """Block b's K2p output rows of Z from its patches, column block ``cb`` of col_buf."""
+            g, h = b // H, b % H
+            if tile is not None:
+                KG.matmul(sp_pk[b], K2p, KXY, tile, col_buf[cb * KXY * m * P:], m * P, m * P,
+                          z2_buf[(h * G + g) * K2p * m * P:])
+            else:
+                col = col_buf[cb * KXY * m * P:(cb + 1) * KXY * m * P].reshape(KXY, m * P)
+                np.matmul(sp_mats[g, h], col, out=Z[h, g * K2p:(g + 1) * K2p])
+
         if nblk_col > 1:
             # every block's patches in one parallel region, then the blocks' GEMMs back to back
-            col = col_buf[:nblk_col * m * per_col].reshape(nblk_col, K1 * X * Y, m * P)
+            col = col_buf[:nblk_col * m * per_col].reshape(nblk_col, KXY, m * P)
             KB.im2col_phase(z1, c0s, K1, X, Y, OH, OW, col)
             for b in range(G * H):
-                np.matmul(sp_mats[b // H, b % H], col[b], out=Z[b % H, (b // H) * K2p:(b // H + 1) * K2p])
+                spatial(b, b)
         else:
             # one block at a time: its patches are still in the cache when its GEMM reads them
-            col = col_buf[:m * per_col].reshape(1, K1 * X * Y, m * P)
+            col = col_buf[:m * per_col].reshape(1, KXY, m * P)
             for b in range(G * H):
                 KB.im2col_phase(z1, c0s[b:b + 1], K1, X, Y, OH, OW, col)
-                np.matmul(sp_mats[b // H, b % H], col[0], out=Z[b % H, (b // H) * K2p:(b // H + 1) * K2p])
+                spatial(b, 0)
         ybuf = y_buf[:m * F * P].reshape(F, m * P)
-        _expand_scatter(Z, expand_p, out_perm, out_off, bias, n0, m, P, ybuf, y3)
+        _expand_scatter(z2_buf, Z, expand_p, out_perm, out_off, bias, n0, m, P, ybuf, y3, mk)
     return y
 
 
@@ -596,8 +654,9 @@ def _shared_cpu(x, in_perm, in_off, reduce, assign, vertical, horizontal, expand
     nb = _chunk(N, P, C * plane + per_z + F * P, x.dtype.itemsize, _CP_CACHE_BYTES)
     dt = x.dtype
     xs_buf = WS.get("xs", nb * C * plane, dt)
-    z_buf = WS.get("z", nb * per_z, dt)
+    z_buf = WS.get("z", nb * per_z + _SLACK, dt)
     y_buf = WS.get("y", nb * F * P, dt)
+    mk = _expand_packs(prep, ("cpu-shared-mk", dt), expand, out_off, dt)
     y = np.empty((N, F, OH, OW), dt) if out is None else out
     y3 = y.reshape(N, F, P)
     nth = numba.get_num_threads()
@@ -609,7 +668,7 @@ def _shared_cpu(x, in_perm, in_off, reduce, assign, vertical, horizontal, expand
         Z = z_buf[:m * per_z].reshape(H, G * K, m * P)
         ybuf = y_buf[:m * F * P].reshape(F, m * P)
         KB.shared_front(xs, in_off, used_ptr, used_filter, vertical, horizontal, reduce, slot, OH, OW, Z, scratch)
-        _expand_scatter(Z, expand, out_perm, out_off, bias, n0, m, P, ybuf, y3)
+        _expand_scatter(z_buf, Z, expand, out_perm, out_off, bias, n0, m, P, ybuf, y3, mk)
     return y
 
 

@@ -276,7 +276,6 @@ def _tile(dt):
 def _conv2d_mk(x, wmat, bias, has_b, groups, Cg, KH, KW, tile, stride, pad, dilation, OH, OW, out, prep):
     """im2col, then npconv's GEMM micro-kernel (``kernels/cpu/gemm.py``) from the packed columns straight into
     each image's output rows, the bias added as the tiles are stored (no staging buffer, no bias pass)."""
-    import numba
     from ..kernels.cpu import gemm as KG
     from ..kernels.cpu import im2col as K
     N = x.shape[0]
@@ -289,25 +288,19 @@ def _conv2d_mk(x, wmat, bias, has_b, groups, Cg, KH, KW, tile, stride, pad, dila
     NR = VW * NV
     packs = prepared(prep, ("cpu-conv-mk", dt, MR), lambda: [KG.pack_a(wmat[g * Fg:(g + 1) * Fg], MR)
                                                              for g in range(groups)])
-    KC = max(16, KG.KC_BYTES // (NR * dt.itemsize))
     chunk = max(1, min(N, -(-_TARGET_COLUMNS // P), _WORKSPACE_BYTES // max(rows * P * dt.itemsize, 1)))
     ld = chunk * P
-    # NR readable values past the last column: an image's last, partial panel loads whole vectors
+    # NR readable values past the last column: the last panel loads whole vectors
     col_flat = WS.get("conv.col", rows * ld + NR, dt)
     col_flat[rows * ld:] = 0
     col = col_flat[:rows * ld].reshape(rows, ld)
     outf = out.reshape(-1)
-    nblk = -(-Fg // MR)
-    nth = numba.get_num_threads()
     for n0 in range(0, N, chunk):
         n1 = min(N, n0 + chunk)
         m = n1 - n0
-        # enough jobs for the threads: split the row blocks when the column panels are too few
-        mgroups = max(1, min(nblk, -(-4 * nth // -(-m * P // NR))))
         for g in range(groups):
             K.im2col(x, n0, n1, g * Cg, (g + 1) * Cg, KH, KW, stride[0], stride[1], pad[0], pad[2], dilation[0],
                      dilation[1], OH, OW, K.row_split(m, Cg, KH), col[:, :m * P])
-            bg = bias[g * Fg:(g + 1) * Fg] if has_b else bias
-            KG.gemm_images(packs[g], Fg, rows, MR, NR, KC, col_flat, ld, P, m, outf[(n0 * F + g * Fg) * P:], F * P,
-                           bg, has_b, mgroups)
+            KG.matmul(packs[g], Fg, rows, tile, col_flat, ld, P, outf[(n0 * F + g * Fg) * P:], nimg=m, cimg=F * P,
+                      bias=bias[g * Fg:(g + 1) * Fg] if has_b else None)
     return out

@@ -104,7 +104,10 @@ KINDS = ["cp", "svd", "shared"]
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("stride,padding", GEOMS)
-def test_matches_conv_with_rebuilt_kernel(rng, kind, dtype, stride, padding):
+@pytest.mark.parametrize("microkernel", [True, False], ids=["microkernel", "blas"])
+def test_matches_conv_with_rebuilt_kernel(rng, monkeypatch, kind, dtype, stride, padding, microkernel):
+    # the GEMMs both ways: npconv's micro-kernel (where the CPU has one) and BLAS
+    monkeypatch.setattr(FB, "USE_MICROKERNEL", microkernel)
     f = _make(kind, rng, dtype)
     x = rng.standard_normal((2, 6, 9, 11)).astype(dtype)
     b = rng.standard_normal(8).astype(dtype)
@@ -200,8 +203,10 @@ def test_non_contiguous_inputs(rng, kind, dtype):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_batch_chunking(rng, kind, monkeypatch):
+@pytest.mark.parametrize("microkernel", [True, False], ids=["microkernel", "blas"])
+def test_batch_chunking(rng, kind, monkeypatch, microkernel):
     """A tiny workspace bound forces one image per chunk (and a partial last chunk of the default run)."""
+    monkeypatch.setattr(FB, "USE_MICROKERNEL", microkernel)
     f = _make(kind, rng, np.float32)
     x = rng.standard_normal((5, 6, 9, 9)).astype(np.float32)
     b = rng.standard_normal(8).astype(np.float32)

@@ -21,8 +21,8 @@ DTYPES = [np.float32, np.float64]
 pytestmark = pytest.mark.skipif(G.tile_shape(np.float32) is None, reason="this CPU has neither AVX2 nor AVX-512")
 
 
-def _run(A, Bm, P, nimg, bias, mgroups, KC, dtype):
-    """gemm_images on (M, K) A and (K, nimg*P) B; returns (nimg, M, P)."""
+def _run(A, Bm, P, nimg, bias, mgroups, KC, dtype, rowmap=None):
+    """gemm_images on (M, K) A and (K, nimg*P) B; returns (nimg, M, P) (rows permuted by ``rowmap``)."""
     VW, MR, NV = G.tile_shape(dtype)
     NR = VW * NV
     M, K = A.shape
@@ -32,7 +32,8 @@ def _run(A, Bm, P, nimg, bias, mgroups, KC, dtype):
     c = np.full(nimg * M * P + 5, np.nan, dtype)
     has_b = bias is not None
     G.gemm_images(G.pack_a(A, MR), M, K, MR, NR, KC, bflat, ld, P, nimg, c, M * P,
-                  bias if has_b else np.zeros(1, dtype), has_b, mgroups)
+                  bias if has_b else np.zeros(1, dtype), has_b, mgroups,
+                  np.zeros(1, np.int64) if rowmap is None else rowmap, rowmap is not None)
     assert np.isnan(c[nimg * M * P:]).all(), "wrote past the last output"
     return c[:nimg * M * P].reshape(nimg, M, P)
 
@@ -84,6 +85,28 @@ def test_gemm_images_shapes(rng, dtype, M, K, P, nimg, KC, with_bias):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_gemm_images_row_map(rng, dtype):
+    """Output rows permuted by a row map (the biclustered layers' output groups), every tile through scratch."""
+    VW, MR, NV = G.tile_shape(dtype)
+    M, K, P, nimg = MR + 3, 40, 2 * VW * NV + 3, 2
+    A = rng.standard_normal((M, K)).astype(dtype)
+    Bm = rng.standard_normal((K, nimg * P)).astype(dtype)
+    bias = rng.standard_normal(M).astype(dtype)
+    perm = rng.permutation(M).astype(np.int64)
+    got = _run(A, Bm, P, nimg, bias, 2, 16, dtype, rowmap=perm)
+    ref = np.empty_like(got, dtype=np.float64)
+    ref[:, perm] = _reference(A, Bm, P, nimg, bias)
+    np.testing.assert_allclose(got, ref, rtol=_tol(dtype, K), atol=_tol(dtype, K) * np.abs(ref).max())
+    # the wrapper: same product through matmul()
+    c = np.full(nimg * M * P, np.nan, dtype)
+    b = np.concatenate([Bm.ravel(), np.zeros(VW * NV, dtype)])
+    G.matmul(G.pack_a(A, MR), M, K, G.tile_shape(dtype), b, nimg * P, P, c, nimg=nimg, cimg=M * P, bias=bias,
+             rowmap=perm)
+    tol = _tol(dtype, K)
+    np.testing.assert_allclose(c.reshape(nimg, M, P), ref, rtol=tol, atol=tol * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_gemm_images_empty_sum_is_the_bias(dtype):
     bias = np.arange(1, 4, dtype=dtype)
     got = _run(np.zeros((3, 0), dtype), np.zeros((0, 10), dtype), 5, 2, bias, 1, 64, dtype)
@@ -123,7 +146,8 @@ _AVX2_SCRIPT = textwrap.dedent("""
         bias = rng.standard_normal(M).astype(dt)
         b = np.concatenate([Bm.ravel(), np.zeros(NR, dt)])
         c = np.empty(nimg * M * P, dt)
-        G.gemm_images(G.pack_a(A, MR), M, K, MR, NR, 32, b, nimg * P, P, nimg, c, M * P, bias, True, 2)
+        G.gemm_images(G.pack_a(A, MR), M, K, MR, NR, 32, b, nimg * P, P, nimg, c, M * P, bias, True, 2,
+                      np.zeros(1, np.int64), False)
         ref = np.stack([A.astype(float) @ Bm[:, i * P:(i + 1) * P] + bias[:, None] for i in range(nimg)])
         err = np.abs(c.reshape(nimg, M, P) - ref).max() / np.abs(ref).max()
         assert err < (1e-5 if dt == np.float32 else 1e-13), err

@@ -30,7 +30,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["tile_shape", "microkernel", "pack_a", "gemm_images", "KC_BYTES"]
+__all__ = ["tile_shape", "microkernel", "pack_a", "gemm_images", "matmul", "KC_BYTES"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -179,15 +179,17 @@ def pack_a(a, MR):
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def gemm_images(ap, M, K, MR, NR, KC, b, ldb, P, nimg, c, cimg, bias, has_bias, mgroups):
-    """For each image ``i < nimg``: ``c[i*cimg + f*P + p] = sum_k A[f, k] * b[k*ldb + i*P + p] (+ bias[f])``,
-    ``f < M``, ``p < P``; ``ap`` is ``A`` packed by :func:`pack_a` with ``MR`` rows a block.
+def gemm_images(ap, M, K, MR, NR, KC, b, ldb, P, nimg, c, cimg, bias, has_bias, mgroups, rowmap, use_map):
+    """For each image ``i < nimg``: ``c[i*cimg + r(f)*P + p] = sum_k A[f, k] * b[k*ldb + i*P + p] (+ bias[f])``,
+    ``f < M``, ``p < P``, where ``r(f) = rowmap[f]`` if ``use_map`` else ``f``; ``ap`` is ``A`` packed by
+    :func:`pack_a` with ``MR`` rows a block.
 
     The ``nimg * P`` columns of ``b`` are cut into panels of ``NR``, whatever the image boundaries (an image's
     last partial panel would waste its unused columns' arithmetic). A job is (panel, group of row blocks); it walks
     ``K`` in blocks of ``KC`` and every row block of its group over the panel's slice of ``b``. A tile inside one
     image and the matrix writes its output rows directly (with the bias); a tile across an image boundary, past
-    the last column or past the last row runs into a job-local scratch tile, copied out column by column. ``b``
+    the last column or past the last row (or any tile, with a row map) runs into a job-local scratch tile, copied out
+    column by column. ``b``
     must have ``NR`` readable values past the last column of its last row (the last panel's loads run over it;
     those columns are never stored).
     """
@@ -200,7 +202,7 @@ def gemm_images(ap, M, K, MR, NR, KC, b, ldb, P, nimg, c, cimg, bias, has_bias, 
         for i in range(nimg):
             for f in range(M):
                 bv = bias[f] if has_bias else 0.0
-                row = c[i * cimg + f * P:]
+                row = c[i * cimg + (rowmap[f] if use_map else f) * P:]
                 for p in range(P):
                     row[p] = bv
         return
@@ -213,7 +215,7 @@ def gemm_images(ap, M, K, MR, NR, KC, b, ldb, P, nimg, c, cimg, bias, has_bias, 
         cols = min(NR, total - j0)
         i0 = j0 // P
         p0 = j0 - i0 * P
-        inside = cols == NR and p0 + NR <= P     # the panel's columns are all in image i0
+        inside = cols == NR and p0 + NR <= P and not use_map    # direct stores: one image, rows in order
         scratch = np.empty(max(1, (ib1 - ib0) * MR * NR), c.dtype)
         for k0 in range(0, K, KC):
             kc = min(KC, K - k0)
@@ -241,8 +243,27 @@ def gemm_images(ap, M, K, MR, NR, KC, b, ldb, P, nimg, c, cimg, bias, has_bias, 
                     i = (j0 + q) // P
                     p = j0 + q - i * P
                     run = min(cols - q, P - p)
-                    dst = c[i * cimg + f * P + p:]
+                    dst = c[i * cimg + (rowmap[f] if use_map else f) * P + p:]
                     sq = src[q:]
                     for e in range(run):
                         dst[e] = sq[e] + bv
                     q += run
+
+
+_NO_MAP = np.zeros(1, np.int64)
+
+
+def matmul(packed, M, K, tile, b, ldb, N, c, *, nimg=1, cimg=0, bias=None, rowmap=None):
+    """``c[i*cimg + r(f)*N + j] = sum_k A[f, k] * b[k*ldb + i*N + j] (+ bias[f])`` for ``f < M``, ``j < N``,
+    ``i < nimg``: :func:`gemm_images` with the K block and the row-block split chosen here. ``packed`` is ``A``
+    packed by :func:`pack_a` for ``tile`` (:func:`tile_shape`); ``b`` and ``c`` are flat 1-D views, ``b`` with
+    ``NR`` readable values past its last used one; ``rowmap`` (int64, one output row per row of A) permutes the
+    output rows."""
+    VW, MR, NV = tile
+    NR = VW * NV
+    KC = max(16, KC_BYTES // (NR * c.itemsize))
+    nblk = -(-M // MR)
+    mgroups = max(1, min(nblk, -(-4 * numba.get_num_threads() // -(-nimg * N // NR))))
+    has_b = bias is not None
+    gemm_images(packed, M, K, MR, NR, KC, b, ldb, N, nimg, c, cimg, bias if has_b else np.zeros(1, c.dtype), has_b,
+                mgroups, _NO_MAP if rowmap is None else rowmap, rowmap is not None)
