@@ -15,6 +15,7 @@ input patches, collected by a forward pass), and the report gives each layer's o
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
@@ -78,11 +79,14 @@ def _check_fit(fit):
 
 
 def _rank_ok(rank, name="rank"):
-    if isinstance(rank, float):
-        if not 0 < rank <= 1:
-            raise ValueError(f"{name} as a fraction of parameters kept must be in (0, 1], got {rank}")
-        return rank
-    return check_int(rank, name, min_value=1)
+    # the types npconv.decompose.svd.resolve_rank accepts: any integral or real number (NumPy scalars too), no bool
+    if isinstance(rank, (bool, np.bool_)) or not isinstance(rank, numbers.Real):
+        raise TypeError(f"{name} must be an int or a float in (0, 1], got {type(rank).__name__} ({rank!r})")
+    if isinstance(rank, numbers.Integral):
+        return check_int(rank, name, min_value=1)
+    if not 0 < float(rank) <= 1:
+        raise ValueError(f"{name} as a fraction of parameters kept must be in (0, 1], got {rank}")
+    return rank
 
 
 @dataclass(frozen=True)
@@ -147,15 +151,21 @@ class Bicluster(Spec):
         check_int(self.G, "G", min_value=1)
         check_int(self.H, "H", min_value=1)
         check_option(self.method, "method", ("cp", "svd"))
+        # the same rules as npconv.decompose.bicluster.bicluster, checked when the spec is built
         if self.method == "cp":
+            if self.ranks is not None:
+                raise ValueError(f"ranks (K1, K2) is for method='svd'; method='cp' takes rank=K, got "
+                                 f"ranks={self.ranks!r}")
             if self.rank is None:
                 raise ValueError("rank must be given for method='cp'")
             check_int(self.rank, "rank", min_value=1)
         else:
-            if self.ranks is None or len(self.ranks) != 2:
-                raise ValueError(f"ranks must be a pair (K1, K2) for method='svd', got {self.ranks!r}")
-            for r in self.ranks:
-                check_int(r, "ranks", min_value=1)
+            if self.rank is not None:
+                raise ValueError(f"rank is for method='cp'; method='svd' takes ranks=(K1, K2), got rank={self.rank!r}")
+            if not isinstance(self.ranks, (tuple, list)) or len(self.ranks) != 2:
+                raise ValueError(f"ranks must be a pair (K1, K2) of ints for method='svd', got {self.ranks!r}")
+            check_int(self.ranks[0], "ranks[0] (K1)", min_value=1)
+            check_int(self.ranks[1], "ranks[1] (K2)", min_value=1)
         _check_fit(self.fit)
 
     @property
@@ -240,6 +250,7 @@ def approximate(net, plan, *, data=None, sequential=False, refit_above=False, ri
     ----------
     net : Network (left untouched)
     plan : dict layer name -> Spec
+        Every name must be a layer of ``net`` (else a ValueError listing the layers).
     data : array (N, ...) of network inputs, optional
         Needed by specs with ``fit="data"`` (the covariance of each layer's input patches is collected by a
         forward pass), by ``sequential`` and ``refit_above``, and used for the report's output error of each
@@ -253,7 +264,8 @@ def approximate(net, plan, *, data=None, sequential=False, refit_above=False, ri
         = W Cov(p, p^) + lam W``) in the metric ``Cov(p^) + lam I`` (``lam = ridge * tr(Cov(p^)) / D``: it keeps
         the directions the sample does not cover at the trained weights). Errors of stacked approximations then
         stop compounding blindly. Specs with ``fit="weights"`` are fitted to the weights as without it. The
-        statistics come from float32 forward passes of ``data`` and at most 20,000 patch positions per layer.
+        statistics come from float32 forward passes of ``data`` and at most 20,000 patch positions per layer;
+        the inputs of every layer fitted this way must vary on ``data`` (else a ValueError naming the layer).
     refit_above : bool or sequence of str, keyword-only
         Also refit the dense ``Conv2d``/``Linear`` layers above the lowest approximated one (True: all of those
         not in ``plan``; or the names given) by the same ridge least squares, keeping them dense: the
@@ -271,6 +283,8 @@ def approximate(net, plan, *, data=None, sequential=False, refit_above=False, ri
     if not isinstance(plan, dict) or not plan:
         raise TypeError(f"plan must be a non-empty dict of layer name -> spec, got {plan!r}")
     for name, spec in plan.items():
+        if name not in net:
+            raise ValueError(f"plan names a layer the network does not have: {name!r}; layers are {net.names}")
         if not isinstance(spec, Spec):
             raise TypeError(f"plan[{name!r}] must be an npconv.approximate spec (SVD, Monochromatic, ...), "
                             f"got {type(spec).__name__}")
@@ -346,7 +360,9 @@ def _refit_names(net, plan, refit_above):
         raise TypeError(f"refit_above must be a bool or a sequence of layer names, got {refit_above!r}")
     names = list(refit_above)
     for n in names:
-        layer = net[n]  # KeyError naming the layer
+        if n not in net:
+            raise ValueError(f"refit_above names a layer the network does not have: {n!r}; layers are {net.names}")
+        layer = net[n]
         if n in plan:
             raise ValueError(f"refit_above: {n!r} is in the plan (it is approximated, not refitted)")
         if not isinstance(layer, (Conv2d, Linear)):
@@ -394,8 +410,15 @@ def _approximate_sequential(net, plan, refit, data, ridge, shapes):
                 S, C, m_h, m_e = paired_moments(xa, xe, W.shape[2:], stride=layer.stride, padding=layer.padding,
                                                 max_patches=_MAX_PATCHES, random_state=0)
             # centred moments: the bias is free (fitted below), so only the covariances shape the weights
+            raw = float(np.trace(S))
             S = S - np.outer(m_h, m_h)
             C = C - np.outer(m_h, m_e)
+            if not float(np.trace(S)) > 1e-5 * raw:
+                # inputs that do not vary (all-zero or constant data; below 1e-5 of the second moment the float32
+                # statistics are rounding): no direction to fit, lam would be ~0 and the target zeros or noise
+                raise ValueError(f"data: the inputs of layer {name!r} do not vary on data (their covariance is all "
+                                 "zeros up to rounding: all-zero or constant data?), so there is nothing to fit "
+                                 "the layer to; give a sample of varied network inputs")
             D = S.shape[0]
             lam = ridge * float(np.trace(S)) / D
             Sreg = S + lam * np.eye(D)

@@ -108,7 +108,8 @@ def test_bicluster_data_fit_reduces_output_error_on_that_data(rng, make):
 
 def test_plan_errors(rng):
     net = make_net(rng)
-    with pytest.raises(KeyError, match="no layer named 'conv9'"):
+    with pytest.raises(ValueError, match=r"plan names a layer the network does not have: 'conv9'; layers are "
+                                         r"\['conv1', 'relu1', 'conv2', 'relu2', 'flat', 'fc'\]"):
         approximate(net, {"conv9": SVD(rank=2)})
     with pytest.raises(TypeError, match=r"plan\['relu1'\]: SVD applies to Linear or Conv2d layers, got ReLU"):
         approximate(net, {"relu1": SVD(rank=2)})
@@ -132,11 +133,30 @@ def test_plan_errors(rng):
     (lambda: Bicluster(G=2, H=2, method="tucker", rank=2), ValueError, "method must be one of"),
     (lambda: Bicluster(G=2, H=2, method="cp"), ValueError, "rank must be given for method='cp'"),
     (lambda: Bicluster(G=2, H=2, method="svd", ranks=(3,)), ValueError, r"ranks must be a pair"),
+    (lambda: Bicluster(G=2, H=2, method="svd", ranks=5), ValueError, r"ranks must be a pair \(K1, K2\) .*got 5"),
+    (lambda: Bicluster(G=2, H=2, method="svd", ranks=(2, 1.5)), TypeError, r"ranks\[1\] \(K2\) must be an int"),
+    (lambda: Bicluster(G=2, H=2, method="svd", ranks=(0, 1)), ValueError, r"ranks\[0\] \(K1\) must be >= 1"),
+    (lambda: Bicluster(G=2, H=2, rank=1, ranks=(1, 1)), ValueError, r"ranks \(K1, K2\) is for method='svd'"),
+    (lambda: Bicluster(G=2, H=2, method="svd", rank=1, ranks=(1, 1)), ValueError, "rank is for method='cp'"),
+    (lambda: SVD(rank=True), TypeError, r"rank must be an int or a float in \(0, 1\], got bool"),
+    (lambda: SVD(rank="3"), TypeError, r"rank must be an int or a float in \(0, 1\], got str"),
+    (lambda: SVD(rank=np.float32(1.5)), ValueError, r"rank as a fraction .* must be in \(0, 1\]"),
     (lambda: Separable(rank=-1), ValueError, "rank must be >= 1"),
 ])
 def test_spec_validation(make, exc, match):
     with pytest.raises(exc, match=match):
         make()
+
+
+def test_numpy_scalar_ranks_are_accepted_like_the_decomposition_accepts_them(rng):
+    net = make_net(rng)
+    x = rng.standard_normal((2, 3, 8, 8))
+    for frac in (np.float32(0.25), np.float64(0.25)):
+        new = approximate(net, {"fc": SVD(rank=frac)})
+        ref = approximate(net, {"fc": SVD(rank=0.25)})
+        assert new["fc"].rank == ref["fc"].rank
+        np.testing.assert_allclose(new.forward(x), ref.forward(x), rtol=1e-6, atol=1e-6)
+    assert approximate(net, {"fc": SVD(rank=np.int64(3))})["fc"].rank == 3
 
 
 def test_rank_too_large_is_reported_by_the_decomposition(rng):
@@ -145,3 +165,20 @@ def test_rank_too_large_is_reported_by_the_decomposition(rng):
         approximate(net, {"fc": SVD(rank=50)})
     with pytest.raises(ValueError, match="colors must be <= the number of filters"):
         approximate(net, {"conv1": Monochromatic(colors=9)})
+
+
+@pytest.mark.parametrize("make", [lambda: Bicluster(G=3, H=2, rank=1), lambda: Bicluster(G=3, H=2, rank=1, fit="data"),
+                                  lambda: Bicluster(G=3, H=2, ranks=(1, 2), method="svd"),
+                                  lambda: SharedSeparable(G=3, H=2, rank=2, n_filters=3)])
+def test_dead_input_channels(rng, make):
+    """A kernel with dead (all-zero) input channels has all-zero blocks: they get zero factors."""
+    W = rng.standard_normal((8, 6, 3, 3))
+    W[:, 4:] = 0.0
+    net = Network([("conv", Conv2d(W, rng.standard_normal(8), padding=1))], input_shape=(6, 7, 7))
+    x = rng.standard_normal((3, 6, 7, 7))
+    new, rep = approximate(net, {"conv": make()}, data=x, return_report=True)
+    kernel = new["conv"].result.to_tensor()
+    assert not np.any(kernel[:, 4:])
+    np.testing.assert_allclose(new.forward(x), conv2d_naive(x, kernel, net["conv"].bias, (1, 1), (1, 1, 1, 1)),
+                               rtol=1e-9, atol=1e-9)
+    assert rep[0].relative_error < 1.0

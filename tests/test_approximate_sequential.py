@@ -154,7 +154,7 @@ def test_validation(rng):
         approximate(net, plan, data=x, sequential="yes")
     with pytest.raises(TypeError, match="refit_above must be a bool or a sequence of layer names, got 'fc'"):
         approximate(net, plan, data=x, refit_above="fc")
-    with pytest.raises(KeyError, match="no layer named 'fc9'"):
+    with pytest.raises(ValueError, match="refit_above names a layer the network does not have: 'fc9'; layers are"):
         approximate(net, plan, data=x, refit_above=["fc9"])
     with pytest.raises(ValueError, match="refit_above: 'conv2' is in the plan"):
         approximate(net, plan, data=x, refit_above=["conv2"])
@@ -164,3 +164,19 @@ def test_validation(rng):
         approximate(net, plan, data=x, refit_above=["relu2"])
     with pytest.raises(ValueError, match="ridge must be >= 0"):
         approximate(net, plan, data=x, sequential=True, ridge=-1.0)
+    with pytest.raises(ValueError, match="plan names a layer the network does not have: 'conv9'"):
+        approximate(net, {"conv9": SVD(rank=2)}, data=x, sequential=True)
+
+
+@pytest.mark.parametrize("value", [0.0, 0.7])
+@pytest.mark.parametrize("plan,refit", [({"conv1": Monochromatic(colors=2, fit="data")}, False),
+                                        ({"conv1": SVD(rank=2)}, True)])
+def test_data_that_does_not_vary_is_reported_as_such(rng, value, plan, refit):
+    """All-zero or constant data leave nothing to fit: the error names the data and the layer, not the weights."""
+    net = Network([("conv1", Conv2d(rng.standard_normal((8, 3, 3, 3)), rng.standard_normal(8))), ("relu1", ReLU()),
+                   ("conv2", Conv2d(rng.standard_normal((4, 8, 3, 3)), rng.standard_normal(4)))],
+                  input_shape=(3, 9, 9))
+    data = np.full((4, 3, 9, 9), value)
+    where = "conv2" if refit else "conv1"       # the refitted layer's inputs are those of a constant network too
+    with pytest.raises(ValueError, match=rf"data: the inputs of layer '{where}' do not vary on data"):
+        approximate(net, plan, data=data, sequential=True, refit_above=refit)

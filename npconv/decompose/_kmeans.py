@@ -90,13 +90,30 @@ def _assign_balanced(D, k):
     return labels
 
 
+def _assign_nonempty(D, k):
+    """Nearest-centre labels, then every empty cluster takes one point: the cheapest move (least increase of
+    ``D[i, label_i]``) out of a cluster of >= 2 points, first index on ties. Points tied between centres (duplicate
+    points, coinciding centres) are thus split, so with n >= k points no cluster is left empty."""
+    labels = np.argmin(D, axis=1)
+    counts = np.bincount(labels, minlength=k)
+    rows = np.arange(D.shape[0])
+    for e in np.flatnonzero(counts == 0):
+        increase = D[:, e] - D[rows, labels]
+        increase[counts[labels] < 2] = np.inf       # never empty another cluster
+        j = int(np.argmin(increase))
+        counts[labels[j]] -= 1
+        counts[e] += 1
+        labels[j] = e
+    return labels
+
+
 def _lloyd(X, centers, equal_size, max_iter, tol, report):
     k = centers.shape[0]
     history = []
     labels = None
     for it in range(max_iter):
         D = _sq_dists(X, centers)
-        new = _assign_balanced(D, k) if equal_size else np.argmin(D, axis=1)
+        new = _assign_balanced(D, k) if equal_size else _assign_nonempty(D, k)
         inertia = float(D[np.arange(X.shape[0]), new].sum())
         history.append(inertia)
         report(it, inertia)
@@ -104,24 +121,17 @@ def _lloyd(X, centers, equal_size, max_iter, tol, report):
         labels = new
         if converged:
             break
-        # update step; an empty cluster (plain k-means only) takes the point farthest from its centre
+        # update step (no cluster is empty: both assignments fill every cluster when n >= k)
         counts = np.bincount(labels, minlength=k)
         sums = np.zeros_like(centers)
         np.add.at(sums, labels, X)
-        empty = np.flatnonzero(counts == 0)
-        nonempty = counts > 0
-        new_centers = centers.copy()
-        new_centers[nonempty] = sums[nonempty] / counts[nonempty, None]
-        if empty.size:
-            far = np.argsort(-D[np.arange(X.shape[0]), labels], kind="stable")
-            for e, j in zip(empty, far):
-                new_centers[e] = X[j]
+        new_centers = sums / counts[:, None]
         shift = float(((new_centers - centers) ** 2).sum())
         centers = new_centers
-        if shift <= tol * max(float((X * X).sum()), 1e-300) and not empty.size:
+        if shift <= tol * max(float((X * X).sum()), 1e-300):
             # centres stopped moving: one last assignment against the final centres
             D = _sq_dists(X, centers)
-            labels = _assign_balanced(D, k) if equal_size else np.argmin(D, axis=1)
+            labels = _assign_balanced(D, k) if equal_size else _assign_nonempty(D, k)
             history.append(float(D[np.arange(X.shape[0]), labels].sum()))
             break
     return centers, labels, history, it + 1
@@ -150,8 +160,9 @@ def kmeans(X, k, *, equal_size=False, n_init=10, max_iter=100, tol=1e-10, random
     Returns
     -------
     KMeansResult
-        ``centers`` (k, d) in X's dtype and ``labels`` (n,) int64. Cluster ids are renumbered by first
-        occurrence in ``labels`` so that results are canonical.
+        ``centers`` (k, d) in X's dtype and ``labels`` (n,) int64. Every cluster has at least one point, also
+        with fewer distinct points than ``k`` (tied points are split between clusters). Cluster ids are
+        renumbered by first occurrence in ``labels`` so that results are canonical.
     """
     if not isinstance(X, np.ndarray):
         raise TypeError(f"X must be a numpy.ndarray, got {type(X).__name__}")

@@ -82,6 +82,17 @@ class Decomposition:
         memo[id(self)] = out
         return out
 
+    def __getstate__(self):
+        # pickling (users' own, e.g. multiprocessing; npconv's file format never pickles): a MappingProxyType
+        # cannot be pickled, so ``meta`` travels as a plain dict and is made read-only again in __setstate__
+        state = dict(self.__dict__)
+        state["meta"] = dict(self.meta)
+        return state
+
+    def __setstate__(self, state):
+        for k, v in state.items():
+            object.__setattr__(self, k, MappingProxyType(dict(v)) if k == "meta" else v)
+
     # --- subclass hooks ----------------------------------------------------------------------------------
     def _validate(self):
         """Check the factors' shapes and dtypes; raise ValueError/TypeError naming the factor."""

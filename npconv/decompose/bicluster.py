@@ -355,6 +355,7 @@ def bicluster(W, G, H, *, method="svd", rank=None, ranks=None, equal_size=True, 
     Parameters
     ----------
     W : ndarray (F, C, X, Y), float32 or float64, finite, not all zero
+        A block that is all zero (dead channels grouped together) gets zero factors: it is rebuilt exactly.
     G, H : int
         Number of input-channel groups (1 <= G <= C) and output-channel groups (1 <= H <= F).
     method : "svd" or "cp"
@@ -448,9 +449,17 @@ def bicluster(W, G, H, *, method="svd", rank=None, ranks=None, equal_size=True, 
     out_perm, out_off = channel_groups(out_labels, H)
     if np.any(np.diff(in_off) == 0) or np.any(np.diff(out_off) == 0):  # k-means never leaves one empty
         raise RuntimeError("k-means returned an empty group")
-    if method == "svd" and (np.diff(in_off).min() < K1 or np.diff(out_off).min() < K2):
-        raise ValueError(f"ranks {K1, K2} exceed the smallest groups found by k-means (equal_size=False): input "
-                         f"groups of {np.diff(in_off).min()} channels, output groups of {np.diff(out_off).min()}")
+    if method == "svd":
+        # unequal groups (equal_size=False) may be smaller than C/G and F/H: the smallest ones bound the ranks
+        cg_min, fh_min = int(np.diff(in_off).min()), int(np.diff(out_off).min())
+        found = (f"the smallest groups k-means found (equal_size=False): input groups of {cg_min} channels, "
+                 f"output groups of {fh_min}, kernel {X}x{Y}")
+        k1max = min(cg_min, X * Y * fh_min)
+        if K1 > k1max:
+            raise ValueError(f"ranks[0] (K1) must be <= min(C_g, X*Y*F_h) = {k1max} for {found}; got ranks={K1, K2}")
+        k2max = min(K1 * X * Y, fh_min)
+        if K2 > k2max:
+            raise ValueError(f"ranks[1] (K2) must be <= min(K1*X*Y, F_h) = {k2max} for {found}; got ranks={K1, K2}")
 
     dt = W.dtype
     if method == "cp":
@@ -469,7 +478,10 @@ def bicluster(W, G, H, *, method="svd", rank=None, ranks=None, equal_size=True, 
         for h in range(H):
             o0, o1 = int(out_off[h]), int(out_off[h + 1])
             B = Wd[np.ix_(out_perm[o0:o1], ci)]
-            if method == "cp":
+            if not np.any(B):
+                # an all-zero block (dead channels): its zero factors rebuild it exactly; the fits reject it
+                pass
+            elif method == "cp":
                 kb = min(K, max_cp_rank(B.shape))
                 fo, fi, fv, fz = _cp_block(B, kb, cp_algorithm, n_iter, tol, rng)
                 expand[o0:o1, g, :kb] = fo

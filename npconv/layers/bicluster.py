@@ -64,7 +64,8 @@ class _FactoredConv(Layer):
 
     @property
     def result(self):
-        """The decomposition result this layer executes (host arrays)."""
+        """The decomposition result this layer executes (host arrays). After ``params`` are replaced with other
+        factors (and ``_sync_params``), it is rebuilt from them, without the fit's ``errors`` and ``meta``."""
         return self._result
 
     def to_dense(self):
@@ -74,7 +75,22 @@ class _FactoredConv(Layer):
         return dense_equivalent(self, W, W.dtype, stride=self.stride, padding=self.padding)
 
     def _sync_params(self):
+        """After ``params`` were replaced: drop the cast cache, and rebuild (so validate) the result from the new
+        factors when they differ from its own, so that shapes, costs and ``to_dense`` follow what forward runs."""
         self._cache = {}
+        res = self._result
+        missing = [k for k in res.FACTORS if k not in self.params]
+        if missing:
+            raise ValueError(f"params must hold the factors {list(res.FACTORS)}, missing {missing}")
+        host = {k: _host(self.params[k]) for k in res.FACTORS}    # a device move (to_gpu/to_cpu): same values
+
+        def same(k):
+            a, b = host[k], getattr(res, k)
+            return a is b or (isinstance(a, np.ndarray) and a.shape == b.shape and a.dtype == b.dtype
+                              and np.array_equal(a, b))
+
+        if not all(same(k) for k in res.FACTORS):
+            self._result = type(res)(**host)
 
     def _params_for(self, x):
         """Float arrays cast to x's dtype (cached for one dtype and device), offsets as host int64 arrays, and on the

@@ -218,3 +218,61 @@ def test_result_types_validate_groups(rng):
         BiclusterCPResult(**dict(parts, vertical=parts["vertical"][:1]))
     with pytest.raises(ValueError, match="non-finite"):
         BiclusterCPResult(**dict(parts, expand=parts["expand"] * np.nan))
+
+
+def _dead_inputs(rng):
+    """(8, 6, 3, 3) kernel whose input channels 4 and 5 are all zero (dead channels, as pruning leaves them)."""
+    W = rng.standard_normal((8, 6, 3, 3))
+    W[:, 4:] = 0.0
+    return W
+
+
+@pytest.mark.parametrize("method,kw", [("cp", dict(rank=1)), ("cp", dict(rank=2, cp_algorithm="greedy")),
+                                       ("svd", dict(ranks=(1, 1)))])
+@pytest.mark.parametrize("data", [False, True])
+def test_all_zero_block_gets_zero_factors(rng, method, kw, data):
+    W = _dead_inputs(rng)
+    cov = np.eye(6 * 9) if data else None
+    res = bicluster(W, 3, 2, method=method, random_state=0, data_cov=cov, **kw)
+    rebuilt = _rebuild(res)
+    zero = [(g, h) for g, ci in enumerate(res.in_groups) for h, fo in enumerate(res.out_groups)
+            if not np.any(W[np.ix_(fo, ci)])]
+    assert zero, "no all-zero block: the test needs the dead channels grouped together"
+    for g, h in zero:
+        ci, fo = res.in_groups[g], res.out_groups[h]
+        assert not np.any(rebuilt[np.ix_(fo, ci)])               # rebuilt exactly on that block
+        assert res.meta["block_errors"][g][h] == 0.0
+        if method == "cp":
+            i0, i1 = res.in_offsets[g], res.in_offsets[g + 1]
+            assert not np.any(res.reduce[i0:i1, h]) and not np.any(res.vertical[g, h])
+        else:
+            assert not np.any(res.spatial[g, h])
+    np.testing.assert_allclose(res.to_tensor(), rebuilt, rtol=1e-10, atol=1e-12)
+    assert res.error == pytest.approx(np.linalg.norm(W - rebuilt) / np.linalg.norm(W), rel=1e-9)
+    assert res.error < 1.0
+
+
+def test_duplicate_channels_with_unequal_groups_leave_no_group_empty(rng):
+    W = rng.standard_normal((8, 6, 3, 3))
+    W[:, 2:] = 0.0                  # four identical (zero) input channels: 3 distinct vectors for G=4 groups
+    res = bicluster(W, 4, 2, method="cp", rank=1, equal_size=False, random_state=0)
+    assert np.diff(res.in_offsets).min() >= 1 and np.diff(res.in_offsets).sum() == 6
+    np.testing.assert_array_equal(np.sort(res.in_perm), np.arange(6))
+    np.testing.assert_allclose(res.to_tensor(), _rebuild(res), rtol=1e-10, atol=1e-12)
+    again = bicluster(W, 4, 2, method="cp", rank=1, equal_size=False, random_state=0)
+    for a, b in zip(res, again):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_svd_ranks_checked_against_the_groups_k_means_found():
+    # output channel 0 dominates: plain k-means puts it alone, so an output group has F_h = 1 < F/H = 2
+    W = np.random.default_rng(0).standard_normal((4, 4, 1, 1))
+    W[0] *= 100.0
+    with pytest.raises(ValueError, match=r"ranks\[0\] \(K1\) must be <= min\(C_g, X\*Y\*F_h\) = 1 .*"
+                                         r"output groups of 1.*got ranks=\(2, 1\)"):
+        bicluster(W, 1, 2, method="svd", ranks=(2, 1), equal_size=False, random_state=0)
+    W = np.random.default_rng(0).standard_normal((4, 4, 3, 3))
+    W[0] *= 100.0
+    with pytest.raises(ValueError, match=r"ranks\[1\] \(K2\) must be <= min\(K1\*X\*Y, F_h\) = 1 .*"
+                                         r"output groups of 1.*got ranks=\(1, 2\)"):
+        bicluster(W, 1, 2, method="svd", ranks=(1, 2), equal_size=False, random_state=0)

@@ -1,6 +1,7 @@
 """k-means (plain and exactly balanced), the shared result base, svd_flip and check_random_state."""
 import dataclasses
 import itertools
+import pickle
 
 import numpy as np
 import pytest
@@ -106,6 +107,23 @@ def test_deterministic_and_history(rng):
     assert first == sorted(first)
 
 
+@pytest.mark.parametrize("X,k", [
+    (np.array([[1.0, 0.0], [0.0, 2.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]), 4),  # 3 distinct < k
+    (np.ones((5, 3)), 5),                                                                  # all points tied
+    (np.repeat(np.eye(2), 4, axis=0), 3),
+])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_plain_kmeans_never_leaves_a_cluster_empty(X, k, seed):
+    """With fewer distinct points than clusters, tied points are split: every cluster keeps a point."""
+    res = kmeans(X, k, random_state=seed, n_init=3)
+    assert np.bincount(res.labels, minlength=k).min() >= 1
+    for c in range(k):                               # centres are the means of their (non-empty) clusters
+        np.testing.assert_allclose(res.centers[c], X[res.labels == c].mean(0), atol=1e-12)
+    assert res.inertia == pytest.approx(float(((X - res.centers[res.labels]) ** 2).sum()), abs=1e-12)
+    again = kmeans(X, k, random_state=seed, n_init=3)
+    np.testing.assert_array_equal(res.labels, again.labels)
+
+
 @pytest.mark.parametrize("kwargs,exc", [
     (dict(k=0), ValueError), (dict(k=11), ValueError), (dict(k=2.0), TypeError),
     (dict(k=2, n_init=0), ValueError), (dict(k=2, equal_size=1), TypeError),
@@ -143,6 +161,20 @@ def test_result_base_is_frozen_and_validated():
     with pytest.raises(NotImplementedError):
         Decomposition().to_tensor()
     assert "KMeansResult(centers=<float64 (2, 3)>" in repr(r)
+
+
+def test_result_pickles_with_read_only_meta():
+    r = KMeansResult(np.arange(6.0).reshape(2, 3), np.array([0, 1, 1]), errors=[3, 2.5], meta={"k": 2, "t": (1, 2)})
+    back = pickle.loads(pickle.dumps(r))
+    assert type(back) is KMeansResult and back.errors == (3.0, 2.5)
+    assert dict(back.meta) == {"k": 2, "t": (1, 2)}
+    with pytest.raises(TypeError):
+        back.meta["k"] = 3                            # still read-only
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        back.centers = np.ones((2, 3))
+    np.testing.assert_array_equal(back.centers, r.centers)
+    np.testing.assert_array_equal(back.labels, r.labels)
+    assert "KMeansResult(centers=<float64 (2, 3)>" in repr(back)
 
 
 def test_svd_flip(rng):

@@ -160,3 +160,14 @@ def test_data_cov_is_checked_once(rng, monkeypatch):
     P = rng.standard_normal((500, 54))
     shared_separable(W, 2, 2, rank=3, n_filters=4, random_state=0, data_cov=P.T @ P / 500)
     assert len(checks) == 1
+
+
+def test_all_zero_block(rng):
+    W = rng.standard_normal((8, 6, 3, 3))
+    W[:, 4:] = 0.0                                   # dead input channels: an all-zero block per output group
+    res = shared_separable(W, 3, 2, rank=2, n_filters=3, random_state=0)
+    rebuilt = _rebuild(res)
+    assert not np.any(rebuilt[:, 4:])
+    np.testing.assert_allclose(res.to_tensor(), rebuilt, rtol=1e-10, atol=1e-12)
+    assert res.errors[-1] == pytest.approx(np.linalg.norm(W - rebuilt) / np.linalg.norm(W), rel=1e-9)
+    assert res.errors[-1] < 1.0

@@ -141,3 +141,50 @@ def test_save_load_round_trip(tmp_path, rng, results, kind):
     x = rng.standard_normal((2, 6, 9, 9))
     np.testing.assert_array_equal(back.forward(x), net.forward(x))
     assert type(back["conv"]) is type(layer) and back["conv"].config() == layer.config()
+
+
+@pytest.mark.parametrize("kind", ["cp", "svd", "shared"])
+def test_dense_form_shapes_and_costs_follow_replaced_params(rng, results, kind):
+    """``to_dense``, ``output_shape``, ``macs`` and ``n_params`` describe the factors forward runs, also after the
+    params were replaced (``tune`` swaps in ``to_dense()`` when it is faster)."""
+    W, res = results
+    r = res[kind]
+    layer = r.to_layer(stride=1, padding=1)
+    x = rng.standard_normal((2, 6, 7, 8))
+    p = dict(layer.params)
+    p["expand"] = 3 * p["expand"]
+    layer.params = p
+    layer._sync_params()
+    factors = {k: (3 * getattr(r, k) if k == "expand" else getattr(r, k)) for k in r.FACTORS}
+    ref = conv2d_einsum(x, type(r)(**factors).to_tensor(), None, (1, 1), (1, 1, 1, 1))
+    np.testing.assert_allclose(layer(x), ref, *tolerance(np.float64))
+    np.testing.assert_allclose(layer.to_dense()(x), ref, *tolerance(np.float64))
+    # factors of another shape (rank, or ranks, and kernel size): shapes and costs follow them too
+    other = {"cp": lambda: bicluster(W[:, :, :2], 3, 2, method="cp", rank=3, random_state=0),
+             "svd": lambda: bicluster(W[:, :, :2], 3, 2, method="svd", ranks=(1, 2), random_state=0),
+             "shared": lambda: shared_separable(W[:, :, :2], 3, 2, rank=3, n_filters=4, refit_iter=1,
+                                                random_state=0)}[kind]()
+    layer.params = {k: getattr(other, k) for k in other.FACTORS}
+    layer._sync_params()
+    in_shape = (6, 7, 8)
+    assert layer.output_shape(in_shape) == (8, 7 + 2 - 2 + 1, 8 + 2 - 3 + 1)     # a 2x3 kernel now
+    assert layer.macs(in_shape) == other.cost(in_shape, padding=1).macs
+    assert layer.n_params() == other.n_params()
+    ref = conv2d_einsum(x, other.to_tensor(), None, (1, 1), (1, 1, 1, 1))
+    np.testing.assert_allclose(layer(x), ref, *tolerance(np.float64))
+    np.testing.assert_allclose(layer.to_dense()(x), ref, *tolerance(np.float64))
+
+
+@pytest.mark.parametrize("kind", ["cp", "svd", "shared"])
+def test_layer_and_result_pickle(rng, results, kind):
+    import pickle
+    r = results[1][kind]
+    layer = r.to_layer(bias=rng.standard_normal(8), padding=1)
+    x = rng.standard_normal((2, 6, 7, 7))
+    back = pickle.loads(pickle.dumps(layer))
+    np.testing.assert_array_equal(back(x), layer(x))
+    res = pickle.loads(pickle.dumps(r))
+    assert dict(res.meta) == dict(r.meta) and res.errors == r.errors
+    with pytest.raises(TypeError):
+        res.meta["method"] = "x"                      # meta stays read-only
+    np.testing.assert_array_equal(res.to_tensor(), r.to_tensor())

@@ -138,3 +138,20 @@ def test_monochromatic_derived_weights_follow_replaced_params(rng):
         layer([[1.0]])
     with pytest.raises(ValueError, match="out must have shape"):
         layer(x, out=np.zeros((2, 5, 7, 5)))
+
+
+@pytest.mark.parametrize("make,x", [
+    (lambda r: LowRankConv2d(r.standard_normal((2, 3, 3, 3)), r.standard_normal((4, 2))), np.zeros((1, 3, 5, 5))),
+    (lambda r: SeparableConv2d(r.standard_normal((2, 3, 3, 1)), r.standard_normal((4, 2, 1, 3))),
+     np.zeros((1, 3, 5, 5))),
+    (lambda r: LowRankLinear(r.standard_normal((4, 2)), r.standard_normal((2, 5))), np.zeros((1, 5))),
+    (lambda r: MonochromaticConv2d(r.standard_normal((2, 3)), np.array([0, 1]), r.standard_normal((2, 3, 3))),
+     np.zeros((1, 3, 5, 5))),
+])
+def test_non_array_input_is_a_type_error(rng, make, x):
+    layer = make(rng)
+    with pytest.raises(TypeError, match=r"x must be a numpy.ndarray or cupy.ndarray, got list"):
+        layer(x.tolist())
+    with pytest.raises(TypeError, match=r"x must be a numpy.ndarray or cupy.ndarray, got float"):
+        layer(1.0)
+    assert layer(x).shape[0] == 1                     # an array still runs
