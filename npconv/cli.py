@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -118,30 +119,25 @@ def main(argv=None):
                     "drop alone, the paper's protocol)")
     ap.add_argument("--backend", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--out", default="runs/main", help="output folder (results.json, results.md, plots)")
-    ap.add_argument("--write-docs", action="store_true", help="also write docs/results.md in the checkout")
+    ap.add_argument("--write-docs", action="store_true", help="also write docs/results.md of the source checkout "
+                    "npconv runs from (refused up front when npconv runs from an installed copy, which has no docs/)")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--keep-blas-env", action="store_true", help="keep OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE: by "
                     "default the job restarts itself without them, so that the dense layers it times against run "
                     "on this CPU's own BLAS kernels")
     args = ap.parse_args(argv)
+    _check_args(ap, args)  # every option, before any work
     from ._threads import blas_env_note, drop_blas_overrides
     if argv is None and not args.keep_blas_env:
         # a process of its own (not a call from Python code): restart once without the OpenBLAS overrides
         drop_blas_overrides([sys.executable, "-m", "npconv", *sys.argv[1:]])
-    if args.limit < 0:
-        ap.error(f"--limit must be >= 0, got {args.limit}")
-    if args.batch < 1:
-        ap.error(f"--batch must be >= 1, got {args.batch}")
-    if not args.margin >= 0:
-        ap.error(f"--margin must be >= 0 (standard errors), got {args.margin}")
 
     from . import datasets
     from .experiment import evaluate, select, time_layers
     from .models import load_reference
     progress = not args.no_progress and sys.stderr.isatty()
     t_start = time.perf_counter()
-    os.makedirs(args.out, exist_ok=True)
 
     net = load_reference()
     blas_env = blas_env_note()
@@ -196,8 +192,6 @@ def main(argv=None):
                "budget_points": args.budget, "margin_se": args.margin,
                "baseline": {"ms_per_image": 1e3 * base_times[1] / args.batch,
                             "per_layer_ms_per_image": {k: 1e3 * v / args.batch for k, v in base_times[0].items()}}}
-    if args.full and args.quick:
-        ap.error("--full and --quick exclude each other")
     grid = build_grid(args.full, args.quick)
 
     if not have_data:
@@ -265,6 +259,48 @@ def main(argv=None):
     return 0
 
 
+def _check_args(ap, args):
+    """Refuse bad options up front (``ap.error``: usage, the message, exit status 2), so that no run fails after
+    its work; creates the ``--out`` folder."""
+    if args.full and args.quick:
+        ap.error("--full and --quick exclude each other")
+    if args.limit < 0:
+        ap.error(f"--limit must be >= 0, got {args.limit}")
+    if args.batch < 1:
+        ap.error(f"--batch must be >= 1, got {args.batch}")
+    if args.repeat < 1:
+        ap.error(f"--repeat must be >= 1 (timing repeats), got {args.repeat}")
+    if not args.budget >= 0 or not math.isfinite(args.budget):
+        ap.error(f"--budget must be a finite number of points >= 0, got {args.budget}")
+    if not args.margin >= 0:
+        ap.error(f"--margin must be >= 0 (standard errors), got {args.margin}")
+    if not math.isfinite(args.margin):
+        ap.error(f"--margin must be finite (standard errors), got {args.margin}")
+    if args.write_docs and _docs_results_path() is None:
+        ap.error(f"--write-docs writes docs/results.md of a source checkout, but npconv runs from an installed copy "
+                 f"({_checkout_root()} has no setup.cfg and docs/); leave --write-docs out: results.md is written "
+                 f"to --out")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as exc:
+        ap.error(f"--out: cannot create the output folder {args.out!r}: {exc.strerror or exc}")
+    if not os.access(args.out, os.W_OK | os.X_OK):
+        ap.error(f"--out: the output folder {args.out!r} is not writable")
+
+
+def _checkout_root():
+    """The folder above the package: the source checkout when npconv runs from one (an editable install)."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _docs_results_path():
+    """docs/results.md of the source checkout npconv runs from, or None for an installed copy (no docs/)."""
+    root = _checkout_root()
+    if os.path.isfile(os.path.join(root, "setup.cfg")) and os.path.isdir(os.path.join(root, "docs")):
+        return os.path.join(root, "docs", "results.md")
+    return None
+
+
 def _threads():
     try:
         import numba
@@ -309,9 +345,8 @@ def _write(args, results, net):
     _atomic_write(path, lambda f: f.write(json.dumps(results, indent=1, default=float).encode()))
     md = _markdown(results)
     _atomic_write(os.path.join(args.out, "results.md"), lambda f: f.write(md.encode()))
-    if args.write_docs:
-        docs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "results.md")
-        _atomic_write(docs, lambda f: f.write(md.encode()))
+    if args.write_docs:  # checked up front (_check_args): npconv runs from a source checkout
+        _atomic_write(_docs_results_path(), lambda f: f.write(md.encode()))
     if not args.no_plots and net is not None:
         try:
             from . import plots

@@ -101,11 +101,15 @@ def _cached(key, cache_dir, build):
     return X, y
 
 
-def _fingerprint(paths):
+def _fingerprint(paths, *extra):
+    """A cache key part for data built from ``paths`` (names, sizes, modification times) and ``extra`` (the
+    other inputs that shape the result, by their ``repr``)."""
     h = hashlib.sha256()
     for p in paths:
         st = p.stat()
         h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    for e in extra:
+        h.update(f"\1{e!r}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -177,7 +181,8 @@ def load_image_folder(root, *, classes=None, size=None, cache_dir=None, cache=Tr
     if not cache:
         X, y = build()
     else:
-        key = "imgfolder-" + _fingerprint(files) + ("" if size is None else f"-{size[0]}x{size[1]}")
+        # everything the result depends on: the files, the classes (their order gives the labels), the size
+        key = "imgfolder-" + _fingerprint(files, classes) + ("" if size is None else f"-{size[0]}x{size[1]}")
         X, y = _cached(key, cache_dir, build)
     return X, y, classes
 

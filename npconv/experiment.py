@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-from ._validate import check_real
+from ._validate import check_int, check_real
 from .approximate import approximate
 from .network import Network
 
@@ -23,10 +23,14 @@ __all__ = ["evaluate", "paired_difference", "time_layers", "time_interleaved", "
 
 
 def evaluate(net: Network, X, y, *, batch_size=250, dtype=np.float32, progress=False):
-    """Top-1 accuracy of ``net`` on ``(X, y)`` and the predicted classes."""
+    """Top-1 accuracy of ``net`` on ``(X, y)`` and the predicted classes. ``y`` holds one label per image of ``X``
+    (a 1-D array of ``len(X)`` ints)."""
+    y = np.asarray(y)
+    if y.ndim != 1 or len(y) != len(X):
+        raise ValueError(f"y must be a 1-D array of one label per image of X ({len(X)}), got shape {y.shape}")
     logits = net.predict(X, batch_size=batch_size, dtype=dtype, progress=progress)
     pred = logits.argmax(axis=1)
-    return float((pred == np.asarray(y)).mean()), pred
+    return float((pred == y).mean()), pred
 
 
 def paired_difference(y, pred_before, pred_after):
@@ -73,6 +77,11 @@ def time_interleaved(nets, x, *, repeat=5, warmup=1, rounds=False):
     machine whose speed drifts (a shared host), every network is measured in the same conditions. Returns one
     ``(per_layer, total)`` per network (medians over the rounds); with ``rounds=True``, also the rounds themselves:
     ``(that list, [[{layer: seconds} per round] per network])``, for ratios taken round by round."""
+    repeat = check_int(repeat, "repeat", min_value=1)
+    warmup = check_int(warmup, "warmup", min_value=0)
+    nets = list(nets)
+    if not nets:
+        raise ValueError("nets must hold at least one network, got none")
     for net in nets:
         net.profile(x, repeat=1, warmup=warmup, print_fn=None)
     runs = [[] for _ in nets]
@@ -221,12 +230,14 @@ def run_config(net, config, X, y, *, base_pred, base_times, timing_batch, data=N
 
 def select(results, baseline_top1, *, budget=0.01, margin=0.0):
     """Per family, the configuration with the largest measured layer speedup whose top-1 drop is within
-    ``budget`` (fraction, 0.01 = 1 point); a family with none within budget gives its most accurate one.
+    ``budget`` (a finite fraction >= 0, 0.01 = 1 point); a family with none within budget gives its most accurate
+    one.
 
     ``margin`` (>= 0, in standard errors): a configuration is within budget when its drop plus ``margin`` times
     the standard error of its change (``ConfigResult.delta_top1_se``) is; 0 (the paper's protocol) compares the
     drop alone. With ``margin=1`` or 2 a choice at the edge of the budget on the selection split is less likely to
     exceed it on another split."""
+    budget = _check_budget(budget)
     margin = _check_margin(margin)
     best = {}
     for r in results:
@@ -240,6 +251,11 @@ def select(results, baseline_top1, *, budget=0.01, margin=0.0):
 
 def _check_margin(margin):
     return check_real(margin, "margin", min_value=0.0)
+
+
+def _check_budget(budget):
+    """A top-1 budget: a finite fraction >= 0 (0.01 = 1 point)."""
+    return check_real(budget, "budget", min_value=0.0)
 
 
 def _within(r, baseline_top1, budget, margin=0.0):
@@ -264,6 +280,7 @@ def greedy_combine(results, baseline_top1, evaluate_config, *, family="combined"
     evaluated ConfigResults; the last one is the answer when it is within budget. ``margin``: as in
     :func:`select`, for the settings and the combinations alike.
     """
+    budget = _check_budget(budget)
     margin = _check_margin(margin)
     options = {}
     for r in results:

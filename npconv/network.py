@@ -12,11 +12,12 @@ import copy
 import threading
 import time
 import weakref
+from collections.abc import Mapping
 
 import numpy as np
 
 from ._backend import FLOAT_DTYPES, is_cupy_array, require_cupy
-from ._validate import check_array, check_int
+from ._validate import check_array, check_int, with_context
 from .layers.base import Layer
 
 __all__ = ["Network"]
@@ -50,8 +51,13 @@ class Network:
             self._layers[name] = layer
         if not self._layers:
             raise ValueError("layers must hold at least one layer")
+        if input_shape is not None and (isinstance(input_shape, (str, bytes)) or not hasattr(input_shape, "__iter__")):
+            raise TypeError(f"input_shape must be a sequence of ints (one image's shape), got "
+                            f"{type(input_shape).__name__} ({input_shape!r})")
         self.input_shape = None if input_shape is None else tuple(check_int(s, "input_shape", min_value=1)
                                                                   for s in input_shape)
+        if meta is not None and not isinstance(meta, Mapping):
+            raise TypeError(f"meta must be a dict (JSON-serialisable metadata), got {type(meta).__name__}")
         self.meta = dict(meta or {})
 
     # ------------------------------------------------------------------ container
@@ -144,8 +150,9 @@ class Network:
 
         until : str, optional
             Stop after the layer of this name and return its output.
-        return_intermediates : sequence of names, or "all", optional
-            Also return a dict name -> activation (the output of each named layer).
+        return_intermediates : a layer name, a sequence of names, or "all", optional
+            Also return a dict name -> activation (the output of each named layer); one name (a str) asks for that
+            layer's output, "all" for every layer's.
         reuse_buffers : bool
             On the CPU, write the intermediate activations into two buffers kept by this network for the calling
             thread and reused by later calls (grown when a call needs more; ``release_buffers`` frees them).
@@ -153,19 +160,34 @@ class Network:
             output at batch 128 when transparent huge pages are available, 200 ms when they are not. The returned
             arrays (the output and the requested intermediates) are never these buffers. False: every
             activation is a fresh array. Ignored for CuPy arrays (CuPy's memory pool already reuses memory).
+
+        An error raised by a layer (a ValueError or TypeError, e.g. an input of the wrong shape for it) names the
+        layer: ``"layer 'fc1' (linear): ..."``, of the same type, chained to the layer's own.
         """
         self._check_input(x)
         if not isinstance(reuse_buffers, (bool, np.bool_)):
             raise TypeError(f"reuse_buffers must be a bool, got {type(reuse_buffers).__name__}")
         if until is not None:
             self[until]
-        want = set(self.names) if return_intermediates == "all" else set(return_intermediates or ())
+        want = self._wanted(return_intermediates)
         unknown = want - set(self.names)
         if unknown:
             raise ValueError(f"return_intermediates names unknown layers {sorted(unknown)}; layers are {self.names}")
         arena = self._arena() if reuse_buffers and not is_cupy_array(x) else None
         x, acts = self._run(x, until, want, arena)
         return (x, acts) if return_intermediates is not None else x
+
+    def _wanted(self, return_intermediates):
+        """The set of layer names asked for by ``forward``'s ``return_intermediates``."""
+        if return_intermediates is None:
+            return set()
+        if isinstance(return_intermediates, str):
+            return set(self.names) if return_intermediates == "all" else {return_intermediates}
+        try:
+            return set(return_intermediates)
+        except TypeError:
+            raise TypeError(f"return_intermediates must be a layer name, a sequence of names or 'all', got "
+                            f"{type(return_intermediates).__name__}") from None
 
     def _run(self, x, until, want, arena, times=None, sync=None):
         """The layers of ``forward`` on ``x``: returns (output, {name: activation} for ``want``). ``times``: a dict
@@ -191,13 +213,19 @@ class Network:
             # the deferred ReLU rides in the max pooling (its relu option: one pass over the pooled output)
             kw = {"relu": True} if deferred else {}
             deferred = False
-            if layer.kind == "relu" and _owned(x, x0, acts):
-                x = _relu_inplace(x)  # the producer's fresh output is rectified where it lies
-            elif arena is not None and layer.writes_out and name not in want and name != last:
-                shape = (x.shape[0],) + tuple(layer.output_shape(tuple(x.shape[1:])))
-                x = layer(x, out=arena.take(shape, x.dtype, avoid=x), **kw)
-            else:
-                x = layer(x, **kw)
+            try:  # free on the success path (zero-cost exception handling)
+                if layer.kind == "relu" and _owned(x, x0, acts):
+                    x = _relu_inplace(x)  # the producer's fresh output is rectified where it lies
+                elif arena is not None and layer.writes_out and name not in want and name != last:
+                    shape = (x.shape[0],) + tuple(layer.output_shape(tuple(x.shape[1:])))
+                    x = layer(x, out=arena.take(shape, x.dtype, avoid=x), **kw)
+                else:
+                    x = layer(x, **kw)
+            except (ValueError, TypeError) as exc:
+                err = with_context(exc, f"layer {name!r} ({layer.kind})")
+                if err is None:
+                    raise
+                raise err from exc
             if name in want:
                 if arena is not None and arena.holds(x):
                     x = x.copy()  # e.g. a ReLU rectified a buffer in place: the caller's copy must stay put
@@ -274,13 +302,20 @@ class Network:
 
     # ------------------------------------------------------------------ description
     def shapes(self, input_shape=None):
-        """Output shape (without batch) of every layer, as a list of (name, layer, in_shape, out_shape)."""
+        """Output shape (without batch) of every layer, as a list of (name, layer, in_shape, out_shape); a layer that
+        refuses its input shape raises a ValueError naming it."""
         shape = tuple(input_shape) if input_shape is not None else self.input_shape
         if shape is None:
             raise ValueError("input_shape is needed: give it here or when building the Network")
         rows = []
         for name, layer in self._layers.items():
-            out = tuple(layer.output_shape(shape))
+            try:
+                out = tuple(layer.output_shape(shape))
+            except (ValueError, TypeError) as exc:
+                err = with_context(exc, f"layer {name!r} ({layer.kind})")
+                if err is None:
+                    raise
+                raise err from exc
             rows.append((name, layer, shape, out))
             shape = out
         return rows
@@ -304,6 +339,7 @@ class Network:
         forward pass, not of the layers called one by one on fresh arrays (page faults and all)."""
         self._check_input(x)
         repeat = check_int(repeat, "repeat", min_value=1)
+        warmup = check_int(warmup, "warmup", min_value=0)
         sync = _sync_for(x)
         times = {n: [] for n in self.names}
         arena = None if is_cupy_array(x) else self._arena()

@@ -59,3 +59,64 @@ def test_bad_arguments_are_refused():
     assert r.returncode == 2 and "--limit must be >= 0, got -3" in r.stderr
     r = run_cli("--margin", "-1")
     assert r.returncode == 2 and "--margin must be >= 0 (standard errors), got -1.0" in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--repeat", "0"], "--repeat must be >= 1 (timing repeats), got 0"),
+    (["--repeat", "-3"], "--repeat must be >= 1 (timing repeats), got -3"),
+    (["--full", "--quick"], "--full and --quick exclude each other"),
+    (["--budget", "nan"], "--budget must be a finite number of points >= 0, got nan"),
+    (["--budget", "inf"], "--budget must be a finite number of points >= 0, got inf"),
+    (["--budget", "-1"], "--budget must be a finite number of points >= 0, got -1.0"),
+    (["--margin", "inf"], "--margin must be finite (standard errors), got inf"),
+    (["--margin", "nan"], "--margin must be >= 0 (standard errors), got nan"),
+])
+def test_options_are_checked_before_any_work(tmp_path, monkeypatch, capsys, args, message):
+    # in-process: ap.error exits with status 2 before the network or the data are loaded
+    from npconv import cli, models
+    monkeypatch.setattr(models, "load_reference", lambda: pytest.fail("work started before the options were checked"))
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as info:
+        cli.main([*args, "--out", str(out), "--no-progress"])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()    # nothing created for a refused run
+
+
+def test_bad_out_folder_is_refused_up_front(tmp_path, monkeypatch, capsys):
+    from npconv import cli, models
+    monkeypatch.setattr(models, "load_reference", lambda: pytest.fail("work started before the options were checked"))
+    (tmp_path / "afile").write_text("x")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        with pytest.raises(SystemExit) as info:
+            cli.main(["--out", str(out)])
+        assert info.value.code == 2
+        assert f"--out: cannot create the output folder {str(out)!r}" in capsys.readouterr().err
+
+
+def test_write_docs_needs_a_source_checkout(tmp_path, monkeypatch, capsys):
+    from npconv import cli, models
+    monkeypatch.setattr(models, "load_reference", lambda: pytest.fail("work started before the options were checked"))
+    here = cli._checkout_root()
+    if os.path.isfile(os.path.join(here, "setup.cfg")):   # the tests run from a checkout: it is found
+        assert cli._docs_results_path() == os.path.join(here, "docs", "results.md")
+    monkeypatch.setattr(cli, "_checkout_root", lambda: str(tmp_path))   # a package folder without docs/ above it
+    assert cli._docs_results_path() is None
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--write-docs", "--out", str(tmp_path / "run")])
+    assert info.value.code == 2
+    assert "--write-docs writes docs/results.md of a source checkout" in capsys.readouterr().err
+
+
+def test_write_docs_from_an_installed_copy_is_refused(tmp_path):
+    # the package alone (as pip installs it), run as its own process: refused before any work
+    import npconv
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "npconv").symlink_to(os.path.dirname(npconv.__file__))
+    r = subprocess.run([sys.executable, "-m", "npconv", "--write-docs", "--out", str(tmp_path / "run")],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=str(site)))
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "--write-docs writes docs/results.md of a source checkout" in r.stderr
+    assert "Traceback" not in r.stderr and "# npconv main job" not in r.stdout

@@ -391,6 +391,26 @@ def test_second_image_folder_load_reads_the_cache(tmp_path, rng, monkeypatch):
     assert len(calls) == 2
 
 
+def test_image_folder_cache_depends_on_the_classes(tmp_path, rng):
+    # the same files with another class list (or order) give other labels: never the cached entry of another call
+    write_image_folder(tmp_path / "f", rng, classes=("a", "c"), per_class=1, size=(4, 4))
+    (tmp_path / "f" / "b").mkdir()          # an empty class folder
+    cache = tmp_path / "cache"
+    imgs = {}
+    for classes in (None, ("a", "c"), ("c", "a"), ("a", "b", "c")):
+        X, y, _ = load_image_folder(tmp_path / "f", classes=classes, cache_dir=cache)
+        X_fresh, y_fresh, _ = load_image_folder(tmp_path / "f", classes=classes, cache=False)
+        np.testing.assert_array_equal(X, X_fresh)
+        np.testing.assert_array_equal(y, y_fresh)
+        want = {None: [0, 2], ("a", "c"): [0, 1], ("c", "a"): [0, 1], ("a", "b", "c"): [0, 2]}[classes]
+        assert y.tolist() == want, (classes, y)
+        imgs[classes] = X
+    np.testing.assert_array_equal(imgs[("c", "a")], imgs[("a", "c")][::-1])   # c's image first
+    # a hit for the same classes again
+    X, y, _ = load_image_folder(tmp_path / "f", classes=("c", "a"), cache_dir=cache)
+    np.testing.assert_array_equal(X, imgs[("c", "a")])
+
+
 # ------------------------------------------------------------------------------------------------ CIFAR-10 entry
 def write_cifar_jpg_folder(parent, rng, *, per_class=(2, 1)):
     """parent/cifar10-jpg/{train,test}/<class>/NNNN.png for the ten classes (PNG: exact pixels)."""

@@ -35,6 +35,32 @@ def test_time_interleaved_alternates_and_takes_medians(rng, monkeypatch):
     assert pb == {"fc": 7.0, "relu": 4.0} and tb == 11.0
 
 
+@pytest.mark.parametrize("kw, err, words", [
+    (dict(repeat=0), ValueError, "repeat must be >= 1, got 0"),
+    (dict(repeat=-3), ValueError, "repeat must be >= 1"),
+    (dict(repeat=1.5), TypeError, "repeat must be an int"),
+    (dict(warmup=-1), ValueError, "warmup must be >= 0"),
+    (dict(warmup=None), TypeError, "warmup must be an int"),
+])
+def test_time_interleaved_validates_repeat_and_warmup(rng, kw, err, words):
+    with pytest.raises(err, match=words):
+        time_interleaved([_net(rng)], np.zeros((2, 6)), **kw)
+    with pytest.raises(ValueError, match="nets must hold at least one network"):
+        time_interleaved([], np.zeros((2, 6)))
+
+
+def test_evaluate_checks_the_label_count(rng):
+    from npconv.experiment import evaluate
+    net = _net(rng)
+    X = rng.standard_normal((4, 6))
+    for y in (np.array([0]), np.zeros(5, int), np.zeros((4, 1), int)):
+        with pytest.raises(ValueError, match=r"y must be a 1-D array of one label per image of X \(4\)"):
+            evaluate(net, X, y)
+    pred = net.forward(X).argmax(axis=1)          # the reference: the network's own argmax
+    top1, got = evaluate(net, X, pred)
+    assert top1 == 1.0 and got.tolist() == pred.tolist()
+
+
 def test_paired_difference_against_hand_counts_and_the_sample_variance(rng):
     y = np.array([0, 1, 2, 3, 4, 5, 6, 7])
     before = np.array([0, 1, 2, 3, 0, 0, 6, 0])       # right on 0, 1, 2, 3, 6
@@ -110,6 +136,17 @@ def test_select_with_a_margin_of_standard_errors():
     bare = _result("svd", 2, 0.791, 5.0, gained=None, lost=None, n=None)
     with pytest.raises(ValueError, match="needs the standard error"):
         select([bare], 0.80, margin=1.0)
+
+
+@pytest.mark.parametrize("budget, err", [(float("nan"), ValueError), (float("inf"), ValueError), (-0.01, ValueError),
+                                         ("1", TypeError), (None, TypeError)])
+def test_select_and_greedy_combine_validate_the_budget(budget, err):
+    from npconv.experiment import greedy_combine, select
+    r = _result("svd", 2, 0.791, 5.0, gained=5, lost=95)
+    with pytest.raises(err, match="budget must be"):
+        select([r], 0.80, budget=budget)
+    with pytest.raises(err, match="budget must be"):
+        greedy_combine([r], 0.80, lambda cfg: r, budget=budget)
 
 
 def _layer_result(layer, rank, top1, speedup, lost=0):

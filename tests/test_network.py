@@ -125,6 +125,80 @@ def test_bad_inputs(rng):
         Network([("a", object())])
 
 
+def test_bad_construction_arguments():
+    with pytest.raises(TypeError, match=r"meta must be a dict.*got str"):
+        Network([("a", ReLU())], meta="x")
+    with pytest.raises(TypeError, match=r"input_shape must be a sequence of ints.*got int"):
+        Network([("a", ReLU())], input_shape=3)
+
+
+def test_return_intermediates_takes_one_name(rng):
+    # a str is one layer's name (not a set of characters); "all" is every layer
+    net, ws = small_net(rng)
+    x = rng.standard_normal((2, 3, 5, 5))
+    y, acts = net.forward(x, return_intermediates="relu1")
+    ref, h = reference_forward(x, *ws)
+    assert set(acts) == {"relu1"}
+    np.testing.assert_allclose(acts["relu1"], h, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(y, ref, rtol=1e-10, atol=1e-10)
+    assert set(net.forward(x, return_intermediates="all")[1]) == set(net.names)
+    with pytest.raises(ValueError, match=r"unknown layers \['relu9'\]"):
+        net.forward(x, return_intermediates="relu9")
+    with pytest.raises(TypeError, match="return_intermediates must be a layer name, a sequence of names or 'all'"):
+        net.forward(x, return_intermediates=5)
+
+
+@pytest.mark.parametrize("warmup, err", [(-5, ValueError), (1.5, TypeError), (None, TypeError), (True, TypeError)])
+def test_profile_validates_warmup(rng, warmup, err):
+    net, _ = small_net(rng)
+    with pytest.raises(err, match="warmup must be"):
+        net.profile(rng.standard_normal((1, 3, 5, 5)), repeat=1, warmup=warmup, print_fn=None)
+
+
+def test_errors_inside_forward_name_the_layer(rng):
+    # a network whose layers do not fit together: the error names the failing layer, keeps its type and message
+    # and is chained to the layer's own error
+    bad = Network([("conv", Conv2d(np.ones((4, 3, 3, 3)))), ("flat", Flatten()), ("fc1", Linear(np.ones((2, 10))))],
+                  input_shape=(3, 8, 8))
+    x = np.zeros((1, 3, 8, 8), np.float32)
+    for reuse in (True, False):
+        with pytest.raises(ValueError, match=r"^layer 'fc1' \(linear\): .*10 features") as info:
+            bad.forward(x, reuse_buffers=reuse)
+        assert isinstance(info.value.__cause__, ValueError) and "10 features" in str(info.value.__cause__)
+    with pytest.raises(ValueError, match=r"^layer 'fc1' \(linear\): input to linear must have 10 features"):
+        bad.summary(print_fn=None)
+    # a channel mismatch (no input_shape, so forward cannot check it up front)
+    mis = Network([("c1", Conv2d(np.ones((4, 3, 3, 3)))), ("c2", Conv2d(np.ones((2, 5, 1, 1))))])
+    with pytest.raises(ValueError, match=r"^layer 'c2' \(conv2d\): "):
+        mis.forward(np.zeros((1, 3, 6, 6)))
+    with pytest.raises(ValueError, match=r"^layer 'c1' \(conv2d\): "):
+        mis.predict(np.zeros((1, 2, 6, 6)))
+    x = np.zeros((1, 3, 6, 6))
+    with pytest.raises(TypeError, match=r"^layer 's' \(test_raises\): broken on purpose$"):
+        Network([("c1", Conv2d(np.ones((4, 3, 3, 3)))), ("s", _Raises(TypeError))]).forward(x)
+    with pytest.raises(_TwoArgError) as info:   # a type that cannot be rebuilt from one message: raised as it is
+        Network([("s", _Raises(_TwoArgError))]).forward(x)
+    assert str(info.value) == "broken on purpose"
+
+
+class _TwoArgError(ValueError):
+    def __init__(self, msg, code):
+        super().__init__(msg)
+        self.code = code
+
+
+class _Raises(ReLU):
+    """A layer that fails with ``exc`` (for the error-context checks)."""
+    kind = "test_raises"
+
+    def __init__(self, exc):
+        super().__init__()
+        self.exc = exc
+
+    def forward(self, x, *, out=None):
+        raise (self.exc("broken on purpose", 1) if self.exc is _TwoArgError else self.exc("broken on purpose"))
+
+
 def test_layer_rejects_nan_weights_and_bad_dtype(rng):
     w = rng.standard_normal((2, 3, 3, 3))
     w[0, 0, 0, 0] = np.nan
@@ -134,6 +208,18 @@ def test_layer_rejects_nan_weights_and_bad_dtype(rng):
         Linear(np.zeros((2, 3), np.int64))
     with pytest.raises(ValueError, match=r"weight must have 2 dimensions, got 4"):
         Linear(np.zeros((2, 3, 1, 1)))
+
+
+def test_conv_groups_must_divide_the_output_channels(rng):
+    w = rng.standard_normal((4, 3, 3, 3))
+    for groups in (3, 8, 10 ** 30):
+        with pytest.raises(ValueError, match=rf"groups must divide the output channels of weight \(4.*"
+                                             rf"got groups={groups}"):
+            Conv2d(w, groups=groups)
+    with pytest.raises(ValueError, match="groups"):   # through the file format's constructor as well
+        Conv2d.from_config({"stride": [1, 1], "padding": [0, 0, 0, 0], "dilation": [1, 1], "groups": 3},
+                           {"weight": w})
+    assert Conv2d(w, groups=2).groups == 2 and Conv2d(w, groups=4).groups == 4   # divisors are fine
 
 
 def test_layers_cast_weights_to_input_dtype(rng):

@@ -6,7 +6,7 @@ import numpy as np
 from .. import functional as F
 from .._backend import FLOAT_DTYPES, get_array_module
 from .._validate import as_pair, as_padding4, check_array, check_finite, check_int
-from ..functional.conv import conv2d_output_shape
+from ..functional.conv import _conv2d, conv2d_output_shape
 from .base import Layer, register_layer
 
 __all__ = ["Conv2d", "Linear", "as_weight", "dense_equivalent"]
@@ -45,6 +45,7 @@ class _WeightedLayer(Layer):
         self._cast = _WeightCast()
 
     def _params_for(self, x):
+        check_array(x, "x")     # a list or scalar: the TypeError every layer gives, before x.dtype below
         xp = get_array_module(x, *self.params.values())
         return self._cast.get(self, x.dtype, xp)
 
@@ -72,6 +73,9 @@ class Conv2d(_WeightedLayer):
         self.padding = as_padding4(padding)
         self.dilation = as_pair(dilation, "dilation")
         self.groups = check_int(groups, "groups", min_value=1)
+        if weight.shape[0] % self.groups:
+            raise ValueError(f"groups must divide the output channels of weight ({weight.shape[0]}, weight shape "
+                             f"{tuple(weight.shape)}), got groups={self.groups}")
         self.params = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
 
     @property
@@ -86,8 +90,8 @@ class Conv2d(_WeightedLayer):
 
     def forward(self, x, *, out=None):
         p = self._params_for(x)
-        return F.conv2d(x, p["weight"], p.get("bias"), stride=self.stride, padding=self.padding,
-                        dilation=self.dilation, groups=self.groups, out=out)
+        return _conv2d(x, p["weight"], p.get("bias"), stride=self.stride, padding=self.padding,
+                       dilation=self.dilation, groups=self.groups, out=out, prep=p)
 
     def config(self):
         return dict(stride=list(self.stride), padding=list(self.padding), dilation=list(self.dilation),

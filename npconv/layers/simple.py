@@ -197,17 +197,27 @@ class ReLU(Layer):
 
 @register_layer
 class Softmax(Layer):
-    """Softmax along ``axis`` of the batched array (default the last one)."""
+    """Softmax along ``axis`` of the batched array (default the last one).
+
+    ``axis`` must not be the batch axis: 0 is refused here, and a negative axis that lands on the batch axis of
+    the input (``-x.ndim``) is refused by ``forward`` and ``output_shape``.
+    """
     kind = "softmax"
 
     def __init__(self, *, axis=-1):
         super().__init__()
         self.axis = check_int(axis, "axis")
+        if self.axis == 0:
+            raise ValueError("axis must not be 0, the batch axis (a softmax normalises each sample on its own); "
+                             "got 0")
 
     def config(self):
         return {"axis": self.axis}
 
     def forward(self, x):
+        if self.axis < 0 and getattr(x, "ndim", 0) + self.axis == 0:
+            raise ValueError(f"axis {self.axis} of this Softmax layer is the batch axis of x (shape "
+                             f"{tuple(x.shape)}); it must be a feature axis")
         return softmax(x, axis=self.axis)
 
     def output_shape(self, in_shape):

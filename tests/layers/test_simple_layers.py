@@ -215,7 +215,7 @@ def test_bad_shapes_and_configs():
     with pytest.raises(ValueError, match="in_shape must have 2 channels"):
         Normalize([0.0, 0.0], [1.0, 1.0]).output_shape((3, 4, 4))
     with pytest.raises(ValueError, match="axis"):
-        Softmax(axis=0).output_shape((10,))
+        Softmax(axis=-2).output_shape((10,))
     with pytest.raises(ValueError, match="mean"):
         Normalize([0.0, 0.0], [1.0, 1.0])(np.zeros((1, 3, 2, 2)))
     with pytest.raises(ValueError, match="takes no arrays"):
@@ -224,3 +224,18 @@ def test_bad_shapes_and_configs():
         Normalize.from_config({}, {"mean": np.zeros(2)})
     with pytest.raises(TypeError):
         MaxPool2d.from_config({"kernel": 2, "bogus": 1}, {})
+
+
+def test_softmax_layer_refuses_the_batch_axis(rng):
+    # docs/layers.md: the axis must not be the batch axis; a softmax over the batch mixes the samples
+    with pytest.raises(ValueError, match="axis must not be 0, the batch axis"):
+        Softmax(axis=0)
+    with pytest.raises(ValueError, match="axis"):
+        Softmax.from_config({"axis": 0}, {})
+    x = rng.standard_normal((2, 3))
+    with pytest.raises(ValueError, match=r"axis -2 of this Softmax layer is the batch axis of x \(shape \(2, 3\)\)"):
+        Softmax(axis=-2)(x)
+    # the same negative axis is a feature axis of a 3-D input
+    y = Softmax(axis=-2)(x[:, :, None])
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    np.testing.assert_allclose(y[:, :, 0], e / e.sum(axis=1, keepdims=True), rtol=1e-12)
