@@ -42,6 +42,9 @@ _SERIAL_BIAS = 1 << 18
 #: the dense "gemm" algorithm's product: npconv's micro-kernel (``kernels/cpu/gemm.py``) where the CPU has AVX2 or
 #: AVX-512, else BLAS. A module constant for same-process comparisons, not a user setting.
 USE_MICROKERNEL = True
+#: a functional call (no layer cache to keep the packed weights in) uses the micro-kernel from this many GEMM
+#: columns (images x output positions) on
+_MK_PACK_COLUMNS = 4096
 
 
 def normalize_conv_args(x, w, b, stride, padding, dilation, groups):
@@ -228,7 +231,10 @@ def _conv2d_cpu(x, w, b, stride, pad, dilation, groups, OH, OW, out=None, prep=N
 
     rows = Cg * KH * KW
     item = dt.itemsize
-    tile = _tile(dt) if USE_MICROKERNEL else None
+    # the micro-kernel needs the weights packed: a layer keeps them (prep); a functional call packs them each time,
+    # which costs more than the kernel gains below _MK_PACK_COLUMNS columns (ZF conv3 at batch 1: 0.15 ms to pack
+    # for a 0.75 ms product)
+    tile = _tile(dt) if USE_MICROKERNEL and (prep is not None or N * P >= _MK_PACK_COLUMNS) else None
     if tile is not None:
         return _conv2d_mk(x, wmat, bias, has_b, groups, Cg, KH, KW, tile, stride, pad, dilation, OH, OW, out, prep)
     per_img = (rows + 1 + Fg) * P * item  # packing + staging per image in a chunk

@@ -30,6 +30,7 @@ def _case(rng, N, C, H, W, F, KH, KW, groups, dtype):
 def test_conv2d_matches_naive_loops(rng, monkeypatch, dtype, stride, padding, dilation, groups, microkernel):
     # the "gemm" algorithm's product both ways: npconv's micro-kernel (where the CPU has one) and BLAS
     monkeypatch.setattr(conv_module, "USE_MICROKERNEL", microkernel)
+    monkeypatch.setattr(conv_module, "_MK_PACK_COLUMNS", 0)     # the micro-kernel on small functional calls too
     x, w, b = _case(rng, 2, 6, 9, 8, 12, 3, 3, groups, dtype)
     y = conv2d(x, w, b, stride=stride, padding=padding, dilation=dilation, groups=groups)
     ref = conv2d_naive(x, w, b, stride, padding, dilation, groups)
@@ -48,6 +49,7 @@ def test_conv2d_without_bias_and_pointwise(rng, dtype):
 def test_conv2d_batch_chunking_large_batch(rng, monkeypatch, dtype, microkernel):
     # many small images: several images share one GEMM, and the result must be scattered back per image
     monkeypatch.setattr(conv_module, "USE_MICROKERNEL", microkernel)
+    monkeypatch.setattr(conv_module, "_MK_PACK_COLUMNS", 0)     # the micro-kernel on small functional calls too
     x, w, b = _case(rng, 37, 3, 6, 6, 5, 3, 3, 1, dtype)
     y = conv2d(x, w, b, padding=1, algorithm="gemm")
     np.testing.assert_allclose(y, conv2d_einsum(x, w, b, padding=(1, 1, 1, 1)), *tolerance(dtype))
@@ -58,10 +60,29 @@ def test_conv2d_batch_chunking_large_batch(rng, monkeypatch, dtype, microkernel)
 def test_conv2d_gemm_wide_layer_several_chunks(rng, monkeypatch, dtype, microkernel):
     # more filters than a row block, more taps than a K block, a partial last column panel, two chunks of images
     monkeypatch.setattr(conv_module, "USE_MICROKERNEL", microkernel)
+    monkeypatch.setattr(conv_module, "_MK_PACK_COLUMNS", 0)     # the micro-kernel on small functional calls too
     monkeypatch.setattr(conv_module, "_TARGET_COLUMNS", 300)
     x, w, b = _case(rng, 5, 40, 13, 11, 29, 3, 3, 1, dtype)
     y = conv2d(x, w, b, padding=(1, 0, 2, 1), algorithm="gemm")
     np.testing.assert_allclose(y, conv2d_einsum(x, w, b, padding=(1, 0, 2, 1)), *tolerance(dtype))
+
+
+def test_conv2d_functional_call_packs_only_when_it_pays(rng, monkeypatch):
+    """Without a layer to keep the packed weights, small calls take BLAS (packing would cost more than the kernel
+    gains), large ones the micro-kernel; both give the convolution."""
+    if conv_module._tile(np.dtype(np.float32)) is None:
+        pytest.skip("this CPU has no GEMM micro-kernel")
+    from npconv.kernels.cpu import gemm as KG
+    calls = []
+    monkeypatch.setattr(KG, "matmul", lambda *a, _f=KG.matmul, **k: (calls.append(1), _f(*a, **k))[1])
+    x, w, b = _case(rng, 2, 4, 9, 8, 5, 3, 3, 1, np.float32)
+    np.testing.assert_allclose(conv2d(x, w, b, padding=1, algorithm="gemm"),
+                               conv2d_einsum(x, w, b, padding=(1, 1, 1, 1)), *tolerance(np.float32))
+    assert not calls
+    monkeypatch.setattr(conv_module, "_MK_PACK_COLUMNS", 2 * 9 * 8)
+    np.testing.assert_allclose(conv2d(x, w, b, padding=1, algorithm="gemm"),
+                               conv2d_einsum(x, w, b, padding=(1, 1, 1, 1)), *tolerance(np.float32))
+    assert calls
 
 
 @pytest.mark.parametrize("algorithm", ["auto", "gemm", "direct"])
