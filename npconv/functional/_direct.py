@@ -26,6 +26,13 @@ __all__ = ["dense_direct", "direct_conv_cpu", "direct_eligible", "use_direct"]
 
 #: target size of one job's buffer of polyphase rows (it should stay in the L2 cache), in bytes
 _BAND_BYTES = 384 * 2**10
+#: the filters on npconv's GEMM micro-kernel (``kernels/cpu/gemm.py``, ``microkernel_taps``) where the CPU has one,
+#: else the numba filter passes; a module constant for same-process comparisons, not a user setting
+USE_MICROKERNEL = True
+#: ... when the filter blocks of the tile's rows are at least this full (ZF conv1, monochromatic, 2 cores, against
+#: the numba passes at batch 1 and 128: 16 or 24 filters a colour, full blocks of 8, 1.21-1.27x faster; 12 a colour,
+#: 0.75 full, 1.03-1.05x; 4 a colour, half full, 0.76-0.83x)
+_MK_MIN_FILL = 0.7
 #: a dense conv takes the direct kernel when it has at most this many taps per filter (C * KH * KW) ...
 DENSE_DIRECT_MAX_TAPS = 100
 #: ... at most this many filters ...
@@ -54,6 +61,11 @@ def use_direct(x_shape, w_shape, dilation, groups, out_hw):
             and macs >= DENSE_DIRECT_MIN_MACS)
 
 
+def _taps_tile(dtype):
+    from ..kernels.cpu import gemm as KG
+    return KG.taps_tile_shape(dtype)
+
+
 def _bias_or_zeros(bias, F, dtype):
     if bias is None:
         return np.zeros(F, dtype)
@@ -79,8 +91,8 @@ def _tap_offsets(Cg, X, Y, Dh, Dw, Hb, Wq):
     return off
 
 
-def _blocks(order, bounds):
-    """Filter blocks of 4 (padded by repeating the last id), their sizes, and each group's first block.
+def _blocks(order, bounds, size=4):
+    """Filter blocks of ``size`` (padded by repeating the last id), their sizes, and each group's first block.
 
     Group g holds the filters ``order[bounds[g]:bounds[g + 1]]`` (no group empty). Vectorised: a loop over the
     filters cost 20 us of a 0.5 ms monochromatic ZF conv1 at batch 1. Memoised by content (read-only arrays): the
@@ -88,21 +100,21 @@ def _blocks(order, bounds):
     """
     order = np.ascontiguousarray(order, np.int64)
     bounds = np.ascontiguousarray(bounds, np.int64)
-    return _blocks_of(order.tobytes(), bounds.tobytes())
+    return _blocks_of(order.tobytes(), bounds.tobytes(), size)
 
 
 @functools.lru_cache(maxsize=64)
-def _blocks_of(order_bytes, bounds_bytes):
+def _blocks_of(order_bytes, bounds_bytes, size):
     order = np.frombuffer(order_bytes, np.int64)
     bounds = np.frombuffer(bounds_bytes, np.int64)
     sizes = np.diff(bounds)
-    nblk = (sizes + 3) // 4
+    nblk = (sizes + size - 1) // size
     grp_blk = np.concatenate(([0], np.cumsum(nblk))).astype(np.int64)
     gb = np.repeat(np.arange(sizes.shape[0]), nblk)                   # each block's group
     jb = np.arange(grp_blk[-1]) - grp_blk[gb]                          # its index within the group
-    pos = np.minimum(4 * jb[:, None] + np.arange(4), (sizes[gb] - 1)[:, None])
+    pos = np.minimum(size * jb[:, None] + np.arange(size), (sizes[gb] - 1)[:, None])
     blk_f = np.ascontiguousarray(order[bounds[gb][:, None] + pos])
-    blk_nf = np.minimum(4, sizes[gb] - 4 * jb).astype(np.int64)
+    blk_nf = np.minimum(size, sizes[gb] - size * jb).astype(np.int64)
     for a in (blk_f, blk_nf, grp_blk):
         a.flags.writeable = False          # shared by the cache
     return blk_f, blk_nf, grp_blk
@@ -139,10 +151,25 @@ def direct_conv_cpu(x, wt, order, bounds, group_plane, Cg, X, Y, bias, stride, p
     band = _band_rows(Ho, margin, N, (C + (transform is not None)) * Dh * Dw * Wq * x.dtype.itemsize)
     Hb = band + margin
     tapoff = _tap_offsets(Cg, X, Y, Dh, Dw, Hb, Wq)
-    blk_f, blk_nf, grp_blk = _blocks(order, bounds)
     T = transform if transform is not None else np.zeros((1, 1), x.dtype)
     if out is None:
         out = np.empty((N, F, Ho, Wo), x.dtype)
+    tile = _taps_tile(x.dtype) if USE_MICROKERNEL else None
+    if tile is not None:
+        blk_f, blk_nf, grp_blk = _blocks(order, bounds, tile[1])
+        if blk_nf.sum() < _MK_MIN_FILL * blk_f.size:
+            tile = None         # groups too small for the tile's rows: the padding rows would cost more than it gains
+    if tile is not None:
+        VW, MR, NV = tile
+        # each block's taps, rows past its filters zero, packed k-major for the micro-kernel
+        rows = np.ascontiguousarray(wt, dtype=x.dtype)[blk_f]                       # (nblk, MR, Tn)
+        rows[np.arange(MR)[None, :] >= blk_nf[:, None]] = 0
+        wp = np.ascontiguousarray(rows.transpose(0, 2, 1)).reshape(-1)
+        K.fused_direct_conv_mk(x, T, transform is not None, np.asarray(group_plane, np.int64), Cg, grp_blk, blk_f,
+                               blk_nf, tapoff, wp, _bias_or_zeros(bias, F, x.dtype), pad[0], pad[2], Dh, Dw, band,
+                               Hb, Wq, MR, VW * NV, out)
+        return out
+    blk_f, blk_nf, grp_blk = _blocks(order, bounds)
     K.fused_direct_conv(x, T, transform is not None, np.asarray(group_plane, np.int64), Cg, grp_blk, blk_f,
                         blk_nf, tapoff, wt, _bias_or_zeros(bias, F, x.dtype), pad[0], pad[2], Dh, Dw, band, Hb,
                         Wq, out)

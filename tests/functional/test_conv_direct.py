@@ -20,13 +20,37 @@ DTYPES = [np.float32, np.float64]
     (2, 4, (3, 3), (3, 3), (0, 0, 0, 0)),
 ])
 @pytest.mark.parametrize("bias", [True, False])
-def test_direct_matches_naive_loops(rng, dtype, C, F, K, stride, padding, bias):
+@pytest.mark.parametrize("microkernel", [True, False], ids=["microkernel", "numba"])
+def test_direct_matches_naive_loops(rng, monkeypatch, dtype, C, F, K, stride, padding, bias, microkernel):
+    # the filters both ways: npconv's GEMM micro-kernel (where the CPU has one; here also for sparse blocks) and the
+    # numba passes
+    monkeypatch.setattr(DR, "USE_MICROKERNEL", microkernel)
+    monkeypatch.setattr(DR, "_MK_MIN_FILL", 0.0)
     x = rng.standard_normal((2, C, 13, 16)).astype(dtype)
     w = rng.standard_normal((F, C) + K).astype(dtype)
     b = rng.standard_normal(F).astype(dtype) if bias else None
     y = conv2d(x, w, b, stride=stride, padding=padding, algorithm="direct")
     assert y.dtype == dtype
     np.testing.assert_allclose(y, conv2d_naive(x, w, b, stride, padding), *tolerance(dtype))
+
+
+def test_direct_micro_kernel_only_for_full_blocks(rng, monkeypatch):
+    """The micro-kernel runs the filters when its row blocks are full enough, else the numba passes do; both give
+    the convolution."""
+    from npconv.kernels.cpu import gemm as KG
+    from npconv.kernels.cpu import lowrank as KL
+    tile = KG.taps_tile_shape(np.float32)
+    if tile is None:
+        pytest.skip("this CPU has no GEMM micro-kernel")
+    calls = []
+    monkeypatch.setattr(KL, "fused_direct_conv_mk", lambda *a, _f=KL.fused_direct_conv_mk: (calls.append(1), _f(*a))[1])
+    x = rng.standard_normal((1, 3, 12, 12)).astype(np.float32)
+    for F, used in [(2 * tile[1], True), (tile[1] + 1, False)]:
+        calls.clear()
+        w = rng.standard_normal((F, 3, 3, 3)).astype(np.float32)
+        y = conv2d(x, w, padding=1, algorithm="direct")
+        np.testing.assert_allclose(y, conv2d_einsum(x, w, None, (1, 1), (1, 1, 1, 1)), *tolerance(np.float32))
+        assert bool(calls) == used
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

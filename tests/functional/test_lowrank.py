@@ -39,7 +39,10 @@ def _mono_kernel(T, a, S):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("geom", GEOMS)
 @pytest.mark.parametrize("colors,unequal", [(2, False), (3, True), (6, True)])
-def test_monochromatic(rng, dtype, geom, colors, unequal):
+@pytest.mark.parametrize("microkernel", [True, False], ids=["microkernel", "numba"])
+def test_monochromatic(rng, monkeypatch, dtype, geom, colors, unequal, microkernel):
+    monkeypatch.setattr(DR, "USE_MICROKERNEL", microkernel)
+    monkeypatch.setattr(DR, "_MK_MIN_FILL", 0.0)       # the micro-kernel on sparse blocks too
     N, C, H, W, X, Y, st, pad = geom
     F = 12
     T = rng.standard_normal((colors, C)).astype(dtype)

@@ -30,7 +30,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["tile_shape", "microkernel", "pack_a", "gemm_images", "matmul", "KC_BYTES"]
+__all__ = ["tile_shape", "taps_tile_shape", "microkernel", "microkernel_taps", "pack_a", "gemm_images", "matmul",
+           "KC_BYTES"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -64,24 +65,29 @@ def tile_shape(dtype, features=None):
     return None
 
 
-@intrinsic
-def microkernel(typingctx, a, aoff, b, boff, ldb, c, coff, ldc, K, mode, bias, boff_bias):
-    """``microkernel(a, aoff, b, boff, ldb, c, coff, ldc, K, mode, bias, boff_bias)``: one ``MR x (NV*VW)`` tile
-    (module docstring) of the shape :func:`tile_shape` gives for the arrays' dtype. ``a``, ``b``, ``c`` and
-    ``bias`` are 1-D contiguous arrays of one float dtype; offsets and sizes are integers."""
-    arrs = (a, b, c, bias)
-    if not all(isinstance(t, types.Array) and t.ndim == 1 and t.layout == "C" for t in arrs):
-        return None
-    if len(set(t.dtype for t in arrs)) != 1 or a.dtype not in (types.float32, types.float64):
-        return None
-    is32 = a.dtype == types.float32
-    shape = tile_shape(np.float32 if is32 else np.float64)
+def taps_tile_shape(dtype, features=None):
+    """(VW, MR, NV) of :func:`microkernel_taps`'s tile, or None: 8 rows x 3 vectors on AVX-512 (24 accumulators;
+    the factored layers' filter groups hold 8, 16 or 24 filters), 4 x 3 on AVX2."""
+    shape = tile_shape(dtype, features)
     if shape is None:
         return None
-    VW, MR, NV = shape
+    return shape[0], (8 if shape[1] == 12 else 4), 3
+
+
+def _typed_tile(arrs, shape_of):
+    """The tile for the arrays' common float dtype, or None (typing fails) for other argument types."""
+    if not all(isinstance(t, types.Array) and t.ndim == 1 and t.layout == "C" for t in arrs):
+        return None, None
+    if len(set(t.dtype for t in arrs)) != 1 or arrs[0].dtype not in (types.float32, types.float64):
+        return None, None
+    is32 = arrs[0].dtype == types.float32
+    return is32, shape_of(np.float32 if is32 else np.float64)
+
+
+def _tile_codegen(is32, VW, MR, NV, taps):
+    """The LLVM IR of one tile (module docstring). ``taps``: row ``k`` of ``B`` starts at ``boff + koff[k]`` (an
+    int64 array argument in the place of ``ldb``) instead of ``boff + k*ldb``."""
     fname = "v%df32" % VW if is32 else "v%df64" % VW
-    i8 = types.int64
-    sig = types.void(a, i8, b, i8, i8, c, i8, i8, i8, i8, bias, i8)
 
     def codegen(context, builder, signature, args):
         a_v, aoff_v, b_v, boff_v, ldb_v, c_v, coff_v, ldc_v, K_v, mode_v, bias_v, bb_v = args
@@ -95,6 +101,7 @@ def microkernel(typingctx, a, aoff, b, boff, ldb, c, coff, ldc, K, mode, bias, b
 
         A = builder.gep(data(0, a_v), [aoff_v])
         B = builder.gep(data(2, b_v), [boff_v])
+        KOFF = data(4, ldb_v) if taps else None
         C = builder.gep(data(5, c_v), [coff_v])
         BI = data(10, bias_v)
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty, vty, vty]),
@@ -122,7 +129,7 @@ def microkernel(typingctx, a, aoff, b, boff, ldb, c, coff, ldc, K, mode, bias, b
             p = builder.phi(vty)
             p.add_incoming(zero, pre)
             accs.append(p)
-        brow = builder.mul(kphi, ldb_v)
+        brow = builder.load(builder.gep(KOFF, [kphi])) if taps else builder.mul(kphi, ldb_v)
         bvs = [builder.load(vptr(B, builder.add(brow, ir.Constant(i64, v * VW))), align=1) for v in range(NV)]
         arow = builder.gep(A, [builder.mul(kphi, ir.Constant(i64, MR))])
         new = []
@@ -161,7 +168,30 @@ def microkernel(typingctx, a, aoff, b, boff, ldb, c, coff, ldc, K, mode, bias, b
                     builder.store(builder.fadd(builder.load(ptr, align=1), val), ptr, align=1)
         return context.get_dummy_value()
 
-    return sig, codegen
+    return codegen
+
+
+@intrinsic
+def microkernel(typingctx, a, aoff, b, boff, ldb, c, coff, ldc, K, mode, bias, boff_bias):
+    """``microkernel(a, aoff, b, boff, ldb, c, coff, ldc, K, mode, bias, boff_bias)``: one ``MR x (NV*VW)`` tile
+    (module docstring) of the shape :func:`tile_shape` gives for the arrays' dtype. ``a``, ``b``, ``c`` and
+    ``bias`` are 1-D contiguous arrays of one float dtype; offsets and sizes are integers."""
+    is32, shape = _typed_tile((a, b, c, bias), tile_shape)
+    if shape is None:
+        return None
+    i8 = types.int64
+    return types.void(a, i8, b, i8, i8, c, i8, i8, i8, i8, bias, i8), _tile_codegen(is32, *shape, taps=False)
+
+
+@intrinsic
+def microkernel_taps(typingctx, a, aoff, b, boff, koff, c, coff, ldc, K, mode, bias, boff_bias):
+    """As :func:`microkernel`, with the tile of :func:`taps_tile_shape`, and row ``k`` of ``B`` at
+    ``b[boff + koff[k]]`` (``koff`` an int64 array): a convolution's taps as shifted views of one input plane."""
+    is32, shape = _typed_tile((a, b, c, bias), taps_tile_shape)
+    if shape is None or not (isinstance(koff, types.Array) and koff.dtype == types.int64 and koff.ndim == 1):
+        return None
+    i8 = types.int64
+    return types.void(a, i8, b, i8, koff, c, i8, i8, i8, i8, bias, i8), _tile_codegen(is32, *shape, taps=True)
 
 
 #: depth of a K block: the B panel's slice (KC x NR values) stays in L1 while every row block of A passes over it

@@ -25,8 +25,9 @@ import numba
 import numpy as np
 
 from ._pack import split_row2
+from .gemm import microkernel_taps
 
-__all__ = ["fused_direct_conv", "aligned_rows", "CHUNK"]
+__all__ = ["fused_direct_conv", "fused_direct_conv_mk", "aligned_rows", "CHUNK"]
 
 #: output positions per accumulation chunk (rounded down to whole rows of Wq; the 4 accumulator rows, 96 KiB in
 #: float32, stay in L2). On ZF conv1 (monochromatic, C'=6) 6144 ran 8-10% faster than 2048 at batch 1, 16 and 128
@@ -81,6 +82,42 @@ def _fill_band(x, n, c, i0, nq, pt, pl, Dh, Dw, buf):
                     dst[m] = 0
                 # slices and non-negative range indices: no wrap-around checks in the copy loop
                 _gather_copy(dst[m_lo:], x[n, c, r, m_lo * Dw + off:], Dw, m_hi - m_lo)
+
+
+@numba.njit(cache=True, nogil=True)
+def _band_buffers(x, n, i0, nq, pt, pl, Dh, Dw, Hb, Wq, has_T, slack):
+    """A job's buffers: every input channel's polyphase rows for the band at output row ``i0`` (``_fill_band``),
+    and room for one colour plane when ``has_T``; each with ``slack`` zeros past its end (the tap loads of the
+    last positions run over)."""
+    C = x.shape[1]
+    plane = Dh * Dw * Hb * Wq
+    xbuf = np.empty(C * plane + slack, x.dtype)
+    for j in range(C * plane, C * plane + slack):
+        xbuf[j] = 0
+    for c in range(C):
+        _fill_band(x, n, c, i0, nq, pt, pl, Dh, Dw, xbuf[c * plane:(c + 1) * plane].reshape(Dh, Dw, Hb, Wq))
+    cbuf = np.empty(plane + slack if has_T else 1, x.dtype)
+    if has_T:
+        for j in range(plane, plane + slack):
+            cbuf[j] = 0
+    return xbuf, cbuf
+
+
+@numba.njit(cache=True, nogil=True)
+def _colour_plane(xbuf, T, p, C, plane, nphase, Hb, Wq, nq, cbuf):
+    """cbuf = sum_c T[p, c] * (channel c's planes in xbuf): contiguous axpys over the filled rows of each phase."""
+    for ph in range(nphase):
+        o = ph * Hb * Wq
+        d = cbuf[o:o + nq * Wq]
+        s0 = xbuf[o:o + nq * Wq]
+        t0 = T[p, 0]
+        for j in range(nq * Wq):
+            d[j] = t0 * s0[j]
+        for c in range(1, C):
+            sc = xbuf[c * plane + o:c * plane + o + nq * Wq]
+            tc = T[p, c]
+            for j in range(nq * Wq):
+                d[j] += tc * sc[j]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -195,34 +232,13 @@ def fused_direct_conv(x, T, has_T, grp_plane, Cg, grp_blk, blk_f, blk_nf, tapoff
         i0 = (job - n * nband) * band
         rows = min(band, Ho - i0)
         nq = rows + (Hb - band)          # the plane rows this band reads (all of them are filled)
-        xbuf = np.empty(C * plane + Wq, out.dtype)
-        for j in range(C * plane, C * plane + Wq):
-            xbuf[j] = 0
-        for c in range(C):
-            _fill_band(x, n, c, i0, nq, pt, pl, Dh, Dw, xbuf[c * plane:(c + 1) * plane].reshape(Dh, Dw, Hb, Wq))
-        cbuf = np.empty(plane + Wq if has_T else 1, out.dtype)
-        if has_T:
-            for j in range(plane, plane + Wq):
-                cbuf[j] = 0
+        xbuf, cbuf = _band_buffers(x, n, i0, nq, pt, pl, Dh, Dw, Hb, Wq, has_T, Wq)
         # chunks of whole rows (about CHUNK positions): the write-out is a plain copy of Wo columns per row
         crows = max(1, CHUNK // Wq)
         acc = aligned_rows(4, crows * Wq, out.dtype)
         for g in range(G):
             if has_T:
-                # the colour plane of this group: contiguous axpys over the filled rows of each phase
-                p = grp_plane[g]
-                for ph in range(Dh * Dw):
-                    o = ph * Hb * Wq
-                    d = cbuf[o:o + nq * Wq]
-                    s0 = xbuf[o:o + nq * Wq]
-                    t0 = T[p, 0]
-                    for j in range(nq * Wq):
-                        d[j] = t0 * s0[j]
-                    for c in range(1, C):
-                        sc = xbuf[c * plane + o:c * plane + o + nq * Wq]
-                        tc = T[p, c]
-                        for j in range(nq * Wq):
-                            d[j] += tc * sc[j]
+                _colour_plane(xbuf, T, grp_plane[g], C, plane, Dh * Dw, Hb, Wq, nq, cbuf)
                 src = cbuf
             else:
                 src = xbuf[grp_plane[g] * plane:]
@@ -245,3 +261,51 @@ def fused_direct_conv(x, T, has_T, grp_plane, Cg, grp_blk, blk_f, blk_nf, tapoff
                             sv = ak[r * Wq:]
                             for q in range(Wo):
                                 od[q] = sv[q] + bv
+
+
+@numba.njit(parallel=True, cache=True, fastmath=False, nogil=True)
+def fused_direct_conv_mk(x, T, has_T, grp_plane, Cg, grp_blk, blk_f, blk_nf, tapoff, wp, bias, pt, pl, Dh, Dw,
+                         band, Hb, Wq, MR, NR, out):
+    """:func:`fused_direct_conv` with the filters run by npconv's GEMM micro-kernel (``gemm.microkernel_taps``):
+    a block is ``MR`` filters (``blk_f`` (nblk, MR)), ``wp`` their taps packed by ``gemm.pack_a`` per block (flat,
+    block ``b`` at ``b * Tn * MR``). For a band, the block's outputs over ``NR`` consecutive plane positions are one
+    register tile whose ``Tn`` reduction steps read the taps' shifted views of the plane (``tapoff``); the block's
+    tiles fill a staging buffer for the band, written out row by row with the bias (positions past ``Wo`` in each
+    plane row are dropped)."""
+    N = x.shape[0]
+    Ho = out.shape[2]
+    Wo = out.shape[3]
+    G = grp_plane.shape[0]
+    Tn = tapoff.shape[0]
+    nband = (Ho + band - 1) // band
+    plane = Dh * Dw * Hb * Wq
+    for job in numba.prange(N * nband):
+        n = job // nband
+        i0 = (job - n * nband) * band
+        rows = min(band, Ho - i0)
+        nq = rows + (Hb - band)
+        xbuf, cbuf = _band_buffers(x, n, i0, nq, pt, pl, Dh, Dw, Hb, Wq, has_T, Wq + NR)
+        L = rows * Wq
+        Lp = (L + NR - 1) // NR * NR
+        # the block's outputs over the whole band, then written out row by row per filter: tiles stored straight
+        # into the output would scatter short runs over MR output planes (measured 3x slower on ZF conv1)
+        stg = np.empty(MR * Lp, out.dtype)
+        for g in range(G):
+            if has_T:
+                _colour_plane(xbuf, T, grp_plane[g], x.shape[1], plane, Dh * Dw, Hb, Wq, nq, cbuf)
+                src = cbuf
+                soff = 0
+            else:
+                src = xbuf
+                soff = grp_plane[g] * plane
+            for b in range(grp_blk[g], grp_blk[g + 1]):
+                for p0 in range(0, L, NR):
+                    microkernel_taps(wp, b * Tn * MR, src, soff + p0, tapoff, stg, p0, Lp, Tn, 0, bias, 0)
+                for k in range(blk_nf[b]):
+                    f = blk_f[b, k]
+                    bv = bias[f]
+                    for r in range(rows):
+                        od = out[n, f, i0 + r]
+                        sv = stg[k * Lp + r * Wq:]
+                        for q in range(Wo):
+                            od[q] = sv[q] + bv
