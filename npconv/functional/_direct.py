@@ -29,9 +29,9 @@ _BAND_BYTES = 384 * 2**10
 #: the filters on npconv's GEMM micro-kernel (``kernels/cpu/gemm.py``, ``microkernel_taps``) where the CPU has one,
 #: else the numba filter passes; a module constant for same-process comparisons, not a user setting
 USE_MICROKERNEL = True
-#: ... when the filter blocks of the tile's rows are at least this full (ZF conv1, monochromatic, 2 cores, against
-#: the numba passes at batch 1 and 128: 16 or 24 filters a colour, full blocks of 8, 1.21-1.27x faster; 12 a colour,
-#: 0.75 full, 1.03-1.05x; 4 a colour, half full, 0.76-0.83x)
+#: ... when the filter blocks of a tile's rows are at least this full (ZF conv1, monochromatic, 2 cores, with the
+#: 8-row tile only, against the numba passes at batch 1 and 128: 16 or 24 filters a colour, full blocks,
+#: 1.21-1.27x faster; 12 a colour, 0.75 full, 1.03-1.05x; 4 a colour, half full, 0.76-0.83x)
 _MK_MIN_FILL = 0.7
 #: a dense conv takes the direct kernel when it has at most this many taps per filter (C * KH * KW) ...
 DENSE_DIRECT_MAX_TAPS = 100
@@ -61,9 +61,9 @@ def use_direct(x_shape, w_shape, dilation, groups, out_hw):
             and macs >= DENSE_DIRECT_MIN_MACS)
 
 
-def _taps_tile(dtype):
+def _taps_tiles(dtype):
     from ..kernels.cpu import gemm as KG
-    return KG.taps_tile_shape(dtype)
+    return KG.taps_tile_shapes(dtype)
 
 
 def _bias_or_zeros(bias, F, dtype):
@@ -154,13 +154,19 @@ def direct_conv_cpu(x, wt, order, bounds, group_plane, Cg, X, Y, bias, stride, p
     T = transform if transform is not None else np.zeros((1, 1), x.dtype)
     if out is None:
         out = np.empty((N, F, Ho, Wo), x.dtype)
-    tile = _taps_tile(x.dtype) if USE_MICROKERNEL else None
-    if tile is not None:
-        blk_f, blk_nf, grp_blk = _blocks(order, bounds, tile[1])
-        if blk_nf.sum() < _MK_MIN_FILL * blk_f.size:
-            tile = None         # groups too small for the tile's rows: the padding rows would cost more than it gains
+    tile = None
+    if USE_MICROKERNEL:
+        # the tile whose rows the filter groups fill best (the larger on a tie); none below _MK_MIN_FILL, where
+        # the padding rows would cost more than the micro-kernel gains
+        best = 0.0
+        for cand in _taps_tiles(x.dtype):
+            blk_f, blk_nf, grp_blk = _blocks(order, bounds, cand[1])
+            fill = blk_nf.sum() / blk_f.size
+            if fill >= _MK_MIN_FILL and fill > best:
+                tile, best = cand, fill
     if tile is not None:
         VW, MR, NV = tile
+        blk_f, blk_nf, grp_blk = _blocks(order, bounds, MR)
         # each block's taps, rows past its filters zero, packed k-major for the micro-kernel
         rows = np.ascontiguousarray(wt, dtype=x.dtype)[blk_f]                       # (nblk, MR, Tn)
         rows[np.arange(MR)[None, :] >= blk_nf[:, None]] = 0

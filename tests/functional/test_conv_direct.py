@@ -39,13 +39,16 @@ def test_direct_micro_kernel_only_for_full_blocks(rng, monkeypatch):
     the convolution."""
     from npconv.kernels.cpu import gemm as KG
     from npconv.kernels.cpu import lowrank as KL
-    tile = KG.taps_tile_shape(np.float32)
-    if tile is None:
+    tiles = KG.taps_tile_shapes(np.float32)
+    if not tiles:
         pytest.skip("this CPU has no GEMM micro-kernel")
+    rows = sorted(t[1] for t in tiles)
     calls = []
     monkeypatch.setattr(KL, "fused_direct_conv_mk", lambda *a, _f=KL.fused_direct_conv_mk: (calls.append(1), _f(*a))[1])
     x = rng.standard_normal((1, 3, 12, 12)).astype(np.float32)
-    for F, used in [(2 * tile[1], True), (tile[1] + 1, False)]:
+    for F in (8, 5, 1):
+        # one group of F filters: the micro-kernel when some tile's blocks of rows are at least 0.7 full
+        used = max(F / (-(-F // r) * r) for r in rows) >= 0.7
         calls.clear()
         w = rng.standard_normal((F, 3, 3, 3)).astype(np.float32)
         y = conv2d(x, w, padding=1, algorithm="direct")

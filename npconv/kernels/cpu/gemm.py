@@ -30,8 +30,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["tile_shape", "taps_tile_shape", "microkernel", "microkernel_taps", "pack_a", "gemm_images", "matmul",
-           "KC_BYTES"]
+__all__ = ["tile_shape", "taps_tile_shapes", "microkernel", "microkernel_taps12", "microkernel_taps8",
+           "microkernel_taps4", "pack_a", "gemm_images", "matmul", "KC_BYTES"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -65,13 +65,15 @@ def tile_shape(dtype, features=None):
     return None
 
 
-def taps_tile_shape(dtype, features=None):
-    """(VW, MR, NV) of :func:`microkernel_taps`'s tile, or None: 8 rows x 3 vectors on AVX-512 (24 accumulators;
-    the factored layers' filter groups hold 8, 16 or 24 filters), 4 x 3 on AVX2."""
+def taps_tile_shapes(dtype, features=None):
+    """The (VW, MR, NV) tiles of the ``microkernel_taps*`` kernels for ``dtype`` on this CPU, largest first (the
+    direct conv picks the one whose rows its filter groups fill best), or () where there is no micro-kernel: on
+    AVX-512 12 x 2, 8 x 3 and 4 x 3 vectors (24, 24 and 12 accumulators of 32 registers), on AVX2 4 x 3."""
     shape = tile_shape(dtype, features)
     if shape is None:
-        return None
-    return shape[0], (8 if shape[1] == 12 else 4), 3
+        return ()
+    VW = shape[0]
+    return ((VW, 12, 2), (VW, 8, 3), (VW, 4, 3)) if shape[1] == 12 else ((VW, 4, 3),)
 
 
 def _typed_tile(arrs, shape_of):
@@ -183,15 +185,23 @@ def microkernel(typingctx, a, aoff, b, boff, ldb, c, coff, ldc, K, mode, bias, b
     return types.void(a, i8, b, i8, i8, c, i8, i8, i8, i8, bias, i8), _tile_codegen(is32, *shape, taps=False)
 
 
-@intrinsic
-def microkernel_taps(typingctx, a, aoff, b, boff, koff, c, coff, ldc, K, mode, bias, boff_bias):
-    """As :func:`microkernel`, with the tile of :func:`taps_tile_shape`, and row ``k`` of ``B`` at
+def _taps_intrinsic(MR, NV):
+    def microkernel_taps(typingctx, a, aoff, b, boff, koff, c, coff, ldc, K, mode, bias, boff_bias):
+        is32, shape = _typed_tile((a, b, c, bias), tile_shape)
+        if shape is None or not (isinstance(koff, types.Array) and koff.dtype == types.int64 and koff.ndim == 1):
+            return None
+        i8 = types.int64
+        return (types.void(a, i8, b, i8, koff, c, i8, i8, i8, i8, bias, i8),
+                _tile_codegen(is32, shape[0], MR, NV, taps=True))
+    microkernel_taps.__doc__ = f"""As :func:`microkernel`, with a {MR} x {NV}-vector tile, and row ``k`` of ``B`` at
     ``b[boff + koff[k]]`` (``koff`` an int64 array): a convolution's taps as shifted views of one input plane."""
-    is32, shape = _typed_tile((a, b, c, bias), taps_tile_shape)
-    if shape is None or not (isinstance(koff, types.Array) and koff.dtype == types.int64 and koff.ndim == 1):
-        return None
-    i8 = types.int64
-    return types.void(a, i8, b, i8, koff, c, i8, i8, i8, i8, bias, i8), _tile_codegen(is32, *shape, taps=True)
+    return intrinsic(microkernel_taps)
+
+
+#: the tap-offset kernels by tile (:func:`taps_tile_shapes`); a caller picks one by its MR
+microkernel_taps12 = _taps_intrinsic(12, 2)
+microkernel_taps8 = _taps_intrinsic(8, 3)
+microkernel_taps4 = _taps_intrinsic(4, 3)
 
 
 #: depth of a K block: the B panel's slice (KC x NR values) stays in L1 while every row block of A passes over it

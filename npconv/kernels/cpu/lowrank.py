@@ -25,7 +25,7 @@ import numba
 import numpy as np
 
 from ._pack import split_row2
-from .gemm import microkernel_taps
+from .gemm import microkernel_taps4, microkernel_taps8, microkernel_taps12
 
 __all__ = ["fused_direct_conv", "fused_direct_conv_mk", "aligned_rows", "CHUNK"]
 
@@ -266,8 +266,8 @@ def fused_direct_conv(x, T, has_T, grp_plane, Cg, grp_blk, blk_f, blk_nf, tapoff
 @numba.njit(parallel=True, cache=True, fastmath=False, nogil=True)
 def fused_direct_conv_mk(x, T, has_T, grp_plane, Cg, grp_blk, blk_f, blk_nf, tapoff, wp, bias, pt, pl, Dh, Dw,
                          band, Hb, Wq, MR, NR, out):
-    """:func:`fused_direct_conv` with the filters run by npconv's GEMM micro-kernel (``gemm.microkernel_taps``):
-    a block is ``MR`` filters (``blk_f`` (nblk, MR)), ``wp`` their taps packed by ``gemm.pack_a`` per block (flat,
+    """:func:`fused_direct_conv` with the filters run by npconv's GEMM micro-kernel (``gemm.microkernel_taps*``,
+    the tile of ``MR`` rows (12, 8 or 4) and ``NR`` columns): a block is ``MR`` filters (``blk_f`` (nblk, MR)), ``wp`` their taps packed by ``gemm.pack_a`` per block (flat,
     block ``b`` at ``b * Tn * MR``). For a band, the block's outputs over ``NR`` consecutive plane positions are one
     register tile whose ``Tn`` reduction steps read the taps' shifted views of the plane (``tapoff``); the block's
     tiles fill a staging buffer for the band, written out row by row with the bias (positions past ``Wo`` in each
@@ -300,7 +300,12 @@ def fused_direct_conv_mk(x, T, has_T, grp_plane, Cg, grp_blk, blk_f, blk_nf, tap
                 soff = grp_plane[g] * plane
             for b in range(grp_blk[g], grp_blk[g + 1]):
                 for p0 in range(0, L, NR):
-                    microkernel_taps(wp, b * Tn * MR, src, soff + p0, tapoff, stg, p0, Lp, Tn, 0, bias, 0)
+                    if MR == 12:
+                        microkernel_taps12(wp, b * Tn * MR, src, soff + p0, tapoff, stg, p0, Lp, Tn, 0, bias, 0)
+                    elif MR == 8:
+                        microkernel_taps8(wp, b * Tn * MR, src, soff + p0, tapoff, stg, p0, Lp, Tn, 0, bias, 0)
+                    else:
+                        microkernel_taps4(wp, b * Tn * MR, src, soff + p0, tapoff, stg, p0, Lp, Tn, 0, bias, 0)
                 for k in range(blk_nf[b]):
                     f = blk_f[b, k]
                     bv = bias[f]
