@@ -1,7 +1,9 @@
 """The direct (im2col-free) convolution on the CPU: the Python side of ``kernels.cpu.lowrank.fused_direct_conv``.
 
-The kernel reads zero-padded polyphase bands of the input planes in place and runs the filters over them 4 at a
-time, 7 taps per pass (see its module docstring). It serves
+The kernel reads zero-padded polyphase bands of the input planes in place and runs the filters over them: on
+npconv's GEMM micro-kernel where the CPU has one (``fused_direct_conv_mk``: register tiles of 12, 8 or 4 filters,
+the taps as shifted views of the plane), else 4 filters at a time, 7 taps per pass (``fused_direct_conv``; see the
+kernel module's docstring). It serves
 
 * the factored layers of :mod:`npconv.functional.lowrank` (the monochromatic filters, whose input plane is a colour
   made on the fly; the first stage of a low-rank conv and the vertical separable pass when they are small);
