@@ -267,8 +267,9 @@ def fused_direct_conv(x, T, has_T, grp_plane, Cg, grp_blk, blk_f, blk_nf, tapoff
 def fused_direct_conv_mk(x, T, has_T, grp_plane, Cg, grp_blk, blk_f, blk_nf, tapoff, wp, bias, pt, pl, Dh, Dw,
                          band, Hb, Wq, MR, NR, out):
     """:func:`fused_direct_conv` with the filters run by npconv's GEMM micro-kernel (``gemm.microkernel_taps*``,
-    the tile of ``MR`` rows (12, 8 or 4) and ``NR`` columns): a block is ``MR`` filters (``blk_f`` (nblk, MR)), ``wp`` their taps packed by ``gemm.pack_a`` per block (flat,
-    block ``b`` at ``b * Tn * MR``). For a band, the block's outputs over ``NR`` consecutive plane positions are one
+    the tile of ``MR`` rows (12, 8 or 4) and ``NR`` columns): a block is ``MR`` filters (``blk_f`` (nblk, MR)),
+    ``wp`` their taps packed k-major per block (flat: block ``b``, tap ``t``, row ``r`` at ``(b*Tn + t)*MR + r``;
+    rows past the block's filters zero). For a band, the block's outputs over ``NR`` consecutive plane positions are one
     register tile whose ``Tn`` reduction steps read the taps' shifted views of the plane (``tapoff``); the block's
     tiles fill a staging buffer for the band, written out row by row with the bias (positions past ``Wo`` in each
     plane row are dropped)."""
