@@ -23,6 +23,7 @@ import functools
 import numpy as np
 
 from .._validate import out_size
+from ._prepared import prepared
 
 __all__ = ["dense_direct", "direct_conv_cpu", "direct_eligible", "use_direct"]
 
@@ -31,6 +32,14 @@ _BAND_BYTES = 384 * 2**10
 #: the filters on npconv's GEMM micro-kernel (``kernels/cpu/gemm.py``, ``microkernel_taps``) where the CPU has one,
 #: else the numba filter passes; a module constant for same-process comparisons, not a user setting
 USE_MICROKERNEL = True
+#: dense convs run on the direct kernel with the micro-kernel (``use_direct``) from this batch and this kernel size
+#: (X*Y) on: against im2col + the micro-kernel GEMM (2 cores, same process, interleaved, 2026-11-26), at batch 8,
+#: 16 and 128: CIFAR conv2 (64 -> 128, 5x5, 16x16) 1.06x, 1.29x, 1.33x; ZF conv2 (5x5 / 2, 55x55) 1.04x, 1.04x,
+#: 1.07x; AlexNet conv2 (5x5, 27x27) 1.12x (batch 8), 1.15x (128); ZF conv1 (7x7 / 2, 224x224) 1.18x, 1.21x (8,
+#: 128). At batches 2-4 it was 0.82-0.98x, at batch 1 0.59-0.80x (1.05x for ZF conv1). 3x3 layers: not measured
+#: against im2col (Winograd takes them at such batches when it is eligible).
+DIRECT_MK_MIN_BATCH = 8
+DIRECT_MK_MIN_TAPS = 25
 #: ... when the filter blocks of a tile's rows are at least this full (ZF conv1, monochromatic, 2 cores, with the
 #: 8-row tile only, against the numba passes at batch 1 and 128: 16 or 24 filters a colour, full blocks,
 #: 1.21-1.27x faster; 12 a colour, 0.75 full, 1.03-1.05x; 4 a colour, half full, 0.76-0.83x)
@@ -59,13 +68,24 @@ def use_direct(x_shape, w_shape, dilation, groups, out_hw):
     taps = C * KH * KW
     plane = out_hw[0] * out_hw[1]
     macs = x_shape[0] * F * plane * taps
-    return (taps <= DENSE_DIRECT_MAX_TAPS and F <= DENSE_DIRECT_MAX_FILTERS and plane <= DENSE_DIRECT_MAX_PLANE
-            and macs >= DENSE_DIRECT_MIN_MACS)
+    if (taps <= DENSE_DIRECT_MAX_TAPS and F <= DENSE_DIRECT_MAX_FILTERS and plane <= DENSE_DIRECT_MAX_PLANE
+            and macs >= DENSE_DIRECT_MIN_MACS):
+        return True
+    # on the micro-kernel (its tiles then at least 0.9 full), from a few images up, kernels of 5x5 and more
+    return (USE_MICROKERNEL and bool(_taps_tiles(np.float32)) and x_shape[0] >= DIRECT_MK_MIN_BATCH
+            and KH * KW >= DIRECT_MK_MIN_TAPS and F >= 32)
 
 
 def _taps_tiles(dtype):
     from ..kernels.cpu import gemm as KG
     return KG.taps_tile_shapes(dtype)
+
+
+def _pack_blocks(wt, blk_f, blk_nf, MR, dtype):
+    """Each filter block's taps packed k-major for the micro-kernel, the rows past its filters zero (flat)."""
+    rows = np.ascontiguousarray(wt, dtype=dtype)[blk_f]                       # (nblk, MR, Tn)
+    rows[np.arange(MR)[None, :] >= blk_nf[:, None]] = 0
+    return np.ascontiguousarray(rows.transpose(0, 2, 1)).reshape(-1)
 
 
 def _bias_or_zeros(bias, F, dtype):
@@ -136,12 +156,13 @@ def _band_rows(Ho, margin, n_jobs_per_band, plane_row_bytes):
 
 
 def direct_conv_cpu(x, wt, order, bounds, group_plane, Cg, X, Y, bias, stride, pad, F, transform=None,
-                     out=None):
+                     out=None, prep=None):
     """Run filters (F, Cg*X*Y taps in ``wt``) on the polyphase planes of ``x`` (optionally colour-transformed).
 
     Group g, the filters ``order[bounds[g]:bounds[g + 1]]`` (none empty), reads planes
     ``group_plane[g] : group_plane[g] + Cg``.
-    ``out`` (a C-contiguous (N, F, H', W') array) receives the result when given.
+    ``out`` (a C-contiguous (N, F, H', W') array) receives the result when given. ``prep``: a layer's per-dtype
+    parameter cache (``functional/_prepared.py``), where the micro-kernel's packed filters are kept.
     """
     from ..kernels.cpu import lowrank as K
 
@@ -169,10 +190,7 @@ def direct_conv_cpu(x, wt, order, bounds, group_plane, Cg, X, Y, bias, stride, p
     if tile is not None:
         VW, MR, NV = tile
         blk_f, blk_nf, grp_blk = _blocks(order, bounds, MR)
-        # each block's taps, rows past its filters zero, packed k-major for the micro-kernel
-        rows = np.ascontiguousarray(wt, dtype=x.dtype)[blk_f]                       # (nblk, MR, Tn)
-        rows[np.arange(MR)[None, :] >= blk_nf[:, None]] = 0
-        wp = np.ascontiguousarray(rows.transpose(0, 2, 1)).reshape(-1)
+        wp = prepared(prep, ("cpu-direct-mk", x.dtype, MR), lambda: _pack_blocks(wt, blk_f, blk_nf, MR, x.dtype))
         K.fused_direct_conv_mk(x, T, transform is not None, np.asarray(group_plane, np.int64), Cg, grp_blk, blk_f,
                                blk_nf, tapoff, wp, _bias_or_zeros(bias, F, x.dtype), pad[0], pad[2], Dh, Dw, band,
                                Hb, Wq, MR, VW * NV, out)
@@ -184,9 +202,9 @@ def direct_conv_cpu(x, wt, order, bounds, group_plane, Cg, X, Y, bias, stride, p
     return out
 
 
-def dense_direct(x, w, bias, stride, pad, out=None):
+def dense_direct(x, w, bias, stride, pad, out=None, prep=None):
     """A dense conv (``w`` (F, C, KH, KW), every input channel to every filter) on the direct kernel; stride and
-    padding as :func:`direct_conv_cpu` takes them."""
+    padding as :func:`direct_conv_cpu` takes them, and ``prep`` likewise."""
     F, C, KH, KW = w.shape
     wt = np.ascontiguousarray(w.reshape(F, C * KH * KW))
-    return direct_conv_cpu(x, wt, np.arange(F), [0, F], [0], C, KH, KW, bias, stride, pad, F, out=out)
+    return direct_conv_cpu(x, wt, np.arange(F), [0, F], [0], C, KH, KW, bias, stride, pad, F, out=out, prep=prep)

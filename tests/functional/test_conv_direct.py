@@ -18,6 +18,7 @@ DTYPES = [np.float32, np.float64]
     (1, 5, (3, 2), (2, 3), (0, 1, 2, 0)),        # uneven strides and padding, a short last filter block
     (4, 9, (1, 4), (1, 2), (0, 0, 1, 1)),
     (2, 4, (3, 3), (3, 3), (0, 0, 0, 0)),
+    (40, 33, (5, 5), (2, 1), (1, 2, 0, 1)),       # a wide dense layer: 1000 taps a filter, blocks not all full
 ])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("microkernel", [True, False], ids=["microkernel", "numba"])
@@ -97,8 +98,10 @@ def test_direct_ineligible_is_an_error(rng, kwargs, match):
         conv2d(x, w, algorithm="direct", **kwargs)
 
 
-def test_use_direct_bounds():
-    """The documented bounds of the auto choice, each on both sides (shapes only; nothing is run)."""
+def test_use_direct_bounds(monkeypatch):
+    """The documented bounds of the auto choice, each on both sides (shapes only; nothing is run): the numba
+    kernel's bounds (the micro-kernel's rule switched off), then the micro-kernel's."""
+    monkeypatch.setattr(DR, "USE_MICROKERNEL", False)
     ok = dict(x_shape=(8, 4, 64, 64), w_shape=(64, 4, 5, 5), dilation=(1, 1), groups=1, out_hw=(64, 64))
     assert DR.use_direct(**ok)                                               # 100 taps, 64 filters, 4096 positions
     assert not DR.use_direct(**{**ok, "w_shape": (64, 4, 6, 5)})             # 120 taps
@@ -108,6 +111,15 @@ def test_use_direct_bounds():
     assert DR.use_direct(**{**ok, "x_shape": (1, 4, 13, 13), "out_hw": (13, 13)})   # 1.08 M: enough
     assert not DR.use_direct(**{**ok, "dilation": (1, 2)})
     assert not DR.use_direct(**{**ok, "groups": 2})
+    if not DR._taps_tiles(np.float32):
+        return
+    monkeypatch.setattr(DR, "USE_MICROKERNEL", True)
+    wide = dict(x_shape=(8, 96, 55, 55), w_shape=(256, 96, 5, 5), dilation=(1, 1), groups=1, out_hw=(26, 26))
+    assert DR.use_direct(**wide)                                             # 8 images, 5x5, 256 filters
+    assert not DR.use_direct(**{**wide, "x_shape": (7, 96, 55, 55)})          # 7 images
+    assert not DR.use_direct(**{**wide, "w_shape": (256, 96, 4, 6)})          # 24 taps a channel
+    assert not DR.use_direct(**{**wide, "w_shape": (31, 96, 5, 5)})           # 31 filters
+    assert not DR.use_direct(**{**wide, "groups": 2})
 
 
 def test_auto_algorithm_names_what_auto_runs():
@@ -115,4 +127,7 @@ def test_auto_algorithm_names_what_auto_runs():
     one = ((1, 1), (1, 1), 1)
     assert auto_algorithm((4, 3, 32, 32), (64, 3, 5, 5), *one, (32, 32)) == "direct"      # CIFAR conv1
     assert auto_algorithm((1, 3, 224, 224), (96, 3, 7, 7), (2, 2), (1, 1), 1, (110, 110)) == "gemm"   # ZF conv1
+    if DR._taps_tiles(np.float32):
+        # ... at batch 8 and more on the micro-kernel's direct path
+        assert auto_algorithm((8, 3, 224, 224), (96, 3, 7, 7), (2, 2), (1, 1), 1, (110, 110)) == "direct"
     assert auto_algorithm((8, 256, 13, 13), (384, 256, 3, 3), *one, (13, 13)) == "winograd"
