@@ -5,7 +5,7 @@
     python bench/bench_bicluster.py --quick      # tiny shapes, a smoke test
     python bench/bench_bicluster.py --threads 1 --clock thread   # CPU time of one thread: for a busy machine
 
-For every configuration it prints the measured speedup over the dense layer (same run, same threads; blocks of
+For every configuration it prints the measured speedup over the dense ``Conv2d`` layer (same run, same threads; blocks of
 consecutive calls of each, the blocks alternating), the theoretical gain from the cost model
 (``npconv.decompose.cost``, paper form and exact form) and their ratio (measured / paper-form gain; the project's
 goal is >= 0.8). Timing depends only on the shapes, so the factors are random (fitting them would only slow the
@@ -127,14 +127,15 @@ def rows(quick=False):
         base = f"{layer_name}/b{N}/dense"
 
         def dense_setup(N=N):
-            from npconv.functional import conv2d
             from npconv.functional.conv import conv2d_output_shape
+            from npconv.layers import Conv2d
             rng = np.random.default_rng(0)
             x = rng.standard_normal((N, C, H, H)).astype(np.float32)
             w = rng.standard_normal((F, C, K, K)).astype(np.float32)
             b = rng.standard_normal(F).astype(np.float32)
+            dense = Conv2d(w, b, stride=s, padding=p)
             o = np.empty((N,) + conv2d_output_shape((C, H, H), w.shape, stride=s, padding=p), np.float32)
-            return lambda: conv2d(x, w, b, stride=s, padding=p, out=o)
+            return lambda: dense(x, out=o)
 
         from npconv.decompose import cost
         dense_macs = N * cost.conv2d_cost((C, H, H), F, K, stride=s, padding=p).macs
@@ -181,7 +182,7 @@ def main(argv=None):
     clock = time.thread_time if args.clock == "thread" else time.perf_counter
     from bench._env import describe
     from bench._timing import interleaved, thread_info
-    from npconv.functional import conv2d
+    from npconv.layers import Conv2d
     (C, H, F, K, s, p), configs, batches = _case(args.quick, args.layer)
     if args.batches:
         batches = tuple(int(b) for b in args.batches.split(","))
@@ -200,13 +201,15 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     w = rng.standard_normal((F, C, K, K)).astype(np.float32)
     b = rng.standard_normal(F).astype(np.float32)
+    # the dense baseline is the Conv2d layer: it keeps what it derives from its weights, as the factored layers do
+    dense = Conv2d(w, b, stride=s, padding=p)
     for N in batches:
         x = rng.standard_normal((N, C, H, H)).astype(np.float32)
         for name, (kind, opts) in configs.items():
             res, layer = make_layer(kind, opts, C, F, K, s, p)
             paper, exact = theoretical(kind, opts, res, C, H, F, K, s, p)
             o = np.empty((N,) + tuple(layer.output_shape((C, H, H))), np.float32)
-            t = interleaved({"dense": lambda: conv2d(x, w, b, stride=s, padding=p, out=o),
+            t = interleaved({"dense": lambda: dense(x, out=o),
                               "approx": lambda: layer(x, out=o)}, args.repeat, args.min_time, clock)
             td, ta = t["dense"]["median"], t["approx"]["median"]
             speed = td / ta
