@@ -14,8 +14,9 @@ output channels likewise with ``out_perm`` / ``out_offsets``; stacked factor row
 * :func:`bicluster_conv2d` -- either of the first two, chosen by the number of factor arrays (8: CP, 7: SVD),
   so ``bicluster_conv2d(x, *result)`` runs a decomposition result directly.
 
-CPU (NumPy): numba kernels + BLAS, over chunks of the batch so the workspace stays bounded
-(``_WORKSPACE_BYTES``). The expansion of output group h is ONE GEMM ``expand_h (F_h, G*K) @ Z_h (G*K, chunk*P)``;
+CPU (NumPy): numba kernels + matrix products (npconv's GEMM micro-kernel where the CPU has AVX2 or AVX-512, else
+BLAS), over chunks of the batch so the workspace stays bounded (``_WORKSPACE_BYTES``). The expansion of output
+group h is ONE product ``expand_h (F_h, G*K) @ Z_h (G*K, chunk*P)``, stored into the group's output channels;
 the CP front end (reduction + both spatial passes) is one fused numba kernel parallel over components; the SVD
 form is three GEMM stages (a channel-major im2col feeds the middle one).
 

@@ -1,17 +1,20 @@
 """2-D convolution (cross-correlation, as in every CNN framework), NCHW.
 
 CPU algorithm: for a chunk of images, a numba kernel packs the receptive fields of one group of channels into a
-column matrix ``col`` of shape (C/groups*KH*KW [+1], chunk*OH*OW), reading each input plane from a padded,
-stride-phase-split copy so that every packed row is contiguous copies; one BLAS GEMM ``w_g [| b_g] @ col`` then
-gives that group's outputs for the whole chunk (the bias rides in the GEMM as a row of ones when the output is
-larger than the weights). A chunk of one image writes straight into the output; a larger chunk (small images) goes
-through a staging buffer, whose scatter adds the bias. The chunk
-is chosen so that the GEMM has enough columns to run at full speed and the workspace stays under
-``_WORKSPACE_BYTES`` whatever the batch size. A 1x1, stride-1, unpadded convolution skips the packing. A grouped
-convolution with one input channel per group (depthwise) runs as direct numba loops. Two other algorithms are
-chosen where they are faster (``algorithm="auto"``): Winograd F(2x2, 3x3) for large enough 3x3 layers
-(``_winograd.py``), and for convs with few taps per filter, such as a network's first layer (3 channels), the
-im2col-free direct kernel (``_direct.py``), whose GEMM would be too shallow to pay for its packing.
+column matrix ``col`` of shape (C/groups*KH*KW, chunk*OH*OW), reading each input plane from a padded,
+stride-phase-split copy so that every packed row is contiguous copies; one matrix product ``w_g @ col`` then gives
+that group's outputs for the whole chunk. Where the CPU has AVX2 or AVX-512 the product is npconv's own GEMM
+micro-kernel (``kernels/cpu/gemm.py``), which stores each image's output rows directly with the bias; a layer keeps
+the weights packed for it, and a functional call too small to pay for packing them (``_MK_PACK_COLUMNS``) takes
+BLAS. On the BLAS path the bias rides in the GEMM as a row of ones when the output is larger than the weights, a
+chunk of one image writes straight into the output, and a larger chunk goes through a staging buffer whose scatter
+adds the bias. The chunk is chosen so that the product has enough columns to run at full speed and the workspace
+stays under ``_WORKSPACE_BYTES`` whatever the batch size. A 1x1, stride-1, unpadded convolution skips the packing.
+A grouped convolution with one input channel per group (depthwise) runs as direct numba loops. Two other
+algorithms are chosen where they are faster (``algorithm="auto"``): Winograd F(2x2, 3x3) for large enough 3x3
+layers (``_winograd.py``), and the im2col-free direct kernel (``_direct.py``) for convs with few taps per filter,
+such as a network's first layer (3 channels), and, on the micro-kernel, for 5x5 and larger kernels from 8 images
+on.
 
 GPU: CuPy arrays go to ``npconv.kernels.cuda.ops.conv2d`` (im2col kernel + cuBLAS).
 """

@@ -85,6 +85,16 @@ def _fill_band(x, n, c, i0, nq, pt, pl, Dh, Dw, buf):
 
 
 @numba.njit(cache=True, nogil=True)
+def _band_job(job, nband, band, Ho, Hb):
+    """Job ``job`` of the direct kernels: its image, first output row, rows, and the plane rows its band reads (all
+    of them are filled)."""
+    n = job // nband
+    i0 = (job - n * nband) * band
+    rows = min(band, Ho - i0)
+    return n, i0, rows, rows + (Hb - band)
+
+
+@numba.njit(cache=True, nogil=True)
 def _band_buffers(x, n, i0, nq, pt, pl, Dh, Dw, Hb, Wq, has_T, slack):
     """A job's buffers: every input channel's polyphase rows for the band at output row ``i0`` (``_fill_band``),
     and room for one colour plane when ``has_T``; each with ``slack`` zeros past its end (the tap loads of the
@@ -228,10 +238,7 @@ def fused_direct_conv(x, T, has_T, grp_plane, Cg, grp_blk, blk_f, blk_nf, tapoff
     nband = (Ho + band - 1) // band
     plane = Dh * Dw * Hb * Wq
     for job in numba.prange(N * nband):
-        n = job // nband
-        i0 = (job - n * nband) * band
-        rows = min(band, Ho - i0)
-        nq = rows + (Hb - band)          # the plane rows this band reads (all of them are filled)
+        n, i0, rows, nq = _band_job(job, nband, band, Ho, Hb)
         xbuf, cbuf = _band_buffers(x, n, i0, nq, pt, pl, Dh, Dw, Hb, Wq, has_T, Wq)
         # chunks of whole rows (about CHUNK positions): the write-out is a plain copy of Wo columns per row
         crows = max(1, CHUNK // Wq)
@@ -281,10 +288,7 @@ def fused_direct_conv_mk(x, T, has_T, grp_plane, Cg, grp_blk, blk_f, blk_nf, tap
     nband = (Ho + band - 1) // band
     plane = Dh * Dw * Hb * Wq
     for job in numba.prange(N * nband):
-        n = job // nband
-        i0 = (job - n * nband) * band
-        rows = min(band, Ho - i0)
-        nq = rows + (Hb - band)
+        n, i0, rows, nq = _band_job(job, nband, band, Ho, Hb)
         xbuf, cbuf = _band_buffers(x, n, i0, nq, pt, pl, Dh, Dw, Hb, Wq, has_T, Wq + NR)
         L = rows * Wq
         Lp = (L + NR - 1) // NR * NR
