@@ -14,6 +14,7 @@ import numba
 import numpy as np
 
 from .._workspace import WS
+from ._prepared import prepared
 
 __all__ = ["use_winograd", "winograd_eligible", "conv2d_winograd_cpu"]
 
@@ -21,6 +22,9 @@ __all__ = ["use_winograd", "winograd_eligible", "conv2d_winograd_cpu"]
 _WORKSPACE_BYTES = 48 * 2**20
 #: tiles (GEMM columns) per chunk above which a larger chunk stops paying
 _TARGET_TILES = 512
+#: a layer's 16 GEMMs on npconv's micro-kernel (``kernels/cpu/gemm.py``) where the CPU has one; a module constant for
+#: same-process comparisons, not a user setting
+USE_MICROKERNEL = True
 #: "auto" uses Winograd from this many input and output channels ...
 MIN_CHANNELS = 32
 #: ... and this many 2x2 output tiles per call (below, the GEMMs are too narrow and im2col + GEMM is as fast)
@@ -54,9 +58,11 @@ def _stack(buf, stride, rows, cols):
     return buf[:16 * stride].reshape(16, stride)[:, :rows * cols].reshape(16, rows, cols)
 
 
-def conv2d_winograd_cpu(x, w, bias, pad, OH, OW, out=None):
+def conv2d_winograd_cpu(x, w, bias, pad, OH, OW, out=None, prep=None):
     """``conv2d`` of contiguous ``x`` (N, C, H, W) by 3x3 ``w`` (F, C, 3, 3), stride 1, padding ``pad``
-    (top, bottom, left, right) to an (OH, OW) output; ``bias`` (F,) or None. Geometry already validated."""
+    (top, bottom, left, right) to an (OH, OW) output; ``bias`` (F,) or None. Geometry already validated.
+    ``prep``: a layer's per-dtype parameter cache, where the 16 GEMMs' packed weights are kept for npconv's GEMM
+    micro-kernel (``USE_MICROKERNEL``); without it the GEMMs are one batched BLAS ``np.matmul``."""
     from ..kernels.cpu import winograd as KW
     N, C = x.shape[:2]
     F = w.shape[0]
@@ -68,11 +74,23 @@ def conv2d_winograd_cpu(x, w, bias, pad, OH, OW, out=None):
     chunk = max(1, min(N, -(-_TARGET_TILES // TT), _WORKSPACE_BYTES // max(per_img, 1)))
     su = _stride(F * C)
     u_buf = WS.get("wino.U", 16 * su, dt)
-    KW.weight_transform(w, u_buf, su)
-    U = _stack(u_buf, su, F, C)
+
+    def transformed():
+        KW.weight_transform(w, u_buf, su)
+        return _stack(u_buf, su, F, C)
+
+    packs = tile = U = None
+    if USE_MICROKERNEL and prep is not None:
+        from ..kernels.cpu import gemm as KG
+        tile = KG.tile_shape(dt)
+    if tile is not None:
+        # the transformed weights, packed, kept by the layer: no weight transform on later calls
+        packs = prepared(prep, ("cpu-wino-mk", dt), lambda: [KG.pack_a(u, tile[1]) for u in transformed()])
+    else:
+        U = transformed()
     sv_max = _stride(C * chunk * TT)
     sm_max = _stride(F * chunk * TT)
-    v_buf = WS.get("wino.V", 16 * sv_max, dt)
+    v_buf = WS.get("wino.V", 16 * sv_max + 64, dt)      # + the micro-kernel's readable slack past the last V
     m_buf = WS.get("wino.M", 16 * sm_max, dt)
     nth = numba.get_num_threads()
     srow = (2 * TH + 2) * (2 * TW + 2) + 4 * (2 * TW + 2)
@@ -87,6 +105,10 @@ def conv2d_winograd_cpu(x, w, bias, pad, OH, OW, out=None):
         sv = _stride(C * T)
         sm = _stride(F * T)
         KW.input_transform(x, n0, m, pad[0], pad[2], TH, TW, v_buf, T, sv, scratch)
-        np.matmul(U, _stack(v_buf, sv, C, T), out=_stack(m_buf, sm, F, T))
+        if packs is not None:
+            for xi in range(16):
+                KG.matmul(packs[xi], F, C, tile, v_buf[xi * sv:], T, T, m_buf[xi * sm:])
+        else:
+            np.matmul(U, _stack(v_buf, sv, C, T), out=_stack(m_buf, sm, F, T))
         KW.output_transform(m_buf, T, sm, n0, m, TH, TW, b, has_b, out)
     return out

@@ -161,7 +161,8 @@ def _conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1, algorith
         algorithm = auto_algorithm(x.shape, w.shape, stride, dilation, groups, (OH, OW))
     if algorithm == "winograd":
         return WG.conv2d_winograd_cpu(np.ascontiguousarray(x), np.ascontiguousarray(w),
-                                      None if b is None else np.ascontiguousarray(b), pad, OH, OW, out=out)
+                                      None if b is None else np.ascontiguousarray(b), pad, OH, OW, out=out,
+                                      prep=prep)
     if algorithm == "direct":
         return DR.dense_direct(x, w, b, stride, pad, out=out, prep=prep)
     return _conv2d_cpu(x, w, b, stride, pad, dilation, groups, OH, OW, out, prep)
