@@ -1,9 +1,10 @@
 """CPU driver of the Winograd F(2x2, 3x3) convolution (kernels in :mod:`npconv.kernels.cpu.winograd`).
 
-Per chunk of images: the input transform ``V`` (16, C, T) of the chunk's T tiles, 16 BLAS GEMMs
-``M[xi] = U[xi] (F, C) @ V[xi] (C, T)`` (one batched ``np.matmul``), and the output transform straight into the
-NCHW output with the bias. The transformed weights ``U`` (16, F, C) are computed once per call (about 1% of a
-batch-8 call on AlexNet conv3-5 shapes).
+Per chunk of images: the input transform ``V`` (16, C, T) of the chunk's T tiles, 16 GEMMs
+``M[xi] = U[xi] (F, C) @ V[xi] (C, T)``, and the output transform straight into the NCHW output with the bias. A
+layer's GEMMs run on npconv's micro-kernel with the transformed weights ``U`` (16, F, C) packed and kept by the
+layer; a functional call's are one batched BLAS ``np.matmul``, with ``U`` computed per call (about 1% of a batch-8
+call on AlexNet conv3-5 shapes).
 
 :func:`use_winograd` decides for ``conv2d(..., algorithm="auto")``: 3x3, stride 1, no dilation, no groups, enough
 channels for the GEMMs to run at speed, and enough tiles per call for the transforms to pay (see the thresholds).
