@@ -82,10 +82,12 @@ def _taps_tiles(dtype):
 
 
 def _pack_blocks(wt, blk_f, blk_nf, MR, dtype):
-    """Each filter block's taps packed k-major for the micro-kernel, the rows past its filters zero (flat)."""
+    """Each filter block's taps packed k-major for the micro-kernel (``gemm.pack_a`` of the blocks' rows stacked),
+    the rows past its filters zero (flat)."""
+    from ..kernels.cpu import gemm as KG
     rows = np.ascontiguousarray(wt, dtype=dtype)[blk_f]                       # (nblk, MR, Tn)
     rows[np.arange(MR)[None, :] >= blk_nf[:, None]] = 0
-    return np.ascontiguousarray(rows.transpose(0, 2, 1)).reshape(-1)
+    return KG.pack_a(rows.reshape(-1, rows.shape[2]), MR)
 
 
 def _bias_or_zeros(bias, F, dtype):

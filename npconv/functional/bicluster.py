@@ -314,40 +314,43 @@ def _chunk(N, P, per_img_items, itemsize, cache_bytes=None):
     return max(1, min(N, -(-_TARGET_COLUMNS // P), cache // per, _WORKSPACE_BYTES // per))
 
 
-def _expand_packs(prep, key, expand, out_off, dt):
-    """(tile, per-output-group packed expansions) for the GEMM micro-kernel (``kernels/cpu/gemm.py``), kept in the
-    layer's cache under ``key``; (None, None) where the CPU has no micro-kernel (BLAS then)."""
+def _expand_packs(prep, key, expand, out_off, out_perm, bias, dt):
+    """(tile, per-output-group packed expansions, per-output-group biases in ``out_perm`` order) for the GEMM
+    micro-kernel (``kernels/cpu/gemm.py``), the packs kept in the layer's cache under ``key``; (None, None, None)
+    where the CPU has no micro-kernel (BLAS then)."""
     from ..kernels.cpu import gemm as KG
     tile = KG.tile_shape(dt) if USE_MICROKERNEL else None
     if tile is None:
-        return None, None
+        return None, None, None
+    H = out_off.shape[0] - 1
 
     def make():
         G, Kc = expand.shape[1:]
         return [KG.pack_a(np.ascontiguousarray(expand[int(out_off[h]):int(out_off[h + 1])]).reshape(-1, G * Kc)
-                          .astype(dt, copy=False), tile[1]) for h in range(out_off.shape[0] - 1)]
-    return tile, prepared(prep, key, make)
+                          .astype(dt, copy=False), tile[1]) for h in range(H)]
+    biases = None if bias is None else [bias[out_perm[int(out_off[h]):int(out_off[h + 1])]] for h in range(H)]
+    return tile, prepared(prep, key, make), biases
 
 
-def _expand_scatter(z_buf, Z, expand, out_perm, out_off, bias, n0, m, P, ybuf, y3, mk=(None, None)):
+def _expand_scatter(z_buf, Z, expand, out_perm, out_off, bias, n0, m, P, y_buf, y3, mk):
     """The expansion of each output group h, ``expand_h @ Z[h]``, into the output channels ``out_perm`` of group h,
     with the bias: with the micro-kernel (``mk`` from :func:`_expand_packs`) one product per group stores straight
-    into ``y3``'s rows; else one BLAS GEMM per group into ``ybuf``, then a scatter. ``Z`` is a view of ``z_buf``,
-    which has :data:`_SLACK` readable values past it."""
+    into ``y3``'s rows; else (``mk[0]`` None) one BLAS GEMM per group into the staging buffer ``y_buf``, then a
+    scatter. ``Z`` is a view of ``z_buf``, which has :data:`_SLACK` readable values past it."""
     from ..kernels.cpu import bicluster as KB
     G = expand.shape[1]
     Kc = expand.shape[2]
-    tile, packs = mk
-    if packs is not None:
+    tile, packs, biases = mk
+    if tile is not None:
         from ..kernels.cpu import gemm as KG
-        N, F = y3.shape[:2]
+        F = y3.shape[1]
         yflat = y3.reshape(-1)[n0 * F * P:]
         for h in range(out_off.shape[0] - 1):
             o0, o1 = int(out_off[h]), int(out_off[h + 1])
-            rows = out_perm[o0:o1]
             KG.matmul(packs[h], o1 - o0, G * Kc, tile, z_buf[h * G * Kc * m * P:], m * P, P, yflat, nimg=m,
-                      cimg=F * P, bias=None if bias is None else np.ascontiguousarray(bias[rows]), rowmap=rows)
+                      cimg=F * P, bias=None if biases is None else biases[h], rowmap=out_perm[o0:o1])
         return
+    ybuf = y_buf[:y3.shape[1] * m * P].reshape(y3.shape[1], m * P)
     for h in range(out_off.shape[0] - 1):
         o0, o1 = int(out_off[h]), int(out_off[h + 1])
         eh = expand[o0:o1].reshape(o1 - o0, G * Kc)
@@ -453,8 +456,8 @@ def _cp_cpu(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, 
     else:
         xs_buf = np.zeros(0, dt)
     z_buf = WS.get("z", nb * per_z + _SLACK, dt)
-    y_buf = WS.get("y", nb * F * P, dt)
-    mk = _expand_packs(prep, ("cpu-cp-mk", dt), expand, out_off, dt)
+    mk = _expand_packs(prep, ("cpu-cp-mk", dt), expand, out_off, out_perm, bias, dt)
+    y_buf = WS.get("y", nb * F * P, dt) if mk[0] is None else None     # the BLAS path's staging buffer
     nth = numba.get_num_threads()
     srow = KB.cp_scratch_size(sh, sw, R, Mp, OH, cg_max if own else 0, rfirst)
     scratch = WS.get_aligned("front", nth * srow, dt).reshape(nth, srow)
@@ -465,10 +468,9 @@ def _cp_cpu(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, 
         if not own:
             _pack_chunk(x, n0, m, inv_perm, pad, stride, R, Mp, xs_buf, True)
         Z = z_buf[:m * per_z].reshape(H, G * K, m * P)
-        ybuf = y_buf[:m * F * P].reshape(F, m * P)
         KB.cp_front(xs_buf, x, n0, in_perm, pad[0], pad[2], m, C, sh, sw, R, Mp, in_off, hcoef, vertical, OH, OW,
                     nsplit, Z, scratch, rfirst, rcoef, hor)
-        _expand_scatter(z_buf, Z, expand, out_perm, out_off, bias, n0, m, P, ybuf, y3, mk)
+        _expand_scatter(z_buf, Z, expand, out_perm, out_off, bias, n0, m, P, y_buf, y3, mk)
     return y
 
 
@@ -547,8 +549,8 @@ def _svd_cpu(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bia
     nblk_col = G * H if nb >= N and G * H * nb * per_col * dt.itemsize <= _WORKSPACE_BYTES else 1
     col_buf = WS.get("col", nblk_col * nb * per_col + _SLACK, dt)
     z2_buf = WS.get("z2", nb * per_z2 + _SLACK, dt)
-    y_buf = WS.get("y", nb * F * P, dt)
-    mk = _expand_packs(prep, ("cpu-svd-mk", dt), expand_p, out_off, dt)
+    mk = _expand_packs(prep, ("cpu-svd-mk", dt), expand_p, out_off, out_perm, bias, dt)
+    y_buf = WS.get("y", nb * F * P, dt) if mk[0] is None else None     # the BLAS path's staging buffer
     tile = mk[0]
     if tile is not None:
         from ..kernels.cpu import gemm as KG
@@ -595,8 +597,7 @@ def _svd_cpu(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bia
             for b in range(G * H):
                 KB.im2col_phase(z1, c0s[b:b + 1], K1, X, Y, OH, OW, col)
                 spatial(b, 0)
-        ybuf = y_buf[:m * F * P].reshape(F, m * P)
-        _expand_scatter(z2_buf, Z, expand_p, out_perm, out_off, bias, n0, m, P, ybuf, y3, mk)
+        _expand_scatter(z2_buf, Z, expand_p, out_perm, out_off, bias, n0, m, P, y_buf, y3, mk)
     return y
 
 
@@ -656,8 +657,8 @@ def _shared_cpu(x, in_perm, in_off, reduce, assign, vertical, horizontal, expand
     dt = x.dtype
     xs_buf = WS.get("xs", nb * C * plane, dt)
     z_buf = WS.get("z", nb * per_z + _SLACK, dt)
-    y_buf = WS.get("y", nb * F * P, dt)
-    mk = _expand_packs(prep, ("cpu-shared-mk", dt), expand, out_off, dt)
+    mk = _expand_packs(prep, ("cpu-shared-mk", dt), expand, out_off, out_perm, bias, dt)
+    y_buf = WS.get("y", nb * F * P, dt) if mk[0] is None else None     # the BLAS path's staging buffer
     y = np.empty((N, F, OH, OW), dt) if out is None else out
     y3 = y.reshape(N, F, P)
     nth = numba.get_num_threads()
@@ -667,9 +668,8 @@ def _shared_cpu(x, in_perm, in_off, reduce, assign, vertical, horizontal, expand
         m = min(nb, N - n0)
         xs = _pack_chunk(x, n0, m, inv_perm, pad, stride, R, M, xs_buf, True)
         Z = z_buf[:m * per_z].reshape(H, G * K, m * P)
-        ybuf = y_buf[:m * F * P].reshape(F, m * P)
         KB.shared_front(xs, in_off, used_ptr, used_filter, vertical, horizontal, reduce, slot, OH, OW, Z, scratch)
-        _expand_scatter(z_buf, Z, expand, out_perm, out_off, bias, n0, m, P, ybuf, y3, mk)
+        _expand_scatter(z_buf, Z, expand, out_perm, out_off, bias, n0, m, P, y_buf, y3, mk)
     return y
 
 

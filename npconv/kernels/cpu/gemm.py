@@ -246,10 +246,9 @@ def gemm_images(ap, M, K, MR, NR, KC, b, ldb, P, nimg, c, cimg, bias, has_bias, 
     last partial panel would waste its unused columns' arithmetic). A job is (panel, group of row blocks); it walks
     ``K`` in blocks of ``KC`` and every row block of its group over the panel's slice of ``b``. A tile inside one
     image and the matrix writes its output rows directly (with the bias); a tile across an image boundary, past
-    the last column or past the last row (or any tile, with a row map) runs into a job-local scratch tile, copied out
-    column by column. ``b``
-    must have ``NR`` readable values past the last column of its last row (the last panel's loads run over it;
-    those columns are never stored).
+    the last column or past the last row (or any tile, with a row map) runs into a job-local scratch tile, copied
+    out in runs of columns. ``b`` must have ``NR`` readable values past the last column of its last row (the last
+    panel's loads run over it; those columns are never stored).
     """
     nblk = (M + MR - 1) // MR
     total = nimg * P
