@@ -12,22 +12,21 @@ its im2col kernel alone, its GEMM alone in both operand orders and chunk sizes, 
 same shape (TF32 off on both sides). ``ncu`` runs each workload once between ``cudaProfilerStart`` and ``Stop`` after
 a warm-up, so that ``ncu --profile-from-start off`` sees only the timed kernels (``NCU_WORKLOADS``; ``--workloads
 b128``: npconv and cuDNN conv2, the biclustered CP layer with K = 8 and 12 and the monochromatic conv1 with C' = 24 at
-batch 128; ``b1``: conv2 and CP K = 8 at batch 1, where the layers' time hardly depends on their work).
-``host`` answers the batch-1 question from the host side: for eager calls at batch 1 of ZF conv2 (also
-``conv2_cublas``, its product through CuPy's Cython binding of cuBLAS, ``_gemm.EAGER_CUBLAS``) and conv3, the CP layer
-(K = 8), the SVD layer ((K1, K2) = (19, 51)), the shared separable layer (K = 6, S = 4) and the whole dense ZF network
-(also ``zf_dense_net_cublas``) it measures the time per call when calls are queued back to back (one synchronisation
-at the end) and when each call is synchronised, and profiles the calls with cProfile, splitting the host time between
-npconv's Python, CuPy, NumPy and the rest (``host_split``).
+batch 128; ``b1``: conv2 and CP K = 8 at batch 1, where the layers' time hardly depends on their work; ``convs``:
+npconv and cuDNN ZF conv3 and conv4 at batch 8, im2col + cuBLAS on npconv's side).
+``host`` answers the batch-1 question from the host side: for eager calls at batch 1 of ZF conv2 and conv3, the CP
+layer (K = 8), the SVD layer ((K1, K2) = (19, 51)), the shared separable layer (K = 6, S = 4) and the whole dense ZF
+network it measures the time per call when calls are queued back to back (one synchronisation at the end) and when
+each call is synchronised, and profiles the calls with cProfile, splitting the host time between npconv's Python,
+CuPy, NumPy and the rest (``host_split``).
 ``small`` measures small batches, where a call's time is mostly the host's: ZF conv2-conv5 at batches 1-32, npconv
-(``npconv``: its products through ``cupy.matmul``; ``npconv_cublas``: through the Cython binding) and cuDNN; the
-biclustered CP conv2 (K = 8, 12) at batches 1-8 with its expansion fused (``bic_expand``) and as GEMMs + scatters
-(the rule ``ops_bicluster.EXPAND_TILED_MAX_COLUMNS``); the biclustered SVD conv2 (19, 51) with its gather and
-reductions fused (``bic_reduce``) and as ``bic_gather`` + GEMMs (``REDUCE_TILED_MAX_COLUMNS``); the shared separable
-conv2 (K = 6, S = 4) with its combination and expansion fused (``bic_expand_shared``) and as ``bic_shared_combine`` +
-GEMMs + scatters (``EXPAND_TILED_MAX_COLUMNS``). Each as the latency of one call (CUDA events around it, after a
-synchronize; the variants of a row in alternation, ``bench_gpu.time_interleaved``) and as the time per call of 50
-calls queued back to back.
+and cuDNN; the biclustered CP conv2 (K = 8, 12) at batches 1-8 with its expansion fused (``bic_expand``) and as
+GEMMs + scatters (the rule ``ops_bicluster.EXPAND_TILED_MAX_COLUMNS``); the biclustered SVD conv2 (19, 51) with its
+gather and reductions fused (``bic_reduce``) and as ``bic_gather`` + GEMMs (``REDUCE_TILED_MAX_COLUMNS``); the
+shared separable conv2 (K = 6, S = 4) with its combination and expansion fused (``bic_expand_shared``) and as
+``bic_shared_combine`` + GEMMs + scatters (``EXPAND_TILED_MAX_COLUMNS``). Each as the latency of one call (CUDA
+events around it, after a synchronize; the variants of a row in alternation, ``bench_gpu.time_interleaved``) and as
+the time per call of 50 calls queued back to back.
 ``cpblock`` times the biclustered CP conv2 (K = 6, 8, 12, batch 128) with ``ops_bicluster.CP_IMAGES_PER_BLOCK`` at
 1, 2 and 4 in alternation, and checks that the outputs agree (``ncu --workloads cp`` profiles the front end alone).
 """
@@ -132,10 +131,11 @@ def _profiled(run, name):
     print(f"profiled {name}", flush=True)
 
 
-#: the ncu workloads: name -> (batch, what); "conv2" is npconv's dense ZF conv2 and cuDNN's, "cp<K>" the biclustered
+#: the ncu workloads: name -> (batch, what); "conv<k>" is npconv's dense ZF conv<k> and cuDNN's, "cp<K>" the biclustered
 #: CP layer G=48 H=2 with that K, "mono<C'>" the monochromatic ZF conv1 with C' colours
 NCU_WORKLOADS = {"b128": ((128, "conv2"), (128, "cp8"), (128, "cp12"), (128, "mono24")),
                  "b1": ((1, "conv2"), (1, "cp8")),
+                 "convs": ((8, "conv3"), (8, "conv4")),
                  "cp": ((128, "cp6"), (128, "cp8"), (128, "cp12"), (1, "cp8"), (1, "cp12"))}
 
 
@@ -149,17 +149,17 @@ def ncu_workloads(which="b128"):
     from npconv.functional import conv2d
     torch = torch_cuda()
     for N, what in NCU_WORKLOADS[which]:
-        if what == "conv2":
-            geom = SHAPES["zf_conv2"]
+        if what.startswith("conv"):
+            geom = SHAPES["zf_conv2"] if what == "conv2" else ZF_CONVS[what]
             C, H, F, K, s, p = geom
             x, w, b = _conv_inputs(cp, geom, N)
-            _profiled(lambda: conv2d(x, w, b, stride=s, padding=p), f"npconv_conv2_b{N}")
+            _profiled(lambda: conv2d(x, w, b, stride=s, padding=p), f"npconv_{what}_b{N}")
             if torch is not None:
                 torch.backends.cudnn.benchmark = True
                 tx, tw, tb = (torch.as_tensor(a, device="cuda") for a in (x, w, b))
                 with torch.no_grad():
                     _profiled(lambda: torch.nn.functional.conv2d(tx, tw, tb, stride=s, padding=p),
-                              f"cudnn_conv2_b{N}")
+                              f"cudnn_{what}_b{N}")
             del x
         elif what.startswith("cp"):
             _profiled(factored_callable("cp", (48, 2, int(what[2:])), N, ZF_CONV2, np.float32), f"{what}_b{N}")
@@ -188,21 +188,6 @@ def host_split(stats):
 
 #: the host probe's small shapes (``--quick``): a conv2-like layer, and the CP layer on it
 QUICK_CONV2 = (8, 11, 16, 5, 2, 0)
-
-
-def eager_cublas(fn):
-    """``fn`` with its eager products through CuPy's Cython binding of cuBLAS (``_gemm.EAGER_CUBLAS``; where the
-    binding cannot be imported, still ``cupy.matmul``), the setting restored after each call."""
-    from npconv.kernels.cuda import _gemm
-
-    def run():
-        saved = _gemm.EAGER_CUBLAS
-        _gemm.EAGER_CUBLAS = True
-        try:
-            return fn()
-        finally:
-            _gemm.EAGER_CUBLAS = saved
-    return run
 
 
 def host(calls=200, quick=False):
@@ -235,13 +220,11 @@ def host(calls=200, quick=False):
     x3, w3, b3 = _conv_inputs(cp, geom if quick else ZF_CONVS["conv3"], 1)
     s3, p3 = (s, p) if quick else ZF_CONVS["conv3"][4:]
     work = {"conv2": lambda: conv2d(x, w, b, stride=s, padding=p),
-            "conv2_cublas": eager_cublas(lambda: conv2d(x, w, b, stride=s, padding=p)),
             "conv3": lambda: conv2d(x3, w3, b3, stride=s3, padding=p3),
             f"cp{cp_opts[2]}": factored_callable("cp", cp_opts, 1, geom if quick else ZF_CONV2, np.float32),
             "svd": factored_callable("svd", svd_opts, 1, geom if quick else ZF_CONV2, np.float32),
             "shared": factored_callable("shared", shared_opts, 1, geom if quick else ZF_CONV2, np.float32),
-            "zf_dense_net": lambda: net.forward(xn),
-            "zf_dense_net_cublas": eager_cublas(lambda: net.forward(xn))}
+            "zf_dense_net": lambda: net.forward(xn)}
     res = {}
     for name, fn in work.items():
         for _ in range(warm):
@@ -314,8 +297,7 @@ def probe_small(batches=(1, 2, 4, 8, 16, 32), cp_batches=(1, 2, 4, 8), repeat=30
         C, H, F, K, s, p = geom
         for N in batches:
             x, w, b = _conv_inputs(cp, geom, N)
-            cases = {"npconv": (lambda: conv2d(x, w, b, stride=s, padding=p), "cupy"),
-                     "npconv_cublas": (eager_cublas(lambda: conv2d(x, w, b, stride=s, padding=p)), "cupy")}
+            cases = {"npconv": (lambda: conv2d(x, w, b, stride=s, padding=p), "cupy")}
             if torch is not None:
                 torch.backends.cudnn.benchmark = True
                 tx, tw, tb = (torch.as_tensor(a, device="cuda") for a in (x, w, b))

@@ -8,13 +8,14 @@
 #                                                 # and, only when named: probe host small cpblock ncu memcheck
 #                                                 # racecheck
 #
-# probe: bench/gpu_profile.py's CUDA-event times of the parts of the dense conv2 and of variants; host: its split
-# of the host time of eager batch-1 calls (npconv's Python, CuPy, NumPy) and the per-call times, queued and
-# synchronised; small: its timings at small batches (dense convs against cuDNN, the biclustered CP expansion and
-# SVD reduction fused or not); cpblock: the CP layer with 1, 2, 4 images a bic_cp_front block; ncu: Nsight Compute on bench/gpu_profile.py's
-# workloads (report and its details page; NCU_SET=b1 for the batch-1 set, cp for the CP front end); memcheck /
-# racecheck: compute-sanitizer over the float32 GPU tests (racecheck: the kernels with shared memory; RACECHECK_K
-# narrows its pytest -k expression), each stopped at its time limit.
+# probe: bench/gpu_profile.py's CUDA-event times of the parts of the dense conv2 and of variants; host: its split of
+# the host time of eager batch-1 calls (npconv's Python, CuPy, NumPy) and the per-call times, queued and
+# synchronised; small: its timings at small batches (dense convs against cuDNN, the biclustered CP expansion and SVD
+# reduction fused or not); cpblock: the CP layer with 1, 2, 4 images a bic_cp_front block; ncu: Nsight Compute on
+# bench/gpu_profile.py's workloads (report and its details page; NCU_SET=b1 for the batch-1 set, cp for the CP front
+# end, convs for conv3/conv4 at batch 8); memcheck / racecheck: compute-sanitizer over the float32 GPU tests
+# (racecheck: the kernels with shared memory; RACECHECK_K narrows its pytest -k expression), each stopped at its
+# time limit.
 #
 # Environment: PYTHON (default python3), NPCONV_TEST_JOBS (pytest-xdist workers, default 8), TESTS_LIMIT and
 # SUITE_LIMIT (seconds), TAIL_LINES (log lines echoed per step), PACK (where the .tgz goes).

@@ -1,7 +1,6 @@
 """npconv/kernels/cuda/_gemm.py on a real device: matrix products recorded in a CUDA graph (where CuPy refuses
 cuBLAS and ``_gemm`` calls it through ctypes) equal ``cupy.matmul`` for every operand layout the GPU path uses;
-outside a recording ``_gemm.matmul`` is ``cupy.matmul``, and with ``_gemm.EAGER_CUBLAS`` its products through CuPy's
-Cython binding of cuBLAS equal it. The argument mapping itself is checked without a GPU in
+outside a recording ``_gemm.matmul`` is ``cupy.matmul``. The argument mapping itself is checked without a GPU in
 tests/kernels/test_cuda_gemm.py.
 
 Skipped without a CUDA device; ``NPCONV_REQUIRE_GPU=1`` makes the skips failures.
@@ -52,30 +51,3 @@ def test_matmul_outside_a_recording_is_cupy_matmul(cp, rng, dtype):
     from npconv.kernels.cuda import _gemm
     for a, b in _layouts(cp, rng, dtype):
         np.testing.assert_array_equal(cp.asnumpy(_gemm.matmul(a, b)), cp.asnumpy(cp.matmul(a, b)))
-
-
-def test_eager_cublas_equals_cupy_matmul(cp, rng, dtype, monkeypatch):
-    """``_gemm.EAGER_CUBLAS`` (the products through CuPy's Cython binding of cuBLAS): every layout equals
-    ``cupy.matmul``, into new arrays and into ``out``, on a non-default stream too; the handle's pointer mode is left
-    as it was."""
-    from npconv.kernels.cuda import _gemm
-    lib = _gemm._cython_cublas()
-    if lib is None:
-        pytest.skip("this cupy has no cupy_backends.cuda.libs.cublas (the CPU-emulator stand-in)")
-    monkeypatch.setattr(_gemm, "EAGER_CUBLAS", True)
-    tol = 1e-4 if dtype == np.float32 else 1e-10
-    handle = cp.cuda.device.get_cublas_handle()
-    mode = lib.getPointerMode(handle)
-    stream = cp.cuda.Stream(non_blocking=True)
-    for use_stream in (False, True):
-        with (stream if use_stream else cp.cuda.Stream.null):
-            for a, b in _layouts(cp, rng, dtype):
-                ref = cp.asnumpy(cp.matmul(a, b))
-                got = _gemm.matmul(a, b)
-                out = cp.empty(ref.shape, dtype=dtype)
-                assert _gemm.matmul(a, b, out=out) is out
-                cp.cuda.get_current_stream().synchronize()
-                for g in (got, out):
-                    np.testing.assert_allclose(cp.asnumpy(g), ref, rtol=tol,
-                                               atol=tol * max(1.0, float(np.abs(ref).max())))
-    assert lib.getPointerMode(handle) == mode

@@ -7,10 +7,9 @@ CuPy's own cuBLAS handle and the capturing stream. Outside a capture it is ``cup
 made eagerly through ctypes was measured on an H100 (twelfth session, docs/gpu_results.md) and was not faster, its
 host time per call about that of ``cupy.matmul`` (ctypes converts every argument of every call).
 
-:data:`EAGER_CUBLAS` (off by default) makes eager products call the same GEMM through CuPy's Cython binding of
-cuBLAS (``cupy_backends.cuda.libs.cublas``, which sets the handle's stream itself), where a call costs about what a
-Python function call does. It has not been timed on a GPU yet (``bench/gpu_profile.py host`` times both);
-``cupy.matmul`` serves where the binding cannot be imported.
+Eager products through CuPy's Cython binding of cuBLAS (``cupy_backends.cuda.libs.cublas``) were tried as well
+(thirteenth session) and timed on an H100 (fifteenth session): no faster than ``cupy.matmul`` either (ZF conv2-conv5
+at batches 1-32, 0.96-1.0x queued, 0.71x for conv3 at batch 1), and were removed.
 
 The captured product is row-major ``C = A @ B`` done the usual way on a column-major library: a row-major matrix
 with leading dimension ``ld`` is the column-major transpose, so cuBLAS computes ``C^T = B^T A^T``. Each operand is
@@ -29,13 +28,6 @@ from ... import _backend
 OP_N, OP_T = 0, 1          # cublasOperation_t
 POINTER_MODE_HOST = 0      # cublasPointerMode_t
 
-#: eager products through CuPy's Cython binding of cuBLAS instead of ``cupy.matmul`` (see the module docstring)
-EAGER_CUBLAS = False
-
-#: alpha = 1 and beta = 0 in host memory, per dtype, for the eager direct call
-_HOST_SCALARS = {np.dtype(t): (np.ones(1, t), np.zeros(1, t)) for t in (np.float32, np.float64)}
-
-
 def matmul(a, b, out=None):
     """``cupy.matmul(a, b, out=out)`` for a (..., M, K) and b (..., K, N), 2-D or 3-D, also while a CUDA graph is
     being recorded on the current stream."""
@@ -43,10 +35,6 @@ def matmul(a, b, out=None):
     stream = cp.cuda.get_current_stream()
     if stream.is_capturing():
         return _captured_matmul(cp, a, b, out, stream)
-    if EAGER_CUBLAS:
-        lib = _cython_cublas()
-        if lib is not None:
-            return _direct_matmul(cp, lib, a, b, out)
     return cp.matmul(a, b, out=out)
 
 
@@ -110,39 +98,6 @@ def _operands(cp, a, b, out):
         out.fill(0)
         return a, b, out, None
     return a, b, out, plan
-
-
-@functools.lru_cache(maxsize=1)
-def _cython_cublas():
-    """CuPy's Cython binding of cuBLAS (``cupy_backends.cuda.libs.cublas``), or None where it cannot be imported."""
-    try:
-        from cupy_backends.cuda.libs import cublas
-    except ImportError:
-        return None
-    return cublas
-
-
-def _direct_matmul(cp, lib, a, b, out):
-    """The eager product as one call of ``lib`` (the Cython binding): host pointer mode for the host alpha and beta,
-    the handle's mode restored after."""
-    a, b, out, p = _operands(cp, a, b, out)
-    if p is None:
-        return out
-    dt = np.dtype(out.dtype)
-    one, zero = _HOST_SCALARS[dt]
-    handle = cp.cuda.device.get_cublas_handle()
-    mode = lib.getPointerMode(handle)
-    if mode != POINTER_MODE_HOST:
-        lib.setPointerMode(handle, POINTER_MODE_HOST)
-    fn = lib.sgemmStridedBatched if dt == np.float32 else lib.dgemmStridedBatched
-    try:
-        fn(handle, p["transa"], p["transb"], p["m"], p["n"], p["k"], one.ctypes.data, b.data.ptr, p["lda"],
-           p["stride_a"], a.data.ptr, p["ldb"], p["stride_b"], zero.ctypes.data, out.data.ptr, p["ldc"],
-           p["stride_c"], p["batch"])
-    finally:
-        if mode != POINTER_MODE_HOST:
-            lib.setPointerMode(handle, mode)
-    return out
 
 
 def _captured_matmul(cp, a, b, out, stream):

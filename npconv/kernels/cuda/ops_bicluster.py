@@ -96,10 +96,10 @@ SVD_SMEM_BUDGET = 16 * 1024
 #: batches 1-2, level at 4), and slower at batch 8.
 EXPAND_TILED_MAX_COLUMNS = 4096
 #: the SVD form's gather and reduction take one fused launch (bic_reduce) for at most this many columns (images x
-#: input pixels), bic_gather and a cuBLAS GEMM an input group above. The bound is bic_expand's, taken over: at batch 1
-#: both are products of a few MFLOP whose launches cost more host time than their kernels take (docs/gpu_results.md);
-#: not yet timed on a GPU.
-REDUCE_TILED_MAX_COLUMNS = 4096
+#: input pixels), bic_gather and a cuBLAS GEMM an input group above. Timed on an H100 (fifteenth session,
+#: docs/gpu_results.md) on ZF conv2 (3025 input pixels an image): fused, a layer call was 1.49-2.05x faster queued and
+#: 1.53-1.83x in latency at batches 1, 2, 4 and 8; batch 8 (24200 columns) is the largest measured, hence the bound.
+REDUCE_TILED_MAX_COLUMNS = 24576
 #: bic_expand's tile (rows x columns, NPC_TG_BM x NPC_TG_BN in _bicluster.cu) and threads a block (NPC_TG_THREADS)
 EXPAND_TILE = (32, 32)
 EXPAND_THREADS = 64
