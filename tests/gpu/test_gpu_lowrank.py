@@ -104,12 +104,15 @@ MONO_CASES = {
 }
 
 
-@pytest.mark.parametrize("fallback", [False, True], ids=["fused", "composed"])
+@pytest.mark.parametrize("path", ["fused", "fused-split", "composed"])
 @pytest.mark.parametrize("case", sorted(MONO_CASES))
-def test_monochromatic_paths(cp, rng, dtype, contiguous, monkeypatch, case, fallback):
+def test_monochromatic_paths(cp, rng, dtype, contiguous, monkeypatch, case, path):
+    """The fused kernel with each colour's filters in one block (``MONO_MIN_BLOCKS`` = 1) or shared by several
+    (a large ``MONO_MIN_BLOCKS``, as small batches have), and the composed fallback."""
     from npconv.functional.lowrank import monochromatic_conv2d
     from npconv.kernels.cuda import ops_lowrank
-    if fallback:
+    monkeypatch.setattr(ops_lowrank, "MONO_MIN_BLOCKS", 10**6 if path == "fused-split" else 1)
+    if path == "composed":
         monkeypatch.setattr(ops_lowrank, "MONO_SMEM_BUDGET", 16)
     N, C, H, W, X, Y, st, pad, a = MONO_CASES[case]
     a = np.asarray(a)

@@ -167,7 +167,7 @@ def mono_layout(KH, KW, SH, SW, TW, TH, extra=0):
     return TIH, TIW, RS, KH * KW * 8 + TIH * RS
 
 
-def run_mono(lowrank_module, dtype, x, T, a, S, b, stride, pad, launch):
+def run_mono(lowrank_module, dtype, x, T, a, S, b, stride, pad, launch, splits=1):
     order, TW, TH, extra = MONO_LAUNCHES[launch]
     N, C, H, W = x.shape
     Cp = T.shape[0]
@@ -178,8 +178,8 @@ def run_mono(lowrank_module, dtype, x, T, a, S, b, stride, pad, launch):
     _, _, RS, smem = mono_layout(KH, KW, stride[0], stride[1], TW, TH, extra)
     y = np.full((N, F, OH, OW), np.nan, dtype)
     args = (x, T, S, perm, starts, S if b is None else b, y,
-            *map(i32, (N, C, H, W, F, KH, KW, *stride, pad[0], pad[2], OH, OW, tiles_w, RS, b is not None)))
-    kernel(lowrank_module, "mono_conv", dtype)((tiles_h * tiles_w, Cp, N), (TW, TH), args,
+            *map(i32, (N, C, H, W, F, KH, KW, *stride, pad[0], pad[2], OH, OW, tiles_w, RS, b is not None, splits)))
+    kernel(lowrank_module, "mono_conv", dtype)((tiles_h * tiles_w, Cp * splits, N), (TW, TH), args,
                                                shared_mem=smem * dtype.itemsize, order=order)
     return y
 
@@ -209,6 +209,16 @@ def test_mono_conv_against_loops(lowrank_module, rng, dtype, case):
     """A second reference, plain loops over the taps of the colour images (no dense kernel, no conv routine)."""
     x, T, a, S, b, stride, pad = mono_inputs(rng, dtype, case, True)
     y = run_mono(lowrank_module, dtype, x, T, a, S, b, stride, pad, "forward-8x5")
+    check(y, mono_loops(x, T, a, S, b, stride, pad), dtype, x.shape[1] * S.shape[1] * S.shape[2])
+
+
+@pytest.mark.parametrize("splits", [2, 3, 7])
+@pytest.mark.parametrize("case", ["zf-like-7x7s2", "groups-1-3-4-5-17-s2", "unequal-empty"])
+def test_mono_conv_colour_shares(lowrank_module, rng, dtype, case, splits):
+    """Each colour's filters shared by ``splits`` blocks (grid y = C' * splits), in whole 8-filter passes: colours
+    of 17 filters split 8 + 8 + 1 (or 16 + 1), shares past a colour's last filter and empty colours leave at once."""
+    x, T, a, S, b, stride, pad = mono_inputs(rng, dtype, case, True)
+    y = run_mono(lowrank_module, dtype, x, T, a, S, b, stride, pad, "reverse-16x3", splits=splits)
     check(y, mono_loops(x, T, a, S, b, stride, pad), dtype, x.shape[1] * S.shape[1] * S.shape[2])
 
 

@@ -83,10 +83,13 @@ def test_monochromatic_image_chunks_and_no_bias(fc, launched, monkeypatch, rng, 
     assert launched == ["mono_conv"] * 3
 
 
+@pytest.mark.parametrize("min_blocks", [1, 512], ids=["whole-colours", "split-colours"])
 @pytest.mark.parametrize("sizes", [[1] * 40, [3, 1, 17, 5, 4], [96]], ids=["40-singletons", "1-3-4-5-17", "one-colour"])
-def test_monochromatic_colour_groups(fc, launched, rng, dtype, order, sizes):
+def test_monochromatic_colour_groups(fc, launched, monkeypatch, rng, dtype, order, sizes, min_blocks):
     """Colour groups of every size the pass selection distinguishes, through ops_lowrank's own tiling (ZF-like
-    7x7 stride 2 on a small image, so the tile is cut on both edges)."""
+    7x7 stride 2 on a small image, so the tile is cut on both edges); each colour's filters in one block, or shared
+    by several (``MONO_MIN_BLOCKS``: the small grid of a small batch)."""
+    monkeypatch.setattr(ops_lowrank, "MONO_MIN_BLOCKS", min_blocks)
     a = [p for p, k in enumerate(sizes) for _ in range(k)]
     a = [a[i] for i in np.random.default_rng(3).permutation(len(a))]
     x, T, a, S, b = mono_inputs(rng, dtype, 1, 3, 23, 37, a, 7, 7)
@@ -173,12 +176,25 @@ def test_conv_stage_falls_back_to_ops_when_the_kernel_is_too_large(fc, launched,
     assert "factor_conv" not in launched and launched
 
 
+def test_mono_splits_rule(monkeypatch):
+    """Blocks share a colour's filters only in a grid under MONO_MIN_BLOCKS, in whole 8-filter passes, and never
+    past the grid's y limit."""
+    monkeypatch.setattr(ops_lowrank, "MONO_MIN_BLOCKS", 512)
+    assert ops_lowrank.mono_splits(512, 96, 4) == 1                  # enough blocks already
+    assert ops_lowrank.mono_splits(56, 8, 4) == 1                    # one pass a colour: nothing to share
+    assert ops_lowrank.mono_splits(56, 24, 4) == 3                   # ZF conv1, 4 colours, batch 1: a pass a block
+    assert ops_lowrank.mono_splits(256, 96, 4) == 2                  # two blocks reach 512
+    assert ops_lowrank.mono_splits(1, 10**6, 65535) == 1             # the grid's y is full
+    monkeypatch.setattr(ops_lowrank, "_MAX_GRID_YZ", 12)
+    assert ops_lowrank.mono_splits(1, 96, 4) == 3
+
+
 def test_launch_refuses_wrong_argument_types(fc, rng):
     x = fc.asarray(rng.standard_normal((1, 1, 4, 4)))
     with pytest.raises(TypeError, match="takes 21 arguments"):
         ops_lowrank._launch("factor_conv", x.dtype, (1,), (32,), (x,))
     T = fc.asarray(np.zeros((1, 1)))
-    args = [x, T, T, fc.asarray(np.zeros(1, np.int64)), fc.asarray(np.zeros(2, np.int32)), T, x] + [1] * 16
+    args = [x, T, T, fc.asarray(np.zeros(1, np.int64)), fc.asarray(np.zeros(2, np.int32)), T, x] + [1] * 17
     with pytest.raises(TypeError, match="argument 3: expected a C-contiguous int32 array"):
         ops_lowrank._launch("mono_conv", x.dtype, (1, 1, 1), (32, 1), tuple(args))
     with pytest.raises(ValueError, match="does not fit a 32-bit int"):

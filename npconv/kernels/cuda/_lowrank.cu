@@ -132,10 +132,12 @@ __device__ __forceinline__ void npc_mono_passes(const real_t* __restrict__ tile,
 //   x (N, C, H, W); T (C', C) colours; spatial (F, KH*KW); order (F,): the filters sorted by colour;
 //   starts (C'+1,): the filters of colour p are order[starts[p] .. starts[p+1]-1]; bias (F,) when has_bias.
 //   y (N, F, OH, OW). Zero padding PT/PL at the top/left (bottom/right padding only enters through OH/OW).
-// Launch: block (TW, TH) with TW in {8, 16, 32} and TW*TH <= 256; grid (tiles_h * tiles_w, C', N), N <= 65535
-// (ops_lowrank launches one grid per 65535 images). A block computes an output tile of NPCONV_MONO_RY*TH rows x
-// NPCONV_MONO_RX*TW columns of one image, for every filter of one colour: thread (tx, ty) computes rows ty and
-// ty + TH of the tile, columns tx + r * TW (r < NPCONV_MONO_RX).
+// Launch: block (TW, TH) with TW in {8, 16, 32} and TW*TH <= 256; grid (tiles_h * tiles_w, C' * splits, N),
+// N <= 65535 (ops_lowrank launches one grid per 65535 images). A block computes an output tile of NPCONV_MONO_RY*TH
+// rows x NPCONV_MONO_RX*TW columns of one image, for one share of the filters of one colour: blockIdx.y = p * splits
+// + s takes colour p's filters from s * per on, per = ceil(count / splits) rounded up to whole passes of
+// NPCONV_MONO_FT (splits > 1 spreads a small batch over more blocks; a share past the colour's last filter leaves).
+// Thread (tx, ty) computes rows ty and ty + TH of the tile, columns tx + r * TW (r < NPCONV_MONO_RX).
 // Dynamic shared memory, in real_t elements: KH*KW*NPCONV_MONO_FT (the weights of one pass; first, so 16-byte
 // aligned) + TIH * RS (the colour tile). TIH = (RY*TH - 1)*SH + KH rows; a row holds TIW = (RX*TW - 1)*SW + KW
 // colour values de-interleaved by column phase, column q at (q % SW) * PW + q / SW with PW = ceil(TIW / SW), so
@@ -150,7 +152,7 @@ NPCONV_KERNEL_LB(mono_conv, NPCONV_MONO_BOUNDS)(const real_t* __restrict__ x, co
                                                 const int* __restrict__ starts, const real_t* __restrict__ bias,
                                                 real_t* __restrict__ y, int N, int C, int H, int W, int F, int KH,
                                                 int KW, int SH, int SW, int PT, int PL, int OH, int OW,
-                                                int tiles_w, int RS, int has_bias) {
+                                                int tiles_w, int RS, int has_bias, int splits) {
   extern __shared__ __align__(16) unsigned char npconv_mono_smem[];
   const int TW = blockDim.x;
   const int TH = blockDim.y;
@@ -160,11 +162,14 @@ NPCONV_KERNEL_LB(mono_conv, NPCONV_MONO_BOUNDS)(const real_t* __restrict__ x, co
   real_t* wsh = reinterpret_cast<real_t*>(npconv_mono_smem);
   real_t* tile = wsh + KH * KW * NPCONV_MONO_FT;
 
-  const int p = blockIdx.y;
+  const int p = blockIdx.y / splits;
   const int n = blockIdx.z;
-  const int g0 = starts[p];
-  const int g1 = starts[p + 1];
-  if (g0 >= g1 || n >= N) return;  // a colour no filter reads: the whole block leaves before any barrier
+  const int first = starts[p];
+  const int count = starts[p + 1] - first;
+  const int per = ((count + splits - 1) / splits + NPCONV_MONO_FT - 1) / NPCONV_MONO_FT * NPCONV_MONO_FT;
+  const int g0 = first + (blockIdx.y - p * splits) * per;
+  const int g1 = min(first + count, g0 + per);
+  if (g0 >= g1 || n >= N) return;  // no filter in this share: the whole block leaves before any barrier
 
   const int tx = threadIdx.x;
   const int ty = threadIdx.y;

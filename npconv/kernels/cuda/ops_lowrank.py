@@ -5,10 +5,10 @@
 arrays. The output dtype is the input dtype (float32 or float64).
 
 How each layer runs:
-  * monochromatic: one fused kernel, ``mono_conv``. A block takes one image, one colour and a tile of output
-    pixels; it builds the colour (``sum_c T[p, c] x[c]``) of the input tile the output tile reads, in shared
-    memory, then runs every filter of that colour on it in passes of 8, 4 or 2 filters (chosen from how many are
-    left), each thread holding 8 output pixels (2 rows x 4 columns) of the pass in registers. The C' colour
+  * monochromatic: one fused kernel, ``mono_conv``. A block takes one image, one colour (or a share of its filters,
+    :func:`mono_splits`, when the grid would be small) and a tile of output pixels; it builds the colour
+    (``sum_c T[p, c] x[c]``) of the input tile the output tile reads, in shared memory, then runs every filter of
+    that colour (or share) on it in passes of 8, 4 or 2 filters (chosen from how many are left), each thread holding 8 output pixels (2 rows x 4 columns) of the pass in registers. The C' colour
     images are never written to global memory and the filters need no sorting or gathering of the output.
     :func:`mono_tiling` picks the tile. When no tile fits in shared memory (very large kernels), it falls back
     to the composition: a cuBLAS colour transform, then one convolution per colour through
@@ -42,8 +42,9 @@ from .ops import I32, IPTR, PTR, REAL  # the kinds of the launch table; ops.laun
 
 __all__ = [
     "lowrank_conv2d", "monochromatic_conv2d", "separable_conv2d", "factor_conv", "conv_stage",
-    "LAUNCH_SIGNATURES", "SOURCE", "source_text", "get_kernel", "clear_cache", "mono_tiling", "factor_chunk",
-    "uses_factor_conv", "DIRECT_MAX_FILTERS", "FACTOR_SMEM_BUDGET", "MONO_SMEM_BUDGET",
+    "LAUNCH_SIGNATURES", "SOURCE", "source_text", "get_kernel", "clear_cache", "mono_tiling", "mono_splits",
+    "factor_chunk", "uses_factor_conv", "DIRECT_MAX_FILTERS", "FACTOR_SMEM_BUDGET", "MONO_SMEM_BUDGET",
+    "MONO_MIN_BLOCKS",
     "MONO_FILTERS_PER_PASS", "FACTOR_FILTERS_PER_BLOCK", "MONO_COLS_PER_THREAD", "MONO_ROWS_PER_THREAD",
     "MONO_TILE_WIDTHS", "MONO_MAX_THREADS", "MonoTiling", "mono_row_stride",
 ]
@@ -62,6 +63,10 @@ MONO_TILE_WIDTHS = (32, 16, 8)
 MONO_MAX_THREADS = 256
 #: shared memory a mono_conv block may use (colour tile + weights of one pass), bytes
 MONO_SMEM_BUDGET = 24 * 1024
+#: a mono_conv grid of fewer blocks (tiles x colours x images) splits each colour's filters over up to this many
+#: blocks, in whole passes: at batch 1 a ZF conv1 with 4 colours is 56 blocks of 24 filters each, a quarter of an
+#: H100's 132 multiprocessors busy with one block apiece
+MONO_MIN_BLOCKS = 512
 #: shared memory a factor_conv block may use for one chunk of input channels, bytes
 FACTOR_SMEM_BUDGET = 16 * 1024
 #: a conv stage with at most this many filters runs on factor_conv (more: ops.conv2d, im2col + cuBLAS)
@@ -76,8 +81,9 @@ _INDEX_LIMIT = 2**31 - 2**26        # elements an int-indexed grid-stride loop m
 #: kernel name -> (source file, parameter kinds). PTR: a C-contiguous device array of the dtype; IPTR: a
 #: C-contiguous int32 device array; I32: ``np.int32``; REAL: a scalar of the dtype.
 LAUNCH_SIGNATURES: dict[str, tuple[str, tuple[str, ...]]] = {
-    # x, T, spatial, order, starts, bias, y, N, C, H, W, F, KH, KW, SH, SW, PT, PL, OH, OW, tiles_w, RS, has_bias
-    "mono_conv": (SOURCE, (PTR, PTR, PTR, IPTR, IPTR, PTR, PTR) + (I32,) * 16),
+    # x, T, spatial, order, starts, bias, y, N, C, H, W, F, KH, KW, SH, SW, PT, PL, OH, OW, tiles_w, RS, has_bias,
+    # splits
+    "mono_conv": (SOURCE, (PTR, PTR, PTR, IPTR, IPTR, PTR, PTR) + (I32,) * 17),
     # x, w, bias, y, N, C, H, W, F, KH, KW, SH, SW, PT, PL, DH, DW, OH, OW, CC, has_bias
     "factor_conv": (SOURCE, (PTR,) * 4 + (I32,) * 17),
 }
@@ -278,8 +284,19 @@ def _device_colour_groups(cp, assignment, Cp):
 
     def build():
         order, starts = _colour_groups(a, Cp)
-        return cp.asarray(order), cp.asarray(starts), [cp.asarray(np.flatnonzero(a == c)) for c in range(Cp)]
+        return (cp.asarray(order), cp.asarray(starts), [cp.asarray(np.flatnonzero(a == c)) for c in range(Cp)],
+                int(np.diff(starts).max(initial=0)))
     return ops.on_device(cp, ("colour groups", a.tobytes(), int(Cp)), build)
+
+
+def mono_splits(blocks, largest, Cp):
+    """How many blocks share each colour's filters in a mono_conv grid of ``blocks`` blocks (tiles x colours x
+    images) whose largest colour has ``largest`` filters: 1 from :data:`MONO_MIN_BLOCKS` blocks on, else enough to
+    reach it, at most one per pass of :data:`MONO_FILTERS_PER_PASS` filters, and within the grid's y limit."""
+    if blocks >= MONO_MIN_BLOCKS or largest <= MONO_FILTERS_PER_PASS:
+        return 1
+    return max(1, min(-(-MONO_MIN_BLOCKS // max(blocks, 1)), -(-largest // MONO_FILTERS_PER_PASS),
+                      _MAX_GRID_YZ // max(Cp, 1)))
 
 
 def monochromatic_conv2d(x, color_transform, assignment, spatial, bias, *, stride, padding):
@@ -305,13 +322,14 @@ def monochromatic_conv2d(x, color_transform, assignment, spatial, bias, *, strid
     n_tiles = -(-OH // (MONO_ROWS_PER_THREAD * TH)) * tiles_w
     if n_tiles >= 2**31:
         raise ValueError(f"the output ({OH} x {OW}) has too many tiles for one launch")
-    order, starts, _ = _device_colour_groups(cp, assignment, Cp)
+    order, starts, _, largest = _device_colour_groups(cp, assignment, Cp)
     has_bias = b is not None
     for n0 in range(0, N, _MAX_GRID_YZ):                 # one image per grid z: a launch per 65535 images
         n1 = min(N, n0 + _MAX_GRID_YZ)
-        _launch("mono_conv", dt, (n_tiles, Cp, n1 - n0), (TW, TH),
+        splits = mono_splits(n_tiles * Cp * (n1 - n0), largest, Cp)
+        _launch("mono_conv", dt, (n_tiles, Cp * splits, n1 - n0), (TW, TH),
                 (x[n0:n1], T, S, order, starts, b if has_bias else S, y[n0:n1],
-                 n1 - n0, C, H, W, F, KH, KW, sh, sw, pt, pl, OH, OW, tiles_w, RS, has_bias), shared_mem=smem)
+                 n1 - n0, C, H, W, F, KH, KW, sh, sw, pt, pl, OH, OW, tiles_w, RS, has_bias, splits), shared_mem=smem)
     return y
 
 
