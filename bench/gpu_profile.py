@@ -14,19 +14,21 @@ a warm-up, so that ``ncu --profile-from-start off`` sees only the timed kernels 
 b128``: npconv and cuDNN conv2, the biclustered CP layer with K = 8 and 12 and the monochromatic conv1 with C' = 24 at
 batch 128; ``b1``: conv2 and CP K = 8 at batch 1, where the layers' time hardly depends on their work; ``convs``:
 npconv and cuDNN ZF conv3 and conv4 at batch 8, im2col + cuBLAS on npconv's side).
-``host`` answers the batch-1 question from the host side: for eager calls at batch 1 of ZF conv2 and conv3, the CP
-layer (K = 8), the SVD layer ((K1, K2) = (19, 51)), the shared separable layer (K = 6, S = 4) and the whole dense ZF
-network it measures the time per call when calls are queued back to back (one synchronisation at the end) and when
-each call is synchronised, and profiles the calls with cProfile, splitting the host time between npconv's Python,
-CuPy, NumPy and the rest (``host_split``).
+``host`` answers the batch-1 question from the host side: for eager calls at batch 1 of ZF conv2 and conv3, the
+monochromatic ZF conv1 (C' = 4), the CP layer (K = 8), the SVD layer ((K1, K2) = (19, 51)), the shared separable
+layer (K = 6, S = 4) and the whole dense ZF network it measures the time per call when calls are queued back to back
+(one synchronisation at the end) and when each call is synchronised, and profiles the calls with cProfile, splitting
+the host time between npconv's Python, CuPy, NumPy and the rest (``host_split``).
 ``small`` measures small batches, where a call's time is mostly the host's: ZF conv2-conv5 at batches 1-32, npconv
 and cuDNN; the biclustered CP conv2 (K = 8, 12) at batches 1-8 with its expansion fused (``bic_expand``) and as
 GEMMs + scatters (the rule ``ops_bicluster.EXPAND_TILED_MAX_COLUMNS``); the biclustered SVD conv2 (19, 51) with its
 gather and reductions fused (``bic_reduce``) and as ``bic_gather`` + GEMMs (``REDUCE_TILED_MAX_COLUMNS``); the
 shared separable conv2 (K = 6, S = 4) with its combination and expansion fused (``bic_expand_shared``) and as
-``bic_shared_combine`` + GEMMs + scatters (``EXPAND_TILED_MAX_COLUMNS``). Each as the latency of one call (CUDA
-events around it, after a synchronize; the variants of a row in alternation, ``bench_gpu.time_interleaved``) and as
-the time per call of 50 calls queued back to back.
+``bic_shared_combine`` + GEMMs + scatters (``EXPAND_TILED_MAX_COLUMNS``); the monochromatic ZF conv1 (C' = 4) at
+batches 1-8 with each colour's filters shared over several blocks (``split``) or one block a colour (``whole``; the
+rule ``ops_lowrank.MONO_MIN_BLOCKS``). Each as the latency of one call (CUDA events around it, after a synchronize;
+the variants of a row in alternation, ``bench_gpu.time_interleaved``) and as the time per call of 50 calls queued
+back to back.
 ``cpblock`` times the biclustered CP conv2 (K = 6, 8, 12, batch 128) with ``ops_bicluster.CP_IMAGES_PER_BLOCK`` at
 1, 2 and 4 in alternation, and checks that the outputs agree (``ncu --workloads cp`` profiles the front end alone).
 """
@@ -219,8 +221,11 @@ def host(calls=200, quick=False):
     xn = cp.asarray(np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32))
     x3, w3, b3 = _conv_inputs(cp, geom if quick else ZF_CONVS["conv3"], 1)
     s3, p3 = (s, p) if quick else ZF_CONVS["conv3"][4:]
+    from bench.bench_gpu_lowrank import TINY, ZF_CONV1
+    from bench.bench_gpu_lowrank import factored_callable as lowrank_callable
     work = {"conv2": lambda: conv2d(x, w, b, stride=s, padding=p),
             "conv3": lambda: conv2d(x3, w3, b3, stride=s3, padding=p3),
+            "mono4": lowrank_callable("monochromatic", 4, 1, TINY if quick else ZF_CONV1, np.float32),
             f"cp{cp_opts[2]}": factored_callable("cp", cp_opts, 1, geom if quick else ZF_CONV2, np.float32),
             "svd": factored_callable("svd", svd_opts, 1, geom if quick else ZF_CONV2, np.float32),
             "shared": factored_callable("shared", shared_opts, 1, geom if quick else ZF_CONV2, np.float32),
@@ -312,15 +317,15 @@ def probe_small(batches=(1, 2, 4, 8, 16, 32), cp_batches=(1, 2, 4, 8), repeat=30
                        _queued_ms(fn, sync if kind == "cupy" else torch.cuda.synchronize))
             del cases
             cp.get_default_memory_pool().free_all_blocks()
-    def with_rule(layer, rule, limit):
-        saved = getattr(ops_bicluster, rule)
+    def with_rule(layer, rule, limit, module=ops_bicluster):
+        saved = getattr(module, rule)
 
         def run():
-            setattr(ops_bicluster, rule, limit)
+            setattr(module, rule, limit)
             try:
                 return layer()
             finally:
-                setattr(ops_bicluster, rule, saved)
+                setattr(module, rule, saved)
         return run
     # (name, kind, options, the rule its two variants set): the CP expansion, the SVD form's gather + reductions
     # (bic_reduce, or bic_gather and a GEMM a group; its expansion follows EXPAND_TILED_MAX_COLUMNS as it is)
@@ -337,6 +342,19 @@ def probe_small(batches=(1, 2, 4, 8, 16, 32), cp_batches=(1, 2, 4, 8), repeat=30
             for variant, (fn, _kind) in cases.items():
                 record(f"{name}/b{N}/{variant}", timed[variant]["median_ms"], _queued_ms(fn, sync))
             cp.get_default_memory_pool().free_all_blocks()
+    # the monochromatic conv1 (C' = 4): each colour's filters shared over several blocks in a small grid, or not
+    # (the rule ops_lowrank.MONO_MIN_BLOCKS)
+    from bench.bench_gpu_lowrank import TINY, ZF_CONV1
+    from bench.bench_gpu_lowrank import factored_callable as lowrank_callable
+    from npconv.kernels.cuda import ops_lowrank
+    for N in cp_batches:
+        layer = lowrank_callable("monochromatic", 4, N, TINY if quick else ZF_CONV1, np.float32)
+        cases = {"split": (with_rule(layer, "MONO_MIN_BLOCKS", 10**9, ops_lowrank), "cupy"),
+                 "whole": (with_rule(layer, "MONO_MIN_BLOCKS", 1, ops_lowrank), "cupy")}
+        timed, _ = time_interleaved(cases, warmup=3, repeat=repeat)
+        for variant, (fn, _kind) in cases.items():
+            record(f"mono4/b{N}/{variant}", timed[variant]["median_ms"], _queued_ms(fn, sync))
+        cp.get_default_memory_pool().free_all_blocks()
     return out
 
 

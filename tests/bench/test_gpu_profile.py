@@ -82,7 +82,7 @@ def test_host_quick_run_on_the_emulated_cupy(monkeypatch, tmp_path, capsys):
     """The host probe's code path, on the CPU-emulated cupy with small shapes: it writes one record per workload
     with finite times and a host split (no timing is asserted: the emulator says nothing about a GPU)."""
     rep = quick_run_on_the_emulated_cupy("host", monkeypatch, tmp_path)
-    assert set(rep) == {"conv2", "conv3", "cp2", "svd", "shared", "zf_dense_net"}
+    assert set(rep) == {"conv2", "conv3", "mono4", "cp2", "svd", "shared", "zf_dense_net"}
     for row in rep.values():
         assert row["ms_per_call_queued"] > 0 and row["ms_per_call_synced"] > 0
         assert set(row["host_ms_per_call_profiled"]) == {"npconv", "cupy", "numpy", "other"}
@@ -93,14 +93,17 @@ def test_host_quick_run_on_the_emulated_cupy(monkeypatch, tmp_path, capsys):
 @pytest.mark.skipif(not HAS_CXX, reason="no C++ compiler for the CUDA C emulator")
 def test_small_quick_run_on_the_emulated_cupy(monkeypatch, tmp_path):
     """The small-batch probe's code path on the CPU-emulated cupy: the conv, both variants of the CP and shared
-    layers' expansion and of the SVD layer's reduction run, one record each, and the rules it patches are restored."""
-    from npconv.kernels.cuda import ops_bicluster
-    before = ops_bicluster.EXPAND_TILED_MAX_COLUMNS, ops_bicluster.REDUCE_TILED_MAX_COLUMNS
+    layers' expansion, of the SVD layer's reduction and of the monochromatic layer's blocks run, one record each, and
+    the rules it patches are restored."""
+    from npconv.kernels.cuda import ops_bicluster, ops_lowrank
+    before = (ops_bicluster.EXPAND_TILED_MAX_COLUMNS, ops_bicluster.REDUCE_TILED_MAX_COLUMNS,
+              ops_lowrank.MONO_MIN_BLOCKS)
     rep = quick_run_on_the_emulated_cupy("small", monkeypatch, tmp_path)
     assert set(rep) == {"conv2/b1/npconv", "cp4/b1/fused", "cp4/b1/gemm", "svd/b1/fused",
-                        "svd/b1/gemm", "shared/b1/fused", "shared/b1/gemm"}
+                        "svd/b1/gemm", "shared/b1/fused", "shared/b1/gemm", "mono4/b1/split", "mono4/b1/whole"}
     assert all(r["latency_ms"] > 0 and r["queued_ms"] > 0 for r in rep.values())
-    assert (ops_bicluster.EXPAND_TILED_MAX_COLUMNS, ops_bicluster.REDUCE_TILED_MAX_COLUMNS) == before
+    assert (ops_bicluster.EXPAND_TILED_MAX_COLUMNS, ops_bicluster.REDUCE_TILED_MAX_COLUMNS,
+            ops_lowrank.MONO_MIN_BLOCKS) == before
 
 
 @pytest.mark.cpuemu
