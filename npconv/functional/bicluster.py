@@ -314,12 +314,18 @@ def _chunk(N, P, per_img_items, itemsize, cache_bytes=None):
     return max(1, min(N, -(-_TARGET_COLUMNS // P), cache // per, _WORKSPACE_BYTES // per))
 
 
+def _mk_tile(dt):
+    """The GEMM micro-kernel's tile for ``dt`` (``kernels/cpu/gemm.py``), or None: BLAS then."""
+    from ..kernels.cpu import gemm as KG
+    return KG.tile_shape(dt) if USE_MICROKERNEL else None
+
+
 def _expand_packs(prep, key, expand, out_off, out_perm, bias, dt):
     """(tile, per-output-group packed expansions, per-output-group biases in ``out_perm`` order) for the GEMM
     micro-kernel (``kernels/cpu/gemm.py``), the packs kept in the layer's cache under ``key``; (None, None, None)
     where the CPU has no micro-kernel (BLAS then)."""
     from ..kernels.cpu import gemm as KG
-    tile = KG.tile_shape(dt) if USE_MICROKERNEL else None
+    tile = _mk_tile(dt)
     if tile is None:
         return None, None, None
     H = out_off.shape[0] - 1
@@ -479,24 +485,27 @@ def _cp_own_pack(one_chunk, nsplit, group_bytes):
     return one_chunk and nsplit == 1 and group_bytes <= _OWN_PACK_BYTES
 
 
-def _round_rows(n):
+def _round_rows(n, micro=False):
     """GEMM row counts are padded up to a multiple of 8 with zero rows: OpenBLAS's SGEMM runs a 51-row left
     operand (the paper's K2 = 51) 16-20% slower in absolute time than a 56-row one, and 38 rows 15% slower than
-    40 (2 cores, ZF conv2 block shapes, 2026-11-26); the padding rows cost less than the odd-width edge kernels."""
-    return -(-n // 8) * 8
+    40 (2 cores, ZF conv2 block shapes, 2026-11-26); the padding rows cost less than the odd-width edge kernels.
+    On the micro-kernel (``micro``) no padding: a partial row block runs a tile of 4 or 8 rows, and padded rows
+    would only lengthen the expansion's reduction (K2 = 51: 102 instead of 112)."""
+    return n if micro else -(-n // 8) * 8
 
 
 _SvdWeights = collections.namedtuple("_SvdWeights", "inv_perm out_perm red_t sp_mats expand_p")
 
 
-def _svd_weights(in_perm, in_off, reduce, spatial, expand, out_perm, dt):
-    """The CPU SVD path's zero-padded GEMM operands (:func:`_round_rows`): per-group reduction matrices
-    (R1 >= H*K1, C_g), per-block spatial matrices (K2p >= K2, K1*X*Y) and the expansion (F, G, K2p) with zero
-    columns under the padding rows; the inverse input permutation and the output permutation as int64."""
+def _svd_weights(in_perm, in_off, reduce, spatial, expand, out_perm, dt, micro):
+    """The CPU SVD path's GEMM operands, zero-padded for BLAS (:func:`_round_rows`; ``micro``: for the micro-kernel,
+    not padded): per-group reduction matrices (R1 >= H*K1, C_g), per-block spatial matrices (K2p >= K2, K1*X*Y) and
+    the expansion (F, G, K2p) with zero columns under the padding rows; the inverse input permutation and the output
+    permutation as int64."""
     G, H, K2, K1, X, Y = spatial.shape
     F = expand.shape[0]
-    R1 = _round_rows(H * K1)
-    K2p = _round_rows(K2)
+    R1 = _round_rows(H * K1, micro)
+    K2p = _round_rows(K2, micro)
     red_t = []
     for g in range(G):
         i0, i1 = int(in_off[g]), int(in_off[g + 1])
@@ -527,10 +536,11 @@ def _svd_cpu(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bia
     P = OH * OW
     dt = x.dtype
     plane = sh * sw * R * M
-    R1 = _round_rows(H * K1)
-    K2p = _round_rows(K2)
-    wts = prepared(prep, ("cpu-svd", dt), lambda: _svd_weights(in_perm, in_off, reduce, spatial, expand, out_perm,
-                                                                dt))
+    micro = _mk_tile(dt) is not None
+    R1 = _round_rows(H * K1, micro)
+    K2p = _round_rows(K2, micro)
+    wts = prepared(prep, ("cpu-svd", dt, micro), lambda: _svd_weights(in_perm, in_off, reduce, spatial, expand,
+                                                                       out_perm, dt, micro))
     inv_perm, out_perm, red_t, sp_mats, expand_p = wts
     per_xs = C * plane
     per_z1 = G * R1 * plane

@@ -49,7 +49,7 @@ def _tol(dtype, K):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("dm", [-1, 0, 1, 5])
+@pytest.mark.parametrize("dm", [-1, 0, 1, 4, 5, 8])     # a last row block of 1-4 rows: the 4-row tile; 5-8: 8 rows
 @pytest.mark.parametrize("dp", [-1, 0, 1, 7])
 def test_gemm_images_edges(rng, dtype, dm, dp):
     VW, MR, NV = G.tile_shape(dtype)

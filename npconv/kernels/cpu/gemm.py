@@ -30,8 +30,9 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["tile_shape", "taps_tile_shapes", "microkernel", "microkernel_taps12", "microkernel_taps8",
-           "microkernel_taps4", "pack_a", "gemm_images", "matmul", "KC_BYTES"]
+__all__ = ["tile_shape", "taps_tile_shapes", "microkernel", "microkernel_rows4", "microkernel_rows8",
+           "microkernel_taps12", "microkernel_taps8", "microkernel_taps4", "pack_a", "gemm_images", "matmul",
+           "KC_BYTES"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -86,9 +87,11 @@ def _typed_tile(arrs, shape_of):
     return is32, shape_of(np.float32 if is32 else np.float64)
 
 
-def _tile_codegen(is32, VW, MR, NV, taps):
+def _tile_codegen(is32, VW, MR, NV, taps, astride=None):
     """The LLVM IR of one tile (module docstring). ``taps``: row ``k`` of ``B`` starts at ``boff + koff[k]`` (an
-    int64 array argument in the place of ``ldb``) instead of ``boff + k*ldb``."""
+    int64 array argument in the place of ``ldb``) instead of ``boff + k*ldb``. ``astride``: ``A``'s values for step
+    ``k`` start at ``aoff + k*astride`` (default ``MR``): a tile of fewer rows than the packing's blocks."""
+    astride = MR if astride is None else astride
     fname = "v%df32" % VW if is32 else "v%df64" % VW
 
     def codegen(context, builder, signature, args):
@@ -133,7 +136,7 @@ def _tile_codegen(is32, VW, MR, NV, taps):
             accs.append(p)
         brow = builder.load(builder.gep(KOFF, [kphi])) if taps else builder.mul(kphi, ldb_v)
         bvs = [builder.load(vptr(B, builder.add(brow, ir.Constant(i64, v * VW))), align=1) for v in range(NV)]
-        arow = builder.gep(A, [builder.mul(kphi, ir.Constant(i64, MR))])
+        arow = builder.gep(A, [builder.mul(kphi, ir.Constant(i64, astride))])
         new = []
         for i in range(MR):
             s = splat(builder.load(builder.gep(arow, [ir.Constant(i64, i)])))
@@ -183,6 +186,25 @@ def microkernel(typingctx, a, aoff, b, boff, ldb, c, coff, ldc, K, mode, bias, b
         return None
     i8 = types.int64
     return types.void(a, i8, b, i8, i8, c, i8, i8, i8, i8, bias, i8), _tile_codegen(is32, *shape, taps=False)
+
+
+def _rows_intrinsic(rows):
+    def microkernel_part(typingctx, a, aoff, b, boff, ldb, c, coff, ldc, K, mode, bias, boff_bias):
+        is32, shape = _typed_tile((a, b, c, bias), tile_shape)
+        if shape is None:
+            return None
+        i8 = types.int64
+        return (types.void(a, i8, b, i8, i8, c, i8, i8, i8, i8, bias, i8),
+                _tile_codegen(is32, shape[0], rows, shape[2], taps=False, astride=shape[1]))
+    microkernel_part.__doc__ = f"""As :func:`microkernel`, the first {rows} rows of a row block only (``A`` packed in
+    blocks of :func:`tile_shape`'s ``MR`` rows, which must exceed {rows}): the last, partial row block of a matrix
+    whose row count leaves {rows} or fewer (ZF conv2's 256 filters: 21 blocks of 12, then 4 rows)."""
+    return intrinsic(microkernel_part)
+
+
+#: the partial row-block tiles (:func:`gemm_images` takes the smallest that holds the block's rows)
+microkernel_rows4 = _rows_intrinsic(4)
+microkernel_rows8 = _rows_intrinsic(8)
 
 
 def _taps_intrinsic(MR, NV):
@@ -247,8 +269,9 @@ def gemm_images(ap, M, K, MR, NR, KC, b, ldb, P, nimg, c, cimg, bias, has_bias, 
     ``K`` in blocks of ``KC`` and every row block of its group over the panel's slice of ``b``. A tile inside one
     image and the matrix writes its output rows directly (with the bias); a tile across an image boundary, past
     the last column or past the last row (or any tile, with a row map) runs into a job-local scratch tile, copied
-    out in runs of columns. ``b`` must have ``NR`` readable values past the last column of its last row (the last
-    panel's loads run over it; those columns are never stored).
+    out in runs of columns; a partial last row block of at most 8 or 4 rows runs a tile of that many rows
+    (``microkernel_rows8``, ``microkernel_rows4``). ``b`` must have ``NR`` readable values past the last column of
+    its last row (the last panel's loads run over it; those columns are never stored).
     """
     nblk = (M + MR - 1) // MR
     total = nimg * P
@@ -285,8 +308,17 @@ def gemm_images(ap, M, K, MR, NR, KC, b, ldb, P, nimg, c, cimg, bias, has_bias, 
                     microkernel(ap, aoff, b, boff, ldb, c, i0 * cimg + ib * MR * P + p0, P, kc, mode, bias,
                                 ib * MR if has_bias else 0)
                 else:
-                    microkernel(ap, aoff, b, boff, ldb, scratch, (ib - ib0) * MR * NR, NR, kc, 0 if first else 1,
-                                bias, 0)
+                    # a partial last row block runs the smallest tile that holds its rows
+                    rem = M - ib * MR
+                    if rem <= 4 < MR:
+                        microkernel_rows4(ap, aoff, b, boff, ldb, scratch, (ib - ib0) * MR * NR, NR, kc,
+                                          0 if first else 1, bias, 0)
+                    elif rem <= 8 < MR:
+                        microkernel_rows8(ap, aoff, b, boff, ldb, scratch, (ib - ib0) * MR * NR, NR, kc,
+                                          0 if first else 1, bias, 0)
+                    else:
+                        microkernel(ap, aoff, b, boff, ldb, scratch, (ib - ib0) * MR * NR, NR, kc,
+                                    0 if first else 1, bias, 0)
         for ib in range(ib0, ib1):
             if inside and (ib + 1) * MR <= M:
                 continue
