@@ -8,8 +8,9 @@ How each layer runs:
   * monochromatic: one fused kernel, ``mono_conv``. A block takes one image, one colour (or a share of its filters,
     :func:`mono_splits`, when the grid would be small) and a tile of output pixels; it builds the colour
     (``sum_c T[p, c] x[c]``) of the input tile the output tile reads, in shared memory, then runs every filter of
-    that colour (or share) on it in passes of 8, 4 or 2 filters (chosen from how many are left), each thread holding 8 output pixels (2 rows x 4 columns) of the pass in registers. The C' colour
-    images are never written to global memory and the filters need no sorting or gathering of the output.
+    that colour (or share) on it in passes of 8, 4 or 2 filters (chosen from how many are left), each thread
+    holding 8 output pixels (2 rows x 4 columns) of the pass in registers. The C' colour images are never written
+    to global memory and the filters need no sorting or gathering of the output.
     :func:`mono_tiling` picks the tile. When no tile fits in shared memory (very large kernels), it falls back
     to the composition: a cuBLAS colour transform, then one convolution per colour through
     :func:`npconv.kernels.cuda.ops.conv2d`.
