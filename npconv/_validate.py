@@ -15,7 +15,7 @@ from ._backend import FLOAT_DTYPES, is_cupy_array
 __all__ = [
     "check_array", "check_float_array", "check_same_dtype", "as_pair", "as_padding4",
     "out_size", "pool_out_size", "check_option", "check_finite", "check_int", "check_real", "check_out",
-    "fill_out", "with_context",
+    "fill_out", "raise_with_context",
 ]
 
 
@@ -185,12 +185,14 @@ def fill_out(y, out):
     return out
 
 
-def with_context(exc, context):
-    """A new exception of ``exc``'s type whose message is ``"{context}: {exc}"`` (e.g. ``"layer 'fc1' (linear)"``),
-    for ``raise with_context(exc, ...) from exc``; None when that type cannot be built from one message (then the
-    caller re-raises ``exc`` as it is)."""
+def raise_with_context(exc, context):
+    """Raise a new exception of ``exc``'s type whose message is ``"{context}: {exc}"`` (e.g. ``"layer 'fc1'
+    (linear)"``), chained from ``exc``; ``exc`` itself when that type cannot be built from one message. For an
+    ``except`` clause: nothing runs on the path without an error."""
     try:
         new = type(exc)(f"{context}: {exc}")
     except Exception:
-        return None
-    return new if isinstance(new, BaseException) else None
+        new = None
+    if not isinstance(new, BaseException):
+        raise exc
+    raise new from exc

@@ -21,7 +21,7 @@ from numpy.lib import format as fmt
 
 from ._backend import FLOAT_DTYPES, to_numpy
 from ._fileio import atomic_write
-from ._validate import with_context
+from ._validate import raise_with_context
 from .layers import layer_class
 from .network import Network
 
@@ -169,10 +169,7 @@ def _read_layers(doc, z, size):
         try:
             layer = cls.from_config(config, params)
         except (ValueError, TypeError) as exc:
-            err = with_context(exc, f"layer {name!r} ({kind})")
-            if err is None:
-                raise
-            raise err from exc
+            raise_with_context(exc, f"layer {name!r} ({kind})")
         out.append((name, layer))
     return out, input_shape, meta
 
@@ -324,10 +321,7 @@ def from_torch(module, *, input_shape=None, meta=None, dtype=None):
         except (ValueError, TypeError) as exc:
             if str(exc).startswith("layer "):
                 raise
-            err = with_context(exc, f"layer {name!r} ({t})")  # a layer constructor's error: name the module
-            if err is None:
-                raise
-            raise err from exc
+            raise_with_context(exc, f"layer {name!r} ({t})")  # a layer constructor's error: name the module
         i += 1
     return Network(layers, input_shape=input_shape, meta=meta)
 
@@ -445,10 +439,7 @@ def load_state_dict(net, state_dict, *, strict=True):
             try:
                 layer = layer_class(layer.kind).from_config(layer.config(), params)
             except (ValueError, TypeError) as exc:
-                err = with_context(exc, f"layer {name!r} ({layer.kind})")
-                if err is None:
-                    raise
-                raise err from exc
+                raise_with_context(exc, f"layer {name!r} ({layer.kind})")
         new_layers.append((name, layer))
     extra = sorted(set(state_dict) - used)
     if strict and extra:

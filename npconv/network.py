@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from ._backend import FLOAT_DTYPES, is_cupy_array, require_cupy
-from ._validate import check_array, check_int, with_context
+from ._validate import check_array, check_int, raise_with_context
 from .layers.base import Layer
 
 __all__ = ["Network"]
@@ -222,10 +222,7 @@ class Network:
                 else:
                     x = layer(x, **kw)
             except (ValueError, TypeError) as exc:
-                err = with_context(exc, f"layer {name!r} ({layer.kind})")
-                if err is None:
-                    raise
-                raise err from exc
+                raise_with_context(exc, f"layer {name!r} ({layer.kind})")
             if name in want:
                 if arena is not None and arena.holds(x):
                     x = x.copy()  # e.g. a ReLU rectified a buffer in place: the caller's copy must stay put
@@ -312,10 +309,7 @@ class Network:
             try:
                 out = tuple(layer.output_shape(shape))
             except (ValueError, TypeError) as exc:
-                err = with_context(exc, f"layer {name!r} ({layer.kind})")
-                if err is None:
-                    raise
-                raise err from exc
+                raise_with_context(exc, f"layer {name!r} ({layer.kind})")
             rows.append((name, layer, shape, out))
             shape = out
         return rows
