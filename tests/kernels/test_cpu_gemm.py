@@ -113,6 +113,27 @@ def test_gemm_images_empty_sum_is_the_bias(dtype):
     np.testing.assert_array_equal(got, np.broadcast_to(bias[None, :, None], (2, 3, 5)))
 
 
+@pytest.mark.parametrize("dtype", DTYPES + [np.int64])
+def test_prefetch_write_is_a_write_prefetch_that_changes_nothing(dtype):
+    import numba
+
+    @numba.njit
+    def touch(a, step):
+        for i in range(0, a.shape[0], step):
+            G.prefetch_write(a, i)
+        G.prefetch_write(a, np.int32(a.shape[0] - 1))     # a 32-bit index is widened
+        return a.sum()
+
+    a = np.arange(1000).astype(dtype)
+    before = a.copy()
+    assert touch(a, 7) == before.sum()
+    np.testing.assert_array_equal(a, before)
+    if "prfchw" in G._target_features():
+        # x86 with PREFETCHW: a write prefetch, not a read one, and not dropped
+        asm = "\n".join(touch.inspect_asm().values())
+        assert "prefetchw" in asm
+
+
 def test_pack_a_layout(rng):
     a = rng.standard_normal((7, 5)).astype(np.float32)
     ap = G.pack_a(a, 4).reshape(2, 5, 4)

@@ -31,8 +31,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 __all__ = ["tile_shape", "taps_tile_shapes", "microkernel", "microkernel_rows4", "microkernel_rows8",
-           "microkernel_taps12", "microkernel_taps8", "microkernel_taps4", "pack_a", "gemm_images", "matmul",
-           "KC_BYTES"]
+           "microkernel_taps12", "microkernel_taps8", "microkernel_taps4", "prefetch_write", "pack_a", "gemm_images",
+           "matmul", "KC_BYTES"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -224,6 +224,31 @@ def _taps_intrinsic(MR, NV):
 microkernel_taps12 = _taps_intrinsic(12, 2)
 microkernel_taps8 = _taps_intrinsic(8, 3)
 microkernel_taps4 = _taps_intrinsic(4, 3)
+
+
+@intrinsic
+def prefetch_write(typingctx, arr, off):
+    """``prefetch_write(arr, off)``: fetch the cache line holding ``arr[off]`` for writing (``llvm.prefetch`` with
+    rw = 1: ``prefetchw`` on x86), so that stores issued later find it in the cache instead of each waiting for its
+    line to be read from memory. ``arr`` is a 1-D contiguous array, ``off`` an integer index. A hint only: it changes
+    no value and never faults; callers keep ``off`` in bounds all the same."""
+    if not (isinstance(arr, types.Array) and arr.ndim == 1 and arr.layout == "C" and isinstance(off, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        a_v, off_v = args
+        i32 = ir.IntType(32)
+        i8p = ir.IntType(8).as_pointer()
+        base = context.make_array(signature.args[0])(context, builder, a_v).data
+        off64 = context.cast(builder, off_v, signature.args[1], types.int64)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                            "llvm.prefetch.p0")
+        # (address, rw = write, locality = 2: keep in the outer caches, cache type = data)
+        builder.call(fn, [builder.bitcast(builder.gep(base, [off64]), i8p), ir.Constant(i32, 1), ir.Constant(i32, 2),
+                          ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(arr, off), codegen
 
 
 #: depth of a K block: the B panel's slice (KC x NR values) stays in L1 while every row block of A passes over it
