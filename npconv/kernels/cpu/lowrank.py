@@ -318,6 +318,8 @@ def fused_direct_conv_mk(x, T, has_T, grp_plane, Cg, grp_blk, blk_f, blk_nf, tap
                         d = ((n * F + blk_f[b, k]) * Ho + i0 + r0) * Wo + q0
                         prefetch_write(oflat, d)
                         prefetch_write(oflat, d + line)
+                        if NR > 2 * line:     # the 8- and 4-row tiles' 3 vectors
+                            prefetch_write(oflat, min(d + 2 * line, last))
                         prefetch_write(oflat, min(d + NR - 1, last))
                     if MR == 12:
                         microkernel_taps12(wp, b * Tn * MR, src, soff + p0, tapoff, stg, p0, Lp, Tn, 0, bias, 0)
