@@ -129,10 +129,13 @@ def test_separable(rng, dtype, geom, direct, monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("geom", GEOMS)
 @pytest.mark.parametrize("direct", [True, False])
-def test_lowrank_conv(rng, dtype, geom, direct, monkeypatch):
+@pytest.mark.parametrize("mk", [True, False])       # the 1x1 stage on the GEMM micro-kernel, or BLAS + a bias pass
+@pytest.mark.parametrize("t", [5, 20])              # on the micro-kernel: the streaming product, then matmul
+def test_lowrank_conv(rng, dtype, geom, direct, mk, t, monkeypatch):
     monkeypatch.setattr(FL, "_use_direct", lambda f, t: direct)
+    monkeypatch.setattr(FL, "USE_MICROKERNEL", mk)
     N, C, H, W, X, Y, st, pad = geom
-    t, F = 5, 7
+    F = 7
     first = rng.standard_normal((t, C, X, Y)).astype(dtype)
     second = rng.standard_normal((F, t)).astype(dtype)
     b = rng.standard_normal(F).astype(dtype)
@@ -144,9 +147,11 @@ def test_lowrank_conv(rng, dtype, geom, direct, monkeypatch):
 
 
 @pytest.mark.parametrize("direct", [True, False])
-def test_two_stage_batch_chunks(rng, monkeypatch, direct):
+@pytest.mark.parametrize("mk", [True, False])
+def test_two_stage_batch_chunks(rng, monkeypatch, direct, mk):
     """A tiny workspace bound forces one image per chunk; the result is unchanged."""
     monkeypatch.setattr(FL, "_WORKSPACE_BYTES", 1)
+    monkeypatch.setattr(FL, "USE_MICROKERNEL", mk)
     monkeypatch.setattr(FL, "_use_direct", lambda f, t: direct)
     x = rng.standard_normal((3, 2, 9, 8)).astype(np.float32)
     first, second = rng.standard_normal((3, 2, 3, 3)).astype(np.float32), rng.standard_normal((4, 3)).astype(np.float32)

@@ -188,3 +188,64 @@ def test_avx2_tile_in_a_haswell_build(tmp_path):
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     res = subprocess.run([sys.executable, "-c", _AVX2_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
+_STREAM_OK = G.tile_shape(np.float32) is not None and G.tile_shape(np.float32)[1] % 4 == 0
+
+
+@pytest.mark.skipif(not _STREAM_OK, reason="matmul_stream needs the AVX-512 tile (row blocks of 12)")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,K,P,nimg", [
+    (96, 8, 300, 2),       # whole 4-row groups, a partial last panel
+    (13, 5, 64, 3),        # a last group of 1 row (scratch), whole panels only
+    (6, 1, 7, 1),          # fewer columns than one panel: all columns past the panels
+    (30, 16, 129, 2),      # a last group of 2 rows and one column past the panels
+    (4, 0, 40, 2),         # an empty sum: the bias
+])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_matmul_stream(rng, dtype, M, K, P, nimg, with_bias):
+    tile = G.tile_shape(dtype)
+    A = rng.standard_normal((M, K)).astype(dtype)
+    # each image's K x P block, then a gap (bimg > K*P): nothing outside the blocks may be read into the result
+    bimg = K * P + 3
+    b = np.full(nimg * bimg, np.nan, dtype)
+    blocks = rng.standard_normal((nimg, K, P)).astype(dtype)
+    for i in range(nimg):
+        b[i * bimg:i * bimg + K * P] = blocks[i].ravel()
+    bias = rng.standard_normal(M).astype(dtype) if with_bias else None
+    cimg = M * P + 2
+    c = np.full(nimg * cimg + 1, np.nan, dtype)
+    G.matmul_stream(G.pack_a(A, tile[1]), M, K, tile, b, bimg, P, c, nimg=nimg, cimg=cimg, bias=bias)
+    ref = np.einsum("fk,ikp->ifp", A.astype(np.float64), blocks.astype(np.float64))
+    if with_bias:
+        ref += bias.astype(np.float64)[None, :, None]
+    got = np.stack([c[i * cimg:i * cimg + M * P].reshape(M, P) for i in range(nimg)])
+    tol = _tol(dtype, max(K, 1))
+    np.testing.assert_allclose(got, ref, rtol=tol, atol=tol * max(1.0, np.abs(ref).max()))
+    # the gaps between the images' outputs are untouched
+    gaps = np.concatenate([c[i * cimg + M * P:(i + 1) * cimg] for i in range(nimg)] + [c[nimg * cimg:]])
+    assert np.isnan(gaps).all()
+
+
+def test_matmul_stream_rejects_the_avx2_tile():
+    with pytest.raises(ValueError, match="multiple of 4"):
+        G.matmul_stream(np.zeros(12, np.float32), 2, 1, (8, 6, 2), np.zeros(4, np.float32), 2, 2,
+                        np.zeros(4, np.float32))
+
+
+@pytest.mark.skipif(not _STREAM_OK, reason="gemm_stream needs the AVX-512 tile (row blocks of 12)")
+@pytest.mark.parametrize("nsplit", [1, 2, 3, 9])
+def test_gemm_stream_column_splits(rng, nsplit):
+    """Each 4-row group's columns cut in nsplit ranges (more ranges than panels included): same result."""
+    dtype = np.float32
+    VW, MR, NV = G.tile_shape(dtype)
+    NR = VW * NV
+    M, K, P, nimg = 10, 6, 5 * NR + 3, 2
+    A = rng.standard_normal((M, K)).astype(dtype)
+    b = rng.standard_normal(nimg * K * P).astype(dtype)
+    bias = np.zeros(12, dtype)
+    bias[:M] = rng.standard_normal(M)
+    c = np.full(nimg * M * P, np.nan, dtype)
+    G.gemm_stream(G.pack_a(A, MR), M, K, MR, NR, b, K * P, P, nimg, c, M * P, bias, nsplit)
+    ref = np.einsum("fk,ikp->ifp", A.astype(np.float64), b.reshape(nimg, K, P)) + bias[:M, None]
+    np.testing.assert_allclose(c.reshape(nimg, M, P), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
