@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 __all__ = ["measure", "thread_info", "peak_rss_mb", "reset_peak_rss", "thread_limit", "machine_info", "gemm_peak",
-           "cpu_model"]
+           "cpu_model", "cpu_target", "cache_sizes", "cpu_line"]
 
 
 def measure(fn, *, warmup=1, repeat=5, min_time=0.0, sync=None, max_repeat=1000):
@@ -199,6 +199,56 @@ def cpu_model():
     return platform.processor() or platform.machine()
 
 
+def cpu_target():
+    """The CPU that numba compiles npconv's kernels for, by LLVM's name (``znver4``, ``skylake-avx512``, ...), or
+    None. Two cloud machines with the same model name ("AMD EPYC") can be different cores: the benchmark pages of
+    docs/ were measured on a Zen 5 and on a Zen 4 class VM, whose AVX-512 speeds differ by a factor of two."""
+    try:
+        import numba
+        name = numba.config.CPU_NAME
+        if name and name != "host":
+            return name
+        import llvmlite.binding as llb
+        return llb.get_host_cpu_name()
+    except Exception:
+        return None
+
+
+def cache_sizes(root="/sys/devices/system/cpu/cpu0/cache"):
+    """The first CPU's data and unified caches from sysfs (Linux), e.g. ``{"L1d": "32K", "L2": "1024K", "L3":
+    "32768K"}``; {} where sysfs does not say."""
+    out = {}
+    try:
+        entries = sorted(os.listdir(root))
+    except OSError:
+        return out
+    for entry in entries:
+        if not entry.startswith("index"):
+            continue
+        try:
+            with open(os.path.join(root, entry, "level")) as f:
+                level = f.read().strip()
+            with open(os.path.join(root, entry, "type")) as f:
+                kind = f.read().strip()
+            with open(os.path.join(root, entry, "size")) as f:
+                size = f.read().strip()
+        except OSError:
+            continue
+        if kind == "Instruction":
+            continue
+        out[f"L{level}" + ("d" if kind == "Data" else "")] = size
+    return out
+
+
+def cpu_line():
+    """One line for a benchmark's header: the model name, numba's target CPU and the caches."""
+    parts = [f"LLVM target {cpu_target() or 'unknown'}"]
+    caches = cache_sizes()
+    if caches:
+        parts.append(", ".join(f"{k} {v}" for k, v in caches.items()))
+    return f"{cpu_model()} ({'; '.join(parts)})"
+
+
 def _version(dist):
     from importlib import metadata
     try:
@@ -248,6 +298,8 @@ def machine_info():
     info = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "cpu_model": cpu_model(),
+        "cpu_target": cpu_target(),
+        "caches": cache_sizes(),
         "cores_logical": os.cpu_count(),
         "cores_physical": None,
         "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),

@@ -181,7 +181,7 @@ def main(argv=None):
         threadpool_limits(args.threads)
     clock = time.thread_time if args.clock == "thread" else time.perf_counter
     from bench._env import describe
-    from bench._timing import interleaved, thread_info
+    from bench._timing import cpu_line, interleaved, thread_info
     from npconv.layers import Conv2d
     (C, H, F, K, s, p), configs, batches = _case(args.quick, args.layer)
     if args.batches:
@@ -193,6 +193,7 @@ def main(argv=None):
             ap.error(f"unknown configuration(s) {sorted(unknown)}; known: {sorted(configs)}")
         configs = {k: v for k, v in configs.items() if k in keep}
     info = thread_info()
+    print(f"# CPU: {cpu_line()}")
     print(f"# layer C={C} H=W={H} F={F} k={K} stride={s} pad={p}; numba threads {info.get('numba_threads')} "
           f"({info.get('numba_threading_layer')}); BLAS {info.get('blas')}; env: {describe()}; clock {args.clock}")
     print(f"{'config':<24}{'batch':>6}{'dense ms':>10}{'approx ms':>11}{'speedup':>9}{'gain(paper)':>13}"
@@ -220,7 +221,7 @@ def main(argv=None):
                                 gain_exact=exact, ratio=speed / paper))
     if args.json:
         from npconv._fileio import atomic_write
-        text = json.dumps(dict(info=info, env=describe(), results=results), indent=1)
+        text = json.dumps(dict(info=info, cpu=cpu_line(), env=describe(), results=results), indent=1)
         atomic_write(args.json, lambda f: f.write(text.encode()))
 
 

@@ -146,7 +146,7 @@ def main(argv=None):
     ap.add_argument("--keep-blas-env", action="store_true")
     args = ap.parse_args(argv)
     from bench._env import describe
-    from bench._timing import measure, thread_info
+    from bench._timing import cpu_line, measure, thread_info
     threads = args.threads or len(os.sched_getaffinity(0))
     try:
         import torch
@@ -154,6 +154,7 @@ def main(argv=None):
     except ImportError:
         torch = None
     info = thread_info()
+    print(f"# CPU: {cpu_line()}")
     print(f"# threads: torch={threads if torch else 'n/a'} numba={info.get('numba_threads')} "
           f"({info.get('numba_threading_layer')}); BLAS: {info.get('blas')}; env: {describe()}")
     results = []
@@ -192,7 +193,7 @@ def main(argv=None):
           f"{mem['ws_mib']:.1f} MiB (npconv._workspace.WS, allocated by the batch-1 warm-up call and kept)")
     if args.json:
         from npconv._fileio import atomic_write
-        text = json.dumps(dict(info=info, env=describe(), results=results, memory=mem), indent=1)
+        text = json.dumps(dict(info=info, cpu=cpu_line(), env=describe(), results=results, memory=mem), indent=1)
         atomic_write(args.json, lambda f: f.write(text.encode()))
 
 

@@ -148,10 +148,11 @@ def main(argv=None):
 
 def _run(args):
     from bench._env import describe
-    from bench._timing import interleaved, thread_info
+    from bench._timing import cpu_line, interleaved, thread_info
     from npconv.decompose.cost import gain
     from npconv.layers import Conv2d
     info = thread_info()
+    print(f"# CPU: {cpu_line()}")
     print(f"# numba threads {info.get('numba_threads')} ({info.get('numba_threading_layer')}); "
           f"BLAS {info.get('blas')}; env: {describe()}")
     print(f"{'case':<28}{'dense ms':>10}{'ms':>10}{'speedup':>9}{'gain':>7}{'(paper)':>9}{'ratio':>7}")
@@ -185,7 +186,7 @@ def _run(args):
                                 approx=t["approx"], speedup=sp, gain_exact=g, gain_paper=gp, ratio=sp / g))
     if args.json:
         from npconv._fileio import atomic_write
-        text = json.dumps(dict(info=info, env=describe(), results=results), indent=1)
+        text = json.dumps(dict(info=info, cpu=cpu_line(), env=describe(), results=results), indent=1)
         atomic_write(args.json, lambda f: f.write(text.encode()))
     return results
 

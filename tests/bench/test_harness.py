@@ -108,6 +108,26 @@ def test_machine_info_fields():
     assert m["date"][:4].isdigit()
     if not isinstance(m["threads"]["blas"], str):
         assert any(d["user_api"] == "blas" for d in m["threads"]["blas"])
+    # numba's target CPU by LLVM's name (the model name alone does not tell a Zen 4 from a Zen 5 VM)
+    import llvmlite.binding as llb
+    import numba
+    named = numba.config.CPU_NAME not in (None, "", "host")
+    assert m["cpu_target"] == (numba.config.CPU_NAME if named else llb.get_host_cpu_name())
+    assert isinstance(m["caches"], dict)
+
+
+def test_cache_sizes_from_sysfs(tmp_path):
+    from bench._timing import cache_sizes
+    for i, (level, kind, size) in enumerate([(1, "Data", "32K"), (1, "Instruction", "32K"), (2, "Unified", "1024K"),
+                                             (3, "Unified", "32768K")]):
+        d = tmp_path / f"index{i}"
+        d.mkdir()
+        (d / "level").write_text(f"{level}\n")
+        (d / "type").write_text(f"{kind}\n")
+        (d / "size").write_text(f"{size}\n")
+    (tmp_path / "uevent").write_text("")
+    assert cache_sizes(str(tmp_path)) == {"L1d": "32K", "L2": "1024K", "L3": "32768K"}
+    assert cache_sizes(str(tmp_path / "missing")) == {}
 
 
 # ------------------------------------------------------------------------------------------------ rows

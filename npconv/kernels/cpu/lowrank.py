@@ -279,7 +279,7 @@ def fused_direct_conv_mk(x, T, has_T, grp_plane, Cg, grp_blk, blk_f, blk_nf, tap
     rows past the block's filters zero). For a band, the block's outputs over ``NR`` consecutive plane positions are one
     register tile whose ``Tn`` reduction steps read the taps' shifted views of the plane (``tapoff``); the block's
     tiles fill a staging buffer for the band, written out row by row with the bias (positions past ``Wo`` in each
-    plane row are dropped)."""
+    plane row are dropped). Each tile first prefetches, for writing, the output lines its positions are copied to."""
     N = x.shape[0]
     Ho = out.shape[2]
     Wo = out.shape[3]
