@@ -226,12 +226,7 @@ def cache_sizes(root="/sys/devices/system/cpu/cpu0/cache"):
         if not entry.startswith("index"):
             continue
         try:
-            with open(os.path.join(root, entry, "level")) as f:
-                level = f.read().strip()
-            with open(os.path.join(root, entry, "type")) as f:
-                kind = f.read().strip()
-            with open(os.path.join(root, entry, "size")) as f:
-                size = f.read().strip()
+            level, kind, size = (Path(root, entry, name).read_text().strip() for name in ("level", "type", "size"))
         except OSError:
             continue
         if kind == "Instruction":

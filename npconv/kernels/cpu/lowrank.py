@@ -317,7 +317,7 @@ def fused_direct_conv_mk(x, T, has_T, grp_plane, Cg, grp_blk, blk_f, blk_nf, tap
                     for k in range(blk_nf[b]):
                         d = ((n * F + blk_f[b, k]) * Ho + i0 + r0) * Wo + q0
                         prefetch_write(oflat, d)
-                        prefetch_write(oflat, d + line)
+                        prefetch_write(oflat, min(d + line, last))
                         if NR > 2 * line:     # the 8- and 4-row tiles' 3 vectors
                             prefetch_write(oflat, min(d + 2 * line, last))
                         prefetch_write(oflat, min(d + NR - 1, last))
