@@ -48,7 +48,8 @@ USE_MICROKERNEL = True
 _DIRECT_MAX_FILTERS = 32
 #: (on the micro-kernel, ZF conv1's separable forms, whose horizontal pass has 96 filters of 28 or 56 taps, against
 #: im2col + GEMM, same process, 8 rounds, 2-core Zen 4 VM: rank 4 1.56x / rank 8 1.07-1.27x faster at batch 128,
-#: 1.00-1.13x / 1.29-1.54x at batch 1)
+#: 1.00-1.13x / 1.29-1.54x at batch 1; low-rank first stages of 48 and 64 filters on ZF conv1 1.02-1.30x at batches
+#: 1 and 32 (best times), of 48 filters on CIFAR conv2 (64 -> 128, 5x5) 1.01-1.04x)
 _DIRECT_MAX_FILTERS_MK = 128
 #: ... and at most this many taps per filter; otherwise im2col + GEMM (BLAS wins once the GEMM has enough rows)
 _DIRECT_MAX_TAPS = 512
