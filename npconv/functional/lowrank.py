@@ -32,6 +32,7 @@ from .._backend import get_array_module, to_numpy
 from .._workspace import WS
 from .._validate import (as_pair, as_padding4, check_array, check_float_array, check_out, check_same_dtype, fill_out,
                          out_size)
+from . import _direct
 from ._direct import dense_direct, direct_conv_cpu
 from ._prepared import prepared
 from .conv import conv2d
@@ -74,7 +75,6 @@ def _check_bias(x, bias, F):
 def _use_direct(n_filters, n_taps):
     """Whether a full conv stage runs on the direct kernel (few filters: an im2col matrix would cost more to
     pack than the small GEMM saves) rather than im2col + GEMM."""
-    from . import _direct
     mk = _direct.USE_MICROKERNEL and bool(_direct._taps_tiles(np.float32))
     return n_filters <= (_DIRECT_MAX_FILTERS_MK if mk else _DIRECT_MAX_FILTERS) and n_taps <= _DIRECT_MAX_TAPS
 
