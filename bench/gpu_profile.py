@@ -5,6 +5,7 @@
     python bench/gpu_profile.py host [--out FILE.json]    # where the host time of eager batch-1 calls goes
     python bench/gpu_profile.py small [--out FILE.json]   # small batches: dense vs cuDNN, fused expansion or not
     python bench/gpu_profile.py cpblock [--out FILE.json] # the CP front end with 1, 2, 4 images a block
+    python bench/gpu_profile.py lowrank [--out FILE.json] # ZF conv1's low-rank and separable forms, rules A/B
 
 ``probe`` times, on ZF conv2 (96 -> 256, 5x5, stride 2, 55x55) at batch 128 and the CIFAR reference net's conv2:
 the whole npconv conv (im2col + GEMM + scatter, the chunk size that ``ops.WORKSPACE_BYTES`` gives and larger ones),
@@ -29,6 +30,12 @@ batches 1-8 with each colour's filters shared over several blocks (``split``) or
 rule ``ops_lowrank.MONO_MIN_BLOCKS``). Each as the latency of one call (CUDA events around it, after a synchronize;
 the variants of a row in alternation, ``bench_gpu.time_interleaved``) and as the time per call of 50 calls queued
 back to back.
+``lowrank`` times ZF conv1's two-stage forms with each rule of ``ops_lowrank`` at both ends, in alternation (latency
+and queued, as ``small``): the low-rank conv (rank 8, 16) at batches 1, 8 and 128 with its 1x1 stage on
+``lr_expand`` (``LR_EXPAND_MAX_RANK`` 32) or as a cuBLAS GEMM and ``bias_add`` (0); at batches 1 and 8, the same
+layer and the separable form (rank 4, 8) with ``factor_conv`` blocks as the rule gives them (``FACTOR_MIN_BLOCKS``)
+or always 256 threads (0), and the low-rank layer with ``lr_expand``'s filters split over blocks in small grids
+(``LR_MIN_BLOCKS``) or not (0); and the dense conv1, npconv and cuDNN, as the reference of each batch.
 ``cpblock`` times the biclustered CP conv2 (K = 6, 8, 12, batch 128) with ``ops_bicluster.CP_IMAGES_PER_BLOCK`` at
 1, 2 and 4 in alternation, and checks that the outputs agree (``ncu --workloads cp`` profiles the front end alone).
 """
@@ -134,11 +141,13 @@ def _profiled(run, name):
 
 
 #: the ncu workloads: name -> (batch, what); "conv<k>" is npconv's dense ZF conv<k> and cuDNN's, "cp<K>" the biclustered
-#: CP layer G=48 H=2 with that K, "mono<C'>" the monochromatic ZF conv1 with C' colours
+#: CP layer G=48 H=2 with that K, "mono<C'>" the monochromatic ZF conv1 with C' colours, "svd<t>" / "sep<K>" its
+#: low-rank (rank t) and separable (rank K) forms
 NCU_WORKLOADS = {"b128": ((128, "conv2"), (128, "cp8"), (128, "cp12"), (128, "mono24")),
                  "b1": ((1, "conv2"), (1, "cp8")),
                  "convs": ((8, "conv3"), (8, "conv4")),
-                 "cp": ((128, "cp6"), (128, "cp8"), (128, "cp12"), (1, "cp8"), (1, "cp12"))}
+                 "cp": ((128, "cp6"), (128, "cp8"), (128, "cp12"), (1, "cp8"), (1, "cp12")),
+                 "lr": ((1, "conv1"), (1, "mono4"), (1, "svd8"), (1, "sep4"), (128, "svd8"), (128, "sep4"))}
 
 
 def ncu_workloads(which="b128"):
@@ -152,7 +161,7 @@ def ncu_workloads(which="b128"):
     torch = torch_cuda()
     for N, what in NCU_WORKLOADS[which]:
         if what.startswith("conv"):
-            geom = SHAPES["zf_conv2"] if what == "conv2" else ZF_CONVS[what]
+            geom = {"conv1": ZF_CONV1, "conv2": SHAPES["zf_conv2"]}.get(what) or ZF_CONVS[what]
             C, H, F, K, s, p = geom
             x, w, b = _conv_inputs(cp, geom, N)
             _profiled(lambda: conv2d(x, w, b, stride=s, padding=p), f"npconv_{what}_b{N}")
@@ -166,7 +175,9 @@ def ncu_workloads(which="b128"):
         elif what.startswith("cp"):
             _profiled(factored_callable("cp", (48, 2, int(what[2:])), N, ZF_CONV2, np.float32), f"{what}_b{N}")
         else:
-            _profiled(lowrank_callable("monochromatic", int(what[4:]), N, ZF_CONV1, np.float32), f"{what}_b{N}")
+            method, size = {"mono": ("monochromatic", what[4:]), "svd": ("conv_svd", what[3:]),
+                            "sep": ("separable", what[3:])}[what.rstrip("0123456789")]
+            _profiled(lowrank_callable(method, int(size), N, ZF_CONV1, np.float32), f"{what}_b{N}")
         cp.get_default_memory_pool().free_all_blocks()
 
 
@@ -358,6 +369,90 @@ def probe_small(batches=(1, 2, 4, 8, 16, 32), cp_batches=(1, 2, 4, 8), repeat=30
     return out
 
 
+def _with_rules(layer, module, **rules):
+    """``layer`` run with ``module``'s attributes set to ``rules`` for the call (restored after it)."""
+    def run():
+        saved = {k: getattr(module, k) for k in rules}
+        for k, v in rules.items():
+            setattr(module, k, v)
+        try:
+            return layer()
+        finally:
+            for k, v in saved.items():
+                setattr(module, k, v)
+    return run
+
+
+def probe_lowrank(batches=(1, 8, 128), small_batches=(1, 8), repeat=30, quick=False):
+    """The ``lowrank`` measurements (see the module docstring): {"<layer>/b<N>/<variant>": {"latency_ms",
+    "queued_ms"}}. Every variant's output is checked against the first's (same arithmetic, another schedule: to
+    within 1e-4 of the output's scale). ``quick``: the small shape, batch 1, a few rounds."""
+    import cupy as cp
+
+    from bench.bench_gpu_lowrank import TINY, ZF_CONV1, factored_callable
+    from npconv.functional import conv2d
+    from npconv.kernels.cuda import ops_lowrank
+    torch = None if quick else torch_cuda()
+    sync = cp.cuda.Device().synchronize
+    geom = TINY if quick else ZF_CONV1
+    if quick:
+        batches, small_batches, repeat = (1,), (1,), 3
+    out = {}
+
+    def record(key, latency, queued):
+        out[key] = {"latency_ms": latency, "queued_ms": queued}
+        print(f"{key:34s} latency {latency:8.4f} ms   queued {queued:8.4f} ms/call", flush=True)
+
+    def run_row(prefix, cases):
+        ref = None
+        for name, (fn, kind) in cases.items():
+            if kind != "cupy":
+                continue
+            y = cp.asnumpy(fn())
+            if ref is None:
+                ref = y
+            elif not np.allclose(y, ref, rtol=0, atol=1e-4 * max(1.0, float(np.abs(ref).max()))):
+                raise AssertionError(f"{prefix}: variant {name} gives another output")
+        timed, _ = time_interleaved(cases, warmup=3, repeat=repeat)
+        for name, (fn, kind) in cases.items():
+            record(f"{prefix}/{name}", timed[name]["median_ms"],
+                   _queued_ms(fn, sync if kind == "cupy" else torch.cuda.synchronize))
+        cp.get_default_memory_pool().free_all_blocks()
+
+    C, H, F, K, s, p = geom
+    for N in sorted(set(batches) | set(small_batches)):
+        x, w, b = _conv_inputs(cp, (C, H, F, K, s, p), N)
+        cases = {"npconv": (lambda: conv2d(x, w, b, stride=s, padding=p), "cupy")}
+        if torch is not None:
+            torch.backends.cudnn.benchmark = True
+            tx, tw, tb = (torch.as_tensor(a, device="cuda") for a in (x, w, b))
+
+            def tfn():
+                with torch.no_grad():
+                    return torch.nn.functional.conv2d(tx, tw, tb, stride=s, padding=p)
+            cases["cudnn"] = (tfn, "torch")
+        run_row(f"conv1/b{N}", cases)
+        del cases, x
+        for t in ((4,) if quick else (8, 16)):
+            layer = factored_callable("conv_svd", t, N, geom, np.float32)
+            if N in batches:
+                run_row(f"svd{t}/b{N}", {
+                    "lr_expand": (_with_rules(layer, ops_lowrank, LR_EXPAND_MAX_RANK=32), "cupy"),
+                    "gemm": (_with_rules(layer, ops_lowrank, LR_EXPAND_MAX_RANK=0), "cupy")})
+            if N in small_batches:
+                run_row(f"svd{t}/b{N}", {
+                    "rules": (layer, "cupy"),
+                    "factor256": (_with_rules(layer, ops_lowrank, FACTOR_MIN_BLOCKS=0), "cupy"),
+                    "expand_unsplit": (_with_rules(layer, ops_lowrank, LR_MIN_BLOCKS=0), "cupy")})
+        if N in small_batches:
+            for k in ((3,) if quick else (4, 8)):
+                layer = factored_callable("separable", k, N, geom, np.float32)
+                run_row(f"sep{k}/b{N}", {
+                    "rules": (layer, "cupy"),
+                    "factor256": (_with_rules(layer, ops_lowrank, FACTOR_MIN_BLOCKS=0), "cupy")})
+    return out
+
+
 def cp_images_per_block(per_block=(1, 2, 4), ks=(6, 8, 12), N=128, repeat=15, quick=False):
     """{"cp<K>/b<N>/ipb<n>": {"median_ms", "speedup_over_first"}} for the CP layer with ``per_block`` images a
     bic_cp_front block, timed in alternation; each output must equal the first setting's (float32 sums, same
@@ -401,20 +496,21 @@ def cp_images_per_block(per_block=(1, 2, 4), ks=(6, 8, 12), N=128, repeat=15, qu
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=("probe", "ncu", "host", "small", "cpblock"))
+    ap.add_argument("what", choices=("probe", "ncu", "host", "small", "cpblock", "lowrank"))
     ap.add_argument("--out", help="JSON file for the probe's times (written atomically)")
     ap.add_argument("--workloads", choices=sorted(NCU_WORKLOADS), default="b128",
                     help="ncu: which set of workloads (NCU_WORKLOADS)")
     ap.add_argument("--quick", action="store_true",
-                    help="host, small, cpblock: small shapes, few calls (a smoke run)")
+                    help="host, small, cpblock, lowrank: small shapes, few calls (a smoke run)")
     args = ap.parse_args(argv)
     why = gpu_missing()
     if why is not None:
         print(f"gpu_profile {args.what}: skipped, no GPU ({why})")
         return 0
-    if args.what in ("probe", "host", "small", "cpblock"):
+    if args.what in ("probe", "host", "small", "cpblock", "lowrank"):
         run = {"probe": probe, "host": lambda: host(quick=args.quick),
                "small": lambda: probe_small(quick=args.quick),
+               "lowrank": lambda: probe_lowrank(quick=args.quick),
                "cpblock": lambda: cp_images_per_block(quick=args.quick)}[args.what]
         res = run()
         if args.out:

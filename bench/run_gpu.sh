@@ -5,17 +5,18 @@
 #
 #   bash bench/run_gpu.sh [OUTDIR] [STEP ...]     # steps: info tests suite bench network factored tune (default:
 #                                                 # all but suite; suite = the whole test suite, GPU tests included)
-#                                                 # and, only when named: probe host small cpblock ncu memcheck
-#                                                 # racecheck
+#                                                 # and, only when named: probe host small cpblock lowrank ncu
+#                                                 # memcheck racecheck
 #
 # probe: bench/gpu_profile.py's CUDA-event times of the parts of the dense conv2 and of variants; host: its split of
 # the host time of eager batch-1 calls (npconv's Python, CuPy, NumPy) and the per-call times, queued and
 # synchronised; small: its timings at small batches (dense convs against cuDNN, the biclustered CP expansion and SVD
-# reduction fused or not); cpblock: the CP layer with 1, 2, 4 images a bic_cp_front block; ncu: Nsight Compute on
-# bench/gpu_profile.py's workloads (report and its details page; NCU_SET=b1 for the batch-1 set, cp for the CP front
-# end, convs for conv3/conv4 at batch 8); memcheck / racecheck: compute-sanitizer over the float32 GPU tests
-# (racecheck: the kernels with shared memory; RACECHECK_K narrows its pytest -k expression), each stopped at its
-# time limit.
+# reduction fused or not); cpblock: the CP layer with 1, 2, 4 images a bic_cp_front block; lowrank: ZF conv1's
+# low-rank and separable forms with ops_lowrank's rules at both ends (lr_expand or GEMM, factor_conv and lr_expand
+# block sizes); ncu: Nsight Compute on bench/gpu_profile.py's workloads (report and its details page; NCU_SET=b1
+# for the batch-1 set, cp for the CP front end, convs for conv3/conv4 at batch 8, lr for ZF conv1's forms);
+# memcheck / racecheck: compute-sanitizer over the float32 GPU tests (racecheck: the kernels with shared memory;
+# RACECHECK_K narrows its pytest -k expression), each stopped at its time limit.
 #
 # Environment: PYTHON (default python3), NPCONV_TEST_JOBS (pytest-xdist workers, default 8), TESTS_LIMIT and
 # SUITE_LIMIT (seconds), TAIL_LINES (log lines echoed per step), PACK (where the .tgz goes).
@@ -68,6 +69,8 @@ torch.__version__, \"cudnn\", torch.backends.cudnn.version())'; nproc; lscpu | g
         step small "${SMALL_LIMIT:-150}" "$py" bench/gpu_profile.py small --out "$out/small.json" ;;
     cpblock)
         step cpblock 90 "$py" bench/gpu_profile.py cpblock --out "$out/cpblock.json" ;;
+    lowrank)
+        step lowrank "${LOWRANK_LIMIT:-120}" "$py" bench/gpu_profile.py lowrank --out "$out/lowrank.json" ;;
     ncu)
         step ncu "${NCU_LIMIT:-150}" ncu --profile-from-start off --clock-control none --target-processes all \
             --section SpeedOfLight --section LaunchStats --section Occupancy --section MemoryWorkloadAnalysis \
@@ -84,8 +87,8 @@ torch.__version__, \"cudnn\", torch.backends.cudnn.version())'; nproc; lscpu | g
             -k "${RACECHECK_K:-float32 and not strided and not network}" tests/gpu/test_gpu_bicluster.py \
             tests/gpu/test_gpu_lowrank.py tests/gpu/test_gpu_ops.py ;;
     *)
-        echo "unknown step $s (steps: info tests suite bench network factored tune probe host small ncu memcheck" \
-            "racecheck)"
+        echo "unknown step $s (steps: info tests suite bench network factored tune probe host small cpblock lowrank" \
+            "ncu memcheck racecheck)"
         exit 2 ;;
     esac
 done

@@ -16,7 +16,7 @@ from tests.cuda_emulator import install_as_cupy  # noqa: E402
 
 
 @pytest.mark.skipif(HAS_GPU, reason="checks the behaviour without a CUDA device")
-@pytest.mark.parametrize("what", ["probe", "ncu", "host", "small", "cpblock"])
+@pytest.mark.parametrize("what", ["probe", "ncu", "host", "small", "cpblock", "lowrank"])
 def test_skips_without_a_gpu(capsys, tmp_path, what):
     from bench import gpu_profile
     out = tmp_path / "probe.json"
@@ -118,3 +118,18 @@ def test_cpblock_quick_run_on_the_emulated_cupy(monkeypatch, tmp_path):
     assert all(r["median_ms"] > 0 and r["speedup_over_first"] > 0 for r in rep.values())
     assert rep["cp4/b5/ipb1"]["speedup_over_first"] == 1.0
     assert ops_bicluster.CP_IMAGES_PER_BLOCK == before
+
+
+@pytest.mark.cpuemu
+@pytest.mark.skipif(not HAS_CXX, reason="no C++ compiler for the CUDA C emulator")
+def test_lowrank_quick_run_on_the_emulated_cupy(monkeypatch, tmp_path):
+    """The low-rank rules' comparison on the CPU-emulated cupy: a record per layer and variant (the variants'
+    outputs compared inside), and every rule it patches restored."""
+    from npconv.kernels.cuda import ops_lowrank
+    names = ("LR_EXPAND_MAX_RANK", "FACTOR_MIN_BLOCKS", "LR_MIN_BLOCKS")
+    before = [getattr(ops_lowrank, n) for n in names]
+    rep = quick_run_on_the_emulated_cupy("lowrank", monkeypatch, tmp_path)
+    assert set(rep) == {"conv1/b1/npconv", "svd4/b1/lr_expand", "svd4/b1/gemm", "svd4/b1/rules",
+                        "svd4/b1/factor256", "svd4/b1/expand_unsplit", "sep3/b1/rules", "sep3/b1/factor256"}
+    assert all(r["latency_ms"] > 0 and r["queued_ms"] > 0 for r in rep.values())
+    assert [getattr(ops_lowrank, n) for n in names] == before

@@ -139,9 +139,11 @@ def test_monochromatic_zf_conv1_24_colours(cp, rng, dtype):
     check(cp, y, conv2d_einsum(x, mono_dense(T, a, S), b, stride=(2, 2), padding=(1, 1, 1, 1)), dtype, 3 * 49)
 
 
+@pytest.mark.parametrize("min_blocks", [0, 10**6], ids=["256-threads", "64-threads"])
 @pytest.mark.parametrize("budget_channels", [None, 2], ids=["one-chunk", "chunked"])
-def test_factor_conv(cp, rng, dtype, contiguous, monkeypatch, budget_channels):
+def test_factor_conv(cp, rng, dtype, contiguous, monkeypatch, budget_channels, min_blocks):
     from npconv.kernels.cuda import ops_lowrank
+    monkeypatch.setattr(ops_lowrank, "FACTOR_MIN_BLOCKS", min_blocks)
     N, C, F, KH, KW = 2, 7, 40, 3, 2
     if budget_channels:
         monkeypatch.setattr(ops_lowrank, "FACTOR_SMEM_BUDGET", budget_channels * KH * KW * 16 * dtype.itemsize)
@@ -152,15 +154,33 @@ def test_factor_conv(cp, rng, dtype, contiguous, monkeypatch, budget_channels):
     check(cp, y, conv2d_einsum(x, w, b, **geo), dtype, C * KH * KW)
 
 
-@pytest.mark.parametrize("t", [6, 200], ids=["factor_conv", "im2col"])
-def test_lowrank_conv2d_paths(cp, rng, dtype, t):
+@pytest.mark.parametrize("expand", ["lr_expand", "gemm"])
+@pytest.mark.parametrize("t", [6, 12, 30, 200], ids=lambda t: f"t{t}")
+def test_lowrank_conv2d_paths(cp, rng, dtype, monkeypatch, t, expand):
+    """The first stage on factor_conv (t <= 128) or im2col; the 1x1 stage on lr_expand8/16/32 or the GEMM and
+    bias_add (LR_EXPAND_MAX_RANK 0, and always for t = 200)."""
     from npconv.functional.lowrank import lowrank_conv2d
+    from npconv.kernels.cuda import ops_lowrank
+    monkeypatch.setattr(ops_lowrank, "LR_EXPAND_MAX_RANK", 32 if expand == "lr_expand" else 0)
     x = rng.standard_normal((2, 5, 12, 11)).astype(dtype)
     first, second = rng.standard_normal((t, 5, 3, 3)).astype(dtype), rng.standard_normal((9, t)).astype(dtype)
     b = rng.standard_normal(9).astype(dtype)
     y = lowrank_conv2d(cp.asarray(x), cp.asarray(first), cp.asarray(second), cp.asarray(b), stride=1, padding=1)
     dense = np.einsum("ft,tcxy->fcxy", second.astype(np.float64), first.astype(np.float64))
     check(cp, y, conv2d_einsum(x, dense, b, padding=(1, 1, 1, 1)), dtype, 45 * t)
+
+
+@pytest.mark.parametrize("min_blocks", [0, 10**6], ids=["few-blocks", "many-blocks"])
+@pytest.mark.parametrize("t", [8, 16], ids=lambda t: f"t{t}")
+def test_lr_expand_zf_conv1_shapes(cp, rng, dtype, monkeypatch, t, min_blocks):
+    """The 1x1 stage of ZF conv1's low-rank form (96 filters, 110 x 110) for 3 images, one filter block or many."""
+    from npconv.kernels.cuda import ops_lowrank
+    monkeypatch.setattr(ops_lowrank, "LR_MIN_BLOCKS", min_blocks)
+    h = rng.standard_normal((3, t, 110, 110)).astype(dtype)
+    second, b = rng.standard_normal((96, t)).astype(dtype), rng.standard_normal(96).astype(dtype)
+    y = ops_lowrank.lr_expand(cp.asarray(h), cp.asarray(second), cp.asarray(b))
+    ref = np.einsum("ft,ntp->nfp", second.astype(np.float64), h.reshape(3, t, -1).astype(np.float64)) + b[:, None]
+    check(cp, y, ref, dtype, t)
 
 
 def test_separable_zf_conv1_geometry(cp, rng, dtype):

@@ -1,5 +1,6 @@
-"""The factored-layer kernels (``_lowrank.cu``: mono_conv, factor_conv) on the CPU emulator, with hand-written
-launches, against NumPy references written here (the dense conv of the rebuilt kernel, tests/reference.py).
+"""The factored-layer kernels (``_lowrank.cu``: mono_conv, factor_conv, lr_expand<TB>) on the CPU emulator, with
+hand-written launches, against NumPy references written here (the dense conv of the rebuilt kernel,
+tests/reference.py; plain loops for lr_expand).
 
 Every case runs in both thread orders and with two launch shapes (a full grid, and a small grid / small block so
 the grid-stride and image loops wrap), for float32 and float64. Outputs start as NaN, so an element no thread
@@ -85,6 +86,66 @@ def test_factor_conv(lowrank_module, rng, dtype, launch, with_bias, case):
     kernel(lowrank_module, "factor_conv", dtype)(grid, block, args, shared_mem=CC * KH * KW * FACTOR_FT * dtype.itemsize,
                                                  order=order)
     check(y, ref, dtype, C * KH * KW)
+
+
+# --- lr_expand<TB> --------------------------------------------------------------------------------------------------
+
+#: TB -> pixels a thread, as documented in _lowrank.cu (NPCONV_LR_EXPAND(TB, PIX))
+LR_PIX = {8: 4, 16: 4, 32: 2}
+
+LR_CASES = [
+    # N, T, F, P, TB, FB, block: T below and at TB, F not a multiple of FB, P not a multiple of PIX * block
+    (2, 5, 7, 37, 8, 7, 32),           # one filter block, the last block's pixels partly past P
+    (1, 8, 20, 130, 8, 6, 32),         # T = TB; 4 filter blocks, the last with 2 filters
+    (3, 11, 9, 64, 16, 4, 16),         # T between 8 and 16; P a multiple of PIX * block
+    (1, 16, 3, 5, 16, 8, 64),          # FB larger than F, fewer pixels than threads
+    (2, 20, 13, 77, 32, 5, 32),        # T between 16 and 32
+    (1, 32, 4, 100, 32, 4, 64),        # T = 32
+    (2, 1, 10, 33, 8, 3, 32),          # rank 1
+]
+
+
+def lr_loops(h, second, b):
+    """y[n, f, p] = b[f] + sum_k second[f, k] * h[n, k, p], by loops over n and f (float64)."""
+    N, T, P = h.shape
+    F = second.shape[0]
+    y = np.zeros((N, F, P))
+    for n in range(N):
+        for f in range(F):
+            acc = np.zeros(P) + (0.0 if b is None else float(b[f]))
+            for k in range(T):
+                acc += float(second[f, k]) * h[n, k].astype(np.float64)
+            y[n, f] = acc
+    return y
+
+
+@pytest.mark.parametrize("order", ["forward", "reverse"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("case", LR_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_lr_expand(lowrank_module, rng, dtype, order, with_bias, case):
+    N, T, F, P, TB, FB, block = case
+    h = rng.standard_normal((N, T, P)).astype(dtype)
+    second = rng.standard_normal((F, T)).astype(dtype)
+    b = rng.standard_normal(F).astype(dtype)
+    y = np.full((N, F, P), np.nan, dtype)
+    grid = (-(-P // (LR_PIX[TB] * block)), -(-F // FB), N)
+    args = (h, second, b if with_bias else second, y, *map(i32, (N, T, F, P, FB, with_bias)))
+    kernel(lowrank_module, f"lr_expand{TB}", dtype)(grid, (block,), args,
+                                                    shared_mem=FB * (TB + 1) * dtype.itemsize, order=order)
+    check(y, lr_loops(h, second, b if with_bias else None), dtype, T)
+
+
+def test_lr_expand_writes_nothing_outside_its_images(lowrank_module, rng):
+    """A launch over the middle image of three (pointers offset by one image) leaves the others untouched."""
+    dtype = np.dtype(np.float32)
+    N, T, F, P = 3, 6, 10, 50
+    h = rng.standard_normal((N, T, P)).astype(dtype)
+    second, b = rng.standard_normal((F, T)).astype(dtype), rng.standard_normal(F).astype(dtype)
+    y = np.full((N, F, P), np.nan, dtype)
+    args = (h[1:2], second, b, y[1:2], *map(i32, (1, T, F, P, 4, 1)))
+    kernel(lowrank_module, "lr_expand8", dtype)((2, 3, 1), (32,), args, shared_mem=4 * 9 * 4, order="reverse")
+    assert np.isnan(y[0]).all() and np.isnan(y[2]).all()
+    check(y[1:2], lr_loops(h[1:2], second, b), dtype, T)
 
 
 # --- mono_conv -----------------------------------------------------------------------------------------------------

@@ -31,6 +31,10 @@ def test_constants_shared_with_the_source():
     assert set(map(int, re.findall(r"npc_mono_passes<(\d+)>\(", text))) == set(ops_lowrank.MONO_TILE_WIDTHS)
     # the widest pass is the weight buffer's width; the pass widths the kernel picks from
     assert set(map(int, re.findall(r"npc_mono_pass<(\d+), \d+, TW>\(", text))) == {8, 4, 2}
+    # lr_expand<TB>: the compiled ranks and the pixels a thread of each
+    found = {int(tb): int(pix) for tb, pix in re.findall(r"^NPCONV_LR_EXPAND\((\d+), (\d+)\)$", text, re.M)}
+    assert found == ops_lowrank.LR_EXPAND_RANKS
+    assert re.search(r"NPCONV_KERNEL_LB\(lr_expand##TB, 256\)", text) and ops_lowrank._BLOCK <= 256
 
 
 def test_a_wrong_declaration_is_caught():
@@ -60,8 +64,9 @@ def test_every_launch_matches_ptx(recording, rng, monkeypatch, dtype_name):
                                      padding=(1, 1, 0, 0))
     ops_lowrank.monochromatic_conv2d(a(1, 3, 9, 9), a(3, 3), asg, a(4, 3, 3), None, stride=(1, 1),
                                      padding=(0, 0, 0, 0))
-    ops_lowrank.lowrank_conv2d(a(2, 6, 8, 8), a(3, 6, 3, 3), a(5, 3), a(5), stride=(1, 1), padding=(1, 1, 1, 1),
-                               dilation=(1, 1))
+    for t in (3, 12, 20, 40):                  # lr_expand8, 16 and 32, then the GEMM and bias_add
+        ops_lowrank.lowrank_conv2d(a(2, 6, 8, 8), a(t, 6, 3, 3), a(5, t), a(5), stride=(1, 1),
+                                   padding=(1, 1, 1, 1), dilation=(1, 1))
     ops_lowrank.separable_conv2d(a(2, 3, 8, 8), a(2, 3, 3, 1), a(5, 2, 1, 3), a(5), stride=(2, 2),
                                  padding=(1, 1, 1, 1))
     monkeypatch.setattr(ops_lowrank, "MONO_SMEM_BUDGET", 8)   # the composed fallback, through ops.conv2d
@@ -70,4 +75,5 @@ def test_every_launch_matches_ptx(recording, rng, monkeypatch, dtype_name):
     launched = check_launch_log(log)
     assert {loader.kernel_name(k, dt) for k in ops_lowrank.LAUNCH_SIGNATURES} <= launched
     assert loader.kernel_name("conv_direct", dt) in launched                  # the fallback ran
+    assert loader.kernel_name("bias_add", dt) in launched                     # the rank-40 1x1 stage
     assert [cupy_packed_size(v) for v in (np.zeros(2, np.int32), np.int32(1), 1)] == [8, 4, 8]

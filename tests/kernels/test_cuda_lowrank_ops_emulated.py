@@ -138,20 +138,101 @@ def test_factor_conv_refuses_a_kernel_too_large(fc, dtype):
                                 dilation=(1, 1))
 
 
-@pytest.mark.parametrize("t,expect", [(6, {"factor_conv"}), (20, {"im2col", "conv_scatter"})])
-def test_lowrank_conv2d(fc, launched, monkeypatch, rng, dtype, t, expect):
-    """The first stage on factor_conv when t <= DIRECT_MAX_FILTERS (lowered to 8 here), else ops.conv2d."""
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("t,max_rank,expect", [
+    (6, 32, ["factor_conv", "lr_expand8"]),
+    (8, 32, ["factor_conv", "lr_expand8"]),
+    (12, 32, ["im2col", "conv_scatter", "lr_expand16"]),      # first stage above DIRECT_MAX_FILTERS: ops.conv2d
+    (20, 32, ["im2col", "conv_scatter", "lr_expand32"]),
+    (6, 0, ["factor_conv", "bias_add"]),                       # LR_EXPAND_MAX_RANK 0: the GEMM, then bias_add
+    (40, 32, ["im2col", "conv_scatter", "bias_add"]),          # above the largest compiled rank
+], ids=lambda v: str(v) if isinstance(v, int) else None)
+def test_lowrank_conv2d(fc, launched, monkeypatch, rng, dtype, t, max_rank, expect, with_bias):
+    """The first stage on factor_conv when t <= DIRECT_MAX_FILTERS (lowered to 8 here), else ops.conv2d; the 1x1
+    stage with its bias on lr_expand<TB> for t <= LR_EXPAND_MAX_RANK, else a GEMM and bias_add (none without a
+    bias). Strided input and second factor."""
     monkeypatch.setattr(ops_lowrank, "DIRECT_MAX_FILTERS", 8)
+    monkeypatch.setattr(ops_lowrank, "LR_EXPAND_MAX_RANK", max_rank)
     N, C, F = 2, 6, 10
     x = rng.standard_normal((N, C, 9, 10)).astype(dtype)
     first = rng.standard_normal((t, C, 3, 3)).astype(dtype)
     second = rng.standard_normal((F, t)).astype(dtype)
-    b = rng.standard_normal(F).astype(dtype)
-    y = ops_lowrank.lowrank_conv2d(strided(fc, x), fc.asarray(first), strided(fc, second), fc.asarray(b),
+    b = rng.standard_normal(F).astype(dtype) if with_bias else None
+    y = ops_lowrank.lowrank_conv2d(strided(fc, x), fc.asarray(first), strided(fc, second),
+                                   None if b is None else fc.asarray(b),
                                    stride=(2, 1), padding=(1, 1, 0, 2), dilation=(1, 2))
     dense = np.einsum("ft,tcxy->fcxy", second.astype(np.float64), first.astype(np.float64))
     check(y, conv2d_einsum(x, dense, b, stride=(2, 1), padding=(1, 1, 0, 2), dilation=(1, 2)), dtype, C * 9 * t)
-    assert set(launched) == expect
+    assert launched == [k for k in expect if with_bias or k != "bias_add"]
+
+
+@pytest.mark.parametrize("min_blocks", [0, 264, 10**6], ids=["few", "default", "many"])
+def test_lr_expand_filter_blocks(fc, launched, monkeypatch, rng, dtype, order, min_blocks):
+    """The same product whatever the split of the filters over blocks (LR_MIN_BLOCKS), with 3 images, 4-D h."""
+    monkeypatch.setattr(ops_lowrank, "LR_MIN_BLOCKS", min_blocks)
+    N, t, F = 3, 9, 37
+    h = rng.standard_normal((N, t, 7, 11)).astype(dtype)
+    second, b = rng.standard_normal((F, t)).astype(dtype), rng.standard_normal(F).astype(dtype)
+    y = ops_lowrank.lr_expand(fc.asarray(h), fc.asarray(second), fc.asarray(b))
+    ref = np.einsum("ft,ntp->nfp", second.astype(np.float64), h.reshape(N, t, -1).astype(np.float64)) + b[:, None]
+    check(y, ref, dtype, t)
+    assert launched == ["lr_expand16"]
+
+
+def test_lr_expand_refuses_bad_ranks_and_shapes(fc, dtype):
+    h = fc.zeros((1, 33, 4, 4), dtype)
+    with pytest.raises(ValueError, match="rank t = 33 must be between 1 and 32"):
+        ops_lowrank.lr_expand(h, fc.zeros((5, 33), dtype), None)
+    with pytest.raises(ValueError, match="rank t = 0"):
+        ops_lowrank.lr_expand(fc.zeros((1, 0, 4, 4), dtype), fc.zeros((5, 0), dtype), None)
+    with pytest.raises(ValueError, match=r"second must be \(F, 4\) and bias \(F,\), got \(5, 3\)"):
+        ops_lowrank.lr_expand(fc.zeros((1, 4, 4, 4), dtype), fc.zeros((5, 3), dtype), None)
+    with pytest.raises(ValueError, match=r"got \(5, 4\) and \(6,\)"):
+        ops_lowrank.lr_expand(fc.zeros((1, 4, 4, 4), dtype), fc.zeros((5, 4), dtype), fc.zeros(6, dtype))
+
+
+def test_lr_expand_plan_rule(monkeypatch):
+    """Hand-computed plans: the compiled rank a t rounds up to, the filters a block within the shared-memory budget,
+    and more filter blocks (of at least 8 filters) and 128-thread blocks while the grid is under LR_MIN_BLOCKS."""
+    monkeypatch.setattr(ops_lowrank, "LR_MIN_BLOCKS", 264)
+    monkeypatch.setattr(ops_lowrank, "LR_SMEM_BUDGET", 16 * 1024)
+    plan = ops_lowrank.lr_expand_plan
+    # ZF conv1 rank 8 at batch 128: 12 blocks of 1024 pixels an image, all 96 filters a block (864 + 96 floats)
+    assert plan(128, 8, 96, 12100, 4) == (8, 4, 256, 96, 96 * 9 * 4)
+    # batch 1: 12 blocks of 256 threads is under 264, so 128 threads (24 blocks), then ceil(264 / 24) = 11 filter
+    # blocks wanted: ceil(96 / 11) = 9 filters a block
+    assert plan(1, 8, 96, 12100, 4) == (8, 4, 128, 9, 9 * 9 * 4)
+    assert plan(1, 16, 96, 12100, 8) == (16, 4, 128, 9, 9 * 17 * 8)
+    assert plan(1, 17, 20, 100, 4) == (32, 2, 128, 8, 8 * 33 * 4)     # at least 8 filters a block
+    # 64 images of 3 blocks of 256 threads is 192 blocks: 128 threads (384); 16 KiB / (17 * 8 B) = 120 filters
+    assert plan(64, 12, 4096, 3025, 8) == (16, 4, 128, 120, 120 * 17 * 8)
+    assert plan(1, 33, 10, 10, 4) is None and plan(1, 0, 10, 10, 4) is None
+    monkeypatch.setattr(ops_lowrank, "LR_MIN_BLOCKS", 0)
+    assert plan(1, 8, 96, 12100, 4) == (8, 4, 256, 96, 96 * 9 * 4)
+
+
+def test_factor_block_rule(monkeypatch):
+    """256 threads a factor_conv block, halved to 128 or 64 while the grid would be under FACTOR_MIN_BLOCKS."""
+    monkeypatch.setattr(ops_lowrank, "FACTOR_MIN_BLOCKS", 264)
+    assert ops_lowrank.factor_block(128 * 110 * 224, 1) == 256          # separable first pass, batch 128
+    assert ops_lowrank.factor_block(110 * 224, 1) == 64                  # batch 1: 97 blocks of 256, 386 of 64
+    assert ops_lowrank.factor_block(110 * 110, 6) == 256                 # second pass: 48 x 6 = 288 blocks
+    assert ops_lowrank.factor_block(110 * 110, 4) == 128                 # 48 x 4 = 192 blocks; 95 x 4 = 380
+    assert ops_lowrank.factor_block(10, 1) == 64                         # never under 64
+    monkeypatch.setattr(ops_lowrank, "FACTOR_MIN_BLOCKS", 0)
+    assert ops_lowrank.factor_block(10, 1) == 256
+
+
+@pytest.mark.parametrize("min_blocks", [0, 10**6], ids=["256-threads", "64-threads"])
+def test_factor_conv_block_sizes(fc, launched, monkeypatch, rng, dtype, min_blocks):
+    """factor_conv gives the same output with the blocks of either end of the rule."""
+    monkeypatch.setattr(ops_lowrank, "FACTOR_MIN_BLOCKS", min_blocks)
+    x = rng.standard_normal((2, 3, 17, 15)).astype(dtype)
+    w, b = rng.standard_normal((20, 3, 3, 3)).astype(dtype), rng.standard_normal(20).astype(dtype)
+    y = ops_lowrank.factor_conv(fc.asarray(x), fc.asarray(w), fc.asarray(b), stride=(1, 1), padding=(1, 1, 1, 1),
+                                dilation=(1, 1))
+    check(y, conv2d_einsum(x, w, b, stride=(1, 1), padding=(1, 1, 1, 1)), dtype, 27)
+    assert launched == ["factor_conv"]
 
 
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])

@@ -8,6 +8,8 @@
 //  * factor_conv -- a direct conv for the stages of the low-rank and separable layers (few filters, or 1-D
 //                   kernels): 16 filters per block held in registers, their weights in shared memory one chunk of
 //                   input channels at a time, so no im2col matrix is built and any channel count fits.
+//  * lr_expand8 / lr_expand16 / lr_expand32 -- the 1x1 second stage of the low-rank conv with its bias, for ranks
+//                   up to 8, 16 and 32: one pass that reads the t maps once and writes each output once.
 
 #define NPCONV_MONO_FT 8
 #define NPCONV_MONO_RX 4
@@ -302,3 +304,74 @@ NPCONV_KERNEL_LB(factor_conv, 256)(const real_t* __restrict__ x, const real_t* _
     }
   }
 }
+
+// The 1x1 second stage of the low-rank conv, with its bias: y[n, f, p] = bias[f] + sum_{k < T} second[f, k] *
+// h[n, k, p]; h (N, T, P), second (F, T), bias (F,) when has_bias, y (N, F, P).
+// TB (T rounded up to 8, 16 or 32) and PIX (pixels a thread) are compile-time: a thread holds its PIX pixels' TB
+// values of h in registers (zero past T and past P), loaded once, then writes one output a pixel for each of the
+// block's filters. Pixels are blockDim.x apart, so each warp-wide load and store touches consecutive words; the
+// weights of a filter are the same for the whole block (shared-memory broadcasts), PIX multiply-adds a weight read.
+// Launch: 1-D blocks (at most 256 threads), grid (ceil(P / (PIX * blockDim.x)), ceil(F / FB), images), at most
+// 65535 images a launch (ops_lowrank launches one grid per 65535); block y takes filters [y * FB, min(F, y * FB +
+// FB)). Dynamic shared memory: FB * TB weights (zero past T) then FB biases (zero without a bias), real_t.
+template <int TB, int PIX>
+__device__ __forceinline__ void npc_lr_expand(const real_t* __restrict__ h, const real_t* __restrict__ second,
+                                              const real_t* __restrict__ bias, real_t* __restrict__ y, int N, int T,
+                                              int F, int P, int FB, int has_bias) {
+  extern __shared__ __align__(16) unsigned char npconv_lr_smem[];
+  real_t* wsh = reinterpret_cast<real_t*>(npconv_lr_smem);
+  real_t* bsh = wsh + FB * TB;
+  const int f0 = blockIdx.y * FB;
+  const int fcount = min(FB, F - f0);
+  const int n = blockIdx.z;
+  for (int j = threadIdx.x; j < FB * TB; j += blockDim.x) {
+    const int f = j / TB;
+    const int k = j - f * TB;
+    wsh[j] = (f < fcount && k < T) ? __ldg(second + (size_t)(f0 + f) * T + k) : real_t(0);
+  }
+  for (int f = threadIdx.x; f < FB; f += blockDim.x)
+    bsh[f] = (has_bias && f < fcount) ? __ldg(bias + f0 + f) : real_t(0);
+  __syncthreads();
+  if (n >= N || fcount <= 0) return;  // after the only barrier
+
+  const int p0 = blockIdx.x * (PIX * blockDim.x) + threadIdx.x;
+  real_t hv[TB][PIX];
+  const real_t* hn = h + (size_t)n * T * P;
+#pragma unroll
+  for (int k = 0; k < TB; ++k) {
+#pragma unroll
+    for (int j = 0; j < PIX; ++j) {
+      const int p = p0 + j * blockDim.x;
+      hv[k][j] = (k < T && p < P) ? __ldg(hn + (size_t)k * P + p) : real_t(0);
+    }
+  }
+  real_t* yn = y + ((size_t)n * F + f0) * P;
+  for (int f = 0; f < fcount; ++f) {
+    real_t acc[PIX];
+#pragma unroll
+    for (int j = 0; j < PIX; ++j) acc[j] = bsh[f];
+    const real_t* wf = wsh + f * TB;
+#pragma unroll
+    for (int k = 0; k < TB; ++k) {
+      const real_t wk = wf[k];
+#pragma unroll
+      for (int j = 0; j < PIX; ++j) acc[j] += wk * hv[k][j];
+    }
+    real_t* yf = yn + (size_t)f * P;
+#pragma unroll
+    for (int j = 0; j < PIX; ++j) {
+      const int p = p0 + j * blockDim.x;
+      if (p < P) yf[p] = acc[j];
+    }
+  }
+}
+
+#define NPCONV_LR_EXPAND(TB, PIX)                                                                                  \
+  NPCONV_KERNEL_LB(lr_expand##TB, 256)(const real_t* __restrict__ h, const real_t* __restrict__ second,          \
+                                       const real_t* __restrict__ bias, real_t* __restrict__ y, int N, int T, int F, \
+                                       int P, int FB, int has_bias) {                                               \
+    npc_lr_expand<TB, PIX>(h, second, bias, y, N, T, F, P, FB, has_bias);                                          \
+  }
+NPCONV_LR_EXPAND(8, 4)
+NPCONV_LR_EXPAND(16, 4)
+NPCONV_LR_EXPAND(32, 2)

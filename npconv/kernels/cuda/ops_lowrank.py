@@ -17,8 +17,10 @@ How each layer runs:
   * separable: two passes of ``factor_conv``, a direct conv (no im2col matrix): the vertical X x 1 pass with the
     row stride and the top/bottom padding, then the horizontal 1 x Y pass with the column stride, the left/right
     padding and the bias.
-  * low-rank conv: the first stage (t filters) on ``factor_conv``, then one cuBLAS GEMM ``second (F, t) @ h``
-    batched over the images, then the bias.
+  * low-rank conv: the first stage (t filters) on ``factor_conv``, then the 1x1 second stage ``second (F, t) @ h``
+    with the bias: for t <= :data:`LR_EXPAND_MAX_RANK` one launch of ``lr_expand8/16/32`` (t rounded up to 8, 16
+    or 32), which reads h once and writes each output once, bias included (:func:`lr_expand`); for larger t one
+    cuBLAS GEMM batched over the images, then ``ops``' ``bias_add``.
 A conv stage runs on ``factor_conv`` when it has at most :data:`DIRECT_MAX_FILTERS` filters and the weights of one
 input channel for 16 filters fit :data:`FACTOR_SMEM_BUDGET`; otherwise it goes to ``ops.conv2d`` (im2col +
 cuBLAS, or its own direct kernels). These thresholds have not been measured on a GPU (see docs/gpu_lowrank.md).
@@ -45,7 +47,8 @@ __all__ = [
     "lowrank_conv2d", "monochromatic_conv2d", "separable_conv2d", "factor_conv", "conv_stage",
     "LAUNCH_SIGNATURES", "SOURCE", "source_text", "get_kernel", "clear_cache", "mono_tiling", "mono_splits",
     "factor_chunk", "uses_factor_conv", "DIRECT_MAX_FILTERS", "FACTOR_SMEM_BUDGET", "MONO_SMEM_BUDGET",
-    "MONO_MIN_BLOCKS",
+    "MONO_MIN_BLOCKS", "lr_expand", "lr_expand_plan", "LR_EXPAND_MAX_RANK", "LR_EXPAND_RANKS", "LR_SMEM_BUDGET",
+    "LR_MIN_BLOCKS", "FACTOR_MIN_BLOCKS", "factor_block",
     "MONO_FILTERS_PER_PASS", "FACTOR_FILTERS_PER_BLOCK", "MONO_COLS_PER_THREAD", "MONO_ROWS_PER_THREAD",
     "MONO_TILE_WIDTHS", "MONO_MAX_THREADS", "MonoTiling", "mono_row_stride",
 ]
@@ -72,6 +75,17 @@ MONO_MIN_BLOCKS = 512
 FACTOR_SMEM_BUDGET = 16 * 1024
 #: a conv stage with at most this many filters runs on factor_conv (more: ops.conv2d, im2col + cuBLAS)
 DIRECT_MAX_FILTERS = 128
+#: a factor_conv grid of 256-thread blocks smaller than this gets blocks of 128 or 64 threads instead, so that a
+#: small batch spreads over more multiprocessors (ZF conv1's separable first pass at batch 1: 97 blocks of 256)
+FACTOR_MIN_BLOCKS = 264
+#: the low-rank conv's 1x1 stage runs on lr_expand for ranks up to this (0: always the GEMM and bias_add)
+LR_EXPAND_MAX_RANK = 32
+#: the ranks lr_expand is compiled for (its kernels lr_expand<TB>) and the pixels a thread of each holds
+LR_EXPAND_RANKS = {8: 4, 16: 4, 32: 2}
+#: shared memory of an lr_expand block (the weights and biases of its filters), bytes
+LR_SMEM_BUDGET = 16 * 1024
+#: an lr_expand grid with fewer blocks than this splits the filters over more blocks (at least 8 filters a block)
+LR_MIN_BLOCKS = 264
 
 _BLOCK = 256
 _MAX_GRID = 1 << 18                 # blocks of a grid-stride launch, so grid * block <= 2^26
@@ -87,6 +101,8 @@ LAUNCH_SIGNATURES: dict[str, tuple[str, tuple[str, ...]]] = {
     "mono_conv": (SOURCE, (PTR, PTR, PTR, IPTR, IPTR, PTR, PTR) + (I32,) * 17),
     # x, w, bias, y, N, C, H, W, F, KH, KW, SH, SW, PT, PL, DH, DW, OH, OW, CC, has_bias
     "factor_conv": (SOURCE, (PTR,) * 4 + (I32,) * 17),
+    # h, second, bias, y, N, T, F, P, FB, has_bias
+    **{f"lr_expand{tb}": (SOURCE, (PTR,) * 4 + (I32,) * 6) for tb in LR_EXPAND_RANKS},
 }
 
 
@@ -168,11 +184,21 @@ def factor_conv(x, w, b, *, stride, padding, dilation):
     if fblocks > _MAX_GRID_YZ:
         raise ValueError(f"factor_conv takes at most {_MAX_GRID_YZ * FACTOR_FILTERS_PER_BLOCK} filters, got {F}")
     has_bias = b is not None
-    grid = (min(-(-total // _BLOCK), _MAX_GRID), fblocks)
-    _launch("factor_conv", dt, grid, (_BLOCK,),
+    block = factor_block(total, fblocks)
+    grid = (min(-(-total // block), _MAX_GRID), fblocks)
+    _launch("factor_conv", dt, grid, (block,),
             (x, w, b if has_bias else w, y, N, C, H, W, F, KH, KW, sh, sw, pt, pl, dh, dw, OH, OW, CC, has_bias),
             shared_mem=CC * KH * KW * FACTOR_FILTERS_PER_BLOCK * dt.itemsize)
     return y
+
+
+def factor_block(pixels, fblocks):
+    """Threads a factor_conv block for ``pixels`` output pixels (N*OH*OW) and ``fblocks`` filter blocks: 256, or
+    128 / 64 when a grid of 256-thread blocks would have fewer than :data:`FACTOR_MIN_BLOCKS` blocks."""
+    block = _BLOCK
+    while block > 64 and -(-pixels // block) * fblocks < FACTOR_MIN_BLOCKS:
+        block //= 2
+    return block
 
 
 def conv_stage(x, w, b, *, stride, padding, dilation=(1, 1)):
@@ -192,10 +218,15 @@ def lowrank_conv2d(x, first, second, bias, *, stride, padding, dilation):
     cp = _cupy()
     h = conv_stage(x, first, None, stride=stride, padding=padding, dilation=dilation)
     N, t, OH, OW = (int(v) for v in h.shape)
+    second, bias = ops.contiguous(cp, second, h.dtype), ops.contiguous(cp, bias, h.dtype)
     F = int(second.shape[0])
-    out = _matmul(cp.ascontiguousarray(second), h.reshape(N, t, OH * OW)).reshape(N, F, OH, OW)
-    if bias is not None:
-        out += bias.reshape(1, F, 1, 1)
+    plan = lr_expand_plan(N, t, F, OH * OW, h.dtype.itemsize) if t <= LR_EXPAND_MAX_RANK else None
+    if plan is not None:
+        return _lr_expand(cp, h.reshape(N, t, OH * OW), second, bias, plan).reshape(N, F, OH, OW)
+    out = _matmul(second, h.reshape(N, t, OH * OW)).reshape(N, F, OH, OW)
+    if bias is not None and out.size:
+        out = ops.contiguous(cp, out)
+        ops._launch_1d("bias_add", out.dtype, out.size, (out, bias, N, F, OH * OW), "the convolution output")
     return out
 
 
@@ -206,6 +237,85 @@ def separable_conv2d(x, vertical, horizontal, bias, *, stride, padding):
     pt, pb, pl, pr = padding
     h = conv_stage(x, vertical, None, stride=(sh, 1), padding=(pt, pb, 0, 0))
     return conv_stage(h, horizontal, bias, stride=(1, sw), padding=(0, 0, pl, pr))
+
+
+class LrExpandPlan(NamedTuple):
+    """The launch shape of lr_expand: kernel ``lr_expand<TB>``, ``PIX`` pixels a thread, ``block`` threads,
+    ``FB`` filters a block and ``smem`` bytes of dynamic shared memory."""
+    TB: int
+    PIX: int
+    block: int
+    FB: int
+    smem: int
+
+
+def lr_expand_plan(N, t, F, P, itemsize):
+    """The :class:`LrExpandPlan` of ``lr_expand`` for N images of P pixels, rank t and F filters; None when t is
+    above the largest compiled rank (:data:`LR_EXPAND_RANKS`) or below 1. FB is every filter the budget
+    (:data:`LR_SMEM_BUDGET`) allows, split further while the grid has fewer than :data:`LR_MIN_BLOCKS` blocks (down
+    to 8 filters a block); the block is 256 threads, or 128 when 256 would leave the grid under that count.
+    Memoised (by the arguments and the module's limits): a layer asks on every call."""
+    return _lr_expand_plan(int(min(N, _MAX_GRID_YZ)), int(t), int(F), int(P), int(itemsize), LR_MIN_BLOCKS,
+                           LR_SMEM_BUDGET, tuple(sorted(LR_EXPAND_RANKS.items())))
+
+
+@functools.lru_cache(maxsize=256)
+def _lr_expand_plan(n_img, t, F, P, itemsize, min_blocks, budget, ranks):
+    TB = next((tb for tb, _ in ranks if t <= tb), None)
+    if TB is None or t < 1 or F < 1:
+        return None
+    PIX = dict(ranks)[TB]
+    n_img = max(1, n_img)
+    block = _BLOCK
+    if -(-P // (PIX * block)) * n_img < min_blocks:
+        block //= 2
+    pix_blocks = -(-P // (PIX * block)) * n_img
+    FB = min(F, max(1, budget // ((TB + 1) * itemsize)))
+    if pix_blocks * -(-F // FB) < min_blocks:
+        FB = min(FB, max(8, -(-F // -(-min_blocks // pix_blocks))))
+    return LrExpandPlan(TB, PIX, block, FB, FB * (TB + 1) * itemsize)
+
+
+def lr_expand(h, second, bias):
+    """The low-rank conv's 1x1 stage on ``lr_expand<TB>``: h (N, t, OH, OW) or (N, t, P), second (F, t), bias (F,)
+    or None (CuPy arrays of one dtype). Returns a new (N, F, P) array, ``second @ h[n] + bias`` for each image n.
+
+    Raises ValueError when t is not between 1 and the largest compiled rank (:func:`lr_expand_plan`)."""
+    cp = _cupy()
+    h, second, bias = ops.contiguous(cp, h), ops.contiguous(cp, second), ops.contiguous(cp, bias)
+    N, t = (int(v) for v in h.shape[:2])
+    P = int(np.prod(h.shape[2:], dtype=np.int64))
+    plan = lr_expand_plan(N, t, int(second.shape[0]), P, h.dtype.itemsize)
+    if plan is None:
+        raise ValueError(f"lr_expand: rank t = {t} must be between 1 and {max(LR_EXPAND_RANKS)}; use the GEMM path")
+    return _lr_expand(cp, h.reshape(N, t, P), second, bias, plan)
+
+
+def _lr_expand(cp, h, second, bias, plan):
+    """``lr_expand`` on contiguous arrays, h (N, t, P), with its plan."""
+    dt = h.dtype
+    N, t, P = (int(v) for v in h.shape)
+    F = int(second.shape[0])
+    if tuple(second.shape) != (F, t) or (bias is not None and tuple(bias.shape) != (F,)):
+        raise ValueError(f"lr_expand: second must be (F, {t}) and bias (F,), got {tuple(second.shape)} and "
+                         f"{None if bias is None else tuple(bias.shape)}")
+    y = cp.empty((N, F, P), dtype=dt)
+    if y.size == 0:
+        return y
+    if P > _INDEX_LIMIT:
+        raise ValueError(f"lr_expand: {P} pixels an image; the kernel indexes pixels with 32-bit ints and takes at "
+                         f"most {_INDEX_LIMIT}")
+    fblocks = -(-F // plan.FB)
+    if fblocks > _MAX_GRID_YZ:
+        raise ValueError(f"lr_expand takes at most {_MAX_GRID_YZ * plan.FB} filters, got {F}")
+    has_bias = bias is not None
+    grid_x = -(-P // (plan.PIX * plan.block))
+    for n0 in range(0, N, _MAX_GRID_YZ):                 # one image per grid z: a launch per 65535 images
+        n1 = min(N, n0 + _MAX_GRID_YZ)
+        _launch(f"lr_expand{plan.TB}", dt, (grid_x, fblocks, n1 - n0), (plan.block,),
+                (h[n0:n1], second, bias if has_bias else second, y[n0:n1], n1 - n0, t, F, P, plan.FB, has_bias),
+                shared_mem=plan.smem)
+    return y
 
 
 class MonoTiling(NamedTuple):
