@@ -13,7 +13,8 @@ GPU.
 Workloads at batch 1, ZF shapes: the dense conv2 through ``npconv.functional.conv2d``, the biclustered CP conv2 layer
 (G=48, H=2, K=8), the biclustered SVD conv2 layer (G=H=2, (19, 51)) as it runs (``bic_reduce``) and with its gather
 and reductions as ``bic_gather`` and a GEMM a group (``svd_layer_gather_gemms``), the shared separable conv2 layer
-(G=48, H=2, K=6, S=4), the monochromatic conv1 layer (C'=6), and the whole dense ZF network's ``forward``. Prints
+(G=48, H=2, K=6, S=4), the dense conv1, its monochromatic (C'=6), low-rank (rank 8) and separable (rank 4) layers,
+and the whole dense ZF network's ``forward``. Prints
 the best of five runs of ``--calls`` calls (microseconds per call), and with ``--profile`` cProfile's 12 functions
 with the most own time per workload.
 """
@@ -92,6 +93,10 @@ def workloads(fake, quick=False):
     size = net.input_shape[1]
     xn = fake.asarray(rng.standard_normal((1, 3, size, size)).astype(np.float32))
     svd = factored_callable("svd", (2, 2, (2, 3)) if quick else (2, 2, (19, 51)), 1, conv2, np.float32)
+    C1, H1, F1, K1, s1, p1 = conv1
+    x1 = fake.asarray(rng.standard_normal((1, C1, H1, H1)).astype(np.float32))
+    w1 = fake.asarray(rng.standard_normal((F1, C1, K1, K1)).astype(np.float32))
+    b1 = fake.asarray(rng.standard_normal(F1).astype(np.float32))
 
     def svd_gather_gemms():
         # the SVD layer's gather and reductions as before bic_reduce: bic_gather and a GEMM an input group
@@ -107,7 +112,10 @@ def workloads(fake, quick=False):
             "svd_layer": svd,
             "svd_layer_gather_gemms": svd_gather_gemms,
             "shared_layer": factored_callable("shared", (4, 2, 3, 2) if quick else (48, 2, 6, 4), 1, conv2, np.float32),
+            "conv1": lambda: conv2d(x1, w1, b1, stride=s1, padding=p1),
             "monochromatic6_layer": lowrank_callable("monochromatic", 2 if quick else 6, 1, conv1, np.float32),
+            "conv_svd8_layer": lowrank_callable("conv_svd", 8, 1, conv1, np.float32),
+            "separable4_layer": lowrank_callable("separable", 4, 1, conv1, np.float32),
             "zf_dense_net": lambda: net.forward(xn)}
 
 

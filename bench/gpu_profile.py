@@ -30,12 +30,11 @@ batches 1-8 with each colour's filters shared over several blocks (``split``) or
 rule ``ops_lowrank.MONO_MIN_BLOCKS``). Each as the latency of one call (CUDA events around it, after a synchronize;
 the variants of a row in alternation, ``bench_gpu.time_interleaved``) and as the time per call of 50 calls queued
 back to back.
-``lowrank`` times ZF conv1's two-stage forms with each rule of ``ops_lowrank`` at both ends, in alternation (latency
-and queued, as ``small``): the low-rank conv (rank 8, 16) at batches 1, 8 and 128 with its 1x1 stage on
-``lr_expand`` (``LR_EXPAND_MAX_RANK`` 32) or as a cuBLAS GEMM and ``bias_add`` (0); at batches 1 and 8, the same
-layer and the separable form (rank 4, 8) with ``factor_conv`` blocks as the rule gives them (``FACTOR_MIN_BLOCKS``)
-or always 256 threads (0), and the low-rank layer with ``lr_expand``'s filters split over blocks in small grids
-(``LR_MIN_BLOCKS``) or not (0); and the dense conv1, npconv and cuDNN, as the reference of each batch.
+``lowrank`` times ZF conv1's low-rank form (rank 8, 16) at batches 1, 8 and 128 on each path of ``ops_lowrank``, in
+alternation (latency and queued, as ``small``): one launch of ``lr_conv`` (``LR_CONV_MAX_RANK`` 32), ``factor_conv``
+and ``lr_expand`` (``LR_CONV_MAX_RANK`` 0), ``factor_conv``, a cuBLAS GEMM and ``bias_add`` (both rules 0); at
+batches 1 and 8, ``lr_conv`` with blocks of 64, 128 and 256 threads (``LR_CONV_THREADS``); and the dense conv1,
+npconv and cuDNN, as the reference of each batch.
 ``cpblock`` times the biclustered CP conv2 (K = 6, 8, 12, batch 128) with ``ops_bicluster.CP_IMAGES_PER_BLOCK`` at
 1, 2 and 4 in alternation, and checks that the outputs agree (``ncu --workloads cp`` profiles the front end alone).
 """
@@ -437,19 +436,13 @@ def probe_lowrank(batches=(1, 8, 128), small_batches=(1, 8), repeat=30, quick=Fa
             layer = factored_callable("conv_svd", t, N, geom, np.float32)
             if N in batches:
                 run_row(f"svd{t}/b{N}", {
-                    "lr_expand": (_with_rules(layer, ops_lowrank, LR_EXPAND_MAX_RANK=32), "cupy"),
-                    "gemm": (_with_rules(layer, ops_lowrank, LR_EXPAND_MAX_RANK=0), "cupy")})
+                    "lr_conv": (_with_rules(layer, ops_lowrank, LR_CONV_MAX_RANK=32), "cupy"),
+                    "two_stage": (_with_rules(layer, ops_lowrank, LR_CONV_MAX_RANK=0), "cupy"),
+                    "gemm": (_with_rules(layer, ops_lowrank, LR_CONV_MAX_RANK=0, LR_EXPAND_MAX_RANK=0), "cupy")})
             if N in small_batches:
                 run_row(f"svd{t}/b{N}", {
-                    "rules": (layer, "cupy"),
-                    "factor256": (_with_rules(layer, ops_lowrank, FACTOR_MIN_BLOCKS=0), "cupy"),
-                    "expand_unsplit": (_with_rules(layer, ops_lowrank, LR_MIN_BLOCKS=0), "cupy")})
-        if N in small_batches:
-            for k in ((3,) if quick else (4, 8)):
-                layer = factored_callable("separable", k, N, geom, np.float32)
-                run_row(f"sep{k}/b{N}", {
-                    "rules": (layer, "cupy"),
-                    "factor256": (_with_rules(layer, ops_lowrank, FACTOR_MIN_BLOCKS=0), "cupy")})
+                    f"threads{n}": (_with_rules(layer, ops_lowrank, LR_CONV_MAX_RANK=32, LR_CONV_THREADS=n), "cupy")
+                    for n in (64, 128, 256)})
     return out
 
 

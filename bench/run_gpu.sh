@@ -12,9 +12,9 @@
 # the host time of eager batch-1 calls (npconv's Python, CuPy, NumPy) and the per-call times, queued and
 # synchronised; small: its timings at small batches (dense convs against cuDNN, the biclustered CP expansion and SVD
 # reduction fused or not); cpblock: the CP layer with 1, 2, 4 images a bic_cp_front block; lowrank: ZF conv1's
-# low-rank and separable forms with ops_lowrank's rules at both ends (lr_expand or GEMM, factor_conv and lr_expand
-# block sizes); ncu: Nsight Compute on bench/gpu_profile.py's workloads (report and its details page; NCU_SET=b1
-# for the batch-1 set, cp for the CP front end, convs for conv3/conv4 at batch 8, lr for ZF conv1's forms);
+# low-rank form on each path (one lr_conv launch, factor_conv + lr_expand, factor_conv + GEMM + bias_add) and
+# lr_conv's block sizes; ncu: Nsight Compute on bench/gpu_profile.py's workloads (report and its details page;
+# NCU_SET=b1 for the batch-1 set, cp for the CP front end, convs for conv3/conv4 at batch 8, lr for ZF conv1's forms);
 # memcheck / racecheck: compute-sanitizer over the float32 GPU tests (racecheck: the kernels with shared memory;
 # RACECHECK_K narrows its pytest -k expression), each stopped at its time limit.
 #

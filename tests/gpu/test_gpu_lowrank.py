@@ -1,7 +1,8 @@
 """The factored layers on a real device: each layer (and functional call) on CuPy arrays against the same call on
 NumPy arrays (the CPU path, itself tested against independent references), both dtypes, contiguous and
 non-contiguous inputs; the kernel paths of ops_lowrank (fused monochromatic kernel, its composed fallback,
-channel-chunked factor_conv, the ops.conv2d fallback) against the dense conv of the rebuilt kernel.
+channel-chunked factor_conv, the ops.conv2d fallback, the fused low-rank conv and its two-stage forms) against the
+dense conv of the rebuilt kernel.
 
 Skipped without a CUDA device; ``NPCONV_REQUIRE_GPU=1`` makes the skips failures. The test code itself can be run
 on the CPU emulator: ``PYTHONPATH=tests/cuda_emulator/as_cupy python -m pytest tests/gpu/test_gpu_lowrank.py``.
@@ -139,11 +140,9 @@ def test_monochromatic_zf_conv1_24_colours(cp, rng, dtype):
     check(cp, y, conv2d_einsum(x, mono_dense(T, a, S), b, stride=(2, 2), padding=(1, 1, 1, 1)), dtype, 3 * 49)
 
 
-@pytest.mark.parametrize("min_blocks", [0, 10**6], ids=["256-threads", "64-threads"])
 @pytest.mark.parametrize("budget_channels", [None, 2], ids=["one-chunk", "chunked"])
-def test_factor_conv(cp, rng, dtype, contiguous, monkeypatch, budget_channels, min_blocks):
+def test_factor_conv(cp, rng, dtype, contiguous, monkeypatch, budget_channels):
     from npconv.kernels.cuda import ops_lowrank
-    monkeypatch.setattr(ops_lowrank, "FACTOR_MIN_BLOCKS", min_blocks)
     N, C, F, KH, KW = 2, 7, 40, 3, 2
     if budget_channels:
         monkeypatch.setattr(ops_lowrank, "FACTOR_SMEM_BUDGET", budget_channels * KH * KW * 16 * dtype.itemsize)
@@ -154,14 +153,15 @@ def test_factor_conv(cp, rng, dtype, contiguous, monkeypatch, budget_channels, m
     check(cp, y, conv2d_einsum(x, w, b, **geo), dtype, C * KH * KW)
 
 
-@pytest.mark.parametrize("expand", ["lr_expand", "gemm"])
+@pytest.mark.parametrize("path", ["lr_conv", "lr_expand", "gemm"])
 @pytest.mark.parametrize("t", [6, 12, 30, 200], ids=lambda t: f"t{t}")
-def test_lowrank_conv2d_paths(cp, rng, dtype, monkeypatch, t, expand):
-    """The first stage on factor_conv (t <= 128) or im2col; the 1x1 stage on lr_expand8/16/32 or the GEMM and
-    bias_add (LR_EXPAND_MAX_RANK 0, and always for t = 200)."""
+def test_lowrank_conv2d_paths(cp, rng, dtype, monkeypatch, t, path):
+    """One launch of lr_conv<TB> (t <= 32); or the first stage on factor_conv (t <= 128) or im2col, then the 1x1
+    stage on lr_expand<TB> or the GEMM and bias_add (LR_EXPAND_MAX_RANK 0, and always for t = 200)."""
     from npconv.functional.lowrank import lowrank_conv2d
     from npconv.kernels.cuda import ops_lowrank
-    monkeypatch.setattr(ops_lowrank, "LR_EXPAND_MAX_RANK", 32 if expand == "lr_expand" else 0)
+    monkeypatch.setattr(ops_lowrank, "LR_CONV_MAX_RANK", 32 if path == "lr_conv" else 0)
+    monkeypatch.setattr(ops_lowrank, "LR_EXPAND_MAX_RANK", 0 if path == "gemm" else 32)
     x = rng.standard_normal((2, 5, 12, 11)).astype(dtype)
     first, second = rng.standard_normal((t, 5, 3, 3)).astype(dtype), rng.standard_normal((9, t)).astype(dtype)
     b = rng.standard_normal(9).astype(dtype)
@@ -170,17 +170,19 @@ def test_lowrank_conv2d_paths(cp, rng, dtype, monkeypatch, t, expand):
     check(cp, y, conv2d_einsum(x, dense, b, padding=(1, 1, 1, 1)), dtype, 45 * t)
 
 
-@pytest.mark.parametrize("min_blocks", [0, 10**6], ids=["few-blocks", "many-blocks"])
-@pytest.mark.parametrize("t", [8, 16], ids=lambda t: f"t{t}")
-def test_lr_expand_zf_conv1_shapes(cp, rng, dtype, monkeypatch, t, min_blocks):
-    """The 1x1 stage of ZF conv1's low-rank form (96 filters, 110 x 110) for 3 images, one filter block or many."""
+@pytest.mark.parametrize("path", ["lr_conv", "two-stage"])
+@pytest.mark.parametrize("t", [8, 16, 32], ids=lambda t: f"t{t}")
+def test_lowrank_zf_conv1_shapes(cp, rng, dtype, monkeypatch, t, path):
+    """ZF conv1's low-rank form (3 -> 96, 7x7, stride 2, padding 1, 224 x 224) for 2 images, on lr_conv or on
+    factor_conv + lr_expand, against the CPU path."""
+    from npconv.functional.lowrank import lowrank_conv2d
     from npconv.kernels.cuda import ops_lowrank
-    monkeypatch.setattr(ops_lowrank, "LR_MIN_BLOCKS", min_blocks)
-    h = rng.standard_normal((3, t, 110, 110)).astype(dtype)
-    second, b = rng.standard_normal((96, t)).astype(dtype), rng.standard_normal(96).astype(dtype)
-    y = ops_lowrank.lr_expand(cp.asarray(h), cp.asarray(second), cp.asarray(b))
-    ref = np.einsum("ft,ntp->nfp", second.astype(np.float64), h.reshape(3, t, -1).astype(np.float64)) + b[:, None]
-    check(cp, y, ref, dtype, t)
+    monkeypatch.setattr(ops_lowrank, "LR_CONV_MAX_RANK", 32 if path == "lr_conv" else 0)
+    x = rng.standard_normal((2, 3, 224, 224)).astype(dtype)
+    first, second = rng.standard_normal((t, 3, 7, 7)).astype(dtype), rng.standard_normal((96, t)).astype(dtype)
+    b = rng.standard_normal(96).astype(dtype)
+    y = lowrank_conv2d(cp.asarray(x), cp.asarray(first), cp.asarray(second), cp.asarray(b), stride=2, padding=1)
+    check(cp, y, lowrank_conv2d(x, first, second, b, stride=2, padding=1), dtype, 147 * t)
 
 
 def test_separable_zf_conv1_geometry(cp, rng, dtype):

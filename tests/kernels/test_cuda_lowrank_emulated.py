@@ -1,6 +1,6 @@
-"""The factored-layer kernels (``_lowrank.cu``: mono_conv, factor_conv, lr_expand<TB>) on the CPU emulator, with
-hand-written launches, against NumPy references written here (the dense conv of the rebuilt kernel,
-tests/reference.py; plain loops for lr_expand).
+"""The factored-layer kernels (``_lowrank.cu``: mono_conv, factor_conv, lr_expand<TB>, lr_conv<TB>) on the CPU
+emulator, with hand-written launches, against NumPy references written here (the dense conv of the rebuilt kernel,
+tests/reference.py; plain loops for lr_expand and lr_conv).
 
 Every case runs in both thread orders and with two launch shapes (a full grid, and a small grid / small block so
 the grid-stride and image loops wrap), for float32 and float64. Outputs start as NaN, so an element no thread
@@ -146,6 +146,73 @@ def test_lr_expand_writes_nothing_outside_its_images(lowrank_module, rng):
     kernel(lowrank_module, "lr_expand8", dtype)((2, 3, 1), (32,), args, shared_mem=4 * 9 * 4, order="reverse")
     assert np.isnan(y[0]).all() and np.isnan(y[2]).all()
     check(y[1:2], lr_loops(h[1:2], second, b), dtype, T)
+
+
+# --- lr_conv<TB> ----------------------------------------------------------------------------------------------------
+
+LRC_UNROLL = 4
+LRC_CASES = [
+    # N, C, H, W, T, F, KH, KW, stride, (top, bottom, left, right), dilation, TB, CC, FC
+    (2, 3, 11, 12, 5, 7, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 8, 3, 7),         # one chunk each
+    (1, 3, 23, 21, 8, 20, 7, 7, (2, 2), (1, 1, 1, 1), (1, 1), 8, 2, 6),        # ZF conv1-like; chunks 2+1, 6*3+2
+    (2, 5, 9, 8, 11, 9, 3, 2, (2, 1), (1, 0, 2, 1), (1, 2), 16, 2, 4),         # 27 taps a 2-channel chunk: padded
+    (1, 4, 10, 7, 16, 3, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 16, 4, 8),       # 1x1 first stage, FC > F
+    (2, 2, 8, 9, 20, 5, 5, 3, (1, 3), (3, 0, 0, 2), (1, 1), 32, 1, 2),         # padding wider than the kernel
+    (1, 6, 6, 6, 32, 4, 2, 2, (1, 1), (0, 0, 0, 0), (2, 2), 32, 5, 3),         # T = 32, dilated
+    (3, 1, 5, 5, 1, 2, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 8, 1, 1),           # rank 1, one filter a chunk
+]
+
+
+def lr_conv_smem(C, KH, KW, TB, CC, FC):
+    """Elements of lr_conv's shared memory, from the layout documented in _lowrank.cu."""
+    return max(-(-CC * KH * KW // LRC_UNROLL) * LRC_UNROLL * TB, FC * (TB + 1))
+
+
+@pytest.mark.parametrize("launch", ["forward-128", "reverse-32"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("case", LRC_CASES, ids=lambda c: "x".join(map(str, c[:8])))
+def test_lr_conv(lowrank_module, rng, dtype, launch, with_bias, case):
+    N, C, H, W, T, F, KH, KW, stride, pad, dil, TB, CC, FC = case
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    first = rng.standard_normal((T, C, KH, KW)).astype(dtype)
+    second, b = rng.standard_normal((F, T)).astype(dtype), rng.standard_normal(F).astype(dtype)
+    dense = np.einsum("ft,tcxy->fcxy", second.astype(np.float64), first.astype(np.float64))
+    ref = conv2d_einsum(x, dense, b if with_bias else None, stride=stride, padding=pad, dilation=dil)
+    OH, OW = ref.shape[2:]
+    y = np.full(ref.shape, np.nan, dtype)
+    order, block = launch.split("-")
+    block = int(block)
+    args = (x, first, second, b if with_bias else second, y,
+            *map(i32, (N, C, H, W, T, F, KH, KW, *stride, pad[0], pad[2], *dil, OH, OW, CC, FC, with_bias)))
+    kernel(lowrank_module, f"lr_conv{TB}", dtype)((-(-N * OH * OW // block),), (block,), args,
+                                                  shared_mem=lr_conv_smem(C, KH, KW, TB, CC, FC) * dtype.itemsize,
+                                                  order=order)
+    check(y, ref, dtype, C * KH * KW * T)
+
+
+def test_lr_conv_against_loops(lowrank_module, rng):
+    """A second reference: the two stages by plain loops (first stage by taps, then the 1x1 stage by lr_loops)."""
+    dtype = np.dtype(np.float64)
+    N, C, H, W, T, F, KH, KW = 2, 3, 9, 10, 6, 5, 3, 4
+    stride, pad = (2, 1), (1, 2, 0, 1)
+    x = rng.standard_normal((N, C, H, W))
+    first, second, b = rng.standard_normal((T, C, KH, KW)), rng.standard_normal((F, T)), rng.standard_normal(F)
+    OH, OW = out_len(H, KH, stride[0], pad[0], pad[1]), out_len(W, KW, stride[1], pad[2], pad[3])
+    xp = np.zeros((N, C, H + pad[0] + pad[1], W + pad[2] + pad[3]))
+    xp[:, :, pad[0]:pad[0] + H, pad[2]:pad[2] + W] = x
+    h = np.zeros((N, T, OH, OW))
+    for i in range(OH):
+        for j in range(OW):
+            win = xp[:, :, i * stride[0]:i * stride[0] + KH, j * stride[1]:j * stride[1] + KW]
+            for k in range(T):
+                h[:, k, i, j] = (win * first[k]).sum(axis=(1, 2, 3))
+    ref = lr_loops(h.reshape(N, T, -1), second, b).reshape(N, F, OH, OW)
+    y = np.full(ref.shape, np.nan)
+    args = (x, first, second, b, y, *map(i32, (N, C, H, W, T, F, KH, KW, *stride, pad[0], pad[2], 1, 1, OH, OW,
+                                               2, 3, 1)))
+    kernel(lowrank_module, "lr_conv8", dtype)((-(-N * OH * OW // 64),), (64,), args,
+                                              shared_mem=lr_conv_smem(C, KH, KW, 8, 2, 3) * 8, order="reverse")
+    check(y, ref, dtype, C * KH * KW * T)
 
 
 # --- mono_conv -----------------------------------------------------------------------------------------------------

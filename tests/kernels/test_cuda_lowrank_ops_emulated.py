@@ -139,20 +139,23 @@ def test_factor_conv_refuses_a_kernel_too_large(fc, dtype):
 
 
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("t,max_rank,expect", [
-    (6, 32, ["factor_conv", "lr_expand8"]),
-    (8, 32, ["factor_conv", "lr_expand8"]),
-    (12, 32, ["im2col", "conv_scatter", "lr_expand16"]),      # first stage above DIRECT_MAX_FILTERS: ops.conv2d
-    (20, 32, ["im2col", "conv_scatter", "lr_expand32"]),
-    (6, 0, ["factor_conv", "bias_add"]),                       # LR_EXPAND_MAX_RANK 0: the GEMM, then bias_add
-    (40, 32, ["im2col", "conv_scatter", "bias_add"]),          # above the largest compiled rank
+@pytest.mark.parametrize("t,fused,expand,expect", [
+    (6, 32, 32, ["lr_conv8"]),
+    (12, 32, 32, ["lr_conv16"]),
+    (20, 32, 32, ["lr_conv32"]),
+    (6, 0, 32, ["factor_conv", "lr_expand8"]),                 # LR_CONV_MAX_RANK 0: two stages
+    (12, 0, 32, ["im2col", "conv_scatter", "lr_expand16"]),   # first stage above DIRECT_MAX_FILTERS: ops.conv2d
+    (20, 16, 32, ["im2col", "conv_scatter", "lr_expand32"]),
+    (6, 0, 0, ["factor_conv", "bias_add"]),                    # LR_EXPAND_MAX_RANK 0 too: the GEMM, then bias_add
+    (40, 32, 32, ["im2col", "conv_scatter", "bias_add"]),      # above the largest compiled rank
 ], ids=lambda v: str(v) if isinstance(v, int) else None)
-def test_lowrank_conv2d(fc, launched, monkeypatch, rng, dtype, t, max_rank, expect, with_bias):
-    """The first stage on factor_conv when t <= DIRECT_MAX_FILTERS (lowered to 8 here), else ops.conv2d; the 1x1
-    stage with its bias on lr_expand<TB> for t <= LR_EXPAND_MAX_RANK, else a GEMM and bias_add (none without a
-    bias). Strided input and second factor."""
+def test_lowrank_conv2d(fc, launched, monkeypatch, rng, dtype, t, fused, expand, expect, with_bias):
+    """One launch of lr_conv<TB> for t <= LR_CONV_MAX_RANK; else the first stage on factor_conv when t <=
+    DIRECT_MAX_FILTERS (lowered to 8 here) or ops.conv2d, and the 1x1 stage with its bias on lr_expand<TB> for t <=
+    LR_EXPAND_MAX_RANK, else a GEMM and bias_add (none without a bias). Strided input and second factor."""
     monkeypatch.setattr(ops_lowrank, "DIRECT_MAX_FILTERS", 8)
-    monkeypatch.setattr(ops_lowrank, "LR_EXPAND_MAX_RANK", max_rank)
+    monkeypatch.setattr(ops_lowrank, "LR_CONV_MAX_RANK", fused)
+    monkeypatch.setattr(ops_lowrank, "LR_EXPAND_MAX_RANK", expand)
     N, C, F = 2, 6, 10
     x = rng.standard_normal((N, C, 9, 10)).astype(dtype)
     first = rng.standard_normal((t, C, 3, 3)).astype(dtype)
@@ -166,10 +169,51 @@ def test_lowrank_conv2d(fc, launched, monkeypatch, rng, dtype, t, max_rank, expe
     assert launched == [k for k in expect if with_bias or k != "bias_add"]
 
 
-@pytest.mark.parametrize("min_blocks", [0, 264, 10**6], ids=["few", "default", "many"])
-def test_lr_expand_filter_blocks(fc, launched, monkeypatch, rng, dtype, order, min_blocks):
-    """The same product whatever the split of the filters over blocks (LR_MIN_BLOCKS), with 3 images, 4-D h."""
-    monkeypatch.setattr(ops_lowrank, "LR_MIN_BLOCKS", min_blocks)
+def test_lr_conv_chunks(fc, launched, monkeypatch, rng, dtype, order):
+    """A budget that takes 2 of 5 input channels a phase-1 chunk and 24 of 40 filters a phase-2 chunk: same
+    output."""
+    t, C, KH, KW, F = 7, 5, 3, 3, 40
+    budget = 3 * 9 * 8 * dtype.itemsize       # 2 channels: 18 taps padded to 20 (x 8) fit, 3 do not; 24 x (8 + 1)
+    monkeypatch.setattr(ops_lowrank, "LR_SMEM_BUDGET", budget)
+    plan = ops_lowrank.lr_conv_plan(t, C, KH, KW, F, dtype.itemsize)
+    assert plan == (8, 2, 24, budget)
+    x = rng.standard_normal((2, C, 8, 9)).astype(dtype)
+    first, second = rng.standard_normal((t, C, KH, KW)).astype(dtype), rng.standard_normal((F, t)).astype(dtype)
+    b = rng.standard_normal(F).astype(dtype)
+    y = ops_lowrank.lowrank_conv2d(fc.asarray(x), fc.asarray(first), fc.asarray(second), fc.asarray(b),
+                                   stride=(1, 1), padding=(1, 1, 1, 1), dilation=(1, 1))
+    dense = np.einsum("ft,tcxy->fcxy", second.astype(np.float64), first.astype(np.float64))
+    check(y, conv2d_einsum(x, dense, b, padding=(1, 1, 1, 1)), dtype, C * 9 * t)
+    assert launched == ["lr_conv8"]
+
+
+def test_lr_conv_plan_rule(monkeypatch):
+    """Hand-computed plans: the compiled rank, the channels of a phase-1 chunk (taps padded to 4, TB weights each),
+    the filters of a phase-2 chunk, and None when one channel's weights do not fit the budget."""
+    monkeypatch.setattr(ops_lowrank, "LR_SMEM_BUDGET", 16 * 1024)
+    plan = ops_lowrank.lr_conv_plan
+    # ZF conv1 rank 8: 3 channels of 49 taps = 147, padded 148, x 8 x 4 B = 4736 B; 96 filters x 9 x 4 B = 3456 B
+    assert plan(8, 3, 7, 7, 96, 4) == (8, 3, 96, 4736)
+    assert plan(16, 3, 7, 7, 96, 8) == (16, 2, 96, 96 * 17 * 8)      # 3 channels: 148 x 16 x 8 B > 16 KiB
+    assert plan(32, 3, 7, 7, 96, 8) == (32, 1, 62, 62 * 33 * 8)      # 52 taps x 32 x 8 B; 16 KiB // (33 x 8 B)
+    assert plan(17, 256, 3, 3, 4096, 4) == (32, 14, 124, 128 * 32 * 4)  # 14 x 9 = 126 taps, padded 128
+    assert plan(33, 3, 3, 3, 10, 4) is None and plan(0, 3, 3, 3, 10, 4) is None
+    assert plan(32, 1, 11, 11, 10, 8) is None                        # 124 taps x 32 x 8 B > 16 KiB
+
+
+def test_lr_expand_plan_rule(monkeypatch):
+    """Hand-computed plans: the compiled rank a t rounds up to and the filters a 256-thread block within the
+    shared-memory budget."""
+    monkeypatch.setattr(ops_lowrank, "LR_SMEM_BUDGET", 16 * 1024)
+    plan = ops_lowrank.lr_expand_plan
+    assert plan(128, 8, 96, 12100, 4) == (8, 4, 256, 96, 96 * 9 * 4)
+    assert plan(1, 17, 20, 100, 4) == (32, 2, 256, 20, 20 * 33 * 4)
+    assert plan(64, 12, 4096, 3025, 8) == (16, 4, 256, 120, 120 * 17 * 8)   # 16 KiB / (17 x 8 B) = 120 filters
+    assert plan(1, 33, 10, 10, 4) is None and plan(1, 0, 10, 10, 4) is None
+
+
+def test_lr_expand(fc, launched, rng, dtype, order):
+    """lr_expand itself, 4-D h of 3 images, 37 filters."""
     N, t, F = 3, 9, 37
     h = rng.standard_normal((N, t, 7, 11)).astype(dtype)
     second, b = rng.standard_normal((F, t)).astype(dtype), rng.standard_normal(F).astype(dtype)
@@ -189,50 +233,6 @@ def test_lr_expand_refuses_bad_ranks_and_shapes(fc, dtype):
         ops_lowrank.lr_expand(fc.zeros((1, 4, 4, 4), dtype), fc.zeros((5, 3), dtype), None)
     with pytest.raises(ValueError, match=r"got \(5, 4\) and \(6,\)"):
         ops_lowrank.lr_expand(fc.zeros((1, 4, 4, 4), dtype), fc.zeros((5, 4), dtype), fc.zeros(6, dtype))
-
-
-def test_lr_expand_plan_rule(monkeypatch):
-    """Hand-computed plans: the compiled rank a t rounds up to, the filters a block within the shared-memory budget,
-    and more filter blocks (of at least 8 filters) and 128-thread blocks while the grid is under LR_MIN_BLOCKS."""
-    monkeypatch.setattr(ops_lowrank, "LR_MIN_BLOCKS", 264)
-    monkeypatch.setattr(ops_lowrank, "LR_SMEM_BUDGET", 16 * 1024)
-    plan = ops_lowrank.lr_expand_plan
-    # ZF conv1 rank 8 at batch 128: 12 blocks of 1024 pixels an image, all 96 filters a block (864 + 96 floats)
-    assert plan(128, 8, 96, 12100, 4) == (8, 4, 256, 96, 96 * 9 * 4)
-    # batch 1: 12 blocks of 256 threads is under 264, so 128 threads (24 blocks), then ceil(264 / 24) = 11 filter
-    # blocks wanted: ceil(96 / 11) = 9 filters a block
-    assert plan(1, 8, 96, 12100, 4) == (8, 4, 128, 9, 9 * 9 * 4)
-    assert plan(1, 16, 96, 12100, 8) == (16, 4, 128, 9, 9 * 17 * 8)
-    assert plan(1, 17, 20, 100, 4) == (32, 2, 128, 8, 8 * 33 * 4)     # at least 8 filters a block
-    # 64 images of 3 blocks of 256 threads is 192 blocks: 128 threads (384); 16 KiB / (17 * 8 B) = 120 filters
-    assert plan(64, 12, 4096, 3025, 8) == (16, 4, 128, 120, 120 * 17 * 8)
-    assert plan(1, 33, 10, 10, 4) is None and plan(1, 0, 10, 10, 4) is None
-    monkeypatch.setattr(ops_lowrank, "LR_MIN_BLOCKS", 0)
-    assert plan(1, 8, 96, 12100, 4) == (8, 4, 256, 96, 96 * 9 * 4)
-
-
-def test_factor_block_rule(monkeypatch):
-    """256 threads a factor_conv block, halved to 128 or 64 while the grid would be under FACTOR_MIN_BLOCKS."""
-    monkeypatch.setattr(ops_lowrank, "FACTOR_MIN_BLOCKS", 264)
-    assert ops_lowrank.factor_block(128 * 110 * 224, 1) == 256          # separable first pass, batch 128
-    assert ops_lowrank.factor_block(110 * 224, 1) == 64                  # batch 1: 97 blocks of 256, 386 of 64
-    assert ops_lowrank.factor_block(110 * 110, 6) == 256                 # second pass: 48 x 6 = 288 blocks
-    assert ops_lowrank.factor_block(110 * 110, 4) == 128                 # 48 x 4 = 192 blocks; 95 x 4 = 380
-    assert ops_lowrank.factor_block(10, 1) == 64                         # never under 64
-    monkeypatch.setattr(ops_lowrank, "FACTOR_MIN_BLOCKS", 0)
-    assert ops_lowrank.factor_block(10, 1) == 256
-
-
-@pytest.mark.parametrize("min_blocks", [0, 10**6], ids=["256-threads", "64-threads"])
-def test_factor_conv_block_sizes(fc, launched, monkeypatch, rng, dtype, min_blocks):
-    """factor_conv gives the same output with the blocks of either end of the rule."""
-    monkeypatch.setattr(ops_lowrank, "FACTOR_MIN_BLOCKS", min_blocks)
-    x = rng.standard_normal((2, 3, 17, 15)).astype(dtype)
-    w, b = rng.standard_normal((20, 3, 3, 3)).astype(dtype), rng.standard_normal(20).astype(dtype)
-    y = ops_lowrank.factor_conv(fc.asarray(x), fc.asarray(w), fc.asarray(b), stride=(1, 1), padding=(1, 1, 1, 1),
-                                dilation=(1, 1))
-    check(y, conv2d_einsum(x, w, b, stride=(1, 1), padding=(1, 1, 1, 1)), dtype, 27)
-    assert launched == ["factor_conv"]
 
 
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])

@@ -17,10 +17,13 @@ How each layer runs:
   * separable: two passes of ``factor_conv``, a direct conv (no im2col matrix): the vertical X x 1 pass with the
     row stride and the top/bottom padding, then the horizontal 1 x Y pass with the column stride, the left/right
     padding and the bias.
-  * low-rank conv: the first stage (t filters) on ``factor_conv``, then the 1x1 second stage ``second (F, t) @ h``
-    with the bias: for t <= :data:`LR_EXPAND_MAX_RANK` one launch of ``lr_expand8/16/32`` (t rounded up to 8, 16
-    or 32), which reads h once and writes each output once, bias included (:func:`lr_expand`); for larger t one
-    cuBLAS GEMM batched over the images, then ``ops``' ``bias_add``.
+  * low-rank conv: for t <= :data:`LR_CONV_MAX_RANK` one launch of ``lr_conv8/16/32`` (t rounded up to 8, 16 or
+    32) when a channel's first-stage weights fit :data:`LR_SMEM_BUDGET` (:func:`lr_conv_plan`): a thread per output
+    pixel computes its t first-stage values in registers, then its F outputs with the bias, so the t maps are never
+    written. Otherwise two stages: the first (t filters) on ``factor_conv``, then the 1x1 stage ``second (F, t) @ h``
+    with the bias, for t <= :data:`LR_EXPAND_MAX_RANK` one launch of ``lr_expand8/16/32`` that reads h once and
+    writes each output once (:func:`lr_expand`), for larger t one cuBLAS GEMM batched over the images and ``ops``'
+    ``bias_add``.
 A conv stage runs on ``factor_conv`` when it has at most :data:`DIRECT_MAX_FILTERS` filters and the weights of one
 input channel for 16 filters fit :data:`FACTOR_SMEM_BUDGET`; otherwise it goes to ``ops.conv2d`` (im2col +
 cuBLAS, or its own direct kernels). These thresholds have not been measured on a GPU (see docs/gpu_lowrank.md).
@@ -47,8 +50,8 @@ __all__ = [
     "lowrank_conv2d", "monochromatic_conv2d", "separable_conv2d", "factor_conv", "conv_stage",
     "LAUNCH_SIGNATURES", "SOURCE", "source_text", "get_kernel", "clear_cache", "mono_tiling", "mono_splits",
     "factor_chunk", "uses_factor_conv", "DIRECT_MAX_FILTERS", "FACTOR_SMEM_BUDGET", "MONO_SMEM_BUDGET",
-    "MONO_MIN_BLOCKS", "lr_expand", "lr_expand_plan", "LR_EXPAND_MAX_RANK", "LR_EXPAND_RANKS", "LR_SMEM_BUDGET",
-    "LR_MIN_BLOCKS", "FACTOR_MIN_BLOCKS", "factor_block",
+    "MONO_MIN_BLOCKS", "lr_expand", "lr_expand_plan", "lr_conv_plan", "LR_EXPAND_MAX_RANK", "LR_EXPAND_RANKS",
+    "LR_SMEM_BUDGET", "LR_CONV_MAX_RANK", "LR_CONV_THREADS", "LR_CONV_UNROLL", "LrExpandPlan", "LrConvPlan",
     "MONO_FILTERS_PER_PASS", "FACTOR_FILTERS_PER_BLOCK", "MONO_COLS_PER_THREAD", "MONO_ROWS_PER_THREAD",
     "MONO_TILE_WIDTHS", "MONO_MAX_THREADS", "MonoTiling", "mono_row_stride",
 ]
@@ -75,17 +78,18 @@ MONO_MIN_BLOCKS = 512
 FACTOR_SMEM_BUDGET = 16 * 1024
 #: a conv stage with at most this many filters runs on factor_conv (more: ops.conv2d, im2col + cuBLAS)
 DIRECT_MAX_FILTERS = 128
-#: a factor_conv grid of 256-thread blocks smaller than this gets blocks of 128 or 64 threads instead, so that a
-#: small batch spreads over more multiprocessors (ZF conv1's separable first pass at batch 1: 97 blocks of 256)
-FACTOR_MIN_BLOCKS = 264
 #: the low-rank conv's 1x1 stage runs on lr_expand for ranks up to this (0: always the GEMM and bias_add)
 LR_EXPAND_MAX_RANK = 32
 #: the ranks lr_expand is compiled for (its kernels lr_expand<TB>) and the pixels a thread of each holds
 LR_EXPAND_RANKS = {8: 4, 16: 4, 32: 2}
 #: shared memory of an lr_expand block (the weights and biases of its filters), bytes
 LR_SMEM_BUDGET = 16 * 1024
-#: an lr_expand grid with fewer blocks than this splits the filters over more blocks (at least 8 filters a block)
-LR_MIN_BLOCKS = 264
+#: the whole low-rank conv runs on lr_conv (one launch) for ranks up to this when its weights fit (0: never)
+LR_CONV_MAX_RANK = 32
+#: threads of an lr_conv block (a thread per output pixel)
+LR_CONV_THREADS = 128
+#: input values an lr_conv thread loads ahead of their multiply-adds (NPCONV_LRC_UNROLL in _lowrank.cu)
+LR_CONV_UNROLL = 4
 
 _BLOCK = 256
 _MAX_GRID = 1 << 18                 # blocks of a grid-stride launch, so grid * block <= 2^26
@@ -103,6 +107,8 @@ LAUNCH_SIGNATURES: dict[str, tuple[str, tuple[str, ...]]] = {
     "factor_conv": (SOURCE, (PTR,) * 4 + (I32,) * 17),
     # h, second, bias, y, N, T, F, P, FB, has_bias
     **{f"lr_expand{tb}": (SOURCE, (PTR,) * 4 + (I32,) * 6) for tb in LR_EXPAND_RANKS},
+    # x, first, second, bias, y, N, C, H, W, T, F, KH, KW, SH, SW, PT, PL, DH, DW, OH, OW, CC, FC, has_bias
+    **{f"lr_conv{tb}": (SOURCE, (PTR,) * 5 + (I32,) * 19) for tb in LR_EXPAND_RANKS},
 }
 
 
@@ -184,21 +190,11 @@ def factor_conv(x, w, b, *, stride, padding, dilation):
     if fblocks > _MAX_GRID_YZ:
         raise ValueError(f"factor_conv takes at most {_MAX_GRID_YZ * FACTOR_FILTERS_PER_BLOCK} filters, got {F}")
     has_bias = b is not None
-    block = factor_block(total, fblocks)
-    grid = (min(-(-total // block), _MAX_GRID), fblocks)
-    _launch("factor_conv", dt, grid, (block,),
+    grid = (min(-(-total // _BLOCK), _MAX_GRID), fblocks)
+    _launch("factor_conv", dt, grid, (_BLOCK,),
             (x, w, b if has_bias else w, y, N, C, H, W, F, KH, KW, sh, sw, pt, pl, dh, dw, OH, OW, CC, has_bias),
             shared_mem=CC * KH * KW * FACTOR_FILTERS_PER_BLOCK * dt.itemsize)
     return y
-
-
-def factor_block(pixels, fblocks):
-    """Threads a factor_conv block for ``pixels`` output pixels (N*OH*OW) and ``fblocks`` filter blocks: 256, or
-    128 / 64 when a grid of 256-thread blocks would have fewer than :data:`FACTOR_MIN_BLOCKS` blocks."""
-    block = _BLOCK
-    while block > 64 and -(-pixels // block) * fblocks < FACTOR_MIN_BLOCKS:
-        block //= 2
-    return block
 
 
 def conv_stage(x, w, b, *, stride, padding, dilation=(1, 1)):
@@ -216,6 +212,11 @@ def lowrank_conv2d(x, first, second, bias, *, stride, padding, dilation):
     """Rank-t conv of CuPy arrays: x (N, C, H, W), first (t, C, X, Y), second (F, t), bias (F,) or None.
     Returns a new (N, F, OH, OW) array."""
     cp = _cupy()
+    t, C, KH, KW = (int(v) for v in first.shape)
+    if t <= LR_CONV_MAX_RANK:
+        plan = lr_conv_plan(t, C, KH, KW, int(second.shape[0]), x.dtype.itemsize)
+        if plan is not None:
+            return _lr_conv(cp, x, first, second, bias, plan, stride, padding, dilation)
     h = conv_stage(x, first, None, stride=stride, padding=padding, dilation=dilation)
     N, t, OH, OW = (int(v) for v in h.shape)
     second, bias = ops.contiguous(cp, second, h.dtype), ops.contiguous(cp, bias, h.dtype)
@@ -250,30 +251,19 @@ class LrExpandPlan(NamedTuple):
 
 
 def lr_expand_plan(N, t, F, P, itemsize):
-    """The :class:`LrExpandPlan` of ``lr_expand`` for N images of P pixels, rank t and F filters; None when t is
-    above the largest compiled rank (:data:`LR_EXPAND_RANKS`) or below 1. FB is every filter the budget
-    (:data:`LR_SMEM_BUDGET`) allows, split further while the grid has fewer than :data:`LR_MIN_BLOCKS` blocks (down
-    to 8 filters a block); the block is 256 threads, or 128 when 256 would leave the grid under that count.
-    Memoised (by the arguments and the module's limits): a layer asks on every call."""
-    return _lr_expand_plan(int(min(N, _MAX_GRID_YZ)), int(t), int(F), int(P), int(itemsize), LR_MIN_BLOCKS,
-                           LR_SMEM_BUDGET, tuple(sorted(LR_EXPAND_RANKS.items())))
+    """The :class:`LrExpandPlan` of ``lr_expand`` for rank t and F filters (``N`` and ``P``, the images and their
+    pixels, do not change it); None when t is above the largest compiled rank (:data:`LR_EXPAND_RANKS`) or below 1.
+    A block is 256 threads and takes every filter the budget (:data:`LR_SMEM_BUDGET`) allows. Memoised."""
+    return _lr_expand_plan(int(t), int(F), int(itemsize), LR_SMEM_BUDGET, tuple(sorted(LR_EXPAND_RANKS.items())))
 
 
 @functools.lru_cache(maxsize=256)
-def _lr_expand_plan(n_img, t, F, P, itemsize, min_blocks, budget, ranks):
+def _lr_expand_plan(t, F, itemsize, budget, ranks):
     TB = next((tb for tb, _ in ranks if t <= tb), None)
     if TB is None or t < 1 or F < 1:
         return None
-    PIX = dict(ranks)[TB]
-    n_img = max(1, n_img)
-    block = _BLOCK
-    if -(-P // (PIX * block)) * n_img < min_blocks:
-        block //= 2
-    pix_blocks = -(-P // (PIX * block)) * n_img
     FB = min(F, max(1, budget // ((TB + 1) * itemsize)))
-    if pix_blocks * -(-F // FB) < min_blocks:
-        FB = min(FB, max(8, -(-F // -(-min_blocks // pix_blocks))))
-    return LrExpandPlan(TB, PIX, block, FB, FB * (TB + 1) * itemsize)
+    return LrExpandPlan(TB, dict(ranks)[TB], _BLOCK, FB, FB * (TB + 1) * itemsize)
 
 
 def lr_expand(h, second, bias):
@@ -315,6 +305,66 @@ def _lr_expand(cp, h, second, bias, plan):
         _launch(f"lr_expand{plan.TB}", dt, (grid_x, fblocks, n1 - n0), (plan.block,),
                 (h[n0:n1], second, bias if has_bias else second, y[n0:n1], n1 - n0, t, F, P, plan.FB, has_bias),
                 shared_mem=plan.smem)
+    return y
+
+
+class LrConvPlan(NamedTuple):
+    """The launch shape of lr_conv: kernel ``lr_conv<TB>``, ``CC`` input channels a phase-1 chunk, ``FC`` filters
+    a phase-2 chunk and ``smem`` bytes of dynamic shared memory (the larger phase's)."""
+    TB: int
+    CC: int
+    FC: int
+    smem: int
+
+
+def lr_conv_plan(t, C, KH, KW, F, itemsize):
+    """The :class:`LrConvPlan` of the fused low-rank conv (rank t, C input channels, KH x KW, F filters), or None
+    when t is not a compiled rank (:data:`LR_EXPAND_RANKS`) or one channel's first-stage weights do not fit
+    :data:`LR_SMEM_BUDGET`. Memoised (by the arguments and the module's limits)."""
+    return _lr_conv_plan(int(t), int(C), int(KH), int(KW), int(F), int(itemsize), LR_SMEM_BUDGET,
+                         tuple(sorted(LR_EXPAND_RANKS)), LR_CONV_UNROLL)
+
+
+@functools.lru_cache(maxsize=256)
+def _lr_conv_plan(t, C, KH, KW, F, itemsize, budget, ranks, unroll):
+    TB = next((tb for tb in ranks if t <= tb), None)
+    if TB is None or t < 1 or F < 1 or C < 1:
+        return None
+
+    def phase1(cc):                     # bytes of a chunk of cc channels: taps padded to the unroll, TB each
+        return -(-cc * KH * KW // unroll) * unroll * TB * itemsize
+    if phase1(1) > budget:
+        return None
+    CC = C
+    while phase1(CC) > budget:
+        CC = max(1, min(CC - 1, CC * budget // phase1(CC)))
+    FC = min(F, max(1, budget // ((TB + 1) * itemsize)))
+    return LrConvPlan(TB, CC, FC, max(phase1(CC), FC * (TB + 1) * itemsize))
+
+
+def _lr_conv(cp, x, first, second, bias, plan, stride, padding, dilation):
+    """The whole low-rank conv in one launch of ``lr_conv<TB>`` (``plan`` from :func:`lr_conv_plan`)."""
+    x, first = ops.contiguous(cp, x), ops.contiguous(cp, first, x.dtype)
+    second, bias = ops.contiguous(cp, second, x.dtype), ops.contiguous(cp, bias, x.dtype)
+    dt = x.dtype
+    N, C, H, W = (int(v) for v in x.shape)
+    t, _, KH, KW = (int(v) for v in first.shape)
+    F = int(second.shape[0])
+    sh, sw = (int(v) for v in stride)
+    pt, pb, pl, pr = (int(v) for v in padding)
+    dh, dw = (int(v) for v in dilation)
+    OH, OW = _out_len(H, KH, sh, pt, pb, dh), _out_len(W, KW, sw, pl, pr, dw)
+    y = cp.empty((N, F, OH, OW), dtype=dt)
+    if y.size == 0:
+        return y
+    total = N * OH * OW
+    if total > _INDEX_LIMIT:
+        raise ValueError(f"the convolution output has {total} pixels (N*OH*OW); the CUDA kernels index with 32-bit "
+                         f"ints and take at most {_INDEX_LIMIT}: split the batch")
+    has_bias = bias is not None
+    _launch(f"lr_conv{plan.TB}", dt, (-(-total // LR_CONV_THREADS),), (LR_CONV_THREADS,),
+            (x, first, second, bias if has_bias else second, y, N, C, H, W, t, F, KH, KW, sh, sw, pt, pl, dh, dw, OH,
+             OW, plan.CC, plan.FC, has_bias), shared_mem=plan.smem)
     return y
 
 
