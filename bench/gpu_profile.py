@@ -31,10 +31,11 @@ rule ``ops_lowrank.MONO_MIN_BLOCKS``). Each as the latency of one call (CUDA eve
 the variants of a row in alternation, ``bench_gpu.time_interleaved``) and as the time per call of 50 calls queued
 back to back.
 ``lowrank`` times ZF conv1's low-rank form (rank 8, 16) at batches 1, 8 and 128 on each path of ``ops_lowrank``, in
-alternation (latency and queued, as ``small``): one launch of ``lr_conv`` (``LR_CONV_MAX_RANK`` 32), ``factor_conv``
-and ``lr_expand`` (``LR_CONV_MAX_RANK`` 0), ``factor_conv``, a cuBLAS GEMM and ``bias_add`` (both rules 0); at
-batches 1 and 8, ``lr_conv`` with blocks of 64, 128 and 256 threads (``LR_CONV_THREADS``); and the dense conv1,
-npconv and cuDNN, as the reference of each batch.
+alternation (latency and queued, as ``small``): one launch of ``lr_conv`` (``LR_CONV_MAX_RANK`` 32) with one or two
+output pixels a thread (``LR_CONV_PX2_MIN_PIXELS`` above or at 0), ``factor_conv`` and ``lr_expand``
+(``LR_CONV_MAX_RANK`` 0), ``factor_conv``, a cuBLAS GEMM and ``bias_add`` (both rules 0); at batches 1 and 8,
+``lr_conv`` with blocks of 128 and 256 threads (``LR_CONV_THREADS``); and the dense conv1, npconv and cuDNN, as the
+reference of each batch.
 ``cpblock`` times the biclustered CP conv2 (K = 6, 8, 12, batch 128) with ``ops_bicluster.CP_IMAGES_PER_BLOCK`` at
 1, 2 and 4 in alternation, and checks that the outputs agree (``ncu --workloads cp`` profiles the front end alone).
 """
@@ -436,13 +437,16 @@ def probe_lowrank(batches=(1, 8, 128), small_batches=(1, 8), repeat=30, quick=Fa
             layer = factored_callable("conv_svd", t, N, geom, np.float32)
             if N in batches:
                 run_row(f"svd{t}/b{N}", {
-                    "lr_conv": (_with_rules(layer, ops_lowrank, LR_CONV_MAX_RANK=32), "cupy"),
+                    "lr_conv_px1": (_with_rules(layer, ops_lowrank, LR_CONV_MAX_RANK=32,
+                                                LR_CONV_PX2_MIN_PIXELS=10**9), "cupy"),
+                    "lr_conv_px2": (_with_rules(layer, ops_lowrank, LR_CONV_MAX_RANK=32, LR_CONV_PX2_MIN_PIXELS=0),
+                                    "cupy"),
                     "two_stage": (_with_rules(layer, ops_lowrank, LR_CONV_MAX_RANK=0), "cupy"),
                     "gemm": (_with_rules(layer, ops_lowrank, LR_CONV_MAX_RANK=0, LR_EXPAND_MAX_RANK=0), "cupy")})
             if N in small_batches:
                 run_row(f"svd{t}/b{N}", {
                     f"threads{n}": (_with_rules(layer, ops_lowrank, LR_CONV_MAX_RANK=32, LR_CONV_THREADS=n), "cupy")
-                    for n in (64, 128, 256)})
+                    for n in (128, 256)})
     return out
 
 

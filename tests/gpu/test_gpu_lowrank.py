@@ -170,14 +170,15 @@ def test_lowrank_conv2d_paths(cp, rng, dtype, monkeypatch, t, path):
     check(cp, y, conv2d_einsum(x, dense, b, padding=(1, 1, 1, 1)), dtype, 45 * t)
 
 
-@pytest.mark.parametrize("path", ["lr_conv", "two-stage"])
+@pytest.mark.parametrize("path", ["lr_conv", "lr_conv-px2", "two-stage"])
 @pytest.mark.parametrize("t", [8, 16, 32], ids=lambda t: f"t{t}")
 def test_lowrank_zf_conv1_shapes(cp, rng, dtype, monkeypatch, t, path):
-    """ZF conv1's low-rank form (3 -> 96, 7x7, stride 2, padding 1, 224 x 224) for 2 images, on lr_conv or on
-    factor_conv + lr_expand, against the CPU path."""
+    """ZF conv1's low-rank form (3 -> 96, 7x7, stride 2, padding 1, 224 x 224) for 2 images, on lr_conv (one or two
+    pixels a thread) or on factor_conv + lr_expand, against the CPU path."""
     from npconv.functional.lowrank import lowrank_conv2d
     from npconv.kernels.cuda import ops_lowrank
-    monkeypatch.setattr(ops_lowrank, "LR_CONV_MAX_RANK", 32 if path == "lr_conv" else 0)
+    monkeypatch.setattr(ops_lowrank, "LR_CONV_MAX_RANK", 0 if path == "two-stage" else 32)
+    monkeypatch.setattr(ops_lowrank, "LR_CONV_PX2_MIN_PIXELS", 0 if path == "lr_conv-px2" else 10**9)
     x = rng.standard_normal((2, 3, 224, 224)).astype(dtype)
     first, second = rng.standard_normal((t, 3, 7, 7)).astype(dtype), rng.standard_normal((96, t)).astype(dtype)
     b = rng.standard_normal(96).astype(dtype)

@@ -170,8 +170,10 @@ def lr_conv_smem(C, KH, KW, TB, CC, FC):
 
 @pytest.mark.parametrize("launch", ["forward-128", "reverse-32"])
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("case", LRC_CASES, ids=lambda c: "x".join(map(str, c[:8])))
-def test_lr_conv(lowrank_module, rng, dtype, launch, with_bias, case):
+@pytest.mark.parametrize("case,pix", [(c, px) for c in LRC_CASES for px in (1, 2) if px == 1 or c[11] != 32],
+                         ids=lambda v: "x".join(map(str, v[:8])) if isinstance(v, tuple) else f"px{v}")
+def test_lr_conv(lowrank_module, rng, dtype, launch, with_bias, case, pix):
+    """lr_conv<TB> (one pixel a thread) and lr_conv<TB>_px2 (two, pixels blockDim apart; not compiled for TB = 32)."""
     N, C, H, W, T, F, KH, KW, stride, pad, dil, TB, CC, FC = case
     x = rng.standard_normal((N, C, H, W)).astype(dtype)
     first = rng.standard_normal((T, C, KH, KW)).astype(dtype)
@@ -184,9 +186,9 @@ def test_lr_conv(lowrank_module, rng, dtype, launch, with_bias, case):
     block = int(block)
     args = (x, first, second, b if with_bias else second, y,
             *map(i32, (N, C, H, W, T, F, KH, KW, *stride, pad[0], pad[2], *dil, OH, OW, CC, FC, with_bias)))
-    kernel(lowrank_module, f"lr_conv{TB}", dtype)((-(-N * OH * OW // block),), (block,), args,
-                                                  shared_mem=lr_conv_smem(C, KH, KW, TB, CC, FC) * dtype.itemsize,
-                                                  order=order)
+    name = f"lr_conv{TB}" + ("_px2" if pix == 2 else "")
+    kernel(lowrank_module, name, dtype)((-(-N * OH * OW // (pix * block)),), (block,), args,
+                                        shared_mem=lr_conv_smem(C, KH, KW, TB, CC, FC) * dtype.itemsize, order=order)
     check(y, ref, dtype, C * KH * KW * T)
 
 

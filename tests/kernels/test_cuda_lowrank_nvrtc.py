@@ -36,8 +36,12 @@ def test_constants_shared_with_the_source():
     assert found == ops_lowrank.LR_EXPAND_RANKS
     assert re.search(r"NPCONV_KERNEL_LB\(lr_expand##TB, 256\)", text) and ops_lowrank._BLOCK <= 256
     # lr_conv<TB>: the same ranks, its launch bound and the loads a thread issues ahead
-    assert set(map(int, re.findall(r"^NPCONV_LR_CONV\((\d+)\)$", text, re.M))) == set(ops_lowrank.LR_EXPAND_RANKS)
-    assert re.search(r"NPCONV_KERNEL_LB_MIN\(lr_conv##TB, 256, 2\)", text) and ops_lowrank.LR_CONV_THREADS <= 256
+    convs = re.findall(r"^NPCONV_LR_CONV\((\d+), (\d), (lr_conv\w+)\)$", text, re.M)
+    assert {(int(tb), name) for tb, pix, name in convs if pix == "1"} == {
+        (tb, f"lr_conv{tb}") for tb in ops_lowrank.LR_EXPAND_RANKS}
+    assert {(int(tb), name) for tb, pix, name in convs if pix == "2"} == {
+        (tb, f"lr_conv{tb}_px2") for tb in ops_lowrank.LR_CONV_PX2_RANKS}
+    assert re.search(r"NPCONV_KERNEL_LB_MIN\(NAME, 256, 2\)", text) and ops_lowrank.LR_CONV_THREADS <= 256
     assert int(re.search(r"#define NPCONV_LRC_UNROLL (\d+)", text)[1]) == ops_lowrank.LR_CONV_UNROLL
 
 
@@ -68,8 +72,9 @@ def test_every_launch_matches_ptx(recording, rng, monkeypatch, dtype_name):
                                      padding=(1, 1, 0, 0))
     ops_lowrank.monochromatic_conv2d(a(1, 3, 9, 9), a(3, 3), asg, a(4, 3, 3), None, stride=(1, 1),
                                      padding=(0, 0, 0, 0))
-    for fused in (32, 0):                      # lr_conv8/16/32; then lr_expand8/16/32 after factor_conv
+    for fused, px2 in ((32, 10**9), (32, 0), (0, 0)):   # lr_conv8/16/32, their _px2, then factor_conv + lr_expand
         monkeypatch.setattr(ops_lowrank, "LR_CONV_MAX_RANK", fused)
+        monkeypatch.setattr(ops_lowrank, "LR_CONV_PX2_MIN_PIXELS", px2)
         for t in (3, 12, 20, 40):              # rank 40: the GEMM and bias_add
             ops_lowrank.lowrank_conv2d(a(2, 6, 8, 8), a(t, 6, 3, 3), a(5, t), a(5), stride=(1, 1),
                                        padding=(1, 1, 1, 1), dilation=(1, 1))

@@ -169,6 +169,23 @@ def test_lowrank_conv2d(fc, launched, monkeypatch, rng, dtype, t, fused, expand,
     assert launched == [k for k in expect if with_bias or k != "bias_add"]
 
 
+@pytest.mark.parametrize("t,px2_from,expect", [(7, 10**9, "lr_conv8"), (7, 144, "lr_conv8_px2"),
+                                               (7, 145, "lr_conv8"), (14, 0, "lr_conv16_px2"),
+                                               (20, 0, "lr_conv32")])
+def test_lr_conv_pixels_a_thread(fc, launched, monkeypatch, rng, dtype, t, px2_from, expect):
+    """Two pixels a thread from LR_CONV_PX2_MIN_PIXELS output pixels on (here 2 images of 8 x 9 = 144), for the
+    ranks of LR_CONV_PX2_RANKS only; the same output either way."""
+    monkeypatch.setattr(ops_lowrank, "LR_CONV_PX2_MIN_PIXELS", px2_from)
+    x = rng.standard_normal((2, 4, 8, 9)).astype(dtype)
+    first, second = rng.standard_normal((t, 4, 3, 3)).astype(dtype), rng.standard_normal((13, t)).astype(dtype)
+    b = rng.standard_normal(13).astype(dtype)
+    y = ops_lowrank.lowrank_conv2d(fc.asarray(x), fc.asarray(first), fc.asarray(second), fc.asarray(b),
+                                   stride=(1, 1), padding=(1, 1, 1, 1), dilation=(1, 1))
+    dense = np.einsum("ft,tcxy->fcxy", second.astype(np.float64), first.astype(np.float64))
+    check(y, conv2d_einsum(x, dense, b, padding=(1, 1, 1, 1)), dtype, 36 * t)
+    assert launched == [expect]
+
+
 def test_lr_conv_chunks(fc, launched, monkeypatch, rng, dtype, order):
     """A budget that takes 2 of 5 input channels a phase-1 chunk and 24 of 40 filters a phase-2 chunk: same
     output."""

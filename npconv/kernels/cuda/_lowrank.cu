@@ -10,8 +10,9 @@
 //                   input channels at a time, so no im2col matrix is built and any channel count fits.
 //  * lr_expand8 / lr_expand16 / lr_expand32 -- the 1x1 second stage of the low-rank conv with its bias, for ranks
 //                   up to 8, 16 and 32: one pass that reads the t maps once and writes each output once.
-//  * lr_conv8 / lr_conv16 / lr_conv32 -- the whole low-rank conv in one launch: a thread computes the t first-stage
-//                   values of its output pixel in registers, then its F outputs; the t maps never exist in memory.
+//  * lr_conv8 / lr_conv16 / lr_conv32, lr_conv8_px2 / lr_conv16_px2 -- the whole low-rank conv in one launch: a
+//                   thread computes the t first-stage values of its output pixel (two for _px2) in registers, then
+//                   its F outputs; the t maps never exist in memory.
 
 #define NPCONV_MONO_FT 8
 #define NPCONV_MONO_RX 4
@@ -381,17 +382,21 @@ NPCONV_LR_EXPAND(32, 2)
 
 // The whole low-rank conv: y[n, f] = bias[f] + sum_{k < T} second[f, k] * (first[k] * x[n])(pixel), with first
 // (T, C, KH, KW) applied as a direct conv (strides, zero padding PT/PL, dilation), second (F, T), bias (F,) when
-// has_bias; x (N, C, H, W), y (N, F, OH, OW). TB (T rounded up to 8, 16 or 32) is compile-time.
-// Launch: 1-D blocks (at most 256 threads), grid ceil(N * OH * OW / blockDim.x): a thread per output pixel (image n,
-// pixel p), N * OH * OW < 2^31 - 2^26. Its TB first-stage values stay in registers (those past T are zero).
+// has_bias; x (N, C, H, W), y (N, F, OH, OW). TB (T rounded up to 8, 16 or 32) and PIX (output pixels a thread: 1,
+// or 2 for large grids, where sharing each tap's index arithmetic and weight loads between two pixels pays) are
+// compile-time.
+// Launch: 1-D blocks (at most 256 threads), grid ceil(N * OH * OW / (PIX * blockDim.x)); the pixels of the whole
+// batch are numbered i = n * OH * OW + p, and block b's thread x takes i = b * PIX * blockDim.x + j * blockDim.x + x
+// for j < PIX (so each store of a warp is to consecutive words); N * OH * OW < 2^31 - 2^26. A pixel's TB first-stage
+// values stay in registers (those past T are zero).
 // Dynamic shared memory (reused by the two phases, with barriers reached by every thread): max(ceil(CC * KH * KW /
 // NPCONV_LRC_UNROLL) * NPCONV_LRC_UNROLL * TB, FC * (TB + 1)) real_t.
 //   phase 1, per chunk of CC input channels: their first-stage weights laid out [tap][TB] (taps k = (c - c0) * KH *
 //            KW + kh * KW + kw, zero for filters past T and taps past the chunk's last, up to a multiple of
-//            NPCONV_LRC_UNROLL); a thread loads NPCONV_LRC_UNROLL input values before their multiply-adds, so that
-//            several loads are in flight when few threads are (a small batch);
+//            NPCONV_LRC_UNROLL); a thread loads NPCONV_LRC_UNROLL taps of its pixels before their multiply-adds, so
+//            that several loads are in flight when few threads are (a small batch);
 //   phase 2, per chunk of FC filters: second [f][TB] (zero past T), then the chunk's FC biases (zero without).
-template <int TB>
+template <int TB, int PIX>
 __device__ __forceinline__ void npc_lr_conv(const real_t* __restrict__ x, const real_t* __restrict__ first,
                                            const real_t* __restrict__ second, const real_t* __restrict__ bias,
                                            real_t* __restrict__ y, int N, int C, int H, int W, int T, int F, int KH,
@@ -402,95 +407,119 @@ __device__ __forceinline__ void npc_lr_conv(const real_t* __restrict__ x, const 
   const int U = NPCONV_LRC_UNROLL;
   const int KK = KH * KW;
   const int P = OH * OW;
-  const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  const bool active = i < N * P;
-  const int n = active ? i / P : 0;
-  const int pix = active ? i - n * P : 0;
-  const int oh = pix / OW;
-  const int ow = pix - oh * OW;
-  const int ih0 = oh * SH - PT;
-  const int iw0 = ow * SW - PL;
   const size_t HW = (size_t)H * W;
-  real_t acc[TB];
+  bool active[PIX];
+  int ih0[PIX], iw0[PIX];
+  size_t xoff[PIX], yoff[PIX];  // x at the pixel's image; y at its image and pixel
 #pragma unroll
-  for (int k = 0; k < TB; ++k) acc[k] = real_t(0);
+  for (int j = 0; j < PIX; ++j) {
+    const int i = blockIdx.x * (PIX * blockDim.x) + j * blockDim.x + threadIdx.x;
+    active[j] = i < N * P;
+    const int n = active[j] ? i / P : 0;
+    const int pix = active[j] ? i - n * P : 0;
+    const int oh = pix / OW;
+    const int ow = pix - oh * OW;
+    ih0[j] = oh * SH - PT;
+    iw0[j] = ow * SW - PL;
+    xoff[j] = (size_t)n * C * HW;
+    yoff[j] = (size_t)n * F * P + pix;
+  }
+  real_t acc[TB][PIX];
+#pragma unroll
+  for (int k = 0; k < TB; ++k)
+#pragma unroll
+    for (int j = 0; j < PIX; ++j) acc[k][j] = real_t(0);
 
   // phase 1: the first stage, a chunk of input channels at a time
   for (int c0 = 0; c0 < C; c0 += CC) {
     const int taps = min(CC, C - c0) * KK;
     const int padded = (taps + U - 1) / U * U;
     __syncthreads();  // the previous chunk's weights are no longer read
-    for (int j = threadIdx.x; j < padded * TB; j += blockDim.x) {
-      const int k = j % TB;
-      const int tap = j / TB;
-      sh[j] = (k < T && tap < taps) ? __ldg(first + ((size_t)k * C + c0) * KK + tap) : real_t(0);
+    for (int e = threadIdx.x; e < padded * TB; e += blockDim.x) {
+      const int k = e % TB;
+      const int tap = e / TB;
+      sh[e] = (k < T && tap < taps) ? __ldg(first + ((size_t)k * C + c0) * KK + tap) : real_t(0);
     }
     __syncthreads();
-    if (active) {
-      const real_t* xc = x + ((size_t)n * C + c0) * HW;
-      int c = 0, kh = 0, kw = 0;  // the next tap to load
-      for (int j0 = 0; j0 < padded; j0 += U) {
-        real_t v[NPCONV_LRC_UNROLL];
+    const real_t* xc = x + (size_t)c0 * HW;
+    int c = 0, kh = 0, kw = 0;  // the next tap to load
+    for (int j0 = 0; j0 < padded; j0 += U) {
+      real_t v[NPCONV_LRC_UNROLL][PIX];
 #pragma unroll
-        for (int u = 0; u < NPCONV_LRC_UNROLL; ++u) {
-          real_t val = real_t(0);
-          if (j0 + u < taps) {
-            const int ih = ih0 + kh * DH;
-            const int iw = iw0 + kw * DW;
-            if (npc_inside(ih, H) && npc_inside(iw, W)) val = __ldg(xc + c * HW + (size_t)ih * W + iw);
-            if (++kw == KW) {
-              kw = 0;
-              if (++kh == KH) {
-                kh = 0;
-                ++c;
-              }
+      for (int u = 0; u < NPCONV_LRC_UNROLL; ++u) {
+#pragma unroll
+        for (int j = 0; j < PIX; ++j) v[u][j] = real_t(0);
+        if (j0 + u < taps) {
+#pragma unroll
+          for (int j = 0; j < PIX; ++j) {
+            const int ih = ih0[j] + kh * DH;
+            const int iw = iw0[j] + kw * DW;
+            if (active[j] && npc_inside(ih, H) && npc_inside(iw, W))
+              v[u][j] = __ldg(xc + xoff[j] + c * HW + (size_t)ih * W + iw);
+          }
+          if (++kw == KW) {
+            kw = 0;
+            if (++kh == KH) {
+              kh = 0;
+              ++c;
             }
           }
-          v[u] = val;
         }
+      }
 #pragma unroll
-        for (int u = 0; u < NPCONV_LRC_UNROLL; ++u) {
-          const real_t* wk = sh + (j0 + u) * TB;
+      for (int u = 0; u < NPCONV_LRC_UNROLL; ++u) {
+        const real_t* wk = sh + (j0 + u) * TB;
 #pragma unroll
-          for (int k = 0; k < TB; ++k) acc[k] += v[u] * wk[k];
+        for (int k = 0; k < TB; ++k) {
+          const real_t wv = wk[k];
+#pragma unroll
+          for (int j = 0; j < PIX; ++j) acc[k][j] += v[u][j] * wv;
         }
       }
     }
   }
 
   // phase 2: the 1x1 stage with the bias, a chunk of filters at a time
-  real_t* yp = y + (size_t)n * F * P + pix;
   for (int f0 = 0; f0 < F; f0 += FC) {
     const int fc = min(FC, F - f0);
     __syncthreads();  // phase 1's weights, or the previous chunk, are no longer read
-    for (int j = threadIdx.x; j < fc * TB; j += blockDim.x) {
-      const int f = j / TB;
-      const int k = j - f * TB;
-      sh[j] = k < T ? __ldg(second + (size_t)(f0 + f) * T + k) : real_t(0);
+    for (int e = threadIdx.x; e < fc * TB; e += blockDim.x) {
+      const int f = e / TB;
+      const int k = e - f * TB;
+      sh[e] = k < T ? __ldg(second + (size_t)(f0 + f) * T + k) : real_t(0);
     }
     for (int f = threadIdx.x; f < fc; f += blockDim.x) sh[fc * TB + f] = has_bias ? __ldg(bias + f0 + f) : real_t(0);
     __syncthreads();
-    if (active) {
-      for (int f = 0; f < fc; ++f) {
-        const real_t* sf = sh + f * TB;
-        real_t o = sh[fc * TB + f];
+    for (int f = 0; f < fc; ++f) {
+      const real_t* sf = sh + f * TB;
+      real_t o[PIX];
 #pragma unroll
-        for (int k = 0; k < TB; ++k) o += sf[k] * acc[k];
-        yp[(size_t)(f0 + f) * P] = o;
+      for (int j = 0; j < PIX; ++j) o[j] = sh[fc * TB + f];
+#pragma unroll
+      for (int k = 0; k < TB; ++k) {
+        const real_t sv = sf[k];
+#pragma unroll
+        for (int j = 0; j < PIX; ++j) o[j] += sv * acc[k][j];
       }
+#pragma unroll
+      for (int j = 0; j < PIX; ++j)
+        if (active[j]) y[yoff[j] + (size_t)(f0 + f) * P] = o[j];
     }
   }
 }
 
-#define NPCONV_LR_CONV(TB)                                                                                         \
-  NPCONV_KERNEL_LB_MIN(lr_conv##TB, 256, 2)(const real_t* __restrict__ x, const real_t* __restrict__ first,      \
+// lr_conv<TB> takes one pixel a thread, lr_conv<TB>_px2 two (not for TB = 32: 64 accumulators of double spill)
+#define NPCONV_LR_CONV(TB, PIX, NAME)                                                                              \
+  NPCONV_KERNEL_LB_MIN(NAME, 256, 2)(const real_t* __restrict__ x, const real_t* __restrict__ first,              \
                                      const real_t* __restrict__ second, const real_t* __restrict__ bias,          \
                                      real_t* __restrict__ y, int N, int C, int H, int W, int T, int F, int KH,      \
                                      int KW, int SH, int SW, int PT, int PL, int DH, int DW, int OH, int OW,        \
                                      int CC, int FC, int has_bias) {                                                \
-    npc_lr_conv<TB>(x, first, second, bias, y, N, C, H, W, T, F, KH, KW, SH, SW, PT, PL, DH, DW, OH, OW, CC, FC,  \
-                    has_bias);                                                                                      \
+    npc_lr_conv<TB, PIX>(x, first, second, bias, y, N, C, H, W, T, F, KH, KW, SH, SW, PT, PL, DH, DW, OH, OW, CC,  \
+                         FC, has_bias);                                                                             \
   }
-NPCONV_LR_CONV(8)
-NPCONV_LR_CONV(16)
-NPCONV_LR_CONV(32)
+NPCONV_LR_CONV(8, 1, lr_conv8)
+NPCONV_LR_CONV(16, 1, lr_conv16)
+NPCONV_LR_CONV(32, 1, lr_conv32)
+NPCONV_LR_CONV(8, 2, lr_conv8_px2)
+NPCONV_LR_CONV(16, 2, lr_conv16_px2)

@@ -18,9 +18,10 @@ How each layer runs:
     row stride and the top/bottom padding, then the horizontal 1 x Y pass with the column stride, the left/right
     padding and the bias.
   * low-rank conv: for t <= :data:`LR_CONV_MAX_RANK` one launch of ``lr_conv8/16/32`` (t rounded up to 8, 16 or
-    32) when a channel's first-stage weights fit :data:`LR_SMEM_BUDGET` (:func:`lr_conv_plan`): a thread per output
-    pixel computes its t first-stage values in registers, then its F outputs with the bias, so the t maps are never
-    written. Otherwise two stages: the first (t filters) on ``factor_conv``, then the 1x1 stage ``second (F, t) @ h``
+    32) when a channel's first-stage weights fit :data:`LR_SMEM_BUDGET` (:func:`lr_conv_plan`): a thread computes
+    the t first-stage values of its output pixel in registers, then its F outputs with the bias, so the t maps are
+    never written; from :data:`LR_CONV_PX2_MIN_PIXELS` output pixels on, two pixels a thread (``_px2``, for ranks
+    up to 16). Otherwise two stages: the first (t filters) on ``factor_conv``, then the 1x1 stage ``second (F, t) @ h``
     with the bias, for t <= :data:`LR_EXPAND_MAX_RANK` one launch of ``lr_expand8/16/32`` that reads h once and
     writes each output once (:func:`lr_expand`), for larger t one cuBLAS GEMM batched over the images and ``ops``'
     ``bias_add``.
@@ -51,7 +52,9 @@ __all__ = [
     "LAUNCH_SIGNATURES", "SOURCE", "source_text", "get_kernel", "clear_cache", "mono_tiling", "mono_splits",
     "factor_chunk", "uses_factor_conv", "DIRECT_MAX_FILTERS", "FACTOR_SMEM_BUDGET", "MONO_SMEM_BUDGET",
     "MONO_MIN_BLOCKS", "lr_expand", "lr_expand_plan", "lr_conv_plan", "LR_EXPAND_MAX_RANK", "LR_EXPAND_RANKS",
-    "LR_SMEM_BUDGET", "LR_CONV_MAX_RANK", "LR_CONV_THREADS", "LR_CONV_UNROLL", "LrExpandPlan", "LrConvPlan",
+    "LR_SMEM_BUDGET", "LR_CONV_MAX_RANK", "LR_CONV_THREADS", "LR_CONV_PX2_MIN_PIXELS", "LR_CONV_PX2_RANKS",
+    "LR_CONV_UNROLL",
+    "LrExpandPlan", "LrConvPlan",
     "MONO_FILTERS_PER_PASS", "FACTOR_FILTERS_PER_BLOCK", "MONO_COLS_PER_THREAD", "MONO_ROWS_PER_THREAD",
     "MONO_TILE_WIDTHS", "MONO_MAX_THREADS", "MonoTiling", "mono_row_stride",
 ]
@@ -86,8 +89,13 @@ LR_EXPAND_RANKS = {8: 4, 16: 4, 32: 2}
 LR_SMEM_BUDGET = 16 * 1024
 #: the whole low-rank conv runs on lr_conv (one launch) for ranks up to this when its weights fit (0: never)
 LR_CONV_MAX_RANK = 32
-#: threads of an lr_conv block (a thread per output pixel)
+#: threads of an lr_conv block
 LR_CONV_THREADS = 128
+#: lr_conv takes two output pixels a thread (``lr_conv<TB>_px2``) from this many output pixels (N * OH * OW) on, one
+#: below: a small batch needs every thread it can get, a large one the shared index arithmetic and weight loads
+LR_CONV_PX2_MIN_PIXELS = 1 << 16
+#: the ranks lr_conv's two-pixel kernels are compiled for (not 32: 64 accumulators of double would spill)
+LR_CONV_PX2_RANKS = (8, 16)
 #: input values an lr_conv thread loads ahead of their multiply-adds (NPCONV_LRC_UNROLL in _lowrank.cu)
 LR_CONV_UNROLL = 4
 
@@ -109,6 +117,7 @@ LAUNCH_SIGNATURES: dict[str, tuple[str, tuple[str, ...]]] = {
     **{f"lr_expand{tb}": (SOURCE, (PTR,) * 4 + (I32,) * 6) for tb in LR_EXPAND_RANKS},
     # x, first, second, bias, y, N, C, H, W, T, F, KH, KW, SH, SW, PT, PL, DH, DW, OH, OW, CC, FC, has_bias
     **{f"lr_conv{tb}": (SOURCE, (PTR,) * 5 + (I32,) * 19) for tb in LR_EXPAND_RANKS},
+    **{f"lr_conv{tb}_px2": (SOURCE, (PTR,) * 5 + (I32,) * 19) for tb in LR_CONV_PX2_RANKS},
 }
 
 
@@ -362,7 +371,9 @@ def _lr_conv(cp, x, first, second, bias, plan, stride, padding, dilation):
         raise ValueError(f"the convolution output has {total} pixels (N*OH*OW); the CUDA kernels index with 32-bit "
                          f"ints and take at most {_INDEX_LIMIT}: split the batch")
     has_bias = bias is not None
-    _launch(f"lr_conv{plan.TB}", dt, (-(-total // LR_CONV_THREADS),), (LR_CONV_THREADS,),
+    pix = 2 if total >= LR_CONV_PX2_MIN_PIXELS and plan.TB in LR_CONV_PX2_RANKS else 1
+    _launch(f"lr_conv{plan.TB}{'_px2' if pix == 2 else ''}", dt, (-(-total // (pix * LR_CONV_THREADS)),),
+            (LR_CONV_THREADS,),
             (x, first, second, bias if has_bias else second, y, N, C, H, W, t, F, KH, KW, sh, sw, pt, pl, dh, dw, OH,
              OW, plan.CC, plan.FC, has_bias), shared_mem=plan.smem)
     return y
