@@ -27,7 +27,8 @@ How each layer runs:
     ``bias_add``.
 A conv stage runs on ``factor_conv`` when it has at most :data:`DIRECT_MAX_FILTERS` filters and the weights of one
 input channel for 16 filters fit :data:`FACTOR_SMEM_BUDGET`; otherwise it goes to ``ops.conv2d`` (im2col +
-cuBLAS, or its own direct kernels). These thresholds have not been measured on a GPU (see docs/gpu_lowrank.md).
+cuBLAS, or its own direct kernels). These two thresholds have not been measured on a GPU; the low-rank conv's paths
+and ``LR_CONV_PX2_MIN_PIXELS`` were, on an H100 (docs/gpu_lowrank.md, docs/gpu_results.md).
 
 Launches go through :func:`_launch`, which packs the arguments from :data:`LAUNCH_SIGNATURES` (this module's table,
 in the form of ``ops.LAUNCH_SIGNATURES`` plus one kind, ``IPTR``, a C-contiguous ``int32`` device array). The
@@ -87,12 +88,14 @@ LR_EXPAND_MAX_RANK = 32
 LR_EXPAND_RANKS = {8: 4, 16: 4, 32: 2}
 #: shared memory of an lr_expand block (the weights and biases of its filters), bytes
 LR_SMEM_BUDGET = 16 * 1024
-#: the whole low-rank conv runs on lr_conv (one launch) for ranks up to this when its weights fit (0: never)
+#: the whole low-rank conv runs on lr_conv (one launch) for ranks up to this when its weights fit (0: never). On an
+#: H100, ZF conv1 rank 8: 0.54 ms at batch 128 against 0.76 for factor_conv + lr_expand, 0.08 against 0.12 at batch 1
 LR_CONV_MAX_RANK = 32
 #: threads of an lr_conv block
 LR_CONV_THREADS = 128
 #: lr_conv takes two output pixels a thread (``lr_conv<TB>_px2``) from this many output pixels (N * OH * OW) on, one
-#: below: a small batch needs every thread it can get, a large one the shared index arithmetic and weight loads
+#: below: a small batch needs every thread it can get, a large one the shared index arithmetic and weight loads (H100,
+#: ZF conv1: 1.20-1.24x faster at batch 128, level at batch 8 (96800 pixels))
 LR_CONV_PX2_MIN_PIXELS = 1 << 16
 #: the ranks lr_conv's two-pixel kernels are compiled for (not 32: 64 accumulators of double would spill)
 LR_CONV_PX2_RANKS = (8, 16)
