@@ -20,9 +20,10 @@ at most ``_WORKSPACE_BYTES``, in a per-thread workspace reused across calls (``n
 
 GPU (CuPy arrays): after the same validation, the convolutions go to :mod:`npconv.kernels.cuda.ops_lowrank`: the
 monochromatic layer is one fused kernel (colour transform on the fly into shared memory, then the single-channel
-filters of each colour); the separable passes and the first stage of a low-rank conv run on a direct kernel with
-no im2col matrix; the 1x1 second stage is one cuBLAS GEMM. The low-rank linear layer is two cuBLAS GEMMs on either
-device. See docs/gpu_lowrank.md.
+filters of each colour); the separable passes run on a direct kernel with no im2col matrix; the low-rank conv of
+rank up to 32 is one kernel (each pixel's first-stage values in registers, then its outputs with the bias), larger
+ranks a direct first stage and a cuBLAS GEMM. The low-rank linear layer is two cuBLAS GEMMs on either device. See
+docs/gpu_lowrank.md.
 """
 from __future__ import annotations
 
