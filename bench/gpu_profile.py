@@ -279,6 +279,24 @@ ZF_CONVS = {"conv2": (96, 55, 256, 5, 2, 0), "conv3": (256, 13, 384, 3, 1, 1), "
             "conv5": (384, 13, 256, 3, 1, 1)}
 
 
+def _dense_cases(cp, torch, geom, N):
+    """{"npconv": (npconv's conv2d, "cupy"), "cudnn": (PyTorch's, "torch")} on the same input of N images of
+    ``geom`` (C, H, F, K, stride, padding); without ``torch``, the npconv case alone."""
+    from npconv.functional import conv2d
+    C, H, F, K, s, p = geom
+    x, w, b = _conv_inputs(cp, geom, N)
+    cases = {"npconv": (lambda: conv2d(x, w, b, stride=s, padding=p), "cupy")}
+    if torch is not None:
+        torch.backends.cudnn.benchmark = True
+        tx, tw, tb = (torch.as_tensor(a, device="cuda") for a in (x, w, b))
+
+        def tfn():
+            with torch.no_grad():
+                return torch.nn.functional.conv2d(tx, tw, tb, stride=s, padding=p)
+        cases["cudnn"] = (tfn, "torch")
+    return cases
+
+
 def _queued_ms(fn, sync, calls=50):
     import time
     fn()
@@ -297,7 +315,6 @@ def probe_small(batches=(1, 2, 4, 8, 16, 32), cp_batches=(1, 2, 4, 8), repeat=30
     import cupy as cp
 
     from bench.bench_gpu_bicluster import ZF_CONV2, factored_callable
-    from npconv.functional import conv2d
     from npconv.kernels.cuda import ops_bicluster
     torch = None if quick else torch_cuda()
     sync = cp.cuda.Device().synchronize
@@ -310,18 +327,8 @@ def probe_small(batches=(1, 2, 4, 8, 16, 32), cp_batches=(1, 2, 4, 8), repeat=30
         print(f"{key:34s} latency {latency:8.4f} ms   queued {queued:8.4f} ms/call", flush=True)
 
     for name, geom in convs.items():
-        C, H, F, K, s, p = geom
         for N in batches:
-            x, w, b = _conv_inputs(cp, geom, N)
-            cases = {"npconv": (lambda: conv2d(x, w, b, stride=s, padding=p), "cupy")}
-            if torch is not None:
-                torch.backends.cudnn.benchmark = True
-                tx, tw, tb = (torch.as_tensor(a, device="cuda") for a in (x, w, b))
-
-                def tfn():
-                    with torch.no_grad():
-                        return torch.nn.functional.conv2d(tx, tw, tb, stride=s, padding=p)
-                cases["cudnn"] = (tfn, "torch")
+            cases = _dense_cases(cp, torch, geom, N)
             timed, _ = time_interleaved(cases, warmup=3, repeat=repeat)
             for variant, (fn, kind) in cases.items():
                 record(f"{name}/b{N}/{variant}", timed[variant]["median_ms"],
@@ -390,7 +397,6 @@ def probe_lowrank(batches=(1, 8, 128), small_batches=(1, 8), repeat=30, quick=Fa
     import cupy as cp
 
     from bench.bench_gpu_lowrank import TINY, ZF_CONV1, factored_callable
-    from npconv.functional import conv2d
     from npconv.kernels.cuda import ops_lowrank
     torch = None if quick else torch_cuda()
     sync = cp.cuda.Device().synchronize
@@ -419,20 +425,8 @@ def probe_lowrank(batches=(1, 8, 128), small_batches=(1, 8), repeat=30, quick=Fa
                    _queued_ms(fn, sync if kind == "cupy" else torch.cuda.synchronize))
         cp.get_default_memory_pool().free_all_blocks()
 
-    C, H, F, K, s, p = geom
     for N in sorted(set(batches) | set(small_batches)):
-        x, w, b = _conv_inputs(cp, (C, H, F, K, s, p), N)
-        cases = {"npconv": (lambda: conv2d(x, w, b, stride=s, padding=p), "cupy")}
-        if torch is not None:
-            torch.backends.cudnn.benchmark = True
-            tx, tw, tb = (torch.as_tensor(a, device="cuda") for a in (x, w, b))
-
-            def tfn():
-                with torch.no_grad():
-                    return torch.nn.functional.conv2d(tx, tw, tb, stride=s, padding=p)
-            cases["cudnn"] = (tfn, "torch")
-        run_row(f"conv1/b{N}", cases)
-        del cases, x
+        run_row(f"conv1/b{N}", _dense_cases(cp, torch, geom, N))
         for t in ((4,) if quick else (8, 16)):
             layer = factored_callable("conv_svd", t, N, geom, np.float32)
             if N in batches:

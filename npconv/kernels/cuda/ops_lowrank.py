@@ -158,6 +158,15 @@ def _out_len(size, k, s, lo, hi, d=1):
     return (size + lo + hi - d * (k - 1) - 1) // s + 1
 
 
+def _geometry(x, KH, KW, stride, padding, dilation):
+    """(N, C, H, W, SH, SW, PT, PL, DH, DW, OH, OW) of a direct conv of ``x`` with a KH x KW kernel, as ints."""
+    N, C, H, W = (int(v) for v in x.shape)
+    sh, sw = (int(v) for v in stride)
+    pt, pb, pl, pr = (int(v) for v in padding)
+    dh, dw = (int(v) for v in dilation)
+    return N, C, H, W, sh, sw, pt, pl, dh, dw, _out_len(H, KH, sh, pt, pb, dh), _out_len(W, KW, sw, pl, pr, dw)
+
+
 # --- factor_conv: the direct conv of the two-stage layers ---------------------------------------------------------
 
 def factor_chunk(C, KH, KW, itemsize):
@@ -180,12 +189,8 @@ def factor_conv(x, w, b, *, stride, padding, dilation):
     cp = _cupy()
     x, w, b = ops.contiguous(cp, x), ops.contiguous(cp, w), ops.contiguous(cp, b)
     dt = x.dtype
-    N, C, H, W = (int(v) for v in x.shape)
     F, _, KH, KW = (int(v) for v in w.shape)
-    sh, sw = (int(v) for v in stride)
-    pt, pb, pl, pr = (int(v) for v in padding)
-    dh, dw = (int(v) for v in dilation)
-    OH, OW = _out_len(H, KH, sh, pt, pb, dh), _out_len(W, KW, sw, pl, pr, dw)
+    N, C, H, W, sh, sw, pt, pl, dh, dw, OH, OW = _geometry(x, KH, KW, stride, padding, dilation)
     y = cp.empty((N, F, OH, OW), dtype=dt)
     if y.size == 0:
         return y
@@ -359,13 +364,9 @@ def _lr_conv(cp, x, first, second, bias, plan, stride, padding, dilation):
     x, first = ops.contiguous(cp, x), ops.contiguous(cp, first, x.dtype)
     second, bias = ops.contiguous(cp, second, x.dtype), ops.contiguous(cp, bias, x.dtype)
     dt = x.dtype
-    N, C, H, W = (int(v) for v in x.shape)
     t, _, KH, KW = (int(v) for v in first.shape)
     F = int(second.shape[0])
-    sh, sw = (int(v) for v in stride)
-    pt, pb, pl, pr = (int(v) for v in padding)
-    dh, dw = (int(v) for v in dilation)
-    OH, OW = _out_len(H, KH, sh, pt, pb, dh), _out_len(W, KW, sw, pl, pr, dw)
+    N, C, H, W, sh, sw, pt, pl, dh, dw, OH, OW = _geometry(x, KH, KW, stride, padding, dilation)
     y = cp.empty((N, F, OH, OW), dtype=dt)
     if y.size == 0:
         return y
