@@ -34,8 +34,9 @@ back to back.
 alternation (latency and queued, as ``small``): one launch of ``lr_conv`` (``LR_CONV_MAX_RANK`` 32) with one or two
 output pixels a thread (``LR_CONV_PX2_MIN_PIXELS`` above or at 0), ``factor_conv`` and ``lr_expand``
 (``LR_CONV_MAX_RANK`` 0), ``factor_conv``, a cuBLAS GEMM and ``bias_add`` (both rules 0); at batches 1 and 8,
-``lr_conv`` with blocks of 128 and 256 threads (``LR_CONV_THREADS``); and the dense conv1, npconv and cuDNN, as the
-reference of each batch.
+``lr_conv`` with blocks of 128 and 256 threads (``LR_CONV_THREADS``); the separable form (rank 4, 8) in one launch
+of ``sep_conv`` or as two ``factor_conv`` passes (``SEP_CONV_MAX_PIXELS``); and the dense conv1, npconv and cuDNN,
+as the reference of each batch.
 ``cpblock`` times the biclustered CP conv2 (K = 6, 8, 12, batch 128) with ``ops_bicluster.CP_IMAGES_PER_BLOCK`` at
 1, 2 and 4 in alternation, and checks that the outputs agree (``ncu --workloads cp`` profiles the front end alone).
 """
@@ -441,6 +442,11 @@ def probe_lowrank(batches=(1, 8, 128), small_batches=(1, 8), repeat=30, quick=Fa
                 run_row(f"svd{t}/b{N}", {
                     f"threads{n}": (_with_rules(layer, ops_lowrank, LR_CONV_MAX_RANK=32, LR_CONV_THREADS=n), "cupy")
                     for n in (128, 256)})
+        for k in ((3,) if quick else (4, 8)):
+            layer = factored_callable("separable", k, N, geom, np.float32)
+            run_row(f"sep{k}/b{N}", {
+                "sep_conv": (_with_rules(layer, ops_lowrank, SEP_CONV_MAX_PIXELS=10**12), "cupy"),
+                "two_pass": (_with_rules(layer, ops_lowrank, SEP_CONV_MAX_PIXELS=0), "cupy")})
     return out
 
 

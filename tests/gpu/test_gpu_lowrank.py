@@ -186,9 +186,28 @@ def test_lowrank_zf_conv1_shapes(cp, rng, dtype, monkeypatch, t, path):
     check(cp, y, lowrank_conv2d(x, first, second, b, stride=2, padding=1), dtype, 147 * t)
 
 
-def test_separable_zf_conv1_geometry(cp, rng, dtype):
-    """ZF conv1 (3 -> 96, 7x7, stride 2, padding 1) on a 224 x 224 image, rank 8."""
+@pytest.mark.parametrize("path", ["sep_conv", "two-pass"])
+@pytest.mark.parametrize("K", [3, 8, 16], ids=lambda k: f"K{k}")
+def test_separable_paths(cp, rng, dtype, monkeypatch, K, path):
+    """The separable conv in one launch (sep_conv<KB>) or two factor_conv passes, against the CPU path: 2 images of
+    19 x 75 (3 column tiles), column stride 2, asymmetric padding."""
     from npconv.functional.lowrank import separable_conv2d
+    from npconv.kernels.cuda import ops_lowrank
+    monkeypatch.setattr(ops_lowrank, "SEP_CONV_MAX_PIXELS", 10**9 if path == "sep_conv" else 0)
+    x = rng.standard_normal((2, 3, 19, 75)).astype(dtype)
+    V, Hz = rng.standard_normal((K, 3, 5, 1)).astype(dtype), rng.standard_normal((21, K, 1, 3)).astype(dtype)
+    b = rng.standard_normal(21).astype(dtype)
+    geo = dict(stride=(1, 2), padding=(2, 1, 0, 1))
+    y = separable_conv2d(cp.asarray(x), cp.asarray(V), cp.asarray(Hz), cp.asarray(b), **geo)
+    check(cp, y, separable_conv2d(x, V, Hz, b, **geo), dtype, 15 * 3 * K)
+
+
+@pytest.mark.parametrize("path", ["sep_conv", "two-pass"])
+def test_separable_zf_conv1_geometry(cp, rng, dtype, monkeypatch, path):
+    """ZF conv1 (3 -> 96, 7x7, stride 2, padding 1) on a 224 x 224 image, rank 8, on each path."""
+    from npconv.functional.lowrank import separable_conv2d
+    from npconv.kernels.cuda import ops_lowrank
+    monkeypatch.setattr(ops_lowrank, "SEP_CONV_MAX_PIXELS", 10**9 if path == "sep_conv" else 0)
     x = rng.standard_normal((1, 3, 224, 224)).astype(dtype)
     V, Hz = rng.standard_normal((8, 3, 7, 1)).astype(dtype), rng.standard_normal((96, 8, 1, 7)).astype(dtype)
     b = rng.standard_normal(96).astype(dtype)

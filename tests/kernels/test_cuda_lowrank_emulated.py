@@ -1,6 +1,6 @@
-"""The factored-layer kernels (``_lowrank.cu``: mono_conv, factor_conv, lr_expand<TB>, lr_conv<TB>) on the CPU
-emulator, with hand-written launches, against NumPy references written here (the dense conv of the rebuilt kernel,
-tests/reference.py; plain loops for lr_expand and lr_conv).
+"""The factored-layer kernels (``_lowrank.cu``: mono_conv, factor_conv, lr_expand<TB>, lr_conv<TB>, sep_conv<KB>) on
+the CPU emulator, with hand-written launches, against NumPy references written here (the dense conv of the rebuilt
+kernel, tests/reference.py; plain loops for lr_expand, lr_conv and sep_conv).
 
 Every case runs in both thread orders and with two launch shapes (a full grid, and a small grid / small block so
 the grid-stride and image loops wrap), for float32 and float64. Outputs start as NaN, so an element no thread
@@ -215,6 +215,84 @@ def test_lr_conv_against_loops(lowrank_module, rng):
     kernel(lowrank_module, "lr_conv8", dtype)((-(-N * OH * OW // 64),), (64,), args,
                                               shared_mem=lr_conv_smem(C, KH, KW, 8, 2, 3) * 8, order="reverse")
     check(y, ref, dtype, C * KH * KW * T)
+
+
+# --- sep_conv<KB> ---------------------------------------------------------------------------------------------------
+
+SEP_TC, SEP_FT = 32, 16
+SEP_CASES = [
+    # N, C, H, W, K, F, X, Y, stride, (top, bottom, left, right), KB, TR
+    (1, 3, 23, 40, 4, 20, 7, 7, (2, 2), (1, 1, 1, 1), 4, 4),        # ZF conv1-like: two filter passes, 16 + 4
+    (2, 2, 9, 70, 3, 5, 3, 5, (1, 1), (1, 1, 2, 2), 4, 2),          # K < KB; 70 columns: 3 column tiles, the last short
+    (1, 5, 11, 13, 8, 16, 5, 3, (2, 3), (0, 2, 3, 0), 8, 1),        # asymmetric padding, column stride 3
+    (2, 1, 6, 8, 7, 33, 2, 4, (1, 2), (3, 3, 4, 4), 8, 4),          # padding wider than the kernel, 3 filter passes
+    (1, 4, 9, 9, 16, 3, 1, 1, (3, 1), (0, 0, 0, 0), 16, 2),         # 1 x 1 both ways, K = 16
+    (3, 2, 5, 33, 10, 17, 3, 3, (1, 1), (1, 1, 1, 1), 16, 4),       # OH (5) not a multiple of TR, 3 images
+]
+
+
+def sep_loops(x, V, Hz, b, stride, pad):
+    """The separable conv by plain loops (float64): h = the vertical taps down the rows (row stride, top/bottom zero
+    padding), then the horizontal taps along the columns of h (column stride, left/right zero padding)."""
+    N, C, H, W = x.shape
+    K, X, F, Y = V.shape[0], V.shape[2], Hz.shape[0], Hz.shape[2]
+    OH, OW = out_len(H, X, stride[0], pad[0], pad[1]), out_len(W, Y, stride[1], pad[2], pad[3])
+    xp = np.zeros((N, C, H + pad[0] + pad[1] + X, W))
+    xp[:, :, pad[0]:pad[0] + H] = x
+    h = np.zeros((N, K, OH, W + pad[2] + pad[3] + Y))
+    for i in range(OH):
+        for xx in range(X):
+            h[:, :, i, pad[2]:pad[2] + W] += np.einsum("kc,ncw->nkw", V[:, :, xx].astype(np.float64),
+                                                       xp[:, :, i * stride[0] + xx])
+    y = np.zeros((N, F, OH, OW))
+    for j in range(OW):
+        for yy in range(Y):
+            y[:, :, :, j] += np.einsum("fk,nki->nfi", Hz[:, :, yy].astype(np.float64), h[:, :, :, j * stride[1] + yy])
+    if b is not None:
+        y += b.reshape(1, F, 1, 1)
+    return y
+
+
+def sep_smem(K, C, X, Y, SW, KB, TR):
+    """Elements of sep_conv's shared memory, from the layout documented in _lowrank.cu."""
+    return K * Y * SEP_FT + SEP_FT + C * X * KB + KB * TR * ((SEP_TC - 1) * SW + Y)
+
+
+@pytest.mark.parametrize("order", ["forward", "reverse"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("case", SEP_CASES, ids=lambda c: "x".join(map(str, c[:8])))
+def test_sep_conv(lowrank_module, rng, dtype, order, with_bias, case):
+    N, C, H, W, K, F, X, Y, stride, pad, KB, TR = case
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    V, Hz = rng.standard_normal((K, C, X)).astype(dtype), rng.standard_normal((F, K, Y)).astype(dtype)
+    b = rng.standard_normal(F).astype(dtype)
+    ref = sep_loops(x, V, Hz, b if with_bias else None, stride, pad)
+    OH, OW = ref.shape[2:]
+    y = np.full(ref.shape, np.nan, dtype)
+    tiles_w = -(-OW // SEP_TC)
+    args = (x, V, Hz, b if with_bias else Hz, y,
+            *map(i32, (N, C, H, W, K, F, X, Y, *stride, pad[0], pad[2], OH, OW, tiles_w, with_bias)))
+    kernel(lowrank_module, f"sep_conv{KB}", dtype)((-(-OH // TR) * tiles_w, N), (TR * SEP_TC,), args,
+                                                   shared_mem=sep_smem(K, C, X, Y, stride[1], KB, TR) * dtype.itemsize,
+                                                   order=order)
+    check(y, ref, dtype, C * X * K * Y)
+
+
+def test_sep_conv_against_the_dense_kernel(lowrank_module, rng):
+    """A second reference: the dense conv of the rebuilt kernel W[f, c, x, y] = sum_k Hz[f, k, y] V[k, c, x]."""
+    dtype = np.dtype(np.float32)
+    N, C, H, W, K, F, X, Y, stride, pad, KB, TR = SEP_CASES[0]
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    V, Hz = rng.standard_normal((K, C, X)).astype(dtype), rng.standard_normal((F, K, Y)).astype(dtype)
+    b = rng.standard_normal(F).astype(dtype)
+    ref = conv2d_einsum(x, np.einsum("fky,kcx->fcxy", Hz.astype(np.float64), V.astype(np.float64)), b,
+                        stride=stride, padding=pad)
+    OH, OW = ref.shape[2:]
+    y = np.full(ref.shape, np.nan, dtype)
+    args = (x, V, Hz, b, y, *map(i32, (N, C, H, W, K, F, X, Y, *stride, pad[0], pad[2], OH, OW, -(-OW // SEP_TC), 1)))
+    kernel(lowrank_module, "sep_conv4", dtype)((-(-OH // TR) * -(-OW // SEP_TC), N), (TR * SEP_TC,), args,
+                                               shared_mem=sep_smem(K, C, X, Y, stride[1], KB, TR) * 4)
+    check(y, ref, dtype, C * X * K * Y)
 
 
 # --- mono_conv -----------------------------------------------------------------------------------------------------

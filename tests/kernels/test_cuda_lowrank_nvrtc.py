@@ -43,6 +43,12 @@ def test_constants_shared_with_the_source():
         (tb, f"lr_conv{tb}_px2") for tb in ops_lowrank.LR_CONV_PX2_RANKS}
     assert re.search(r"NPCONV_KERNEL_LB_MIN\(NAME, 256, 2\)", text) and ops_lowrank.LR_CONV_THREADS <= 256
     assert int(re.search(r"#define NPCONV_LRC_UNROLL (\d+)", text)[1]) == ops_lowrank.LR_CONV_UNROLL
+    # sep_conv<KB>: the compiled ranks, the tile's columns and the filters of a horizontal pass, its launch bound
+    assert set(map(int, re.findall(r"^NPCONV_SEP_CONV\((\d+)\)$", text, re.M))) == set(ops_lowrank.SEP_CONV_RANKS)
+    assert int(re.search(r"#define NPCONV_SEP_TC (\d+)", text)[1]) == ops_lowrank.SEP_TILE_COLS
+    assert int(re.search(r"#define NPCONV_SEP_FT (\d+)", text)[1]) == ops_lowrank.SEP_FILTERS_PER_PASS
+    assert re.search(r"NPCONV_KERNEL_LB_MIN\(sep_conv##KB, 256, 2\)", text)
+    assert max(ops_lowrank.SEP_TILE_ROWS) * ops_lowrank.SEP_TILE_COLS <= 256
 
 
 def test_a_wrong_declaration_is_caught():
@@ -80,6 +86,10 @@ def test_every_launch_matches_ptx(recording, rng, monkeypatch, dtype_name):
                                        padding=(1, 1, 1, 1), dilation=(1, 1))
     ops_lowrank.separable_conv2d(a(2, 3, 8, 8), a(2, 3, 3, 1), a(5, 2, 1, 3), a(5), stride=(2, 2),
                                  padding=(1, 1, 1, 1))
+    monkeypatch.setattr(ops_lowrank, "SEP_CONV_MAX_PIXELS", 10**9)
+    for K in (2, 6, 12):                       # sep_conv4, 8 and 16
+        ops_lowrank.separable_conv2d(a(2, 3, 8, 8), a(K, 3, 3, 1), a(5, K, 1, 3), a(5), stride=(2, 2),
+                                     padding=(1, 1, 1, 1))
     monkeypatch.setattr(ops_lowrank, "MONO_SMEM_BUDGET", 8)   # the composed fallback, through ops.conv2d
     ops_lowrank.monochromatic_conv2d(a(1, 3, 9, 9), a(3, 3), asg, a(4, 3, 3), a(4), stride=(1, 1),
                                      padding=(0, 0, 0, 0))

@@ -252,6 +252,58 @@ def test_lr_expand_refuses_bad_ranks_and_shapes(fc, dtype):
         ops_lowrank.lr_expand(fc.zeros((1, 4, 4, 4), dtype), fc.zeros((5, 4), dtype), fc.zeros(6, dtype))
 
 
+@pytest.mark.parametrize("K,fused,expect", [(4, 0, ["factor_conv", "factor_conv"]), (4, 10**9, ["sep_conv4"]),
+                                             (7, 10**9, ["sep_conv8"]), (16, 10**9, ["sep_conv16"]),
+                                             (17, 10**9, ["factor_conv", "factor_conv"])])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+def test_separable_paths(fc, launched, monkeypatch, rng, dtype, with_bias, K, fused, expect):
+    """One launch of sep_conv<KB> up to SEP_CONV_MAX_PIXELS output pixels (K up to 16), else two factor_conv
+    passes; strided inputs, 3 images, 70 output columns (three column tiles)."""
+    monkeypatch.setattr(ops_lowrank, "SEP_CONV_MAX_PIXELS", fused)
+    N, C, F, X, Y = 3, 2, 19, 3, 4
+    x = rng.standard_normal((N, C, 9, 141)).astype(dtype)
+    V = rng.standard_normal((K, C, X, 1)).astype(dtype)
+    Hz = rng.standard_normal((F, K, 1, Y)).astype(dtype)
+    b = rng.standard_normal(F).astype(dtype) if with_bias else None
+    y = ops_lowrank.separable_conv2d(strided(fc, x), strided(fc, V), fc.asarray(Hz),
+                                     None if b is None else fc.asarray(b), stride=(2, 2), padding=(1, 2, 1, 0))
+    dense = np.einsum("fky,kcx->fcxy", Hz[:, :, 0].astype(np.float64), V[..., 0].astype(np.float64))
+    check(y, conv2d_einsum(x, dense, b, stride=(2, 2), padding=(1, 2, 1, 0)), dtype, C * X * K * Y)
+    assert launched == expect
+
+
+def test_sep_conv_one_launch_per_grid_limit_of_images(fc, launched, monkeypatch, rng, dtype):
+    """The image loop: a grid-y limit of 2 images (lowered) gives 3 launches for 5 images, offsets per launch."""
+    monkeypatch.setattr(ops_lowrank, "SEP_CONV_MAX_PIXELS", 10**9)
+    monkeypatch.setattr(ops_lowrank, "_MAX_GRID_YZ", 2)
+    x = rng.standard_normal((5, 3, 8, 10)).astype(dtype)
+    V, Hz = rng.standard_normal((5, 3, 3, 1)).astype(dtype), rng.standard_normal((6, 5, 1, 3)).astype(dtype)
+    b = rng.standard_normal(6).astype(dtype)
+    y = ops_lowrank.separable_conv2d(fc.asarray(x), fc.asarray(V), fc.asarray(Hz), fc.asarray(b), stride=(1, 1),
+                                     padding=(1, 1, 1, 1))
+    dense = np.einsum("fky,kcx->fcxy", Hz[:, :, 0].astype(np.float64), V[..., 0].astype(np.float64))
+    check(y, conv2d_einsum(x, dense, b, padding=(1, 1, 1, 1)), dtype, 45)
+    assert launched == ["sep_conv8"] * 3
+
+
+def test_sep_conv_plan_rule(monkeypatch):
+    """Hand-computed plans: K rounded up to 4, 8 or 16, the tallest tile (4, 2 or 1 rows of 32 columns) whose shared
+    memory fits SEP_SMEM_BUDGET, and None past K = 16 or when not even one row fits."""
+    monkeypatch.setattr(ops_lowrank, "SEP_SMEM_BUDGET", 32 * 1024)
+    plan = ops_lowrank.sep_conv_plan
+    # ZF conv1 rank 4: 4*7*16 + 16 + 3*7*4 + 4*4*(31*2 + 7) = 448 + 16 + 84 + 1104 = 1652 floats
+    assert plan(4, 3, 7, 7, 2, 4) == (4, 4, 1652 * 4)
+    assert plan(5, 3, 7, 7, 2, 8) == (8, 4, (5 * 7 * 16 + 16 + 3 * 7 * 8 + 8 * 4 * 69) * 8)
+    # 96 channels of 5 taps, K = 16: 4 rows need 16*5*16 + 16 + 96*5*16 + 16*4*(31 + 5) = 11280 floats (45 KB);
+    # 2 rows 10128 (40512 B), 1 row 9552 (38208 B): none fits 32 KiB in float32
+    assert plan(16, 96, 5, 5, 1, 4) is None
+    monkeypatch.setattr(ops_lowrank, "SEP_SMEM_BUDGET", 40 * 1024)
+    assert plan(16, 96, 5, 5, 1, 4) == (16, 2, 10128 * 4)
+    monkeypatch.setattr(ops_lowrank, "SEP_SMEM_BUDGET", 39 * 1024)
+    assert plan(16, 96, 5, 5, 1, 4) == (16, 1, 9552 * 4)
+    assert plan(17, 3, 3, 3, 1, 4) is None and plan(0, 3, 3, 3, 1, 4) is None
+
+
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
 def test_separable_conv2d(fc, launched, rng, dtype, order, with_bias):
     N, C, K, F, X, Y = 2, 3, 4, 20, 5, 3

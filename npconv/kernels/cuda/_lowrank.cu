@@ -13,12 +13,16 @@
 //  * lr_conv8 / lr_conv16 / lr_conv32, lr_conv8_px2 / lr_conv16_px2 -- the whole low-rank conv in one launch: a
 //                   thread computes the t first-stage values of its output pixel (two for _px2) in registers, then
 //                   its F outputs; the t maps never exist in memory.
+//  * sep_conv4 / sep_conv8 / sep_conv16 -- the whole separable conv in one launch: a block computes the vertical
+//                   pass of the K maps its output tile reads into shared memory, then the horizontal pass from it.
 
 #define NPCONV_MONO_FT 8
 #define NPCONV_MONO_RX 4
 #define NPCONV_MONO_RY 2
 #define NPCONV_FACTOR_FT 16
 #define NPCONV_LRC_UNROLL 4
+#define NPCONV_SEP_TC 32
+#define NPCONV_SEP_FT 16
 
 // The weights of one tap for an FT-filter pass of mono_conv, read with one aligned load (FT = 8: two LDS.128 in
 // float, four in double; FT = 4: one LDS.128 / two; FT = 2: LDS.64 / LDS.128). The buffer starts the dynamic
@@ -523,3 +527,131 @@ NPCONV_LR_CONV(16, 1, lr_conv16)
 NPCONV_LR_CONV(32, 1, lr_conv32)
 NPCONV_LR_CONV(8, 2, lr_conv8_px2)
 NPCONV_LR_CONV(16, 2, lr_conv16_px2)
+
+// The whole separable conv: h[k] = vertical[k] * x (X x 1 taps, row stride SH, zero padding PT at the top; rows
+// only), then y[f] = bias[f] + sum_k horizontal[f, k] * h[k] (1 x Y taps, column stride SW, zero padding PL at the
+// left); x (N, C, H, W), vertical (K, C, X), horizontal (F, K, Y), bias (F,) when has_bias, y (N, F, OH, OW).
+// KB (K rounded up to 4, 8 or 16) is compile-time.
+// Launch: 1-D blocks of NPCONV_SEP_TC * TR threads (TR = blockDim.x / NPCONV_SEP_TC rows of the output tile, at most
+// 256 threads), grid (ceil(OH / TR) * tiles_w, N) with tiles_w = ceil(OW / NPCONV_SEP_TC), at most 65535 images a
+// launch. A block computes an output tile of TR rows x NPCONV_SEP_TC columns; thread (r, j) = (x / TC, x % TC) one
+// output pixel of it, for every filter.
+// Dynamic shared memory, real_t (every part starts at a multiple of 4 elements, so the rows of 4 read below are
+// aligned): K * Y * NPCONV_SEP_FT horizontal weights of one pass of NPCONV_SEP_FT filters [k][y][f] (zero past F),
+// NPCONV_SEP_FT biases, C * X * KB vertical weights [c][x][k] (zero past K), then KB * TR * HW values of the K maps
+// the tile reads ([k][r][q], HW = (TC - 1) * SW + Y columns from ow0 * SW - PL; zero outside the image's columns
+// and past OH).
+//   phase 1: the h tile, each thread a (row, column) of it at a time, KB accumulators;
+//   phase 2: per pass of NPCONV_SEP_FT filters, the weights into shared memory, then each thread its pixel's
+//            NPCONV_SEP_FT outputs (each h value read once a pass, the weights as shared-memory broadcasts).
+struct __align__(16) npc_sep_row4 { real_t v[4]; };
+
+// acc[i] += v * w[i] for i < NA (a multiple of 4), w a 16-byte aligned row in shared memory read 4 values at a time
+template <int NA>
+__device__ __forceinline__ void npc_sep_axpy(real_t (&acc)[NA], real_t v, const real_t* w) {
+#pragma unroll
+  for (int i4 = 0; i4 < NA / 4; ++i4) {
+    const npc_sep_row4 w4 = reinterpret_cast<const npc_sep_row4*>(w)[i4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) acc[4 * i4 + u] += v * w4.v[u];
+  }
+}
+
+template <int KB>
+__device__ __forceinline__ void npc_sep_conv(const real_t* __restrict__ x, const real_t* __restrict__ vert,
+                                            const real_t* __restrict__ horiz, const real_t* __restrict__ bias,
+                                            real_t* __restrict__ y, int N, int C, int H, int W, int K, int F, int X,
+                                            int Y, int SH, int SW, int PT, int PL, int OH, int OW, int tiles_w,
+                                            int has_bias) {
+  extern __shared__ __align__(16) unsigned char npconv_sep_smem[];
+  const int TC = NPCONV_SEP_TC;
+  const int FT = NPCONV_SEP_FT;
+  const int TR = blockDim.x / TC;
+  const int HWc = (TC - 1) * SW + Y;
+  real_t* wsh = reinterpret_cast<real_t*>(npconv_sep_smem);
+  real_t* bsh = wsh + K * Y * FT;
+  real_t* vsh = bsh + FT;
+  real_t* hsh = vsh + C * X * KB;
+  const int n = blockIdx.y;
+  const int oh0 = (blockIdx.x / tiles_w) * TR;
+  const int ow0 = (blockIdx.x % tiles_w) * TC;
+  const int q0 = ow0 * SW - PL;  // the image column of the tile's first h column
+  const size_t HWsz = (size_t)H * W;
+  const real_t* xn = x + (size_t)n * C * HWsz;
+
+  for (int e = threadIdx.x; e < C * X * KB; e += blockDim.x) {
+    const int k = e % KB;
+    const int cx = e / KB;  // c * X + xx
+    vsh[e] = k < K ? __ldg(vert + (size_t)k * C * X + cx) : real_t(0);
+  }
+  __syncthreads();
+
+  // phase 1: the tile's K maps, TR rows x HWc columns
+  for (int e = threadIdx.x; e < TR * HWc; e += blockDim.x) {
+    const int r = e / HWc;
+    const int q = e - r * HWc;
+    const int oh = oh0 + r;
+    const int iw = q0 + q;
+    real_t acc[KB];
+#pragma unroll
+    for (int k = 0; k < KB; ++k) acc[k] = real_t(0);
+    if (oh < OH && npc_inside(iw, W)) {
+      const int ih0 = oh * SH - PT;
+      const real_t* wv = vsh;
+      for (int c = 0; c < C; ++c) {
+        const real_t* xc = xn + c * HWsz + iw;
+        for (int xx = 0; xx < X; ++xx, wv += KB) {
+          const int ih = ih0 + xx;
+          npc_sep_axpy<KB>(acc, npc_inside(ih, H) ? __ldg(xc + (size_t)ih * W) : real_t(0), wv);
+        }
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < KB; ++k) hsh[(k * TR + r) * HWc + q] = acc[k];
+  }
+
+  // phase 2: passes of FT filters; the first barrier of a pass also publishes the h tile
+  const int r = threadIdx.x / TC;
+  const int j = threadIdx.x - r * TC;
+  const int oh = oh0 + r;
+  const int ow = ow0 + j;
+  const bool active = oh < OH && ow < OW;
+  const size_t P = (size_t)OH * OW;
+  real_t* yp = y + (size_t)n * F * P + (size_t)oh * OW + ow;
+  for (int f0 = 0; f0 < F; f0 += FT) {
+    __syncthreads();  // the h tile is complete; the previous pass's weights are no longer read
+    for (int e = threadIdx.x; e < K * Y * FT; e += blockDim.x) {
+      const int f = e % FT;
+      const int ky = e / FT;  // k * Y + yy
+      wsh[e] = f0 + f < F ? __ldg(horiz + (size_t)(f0 + f) * K * Y + ky) : real_t(0);
+    }
+    for (int f = threadIdx.x; f < FT; f += blockDim.x)
+      bsh[f] = (has_bias && f0 + f < F) ? __ldg(bias + f0 + f) : real_t(0);
+    __syncthreads();
+    if (active) {
+      real_t acc[NPCONV_SEP_FT];
+#pragma unroll
+      for (int f = 0; f < NPCONV_SEP_FT; ++f) acc[f] = bsh[f];
+      const real_t* wk = wsh;
+      for (int k = 0; k < K; ++k) {
+        const real_t* hr = hsh + (k * TR + r) * HWc + j * SW;
+        for (int yy = 0; yy < Y; ++yy, wk += NPCONV_SEP_FT) npc_sep_axpy<NPCONV_SEP_FT>(acc, hr[yy], wk);
+      }
+#pragma unroll
+      for (int f = 0; f < NPCONV_SEP_FT; ++f)
+        if (f0 + f < F) yp[(size_t)(f0 + f) * P] = acc[f];
+    }
+  }
+}
+
+#define NPCONV_SEP_CONV(KB)                                                                                        \
+  NPCONV_KERNEL_LB_MIN(sep_conv##KB, 256, 2)(const real_t* __restrict__ x, const real_t* __restrict__ vert,       \
+                                      const real_t* __restrict__ horiz, const real_t* __restrict__ bias,          \
+                                      real_t* __restrict__ y, int N, int C, int H, int W, int K, int F, int X,     \
+                                      int Y, int SH, int SW, int PT, int PL, int OH, int OW, int tiles_w,           \
+                                      int has_bias) {                                                               \
+    npc_sep_conv<KB>(x, vert, horiz, bias, y, N, C, H, W, K, F, X, Y, SH, SW, PT, PL, OH, OW, tiles_w, has_bias);  \
+  }
+NPCONV_SEP_CONV(4)
+NPCONV_SEP_CONV(8)
+NPCONV_SEP_CONV(16)

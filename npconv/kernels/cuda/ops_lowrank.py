@@ -16,7 +16,9 @@ How each layer runs:
     :func:`npconv.kernels.cuda.ops.conv2d`.
   * separable: two passes of ``factor_conv``, a direct conv (no im2col matrix): the vertical X x 1 pass with the
     row stride and the top/bottom padding, then the horizontal 1 x Y pass with the column stride, the left/right
-    padding and the bias.
+    padding and the bias. Up to :data:`SEP_CONV_MAX_PIXELS` output pixels (0 until timed on a GPU) one launch of
+    ``sep_conv4/8/16`` instead: a block computes the vertical pass of the input its output tile reads into shared
+    memory, then the horizontal pass from there (:func:`sep_conv_plan`).
   * low-rank conv: for t <= :data:`LR_CONV_MAX_RANK` one launch of ``lr_conv8/16/32`` (t rounded up to 8, 16 or
     32) when a channel's first-stage weights fit :data:`LR_SMEM_BUDGET` (:func:`lr_conv_plan`): a thread computes
     the t first-stage values of its output pixel in registers, then its F outputs with the bias, so the t maps are
@@ -54,7 +56,8 @@ __all__ = [
     "factor_chunk", "uses_factor_conv", "DIRECT_MAX_FILTERS", "FACTOR_SMEM_BUDGET", "MONO_SMEM_BUDGET",
     "MONO_MIN_BLOCKS", "lr_expand", "lr_expand_plan", "lr_conv_plan", "LR_EXPAND_MAX_RANK", "LR_EXPAND_RANKS",
     "LR_SMEM_BUDGET", "LR_CONV_MAX_RANK", "LR_CONV_THREADS", "LR_CONV_PX2_MIN_PIXELS", "LR_CONV_PX2_RANKS",
-    "LR_CONV_UNROLL",
+    "LR_CONV_UNROLL", "SEP_CONV_MAX_PIXELS", "SEP_CONV_RANKS", "SEP_TILE_COLS", "SEP_FILTERS_PER_PASS",
+    "SEP_TILE_ROWS", "SEP_SMEM_BUDGET", "sep_conv_plan", "SepConvPlan",
     "LrExpandPlan", "LrConvPlan",
     "MONO_FILTERS_PER_PASS", "FACTOR_FILTERS_PER_BLOCK", "MONO_COLS_PER_THREAD", "MONO_ROWS_PER_THREAD",
     "MONO_TILE_WIDTHS", "MONO_MAX_THREADS", "MonoTiling", "mono_row_stride",
@@ -99,6 +102,18 @@ LR_CONV_THREADS = 128
 LR_CONV_PX2_MIN_PIXELS = 1 << 16
 #: the ranks lr_conv's two-pixel kernels are compiled for (not 32: 64 accumulators of double would spill)
 LR_CONV_PX2_RANKS = (8, 16)
+#: the separable conv runs in one launch of sep_conv<KB> (the vertical pass of each output tile's input into shared
+#: memory, then the horizontal pass) up to this many output pixels (N * OH * OW), as two factor_conv passes above.
+#: 0 until it is timed on a GPU (bench/gpu_profile.py lowrank compares the two): written without one
+SEP_CONV_MAX_PIXELS = 0
+#: the ranks (K rounded up) sep_conv is compiled for; output columns of its tile (NPCONV_SEP_TC), filters a pass of
+#: its horizontal phase (NPCONV_SEP_FT), and the tile rows it tries, largest first, within SEP_SMEM_BUDGET
+SEP_CONV_RANKS = (4, 8, 16)
+SEP_TILE_COLS = 32
+SEP_FILTERS_PER_PASS = 16
+SEP_TILE_ROWS = (4, 2, 1)
+#: shared memory of a sep_conv block, bytes
+SEP_SMEM_BUDGET = 32 * 1024
 #: input values an lr_conv thread loads ahead of their multiply-adds (NPCONV_LRC_UNROLL in _lowrank.cu)
 LR_CONV_UNROLL = 4
 
@@ -121,6 +136,8 @@ LAUNCH_SIGNATURES: dict[str, tuple[str, tuple[str, ...]]] = {
     # x, first, second, bias, y, N, C, H, W, T, F, KH, KW, SH, SW, PT, PL, DH, DW, OH, OW, CC, FC, has_bias
     **{f"lr_conv{tb}": (SOURCE, (PTR,) * 5 + (I32,) * 19) for tb in LR_EXPAND_RANKS},
     **{f"lr_conv{tb}_px2": (SOURCE, (PTR,) * 5 + (I32,) * 19) for tb in LR_CONV_PX2_RANKS},
+    # x, vertical, horizontal, bias, y, N, C, H, W, K, F, X, Y, SH, SW, PT, PL, OH, OW, tiles_w, has_bias
+    **{f"sep_conv{kb}": (SOURCE, (PTR,) * 5 + (I32,) * 16) for kb in SEP_CONV_RANKS},
 }
 
 
@@ -251,10 +268,73 @@ def lowrank_conv2d(x, first, second, bias, *, stride, padding, dilation):
 def separable_conv2d(x, vertical, horizontal, bias, *, stride, padding):
     """Separable conv of CuPy arrays: vertical (K, C, X, 1) with the row stride and the top/bottom padding, then
     horizontal (F, K, 1, Y) with the column stride, the left/right padding and the bias (F,) or None."""
-    sh, sw = stride
-    pt, pb, pl, pr = padding
+    sh, sw = (int(v) for v in stride)
+    pt, pb, pl, pr = (int(v) for v in padding)
+    K, C, X = (int(v) for v in vertical.shape[:3])
+    F, Y = int(horizontal.shape[0]), int(horizontal.shape[3])
+    N, _, H, W = (int(v) for v in x.shape)
+    pixels = N * _out_len(H, X, sh, pt, pb) * _out_len(W, Y, sw, pl, pr)
+    if pixels <= SEP_CONV_MAX_PIXELS:
+        plan = sep_conv_plan(K, C, X, Y, sw, x.dtype.itemsize)
+        if plan is not None:
+            return _sep_conv(_cupy(), x, vertical, horizontal, bias, plan, (sh, sw), (pt, pb, pl, pr))
     h = conv_stage(x, vertical, None, stride=(sh, 1), padding=(pt, pb, 0, 0))
     return conv_stage(h, horizontal, bias, stride=(1, sw), padding=(0, 0, pl, pr))
+
+
+class SepConvPlan(NamedTuple):
+    """The launch shape of sep_conv: kernel ``sep_conv<KB>``, ``TR`` output rows a tile (blocks of ``TR *
+    SEP_TILE_COLS`` threads) and ``smem`` bytes of dynamic shared memory."""
+    KB: int
+    TR: int
+    smem: int
+
+
+def sep_conv_plan(K, C, X, Y, SW, itemsize):
+    """The :class:`SepConvPlan` of the fused separable conv (rank K, C input channels, X x 1 then 1 x Y, column
+    stride SW), or None when K is above the largest compiled rank (:data:`SEP_CONV_RANKS`) or not even a one-row
+    tile fits :data:`SEP_SMEM_BUDGET`. Memoised (by the arguments and the module's limits)."""
+    return _sep_conv_plan(int(K), int(C), int(X), int(Y), int(SW), int(itemsize), SEP_CONV_RANKS, SEP_TILE_COLS,
+                          SEP_FILTERS_PER_PASS, SEP_TILE_ROWS, SEP_SMEM_BUDGET)
+
+
+@functools.lru_cache(maxsize=256)
+def _sep_conv_plan(K, C, X, Y, SW, itemsize, ranks, TC, FT, rows, budget):
+    KB = next((kb for kb in ranks if K <= kb), None)
+    if KB is None or K < 1:
+        return None
+    for TR in rows:
+        smem = (K * Y * FT + FT + C * X * KB + KB * TR * ((TC - 1) * SW + Y)) * itemsize
+        if smem <= budget:
+            return SepConvPlan(KB, TR, smem)
+    return None
+
+
+def _sep_conv(cp, x, vertical, horizontal, bias, plan, stride, padding):
+    """The whole separable conv in one launch of ``sep_conv<KB>`` per 65535 images (``plan`` from
+    :func:`sep_conv_plan`)."""
+    x = ops.contiguous(cp, x)
+    dt = x.dtype
+    V, Hz = ops.contiguous(cp, vertical, dt), ops.contiguous(cp, horizontal, dt)
+    bias = ops.contiguous(cp, bias, dt)
+    K, C, X = (int(v) for v in V.shape[:3])
+    F, Y = int(Hz.shape[0]), int(Hz.shape[3])
+    N, _, H, W, sh, sw, pt, pl, _, _, OH, OW = _geometry(x, X, Y, stride, padding, (1, 1))
+    y = cp.empty((N, F, OH, OW), dtype=dt)
+    if y.size == 0:
+        return y
+    if max(C * H * W, F * OH * OW) > _INDEX_LIMIT:
+        raise ValueError(f"sep_conv: an image's input ({C * H * W}) or output ({F * OH * OW}) has more than "
+                         f"{_INDEX_LIMIT} elements; the kernel indexes them with 32-bit ints")
+    tiles_w = -(-OW // SEP_TILE_COLS)
+    grid_x = -(-OH // plan.TR) * tiles_w
+    has_bias = bias is not None
+    for n0 in range(0, N, _MAX_GRID_YZ):                 # one image per grid y: a launch per 65535 images
+        n1 = min(N, n0 + _MAX_GRID_YZ)
+        _launch(f"sep_conv{plan.KB}", dt, (grid_x, n1 - n0), (plan.TR * SEP_TILE_COLS,),
+                (x[n0:n1], V, Hz, bias if has_bias else Hz, y[n0:n1], n1 - n0, C, H, W, K, F, X, Y, sh, sw, pt, pl,
+                 OH, OW, tiles_w, has_bias), shared_mem=plan.smem)
+    return y
 
 
 class LrExpandPlan(NamedTuple):
