@@ -223,10 +223,10 @@ def test_lr_expand_plan_rule(monkeypatch):
     shared-memory budget."""
     monkeypatch.setattr(ops_lowrank, "LR_SMEM_BUDGET", 16 * 1024)
     plan = ops_lowrank.lr_expand_plan
-    assert plan(128, 8, 96, 12100, 4) == (8, 4, 256, 96, 96 * 9 * 4)
-    assert plan(1, 17, 20, 100, 4) == (32, 2, 256, 20, 20 * 33 * 4)
-    assert plan(64, 12, 4096, 3025, 8) == (16, 4, 256, 120, 120 * 17 * 8)   # 16 KiB / (17 x 8 B) = 120 filters
-    assert plan(1, 33, 10, 10, 4) is None and plan(1, 0, 10, 10, 4) is None
+    assert plan(8, 96, 4) == (8, 4, 256, 96, 96 * 9 * 4)
+    assert plan(17, 20, 4) == (32, 2, 256, 20, 20 * 33 * 4)
+    assert plan(12, 4096, 8) == (16, 4, 256, 120, 120 * 17 * 8)   # 16 KiB / (17 x 8 B) = 120 filters
+    assert plan(33, 10, 4) is None and plan(0, 10, 4) is None
 
 
 def test_lr_expand(fc, launched, rng, dtype, order):

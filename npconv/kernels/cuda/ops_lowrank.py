@@ -255,7 +255,7 @@ def lowrank_conv2d(x, first, second, bias, *, stride, padding, dilation):
     N, t, OH, OW = (int(v) for v in h.shape)
     second, bias = ops.contiguous(cp, second, h.dtype), ops.contiguous(cp, bias, h.dtype)
     F = int(second.shape[0])
-    plan = lr_expand_plan(N, t, F, OH * OW, h.dtype.itemsize) if t <= LR_EXPAND_MAX_RANK else None
+    plan = lr_expand_plan(t, F, h.dtype.itemsize) if t <= LR_EXPAND_MAX_RANK else None
     if plan is not None:
         return _lr_expand(cp, h.reshape(N, t, OH * OW), second, bias, plan).reshape(N, F, OH, OW)
     out = _matmul(second, h.reshape(N, t, OH * OW)).reshape(N, F, OH, OW)
@@ -323,9 +323,6 @@ def _sep_conv(cp, x, vertical, horizontal, bias, plan, stride, padding):
     y = cp.empty((N, F, OH, OW), dtype=dt)
     if y.size == 0:
         return y
-    if max(C * H * W, F * OH * OW) > _INDEX_LIMIT:
-        raise ValueError(f"sep_conv: an image's input ({C * H * W}) or output ({F * OH * OW}) has more than "
-                         f"{_INDEX_LIMIT} elements; the kernel indexes them with 32-bit ints")
     tiles_w = -(-OW // SEP_TILE_COLS)
     grid_x = -(-OH // plan.TR) * tiles_w
     has_bias = bias is not None
@@ -347,10 +344,10 @@ class LrExpandPlan(NamedTuple):
     smem: int
 
 
-def lr_expand_plan(N, t, F, P, itemsize):
-    """The :class:`LrExpandPlan` of ``lr_expand`` for rank t and F filters (``N`` and ``P``, the images and their
-    pixels, do not change it); None when t is above the largest compiled rank (:data:`LR_EXPAND_RANKS`) or below 1.
-    A block is 256 threads and takes every filter the budget (:data:`LR_SMEM_BUDGET`) allows. Memoised."""
+def lr_expand_plan(t, F, itemsize):
+    """The :class:`LrExpandPlan` of ``lr_expand`` for rank t and F filters; None when t is above the largest
+    compiled rank (:data:`LR_EXPAND_RANKS`) or below 1. A block is 256 threads and takes every filter the budget
+    (:data:`LR_SMEM_BUDGET`) allows. Memoised."""
     return _lr_expand_plan(int(t), int(F), int(itemsize), LR_SMEM_BUDGET, tuple(sorted(LR_EXPAND_RANKS.items())))
 
 
@@ -372,7 +369,7 @@ def lr_expand(h, second, bias):
     h, second, bias = ops.contiguous(cp, h), ops.contiguous(cp, second), ops.contiguous(cp, bias)
     N, t = (int(v) for v in h.shape[:2])
     P = int(np.prod(h.shape[2:], dtype=np.int64))
-    plan = lr_expand_plan(N, t, int(second.shape[0]), P, h.dtype.itemsize)
+    plan = lr_expand_plan(t, int(second.shape[0]), h.dtype.itemsize)
     if plan is None:
         raise ValueError(f"lr_expand: rank t = {t} must be between 1 and {max(LR_EXPAND_RANKS)}; use the GEMM path")
     return _lr_expand(cp, h.reshape(N, t, P), second, bias, plan)
