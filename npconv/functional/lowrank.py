@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._backend import get_array_module, to_numpy
+from .._backend import get_array_module, is_cupy_array, to_numpy
 from .._workspace import WS
 from .._validate import (as_pair, as_padding4, check_array, check_float_array, check_out, check_same_dtype, fill_out,
                          out_size)
@@ -138,7 +138,7 @@ def lowrank_conv2d(x, first, second, bias=None, *, stride=1, padding=0, dilation
 
     Returns (N, F, H', W') in x's dtype (``out`` when given).
     """
-    xp = get_array_module(x, first, second, bias, names=("x", "first", "second", "bias"))
+    get_array_module(x, first, second, bias, names=("x", "first", "second", "bias"))   # refuses NumPy with CuPy
     check_float_array(x, "x", ndim=4)
     check_float_array(first, "first", ndim=4)
     check_float_array(second, "second", ndim=(2, 4))
@@ -163,9 +163,20 @@ def lowrank_conv2d(x, first, second, bias=None, *, stride=1, padding=0, dilation
     Wo = out_size(W, dil[1] * (first.shape[3] - 1) + 1, st[1], pad[2], pad[3], what="output width")
     check_out(out, (N, F, Ho, Wo), x.dtype, like=x,
               inputs=(("x", x), ("first", first), ("second", second), ("bias", bias)))
-    if xp is not np:
+    return lowrank_core(x, first, second, bias, st, pad, dil, out)
+
+
+def lowrank_core(x, first, second, bias, st, pad, dil, out):
+    """:func:`lowrank_conv2d` of validated arguments (``second`` (F, t), ``st``/``dil`` pairs, ``pad`` a 4-tuple,
+    ``out`` checked or None), on x's device; layers call it directly (their factors were checked once)."""
+    if is_cupy_array(x):
         return fill_out(_gpu_ops().lowrank_conv2d(x, first, second, bias, stride=st, padding=pad, dilation=dil),
                         out)
+    t = first.shape[0]
+    F = second.shape[0]
+    N = x.shape[0]
+    Ho = (x.shape[2] + pad[0] + pad[1] - dil[0] * (first.shape[2] - 1) - 1) // st[0] + 1
+    Wo = (x.shape[3] + pad[2] + pad[3] - dil[1] * (first.shape[3] - 1) - 1) // st[1] + 1
     if out is None:
         out = np.empty((N, F, Ho, Wo), x.dtype)
     second = np.ascontiguousarray(second)
@@ -297,7 +308,7 @@ def separable_conv2d(x, vertical, horizontal, bias=None, *, stride=1, padding=0,
     and the given ``stride`` and ``padding``. Returns (N, F, H', W') in x's dtype; ``out``, optional, is where
     to write it (see :func:`npconv.functional.conv2d`'s ``out``).
     """
-    xp = get_array_module(x, vertical, horizontal, bias, names=("x", "vertical", "horizontal", "bias"))
+    get_array_module(x, vertical, horizontal, bias, names=("x", "vertical", "horizontal", "bias"))  # no mixing
     check_float_array(x, "x", ndim=4)
     check_float_array(vertical, "vertical", ndim=4)
     check_float_array(horizontal, "horizontal", ndim=4)
@@ -321,9 +332,20 @@ def separable_conv2d(x, vertical, horizontal, bias=None, *, stride=1, padding=0,
     N = x.shape[0]
     check_out(out, (N, F, Ho, Wo), x.dtype, like=x,
               inputs=(("x", x), ("vertical", vertical), ("horizontal", horizontal), ("bias", bias)))
-    if xp is not np:
-        return fill_out(_gpu_ops().separable_conv2d(x, vertical, horizontal, bias, stride=st,
-                                                    padding=(pt, pb, pl, pr)), out)
+    return separable_core(x, vertical, horizontal, bias, st, (pt, pb, pl, pr), out)
+
+
+def separable_core(x, vertical, horizontal, bias, st, pad, out):
+    """:func:`separable_conv2d` of validated arguments (``st`` a pair, ``pad`` a 4-tuple, ``out`` checked or None),
+    on x's device; layers call it directly (their factors were checked once)."""
+    if is_cupy_array(x):
+        return fill_out(_gpu_ops().separable_conv2d(x, vertical, horizontal, bias, stride=st, padding=pad), out)
+    pt, pb, pl, pr = pad
+    K, X = vertical.shape[0], vertical.shape[2]
+    F = horizontal.shape[0]
+    N = x.shape[0]
+    Ho = (x.shape[2] + pt + pb - X) // st[0] + 1
+    Wo = (x.shape[3] + pl + pr - horizontal.shape[3]) // st[1] + 1
     W = x.shape[3]
     per_img = K * Ho * W * x.dtype.itemsize
     chunk = int(max(1, min(N, _WORKSPACE_BYTES // max(per_img, 1))))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._backend import get_array_module, is_cupy_array, to_numpy
-from .._validate import as_pair, as_padding4, check_array, check_float_array, check_out, out_size
+from .._validate import as_pair, as_padding4, check_array, check_float_array, check_out, fill_out, out_size
 from ..decompose import cost as _cost
 from ..functional import lowrank as FL
 from .base import register_layer
@@ -58,6 +58,18 @@ class _FactoredConv(_WeightedLayer):
 
     def _out_channels(self):
         raise NotImplementedError
+
+    def _checked_call(self, x, out, names):
+        """The checks of a call, x and ``out`` only: the factors were checked at construction, and the functional
+        API's checks of them are not repeated on every call (at batch 1 on a GPU a call's time is mostly the
+        host's). Returns the parameters in x's dtype and array type (``_params_for``; NumPy with CuPy is refused
+        there); ``names``, the factors that ``out`` must not overlap, with the bias."""
+        check_float_array(x, "x", ndim=4)
+        p = self._params_for(x)
+        F, Ho, Wo = self.output_shape(tuple(x.shape[1:]))
+        check_out(out, (x.shape[0], F, Ho, Wo), x.dtype, like=x,
+                  inputs=(("x", x),) + tuple((k, p[k]) for k in names) + (("bias", p.get("bias")),))
+        return p
 
     def output_shape(self, in_shape):
         _check_channels(self.kind, in_shape, self._in_channels())
@@ -162,9 +174,9 @@ class LowRankConv2d(_FactoredConv):
     writes_out = True
 
     def forward(self, x, *, out=None):
-        p = self._params_for(x)
-        return FL.lowrank_conv2d(x, p["first"], p["second"], p.get("bias"), stride=self.stride,
-                                 padding=self.padding, dilation=self.dilation, out=out)
+        p = self._checked_call(x, out, ("first", "second"))
+        return FL.lowrank_core(x, p["first"], p["second"], p.get("bias"), self.stride, self.padding, self.dilation,
+                               out)
 
     def config(self):
         return dict(super().config(), dilation=list(self.dilation))
@@ -250,18 +262,14 @@ class MonochromaticConv2d(_FactoredConv):
     writes_out = True
 
     def forward(self, x, *, out=None):
-        check_float_array(x, "x", ndim=4)
-        p = self._params_for(x)
+        p = self._checked_call(x, out, ("colors", "spatial"))
         if not is_cupy_array(x):
-            # the CPU path, validated here (the factors were at construction), with what it derives from the
-            # factors kept in p (emptied with the parameters)
-            F, Ho, Wo = self.output_shape(tuple(x.shape[1:]))
-            check_out(out, (x.shape[0], F, Ho, Wo), x.dtype, like=x,
-                      inputs=(("x", x), ("colors", p["colors"]), ("spatial", p["spatial"]), ("bias", p.get("bias"))))
+            # the CPU path, with what it derives from the factors kept in p (emptied with the parameters)
             return FL.mono_cpu(x, p["colors"], p["assignment"], p["spatial"], p.get("bias"), self.stride,
                                self.padding, out, prep=p)
-        return FL.monochromatic_conv2d(x, p["colors"], p["assignment"], p["spatial"], p.get("bias"),
-                                       stride=self.stride, padding=self.padding, out=out)
+        return fill_out(FL._gpu_ops().monochromatic_conv2d(x, p["colors"], p["assignment"], p["spatial"],
+                                                           p.get("bias"), stride=self.stride, padding=self.padding),
+                        out)
 
     def n_params(self):
         return int(sum(int(np.prod(v.shape)) for k, v in self.params.items() if k != "assignment"))
@@ -316,9 +324,8 @@ class SeparableConv2d(_FactoredConv):
     writes_out = True
 
     def forward(self, x, *, out=None):
-        p = self._params_for(x)
-        return FL.separable_conv2d(x, p["vertical"], p["horizontal"], p.get("bias"), stride=self.stride,
-                                   padding=self.padding, out=out)
+        p = self._checked_call(x, out, ("vertical", "horizontal"))
+        return FL.separable_core(x, p["vertical"], p["horizontal"], p.get("bias"), self.stride, self.padding, out)
 
     def macs(self, in_shape):
         self.output_shape(in_shape)
