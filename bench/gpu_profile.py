@@ -14,7 +14,9 @@ same shape (TF32 off on both sides). ``ncu`` runs each workload once between ``c
 a warm-up, so that ``ncu --profile-from-start off`` sees only the timed kernels (``NCU_WORKLOADS``; ``--workloads
 b128``: npconv and cuDNN conv2, the biclustered CP layer with K = 8 and 12 and the monochromatic conv1 with C' = 24 at
 batch 128; ``b1``: conv2 and CP K = 8 at batch 1, where the layers' time hardly depends on their work; ``convs``:
-npconv and cuDNN ZF conv3 and conv4 at batch 8, im2col + cuBLAS on npconv's side).
+npconv and cuDNN ZF conv3 and conv4 at batch 8, im2col + cuBLAS on npconv's side; ``lr``: ZF conv1 at batches 1
+and 128, dense (npconv and cuDNN), monochromatic, low-rank and separable; ``sep``: the separable form as two passes
+and as one ``sep_conv`` launch).
 ``host`` answers the batch-1 question from the host side: for eager calls at batch 1 of ZF conv2 and conv3, the
 monochromatic ZF conv1 (C' = 4), the CP layer (K = 8), the SVD layer ((K1, K2) = (19, 51)), the shared separable
 layer (K = 6, S = 4) and the whole dense ZF network it measures the time per call when calls are queued back to back
@@ -143,12 +145,13 @@ def _profiled(run, name):
 
 #: the ncu workloads: name -> (batch, what); "conv<k>" is npconv's dense ZF conv<k> and cuDNN's, "cp<K>" the biclustered
 #: CP layer G=48 H=2 with that K, "mono<C'>" the monochromatic ZF conv1 with C' colours, "svd<t>" / "sep<K>" its
-#: low-rank (rank t) and separable (rank K) forms
+#: low-rank (rank t) and separable (rank K) forms, "sepf<K>" the separable form in one sep_conv launch
 NCU_WORKLOADS = {"b128": ((128, "conv2"), (128, "cp8"), (128, "cp12"), (128, "mono24")),
                  "b1": ((1, "conv2"), (1, "cp8")),
                  "convs": ((8, "conv3"), (8, "conv4")),
                  "cp": ((128, "cp6"), (128, "cp8"), (128, "cp12"), (1, "cp8"), (1, "cp12")),
-                 "lr": ((1, "conv1"), (1, "mono4"), (1, "svd8"), (1, "sep4"), (128, "svd8"), (128, "sep4"))}
+                 "lr": ((1, "conv1"), (1, "mono4"), (1, "svd8"), (1, "sep4"), (128, "svd8"), (128, "sep4")),
+                 "sep": ((1, "sep4"), (1, "sepf4"), (128, "sep4"), (128, "sepf4"))}
 
 
 def ncu_workloads(which="b128"):
@@ -159,6 +162,7 @@ def ncu_workloads(which="b128"):
     from bench.bench_gpu_lowrank import ZF_CONV1
     from bench.bench_gpu_lowrank import factored_callable as lowrank_callable
     from npconv.functional import conv2d
+    from npconv.kernels.cuda import ops_lowrank
     torch = torch_cuda()
     for N, what in NCU_WORKLOADS[which]:
         if what.startswith("conv"):
@@ -176,9 +180,12 @@ def ncu_workloads(which="b128"):
         elif what.startswith("cp"):
             _profiled(factored_callable("cp", (48, 2, int(what[2:])), N, ZF_CONV2, np.float32), f"{what}_b{N}")
         else:
-            method, size = {"mono": ("monochromatic", what[4:]), "svd": ("conv_svd", what[3:]),
-                            "sep": ("separable", what[3:])}[what.rstrip("0123456789")]
-            _profiled(lowrank_callable(method, int(size), N, ZF_CONV1, np.float32), f"{what}_b{N}")
+            kind = what.rstrip("0123456789")
+            method = {"mono": "monochromatic", "svd": "conv_svd", "sep": "separable", "sepf": "separable"}[kind]
+            layer = lowrank_callable(method, int(what[len(kind):]), N, ZF_CONV1, np.float32)
+            if kind == "sepf":                      # the separable form in one sep_conv launch, whatever the bound
+                layer = _with_rules(layer, ops_lowrank, SEP_CONV_MAX_PIXELS=10**12)
+            _profiled(layer, f"{what}_b{N}")
         cp.get_default_memory_pool().free_all_blocks()
 
 

@@ -15,7 +15,8 @@
 # low-rank form on each path (one lr_conv launch, factor_conv + lr_expand, factor_conv + GEMM + bias_add),
 # lr_conv's block sizes and the separable form in one sep_conv launch or two factor_conv passes; ncu: Nsight
 # Compute on bench/gpu_profile.py's workloads (report and its details page; NCU_SET=b1 for the batch-1 set, cp for
-# the CP front end, convs for conv3/conv4 at batch 8, lr for ZF conv1's forms); memcheck / racecheck:
+# the CP front end, convs for conv3/conv4 at batch 8, lr for ZF conv1's forms, sep for the separable form in one
+# launch or two); memcheck / racecheck:
 # compute-sanitizer over the float32 GPU tests (racecheck: the kernels with shared memory; RACECHECK_K narrows its
 # pytest -k expression), each stopped at its time limit.
 #
