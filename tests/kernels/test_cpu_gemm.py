@@ -67,6 +67,25 @@ def test_gemm_images_edges(rng, dtype, dm, dp):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("extra", ["1", "VW-1", "VW", "VW+1"])
+@pytest.mark.parametrize("dm", [0, -5])          # whole row blocks, and a partial last one
+def test_gemm_images_last_panel_widths(rng, dtype, extra, dm):
+    """A last panel of 1, VW - 1, VW and VW + 1 columns (through the scratch tile), over whole row blocks and a
+    partial last one; 3 K blocks, so the scratch tile also accumulates."""
+    VW, MR, NV = G.tile_shape(dtype)
+    NR = VW * NV
+    P = 2 * NR + {"1": 1, "VW-1": VW - 1, "VW": VW, "VW+1": VW + 1}[extra]
+    M, K = 3 * MR + dm, 37
+    A = rng.standard_normal((M, K)).astype(dtype)
+    Bm = rng.standard_normal((K, P)).astype(dtype)
+    bias = rng.standard_normal(M).astype(dtype)
+    for mgroups in (1, 3):
+        got = _run(A, Bm, P, 1, bias, mgroups, 16, dtype)
+        ref = _reference(A, Bm, P, 1, bias)
+        np.testing.assert_allclose(got, ref, rtol=_tol(dtype, K), atol=_tol(dtype, K) * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M,K,P,nimg,KC", [
     (1, 1, 1, 1, 64),          # one value
     (3, 5, 2, 4, 64),          # every tile an edge tile
