@@ -328,7 +328,7 @@ def gemm_images(ap, M, K, MR, NR, KC, b, ldb, P, nimg, c, cimg, bias, has_bias, 
         return
     # jobs panel by panel, each panel's row-block groups in turn; but where the last panel is at most half a panel
     # (the one-vector tile, half the work), group by group, so that those cheaper jobs do not all come last in the
-    # iteration space, which the threads share in order (AlexNet conv3-5 at batch 1, 13 x 13 outputs: 1.05-1.08x)
+    # iteration space, which the threads share in order (AlexNet conv3-5 at batch 1, 13 x 13 outputs: 1.05-1.14x)
     narrow = 2 * (total - (npan - 1) * NR) <= NR
     for job in numba.prange(npan * mgroups):
         if narrow:
