@@ -175,8 +175,8 @@ def lowrank_core(x, first, second, bias, st, pad, dil, out):
     t = first.shape[0]
     F = second.shape[0]
     N = x.shape[0]
-    Ho = (x.shape[2] + pad[0] + pad[1] - dil[0] * (first.shape[2] - 1) - 1) // st[0] + 1
-    Wo = (x.shape[3] + pad[2] + pad[3] - dil[1] * (first.shape[3] - 1) - 1) // st[1] + 1
+    Ho = out_size(x.shape[2], dil[0] * (first.shape[2] - 1) + 1, st[0], pad[0], pad[1], what="output height")
+    Wo = out_size(x.shape[3], dil[1] * (first.shape[3] - 1) + 1, st[1], pad[2], pad[3], what="output width")
     if out is None:
         out = np.empty((N, F, Ho, Wo), x.dtype)
     second = np.ascontiguousarray(second)
@@ -262,7 +262,7 @@ def monochromatic_conv2d(x, color_transform, assignment, spatial, bias=None, *, 
     ``W[f, c] = T[a_f, c] * spatial[f]``. Cost: ``C C' H W + X Y F H' W'`` multiply-adds per image.
     Clusters of any sizes (empty ones included) are handled.
     """
-    xp = get_array_module(x, color_transform, spatial, bias, names=("x", "color_transform", "spatial", "bias"))
+    get_array_module(x, color_transform, spatial, bias, names=("x", "color_transform", "spatial", "bias"))  # no mixing
     a = _check_mono(x, color_transform, assignment, spatial, bias)
     st = as_pair(stride, "stride")
     pad = as_padding4(padding)
@@ -271,10 +271,7 @@ def monochromatic_conv2d(x, color_transform, assignment, spatial, bias=None, *, 
     Wo = out_size(x.shape[3], Y, st[1], pad[2], pad[3], what="output width")
     check_out(out, (x.shape[0], F, Ho, Wo), x.dtype, like=x,
               inputs=(("x", x), ("color_transform", color_transform), ("spatial", spatial), ("bias", bias)))
-    if xp is not np:
-        return fill_out(_gpu_ops().monochromatic_conv2d(x, color_transform, a, spatial, bias, stride=st,
-                                                        padding=pad), out)
-    return mono_cpu(x, color_transform, a, spatial, bias, st, pad, out)
+    return mono_core(x, color_transform, a, spatial, bias, st, pad, out)
 
 
 def _mono_weights(color_transform, a, spatial):
@@ -289,9 +286,13 @@ def _mono_weights(color_transform, a, spatial):
             np.ascontiguousarray(color_transform[keep]))
 
 
-def mono_cpu(x, color_transform, a, spatial, bias, st, pad, out, prep=None):
-    """The CPU monochromatic conv of validated arguments (``a`` the int64 assignment, ``st`` a pair, ``pad`` a
-    4-tuple, ``out`` checked or None); ``prep`` as in :mod:`npconv.functional._prepared` (a layer's cache)."""
+def mono_core(x, color_transform, a, spatial, bias, st, pad, out, prep=None):
+    """:func:`monochromatic_conv2d` of validated arguments (``a`` the host integer assignment, ``st`` a pair, ``pad``
+    a 4-tuple, ``out`` checked or None), on x's device; layers call it directly (their factors were checked once).
+    ``prep``, for the CPU path, as in :mod:`npconv.functional._prepared` (a layer's cache)."""
+    if is_cupy_array(x):
+        return fill_out(_gpu_ops().monochromatic_conv2d(x, color_transform, a, spatial, bias, stride=st,
+                                                        padding=pad), out)
     F, X, Y = spatial.shape
     order, bounds, planes, wt, T = prepared(prep, ("cpu-mono", x.dtype),
                                             lambda: _mono_weights(color_transform, a, spatial))
@@ -344,8 +345,8 @@ def separable_core(x, vertical, horizontal, bias, st, pad, out):
     K, X = vertical.shape[0], vertical.shape[2]
     F = horizontal.shape[0]
     N = x.shape[0]
-    Ho = (x.shape[2] + pt + pb - X) // st[0] + 1
-    Wo = (x.shape[3] + pl + pr - horizontal.shape[3]) // st[1] + 1
+    Ho = out_size(x.shape[2], X, st[0], pt, pb, what="output height")
+    Wo = out_size(x.shape[3], horizontal.shape[3], st[1], pl, pr, what="output width")
     W = x.shape[3]
     per_img = K * Ho * W * x.dtype.itemsize
     chunk = int(max(1, min(N, _WORKSPACE_BYTES // max(per_img, 1))))

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._backend import get_array_module, is_cupy_array, to_numpy
-from .._validate import as_pair, as_padding4, check_array, check_float_array, check_out, fill_out, out_size
+from .._backend import get_array_module, to_numpy
+from .._validate import as_pair, as_padding4, check_array, check_float_array, check_out, out_size
 from ..decompose import cost as _cost
 from ..functional import lowrank as FL
 from .base import register_layer
@@ -263,13 +263,9 @@ class MonochromaticConv2d(_FactoredConv):
 
     def forward(self, x, *, out=None):
         p = self._checked_call(x, out, ("colors", "spatial"))
-        if not is_cupy_array(x):
-            # the CPU path, with what it derives from the factors kept in p (emptied with the parameters)
-            return FL.mono_cpu(x, p["colors"], p["assignment"], p["spatial"], p.get("bias"), self.stride,
-                               self.padding, out, prep=p)
-        return fill_out(FL._gpu_ops().monochromatic_conv2d(x, p["colors"], p["assignment"], p["spatial"],
-                                                           p.get("bias"), stride=self.stride, padding=self.padding),
-                        out)
+        # on the CPU, what the path derives from the factors is kept in p (emptied with the parameters)
+        return FL.mono_core(x, p["colors"], p["assignment"], p["spatial"], p.get("bias"), self.stride, self.padding,
+                            out, prep=p)
 
     def n_params(self):
         return int(sum(int(np.prod(v.shape)) for k, v in self.params.items() if k != "assignment"))
