@@ -32,7 +32,8 @@ from numba.extending import intrinsic
 
 __all__ = ["tile_shape", "taps_tile_shapes", "microkernel", "microkernel_rows4", "microkernel_rows8",
            "microkernel_cols1", "microkernel_taps12", "microkernel_taps8", "microkernel_taps4", "prefetch_write",
-           "pack_a", "gemm_images", "matmul", "gemm_stream", "matmul_stream", "STREAM_MAX_K", "KC_BYTES"]
+           "prefetch_read", "pack_a", "gemm_images", "matmul", "gemm_stream", "matmul_stream", "STREAM_MAX_K",
+           "KC_BYTES", "PREFETCH_PANELS"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -239,30 +240,48 @@ microkernel_taps8 = _taps_intrinsic(8, 3)
 microkernel_taps4 = _taps_intrinsic(4, 3)
 
 
-@intrinsic
-def prefetch_write(typingctx, arr, off):
-    """``prefetch_write(arr, off)``: fetch the cache line holding ``arr[off]`` for writing (``llvm.prefetch`` with
-    rw = 1: ``prefetchw`` on x86), so that stores issued later find it in the cache instead of each waiting for its
-    line to be read from memory. ``arr`` is a 1-D contiguous array, ``off`` an integer index. A hint only: it changes
-    no value and never faults; callers keep ``off`` in bounds all the same."""
-    if not (isinstance(arr, types.Array) and arr.ndim == 1 and arr.layout == "C" and isinstance(off, types.Integer)):
-        return None
+def _prefetch_intrinsic(rw):
+    def prefetch(typingctx, arr, off):
+        if not (isinstance(arr, types.Array) and arr.ndim == 1 and arr.layout == "C"
+                and isinstance(off, types.Integer)):
+            return None
 
-    def codegen(context, builder, signature, args):
-        a_v, off_v = args
-        i32 = ir.IntType(32)
-        i8p = ir.IntType(8).as_pointer()
-        base = context.make_array(signature.args[0])(context, builder, a_v).data
-        off64 = context.cast(builder, off_v, signature.args[1], types.int64)
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
-                                            "llvm.prefetch.p0")
-        # (address, rw = write, locality = 2: keep in the outer caches, cache type = data)
-        builder.call(fn, [builder.bitcast(builder.gep(base, [off64]), i8p), ir.Constant(i32, 1), ir.Constant(i32, 2),
-                          ir.Constant(i32, 1)])
-        return context.get_dummy_value()
+        def codegen(context, builder, signature, args):
+            a_v, off_v = args
+            i32 = ir.IntType(32)
+            i8p = ir.IntType(8).as_pointer()
+            base = context.make_array(signature.args[0])(context, builder, a_v).data
+            off64 = context.cast(builder, off_v, signature.args[1], types.int64)
+            fn = cgutils.get_or_insert_function(builder.module,
+                                                ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                                "llvm.prefetch.p0")
+            # (address, rw, locality = 2: keep in the outer caches, cache type = data)
+            builder.call(fn, [builder.bitcast(builder.gep(base, [off64]), i8p), ir.Constant(i32, rw),
+                              ir.Constant(i32, 2), ir.Constant(i32, 1)])
+            return context.get_dummy_value()
 
-    return types.void(arr, off), codegen
+        return types.void(arr, off), codegen
+    return prefetch
 
+
+prefetch_write = intrinsic(_prefetch_intrinsic(1))
+prefetch_write.__doc__ = """``prefetch_write(arr, off)``: fetch the cache line holding ``arr[off]`` for writing
+(``llvm.prefetch`` with rw = 1: ``prefetchw`` on x86), so that stores issued later find it in the cache instead of
+each waiting for its line to be read from memory. ``arr`` is a 1-D contiguous array, ``off`` an integer index. A
+hint only: it changes no value and never faults; callers keep ``off`` in bounds all the same."""
+
+prefetch_read = intrinsic(_prefetch_intrinsic(0))
+prefetch_read.__doc__ = """``prefetch_read(arr, off)``: as :func:`prefetch_write`, for reading (``prefetcht1``)."""
+
+
+#: :func:`gemm_images` fetches (``prefetch_read``) the B panel this many panels on while it runs the current one,
+#: spread over its row blocks. The micro-kernel reads B in place, a panel's ``K`` rows at ``ldb`` apart: a stream per
+#: row, which the hardware prefetchers do not follow; where B is not in the caches, each row's lines arrived one
+#: latency at a time. 2-core Zen 4 VM, 2026-11-27, one process, 0 against 2 in alternation: the biclustered SVD form
+#: at batch 128 (ZF conv2) 1.17-1.24x faster (its reduction 46 -> 28 ms, expansion 41 -> 33, spatial products 95 ->
+#: 86), CP K = 6 1.03-1.16x, CP K = 12 1.03x; ZF conv2 (dense) at batch 1 1.05-1.08x; AlexNet conv3-5 at batch 1
+#: 0.98-1.00x (B in the caches: the hints only cost their issue). 0 turns it off (a constant for such comparisons).
+PREFETCH_PANELS = 2
 
 #: depth of a K block: the B panel's slice (KC x NR values) stays in L1 while every row block of A passes over it
 KC_BYTES = 32 * 1024
@@ -297,7 +316,8 @@ def _pack_a(a, MR, out):
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def gemm_images(ap, M, K, MR, NR, KC, b, ldb, P, nimg, c, cimg, bias, has_bias, mgroups, rowmap, use_map):
+def gemm_images(ap, M, K, MR, NR, KC, b, ldb, P, nimg, c, cimg, bias, has_bias, mgroups, rowmap, use_map,
+                pfb=0):
     """For each image ``i < nimg``: ``c[i*cimg + r(f)*P + p] = sum_k A[f, k] * b[k*ldb + i*P + p] (+ bias[f])``,
     ``f < M``, ``p < P``, where ``r(f) = rowmap[f]`` if ``use_map`` else ``f``; ``ap`` is ``A`` packed by
     :func:`pack_a` with ``MR`` rows a block.
@@ -311,7 +331,8 @@ def gemm_images(ap, M, K, MR, NR, KC, b, ldb, P, nimg, c, cimg, bias, has_bias, 
     (``microkernel_rows8``, ``microkernel_rows4``), and a whole row block over a last panel of at most ``NR / 2``
     columns a tile of one vector (``microkernel_cols1``; ``NR`` is two vectors). ``b`` must have ``NR`` readable
     values past the last column of its last row (the last panel's loads run over it; those columns are never
-    stored).
+    stored). ``pfb`` > 0: each row block's turn also fetches its share of the K block's rows of the panel ``pfb``
+    panels on (:data:`PREFETCH_PANELS`); 0, none.
     """
     nblk = (M + MR - 1) // MR
     total = nimg * P
@@ -330,6 +351,8 @@ def gemm_images(ap, M, K, MR, NR, KC, b, ldb, P, nimg, c, cimg, bias, has_bias, 
     # (the one-vector tile, half the work), group by group, so that those cheaper jobs do not all come last in the
     # iteration space, which the threads share in order (AlexNet conv3-5 at batch 1, 13 x 13 outputs: 1.05-1.14x)
     narrow = 2 * (total - (npan - 1) * NR) <= NR
+    blast = b.shape[0] - 1
+    line = 64 // b.itemsize
     for job in numba.prange(npan * mgroups):
         if narrow:
             g = job // npan
@@ -351,6 +374,15 @@ def gemm_images(ap, M, K, MR, NR, KC, b, ldb, P, nimg, c, cimg, bias, has_bias, 
             for ib in range(ib0, ib1):
                 aoff = ib * K * MR + k0 * MR
                 boff = k0 * ldb + j0
+                if pfb > 0:
+                    # a share of the B panel ``pfb`` panels on, for the same K rows: the job after next reads it
+                    ii = ib - ib0
+                    nbb = ib1 - ib0
+                    for k in range(k0 + kc * ii // nbb, k0 + kc * (ii + 1) // nbb):
+                        o = k * ldb + j0 + pfb * NR
+                        prefetch_read(b, min(o, blast))
+                        prefetch_read(b, min(o + line, blast))
+                        prefetch_read(b, min(o + NR - 1, blast))
                 if inside and (ib + 1) * MR <= M:
                     mode = (2 if has_bias else 0) if first else 1
                     microkernel(ap, aoff, b, boff, ldb, c, i0 * cimg + ib * MR * P + p0, P, kc, mode, bias,
@@ -407,7 +439,8 @@ def matmul(packed, M, K, tile, b, ldb, N, c, *, nimg=1, cimg=0, bias=None, rowma
     mgroups = max(1, min(nblk, -(-4 * numba.get_num_threads() // -(-nimg * N // NR))))
     has_b = bias is not None
     gemm_images(packed, M, K, MR, NR, KC, b, ldb, N, nimg, c, cimg, bias if has_b else np.zeros(1, c.dtype), has_b,
-                mgroups, _NO_MAP if rowmap is None else rowmap, rowmap is not None)
+                mgroups, _NO_MAP if rowmap is None else rowmap, rowmap is not None,
+                PREFETCH_PANELS)
 
 
 #: :func:`matmul_stream` is the faster from a product of this depth down (its 4-row tile does a third of the
