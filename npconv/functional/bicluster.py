@@ -18,7 +18,9 @@ CPU (NumPy): numba kernels + matrix products (npconv's GEMM micro-kernel where t
 BLAS), over chunks of the batch so the workspace stays bounded (``_WORKSPACE_BYTES``). The expansion of output
 group h is ONE product ``expand_h (F_h, G*K) @ Z_h (G*K, chunk*P)``, stored into the group's output channels;
 the CP front end (reduction + both spatial passes) is one fused numba kernel parallel over components; the SVD
-form is three GEMM stages (a channel-major im2col feeds the middle one).
+form is three GEMM stages, the middle one (the blocks' K1 -> K2 convolutions) an implicit GEMM over the reduced
+channels' phase-split planes where the micro-kernel has its 12-row AVX-512 tile (``kernels/cpu/gemm_taps.py``),
+else a channel-major im2col and a GEMM.
 
 GPU (CuPy): dedicated kernels, :mod:`npconv.kernels.cuda.ops_bicluster` (a fused CP front end, the SVD block conv,
 the shared-filter passes; cuBLAS expansion GEMMs and a scatter by ``out_perm``). The composed paths
@@ -28,6 +30,7 @@ reference the tests compare against, and the GPU fallback for kernels too large 
 from __future__ import annotations
 
 import collections
+import functools
 
 import numba
 import numpy as np
@@ -494,6 +497,35 @@ def _round_rows(n, micro=False):
     return n if micro else -(-n // 8) * 8
 
 
+#: the SVD form's block convolutions as an implicit GEMM over the reduced channels' phase-split planes
+#: (``kernels/cpu/gemm_taps.py``) where the micro-kernel has its 12-row tile (AVX-512), else patch matrices and a
+#: GEMM; a module constant for same-process comparisons, not a user setting
+USE_TAPS = True
+
+
+def _taps_ok(dt):
+    """Whether the SVD form's implicit GEMM can run for ``dt``: the micro-kernel's tile has 12 rows."""
+    tile = _mk_tile(dt)
+    return tile is not None and tile[1] == 12
+
+
+def _taps_groups(m, npan, nblk):
+    """Row-block groups of the implicit GEMM over ``m`` images of ``npan`` panels and ``nblk`` row blocks: jobs
+    enough for every thread four times over, as ``gemm.matmul`` splits."""
+    return max(1, min(nblk, -(-4 * numba.get_num_threads() // (m * npan))))
+
+
+@functools.lru_cache(maxsize=256)
+def _svd_tap_offsets(c0, K1, X, Y, sh, sw, R, M, cstride):
+    """Offsets of block taps (c, x, y) (that order: the spatial matrices' columns) in the SVD form's channel-major
+    phase-split z1: channel ``c0 + c`` at ``cstride`` apart, phase (x % sh, y % sw), shift (x // sh, y // sw)."""
+    c, x, y = np.meshgrid(np.arange(K1), np.arange(X), np.arange(Y), indexing="ij")
+    off = (c0 + c) * cstride + ((x % sh) * sw + y % sw) * (R * M) + (x // sh) * M + y // sw
+    off = np.ascontiguousarray(off.ravel().astype(np.int64))
+    off.flags.writeable = False          # shared by the cache
+    return off
+
+
 _SvdWeights = collections.namedtuple("_SvdWeights", "inv_perm out_perm red_t sp_mats expand_p")
 
 
@@ -526,6 +558,7 @@ def _svd_weights(in_perm, in_off, reduce, spatial, expand, out_perm, dt, micro):
 def _svd_cpu(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bias, stride, pad, OH, OW, out=None,
              prep=None):
     from ..kernels.cpu import bicluster as KB
+    from ..kernels.cpu import gemm_taps as KT
     x = np.ascontiguousarray(x)
     bias = None if bias is None else np.ascontiguousarray(bias)
     N, C = x.shape[:2]
@@ -550,14 +583,17 @@ def _svd_cpu(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bia
     c0s = (np.arange(G)[:, None] * R1 + np.arange(H)[None, :] * K1).reshape(G * H).astype(np.int64)
     nb = _chunk(N, P, per_xs + per_z1 + per_col + per_z2 + F * P, dt.itemsize)
     xs_buf = WS.get("xs", nb * per_xs + _SLACK, dt)
-    z1_buf = WS.get("z1", nb * per_z1, dt)
+    # the implicit GEMM (``USE_TAPS``, on the 12-row AVX-512 tile) reads past the last plane of z1: a panel and
+    # the taps' column reach
+    taps = USE_TAPS and _taps_ok(dt)
+    z1_buf = WS.get("z1", nb * per_z1 + (_SLACK + Y if taps else 0), dt)
     # A batch that is one chunk (small batches) builds every block's patches in one parallel region, when they fit
     # the workspace bound: one region per block, each followed by its GEMM, paid a hand-over between numba's and
     # OpenBLAS's threads per block (ZF conv2 SVD at batch 1: 707 -> 620 us for the four blocks' patches and GEMMs;
     # conv5-sized blocks 370 -> 300 us). Over many chunks, one block at a time measured faster (ZF conv2 at batch
     # 128: 115-120 against 125-135 ms): a block's patches are still in the cache when its GEMM reads them.
-    nblk_col = G * H if nb >= N and G * H * nb * per_col * dt.itemsize <= _WORKSPACE_BYTES else 1
-    col_buf = WS.get("col", nblk_col * nb * per_col + _SLACK, dt)
+    nblk_col = 0 if taps else G * H if nb >= N and G * H * nb * per_col * dt.itemsize <= _WORKSPACE_BYTES else 1
+    col_buf = None if taps else WS.get("col", max(1, nblk_col) * nb * per_col + _SLACK, dt)
     z2_buf = WS.get("z2", nb * per_z2 + _SLACK, dt)
     mk = _expand_packs(prep, ("cpu-svd-mk", dt), expand_p, out_off, out_perm, bias, dt)
     y_buf = WS.get("y", nb * F * P, dt) if mk[0] is None else None     # the BLAS path's staging buffer
@@ -595,7 +631,18 @@ def _svd_cpu(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bia
                 col = col_buf[cb * KXY * m * P:(cb + 1) * KXY * m * P].reshape(KXY, m * P)
                 np.matmul(sp_mats[g, h], col, out=Z[h, g * K2p:(g + 1) * K2p])
 
-        if nblk_col > 1:
+        if taps:
+            # no patch matrices: each block's product reads its K1 reduced channels' phase-split planes in place
+            # (ZF conv2, G = H = 2, K1 = 19, K2 = 51, 2-core Zen 4 VM, same process against the patch matrices:
+            # 1.08-1.11x at batch 128, 1.17-1.18x at batch 1; the product computes OH x M positions for OH x OW)
+            NR = tile[0] * tile[2]
+            groups = _taps_groups(m, -(-OH * M // NR), -(-K2p // tile[1]))
+            for b in range(G * H):
+                g, h = b // H, b % H
+                koff = _svd_tap_offsets(int(c0s[b]), K1, X, Y, sh, sw, R, M, m * plane)
+                KT.gemm_taps_images(sp_pk[b], K2p, KXY, tile[1], NR, z1_buf, plane, koff, M, OH, OW, m,
+                                    z2_buf[(h * G + g) * K2p * m * P:], m * P, P, groups)
+        elif nblk_col > 1:
             # every block's patches in one parallel region, then the blocks' GEMMs back to back
             col = col_buf[:nblk_col * m * per_col].reshape(nblk_col, KXY, m * P)
             KB.im2col_phase(z1, c0s, K1, X, Y, OH, OW, col)

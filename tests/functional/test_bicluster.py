@@ -202,6 +202,25 @@ def test_non_contiguous_inputs(rng, kind, dtype):
                                *tolerance(dtype))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("taps", [True, False], ids=["implicit-gemm", "patches"])
+@pytest.mark.parametrize("K1,K2", [(5, 13), (7, 20), (4, 25)])
+def test_svd_block_convs_both_ways(rng, monkeypatch, dtype, taps, K1, K2):
+    """The SVD form's block convolutions as an implicit GEMM over the reduced planes (USE_TAPS) and as patch
+    matrices + GEMM: K2 past one row block (partial last blocks of 1, 8 and 1 rows), an odd-sized map with stride
+    2 and padding, and chunks of 2 images (the planes' channel stride changes with the chunk)."""
+    monkeypatch.setattr(FB, "USE_TAPS", taps)
+    f = _svd_factors(rng, 9, 14, 5, 5, (4, 5), (6, 8), K1, K2, dtype)
+    x = rng.standard_normal((5, 9, 23, 20)).astype(dtype)
+    b = rng.standard_normal(14).astype(dtype)
+    ref = conv2d_einsum(x, _dense_kernel("svd", f), b, (2, 2), (2, 1, 0, 2))
+    for cols in (None, 2 * 11 * 9):          # the output is 11 x 9
+        if cols is not None:
+            monkeypatch.setattr(FB, "_TARGET_COLUMNS", cols)     # chunks of 2 images: 2 + 2 + 1
+        y = bicluster_svd_conv2d(x, *f, b, stride=2, padding=(2, 1, 0, 2))
+        np.testing.assert_allclose(y, ref, *tolerance(dtype))
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("microkernel", [True, False], ids=["microkernel", "blas"])
 def test_batch_chunking(rng, kind, monkeypatch, microkernel):

@@ -21,8 +21,9 @@ DTYPES = [np.float32, np.float64]
 pytestmark = pytest.mark.skipif(G.tile_shape(np.float32) is None, reason="this CPU has neither AVX2 nor AVX-512")
 
 
-def _run(A, Bm, P, nimg, bias, mgroups, KC, dtype, rowmap=None):
-    """gemm_images on (M, K) A and (K, nimg*P) B; returns (nimg, M, P) (rows permuted by ``rowmap``)."""
+def _run(A, Bm, P, nimg, bias, mgroups, KC, dtype, rowmap=None, pfb=0):
+    """gemm_images on (M, K) A and (K, nimg*P) B; returns (nimg, M, P) (rows permuted by ``rowmap``); ``pfb``: the
+    B panel prefetch distance (0: none)."""
     VW, MR, NV = G.tile_shape(dtype)
     NR = VW * NV
     M, K = A.shape
@@ -33,7 +34,7 @@ def _run(A, Bm, P, nimg, bias, mgroups, KC, dtype, rowmap=None):
     has_b = bias is not None
     G.gemm_images(G.pack_a(A, MR), M, K, MR, NR, KC, bflat, ld, P, nimg, c, M * P,
                   bias if has_b else np.zeros(1, dtype), has_b, mgroups,
-                  np.zeros(1, np.int64) if rowmap is None else rowmap, rowmap is not None)
+                  np.zeros(1, np.int64) if rowmap is None else rowmap, rowmap is not None, pfb)
     assert np.isnan(c[nimg * M * P:]).all(), "wrote past the last output"
     return c[:nimg * M * P].reshape(nimg, M, P)
 
@@ -60,8 +61,8 @@ def test_gemm_images_edges(rng, dtype, dm, dp):
     A = rng.standard_normal((M, K)).astype(dtype)
     Bm = rng.standard_normal((K, nimg * P)).astype(dtype)
     bias = rng.standard_normal(M).astype(dtype)
-    for mgroups in (1, 2, 5):
-        got = _run(A, Bm, P, nimg, bias, mgroups, KC, dtype)
+    for mgroups, pfb in ((1, 0), (2, 0), (5, 0), (1, 2), (2, 1), (5, 3)):
+        got = _run(A, Bm, P, nimg, bias, mgroups, KC, dtype, pfb=pfb)
         ref = _reference(A, Bm, P, nimg, bias)
         np.testing.assert_allclose(got, ref, rtol=_tol(dtype, K), atol=_tol(dtype, K) * np.abs(ref).max())
 
@@ -98,9 +99,10 @@ def test_gemm_images_shapes(rng, dtype, M, K, P, nimg, KC, with_bias):
     # a chunk buffer wider than the images it holds (ld > nimg * P), as the conv's last chunk has
     Bm = rng.standard_normal((K, nimg * P + 3)).astype(dtype)
     bias = rng.standard_normal(M).astype(dtype) if with_bias else None
-    got = _run(A, Bm, P, nimg, bias, 2, KC, dtype)
     ref = _reference(A, Bm, P, nimg, bias)
-    np.testing.assert_allclose(got, ref, rtol=_tol(dtype, K), atol=_tol(dtype, K) * max(1.0, np.abs(ref).max()))
+    for pfb in (0, G.PREFETCH_PANELS):
+        got = _run(A, Bm, P, nimg, bias, 2, KC, dtype, pfb=pfb)
+        np.testing.assert_allclose(got, ref, rtol=_tol(dtype, K), atol=_tol(dtype, K) * max(1.0, np.abs(ref).max()))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -133,24 +135,29 @@ def test_gemm_images_empty_sum_is_the_bias(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES + [np.int64])
-def test_prefetch_write_is_a_write_prefetch_that_changes_nothing(dtype):
+@pytest.mark.parametrize("kind", ["write", "read"])
+def test_prefetches_change_nothing_and_are_emitted(dtype, kind):
     import numba
+    pf = G.prefetch_write if kind == "write" else G.prefetch_read
 
     @numba.njit
     def touch(a, step):
         for i in range(0, a.shape[0], step):
-            G.prefetch_write(a, i)
-        G.prefetch_write(a, np.int32(a.shape[0] - 1))     # a 32-bit index is widened
+            pf(a, i)
+        pf(a, np.int32(a.shape[0] - 1))     # a 32-bit index is widened
         return a.sum()
 
     a = np.arange(1000).astype(dtype)
     before = a.copy()
     assert touch(a, 7) == before.sum()
     np.testing.assert_array_equal(a, before)
-    if "prfchw" in G._target_features():
+    asm = "\n".join(touch.inspect_asm().values())
+    if kind == "write" and "prfchw" in G._target_features():
         # x86 with PREFETCHW: a write prefetch, not a read one, and not dropped
-        asm = "\n".join(touch.inspect_asm().values())
         assert "prefetchw" in asm
+    elif kind == "read" and "sse" in G._target_features():
+        # locality 2: prefetcht1, not dropped and not a write prefetch
+        assert "prefetcht1" in asm and "prefetchw" not in asm
 
 
 def test_pack_a_layout(rng):

@@ -1,0 +1,83 @@
+"""The implicit GEMM of npconv/kernels/cpu/gemm_taps.py against plain loops in float64.
+
+The filters' rows straddle the row-block edges (the 4- and 8-row tiles of a partial last block), the padded
+positions of an image end mid-panel and mid-row, strides 1 and 2 (phase-split planes) and several images and
+row-block groups per call. The output and the input slack are NaN-filled: a value written where it must not be, or
+a dropped column read into the result, shows.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from npconv.kernels.cpu import gemm as G
+from npconv.kernels.cpu import gemm_taps as GT
+
+DTYPES = [np.float32, np.float64]
+pytestmark = pytest.mark.skipif(G.tile_shape(np.float32) is None or G.tile_shape(np.float32)[1] != 12,
+                                reason="the implicit GEMM runs the AVX-512 12-row tile")
+
+
+def _phase_planes(x, X, Y, sh, sw, OH, OW):
+    """x (n, C, H, W) split into (n, C, sh, sw, R, Mq) planes, zero beyond the image, and the tap offsets of
+    (c, dx, dy) in one image's block of planes."""
+    n, C, H, W = x.shape
+    R = -(-((OH - 1) * sh + X) // sh)
+    Mq = -(-((OW - 1) * sw + Y) // sw)
+    planes = np.zeros((n, C, sh, sw, R, Mq), x.dtype)
+    for ph in range(sh):
+        for pw in range(sw):
+            sub = x[:, :, ph::sh, pw::sw][:, :, :R, :Mq]
+            planes[:, :, ph, pw, :sub.shape[2], :sub.shape[3]] = sub
+    c, dx, dy = np.meshgrid(np.arange(C), np.arange(X), np.arange(Y), indexing="ij")
+    koff = (((c * sh + dx % sh) * sw + dy % sw) * R + dx // sh) * Mq + dy // sw
+    return planes, np.ascontiguousarray(koff.ravel().astype(np.int64)), R, Mq
+
+
+def _naive(w, x, sh, sw, OH, OW):
+    """The strided correlation of x (n, C, H, W) with w (M, C, X, Y), float64 loops over the taps."""
+    n = x.shape[0]
+    M, C, X, Y = w.shape
+    out = np.zeros((n, M, OH, OW))
+    x64 = x.astype(np.float64)
+    for c in range(C):
+        for dx in range(X):
+            for dy in range(Y):
+                patch = x64[:, c, dx:dx + (OH - 1) * sh + 1:sh, dy:dy + (OW - 1) * sw + 1:sw]
+                out += w[:, c, dx, dy].astype(np.float64)[None, :, None, None] * patch[:, None]
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", [1, 3, 4, 5, 8, 9, 12, 13, 20, 24, 51])
+@pytest.mark.parametrize("geom", [
+    # (C, H, W, X, Y, sh, sw): ZF conv2's block shape scaled down, unstrided, mixed strides
+    (3, 19, 21, 5, 5, 2, 2),
+    (2, 9, 40, 3, 3, 1, 1),
+    (4, 11, 13, 2, 3, 1, 2),
+])
+def test_matches_loops(rng, dtype, M, geom):
+    C, H, W, X, Y, sh, sw = geom
+    VW, MR, NV = G.tile_shape(dtype)
+    NR = VW * NV
+    OH = (H - X) // sh + 1
+    OW = (W - Y) // sw + 1
+    n = 3
+    x = rng.standard_normal((n, C, H, W)).astype(dtype)
+    w = rng.standard_normal((M, C, X, Y)).astype(dtype)
+    planes, koff, R, Mq = _phase_planes(x, X, Y, sh, sw, OH, OW)
+    bimg = C * sh * sw * R * Mq
+    # the last panel and the taps read past the last image's planes: NaN there must stay in dropped columns
+    b = np.concatenate([planes.ravel(), np.full(NR + Y, np.nan, dtype)])
+    ref = _naive(w, x, sh, sw, OH, OW)
+    P = OH * OW
+    ap = G.pack_a(w.reshape(M, -1), MR)
+    for mgroups in (1, 2, 3):
+        ldc = n * P + 5
+        c = np.full(M * ldc, np.nan, dtype)
+        GT.gemm_taps_images(ap, M, C * X * Y, MR, NR, b, bimg, koff, Mq, OH, OW, n, c, ldc, P, mgroups)
+        got = c.reshape(M, ldc)
+        assert np.isnan(got[:, n * P:]).all(), "wrote past an output row's images"
+        got = got[:, :n * P].reshape(M, n, OH, OW).transpose(1, 0, 2, 3)
+        tol = (3e-6 if dtype == np.float32 else 1e-14) * np.sqrt(C * X * Y)
+        np.testing.assert_allclose(got, ref, rtol=tol, atol=tol * np.abs(ref).max())
