@@ -497,9 +497,10 @@ def _round_rows(n, micro=False):
     return n if micro else -(-n // 8) * 8
 
 
-#: the SVD form's block convolutions as an implicit GEMM over the reduced channels' phase-split planes
-#: (``kernels/cpu/gemm_taps.py``) where the micro-kernel has its 12-row tile (AVX-512), else patch matrices and a
-#: GEMM; a module constant for same-process comparisons, not a user setting
+#: the SVD form's reduction and block convolutions as implicit GEMMs (``kernels/cpu/gemm_taps.py``) where the
+#: micro-kernel has its 12-row tile (AVX-512): the reduction reads the input in place and stores the reduced
+#: channels split by the stride phases, the block convolutions read those planes in place; else a packed copy of
+#: the input, a GEMM, patch matrices and a GEMM. A module constant for same-process comparisons, not a user setting
 USE_TAPS = True
 
 
@@ -581,12 +582,20 @@ def _svd_cpu(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bia
     per_z2 = H * G * K2p * P
     # block (g, h)'s K1 reduced channels start at row g * R1 + h * K1 of z1
     c0s = (np.arange(G)[:, None] * R1 + np.arange(H)[None, :] * K1).reshape(G * H).astype(np.int64)
+    # (the chunk bound counts the packed input and the patch matrices, which the implicit GEMMs do without)
     nb = _chunk(N, P, per_xs + per_z1 + per_col + per_z2 + F * P, dt.itemsize)
-    xs_buf = WS.get("xs", nb * per_xs + _SLACK, dt)
-    # the implicit GEMM (``USE_TAPS``, on the 12-row AVX-512 tile) reads past the last plane of z1: a panel and
-    # the taps' column reach
+    # the implicit GEMMs (``USE_TAPS``, on the 12-row AVX-512 tile): the reduction reads the input in place and
+    # stores phase-split (no packed copy of the input), and the block convolutions read its planes in place, past
+    # the last plane of z1 by a panel and the taps' column reach
     taps = USE_TAPS and _taps_ok(dt)
+    xs_buf = None if taps else WS.get("xs", nb * per_xs + _SLACK, dt)
     z1_buf = WS.get("z1", nb * per_z1 + (_SLACK + Y if taps else 0), dt)
+    if taps:
+        H_in, W_in = x.shape[2], x.shape[3]
+        # the planes' padding (and rounding) is never stored by the reduction: zeros, for every chunk's layout
+        KT.zero_phase_borders(z1_buf, nb * G * R1, sh, sw, R, M, H_in, W_in, pad[0], pad[2])
+        red_koff = [_as_index(in_perm[int(in_off[g]):int(in_off[g + 1])]) * (H_in * W_in) for g in range(G)]
+        xflat = x.reshape(-1)
     # A batch that is one chunk (small batches) builds every block's patches in one parallel region, when they fit
     # the workspace bound: one region per block, each followed by its GEMM, paid a hand-over between numba's and
     # OpenBLAS's threads per block (ZF conv2 SVD at batch 1: 707 -> 620 us for the four blocks' patches and GEMMs;
@@ -608,11 +617,23 @@ def _svd_cpu(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bia
     KXY = K1 * X * Y
     for n0 in range(0, N, nb):
         m = min(nb, N - n0)
-        # channel-major (C, m, ...) layouts: a group's reduction is one GEMM over the whole chunk
-        xs2 = _pack_chunk(x, n0, m, inv_perm, pad, stride, R, M, xs_buf, False).reshape(C, m * plane)
         z1 = z1_buf[:m * per_z1].reshape(G * R1, m, sh, sw, R, M)
         z1f = z1.reshape(G * R1, m * plane)
-        for g in range(G):
+        if taps:
+            # each group's reduction over its input channels in place, stored split by the stride phases: no packed
+            # copy of the input (against the packing pass and a GEMM on the packed input, same process: ZF conv2
+            # 1.07-1.12x at batch 128, AlexNet-sized conv3-5 1.10-1.17x, CIFAR conv2 1.00x; at batch 1 within noise)
+            NR = tile[0] * tile[2]
+            groups = _taps_groups(m, -(-H_in * W_in // NR), -(-R1 // tile[1]))
+            for g in range(G):
+                KT.gemm_taps_phase(red_pk[g], R1, int(in_off[g + 1] - in_off[g]), tile[1], NR,
+                                   xflat[n0 * C * H_in * W_in:], C * H_in * W_in, red_koff[g], H_in, W_in, m,
+                                   z1_buf[g * R1 * m * plane:], m * plane, plane, sh, sw, R, M, pad[0], pad[2],
+                                   groups, KG.PREFETCH_PANELS)
+        else:
+            # channel-major (C, m, ...) layouts: a group's reduction is one GEMM over the whole chunk
+            xs2 = _pack_chunk(x, n0, m, inv_perm, pad, stride, R, M, xs_buf, False).reshape(C, m * plane)
+        for g in range(G if not taps else 0):
             i0, i1 = int(in_off[g]), int(in_off[g + 1])
             if tile is not None:
                 KG.matmul(red_pk[g], R1, i1 - i0, tile, xs_buf[i0 * m * plane:], m * plane, m * plane,

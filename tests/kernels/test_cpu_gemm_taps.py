@@ -81,3 +81,52 @@ def test_matches_loops(rng, dtype, M, geom):
         got = got[:, :n * P].reshape(M, n, OH, OW).transpose(1, 0, 2, 3)
         tol = (3e-6 if dtype == np.float32 else 1e-14) * np.sqrt(C * X * Y)
         np.testing.assert_allclose(got, ref, rtol=tol, atol=tol * np.abs(ref).max())
+
+
+def _phase_split_ref(y, sh, sw, pt, pl, R, Mz):
+    """y (n, M, H, W) padded by (pt, pl) at the top/left, zero elsewhere, split into (M, n, sh, sw, R, Mz) planes."""
+    n, M, H, W = y.shape
+    pad = np.zeros((n, M, max(R * sh, pt + H), max(Mz * sw, pl + W)))
+    pad[:, :, pt:pt + H, pl:pl + W] = y
+    pad = pad[:, :, :R * sh, :Mz * sw]
+    out = np.empty((M, n, sh, sw, R, Mz))
+    for ph in range(sh):
+        for pw in range(sw):
+            out[:, :, ph, pw] = pad[:, :, ph::sh, pw::sw].transpose(1, 0, 2, 3)
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", [1, 5, 12, 13, 38])
+@pytest.mark.parametrize("geom", [
+    # (C, H, W, sh, sw, pt, pl, extra rows, extra columns): the SVD form's reduction before a 5 x 5 / 2 conv,
+    # padding, an unstrided plane, more plane than image
+    (7, 13, 11, 2, 2, 0, 0, 0, 0),
+    (5, 9, 40, 2, 2, 2, 1, 1, 2),
+    (4, 6, 5, 1, 1, 1, 1, 0, 0),
+    (3, 8, 9, 1, 2, 0, 3, 2, 0),
+    (4, 12, 15, 2, 2, 1, 0, -1, -2),              # planes smaller than the image: the last rows and columns dropped
+])
+def test_phase_split_product_matches_numpy(rng, dtype, M, geom):
+    C, H, W, sh, sw, pt, pl, er, ec = geom
+    VW, MR, NV = G.tile_shape(dtype)
+    NR = VW * NV
+    n = 3
+    R = -(-(H + pt) // sh) + er
+    Mz = -(-(W + pl) // sw) + ec
+    x = rng.standard_normal((n, C + 2, H, W)).astype(dtype)
+    chans = rng.permutation(C + 2)[:C]            # a group's channels, in place in a wider input
+    a = rng.standard_normal((M, C)).astype(dtype)
+    koff = np.ascontiguousarray(chans * H * W, dtype=np.int64)
+    ref = _phase_split_ref(np.einsum("mc,nchw->nmhw", a.astype(np.float64), x[:, chans].astype(np.float64)),
+                           sh, sw, pt, pl, R, Mz)
+    plane = sh * sw * R * Mz
+    for mgroups, pfb in ((1, 0), (2, 2), (3, 1)):
+        z = np.full(M * n * plane + 7, np.nan, dtype)
+        GT.zero_phase_borders(z, M * n, sh, sw, R, Mz, H, W, pt, pl)
+        GT.gemm_taps_phase(G.pack_a(a, MR), M, C, MR, NR, x.reshape(-1), (C + 2) * H * W, koff, H, W, n, z,
+                           n * plane, plane, sh, sw, R, Mz, pt, pl, mgroups, pfb)
+        assert np.isnan(z[M * n * plane:]).all(), "wrote past the planes"
+        got = z[:M * n * plane].reshape(M, n, sh, sw, R, Mz)
+        tol = 3e-6 if dtype == np.float32 else 1e-14
+        np.testing.assert_allclose(got, ref, rtol=tol, atol=tol * np.abs(ref).max())

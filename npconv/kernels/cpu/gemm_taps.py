@@ -12,15 +12,19 @@ positions past the image's last row. A tile runs into a scratch tile and its val
 Why: the patch matrix of such a conv (``K`` = channels x taps rows, ``OH*OW`` columns an image) is written once and
 read once per product, ``K/stride^2`` times the size of the planes it is made of; here the planes stay in the
 caches while every row block runs over them.
+
+:func:`gemm_taps_phase` is the product that makes such planes: a 1x1 product (the SVD form's reduction of a
+group's input channels, read in place from the layer's input through row offsets) whose tiles are stored split by
+the stride phases, so that no packed, phase-split copy of the input is made.
 """
 from __future__ import annotations
 
 import numba
 import numpy as np
 
-from .gemm import microkernel_taps12, microkernel_taps_rows4, microkernel_taps_rows8
+from .gemm import microkernel_taps12, microkernel_taps_rows4, microkernel_taps_rows8, prefetch_read
 
-__all__ = ["gemm_taps_images"]
+__all__ = ["gemm_taps_images", "gemm_taps_phase", "zero_phase_borders"]
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -47,13 +51,7 @@ def gemm_taps_images(ap, M, K, MR, NR, b, bimg, koff, Mq, OH, OW, nimg, c, ldc, 
         oy_last = min(OH - 1, (min(q0 + NR, Lq) - 1) // Mq)
         for ib in range(ib0, ib1):
             rows = min(MR, M - ib * MR)
-            aoff = ib * K * MR
-            if rows <= 4 < MR:
-                microkernel_taps_rows4(ap, aoff, b, i * bimg + q0, koff, scratch, 0, NR, K, 0, scratch, 0)
-            elif rows <= 8 < MR:
-                microkernel_taps_rows8(ap, aoff, b, i * bimg + q0, koff, scratch, 0, NR, K, 0, scratch, 0)
-            else:
-                microkernel_taps12(ap, aoff, b, i * bimg + q0, koff, scratch, 0, NR, K, 0, scratch, 0)
+            _tile(ap, ib * K * MR, rows, MR, b, i * bimg + q0, koff, K, scratch)
             for oy in range(oy_first, oy_last + 1):
                 e0 = max(q0, oy * Mq) - q0
                 e1 = min(q0 + NR, oy * Mq + OW) - q0
@@ -65,3 +63,122 @@ def gemm_taps_images(ap, M, K, MR, NR, b, bimg, koff, Mq, OH, OW, nimg, c, ldc, 
                     src = scratch[r * NR + e0:]
                     for e in range(e1 - e0):
                         d[e] = src[e]
+
+
+@numba.njit(cache=True, nogil=True)
+def _tile(ap, aoff, rows, MR, b, boff, koff, K, scratch):
+    """One tile of ``rows`` rows (the 12-row tile, or the 8- or 4-row one for a partial block) into ``scratch``."""
+    if rows <= 4 < MR:
+        microkernel_taps_rows4(ap, aoff, b, boff, koff, scratch, 0, scratch.shape[0] // MR, K, 0, scratch, 0)
+    elif rows <= 8 < MR:
+        microkernel_taps_rows8(ap, aoff, b, boff, koff, scratch, 0, scratch.shape[0] // MR, K, 0, scratch, 0)
+    else:
+        microkernel_taps12(ap, aoff, b, boff, koff, scratch, 0, scratch.shape[0] // MR, K, 0, scratch, 0)
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def gemm_taps_phase(ap, M, K, MR, NR, b, bimg, koff, H, W, nimg, z, zrow, zimg, sh, sw, R, Mz, pt, pl, mgroups,
+                    pfb):
+    """A 1x1 product over each image's ``H x W`` positions, stored split by the stride phases of a later strided
+    conv: ``z[r*zrow + i*zimg + ((ph*sw + pw)*R + yr)*Mz + xc] = sum_k A[r, k] * b[i*bimg + y*W + x + koff[k]]``
+    with ``y + pt = yr*sh + ph``, ``x + pl = xc*sw + pw``, for ``r < M``, ``y < H``, ``x < W``, ``i < nimg``. ``koff``
+    gives each of the K input rows' offsets (the SVD form's reduction: a group's input channels, read in place from
+    the layer's input); ``ap`` as in :func:`gemm_taps_images`. Input positions past the planes (``yr >= R`` or
+    ``xc >= Mz``: rows and columns the strided conv never reads) are computed and not stored. The planes' borders
+    (padding) are not written
+    (:func:`zero_phase_borders`). The last panel of an image, which would read past its plane (past ``b``'s end for
+    the last one), runs on a copy of its valid columns. ``pfb`` > 0: each row block's turn fetches its share of the
+    K rows of the panel ``pfb`` on (``gemm.PREFETCH_PANELS``)."""
+    nblk = (M + MR - 1) // MR
+    Lq = H * W
+    npan = (Lq + NR - 1) // NR
+    bper = (nblk + mgroups - 1) // mgroups
+    blast = b.shape[0] - 1
+    line = 64 // b.itemsize
+    for job in numba.prange(nimg * npan * mgroups):
+        g = job % mgroups
+        t = job // mgroups
+        i = t // npan
+        jp = t - i * npan
+        q0 = jp * NR
+        ib0 = g * bper
+        ib1 = min(nblk, ib0 + bper)
+        scratch = np.empty(MR * NR, z.dtype)
+        cols = min(NR, Lq - q0)
+        if cols < NR:
+            # the image's last panel: its valid columns copied, zeros after them
+            bt = np.zeros(K * NR, b.dtype)
+            kt = np.empty(K, np.int64)
+            for k in range(K):
+                kt[k] = k * NR
+                src = b[i * bimg + q0 + koff[k]:]
+                dst = bt[k * NR:]
+                for e in range(cols):
+                    dst[e] = src[e]
+        nbb = ib1 - ib0
+        for ib in range(ib0, ib1):
+            rows = min(MR, M - ib * MR)
+            if pfb > 0 and jp + pfb < npan:
+                ii = ib - ib0
+                for k in range(K * ii // nbb, K * (ii + 1) // nbb):
+                    o = i * bimg + q0 + pfb * NR + koff[k]
+                    prefetch_read(b, min(o, blast))
+                    prefetch_read(b, min(o + line, blast))
+                    prefetch_read(b, min(o + NR - 1, blast))
+            if cols < NR:
+                _tile(ap, ib * K * MR, rows, MR, bt, 0, kt, K, scratch)
+            else:
+                _tile(ap, ib * K * MR, rows, MR, b, i * bimg + q0, koff, K, scratch)
+            # the panel's positions row by row, each row's run split by the column phases
+            for y in range(q0 // W, (q0 + cols - 1) // W + 1):
+                xa = max(q0, y * W) - y * W
+                xb = min(q0 + cols, (y + 1) * W) - y * W
+                yp = y + pt
+                ph = yp % sh
+                yr = yp // sh
+                xb = min(xb, Mz * sw - pl)      # input columns past the planes are never read: not stored
+                if yr >= R:
+                    continue
+                for pw in range(sw):
+                    xf = xa + (pw - (xa + pl)) % sw
+                    if xf >= xb:
+                        continue
+                    cnt = (xb - xf + sw - 1) // sw
+                    dbase = i * zimg + ((ph * sw + pw) * R + yr) * Mz + (xf + pl) // sw
+                    sbase = y * W + xf - q0
+                    for r in range(rows):
+                        d = z[(ib * MR + r) * zrow + dbase:]
+                        sv = scratch[r * NR + sbase:]
+                        if sw == 1:
+                            for e in range(cnt):     # a contiguous run: vectorised
+                                d[e] = sv[e]
+                        else:
+                            for e in range(cnt):
+                                d[e] = sv[e * sw]
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def zero_phase_borders(z, nplanes, sh, sw, R, Mz, H, W, pt, pl):
+    """Zeros in the positions of phase-split planes that no input position ``y < H``, ``x < W`` maps to (the
+    padding, and the rounding of the planes' size): ``z`` holds ``nplanes`` blocks of ``sh*sw`` planes of
+    ``R x Mz`` values, position ``(yr, xc)`` of phase ``(ph, pw)`` standing for input position
+    ``(yr*sh + ph - pt, xc*sw + pw - pl)``."""
+    for job in numba.prange(nplanes * sh * sw):
+        blk = job // (sh * sw)
+        ph = (job // sw) % sh
+        pw = job % sw
+        base = blk * sh * sw * R * Mz + (ph * sw + pw) * R * Mz
+        # the columns that hold input columns: xc*sw + pw - pl in [0, W)
+        c_lo = min(Mz, max(0, (pl - pw + sw - 1) // sw))
+        c_hi = max(c_lo, min(Mz, (W + pl - pw + sw - 1) // sw))
+        for yr in range(R):
+            y = yr * sh + ph - pt
+            row = z[base + yr * Mz:base + (yr + 1) * Mz]
+            if y < 0 or y >= H:
+                for e in range(Mz):
+                    row[e] = 0
+            else:
+                for e in range(c_lo):
+                    row[e] = 0
+                for e in range(c_hi, Mz):
+                    row[e] = 0
