@@ -55,7 +55,7 @@ _CACHE_BYTES = 16 * 2**20
 #: session, interleaved): CP K=8 93.2 -> 86.8 ms, K=12 124.4 -> 119.0, K=6 72.9 -> 68.5, shared 62.4 -> 60.7 (two
 #: images a chunk instead of three or four); the SVD form measured 1.5% slower with it and keeps _CACHE_BYTES
 _CP_CACHE_BYTES = 12 * 2**20
-#: the CP front end's jobs pack their own input group (a batch of one chunk) when it is at most this large
+#: the CP front end's jobs pack their own input group when it is at most this large
 _OWN_PACK_BYTES = 128 * 2**10
 #: readable values past the component maps: the micro-kernel's last column panel loads whole vectors
 _SLACK = 64
@@ -456,9 +456,9 @@ def _cp_cpu(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, 
     nb = _chunk(N, P, C * plane + per_z + F * P, dt.itemsize, _CP_CACHE_BYTES)
     # enough parallel jobs: split a group's quads of components when images x groups alone are too few
     nsplit = max(1, min(-(-H * K // 4), -(-4 * numba.get_num_threads() // (nb * G))))
-    # a batch that is one chunk: the front end's jobs pack their own groups (no separate packing pass), when each
-    # group is packed by one job only (nsplit 1) into an L1/L2-sized scratch
-    own = _cp_own_pack(nb >= N, nsplit, cg_max * plane * dt.itemsize)
+    # the front end's jobs pack their own groups (no separate packing pass), when each group is packed by one job
+    # only (nsplit 1) into an L1/L2-sized scratch
+    own = _cp_own_pack(nsplit, cg_max * plane * dt.itemsize)
     if not own:
         xs_buf = WS.get_aligned("xs", nb * C * plane + Mp, dt)
         xs_buf[nb * C * plane:] = 0   # slack: the last plane's shifted taps read up to (Y - 1) // sw items past it
@@ -483,9 +483,14 @@ def _cp_cpu(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, 
     return y
 
 
-def _cp_own_pack(one_chunk, nsplit, group_bytes):
-    """Whether the CP front end's jobs pack their own input group instead of a packing pass over the chunk."""
-    return one_chunk and nsplit == 1 and group_bytes <= _OWN_PACK_BYTES
+def _cp_own_pack(nsplit, group_bytes):
+    """Whether the CP front end's jobs pack their own input group instead of a packing pass over the chunk: each
+    group packed by one job (``nsplit`` 1), into at most ``_OWN_PACK_BYTES``. At batch 1 this saved the packing
+    pass (ZF conv2: 1.02-1.06x for the layer, tenth session). Over many chunks the packing pass in memory order was
+    faster in the eleventh and fifteenth sessions (1.02-1.05x at batch 128); after the GEMM's B-panel prefetch the
+    jobs' own packing was faster there too (ZF conv2 at batch 128, same process, three runs, old / new medians:
+    K = 6 1.08, 1.11, 0.96; K = 8 1.08, 1.10, 1.13; K = 12 1.12, 1.03, 1.03; eighteenth session)."""
+    return nsplit == 1 and group_bytes <= _OWN_PACK_BYTES
 
 
 def _round_rows(n, micro=False):

@@ -287,9 +287,8 @@ def cp_front(xflat, x, n0, in_perm, pt, pl, nb, C, SH, SW, R, Mp, in_offsets, hc
     (nb, C, SH, SW, R, Mp) (padded, phase-split, channels in group order), with rows of ``Mp`` items (a multiple
     of 64 bytes, on 64-byte boundaries) and at least ``Mp`` items of slack after it. When ``xflat`` is empty, each
     job packs its group's planes of image ``n0 + i`` of ``x`` (channels ``in_perm[in_offsets[g]:...]``, padding
-    ``pt``/``pl``) into its scratch row itself: for a batch that is one chunk this saved the separate packing pass
-    (CP, ZF conv2 at batch 1: 1.02-1.06x for the layer); over many chunks, the packing pass in memory order was
-    faster (1.02-1.05x at batch 128). ``hcoef`` (C, H*K, Y) is the reduction folded into
+    ``pt``/``pl``) into its scratch row itself, which saves the separate packing pass (when the CPU path chooses it:
+    ``functional.bicluster._cp_own_pack``). ``hcoef`` (C, H*K, Y) is the reduction folded into
     the horizontal taps, ``hcoef[j, h*K + k, b] = reduce[j, h, k] * horizontal[g(j), h, k, b]``; vertical
     (G, H, K, X); Z (H, G*K, nb*P).
 
