@@ -507,6 +507,10 @@ def _round_rows(n, micro=False):
 #: channels split by the stride phases, the block convolutions read those planes in place; else a packed copy of
 #: the input, a GEMM, patch matrices and a GEMM. A module constant for same-process comparisons, not a user setting
 USE_TAPS = True
+#: the shared form's front-end jobs pack their own input groups (when a group's planes fit ``_OWN_PACK_BYTES``)
+#: instead of a packing pass over the chunk: ZF conv2 (G=48, H=2, K=6, S=4), same process, 1.09x and 1.10x at batch
+#: 128, 1.03x at batch 1 (eighteenth session). A module constant for same-process comparisons, not a user setting
+SHARED_OWN_PACK = True
 
 
 def _taps_ok(dt):
@@ -738,20 +742,25 @@ def _shared_cpu(x, in_perm, in_off, reduce, assign, vertical, horizontal, expand
     per_z = H * G * K * P
     nb = _chunk(N, P, C * plane + per_z + F * P, x.dtype.itemsize, _CP_CACHE_BYTES)
     dt = x.dtype
-    xs_buf = WS.get("xs", nb * C * plane, dt)
+    # the front end's jobs pack their own groups (no packing pass) when a group's planes fit _OWN_PACK_BYTES
+    own = SHARED_OWN_PACK and cg_max * plane * dt.itemsize <= _OWN_PACK_BYTES
+    xs_buf = np.zeros(0, dt) if own else WS.get("xs", nb * C * plane, dt)
     z_buf = WS.get("z", nb * per_z + _SLACK, dt)
     mk = _expand_packs(prep, ("cpu-shared-mk", dt), expand, out_off, out_perm, bias, dt)
     y_buf = WS.get("y", nb * F * P, dt) if mk[0] is None else None     # the BLAS path's staging buffer
     y = np.empty((N, F, OH, OW), dt) if out is None else out
     y3 = y.reshape(N, F, P)
     nth = numba.get_num_threads()
-    srow = KB.shared_scratch_size(cg_max, nu_max, sw, M, OH, OW, Y)
+    srow = KB.shared_scratch_size(cg_max, nu_max, sw, M, OH, OW, Y, plane if own else 0)
     scratch = WS.get("front", nth * srow, dt).reshape(nth, srow)
+    in_idx = _as_index(in_perm)
     for n0 in range(0, N, nb):
         m = min(nb, N - n0)
-        xs = _pack_chunk(x, n0, m, inv_perm, pad, stride, R, M, xs_buf, True)
+        if not own:
+            _pack_chunk(x, n0, m, inv_perm, pad, stride, R, M, xs_buf, True)
         Z = z_buf[:m * per_z].reshape(H, G * K, m * P)
-        KB.shared_front(xs, in_off, used_ptr, used_filter, vertical, horizontal, reduce, slot, OH, OW, Z, scratch)
+        KB.shared_front(xs_buf, m, C, sh, sw, R, M, in_off, used_ptr, used_filter, vertical, horizontal, reduce, slot,
+                        OH, OW, Z, scratch, x, n0, in_idx, pad[0], pad[2], own)
         _expand_scatter(z_buf, Z, expand, out_perm, out_off, bias, n0, m, P, y_buf, y3, mk)
     return y
 

@@ -164,6 +164,21 @@ def test_cp_front_end_packing_either_way(rng, monkeypatch, own, N, reduce_first)
         np.testing.assert_allclose(y, ref, *tolerance(np.float32))
 
 
+@pytest.mark.parametrize("own", [True, False])
+def test_shared_front_end_packing_either_way(rng, monkeypatch, own):
+    """The shared front end's jobs pack their own input group, or read a packing pass over the chunk; either way,
+    over chunks of one image and three geometries, the rebuilt kernel's conv."""
+    monkeypatch.setattr(FB, "SHARED_OWN_PACK", own)
+    monkeypatch.setattr(FB, "_TARGET_COLUMNS", 1)               # one image a chunk: n0 > 0
+    f = _shared_factors(rng, 12, 10, 5, 5, (2, 1, 3, 2, 4), (4, 6), 3, 4, np.float32)
+    x = rng.standard_normal((3, 12, 15, 14)).astype(np.float32)
+    b = rng.standard_normal(10).astype(np.float32)
+    for stride, pad in (((2, 2), (2, 1, 0, 2)), ((1, 1), (2, 2, 2, 2)), ((2, 3), (1, 0, 0, 2))):
+        y = shared_separable_conv2d(x, *f, b, stride=stride, padding=pad)
+        ref = conv2d_naive(x, _dense_kernel("shared", f), b, stride, pad)
+        np.testing.assert_allclose(y, ref, *tolerance(np.float32))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("X,Y,K", [(1, 7, 4), (7, 2, 5), (4, 6, 2)])
 def test_cp_reduce_first_tap_counts_and_quads(rng, monkeypatch, dtype, X, Y, K):

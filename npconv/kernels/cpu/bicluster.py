@@ -53,10 +53,11 @@ def group_check(perm, offsets, n):
     return 0
 
 
-def shared_scratch_size(cg_max, nu_max, sw, M, OH, OW, Y):
+def shared_scratch_size(cg_max, nu_max, sw, M, OH, OW, Y, own_plane=0):
     """Items of one thread's scratch row for :func:`shared_front` (largest input group ``cg_max``, ``nu_max``
-    shared filters used per group)."""
-    return sw * OH * M + Y + OH * M + nu_max * cg_max * OH * OW
+    shared filters used per group; ``own_plane``: the items of one packed input plane when the jobs pack their own
+    groups, else 0)."""
+    return sw * OH * M + Y + OH * M + nu_max * cg_max * OH * OW + cg_max * own_plane
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -412,18 +413,21 @@ def cp_front(xflat, x, n0, in_perm, pt, pl, nb, C, SH, SW, R, Mp, in_offsets, hc
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def shared_front(xs, in_offsets, used_ptr, used_filter, vertical, horizontal, comb, comb_slot, OH, OW, Z, scratch):
+def shared_front(xflat, nb, C, SH, SW, R, M, in_offsets, used_ptr, used_filter, vertical, horizontal, comb,
+                 comb_slot, OH, OW, Z, scratch, x, n0, in_perm, pt, pl, own):
     """Shared-separable front end.
 
     For image i and group g, every input channel j of the group is filtered once by every shared filter the
     group uses (``used_filter[used_ptr[g]:used_ptr[g+1]]``; vertical (S, X), horizontal (S, Y)) into ``qbuf``;
     component (h, k) of the group is then ``sum_j comb[j, h, k] * qbuf[slot, j]`` with
     ``slot = comb_slot[g, h, k]`` (an index into the group's used filters), written to
-    ``Z[h, g*K + k, i*P:(i+1)*P]``. ``xs`` as in :func:`cp_front`. One parallel job per (image, group);
+    ``Z[h, g*K + k, i*P:(i+1)*P]``. ``xflat`` holds the chunk's input packed as :func:`cp_front`'s, (nb, C, SH, SW,
+    R, M) flat; with ``own`` it is not read (it may be empty): each job packs its group's planes of image ``n0 + i``
+    of ``x`` (channels ``in_perm[in_offsets[g]:...]``, padding ``pt``/``pl``) into the end of its scratch row, as
+    :func:`cp_front` does. One parallel job per (image, group);
     passes as in :func:`cp_front`, through one ``_taps`` call site. ``scratch`` (threads,
     :func:`shared_scratch_size`): each thread's buffers.
     """
-    nb, C, SH, SW, R, M = xs.shape
     G, H, K = comb_slot.shape
     X = vertical.shape[1]
     Y = horizontal.shape[1]
@@ -432,16 +436,21 @@ def shared_front(xs, in_offsets, used_ptr, used_filter, vertical, horizontal, co
     OM = OH * M
     dt = Z.dtype
     T = max(X, Y, C)
-    xflat = xs.reshape(nb * C * plane)
     for job in numba.prange(nb * G):
         g = job % G
         i = job // G
         j0 = in_offsets[g]
         cg = in_offsets[g + 1] - j0
         sc = scratch[numba.get_thread_id()]
-        xs1 = xflat[(i * C + j0) * plane:(i * C + j0 + cg) * plane]
         u0 = used_ptr[g]
         nu = used_ptr[g + 1] - u0
+        if own:
+            xs1 = sc[sc.shape[0] - cg * plane:]
+            for u in range(cg):
+                _pack_plane(x[n0 + i, in_perm[j0 + u]], pt, pl, SH, SW,
+                            xs1[u * plane:(u + 1) * plane].reshape(SH, SW, R, M))
+        else:
+            xs1 = xflat[(i * C + j0) * plane:(i * C + j0 + cg) * plane]
         e0 = 0
         v = sc[e0:e0 + SW * OM + Y]
         v[SW * OM:] = 0
