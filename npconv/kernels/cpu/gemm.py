@@ -221,42 +221,36 @@ def microkernel_cols1(typingctx, a, aoff, b, boff, ldb, c, coff, ldc, K, mode, b
                                                                                    taps=False)
 
 
-def _taps_intrinsic(MR, NV):
+def _taps_intrinsic(MR, NV=None):
+    """A tap-offset micro-kernel of ``MR`` rows and ``NV`` vectors (``A`` packed in blocks of ``MR``); with ``NV``
+    None, the first ``MR`` rows of :func:`tile_shape`'s tile (its vectors, ``A`` packed for its rows)."""
     def microkernel_taps(typingctx, a, aoff, b, boff, koff, c, coff, ldc, K, mode, bias, boff_bias):
         is32, shape = _typed_tile((a, b, c, bias), tile_shape)
         if shape is None or not (isinstance(koff, types.Array) and koff.dtype == types.int64 and koff.ndim == 1):
             return None
         i8 = types.int64
+        nv, astride = (NV, None) if NV is not None else (shape[2], shape[1])
         return (types.void(a, i8, b, i8, koff, c, i8, i8, i8, i8, bias, i8),
-                _tile_codegen(is32, shape[0], MR, NV, taps=True))
-    microkernel_taps.__doc__ = f"""As :func:`microkernel`, with a {MR} x {NV}-vector tile, and row ``k`` of ``B`` at
-    ``b[boff + koff[k]]`` (``koff`` an int64 array): a convolution's taps as shifted views of one input plane."""
+                _tile_codegen(is32, shape[0], MR, nv, taps=True, astride=astride))
+    if NV is not None:
+        microkernel_taps.__doc__ = f"""As :func:`microkernel`, with a {MR} x {NV}-vector tile, and row ``k`` of ``B``
+        at ``b[boff + koff[k]]`` (``koff`` an int64 array): a convolution's taps as shifted views of one input plane."""
+    else:
+        microkernel_taps.__doc__ = f"""As :func:`microkernel_rows{MR}` (the first {MR} rows of a row block packed for
+        :func:`tile_shape`'s ``MR``), with row ``k`` of ``B`` at ``b[boff + koff[k]]`` as :func:`microkernel_taps12`
+        reads it: the last, partial row block of an implicit GEMM (``kernels/cpu/gemm_taps.py``)."""
     return intrinsic(microkernel_taps)
-
-
-def _taps_rows_intrinsic(rows):
-    def microkernel_taps_part(typingctx, a, aoff, b, boff, koff, c, coff, ldc, K, mode, bias, boff_bias):
-        is32, shape = _typed_tile((a, b, c, bias), tile_shape)
-        if shape is None or not (isinstance(koff, types.Array) and koff.dtype == types.int64 and koff.ndim == 1):
-            return None
-        i8 = types.int64
-        return (types.void(a, i8, b, i8, koff, c, i8, i8, i8, i8, bias, i8),
-                _tile_codegen(is32, shape[0], rows, shape[2], taps=True, astride=shape[1]))
-    microkernel_taps_part.__doc__ = f"""As :func:`microkernel_rows{rows}` (the first {rows} rows of a row block packed
-    for :func:`tile_shape`'s ``MR``), with row ``k`` of ``B`` at ``b[boff + koff[k]]`` as :func:`microkernel_taps12`
-    reads it: the last, partial row block of an implicit GEMM (``kernels/cpu/gemm_taps.py``)."""
-    return intrinsic(microkernel_taps_part)
-
-
-#: the partial row-block tiles of the tap-offset GEMM (the tile's ``NV`` vectors, ``A`` packed for its ``MR``)
-microkernel_taps_rows4 = _taps_rows_intrinsic(4)
-microkernel_taps_rows8 = _taps_rows_intrinsic(8)
 
 
 #: the tap-offset kernels by tile (:func:`taps_tile_shapes`); a caller picks one by its MR
 microkernel_taps12 = _taps_intrinsic(12, 2)
 microkernel_taps8 = _taps_intrinsic(8, 3)
 microkernel_taps4 = _taps_intrinsic(4, 3)
+
+
+#: the partial row-block tiles of the tap-offset GEMM (the tile's ``NV`` vectors, ``A`` packed for its ``MR``)
+microkernel_taps_rows4 = _taps_intrinsic(4)
+microkernel_taps_rows8 = _taps_intrinsic(8)
 
 
 def _prefetch_intrinsic(rw):
