@@ -605,6 +605,8 @@ def _svd_cpu(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bia
         KT.zero_phase_borders(z1_buf, nb * G * R1, sh, sw, R, M, H_in, W_in, pad[0], pad[2])
         red_koff = [_as_index(in_perm[int(in_off[g]):int(in_off[g + 1])]) * (H_in * W_in) for g in range(G)]
         xflat = x.reshape(-1)
+        VW, _, NV = _mk_tile(dt)
+        NR = VW * NV                                    # the tile's columns
     # A batch that is one chunk (small batches) builds every block's patches in one parallel region, when they fit
     # the workspace bound: one region per block, each followed by its GEMM, paid a hand-over between numba's and
     # OpenBLAS's threads per block (ZF conv2 SVD at batch 1: 707 -> 620 us for the four blocks' patches and GEMMs;
@@ -632,7 +634,6 @@ def _svd_cpu(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bia
             # each group's reduction over its input channels in place, stored split by the stride phases: no packed
             # copy of the input (against the packing pass and a GEMM on the packed input, same process: ZF conv2
             # 1.07-1.12x at batch 128, AlexNet-sized conv3-5 1.10-1.17x, CIFAR conv2 1.00x; at batch 1 within noise)
-            NR = tile[0] * tile[2]
             groups = _taps_groups(m, -(-H_in * W_in // NR), -(-R1 // tile[1]))
             for g in range(G):
                 KT.gemm_taps_phase(red_pk[g], R1, int(in_off[g + 1] - in_off[g]), tile[1], NR,
@@ -642,13 +643,13 @@ def _svd_cpu(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bia
         else:
             # channel-major (C, m, ...) layouts: a group's reduction is one GEMM over the whole chunk
             xs2 = _pack_chunk(x, n0, m, inv_perm, pad, stride, R, M, xs_buf, False).reshape(C, m * plane)
-        for g in range(G if not taps else 0):
-            i0, i1 = int(in_off[g]), int(in_off[g + 1])
-            if tile is not None:
-                KG.matmul(red_pk[g], R1, i1 - i0, tile, xs_buf[i0 * m * plane:], m * plane, m * plane,
-                          z1_buf[g * R1 * m * plane:])
-            else:
-                np.matmul(red_t[g], xs2[i0:i1], out=z1f[g * R1:(g + 1) * R1])
+            for g in range(G):
+                i0, i1 = int(in_off[g]), int(in_off[g + 1])
+                if tile is not None:
+                    KG.matmul(red_pk[g], R1, i1 - i0, tile, xs_buf[i0 * m * plane:], m * plane, m * plane,
+                              z1_buf[g * R1 * m * plane:])
+                else:
+                    np.matmul(red_t[g], xs2[i0:i1], out=z1f[g * R1:(g + 1) * R1])
         Z = z2_buf[:m * per_z2].reshape(H, G * K2p, m * P)
 
         def spatial(b, cb):
@@ -665,7 +666,6 @@ def _svd_cpu(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bia
             # no patch matrices: each block's product reads its K1 reduced channels' phase-split planes in place
             # (ZF conv2, G = H = 2, K1 = 19, K2 = 51, 2-core Zen 4 VM, same process against the patch matrices:
             # 1.08-1.11x at batch 128, 1.17-1.18x at batch 1; the product computes OH x M positions for OH x OW)
-            NR = tile[0] * tile[2]
             groups = _taps_groups(m, -(-OH * M // NR), -(-K2p // tile[1]))
             for b in range(G * H):
                 g, h = b // H, b % H
