@@ -32,8 +32,9 @@ from numba.extending import intrinsic
 
 __all__ = ["tile_shape", "taps_tile_shapes", "microkernel", "microkernel_rows4", "microkernel_rows8",
            "microkernel_cols1", "microkernel_taps12", "microkernel_taps8", "microkernel_taps4",
-           "microkernel_taps_rows4", "microkernel_taps_rows8", "prefetch_write", "prefetch_read", "pack_a",
-           "gemm_images", "matmul", "gemm_stream", "matmul_stream", "STREAM_MAX_K", "KC_BYTES", "PREFETCH_PANELS"]
+           "microkernel_taps_rows4", "microkernel_taps_rows8", "prefetch_write", "prefetch_read", "prefetch_run",
+           "pack_a", "gemm_images", "matmul", "gemm_stream", "matmul_stream", "STREAM_MAX_K", "KC_BYTES",
+           "PREFETCH_PANELS"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -287,6 +288,16 @@ prefetch_read = intrinsic(_prefetch_intrinsic(0))
 prefetch_read.__doc__ = """``prefetch_read(arr, off)``: as :func:`prefetch_write`, for reading (``prefetcht1``)."""
 
 
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def prefetch_run(b, o, n):
+    """``prefetch_read`` of the cache lines under ``b[o:o + n]`` for a run of at most 128 bytes (a panel's row): its
+    first value, the value 64 bytes on and its last, each index clamped to ``b``'s last."""
+    last = b.shape[0] - 1
+    prefetch_read(b, min(o, last))
+    prefetch_read(b, min(o + 64 // b.itemsize, last))
+    prefetch_read(b, min(o + n - 1, last))
+
 #: :func:`gemm_images` fetches (``prefetch_read``) the B panel this many panels on while it runs the current one,
 #: spread over its row blocks. The micro-kernel reads B in place, a panel's ``K`` rows at ``ldb`` apart: a stream per
 #: row, which the hardware prefetchers do not follow; where B is not in the caches, each row's lines arrived one
@@ -364,8 +375,6 @@ def gemm_images(ap, M, K, MR, NR, KC, b, ldb, P, nimg, c, cimg, bias, has_bias, 
     # (the one-vector tile, half the work), group by group, so that those cheaper jobs do not all come last in the
     # iteration space, which the threads share in order (AlexNet conv3-5 at batch 1, 13 x 13 outputs: 1.05-1.14x)
     narrow = 2 * (total - (npan - 1) * NR) <= NR
-    blast = b.shape[0] - 1
-    line = 64 // b.itemsize
     for job in numba.prange(npan * mgroups):
         if narrow:
             g = job // npan
@@ -392,10 +401,7 @@ def gemm_images(ap, M, K, MR, NR, KC, b, ldb, P, nimg, c, cimg, bias, has_bias, 
                     ii = ib - ib0
                     nbb = ib1 - ib0
                     for k in range(k0 + kc * ii // nbb, k0 + kc * (ii + 1) // nbb):
-                        o = k * ldb + j0 + pfb * NR
-                        prefetch_read(b, min(o, blast))
-                        prefetch_read(b, min(o + line, blast))
-                        prefetch_read(b, min(o + NR - 1, blast))
+                        prefetch_run(b, k * ldb + j0 + pfb * NR, NR)
                 if inside and (ib + 1) * MR <= M:
                     mode = (2 if has_bias else 0) if first else 1
                     microkernel(ap, aoff, b, boff, ldb, c, i0 * cimg + ib * MR * P + p0, P, kc, mode, bias,

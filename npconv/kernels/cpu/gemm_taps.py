@@ -22,7 +22,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .gemm import microkernel_taps12, microkernel_taps_rows4, microkernel_taps_rows8, prefetch_read
+from .gemm import microkernel_taps12, microkernel_taps_rows4, microkernel_taps_rows8, prefetch_run
 
 __all__ = ["gemm_taps_images", "gemm_taps_phase", "zero_phase_borders"]
 
@@ -34,17 +34,11 @@ def gemm_taps_images(ap, M, K, MR, NR, b, bimg, koff, Mq, OH, OW, nimg, c, ldc, 
     the 12-row tile (``MR`` = 12, ``NR`` its two vectors). A job is (image, panel of ``NR`` padded positions, group
     of row blocks; ``mgroups`` groups); a partial last row block runs the 8- or 4-row tile when it fits. ``b`` must
     be readable up to ``(nimg - 1)*bimg + ceil(OH*Mq / NR)*NR + max(koff)``."""
-    nblk = (M + MR - 1) // MR
     Lq = OH * Mq
+    nblk = (M + MR - 1) // MR
     npan = (Lq + NR - 1) // NR
-    bper = (nblk + mgroups - 1) // mgroups
     for job in numba.prange(nimg * npan * mgroups):
-        g = job % mgroups
-        t = job // mgroups
-        i = t // npan
-        q0 = (t - i * npan) * NR
-        ib0 = g * bper
-        ib1 = min(nblk, ib0 + bper)
+        i, q0, ib0, ib1 = _job(job, mgroups, npan, nblk, NR)
         scratch = np.empty(MR * NR, c.dtype)
         # the panel's output rows: oy from q0 // Mq, each a run of columns [ox0, ox1) of padded positions
         oy_first = q0 // Mq
@@ -63,6 +57,18 @@ def gemm_taps_images(ap, M, K, MR, NR, b, bimg, koff, Mq, OH, OW, nimg, c, ldc, 
                     src = scratch[r * NR + e0:]
                     for e in range(e1 - e0):
                         d[e] = src[e]
+
+
+@numba.njit(cache=True, nogil=True)
+def _job(job, mgroups, npan, nblk, NR):
+    """Job ``job`` of the implicit GEMMs: its image, its panel's first position and its row blocks ``ib0 .. ib1 - 1``
+    (``nblk`` row blocks in ``mgroups`` groups; a panel's groups are consecutive jobs)."""
+    g = job % mgroups
+    t = job // mgroups
+    i = t // npan
+    bper = (nblk + mgroups - 1) // mgroups
+    ib0 = g * bper
+    return i, (t - i * npan) * NR, ib0, min(nblk, ib0 + bper)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -85,24 +91,14 @@ def gemm_taps_phase(ap, M, K, MR, NR, b, bimg, koff, H, W, nimg, z, zrow, zimg, 
     gives each of the K input rows' offsets (the SVD form's reduction: a group's input channels, read in place from
     the layer's input); ``ap`` as in :func:`gemm_taps_images`. Input positions past the planes (``yr >= R`` or
     ``xc >= Mz``: rows and columns the strided conv never reads) are computed and not stored. The planes' borders
-    (padding) are not written
-    (:func:`zero_phase_borders`). The last panel of an image, which would read past its plane (past ``b``'s end for
-    the last one), runs on a copy of its valid columns. ``pfb`` > 0: each row block's turn fetches its share of the
-    K rows of the panel ``pfb`` on (``gemm.PREFETCH_PANELS``)."""
-    nblk = (M + MR - 1) // MR
+    (padding) are not written (:func:`zero_phase_borders`). The last panel of an image, which would read past its
+    plane (past ``b``'s end for the last one), runs on a copy of its valid columns. ``pfb`` > 0: each row block's
+    turn fetches its share of the K rows of the panel ``pfb`` on (``gemm.PREFETCH_PANELS``)."""
     Lq = H * W
+    nblk = (M + MR - 1) // MR
     npan = (Lq + NR - 1) // NR
-    bper = (nblk + mgroups - 1) // mgroups
-    blast = b.shape[0] - 1
-    line = 64 // b.itemsize
     for job in numba.prange(nimg * npan * mgroups):
-        g = job % mgroups
-        t = job // mgroups
-        i = t // npan
-        jp = t - i * npan
-        q0 = jp * NR
-        ib0 = g * bper
-        ib1 = min(nblk, ib0 + bper)
+        i, q0, ib0, ib1 = _job(job, mgroups, npan, nblk, NR)
         scratch = np.empty(MR * NR, z.dtype)
         cols = min(NR, Lq - q0)
         if cols < NR:
@@ -118,13 +114,10 @@ def gemm_taps_phase(ap, M, K, MR, NR, b, bimg, koff, H, W, nimg, z, zrow, zimg, 
         nbb = ib1 - ib0
         for ib in range(ib0, ib1):
             rows = min(MR, M - ib * MR)
-            if pfb > 0 and jp + pfb < npan:
+            if pfb > 0 and q0 + pfb * NR < Lq:
                 ii = ib - ib0
                 for k in range(K * ii // nbb, K * (ii + 1) // nbb):
-                    o = i * bimg + q0 + pfb * NR + koff[k]
-                    prefetch_read(b, min(o, blast))
-                    prefetch_read(b, min(o + line, blast))
-                    prefetch_read(b, min(o + NR - 1, blast))
+                    prefetch_run(b, i * bimg + q0 + pfb * NR + koff[k], NR)
             if cols < NR:
                 _tile(ap, ib * K * MR, rows, MR, bt, 0, kt, K, scratch)
             else:
