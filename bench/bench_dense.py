@@ -7,7 +7,7 @@ Prints GFLOP/s of both and the ratio (npconv speed / PyTorch speed: > 1 means np
 memory of ZF conv1 at batch 128 measured in a fresh process against input + output size. npconv's figure is the
 ``Conv2d`` layer's forward pass (``algorithm="auto"``), as a ``Network`` runs it: the layer keeps what it derives
 from its weights (the GEMM micro-kernel's packed weights), where ``functional.conv2d`` derives it on every call.
-Where "auto" runs Winograd or the direct kernel, the im2col + GEMM time of ``functional.conv2d(algorithm="gemm")``
+Where "auto" runs Winograd, the direct kernel or the lanes kernel, the im2col + GEMM time of ``functional.conv2d(algorithm="gemm")``
 is shown too.
 """
 from __future__ import annotations
@@ -159,7 +159,7 @@ def main(argv=None):
           f"({info.get('numba_threading_layer')}); BLAS: {info.get('blas')}; env: {describe()}")
     results = []
     print(f"{'layer':<22}{'npconv ms':>11}{'GF/s':>8}{'torch ms':>11}{'GF/s':>8}{'ratio':>8}  algorithm "
-          "(winograd, direct: also im2col+GEMM ms)")
+          "(winograd, direct, lanes: also im2col+GEMM ms)")
     table = rows(args.quick)
     for r_np, r_t in zip(table[::2], table[1::2]):
         res = {"npconv": measure(r_np.setup(), warmup=1, repeat=args.repeat)}
@@ -178,7 +178,7 @@ def main(argv=None):
         algo = _auto_algorithm(r_np.meta["layer"], r_np.meta["batch"], args.quick)
         line += f"  {algo}"
         rec["algorithm"] = algo
-        if algo in ("winograd", "direct"):  # the im2col + GEMM path on the same layer, for the record
+        if algo in ("winograd", "direct", "lanes"):  # the im2col + GEMM path on the same layer, for the record
             setup = _setup(*_layer(r_np.meta["layer"], args.quick), r_np.meta["batch"], "npconv-gemm")
             rec["npconv_gemm"] = measure(setup(), warmup=1, repeat=args.repeat)
             line += f" ({rec['npconv_gemm']['median'] * 1e3:.2f})"

@@ -17,7 +17,7 @@ import numpy as np
 from .._workspace import WS
 from ._prepared import prepared
 
-__all__ = ["use_winograd", "winograd_eligible", "conv2d_winograd_cpu"]
+__all__ = ["use_winograd", "winograd_beats_lanes", "winograd_eligible", "conv2d_winograd_cpu"]
 
 #: workspace bound of the transformed input and output tiles of a chunk, in bytes
 _WORKSPACE_BYTES = 48 * 2**20
@@ -30,6 +30,20 @@ USE_MICROKERNEL = True
 MIN_CHANNELS = 32
 #: ... and this many 2x2 output tiles per call (below, the GEMMs are too narrow and im2col + GEMM is as fast)
 MIN_TILES = 192
+#: Where the lanes kernel (``_lanes.py``) can run the conv, "auto" takes Winograd only from this many input and
+#: output channels (and ``MIN_TILES`` tiles). 2-core Zen 4 VM, float32, same process, lanes time / Winograd time
+#: in two or three runs (2026-11-27; the host's phases move single figures by 10-20%): 64 channels on 32 x 32
+#: 0.57-0.65 at batches 1-32; 128 channels on 16 x 16 0.83-0.85, on 32 x 32 0.87-1.16; 256 -> 384 on 13 x 13
+#: 0.92-1.10 at batch 1 (49 tiles, below ``MIN_TILES``), 1.20 at 4, 0.95-1.08 at 8, 1.09 at 32; 256 on 14 x 14
+#: 0.93 / 1.00 / 1.09 at batches 1 / 8 / 32; 256 on 56 x 56 and 512 on 28 x 28 at batch 1 1.39-1.59.
+LANES_MIN_CHANNELS = 256
+
+
+def winograd_beats_lanes(x_shape, w_shape, stride, dilation, groups, out_hw):
+    """Whether "auto" prefers Winograd to the lanes kernel: :func:`use_winograd`, with ``LANES_MIN_CHANNELS``
+    channels in and out."""
+    return use_winograd(x_shape, w_shape, stride, dilation, groups, out_hw) and min(x_shape[1],
+                                                                                    w_shape[0]) >= LANES_MIN_CHANNELS
 
 
 def winograd_eligible(w_shape, stride, dilation, groups):

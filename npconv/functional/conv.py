@@ -10,11 +10,13 @@ BLAS. On the BLAS path the bias rides in the GEMM as a row of ones when the outp
 chunk of one image writes straight into the output, and a larger chunk goes through a staging buffer whose scatter
 adds the bias. The chunk is chosen so that the product has enough columns to run at full speed and the workspace
 stays under ``_WORKSPACE_BYTES`` whatever the batch size. A 1x1, stride-1, unpadded convolution skips the packing.
-A grouped convolution with one input channel per group (depthwise) runs as direct numba loops. Two other
+A grouped convolution with one input channel per group (depthwise) runs as direct numba loops. Other
 algorithms are chosen where they are faster (``algorithm="auto"``): Winograd F(2x2, 3x3) for large enough 3x3
-layers (``_winograd.py``), and the im2col-free direct kernel (``_direct.py``) for convs with few taps per filter,
+layers (``_winograd.py``), the im2col-free direct kernel (``_direct.py``) for convs with few taps per filter,
 such as a network's first layer (3 channels), and, on the micro-kernel, for 5x5 and larger kernels from 8 images
-on.
+on; and, where the CPU has AVX-512, ahead of them for convs with many taps per filter, the lanes kernel
+(``_lanes.py``: a direct conv whose register tile is a run of output positions by 32 filters, with no patch
+matrix and no padded positions).
 
 GPU: CuPy arrays go to ``npconv.kernels.cuda.ops.conv2d`` (im2col kernel + cuBLAS).
 """
@@ -31,7 +33,7 @@ from .._validate import (as_pair, as_padding4, check_float_array, check_int, che
 __all__ = ["conv2d", "conv2d_output_shape", "normalize_conv_args", "auto_algorithm", "ALGORITHMS"]
 
 #: the values of conv2d's ``algorithm`` option
-ALGORITHMS = ("auto", "gemm", "winograd", "direct")
+ALGORITHMS = ("auto", "gemm", "winograd", "direct", "lanes")
 
 #: upper bound of the packing buffer (and GEMM output staging) per call, in bytes
 _WORKSPACE_BYTES = 48 * 2**20
@@ -100,13 +102,17 @@ def conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1, algorithm
         Zero padding; a pair means (vertical, horizontal) on both sides.
     groups : int
         Channel groups: input and output channels are split into ``groups`` blocks convolved separately.
-    algorithm : {"auto", "gemm", "winograd", "direct"}
-        CPU algorithm. "gemm": im2col + BLAS GEMM. "winograd": Winograd F(2x2, 3x3) (3x3 kernels, stride 1, no
+    algorithm : {"auto", "gemm", "winograd", "direct", "lanes"}
+        CPU algorithm. "gemm": im2col + GEMM. "winograd": Winograd F(2x2, 3x3) (3x3 kernels, stride 1, no
         dilation, no groups; 2.25x fewer multiply-adds, float32 results differ from "gemm" by a few units in the
         last place times the channel count). "direct": the im2col-free kernel of ``npconv.functional._direct``
-        (no dilation, no groups). "auto": Winograd where it is eligible and the call is large enough for it to be
-        faster (``npconv.functional._winograd.use_winograd``), else the direct kernel for convs with few taps per
-        filter, such as a network's first layer (``npconv.functional._direct.use_direct``), else "gemm". CuPy
+        (no dilation, no groups). "lanes": a direct conv with the filters in the vector lanes
+        (``npconv.functional._lanes``; no groups; needs AVX-512, else a ValueError). "auto": "lanes" for convs
+        with many taps per filter (channels x kernel of at least 512, a kernel larger than 1x1) where the CPU has
+        it (``_lanes.use_lanes``), unless Winograd is eligible, has 256 channels or more and enough tiles
+        (``_winograd.winograd_beats_lanes``); else Winograd where it is eligible and the call is large enough
+        for it to be faster (``_winograd.use_winograd``), else the direct kernel for convs with few taps per
+        filter, such as a network's first layer (``_direct.use_direct``), else "gemm". CuPy
         arrays take "auto" only (the GPU path chooses its own kernels). Winograd's transforms add and subtract
         inputs, so an infinite input gives NaN where the other algorithms give an infinity (NaN inputs give NaN
         everywhere alike); choose "gemm" where infinities must come through as such.
@@ -142,6 +148,7 @@ def _conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1, algorith
         from ..kernels.cuda import ops
         return fill_out(ops.conv2d(x, w, b, stride=stride, padding=pad, dilation=dilation, groups=groups), out)
     from . import _direct as DR
+    from . import _lanes as LN
     from . import _winograd as WG
     x, stride, pad = _single_output_axes(x, w.shape, stride, pad, dilation, OH, OW)
     if w.shape[1] == 0:
@@ -157,14 +164,21 @@ def _conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1, algorith
         if not DR.direct_eligible(dilation, groups):
             raise ValueError(f'algorithm="direct" needs dilation 1 and groups=1; got dilation {dilation}, '
                              f"groups {groups}")
+    elif algorithm == "lanes":
+        if not LN.lanes_eligible(x.dtype, groups):
+            raise ValueError('algorithm="lanes" needs groups=1 and a CPU with AVX-512 (its register tile); got '
+                             f"groups {groups}" + ("" if LN.lanes_eligible(x.dtype, 1) else ", and this CPU has no "
+                                                   "AVX-512"))
     elif algorithm == "auto":
-        algorithm = auto_algorithm(x.shape, w.shape, stride, dilation, groups, (OH, OW))
+        algorithm = auto_algorithm(x.shape, w.shape, stride, dilation, groups, (OH, OW), dtype=x.dtype)
     if algorithm == "winograd":
         return WG.conv2d_winograd_cpu(np.ascontiguousarray(x), np.ascontiguousarray(w),
                                       None if b is None else np.ascontiguousarray(b), pad, OH, OW, out=out,
                                       prep=prep)
     if algorithm == "direct":
         return DR.dense_direct(x, w, b, stride, pad, out=out, prep=prep)
+    if algorithm == "lanes":
+        return LN.conv2d_lanes_cpu(x, w, b, stride, pad, dilation, OH, OW, out=out, prep=prep)
     return _conv2d_cpu(x, w, b, stride, pad, dilation, groups, OH, OW, out, prep)
 
 
@@ -188,11 +202,16 @@ def _single_output_axes(x, w_shape, stride, pad, dilation, OH, OW):
     return x, (sh, sw), (pt, pb, pl, pr)
 
 
-def auto_algorithm(x_shape, w_shape, stride, dilation, groups, out_hw):
+def auto_algorithm(x_shape, w_shape, stride, dilation, groups, out_hw, *, dtype=np.float32):
     """The CPU algorithm ``conv2d(algorithm="auto")`` runs for these shapes (normalised pairs for ``stride`` and
-    ``dilation``): "winograd", "direct" or "gemm" (the depthwise and 1x1 special cases are part of "gemm")."""
+    ``dilation``) and ``dtype``: "lanes", "winograd", "direct" or "gemm" (the depthwise and 1x1 special cases are
+    part of "gemm")."""
     from . import _direct as DR
+    from . import _lanes as LN
     from . import _winograd as WG
+    if LN.use_lanes(x_shape, w_shape, dtype, groups, out_hw) and not WG.winograd_beats_lanes(
+            x_shape, w_shape, stride, dilation, groups, out_hw):
+        return "lanes"
     if WG.use_winograd(x_shape, w_shape, stride, dilation, groups, out_hw):
         return "winograd"
     if DR.use_direct(x_shape, w_shape, dilation, groups, out_hw):
