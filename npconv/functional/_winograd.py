@@ -31,11 +31,12 @@ MIN_CHANNELS = 32
 #: ... and this many 2x2 output tiles per call (below, the GEMMs are too narrow and im2col + GEMM is as fast)
 MIN_TILES = 192
 #: Where the lanes kernel (``_lanes.py``) can run the conv, "auto" takes Winograd only from this many input and
-#: output channels (and ``MIN_TILES`` tiles). 2-core Zen 4 VM, float32, same process, lanes time / Winograd time
-#: in two or three runs (2026-11-27; the host's phases move single figures by 10-20%): 64 channels on 32 x 32
-#: 0.57-0.65 at batches 1-32; 128 channels on 16 x 16 0.83-0.85, on 32 x 32 0.87-1.16; 256 -> 384 on 13 x 13
-#: 0.92-1.10 at batch 1 (49 tiles, below ``MIN_TILES``), 1.20 at 4, 0.95-1.08 at 8, 1.09 at 32; 256 on 14 x 14
-#: 0.93 / 1.00 / 1.09 at batches 1 / 8 / 32; 256 on 56 x 56 and 512 on 28 x 28 at batch 1 1.39-1.59.
+#: output channels (and ``MIN_TILES`` tiles). 2-core Zen 4 VM, float32, same process, lanes time / Winograd time at
+#: batches 1 / 2 / 4 / 8 (2026-11-27; the host's phases move single figures by 10-20%): 64 channels on 32 x 32
+#: 0.77-0.81; 128 on 16 x 16 1.09 / 0.99 / 1.00 / 1.06, on 32 x 32 1.00 / 1.04 / 0.96 / 1.04; 256 -> 384 on 13 x 13
+#: 1.02 / 0.89 / 1.14 / 1.14, 384 -> 384 1.03 / 1.09 / 1.10 / 1.39, 384 -> 256 0.97 / 0.88 / 1.01 / 1.37; 256 on
+#: 14 x 14 1.11 / 0.97 / 1.15 / 1.52; 256 on 56 x 56 and 512 on 28 x 28 at batch 1 1.39-1.59 (before the
+#: transforms' job order and the batched products, which made Winograd 1.04-1.17x faster).
 LANES_MIN_CHANNELS = 256
 
 
@@ -99,8 +100,10 @@ def conv2d_winograd_cpu(x, w, bias, pad, OH, OW, out=None, prep=None):
         from ..kernels.cpu import gemm as KG
         tile = KG.tile_shape(dt)
     if tile is not None:
-        # the transformed weights, packed, kept by the layer: no weight transform on later calls
-        packs = prepared(prep, ("cpu-wino-mk", dt), lambda: [KG.pack_a(u, tile[1]) for u in transformed()])
+        # the transformed weights, packed (the 16 one after the other), kept by the layer: no weight transform on
+        # later calls
+        packs = prepared(prep, ("cpu-wino-mk", dt), lambda: np.concatenate([KG.pack_a(u, tile[1])
+                                                                            for u in transformed()]))
     else:
         U = transformed()
     sv_max = _stride(C * chunk * TT)
@@ -121,8 +124,8 @@ def conv2d_winograd_cpu(x, w, bias, pad, OH, OW, out=None, prep=None):
         sm = _stride(F * T)
         KW.input_transform(x, n0, m, pad[0], pad[2], TH, TW, v_buf, T, sv, scratch)
         if packs is not None:
-            for xi in range(16):
-                KG.matmul(packs[xi], F, C, tile, v_buf[xi * sv:], T, T, m_buf[xi * sm:])
+            # the 16 products in one parallel region
+            KG.matmul(packs, F, C, tile, v_buf, T, T, m_buf, batch=(16, packs.shape[0] // 16, sv, sm))
         else:
             np.matmul(U, _stack(v_buf, sv, C, T), out=_stack(m_buf, sm, F, T))
         KW.output_transform(m_buf, T, sm, n0, m, TH, TW, b, has_b, out)

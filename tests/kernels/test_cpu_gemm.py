@@ -128,6 +128,35 @@ def test_gemm_images_row_map(rng, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,K,P,nimg,with_bias", [(13, 37, 45, 1, False), (29, 300, 70, 2, True), (4, 5, 3, 3, True)])
+def test_matmul_batch_of_products(rng, dtype, M, K, P, nimg, with_bias):
+    """Several products in one call (Winograd's 16), each with its own A, B and C at strides apart; gaps between
+    the products' outputs stay untouched (NaN), and so does everything past the last."""
+    VW, MR, NV = G.tile_shape(dtype)
+    NR = VW * NV
+    nb = 5
+    As = [rng.standard_normal((M, K)).astype(dtype) for _ in range(nb)]
+    Bs = [rng.standard_normal((K, nimg * P)).astype(dtype) for _ in range(nb)]
+    bias = rng.standard_normal(M).astype(dtype) if with_bias else None
+    packs = [G.pack_a(a, MR) for a in As]
+    bstride = K * nimg * P + 3                    # products apart by more than their size
+    cstride = nimg * M * P + 7
+    b = np.full(nb * bstride + NR, np.nan, dtype)
+    for x, Bm in enumerate(Bs):               # NaN between them: the last panels' loads must not reach C
+        b[x * bstride:x * bstride + Bm.size] = Bm.ravel()
+    c = np.full(nb * cstride + 5, np.nan, dtype)
+    G.matmul(np.concatenate(packs), M, K, G.tile_shape(dtype), b, nimg * P, P, c, nimg=nimg, cimg=M * P, bias=bias,
+             batch=(nb, packs[0].shape[0], bstride, cstride))
+    tol = _tol(dtype, K)
+    for x in range(nb):
+        ref = _reference(As[x], Bs[x], P, nimg, bias)
+        got = c[x * cstride:x * cstride + nimg * M * P].reshape(nimg, M, P)
+        np.testing.assert_allclose(got, ref, rtol=tol, atol=tol * max(1.0, np.abs(ref).max()))
+        assert np.isnan(c[x * cstride + nimg * M * P:(x + 1) * cstride]).all(), "wrote between products"
+    assert np.isnan(c[nb * cstride:]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_gemm_images_empty_sum_is_the_bias(dtype):
     bias = np.arange(1, 4, dtype=dtype)
     got = _run(np.zeros((3, 0), dtype), np.zeros((0, 10), dtype), 5, 2, bias, 1, 64, dtype)

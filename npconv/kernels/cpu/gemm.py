@@ -341,7 +341,7 @@ def _pack_a(a, MR, out):
 
 @numba.njit(parallel=True, cache=True, nogil=True)
 def gemm_images(ap, M, K, MR, NR, KC, b, ldb, P, nimg, c, cimg, bias, has_bias, mgroups, rowmap, use_map,
-                pfb=0):
+                pfb=0, nbat=1, abat=0, bbat=0, cbat=0):
     """For each image ``i < nimg``: ``c[i*cimg + r(f)*P + p] = sum_k A[f, k] * b[k*ldb + i*P + p] (+ bias[f])``,
     ``f < M``, ``p < P``, where ``r(f) = rowmap[f]`` if ``use_map`` else ``f``; ``ap`` is ``A`` packed by
     :func:`pack_a` with ``MR`` rows a block.
@@ -357,6 +357,10 @@ def gemm_images(ap, M, K, MR, NR, KC, b, ldb, P, nimg, c, cimg, bias, has_bias, 
     values past the last column of its last row (the last panel's loads run over it; those columns are never
     stored). ``pfb`` > 0: each row block's turn also fetches its share of the K block's rows of the panel ``pfb``
     panels on (:data:`PREFETCH_PANELS`); 0, none.
+
+    ``nbat`` > 1 runs that many such products in one parallel region, product ``x`` with ``A`` at
+    ``ap[x*abat:]``, ``b`` at ``b[x*bbat:]`` and ``c`` at ``c[x*cbat:]`` (the bias and row map shared): the
+    threads are woken once and share all the products' jobs (Winograd's 16 products of a chunk).
     """
     nblk = (M + MR - 1) // MR
     total = nimg * P
@@ -364,18 +368,21 @@ def gemm_images(ap, M, K, MR, NR, KC, b, ldb, P, nimg, c, cimg, bias, has_bias, 
     bper = (nblk + mgroups - 1) // mgroups
     if K == 0:
         # an empty sum: each output is its bias (or zero)
-        for i in range(nimg):
-            for f in range(M):
-                bv = bias[f] if has_bias else 0.0
-                row = c[i * cimg + (rowmap[f] if use_map else f) * P:]
-                for p in range(P):
-                    row[p] = bv
+        for xb in range(nbat):
+            for i in range(nimg):
+                for f in range(M):
+                    bv = bias[f] if has_bias else 0.0
+                    row = c[xb * cbat + i * cimg + (rowmap[f] if use_map else f) * P:]
+                    for p in range(P):
+                        row[p] = bv
         return
     # jobs panel by panel, each panel's row-block groups in turn; but where the last panel is at most half a panel
     # (the one-vector tile, half the work), group by group, so that those cheaper jobs do not all come last in the
     # iteration space, which the threads share in order (AlexNet conv3-5 at batch 1, 13 x 13 outputs: 1.05-1.14x)
     narrow = 2 * (total - (npan - 1) * NR) <= NR
-    for job in numba.prange(npan * mgroups):
+    for bjob in numba.prange(nbat * npan * mgroups):
+        xb = bjob // (npan * mgroups)
+        job = bjob - xb * (npan * mgroups)
         if narrow:
             g = job // npan
             jp = job - g * npan
@@ -394,18 +401,18 @@ def gemm_images(ap, M, K, MR, NR, KC, b, ldb, P, nimg, c, cimg, bias, has_bias, 
             kc = min(KC, K - k0)
             first = k0 == 0
             for ib in range(ib0, ib1):
-                aoff = ib * K * MR + k0 * MR
-                boff = k0 * ldb + j0
+                aoff = xb * abat + ib * K * MR + k0 * MR
+                boff = xb * bbat + k0 * ldb + j0
                 if pfb > 0:
                     # a share of the B panel ``pfb`` panels on, for the same K rows: the job after next reads it
                     ii = ib - ib0
                     nbb = ib1 - ib0
                     for k in range(k0 + kc * ii // nbb, k0 + kc * (ii + 1) // nbb):
-                        prefetch_run(b, k * ldb + j0 + pfb * NR, NR)
+                        prefetch_run(b, xb * bbat + k * ldb + j0 + pfb * NR, NR)
                 if inside and (ib + 1) * MR <= M:
                     mode = (2 if has_bias else 0) if first else 1
-                    microkernel(ap, aoff, b, boff, ldb, c, i0 * cimg + ib * MR * P + p0, P, kc, mode, bias,
-                                ib * MR if has_bias else 0)
+                    microkernel(ap, aoff, b, boff, ldb, c, xb * cbat + i0 * cimg + ib * MR * P + p0, P, kc, mode,
+                                bias, ib * MR if has_bias else 0)
                 else:
                     # a partial last row block runs the smallest tile that holds its rows
                     rem = M - ib * MR
@@ -435,7 +442,7 @@ def gemm_images(ap, M, K, MR, NR, KC, b, ldb, P, nimg, c, cimg, bias, has_bias, 
                     i = (j0 + q) // P
                     p = j0 + q - i * P
                     run = min(cols - q, P - p)
-                    dst = c[i * cimg + (rowmap[f] if use_map else f) * P + p:]
+                    dst = c[xb * cbat + i * cimg + (rowmap[f] if use_map else f) * P + p:]
                     sq = src[q:]
                     for e in range(run):
                         dst[e] = sq[e] + bv
@@ -445,21 +452,23 @@ def gemm_images(ap, M, K, MR, NR, KC, b, ldb, P, nimg, c, cimg, bias, has_bias, 
 _NO_MAP = np.zeros(1, np.int64)
 
 
-def matmul(packed, M, K, tile, b, ldb, N, c, *, nimg=1, cimg=0, bias=None, rowmap=None):
+def matmul(packed, M, K, tile, b, ldb, N, c, *, nimg=1, cimg=0, bias=None, rowmap=None, batch=None):
     """``c[i*cimg + r(f)*N + j] = sum_k A[f, k] * b[k*ldb + i*N + j] (+ bias[f])`` for ``f < M``, ``j < N``,
     ``i < nimg``: :func:`gemm_images` with the K block and the row-block split chosen here. ``packed`` is ``A``
     packed by :func:`pack_a` for ``tile`` (:func:`tile_shape`); ``b`` and ``c`` are flat 1-D views, ``b`` with
     ``NR`` readable values past its last used one; ``rowmap`` (int64, one output row per row of A) permutes the
-    output rows."""
+    output rows. ``batch`` = (n, astride, bstride, cstride): n such products in one call, product ``x`` on
+    ``packed[x*astride:]``, ``b[x*bstride:]`` and ``c[x*cstride:]``."""
     VW, MR, NV = tile
     NR = VW * NV
     KC = max(16, KC_BYTES // (NR * c.itemsize))
     nblk = -(-M // MR)
-    mgroups = max(1, min(nblk, -(-4 * numba.get_num_threads() // -(-nimg * N // NR))))
+    nb, abat, bbat, cbat = (1, 0, 0, 0) if batch is None else batch
+    mgroups = max(1, min(nblk, -(-4 * numba.get_num_threads() // (nb * -(-nimg * N // NR)))))
     has_b = bias is not None
     gemm_images(packed, M, K, MR, NR, KC, b, ldb, N, nimg, c, cimg, bias if has_b else np.zeros(1, c.dtype), has_b,
                 mgroups, _NO_MAP if rowmap is None else rowmap, rowmap is not None,
-                PREFETCH_PANELS)
+                PREFETCH_PANELS, nb, abat, bbat, cbat)
 
 
 #: :func:`matmul_stream` is the faster from a product of this depth down (its 4-row tile does a third of the

@@ -89,7 +89,9 @@ def input_transform(x, n0, nimg, pt, pl, TH, TW, Vf, T, CT, scratch):
     image n0 + i, channel c, at padded rows [2ty, 2ty + 4) and columns [2tx, 2tx + 4); ``T`` tiles per channel
     row, ``CT`` >= C*T the stride between the 16 matrices.
 
-    One parallel job per (image, channel). ``scratch`` (threads, (2*TH + 2) * (2*TW + 2) + 4 * (2*TW + 2)) holds
+    One parallel job per (channel, image), channel-major: the threads' consecutive jobs write one channel's rows of
+    the 16 matrices front to back, where image-major jobs wrote each row in short runs from many jobs (ZF conv5 at
+    batch 128: the transform 69 -> 35 ms, the layer 1.11x faster; 2-core Zen 4 VM, 2026-11-27). ``scratch`` (threads, (2*TH + 2) * (2*TW + 2) + 4 * (2*TW + 2)) holds
     each thread's zero-padded plane and the four row combinations ``s_k`` of a tile row (the ``B^T d`` step over
     whole rows), from which the column step writes 16 runs of TW values. Everything is indexed through flat
     offsets: with 13x13 images (7 tiles a row) numba's per-slice cost made a slicing version 3x slower.
@@ -101,19 +103,27 @@ def input_transform(x, n0, nimg, pt, pl, TH, TW, Vf, T, CT, scratch):
     M = 2 * TW + 2
     TT = TH * TW
     for job in numba.prange(nimg * C):
-        i = job // C
-        c = job - i * C
+        c = job // nimg
+        i = job - c * nimg
         sc = scratch[numba.get_thread_id()]
         xin = x[n0 + i, c]
+        # the padded plane: columns [lo, hi) of a row hold input columns, the rest zeros
+        lo = min(M, pl)
+        hi = max(lo, min(M, W + pl))
         for r in range(R):
             ih = r - pt
+            rb = r * M
             if ih < 0 or ih >= H:
                 for m in range(M):
-                    sc[r * M + m] = 0
+                    sc[rb + m] = 0
             else:
-                for m in range(M):
-                    iw = m - pl
-                    sc[r * M + m] = xin[ih, iw] if (iw >= 0 and iw < W) else 0
+                for m in range(lo):
+                    sc[rb + m] = 0
+                src = xin[ih]
+                for m in range(hi - lo):
+                    sc[rb + lo + m] = src[m + lo - pl]
+                for m in range(hi, M):
+                    sc[rb + m] = 0
         sb = R * M
         o = c * T + i * TT
         for ty in range(TH):
@@ -145,16 +155,17 @@ def input_transform(x, n0, nimg, pt, pl, TH, TW, Vf, T, CT, scratch):
 @numba.njit(parallel=True, cache=True, nogil=True)
 def output_transform(Mf, T, FT, n0, nimg, TH, TW, bias, has_bias, y):
     """y[n0 + i, f, 2ty + a, 2tx + b] = (A^T m A)[a, b] (+ bias[f]) for the tiles ``m[xi] = Mf[xi * FT + f * T +
-    t]``, cropped to y's (OH, OW). One parallel job per (image, output channel); flat offsets as in
-    :func:`input_transform`."""
+    t]``, cropped to y's (OH, OW). One parallel job per (output channel, image), channel-major as in
+    :func:`input_transform` (it reads each channel's rows of the 16 matrices front to back); flat offsets as
+    there."""
     F = y.shape[1]
     OH = y.shape[2]
     OW = y.shape[3]
     TT = TH * TW
     nfull = min(TW, OW // 2)
     for job in numba.prange(nimg * F):
-        i = job // F
-        f = job - i * F
+        f = job // nimg
+        i = job - f * nimg
         b = bias[f] if has_bias else 0.0
         yf = y[n0 + i, f].reshape(OH * OW)
         for ty in range(TH):
