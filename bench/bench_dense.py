@@ -7,8 +7,10 @@ Prints GFLOP/s of both and the ratio (npconv speed / PyTorch speed: > 1 means np
 memory of ZF conv1 at batch 128 measured in a fresh process against input + output size. npconv's figure is the
 ``Conv2d`` layer's forward pass (``algorithm="auto"``), as a ``Network`` runs it: the layer keeps what it derives
 from its weights (the GEMM micro-kernel's packed weights), where ``functional.conv2d`` derives it on every call.
-Where "auto" runs Winograd, the direct kernel or the lanes kernel, the im2col + GEMM time of ``functional.conv2d(algorithm="gemm")``
-is shown too.
+npconv and PyTorch are timed in alternating blocks of calls (``bench._timing.interleaved``: 5 calls a block at
+batch 1, 2 above; ``--repeat`` calls of each at least, five times that at batch 1), so that both see the same
+phases of a noisy machine. Where "auto" runs Winograd, the direct kernel or the lanes kernel, the im2col + GEMM
+time of ``functional.conv2d(algorithm="gemm")`` is shown too.
 """
 from __future__ import annotations
 
@@ -140,13 +142,13 @@ def memory_only():
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--repeat", type=int, default=6)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: os.cpu_count())")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--keep-blas-env", action="store_true")
     args = ap.parse_args(argv)
     from bench._env import describe
-    from bench._timing import cpu_line, measure, thread_info
+    from bench._timing import cpu_line, interleaved, measure, thread_info
     threads = args.threads or len(os.sched_getaffinity(0))
     try:
         import torch
@@ -162,11 +164,14 @@ def main(argv=None):
           "(winograd, direct, lanes: also im2col+GEMM ms)")
     table = rows(args.quick)
     for r_np, r_t in zip(table[::2], table[1::2]):
-        res = {"npconv": measure(r_np.setup(), warmup=1, repeat=args.repeat)}
+        fns = {"npconv": r_np.setup()}
         try:
-            res["torch"] = measure(r_t.setup(), warmup=1, repeat=args.repeat)
+            fns["torch"] = r_t.setup()
         except Exception as exc:  # SkipRow: no torch
             print(f"# torch skipped: {exc}")
+        # npconv and PyTorch in alternating blocks of calls: both see the same phases of the machine
+        one = r_np.meta["batch"] == 1
+        res = interleaved(fns, args.repeat * (5 if one else 1), block=5 if one else 2)
         t_np = res["npconv"]["median"]
         name = r_np.name.rsplit("/", 1)[0]
         line = f"{name:<22}{t_np * 1e3:>11.2f}{r_np.flops / t_np / 1e9:>8.1f}"
