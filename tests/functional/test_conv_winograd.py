@@ -100,13 +100,20 @@ def test_winograd_matches_naive_loops(rng, dtype, H, W, padding, bias):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_winograd_alexnet_like_and_non_contiguous(rng, dtype):
-    """Enough channels and images for several chunks; the input a strided view, the weights Fortran-ordered."""
+@pytest.mark.parametrize("layer", [False, True], ids=["functional", "layer"])
+def test_winograd_alexnet_like_and_non_contiguous(rng, monkeypatch, dtype, layer):
+    """Several chunks of images (an uneven last one); the input a strided view, the weights Fortran-ordered; a
+    functional call (one batched BLAS product) and a layer (its 16 products on the micro-kernel, in one call)."""
+    monkeypatch.setattr(WG, "_TARGET_TILES", 5 * 49)
     big = rng.standard_normal((12, 40, 15, 30)).astype(dtype)
     x = big[:, :, 1:14, ::2][:, :, :, :13]             # (12, 40, 13, 13), not contiguous
     w = np.asfortranarray(rng.standard_normal((36, 40, 3, 3)).astype(dtype) / 10)
     b = rng.standard_normal(36).astype(dtype)
-    y = conv2d(x, w, b, padding=1, algorithm="winograd")
+    if layer:
+        from npconv.functional.conv import _conv2d
+        y = _conv2d(x, w, b, padding=1, algorithm="winograd", prep={})
+    else:
+        y = conv2d(x, w, b, padding=1, algorithm="winograd")
     ref = conv2d_einsum(x, w, b, padding=(1, 1, 1, 1))
     rtol, atol = tolerance(dtype)
     np.testing.assert_allclose(y, ref, rtol=rtol, atol=atol * 4)
