@@ -23,14 +23,12 @@ AVX-512 only (:func:`lanes_tile`).
 """
 from __future__ import annotations
 
-import llvmlite.ir as ir
 import numba
 import numpy as np
 from numba import types
-from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .gemm import tile_shape
+from .gemm import TileIR, tile_shape
 
 __all__ = ["lanes_tile", "lanes_rows", "LANES_ROWS", "conv_lanes", "pack_lanes_input"]
 
@@ -57,70 +55,31 @@ def lanes_rows(OW):
 def _lanes_codegen(is32, VW, MR, NV, PS=1):
     """LLVM IR of one tile: ``c[coff + i*NR + j] = sum_k x[xoff + i*PS + koff[k]] * w[woff + k*NR + j]`` for
     ``i < MR``, ``j < NR = NV*VW``, ``k < K``."""
-    fname = "v%df32" % VW if is32 else "v%df64" % VW
     NR = NV * VW
 
     def codegen(context, builder, signature, args):
         w_v, woff_v, x_v, xoff_v, koff_v, c_v, coff_v, K_v = args
-        sty = ir.FloatType() if is32 else ir.DoubleType()
-        vty = ir.VectorType(sty, VW)
-        i64 = ir.IntType(64)
-        i32 = ir.IntType(32)
+        t = TileIR(context, builder, signature, is32, VW)
+        Wb = builder.gep(t.data(0, w_v), [woff_v])
+        X = builder.gep(t.data(2, x_v), [xoff_v])
+        KOFF = t.data(4, koff_v)
+        C = builder.gep(t.data(5, c_v), [coff_v])
 
-        def data(k, v):
-            return context.make_array(signature.args[k])(context, builder, v).data
+        def step(kphi, accs):
+            ko = builder.load(builder.gep(KOFF, [kphi]))
+            wrow = builder.mul(kphi, t.const(NR))
+            wvs = [builder.load(t.vptr(Wb, builder.add(wrow, t.const(v * VW))), align=1) for v in range(NV)]
+            new = []
+            for i in range(MR):
+                # the positions' broadcasts: constant offsets from one base, so one pointer serves the tile
+                s = t.splat(builder.load(builder.gep(X, [builder.add(ko, t.const(i * PS))])))
+                for v in range(NV):
+                    new.append(t.fma(s, wvs[v], accs[i * NV + v]))
+            return new
 
-        Wb = builder.gep(data(0, w_v), [woff_v])
-        X = builder.gep(data(2, x_v), [xoff_v])
-        KOFF = data(4, koff_v)
-        C = builder.gep(data(5, c_v), [coff_v])
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty, vty, vty]),
-                                             "llvm.fma." + fname)
-        zero = ir.Constant(vty, [0.0] * VW)
-        undef = ir.Constant(vty, ir.Undefined)
-        splat0 = ir.Constant(ir.VectorType(i32, VW), [0] * VW)
-
-        def vptr(base, off):
-            return builder.bitcast(builder.gep(base, [off]), vty.as_pointer())
-
-        pre = builder.block
-        loop = builder.append_basic_block("npc_lanes.loop")
-        done = builder.append_basic_block("npc_lanes.done")
-        builder.cbranch(builder.icmp_signed(">", K_v, ir.Constant(i64, 0)), loop, done)
-
-        builder.position_at_end(loop)
-        kphi = builder.phi(i64)
-        kphi.add_incoming(ir.Constant(i64, 0), pre)
-        accs = []
-        for _ in range(MR * NV):
-            p = builder.phi(vty)
-            p.add_incoming(zero, pre)
-            accs.append(p)
-        ko = builder.load(builder.gep(KOFF, [kphi]))
-        wrow = builder.mul(kphi, ir.Constant(i64, NR))
-        wvs = [builder.load(vptr(Wb, builder.add(wrow, ir.Constant(i64, v * VW))), align=1) for v in range(NV)]
-        new = []
-        for i in range(MR):
-            s = builder.load(builder.gep(X, [builder.add(ko, ir.Constant(i64, i * PS))]))
-            s = builder.shuffle_vector(builder.insert_element(undef, s, ir.Constant(i32, 0)), undef, splat0)
-            for v in range(NV):
-                new.append(builder.call(fma, [s, wvs[v], accs[i * NV + v]]))
-        knext = builder.add(kphi, ir.Constant(i64, 1))
-        tail = builder.block
-        kphi.add_incoming(knext, tail)
-        for p, n in zip(accs, new):
-            p.add_incoming(n, tail)
-        builder.cbranch(builder.icmp_signed("<", knext, K_v), loop, done)
-
-        builder.position_at_end(done)
-        fin = []
+        fin = t.k_loop(K_v, MR * NV, step, "npc_lanes")
         for q in range(MR * NV):
-            p = builder.phi(vty)
-            p.add_incoming(zero, pre)
-            p.add_incoming(new[q], tail)
-            fin.append(p)
-        for q in range(MR * NV):
-            builder.store(fin[q], vptr(C, ir.Constant(i64, q * VW)), align=1)
+            builder.store(fin[q], t.vptr(C, t.const(q * VW)), align=1)
         return context.get_dummy_value()
 
     return codegen

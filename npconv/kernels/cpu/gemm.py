@@ -89,84 +89,111 @@ def _typed_tile(arrs, shape_of):
     return is32, shape_of(np.float32 if is32 else np.float64)
 
 
+class TileIR:
+    """The LLVM IR pieces of a register-tile kernel, for one codegen call: the float and vector types, the
+    ``llvm.fma`` of the vector type, splats, vector pointers into arrays, and a reduction loop over ``k`` that
+    carries vector accumulators in phi nodes (:meth:`k_loop`). Shared by this module's tiles and the lanes kernel
+    (``conv_lanes.py``)."""
+
+    def __init__(self, context, builder, signature, is32, VW):
+        self.context, self.builder, self.signature = context, builder, signature
+        self.VW = VW
+        self.i64 = ir.IntType(64)
+        self.i32 = ir.IntType(32)
+        self.vty = ir.VectorType(ir.FloatType() if is32 else ir.DoubleType(), VW)
+        self.fma_fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(self.vty, [self.vty] * 3),
+                                                     "llvm.fma.v%d%s" % (VW, "f32" if is32 else "f64"))
+        self.zero = ir.Constant(self.vty, [0.0] * VW)
+        self._undef = ir.Constant(self.vty, ir.Undefined)
+        self._splat0 = ir.Constant(ir.VectorType(self.i32, VW), [0] * VW)
+
+    def const(self, n):
+        return ir.Constant(self.i64, n)
+
+    def data(self, k, v):
+        """The data pointer of array argument ``k`` (its value ``v``)."""
+        return self.context.make_array(self.signature.args[k])(self.context, self.builder, v).data
+
+    def splat(self, s):
+        b = self.builder
+        return b.shuffle_vector(b.insert_element(self._undef, s, ir.Constant(self.i32, 0)), self._undef, self._splat0)
+
+    def vptr(self, base, off):
+        """A vector pointer to ``base[off]``."""
+        return self.builder.bitcast(self.builder.gep(base, [off]), self.vty.as_pointer())
+
+    def fma(self, a, b, c):
+        return self.builder.call(self.fma_fn, [a, b, c])
+
+    def k_loop(self, K_v, nacc, step, name):
+        """``for k < K``: ``accs = step(k, accs)`` over ``nacc`` vector accumulators starting at zero; returns their
+        final values (zero for ``K <= 0``), the builder positioned after the loop."""
+        b = self.builder
+        pre = b.block
+        loop = b.append_basic_block(name + ".loop")
+        done = b.append_basic_block(name + ".done")
+        b.cbranch(b.icmp_signed(">", K_v, self.const(0)), loop, done)
+        b.position_at_end(loop)
+        kphi = b.phi(self.i64)
+        kphi.add_incoming(self.const(0), pre)
+        accs = []
+        for _ in range(nacc):
+            p = b.phi(self.vty)
+            p.add_incoming(self.zero, pre)
+            accs.append(p)
+        new = step(kphi, accs)
+        knext = b.add(kphi, self.const(1))
+        tail = b.block
+        kphi.add_incoming(knext, tail)
+        for p, n in zip(accs, new):
+            p.add_incoming(n, tail)
+        b.cbranch(b.icmp_signed("<", knext, K_v), loop, done)
+        b.position_at_end(done)
+        fin = []
+        for n in new:
+            p = b.phi(self.vty)
+            p.add_incoming(self.zero, pre)
+            p.add_incoming(n, tail)
+            fin.append(p)
+        return fin
+
+
 def _tile_codegen(is32, VW, MR, NV, taps, astride=None):
     """The LLVM IR of one tile (module docstring). ``taps``: row ``k`` of ``B`` starts at ``boff + koff[k]`` (an
     int64 array argument in the place of ``ldb``) instead of ``boff + k*ldb``. ``astride``: ``A``'s values for step
     ``k`` start at ``aoff + k*astride`` (default ``MR``): a tile of fewer rows than the packing's blocks."""
     astride = MR if astride is None else astride
-    fname = "v%df32" % VW if is32 else "v%df64" % VW
 
     def codegen(context, builder, signature, args):
         a_v, aoff_v, b_v, boff_v, ldb_v, c_v, coff_v, ldc_v, K_v, mode_v, bias_v, bb_v = args
-        sty = ir.FloatType() if is32 else ir.DoubleType()
-        vty = ir.VectorType(sty, VW)
-        i64 = ir.IntType(64)
-        i32 = ir.IntType(32)
+        t = TileIR(context, builder, signature, is32, VW)
+        A = builder.gep(t.data(0, a_v), [aoff_v])
+        B = builder.gep(t.data(2, b_v), [boff_v])
+        KOFF = t.data(4, ldb_v) if taps else None
+        C = builder.gep(t.data(5, c_v), [coff_v])
+        BI = t.data(10, bias_v)
 
-        def data(k, v):
-            return context.make_array(signature.args[k])(context, builder, v).data
+        def step(kphi, accs):
+            brow = builder.load(builder.gep(KOFF, [kphi])) if taps else builder.mul(kphi, ldb_v)
+            bvs = [builder.load(t.vptr(B, builder.add(brow, t.const(v * VW))), align=1) for v in range(NV)]
+            arow = builder.gep(A, [builder.mul(kphi, t.const(astride))])
+            new = []
+            for i in range(MR):
+                s = t.splat(builder.load(builder.gep(arow, [t.const(i)])))
+                for v in range(NV):
+                    new.append(t.fma(s, bvs[v], accs[i * NV + v]))
+            return new
 
-        A = builder.gep(data(0, a_v), [aoff_v])
-        B = builder.gep(data(2, b_v), [boff_v])
-        KOFF = data(4, ldb_v) if taps else None
-        C = builder.gep(data(5, c_v), [coff_v])
-        BI = data(10, bias_v)
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty, vty, vty]),
-                                             "llvm.fma." + fname)
-        zero = ir.Constant(vty, [0.0] * VW)
-        undef = ir.Constant(vty, ir.Undefined)
-        splat0 = ir.Constant(ir.VectorType(i32, VW), [0] * VW)
-
-        def splat(s):
-            return builder.shuffle_vector(builder.insert_element(undef, s, ir.Constant(i32, 0)), undef, splat0)
-
-        def vptr(base, off):
-            return builder.bitcast(builder.gep(base, [off]), vty.as_pointer())
-
-        pre = builder.block
-        loop = builder.append_basic_block("npc_mk.loop")
-        done = builder.append_basic_block("npc_mk.done")
-        builder.cbranch(builder.icmp_signed(">", K_v, ir.Constant(i64, 0)), loop, done)
-
-        builder.position_at_end(loop)
-        kphi = builder.phi(i64)
-        kphi.add_incoming(ir.Constant(i64, 0), pre)
-        accs = []
-        for _ in range(MR * NV):
-            p = builder.phi(vty)
-            p.add_incoming(zero, pre)
-            accs.append(p)
-        brow = builder.load(builder.gep(KOFF, [kphi])) if taps else builder.mul(kphi, ldb_v)
-        bvs = [builder.load(vptr(B, builder.add(brow, ir.Constant(i64, v * VW))), align=1) for v in range(NV)]
-        arow = builder.gep(A, [builder.mul(kphi, ir.Constant(i64, astride))])
-        new = []
+        fin = t.k_loop(K_v, MR * NV, step, "npc_mk")
+        add_c = builder.icmp_signed("==", mode_v, t.const(1))
+        add_b = builder.icmp_signed("==", mode_v, t.const(2))
         for i in range(MR):
-            s = splat(builder.load(builder.gep(arow, [ir.Constant(i64, i)])))
-            for v in range(NV):
-                new.append(builder.call(fma, [s, bvs[v], accs[i * NV + v]]))
-        knext = builder.add(kphi, ir.Constant(i64, 1))
-        tail = builder.block
-        kphi.add_incoming(knext, tail)
-        for p, n in zip(accs, new):
-            p.add_incoming(n, tail)
-        builder.cbranch(builder.icmp_signed("<", knext, K_v), loop, done)
-
-        builder.position_at_end(done)
-        fin = []
-        for q in range(MR * NV):
-            p = builder.phi(vty)
-            p.add_incoming(zero, pre)
-            p.add_incoming(new[q], tail)
-            fin.append(p)
-        add_c = builder.icmp_signed("==", mode_v, ir.Constant(i64, 1))
-        add_b = builder.icmp_signed("==", mode_v, ir.Constant(i64, 2))
-        for i in range(MR):
-            crow = builder.mul(ir.Constant(i64, i), ldc_v)
+            crow = builder.mul(t.const(i), ldc_v)
             # the bias is read only in mode 2 (its array may be a 1-element placeholder otherwise)
-            bsel = builder.select(add_b, builder.add(bb_v, ir.Constant(i64, i)), ir.Constant(i64, 0))
-            bval = splat(builder.load(builder.gep(BI, [bsel])))
+            bsel = builder.select(add_b, builder.add(bb_v, t.const(i)), t.const(0))
+            bval = t.splat(builder.load(builder.gep(BI, [bsel])))
             for v in range(NV):
-                ptr = vptr(C, builder.add(crow, ir.Constant(i64, v * VW)))
+                ptr = t.vptr(C, builder.add(crow, t.const(v * VW)))
                 val = fin[i * NV + v]
                 with_b = builder.select(add_b, builder.fadd(val, bval), val)
                 with cgutils.if_likely(builder, builder.not_(add_c)):
