@@ -23,7 +23,7 @@ __all__ = ["use_winograd", "winograd_beats_lanes", "winograd_eligible", "conv2d_
 _WORKSPACE_BYTES = 48 * 2**20
 #: tiles (GEMM columns) per chunk above which a larger chunk stops paying (within ``_WORKSPACE_BYTES``). With the 16
 #: products in one parallel region, 2048 against 512 (2-core Zen 4 VM, 2026-11-27, medians of 5 alternating runs,
-#: two runs): 384 -> 256 on 13 x 13 at batch 128 1.08x and 1.10x faster, 256 -> 384 1.20x and 0.99x, 384 -> 384 at
+#: two runs): 384 -> 256 on 13 x 13 at batch 128 1.08x faster twice, 256 -> 384 1.20x and 0.99x, 384 -> 384 at
 #: batch 32 1.03x, 256 -> 256 at batch 16 1.11x
 _TARGET_TILES = 2048
 #: a layer's 16 GEMMs on npconv's micro-kernel (``kernels/cpu/gemm.py``) where the CPU has one; a module constant for
