@@ -2,8 +2,9 @@
 
 No patch matrix and no padded positions: a register tile is a run of one output row's positions (4 to 14, chosen
 to fit the row) by 32 filters (16 in float64), the positions broadcast from the input planes in place and the
-whole reduction in the registers. It serves ``conv2d(algorithm="lanes")`` and, at small batches,
-``algorithm="auto"`` (:func:`use_lanes`), where im2col + GEMM pays for its patch matrix and for the panels' padding.
+whole reduction in the registers. It serves ``conv2d(algorithm="lanes")`` and, for convs with many taps per filter
+at any batch size, ``algorithm="auto"`` (:func:`use_lanes`): im2col + GEMM pays for its patch matrix and for its
+panels' padding, the direct kernel and the implicit GEMMs for their padded positions (docs/conv.md).
 """
 from __future__ import annotations
 

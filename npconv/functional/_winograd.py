@@ -46,8 +46,9 @@ LANES_MIN_CHANNELS = 256
 def winograd_beats_lanes(x_shape, w_shape, stride, dilation, groups, out_hw):
     """Whether "auto" prefers Winograd to the lanes kernel: :func:`use_winograd`, with ``LANES_MIN_CHANNELS``
     channels in and out."""
-    return use_winograd(x_shape, w_shape, stride, dilation, groups, out_hw) and min(x_shape[1],
-                                                                                    w_shape[0]) >= LANES_MIN_CHANNELS
+    if not use_winograd(x_shape, w_shape, stride, dilation, groups, out_hw):
+        return False
+    return min(x_shape[1], w_shape[0]) >= LANES_MIN_CHANNELS
 
 
 def winograd_eligible(w_shape, stride, dilation, groups):
