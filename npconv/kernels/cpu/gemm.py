@@ -97,7 +97,6 @@ class TileIR:
 
     def __init__(self, context, builder, signature, is32, VW):
         self.context, self.builder, self.signature = context, builder, signature
-        self.VW = VW
         self.i64 = ir.IntType(64)
         self.i32 = ir.IntType(32)
         self.vty = ir.VectorType(ir.FloatType() if is32 else ir.DoubleType(), VW)
