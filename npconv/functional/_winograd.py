@@ -33,22 +33,26 @@ USE_MICROKERNEL = True
 MIN_CHANNELS = 32
 #: ... and this many 2x2 output tiles per call (below, the GEMMs are too narrow and im2col + GEMM is as fast)
 MIN_TILES = 192
-#: Where the lanes kernel (``_lanes.py``) can run the conv, "auto" takes Winograd only from this many input and
-#: output channels (and ``MIN_TILES`` tiles). 2-core Zen 4 VM, float32, same process, lanes time / Winograd time at
-#: batches 1 / 2 / 4 / 8 (2026-11-27; the host's phases move single figures by 10-20%): 64 channels on 32 x 32
-#: 0.77-0.81; 128 on 16 x 16 1.09 / 0.99 / 1.00 / 1.06, on 32 x 32 1.00 / 1.04 / 0.96 / 1.04; 256 -> 384 on 13 x 13
-#: 1.02 / 0.89 / 1.14 / 1.14, 384 -> 384 1.03 / 1.09 / 1.10 / 1.39, 384 -> 256 0.97 / 0.88 / 1.01 / 1.37; 256 on
-#: 14 x 14 1.11 / 0.97 / 1.15 / 1.52; 256 on 56 x 56 and 512 on 28 x 28 at batch 1 1.39-1.59 (before the
-#: transforms' job order and the batched products, which made Winograd 1.04-1.17x faster).
-LANES_MIN_CHANNELS = 256
+#: Where the lanes kernel (``_lanes.py``) can run the conv, "auto" takes Winograd from this many input and output
+#: channels ...
+LANES_MIN_CHANNELS = 128
+#: ... and this many tiles per call (one 11 x 11 output), instead of ``MIN_CHANNELS`` and ``MIN_TILES``. 2-core Zen 4
+#: VM, float32, same process, lanes time / Winograd time with the vectorised input transform (2026-11-27; the host's
+#: phases move single figures by 10-20%): 128 channels on 16 x 16 1.37-1.41 at batch 1, 1.10 at 2, 1.04 at 8; on
+#: 32 x 32 1.39 at 1, 1.14 at 4, 1.27 at 8; 256 -> 384 on 13 x 13 1.11-1.14 at 1, 0.94 at 2, 1.14 at 4, 1.43 at 8;
+#: 384 -> 256 1.04-1.16, 0.93, 1.05, 1.49; 256 on 14 x 14 1.14 and 1.12 at batches 1 and 2; 64 channels on 32 x 32
+#: 1.16 at 1 but 0.74 at 8 (hence 128).
+LANES_MIN_TILES = 32
 
 
 def winograd_beats_lanes(x_shape, w_shape, stride, dilation, groups, out_hw):
-    """Whether "auto" prefers Winograd to the lanes kernel: :func:`use_winograd`, with ``LANES_MIN_CHANNELS``
-    channels in and out."""
-    if not use_winograd(x_shape, w_shape, stride, dilation, groups, out_hw):
+    """Whether "auto" prefers Winograd to the lanes kernel: eligible, with ``LANES_MIN_CHANNELS`` channels in and
+    out and ``LANES_MIN_TILES`` tiles."""
+    if not winograd_eligible(w_shape, stride, dilation, groups):
         return False
-    return min(x_shape[1], w_shape[0]) >= LANES_MIN_CHANNELS
+    N, C = x_shape[:2]
+    tiles = N * (-(-out_hw[0] // 2)) * (-(-out_hw[1] // 2))
+    return min(C, w_shape[0]) >= LANES_MIN_CHANNELS and tiles >= LANES_MIN_TILES
 
 
 def winograd_eligible(w_shape, stride, dilation, groups):

@@ -109,7 +109,7 @@ def conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1, algorithm
         (no dilation, no groups). "lanes": a direct conv with the filters in the vector lanes
         (``npconv.functional._lanes``; no groups; needs AVX-512, else a ValueError). "auto": "lanes" for convs
         with many taps per filter (channels x kernel of at least 512, a kernel larger than 1x1) where the CPU has
-        it (``_lanes.use_lanes``), unless Winograd is eligible, has 256 channels or more and enough tiles
+        it (``_lanes.use_lanes``), unless Winograd is eligible and has 128 channels or more and 32 tiles
         (``_winograd.winograd_beats_lanes``); else Winograd where it is eligible and the call is large enough
         for it to be faster (``_winograd.use_winograd``), else the direct kernel for convs with few taps per
         filter, such as a network's first layer (``_direct.use_direct``), else "gemm". CuPy
@@ -209,9 +209,8 @@ def auto_algorithm(x_shape, w_shape, stride, dilation, groups, out_hw, *, dtype=
     from . import _direct as DR
     from . import _lanes as LN
     from . import _winograd as WG
-    if LN.use_lanes(x_shape, w_shape, dtype, groups, out_hw) and not WG.winograd_beats_lanes(
-            x_shape, w_shape, stride, dilation, groups, out_hw):
-        return "lanes"
+    if LN.use_lanes(x_shape, w_shape, dtype, groups, out_hw):
+        return "winograd" if WG.winograd_beats_lanes(x_shape, w_shape, stride, dilation, groups, out_hw) else "lanes"
     if WG.use_winograd(x_shape, w_shape, stride, dilation, groups, out_hw):
         return "winograd"
     if DR.use_direct(x_shape, w_shape, dilation, groups, out_hw):

@@ -96,12 +96,13 @@ def test_auto_takes_lanes_for_deep_layers():
     f32 = dict(dtype=np.float32)
     assert auto_algorithm((1, 96, 55, 55), (256, 96, 5, 5), (2, 2), (1, 1), 1, (26, 26), **f32) == "lanes"  # ZF conv2
     assert auto_algorithm((128, 96, 55, 55), (256, 96, 5, 5), (2, 2), (1, 1), 1, (26, 26), **f32) == "lanes"
-    assert auto_algorithm((1, 256, 13, 13), (384, 256, 3, 3), *one, (13, 13), **f32) == "lanes"   # 49 tiles
-    assert auto_algorithm((1, 64, 32, 32), (64, 64, 3, 3), *one, (32, 32), **f32) == "lanes"
+    assert auto_algorithm((8, 64, 32, 32), (64, 64, 3, 3), *one, (32, 32), **f32) == "lanes"
     assert auto_algorithm((1, 64, 32, 32), (64, 64, 3, 3), *one, (32, 32), dtype=np.float64) == "lanes"
-    # Winograd where it is faster still: 256 channels or more and enough tiles
+    assert auto_algorithm((1, 256, 5, 5), (256, 256, 3, 3), *one, (5, 5), **f32) == "lanes"      # 9 tiles
+    # Winograd where it is faster still: 128 channels or more and 32 tiles
+    assert auto_algorithm((1, 256, 13, 13), (384, 256, 3, 3), *one, (13, 13), **f32) == "winograd"  # 49 tiles
     assert auto_algorithm((8, 256, 13, 13), (384, 256, 3, 3), *one, (13, 13), **f32) == "winograd"
-    assert auto_algorithm((1, 512, 28, 28), (512, 512, 3, 3), *one, (28, 28), **f32) == "winograd"
+    assert auto_algorithm((1, 128, 16, 16), (128, 128, 3, 3), *one, (16, 16), **f32) == "winograd"
     # few taps per output (a first layer), 1x1 kernels and grouped convs: not lanes
     assert auto_algorithm((1, 3, 224, 224), (96, 3, 7, 7), (2, 2), (1, 1), 1, (110, 110), **f32) == "gemm"
     assert auto_algorithm((1, 512, 14, 14), (256, 512, 1, 1), *one, (14, 14), **f32) == "gemm"

@@ -40,9 +40,12 @@ def test_weight_transform(rng, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("H,W,pt,pl", [(6, 6, 0, 0), (7, 5, 1, 1), (5, 8, 2, 0)])
+@pytest.mark.parametrize("H,W,pt,pl", [(6, 6, 0, 0), (7, 5, 1, 1), (5, 8, 2, 0), (1, 1, 1, 1), (2, 4, 1, 0),
+                                      (13, 13, 1, 1), (9, 31, 1, 1), (4, 17, 0, 2)])
 def test_input_transform(rng, dtype, H, W, pt, pl):
-    N, C = 2, 3
+    """Tile rows of 1 to 16 tiles (the kernel takes seven at a time, storing 8 lanes where that is safe), three
+    images; the gaps between the 16 matrices stay unwritten."""
+    N, C = 3, 3
     x = rng.standard_normal((N, C, H, W)).astype(dtype)
     OH, OW = H + 2 * pt - 2, W + 2 * pl - 2     # symmetric padding for the reference's padded copy
     TH, TW = -(-OH // 2), -(-OW // 2)
@@ -51,6 +54,7 @@ def test_input_transform(rng, dtype, H, W, pt, pl):
     buf = np.full(16 * stride, np.nan, dtype)
     scratch = np.empty((8, (2 * TH + 2) * (2 * TW + 2) + 4 * (2 * TW + 2)), dtype)
     KW.input_transform(x, 0, N, pt, pl, TH, TW, buf, T, stride, scratch)
+    assert np.isnan(buf.reshape(16, stride)[:, C * T:]).all()
     V = buf.reshape(16, stride)[:, :C * T].reshape(16, C, T)
     xp = np.zeros((N, C, 2 * TH + 2, 2 * TW + 2))
     xp[:, :, pt:pt + H, pl:pl + W] = x[:, :, :2 * TH + 2 - pt, :2 * TW + 2 - pl]
