@@ -47,10 +47,10 @@ def use_lanes(x_shape, w_shape, dtype, groups, out_hw):
 @functools.lru_cache(maxsize=64)
 def _tap_offsets(C, KH, KW, dh, dw, sw, Hp, Wq):
     """Each tap's (channel, kernel row, kernel column) offset from its position's base in the planes of
-    ``pack_lanes_input``: channel planes of ``Hp`` rows of ``sw`` phases of ``Wq`` values."""
+    ``pack_lanes_input``: per channel ``sw`` phase planes of ``Hp`` rows of ``Wq`` values."""
     c, kh, kw = np.meshgrid(np.arange(C), np.arange(KH), np.arange(KW), indexing="ij")
     col = kw * dw
-    off = (c * Hp + kh * dh) * (sw * Wq) + (col % sw) * Wq + col // sw
+    off = ((c * sw + col % sw) * Hp + kh * dh) * Wq + col // sw
     off = np.ascontiguousarray(off.ravel().astype(np.int64))
     off.flags.writeable = False          # shared by the cache
     return off
@@ -91,6 +91,6 @@ def conv2d_lanes_cpu(x, w, b, stride, pad, dilation, OH, OW, out=None, prep=None
         ntile = (n1 - n0) * OH * -(-OW // MR)
         # enough jobs for 4 a thread (the threads take equal runs of jobs in order)
         nchunk = max(1, min(ntile, -(-4 * numba.get_num_threads() // nfb)))
-        KL.conv_lanes(wp, F, C * KH * KW, NR, MR, xq, ximg, koff, OH, OW, sh * sw * Wq, n1 - n0,
+        KL.conv_lanes(wp, F, C * KH * KW, NR, MR, xq, ximg, koff, OH, OW, sh * Wq, n1 - n0,
                       outf[n0 * F * OH * OW:n1 * F * OH * OW], bias, has_b, nchunk)
     return out

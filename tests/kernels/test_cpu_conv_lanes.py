@@ -15,13 +15,13 @@ DTYPES = [np.float32, np.float64]
 
 
 def _planes(x, pt, pl, sw, Hp, Wq):
-    """The layout of ``pack_lanes_input`` built with NumPy: zero-padded planes, columns split by phase."""
+    """The layout of ``pack_lanes_input`` built with NumPy: zero-padded planes, one per column phase."""
     N, C, H, W = x.shape
     width = Wq * sw
     xp = np.zeros((N, C, max(Hp, pt + H), max(width, pl + W)), x.dtype)
     xp[:, :, pt:pt + H, pl:pl + W] = x
     xp = xp[:, :, :Hp, :width]                                       # rows/columns past the planes: never read
-    return np.ascontiguousarray(xp.reshape(N, C, Hp, Wq, sw).transpose(0, 1, 2, 4, 3)).ravel()
+    return np.ascontiguousarray(xp.reshape(N, C, Hp, Wq, sw).transpose(0, 1, 4, 2, 3)).ravel()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -52,11 +52,11 @@ def _run(x, w, b, stride, pad, dilation, MR, nchunk=3):
     Wq = -(-OW // MR) * MR + ((KW - 1) * dw) // sw
     xq = _planes(x, pad[0], pad[2], sw, Hp, Wq)
     c, kh, kw = np.meshgrid(np.arange(C), np.arange(KH), np.arange(KW), indexing="ij")
-    koff = ((c * Hp + kh * dh) * (sw * Wq) + (kw * dw % sw) * Wq + kw * dw // sw).ravel().astype(np.int64)
+    koff = (((c * sw + kw * dw % sw) * Hp + kh * dh) * Wq + kw * dw // sw).ravel().astype(np.int64)
     out = np.full(N * F * OH * OW + 7, np.nan, x.dtype)            # NaN: anything not written shows
     has_b = b is not None
     KL.conv_lanes(KG.pack_a(w.reshape(F, -1), NR), F, C * KH * KW, NR, MR, xq, C * Hp * sw * Wq, koff, OH, OW,
-                  sh * sw * Wq, N, out, b if has_b else np.zeros(1, x.dtype), has_b, nchunk)
+                  sh * Wq, N, out, b if has_b else np.zeros(1, x.dtype), has_b, nchunk)
     assert np.isnan(out[N * F * OH * OW:]).all()                    # nothing past the output
     return out[:N * F * OH * OW].reshape(N, F, OH, OW)
 

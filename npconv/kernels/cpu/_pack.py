@@ -3,7 +3,8 @@
 In the phase-split layout ``dst[p, q, r, m] = x_padded[r * sh + p, m * sw + q]`` every tap of a strided
 convolution reads contiguous runs: the tap at padded offset (a, b) of output (oh, ow) is
 ``dst[a % sh, b % sw, oh + a // sh, ow + b // sw]``. The zero padding is materialised once, so the consumers
-have no bounds tests. Used by the dense im2col (``im2col.py``) and the biclustered front ends (``bicluster.py``).
+have no bounds tests. Used by the dense im2col (``im2col.py``), the biclustered front ends (``bicluster.py``) and
+the lanes kernel (``conv_lanes.py``, one row phase).
 """
 from __future__ import annotations
 

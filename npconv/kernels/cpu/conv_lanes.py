@@ -10,9 +10,9 @@ with ``MR`` chosen per layer from 4 to 14 to fit ``OW`` (13 for a 13-wide map, 1
 whole reduction (every channel and tap) runs in the registers, with no K blocks and no partial sums in memory.
 
 Layout. The input is copied once per call into zero-padded planes split by the column phases of the stride
-(:func:`pack_lanes_input`: plane row ``y`` holds ``sw`` rows of ``Wq`` values, ``[pw][xc]`` for padded column
-``xc*sw + pw``), so that output column ``ox`` of tap column ``kw`` reads column ``ox + (kw*dw) // sw`` of phase
-``(kw*dw) % sw``: consecutive positions are consecutive values for every stride, and the tile's ``MR`` broadcasts
+(:func:`pack_lanes_input`: each channel ``sw`` planes of ``Hp`` rows of ``Wq`` values, phase ``pw`` holding padded
+columns ``xc*sw + pw``), so that output column ``ox`` of tap column ``kw`` reads column ``ox + (kw*dw) // sw`` of
+phase ``(kw*dw) % sw``: consecutive positions are consecutive values for every stride, and the tile's ``MR`` broadcasts
 are at constant offsets ``0 .. MR - 1`` from one base. Tap ``k`` = (channel, kernel row, kernel column) is at
 ``koff[k]`` from the position's base. The weights are packed k-major per block of ``NR`` filters (``gemm.pack_a``
 with ``NR`` rows). A tile's sums go to a scratch tile (position-major) and are copied into the ``NR`` output planes
@@ -28,6 +28,7 @@ import numpy as np
 from numba import types
 from numba.extending import intrinsic
 
+from ._pack import pack_plane
 from .gemm import TileIR, tile_shape
 
 __all__ = ["lanes_tile", "lanes_rows", "LANES_ROWS", "conv_lanes", "pack_lanes_input"]
@@ -52,9 +53,9 @@ def lanes_rows(OW):
     return min(LANES_ROWS, key=lambda mr: (-(-OW // mr) * mr, -mr))
 
 
-def _lanes_codegen(is32, VW, MR, NV, PS=1):
-    """LLVM IR of one tile: ``c[coff + i*NR + j] = sum_k x[xoff + i*PS + koff[k]] * w[woff + k*NR + j]`` for
-    ``i < MR``, ``j < NR = NV*VW``, ``k < K``."""
+def _lanes_codegen(is32, VW, MR, NV):
+    """LLVM IR of one tile: ``c[coff + i*NR + j] = sum_k x[xoff + i + koff[k]] * w[woff + k*NR + j]`` for ``i < MR``,
+    ``j < NR = NV*VW``, ``k < K``."""
     NR = NV * VW
 
     def codegen(context, builder, signature, args):
@@ -72,7 +73,7 @@ def _lanes_codegen(is32, VW, MR, NV, PS=1):
             new = []
             for i in range(MR):
                 # the positions' broadcasts: constant offsets from one base, so one pointer serves the tile
-                s = t.splat(builder.load(builder.gep(X, [builder.add(ko, t.const(i * PS))])))
+                s = t.splat(builder.load(builder.gep(X, [builder.add(ko, t.const(i))])))
                 for v in range(NV):
                     new.append(t.fma(s, wvs[v], accs[i * NV + v]))
             return new
@@ -178,33 +179,10 @@ def conv_lanes(wp, F, K, NR, MR, xq, ximg, koff, OH, OW, rowstep, nimg, out, bia
 
 @numba.njit(parallel=True, cache=True, nogil=True)
 def pack_lanes_input(x, pt, pl, sw, Hp, Wq, xq):
-    """``xq[((n*C + c)*Hp + y)*sw*Wq + pw*Wq + xc] = x_padded[n, c, y, xc*sw + pw]`` (zero outside ``x``, ``pt``
-    rows above and ``pl`` columns left of it), for ``y < Hp``, ``xc < Wq``."""
-    N, C, H, W = x.shape
-    plane = Hp * sw * Wq
+    """``xq[(((n*C + c)*sw + pw)*Hp + y)*Wq + xc] = x_padded[n, c, y, xc*sw + pw]`` (zero outside ``x``, ``pt``
+    rows above and ``pl`` columns left of it), for ``y < Hp``, ``xc < Wq``: each channel's plane padded and split
+    by the column phases (``_pack.pack_plane`` with one row phase)."""
+    N, C = x.shape[0], x.shape[1]
+    planes = xq[:N * C * sw * Hp * Wq].reshape(N * C, 1, sw, Hp, Wq)
     for job in numba.prange(N * C):
-        n = job // C
-        c = job - n * C
-        base = job * plane
-        for y in range(Hp):
-            iy = y - pt
-            for pw in range(sw):
-                d = xq[base + (y * sw + pw) * Wq:base + (y * sw + pw + 1) * Wq]
-                # columns xc holding input columns: 0 <= xc*sw + pw - pl < W
-                lo = min(Wq, max(0, (pl - pw + sw - 1) // sw))
-                hi = max(lo, min(Wq, (W + pl - pw + sw - 1) // sw))
-                if iy < 0 or iy >= H:
-                    lo = hi = 0
-                for e in range(lo):
-                    d[e] = 0
-                for e in range(hi, Wq):
-                    d[e] = 0
-                if hi > lo:
-                    src = x[n, c, iy]
-                    x0 = lo * sw + pw - pl
-                    if sw == 1:
-                        for e in range(hi - lo):        # a contiguous run: vectorised
-                            d[lo + e] = src[x0 + e]
-                    else:
-                        for e in range(hi - lo):
-                            d[lo + e] = src[x0 + e * sw]
+        pack_plane(x[job // C, job % C], pt, pl, 1, sw, planes[job])
