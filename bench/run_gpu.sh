@@ -12,8 +12,9 @@
 # the host time of eager batch-1 calls (npconv's Python, CuPy, NumPy) and the per-call times, queued and
 # synchronised; small: its timings at small batches (dense convs against cuDNN, the biclustered CP expansion and SVD
 # reduction fused or not); cpblock: the CP layer with 1, 2, 4 images a bic_cp_front block; lowrank: ZF conv1's
-# low-rank form on each path (one lr_conv launch, factor_conv + lr_expand, factor_conv + GEMM + bias_add),
-# lr_conv's block sizes and the separable form in one sep_conv launch or two factor_conv passes; ncu: Nsight
+# low-rank form on each path (one lr_conv launch, factor_conv + lr_expand, factor_conv + GEMM + bias_add), the
+# separable form in one sep_conv launch or two factor_conv passes, and at batches 1 and 8 the filter-sharing rules
+# of lr_conv, sep_conv and mono_conv; ncu: Nsight
 # Compute on bench/gpu_profile.py's workloads (report and its details page; NCU_SET=b1 for the batch-1 set, cp for
 # the CP front end, convs for conv3/conv4 at batch 8, lr for ZF conv1's forms, sep for the separable form in one
 # launch or two); memcheck / racecheck:

@@ -168,12 +168,14 @@ def lr_conv_smem(C, KH, KW, TB, CC, FC):
     return max(-(-CC * KH * KW // LRC_UNROLL) * LRC_UNROLL * TB, FC * (TB + 1))
 
 
-@pytest.mark.parametrize("launch", ["forward-128", "reverse-32"])
+@pytest.mark.parametrize("launch", ["forward-128-1", "reverse-32-3"])
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("case,pix", [(c, px) for c in LRC_CASES for px in (1, 2) if px == 1 or c[11] != 32],
                          ids=lambda v: "x".join(map(str, v[:8])) if isinstance(v, tuple) else f"px{v}")
 def test_lr_conv(lowrank_module, rng, dtype, launch, with_bias, case, pix):
-    """lr_conv<TB> (one pixel a thread) and lr_conv<TB>_px2 (two, pixels blockDim apart; not compiled for TB = 32)."""
+    """lr_conv<TB> (one pixel a thread) and lr_conv<TB>_px2 (two, pixels blockDim apart; not compiled for TB = 32),
+    with the F outputs in one share or in shares of ceil(F / 3) filters (grid y; FS not a multiple of FC, so a share
+    ends in a short chunk). The output starts as NaN: a filter no share writes shows."""
     N, C, H, W, T, F, KH, KW, stride, pad, dil, TB, CC, FC = case
     x = rng.standard_normal((N, C, H, W)).astype(dtype)
     first = rng.standard_normal((T, C, KH, KW)).astype(dtype)
@@ -182,12 +184,12 @@ def test_lr_conv(lowrank_module, rng, dtype, launch, with_bias, case, pix):
     ref = conv2d_einsum(x, dense, b if with_bias else None, stride=stride, padding=pad, dilation=dil)
     OH, OW = ref.shape[2:]
     y = np.full(ref.shape, np.nan, dtype)
-    order, block = launch.split("-")
-    block = int(block)
+    order, block, shares = launch.split("-")
+    block, FS = int(block), -(-F // int(shares))
     args = (x, first, second, b if with_bias else second, y,
-            *map(i32, (N, C, H, W, T, F, KH, KW, *stride, pad[0], pad[2], *dil, OH, OW, CC, FC, with_bias)))
+            *map(i32, (N, C, H, W, T, F, KH, KW, *stride, pad[0], pad[2], *dil, OH, OW, CC, FC, with_bias, FS)))
     name = f"lr_conv{TB}" + ("_px2" if pix == 2 else "")
-    kernel(lowrank_module, name, dtype)((-(-N * OH * OW // (pix * block)),), (block,), args,
+    kernel(lowrank_module, name, dtype)((-(-N * OH * OW // (pix * block)), -(-F // FS)), (block,), args,
                                         shared_mem=lr_conv_smem(C, KH, KW, TB, CC, FC) * dtype.itemsize, order=order)
     check(y, ref, dtype, C * KH * KW * T)
 
@@ -211,7 +213,7 @@ def test_lr_conv_against_loops(lowrank_module, rng):
     ref = lr_loops(h.reshape(N, T, -1), second, b).reshape(N, F, OH, OW)
     y = np.full(ref.shape, np.nan)
     args = (x, first, second, b, y, *map(i32, (N, C, H, W, T, F, KH, KW, *stride, pad[0], pad[2], 1, 1, OH, OW,
-                                               2, 3, 1)))
+                                               2, 3, 1, F)))
     kernel(lowrank_module, "lr_conv8", dtype)((-(-N * OH * OW // 64),), (64,), args,
                                               shared_mem=lr_conv_smem(C, KH, KW, 8, 2, 3) * 8, order="reverse")
     check(y, ref, dtype, C * KH * KW * T)
@@ -258,11 +260,16 @@ def sep_smem(K, C, X, Y, SW, KB, TR):
     return K * Y * SEP_FT + SEP_FT + C * X * KB + KB * TR * ((SEP_TC - 1) * SW + Y)
 
 
-@pytest.mark.parametrize("order", ["forward", "reverse"])
+@pytest.mark.parametrize("launch", ["forward-all", "reverse-16", "forward-5"])
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("case", SEP_CASES, ids=lambda c: "x".join(map(str, c[:8])))
-def test_sep_conv(lowrank_module, rng, dtype, order, with_bias, case):
+def test_sep_conv(lowrank_module, rng, dtype, launch, with_bias, case):
+    """sep_conv<KB> with all the filters a block, or shares of FS filters (grid z): whole 16-filter passes as
+    ops_lowrank launches it, or 5, a share ending inside a pass. The output starts as NaN: a filter no share writes
+    shows."""
     N, C, H, W, K, F, X, Y, stride, pad, KB, TR = case
+    order, fs = launch.split("-")
+    FS = F if fs == "all" else int(fs)
     x = rng.standard_normal((N, C, H, W)).astype(dtype)
     V, Hz = rng.standard_normal((K, C, X)).astype(dtype), rng.standard_normal((F, K, Y)).astype(dtype)
     b = rng.standard_normal(F).astype(dtype)
@@ -271,8 +278,8 @@ def test_sep_conv(lowrank_module, rng, dtype, order, with_bias, case):
     y = np.full(ref.shape, np.nan, dtype)
     tiles_w = -(-OW // SEP_TC)
     args = (x, V, Hz, b if with_bias else Hz, y,
-            *map(i32, (N, C, H, W, K, F, X, Y, *stride, pad[0], pad[2], OH, OW, tiles_w, with_bias)))
-    kernel(lowrank_module, f"sep_conv{KB}", dtype)((-(-OH // TR) * tiles_w, N), (TR * SEP_TC,), args,
+            *map(i32, (N, C, H, W, K, F, X, Y, *stride, pad[0], pad[2], OH, OW, tiles_w, with_bias, FS)))
+    kernel(lowrank_module, f"sep_conv{KB}", dtype)((-(-OH // TR) * tiles_w, N, -(-F // FS)), (TR * SEP_TC,), args,
                                                    shared_mem=sep_smem(K, C, X, Y, stride[1], KB, TR) * dtype.itemsize,
                                                    order=order)
     check(y, ref, dtype, C * X * K * Y)
@@ -289,7 +296,8 @@ def test_sep_conv_against_the_dense_kernel(lowrank_module, rng):
                         stride=stride, padding=pad)
     OH, OW = ref.shape[2:]
     y = np.full(ref.shape, np.nan, dtype)
-    args = (x, V, Hz, b, y, *map(i32, (N, C, H, W, K, F, X, Y, *stride, pad[0], pad[2], OH, OW, -(-OW // SEP_TC), 1)))
+    args = (x, V, Hz, b, y, *map(i32, (N, C, H, W, K, F, X, Y, *stride, pad[0], pad[2], OH, OW, -(-OW // SEP_TC), 1,
+                                       F)))
     kernel(lowrank_module, "sep_conv4", dtype)((-(-OH // TR) * -(-OW // SEP_TC), N), (TR * SEP_TC,), args,
                                                shared_mem=sep_smem(K, C, X, Y, stride[1], KB, TR) * 4)
     check(y, ref, dtype, C * X * K * Y)
@@ -423,8 +431,9 @@ def test_mono_conv_against_loops(lowrank_module, rng, dtype, case):
 @pytest.mark.parametrize("splits", [2, 3, 7])
 @pytest.mark.parametrize("case", ["zf-like-7x7s2", "groups-1-3-4-5-17-s2", "unequal-empty"])
 def test_mono_conv_colour_shares(lowrank_module, rng, dtype, case, splits):
-    """Each colour's filters shared by ``splits`` blocks (grid y = C' * splits), in whole 8-filter passes: colours
-    of 17 filters split 8 + 8 + 1 (or 16 + 1), shares past a colour's last filter and empty colours leave at once."""
+    """Each colour's filters shared by ``splits`` blocks (grid y = C' * splits), in shares of a multiple of 4
+    filters: colours of 17 filters split 12 + 5, 8 + 8 + 1 or 4 + 4 + 4 + 4 + 1 (a 4- and a 1-filter pass end a
+    share), shares past a colour's last filter and empty colours leave at once."""
     x, T, a, S, b, stride, pad = mono_inputs(rng, dtype, case, True)
     y = run_mono(lowrank_module, dtype, x, T, a, S, b, stride, pad, "reverse-16x3", splits=splits)
     check(y, mono_loops(x, T, a, S, b, stride, pad), dtype, x.shape[1] * S.shape[1] * S.shape[2])

@@ -31,6 +31,9 @@ def test_constants_shared_with_the_source():
     assert set(map(int, re.findall(r"npc_mono_passes<(\d+)>\(", text))) == set(ops_lowrank.MONO_TILE_WIDTHS)
     # the widest pass is the weight buffer's width; the pass widths the kernel picks from
     assert set(map(int, re.findall(r"npc_mono_pass<(\d+), \d+, TW>\(", text))) == {8, 4, 2}
+    # a colour's share: a multiple of the kernel's granule (whole 8- and 4-filter passes)
+    granule = int(re.search(r"#define NPCONV_MONO_SHARE (\d+)", text)[1])
+    assert granule == 4 and ops_lowrank.MONO_SHARE_FILTERS % granule == 0
     # lr_expand<TB>: the compiled ranks and the pixels a thread of each
     found = {int(tb): int(pix) for tb, pix in re.findall(r"^NPCONV_LR_EXPAND\((\d+), (\d+)\)$", text, re.M)}
     assert found == ops_lowrank.LR_EXPAND_RANKS

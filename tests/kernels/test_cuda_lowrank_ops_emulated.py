@@ -305,7 +305,9 @@ def test_sep_conv_plan_rule(monkeypatch):
 
 
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
-def test_separable_conv2d(fc, launched, rng, dtype, order, with_bias):
+def test_separable_conv2d(fc, launched, monkeypatch, rng, dtype, order, with_bias):
+    """The two-pass path (factor_conv twice), taken above SEP_CONV_MAX_PIXELS: a strided vertical factor."""
+    monkeypatch.setattr(ops_lowrank, "SEP_CONV_MAX_PIXELS", 0)
     N, C, K, F, X, Y = 2, 3, 4, 20, 5, 3
     x = rng.standard_normal((N, C, 13, 12)).astype(dtype)
     V = rng.standard_normal((K, C, X, 1)).astype(dtype)
@@ -327,16 +329,79 @@ def test_conv_stage_falls_back_to_ops_when_the_kernel_is_too_large(fc, launched,
 
 
 def test_mono_splits_rule(monkeypatch):
-    """Blocks share a colour's filters only in a grid under MONO_MIN_BLOCKS, in whole 8-filter passes, and never
-    past the grid's y limit."""
+    """Blocks share a colour's filters only in a grid under MONO_MIN_BLOCKS, in shares of at least
+    MONO_SHARE_FILTERS, and never past the grid's y limit."""
     monkeypatch.setattr(ops_lowrank, "MONO_MIN_BLOCKS", 512)
+    monkeypatch.setattr(ops_lowrank, "MONO_SHARE_FILTERS", 4)
     assert ops_lowrank.mono_splits(512, 96, 4) == 1                  # enough blocks already
-    assert ops_lowrank.mono_splits(56, 8, 4) == 1                    # one pass a colour: nothing to share
-    assert ops_lowrank.mono_splits(56, 24, 4) == 3                   # ZF conv1, 4 colours, batch 1: a pass a block
+    assert ops_lowrank.mono_splits(56, 4, 4) == 1                    # one 4-filter share a colour: nothing to share
+    assert ops_lowrank.mono_splits(56, 8, 4) == 2
+    assert ops_lowrank.mono_splits(56, 24, 4) == 6                   # ZF conv1, 4 colours, batch 1: 4 filters a block
     assert ops_lowrank.mono_splits(256, 96, 4) == 2                  # two blocks reach 512
     assert ops_lowrank.mono_splits(1, 10**6, 65535) == 1             # the grid's y is full
+    monkeypatch.setattr(ops_lowrank, "MONO_SHARE_FILTERS", 8)        # the rule before shares of 4
+    assert ops_lowrank.mono_splits(56, 24, 4) == 3
     monkeypatch.setattr(ops_lowrank, "_MAX_GRID_YZ", 12)
     assert ops_lowrank.mono_splits(1, 96, 4) == 3
+
+
+def test_filter_shares_rule():
+    """Hand-computed: no sharing from min_blocks blocks on or with one unit; else enough shares to reach min_blocks,
+    at most the units and the limit."""
+    shares = ops_lowrank.filter_shares
+    assert shares(512, 512, 6) == 1
+    assert shares(95, 512, 1) == 1
+    assert shares(95, 512, 12) == 6                                  # ZF conv1 lr_conv at batch 1: ceil(512 / 95)
+    assert shares(112, 512, 6) == 5                                  # sep_conv: 6 passes of 16 filters
+    assert shares(112, 512, 3) == 3                                  # capped by the units
+    assert shares(0, 512, 4) == 4
+    assert shares(1, 512, 100, limit=7) == 7
+
+
+@pytest.fixture
+def grids(monkeypatch, fc):
+    """(kernel name, grid, last argument) of every launch through ops_lowrank._launch."""
+    seen = []
+    real = ops_lowrank._launch
+
+    def spy(name, dtype, grid, block, args, shared_mem=0):
+        seen.append((name, tuple(grid), int(args[-1])))
+        return real(name, dtype, grid, block, args, shared_mem)
+    monkeypatch.setattr(ops_lowrank, "_launch", spy)
+    return seen
+
+
+@pytest.mark.parametrize("min_blocks,shares", [(0, 1), (10**6, 3)])
+def test_sep_conv_filter_shares(fc, grids, monkeypatch, rng, dtype, min_blocks, shares):
+    """Under SEP_MIN_BLOCKS blocks, the 40 filters (3 passes of 16) go to 3 blocks a tile (grid z, FS = 16; the last
+    share 8 filters), each computing the tile's K maps; the output equals the dense conv's either way."""
+    monkeypatch.setattr(ops_lowrank, "SEP_MIN_BLOCKS", min_blocks)
+    N, C, K, F, X, Y = 2, 3, 5, 40, 3, 5
+    x = rng.standard_normal((N, C, 11, 37)).astype(dtype)
+    V, Hz = rng.standard_normal((K, C, X, 1)).astype(dtype), rng.standard_normal((F, K, 1, Y)).astype(dtype)
+    b = rng.standard_normal(F).astype(dtype)
+    y = ops_lowrank.separable_conv2d(fc.asarray(x), fc.asarray(V), fc.asarray(Hz), fc.asarray(b), stride=(1, 2),
+                                     padding=(1, 1, 2, 2))
+    dense = np.einsum("fky,kcx->fcxy", Hz[:, :, 0].astype(np.float64), V[..., 0].astype(np.float64))
+    check(y, conv2d_einsum(x, dense, b, stride=(1, 2), padding=(1, 1, 2, 2)), dtype, C * X * K * Y)
+    assert [(g[0], g[1][2], g[2]) for g in grids] == [("sep_conv8", shares, 16 if shares > 1 else 48)]
+
+
+@pytest.mark.parametrize("min_blocks,shares,FS", [(0, 1, 20), (10**6, 3, 7)])
+def test_lr_conv_filter_shares(fc, grids, monkeypatch, rng, dtype, min_blocks, shares, FS):
+    """Under LR_CONV_MIN_BLOCKS blocks, the 20 outputs go to ceil(20 / 8) = 3 blocks a pixel range (grid y, FS = 7),
+    each computing the pixels' first stage; the output equals the dense conv's either way."""
+    monkeypatch.setattr(ops_lowrank, "LR_CONV_MIN_BLOCKS", min_blocks)
+    monkeypatch.setattr(ops_lowrank, "LR_CONV_SHARE_FILTERS", 8)
+    N, C, t, F, KH, KW = 2, 3, 6, 20, 3, 3
+    x = rng.standard_normal((N, C, 10, 9)).astype(dtype)
+    first, second = rng.standard_normal((t, C, KH, KW)).astype(dtype), rng.standard_normal((F, t)).astype(dtype)
+    b = rng.standard_normal(F).astype(dtype)
+    y = ops_lowrank.lowrank_conv2d(fc.asarray(x), fc.asarray(first), fc.asarray(second), fc.asarray(b),
+                                   stride=(1, 1), padding=(1, 1, 1, 1), dilation=(1, 1))
+    dense = np.einsum("ft,tcxy->fcxy", second.astype(np.float64), first.astype(np.float64))
+    check(y, conv2d_einsum(x, dense, b, padding=(1, 1, 1, 1)), dtype, C * KH * KW * t)
+    assert [(g[0], g[1][1], g[2]) for g in grids] == [("lr_conv8", shares, FS)]
 
 
 def test_launch_refuses_wrong_argument_types(fc, rng):

@@ -17,6 +17,7 @@
 //                   pass of the K maps its output tile reads into shared memory, then the horizontal pass from it.
 
 #define NPCONV_MONO_FT 8
+#define NPCONV_MONO_SHARE 4
 #define NPCONV_MONO_RX 4
 #define NPCONV_MONO_RY 2
 #define NPCONV_FACTOR_FT 16
@@ -145,8 +146,9 @@ __device__ __forceinline__ void npc_mono_passes(const real_t* __restrict__ tile,
 // Launch: block (TW, TH) with TW in {8, 16, 32} and TW*TH <= 256; grid (tiles_h * tiles_w, C' * splits, N),
 // N <= 65535 (ops_lowrank launches one grid per 65535 images). A block computes an output tile of NPCONV_MONO_RY*TH
 // rows x NPCONV_MONO_RX*TW columns of one image, for one share of the filters of one colour: blockIdx.y = p * splits
-// + s takes colour p's filters from s * per on, per = ceil(count / splits) rounded up to whole passes of
-// NPCONV_MONO_FT (splits > 1 spreads a small batch over more blocks; a share past the colour's last filter leaves).
+// + s takes colour p's filters from s * per on, per = ceil(count / splits) rounded up to a multiple of
+// NPCONV_MONO_SHARE, so that a share is whole 8- and 4-filter passes (splits > 1 spreads a small batch over more
+// blocks; a share past the colour's last filter leaves).
 // Thread (tx, ty) computes rows ty and ty + TH of the tile, columns tx + r * TW (r < NPCONV_MONO_RX).
 // Dynamic shared memory, in real_t elements: KH*KW*NPCONV_MONO_FT (the weights of one pass; first, so 16-byte
 // aligned) + TIH * RS (the colour tile). TIH = (RY*TH - 1)*SH + KH rows; a row holds TIW = (RX*TW - 1)*SW + KW
@@ -176,7 +178,7 @@ NPCONV_KERNEL_LB(mono_conv, NPCONV_MONO_BOUNDS)(const real_t* __restrict__ x, co
   const int n = blockIdx.z;
   const int first = starts[p];
   const int count = starts[p + 1] - first;
-  const int per = ((count + splits - 1) / splits + NPCONV_MONO_FT - 1) / NPCONV_MONO_FT * NPCONV_MONO_FT;
+  const int per = ((count + splits - 1) / splits + NPCONV_MONO_SHARE - 1) / NPCONV_MONO_SHARE * NPCONV_MONO_SHARE;
   const int g0 = first + (blockIdx.y - p * splits) * per;
   const int g1 = min(first + count, g0 + per);
   if (g0 >= g1 || n >= N) return;  // no filter in this share: the whole block leaves before any barrier
@@ -389,10 +391,12 @@ NPCONV_LR_EXPAND(32, 2)
 // has_bias; x (N, C, H, W), y (N, F, OH, OW). TB (T rounded up to 8, 16 or 32) and PIX (output pixels a thread: 1,
 // or 2 for large grids, where sharing each tap's index arithmetic and weight loads between two pixels pays) are
 // compile-time.
-// Launch: 1-D blocks (at most 256 threads), grid ceil(N * OH * OW / (PIX * blockDim.x)); the pixels of the whole
-// batch are numbered i = n * OH * OW + p, and block b's thread x takes i = b * PIX * blockDim.x + j * blockDim.x + x
-// for j < PIX (so each store of a warp is to consecutive words); N * OH * OW < 2^31 - 2^26. A pixel's TB first-stage
-// values stay in registers (those past T are zero).
+// Launch: 1-D blocks (at most 256 threads), grid (ceil(N * OH * OW / (PIX * blockDim.x)), ceil(F / FS)); the pixels
+// of the whole batch are numbered i = n * OH * OW + p, and block b's thread x takes i = b * PIX * blockDim.x + j *
+// blockDim.x + x for j < PIX (so each store of a warp is to consecutive words); N * OH * OW < 2^31 - 2^26. Block
+// row blockIdx.y writes filters [blockIdx.y * FS, min(F, (blockIdx.y + 1) * FS)): FS < F shares the second stage
+// among blocks that each compute the first (a small grid's way to more threads). A pixel's TB first-stage values
+// stay in registers (those past T are zero).
 // Dynamic shared memory (reused by the two phases, with barriers reached by every thread): max(ceil(CC * KH * KW /
 // NPCONV_LRC_UNROLL) * NPCONV_LRC_UNROLL * TB, FC * (TB + 1)) real_t.
 //   phase 1, per chunk of CC input channels: their first-stage weights laid out [tap][TB] (taps k = (c - c0) * KH *
@@ -405,7 +409,7 @@ __device__ __forceinline__ void npc_lr_conv(const real_t* __restrict__ x, const 
                                            const real_t* __restrict__ second, const real_t* __restrict__ bias,
                                            real_t* __restrict__ y, int N, int C, int H, int W, int T, int F, int KH,
                                            int KW, int SH, int SW, int PT, int PL, int DH, int DW, int OH, int OW,
-                                           int CC, int FC, int has_bias) {
+                                           int CC, int FC, int has_bias, int FS) {
   extern __shared__ __align__(16) unsigned char npconv_lrc_smem[];
   real_t* sh = reinterpret_cast<real_t*>(npconv_lrc_smem);
   const int U = NPCONV_LRC_UNROLL;
@@ -483,9 +487,10 @@ __device__ __forceinline__ void npc_lr_conv(const real_t* __restrict__ x, const 
     }
   }
 
-  // phase 2: the 1x1 stage with the bias, a chunk of filters at a time
-  for (int f0 = 0; f0 < F; f0 += FC) {
-    const int fc = min(FC, F - f0);
+  // phase 2: the 1x1 stage with the bias for the block's share of the filters, a chunk of them at a time
+  const int f_end = min(F, (blockIdx.y + 1) * FS);
+  for (int f0 = blockIdx.y * FS; f0 < f_end; f0 += FC) {
+    const int fc = min(FC, f_end - f0);
     __syncthreads();  // phase 1's weights, or the previous chunk, are no longer read
     for (int e = threadIdx.x; e < fc * TB; e += blockDim.x) {
       const int f = e / TB;
@@ -518,9 +523,9 @@ __device__ __forceinline__ void npc_lr_conv(const real_t* __restrict__ x, const 
                                      const real_t* __restrict__ second, const real_t* __restrict__ bias,          \
                                      real_t* __restrict__ y, int N, int C, int H, int W, int T, int F, int KH,      \
                                      int KW, int SH, int SW, int PT, int PL, int DH, int DW, int OH, int OW,        \
-                                     int CC, int FC, int has_bias) {                                                \
+                                     int CC, int FC, int has_bias, int FS) {                                        \
     npc_lr_conv<TB, PIX>(x, first, second, bias, y, N, C, H, W, T, F, KH, KW, SH, SW, PT, PL, DH, DW, OH, OW, CC,  \
-                         FC, has_bias);                                                                             \
+                         FC, has_bias, FS);                                                                         \
   }
 NPCONV_LR_CONV(8, 1, lr_conv8)
 NPCONV_LR_CONV(16, 1, lr_conv16)
@@ -533,14 +538,15 @@ NPCONV_LR_CONV(16, 2, lr_conv16_px2)
 // left); x (N, C, H, W), vertical (K, C, X), horizontal (F, K, Y), bias (F,) when has_bias, y (N, F, OH, OW).
 // KB (K rounded up to 4, 8 or 16) is compile-time.
 // Launch: 1-D blocks of NPCONV_SEP_TC * TR threads (TR = blockDim.x / NPCONV_SEP_TC rows of the output tile, at most
-// 256 threads), grid (ceil(OH / TR) * tiles_w, N) with tiles_w = ceil(OW / NPCONV_SEP_TC), at most 65535 images a
-// launch. A block computes an output tile of TR rows x NPCONV_SEP_TC columns; thread (r, j) = (x / TC, x % TC) one
-// output pixel of it, for every filter.
+// 256 threads), grid (ceil(OH / TR) * tiles_w, N, ceil(F / FS)) with tiles_w = ceil(OW / NPCONV_SEP_TC), at most
+// 65535 images a launch. A block computes an output tile of TR rows x NPCONV_SEP_TC columns for the filters
+// [blockIdx.z * FS, min(F, (blockIdx.z + 1) * FS)) (FS < F: blocks share the filters, each computing the tile's K
+// maps; a small grid's way to more threads); thread (r, j) = (x / TC, x % TC) one output pixel of it.
 // Dynamic shared memory, real_t (every part starts at a multiple of 4 elements, so the rows of 4 read below are
-// aligned): K * Y * NPCONV_SEP_FT horizontal weights of one pass of NPCONV_SEP_FT filters [k][y][f] (zero past F),
-// NPCONV_SEP_FT biases, C * X * KB vertical weights [c][x][k] (zero past K), then KB * TR * HW values of the K maps
-// the tile reads ([k][r][q], HW = (TC - 1) * SW + Y columns from ow0 * SW - PL; zero outside the image's columns
-// and past OH).
+// aligned): K * Y * NPCONV_SEP_FT horizontal weights of one pass of NPCONV_SEP_FT filters [k][y][f] (zero past the
+// share's last filter), NPCONV_SEP_FT biases, C * X * KB vertical weights [c][x][k] (zero past K), then KB * TR * HW
+// values of the K maps the tile reads ([k][r][q], HW = (TC - 1) * SW + Y columns from ow0 * SW - PL; zero outside
+// the image's columns and past OH).
 //   phase 1: the h tile, each thread a (row, column) of it at a time, KB accumulators;
 //   phase 2: per pass of NPCONV_SEP_FT filters, the weights into shared memory, then each thread its pixel's
 //            NPCONV_SEP_FT outputs (each h value read once a pass, the weights as shared-memory broadcasts).
@@ -562,7 +568,7 @@ __device__ __forceinline__ void npc_sep_conv(const real_t* __restrict__ x, const
                                             const real_t* __restrict__ horiz, const real_t* __restrict__ bias,
                                             real_t* __restrict__ y, int N, int C, int H, int W, int K, int F, int X,
                                             int Y, int SH, int SW, int PT, int PL, int OH, int OW, int tiles_w,
-                                            int has_bias) {
+                                            int has_bias, int FS) {
   extern __shared__ __align__(16) unsigned char npconv_sep_smem[];
   const int TC = NPCONV_SEP_TC;
   const int FT = NPCONV_SEP_FT;
@@ -618,15 +624,16 @@ __device__ __forceinline__ void npc_sep_conv(const real_t* __restrict__ x, const
   const bool active = oh < OH && ow < OW;
   const size_t P = (size_t)OH * OW;
   real_t* yp = y + (size_t)n * F * P + (size_t)oh * OW + ow;
-  for (int f0 = 0; f0 < F; f0 += FT) {
+  const int f_end = min(F, (blockIdx.z + 1) * FS);  // the block's share of the filters
+  for (int f0 = blockIdx.z * FS; f0 < f_end; f0 += FT) {
     __syncthreads();  // the h tile is complete; the previous pass's weights are no longer read
     for (int e = threadIdx.x; e < K * Y * FT; e += blockDim.x) {
       const int f = e % FT;
       const int ky = e / FT;  // k * Y + yy
-      wsh[e] = f0 + f < F ? __ldg(horiz + (size_t)(f0 + f) * K * Y + ky) : real_t(0);
+      wsh[e] = f0 + f < f_end ? __ldg(horiz + (size_t)(f0 + f) * K * Y + ky) : real_t(0);
     }
     for (int f = threadIdx.x; f < FT; f += blockDim.x)
-      bsh[f] = (has_bias && f0 + f < F) ? __ldg(bias + f0 + f) : real_t(0);
+      bsh[f] = (has_bias && f0 + f < f_end) ? __ldg(bias + f0 + f) : real_t(0);
     __syncthreads();
     if (active) {
       real_t acc[NPCONV_SEP_FT];
@@ -639,7 +646,7 @@ __device__ __forceinline__ void npc_sep_conv(const real_t* __restrict__ x, const
       }
 #pragma unroll
       for (int f = 0; f < NPCONV_SEP_FT; ++f)
-        if (f0 + f < F) yp[(size_t)(f0 + f) * P] = acc[f];
+        if (f0 + f < f_end) yp[(size_t)(f0 + f) * P] = acc[f];
     }
   }
 }
@@ -649,8 +656,9 @@ __device__ __forceinline__ void npc_sep_conv(const real_t* __restrict__ x, const
                                       const real_t* __restrict__ horiz, const real_t* __restrict__ bias,          \
                                       real_t* __restrict__ y, int N, int C, int H, int W, int K, int F, int X,     \
                                       int Y, int SH, int SW, int PT, int PL, int OH, int OW, int tiles_w,           \
-                                      int has_bias) {                                                               \
-    npc_sep_conv<KB>(x, vert, horiz, bias, y, N, C, H, W, K, F, X, Y, SH, SW, PT, PL, OH, OW, tiles_w, has_bias);  \
+                                      int has_bias, int FS) {                                                       \
+    npc_sep_conv<KB>(x, vert, horiz, bias, y, N, C, H, W, K, F, X, Y, SH, SW, PT, PL, OH, OW, tiles_w, has_bias,   \
+                     FS);                                                                                           \
   }
 NPCONV_SEP_CONV(4)
 NPCONV_SEP_CONV(8)

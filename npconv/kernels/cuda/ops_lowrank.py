@@ -14,16 +14,17 @@ How each layer runs:
     :func:`mono_tiling` picks the tile. When no tile fits in shared memory (very large kernels), it falls back
     to the composition: a cuBLAS colour transform, then one convolution per colour through
     :func:`npconv.kernels.cuda.ops.conv2d`.
-  * separable: two passes of ``factor_conv``, a direct conv (no im2col matrix): the vertical X x 1 pass with the
-    row stride and the top/bottom padding, then the horizontal 1 x Y pass with the column stride, the left/right
-    padding and the bias. Up to :data:`SEP_CONV_MAX_PIXELS` output pixels (0 until timed on a GPU) one launch of
-    ``sep_conv4/8/16`` instead: a block computes the vertical pass of the input its output tile reads into shared
-    memory, then the horizontal pass from there (:func:`sep_conv_plan`).
+  * separable: one launch of ``sep_conv4/8/16`` (K rounded up to 4, 8 or 16; :func:`sep_conv_plan`): a block
+    computes the vertical pass of the input its output tile reads into shared memory, then the horizontal pass from
+    there, for all the filters or, in a small grid (:data:`SEP_MIN_BLOCKS`), a share of them. Above rank 16, or when
+    no tile fits :data:`SEP_SMEM_BUDGET` (or above :data:`SEP_CONV_MAX_PIXELS` output pixels), two passes of
+    ``factor_conv``, a direct conv (no im2col matrix): the vertical X x 1 pass with the row stride and the
+    top/bottom padding, then the horizontal 1 x Y pass with the column stride, the left/right padding and the bias.
   * low-rank conv: for t <= :data:`LR_CONV_MAX_RANK` one launch of ``lr_conv8/16/32`` (t rounded up to 8, 16 or
     32) when a channel's first-stage weights fit :data:`LR_SMEM_BUDGET` (:func:`lr_conv_plan`): a thread computes
     the t first-stage values of its output pixel in registers, then its F outputs with the bias, so the t maps are
     never written; from :data:`LR_CONV_PX2_MIN_PIXELS` output pixels on, two pixels a thread (``_px2``, for ranks
-    up to 16). Otherwise two stages: the first (t filters) on ``factor_conv``, then the 1x1 stage ``second (F, t) @ h``
+    up to 16); in a small grid (:data:`LR_CONV_MIN_BLOCKS`) blocks share the F outputs of the same pixels. Otherwise two stages: the first (t filters) on ``factor_conv``, then the 1x1 stage ``second (F, t) @ h``
     with the bias, for t <= :data:`LR_EXPAND_MAX_RANK` one launch of ``lr_expand8/16/32`` that reads h once and
     writes each output once (:func:`lr_expand`), for larger t one cuBLAS GEMM batched over the images and ``ops``'
     ``bias_add``.
@@ -54,7 +55,8 @@ __all__ = [
     "lowrank_conv2d", "monochromatic_conv2d", "separable_conv2d", "factor_conv", "conv_stage",
     "LAUNCH_SIGNATURES", "SOURCE", "source_text", "get_kernel", "clear_cache", "mono_tiling", "mono_splits",
     "factor_chunk", "uses_factor_conv", "DIRECT_MAX_FILTERS", "FACTOR_SMEM_BUDGET", "MONO_SMEM_BUDGET",
-    "MONO_MIN_BLOCKS", "lr_expand", "lr_expand_plan", "lr_conv_plan", "LR_EXPAND_MAX_RANK", "LR_EXPAND_RANKS",
+    "MONO_MIN_BLOCKS", "MONO_SHARE_FILTERS", "LR_CONV_MIN_BLOCKS", "LR_CONV_SHARE_FILTERS", "SEP_MIN_BLOCKS",
+    "filter_shares", "lr_expand", "lr_expand_plan", "lr_conv_plan", "LR_EXPAND_MAX_RANK", "LR_EXPAND_RANKS",
     "LR_SMEM_BUDGET", "LR_CONV_MAX_RANK", "LR_CONV_THREADS", "LR_CONV_PX2_MIN_PIXELS", "LR_CONV_PX2_RANKS",
     "LR_CONV_UNROLL", "SEP_CONV_MAX_PIXELS", "SEP_CONV_RANKS", "SEP_TILE_COLS", "SEP_FILTERS_PER_PASS",
     "SEP_TILE_ROWS", "SEP_SMEM_BUDGET", "sep_conv_plan", "SepConvPlan",
@@ -81,6 +83,9 @@ MONO_SMEM_BUDGET = 24 * 1024
 #: blocks, in whole passes: at batch 1 a ZF conv1 with 4 colours is 56 blocks of 24 filters each, a quarter of an
 #: H100's 132 multiprocessors busy with one block apiece
 MONO_MIN_BLOCKS = 512
+#: the fewest filters of a mono_conv share (a multiple of the kernel's NPCONV_MONO_SHARE, 4: a share is whole 8- and
+#: 4-filter passes). At batch 1 a ZF conv1 with 4 colours of 24 filters is then 56 x 6 blocks of 4 filters
+MONO_SHARE_FILTERS = 4
 #: shared memory a factor_conv block may use for one chunk of input channels, bytes
 FACTOR_SMEM_BUDGET = 16 * 1024
 #: a conv stage with at most this many filters runs on factor_conv (more: ops.conv2d, im2col + cuBLAS)
@@ -102,10 +107,16 @@ LR_CONV_THREADS = 128
 LR_CONV_PX2_MIN_PIXELS = 1 << 16
 #: the ranks lr_conv's two-pixel kernels are compiled for (not 32: 64 accumulators of double would spill)
 LR_CONV_PX2_RANKS = (8, 16)
+#: an lr_conv grid of fewer blocks shares the filters of its second stage among up to this many blocks a pixel
+#: range (grid y), each computing the pixels' first stage, in shares of at least LR_CONV_SHARE_FILTERS filters: at
+#: batch 1 ZF conv1's 12100 pixels are 95 blocks of 128 threads, under one block an H100 multiprocessor
+LR_CONV_MIN_BLOCKS = 512
+LR_CONV_SHARE_FILTERS = 8
 #: the separable conv runs in one launch of sep_conv<KB> (the vertical pass of each output tile's input into shared
 #: memory, then the horizontal pass) up to this many output pixels (N * OH * OW), as two factor_conv passes above.
-#: 0 until it is timed on a GPU (bench/gpu_profile.py lowrank compares the two): written without one
-SEP_CONV_MAX_PIXELS = 0
+#: No bound: on an H100 (ZF conv1, ranks 4 and 8, bench/gpu_profile.py lowrank) one launch was 1.05-1.11x faster at
+#: batch 128 (1.5 million pixels; 750 against 243 + 625 us of kernels) and level or faster at batches 1 and 8
+SEP_CONV_MAX_PIXELS = 1 << 62
 #: the ranks (K rounded up) sep_conv is compiled for; output columns of its tile (NPCONV_SEP_TC), filters a pass of
 #: its horizontal phase (NPCONV_SEP_FT), and the tile rows it tries, largest first, within SEP_SMEM_BUDGET
 SEP_CONV_RANKS = (4, 8, 16)
@@ -114,6 +125,9 @@ SEP_FILTERS_PER_PASS = 16
 SEP_TILE_ROWS = (4, 2, 1)
 #: shared memory of a sep_conv block, bytes
 SEP_SMEM_BUDGET = 32 * 1024
+#: a sep_conv grid of fewer blocks shares the filters among up to this many blocks a tile (grid z), in whole passes
+#: of SEP_FILTERS_PER_PASS, each computing the tile's K maps: at batch 1 ZF conv1 is 112 tiles of 4 x 32 pixels
+SEP_MIN_BLOCKS = 512
 #: input values an lr_conv thread loads ahead of their multiply-adds (NPCONV_LRC_UNROLL in _lowrank.cu)
 LR_CONV_UNROLL = 4
 
@@ -133,11 +147,11 @@ LAUNCH_SIGNATURES: dict[str, tuple[str, tuple[str, ...]]] = {
     "factor_conv": (SOURCE, (PTR,) * 4 + (I32,) * 17),
     # h, second, bias, y, N, T, F, P, FB, has_bias
     **{f"lr_expand{tb}": (SOURCE, (PTR,) * 4 + (I32,) * 6) for tb in LR_EXPAND_RANKS},
-    # x, first, second, bias, y, N, C, H, W, T, F, KH, KW, SH, SW, PT, PL, DH, DW, OH, OW, CC, FC, has_bias
-    **{f"lr_conv{tb}": (SOURCE, (PTR,) * 5 + (I32,) * 19) for tb in LR_EXPAND_RANKS},
-    **{f"lr_conv{tb}_px2": (SOURCE, (PTR,) * 5 + (I32,) * 19) for tb in LR_CONV_PX2_RANKS},
-    # x, vertical, horizontal, bias, y, N, C, H, W, K, F, X, Y, SH, SW, PT, PL, OH, OW, tiles_w, has_bias
-    **{f"sep_conv{kb}": (SOURCE, (PTR,) * 5 + (I32,) * 16) for kb in SEP_CONV_RANKS},
+    # x, first, second, bias, y, N, C, H, W, T, F, KH, KW, SH, SW, PT, PL, DH, DW, OH, OW, CC, FC, has_bias, FS
+    **{f"lr_conv{tb}": (SOURCE, (PTR,) * 5 + (I32,) * 20) for tb in LR_EXPAND_RANKS},
+    **{f"lr_conv{tb}_px2": (SOURCE, (PTR,) * 5 + (I32,) * 20) for tb in LR_CONV_PX2_RANKS},
+    # x, vertical, horizontal, bias, y, N, C, H, W, K, F, X, Y, SH, SW, PT, PL, OH, OW, tiles_w, has_bias, FS
+    **{f"sep_conv{kb}": (SOURCE, (PTR,) * 5 + (I32,) * 17) for kb in SEP_CONV_RANKS},
 }
 
 
@@ -328,9 +342,11 @@ def _sep_conv(cp, x, vertical, horizontal, bias, plan, stride, padding):
     has_bias = bias is not None
     for n0 in range(0, N, _MAX_GRID_YZ):                 # one image per grid y: a launch per 65535 images
         n1 = min(N, n0 + _MAX_GRID_YZ)
-        _launch(f"sep_conv{plan.KB}", dt, (grid_x, n1 - n0), (plan.TR * SEP_TILE_COLS,),
+        passes = -(-F // SEP_FILTERS_PER_PASS)
+        FS = -(-passes // filter_shares(grid_x * (n1 - n0), SEP_MIN_BLOCKS, passes)) * SEP_FILTERS_PER_PASS
+        _launch(f"sep_conv{plan.KB}", dt, (grid_x, n1 - n0, -(-F // FS)), (plan.TR * SEP_TILE_COLS,),
                 (x[n0:n1], V, Hz, bias if has_bias else Hz, y[n0:n1], n1 - n0, C, H, W, K, F, X, Y, sh, sw, pt, pl,
-                 OH, OW, tiles_w, has_bias), shared_mem=plan.smem)
+                 OH, OW, tiles_w, has_bias, FS), shared_mem=plan.smem)
     return y
 
 
@@ -453,10 +469,11 @@ def _lr_conv(cp, x, first, second, bias, plan, stride, padding, dilation):
                          f"ints and take at most {_INDEX_LIMIT}: split the batch")
     has_bias = bias is not None
     pix = 2 if total >= LR_CONV_PX2_MIN_PIXELS and plan.TB in LR_CONV_PX2_RANKS else 1
-    _launch(f"lr_conv{plan.TB}{'_px2' if pix == 2 else ''}", dt, (-(-total // (pix * LR_CONV_THREADS)),),
-            (LR_CONV_THREADS,),
+    blocks = -(-total // (pix * LR_CONV_THREADS))
+    FS = -(-F // filter_shares(blocks, LR_CONV_MIN_BLOCKS, -(-F // LR_CONV_SHARE_FILTERS)))
+    _launch(f"lr_conv{plan.TB}{'_px2' if pix == 2 else ''}", dt, (blocks, -(-F // FS)), (LR_CONV_THREADS,),
             (x, first, second, bias if has_bias else second, y, N, C, H, W, t, F, KH, KW, sh, sw, pt, pl, dh, dw, OH,
-             OW, plan.CC, plan.FC, has_bias), shared_mem=plan.smem)
+             OW, plan.CC, plan.FC, has_bias, FS), shared_mem=plan.smem)
     return y
 
 
@@ -542,14 +559,21 @@ def _device_colour_groups(cp, assignment, Cp):
     return ops.on_device(cp, ("colour groups", a.tobytes(), int(Cp)), build)
 
 
+def filter_shares(blocks, min_blocks, units, limit=_MAX_GRID_YZ):
+    """Into how many shares a kernel whose grid has ``blocks`` blocks splits its filters (``units`` indivisible
+    groups of them), each share a block of its own for the same pixels: 1 from ``min_blocks`` blocks on, else enough
+    to reach it, at most ``units`` and ``limit`` (the grid dimension's). At a small batch the extra blocks (the
+    pixels' shared work done once a share) put more of the GPU to work."""
+    if blocks >= min_blocks or units <= 1:
+        return 1
+    return max(1, min(-(-min_blocks // max(blocks, 1)), units, limit))
+
+
 def mono_splits(blocks, largest, Cp):
     """How many blocks share each colour's filters in a mono_conv grid of ``blocks`` blocks (tiles x colours x
     images) whose largest colour has ``largest`` filters: 1 from :data:`MONO_MIN_BLOCKS` blocks on, else enough to
-    reach it, at most one per pass of :data:`MONO_FILTERS_PER_PASS` filters, and within the grid's y limit."""
-    if blocks >= MONO_MIN_BLOCKS or largest <= MONO_FILTERS_PER_PASS:
-        return 1
-    return max(1, min(-(-MONO_MIN_BLOCKS // max(blocks, 1)), -(-largest // MONO_FILTERS_PER_PASS),
-                      _MAX_GRID_YZ // max(Cp, 1)))
+    reach it, at most one per :data:`MONO_SHARE_FILTERS` filters, and within the grid's y limit."""
+    return filter_shares(blocks, MONO_MIN_BLOCKS, -(-largest // MONO_SHARE_FILTERS), _MAX_GRID_YZ // max(Cp, 1))
 
 
 def monochromatic_conv2d(x, color_transform, assignment, spatial, bias, *, stride, padding):
