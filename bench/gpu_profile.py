@@ -35,13 +35,12 @@ back to back.
 ``lowrank`` times ZF conv1's low-rank form (rank 8, 16) at batches 1, 8 and 128 on each path of ``ops_lowrank``, in
 alternation (latency and queued, as ``small``): one launch of ``lr_conv`` (``LR_CONV_MAX_RANK`` 32) with one or two
 output pixels a thread (``LR_CONV_PX2_MIN_PIXELS`` above or at 0), ``factor_conv`` and ``lr_expand``
-(``LR_CONV_MAX_RANK`` 0), ``factor_conv``, a cuBLAS GEMM and ``bias_add`` (both rules 0); at batches 1 and 8,
-``lr_conv`` with its filters shared among blocks below 0 (never), 256, 512 or 1024 blocks (``LR_CONV_MIN_BLOCKS``,
-``SHARE_MIN_BLOCKS``); the separable form (rank 4, 8) as two ``factor_conv`` passes or in one launch of ``sep_conv``
-(``SEP_CONV_MAX_PIXELS``), at batches 1 and 8 with the same four ``SEP_MIN_BLOCKS``; at batches 1 and 8 the
-monochromatic form (C' = 4, 6) with its colours' filters shared in 8- or 4-filter shares up to 512 or 1024 blocks
-(``MONO_SHARE_FILTERS``, ``MONO_MIN_BLOCKS``: ``MONO_SHARE_RULES``); and the dense conv1, npconv and cuDNN, as the
-reference of each batch.
+(``LR_CONV_MAX_RANK`` 0), ``factor_conv``, a cuBLAS GEMM and ``bias_add`` (both rules 0); the separable form (rank 4,
+8) as two ``factor_conv`` passes or in one launch of ``sep_conv`` (``SEP_CONV_MAX_PIXELS``), at batches 1 and 8 with
+its filters shared among blocks below 0 (never), 256, 512 or 1024 blocks (``SEP_MIN_BLOCKS``, ``SHARE_MIN_BLOCKS``);
+at batches 1 and 8 the monochromatic form (C' = 4, 6) with its colours' filters shared in 8- or 4-filter shares up
+to 512 or 1024 blocks (``MONO_SHARE_FILTERS``, ``MONO_MIN_BLOCKS``: ``MONO_SHARE_RULES``); and the dense conv1,
+npconv and cuDNN, as the reference of each batch.
 ``cpblock`` times the biclustered CP conv2 (K = 6, 8, 12, batch 128) with ``ops_bicluster.CP_IMAGES_PER_BLOCK`` at
 1, 2 and 4 in alternation, and checks that the outputs agree (``ncu --workloads cp`` profiles the front end alone).
 """
@@ -448,10 +447,6 @@ def probe_lowrank(batches=(1, 8, 128), small_batches=(1, 8), repeat=30, quick=Fa
                                     "cupy"),
                     "two_stage": (_with_rules(layer, ops_lowrank, LR_CONV_MAX_RANK=0), "cupy"),
                     "gemm": (_with_rules(layer, ops_lowrank, LR_CONV_MAX_RANK=0, LR_EXPAND_MAX_RANK=0), "cupy")})
-            if N in small_batches:
-                run_row(f"svd{t}/b{N}", {
-                    f"shares{m}": (_with_rules(layer, ops_lowrank, LR_CONV_MAX_RANK=32, LR_CONV_MIN_BLOCKS=m),
-                                   "cupy") for m in SHARE_MIN_BLOCKS})
         for k in ((3,) if quick else (4, 8)):
             layer = factored_callable("separable", k, N, geom, np.float32)
             cases = {"two_pass": (_with_rules(layer, ops_lowrank, SEP_CONV_MAX_PIXELS=0), "cupy")}
@@ -468,9 +463,8 @@ def probe_lowrank(batches=(1, 8, 128), small_batches=(1, 8), repeat=30, quick=Fa
     return out
 
 
-#: the lowrank probe's small-grid rules: the fewest blocks below which lr_conv and sep_conv share their filters among
-#: blocks (0: never), and mono_conv's (filters a share at least, MONO_MIN_BLOCKS); (8, 512) is the rule before shares
-#: of 4 filters
+#: the lowrank probe's small-grid rules: the fewest blocks below which sep_conv shares its filters among blocks (0:
+#: never), and mono_conv's (filters a share at least, MONO_MIN_BLOCKS); (8, 512) is the rule before shares of 4
 SHARE_MIN_BLOCKS = (0, 256, 512, 1024)
 MONO_SHARE_RULES = ((8, 512), (4, 512), (4, 1024))
 

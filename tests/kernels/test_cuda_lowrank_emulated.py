@@ -168,14 +168,12 @@ def lr_conv_smem(C, KH, KW, TB, CC, FC):
     return max(-(-CC * KH * KW // LRC_UNROLL) * LRC_UNROLL * TB, FC * (TB + 1))
 
 
-@pytest.mark.parametrize("launch", ["forward-128-1", "reverse-32-3"])
+@pytest.mark.parametrize("launch", ["forward-128", "reverse-32"])
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("case,pix", [(c, px) for c in LRC_CASES for px in (1, 2) if px == 1 or c[11] != 32],
                          ids=lambda v: "x".join(map(str, v[:8])) if isinstance(v, tuple) else f"px{v}")
 def test_lr_conv(lowrank_module, rng, dtype, launch, with_bias, case, pix):
-    """lr_conv<TB> (one pixel a thread) and lr_conv<TB>_px2 (two, pixels blockDim apart; not compiled for TB = 32),
-    with the F outputs in one share or in shares of ceil(F / 3) filters (grid y; FS not a multiple of FC, so a share
-    ends in a short chunk). The output starts as NaN: a filter no share writes shows."""
+    """lr_conv<TB> (one pixel a thread) and lr_conv<TB>_px2 (two, pixels blockDim apart; not compiled for TB = 32)."""
     N, C, H, W, T, F, KH, KW, stride, pad, dil, TB, CC, FC = case
     x = rng.standard_normal((N, C, H, W)).astype(dtype)
     first = rng.standard_normal((T, C, KH, KW)).astype(dtype)
@@ -184,12 +182,12 @@ def test_lr_conv(lowrank_module, rng, dtype, launch, with_bias, case, pix):
     ref = conv2d_einsum(x, dense, b if with_bias else None, stride=stride, padding=pad, dilation=dil)
     OH, OW = ref.shape[2:]
     y = np.full(ref.shape, np.nan, dtype)
-    order, block, shares = launch.split("-")
-    block, FS = int(block), -(-F // int(shares))
+    order, block = launch.split("-")
+    block = int(block)
     args = (x, first, second, b if with_bias else second, y,
-            *map(i32, (N, C, H, W, T, F, KH, KW, *stride, pad[0], pad[2], *dil, OH, OW, CC, FC, with_bias, FS)))
+            *map(i32, (N, C, H, W, T, F, KH, KW, *stride, pad[0], pad[2], *dil, OH, OW, CC, FC, with_bias)))
     name = f"lr_conv{TB}" + ("_px2" if pix == 2 else "")
-    kernel(lowrank_module, name, dtype)((-(-N * OH * OW // (pix * block)), -(-F // FS)), (block,), args,
+    kernel(lowrank_module, name, dtype)((-(-N * OH * OW // (pix * block)),), (block,), args,
                                         shared_mem=lr_conv_smem(C, KH, KW, TB, CC, FC) * dtype.itemsize, order=order)
     check(y, ref, dtype, C * KH * KW * T)
 
@@ -213,7 +211,7 @@ def test_lr_conv_against_loops(lowrank_module, rng):
     ref = lr_loops(h.reshape(N, T, -1), second, b).reshape(N, F, OH, OW)
     y = np.full(ref.shape, np.nan)
     args = (x, first, second, b, y, *map(i32, (N, C, H, W, T, F, KH, KW, *stride, pad[0], pad[2], 1, 1, OH, OW,
-                                               2, 3, 1, F)))
+                                               2, 3, 1)))
     kernel(lowrank_module, "lr_conv8", dtype)((-(-N * OH * OW // 64),), (64,), args,
                                               shared_mem=lr_conv_smem(C, KH, KW, 8, 2, 3) * 8, order="reverse")
     check(y, ref, dtype, C * KH * KW * T)

@@ -351,8 +351,10 @@ def test_filter_shares_rule():
     shares = ops_lowrank.filter_shares
     assert shares(512, 512, 6) == 1
     assert shares(95, 512, 1) == 1
-    assert shares(95, 512, 12) == 6                                  # ZF conv1 lr_conv at batch 1: ceil(512 / 95)
-    assert shares(112, 512, 6) == 5                                  # sep_conv: 6 passes of 16 filters
+    assert shares(95, 512, 12) == 6                                  # ceil(512 / 95)
+    assert shares(112, 1024, 6) == 6                                 # ZF conv1 sep_conv at batch 1: 6 passes of 16
+    assert shares(896, 1024, 6) == 2                                 # and at batch 8
+    assert shares(112, 512, 6) == 5
     assert shares(112, 512, 3) == 3                                  # capped by the units
     assert shares(0, 512, 4) == 4
     assert shares(1, 512, 100, limit=7) == 7
@@ -385,23 +387,6 @@ def test_sep_conv_filter_shares(fc, grids, monkeypatch, rng, dtype, min_blocks, 
     dense = np.einsum("fky,kcx->fcxy", Hz[:, :, 0].astype(np.float64), V[..., 0].astype(np.float64))
     check(y, conv2d_einsum(x, dense, b, stride=(1, 2), padding=(1, 1, 2, 2)), dtype, C * X * K * Y)
     assert [(g[0], g[1][2], g[2]) for g in grids] == [("sep_conv8", shares, 16 if shares > 1 else 48)]
-
-
-@pytest.mark.parametrize("min_blocks,shares,FS", [(0, 1, 20), (10**6, 3, 7)])
-def test_lr_conv_filter_shares(fc, grids, monkeypatch, rng, dtype, min_blocks, shares, FS):
-    """Under LR_CONV_MIN_BLOCKS blocks, the 20 outputs go to ceil(20 / 8) = 3 blocks a pixel range (grid y, FS = 7),
-    each computing the pixels' first stage; the output equals the dense conv's either way."""
-    monkeypatch.setattr(ops_lowrank, "LR_CONV_MIN_BLOCKS", min_blocks)
-    monkeypatch.setattr(ops_lowrank, "LR_CONV_SHARE_FILTERS", 8)
-    N, C, t, F, KH, KW = 2, 3, 6, 20, 3, 3
-    x = rng.standard_normal((N, C, 10, 9)).astype(dtype)
-    first, second = rng.standard_normal((t, C, KH, KW)).astype(dtype), rng.standard_normal((F, t)).astype(dtype)
-    b = rng.standard_normal(F).astype(dtype)
-    y = ops_lowrank.lowrank_conv2d(fc.asarray(x), fc.asarray(first), fc.asarray(second), fc.asarray(b),
-                                   stride=(1, 1), padding=(1, 1, 1, 1), dilation=(1, 1))
-    dense = np.einsum("ft,tcxy->fcxy", second.astype(np.float64), first.astype(np.float64))
-    check(y, conv2d_einsum(x, dense, b, padding=(1, 1, 1, 1)), dtype, C * KH * KW * t)
-    assert [(g[0], g[1][1], g[2]) for g in grids] == [("lr_conv8", shares, FS)]
 
 
 def test_launch_refuses_wrong_argument_types(fc, rng):

@@ -391,12 +391,10 @@ NPCONV_LR_EXPAND(32, 2)
 // has_bias; x (N, C, H, W), y (N, F, OH, OW). TB (T rounded up to 8, 16 or 32) and PIX (output pixels a thread: 1,
 // or 2 for large grids, where sharing each tap's index arithmetic and weight loads between two pixels pays) are
 // compile-time.
-// Launch: 1-D blocks (at most 256 threads), grid (ceil(N * OH * OW / (PIX * blockDim.x)), ceil(F / FS)); the pixels
-// of the whole batch are numbered i = n * OH * OW + p, and block b's thread x takes i = b * PIX * blockDim.x + j *
-// blockDim.x + x for j < PIX (so each store of a warp is to consecutive words); N * OH * OW < 2^31 - 2^26. Block
-// row blockIdx.y writes filters [blockIdx.y * FS, min(F, (blockIdx.y + 1) * FS)): FS < F shares the second stage
-// among blocks that each compute the first (a small grid's way to more threads). A pixel's TB first-stage values
-// stay in registers (those past T are zero).
+// Launch: 1-D blocks (at most 256 threads), grid ceil(N * OH * OW / (PIX * blockDim.x)); the pixels of the whole
+// batch are numbered i = n * OH * OW + p, and block b's thread x takes i = b * PIX * blockDim.x + j * blockDim.x + x
+// for j < PIX (so each store of a warp is to consecutive words); N * OH * OW < 2^31 - 2^26. A pixel's TB first-stage
+// values stay in registers (those past T are zero).
 // Dynamic shared memory (reused by the two phases, with barriers reached by every thread): max(ceil(CC * KH * KW /
 // NPCONV_LRC_UNROLL) * NPCONV_LRC_UNROLL * TB, FC * (TB + 1)) real_t.
 //   phase 1, per chunk of CC input channels: their first-stage weights laid out [tap][TB] (taps k = (c - c0) * KH *
@@ -409,7 +407,7 @@ __device__ __forceinline__ void npc_lr_conv(const real_t* __restrict__ x, const 
                                            const real_t* __restrict__ second, const real_t* __restrict__ bias,
                                            real_t* __restrict__ y, int N, int C, int H, int W, int T, int F, int KH,
                                            int KW, int SH, int SW, int PT, int PL, int DH, int DW, int OH, int OW,
-                                           int CC, int FC, int has_bias, int FS) {
+                                           int CC, int FC, int has_bias) {
   extern __shared__ __align__(16) unsigned char npconv_lrc_smem[];
   real_t* sh = reinterpret_cast<real_t*>(npconv_lrc_smem);
   const int U = NPCONV_LRC_UNROLL;
@@ -487,10 +485,9 @@ __device__ __forceinline__ void npc_lr_conv(const real_t* __restrict__ x, const 
     }
   }
 
-  // phase 2: the 1x1 stage with the bias for the block's share of the filters, a chunk of them at a time
-  const int f_end = min(F, (blockIdx.y + 1) * FS);
-  for (int f0 = blockIdx.y * FS; f0 < f_end; f0 += FC) {
-    const int fc = min(FC, f_end - f0);
+  // phase 2: the 1x1 stage with the bias, a chunk of filters at a time
+  for (int f0 = 0; f0 < F; f0 += FC) {
+    const int fc = min(FC, F - f0);
     __syncthreads();  // phase 1's weights, or the previous chunk, are no longer read
     for (int e = threadIdx.x; e < fc * TB; e += blockDim.x) {
       const int f = e / TB;
@@ -523,9 +520,9 @@ __device__ __forceinline__ void npc_lr_conv(const real_t* __restrict__ x, const 
                                      const real_t* __restrict__ second, const real_t* __restrict__ bias,          \
                                      real_t* __restrict__ y, int N, int C, int H, int W, int T, int F, int KH,      \
                                      int KW, int SH, int SW, int PT, int PL, int DH, int DW, int OH, int OW,        \
-                                     int CC, int FC, int has_bias, int FS) {                                        \
+                                     int CC, int FC, int has_bias) {                                                \
     npc_lr_conv<TB, PIX>(x, first, second, bias, y, N, C, H, W, T, F, KH, KW, SH, SW, PT, PL, DH, DW, OH, OW, CC,  \
-                         FC, has_bias, FS);                                                                         \
+                         FC, has_bias);                                                                             \
   }
 NPCONV_LR_CONV(8, 1, lr_conv8)
 NPCONV_LR_CONV(16, 1, lr_conv16)

@@ -24,7 +24,7 @@ How each layer runs:
     32) when a channel's first-stage weights fit :data:`LR_SMEM_BUDGET` (:func:`lr_conv_plan`): a thread computes
     the t first-stage values of its output pixel in registers, then its F outputs with the bias, so the t maps are
     never written; from :data:`LR_CONV_PX2_MIN_PIXELS` output pixels on, two pixels a thread (``_px2``, for ranks
-    up to 16); in a small grid (:data:`LR_CONV_MIN_BLOCKS`) blocks share the F outputs of the same pixels. Otherwise two stages: the first (t filters) on ``factor_conv``, then the 1x1 stage ``second (F, t) @ h``
+    up to 16). Otherwise two stages: the first (t filters) on ``factor_conv``, then the 1x1 stage ``second (F, t) @ h``
     with the bias, for t <= :data:`LR_EXPAND_MAX_RANK` one launch of ``lr_expand8/16/32`` that reads h once and
     writes each output once (:func:`lr_expand`), for larger t one cuBLAS GEMM batched over the images and ``ops``'
     ``bias_add``.
@@ -55,7 +55,7 @@ __all__ = [
     "lowrank_conv2d", "monochromatic_conv2d", "separable_conv2d", "factor_conv", "conv_stage",
     "LAUNCH_SIGNATURES", "SOURCE", "source_text", "get_kernel", "clear_cache", "mono_tiling", "mono_splits",
     "factor_chunk", "uses_factor_conv", "DIRECT_MAX_FILTERS", "FACTOR_SMEM_BUDGET", "MONO_SMEM_BUDGET",
-    "MONO_MIN_BLOCKS", "MONO_SHARE_FILTERS", "LR_CONV_MIN_BLOCKS", "LR_CONV_SHARE_FILTERS", "SEP_MIN_BLOCKS",
+    "MONO_MIN_BLOCKS", "MONO_SHARE_FILTERS", "SEP_MIN_BLOCKS",
     "filter_shares", "lr_expand", "lr_expand_plan", "lr_conv_plan", "LR_EXPAND_MAX_RANK", "LR_EXPAND_RANKS",
     "LR_SMEM_BUDGET", "LR_CONV_MAX_RANK", "LR_CONV_THREADS", "LR_CONV_PX2_MIN_PIXELS", "LR_CONV_PX2_RANKS",
     "LR_CONV_UNROLL", "SEP_CONV_MAX_PIXELS", "SEP_CONV_RANKS", "SEP_TILE_COLS", "SEP_FILTERS_PER_PASS",
@@ -84,7 +84,9 @@ MONO_SMEM_BUDGET = 24 * 1024
 #: H100's 132 multiprocessors busy with one block apiece
 MONO_MIN_BLOCKS = 512
 #: the fewest filters of a mono_conv share (a multiple of the kernel's NPCONV_MONO_SHARE, 4: a share is whole 8- and
-#: 4-filter passes). At batch 1 a ZF conv1 with 4 colours of 24 filters is then 56 x 6 blocks of 4 filters
+#: 4-filter passes). At batch 1 a ZF conv1 with 4 colours of 24 filters is then 56 x 6 blocks of 4 filters: on an
+#: H100 its kernel took 31.0 us (35.5-36.2 us in 3 shares of 8, another session); the calls were level with shares
+#: of 8 (C' = 4, 6 at batches 1 and 8: 0.97-1.03x)
 MONO_SHARE_FILTERS = 4
 #: shared memory a factor_conv block may use for one chunk of input channels, bytes
 FACTOR_SMEM_BUDGET = 16 * 1024
@@ -107,11 +109,6 @@ LR_CONV_THREADS = 128
 LR_CONV_PX2_MIN_PIXELS = 1 << 16
 #: the ranks lr_conv's two-pixel kernels are compiled for (not 32: 64 accumulators of double would spill)
 LR_CONV_PX2_RANKS = (8, 16)
-#: an lr_conv grid of fewer blocks shares the filters of its second stage among up to this many blocks a pixel
-#: range (grid y), each computing the pixels' first stage, in shares of at least LR_CONV_SHARE_FILTERS filters: at
-#: batch 1 ZF conv1's 12100 pixels are 95 blocks of 128 threads, under one block an H100 multiprocessor
-LR_CONV_MIN_BLOCKS = 512
-LR_CONV_SHARE_FILTERS = 8
 #: the separable conv runs in one launch of sep_conv<KB> (the vertical pass of each output tile's input into shared
 #: memory, then the horizontal pass) up to this many output pixels (N * OH * OW), as two factor_conv passes above.
 #: No bound: on an H100 (ZF conv1, ranks 4 and 8, bench/gpu_profile.py lowrank) one launch was 1.05-1.11x faster at
@@ -126,8 +123,11 @@ SEP_TILE_ROWS = (4, 2, 1)
 #: shared memory of a sep_conv block, bytes
 SEP_SMEM_BUDGET = 32 * 1024
 #: a sep_conv grid of fewer blocks shares the filters among up to this many blocks a tile (grid z), in whole passes
-#: of SEP_FILTERS_PER_PASS, each computing the tile's K maps: at batch 1 ZF conv1 is 112 tiles of 4 x 32 pixels
-SEP_MIN_BLOCKS = 512
+#: of SEP_FILTERS_PER_PASS, each computing the tile's K maps. On an H100, ZF conv1 (112 tiles of 4 x 32 pixels an
+#: image): at batch 1 its kernel 19.0 us in 3 shares against 27.3 in one, the call 1.02-1.12x faster from 256 to 1024;
+#: at batch 8 (896 tiles) 1024 (2 shares) 1.06-1.09x faster than none. (lr_conv lost from the same sharing: its
+#: first stage is most of its work)
+SEP_MIN_BLOCKS = 1024
 #: input values an lr_conv thread loads ahead of their multiply-adds (NPCONV_LRC_UNROLL in _lowrank.cu)
 LR_CONV_UNROLL = 4
 
@@ -147,9 +147,9 @@ LAUNCH_SIGNATURES: dict[str, tuple[str, tuple[str, ...]]] = {
     "factor_conv": (SOURCE, (PTR,) * 4 + (I32,) * 17),
     # h, second, bias, y, N, T, F, P, FB, has_bias
     **{f"lr_expand{tb}": (SOURCE, (PTR,) * 4 + (I32,) * 6) for tb in LR_EXPAND_RANKS},
-    # x, first, second, bias, y, N, C, H, W, T, F, KH, KW, SH, SW, PT, PL, DH, DW, OH, OW, CC, FC, has_bias, FS
-    **{f"lr_conv{tb}": (SOURCE, (PTR,) * 5 + (I32,) * 20) for tb in LR_EXPAND_RANKS},
-    **{f"lr_conv{tb}_px2": (SOURCE, (PTR,) * 5 + (I32,) * 20) for tb in LR_CONV_PX2_RANKS},
+    # x, first, second, bias, y, N, C, H, W, T, F, KH, KW, SH, SW, PT, PL, DH, DW, OH, OW, CC, FC, has_bias
+    **{f"lr_conv{tb}": (SOURCE, (PTR,) * 5 + (I32,) * 19) for tb in LR_EXPAND_RANKS},
+    **{f"lr_conv{tb}_px2": (SOURCE, (PTR,) * 5 + (I32,) * 19) for tb in LR_CONV_PX2_RANKS},
     # x, vertical, horizontal, bias, y, N, C, H, W, K, F, X, Y, SH, SW, PT, PL, OH, OW, tiles_w, has_bias, FS
     **{f"sep_conv{kb}": (SOURCE, (PTR,) * 5 + (I32,) * 17) for kb in SEP_CONV_RANKS},
 }
@@ -469,11 +469,10 @@ def _lr_conv(cp, x, first, second, bias, plan, stride, padding, dilation):
                          f"ints and take at most {_INDEX_LIMIT}: split the batch")
     has_bias = bias is not None
     pix = 2 if total >= LR_CONV_PX2_MIN_PIXELS and plan.TB in LR_CONV_PX2_RANKS else 1
-    blocks = -(-total // (pix * LR_CONV_THREADS))
-    FS = -(-F // filter_shares(blocks, LR_CONV_MIN_BLOCKS, -(-F // LR_CONV_SHARE_FILTERS)))
-    _launch(f"lr_conv{plan.TB}{'_px2' if pix == 2 else ''}", dt, (blocks, -(-F // FS)), (LR_CONV_THREADS,),
+    _launch(f"lr_conv{plan.TB}{'_px2' if pix == 2 else ''}", dt, (-(-total // (pix * LR_CONV_THREADS)),),
+            (LR_CONV_THREADS,),
             (x, first, second, bias if has_bias else second, y, N, C, H, W, t, F, KH, KW, sh, sw, pt, pl, dh, dw, OH,
-             OW, plan.CC, plan.FC, has_bias, FS), shared_mem=plan.smem)
+             OW, plan.CC, plan.FC, has_bias), shared_mem=plan.smem)
     return y
 
 
