@@ -283,6 +283,27 @@ def test_sep_conv(lowrank_module, rng, dtype, launch, with_bias, case):
     check(y, ref, dtype, C * X * K * Y)
 
 
+@pytest.mark.parametrize("FS", [5, 16])
+def test_sep_conv_share_writes_only_its_filters(lowrank_module, rng, FS):
+    """The first two shares launched alone (grid z = 2 of ceil(33 / FS)): filters [0, 2 FS) are right and the rest
+    are left as they were (NaN). The emulator runs blocks in order, so in a full grid the next share would hide a
+    share that also wrote its filters."""
+    dtype = np.dtype(np.float32)
+    N, C, H, W, K, F, X, Y, stride, pad, KB, TR = SEP_CASES[3]                 # 33 filters, 3 passes
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    V, Hz = rng.standard_normal((K, C, X)).astype(dtype), rng.standard_normal((F, K, Y)).astype(dtype)
+    b = rng.standard_normal(F).astype(dtype)
+    ref = sep_loops(x, V, Hz, b, stride, pad)
+    OH, OW = ref.shape[2:]
+    y = np.full(ref.shape, np.nan, dtype)
+    tiles_w = -(-OW // SEP_TC)
+    args = (x, V, Hz, b, y, *map(i32, (N, C, H, W, K, F, X, Y, *stride, pad[0], pad[2], OH, OW, tiles_w, 1, FS)))
+    kernel(lowrank_module, f"sep_conv{KB}", dtype)((-(-OH // TR) * tiles_w, N, 2), (TR * SEP_TC,), args,
+                                                   shared_mem=sep_smem(K, C, X, Y, stride[1], KB, TR) * 4)
+    check(y[:, :2 * FS], ref[:, :2 * FS], dtype, C * X * K * Y)
+    assert np.isnan(y[:, 2 * FS:]).all()
+
+
 def test_sep_conv_against_the_dense_kernel(lowrank_module, rng):
     """A second reference: the dense conv of the rebuilt kernel W[f, c, x, y] = sum_k Hz[f, k, y] V[k, c, x]."""
     dtype = np.dtype(np.float32)
