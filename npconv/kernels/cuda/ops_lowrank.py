@@ -86,7 +86,7 @@ MONO_MIN_BLOCKS = 512
 #: the fewest filters of a mono_conv share (a multiple of the kernel's NPCONV_MONO_SHARE, 4: a share is whole 8- and
 #: 4-filter passes). At batch 1 a ZF conv1 with 4 colours of 24 filters is then 56 x 6 blocks of 4 filters: on an
 #: H100 its kernel took 31.0 us (35.5-36.2 us in 3 shares of 8, another session); the calls were level with shares
-#: of 8 (C' = 4, 6 at batches 1 and 8: 0.97-1.03x)
+#: of 8 (C' = 4, 6 at batches 1 and 8: 0.99-1.03x)
 MONO_SHARE_FILTERS = 4
 #: shared memory a factor_conv block may use for one chunk of input channels, bytes
 FACTOR_SMEM_BUDGET = 16 * 1024
