@@ -124,9 +124,9 @@ SEP_TILE_ROWS = (4, 2, 1)
 SEP_SMEM_BUDGET = 32 * 1024
 #: a sep_conv grid of fewer blocks shares the filters among up to this many blocks a tile (grid z), in whole passes
 #: of SEP_FILTERS_PER_PASS, each computing the tile's K maps. On an H100, ZF conv1 (112 tiles of 4 x 32 pixels an
-#: image): at batch 1 its kernel 19.0 us in 3 shares against 27.3 in one, the call 1.02-1.12x faster from 256 to 1024;
-#: at batch 8 (896 tiles) 1024 (2 shares) 1.06-1.09x faster than none. (lr_conv lost from the same sharing: its
-#: first stage is most of its work)
+#: image): at batch 1 the call 1.02-1.12x faster than unshared with this bound at 256, 512 or 1024 (the kernel 19.0
+#: us in 3 shares, the bound at 512, against 27.3 us in one); at batch 8 (896 tiles) 1024 (2 shares) 1.06-1.09x
+#: faster, 256 and 512 (no shares) level. lr_conv lost from the same sharing: its first stage is most of its work
 SEP_MIN_BLOCKS = 1024
 #: input values an lr_conv thread loads ahead of their multiply-adds (NPCONV_LRC_UNROLL in _lowrank.cu)
 LR_CONV_UNROLL = 4
@@ -340,9 +340,9 @@ def _sep_conv(cp, x, vertical, horizontal, bias, plan, stride, padding):
     tiles_w = -(-OW // SEP_TILE_COLS)
     grid_x = -(-OH // plan.TR) * tiles_w
     has_bias = bias is not None
+    passes = -(-F // SEP_FILTERS_PER_PASS)
     for n0 in range(0, N, _MAX_GRID_YZ):                 # one image per grid y: a launch per 65535 images
         n1 = min(N, n0 + _MAX_GRID_YZ)
-        passes = -(-F // SEP_FILTERS_PER_PASS)
         FS = -(-passes // filter_shares(grid_x * (n1 - n0), SEP_MIN_BLOCKS, passes)) * SEP_FILTERS_PER_PASS
         _launch(f"sep_conv{plan.KB}", dt, (grid_x, n1 - n0, -(-F // FS)), (plan.TR * SEP_TILE_COLS,),
                 (x[n0:n1], V, Hz, bias if has_bias else Hz, y[n0:n1], n1 - n0, C, H, W, K, F, X, Y, sh, sw, pt, pl,
