@@ -17,9 +17,10 @@ batch 128; ``b1``: conv2 and CP K = 8 at batch 1, where the layers' time hardly 
 npconv and cuDNN ZF conv3 and conv4 at batch 8, im2col + cuBLAS on npconv's side; ``lr``: ZF conv1 at batches 1
 and 128, dense (npconv and cuDNN), monochromatic, low-rank and separable; ``sep``: the separable form as two passes
 and as one ``sep_conv`` launch).
-``host`` answers the batch-1 question from the host side: for eager calls at batch 1 of ZF conv2 and conv3, the
-monochromatic ZF conv1 (C' = 4), the CP layer (K = 8), the SVD layer ((K1, K2) = (19, 51)), the shared separable
-layer (K = 6, S = 4) and the whole dense ZF network it measures the time per call when calls are queued back to back
+``host`` answers the batch-1 question from the host side: for eager calls at batch 1 of ZF conv2 and conv3, ZF
+conv1 (``conv2d`` and the ``Conv2d`` layer) and its monochromatic (C' = 4), low-rank (rank 8) and separable (rank 4)
+layers, the CP layer (K = 8), the SVD layer ((K1, K2) = (19, 51)), the shared separable layer (K = 6, S = 4) and the
+whole dense ZF network it measures the time per call when calls are queued back to back
 (one synchronisation at the end) and when each call is synchronised, and profiles the calls with cProfile, splitting
 the host time between npconv's Python, CuPy, NumPy and the rest (``host_split``).
 ``small`` measures small batches, where a call's time is mostly the host's: ZF conv2-conv5 at batches 1-32, npconv
@@ -244,9 +245,17 @@ def host(calls=200, quick=False):
     s3, p3 = (s, p) if quick else ZF_CONVS["conv3"][4:]
     from bench.bench_gpu_lowrank import TINY, ZF_CONV1
     from bench.bench_gpu_lowrank import factored_callable as lowrank_callable
+    from npconv.layers import Conv2d
+    g1 = TINY if quick else ZF_CONV1
+    x1, w1, b1 = _conv_inputs(cp, g1, 1)
+    conv1_layer = Conv2d(cp.asnumpy(w1), cp.asnumpy(b1), stride=g1[4], padding=g1[5]).to_gpu()
     work = {"conv2": lambda: conv2d(x, w, b, stride=s, padding=p),
             "conv3": lambda: conv2d(x3, w3, b3, stride=s3, padding=p3),
-            "mono4": lowrank_callable("monochromatic", 4, 1, TINY if quick else ZF_CONV1, np.float32),
+            "conv1": lambda: conv2d(x1, w1, b1, stride=g1[4], padding=g1[5]),
+            "conv1_layer": lambda: conv1_layer(x1),
+            "mono4": lowrank_callable("monochromatic", 4, 1, g1, np.float32),
+            "svd8": lowrank_callable("conv_svd", 8, 1, g1, np.float32),
+            "sep4": lowrank_callable("separable", 4, 1, g1, np.float32),
             f"cp{cp_opts[2]}": factored_callable("cp", cp_opts, 1, geom if quick else ZF_CONV2, np.float32),
             "svd": factored_callable("svd", svd_opts, 1, geom if quick else ZF_CONV2, np.float32),
             "shared": factored_callable("shared", shared_opts, 1, geom if quick else ZF_CONV2, np.float32),
