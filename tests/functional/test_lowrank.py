@@ -55,6 +55,20 @@ def test_monochromatic(rng, monkeypatch, dtype, geom, colors, unequal, microkern
     check(monochromatic_conv2d(x, T, a, S, None, stride=st, padding=pad), ref - b[None, :, None, None], dtype)
 
 
+@pytest.mark.parametrize("C", [5, 6, 7])
+@pytest.mark.parametrize("microkernel", [True, False], ids=["microkernel", "numba"])
+def test_monochromatic_more_input_channels(rng, monkeypatch, C, microkernel):
+    """The colour planes are summed up to 3 input channels a pass: 3 + 2, 3 + 3 and 3 + 3 + 1 channels (the GEOMS
+    above have 1 to 4)."""
+    monkeypatch.setattr(DR, "USE_MICROKERNEL", microkernel)
+    x = rng.standard_normal((2, C, 10, 11))
+    T = rng.standard_normal((3, C))
+    a = np.array([0, 1, 2, 2, 1, 0, 1, 2])
+    S = rng.standard_normal((8, 3, 3))
+    ref = conv2d_einsum(x, _mono_kernel(T, a, S), None, (2, 1), (1, 1, 0, 1))
+    check(monochromatic_conv2d(x, T, a, S, stride=(2, 1), padding=(1, 1, 0, 1)), ref, np.float64)
+
+
 @pytest.mark.parametrize("W", [9, 12])
 @pytest.mark.parametrize("pl,pr", [(0, 0), (1, 2), (2, 1), (3, 3)])
 def test_monochromatic_column_stride_2_paddings(rng, W, pl, pr):

@@ -115,19 +115,47 @@ def _band_buffers(x, n, i0, nq, pt, pl, Dh, Dw, Hb, Wq, has_T, slack):
 
 @numba.njit(cache=True, nogil=True)
 def _colour_plane(xbuf, T, p, C, plane, nphase, Hb, Wq, nq, cbuf):
-    """cbuf = sum_c T[p, c] * (channel c's planes in xbuf): contiguous axpys over the filled rows of each phase."""
+    """cbuf = sum_c T[p, c] * (channel c's planes in xbuf) over the filled rows of each phase: one pass of
+    contiguous loads for up to 3 channels at a time, so that cbuf is written once (and read back once for each
+    further 3), not once a channel. ZF conv1's monochromatic layer at batch 32 spent 7 of 32 ms on the planes with
+    C' = 24 as one pass a channel; this form made the layer 1.04-1.07x faster at batch 128 for C' = 12 and 24
+    (1.01-1.03x for 4 and 8), same process, alternating."""
+    n = nq * Wq
     for ph in range(nphase):
         o = ph * Hb * Wq
-        d = cbuf[o:o + nq * Wq]
-        s0 = xbuf[o:o + nq * Wq]
-        t0 = T[p, 0]
-        for j in range(nq * Wq):
-            d[j] = t0 * s0[j]
-        for c in range(1, C):
-            sc = xbuf[c * plane + o:c * plane + o + nq * Wq]
-            tc = T[p, c]
-            for j in range(nq * Wq):
-                d[j] += tc * sc[j]
+        d = cbuf[o:o + n]
+        c0 = 0
+        while c0 < C:
+            k = min(3, C - c0)
+            s0 = xbuf[c0 * plane + o:c0 * plane + o + n]
+            t0 = T[p, c0]
+            if k == 1:
+                if c0 == 0:
+                    for j in range(n):
+                        d[j] = t0 * s0[j]
+                else:
+                    for j in range(n):
+                        d[j] += t0 * s0[j]
+            else:
+                s1 = xbuf[(c0 + 1) * plane + o:(c0 + 1) * plane + o + n]
+                t1 = T[p, c0 + 1]
+                if k == 2:
+                    if c0 == 0:
+                        for j in range(n):
+                            d[j] = t0 * s0[j] + t1 * s1[j]
+                    else:
+                        for j in range(n):
+                            d[j] += t0 * s0[j] + t1 * s1[j]
+                else:
+                    s2 = xbuf[(c0 + 2) * plane + o:(c0 + 2) * plane + o + n]
+                    t2 = T[p, c0 + 2]
+                    if c0 == 0:
+                        for j in range(n):
+                            d[j] = t0 * s0[j] + t1 * s1[j] + t2 * s2[j]
+                    else:
+                        for j in range(n):
+                            d[j] += t0 * s0[j] + t1 * s1[j] + t2 * s2[j]
+            c0 += k
 
 
 @numba.njit(cache=True, nogil=True)
