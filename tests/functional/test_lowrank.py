@@ -58,8 +58,8 @@ def test_monochromatic(rng, monkeypatch, dtype, geom, colors, unequal, microkern
 @pytest.mark.parametrize("C", [5, 6, 7])
 @pytest.mark.parametrize("microkernel", [True, False], ids=["microkernel", "numba"])
 def test_monochromatic_more_input_channels(rng, monkeypatch, C, microkernel):
-    """The colour planes are summed up to 3 input channels a pass: 3 + 2, 3 + 3 and 3 + 3 + 1 channels (the GEOMS
-    above have 1 to 4)."""
+    """The colour planes sum the first 3 input channels in one pass, then one pass a further channel: 5, 6 and 7
+    channels (the GEOMS above have 1 to 4)."""
     monkeypatch.setattr(DR, "USE_MICROKERNEL", microkernel)
     x = rng.standard_normal((2, C, 10, 11))
     T = rng.standard_normal((3, C))

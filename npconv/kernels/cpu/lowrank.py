@@ -115,47 +115,37 @@ def _band_buffers(x, n, i0, nq, pt, pl, Dh, Dw, Hb, Wq, has_T, slack):
 
 @numba.njit(cache=True, nogil=True)
 def _colour_plane(xbuf, T, p, C, plane, nphase, Hb, Wq, nq, cbuf):
-    """cbuf = sum_c T[p, c] * (channel c's planes in xbuf) over the filled rows of each phase: one pass of
-    contiguous loads for up to 3 channels at a time, so that cbuf is written once (and read back once for each
-    further 3), not once a channel. ZF conv1's monochromatic layer at batch 32 spent 7 of 32 ms on the planes with
-    C' = 24 as one pass a channel; this form made the layer 1.04-1.07x faster at batch 128 for C' = 12 and 24
-    (1.01-1.03x for 4 and 8), same process, alternating."""
+    """cbuf = sum_c T[p, c] * (channel c's planes in xbuf) over the filled rows of each phase: the first 3 channels
+    (an RGB layer's all) in one pass of contiguous loads, so that cbuf is written once, then one axpy a further
+    channel. ZF conv1's monochromatic layer at batch 32 spent 7 of 32 ms on the planes with C' = 24 as one pass a
+    channel; the one pass made the layer 1.04-1.07x faster at batch 128 for C' = 12 and 24 (1.01-1.03x for 4 and
+    8), same process, alternating."""
     n = nq * Wq
     for ph in range(nphase):
         o = ph * Hb * Wq
         d = cbuf[o:o + n]
-        c0 = 0
-        while c0 < C:
-            k = min(3, C - c0)
-            s0 = xbuf[c0 * plane + o:c0 * plane + o + n]
-            t0 = T[p, c0]
-            if k == 1:
-                if c0 == 0:
-                    for j in range(n):
-                        d[j] = t0 * s0[j]
-                else:
-                    for j in range(n):
-                        d[j] += t0 * s0[j]
-            else:
-                s1 = xbuf[(c0 + 1) * plane + o:(c0 + 1) * plane + o + n]
-                t1 = T[p, c0 + 1]
-                if k == 2:
-                    if c0 == 0:
-                        for j in range(n):
-                            d[j] = t0 * s0[j] + t1 * s1[j]
-                    else:
-                        for j in range(n):
-                            d[j] += t0 * s0[j] + t1 * s1[j]
-                else:
-                    s2 = xbuf[(c0 + 2) * plane + o:(c0 + 2) * plane + o + n]
-                    t2 = T[p, c0 + 2]
-                    if c0 == 0:
-                        for j in range(n):
-                            d[j] = t0 * s0[j] + t1 * s1[j] + t2 * s2[j]
-                    else:
-                        for j in range(n):
-                            d[j] += t0 * s0[j] + t1 * s1[j] + t2 * s2[j]
-            c0 += k
+        s0 = xbuf[o:o + n]
+        t0 = T[p, 0]
+        if C == 1:
+            for j in range(n):
+                d[j] = t0 * s0[j]
+        elif C == 2:
+            s1 = xbuf[plane + o:plane + o + n]
+            t1 = T[p, 1]
+            for j in range(n):
+                d[j] = t0 * s0[j] + t1 * s1[j]
+        else:
+            s1 = xbuf[plane + o:plane + o + n]
+            s2 = xbuf[2 * plane + o:2 * plane + o + n]
+            t1 = T[p, 1]
+            t2 = T[p, 2]
+            for j in range(n):
+                d[j] = t0 * s0[j] + t1 * s1[j] + t2 * s2[j]
+        for c in range(3, C):
+            sc = xbuf[c * plane + o:c * plane + o + n]
+            tc = T[p, c]
+            for j in range(n):
+                d[j] += tc * sc[j]
 
 
 @numba.njit(cache=True, nogil=True)
