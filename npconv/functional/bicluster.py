@@ -401,12 +401,20 @@ def _phase_geometry(OH, OW, X, Y, stride):
 
 
 _CpWeights = collections.namedtuple("_CpWeights", "in_perm inv_perm out_perm vertical expand cg_max rfirst hcoef "
-                                                   "rcoef hor")
+                                                   "rcoef hor hpack hoff")
+
+
+def _cp_gemm_front(dt, rfirst):
+    """Whether the CP front end runs its folded reduction and horizontal pass as an implicit GEMM
+    (``kernels/cpu/cp_front_gemm.py``): where the micro-kernel has its 12-row tile, for groups whose reduction is
+    folded into the horizontal taps (``rfirst`` False)."""
+    return USE_CP_GEMM_FRONT and not rfirst and _taps_ok(dt)
 
 
 def _cp_weights(in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, sw, dt):
     """What the CPU CP path derives from the factors alone (index arrays as int64, the inverse input permutation,
-    contiguous factors, the largest input group, the front end's choice and its tap coefficients)."""
+    contiguous factors, the largest input group, the front end's choice and its tap coefficients; for the GEMM front
+    end (:func:`_cp_gemm_front`) each group's folded coefficients packed for the micro-kernel, and their offsets)."""
     from ..kernels.cpu import bicluster as KB
     G, H, K, _ = vertical.shape
     C = reduce.shape[0]
@@ -426,8 +434,17 @@ def _cp_weights(in_perm, in_off, reduce, vertical, horizontal, expand, out_perm,
         hcoef = np.ascontiguousarray(reduce.reshape(C, H * K, 1) * horizontal.reshape(G, H * K, Y)[g_of], dtype=dt)
         rcoef = np.zeros((1, 1), dt)
         hor = np.zeros((1, 1, 1), dt)
+    hpack, hoff = np.zeros(1, dt), np.zeros(1, np.int64)
+    if _cp_gemm_front(dt, rfirst):
+        from ..kernels.cpu import gemm as KG
+        MR = _mk_tile(dt)[1]
+        # A_g[hk, j*Y + b] = hcoef[j0 + j, hk, b], packed for the MR-row tile, group after group
+        packs = [KG.pack_a(np.ascontiguousarray(hcoef[int(in_off[g]):int(in_off[g + 1])].transpose(1, 0, 2))
+                           .reshape(H * K, -1), MR) for g in range(G)]
+        hoff = np.cumsum([0] + [a.shape[0] for a in packs[:-1]]).astype(np.int64)
+        hpack = np.concatenate(packs)
     return _CpWeights(in_perm, _inverse(in_perm), _as_index(out_perm), np.ascontiguousarray(vertical),
-                      np.ascontiguousarray(expand), cg_max, rfirst, hcoef, rcoef, hor)
+                      np.ascontiguousarray(expand), cg_max, rfirst, hcoef, rcoef, hor, hpack, hoff)
 
 
 def _cp_cpu(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, out_off, bias, stride, pad, OH, OW,
@@ -437,9 +454,10 @@ def _cp_cpu(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, 
     bias = None if bias is None else np.ascontiguousarray(bias)
     sh, sw = stride
     dt = x.dtype
-    wts = prepared(prep, ("cpu-cp", dt, sw), lambda: _cp_weights(in_perm, in_off, reduce, vertical, horizontal,
+    wts = prepared(prep, ("cpu-cp", dt, sw, USE_CP_GEMM_FRONT), lambda: _cp_weights(in_perm, in_off, reduce, vertical, horizontal,
                                                                   expand, out_perm, sw, dt))
-    in_perm, inv_perm, out_perm, vertical, expand, cg_max, rfirst, hcoef, rcoef, hor = wts
+    in_perm, inv_perm, out_perm, vertical, expand, cg_max, rfirst, hcoef, rcoef, hor, hpack, hoff = wts
+    gemm_front = _cp_gemm_front(dt, rfirst)
     N = x.shape[0]
     G, H, K, X = vertical.shape
     Y = horizontal.shape[3]
@@ -454,21 +472,36 @@ def _cp_cpu(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, 
     plane = sh * sw * R * Mp
     per_z = H * G * K * P
     nb = _chunk(N, P, C * plane + per_z + F * P, dt.itemsize, _CP_CACHE_BYTES)
-    # enough parallel jobs: split a group's quads of components when images x groups alone are too few
-    nsplit = max(1, min(-(-H * K // 4), -(-4 * numba.get_num_threads() // (nb * G))))
+    # enough parallel jobs: split a group's quads of components (the GEMM front end's row blocks) when images x
+    # groups alone are too few
+    if gemm_front:
+        from ..kernels.cpu import cp_front_gemm as KF
+        VW, MR, NV = _mk_tile(dt)
+        NR = VW * NV
+        units = -(-H * K // MR)
+    else:
+        NR = 0
+        units = -(-H * K // 4)
+    nsplit = max(1, min(units, -(-4 * numba.get_num_threads() // (nb * G))))
     # the front end's jobs pack their own groups (no separate packing pass), when each group is packed by one job
     # only (nsplit 1) into an L1/L2-sized scratch
     own = _cp_own_pack(nsplit, cg_max * plane * dt.itemsize)
     if not own:
-        xs_buf = WS.get_aligned("xs", nb * C * plane + Mp, dt)
-        xs_buf[nb * C * plane:] = 0   # slack: the last plane's shifted taps read up to (Y - 1) // sw items past it
+        # slack: the last plane's shifted taps read up to (Y - 1) // sw items past it, the GEMM front end's last
+        # panel up to NR more
+        xs_buf = WS.get_aligned("xs", nb * C * plane + NR + Mp, dt)
+        xs_buf[nb * C * plane:] = 0
     else:
         xs_buf = np.zeros(0, dt)
     z_buf = WS.get("z", nb * per_z + _SLACK, dt)
     mk = _expand_packs(prep, ("cpu-cp-mk", dt), expand, out_off, out_perm, bias, dt)
     y_buf = WS.get("y", nb * F * P, dt) if mk[0] is None else None     # the BLAS path's staging buffer
     nth = numba.get_num_threads()
-    srow = KB.cp_scratch_size(sh, sw, R, Mp, OH, cg_max if own else 0, rfirst)
+    if gemm_front:
+        srow = KF.cp_gemm_scratch_size(sh, sw, R, Mp, MR, NR, cg_max if own else 0)
+        koff = KF.cp_gemm_tap_offsets(cg_max, Y, sw, R, Mp, plane)
+    else:
+        srow = KB.cp_scratch_size(sh, sw, R, Mp, OH, cg_max if own else 0, rfirst)
     scratch = WS.get_aligned("front", nth * srow, dt).reshape(nth, srow)
     y = np.empty((N, F, OH, OW), dt) if out is None else out
     y3 = y.reshape(N, F, P)
@@ -477,8 +510,12 @@ def _cp_cpu(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, 
         if not own:
             _pack_chunk(x, n0, m, inv_perm, pad, stride, R, Mp, xs_buf, True)
         Z = z_buf[:m * per_z].reshape(H, G * K, m * P)
-        KB.cp_front(xs_buf, x, n0, in_perm, pad[0], pad[2], m, C, sh, sw, R, Mp, in_off, hcoef, vertical, OH, OW,
-                    nsplit, Z, scratch, rfirst, rcoef, hor)
+        if gemm_front:
+            KF.cp_front_gemm(xs_buf, x, n0, in_perm, pad[0], pad[2], m, C, sh, sw, R, Mp, in_off, hpack, hoff, koff,
+                             Y, MR, NR, vertical, OH, OW, nsplit, z_buf, m * P, scratch)
+        else:
+            KB.cp_front(xs_buf, x, n0, in_perm, pad[0], pad[2], m, C, sh, sw, R, Mp, in_off, hcoef, vertical, OH,
+                        OW, nsplit, Z, scratch, rfirst, rcoef, hor)
         _expand_scatter(z_buf, Z, expand, out_perm, out_off, bias, n0, m, P, y_buf, y3, mk)
     return y
 
@@ -507,6 +544,10 @@ def _round_rows(n, micro=False):
 #: channels split by the stride phases, the block convolutions read those planes in place; else a packed copy of
 #: the input, a GEMM, patch matrices and a GEMM. A module constant for same-process comparisons, not a user setting
 USE_TAPS = True
+#: the CP front end's folded reduction and horizontal pass as an implicit GEMM on the micro-kernel's 12-row tile
+#: (``kernels/cpu/cp_front_gemm.py``; :func:`_cp_gemm_front`), else 4 components at a time in numba loops. A module
+#: constant for same-process comparisons, not a user setting
+USE_CP_GEMM_FRONT = True
 #: the shared form's front-end jobs pack their own input groups (when a group's planes fit ``_OWN_PACK_BYTES``)
 #: instead of a packing pass over the chunk: ZF conv2 (G=48, H=2, K=6, S=4), same process, 1.09x and 1.10x at batch
 #: 128, 1.03x at batch 1 (eighteenth session). A module constant for same-process comparisons, not a user setting

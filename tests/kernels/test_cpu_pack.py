@@ -17,18 +17,24 @@ def _padded(xin, pt, pl, rows, cols):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("W", [1, 2, 5, 8, 33, 40])
-@pytest.mark.parametrize("pl", [0, 1, 2, 3, 5])
-@pytest.mark.parametrize("M", [1, 3, 17, 24])
+@pytest.mark.parametrize("W", [1, 2, 5, 8, 33, 40, 55, 97])
+@pytest.mark.parametrize("pl", [0, 1, 2, 3, 5, 34])
+@pytest.mark.parametrize("M", [1, 3, 17, 24, 32, 50])
 def test_split_row2(rng, dtype, W, pl, M):
-    src = rng.standard_normal(W).astype(dtype)
-    da = np.full(M, np.nan, dtype)
-    db = np.full(M, np.nan, dtype)
+    """Rows shorter and longer than a vector of each phase (16 float32, 8 float64 values), left padding of more than
+    a vector (pl = 34), outputs that cut the row (M < W / 2) or end in zeros; the writes stay within da and db, and the
+    values past the row (NaN here) are never used."""
+    buf = np.full(W + 64, np.nan, dtype)
+    buf[:W] = rng.standard_normal(W)
+    src = buf[:W]
+    out = np.full((2, M + 40), 7.0, dtype)
+    da, db = out[0, :M], out[1, :M]
     split_row2(src, W, pl, da, db)
     row = _padded(src[None], 0, pl, 1, 2 * M + 2)[0]
     # da is column phase pl % 2 of the padded row, db the other phase
     np.testing.assert_array_equal(da, row[pl % 2::2][:M])
     np.testing.assert_array_equal(db, row[1 - pl % 2::2][:M])
+    assert (out[:, M:] == 7.0).all()
 
 
 @pytest.mark.parametrize("sh,sw", [(1, 1), (2, 2), (2, 1), (1, 2), (3, 2), (2, 3)])

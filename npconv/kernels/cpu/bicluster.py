@@ -279,6 +279,18 @@ def cp_reduce_first(cg, sw, Y):
     return 2 * cg * Y >= 3 * (cg * sw + Y)
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _vertical_z(o, a_src, voffs, vcoef, zrow, OH, OW, Mp):
+    """A component's vertical pass, ``o = sum_a vcoef[a] * a_src[voffs[a] + :OH*Mp]`` (rows of ``Mp`` items), then
+    the first ``OW`` columns of each of its ``OH`` rows compacted into ``zrow`` (the component's P outputs)."""
+    _taps(o, a_src, voffs, vcoef, OH * Mp, False)
+    for oi in range(OH):
+        d = zrow[oi * OW:(oi + 1) * OW]
+        sr = o[oi * Mp:oi * Mp + OW]
+        for e in range(OW):
+            d[e] = sr[e]
+
+
 @numba.njit(parallel=True, cache=True, nogil=True)
 def cp_front(xflat, x, n0, in_perm, pt, pl, nb, C, SH, SW, R, Mp, in_offsets, hcoef, vertical, OH, OW, nsplit, Z,
              scratch, reduce_first, rcoef, hor):
@@ -403,13 +415,7 @@ def cp_front(xflat, x, n0, in_perm, pt, pl, nb, C, SH, SW, R, Mp, in_offsets, hc
                         _taps(a_src[p * RM:(p + 1) * RM], red[kk * plane + p * SW * RM:], offs, hc, RM, False)
                 for a in range(X):
                     vcoef[a] = vertical[g, h, k, a]
-                _taps(o, a_src, voffs, vcoef, OM, False)
-                zrow = Z[h, g * K + k, i * P:(i + 1) * P]
-                for oi in range(OH):
-                    d = zrow[oi * OW:(oi + 1) * OW]
-                    sr = o[oi * Mp:oi * Mp + OW]
-                    for e in range(OW):
-                        d[e] = sr[e]
+                _vertical_z(o, a_src, voffs, vcoef, Z[h, g * K + k, i * P:(i + 1) * P], OH, OW, Mp)
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)

@@ -32,7 +32,7 @@ from numba.extending import intrinsic
 
 __all__ = ["tile_shape", "taps_tile_shapes", "microkernel", "microkernel_rows4", "microkernel_rows8",
            "microkernel_cols1", "microkernel_taps12", "microkernel_taps8", "microkernel_taps4",
-           "microkernel_taps_rows4", "microkernel_taps_rows8", "prefetch_write", "prefetch_read", "prefetch_run",
+           "microkernel_taps_rows4", "microkernel_taps_rows8", "microkernel_taps1", "prefetch_write", "prefetch_read", "prefetch_run",
            "pack_a", "gemm_images", "matmul", "gemm_stream", "matmul_stream", "STREAM_MAX_K", "KC_BYTES",
            "PREFETCH_PANELS"]
 
@@ -274,6 +274,10 @@ microkernel_taps12 = _taps_intrinsic(12, 2)
 microkernel_taps8 = _taps_intrinsic(8, 3)
 microkernel_taps4 = _taps_intrinsic(4, 3)
 
+
+#: a one-row tile of two vectors: ``c[coff + j] = sum_k a[aoff + k] * b[boff + koff[k] + j]``, ``j < 2*VW`` -- a
+#: depthwise pass's output row (a row of the CP front end's vertical pass, ``cp_front_gemm``), its taps as offsets
+microkernel_taps1 = _taps_intrinsic(1, 2)
 
 #: the partial row-block tiles of the tap-offset GEMM (the tile's ``NV`` vectors, ``A`` packed for its ``MR``)
 microkernel_taps_rows4 = _taps_intrinsic(4)

@@ -1,0 +1,159 @@
+"""The CP front end's reduction and horizontal pass as an implicit GEMM on npconv's micro-kernel.
+
+:func:`npconv.kernels.cpu.bicluster.cp_front` folds a group's ``C_g -> 1`` reductions into the horizontal taps
+(``hcoef[j, hk, b] = reduce[j, hk] * horizontal[g, hk, b]``) and runs them 4 components at a time in vectorised
+numba loops: each output vector costs a load and a store of 4 accumulator rows per input channel, and those loops ran
+at about a quarter of the FMA peak. Over all ``H*K`` components of a group at once, the same sums are a product:
+
+    acc[hk, p, e] = sum_{t = (j, b)} A_g[hk, t] * xs[j, p, b % SW, e + b // SW]      (e over a row phase's R*Mp items)
+
+``A_g`` (``H*K`` x ``C_g*Y``, the folded coefficients) is packed once per layer for the 12-row tile, and the input
+taps are read in place from the group's phase-split planes through tap offsets (``gemm.microkernel_taps12``; the
+8- and 4-row tiles for a partial last row block). The tile keeps its 24 accumulators in registers over all
+``C_g*Y`` taps and stores each output once. The vertical pass and the compaction into ``Z`` then run per component
+as in ``cp_front``.
+
+Compiled only where the micro-kernel's 12-row tile exists (AVX-512): the functional layer calls
+:func:`cp_front_gemm` only then (``functional.bicluster._cp_gemm_front``), else ``cp_front``.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from ._pack import pack_plane as _pack_plane
+from .gemm import microkernel_taps1, microkernel_taps12, microkernel_taps_rows4, microkernel_taps_rows8, prefetch_write
+
+__all__ = ["cp_gemm_scratch_size", "cp_gemm_plane", "cp_gemm_tap_offsets", "cp_front_gemm"]
+
+
+def cp_gemm_plane(R, Mp, NR):
+    """Items of a row phase in the accumulator rows: its ``R * Mp`` rounded up to whole panels of ``NR`` (the tile
+    stores whole panels; the columns past ``R * Mp`` are computed from the slack and never read)."""
+    return -(-(R * Mp) // NR) * NR
+
+
+def cp_gemm_scratch_size(sh, sw, R, Mp, MR, NR, cg_pack=0):
+    """Items of one thread's scratch row for :func:`cp_front_gemm`: ``MR`` accumulator rows of ``sh`` row phases
+    (:func:`cp_gemm_plane` each) and ``NR`` items of slack (the vertical pass's last runs read up to ``NR`` items past
+    a row's end), and when the jobs pack their own input (``cg_pack``, the largest input group, > 0) that group's
+    planes (``sh * sw * R * Mp`` each) and ``NR + Mp`` items of slack; a multiple of 64 bytes, so that rows that
+    start aligned stay aligned."""
+    plane = sh * sw * R * Mp
+    own = cg_pack * plane + NR + Mp if cg_pack else 0
+    return MR * sh * cp_gemm_plane(R, Mp, NR) + NR + own
+
+
+def cp_gemm_tap_offsets(cg, Y, sw, R, Mp, plane):
+    """Offsets of the taps ``t = j*Y + b`` (input channel ``j`` of a group, horizontal tap ``b``) from the first
+    channel's row phase: channel ``j``'s plane, column phase ``b % sw``, ``b // sw`` columns on."""
+    koff = np.empty(cg * Y, np.int64)
+    for j in range(cg):
+        for b in range(Y):
+            koff[j * Y + b] = j * plane + (b % sw) * R * Mp + b // sw
+    return koff
+
+
+@numba.njit(cache=True, nogil=True)
+def _vertical_rows(vcoef, acc, abase, voffs, X, Zf, zb, OH, OW, Mp, NR, tmp):
+    """A component's vertical pass: ``Zf[zb + oi*OW + e] = sum_a vcoef[a] * acc[abase + voffs[a] + oi*Mp + e]`` for
+    ``oi < OH``, ``e < OW``, in runs of ``NR`` columns on the one-row tile. A run stores all ``NR`` values, past the
+    row's end into the next rows, which the next runs then overwrite; a run that would pass the component's
+    ``OH*OW`` values goes through ``tmp``."""
+    P = OH * OW
+    for oi in range(OH):
+        for c0 in range(0, OW, NR):
+            if oi * OW + c0 + NR <= P:
+                microkernel_taps1(vcoef, 0, acc, abase + oi * Mp + c0, voffs, Zf, zb + oi * OW + c0, 0, X, 0, vcoef,
+                                  0)
+            else:
+                microkernel_taps1(vcoef, 0, acc, abase + oi * Mp + c0, voffs, tmp, 0, 0, X, 0, vcoef, 0)
+                d = Zf[zb + oi * OW + c0:]
+                for e in range(OW - c0):
+                    d[e] = tmp[e]
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def cp_front_gemm(xflat, x, n0, in_perm, pt, pl, nb, C, SH, SW, R, Mp, in_offsets, hpack, hoff, koff, Y, MR, NR,
+                  vertical, OH, OW, nsplit, Zf, zlen, scratch):
+    """CP front end (module docstring): ``Z[h, g*K + k, i*P:(i+1)*P] = vert_k * (sum_{j, b} hcoef[j, hk, b]
+    xs[i, j, shifted by b])`` for every image ``i < nb`` of the chunk and component ``hk = h*K + k``.
+
+    ``xflat`` and the own packing (``xflat`` empty: each job packs its group of image ``n0 + i`` of ``x``) as in
+    ``bicluster.cp_front``, but with ``NR + Mp`` items of slack after the packed planes (a row phase's last panel
+    reads up to :func:`cp_gemm_plane` ``- R*Mp`` items past it). ``hpack`` holds each group's folded coefficients
+    ``A_g`` (``H*K`` x ``C_g*Y``) packed by ``gemm.pack_a`` for ``MR``-row blocks, group ``g`` from ``hoff[g]``;
+    ``koff`` (:func:`cp_gemm_tap_offsets` for the largest group) the taps' offsets; ``vertical`` (G, H, K, X);
+    Z (H, G*K, nb*P). ``MR``, ``NR``: the micro-kernel's tile (12 rows, two vectors).
+
+    One parallel job per (image, input group, slice of the group's row blocks; ``nsplit`` slices, more than one only
+    when images x groups alone are too few jobs). For each row block of ``MR`` components: the tiles of every row
+    phase's panels into the accumulator rows, then per component the vertical pass and the compaction.
+    ``scratch`` (threads, >= :func:`cp_gemm_scratch_size`), rows on 64-byte boundaries.
+    """
+    G, H, K, X = vertical.shape
+    HK = H * K
+    P = OH * OW
+    RM = R * Mp
+    RMp = (RM + NR - 1) // NR * NR
+    PLp = SH * RMp
+    plane = SH * SW * RM
+    npan = RMp // NR
+    nblk = (HK + MR - 1) // MR
+    own = xflat.shape[0] == 0
+    for job in numba.prange(nb * G * nsplit):
+        s = job % nsplit
+        t = job // nsplit
+        g = t % G
+        i = t // G
+        j0 = in_offsets[g]
+        cg = in_offsets[g + 1] - j0
+        T = cg * Y
+        sc = scratch[numba.get_thread_id()]
+        acc = sc[:MR * PLp + NR]
+        if own:
+            e0 = MR * PLp + NR
+            xg = sc[e0:e0 + cg * plane + NR + Mp]
+            xg[cg * plane:] = 0
+            for u in range(cg):
+                _pack_plane(x[n0 + i, in_perm[j0 + u]], pt, pl, SH, SW,
+                            xg[u * plane:(u + 1) * plane].reshape(SH, SW, R, Mp))
+            xsrc = xg
+            xbase = 0
+        else:
+            xsrc = xflat
+            xbase = (i * C + j0) * plane
+        vcoef = np.empty(X, Zf.dtype)
+        tmp = np.empty(NR, Zf.dtype)
+        voffs = np.empty(X, np.int64)
+        for a in range(X):
+            voffs[a] = (a % SH) * RMp + (a // SH) * Mp
+        for ib in range(s * nblk // nsplit, (s + 1) * nblk // nsplit):
+            rows = min(MR, HK - ib * MR)
+            aoff = hoff[g] + ib * T * MR
+            # 1. the reduction and the horizontal pass: every row phase's panels, MR components a tile
+            for p in range(SH):
+                for jp in range(npan):
+                    boff = xbase + p * SW * RM + jp * NR
+                    coff = p * RMp + jp * NR
+                    if rows <= 4:
+                        microkernel_taps_rows4(hpack, aoff, xsrc, boff, koff, acc, coff, PLp, T, 0, acc, 0)
+                    elif rows <= 8:
+                        microkernel_taps_rows8(hpack, aoff, xsrc, boff, koff, acc, coff, PLp, T, 0, acc, 0)
+                    else:
+                        microkernel_taps12(hpack, aoff, xsrc, boff, koff, acc, coff, PLp, T, 0, acc, 0)
+            # 2. per component: the vertical pass, each output row straight into Z
+            for r in range(rows):
+                hk = ib * MR + r
+                h = hk // K
+                k = hk - h * K
+                for a in range(X):
+                    vcoef[a] = vertical[g, h, k, a]
+                zb = (h * G * K + g * K + k) * zlen + i * P
+                if r + 1 < rows:
+                    # the next component's Z row fetched for writing meanwhile (Z is larger than the caches)
+                    hn = (hk + 1) // K
+                    zn = (hn * G * K + g * K + hk + 1 - hn * K) * zlen + i * P
+                    for e in range(0, P, 64 // Zf.itemsize):
+                        prefetch_write(Zf, zn + e)
+                _vertical_rows(vcoef, acc, r * PLp, voffs, X, Zf, zb, OH, OW, Mp, NR, tmp)
