@@ -133,14 +133,47 @@ def test_svd_ranks_around_gemm_row_padding(rng, K1, K2):
 @pytest.mark.parametrize("X,Y,K", [(5, 5, 1), (1, 7, 4), (7, 2, 5), (2, 1, 3), (4, 6, 2)])
 @pytest.mark.parametrize("stride,padding", [((1, 1), (0, 0, 0, 0)), ((2, 2), (2, 2, 2, 2)),
                                             ((2, 3), (1, 0, 0, 2))])
-def test_cp_tap_counts_and_component_quads(rng, dtype, X, Y, K, stride, padding):
+@pytest.mark.parametrize("gemm_front", [True, False], ids=["gemm-front", "loop-front"])
+def test_cp_tap_counts_and_component_quads(rng, monkeypatch, dtype, X, Y, K, stride, padding, gemm_front):
     """The CPU CP front end takes its components 4 at a time (a short last quad when H*K is not a multiple of 4)
-    and its horizontal taps in sweeps of 5, 3 and 1: tap counts 1-7 and K from 1 to 5, with uneven groups."""
+    and its horizontal taps in sweeps of 5, 3 and 1: tap counts 1-7 and K from 1 to 5, with uneven groups; with the
+    folded groups' horizontal pass on the implicit GEMM (where the CPU has the 12-row tile) and without it."""
+    monkeypatch.setattr(FB, "USE_CP_GEMM_FRONT", gemm_front)
     f = _cp_factors(rng, 6, 8, X, Y, (1, 2, 3), (3, 5), K, dtype)
     x = rng.standard_normal((3, 6, 13, 17)).astype(dtype)
     b = rng.standard_normal(8).astype(dtype)
     y = bicluster_cp_conv2d(x, *f, b, stride=stride, padding=padding)
     ref = conv2d_naive(x, _dense_kernel("cp", f), b, stride, padding)
+    assert y.shape == ref.shape
+    np.testing.assert_allclose(y, ref, *tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("own", [True, False])
+@pytest.mark.parametrize("case", [
+    # C, F, X, Y, input groups, output groups, K, N, input H x W, stride, padding
+    (6, 10, 5, 5, (2, 1, 3), (4, 6), 3, 2, (13, 17), (2, 2), (1, 2, 0, 1)),     # 6 components: the 8-row tile
+    (4, 8, 3, 5, (2, 2), (3, 5), 8, 1, (9, 80), (1, 1), (1, 1, 2, 2)),          # 16 = 12 + 4; 80 columns: 3 runs
+    (4, 9, 3, 4, (1, 2, 1), (9,), 13, 1, (11, 30), (3, 1), (0, 2, 1, 0)),       # 13 = 12 + 1, one output group
+    (5, 12, 2, 3, (2, 3), (4, 4, 4), 8, 3, (7, 9), (1, 2), (1, 1, 1, 1)),       # 24: two whole row blocks; 5 x 5
+    (8, 6, 3, 3, (2, 2, 2, 2), (3, 3), 8, 2, (9, 12), (2, 1), (0, 0, 0, 0)),    # 16 in one job; 5 x 16 planes
+])
+def test_cp_gemm_front_row_blocks_and_runs(rng, monkeypatch, dtype, own, case):
+    """The GEMM front end (the reduction folded into the horizontal taps, forced) on its row blocks (6, 16, 13 and 24
+    components: the 8-, 12- and 4-row tiles, one block or two, in one job or split among jobs when images x groups
+    are few), its accumulator rows (a row phase of 5 x 16 values padded to whole panels of 32) and its vertical
+    pass's runs (a row of 76 outputs in runs of 32 or 16; rows narrower than a run, whose last runs go through the
+    scratch run), packing its own groups or reading the chunk's packed input."""
+    from npconv.kernels.cpu import bicluster as KB
+    monkeypatch.setattr(KB, "cp_reduce_first", lambda *a: False)
+    monkeypatch.setattr(FB, "_cp_own_pack", lambda *a: own)
+    monkeypatch.setattr(FB, "USE_CP_GEMM_FRONT", True)
+    C, F, X, Y, ins, outs, K, N, (Hi, Wi), stride, pad = case
+    f = _cp_factors(rng, C, F, X, Y, ins, outs, K, dtype)
+    x = rng.standard_normal((N, C, Hi, Wi)).astype(dtype)
+    b = rng.standard_normal(F).astype(dtype)
+    y = bicluster_cp_conv2d(x, *f, b, stride=stride, padding=pad)
+    ref = conv2d_einsum(x, _dense_kernel("cp", f), b, stride, pad)
     assert y.shape == ref.shape
     np.testing.assert_allclose(y, ref, *tolerance(dtype))
 
