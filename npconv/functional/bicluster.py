@@ -17,7 +17,9 @@ output channels likewise with ``out_perm`` / ``out_offsets``; stacked factor row
 CPU (NumPy): numba kernels + matrix products (npconv's GEMM micro-kernel where the CPU has AVX2 or AVX-512, else
 BLAS), over chunks of the batch so the workspace stays bounded (``_WORKSPACE_BYTES``). The expansion of output
 group h is ONE product ``expand_h (F_h, G*K) @ Z_h (G*K, chunk*P)``, stored into the group's output channels;
-the CP front end (reduction + both spatial passes) is one fused numba kernel parallel over components; the SVD
+the CP front end (reduction + both spatial passes) is one fused numba kernel parallel over groups (where the
+micro-kernel has its 12-row tile and the reduction folds into the horizontal taps, the two as an implicit GEMM over
+a group's components: ``kernels/cpu/cp_front_gemm.py``); the SVD
 form is three GEMM stages, the middle one (the blocks' K1 -> K2 convolutions) an implicit GEMM over the reduced
 channels' phase-split planes where the micro-kernel has its 12-row AVX-512 tile (``kernels/cpu/gemm_taps.py``),
 else a channel-major im2col and a GEMM.
@@ -454,8 +456,8 @@ def _cp_cpu(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, 
     bias = None if bias is None else np.ascontiguousarray(bias)
     sh, sw = stride
     dt = x.dtype
-    wts = prepared(prep, ("cpu-cp", dt, sw, USE_CP_GEMM_FRONT), lambda: _cp_weights(in_perm, in_off, reduce, vertical, horizontal,
-                                                                  expand, out_perm, sw, dt))
+    wts = prepared(prep, ("cpu-cp", dt, sw, USE_CP_GEMM_FRONT),
+                   lambda: _cp_weights(in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, sw, dt))
     in_perm, inv_perm, out_perm, vertical, expand, cg_max, rfirst, hcoef, rcoef, hor, hpack, hoff = wts
     gemm_front = _cp_gemm_front(dt, rfirst)
     N = x.shape[0]

@@ -158,16 +158,18 @@ def test_cp_tap_counts_and_component_quads(rng, monkeypatch, dtype, X, Y, K, str
     (5, 12, 2, 3, (2, 3), (4, 4, 4), 8, 3, (7, 9), (1, 2), (1, 1, 1, 1)),       # 24: two whole row blocks; 5 x 5
     (8, 6, 3, 3, (2, 2, 2, 2), (3, 3), 8, 2, (9, 12), (2, 1), (0, 0, 0, 0)),    # 16 in one job; 5 x 16 planes
 ])
-def test_cp_gemm_front_row_blocks_and_runs(rng, monkeypatch, dtype, own, case):
+@pytest.mark.parametrize("gemm_front", [True, False], ids=["gemm-front", "loop-front"])
+def test_cp_gemm_front_row_blocks_and_runs(rng, monkeypatch, dtype, own, case, gemm_front):
     """The GEMM front end (the reduction folded into the horizontal taps, forced) on its row blocks (6, 16, 13 and 24
     components: the 8-, 12- and 4-row tiles, one block or two, in one job or split among jobs when images x groups
     are few), its accumulator rows (a row phase of 5 x 16 values padded to whole panels of 32) and its vertical
     pass's runs (a row of 76 outputs in runs of 32 or 16; rows narrower than a run, whose last runs go through the
-    scratch run), packing its own groups or reading the chunk's packed input."""
+    scratch run), packing its own groups or reading the chunk's packed input. The loop front end (4 components at a
+    time) on the same cases: its vertical pass has the same runs."""
     from npconv.kernels.cpu import bicluster as KB
     monkeypatch.setattr(KB, "cp_reduce_first", lambda *a: False)
     monkeypatch.setattr(FB, "_cp_own_pack", lambda *a: own)
-    monkeypatch.setattr(FB, "USE_CP_GEMM_FRONT", True)
+    monkeypatch.setattr(FB, "USE_CP_GEMM_FRONT", gemm_front)
     C, F, X, Y, ins, outs, K, N, (Hi, Wi), stride, pad = case
     f = _cp_factors(rng, C, F, X, Y, ins, outs, K, dtype)
     x = rng.standard_normal((N, C, Hi, Wi)).astype(dtype)
@@ -210,6 +212,21 @@ def test_shared_front_end_packing_either_way(rng, monkeypatch, own):
         y = shared_separable_conv2d(x, *f, b, stride=stride, padding=pad)
         ref = conv2d_naive(x, _dense_kernel("shared", f), b, stride, pad)
         np.testing.assert_allclose(y, ref, *tolerance(np.float32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("stride,shape", [((1, 1), (7, 75)), ((1, 1), (5, 37)), ((1, 2), (6, 75)), ((2, 1), (9, 20))])
+def test_shared_front_runs(rng, dtype, stride, shape):
+    """The shared front end's horizontal pass stores its rows in runs of 32 (float32) or 16 (float64) values: rows
+    of 71, 33 and 36 outputs (several runs, the last partial) and of 16 (runs across rows, the last through the scratch
+    run)."""
+    f = _shared_factors(rng, 6, 8, 3, 5, (2, 1, 3), (3, 5), 4, 3, dtype)
+    x = rng.standard_normal((2, 6) + shape).astype(dtype)
+    b = rng.standard_normal(8).astype(dtype)
+    y = shared_separable_conv2d(x, *f, b, stride=stride, padding=(1, 0, 0, 0))
+    ref = conv2d_einsum(x, _dense_kernel("shared", f), b, stride, (1, 0, 0, 0))
+    assert y.shape == ref.shape
+    np.testing.assert_allclose(y, ref, *tolerance(dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

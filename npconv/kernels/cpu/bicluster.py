@@ -30,6 +30,8 @@ import numba
 import numpy as np
 
 from ._pack import pack_plane as _pack_plane
+from .gemm import TAPS1_BYTES
+from .gemm_taps import taps_rows
 
 
 @numba.njit(cache=True, nogil=True)
@@ -56,8 +58,9 @@ def group_check(perm, offsets, n):
 def shared_scratch_size(cg_max, nu_max, sw, M, OH, OW, Y, own_plane=0):
     """Items of one thread's scratch row for :func:`shared_front` (largest input group ``cg_max``, ``nu_max``
     shared filters used per group; ``own_plane``: the items of one packed input plane when the jobs pack their own
-    groups, else 0)."""
-    return sw * OH * M + Y + OH * M + nu_max * cg_max * OH * OW + cg_max * own_plane
+    groups, else 0): the vertical pass's ``sw`` planes with ``Y`` + a run (``gemm.TAPS1_BYTES``, in float32 values)
+    of slack for the horizontal pass's reads, the filtered maps, the packed group."""
+    return sw * OH * M + Y + TAPS1_BYTES // 4 + nu_max * cg_max * OH * OW + cg_max * own_plane
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -256,15 +259,16 @@ def _taps4(acc, ao, src, offs, coef, T, n, init):
 
 
 def cp_scratch_size(sh, sw, R, Mp, OH, cg_pack=0, reduce_first=False):
-    """Items of one thread's scratch row for :func:`cp_front`: 4 accumulator planes of ``sh * R * Mp``, the
-    ``OH * Mp`` output plane, when the jobs pack their own input (``cg_pack``, the largest input group, > 0) that
-    group's planes (``sh * sw * R * Mp`` each) and ``Mp`` items of slack, and with ``reduce_first`` 4 reduced
-    planes (``sh * sw * R * Mp`` each) and ``Mp`` items of slack; a multiple of ``Mp``, so rows that start aligned
-    stay aligned."""
+    """Items of one thread's scratch row for :func:`cp_front`: 4 accumulator planes of ``sh * R * Mp``, a run of
+    slack (``gemm.TAPS1_BYTES`` in float32 values: the vertical pass reads up to a run past a plane's row), when the
+    jobs pack their own input (``cg_pack``, the largest input group, > 0) that group's planes (``sh * sw * R * Mp``
+    each) and ``Mp`` items of slack, and with ``reduce_first`` 4 reduced planes (``sh * sw * R * Mp`` each) and
+    ``Mp`` items of slack; a multiple of 64 bytes, so rows that start aligned stay aligned. (``OH``: unused, kept
+    for the callers' signature.)"""
     plane = sh * sw * R * Mp
     own = cg_pack * plane + Mp if cg_pack else 0
     red = 4 * plane + Mp if reduce_first else 0
-    return 4 * sh * R * Mp + OH * Mp + own + red
+    return 4 * sh * R * Mp + TAPS1_BYTES // 4 + own + red
 
 
 def cp_reduce_first(cg, sw, Y):
@@ -277,18 +281,6 @@ def cp_reduce_first(cg, sw, Y):
     C_g = 4, stride 2: 4.9 against 5.9), as do C_g = 8 and 12 (the bundled CIFAR network's conv2 at G = 8:
     6.2 against 8.6 ms at batch 128)."""
     return 2 * cg * Y >= 3 * (cg * sw + Y)
-
-
-@numba.njit(cache=True, nogil=True, inline="always")
-def _vertical_z(o, a_src, voffs, vcoef, zrow, OH, OW, Mp):
-    """A component's vertical pass, ``o = sum_a vcoef[a] * a_src[voffs[a] + :OH*Mp]`` (rows of ``Mp`` items), then
-    the first ``OW`` columns of each of its ``OH`` rows compacted into ``zrow`` (the component's P outputs)."""
-    _taps(o, a_src, voffs, vcoef, OH * Mp, False)
-    for oi in range(OH):
-        d = zrow[oi * OW:(oi + 1) * OW]
-        sr = o[oi * Mp:oi * Mp + OW]
-        for e in range(OW):
-            d[e] = sr[e]
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -311,9 +303,9 @@ def cp_front(xflat, x, n0, in_perm, pt, pl, nb, C, SH, SW, R, Mp, in_offsets, hc
     1. the reduction and the horizontal pass in one: for each row phase p and input channel j of the group,
        ``acc[k, p] (+)= sum_b hcoef[j, k, b] * xs[i, j, p, b % SW, :, b // SW + :]`` over the flat (R, Mp) plane
        (the Y shifted tap streams, unaligned, are loaded once for the 4 components);
-    2. per component, the vertical pass ``o = sum_a vertical[a] * acc[k, a % SH, a // SH + :, :]``, whose tap
-       offsets are whole rows (aligned loads);
-    3. the compaction of ``o``'s first ``OW`` columns per row into Z.
+    2. per component, the vertical pass ``sum_a vertical[a] * acc[k, a % SH, a // SH + :, :]``, whose tap
+       offsets are whole rows, each output row's first ``OW`` values stored compact into Z from the registers
+       (``gemm_taps.taps_rows``; before, the pass over whole rows of ``Mp`` and a copy: step 3 below).
 
     With ``reduce_first`` (:func:`cp_reduce_first`: groups of many channels), step 1 is instead a reduction of the
     group's channels to one phase-split plane per component, 4 components at a time (``rcoef`` (C, H*K), the
@@ -335,7 +327,7 @@ def cp_front(xflat, x, n0, in_perm, pt, pl, nb, C, SH, SW, R, Mp, in_offsets, hc
     RM = R * Mp
     PL = SH * RM
     plane = SH * SW * RM
-    OM = OH * Mp
+    SL = TAPS1_BYTES // 4     # slack after the accumulator planes: the vertical pass's runs read past a row
     dt = Z.dtype
     nq = (HK + 3) // 4
     own = xflat.shape[0] == 0
@@ -348,10 +340,9 @@ def cp_front(xflat, x, n0, in_perm, pt, pl, nb, C, SH, SW, R, Mp, in_offsets, hc
         cg = in_offsets[g + 1] - j0
         sc = scratch[numba.get_thread_id()]
         acc = sc[:4 * PL].reshape(4, PL)
-        o = sc[4 * PL:4 * PL + OM]
         if own:
             # this job's group of image n0 + i, packed into the rest of the scratch row
-            xg = sc[4 * PL + OM:4 * PL + OM + cg * plane + Mp]
+            xg = sc[4 * PL + SL:4 * PL + SL + cg * plane + Mp]
             xg[cg * plane:] = 0
             for u in range(cg):
                 _pack_plane(x[n0 + i, in_perm[j0 + u]], pt, pl, SH, SW,
@@ -366,6 +357,7 @@ def cp_front(xflat, x, n0, in_perm, pt, pl, nb, C, SH, SW, R, Mp, in_offsets, hc
         vcoef = np.empty(X, dt)
         hk4 = np.empty(4, np.int64)
         voffs = np.empty(X, np.int64)
+        tmp = np.empty(TAPS1_BYTES // Z.itemsize, dt)
         for a in range(Y):
             offs[a] = (a % SW) * RM + a // SW
         for a in range(X):
@@ -373,7 +365,7 @@ def cp_front(xflat, x, n0, in_perm, pt, pl, nb, C, SH, SW, R, Mp, in_offsets, hc
         if reduce_first:
             # 4 reduced planes after the rest of the scratch row, then Mp items of slack (read only into the
             # dropped columns of the horizontal pass)
-            r0 = 4 * PL + OM + (cg * plane + Mp if own else 0)
+            r0 = 4 * PL + SL + (cg * plane + Mp if own else 0)
             red = sc[r0:r0 + 4 * plane + Mp]
             red[4 * plane:] = 0
             red4 = red[:4 * plane].reshape(4, plane)
@@ -415,7 +407,7 @@ def cp_front(xflat, x, n0, in_perm, pt, pl, nb, C, SH, SW, R, Mp, in_offsets, hc
                         _taps(a_src[p * RM:(p + 1) * RM], red[kk * plane + p * SW * RM:], offs, hc, RM, False)
                 for a in range(X):
                     vcoef[a] = vertical[g, h, k, a]
-                _vertical_z(o, a_src, voffs, vcoef, Z[h, g * K + k, i * P:(i + 1) * P], OH, OW, Mp)
+                taps_rows(vcoef, sc, kk * PL, voffs, X, Z[h, g * K + k], i * P, OH, OW, Mp, tmp)
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -458,19 +450,17 @@ def shared_front(xflat, nb, C, SH, SW, R, M, in_offsets, used_ptr, used_filter, 
         else:
             xs1 = xflat[(i * C + j0) * plane:(i * C + j0 + cg) * plane]
         e0 = 0
-        v = sc[e0:e0 + SW * OM + Y]
+        slack = Y + TAPS1_BYTES // 4
+        v = sc[e0:e0 + SW * OM + slack]
         v[SW * OM:] = 0
-        e0 += SW * OM + Y
-        o = sc[e0:e0 + OM]
-        e0 += OM
+        e0 += SW * OM + slack
         qbuf = sc[e0:e0 + nu * cg * P]
         offs = np.empty(T, np.int64)
         coef = np.empty(T, dt)
+        tmp = np.empty(TAPS1_BYTES // Z.itemsize, dt)
         nfilt = cg * nu * (SW + 1)
         for t in range(nfilt + H * K):
             # every variable used after the _taps call is set on every path (numba miscompiled otherwise)
-            post = 0          # 0: nothing, 1: compact o into qbuf row `prow`
-            prow = 0
             h = 0
             row = 0
             if t < nfilt:
@@ -479,24 +469,20 @@ def shared_front(xflat, nb, C, SH, SW, R, M, in_offsets, used_ptr, used_filter, 
                 s = cs % nu
                 jj = cs // nu
                 f = used_filter[u0 + s]
-                if ps < SW:
-                    nt = X
-                    for a in range(X):
-                        offs[a] = (((a % SH) * SW + ps) * R + a // SH) * M
-                        coef[a] = vertical[f, a]
-                    src = xs1[jj * plane:(jj + 1) * plane]
-                    dst = v[ps * OM:(ps + 1) * OM]
-                    n = OM
-                else:
-                    nt = Y
+                if ps == SW:
+                    # the horizontal pass, each output row stored compact into the map's qbuf row
                     for a in range(Y):
                         offs[a] = (a % SW) * OM + a // SW
                         coef[a] = horizontal[f, a]
-                    src = v
-                    dst = o
-                    n = OM
-                    post = 1
-                    prow = s * cg + jj
+                    taps_rows(coef, v, 0, offs, Y, qbuf, (s * cg + jj) * P, OH, OW, M, tmp)
+                    continue
+                nt = X
+                for a in range(X):
+                    offs[a] = (((a % SH) * SW + ps) * R + a // SH) * M
+                    coef[a] = vertical[f, a]
+                src = xs1[jj * plane:(jj + 1) * plane]
+                dst = v[ps * OM:(ps + 1) * OM]
+                n = OM
             else:
                 hk = t - nfilt
                 h = hk // K
@@ -511,13 +497,6 @@ def shared_front(xflat, nb, C, SH, SW, R, M, in_offsets, used_ptr, used_filter, 
                 dst = Z[h, row, i * P:(i + 1) * P]
                 n = P
             _taps(dst, src, offs[:nt], coef[:nt], n, False)
-            if post == 1:
-                qr = qbuf[prow * P:(prow + 1) * P]
-                for oi in range(OH):
-                    d = qr[oi * OW:(oi + 1) * OW]
-                    sr = o[oi * M:oi * M + OW]
-                    for e in range(OW):
-                        d[e] = sr[e]
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)

@@ -22,7 +22,8 @@ import numba
 import numpy as np
 
 from ._pack import pack_plane as _pack_plane
-from .gemm import microkernel_taps1, microkernel_taps12, microkernel_taps_rows4, microkernel_taps_rows8, prefetch_write
+from .gemm import microkernel_taps12, microkernel_taps_rows4, microkernel_taps_rows8, prefetch_write
+from .gemm_taps import taps_rows
 
 __all__ = ["cp_gemm_scratch_size", "cp_gemm_plane", "cp_gemm_tap_offsets", "cp_front_gemm"]
 
@@ -52,25 +53,6 @@ def cp_gemm_tap_offsets(cg, Y, sw, R, Mp, plane):
         for b in range(Y):
             koff[j * Y + b] = j * plane + (b % sw) * R * Mp + b // sw
     return koff
-
-
-@numba.njit(cache=True, nogil=True)
-def _vertical_rows(vcoef, acc, abase, voffs, X, Zf, zb, OH, OW, Mp, NR, tmp):
-    """A component's vertical pass: ``Zf[zb + oi*OW + e] = sum_a vcoef[a] * acc[abase + voffs[a] + oi*Mp + e]`` for
-    ``oi < OH``, ``e < OW``, in runs of ``NR`` columns on the one-row tile. A run stores all ``NR`` values, past the
-    row's end into the next rows, which the next runs then overwrite; a run that would pass the component's
-    ``OH*OW`` values goes through ``tmp``."""
-    P = OH * OW
-    for oi in range(OH):
-        for c0 in range(0, OW, NR):
-            if oi * OW + c0 + NR <= P:
-                microkernel_taps1(vcoef, 0, acc, abase + oi * Mp + c0, voffs, Zf, zb + oi * OW + c0, 0, X, 0, vcoef,
-                                  0)
-            else:
-                microkernel_taps1(vcoef, 0, acc, abase + oi * Mp + c0, voffs, tmp, 0, 0, X, 0, vcoef, 0)
-                d = Zf[zb + oi * OW + c0:]
-                for e in range(OW - c0):
-                    d[e] = tmp[e]
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -156,4 +138,4 @@ def cp_front_gemm(xflat, x, n0, in_perm, pt, pl, nb, C, SH, SW, R, Mp, in_offset
                     zn = (hn * G * K + g * K + hk + 1 - hn * K) * zlen + i * P
                     for e in range(0, P, 64 // Zf.itemsize):
                         prefetch_write(Zf, zn + e)
-                _vertical_rows(vcoef, acc, r * PLp, voffs, X, Zf, zb, OH, OW, Mp, NR, tmp)
+                taps_rows(vcoef, acc, r * PLp, voffs, X, Zf, zb, OH, OW, Mp, tmp)

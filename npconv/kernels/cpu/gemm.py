@@ -32,7 +32,8 @@ from numba.extending import intrinsic
 
 __all__ = ["tile_shape", "taps_tile_shapes", "microkernel", "microkernel_rows4", "microkernel_rows8",
            "microkernel_cols1", "microkernel_taps12", "microkernel_taps8", "microkernel_taps4",
-           "microkernel_taps_rows4", "microkernel_taps_rows8", "microkernel_taps1", "prefetch_write", "prefetch_read", "prefetch_run",
+           "microkernel_taps_rows4", "microkernel_taps_rows8", "microkernel_taps1", "TAPS1_BYTES", "prefetch_write",
+           "prefetch_read", "prefetch_run",
            "pack_a", "gemm_images", "matmul", "gemm_stream", "matmul_stream", "STREAM_MAX_K", "KC_BYTES",
            "PREFETCH_PANELS"]
 
@@ -275,9 +276,22 @@ microkernel_taps8 = _taps_intrinsic(8, 3)
 microkernel_taps4 = _taps_intrinsic(4, 3)
 
 
-#: a one-row tile of two vectors: ``c[coff + j] = sum_k a[aoff + k] * b[boff + koff[k] + j]``, ``j < 2*VW`` -- a
-#: depthwise pass's output row (a row of the CP front end's vertical pass, ``cp_front_gemm``), its taps as offsets
-microkernel_taps1 = _taps_intrinsic(1, 2)
+@intrinsic
+def microkernel_taps1(typingctx, a, aoff, b, boff, koff, c, coff, ldc, K, mode, bias, boff_bias):
+    """A one-row tile of :data:`TAPS1_BYTES` (two 64-byte vectors, whatever the CPU: LLVM splits them where its
+    vectors are narrower, so that this compiles everywhere): ``c[coff + j] (op)= sum_k a[aoff + k] *
+    b[boff + koff[k] + j]`` for ``j < TAPS1_BYTES / itemsize``, the arguments as :func:`microkernel_taps12`'s (``ldc``
+    unused). A run of a depthwise pass's output row, its taps as offsets (``gemm_taps.taps_rows``)."""
+    is32, shape = _typed_tile((a, b, c, bias), lambda dt: (64 // np.dtype(dt).itemsize, 1, 2))
+    if shape is None or not (isinstance(koff, types.Array) and koff.dtype == types.int64 and koff.ndim == 1):
+        return None
+    i8 = types.int64
+    return (types.void(a, i8, b, i8, koff, c, i8, i8, i8, i8, bias, i8),
+            _tile_codegen(is32, shape[0], 1, 2, taps=True))
+
+
+#: bytes of a run of :func:`microkernel_taps1` (128: 32 float32 or 16 float64 values)
+TAPS1_BYTES = 128
 
 #: the partial row-block tiles of the tap-offset GEMM (the tile's ``NV`` vectors, ``A`` packed for its ``MR``)
 microkernel_taps_rows4 = _taps_intrinsic(4)
