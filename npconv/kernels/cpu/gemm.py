@@ -351,6 +351,11 @@ def prefetch_run(b, o, n):
 #: 0.98-1.00x (B in the caches: the hints only cost their issue). 0 turns it off (a constant for such comparisons).
 PREFETCH_PANELS = 2
 
+#: :func:`gemm_images` fetches for writing (``prefetch_write``) the output lines of a tile that goes through its
+#: scratch tile (a row map, a panel across images) while the job computes. A module constant for same-process
+#: comparisons, not a user setting
+WRITE_PREFETCH = True
+
 #: depth of a K block: the B panel's slice (KC x NR values) stays in L1 while every row block of A passes over it
 KC_BYTES = 32 * 1024
 
@@ -385,7 +390,7 @@ def _pack_a(a, MR, out):
 
 @numba.njit(parallel=True, cache=True, nogil=True)
 def gemm_images(ap, M, K, MR, NR, KC, b, ldb, P, nimg, c, cimg, bias, has_bias, mgroups, rowmap, use_map,
-                pfb=0, nbat=1, abat=0, bbat=0, cbat=0):
+                pfb=0, nbat=1, abat=0, bbat=0, cbat=0, pfw=False):
     """For each image ``i < nimg``: ``c[i*cimg + r(f)*P + p] = sum_k A[f, k] * b[k*ldb + i*P + p] (+ bias[f])``,
     ``f < M``, ``p < P``, where ``r(f) = rowmap[f]`` if ``use_map`` else ``f``; ``ap`` is ``A`` packed by
     :func:`pack_a` with ``MR`` rows a block.
@@ -453,6 +458,16 @@ def gemm_images(ap, M, K, MR, NR, KC, b, ldb, P, nimg, c, cimg, bias, has_bias, 
                     nbb = ib1 - ib0
                     for k in range(k0 + kc * ii // nbb, k0 + kc * (ii + 1) // nbb):
                         prefetch_run(b, xb * bbat + k * ldb + j0 + pfb * NR, NR)
+                if pfw and first and not inside:
+                    # the output lines this block's rows will be copied to, fetched for writing while the job
+                    # computes (first image of the panel)
+                    q1 = min(cols, P - p0) - 1
+                    for r in range(min(MR, M - ib * MR)):
+                        f = ib * MR + r
+                        o = xb * cbat + i0 * cimg + (rowmap[f] if use_map else f) * P + p0
+                        prefetch_write(c, o)
+                        prefetch_write(c, o + min(q1, 64 // c.itemsize))
+                        prefetch_write(c, o + q1)
                 if inside and (ib + 1) * MR <= M:
                     mode = (2 if has_bias else 0) if first else 1
                     microkernel(ap, aoff, b, boff, ldb, c, xb * cbat + i0 * cimg + ib * MR * P + p0, P, kc, mode,
@@ -512,7 +527,7 @@ def matmul(packed, M, K, tile, b, ldb, N, c, *, nimg=1, cimg=0, bias=None, rowma
     has_b = bias is not None
     gemm_images(packed, M, K, MR, NR, KC, b, ldb, N, nimg, c, cimg, bias if has_b else np.zeros(1, c.dtype), has_b,
                 mgroups, _NO_MAP if rowmap is None else rowmap, rowmap is not None,
-                PREFETCH_PANELS, nb, abat, bbat, cbat)
+                PREFETCH_PANELS, nb, abat, bbat, cbat, WRITE_PREFETCH)
 
 
 #: :func:`matmul_stream` is the faster from a product of this depth down (its 4-row tile does a third of the
