@@ -305,7 +305,8 @@ def cp_front(xflat, x, n0, in_perm, pt, pl, nb, C, SH, SW, R, Mp, in_offsets, hc
        (the Y shifted tap streams, unaligned, are loaded once for the 4 components);
     2. per component, the vertical pass ``sum_a vertical[a] * acc[k, a % SH, a // SH + :, :]``, whose tap
        offsets are whole rows, each output row's first ``OW`` values stored compact into Z from the registers
-       (``gemm_taps.taps_rows``; before, the pass over whole rows of ``Mp`` and a copy: step 3 below).
+       (``gemm_taps.taps_rows``; until the twenty-first session a pass over whole rows of ``Mp`` values and a
+       copy of each row's first ``OW``, the "step 3" of the measurement below).
 
     With ``reduce_first`` (:func:`cp_reduce_first`: groups of many channels), step 1 is instead a reduction of the
     group's channels to one phase-split plane per component, 4 components at a time (``rcoef`` (C, H*K), the
@@ -423,7 +424,8 @@ def shared_front(xflat, nb, C, SH, SW, R, M, in_offsets, used_ptr, used_filter, 
     R, M) flat; with ``own`` it is not read (it may be empty): each job packs its group's planes of image ``n0 + i``
     of ``x`` (channels ``in_perm[in_offsets[g]:...]``, padding ``pt``/``pl``) into the end of its scratch row, as
     :func:`cp_front` does. One parallel job per (image, group);
-    passes as in :func:`cp_front`, through one ``_taps`` call site. ``scratch`` (threads,
+    vertical passes and combinations through one ``_taps`` call site, the horizontal pass's rows stored compact into
+    ``qbuf`` by ``gemm_taps.taps_rows``. ``scratch`` (threads,
     :func:`shared_scratch_size`): each thread's buffers.
     """
     G, H, K = comb_slot.shape

@@ -22,7 +22,7 @@ import numba
 import numpy as np
 
 from ._pack import pack_plane as _pack_plane
-from .gemm import microkernel_taps12, microkernel_taps_rows4, microkernel_taps_rows8, prefetch_write
+from .gemm import microkernel_taps12, microkernel_taps_rows4, microkernel_taps_rows8
 from .gemm_taps import taps_rows
 
 __all__ = ["cp_gemm_scratch_size", "cp_gemm_plane", "cp_gemm_tap_offsets", "cp_front_gemm"]
@@ -132,10 +132,4 @@ def cp_front_gemm(xflat, x, n0, in_perm, pt, pl, nb, C, SH, SW, R, Mp, in_offset
                 for a in range(X):
                     vcoef[a] = vertical[g, h, k, a]
                 zb = (h * G * K + g * K + k) * zlen + i * P
-                if r + 1 < rows:
-                    # the next component's Z row fetched for writing meanwhile (Z is larger than the caches)
-                    hn = (hk + 1) // K
-                    zn = (hn * G * K + g * K + hk + 1 - hn * K) * zlen + i * P
-                    for e in range(0, P, 64 // Zf.itemsize):
-                        prefetch_write(Zf, zn + e)
                 taps_rows(vcoef, acc, r * PLp, voffs, X, Zf, zb, OH, OW, Mp, tmp)
