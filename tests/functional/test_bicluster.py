@@ -164,11 +164,14 @@ def test_cp_gemm_front_row_blocks_and_runs(rng, monkeypatch, dtype, own, case, g
     components: the 8-, 12- and 4-row tiles, one block or two, in one job or split among jobs when images x groups
     are few), its accumulator rows (a row phase of 5 x 16 values padded to whole panels of 32) and its vertical
     pass's runs (a row of 76 outputs in runs of 32 or 16; rows narrower than a run, whose last runs go through the
-    scratch run), packing its own groups or reading the chunk's packed input. The loop front end (4 components at a
+    scratch run), packing its own groups (then one image a chunk: the jobs fetch the next job's input planes ahead,
+    from images past the first chunk) or reading the chunk's packed input. The loop front end (4 components at a
     time) on the same cases: its vertical pass has the same runs."""
     from npconv.kernels.cpu import bicluster as KB
     monkeypatch.setattr(KB, "cp_reduce_first", lambda *a: False)
     monkeypatch.setattr(FB, "_cp_own_pack", lambda *a: own)
+    if own:
+        monkeypatch.setattr(FB, "_TARGET_COLUMNS", 1)
     monkeypatch.setattr(FB, "USE_CP_GEMM_FRONT", gemm_front)
     C, F, X, Y, ins, outs, K, N, (Hi, Wi), stride, pad = case
     f = _cp_factors(rng, C, F, X, Y, ins, outs, K, dtype)

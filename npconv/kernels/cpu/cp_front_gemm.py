@@ -22,7 +22,7 @@ import numba
 import numpy as np
 
 from ._pack import pack_plane as _pack_plane
-from .gemm import microkernel_taps12, microkernel_taps_rows4, microkernel_taps_rows8
+from .gemm import microkernel_taps12, microkernel_taps_rows4, microkernel_taps_rows8, prefetch_read
 from .gemm_taps import taps_rows
 
 __all__ = ["cp_gemm_scratch_size", "cp_gemm_plane", "cp_gemm_tap_offsets", "cp_front_gemm"]
@@ -57,7 +57,7 @@ def cp_gemm_tap_offsets(cg, Y, sw, R, Mp, plane):
 
 @numba.njit(parallel=True, cache=True, nogil=True)
 def cp_front_gemm(xflat, x, n0, in_perm, pt, pl, nb, C, SH, SW, R, Mp, in_offsets, hpack, hoff, koff, Y, MR, NR,
-                  vertical, OH, OW, nsplit, Zf, zlen, scratch):
+                  vertical, OH, OW, nsplit, Zf, zlen, scratch, pf_next):
     """CP front end (module docstring): ``Z[h, g*K + k, i*P:(i+1)*P] = vert_k * (sum_{j, b} hcoef[j, hk, b]
     xs[i, j, shifted by b])`` for every image ``i < nb`` of the chunk and component ``hk = h*K + k``.
 
@@ -66,7 +66,10 @@ def cp_front_gemm(xflat, x, n0, in_perm, pt, pl, nb, C, SH, SW, R, Mp, in_offset
     reads up to :func:`cp_gemm_plane` ``- R*Mp`` items past it). ``hpack`` holds each group's folded coefficients
     ``A_g`` (``H*K`` x ``C_g*Y``) packed by ``gemm.pack_a`` for ``MR``-row blocks, group ``g`` from ``hoff[g]``;
     ``koff`` (:func:`cp_gemm_tap_offsets` for the largest group) the taps' offsets; ``vertical`` (G, H, K, X);
-    Z (H, G*K, nb*P). ``MR``, ``NR``: the micro-kernel's tile (12 rows, two vectors).
+    Z (H, G*K, nb*P), given flat as ``Zf`` with rows of ``zlen`` (``nb*P``) values. ``MR``, ``NR``: the micro-kernel's
+    tile (12 rows, two vectors; ``NR`` is also the runs of the vertical pass, ``gemm.TAPS1_BYTES``). ``pf_next``:
+    while a job packing its own group computes, it fetches the next job's input planes (``prefetch_read``, a share
+    before each component's vertical pass), for a batch whose input streams from memory.
 
     One parallel job per (image, input group, slice of the group's row blocks; ``nsplit`` slices, more than one only
     when images x groups alone are too few jobs). For each row block of ``MR`` components: the tiles of every row
@@ -83,6 +86,9 @@ def cp_front_gemm(xflat, x, n0, in_perm, pt, pl, nb, C, SH, SW, R, Mp, in_offset
     npan = RMp // NR
     nblk = (HK + MR - 1) // MR
     own = xflat.shape[0] == 0
+    HW = x.shape[2] * x.shape[3]
+    xin = x.reshape(x.size)
+    LV = 64 // x.itemsize
     for job in numba.prange(nb * G * nsplit):
         s = job % nsplit
         t = job // nsplit
@@ -127,6 +133,18 @@ def cp_front_gemm(xflat, x, n0, in_perm, pt, pl, nb, C, SH, SW, R, Mp, in_offset
             # 2. per component: the vertical pass, each output row straight into Z
             for r in range(rows):
                 hk = ib * MR + r
+                if pf_next and own and t + 1 < nb * G:
+                    # a share of the next job's input planes fetched meanwhile (its own packing reads them next)
+                    g2 = (t + 1) % G
+                    i2 = (t + 1) // G
+                    c2 = in_offsets[g2 + 1] - in_offsets[g2]
+                    per = (c2 * HW + LV - 1) // LV      # 64-byte lines
+                    l0 = hk * per // HK
+                    l1 = (hk + 1) * per // HK
+                    for ln in range(l0, l1):
+                        u = ln * LV // HW
+                        e = ln * LV - u * HW
+                        prefetch_read(xin, ((n0 + i2) * C + in_perm[in_offsets[g2] + u]) * HW + e)
                 h = hk // K
                 k = hk - h * K
                 for a in range(X):
