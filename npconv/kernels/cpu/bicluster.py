@@ -283,6 +283,31 @@ def cp_reduce_first(cg, sw, Y):
     return 2 * cg * Y >= 3 * (cg * sw + Y)
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def front_job(job, nsplit, G, in_offsets):
+    """A CP front-end job's (slice, image x group index t, group g, image i, first channel j0 of the group in group
+    order, channels cg): jobs run image by image, group by group, ``nsplit`` slices of a group's components each."""
+    t = job // nsplit
+    g = t % G
+    j0 = in_offsets[g]
+    return job % nsplit, t, g, t // G, j0, in_offsets[g + 1] - j0
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def group_planes(own, sc, e0, slack, x, n, in_perm, j0, cg, pt, pl, SH, SW, R, Mp, xflat, first):
+    """(array, offset) of a front-end job's input group: with ``own``, channels ``in_perm[j0:j0 + cg]`` of image ``n``
+    of ``x`` packed (:func:`_pack.pack_plane`, planes of ``SH*SW*R*Mp``) into ``sc[e0:]``, followed by ``slack``
+    zeros; else the chunk's packed input ``xflat`` from its plane ``first``."""
+    plane = SH * SW * R * Mp
+    if own:
+        xg = sc[e0:e0 + cg * plane + slack]
+        xg[cg * plane:] = 0
+        for u in range(cg):
+            _pack_plane(x[n, in_perm[j0 + u]], pt, pl, SH, SW, xg[u * plane:(u + 1) * plane].reshape(SH, SW, R, Mp))
+        return xg, 0
+    return xflat, first * plane
+
+
 @numba.njit(parallel=True, cache=True, nogil=True)
 def cp_front(xflat, x, n0, in_perm, pt, pl, nb, C, SH, SW, R, Mp, in_offsets, hcoef, vertical, OH, OW, nsplit, Z,
              scratch, reduce_first, rcoef, hor):
@@ -333,26 +358,11 @@ def cp_front(xflat, x, n0, in_perm, pt, pl, nb, C, SH, SW, R, Mp, in_offsets, hc
     nq = (HK + 3) // 4
     own = xflat.shape[0] == 0
     for job in numba.prange(nb * G * nsplit):
-        b = job % nsplit
-        t = job // nsplit
-        g = t % G
-        i = t // G
-        j0 = in_offsets[g]
-        cg = in_offsets[g + 1] - j0
+        b, t, g, i, j0, cg = front_job(job, nsplit, G, in_offsets)
         sc = scratch[numba.get_thread_id()]
         acc = sc[:4 * PL].reshape(4, PL)
-        if own:
-            # this job's group of image n0 + i, packed into the rest of the scratch row
-            xg = sc[4 * PL + SL:4 * PL + SL + cg * plane + Mp]
-            xg[cg * plane:] = 0
-            for u in range(cg):
-                _pack_plane(x[n0 + i, in_perm[j0 + u]], pt, pl, SH, SW,
-                            xg[u * plane:(u + 1) * plane].reshape(SH, SW, R, Mp))
-            xsrc = xg
-            xbase = 0
-        else:
-            xsrc = xflat
-            xbase = (i * C + j0) * plane
+        xsrc, xbase = group_planes(own, sc, 4 * PL + SL, Mp, x, n0 + i, in_perm, j0, cg, pt, pl, SH, SW, R, Mp,
+                                   xflat, i * C + j0)
         offs = np.empty(Y, np.int64)
         coef = np.empty((4, Y), dt)
         vcoef = np.empty(X, dt)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from ._pack import pack_plane as _pack_plane
+from .bicluster import front_job, group_planes
 from .gemm import microkernel_taps12, microkernel_taps_rows4, microkernel_taps_rows8, prefetch_read
 from .gemm_taps import taps_rows
 
@@ -90,27 +90,12 @@ def cp_front_gemm(xflat, x, n0, in_perm, pt, pl, nb, C, SH, SW, R, Mp, in_offset
     xin = x.reshape(x.size)
     LV = 64 // x.itemsize
     for job in numba.prange(nb * G * nsplit):
-        s = job % nsplit
-        t = job // nsplit
-        g = t % G
-        i = t // G
-        j0 = in_offsets[g]
-        cg = in_offsets[g + 1] - j0
+        s, t, g, i, j0, cg = front_job(job, nsplit, G, in_offsets)
         T = cg * Y
         sc = scratch[numba.get_thread_id()]
         acc = sc[:MR * PLp + NR]
-        if own:
-            e0 = MR * PLp + NR
-            xg = sc[e0:e0 + cg * plane + NR + Mp]
-            xg[cg * plane:] = 0
-            for u in range(cg):
-                _pack_plane(x[n0 + i, in_perm[j0 + u]], pt, pl, SH, SW,
-                            xg[u * plane:(u + 1) * plane].reshape(SH, SW, R, Mp))
-            xsrc = xg
-            xbase = 0
-        else:
-            xsrc = xflat
-            xbase = (i * C + j0) * plane
+        xsrc, xbase = group_planes(own, sc, MR * PLp + NR, NR + Mp, x, n0 + i, in_perm, j0, cg, pt, pl, SH, SW, R, Mp,
+                                   xflat, i * C + j0)
         vcoef = np.empty(X, Zf.dtype)
         tmp = np.empty(NR, Zf.dtype)
         voffs = np.empty(X, np.int64)
