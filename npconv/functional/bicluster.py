@@ -438,11 +438,16 @@ def _cp_weights(in_perm, in_off, reduce, vertical, horizontal, expand, out_perm,
         hor = np.zeros((1, 1, 1), dt)
     hpack, hoff = np.zeros(1, dt), np.zeros(1, np.int64)
     if _cp_gemm_front(dt, rfirst):
-        from ..kernels.cpu import gemm as KG
         MR = _mk_tile(dt)[1]
-        # A_g[hk, j*Y + b] = hcoef[j0 + j, hk, b], packed for the MR-row tile, group after group
-        packs = [KG.pack_a(np.ascontiguousarray(hcoef[int(in_off[g]):int(in_off[g + 1])].transpose(1, 0, 2))
-                           .reshape(H * K, -1), MR) for g in range(G)]
+        nblk = -(-H * K // MR)
+        # A_g[hk, j*Y + b] = hcoef[j0 + j, hk, b], packed for the MR-row tile as gemm.pack_a packs ([blk, t, r] =
+        # A_g[blk*MR + r, t], rows past H*K zero), group after group; NumPy here: pack_a is one parallel region a
+        # call, and the functional API derives this on every call
+        packs = []
+        for g in range(G):
+            a = np.zeros((nblk * MR, int(in_off[g + 1] - in_off[g]) * Y), dt)
+            a[:H * K] = hcoef[int(in_off[g]):int(in_off[g + 1])].transpose(1, 0, 2).reshape(H * K, -1)
+            packs.append(a.reshape(nblk, MR, -1).transpose(0, 2, 1).ravel())
         hoff = np.cumsum([0] + [a.shape[0] for a in packs[:-1]]).astype(np.int64)
         hpack = np.concatenate(packs)
     return _CpWeights(in_perm, _inverse(in_perm), _as_index(out_perm), np.ascontiguousarray(vertical),
