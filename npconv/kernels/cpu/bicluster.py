@@ -454,13 +454,9 @@ def shared_front(xflat, nb, C, SH, SW, R, M, in_offsets, used_ptr, used_filter, 
         sc = scratch[numba.get_thread_id()]
         u0 = used_ptr[g]
         nu = used_ptr[g + 1] - u0
-        if own:
-            xs1 = sc[sc.shape[0] - cg * plane:]
-            for u in range(cg):
-                _pack_plane(x[n0 + i, in_perm[j0 + u]], pt, pl, SH, SW,
-                            xs1[u * plane:(u + 1) * plane].reshape(SH, SW, R, M))
-        else:
-            xs1 = xflat[(i * C + j0) * plane:(i * C + j0 + cg) * plane]
+        # the group's planes: packed here at the end of the scratch row (own), or in the chunk's packed input
+        xsrc, xbase = group_planes(own, sc, sc.shape[0] - cg * plane, 0, x, n0 + i, in_perm, j0, cg, pt, pl, SH, SW,
+                                   R, M, xflat, i * C + j0)
         e0 = 0
         slack = Y + TAPS1_BYTES // 4
         v = sc[e0:e0 + SW * OM + slack]
@@ -492,7 +488,7 @@ def shared_front(xflat, nb, C, SH, SW, R, M, in_offsets, used_ptr, used_filter, 
                 for a in range(X):
                     offs[a] = (((a % SH) * SW + ps) * R + a // SH) * M
                     coef[a] = vertical[f, a]
-                src = xs1[jj * plane:(jj + 1) * plane]
+                src = xsrc[xbase + jj * plane:xbase + (jj + 1) * plane]
                 dst = v[ps * OM:(ps + 1) * OM]
                 n = OM
             else:
