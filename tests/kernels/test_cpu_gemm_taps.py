@@ -130,3 +130,47 @@ def test_phase_split_product_matches_numpy(rng, dtype, M, geom):
         got = z[:M * n * plane].reshape(M, n, sh, sw, R, Mz)
         tol = 3e-6 if dtype == np.float32 else 1e-14
         np.testing.assert_allclose(got, ref, rtol=tol, atol=tol * np.abs(ref).max())
+
+
+_GENERIC_SCRIPT = """
+import numpy as np
+from npconv.kernels.cpu import gemm as G
+from npconv.kernels.cpu._pack import split_row2
+from npconv.kernels.cpu.gemm_taps import taps_rows
+assert G.tile_shape(np.float32) is None, 'the micro-kernel tile should be off in this build'
+rng = np.random.default_rng(0)
+for dt in (np.float32, np.float64):
+    run = G.TAPS1_BYTES // np.dtype(dt).itemsize
+    for OH, OW, Ms in ((4, 37, 40), (6, 5, 9)):          # several runs a row; rows narrower than a run
+        offs = np.array([0, 1, Ms, Ms + 2], np.int64)
+        coef = rng.standard_normal(4).astype(dt)
+        src = rng.standard_normal(3 + (OH + 1) * Ms + 2 * run).astype(dt)
+        dst = np.full(2 + OH * OW + run, 7.0, dt)
+        taps_rows(coef, src, 3, offs, 4, dst, 2, OH, OW, Ms, np.empty(run, dt))
+        ref = sum(coef[t] * np.stack([src[3 + offs[t] + oi * Ms:][:OW] for oi in range(OH)]) for t in range(4))
+        assert np.allclose(dst[2:2 + OH * OW].reshape(OH, OW), ref) and (dst[2 + OH * OW:] == 7.0).all()
+    x = rng.standard_normal(55).astype(dt)
+    da, db = np.full(30, np.nan, dt), np.full(30, np.nan, dt)
+    split_row2(x, 55, 3, da, db)
+    row = np.concatenate([np.zeros(3, dt), x, np.zeros(10, dt)])
+    assert np.array_equal(da, row[1::2][:30]) and np.array_equal(db, row[0::2][:30])
+print('ok')
+"""
+
+
+def test_one_row_tile_and_row_split_in_a_generic_build(tmp_path):
+    """``taps_rows`` (on ``gemm.microkernel_taps1``) and ``split_row2`` (on ``_pack.deinterleave2``) serve every CPU,
+    the front ends' loop paths included: their 64-byte vectors and masked loads and stores compile for a plain
+    x86-64 target (SSE2, no micro-kernel tile) and give the same values."""
+    import os
+    import subprocess
+    import sys
+    if "sse2" not in G._target_features():
+        pytest.skip("the host cannot run x86-64 SSE2 code")
+    env = dict(os.environ, NUMBA_CPU_NAME="x86-64", NUMBA_CPU_FEATURES="+sse,+sse2,+cx16",
+               NUMBA_CACHE_DIR=str(tmp_path))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-c", _GENERIC_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
