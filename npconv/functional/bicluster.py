@@ -508,7 +508,7 @@ def _cp_cpu(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, 
         srow = KF.cp_gemm_scratch_size(sh, sw, R, Mp, MR, NR, cg_max if own else 0)
         koff = KF.cp_gemm_tap_offsets(cg_max, Y, sw, R, Mp, plane)
     else:
-        srow = KB.cp_scratch_size(sh, sw, R, Mp, OH, cg_max if own else 0, rfirst)
+        srow = KB.cp_scratch_size(sh, sw, R, Mp, cg_max if own else 0, rfirst)
     scratch = WS.get_aligned("front", nth * srow, dt).reshape(nth, srow)
     y = np.empty((N, F, OH, OW), dt) if out is None else out
     y3 = y.reshape(N, F, P)

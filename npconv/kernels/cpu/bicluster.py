@@ -258,13 +258,12 @@ def _taps4(acc, ao, src, offs, coef, T, n, init):
         t += nt
 
 
-def cp_scratch_size(sh, sw, R, Mp, OH, cg_pack=0, reduce_first=False):
+def cp_scratch_size(sh, sw, R, Mp, cg_pack=0, reduce_first=False):
     """Items of one thread's scratch row for :func:`cp_front`: 4 accumulator planes of ``sh * R * Mp``, a run of
     slack (``gemm.TAPS1_BYTES`` in float32 values: the vertical pass reads up to a run past a plane's row), when the
     jobs pack their own input (``cg_pack``, the largest input group, > 0) that group's planes (``sh * sw * R * Mp``
     each) and ``Mp`` items of slack, and with ``reduce_first`` 4 reduced planes (``sh * sw * R * Mp`` each) and
-    ``Mp`` items of slack; a multiple of 64 bytes, so rows that start aligned stay aligned. (``OH``: unused, kept
-    for the callers' signature.)"""
+    ``Mp`` items of slack; a multiple of 64 bytes, so rows that start aligned stay aligned."""
     plane = sh * sw * R * Mp
     own = cg_pack * plane + Mp if cg_pack else 0
     red = 4 * plane + Mp if reduce_first else 0

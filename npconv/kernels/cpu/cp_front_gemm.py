@@ -2,16 +2,18 @@
 
 :func:`npconv.kernels.cpu.bicluster.cp_front` folds a group's ``C_g -> 1`` reductions into the horizontal taps
 (``hcoef[j, hk, b] = reduce[j, hk] * horizontal[g, hk, b]``) and runs them 4 components at a time in vectorised
-numba loops: each output vector costs a load and a store of 4 accumulator rows per input channel, and those loops ran
-at about a quarter of the FMA peak. Over all ``H*K`` components of a group at once, the same sums are a product:
+numba loops: each output vector costs a load and a store of 4 accumulator rows per input channel (about 430 ns a
+ZF conv2 component, one thread). Over all ``H*K`` components of a group at once, the same sums are a product:
 
     acc[hk, p, e] = sum_{t = (j, b)} A_g[hk, t] * xs[j, p, b % SW, e + b // SW]      (e over a row phase's R*Mp items)
 
 ``A_g`` (``H*K`` x ``C_g*Y``, the folded coefficients) is packed once per layer for the 12-row tile, and the input
 taps are read in place from the group's phase-split planes through tap offsets (``gemm.microkernel_taps12``; the
 8- and 4-row tiles for a partial last row block). The tile keeps its 24 accumulators in registers over all
-``C_g*Y`` taps and stores each output once. The vertical pass and the compaction into ``Z`` then run per component
-as in ``cp_front``.
+``C_g*Y`` taps and stores each output once: 385-424 ns a ZF conv2 component (85-93 GFLOP/s, one thread). The
+vertical pass then runs per component as in ``cp_front`` (``gemm_taps.taps_rows``). The whole layer against the loop
+front end (the same vertical pass and packing; with the next job's input fetched ahead), ZF conv2, same process:
+1.01-1.08x best at batch 128 (medians 1.04-1.10), 1.07-1.25x at batch 8, 0.96-1.04x at batch 1.
 
 Compiled only where the micro-kernel's 12-row tile exists (AVX-512): the functional layer calls
 :func:`cp_front_gemm` only then (``functional.bicluster._cp_gemm_front``), else ``cp_front``.
