@@ -474,6 +474,8 @@ def _cp_cpu(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, 
     # apart, then load aligned
     per = 64 // dt.itemsize
     Mp = -(-M // per) * per
+    if gemm_front and USE_CP_FUSED:
+        return _cp_fused_cpu(x, wts, in_off, out_off, bias, stride, pad, OH, OW, Y, Mp, out, prep)
     P = OH * OW
     C = x.shape[1]
     plane = sh * sw * R * Mp
@@ -530,6 +532,53 @@ def _cp_cpu(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, 
     return y
 
 
+def _fused_band_rows(N, OH, nth):
+    """Output rows a band of the fused CP layer (``kernels/cpu/cp_fused.py``). Bands give the threads more jobs
+    (images x bands), at a price: each band repeats ``(X - 1) // SH`` rows of the horizontal pass and of the packing,
+    about :data:`FUSED_BAND_COST` of the layer a band. The band count minimises the rounds of jobs the busiest
+    thread runs times that price (the jobs are equal: numba shares them out in equal slices); then the rows are
+    shared out evenly."""
+    best, nbands = None, 1
+    for nb in range(1, min(OH, 4 * nth) + 1):
+        cost = -(-N * nb // nth) / nb * (1 + FUSED_BAND_COST * (nb - 1))
+        if best is None or cost < best - 1e-12:
+            best, nbands = cost, nb
+    return -(-OH // nbands)
+
+
+def _cp_fused_cpu(x, wts, in_off, out_off, bias, stride, pad, OH, OW, Y, Mp, out, prep):
+    """The CP layer as one parallel pass over (image, band of output rows) (``kernels/cpu/cp_fused.py``)."""
+    from ..kernels.cpu import cp_front_gemm as KF
+    from ..kernels.cpu import cp_fused as KU
+    from ..kernels.cpu import gemm as KG
+    in_perm, inv_perm, out_perm, vertical, expand, cg_max, rfirst, hcoef, rcoef, hor, hpack, hoff = wts
+    dt = x.dtype
+    sh, sw = stride
+    N = x.shape[0]
+    G, H, K, X = vertical.shape
+    F = expand.shape[0]
+    VW, MR, NV = _mk_tile(dt)
+    NR = VW * NV
+    nth = numba.get_num_threads()
+
+    def make():
+        packs = [KG.pack_a(np.ascontiguousarray(expand[int(out_off[h]):int(out_off[h + 1])]).reshape(-1, G * K)
+                           .astype(dt, copy=False), MR) for h in range(H)]
+        return np.concatenate(packs), np.cumsum([0] + [a.shape[0] for a in packs[:-1]]).astype(np.int64)
+    epack, eoff = prepared(prep, ("cpu-cp-fused", dt), make)
+    BR = _fused_band_rows(N, OH, nth)
+    Rb, RMp, plane = KU.cp_fused_geometry(BR, X, sh, sw, Mp, NR)
+    koff = KF.cp_gemm_tap_offsets(cg_max, Y, sw, Rb, Mp, plane)
+    srow = KU.cp_fused_scratch_size(BR, X, sh, sw, Mp, OW, MR, NR, cg_max, H * G * K, int(np.diff(out_off).max()),
+                                    dt.itemsize)
+    scratch = WS.get_aligned("front", nth * srow, dt).reshape(nth, srow)
+    y = np.empty((x.shape[0], F, OH, OW), dt) if out is None else out
+    has_b = bias is not None
+    KU.cp_fused(x, in_perm, pad[0], pad[2], sh, sw, Mp, in_off, hpack, hoff, koff, Y, MR, NR, vertical, OH, OW, BR,
+                epack, eoff, out_off, out_perm, bias if has_b else np.zeros(1, dt), has_b, y, scratch, N > nth)
+    return y
+
+
 def _cp_own_pack(nsplit, group_bytes):
     """Whether the CP front end's jobs pack their own input group instead of a packing pass over the chunk: each
     group packed by one job (``nsplit`` 1), into at most ``_OWN_PACK_BYTES``. At batch 1 this saved the packing
@@ -558,6 +607,13 @@ USE_TAPS = True
 #: (``kernels/cpu/cp_front_gemm.py``; :func:`_cp_gemm_front`), else 4 components at a time in numba loops. A module
 #: constant for same-process comparisons, not a user setting
 USE_CP_GEMM_FRONT = True
+#: where the GEMM front end runs (:func:`_cp_gemm_front`), the whole CP layer as one parallel pass over (image, band
+#: of output rows), the front end's output kept in the thread's cache (``kernels/cpu/cp_fused.py``). A module
+#: constant for same-process comparisons, not a user setting
+USE_CP_FUSED = True
+#: the fused CP layer's price of a band of output rows, as a fraction of the layer's time (:func:`_fused_band_rows`):
+#: ZF conv2, K = 6, batch 16, one thread: 4 bands a image took 1.13x the time of one band
+FUSED_BAND_COST = 0.045
 #: the shared form's front-end jobs pack their own input groups (when a group's planes fit ``_OWN_PACK_BYTES``)
 #: instead of a packing pass over the chunk: ZF conv2 (G=48, H=2, K=6, S=4), same process, 1.09x and 1.10x at batch
 #: 128, 1.03x at batch 1 (eighteenth session). A module constant for same-process comparisons, not a user setting

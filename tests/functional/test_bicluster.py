@@ -173,6 +173,7 @@ def test_cp_gemm_front_row_blocks_and_runs(rng, monkeypatch, dtype, own, case, g
     if own:
         monkeypatch.setattr(FB, "_TARGET_COLUMNS", 1)
     monkeypatch.setattr(FB, "USE_CP_GEMM_FRONT", gemm_front)
+    monkeypatch.setattr(FB, "USE_CP_FUSED", False)
     C, F, X, Y, ins, outs, K, N, (Hi, Wi), stride, pad = case
     f = _cp_factors(rng, C, F, X, Y, ins, outs, K, dtype)
     x = rng.standard_normal((N, C, Hi, Wi)).astype(dtype)
@@ -181,6 +182,56 @@ def test_cp_gemm_front_row_blocks_and_runs(rng, monkeypatch, dtype, own, case, g
     ref = conv2d_einsum(x, _dense_kernel("cp", f), b, stride, pad)
     assert y.shape == ref.shape
     np.testing.assert_allclose(y, ref, *tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bands", ["one", "two", "rows1", "uneven"])
+@pytest.mark.parametrize("case", [
+    # C, F, X, Y, input groups, output groups, K, N, input H x W, stride, padding
+    (6, 10, 5, 5, (2, 1, 3), (4, 6), 3, 2, (13, 17), (2, 2), (1, 2, 0, 1)),     # 6 components; F_h 4 and 6
+    (4, 27, 3, 5, (2, 2), (3, 24), 8, 1, (9, 80), (1, 1), (1, 1, 2, 2)),        # 16 components; F_h 3 and 24
+    (4, 9, 3, 4, (1, 2, 1), (9,), 13, 3, (11, 51), (3, 1), (0, 2, 1, 0)),       # 13 components, one output group
+    (8, 26, 3, 3, (2, 2, 2, 2), (13, 13), 8, 2, (9, 59), (2, 1), (0, 0, 0, 0)),  # F_h 13 = 12 + 1
+])
+def test_cp_fused_bands(rng, monkeypatch, dtype, bands, case):
+    """The fused CP layer (front end and expansion per band of output rows, ``kernels/cpu/cp_fused.py``; where the
+    CPU has the micro-kernel's 12-row tile, else the unfused path) against the rebuilt kernel's conv: one band an
+    image, two, bands of one row, and a last band shorter than the others; with and without the bias; output
+    groups of 3 to 24 channels (the expansion's 4-, 8- and 12-row tiles, and its one-vector tile where a band's
+    last panel is at most half a panel: rows of 49 and 57 outputs leave 17 and 9 columns, one past half a panel of
+    float32 and of float64), into a given ``out`` too."""
+    from npconv.kernels.cpu import bicluster as KB
+    monkeypatch.setattr(KB, "cp_reduce_first", lambda *a: False)
+    C, F, X, Y, ins, outs, K, N, (Hi, Wi), stride, pad = case
+    f = _cp_factors(rng, C, F, X, Y, ins, outs, K, dtype)
+    x = rng.standard_normal((N, C, Hi, Wi)).astype(dtype)
+    b = rng.standard_normal(F).astype(dtype)
+    OH = (Hi + pad[0] + pad[1] - X) // stride[0] + 1
+    br = {"one": OH, "two": -(-OH // 2), "rows1": 1, "uneven": max(1, OH - 1)}[bands]
+    monkeypatch.setattr(FB, "_fused_band_rows", lambda *a: br)
+    ref = conv2d_einsum(x, _dense_kernel("cp", f), b, stride, pad)
+    y = bicluster_cp_conv2d(x, *f, b, stride=stride, padding=pad)
+    np.testing.assert_allclose(y, ref, *tolerance(dtype))
+    out = np.full(ref.shape, np.nan, dtype)
+    bicluster_cp_conv2d(x, *f, None, stride=stride, padding=pad, out=out)
+    np.testing.assert_allclose(out, conv2d_einsum(x, _dense_kernel("cp", f), None, stride, pad), *tolerance(dtype))
+
+
+@pytest.mark.parametrize("nth", [1, 2, 3, 4])
+def test_fused_band_rows(nth):
+    """The fused CP layer's bands cover the output rows in at most ``OH`` bands of at most ``OH`` rows; a batch that
+    the threads share evenly runs whole images (one band), a batch of one image of enough rows is split for the
+    threads."""
+    for OH in (1, 2, 5, 26, 55):
+        for N in (1, 2, 3, 5, 8, 128):
+            br = FB._fused_band_rows(N, OH, nth)
+            assert 1 <= br <= OH
+            nbands = -(-OH // br)
+            assert (nbands - 1) * br < OH
+            if N % nth == 0:
+                assert br == OH
+            if N == 1 and OH >= 2 * nth:
+                assert nbands >= nth
 
 
 @pytest.mark.parametrize("reduce_first", [False, True])

@@ -1,0 +1,200 @@
+"""The CP layer in one parallel pass: its front end and its expansion fused per band of output rows.
+
+The unfused CPU path (``functional.bicluster._cp_cpu``) runs a chunk of images through the front end
+(:func:`npconv.kernels.cpu.cp_front_gemm.cp_front_gemm`), which writes the chunk's intermediate ``Z`` (``H*G*K``
+rows of ``P`` values an image: 1.56 MB for ZF conv2 at ``K = 6``), and then through one product per output group
+(``gemm.gemm_images``), which reads ``Z`` back: three parallel regions a chunk, each ended by a join, and ``Z``
+through the shared cache. Here one job is one (image, band of ``BR`` output rows):
+
+1. for each input group: its channels' rows that the band needs packed into the thread's scratch (padded and
+   phase-split, ``_pack.pack_plane``; ``Rb = BR + (X - 1) // SH`` rows a row phase, so neighbouring bands repeat
+   ``(X - 1) // SH`` rows of the packing and the horizontal pass), the folded reduction and horizontal pass as an
+   implicit GEMM (``microkernel_taps12``, 12 components a tile, as in ``cp_front_gemm``), then per component the
+   vertical pass into the band's ``Zb`` (``gemm_taps.taps_rows``), a thread-local block of ``H*G*K`` rows of
+   ``BR*OW`` values. With ``pf``, the next group's input rows are fetched meanwhile (``prefetch_read``);
+2. for each output group ``h``: ``expand_h @ Zb[h]`` on the micro-kernel (K blocks of ``gemm.KC_BYTES``, the
+   output tile in a scratch tile), stored into the band's output positions of the group's channels
+   (``out_perm``) with the bias.
+
+``Z`` is written and read by one core, and a batch is one parallel region with one join. Bands only where the
+images alone leave a thread idle (``functional.bicluster._fused_band_rows``): the repeated rows cost more than
+keeping ``Zb`` in L2 saves (ZF conv2, K = 6, 16 images, one thread: 4 bands of 7 rows an image 28.2 ms, one band of
+26 rows 24.9; the front end 11.7 against 8.9 ms, the expansion the same, 16.3-16.9 ms).
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from ._pack import pack_plane
+from .gemm import (KC_BYTES, microkernel, microkernel_cols1, microkernel_rows4, microkernel_rows8, microkernel_taps12,
+                   microkernel_taps_rows4, microkernel_taps_rows8, prefetch_read)
+from .gemm_taps import taps_rows
+
+__all__ = ["cp_fused_geometry", "cp_fused_scratch_size", "cp_fused"]
+
+
+def cp_fused_geometry(BR, X, SH, SW, Mp, NR):
+    """(Rb, RMp, plane) of a band of ``BR`` output rows: packed rows a row phase, a row phase's items in the
+    accumulator rows (whole panels of ``NR``), and items of a packed channel (``SH*SW*Rb*Mp``)."""
+    Rb = BR + (X - 1) // SH
+    RMp = -(-(Rb * Mp) // NR) * NR
+    return Rb, RMp, SH * SW * Rb * Mp
+
+
+def _zrow(BR, OW, itemsize):
+    """Items of a row of ``Zb``: a band's ``BR*OW`` outputs rounded up to 64 bytes."""
+    lv = 64 // itemsize
+    return -(-(BR * OW) // lv) * lv
+
+
+def cp_fused_scratch_size(BR, X, SH, SW, Mp, OW, MR, NR, cg_max, HGK, F_max, itemsize):
+    """Items of one thread's scratch row for :func:`cp_fused`: the accumulator rows (``MR`` rows of ``SH`` row
+    phases) and ``NR`` slack; the largest group's packed planes and ``NR + Mp`` slack; ``Zb`` (``HGK`` rows of
+    :func:`_zrow`) and ``NR`` slack; the output tile (``F_max`` rows, the largest output group, rounded up to
+    ``MR``, by ``NR``). Every part a multiple of 64 bytes."""
+    Rb, RMp, plane = cp_fused_geometry(BR, X, SH, SW, Mp, NR)
+    acc = MR * SH * RMp + NR
+    xg = cg_max * plane + NR + Mp
+    zb = HGK * _zrow(BR, OW, itemsize) + NR
+    tile = -(-F_max // MR) * MR * NR
+    return acc + xg + zb + tile
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def cp_fused(x, in_perm, pt, pl, SH, SW, Mp, in_offsets, hpack, hoff, koff, Y, MR, NR, vertical, OH, OW, BR,
+             epack, eoff, out_offsets, out_perm, bias, has_bias, y, scratch, pf):
+    """The CP layer (module docstring): ``y[n, out_perm[f]] = sum_{g, k} expand[f, g, k] Z[h(f), g*K + k] (+ bias)``
+    for every image ``n`` of ``x`` (N, C, H, W), ``Z`` the CP front end's intermediate as in ``cp_front_gemm``.
+
+    ``hpack``/``hoff``/``koff`` as :func:`~npconv.kernels.cpu.cp_front_gemm.cp_front_gemm` takes them, ``koff`` for
+    planes of a band (:func:`cp_fused_geometry`); ``vertical`` (G, H, K, X); ``epack`` each output group's
+    expansion (``F_h`` x ``G*K``) packed by ``gemm.pack_a`` for ``MR`` rows, group ``h`` from ``eoff[h]``;
+    ``out_offsets``/``out_perm`` the output groups; ``bias`` (F,) read where ``has_bias``; ``y`` (N, F, OH, OW)
+    C-contiguous; ``scratch`` (threads, >= :func:`cp_fused_scratch_size`), rows on 64-byte boundaries. ``BR``:
+    output rows a band (the last band may have fewer). ``pf``: fetch the next group's input rows ahead (for a batch
+    that streams from memory).
+    """
+    N = x.shape[0]
+    G, H, K, X = vertical.shape
+    HK = H * K
+    GK = G * K
+    F = y.shape[1]
+    P = OH * OW
+    nbands = (OH + BR - 1) // BR
+    Rb = BR + (X - 1) // SH
+    RM = Rb * Mp
+    RMp = (RM + NR - 1) // NR * NR
+    PLp = SH * RMp
+    plane = SH * SW * RM
+    npan_f = RMp // NR
+    nblk = (HK + MR - 1) // MR
+    LV = 64 // y.itemsize
+    ldz = (BR * OW + LV - 1) // LV * LV
+    KC = max(16, KC_BYTES // (NR * y.itemsize))
+    cg_max = 0
+    for g in range(G):
+        cg_max = max(cg_max, in_offsets[g + 1] - in_offsets[g])
+    acc_len = MR * PLp + NR
+    xg_len = cg_max * plane + NR + Mp
+    z_len = H * GK * ldz + NR
+    yf = y.reshape(y.size)
+    C = x.shape[1]
+    Hin = x.shape[2]
+    Win = x.shape[3]
+    xin = x.reshape(x.size)
+    XV = 64 // x.itemsize
+    njobs = N * nbands
+    for job in numba.prange(N * nbands):
+        n = job // nbands
+        o0 = (job - n * nbands) * BR
+        ob = min(BR, OH - o0)
+        sc = scratch[numba.get_thread_id()]
+        acc = sc[:acc_len]
+        zb = sc[acc_len + xg_len:acc_len + xg_len + z_len]
+        tile = sc[acc_len + xg_len + z_len:]
+        vcoef = np.empty(X, y.dtype)
+        tmp = np.empty(NR, y.dtype)
+        voffs = np.empty(X, np.int64)
+        for a in range(X):
+            voffs[a] = (a % SH) * RMp + (a // SH) * Mp
+        # 1. the front end, group by group, into Zb
+        for g in range(G):
+            j0 = in_offsets[g]
+            cg = in_offsets[g + 1] - j0
+            T = cg * Y
+            xg = sc[acc_len:acc_len + cg * plane + NR + Mp]
+            xg[cg * plane:] = 0
+            for u in range(cg):
+                # the band's rows: padded row r*SH + p of the band is input row (o0 + r)*SH + p - pt
+                pack_plane(x[n, in_perm[j0 + u]], pt - o0 * SH, pl, SH, SW,
+                           xg[u * plane:(u + 1) * plane].reshape(SH, SW, Rb, Mp))
+            # the next group's input rows (after the last group, the next job's first group's; with ``pf``), a
+            # share fetched per component while this group computes
+            n2 = n
+            o2 = o0
+            g2 = g + 1
+            if g2 == G:
+                g2 = 0
+                n2 = (job + 1) // nbands
+                o2 = (job + 1 - n2 * nbands) * BR
+            rlo = max(0, o2 * SH - pt)
+            rhi = min(Hin, (o2 + Rb) * SH - pt)
+            c2 = in_offsets[g2 + 1] - in_offsets[g2]
+            nl = ((rhi - rlo) * Win + XV - 1) // XV if pf and (g + 1 < G or job + 1 < njobs) and rhi > rlo else 0
+            for ib in range(nblk):
+                rows = min(MR, HK - ib * MR)
+                aoff = hoff[g] + ib * T * MR
+                for p in range(SH):
+                    for jp in range(npan_f):
+                        boff = p * SW * RM + jp * NR
+                        coff = p * RMp + jp * NR
+                        if rows <= 4:
+                            microkernel_taps_rows4(hpack, aoff, xg, boff, koff, acc, coff, PLp, T, 0, acc, 0)
+                        elif rows <= 8:
+                            microkernel_taps_rows8(hpack, aoff, xg, boff, koff, acc, coff, PLp, T, 0, acc, 0)
+                        else:
+                            microkernel_taps12(hpack, aoff, xg, boff, koff, acc, coff, PLp, T, 0, acc, 0)
+                for r in range(rows):
+                    hk = ib * MR + r
+                    for ln in range(hk * c2 * nl // HK, (hk + 1) * c2 * nl // HK):
+                        u = ln // nl
+                        prefetch_read(xin, ((n2 * C + in_perm[in_offsets[g2] + u]) * Hin + rlo) * Win
+                                      + (ln - u * nl) * XV)
+                    h = hk // K
+                    k = hk - h * K
+                    for a in range(X):
+                        vcoef[a] = vertical[g, h, k, a]
+                    taps_rows(vcoef, acc, r * PLp, voffs, X, zb, (h * GK + g * K + k) * ldz, ob, OW, Mp, tmp)
+        # 2. the expansion of each output group from Zb, into the band's output positions
+        Pb = ob * OW
+        npan = (Pb + NR - 1) // NR
+        for h in range(H):
+            f0 = out_offsets[h]
+            Fh = out_offsets[h + 1] - f0
+            nblk_e = (Fh + MR - 1) // MR
+            for jp in range(npan):
+                c0 = jp * NR
+                cols = min(NR, Pb - c0)
+                for k0 in range(0, GK, KC):
+                    kc = min(KC, GK - k0)
+                    mode = 0 if k0 == 0 else 1
+                    boff = (h * GK + k0) * ldz + c0
+                    for ib in range(nblk_e):
+                        aoff = eoff[h] + ib * GK * MR + k0 * MR
+                        rem = Fh - ib * MR
+                        if rem <= 4 < MR:
+                            microkernel_rows4(epack, aoff, zb, boff, ldz, tile, ib * MR * NR, NR, kc, mode, bias, 0)
+                        elif rem <= 8 < MR:
+                            microkernel_rows8(epack, aoff, zb, boff, ldz, tile, ib * MR * NR, NR, kc, mode, bias, 0)
+                        elif 2 * cols <= NR:
+                            microkernel_cols1(epack, aoff, zb, boff, ldz, tile, ib * MR * NR, NR, kc, mode, bias, 0)
+                        else:
+                            microkernel(epack, aoff, zb, boff, ldz, tile, ib * MR * NR, NR, kc, mode, bias, 0)
+                for f in range(Fh):
+                    ch = out_perm[f0 + f]
+                    bv = bias[ch] if has_bias else 0.0
+                    dst = yf[(n * F + ch) * P + o0 * OW + c0:]
+                    src = tile[f * NR:]
+                    for e in range(cols):
+                        dst[e] = src[e] + bv
