@@ -614,6 +614,11 @@ USE_CP_FUSED = True
 #: the fused CP layer's price of a band of output rows, as a fraction of the layer's time (:func:`_fused_band_rows`):
 #: ZF conv2, K = 6, batch 16, one thread: 4 bands a image took 1.13x the time of one band
 FUSED_BAND_COST = 0.045
+#: where the SVD form runs its implicit GEMMs (``USE_TAPS``), a batch of :data:`SVD_FUSED_IMAGES` images a thread or
+#: more as one parallel pass, one image a job (``kernels/cpu/svd_fused.py``). A module constant for same-process
+#: comparisons, not a user setting
+USE_SVD_FUSED = True
+SVD_FUSED_IMAGES = 4
 #: the shared form's front-end jobs pack their own input groups (when a group's planes fit ``_OWN_PACK_BYTES``)
 #: instead of a packing pass over the chunk: ZF conv2 (G=48, H=2, K=6, S=4), same process, 1.09x and 1.10x at batch
 #: 128, 1.03x at batch 1 (eighteenth session). A module constant for same-process comparisons, not a user setting
@@ -730,6 +735,9 @@ def _svd_cpu(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bia
         red_pk, sp_pk = prepared(prep, ("cpu-svd-mk-in", dt), lambda: (
             [KG.pack_a(r, tile[1]) for r in red_t],
             [KG.pack_a(sp_mats[g, h], tile[1]) for g in range(G) for h in range(H)]))
+    if taps and USE_SVD_FUSED and _svd_fused_ok(N):
+        return _svd_fused_cpu(x, wts, red_pk, sp_pk, in_perm, in_off, out_off, bias, stride, pad, OH, OW, R, M, R1,
+                              K2p, c0s, K1, X, Y, out, prep)
     y = np.empty((N, F, OH, OW), dt) if out is None else out
     y3 = y.reshape(N, F, P)
     KXY = K1 * X * Y
@@ -792,6 +800,55 @@ def _svd_cpu(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bia
                 KB.im2col_phase(z1, c0s[b:b + 1], K1, X, Y, OH, OW, col)
                 spatial(b, 0)
         _expand_scatter(z2_buf, Z, expand_p, out_perm, out_off, bias, n0, m, P, y_buf, y3, mk)
+    return y
+
+
+def _svd_fused_ok(N):
+    """Whether the SVD form runs fused, one image a job (``kernels/cpu/svd_fused.py``): for a batch of at least
+    :data:`SVD_FUSED_IMAGES` images a thread (the jobs are whole images, shared out in equal slices)."""
+    return N >= SVD_FUSED_IMAGES * numba.get_num_threads()
+
+
+def _svd_fused_cpu(x, wts, red_pk, sp_pk, in_perm, in_off, out_off, bias, stride, pad, OH, OW, R, M, R1, K2p, c0s, K1,
+                   X, Y, out, prep):
+    """The SVD layer as one parallel pass, one image a job (``kernels/cpu/svd_fused.py``)."""
+    from ..kernels.cpu import gemm as KG
+    from ..kernels.cpu import gemm_taps as KT
+    from ..kernels.cpu import svd_fused as KS
+    inv_perm, out_perm, red_t, sp_mats, expand_p = wts
+    dt = x.dtype
+    N, C, H_in, W_in = x.shape
+    sh, sw = stride
+    G = in_off.shape[0] - 1
+    H = out_off.shape[0] - 1
+    F = expand_p.shape[0]
+    VW, MR, NV = _mk_tile(dt)
+    NR = VW * NV
+    plane = sh * sw * R * M
+    P = OH * OW
+
+    def make():
+        cat = lambda parts: (np.concatenate(parts), np.cumsum([0] + [a.shape[0] for a in parts]).astype(np.int64))  # noqa: E731
+        red, red_po = cat(red_pk)
+        sp, sp_po = cat(sp_pk)
+        ep, ep_o = cat([KG.pack_a(np.ascontiguousarray(expand_p[int(out_off[h]):int(out_off[h + 1])])
+                                  .reshape(-1, G * K2p), MR) for h in range(H)])
+        sp_koff = np.stack([_svd_tap_offsets(int(c0s[b]), K1, X, Y, sh, sw, R, M, plane) for b in range(G * H)])
+        return red, red_po, sp, sp_po, ep, ep_o[:-1].copy(), sp_koff
+    red, red_po, sp, sp_po, ep, eoff, sp_koff = prepared(prep, ("cpu-svd-fused", dt, x.shape[2:], stride, pad), make)
+    red_koff = _as_index(in_perm) * (H_in * W_in)
+    nth = numba.get_num_threads()
+    n1, n2, nt = KS.svd_fused_sizes(G, H, R1, K2p, plane, P, int(np.diff(out_off).max()), MR, NR, Y)
+    z1s = WS.get_aligned("svd-z1", nth * n1, dt).reshape(nth, n1)
+    for t in range(nth):
+        KT.zero_phase_borders(z1s[t], G * R1, sh, sw, R, M, H_in, W_in, pad[0], pad[2])
+    z2s = WS.get_aligned("svd-z2", nth * n2, dt).reshape(nth, n2)
+    tiles = WS.get_aligned("svd-tile", nth * nt, dt).reshape(nth, nt)
+    y = np.empty((N, F, OH, OW), dt) if out is None else out
+    has_b = bias is not None
+    KS.svd_fused(x, in_off, red, red_po, red_koff, R1, sp, sp_po, sp_koff, K2p, K1 * X * Y, OH, OW, sh, sw, R, M,
+                 pad[0], pad[2], ep, eoff, out_off, out_perm, bias if has_b else np.zeros(1, dt), has_b, y, z1s, z2s,
+                 tiles, MR, NR, KG.PREFETCH_PANELS)
     return y
 
 

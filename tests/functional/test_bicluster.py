@@ -322,13 +322,16 @@ def test_non_contiguous_inputs(rng, kind, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("taps", [True, False], ids=["implicit-gemm", "patches"])
+@pytest.mark.parametrize("taps", ["fused", "implicit-gemm", "patches"])
 @pytest.mark.parametrize("K1,K2", [(5, 13), (7, 20), (4, 25)])
 def test_svd_block_convs_both_ways(rng, monkeypatch, dtype, taps, K1, K2):
-    """The SVD form's block convolutions as an implicit GEMM over the reduced planes (USE_TAPS) and as patch
-    matrices + GEMM: K2 past one row block (partial last blocks of 1, 8 and 1 rows), an odd-sized map with stride
-    2 and padding, and chunks of 2 images (the planes' channel stride changes with the chunk)."""
-    monkeypatch.setattr(FB, "USE_TAPS", taps)
+    """The SVD form's block convolutions as an implicit GEMM over the reduced planes (USE_TAPS), fused with the
+    reduction and the expansion one image a job (``kernels/cpu/svd_fused.py``, forced for any batch) or not, and as
+    patch matrices + GEMM: K2 past one row block (partial last blocks of 1, 8 and 1 rows), an odd-sized map with
+    stride 2 and padding, and chunks of 2 images (the planes' channel stride changes with the chunk)."""
+    monkeypatch.setattr(FB, "USE_TAPS", taps != "patches")
+    monkeypatch.setattr(FB, "USE_SVD_FUSED", taps == "fused")
+    monkeypatch.setattr(FB, "SVD_FUSED_IMAGES", 0)
     f = _svd_factors(rng, 9, 14, 5, 5, (4, 5), (6, 8), K1, K2, dtype)
     x = rng.standard_normal((5, 9, 23, 20)).astype(dtype)
     b = rng.standard_normal(14).astype(dtype)
@@ -338,6 +341,25 @@ def test_svd_block_convs_both_ways(rng, monkeypatch, dtype, taps, K1, K2):
             monkeypatch.setattr(FB, "_TARGET_COLUMNS", cols)     # chunks of 2 images: 2 + 2 + 1
         y = bicluster_svd_conv2d(x, *f, b, stride=2, padding=(2, 1, 0, 2))
         np.testing.assert_allclose(y, ref, *tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("stride,padding", GEOMS + [((1, 2), (3, 0, 0, 4))])
+def test_svd_fused_geometries(rng, monkeypatch, dtype, stride, padding):
+    """The fused SVD layer (one image a job; where the CPU has the micro-kernel's 12-row tile, else the unfused
+    path), forced, on strides 1 to 3 and uneven padding, with a partial reduction row block (H*K1 = 2*5), uneven
+    input and output groups (3 + 4 channels, 5 + 9 filters: the expansion's 8-row and 12 + 4-row tiles), with the
+    bias and without it into a given ``out``; against the rebuilt kernel's conv."""
+    monkeypatch.setattr(FB, "SVD_FUSED_IMAGES", 0)
+    f = _svd_factors(rng, 7, 14, 3, 4, (3, 4), (5, 9), 5, 7, dtype)
+    x = rng.standard_normal((3, 7, 12, 13)).astype(dtype)
+    b = rng.standard_normal(14).astype(dtype)
+    ref = conv2d_einsum(x, _dense_kernel("svd", f), b, stride, padding)
+    np.testing.assert_allclose(bicluster_svd_conv2d(x, *f, b, stride=stride, padding=padding), ref, *tolerance(dtype))
+    out = np.full(ref.shape, np.nan, dtype)
+    bicluster_svd_conv2d(x, *f, None, stride=stride, padding=padding, out=out)
+    np.testing.assert_allclose(out, conv2d_einsum(x, _dense_kernel("svd", f), None, stride, padding),
+                               *tolerance(dtype))
 
 
 @pytest.mark.parametrize("kind", KINDS)

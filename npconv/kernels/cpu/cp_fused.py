@@ -27,8 +27,7 @@ import numba
 import numpy as np
 
 from ._pack import pack_plane
-from .gemm import (KC_BYTES, microkernel, microkernel_cols1, microkernel_rows4, microkernel_rows8, microkernel_taps12,
-                   microkernel_taps_rows4, microkernel_taps_rows8, prefetch_read)
+from .gemm import matmul_local, microkernel_taps12, microkernel_taps_rows4, microkernel_taps_rows8, prefetch_read
 from .gemm_taps import taps_rows
 
 __all__ = ["cp_fused_geometry", "cp_fused_scratch_size", "cp_fused"]
@@ -91,7 +90,6 @@ def cp_fused(x, in_perm, pt, pl, SH, SW, Mp, in_offsets, hpack, hoff, koff, Y, M
     nblk = (HK + MR - 1) // MR
     LV = 64 // y.itemsize
     ldz = (BR * OW + LV - 1) // LV * LV
-    KC = max(16, KC_BYTES // (NR * y.itemsize))
     cg_max = 0
     for g in range(G):
         cg_max = max(cg_max, in_offsets[g + 1] - in_offsets[g])
@@ -168,33 +166,6 @@ def cp_fused(x, in_perm, pt, pl, SH, SW, Mp, in_offsets, hpack, hoff, koff, Y, M
                     taps_rows(vcoef, acc, r * PLp, voffs, X, zb, (h * GK + g * K + k) * ldz, ob, OW, Mp, tmp)
         # 2. the expansion of each output group from Zb, into the band's output positions
         Pb = ob * OW
-        npan = (Pb + NR - 1) // NR
         for h in range(H):
-            f0 = out_offsets[h]
-            Fh = out_offsets[h + 1] - f0
-            nblk_e = (Fh + MR - 1) // MR
-            for jp in range(npan):
-                c0 = jp * NR
-                cols = min(NR, Pb - c0)
-                for k0 in range(0, GK, KC):
-                    kc = min(KC, GK - k0)
-                    mode = 0 if k0 == 0 else 1
-                    boff = (h * GK + k0) * ldz + c0
-                    for ib in range(nblk_e):
-                        aoff = eoff[h] + ib * GK * MR + k0 * MR
-                        rem = Fh - ib * MR
-                        if rem <= 4 < MR:
-                            microkernel_rows4(epack, aoff, zb, boff, ldz, tile, ib * MR * NR, NR, kc, mode, bias, 0)
-                        elif rem <= 8 < MR:
-                            microkernel_rows8(epack, aoff, zb, boff, ldz, tile, ib * MR * NR, NR, kc, mode, bias, 0)
-                        elif 2 * cols <= NR:
-                            microkernel_cols1(epack, aoff, zb, boff, ldz, tile, ib * MR * NR, NR, kc, mode, bias, 0)
-                        else:
-                            microkernel(epack, aoff, zb, boff, ldz, tile, ib * MR * NR, NR, kc, mode, bias, 0)
-                for f in range(Fh):
-                    ch = out_perm[f0 + f]
-                    bv = bias[ch] if has_bias else 0.0
-                    dst = yf[(n * F + ch) * P + o0 * OW + c0:]
-                    src = tile[f * NR:]
-                    for e in range(cols):
-                        dst[e] = src[e] + bv
+            matmul_local(epack, eoff[h], out_offsets[h + 1] - out_offsets[h], GK, MR, NR, zb, h * GK * ldz, ldz, Pb, yf,
+                         n * F * P + o0 * OW, P, out_perm, out_offsets[h], bias, has_bias, tile)

@@ -33,7 +33,7 @@ from numba.extending import intrinsic
 __all__ = ["tile_shape", "taps_tile_shapes", "microkernel", "microkernel_rows4", "microkernel_rows8",
            "microkernel_cols1", "microkernel_taps12", "microkernel_taps8", "microkernel_taps4",
            "microkernel_taps_rows4", "microkernel_taps_rows8", "microkernel_taps1", "TAPS1_BYTES", "prefetch_write",
-           "prefetch_read", "prefetch_run",
+           "prefetch_read", "prefetch_run", "matmul_local",
            "pack_a", "gemm_images", "matmul", "gemm_stream", "matmul_stream", "STREAM_MAX_K", "KC_BYTES",
            "PREFETCH_PANELS"]
 
@@ -506,6 +506,42 @@ def gemm_images(ap, M, K, MR, NR, KC, b, ldb, P, nimg, c, cimg, bias, has_bias, 
                     for e in range(run):
                         dst[e] = sq[e] + bv
                     q += run
+
+
+@numba.njit(cache=True, nogil=True)
+def matmul_local(ap, aoff, M, K, MR, NR, b, boff, ldb, ncols, c, cbase, ldc, rowmap, roff, bias, has_bias, tile):
+    """One thread's product into permuted output rows: ``c[cbase + rowmap[roff + f]*ldc + j] = sum_k A[f, k] *
+    b[boff + k*ldb + j] (+ bias[rowmap[roff + f]])`` for ``f < M``, ``j < ncols``; ``A`` packed by :func:`pack_a`
+    for ``MR`` rows from ``ap[aoff:]``. Panel by panel, K blocks of :data:`KC_BYTES` and every row block over the
+    panel's slice, the tiles in ``tile`` (``ceil(M / MR) * MR * NR`` values), then copied out with the bias; the
+    tiles as :func:`gemm_images` picks them. ``b`` must have ``NR`` readable values past the last column of its last
+    row. The fused layers' expansions (``cp_fused.py``), from a block of ``b`` in the thread's cache."""
+    KC = max(16, KC_BYTES // (NR * c.itemsize))
+    nblk = (M + MR - 1) // MR
+    for c0 in range(0, ncols, NR):
+        cols = min(NR, ncols - c0)
+        for k0 in range(0, K, KC):
+            kc = min(KC, K - k0)
+            mode = 0 if k0 == 0 else 1
+            bo = boff + k0 * ldb + c0
+            for ib in range(nblk):
+                ao = aoff + ib * K * MR + k0 * MR
+                rem = M - ib * MR
+                if rem <= 4 < MR:
+                    microkernel_rows4(ap, ao, b, bo, ldb, tile, ib * MR * NR, NR, kc, mode, bias, 0)
+                elif rem <= 8 < MR:
+                    microkernel_rows8(ap, ao, b, bo, ldb, tile, ib * MR * NR, NR, kc, mode, bias, 0)
+                elif 2 * cols <= NR:
+                    microkernel_cols1(ap, ao, b, bo, ldb, tile, ib * MR * NR, NR, kc, mode, bias, 0)
+                else:
+                    microkernel(ap, ao, b, bo, ldb, tile, ib * MR * NR, NR, kc, mode, bias, 0)
+        for f in range(M):
+            ch = rowmap[roff + f]
+            bv = bias[ch] if has_bias else 0.0
+            dst = c[cbase + ch * ldc + c0:]
+            src = tile[f * NR:]
+            for e in range(cols):
+                dst[e] = src[e] + bv
 
 
 _NO_MAP = np.zeros(1, np.int64)

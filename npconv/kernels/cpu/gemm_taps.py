@@ -25,7 +25,7 @@ import numpy as np
 from .gemm import TAPS1_BYTES, microkernel_taps1, microkernel_taps12, microkernel_taps_rows4, microkernel_taps_rows8
 from .gemm import prefetch_run
 
-__all__ = ["gemm_taps_images", "gemm_taps_phase", "zero_phase_borders", "taps_rows"]
+__all__ = ["gemm_taps_images", "gemm_taps_phase", "taps_panel", "phase_panel", "zero_phase_borders", "taps_rows"]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -66,24 +66,33 @@ def gemm_taps_images(ap, M, K, MR, NR, b, bimg, koff, Mq, OH, OW, nimg, c, ldc, 
     npan = (Lq + NR - 1) // NR
     for job in numba.prange(nimg * npan * mgroups):
         i, q0, ib0, ib1 = _job(job, mgroups, npan, nblk, NR)
-        scratch = np.empty(MR * NR, c.dtype)
-        # the panel's output rows: oy from q0 // Mq, each a run of columns [ox0, ox1) of padded positions
-        oy_first = q0 // Mq
-        oy_last = min(OH - 1, (min(q0 + NR, Lq) - 1) // Mq)
-        for ib in range(ib0, ib1):
-            rows = min(MR, M - ib * MR)
-            _tile(ap, ib * K * MR, rows, MR, b, i * bimg + q0, koff, K, scratch)
-            for oy in range(oy_first, oy_last + 1):
-                e0 = max(q0, oy * Mq) - q0
-                e1 = min(q0 + NR, oy * Mq + OW) - q0
-                if e1 <= e0:
-                    continue
-                dbase = i * cimg + oy * OW + (q0 + e0 - oy * Mq)
-                for r in range(rows):
-                    d = c[(ib * MR + r) * ldc + dbase:]
-                    src = scratch[r * NR + e0:]
-                    for e in range(e1 - e0):
-                        d[e] = src[e]
+        taps_panel(ap, M, K, MR, NR, b, i * bimg, koff, Mq, OH, OW, q0, ib0, ib1, c, ldc, i * cimg,
+                   np.empty(MR * NR, c.dtype))
+
+
+@numba.njit(cache=True, nogil=True)
+def taps_panel(ap, M, K, MR, NR, b, bbase, koff, Mq, OH, OW, q0, ib0, ib1, c, ldc, cbase, scratch):
+    """One panel of :func:`gemm_taps_images` for one image: padded positions ``q0 .. q0 + NR - 1``, row blocks
+    ``ib0 .. ib1 - 1``, the image's input from ``b[bbase:]``, its output at ``c[r*ldc + cbase + ...]``; ``scratch``
+    (``MR * NR`` values) the tile."""
+    Lq = OH * Mq
+    # the panel's output rows: oy from q0 // Mq, each a run of columns [ox0, ox1) of padded positions
+    oy_first = q0 // Mq
+    oy_last = min(OH - 1, (min(q0 + NR, Lq) - 1) // Mq)
+    for ib in range(ib0, ib1):
+        rows = min(MR, M - ib * MR)
+        _tile(ap, ib * K * MR, rows, MR, b, bbase + q0, koff, K, scratch)
+        for oy in range(oy_first, oy_last + 1):
+            e0 = max(q0, oy * Mq) - q0
+            e1 = min(q0 + NR, oy * Mq + OW) - q0
+            if e1 <= e0:
+                continue
+            dbase = cbase + oy * OW + (q0 + e0 - oy * Mq)
+            for r in range(rows):
+                d = c[(ib * MR + r) * ldc + dbase:]
+                src = scratch[r * NR + e0:]
+                for e in range(e1 - e0):
+                    d[e] = src[e]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -126,55 +135,68 @@ def gemm_taps_phase(ap, M, K, MR, NR, b, bimg, koff, H, W, nimg, z, zrow, zimg, 
     npan = (Lq + NR - 1) // NR
     for job in numba.prange(nimg * npan * mgroups):
         i, q0, ib0, ib1 = _job(job, mgroups, npan, nblk, NR)
-        scratch = np.empty(MR * NR, z.dtype)
-        cols = min(NR, Lq - q0)
+        phase_panel(ap, M, K, MR, NR, b, i * bimg, koff, H, W, q0, ib0, ib1, z, zrow, i * zimg, sh, sw, R, Mz, pt,
+                    pl, pfb, np.empty(MR * NR, z.dtype))
+
+
+@numba.njit(cache=True, nogil=True)
+def phase_panel(ap, M, K, MR, NR, b, bbase, koff, H, W, q0, ib0, ib1, z, zrow, zbase, sh, sw, R, Mz, pt, pl, pfb,
+                scratch):
+    """One panel of :func:`gemm_taps_phase` for one image: input positions ``q0 .. q0 + NR - 1``, row blocks
+    ``ib0 .. ib1 - 1``, the image's input rows at ``b[bbase + koff[k]:]``, its planes at ``z[r*zrow + zbase:]``;
+    ``scratch`` (``MR * NR`` values) the tile."""
+    Lq = H * W
+    cols = min(NR, Lq - q0)
+    if cols < NR:
+        # the image's last panel: its valid columns copied, zeros after them
+        bt = np.zeros(K * NR, b.dtype)
+        kt = np.empty(K, np.int64)
+        for k in range(K):
+            kt[k] = k * NR
+            src = b[bbase + q0 + koff[k]:]
+            dst = bt[k * NR:]
+            for e in range(cols):
+                dst[e] = src[e]
+    else:
+        bt = np.zeros(1, b.dtype)
+        kt = np.zeros(1, np.int64)
+    nbb = ib1 - ib0
+    for ib in range(ib0, ib1):
+        rows = min(MR, M - ib * MR)
+        if pfb > 0 and q0 + pfb * NR < Lq:
+            ii = ib - ib0
+            for k in range(K * ii // nbb, K * (ii + 1) // nbb):
+                prefetch_run(b, bbase + q0 + pfb * NR + koff[k], NR)
         if cols < NR:
-            # the image's last panel: its valid columns copied, zeros after them
-            bt = np.zeros(K * NR, b.dtype)
-            kt = np.empty(K, np.int64)
-            for k in range(K):
-                kt[k] = k * NR
-                src = b[i * bimg + q0 + koff[k]:]
-                dst = bt[k * NR:]
-                for e in range(cols):
-                    dst[e] = src[e]
-        nbb = ib1 - ib0
-        for ib in range(ib0, ib1):
-            rows = min(MR, M - ib * MR)
-            if pfb > 0 and q0 + pfb * NR < Lq:
-                ii = ib - ib0
-                for k in range(K * ii // nbb, K * (ii + 1) // nbb):
-                    prefetch_run(b, i * bimg + q0 + pfb * NR + koff[k], NR)
-            if cols < NR:
-                _tile(ap, ib * K * MR, rows, MR, bt, 0, kt, K, scratch)
-            else:
-                _tile(ap, ib * K * MR, rows, MR, b, i * bimg + q0, koff, K, scratch)
-            # the panel's positions row by row, each row's run split by the column phases
-            for y in range(q0 // W, (q0 + cols - 1) // W + 1):
-                xa = max(q0, y * W) - y * W
-                xb = min(q0 + cols, (y + 1) * W) - y * W
-                yp = y + pt
-                ph = yp % sh
-                yr = yp // sh
-                xb = min(xb, Mz * sw - pl)      # input columns past the planes are never read: not stored
-                if yr >= R:
+            _tile(ap, ib * K * MR, rows, MR, bt, 0, kt, K, scratch)
+        else:
+            _tile(ap, ib * K * MR, rows, MR, b, bbase + q0, koff, K, scratch)
+        # the panel's positions row by row, each row's run split by the column phases
+        for y in range(q0 // W, (q0 + cols - 1) // W + 1):
+            xa = max(q0, y * W) - y * W
+            xb = min(q0 + cols, (y + 1) * W) - y * W
+            yp = y + pt
+            ph = yp % sh
+            yr = yp // sh
+            xb = min(xb, Mz * sw - pl)      # input columns past the planes are never read: not stored
+            if yr >= R:
+                continue
+            for pw in range(sw):
+                xf = xa + (pw - (xa + pl)) % sw
+                if xf >= xb:
                     continue
-                for pw in range(sw):
-                    xf = xa + (pw - (xa + pl)) % sw
-                    if xf >= xb:
-                        continue
-                    cnt = (xb - xf + sw - 1) // sw
-                    dbase = i * zimg + ((ph * sw + pw) * R + yr) * Mz + (xf + pl) // sw
-                    sbase = y * W + xf - q0
-                    for r in range(rows):
-                        d = z[(ib * MR + r) * zrow + dbase:]
-                        sv = scratch[r * NR + sbase:]
-                        if sw == 1:
-                            for e in range(cnt):     # a contiguous run: vectorised
-                                d[e] = sv[e]
-                        else:
-                            for e in range(cnt):
-                                d[e] = sv[e * sw]
+                cnt = (xb - xf + sw - 1) // sw
+                dbase = zbase + ((ph * sw + pw) * R + yr) * Mz + (xf + pl) // sw
+                sbase = y * W + xf - q0
+                for r in range(rows):
+                    d = z[(ib * MR + r) * zrow + dbase:]
+                    sv = scratch[r * NR + sbase:]
+                    if sw == 1:
+                        for e in range(cnt):     # a contiguous run: vectorised
+                            d[e] = sv[e]
+                    else:
+                        for e in range(cnt):
+                            d[e] = sv[e * sw]
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
