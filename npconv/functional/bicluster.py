@@ -614,11 +614,14 @@ USE_CP_FUSED = True
 #: the fused CP layer's price of a band of output rows, as a fraction of the layer's time (:func:`_fused_band_rows`):
 #: ZF conv2, K = 6, batch 16, one thread: 4 bands a image took 1.13x the time of one band
 FUSED_BAND_COST = 0.045
-#: where the SVD form runs its implicit GEMMs (``USE_TAPS``), a batch of :data:`SVD_FUSED_IMAGES` images a thread or
+#: where the SVD form runs its implicit GEMMs (``USE_TAPS``), a batch of :data:`FUSED_IMAGES` images a thread or
 #: more as one parallel pass, one image a job (``kernels/cpu/svd_fused.py``). A module constant for same-process
 #: comparisons, not a user setting
 USE_SVD_FUSED = True
-SVD_FUSED_IMAGES = 4
+FUSED_IMAGES = 4
+#: the shared-separable form's fused pass (``kernels/cpu/bicluster.shared_fused``), for batches of
+#: :data:`FUSED_IMAGES` images a thread or more. A module constant for same-process comparisons, not a user setting
+USE_SHARED_FUSED = True
 #: the shared form's front-end jobs pack their own input groups (when a group's planes fit ``_OWN_PACK_BYTES``)
 #: instead of a packing pass over the chunk: ZF conv2 (G=48, H=2, K=6, S=4), same process, 1.09x and 1.10x at batch
 #: 128, 1.03x at batch 1 (eighteenth session). A module constant for same-process comparisons, not a user setting
@@ -805,8 +808,8 @@ def _svd_cpu(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bia
 
 def _svd_fused_ok(N):
     """Whether the SVD form runs fused, one image a job (``kernels/cpu/svd_fused.py``): for a batch of at least
-    :data:`SVD_FUSED_IMAGES` images a thread (the jobs are whole images, shared out in equal slices)."""
-    return N >= SVD_FUSED_IMAGES * numba.get_num_threads()
+    :data:`FUSED_IMAGES` images a thread (the jobs are whole images, shared out in equal slices)."""
+    return N >= FUSED_IMAGES * numba.get_num_threads()
 
 
 def _svd_fused_cpu(x, wts, red_pk, sp_pk, in_perm, in_off, out_off, bias, stride, pad, OH, OW, R, M, R1, K2p, c0s, K1,
@@ -904,8 +907,10 @@ def _shared_cpu(x, in_perm, in_off, reduce, assign, vertical, horizontal, expand
     C = x.shape[1]
     plane = sh * sw * R * M
     per_z = H * G * K * P
-    nb = _chunk(N, P, C * plane + per_z + F * P, x.dtype.itemsize, _CP_CACHE_BYTES)
     dt = x.dtype
+    if USE_SHARED_FUSED and _taps_ok(dt) and N >= FUSED_IMAGES * numba.get_num_threads():
+        return _shared_fused_cpu(x, wts, _as_index(in_perm), in_off, out_off, bias, pad, OH, OW, R, M, stride, out, prep)
+    nb = _chunk(N, P, C * plane + per_z + F * P, x.dtype.itemsize, _CP_CACHE_BYTES)
     # the front end's jobs pack their own groups (no packing pass) when a group's planes fit _OWN_PACK_BYTES
     own = SHARED_OWN_PACK and cg_max * plane * dt.itemsize <= _OWN_PACK_BYTES
     xs_buf = np.zeros(0, dt) if own else WS.get("xs", nb * C * plane, dt)
@@ -926,6 +931,40 @@ def _shared_cpu(x, in_perm, in_off, reduce, assign, vertical, horizontal, expand
         KB.shared_front(xs_buf, m, C, sh, sw, R, M, in_off, used_ptr, used_filter, vertical, horizontal, reduce, slot,
                         OH, OW, Z, scratch, x, n0, in_idx, pad[0], pad[2], own)
         _expand_scatter(z_buf, Z, expand, out_perm, out_off, bias, n0, m, P, y_buf, y3, mk)
+    return y
+
+
+def _shared_fused_cpu(x, wts, in_perm, in_off, out_off, bias, pad, OH, OW, R, M, stride, out, prep):
+    """The shared-separable layer as one parallel pass, one image a job (``kernels/cpu/bicluster.shared_fused``)."""
+    from ..kernels.cpu import bicluster as KB
+    from ..kernels.cpu import gemm as KG
+    inv_perm, out_perm, reduce, vertical, horizontal, expand, used_ptr, used_filter, slot, cg_max, nu_max = wts
+    dt = x.dtype
+    G, H, K = slot.shape
+    X, Y = vertical.shape[1], horizontal.shape[1]
+    F = expand.shape[0]
+    sh, sw = stride
+    VW, MR, NV = _mk_tile(dt)
+    NR = VW * NV
+    P = OH * OW
+    plane = sh * sw * R * M
+
+    def make():
+        packs = [KG.pack_a(np.ascontiguousarray(expand[int(out_off[h]):int(out_off[h + 1])]).reshape(-1, G * K), MR)
+                 for h in range(H)]
+        return np.concatenate(packs), np.cumsum([0] + [a.shape[0] for a in packs[:-1]]).astype(np.int64)
+    epack, eoff = prepared(prep, ("cpu-shared-fused", dt), make)
+    r16 = lambda n: -(-n // 16) * 16  # noqa: E731
+    srow = r16(KB.shared_scratch_size(cg_max, nu_max, sw, M, OH, OW, Y, plane))
+    zrow = r16(H * G * K * P + NR)
+    nth = numba.get_num_threads()
+    row = srow + zrow + r16(-(-int(np.diff(out_off).max()) // MR) * MR * NR)
+    scratch = WS.get_aligned("front", nth * row, dt).reshape(nth, row)
+    y = np.empty((x.shape[0], F, OH, OW), dt) if out is None else out
+    has_b = bias is not None
+    KB.shared_fused(x, in_perm, pad[0], pad[2], sh, sw, R, M, in_off, used_ptr, used_filter,
+                    vertical, horizontal, reduce, slot, OH, OW, epack, eoff, out_off, out_perm,
+                    bias if has_b else np.zeros(1, dt), has_b, y, MR, NR, scratch, srow, zrow)
     return y
 
 

@@ -362,6 +362,26 @@ def test_svd_fused_geometries(rng, monkeypatch, dtype, stride, padding):
                                *tolerance(dtype))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("stride,padding", GEOMS + [((1, 2), (3, 0, 0, 4))])
+def test_shared_fused_geometries(rng, monkeypatch, dtype, stride, padding):
+    """The fused shared-separable layer (one image a job; where the CPU has the micro-kernel's 12-row tile, else the
+    unfused path), forced, on strides 1 to 3 and uneven padding, uneven input and output groups (1 + 3 + 2 channels,
+    5 + 15 filters: the expansion's 8-row and 12 + 4-row tiles), rows of 37 outputs at stride 1 (a panel and a
+    one-vector last panel), with the bias and without it into a given ``out``; against the rebuilt kernel's conv."""
+    monkeypatch.setattr(FB, "FUSED_IMAGES", 0)
+    f = _shared_factors(rng, 6, 20, 3, 4, (1, 3, 2), (5, 15), 3, 4, dtype)
+    x = rng.standard_normal((3, 6, 9, 40)).astype(dtype)
+    b = rng.standard_normal(20).astype(dtype)
+    ref = conv2d_einsum(x, _dense_kernel("shared", f), b, stride, padding)
+    np.testing.assert_allclose(shared_separable_conv2d(x, *f, b, stride=stride, padding=padding), ref,
+                               *tolerance(dtype))
+    out = np.full(ref.shape, np.nan, dtype)
+    shared_separable_conv2d(x, *f, None, stride=stride, padding=padding, out=out)
+    np.testing.assert_allclose(out, conv2d_einsum(x, _dense_kernel("shared", f), None, stride, padding),
+                               *tolerance(dtype))
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("microkernel", [True, False], ids=["microkernel", "blas"])
 def test_batch_chunking(rng, kind, monkeypatch, microkernel):

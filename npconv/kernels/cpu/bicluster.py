@@ -30,7 +30,7 @@ import numba
 import numpy as np
 
 from ._pack import pack_plane as _pack_plane
-from .gemm import TAPS1_BYTES
+from .gemm import TAPS1_BYTES, matmul_local
 from .gemm_taps import taps_rows
 
 
@@ -437,73 +437,84 @@ def shared_front(xflat, nb, C, SH, SW, R, M, in_offsets, used_ptr, used_filter, 
     ``qbuf`` by ``gemm_taps.taps_rows``. ``scratch`` (threads,
     :func:`shared_scratch_size`): each thread's buffers.
     """
-    G, H, K = comb_slot.shape
-    X = vertical.shape[1]
-    Y = horizontal.shape[1]
-    P = OH * OW
+    G = comb_slot.shape[0]
     plane = SH * SW * R * M
-    OM = OH * M
-    dt = Z.dtype
-    T = max(X, Y, C)
+    zlen = Z.shape[2]
+    Zf = Z.reshape(Z.size)
     for job in numba.prange(nb * G):
         g = job % G
         i = job // G
         j0 = in_offsets[g]
         cg = in_offsets[g + 1] - j0
         sc = scratch[numba.get_thread_id()]
-        u0 = used_ptr[g]
-        nu = used_ptr[g + 1] - u0
         # the group's planes: packed here at the end of the scratch row (own), or in the chunk's packed input
         xsrc, xbase = group_planes(own, sc, sc.shape[0] - cg * plane, 0, x, n0 + i, in_perm, j0, cg, pt, pl, SH, SW,
                                    R, M, xflat, i * C + j0)
-        e0 = 0
-        slack = Y + TAPS1_BYTES // 4
-        v = sc[e0:e0 + SW * OM + slack]
-        v[SW * OM:] = 0
-        e0 += SW * OM + slack
-        qbuf = sc[e0:e0 + nu * cg * P]
-        offs = np.empty(T, np.int64)
-        coef = np.empty(T, dt)
-        tmp = np.empty(TAPS1_BYTES // Z.itemsize, dt)
-        nfilt = cg * nu * (SW + 1)
-        for t in range(nfilt + H * K):
-            # every variable used after the _taps call is set on every path (numba miscompiled otherwise)
-            h = 0
-            row = 0
-            if t < nfilt:
-                ps = t % (SW + 1)
-                cs = t // (SW + 1)
-                s = cs % nu
-                jj = cs // nu
-                f = used_filter[u0 + s]
-                if ps == SW:
-                    # the horizontal pass, each output row stored compact into the map's qbuf row
-                    for a in range(Y):
-                        offs[a] = (a % SW) * OM + a // SW
-                        coef[a] = horizontal[f, a]
-                    taps_rows(coef, v, 0, offs, Y, qbuf, (s * cg + jj) * P, OH, OW, M, tmp)
-                    continue
-                nt = X
-                for a in range(X):
-                    offs[a] = (((a % SH) * SW + ps) * R + a // SH) * M
-                    coef[a] = vertical[f, a]
-                src = xsrc[xbase + jj * plane:xbase + (jj + 1) * plane]
-                dst = v[ps * OM:(ps + 1) * OM]
-                n = OM
-            else:
-                hk = t - nfilt
-                h = hk // K
-                k = hk - h * K
-                row = g * K + k
-                sl = comb_slot[g, h, k]
-                nt = cg
-                for u in range(cg):
-                    offs[u] = (sl * cg + u) * P
-                    coef[u] = comb[j0 + u, h, k]
-                src = qbuf
-                dst = Z[h, row, i * P:(i + 1) * P]
-                n = P
-            _taps(dst, src, offs[:nt], coef[:nt], n, False)
+        shared_group(xsrc, xbase, g, j0, cg, SH, SW, R, M, used_ptr, used_filter, vertical, horizontal, comb,
+                     comb_slot, OH, OW, sc, Zf, zlen, i * OH * OW)
+
+
+@numba.njit(cache=True, nogil=True)
+def shared_group(xsrc, xbase, g, j0, cg, SH, SW, R, M, used_ptr, used_filter, vertical, horizontal, comb, comb_slot,
+                 OH, OW, sc, Zf, zlen, zoff):
+    """One (image, group) of :func:`shared_front`: the group's planes at ``xsrc[xbase:]``, its components (h, k)
+    into ``Zf[(h*G*K + g*K + k)*zlen + zoff:]`` (``P`` values each); ``sc`` the thread's scratch row (its start: the
+    vertical pass's planes and the filtered maps)."""
+    G, H, K = comb_slot.shape
+    X = vertical.shape[1]
+    Y = horizontal.shape[1]
+    P = OH * OW
+    plane = SH * SW * R * M
+    OM = OH * M
+    dt = Zf.dtype
+    T = max(X, Y, cg)
+    u0 = used_ptr[g]
+    nu = used_ptr[g + 1] - u0
+    e0 = 0
+    slack = Y + TAPS1_BYTES // 4
+    v = sc[e0:e0 + SW * OM + slack]
+    v[SW * OM:] = 0
+    e0 += SW * OM + slack
+    qbuf = sc[e0:e0 + nu * cg * P]
+    offs = np.empty(T, np.int64)
+    coef = np.empty(T, dt)
+    tmp = np.empty(TAPS1_BYTES // Zf.itemsize, dt)
+    nfilt = cg * nu * (SW + 1)
+    for t in range(nfilt + H * K):
+        if t < nfilt:
+            ps = t % (SW + 1)
+            cs = t // (SW + 1)
+            s = cs % nu
+            jj = cs // nu
+            f = used_filter[u0 + s]
+            if ps == SW:
+                # the horizontal pass, each output row stored compact into the map's qbuf row
+                for a in range(Y):
+                    offs[a] = (a % SW) * OM + a // SW
+                    coef[a] = horizontal[f, a]
+                taps_rows(coef, v, 0, offs, Y, qbuf, (s * cg + jj) * P, OH, OW, M, tmp)
+                continue
+            nt = X
+            for a in range(X):
+                offs[a] = (((a % SH) * SW + ps) * R + a // SH) * M
+                coef[a] = vertical[f, a]
+            src = xsrc[xbase + jj * plane:xbase + (jj + 1) * plane]
+            dst = v[ps * OM:(ps + 1) * OM]
+            n = OM
+        else:
+            hk = t - nfilt
+            h = hk // K
+            k = hk - h * K
+            sl = comb_slot[g, h, k]
+            nt = cg
+            for u in range(cg):
+                offs[u] = (sl * cg + u) * P
+                coef[u] = comb[j0 + u, h, k]
+            src = qbuf
+            z0 = (h * G * K + g * K + k) * zlen + zoff
+            dst = Zf[z0:z0 + P]
+            n = P
+        _taps(dst, src, offs[:nt], coef[:nt], n, False)
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -576,3 +587,38 @@ def im2col_phase(z, c0s, nch, KH, KW, OH, OW, col):
             d = dst[oh * OW:(oh + 1) * OW]
             for e in range(OW):
                 d[e] = s[e]
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def shared_fused(x, in_perm, pt, pl, SH, SW, R, M, in_offsets, used_ptr, used_filter, vertical, horizontal, comb,
+                 comb_slot, OH, OW, epack, eoff, out_offsets, out_perm, bias, has_bias, y, MR, NR, scratch, srow,
+                 zrow):
+    """The shared-separable layer in one parallel pass, one image a job: each group's front end
+    (:func:`shared_group`, its planes packed by the job) into the thread's ``Z`` (``H*G*K`` rows of ``P``), then each
+    output group's expansion from it into the image's output channels with the bias (``gemm.matmul_local``; ``epack``
+    each output group's expansion (``F_h`` x ``G*K``) packed for ``MR`` rows from ``eoff[h]``). ``scratch``: a row a
+    thread, the front end's ``srow`` items (:func:`shared_scratch_size` with the packed plane), then ``Z``
+    (``zrow`` items: ``H*G*K*P`` and ``NR`` slack), then the output tile. As ``cp_fused``: ``Z`` stays with the core
+    that makes it, and a batch is one region."""
+    N, C = x.shape[0], x.shape[1]
+    G, H, K = comb_slot.shape
+    GK = G * K
+    P = OH * OW
+    F = y.shape[1]
+    plane = SH * SW * R * M
+    yf = y.reshape(y.size)
+    for n in numba.prange(N):
+        sc = scratch[numba.get_thread_id()]
+        front = sc[:srow]
+        zb = sc[srow:srow + zrow]
+        tile = sc[srow + zrow:]
+        for g in range(G):
+            j0 = in_offsets[g]
+            cg = in_offsets[g + 1] - j0
+            xsrc, xbase = group_planes(True, front, srow - cg * plane, 0, x, n, in_perm, j0, cg, pt, pl, SH, SW, R, M,
+                                       x.reshape(x.size), 0)
+            shared_group(xsrc, xbase, g, j0, cg, SH, SW, R, M, used_ptr, used_filter, vertical, horizontal, comb,
+                         comb_slot, OH, OW, front, zb, P, 0)
+        for h in range(H):
+            matmul_local(epack, eoff[h], out_offsets[h + 1] - out_offsets[h], GK, MR, NR, zb, h * GK * P, P, P, yf,
+                         n * F * P, P, out_perm, out_offsets[h], bias, has_bias, tile)
