@@ -331,7 +331,7 @@ def test_svd_block_convs_both_ways(rng, monkeypatch, dtype, taps, K1, K2):
     stride 2 and padding, and chunks of 2 images (the planes' channel stride changes with the chunk)."""
     monkeypatch.setattr(FB, "USE_TAPS", taps != "patches")
     monkeypatch.setattr(FB, "USE_SVD_FUSED", taps == "fused")
-    monkeypatch.setattr(FB, "SVD_FUSED_IMAGES", 0)
+    monkeypatch.setattr(FB, "FUSED_IMAGES", 0)
     f = _svd_factors(rng, 9, 14, 5, 5, (4, 5), (6, 8), K1, K2, dtype)
     x = rng.standard_normal((5, 9, 23, 20)).astype(dtype)
     b = rng.standard_normal(14).astype(dtype)
@@ -350,7 +350,7 @@ def test_svd_fused_geometries(rng, monkeypatch, dtype, stride, padding):
     path), forced, on strides 1 to 3 and uneven padding, with a partial reduction row block (H*K1 = 2*5), uneven
     input and output groups (3 + 4 channels, 5 + 9 filters: the expansion's 8-row and 12 + 4-row tiles), with the
     bias and without it into a given ``out``; against the rebuilt kernel's conv."""
-    monkeypatch.setattr(FB, "SVD_FUSED_IMAGES", 0)
+    monkeypatch.setattr(FB, "FUSED_IMAGES", 0)
     f = _svd_factors(rng, 7, 14, 3, 4, (3, 4), (5, 9), 5, 7, dtype)
     x = rng.standard_normal((3, 7, 12, 13)).astype(dtype)
     b = rng.standard_normal(14).astype(dtype)
