@@ -614,14 +614,15 @@ USE_CP_FUSED = True
 #: the fused CP layer's price of a band of output rows, as a fraction of the layer's time (:func:`_fused_band_rows`):
 #: ZF conv2, K = 6, batch 16, one thread: 4 bands a image took 1.13x the time of one band
 FUSED_BAND_COST = 0.045
-#: where the SVD form runs its implicit GEMMs (``USE_TAPS``), a batch of :data:`FUSED_IMAGES` images a thread or
-#: more as one parallel pass, one image a job (``kernels/cpu/svd_fused.py``). A module constant for same-process
-#: comparisons, not a user setting
+#: where the SVD form runs its implicit GEMMs (``USE_TAPS``), a batch as one parallel pass, one image a job
+#: (``kernels/cpu/svd_fused.py``; :func:`_fused_images_ok`). A module constant for same-process comparisons, not a
+#: user setting
 USE_SVD_FUSED = True
-FUSED_IMAGES = 4
-#: the shared-separable form's fused pass (``kernels/cpu/bicluster.shared_fused``), for batches of
-#: :data:`FUSED_IMAGES` images a thread or more. A module constant for same-process comparisons, not a user setting
+#: the shared-separable form's fused pass (``kernels/cpu/bicluster.shared_fused``; :func:`_fused_images_ok`). A
+#: module constant for same-process comparisons, not a user setting
 USE_SHARED_FUSED = True
+#: the most images the busiest thread may run in a fused pass, against the average (:func:`_fused_images_ok`)
+FUSED_IMBALANCE = 1.25
 #: the shared form's front-end jobs pack their own input groups (when a group's planes fit ``_OWN_PACK_BYTES``)
 #: instead of a packing pass over the chunk: ZF conv2 (G=48, H=2, K=6, S=4), same process, 1.09x and 1.10x at batch
 #: 128, 1.03x at batch 1 (eighteenth session). A module constant for same-process comparisons, not a user setting
@@ -738,7 +739,7 @@ def _svd_cpu(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bia
         red_pk, sp_pk = prepared(prep, ("cpu-svd-mk-in", dt), lambda: (
             [KG.pack_a(r, tile[1]) for r in red_t],
             [KG.pack_a(sp_mats[g, h], tile[1]) for g in range(G) for h in range(H)]))
-    if taps and USE_SVD_FUSED and _svd_fused_ok(N):
+    if taps and USE_SVD_FUSED and _fused_images_ok(N, numba.get_num_threads()):
         return _svd_fused_cpu(x, wts, red_pk, sp_pk, in_perm, in_off, out_off, bias, stride, pad, OH, OW, R, M, R1,
                               K2p, c0s, K1, X, Y, out, prep)
     y = np.empty((N, F, OH, OW), dt) if out is None else out
@@ -806,10 +807,13 @@ def _svd_cpu(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bia
     return y
 
 
-def _svd_fused_ok(N):
-    """Whether the SVD form runs fused, one image a job (``kernels/cpu/svd_fused.py``): for a batch of at least
-    :data:`FUSED_IMAGES` images a thread (the jobs are whole images, shared out in equal slices)."""
-    return N >= FUSED_IMAGES * numba.get_num_threads()
+def _fused_images_ok(N, nth):
+    """Whether the SVD and shared-separable forms run fused, one image a job (``kernels/cpu/svd_fused.py``,
+    ``kernels/cpu/bicluster.shared_fused``): where every thread has an image, and the busiest thread at most
+    :data:`FUSED_IMBALANCE` times the average (the jobs are whole images, shared out in equal slices). ZF conv2,
+    2 threads, same process, fused against unfused (best of 100 calls): 2 images SVD 1.01x, shared 1.13x; 4 images
+    1.09x and 1.12x."""
+    return N >= nth and -(-N // nth) * nth <= FUSED_IMBALANCE * N
 
 
 def _svd_fused_cpu(x, wts, red_pk, sp_pk, in_perm, in_off, out_off, bias, stride, pad, OH, OW, R, M, R1, K2p, c0s, K1,
@@ -908,7 +912,7 @@ def _shared_cpu(x, in_perm, in_off, reduce, assign, vertical, horizontal, expand
     plane = sh * sw * R * M
     per_z = H * G * K * P
     dt = x.dtype
-    if USE_SHARED_FUSED and _taps_ok(dt) and N >= FUSED_IMAGES * numba.get_num_threads():
+    if USE_SHARED_FUSED and _taps_ok(dt) and _fused_images_ok(N, numba.get_num_threads()):
         return _shared_fused_cpu(x, wts, _as_index(in_perm), in_off, out_off, bias, pad, OH, OW, R, M, stride, out, prep)
     nb = _chunk(N, P, C * plane + per_z + F * P, x.dtype.itemsize, _CP_CACHE_BYTES)
     # the front end's jobs pack their own groups (no packing pass) when a group's planes fit _OWN_PACK_BYTES

@@ -218,6 +218,18 @@ def test_cp_fused_bands(rng, monkeypatch, dtype, bands, case):
 
 
 @pytest.mark.parametrize("nth", [1, 2, 3, 4])
+def test_fused_images_ok(nth):
+    """The SVD and shared forms run fused, one image a job, where every thread has an image and the slices are even
+    enough: always for a multiple of the thread count, never for fewer images than threads."""
+    for N in range(1, 40):
+        ok = FB._fused_images_ok(N, nth)
+        if N % nth == 0:
+            assert ok
+        if N < nth:
+            assert not ok
+
+
+@pytest.mark.parametrize("nth", [1, 2, 3, 4])
 def test_fused_band_rows(nth):
     """The fused CP layer's bands cover the output rows in at most ``OH`` bands of at most ``OH`` rows; a batch that
     the threads share evenly runs whole images (one band), a batch of one image of enough rows is split for the
@@ -331,7 +343,7 @@ def test_svd_block_convs_both_ways(rng, monkeypatch, dtype, taps, K1, K2):
     stride 2 and padding, and chunks of 2 images (the planes' channel stride changes with the chunk)."""
     monkeypatch.setattr(FB, "USE_TAPS", taps != "patches")
     monkeypatch.setattr(FB, "USE_SVD_FUSED", taps == "fused")
-    monkeypatch.setattr(FB, "FUSED_IMAGES", 0)
+    monkeypatch.setattr(FB, "_fused_images_ok", lambda *a: True)
     f = _svd_factors(rng, 9, 14, 5, 5, (4, 5), (6, 8), K1, K2, dtype)
     x = rng.standard_normal((5, 9, 23, 20)).astype(dtype)
     b = rng.standard_normal(14).astype(dtype)
@@ -350,7 +362,7 @@ def test_svd_fused_geometries(rng, monkeypatch, dtype, stride, padding):
     path), forced, on strides 1 to 3 and uneven padding, with a partial reduction row block (H*K1 = 2*5), uneven
     input and output groups (3 + 4 channels, 5 + 9 filters: the expansion's 8-row and 12 + 4-row tiles), with the
     bias and without it into a given ``out``; against the rebuilt kernel's conv."""
-    monkeypatch.setattr(FB, "FUSED_IMAGES", 0)
+    monkeypatch.setattr(FB, "_fused_images_ok", lambda *a: True)
     f = _svd_factors(rng, 7, 14, 3, 4, (3, 4), (5, 9), 5, 7, dtype)
     x = rng.standard_normal((3, 7, 12, 13)).astype(dtype)
     b = rng.standard_normal(14).astype(dtype)
@@ -369,7 +381,7 @@ def test_shared_fused_geometries(rng, monkeypatch, dtype, stride, padding):
     unfused path), forced, on strides 1 to 3 and uneven padding, uneven input and output groups (1 + 3 + 2 channels,
     5 + 15 filters: the expansion's 8-row and 12 + 4-row tiles), rows of 37 outputs at stride 1 (a panel and a
     one-vector last panel), with the bias and without it into a given ``out``; against the rebuilt kernel's conv."""
-    monkeypatch.setattr(FB, "FUSED_IMAGES", 0)
+    monkeypatch.setattr(FB, "_fused_images_ok", lambda *a: True)
     f = _shared_factors(rng, 6, 20, 3, 4, (1, 3, 2), (5, 15), 3, 4, dtype)
     x = rng.standard_normal((3, 6, 9, 40)).astype(dtype)
     b = rng.standard_normal(20).astype(dtype)

@@ -13,7 +13,8 @@ GEMM, each a parallel region per input group, block or output group (``gemm_taps
 3. each output group's expansion from ``z2`` into the image's output channels, with the bias
    (:func:`~npconv.kernels.cpu.gemm.matmul_local`).
 
-The functional layer runs it for batches of several images a thread (``functional.bicluster._svd_fused_ok``).
+The functional layer runs it where every thread has an image and the slices are even enough
+(``functional.bicluster._fused_images_ok``).
 """
 from __future__ import annotations
 
