@@ -22,7 +22,10 @@ micro-kernel has its 12-row tile and the reduction folds into the horizontal tap
 a group's components: ``kernels/cpu/cp_front_gemm.py``); the SVD
 form is three GEMM stages, the middle one (the blocks' K1 -> K2 convolutions) an implicit GEMM over the reduced
 channels' phase-split planes where the micro-kernel has its 12-row AVX-512 tile (``kernels/cpu/gemm_taps.py``),
-else a channel-major im2col and a GEMM.
+else a channel-major im2col and a GEMM. Where the micro-kernel has its 12-row AVX-512 tile the three forms run fused
+instead: one parallel pass over the batch whose jobs (CP: an image's band of output rows; SVD and shared: an image,
+where every thread has one) expand what they have just made, from their thread's buffers
+(``kernels/cpu/cp_fused.py``, ``kernels/cpu/svd_fused.py``, ``kernels/cpu/bicluster.shared_fused``).
 
 GPU (CuPy): dedicated kernels, :mod:`npconv.kernels.cuda.ops_bicluster` (a fused CP front end, the SVD block conv,
 the shared-filter passes; cuBLAS expansion GEMMs and a scatter by ``out_perm``). The composed paths

@@ -27,7 +27,7 @@ from .bicluster import front_job, group_planes
 from .gemm import microkernel_taps12, microkernel_taps_rows4, microkernel_taps_rows8, prefetch_read
 from .gemm_taps import taps_rows
 
-__all__ = ["cp_gemm_scratch_size", "cp_gemm_plane", "cp_gemm_tap_offsets", "cp_front_gemm"]
+__all__ = ["cp_gemm_scratch_size", "cp_gemm_plane", "cp_gemm_tap_offsets", "front_tiles", "cp_front_gemm"]
 
 
 def cp_gemm_plane(R, Mp, NR):
@@ -55,6 +55,25 @@ def cp_gemm_tap_offsets(cg, Y, sw, R, Mp, plane):
         for b in range(Y):
             koff[j * Y + b] = j * plane + (b % sw) * R * Mp + b // sw
     return koff
+
+
+@numba.njit(cache=True, nogil=True)
+def front_tiles(hpack, aoff, rows, xsrc, xbase, koff, T, acc, SH, SW, RM, RMp, NR):
+    """One row block of the folded reduction and horizontal pass: for each of the ``SH`` row phases, its ``RMp /
+    NR`` panels of the group's planes (``xsrc[xbase:]``, a row phase ``SW * RM`` items on) through the tap offsets
+    ``koff`` (``T`` taps) by the block's packed coefficients (``hpack[aoff:]``), into the accumulator rows ``acc``
+    (``SH * RMp`` items a component), on the smallest tile that holds the block's ``rows`` components."""
+    PLp = SH * RMp
+    for p in range(SH):
+        for jp in range(RMp // NR):
+            boff = xbase + p * SW * RM + jp * NR
+            coff = p * RMp + jp * NR
+            if rows <= 4:
+                microkernel_taps_rows4(hpack, aoff, xsrc, boff, koff, acc, coff, PLp, T, 0, acc, 0)
+            elif rows <= 8:
+                microkernel_taps_rows8(hpack, aoff, xsrc, boff, koff, acc, coff, PLp, T, 0, acc, 0)
+            else:
+                microkernel_taps12(hpack, aoff, xsrc, boff, koff, acc, coff, PLp, T, 0, acc, 0)
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -85,7 +104,6 @@ def cp_front_gemm(xflat, x, n0, in_perm, pt, pl, nb, C, SH, SW, R, Mp, in_offset
     RMp = (RM + NR - 1) // NR * NR
     PLp = SH * RMp
     plane = SH * SW * RM
-    npan = RMp // NR
     nblk = (HK + MR - 1) // MR
     own = xflat.shape[0] == 0
     HW = x.shape[2] * x.shape[3]
@@ -107,16 +125,7 @@ def cp_front_gemm(xflat, x, n0, in_perm, pt, pl, nb, C, SH, SW, R, Mp, in_offset
             rows = min(MR, HK - ib * MR)
             aoff = hoff[g] + ib * T * MR
             # 1. the reduction and the horizontal pass: every row phase's panels, MR components a tile
-            for p in range(SH):
-                for jp in range(npan):
-                    boff = xbase + p * SW * RM + jp * NR
-                    coff = p * RMp + jp * NR
-                    if rows <= 4:
-                        microkernel_taps_rows4(hpack, aoff, xsrc, boff, koff, acc, coff, PLp, T, 0, acc, 0)
-                    elif rows <= 8:
-                        microkernel_taps_rows8(hpack, aoff, xsrc, boff, koff, acc, coff, PLp, T, 0, acc, 0)
-                    else:
-                        microkernel_taps12(hpack, aoff, xsrc, boff, koff, acc, coff, PLp, T, 0, acc, 0)
+            front_tiles(hpack, aoff, rows, xsrc, xbase, koff, T, acc, SH, SW, RM, RMp, NR)
             # 2. per component: the vertical pass, each output row straight into Z
             for r in range(rows):
                 hk = ib * MR + r

@@ -27,7 +27,8 @@ import numba
 import numpy as np
 
 from ._pack import pack_plane
-from .gemm import matmul_local, microkernel_taps12, microkernel_taps_rows4, microkernel_taps_rows8, prefetch_read
+from .cp_front_gemm import front_tiles
+from .gemm import matmul_local, prefetch_read
 from .gemm_taps import taps_rows
 
 __all__ = ["cp_fused_geometry", "cp_fused_scratch_size", "cp_fused"]
@@ -86,7 +87,6 @@ def cp_fused(x, in_perm, pt, pl, SH, SW, Mp, in_offsets, hpack, hoff, koff, Y, M
     RMp = (RM + NR - 1) // NR * NR
     PLp = SH * RMp
     plane = SH * SW * RM
-    npan_f = RMp // NR
     nblk = (HK + MR - 1) // MR
     LV = 64 // y.itemsize
     ldz = (BR * OW + LV - 1) // LV * LV
@@ -143,16 +143,7 @@ def cp_fused(x, in_perm, pt, pl, SH, SW, Mp, in_offsets, hpack, hoff, koff, Y, M
             for ib in range(nblk):
                 rows = min(MR, HK - ib * MR)
                 aoff = hoff[g] + ib * T * MR
-                for p in range(SH):
-                    for jp in range(npan_f):
-                        boff = p * SW * RM + jp * NR
-                        coff = p * RMp + jp * NR
-                        if rows <= 4:
-                            microkernel_taps_rows4(hpack, aoff, xg, boff, koff, acc, coff, PLp, T, 0, acc, 0)
-                        elif rows <= 8:
-                            microkernel_taps_rows8(hpack, aoff, xg, boff, koff, acc, coff, PLp, T, 0, acc, 0)
-                        else:
-                            microkernel_taps12(hpack, aoff, xg, boff, koff, acc, coff, PLp, T, 0, acc, 0)
+                front_tiles(hpack, aoff, rows, xg, 0, koff, T, acc, SH, SW, RM, RMp, NR)
                 for r in range(rows):
                     hk = ib * MR + r
                     for ln in range(hk * c2 * nl // HK, (hk + 1) * c2 * nl // HK):
