@@ -743,8 +743,8 @@ def _svd_cpu(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bia
             [KG.pack_a(r, tile[1]) for r in red_t],
             [KG.pack_a(sp_mats[g, h], tile[1]) for g in range(G) for h in range(H)]))
     if taps and USE_SVD_FUSED and _fused_images_ok(N, numba.get_num_threads()):
-        return _svd_fused_cpu(x, wts, red_pk, sp_pk, in_perm, in_off, out_off, bias, stride, pad, OH, OW, R, M, R1,
-                              K2p, c0s, K1, X, Y, out, prep)
+        return _svd_fused_cpu(x, wts, red_pk, sp_pk, in_perm, in_off, out_off, bias, stride, pad, OH, OW, M, R1, K2p,
+                              c0s, K1, X, Y, out, prep)
     y = np.empty((N, F, OH, OW), dt) if out is None else out
     y3 = y.reshape(N, F, P)
     KXY = K1 * X * Y
@@ -811,19 +811,20 @@ def _svd_cpu(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bia
 
 
 def _fused_images_ok(N, nth):
-    """Whether the SVD and shared-separable forms run fused, one image a job (``kernels/cpu/svd_fused.py``,
+    """Whether the SVD and shared-separable forms run fused (``kernels/cpu/svd_fused.py``,
     ``kernels/cpu/bicluster.shared_fused``): where every thread has an image, and the busiest thread at most
-    :data:`FUSED_IMBALANCE` times the average (the jobs are whole images, shared out in equal slices). ZF conv2,
-    2 threads, same process, fused against unfused (best of 100 calls): 2 images SVD 1.01x, shared 1.13x; 4 images
-    1.09x and 1.12x."""
+    :data:`FUSED_IMBALANCE` times the average (the shared form's jobs are whole images, shared out in equal slices;
+    the SVD form's are bands of images, :func:`_fused_band_rows`). ZF conv2, 2 threads, same process, fused against
+    unfused (best / median): 2 images SVD 1.01 / 0.99, shared 1.13 / 1.12; 4 images 1.09 / 1.10 and 1.12 / 1.25; for
+    SVD in two bands, 1 image 1.09 / 0.97 and 0.99 / 0.97, 3 images 0.98 / 0.98 (one thread, 1 image: 2.28 and
+    2.31 ms fused in one and two bands, 2.26 unfused: no less work, at batch 1 the data is in the caches anyway)."""
     return N >= nth and -(-N // nth) * nth <= FUSED_IMBALANCE * N
 
 
-def _svd_fused_cpu(x, wts, red_pk, sp_pk, in_perm, in_off, out_off, bias, stride, pad, OH, OW, R, M, R1, K2p, c0s, K1,
-                   X, Y, out, prep):
-    """The SVD layer as one parallel pass, one image a job (``kernels/cpu/svd_fused.py``)."""
+def _svd_fused_cpu(x, wts, red_pk, sp_pk, in_perm, in_off, out_off, bias, stride, pad, OH, OW, M, R1, K2p, c0s, K1, X,
+                   Y, out, prep):
+    """The SVD layer as one parallel pass over (image, band of output rows) (``kernels/cpu/svd_fused.py``)."""
     from ..kernels.cpu import gemm as KG
-    from ..kernels.cpu import gemm_taps as KT
     from ..kernels.cpu import svd_fused as KS
     inv_perm, out_perm, red_t, sp_mats, expand_p = wts
     dt = x.dtype
@@ -834,8 +835,6 @@ def _svd_fused_cpu(x, wts, red_pk, sp_pk, in_perm, in_off, out_off, bias, stride
     F = expand_p.shape[0]
     VW, MR, NV = _mk_tile(dt)
     NR = VW * NV
-    plane = sh * sw * R * M
-    P = OH * OW
 
     def make():
         cat = lambda parts: (np.concatenate(parts), np.cumsum([0] + [a.shape[0] for a in parts]).astype(np.int64))  # noqa: E731
@@ -843,20 +842,21 @@ def _svd_fused_cpu(x, wts, red_pk, sp_pk, in_perm, in_off, out_off, bias, stride
         sp, sp_po = cat(sp_pk)
         ep, ep_o = cat([KG.pack_a(np.ascontiguousarray(expand_p[int(out_off[h]):int(out_off[h + 1])])
                                   .reshape(-1, G * K2p), MR) for h in range(H)])
-        sp_koff = np.stack([_svd_tap_offsets(int(c0s[b]), K1, X, Y, sh, sw, R, M, plane) for b in range(G * H)])
-        return red, red_po, sp, sp_po, ep, ep_o[:-1].copy(), sp_koff
-    red, red_po, sp, sp_po, ep, eoff, sp_koff = prepared(prep, ("cpu-svd-fused", dt, x.shape[2:], stride, pad), make)
+        return red, red_po, sp, sp_po, ep, ep_o[:-1].copy()
+    red, red_po, sp, sp_po, ep, eoff = prepared(prep, ("cpu-svd-fused", dt), make)
     red_koff = _as_index(in_perm) * (H_in * W_in)
     nth = numba.get_num_threads()
-    n1, n2, nt = KS.svd_fused_sizes(G, H, R1, K2p, plane, P, int(np.diff(out_off).max()), MR, NR, Y)
+    BR = _fused_band_rows(N, OH, nth)
+    Rb = BR + (X - 1) // sh
+    plane = sh * sw * Rb * M
+    sp_koff = np.stack([_svd_tap_offsets(int(c0s[b]), K1, X, Y, sh, sw, Rb, M, plane) for b in range(G * H)])
+    n1, n2, nt = KS.svd_fused_sizes(G, H, R1, K2p, plane, BR * OW, int(np.diff(out_off).max()), MR, NR, Y)
     z1s = WS.get_aligned("svd-z1", nth * n1, dt).reshape(nth, n1)
-    for t in range(nth):
-        KT.zero_phase_borders(z1s[t], G * R1, sh, sw, R, M, H_in, W_in, pad[0], pad[2])
     z2s = WS.get_aligned("svd-z2", nth * n2, dt).reshape(nth, n2)
     tiles = WS.get_aligned("svd-tile", nth * nt, dt).reshape(nth, nt)
     y = np.empty((N, F, OH, OW), dt) if out is None else out
     has_b = bias is not None
-    KS.svd_fused(x, in_off, red, red_po, red_koff, R1, sp, sp_po, sp_koff, K2p, K1 * X * Y, OH, OW, sh, sw, R, M,
+    KS.svd_fused(x, in_off, red, red_po, red_koff, R1, sp, sp_po, sp_koff, K2p, K1 * X * Y, X, OH, OW, BR, sh, sw, M,
                  pad[0], pad[2], ep, eoff, out_off, out_perm, bias if has_b else np.zeros(1, dt), has_b, y, z1s, z2s,
                  tiles, MR, NR, KG.PREFETCH_PANELS)
     return y

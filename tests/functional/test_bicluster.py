@@ -219,7 +219,7 @@ def test_cp_fused_bands(rng, monkeypatch, dtype, bands, case):
 
 @pytest.mark.parametrize("nth", [1, 2, 3, 4])
 def test_fused_images_ok(nth):
-    """The SVD and shared forms run fused, one image a job, where every thread has an image and the slices are even
+    """The shared form runs fused, one image a job, where every thread has an image and the slices are even
     enough: always for a multiple of the thread count, never for fewer images than threads."""
     for N in range(1, 40):
         ok = FB._fused_images_ok(N, nth)
@@ -338,12 +338,11 @@ def test_non_contiguous_inputs(rng, kind, dtype):
 @pytest.mark.parametrize("K1,K2", [(5, 13), (7, 20), (4, 25)])
 def test_svd_block_convs_both_ways(rng, monkeypatch, dtype, taps, K1, K2):
     """The SVD form's block convolutions as an implicit GEMM over the reduced planes (USE_TAPS), fused with the
-    reduction and the expansion one image a job (``kernels/cpu/svd_fused.py``, forced for any batch) or not, and as
+    reduction and the expansion per image and band (``kernels/cpu/svd_fused.py``) or not, and as
     patch matrices + GEMM: K2 past one row block (partial last blocks of 1, 8 and 1 rows), an odd-sized map with
     stride 2 and padding, and chunks of 2 images (the planes' channel stride changes with the chunk)."""
     monkeypatch.setattr(FB, "USE_TAPS", taps != "patches")
     monkeypatch.setattr(FB, "USE_SVD_FUSED", taps == "fused")
-    monkeypatch.setattr(FB, "_fused_images_ok", lambda *a: True)
     f = _svd_factors(rng, 9, 14, 5, 5, (4, 5), (6, 8), K1, K2, dtype)
     x = rng.standard_normal((5, 9, 23, 20)).astype(dtype)
     b = rng.standard_normal(14).astype(dtype)
@@ -356,16 +355,21 @@ def test_svd_block_convs_both_ways(rng, monkeypatch, dtype, taps, K1, K2):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bands", ["one", "two", "rows1", "uneven"])
 @pytest.mark.parametrize("stride,padding", GEOMS + [((1, 2), (3, 0, 0, 4))])
-def test_svd_fused_geometries(rng, monkeypatch, dtype, stride, padding):
-    """The fused SVD layer (one image a job; where the CPU has the micro-kernel's 12-row tile, else the unfused
-    path), forced, on strides 1 to 3 and uneven padding, with a partial reduction row block (H*K1 = 2*5), uneven
-    input and output groups (3 + 4 channels, 5 + 9 filters: the expansion's 8-row and 12 + 4-row tiles), with the
-    bias and without it into a given ``out``; against the rebuilt kernel's conv."""
-    monkeypatch.setattr(FB, "_fused_images_ok", lambda *a: True)
+def test_svd_fused_geometries(rng, monkeypatch, dtype, bands, stride, padding):
+    """The fused SVD layer (per image and band of output rows; where the CPU has the micro-kernel's 12-row tile, else
+    the unfused path) on strides 1 to 3 and uneven padding, in one band an image, two, bands of one row and a last
+    band shorter than the others (each band's reduction reads its own input rows, its planes' borders zeroed for
+    it: padding at the top and bottom bands only), with a partial reduction row block (H*K1 = 2*5), uneven input and
+    output groups (3 + 4 channels, 5 + 9 filters: the expansion's 8-row and 12 + 4-row tiles), with the bias and
+    without it into a given ``out``; against the rebuilt kernel's conv."""
     f = _svd_factors(rng, 7, 14, 3, 4, (3, 4), (5, 9), 5, 7, dtype)
     x = rng.standard_normal((3, 7, 12, 13)).astype(dtype)
     b = rng.standard_normal(14).astype(dtype)
+    OH = (12 + padding[0] + padding[1] - 3) // stride[0] + 1
+    br = {"one": OH, "two": -(-OH // 2), "rows1": 1, "uneven": max(1, OH - 1)}[bands]
+    monkeypatch.setattr(FB, "_fused_band_rows", lambda *a: br)
     ref = conv2d_einsum(x, _dense_kernel("svd", f), b, stride, padding)
     np.testing.assert_allclose(bicluster_svd_conv2d(x, *f, b, stride=stride, padding=padding), ref, *tolerance(dtype))
     out = np.full(ref.shape, np.nan, dtype)

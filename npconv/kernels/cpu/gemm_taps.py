@@ -25,7 +25,8 @@ import numpy as np
 from .gemm import TAPS1_BYTES, microkernel_taps1, microkernel_taps12, microkernel_taps_rows4, microkernel_taps_rows8
 from .gemm import prefetch_run
 
-__all__ = ["gemm_taps_images", "gemm_taps_phase", "taps_panel", "phase_panel", "zero_phase_borders", "taps_rows"]
+__all__ = ["gemm_taps_images", "gemm_taps_phase", "taps_panel", "phase_panel", "zero_phase_borders", "zero_borders",
+           "taps_rows"]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -206,21 +207,34 @@ def zero_phase_borders(z, nplanes, sh, sw, R, Mz, H, W, pt, pl):
     ``R x Mz`` values, position ``(yr, xc)`` of phase ``(ph, pw)`` standing for input position
     ``(yr*sh + ph - pt, xc*sw + pw - pl)``."""
     for job in numba.prange(nplanes * sh * sw):
-        blk = job // (sh * sw)
-        ph = (job // sw) % sh
-        pw = job % sw
-        base = blk * sh * sw * R * Mz + (ph * sw + pw) * R * Mz
-        # the columns that hold input columns: xc*sw + pw - pl in [0, W)
-        c_lo = min(Mz, max(0, (pl - pw + sw - 1) // sw))
-        c_hi = max(c_lo, min(Mz, (W + pl - pw + sw - 1) // sw))
-        for yr in range(R):
-            y = yr * sh + ph - pt
-            row = z[base + yr * Mz:base + (yr + 1) * Mz]
-            if y < 0 or y >= H:
-                for e in range(Mz):
-                    row[e] = 0
-            else:
-                for e in range(c_lo):
-                    row[e] = 0
-                for e in range(c_hi, Mz):
-                    row[e] = 0
+        _zero_plane_borders(z, job, sh, sw, R, Mz, H, W, pt, pl)
+
+
+@numba.njit(cache=True, nogil=True)
+def zero_borders(z, nplanes, sh, sw, R, Mz, H, W, pt, pl):
+    """:func:`zero_phase_borders` in the calling thread (the fused SVD layer's band planes, ``svd_fused.py``)."""
+    for job in range(nplanes * sh * sw):
+        _zero_plane_borders(z, job, sh, sw, R, Mz, H, W, pt, pl)
+
+
+@numba.njit(cache=True, nogil=True)
+def _zero_plane_borders(z, job, sh, sw, R, Mz, H, W, pt, pl):
+    """Plane ``job`` (block ``job // (sh*sw)``, phase ``(job // sw) % sh, job % sw``) of :func:`zero_phase_borders`."""
+    blk = job // (sh * sw)
+    ph = (job // sw) % sh
+    pw = job % sw
+    base = blk * sh * sw * R * Mz + (ph * sw + pw) * R * Mz
+    # the columns that hold input columns: xc*sw + pw - pl in [0, W)
+    c_lo = min(Mz, max(0, (pl - pw + sw - 1) // sw))
+    c_hi = max(c_lo, min(Mz, (W + pl - pw + sw - 1) // sw))
+    for yr in range(R):
+        y = yr * sh + ph - pt
+        row = z[base + yr * Mz:base + (yr + 1) * Mz]
+        if y < 0 or y >= H:
+            for e in range(Mz):
+                row[e] = 0
+        else:
+            for e in range(c_lo):
+                row[e] = 0
+            for e in range(c_hi, Mz):
+                row[e] = 0
