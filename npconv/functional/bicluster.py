@@ -615,9 +615,9 @@ USE_CP_GEMM_FRONT = True
 #: constant for same-process comparisons, not a user setting
 USE_CP_FUSED = True
 #: the fused CP layer's price of a band of output rows, as a fraction of the layer's time (:func:`_fused_band_rows`):
-#: ZF conv2, K = 6, batch 16, one thread: 4 bands a image took 1.13x the time of one band
+#: ZF conv2, K = 6, batch 16, one thread: 4 bands an image took 1.13x the time of one band
 FUSED_BAND_COST = 0.045
-#: where the SVD form runs its implicit GEMMs (``USE_TAPS``), a batch as one parallel pass, one image a job
+#: where the SVD form runs its implicit GEMMs (``USE_TAPS``), a batch as one parallel pass over images and bands
 #: (``kernels/cpu/svd_fused.py``; :func:`_fused_images_ok`). A module constant for same-process comparisons, not a
 #: user setting
 USE_SVD_FUSED = True
