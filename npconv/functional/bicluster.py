@@ -346,6 +346,21 @@ def _expand_packs(prep, key, expand, out_off, out_perm, bias, dt):
     return tile, prepared(prep, key, make), biases
 
 
+def _flat_packs(mats, MR):
+    """The matrices ``mats`` packed by ``gemm.pack_a`` for ``MR``-row blocks, concatenated, and where each starts
+    (int64, one more: the end), for the fused kernels."""
+    from ..kernels.cpu import gemm as KG
+    packs = [KG.pack_a(np.ascontiguousarray(a), MR) for a in mats]
+    return np.concatenate(packs), np.cumsum([0] + [a.shape[0] for a in packs]).astype(np.int64)
+
+
+def _group_rows(expand, out_off, dt):
+    """Each output group's expansion rows (``F_h`` x ``G*K``), in ``dt``."""
+    return [np.ascontiguousarray(expand[int(out_off[h]):int(out_off[h + 1])]).reshape(int(out_off[h + 1] - out_off[h]),
+                                                                                     -1).astype(dt, copy=False)
+            for h in range(out_off.shape[0] - 1)]
+
+
 def _expand_scatter(z_buf, Z, expand, out_perm, out_off, bias, n0, m, P, y_buf, y3, mk):
     """The expansion of each output group h, ``expand_h @ Z[h]``, into the output channels ``out_perm`` of group h,
     with the bias: with the micro-kernel (``mk`` from :func:`_expand_packs`) one product per group stores straight
@@ -553,8 +568,8 @@ def _cp_fused_cpu(x, wts, in_off, out_off, bias, stride, pad, OH, OW, Y, Mp, out
     """The CP layer as one parallel pass over (image, band of output rows) (``kernels/cpu/cp_fused.py``)."""
     from ..kernels.cpu import cp_front_gemm as KF
     from ..kernels.cpu import cp_fused as KU
-    from ..kernels.cpu import gemm as KG
-    in_perm, inv_perm, out_perm, vertical, expand, cg_max, rfirst, hcoef, rcoef, hor, hpack, hoff = wts
+    in_perm, out_perm, vertical, expand, cg_max, hpack, hoff = (wts.in_perm, wts.out_perm, wts.vertical, wts.expand,
+                                                                wts.cg_max, wts.hpack, wts.hoff)
     dt = x.dtype
     sh, sw = stride
     N = x.shape[0]
@@ -563,14 +578,9 @@ def _cp_fused_cpu(x, wts, in_off, out_off, bias, stride, pad, OH, OW, Y, Mp, out
     VW, MR, NV = _mk_tile(dt)
     NR = VW * NV
     nth = numba.get_num_threads()
-
-    def make():
-        packs = [KG.pack_a(np.ascontiguousarray(expand[int(out_off[h]):int(out_off[h + 1])]).reshape(-1, G * K)
-                           .astype(dt, copy=False), MR) for h in range(H)]
-        return np.concatenate(packs), np.cumsum([0] + [a.shape[0] for a in packs[:-1]]).astype(np.int64)
-    epack, eoff = prepared(prep, ("cpu-cp-fused", dt), make)
+    epack, eoff = prepared(prep, ("cpu-cp-fused", dt), lambda: _flat_packs(_group_rows(expand, out_off, dt), MR))
     BR = _fused_band_rows(N, OH, nth)
-    Rb, RMp, plane = KU.cp_fused_geometry(BR, X, sh, sw, Mp, NR)
+    Rb, _, plane = KU.cp_fused_geometry(BR, X, sh, sw, Mp, NR)
     koff = KF.cp_gemm_tap_offsets(cg_max, Y, sw, Rb, Mp, plane)
     srow = KU.cp_fused_scratch_size(BR, X, sh, sw, Mp, OW, MR, NR, cg_max, H * G * K, int(np.diff(out_off).max()),
                                     dt.itemsize)
@@ -716,6 +726,9 @@ def _svd_cpu(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bia
     # stores phase-split (no packed copy of the input), and the block convolutions read its planes in place, past
     # the last plane of z1 by a panel and the taps' column reach
     taps = USE_TAPS and _taps_ok(dt)
+    if taps and USE_SVD_FUSED and _fused_images_ok(N, numba.get_num_threads()):
+        return _svd_fused_cpu(x, wts, in_perm, in_off, out_off, bias, stride, pad, OH, OW, M, R1, K2p, c0s, K1, X, Y,
+                              out, prep)
     xs_buf = None if taps else WS.get("xs", nb * per_xs + _SLACK, dt)
     z1_buf = WS.get("z1", nb * per_z1 + (_SLACK + Y if taps else 0), dt)
     if taps:
@@ -742,9 +755,6 @@ def _svd_cpu(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bia
         red_pk, sp_pk = prepared(prep, ("cpu-svd-mk-in", dt), lambda: (
             [KG.pack_a(r, tile[1]) for r in red_t],
             [KG.pack_a(sp_mats[g, h], tile[1]) for g in range(G) for h in range(H)]))
-    if taps and USE_SVD_FUSED and _fused_images_ok(N, numba.get_num_threads()):
-        return _svd_fused_cpu(x, wts, red_pk, sp_pk, in_perm, in_off, out_off, bias, stride, pad, OH, OW, M, R1, K2p,
-                              c0s, K1, X, Y, out, prep)
     y = np.empty((N, F, OH, OW), dt) if out is None else out
     y3 = y.reshape(N, F, P)
     KXY = K1 * X * Y
@@ -821,29 +831,22 @@ def _fused_images_ok(N, nth):
     return N >= nth and -(-N // nth) * nth <= FUSED_IMBALANCE * N
 
 
-def _svd_fused_cpu(x, wts, red_pk, sp_pk, in_perm, in_off, out_off, bias, stride, pad, OH, OW, M, R1, K2p, c0s, K1, X,
-                   Y, out, prep):
+def _svd_fused_cpu(x, wts, in_perm, in_off, out_off, bias, stride, pad, OH, OW, M, R1, K2p, c0s, K1, X, Y, out, prep):
     """The SVD layer as one parallel pass over (image, band of output rows) (``kernels/cpu/svd_fused.py``)."""
     from ..kernels.cpu import gemm as KG
     from ..kernels.cpu import svd_fused as KS
-    inv_perm, out_perm, red_t, sp_mats, expand_p = wts
+    out_perm, red_t, sp_mats, expand_p = wts.out_perm, wts.red_t, wts.sp_mats, wts.expand_p
     dt = x.dtype
-    N, C, H_in, W_in = x.shape
+    N, _, H_in, W_in = x.shape
     sh, sw = stride
     G = in_off.shape[0] - 1
     H = out_off.shape[0] - 1
     F = expand_p.shape[0]
     VW, MR, NV = _mk_tile(dt)
     NR = VW * NV
-
-    def make():
-        cat = lambda parts: (np.concatenate(parts), np.cumsum([0] + [a.shape[0] for a in parts]).astype(np.int64))  # noqa: E731
-        red, red_po = cat(red_pk)
-        sp, sp_po = cat(sp_pk)
-        ep, ep_o = cat([KG.pack_a(np.ascontiguousarray(expand_p[int(out_off[h]):int(out_off[h + 1])])
-                                  .reshape(-1, G * K2p), MR) for h in range(H)])
-        return red, red_po, sp, sp_po, ep, ep_o[:-1].copy()
-    red, red_po, sp, sp_po, ep, eoff = prepared(prep, ("cpu-svd-fused", dt), make)
+    red, red_po, sp, sp_po, ep, eoff = prepared(prep, ("cpu-svd-fused", dt), lambda: (
+        _flat_packs(red_t, MR) + _flat_packs([sp_mats[g, h] for g in range(G) for h in range(H)], MR)
+        + _flat_packs(_group_rows(expand_p, out_off, dt), MR)))
     red_koff = _as_index(in_perm) * (H_in * W_in)
     nth = numba.get_num_threads()
     BR = _fused_band_rows(N, OH, nth)
@@ -944,23 +947,17 @@ def _shared_cpu(x, in_perm, in_off, reduce, assign, vertical, horizontal, expand
 def _shared_fused_cpu(x, wts, in_perm, in_off, out_off, bias, pad, OH, OW, R, M, stride, out, prep):
     """The shared-separable layer as one parallel pass, one image a job (``kernels/cpu/bicluster.shared_fused``)."""
     from ..kernels.cpu import bicluster as KB
-    from ..kernels.cpu import gemm as KG
-    inv_perm, out_perm, reduce, vertical, horizontal, expand, used_ptr, used_filter, slot, cg_max, nu_max = wts
+    _, out_perm, reduce, vertical, horizontal, expand, used_ptr, used_filter, slot, cg_max, nu_max = wts
     dt = x.dtype
     G, H, K = slot.shape
-    X, Y = vertical.shape[1], horizontal.shape[1]
+    Y = horizontal.shape[1]
     F = expand.shape[0]
     sh, sw = stride
     VW, MR, NV = _mk_tile(dt)
     NR = VW * NV
     P = OH * OW
     plane = sh * sw * R * M
-
-    def make():
-        packs = [KG.pack_a(np.ascontiguousarray(expand[int(out_off[h]):int(out_off[h + 1])]).reshape(-1, G * K), MR)
-                 for h in range(H)]
-        return np.concatenate(packs), np.cumsum([0] + [a.shape[0] for a in packs[:-1]]).astype(np.int64)
-    epack, eoff = prepared(prep, ("cpu-shared-fused", dt), make)
+    epack, eoff = prepared(prep, ("cpu-shared-fused", dt), lambda: _flat_packs(_group_rows(expand, out_off, dt), MR))
     r16 = lambda n: -(-n // 16) * 16  # noqa: E731
     srow = r16(KB.shared_scratch_size(cg_max, nu_max, sw, M, OH, OW, Y, plane))
     zrow = r16(H * G * K * P + NR)
