@@ -481,6 +481,7 @@ def shared_group(xsrc, xbase, g, j0, cg, SH, SW, R, M, used_ptr, used_filter, ve
     tmp = np.empty(TAPS1_BYTES // Zf.itemsize, dt)
     nfilt = cg * nu * (SW + 1)
     for t in range(nfilt + H * K):
+        # every variable used after the _taps call is set on every path (numba miscompiled otherwise)
         if t < nfilt:
             ps = t % (SW + 1)
             cs = t // (SW + 1)
@@ -600,13 +601,14 @@ def shared_fused(x, in_perm, pt, pl, SH, SW, R, M, in_offsets, used_ptr, used_fi
     thread, the front end's ``srow`` items (:func:`shared_scratch_size` with the packed plane), then ``Z``
     (``zrow`` items: ``H*G*K*P`` and ``NR`` slack), then the output tile. As ``cp_fused``: ``Z`` stays with the core
     that makes it, and a batch is one region."""
-    N, C = x.shape[0], x.shape[1]
+    N = x.shape[0]
     G, H, K = comb_slot.shape
     GK = G * K
     P = OH * OW
     F = y.shape[1]
     plane = SH * SW * R * M
     yf = y.reshape(y.size)
+    xin = x.reshape(x.size)
     for n in numba.prange(N):
         sc = scratch[numba.get_thread_id()]
         front = sc[:srow]
@@ -616,7 +618,7 @@ def shared_fused(x, in_perm, pt, pl, SH, SW, R, M, in_offsets, used_ptr, used_fi
             j0 = in_offsets[g]
             cg = in_offsets[g + 1] - j0
             xsrc, xbase = group_planes(True, front, srow - cg * plane, 0, x, n, in_perm, j0, cg, pt, pl, SH, SW, R, M,
-                                       x.reshape(x.size), 0)
+                                       xin, 0)
             shared_group(xsrc, xbase, g, j0, cg, SH, SW, R, M, used_ptr, used_filter, vertical, horizontal, comb,
                          comb_slot, OH, OW, front, zb, P, 0)
         for h in range(H):

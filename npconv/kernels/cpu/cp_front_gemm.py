@@ -103,7 +103,6 @@ def cp_front_gemm(xflat, x, n0, in_perm, pt, pl, nb, C, SH, SW, R, Mp, in_offset
     RM = R * Mp
     RMp = (RM + NR - 1) // NR * NR
     PLp = SH * RMp
-    plane = SH * SW * RM
     nblk = (HK + MR - 1) // MR
     own = xflat.shape[0] == 0
     HW = x.shape[2] * x.shape[3]

@@ -53,7 +53,7 @@ def cp_fused_scratch_size(BR, X, SH, SW, Mp, OW, MR, NR, cg_max, HGK, F_max, ite
     phases) and ``NR`` slack; the largest group's packed planes and ``NR + Mp`` slack; ``Zb`` (``HGK`` rows of
     :func:`_zrow`) and ``NR`` slack; the output tile (``F_max`` rows, the largest output group, rounded up to
     ``MR``, by ``NR``). Every part a multiple of 64 bytes."""
-    Rb, RMp, plane = cp_fused_geometry(BR, X, SH, SW, Mp, NR)
+    _, RMp, plane = cp_fused_geometry(BR, X, SH, SW, Mp, NR)
     acc = MR * SH * RMp + NR
     xg = cg_max * plane + NR + Mp
     zb = HGK * _zrow(BR, OW, itemsize) + NR

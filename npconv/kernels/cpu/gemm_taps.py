@@ -148,19 +148,20 @@ def phase_panel(ap, M, K, MR, NR, b, bbase, koff, H, W, q0, ib0, ib1, z, zrow, z
     ``scratch`` (``MR * NR`` values) the tile."""
     Lq = H * W
     cols = min(NR, Lq - q0)
+    # the tiles' B: the input in place, or for the image's last panel a copy of its valid columns, zeros after them
+    bt = b
+    kt = koff
+    tb = bbase + q0
     if cols < NR:
-        # the image's last panel: its valid columns copied, zeros after them
         bt = np.zeros(K * NR, b.dtype)
         kt = np.empty(K, np.int64)
+        tb = 0
         for k in range(K):
             kt[k] = k * NR
             src = b[bbase + q0 + koff[k]:]
             dst = bt[k * NR:]
             for e in range(cols):
                 dst[e] = src[e]
-    else:
-        bt = np.zeros(1, b.dtype)
-        kt = np.zeros(1, np.int64)
     nbb = ib1 - ib0
     for ib in range(ib0, ib1):
         rows = min(MR, M - ib * MR)
@@ -168,10 +169,7 @@ def phase_panel(ap, M, K, MR, NR, b, bbase, koff, H, W, q0, ib0, ib1, z, zrow, z
             ii = ib - ib0
             for k in range(K * ii // nbb, K * (ii + 1) // nbb):
                 prefetch_run(b, bbase + q0 + pfb * NR + koff[k], NR)
-        if cols < NR:
-            _tile(ap, ib * K * MR, rows, MR, bt, 0, kt, K, scratch)
-        else:
-            _tile(ap, ib * K * MR, rows, MR, b, bbase + q0, koff, K, scratch)
+        _tile(ap, ib * K * MR, rows, MR, bt, tb, kt, K, scratch)
         # the panel's positions row by row, each row's run split by the column phases
         for y in range(q0 // W, (q0 + cols - 1) // W + 1):
             xa = max(q0, y * W) - y * W
