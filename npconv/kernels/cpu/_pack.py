@@ -14,6 +14,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from .gemm import prefetch_read
+
 #: unstrided planes up to this many padded elements are zeroed whole before the copy
 _SMALL_PLANE = 4096
 
@@ -137,6 +139,32 @@ def pack_plane(xin, pt, pl, sh, sw, dst):
 
     xin (H, W); dst (sh, sw, R, M). Stride-2 columns are split with paired contiguous stores.
     """
+    _pack(xin, pt, pl, sh, sw, dst, dst.reshape(dst.size), -1)
+
+
+@numba.njit(cache=True, nogil=True)
+def pack_plane_ahead(xin, pt, pl, sh, sw, dst, nflat, noff):
+    """:func:`pack_plane`, and the next plane to be packed fetched into the cache meanwhile: as each row of ``xin``
+    is read, the same row of the (H, W) plane at ``nflat[noff:]`` (``nflat`` 1-D contiguous; none with ``noff``
+    < 0). A packing job that streams its channels from memory then finds each in the cache: ZF conv2's 55 x 55
+    float32 channels, 32 images (37 MB) packed one after another on one thread, 1.50-1.53 us a channel without,
+    0.89-0.92 with (one to eight channels ahead alike; 0.65-0.68 from L1). Fetching a whole plane at once before
+    packing the current one was slower than no fetch (2.7 us: some 190 lines requested at once)."""
+    _pack(xin, pt, pl, sh, sw, dst, nflat, noff)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _fetch_row(nflat, noff, ih, W):
+    """prefetch_read of the cache lines of row ``ih`` of the (., W) plane at ``nflat[noff:]`` (``noff`` >= 0)."""
+    s = noff + ih * W
+    for e in range(s, s + W, 64 // nflat.itemsize):
+        prefetch_read(nflat, e)
+    prefetch_read(nflat, s + W - 1)
+
+
+@numba.njit(cache=True, nogil=True)
+def _pack(xin, pt, pl, sh, sw, dst, nflat, noff):
+    """:func:`pack_plane_ahead` (``noff`` < 0: :func:`pack_plane`)."""
     SH, SW, R, M = dst.shape
     H = xin.shape[0]
     W = xin.shape[1]
@@ -151,6 +179,8 @@ def pack_plane(xin, pt, pl, sh, sw, dst):
         m_lo = min(max(pl, 0), M)
         m_hi = max(m_lo, min(M, W + pl))
         for r in range(r_lo, r_hi):
+            if noff >= 0:
+                _fetch_row(nflat, noff, r - pt, W)
             sv = xin[r - pt, m_lo - pl:]
             dv = flat[r * M + m_lo:]
             for e in range(m_hi - m_lo):
@@ -165,6 +195,8 @@ def pack_plane(xin, pt, pl, sh, sw, dst):
                     for m in range(M):
                         d[m] = 0
                 continue
+            if noff >= 0:
+                _fetch_row(nflat, noff, ih, W)
             src = xin[ih]
             if sw == 1:
                 d = dst[p, 0, r]

@@ -30,6 +30,7 @@ import numba
 import numpy as np
 
 from ._pack import pack_plane as _pack_plane
+from ._pack import pack_plane_ahead as _pack_plane_ahead
 from .gemm import TAPS1_BYTES, matmul_local
 from .gemm_taps import taps_rows
 
@@ -292,19 +293,45 @@ def front_job(job, nsplit, G, in_offsets):
     return job % nsplit, t, g, t // G, j0, in_offsets[g + 1] - j0
 
 
+#: inputs of at most this many bytes are packed without fetching ahead (:func:`next_plane`): they stay in a core's L2
+#: between calls, and the fetches would be instructions spent on cached lines
+AHEAD_MIN_BYTES = 1 << 20
+
+
 @numba.njit(cache=True, nogil=True, inline="always")
-def group_planes(own, sc, e0, slack, x, n, in_perm, j0, cg, pt, pl, SH, SW, R, Mp, xflat, first):
+def group_planes(own, sc, e0, slack, x, n, in_perm, j0, cg, pt, pl, SH, SW, R, Mp, xflat, first, xin, nxt):
     """(array, offset) of a front-end job's input group: with ``own``, channels ``in_perm[j0:j0 + cg]`` of image ``n``
-    of ``x`` packed (:func:`_pack.pack_plane`, planes of ``SH*SW*R*Mp``) into ``sc[e0:]``, followed by ``slack``
-    zeros; else the chunk's packed input ``xflat`` from its plane ``first``."""
+    of ``x`` packed (:func:`_pack.pack_plane_ahead`, planes of ``SH*SW*R*Mp``) into ``sc[e0:]``, followed by ``slack``
+    zeros, each channel's packing fetching the next one's plane, and the last channel's the plane at ``xin[nxt:]``
+    (``xin`` the flat ``x``; ``nxt`` from :func:`next_plane`; with ``nxt`` < 0 nothing is fetched); else the chunk's
+    packed input ``xflat`` from its plane ``first``."""
     plane = SH * SW * R * Mp
     if own:
         xg = sc[e0:e0 + cg * plane + slack]
         xg[cg * plane:] = 0
+        HW = x.shape[2] * x.shape[3]
         for u in range(cg):
-            _pack_plane(x[n, in_perm[j0 + u]], pt, pl, SH, SW, xg[u * plane:(u + 1) * plane].reshape(SH, SW, R, Mp))
+            noff = (np.int64(n) * x.shape[1] + in_perm[j0 + u + 1]) * HW if u + 1 < cg and nxt >= 0 else np.int64(nxt)
+            _pack_plane_ahead(x[n, in_perm[j0 + u]], pt, pl, SH, SW,
+                              xg[u * plane:(u + 1) * plane].reshape(SH, SW, R, Mp), xin, noff)
         return xg, 0
     return xflat, first * plane
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def next_plane(x, n, g, in_perm, in_offsets):
+    """Offset in the flat ``x`` of the first channel of group ``g`` (in group order) of image ``n``, ``g`` = G meaning
+    group 0 of image ``n + 1``; -1 past the batch, and for an input of at most :data:`AHEAD_MIN_BYTES`: the plane a
+    front-end job packs after its group's last channel (:func:`group_planes`)."""
+    m = np.int64(n)         # a prange index may be unsigned: mixed with int64 it would give a float
+    if x.size * x.itemsize <= AHEAD_MIN_BYTES:
+        return np.int64(-1)
+    if g == in_offsets.shape[0] - 1:
+        g = 0
+        m += 1
+    if m >= x.shape[0]:
+        return np.int64(-1)
+    return (m * x.shape[1] + in_perm[in_offsets[g]]) * x.shape[2] * x.shape[3]
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -356,12 +383,13 @@ def cp_front(xflat, x, n0, in_perm, pt, pl, nb, C, SH, SW, R, Mp, in_offsets, hc
     dt = Z.dtype
     nq = (HK + 3) // 4
     own = xflat.shape[0] == 0
+    xin = x.reshape(x.size)
     for job in numba.prange(nb * G * nsplit):
         b, t, g, i, j0, cg = front_job(job, nsplit, G, in_offsets)
         sc = scratch[numba.get_thread_id()]
         acc = sc[:4 * PL].reshape(4, PL)
         xsrc, xbase = group_planes(own, sc, 4 * PL + SL, Mp, x, n0 + i, in_perm, j0, cg, pt, pl, SH, SW, R, Mp,
-                                   xflat, i * C + j0)
+                                   xflat, i * C + j0, xin, next_plane(x, n0 + i, g + 1, in_perm, in_offsets))
         offs = np.empty(Y, np.int64)
         coef = np.empty((4, Y), dt)
         vcoef = np.empty(X, dt)
@@ -441,6 +469,7 @@ def shared_front(xflat, nb, C, SH, SW, R, M, in_offsets, used_ptr, used_filter, 
     plane = SH * SW * R * M
     zlen = Z.shape[2]
     Zf = Z.reshape(Z.size)
+    xin = x.reshape(x.size)
     for job in numba.prange(nb * G):
         g = job % G
         i = job // G
@@ -449,7 +478,7 @@ def shared_front(xflat, nb, C, SH, SW, R, M, in_offsets, used_ptr, used_filter, 
         sc = scratch[numba.get_thread_id()]
         # the group's planes: packed here at the end of the scratch row (own), or in the chunk's packed input
         xsrc, xbase = group_planes(own, sc, sc.shape[0] - cg * plane, 0, x, n0 + i, in_perm, j0, cg, pt, pl, SH, SW,
-                                   R, M, xflat, i * C + j0)
+                                   R, M, xflat, i * C + j0, xin, next_plane(x, n0 + i, g + 1, in_perm, in_offsets))
         shared_group(xsrc, xbase, g, j0, cg, SH, SW, R, M, used_ptr, used_filter, vertical, horizontal, comb,
                      comb_slot, OH, OW, sc, Zf, zlen, i * OH * OW)
 
@@ -618,7 +647,7 @@ def shared_fused(x, in_perm, pt, pl, SH, SW, R, M, in_offsets, used_ptr, used_fi
             j0 = in_offsets[g]
             cg = in_offsets[g + 1] - j0
             xsrc, xbase = group_planes(True, front, srow - cg * plane, 0, x, n, in_perm, j0, cg, pt, pl, SH, SW, R, M,
-                                       xin, 0)
+                                       xin, 0, xin, next_plane(x, n, g + 1, in_perm, in_offsets))
             shared_group(xsrc, xbase, g, j0, cg, SH, SW, R, M, used_ptr, used_filter, vertical, horizontal, comb,
                          comb_slot, OH, OW, front, zb, P, 0)
         for h in range(H):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .bicluster import front_job, group_planes
+from .bicluster import front_job, group_planes, next_plane
 from .gemm import microkernel_taps12, microkernel_taps_rows4, microkernel_taps_rows8, prefetch_read
 from .gemm_taps import taps_rows
 
@@ -114,7 +114,7 @@ def cp_front_gemm(xflat, x, n0, in_perm, pt, pl, nb, C, SH, SW, R, Mp, in_offset
         sc = scratch[numba.get_thread_id()]
         acc = sc[:MR * PLp + NR]
         xsrc, xbase = group_planes(own, sc, MR * PLp + NR, NR + Mp, x, n0 + i, in_perm, j0, cg, pt, pl, SH, SW, R, Mp,
-                                   xflat, i * C + j0)
+                                   xflat, i * C + j0, xin, next_plane(x, n0 + i, g + 1, in_perm, in_offsets))
         vcoef = np.empty(X, Zf.dtype)
         tmp = np.empty(NR, Zf.dtype)
         voffs = np.empty(X, np.int64)
