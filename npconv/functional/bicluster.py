@@ -23,8 +23,8 @@ a group's components: ``kernels/cpu/cp_front_gemm.py``); the SVD
 form is three GEMM stages, the middle one (the blocks' K1 -> K2 convolutions) an implicit GEMM over the reduced
 channels' phase-split planes where the micro-kernel has its 12-row AVX-512 tile (``kernels/cpu/gemm_taps.py``),
 else a channel-major im2col and a GEMM. Where the micro-kernel has its 12-row AVX-512 tile the three forms run fused
-instead: one parallel pass over the batch whose jobs (CP: an image's band of output rows; SVD and shared: an image,
-where every thread has one) expand what they have just made, from their thread's buffers
+instead: one parallel pass over the batch whose jobs (CP and shared: an image's band of output rows; SVD: the same,
+where every thread has an image) expand what they have just made, from their thread's buffers
 (``kernels/cpu/cp_fused.py``, ``kernels/cpu/svd_fused.py``, ``kernels/cpu/bicluster.shared_fused``).
 
 GPU (CuPy): dedicated kernels, :mod:`npconv.kernels.cuda.ops_bicluster` (a fused CP front end, the SVD block conv,
@@ -551,7 +551,8 @@ def _cp_cpu(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, 
 
 
 def _fused_band_rows(N, OH, nth):
-    """Output rows a band of the fused CP layer (``kernels/cpu/cp_fused.py``). Bands give the threads more jobs
+    """Output rows a band of the fused CP and shared-separable layers (``kernels/cpu/cp_fused.py``,
+    ``kernels/cpu/bicluster.shared_fused``) and of the fused SVD layer where it runs. Bands give the threads more jobs
     (images x bands), at a price: each band repeats ``(X - 1) // SH`` rows of the horizontal pass and of the packing,
     about :data:`FUSED_BAND_COST` of the layer a band. The band count minimises the rounds of jobs the busiest
     thread runs times that price (the jobs are equal: numba shares them out in equal slices); then the rows are
@@ -624,15 +625,16 @@ USE_CP_GEMM_FRONT = True
 #: of output rows), the front end's output kept in the thread's cache (``kernels/cpu/cp_fused.py``). A module
 #: constant for same-process comparisons, not a user setting
 USE_CP_FUSED = True
-#: the fused CP layer's price of a band of output rows, as a fraction of the layer's time (:func:`_fused_band_rows`):
+#: the fused CP (and shared) layer's price of a band of output rows, as a fraction of the layer's time
+#: (:func:`_fused_band_rows`):
 #: ZF conv2, K = 6, batch 16, one thread: 4 bands an image took 1.13x the time of one band
 FUSED_BAND_COST = 0.045
 #: where the SVD form runs its implicit GEMMs (``USE_TAPS``), a batch as one parallel pass over images and bands
 #: (``kernels/cpu/svd_fused.py``; :func:`_fused_images_ok`). A module constant for same-process comparisons, not a
 #: user setting
 USE_SVD_FUSED = True
-#: the shared-separable form's fused pass (``kernels/cpu/bicluster.shared_fused``; :func:`_fused_images_ok`). A
-#: module constant for same-process comparisons, not a user setting
+#: the shared-separable form's fused pass (``kernels/cpu/bicluster.shared_fused``, in bands as the CP form's:
+#: :func:`_fused_band_rows`). A module constant for same-process comparisons, not a user setting
 USE_SHARED_FUSED = True
 #: the most images the busiest thread may run in a fused pass, against the average (:func:`_fused_images_ok`)
 FUSED_IMBALANCE = 1.25
@@ -821,10 +823,10 @@ def _svd_cpu(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bia
 
 
 def _fused_images_ok(N, nth):
-    """Whether the SVD and shared-separable forms run fused (``kernels/cpu/svd_fused.py``,
-    ``kernels/cpu/bicluster.shared_fused``): where every thread has an image, and the busiest thread at most
-    :data:`FUSED_IMBALANCE` times the average (the shared form's jobs are whole images, shared out in equal slices;
-    the SVD form's are bands of images, :func:`_fused_band_rows`). ZF conv2, 2 threads, same process, fused against
+    """Whether the SVD form runs fused (``kernels/cpu/svd_fused.py``): where every thread has an image, and the
+    busiest thread at most :data:`FUSED_IMBALANCE` times the average (its jobs are bands of images,
+    :func:`_fused_band_rows`; until the twenty-third session this gate held for the shared form too, which now runs
+    fused at every batch, in bands: 1 image 1.02x, 5 images 1.12-1.14x against that). ZF conv2, 2 threads, same process, fused against
     unfused (best / median): 2 images SVD 1.01 / 0.99, shared 1.13 / 1.12; 4 images 1.09 / 1.10 and 1.12 / 1.25; for
     SVD in two bands, 1 image 1.09 / 0.97 and 0.99 / 0.97, 3 images 0.98 / 0.98 (one thread, 1 image: 2.28 and
     2.31 ms fused in one and two bands, 2.26 unfused: no less work, at batch 1 the data is in the caches anyway)."""
@@ -918,8 +920,8 @@ def _shared_cpu(x, in_perm, in_off, reduce, assign, vertical, horizontal, expand
     plane = sh * sw * R * M
     per_z = H * G * K * P
     dt = x.dtype
-    if USE_SHARED_FUSED and _taps_ok(dt) and _fused_images_ok(N, numba.get_num_threads()):
-        return _shared_fused_cpu(x, wts, _as_index(in_perm), in_off, out_off, bias, pad, OH, OW, R, M, stride, out, prep)
+    if USE_SHARED_FUSED and _taps_ok(dt):
+        return _shared_fused_cpu(x, wts, _as_index(in_perm), in_off, out_off, bias, pad, OH, OW, M, stride, out, prep)
     nb = _chunk(N, P, C * plane + per_z + F * P, x.dtype.itemsize, _CP_CACHE_BYTES)
     # the front end's jobs pack their own groups (no packing pass) when a group's planes fit _OWN_PACK_BYTES
     own = SHARED_OWN_PACK and cg_max * plane * dt.itemsize <= _OWN_PACK_BYTES
@@ -944,30 +946,33 @@ def _shared_cpu(x, in_perm, in_off, reduce, assign, vertical, horizontal, expand
     return y
 
 
-def _shared_fused_cpu(x, wts, in_perm, in_off, out_off, bias, pad, OH, OW, R, M, stride, out, prep):
-    """The shared-separable layer as one parallel pass, one image a job (``kernels/cpu/bicluster.shared_fused``)."""
+def _shared_fused_cpu(x, wts, in_perm, in_off, out_off, bias, pad, OH, OW, M, stride, out, prep):
+    """The shared-separable layer as one parallel pass over (image, band of output rows; :func:`_fused_band_rows`)
+    (``kernels/cpu/bicluster.shared_fused``)."""
     from ..kernels.cpu import bicluster as KB
     _, out_perm, reduce, vertical, horizontal, expand, used_ptr, used_filter, slot, cg_max, nu_max = wts
     dt = x.dtype
     G, H, K = slot.shape
+    X = vertical.shape[1]
     Y = horizontal.shape[1]
     F = expand.shape[0]
     sh, sw = stride
     VW, MR, NV = _mk_tile(dt)
     NR = VW * NV
-    P = OH * OW
-    plane = sh * sw * R * M
+    nth = numba.get_num_threads()
+    BR = _fused_band_rows(x.shape[0], OH, nth)
+    Rb = _phase_geometry(BR, OW, X, Y, stride)[0]
+    plane = sh * sw * Rb * M
     epack, eoff = prepared(prep, ("cpu-shared-fused", dt), lambda: _flat_packs(_group_rows(expand, out_off, dt), MR))
     r16 = lambda n: -(-n // 16) * 16  # noqa: E731
-    srow = r16(KB.shared_scratch_size(cg_max, nu_max, sw, M, OH, OW, Y, plane))
-    zrow = r16(H * G * K * P + NR)
-    nth = numba.get_num_threads()
+    srow = r16(KB.shared_scratch_size(cg_max, nu_max, sw, M, BR, OW, Y, plane))
+    zrow = r16(H * G * K * BR * OW + NR)
     row = srow + zrow + r16(-(-int(np.diff(out_off).max()) // MR) * MR * NR)
     scratch = WS.get_aligned("front", nth * row, dt).reshape(nth, row)
     y = np.empty((x.shape[0], F, OH, OW), dt) if out is None else out
     has_b = bias is not None
-    KB.shared_fused(x, in_perm, pad[0], pad[2], sh, sw, R, M, in_off, used_ptr, used_filter,
-                    vertical, horizontal, reduce, slot, OH, OW, epack, eoff, out_off, out_perm,
+    KB.shared_fused(x, in_perm, pad[0], pad[2], sh, sw, Rb, M, in_off, used_ptr, used_filter,
+                    vertical, horizontal, reduce, slot, OH, OW, BR, epack, eoff, out_off, out_perm,
                     bias if has_b else np.zeros(1, dt), has_b, y, MR, NR, scratch, srow, zrow)
     return y
 

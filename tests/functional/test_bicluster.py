@@ -219,8 +219,8 @@ def test_cp_fused_bands(rng, monkeypatch, dtype, bands, case):
 
 @pytest.mark.parametrize("nth", [1, 2, 3, 4])
 def test_fused_images_ok(nth):
-    """The shared form runs fused, one image a job, where every thread has an image and the slices are even
-    enough: always for a multiple of the thread count, never for fewer images than threads."""
+    """The SVD form runs fused where every thread has an image and the slices are even enough: always for a multiple
+    of the thread count, never for fewer images than threads."""
     for N in range(1, 40):
         ok = FB._fused_images_ok(N, nth)
         if N % nth == 0:
@@ -379,16 +379,20 @@ def test_svd_fused_geometries(rng, monkeypatch, dtype, bands, stride, padding):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bands", ["one", "two", "rows1", "uneven"])
 @pytest.mark.parametrize("stride,padding", GEOMS + [((1, 2), (3, 0, 0, 4))])
-def test_shared_fused_geometries(rng, monkeypatch, dtype, stride, padding):
-    """The fused shared-separable layer (one image a job; where the CPU has the micro-kernel's 12-row tile, else the
-    unfused path), forced, on strides 1 to 3 and uneven padding, uneven input and output groups (1 + 3 + 2 channels,
-    5 + 15 filters: the expansion's 8-row and 12 + 4-row tiles), rows of 37 outputs at stride 1 (a panel and a
-    one-vector last panel), with the bias and without it into a given ``out``; against the rebuilt kernel's conv."""
-    monkeypatch.setattr(FB, "_fused_images_ok", lambda *a: True)
+def test_shared_fused_geometries(rng, monkeypatch, dtype, stride, padding, bands):
+    """The fused shared-separable layer (per image and band of output rows; where the CPU has the micro-kernel's
+    12-row tile, else the unfused path) on strides 1 to 3 and uneven padding, in one band an image, two, bands of one
+    row and a last band shorter than the others; uneven input and output groups (1 + 3 + 2 channels, 5 + 15 filters:
+    the expansion's 8-row and 12 + 4-row tiles), rows of 37 outputs at stride 1 (a panel and a one-vector last
+    panel), with the bias and without it into a given ``out``; against the rebuilt kernel's conv."""
     f = _shared_factors(rng, 6, 20, 3, 4, (1, 3, 2), (5, 15), 3, 4, dtype)
     x = rng.standard_normal((3, 6, 9, 40)).astype(dtype)
     b = rng.standard_normal(20).astype(dtype)
+    OH = (9 + padding[0] + padding[1] - 3) // stride[0] + 1
+    br = {"one": OH, "two": -(-OH // 2), "rows1": 1, "uneven": max(1, OH - 1)}[bands]
+    monkeypatch.setattr(FB, "_fused_band_rows", lambda *a: br)
     ref = conv2d_einsum(x, _dense_kernel("shared", f), b, stride, padding)
     np.testing.assert_allclose(shared_separable_conv2d(x, *f, b, stride=stride, padding=padding), ref,
                                *tolerance(dtype))

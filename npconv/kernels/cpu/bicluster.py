@@ -621,24 +621,31 @@ def im2col_phase(z, c0s, nch, KH, KW, OH, OW, col):
 
 @numba.njit(parallel=True, cache=True, nogil=True)
 def shared_fused(x, in_perm, pt, pl, SH, SW, R, M, in_offsets, used_ptr, used_filter, vertical, horizontal, comb,
-                 comb_slot, OH, OW, epack, eoff, out_offsets, out_perm, bias, has_bias, y, MR, NR, scratch, srow,
+                 comb_slot, OH, OW, BR, epack, eoff, out_offsets, out_perm, bias, has_bias, y, MR, NR, scratch, srow,
                  zrow):
-    """The shared-separable layer in one parallel pass, one image a job: each group's front end
-    (:func:`shared_group`, its planes packed by the job) into the thread's ``Z`` (``H*G*K`` rows of ``P``), then each
-    output group's expansion from it into the image's output channels with the bias (``gemm.matmul_local``; ``epack``
+    """The shared-separable layer in one parallel pass, a job an (image, band of ``BR`` output rows; the last band
+    may have fewer): each group's front end (:func:`shared_group`, the band's rows of its planes packed by the job,
+    ``R`` rows a row phase: ``BR + (X - 1) // SH``) into the thread's ``Zb`` (``H*G*K`` rows of ``BR*OW``), then
+    each output group's expansion from it into the band's outputs with the bias (``gemm.matmul_local``; ``epack``
     each output group's expansion (``F_h`` x ``G*K``) packed for ``MR`` rows from ``eoff[h]``). ``scratch``: a row a
-    thread, the front end's ``srow`` items (:func:`shared_scratch_size` with the packed plane), then ``Z``
-    (``zrow`` items: ``H*G*K*P`` and ``NR`` slack), then the output tile. As ``cp_fused``: ``Z`` stays with the core
-    that makes it, and a batch is one region."""
+    thread, the front end's ``srow`` items (:func:`shared_scratch_size` for ``BR`` rows, with the packed plane), then
+    ``Zb`` (``zrow`` items: ``H*G*K*BR*OW`` and ``NR`` slack), then the output tile. As ``cp_fused``: ``Zb`` stays
+    with the core that makes it, and a batch is one region; bands as there (neighbouring bands repeat
+    ``(X - 1) // SH`` rows of the packing and the vertical pass)."""
     N = x.shape[0]
     G, H, K = comb_slot.shape
     GK = G * K
     P = OH * OW
     F = y.shape[1]
     plane = SH * SW * R * M
+    ldz = BR * OW
+    nbands = (OH + BR - 1) // BR
     yf = y.reshape(y.size)
     xin = x.reshape(x.size)
-    for n in numba.prange(N):
+    for job in numba.prange(N * nbands):
+        n = job // nbands
+        o0 = (job - n * nbands) * BR
+        ob = min(BR, OH - o0)
         sc = scratch[numba.get_thread_id()]
         front = sc[:srow]
         zb = sc[srow:srow + zrow]
@@ -646,10 +653,11 @@ def shared_fused(x, in_perm, pt, pl, SH, SW, R, M, in_offsets, used_ptr, used_fi
         for g in range(G):
             j0 = in_offsets[g]
             cg = in_offsets[g + 1] - j0
-            xsrc, xbase = group_planes(True, front, srow - cg * plane, 0, x, n, in_perm, j0, cg, pt, pl, SH, SW, R, M,
-                                       xin, 0, xin, next_plane(x, n, g + 1, in_perm, in_offsets))
+            # the band's rows: padded row r*SH + p of the band is input row (o0 + r)*SH + p - pt
+            xsrc, xbase = group_planes(True, front, srow - cg * plane, 0, x, n, in_perm, j0, cg, pt - o0 * SH, pl, SH,
+                                       SW, R, M, xin, 0, xin, next_plane(x, n, g + 1, in_perm, in_offsets))
             shared_group(xsrc, xbase, g, j0, cg, SH, SW, R, M, used_ptr, used_filter, vertical, horizontal, comb,
-                         comb_slot, OH, OW, front, zb, P, 0)
+                         comb_slot, ob, OW, front, zb, ldz, 0)
         for h in range(H):
-            matmul_local(epack, eoff[h], out_offsets[h + 1] - out_offsets[h], GK, MR, NR, zb, h * GK * P, P, P, yf,
-                         n * F * P, P, out_perm, out_offsets[h], bias, has_bias, tile)
+            matmul_local(epack, eoff[h], out_offsets[h + 1] - out_offsets[h], GK, MR, NR, zb, h * GK * ldz, ldz,
+                         ob * OW, yf, n * F * P + o0 * OW, P, out_perm, out_offsets[h], bias, has_bias, tile)
