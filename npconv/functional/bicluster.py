@@ -825,11 +825,12 @@ def _svd_cpu(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bia
 def _fused_images_ok(N, nth):
     """Whether the SVD form runs fused (``kernels/cpu/svd_fused.py``): where every thread has an image, and the
     busiest thread at most :data:`FUSED_IMBALANCE` times the average (its jobs are bands of images,
-    :func:`_fused_band_rows`; until the twenty-third session this gate held for the shared form too, which now runs
-    fused at every batch, in bands: 1 image 1.02x, 5 images 1.12-1.14x against that). ZF conv2, 2 threads, same process, fused against
-    unfused (best / median): 2 images SVD 1.01 / 0.99, shared 1.13 / 1.12; 4 images 1.09 / 1.10 and 1.12 / 1.25; for
-    SVD in two bands, 1 image 1.09 / 0.97 and 0.99 / 0.97, 3 images 0.98 / 0.98 (one thread, 1 image: 2.28 and
-    2.31 ms fused in one and two bands, 2.26 unfused: no less work, at batch 1 the data is in the caches anyway)."""
+    :func:`_fused_band_rows`). ZF conv2, 2 threads, same process, fused against unfused (best / median): 2 images
+    SVD 1.01 / 0.99, shared 1.13 / 1.12; 4 images 1.09 / 1.10 and 1.12 / 1.25; for SVD in two bands, 1 image 1.09 /
+    0.97 and 0.99 / 0.97, 3 images 0.98 / 0.98 (one thread, 1 image: 2.28 and 2.31 ms fused in one and two bands, 2.26
+    unfused: no less work, at batch 1 the data is in the caches anyway). Until the twenty-third session this gate
+    held for the shared form too, which now runs fused at every batch, in bands (against the gate: 1 image 1.02x, 5
+    images 1.12-1.14x)."""
     return N >= nth and -(-N // nth) * nth <= FUSED_IMBALANCE * N
 
 
