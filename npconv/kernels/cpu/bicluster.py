@@ -445,7 +445,7 @@ def cp_front(xflat, x, n0, in_perm, pt, pl, nb, C, SH, SW, R, Mp, in_offsets, hc
                         _taps(a_src[p * RM:(p + 1) * RM], red[kk * plane + p * SW * RM:], offs, hc, RM, False)
                 for a in range(X):
                     vcoef[a] = vertical[g, h, k, a]
-                taps_rows(vcoef, sc, kk * PL, voffs, X, Z[h, g * K + k], i * P, OH, OW, Mp, tmp)
+                taps_rows(vcoef, sc, kk * PL, voffs, X, Z[h, g * K + k], i * P, OH, OW, Mp, tmp, False)
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -522,7 +522,7 @@ def shared_group(xsrc, xbase, g, j0, cg, SH, SW, R, M, used_ptr, used_filter, ve
                 for a in range(Y):
                     offs[a] = (a % SW) * OM + a // SW
                     coef[a] = horizontal[f, a]
-                taps_rows(coef, v, 0, offs, Y, qbuf, (s * cg + jj) * P, OH, OW, M, tmp)
+                taps_rows(coef, v, 0, offs, Y, qbuf, (s * cg + jj) * P, OH, OW, M, tmp, False)
                 continue
             nt = X
             for a in range(X):

@@ -145,4 +145,4 @@ def cp_front_gemm(xflat, x, n0, in_perm, pt, pl, nb, C, SH, SW, R, Mp, in_offset
                 for a in range(X):
                     vcoef[a] = vertical[g, h, k, a]
                 zb = (h * G * K + g * K + k) * zlen + i * P
-                taps_rows(vcoef, acc, r * PLp, voffs, X, Zf, zb, OH, OW, Mp, tmp)
+                taps_rows(vcoef, acc, r * PLp, voffs, X, Zf, zb, OH, OW, Mp, tmp, False)

@@ -30,7 +30,7 @@ import numpy as np
 
 from ._pack import pack_plane_ahead
 from .cp_front_gemm import front_tiles
-from .gemm import matmul_local
+from .gemm import TAPS1_BYTES, matmul_local
 from .gemm_taps import taps_rows
 
 __all__ = ["cp_fused_geometry", "cp_fused_scratch_size", "cp_fused"]
@@ -45,9 +45,10 @@ def cp_fused_geometry(BR, X, SH, SW, Mp, NR):
 
 
 def _zrow(BR, OW, itemsize):
-    """Items of a row of ``Zb``: a band's ``BR*OW`` outputs rounded up to 64 bytes."""
+    """Items of a row of ``Zb``: a band's ``BR*OW`` outputs and a run of ``gemm.TAPS1_BYTES`` (the vertical pass's
+    last run stores past the outputs: ``gemm_taps.taps_rows`` with ``slack``), rounded up to 64 bytes."""
     lv = 64 // itemsize
-    return -(-(BR * OW) // lv) * lv
+    return -(-(BR * OW + TAPS1_BYTES // itemsize) // lv) * lv
 
 
 def cp_fused_scratch_size(BR, X, SH, SW, Mp, OW, MR, NR, cg_max, HGK, F_max, itemsize):
@@ -91,7 +92,7 @@ def cp_fused(x, in_perm, pt, pl, SH, SW, Mp, in_offsets, hpack, hoff, koff, Y, M
     plane = SH * SW * RM
     nblk = (HK + MR - 1) // MR
     LV = 64 // y.itemsize
-    ldz = (BR * OW + LV - 1) // LV * LV
+    ldz = (BR * OW + TAPS1_BYTES // y.itemsize + LV - 1) // LV * LV   # as _zrow
     cg_max = 0
     for g in range(G):
         cg_max = max(cg_max, in_offsets[g + 1] - in_offsets[g])
@@ -145,7 +146,7 @@ def cp_fused(x, in_perm, pt, pl, SH, SW, Mp, in_offsets, hpack, hoff, koff, Y, M
                     k = hk - h * K
                     for a in range(X):
                         vcoef[a] = vertical[g, h, k, a]
-                    taps_rows(vcoef, acc, r * PLp, voffs, X, zb, (h * GK + g * K + k) * ldz, ob, OW, Mp, tmp)
+                    taps_rows(vcoef, acc, r * PLp, voffs, X, zb, (h * GK + g * K + k) * ldz, ob, OW, Mp, tmp, True)
         # 2. the expansion of each output group from Zb, into the band's output positions
         Pb = ob * OW
         for h in range(H):

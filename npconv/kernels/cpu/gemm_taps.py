@@ -29,8 +29,8 @@ __all__ = ["gemm_taps_images", "gemm_taps_phase", "taps_panel", "phase_panel", "
            "taps_rows"]
 
 
-@numba.njit(cache=True, nogil=True)
-def taps_rows(coef, src, sbase, offs, T, dst, dbase, OH, OW, Ms, tmp):
+@numba.njit(cache=True, nogil=True, inline="always")
+def taps_rows(coef, src, sbase, offs, T, dst, dbase, OH, OW, Ms, tmp, slack):
     """A depthwise pass's rows, compacted: ``dst[dbase + oi*OW + e] = sum_{t < T} coef[t] * src[sbase + offs[t] +
     oi*Ms + e]`` for ``oi < OH``, ``e < OW`` (source rows ``Ms`` apart, output rows ``OW`` apart), in runs of
     ``RUN = gemm.TAPS1_BYTES / itemsize`` values on the one-row tile (``gemm.microkernel_taps1``).
@@ -40,13 +40,18 @@ def taps_rows(coef, src, sbase, offs, T, dst, dbase, OH, OW, Ms, tmp):
     the pass over whole source rows followed by a copy of each row's first ``OW`` values, this writes each output
     once, from registers: the CP front end's vertical pass and copy into Z (ZF conv2, 26 x 26 outputs from rows of
     32) went 287 -> 167 ns a component. The source is read up to ``RUN`` values past a row's ``OW`` (those values
-    land in overwritten or dropped outputs only): the caller keeps them readable."""
+    land in overwritten or dropped outputs only): the caller keeps them readable.
+
+    With ``slack``, ``dst`` is writable for ``RUN`` values past the ``OH*OW`` (values nobody reads, or that are
+    written later): the last run stores straight, without ``tmp`` and the copy. Inlined at its call sites: a call
+    of it had cost more than the copy (ZF conv2 rows, 13 of 26 outputs from rows of 32, one thread: 150 ns a call,
+    123 inlined, 91 without the copy either)."""
     RUN = TAPS1_BYTES // dst.itemsize
     P = OH * OW
     for oi in range(OH):
         for c0 in range(0, OW, RUN):
             s0 = sbase + oi * Ms + c0
-            if oi * OW + c0 + RUN <= P:
+            if slack or oi * OW + c0 + RUN <= P:
                 microkernel_taps1(coef, 0, src, s0, offs, dst, dbase + oi * OW + c0, 0, T, 0, coef, 0)
             else:
                 microkernel_taps1(coef, 0, src, s0, offs, tmp, 0, 0, T, 0, coef, 0)
