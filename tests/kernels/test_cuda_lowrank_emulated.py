@@ -83,8 +83,8 @@ def test_factor_conv(lowrank_module, rng, dtype, launch, with_bias, case):
         order, grid, block = "reverse", (2, -(-F // FACTOR_FT)), (32,)
     args = (x, w, b if with_bias else w, y,
             *map(i32, (N, C, H, W, F, KH, KW, *stride, pad[0], pad[2], *dil, OH, OW, CC, with_bias)))
-    kernel(lowrank_module, "factor_conv", dtype)(grid, block, args, shared_mem=CC * KH * KW * FACTOR_FT * dtype.itemsize,
-                                                 order=order)
+    smem = CC * KH * KW * FACTOR_FT * dtype.itemsize
+    kernel(lowrank_module, "factor_conv", dtype)(grid, block, args, shared_mem=smem, order=order)
     check(y, ref, dtype, C * KH * KW)
 
 
