@@ -7,7 +7,7 @@ rows of ``P`` values an image: 1.56 MB for ZF conv2 at ``K = 6``), and then thro
 through the shared cache. Here one job is one (image, band of ``BR`` output rows):
 
 1. for each input group: its channels' rows that the band needs packed into the thread's scratch (padded and
-   phase-split, ``_pack.pack_plane_ahead``; ``Rb = BR + (X - 1) // SH`` rows a row phase, so neighbouring bands repeat
+   phase-split, ``bicluster.group_planes``; ``Rb = BR + (X - 1) // SH`` rows a row phase, so neighbouring bands repeat
    ``(X - 1) // SH`` rows of the packing and the horizontal pass), the folded reduction and horizontal pass as an
    implicit GEMM (``microkernel_taps12``, 12 components a tile, as in ``cp_front_gemm``), then per component the
    vertical pass into the band's ``Zb`` (``gemm_taps.taps_rows``), a thread-local block of ``H*G*K`` rows of
@@ -28,7 +28,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from ._pack import pack_plane_ahead
+from .bicluster import group_planes, next_plane
 from .cp_front_gemm import front_tiles
 from .gemm import TAPS1_BYTES, matmul_local
 from .gemm_taps import taps_rows
@@ -100,8 +100,6 @@ def cp_fused(x, in_perm, pt, pl, SH, SW, Mp, in_offsets, hpack, hoff, koff, Y, M
     xg_len = cg_max * plane + NR + Mp
     z_len = H * GK * ldz + NR
     yf = y.reshape(y.size)
-    C = x.shape[1]
-    HW = x.shape[2] * x.shape[3]
     xin = x.reshape(x.size)
     for job in numba.prange(N * nbands):
         n = job // nbands
@@ -121,21 +119,11 @@ def cp_fused(x, in_perm, pt, pl, SH, SW, Mp, in_offsets, hpack, hoff, koff, Y, M
             j0 = in_offsets[g]
             cg = in_offsets[g + 1] - j0
             T = cg * Y
-            xg = sc[acc_len:acc_len + cg * plane + NR + Mp]
-            xg[cg * plane:] = 0
-            for u in range(cg):
-                # the plane packed next (with ``pf``): the group's next channel, the next group's first, or (one band
-                # an image) the next image's first; its same rows fetched as this one's are read
-                noff = np.int64(-1)
-                if pf and u + 1 < cg:
-                    noff = (np.int64(n) * C + in_perm[j0 + u + 1]) * HW
-                elif pf and g + 1 < G:
-                    noff = (np.int64(n) * C + in_perm[in_offsets[g + 1]]) * HW
-                elif pf and nbands == 1 and n + 1 < N:
-                    noff = (np.int64(n + 1) * C + in_perm[in_offsets[0]]) * HW
-                # the band's rows: padded row r*SH + p of the band is input row (o0 + r)*SH + p - pt
-                pack_plane_ahead(x[n, in_perm[j0 + u]], pt - o0 * SH, pl, SH, SW,
-                                 xg[u * plane:(u + 1) * plane].reshape(SH, SW, Rb, Mp), xin, noff)
+            # the band's rows (padded row r*SH + p of the band is input row (o0 + r)*SH + p - pt), each channel's
+            # packing fetching the plane packed next, with ``pf`` (the next job's first with one band an image)
+            nxt = next_plane(x, n, g + 1, in_perm, in_offsets) if pf and (g + 1 < G or nbands == 1) else np.int64(-1)
+            xg, _ = group_planes(True, sc, acc_len, NR + Mp, x, n, in_perm, j0, cg, pt - o0 * SH, pl, SH, SW, Rb, Mp,
+                                 xin, 0, xin, nxt)
             for ib in range(nblk):
                 rows = min(MR, HK - ib * MR)
                 aoff = hoff[g] + ib * T * MR
