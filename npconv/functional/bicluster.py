@@ -23,8 +23,8 @@ a group's components: ``kernels/cpu/cp_front_gemm.py``); the SVD
 form is three GEMM stages, the middle one (the blocks' K1 -> K2 convolutions) an implicit GEMM over the reduced
 channels' phase-split planes where the micro-kernel has its 12-row AVX-512 tile (``kernels/cpu/gemm_taps.py``),
 else a channel-major im2col and a GEMM. Where the micro-kernel has its 12-row AVX-512 tile the three forms run fused
-instead: one parallel pass over the batch whose jobs (CP and shared: an image's band of output rows; SVD: the same,
-where every thread has an image) expand what they have just made, from their thread's buffers
+instead: one parallel pass over the batch whose jobs (an image's band of output rows) expand what they have just
+made, from their thread's buffers
 (``kernels/cpu/cp_fused.py``, ``kernels/cpu/svd_fused.py``, ``kernels/cpu/bicluster.shared_fused``).
 
 GPU (CuPy): dedicated kernels, :mod:`npconv.kernels.cuda.ops_bicluster` (a fused CP front end, the SVD block conv,
@@ -551,8 +551,8 @@ def _cp_cpu(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, 
 
 
 def _fused_band_rows(N, OH, nth):
-    """Output rows a band of the fused CP and shared-separable layers (``kernels/cpu/cp_fused.py``,
-    ``kernels/cpu/bicluster.shared_fused``) and of the fused SVD layer where it runs. Bands give the threads more jobs
+    """Output rows a band of the fused CP, SVD and shared-separable layers (``kernels/cpu/cp_fused.py``,
+    ``kernels/cpu/svd_fused.py``, ``kernels/cpu/bicluster.shared_fused``). Bands give the threads more jobs
     (images x bands), at a price: each band repeats ``(X - 1) // SH`` rows of the horizontal pass and of the packing,
     about :data:`FUSED_BAND_COST` of the layer a band. The band count minimises the rounds of jobs the busiest
     thread runs times that price (the jobs are equal: numba shares them out in equal slices); then the rows are
@@ -625,19 +625,17 @@ USE_CP_GEMM_FRONT = True
 #: of output rows), the front end's output kept in the thread's cache (``kernels/cpu/cp_fused.py``). A module
 #: constant for same-process comparisons, not a user setting
 USE_CP_FUSED = True
-#: the fused CP (and shared) layer's price of a band of output rows, as a fraction of the layer's time
+#: the fused layers' price of a band of output rows, as a fraction of the layer's time
 #: (:func:`_fused_band_rows`):
 #: ZF conv2, K = 6, batch 16, one thread: 4 bands an image took 1.13x the time of one band
 FUSED_BAND_COST = 0.045
 #: where the SVD form runs its implicit GEMMs (``USE_TAPS``), a batch as one parallel pass over images and bands
-#: (``kernels/cpu/svd_fused.py``; :func:`_fused_images_ok`). A module constant for same-process comparisons, not a
-#: user setting
+#: (``kernels/cpu/svd_fused.py``; bands from :func:`_fused_band_rows`). A module constant for same-process
+#: comparisons, not a user setting
 USE_SVD_FUSED = True
 #: the shared-separable form's fused pass (``kernels/cpu/bicluster.shared_fused``, in bands as the CP form's:
 #: :func:`_fused_band_rows`). A module constant for same-process comparisons, not a user setting
 USE_SHARED_FUSED = True
-#: the most images the busiest thread may run in a fused pass, against the average (:func:`_fused_images_ok`)
-FUSED_IMBALANCE = 1.25
 #: the shared form's front-end jobs pack their own input groups (when a group's planes fit ``_OWN_PACK_BYTES``)
 #: instead of a packing pass over the chunk: ZF conv2 (G=48, H=2, K=6, S=4), same process, 1.09x and 1.10x at batch
 #: 128, 1.03x at batch 1 (eighteenth session). A module constant for same-process comparisons, not a user setting
@@ -728,7 +726,7 @@ def _svd_cpu(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bia
     # stores phase-split (no packed copy of the input), and the block convolutions read its planes in place, past
     # the last plane of z1 by a panel and the taps' column reach
     taps = USE_TAPS and _taps_ok(dt)
-    if taps and USE_SVD_FUSED and _fused_images_ok(N, numba.get_num_threads()):
+    if taps and USE_SVD_FUSED:
         return _svd_fused_cpu(x, wts, in_perm, in_off, out_off, bias, stride, pad, OH, OW, M, R1, K2p, c0s, K1, X, Y,
                               out, prep)
     xs_buf = None if taps else WS.get("xs", nb * per_xs + _SLACK, dt)
@@ -820,18 +818,6 @@ def _svd_cpu(x, in_perm, in_off, reduce, spatial, expand, out_perm, out_off, bia
                 spatial(b, 0)
         _expand_scatter(z2_buf, Z, expand_p, out_perm, out_off, bias, n0, m, P, y_buf, y3, mk)
     return y
-
-
-def _fused_images_ok(N, nth):
-    """Whether the SVD form runs fused (``kernels/cpu/svd_fused.py``): where every thread has an image, and the
-    busiest thread at most :data:`FUSED_IMBALANCE` times the average (its jobs are bands of images,
-    :func:`_fused_band_rows`). ZF conv2, 2 threads, same process, fused against unfused (best / median): 2 images
-    SVD 1.01 / 0.99, shared 1.13 / 1.12; 4 images 1.09 / 1.10 and 1.12 / 1.25; for SVD in two bands, 1 image 1.09 /
-    0.97 and 0.99 / 0.97, 3 images 0.98 / 0.98 (one thread, 1 image: 2.28 and 2.31 ms fused in one and two bands, 2.26
-    unfused: no less work, at batch 1 the data is in the caches anyway). Until the twenty-third session this gate
-    held for the shared form too, which now runs fused at every batch, in bands (against the gate: 1 image 1.02x, 5
-    images 1.12-1.14x)."""
-    return N >= nth and -(-N // nth) * nth <= FUSED_IMBALANCE * N
 
 
 def _svd_fused_cpu(x, wts, in_perm, in_off, out_off, bias, stride, pad, OH, OW, M, R1, K2p, c0s, K1, X, Y, out, prep):

@@ -218,18 +218,6 @@ def test_cp_fused_bands(rng, monkeypatch, dtype, bands, case):
 
 
 @pytest.mark.parametrize("nth", [1, 2, 3, 4])
-def test_fused_images_ok(nth):
-    """The SVD form runs fused where every thread has an image and the slices are even enough: always for a multiple
-    of the thread count, never for fewer images than threads."""
-    for N in range(1, 40):
-        ok = FB._fused_images_ok(N, nth)
-        if N % nth == 0:
-            assert ok
-        if N < nth:
-            assert not ok
-
-
-@pytest.mark.parametrize("nth", [1, 2, 3, 4])
 def test_fused_band_rows(nth):
     """The fused CP layer's bands cover the output rows in at most ``OH`` bands of at most ``OH`` rows; a batch that
     the threads share evenly runs whole images (one band), a batch of one image of enough rows is split for the
@@ -267,8 +255,9 @@ def test_cp_front_end_packing_either_way(rng, monkeypatch, own, N, reduce_first)
 
 @pytest.mark.parametrize("own", [True, False])
 def test_shared_front_end_packing_either_way(rng, monkeypatch, own):
-    """The shared front end's jobs pack their own input group, or read a packing pass over the chunk; either way,
-    over chunks of one image and three geometries, the rebuilt kernel's conv."""
+    """The unfused shared front end's jobs pack their own input group, or read a packing pass over the chunk; either
+    way, over chunks of one image and three geometries, the rebuilt kernel's conv."""
+    monkeypatch.setattr(FB, "USE_SHARED_FUSED", False)
     monkeypatch.setattr(FB, "SHARED_OWN_PACK", own)
     monkeypatch.setattr(FB, "_TARGET_COLUMNS", 1)               # one image a chunk: n0 > 0
     f = _shared_factors(rng, 12, 10, 5, 5, (2, 1, 3, 2, 4), (4, 6), 3, 4, np.float32)
@@ -280,12 +269,14 @@ def test_shared_front_end_packing_either_way(rng, monkeypatch, own):
         np.testing.assert_allclose(y, ref, *tolerance(np.float32))
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("stride,shape", [((1, 1), (7, 75)), ((1, 1), (5, 37)), ((1, 2), (6, 75)), ((2, 1), (9, 20))])
-def test_shared_front_runs(rng, dtype, stride, shape):
+def test_shared_front_runs(rng, monkeypatch, dtype, stride, shape, fused):
     """The shared front end's horizontal pass stores its rows in runs of 32 (float32) or 16 (float64) values: rows
     of 71, 33 and 36 outputs (several runs, the last partial) and of 16 (runs across rows, the last through the scratch
-    run)."""
+    run); in the fused layer and in the unfused front end."""
+    monkeypatch.setattr(FB, "USE_SHARED_FUSED", fused)
     f = _shared_factors(rng, 6, 8, 3, 5, (2, 1, 3), (3, 5), 4, 3, dtype)
     x = rng.standard_normal((2, 6) + shape).astype(dtype)
     b = rng.standard_normal(8).astype(dtype)
@@ -405,7 +396,10 @@ def test_shared_fused_geometries(rng, monkeypatch, dtype, stride, padding, bands
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("microkernel", [True, False], ids=["microkernel", "blas"])
 def test_batch_chunking(rng, kind, monkeypatch, microkernel):
-    """A tiny workspace bound forces one image per chunk (and a partial last chunk of the default run)."""
+    """A tiny workspace bound forces one image per chunk (and a partial last chunk of the default run), in the unfused
+    paths (the fused ones take a batch in one pass)."""
+    for flag in ("USE_CP_FUSED", "USE_SVD_FUSED", "USE_SHARED_FUSED"):
+        monkeypatch.setattr(FB, flag, False)
     monkeypatch.setattr(FB, "USE_MICROKERNEL", microkernel)
     f = _make(kind, rng, np.float32)
     x = rng.standard_normal((5, 6, 9, 9)).astype(np.float32)

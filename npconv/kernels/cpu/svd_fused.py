@@ -16,10 +16,12 @@ runs:
 3. each output group's expansion from ``z2`` into the band's outputs of the group's channels, with the bias
    (:func:`~npconv.kernels.cpu.gemm.matmul_local`).
 
-The functional layer runs it where every thread has an image (``functional.bicluster._fused_images_ok``: at batch 1
-it was no faster), in bands as the fused CP layer (``functional.bicluster._fused_band_rows``: only where the images
-alone would leave a thread idle, e.g. 5 images on 2 threads); each band repeats ``(X - 1) // SH`` rows of the
-reduction.
+The functional layer runs it at every batch size, in bands as the fused CP layer
+(``functional.bicluster._fused_band_rows``: only where the images alone would leave a thread idle, e.g. 1 or 5
+images on 2 threads); each band repeats ``(X - 1) // SH`` rows of the reduction. Until the twenty-third session it
+ran only where every thread had an image and the images shared out evenly; against that, one process, ZF conv2:
+1 image 1.03-1.05x best and 1.01-1.04x median in four of five runs (the fifth 1.16 / 1.19, a noisy phase), 3 images
+0.995-1.05x best, 1.10 median (the twenty-second session had measured 0.99-1.09 / 0.97 at 1 image).
 """
 from __future__ import annotations
 
