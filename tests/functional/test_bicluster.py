@@ -41,6 +41,11 @@ def _svd_factors(rng, C, F, X, Y, in_sizes, out_sizes, K1, K2, dtype):
     return (in_perm, in_off, r(C, H, K1), r(G, H, K2, K1, X, Y), r(F, G, K2), out_perm, out_off)
 
 
+def _band_rows(OH, bands):
+    """Rows a band for the fused layers' band tests: one band an image, two, bands of one row, a short last band."""
+    return {"one": OH, "two": -(-OH // 2), "rows1": 1, "uneven": max(1, OH - 1)}[bands]
+
+
 def _shared_factors(rng, C, F, X, Y, in_sizes, out_sizes, K, S, dtype):
     G, H = len(in_sizes), len(out_sizes)
     in_perm, in_off = _groups(rng, C, in_sizes)
@@ -207,8 +212,7 @@ def test_cp_fused_bands(rng, monkeypatch, dtype, bands, case):
     x = rng.standard_normal((N, C, Hi, Wi)).astype(dtype)
     b = rng.standard_normal(F).astype(dtype)
     OH = (Hi + pad[0] + pad[1] - X) // stride[0] + 1
-    br = {"one": OH, "two": -(-OH // 2), "rows1": 1, "uneven": max(1, OH - 1)}[bands]
-    monkeypatch.setattr(FB, "_fused_band_rows", lambda *a: br)
+    monkeypatch.setattr(FB, "_fused_band_rows", lambda *a: _band_rows(OH, bands))
     ref = conv2d_einsum(x, _dense_kernel("cp", f), b, stride, pad)
     y = bicluster_cp_conv2d(x, *f, b, stride=stride, padding=pad)
     np.testing.assert_allclose(y, ref, *tolerance(dtype))
@@ -359,8 +363,7 @@ def test_svd_fused_geometries(rng, monkeypatch, dtype, bands, stride, padding):
     x = rng.standard_normal((3, 7, 12, 13)).astype(dtype)
     b = rng.standard_normal(14).astype(dtype)
     OH = (12 + padding[0] + padding[1] - 3) // stride[0] + 1
-    br = {"one": OH, "two": -(-OH // 2), "rows1": 1, "uneven": max(1, OH - 1)}[bands]
-    monkeypatch.setattr(FB, "_fused_band_rows", lambda *a: br)
+    monkeypatch.setattr(FB, "_fused_band_rows", lambda *a: _band_rows(OH, bands))
     ref = conv2d_einsum(x, _dense_kernel("svd", f), b, stride, padding)
     np.testing.assert_allclose(bicluster_svd_conv2d(x, *f, b, stride=stride, padding=padding), ref, *tolerance(dtype))
     out = np.full(ref.shape, np.nan, dtype)
@@ -382,8 +385,7 @@ def test_shared_fused_geometries(rng, monkeypatch, dtype, stride, padding, bands
     x = rng.standard_normal((3, 6, 9, 40)).astype(dtype)
     b = rng.standard_normal(20).astype(dtype)
     OH = (9 + padding[0] + padding[1] - 3) // stride[0] + 1
-    br = {"one": OH, "two": -(-OH // 2), "rows1": 1, "uneven": max(1, OH - 1)}[bands]
-    monkeypatch.setattr(FB, "_fused_band_rows", lambda *a: br)
+    monkeypatch.setattr(FB, "_fused_band_rows", lambda *a: _band_rows(OH, bands))
     ref = conv2d_einsum(x, _dense_kernel("shared", f), b, stride, padding)
     np.testing.assert_allclose(shared_separable_conv2d(x, *f, b, stride=stride, padding=padding), ref,
                                *tolerance(dtype))

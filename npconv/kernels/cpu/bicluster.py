@@ -293,6 +293,16 @@ def front_job(job, nsplit, G, in_offsets):
     return job % nsplit, t, g, t // G, j0, in_offsets[g + 1] - j0
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def band_job(job, nbands, BR, OH):
+    """A fused layer's job (``cp_fused``, ``svd_fused``, :func:`shared_fused`) as (image, first output row, output
+    rows) of its band: jobs run image by image, ``nbands`` bands of ``BR`` rows an image, the last band with what is
+    left of the ``OH`` rows."""
+    n = job // nbands
+    o0 = (job - n * nbands) * BR
+    return n, o0, min(BR, OH - o0)
+
+
 #: inputs of at most this many bytes are packed without fetching ahead (:func:`next_plane`): they stay in a core's L2
 #: between calls, and the fetches would be instructions spent on cached lines
 AHEAD_MIN_BYTES = 1 << 20
@@ -643,9 +653,7 @@ def shared_fused(x, in_perm, pt, pl, SH, SW, R, M, in_offsets, used_ptr, used_fi
     yf = y.reshape(y.size)
     xin = x.reshape(x.size)
     for job in numba.prange(N * nbands):
-        n = job // nbands
-        o0 = (job - n * nbands) * BR
-        ob = min(BR, OH - o0)
+        n, o0, ob = band_job(job, nbands, BR, OH)
         sc = scratch[numba.get_thread_id()]
         front = sc[:srow]
         zb = sc[srow:srow + zrow]

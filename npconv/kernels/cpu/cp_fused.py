@@ -28,7 +28,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .bicluster import group_planes, next_plane
+from .bicluster import band_job, group_planes, next_plane
 from .cp_front_gemm import front_tiles
 from .gemm import TAPS1_BYTES, matmul_local
 from .gemm_taps import taps_rows
@@ -102,9 +102,7 @@ def cp_fused(x, in_perm, pt, pl, SH, SW, Mp, in_offsets, hpack, hoff, koff, Y, M
     yf = y.reshape(y.size)
     xin = x.reshape(x.size)
     for job in numba.prange(N * nbands):
-        n = job // nbands
-        o0 = (job - n * nbands) * BR
-        ob = min(BR, OH - o0)
+        n, o0, ob = band_job(job, nbands, BR, OH)
         sc = scratch[numba.get_thread_id()]
         acc = sc[:acc_len]
         zb = sc[acc_len + xg_len:acc_len + xg_len + z_len]

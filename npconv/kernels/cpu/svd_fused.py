@@ -28,6 +28,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from .bicluster import band_job
 from .gemm import matmul_local
 from .gemm_taps import phase_panel, taps_panel, zero_borders
 
@@ -74,9 +75,7 @@ def svd_fused(x, in_offsets, red_pk, red_po, red_koff, R1, sp_pk, sp_po, sp_koff
     nblk_r = (R1 + MR - 1) // MR
     nblk_s = (K2p + MR - 1) // MR
     for job in numba.prange(N * nbands):
-        n = job // nbands
-        o0 = (job - n * nbands) * BR
-        ob = min(BR, OH - o0)
+        n, o0, ob = band_job(job, nbands, BR, OH)
         t = numba.get_thread_id()
         z1 = z1s[t]
         z2 = z2s[t]
