@@ -213,8 +213,9 @@ def main(argv=None):
     # ---------------------------------------------------------------- sweep on validation
     print(f"\n## sweep on the validation split ({len(yva)} images held out of train)\n{HEADER}")
     val_results = []
+    fits = {}   # the fitted networks, by plan: the chosen ones are scored on the test split without a new fit
     for cfg in grid:
-        r = _run(net, cfg, Xva, yva, base_va_pred, base_times, timing_batch, calib, device, dev_x, args, base)
+        r = _run(net, cfg, Xva, yva, base_va_pred, base_times, timing_batch, calib, device, dev_x, args, base, fits)
         r.split = "val"
         val_results.append(r)
         print(_fmt_row(r, base_va_top1), flush=True)
@@ -224,7 +225,7 @@ def main(argv=None):
     from .experiment import greedy_combine
 
     def evaluate_on_val(cfg):
-        r = _run(net, cfg, Xva, yva, base_va_pred, base_times, timing_batch, calib, device, dev_x, args, base)
+        r = _run(net, cfg, Xva, yva, base_va_pred, base_times, timing_batch, calib, device, dev_x, args, base, fits)
         r.split = "val"
         print(_fmt_row(r, base_va_top1), flush=True)
         return r
@@ -240,10 +241,14 @@ def main(argv=None):
             finals.append(tried[-1])
 
     # ---------------------------------------------------------------- the chosen ones on test, once
+    from .experiment import fit_key
+    keep = [fit_key(net, r.config.plan, calib, calib is not None and not args.no_refit) for r in finals]
+    fits = {k: v for k, v in fits.items() if k in keep}     # the other fitted networks are not needed again
     print(f"\n## chosen settings on the test split ({len(yte)} images), reported once\n{HEADER}")
     test_results = []
     for rv in finals:
-        r = _run(net, rv.config, Xte, yte, base_te_pred, base_times, timing_batch, calib, device, dev_x, args, base)
+        r = _run(net, rv.config, Xte, yte, base_te_pred, base_times, timing_batch, calib, device, dev_x, args, base,
+                 fits)
         r.split = "test"
         test_results.append(r)
         print(_fmt_row(r, base_te_top1), flush=True)
@@ -309,13 +314,14 @@ def _threads():
         return "?"
 
 
-def _run(net, cfg, X, y, base_pred, base_times, timing_batch, calib, device, dev_x, args, base):
+def _run(net, cfg, X, y, base_pred, base_times, timing_batch, calib, device, dev_x, args, base, fits):
     """One configuration, approximated and measured; ``base`` (the exact network on the device) is timed again,
-    interleaved with the approximated one, so that both are measured in the same conditions."""
+    interleaved with the approximated one, so that both are measured in the same conditions. ``fits``: the run's
+    cache of fits (``run_config``): a plan scored on the validation split is not fitted again for the test split."""
     from .experiment import run_config
     return run_config(net, cfg, X, y, base_pred=base_pred, base_times=base_times, timing_batch=dev_x(timing_batch),
                       data=calib, repeat=args.repeat, device=device, refit=calib is not None and not args.no_refit,
-                      base_net=base)
+                      base_net=base, fits=fits)
 
 
 def _speed_only(net, cfg, base_times, timing_batch, device, repeat):

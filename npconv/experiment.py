@@ -19,7 +19,7 @@ from .approximate import approximate
 from .network import Network
 
 __all__ = ["evaluate", "paired_difference", "time_layers", "time_interleaved", "Config", "ConfigResult",
-           "run_config", "select", "greedy_combine"]
+           "run_config", "fit_key", "select", "greedy_combine"]
 
 
 def evaluate(net: Network, X, y, *, batch_size=250, dtype=np.float32, progress=False):
@@ -185,7 +185,7 @@ class ConfigResult:
 
 
 def run_config(net, config, X, y, *, base_pred, base_times, timing_batch, data=None, repeat=5,
-               device=None, dtype=np.float32, refit=False, base_net=None):
+               device=None, dtype=np.float32, refit=False, base_net=None, fits=None):
     """Approximate ``net`` with ``config``, then measure top-1, agreement with ``base_pred`` (the exact
     network's predictions on ``X``), the images gained and lost against it (``ConfigResult.delta_top1_se``) and
     time.
@@ -198,12 +198,27 @@ def run_config(net, config, X, y, *, base_pred, base_times, timing_batch, data=N
     ``Network.to_gpu``); the approximation itself runs on the CPU.
     ``refit``: approximate sequentially and refit the dense layers above (``approximate``'s ``sequential`` and
     ``refit_above``; needs ``data``). The result's gain, parameters and layer times count the plan's layers.
+    ``fits``: a dict the caller keeps across calls (e.g. ``{}``), in which each fit is stored under its plan, its
+    fitting options and the identities of ``net`` and ``data``; a plan fitted before is taken from it instead of
+    being fitted again (with each spec's ``random_state`` set, as by default, a new fit would be the same). The main job scores
+    its chosen plans on the test split this way, with the networks it fitted for the validation sweep. The
+    result's ``extra`` says ``fit_reused`` and keeps the first fit's ``fit_seconds``.
     """
-    t0 = time.perf_counter()
+    if fits is not None and not isinstance(fits, dict):
+        raise TypeError(f"fits must be a dict (a cache the caller keeps) or None, got {type(fits).__name__}")
     needs_data = refit or any(getattr(s, "fit", "weights") == "data" for s in config.plan.values())
-    approx, reports = approximate(net, config.plan, data=data if needs_data else None, sequential=bool(refit),
-                                  refit_above=bool(refit), return_report=True)
-    fit_s = time.perf_counter() - t0
+    key = fit_key(net, config.plan, data, refit) if fits is not None else None
+    if key is not None and key in fits:
+        approx, reports, fit_s = fits[key][:3]
+        reused = True
+    else:
+        t0 = time.perf_counter()
+        approx, reports = approximate(net, config.plan, data=data if needs_data else None, sequential=bool(refit),
+                                      refit_above=bool(refit), return_report=True)
+        fit_s = time.perf_counter() - t0
+        reused = False
+        if key is not None:   # net and data kept alive with the fit, so that their ids stay theirs
+            fits[key] = (approx, reports, fit_s, net, data)
     if device is not None:
         approx = device(approx)
     top1, pred = evaluate(approx, X, y, dtype=dtype)
@@ -224,8 +239,21 @@ def run_config(net, config, X, y, *, base_pred, base_times, timing_batch, data=N
                         seconds_layers_before=sum(per_before[n] for n in names),
                         seconds_layers_after=sum(per_after[n] for n in names),
                         seconds_net_before=net_before, seconds_net_after=net_after,
-                        batch=len(timing_batch), split="", extra=dict(fit_seconds=fit_s), gained=gained, lost=lost,
+                        batch=len(timing_batch), split="", extra=dict(fit_seconds=fit_s, fit_reused=reused),
+                        gained=gained, lost=lost,
                         n_images=len(pred), **paired)
+
+
+def fit_key(net, plan, data=None, refit=False):
+    """The key under which ``run_config(net, Config(..., plan), ..., data=data, refit=refit, fits=fits)`` keeps its
+    fit in ``fits``, or None for a plan whose specs are not hashable (such a fit is not kept). The network and the
+    data are keyed by identity (the cache serves one sweep over the same objects); the data only where the fit
+    uses it."""
+    needs_data = refit or any(getattr(s, "fit", "weights") == "data" for s in plan.values())
+    try:
+        return (id(net), id(data) if needs_data else None, bool(refit), frozenset(plan.items()))
+    except TypeError:
+        return None
 
 
 def select(results, baseline_top1, *, budget=0.01, margin=0.0):

@@ -32,6 +32,8 @@ def test_main_job_on_a_subset(tmp_path):
         assert n == 200 and d["delta_top1"] == pytest.approx((d["gained"] - d["lost"]) / n, abs=1e-12)
         assert d["gained"] + d["lost"] <= n * (1 - d["agreement"]) + 1e-9     # a changed answer can stay wrong
         assert 0 <= d["delta_top1_se"] <= np.sqrt((d["gained"] + d["lost"]) / (n - 1) / n) + 1e-12
+    assert all(d["fit_reused"] for d in res["test"])     # the chosen plans keep their fits from the validation sweep
+    assert not any(d["fit_reused"] for d in res["val"][:5])                      # one plan per method, each new
     it = res["baseline"]["interleaved_ms_per_image"]
     assert it["n"] == len(res["val"]) + len(res["test"]) and it["min"] <= it["median"] <= it["max"]
     md = (out / "results.md").read_text()

@@ -218,3 +218,63 @@ def test_speedups_are_medians_of_per_round_ratios(rng, monkeypatch):
     # whole network: per-round totals 4/3, 22/12, 5/3 -> median 5/3
     assert r.net_speedup == pytest.approx(5 / 3)
     assert r.as_dict()["layer_speedup"] == pytest.approx(2.0)
+
+
+def test_run_config_reuses_a_fit_from_its_cache(rng, monkeypatch):
+    """``fits``: a plan fitted once is taken from the cache for the next split (one call of ``approximate``), with
+    the same network; another plan, other data or another refit setting is fitted anew."""
+    from npconv.approximate import SVD
+    import npconv.experiment as E
+
+    net = Network([("fc1", Linear(rng.standard_normal((16, 12)))), ("relu", ReLU()),
+                   ("fc2", Linear(rng.standard_normal((5, 16))))], input_shape=(12,))
+    X = rng.standard_normal((60, 12))
+    y = rng.integers(0, 5, 60)
+    _, base_pred = E.evaluate(net, X, y)
+    xb = X[:4].astype(np.float32)
+    times = E.time_layers(net, xb, repeat=1)
+    fitted = []
+    real = E.approximate
+
+    def counting(n, plan, **kw):
+        out = real(n, plan, **kw)
+        fitted.append((dict(plan), kw["data"], out[0]))
+        return out
+
+    monkeypatch.setattr(E, "approximate", counting)
+    fits = {}
+
+    def run(cfg, Xs, ys, data=None, refit=False):
+        return E.run_config(net, cfg, Xs, ys, base_pred=E.evaluate(net, Xs, ys)[1], base_times=times,
+                            timing_batch=xb, repeat=1, data=data, refit=refit, fits=fits)
+
+    cal = rng.standard_normal((40, 12))
+    a = E.Config("svd", {"fc1": SVD(rank=2, fit="data")})
+    r1 = run(a, X, y, data=cal)
+    r2 = run(E.Config("svd, same plan", {"fc1": SVD(rank=2, fit="data")}), X[::-1], y[::-1], data=cal)
+    assert len(fitted) == 1 and not r1.extra["fit_reused"] and r2.extra["fit_reused"]
+    assert r2.extra["fit_seconds"] == r1.extra["fit_seconds"]
+    assert r2.top1 == r1.top1 and r2.agreement == r1.agreement   # the same network, on the same images reversed
+    assert len(fits) == 1 and next(iter(fits.values()))[0] is fitted[0][2]
+    assert E.fit_key(net, a.plan, cal) in fits
+    run(E.Config("svd", {"fc1": SVD(rank=3, fit="data")}), X, y, data=cal)      # another plan
+    run(a, X, y, data=cal.copy())                                                 # equal data, another array
+    run(a, X, y, data=cal, refit=True)                                            # refitting above
+    assert len(fitted) == 4 and len(fits) == 4
+    b = E.Config("svd", {"fc1": SVD(rank=2)})              # fitted on the weights: the data is not part of the key
+    run(b, X, y, data=cal)
+    run(b, X, y, data=cal.copy())
+    assert len(fitted) == 5 and E.fit_key(net, b.plan, cal) == E.fit_key(net, b.plan, None)
+    assert E.fit_key(net, {"fc1": SVD(rank=2)}, None) != E.fit_key(_net(rng), {"fc1": SVD(rank=2)}, None)
+    with pytest.raises(TypeError, match="fits must be a dict .* got list"):
+        E.run_config(net, a, X, y, base_pred=base_pred, base_times=times, timing_batch=xb, data=cal, fits=[])
+
+
+def test_fit_key_of_an_unhashable_plan_is_none(rng):
+    from npconv.experiment import fit_key
+
+    class Unhashable:
+        fit = "weights"
+        __hash__ = None
+
+    assert fit_key(_net(rng), {"fc": Unhashable()}) is None
