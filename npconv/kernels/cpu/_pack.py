@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import llvmlite.ir as ir
 import numba
+import numpy as np
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -139,7 +140,7 @@ def pack_plane(xin, pt, pl, sh, sw, dst):
 
     xin (H, W); dst (sh, sw, R, M). Stride-2 columns are split with paired contiguous stores.
     """
-    _pack(xin, pt, pl, sh, sw, dst, dst.reshape(dst.size), -1)
+    _pack(xin, pt, pl, sh, sw, dst, dst.reshape(dst.size), np.int64(-1))   # -1: no fetch
 
 
 @numba.njit(cache=True, nogil=True)

@@ -251,7 +251,7 @@ def _sweep4(acc, ao, src, offs, coef, t, nt, n, init):
 @numba.njit(cache=True, nogil=True)
 def _taps4(acc, ao, src, offs, coef, T, n, init):
     """``acc[k, ao:ao+n] (+)= sum_{t < T} coef[k, t] * src[offs[t] + :n]`` for 4 rows: sweeps of 5, 3 or 1 taps."""
-    t = 0
+    t = np.int64(0)
     while t < T:
         r = T - t
         nt = 5 if r >= 5 else (3 if r >= 3 else 1)
@@ -431,7 +431,7 @@ def cp_front(xflat, x, n0, in_perm, pt, pl, nb, C, SH, SW, R, Mp, in_offsets, hc
                 for kk in range(4):
                     for u in range(cg):
                         rc[kk, u] = rcoef[j0 + u, hk4[kk]]
-                _taps4(red4, 0, xsrc, choffs, rc, cg, plane, True)
+                _taps4(red4, np.int64(0), xsrc, choffs, rc, cg, plane, np.bool_(True))
             else:
                 # 1. reduction + horizontal pass, 4 components at a time (each row phase p has its own accumulators)
                 for u in range(cg):
@@ -664,8 +664,8 @@ def shared_fused(x, in_perm, pt, pl, SH, SW, R, M, in_offsets, used_ptr, used_fi
             # the band's rows: padded row r*SH + p of the band is input row (o0 + r)*SH + p - pt
             xsrc, xbase = group_planes(True, front, srow - cg * plane, 0, x, n, in_perm, j0, cg, pt - o0 * SH, pl, SH,
                                        SW, R, M, xin, 0, xin, next_plane(x, n, g + 1, in_perm, in_offsets))
-            shared_group(xsrc, xbase, g, j0, cg, SH, SW, R, M, used_ptr, used_filter, vertical, horizontal, comb,
-                         comb_slot, ob, OW, front, zb, ldz, 0)
+            shared_group(xsrc, np.int64(xbase), g, j0, cg, SH, SW, R, M, used_ptr, used_filter, vertical, horizontal,
+                         comb, comb_slot, ob, OW, front, zb, ldz, np.int64(0))
         for h in range(H):
             matmul_local(epack, eoff[h], out_offsets[h + 1] - out_offsets[h], GK, MR, NR, zb, h * GK * ldz, ldz,
                          ob * OW, yf, n * F * P + o0 * OW, P, out_perm, out_offsets[h], bias, has_bias, tile)

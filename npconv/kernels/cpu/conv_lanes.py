@@ -185,4 +185,4 @@ def pack_lanes_input(x, pt, pl, sw, Hp, Wq, xq):
     N, C = x.shape[0], x.shape[1]
     planes = xq[:N * C * sw * Hp * Wq].reshape(N * C, 1, sw, Hp, Wq)
     for job in numba.prange(N * C):
-        pack_plane(x[job // C, job % C], pt, pl, 1, sw, planes[job])
+        pack_plane(x[job // C, job % C], pt, pl, np.int64(1), sw, planes[job])

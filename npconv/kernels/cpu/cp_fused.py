@@ -125,7 +125,7 @@ def cp_fused(x, in_perm, pt, pl, SH, SW, Mp, in_offsets, hpack, hoff, koff, Y, M
             for ib in range(nblk):
                 rows = min(MR, HK - ib * MR)
                 aoff = hoff[g] + ib * T * MR
-                front_tiles(hpack, aoff, rows, xg, 0, koff, T, acc, SH, SW, RM, RMp, NR)
+                front_tiles(hpack, aoff, rows, xg, np.int64(0), koff, T, acc, SH, SW, RM, RMp, NR)
                 for r in range(rows):
                     hk = ib * MR + r
                     h = hk // K

@@ -260,7 +260,7 @@ def fused_direct_conv(x, T, has_T, grp_plane, Cg, grp_blk, blk_f, blk_nf, tapoff
         xbuf, cbuf = _band_buffers(x, n, i0, nq, pt, pl, Dh, Dw, Hb, Wq, has_T, Wq)
         # chunks of whole rows (about CHUNK positions): the write-out is a plain copy of Wo columns per row
         crows = max(1, CHUNK // Wq)
-        acc = aligned_rows(4, crows * Wq, out.dtype)
+        acc = aligned_rows(np.int64(4), crows * Wq, out.dtype)
         for g in range(G):
             if has_T:
                 _colour_plane(xbuf, T, grp_plane[g], C, plane, Dh * Dw, Hb, Wq, nq, cbuf)
