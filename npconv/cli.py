@@ -1,6 +1,6 @@
 """The main job: the paper's experiment on the bundled CIFAR-10 reference network.
 
-    python -m npconv                  # default sweep, about 4 minutes on 2 cores (202 s measured)
+    python -m npconv                  # default sweep, about 5 minutes on 2 cores (278 s measured, 2026-11-27)
     python -m npconv --full           # a larger sweep
     python -m npconv --quick --limit 300   # a smoke run: one setting per method, 300 images per split
 
