@@ -199,10 +199,10 @@ def run_config(net, config, X, y, *, base_pred, base_times, timing_batch, data=N
     ``refit``: approximate sequentially and refit the dense layers above (``approximate``'s ``sequential`` and
     ``refit_above``; needs ``data``). The result's gain, parameters and layer times count the plan's layers.
     ``fits``: a dict the caller keeps across calls (e.g. ``{}``), in which each fit is stored under its plan, its
-    fitting options and the identities of ``net`` and ``data``; a plan fitted before is taken from it instead of
-    being fitted again (with each spec's ``random_state`` set, as by default, a new fit would be the same). The main job scores
-    its chosen plans on the test split this way, with the networks it fitted for the validation sweep. The
-    result's ``extra`` says ``fit_reused`` and keeps the first fit's ``fit_seconds``.
+    fitting options and the identities of ``net`` and ``data`` (:func:`fit_key`); a plan fitted before is taken
+    from it instead of being fitted again (with each spec's ``random_state`` set, as by default, a new fit would be
+    the same). The main job scores its chosen plans on the test split this way, with the networks it fitted for the
+    validation sweep. The result's ``extra`` says ``fit_reused`` and keeps the first fit's ``fit_seconds``.
     """
     if fits is not None and not isinstance(fits, dict):
         raise TypeError(f"fits must be a dict (a cache the caller keeps) or None, got {type(fits).__name__}")

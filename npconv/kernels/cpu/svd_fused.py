@@ -93,16 +93,16 @@ def svd_fused(x, in_offsets, red_pk, red_po, red_koff, R1, sp_pk, sp_po, sp_koff
             koff = red_koff[in_offsets[g]:in_offsets[g + 1]]
             for q0 in range(0, (y_hi - y_lo) * W_in, NR):
                 phase_panel(ap, R1, in_offsets[g + 1] - in_offsets[g], MR, NR, xf, n * C * HW + y_lo * W_in, koff,
-                            y_hi - y_lo, W_in, q0, np.int64(0), nblk_r, z1, plane, g * R1 * plane, SH, SW, Rb, M, ptb, pl, pfb,
-                            sc)
+                            y_hi - y_lo, W_in, q0, np.int64(0), nblk_r, z1, plane, g * R1 * plane, SH, SW, Rb, M, ptb,
+                            pl, pfb, sc)
         # 2. the block convolutions, from z1's planes into z2 (rows (h*G + g)*K2p + k, ldz apart)
         for b in range(G * H):
             g = b // H
             h = b - g * H
             ap = sp_pk[sp_po[b]:sp_po[b + 1]]
             for q0 in range(0, ob * M, NR):
-                taps_panel(ap, K2p, KXY, MR, NR, z1, np.int64(0), sp_koff[b], M, ob, OW, q0, np.int64(0), nblk_s, z2, ldz,
-                           (h * G + g) * K2p * ldz, sc)
+                taps_panel(ap, K2p, KXY, MR, NR, z1, np.int64(0), sp_koff[b], M, ob, OW, q0, np.int64(0), nblk_s, z2,
+                           ldz, (h * G + g) * K2p * ldz, sc)
         # 3. the expansions into the band's outputs
         for h in range(H):
             matmul_local(epack, eoff[h], out_offsets[h + 1] - out_offsets[h], GK, MR, NR, z2, h * GK * ldz, ldz,
