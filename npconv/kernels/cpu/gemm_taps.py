@@ -160,7 +160,7 @@ def phase_panel(ap, M, K, MR, NR, b, bbase, koff, H, W, q0, ib0, ib1, z, zrow, z
     if cols < NR:
         bt = np.zeros(K * NR, b.dtype)
         kt = np.empty(K, np.int64)
-        tb = 0
+        tb = np.int64(0)
         for k in range(K):
             kt[k] = k * NR
             src = b[bbase + q0 + koff[k]:]

@@ -127,13 +127,13 @@ def lrn_across_channels(x, size, alpha, beta, k, out):
     after = (size - 1) // 2     # channels above c in the window
     coef = alpha / size
     # 0: general pow, 1: beta == 0.75 (AlexNet/Caffe default), 2: beta == 0.5, 3: beta == 1
-    mode = 0
+    mode = np.int64(0)
     if beta == 0.75:
-        mode = 1
+        mode = np.int64(1)
     elif beta == 0.5:
-        mode = 2
+        mode = np.int64(2)
     elif beta == 1.0:
-        mode = 3
+        mode = np.int64(3)
     single = out.itemsize == 4
     nblk = (S + _BLOCK - 1) // _BLOCK
     for t in numba.prange(N * nblk):
