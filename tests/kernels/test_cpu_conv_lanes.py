@@ -53,6 +53,7 @@ def _run(x, w, b, stride, pad, dilation, MR, nchunk=3):
     xq = _planes(x, pad[0], pad[2], sw, Hp, Wq)
     c, kh, kw = np.meshgrid(np.arange(C), np.arange(KH), np.arange(KW), indexing="ij")
     koff = (((c * sw + kw * dw % sw) * Hp + kh * dh) * Wq + kw * dw // sw).ravel().astype(np.int64)
+    koff.flags.writeable = False     # read-only, as the layer's cached offsets (a writable array: a second compile)
     out = np.full(N * F * OH * OW + 7, np.nan, x.dtype)            # NaN: anything not written shows
     has_b = b is not None
     KL.conv_lanes(KG.pack_a(w.reshape(F, -1), NR), F, C * KH * KW, NR, MR, xq, C * Hp * sw * Wq, koff, OH, OW,

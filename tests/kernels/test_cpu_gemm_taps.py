@@ -31,7 +31,9 @@ def _phase_planes(x, X, Y, sh, sw, OH, OW):
             planes[:, :, ph, pw, :sub.shape[2], :sub.shape[3]] = sub
     c, dx, dy = np.meshgrid(np.arange(C), np.arange(X), np.arange(Y), indexing="ij")
     koff = (((c * sh + dx % sh) * sw + dy % sw) * R + dx // sh) * Mq + dy // sw
-    return planes, np.ascontiguousarray(koff.ravel().astype(np.int64)), R, Mq
+    koff = np.ascontiguousarray(koff.ravel().astype(np.int64))
+    koff.flags.writeable = False     # read-only as the SVD layer's cached offsets: a writable array compiles again
+    return planes, koff, R, Mq
 
 
 def _naive(w, x, sh, sw, OH, OW):
