@@ -278,7 +278,7 @@ def _conv2d_cpu(x, w, b, stride, pad, dilation, groups, OH, OW, out=None, prep=N
         cols = col[:, :m * P]
         for g in range(groups):
             K.im2col(x, n0, n1, g * Cg, (g + 1) * Cg, KH, KW, stride[0], stride[1], pad[0], pad[2],
-                     dilation[0], dilation[1], OH, OW, K.row_split(m, Cg, KH), cols)
+                     dilation[0], dilation[1], OH, OW, K.row_split(m, Cg, KH), col.reshape(-1), chunk * P)
             wg = wmat[g * Fg:(g + 1) * Fg]
             bg = bias[g * Fg:(g + 1) * Fg] if has_b else bias
             if m == 1:
@@ -328,7 +328,7 @@ def _conv2d_mk(x, wmat, bias, has_b, groups, Cg, KH, KW, tile, stride, pad, dila
         m = n1 - n0
         for g in range(groups):
             K.im2col(x, n0, n1, g * Cg, (g + 1) * Cg, KH, KW, stride[0], stride[1], pad[0], pad[2], dilation[0],
-                     dilation[1], OH, OW, K.row_split(m, Cg, KH), col[:, :m * P])
+                     dilation[1], OH, OW, K.row_split(m, Cg, KH), col_flat, ld)
             KG.matmul(packs[g], Fg, rows, tile, col_flat, ld, P, outf[(n0 * F + g * Fg) * P:], nimg=m, cimg=F * P,
                       bias=bias[g * Fg:(g + 1) * Fg] if has_b else None)
     return out

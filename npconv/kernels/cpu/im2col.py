@@ -15,8 +15,11 @@ from ._pack import pack_plane
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def im2col(x, n0, n1, c0, c1, KH, KW, sh, sw, pt, pl, dh, dw, OH, OW, nsplit, col):
-    """col[(c - c0)*KH*KW + kh*KW + kw, i*OH*OW + oh*OW + ow] = x_padded[n0 + i, c, oh*sh + kh*dh, ow*sw + kw*dw].
+def im2col(x, n0, n1, c0, c1, KH, KW, sh, sw, pt, pl, dh, dw, OH, OW, nsplit, col, ld):
+    """col[((c - c0)*KH*KW + kh*KW + kw)*ld + i*OH*OW + oh*OW + ow] = x_padded[n0 + i, c, oh*sh + kh*dh, ow*sw + kw*dw]:
+    the column matrix in the flat, C-contiguous ``col``, rows ``ld`` apart (``ld`` >= the chunk's columns). A flat
+    buffer rather than a view of the chunk's columns, which is C-contiguous for a whole chunk and not for a shorter
+    last one: numba would compile the kernel for both layouts, the second without contiguous stores.
 
     One parallel job per (image, channel, slice of the kernel rows): the job copies its input plane, zero-padded
     and split by the stride phases (``pack_plane``), into a small scratch buffer that stays in L1/L2; every
@@ -41,7 +44,8 @@ def im2col(x, n0, n1, c0, c1, KH, KW, sh, sw, pt, pl, dh, dw, OH, OW, nsplit, co
             for kw in range(KW):
                 b = kw * dw
                 plane = buf[a % sh, b % sw]
-                dst = col[(c * KH + kh) * KW + kw, i * P:(i + 1) * P]
+                r = (c * KH + kh) * KW + kw
+                dst = col[r * ld + i * P:r * ld + (i + 1) * P]
                 r0 = a // sh
                 m0 = b // sw
                 for oh in range(OH):
