@@ -292,7 +292,7 @@ def _conv2d_cpu(x, w, b, stride, pad, dilation, groups, OH, OW, out=None, prep=N
             else:
                 st = stage[:, :m * P]
                 np.matmul(wg, cols, out=st)
-                K.scatter_chunk_bias(st, out3[:, g * Fg:(g + 1) * Fg], n0, m, bg, has_b)
+                K.scatter_chunk_bias(stage.reshape(-1), chunk * P, out3, g * Fg, Fg, n0, m, bg, has_b)
     return out
 
 

@@ -61,16 +61,18 @@ def row_split(nimg, nch, KH):
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def scatter_chunk_bias(tmp, out, n0, nimg, bias, has_bias):
-    """out[n0+i, f, p] = tmp[f, i*P + p] (+ bias[f]): undo the chunk-major GEMM layout."""
-    F = out.shape[1]
+def scatter_chunk_bias(tmp, ld, out, f0, F, n0, nimg, bias, has_bias):
+    """out[n0+i, f0+f, p] = tmp[f*ld + i*P + p] (+ bias[f]) for f < F: undo the chunk-major GEMM layout of a group's
+    F output channels. ``tmp`` flat with rows ``ld`` apart and ``out`` (N, F_all, P) whole, both C-contiguous (views
+    of a shorter last chunk or of a group's channels would not be, and numba would compile the kernel again for
+    them)."""
     P = out.shape[2]
     for job in numba.prange(nimg * F):
         i = job // F
         f = job - i * F
         b = bias[f] if has_bias else 0.0
-        src = tmp[f, i * P:(i + 1) * P]
-        dst = out[n0 + i, f]
+        src = tmp[f * ld + i * P:f * ld + (i + 1) * P]
+        dst = out[n0 + i, f0 + f]
         for p in range(P):
             dst[p] = src[p] + b
 
