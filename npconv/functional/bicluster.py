@@ -842,6 +842,7 @@ def _svd_fused_cpu(x, wts, in_perm, in_off, out_off, bias, stride, pad, OH, OW, 
     Rb = BR + (X - 1) // sh
     plane = sh * sw * Rb * M
     sp_koff = np.stack([_svd_tap_offsets(int(c0s[b]), K1, X, Y, sh, sw, Rb, M, plane) for b in range(G * H)])
+    sp_koff.flags.writeable = False     # read-only as the unfused path's offsets: the panels compile once for both
     n1, n2, nt = KS.svd_fused_sizes(G, H, R1, K2p, plane, BR * OW, int(np.diff(out_off).max()), MR, NR, Y)
     z1s = WS.get_aligned("svd-z1", nth * n1, dt).reshape(nth, n1)
     z2s = WS.get_aligned("svd-z2", nth * n2, dt).reshape(nth, n2)
