@@ -34,7 +34,8 @@ def _run(A, Bm, P, nimg, bias, mgroups, KC, dtype, rowmap=None, pfb=0):
     has_b = bias is not None
     G.gemm_images(G.pack_a(A, MR), M, K, MR, NR, KC, bflat, ld, P, nimg, c, M * P,
                   bias if has_b else np.zeros(1, dtype), has_b, mgroups,
-                  np.zeros(1, np.int64) if rowmap is None else rowmap, rowmap is not None, pfb)
+                  np.zeros(1, np.int64) if rowmap is None else rowmap, rowmap is not None, pfb,
+                  1, 0, 0, 0, False)   # every argument, as matmul passes them: omitted ones would compile it again
     assert np.isnan(c[nimg * M * P:]).all(), "wrote past the last output"
     return c[:nimg * M * P].reshape(nimg, M, P)
 
