@@ -188,7 +188,7 @@ def main(argv=None):
 
     results = {"machine": _machine(), "date": time.strftime("%Y-%m-%d"), "command": "python -m npconv " +
                " ".join(argv if argv is not None else sys.argv[1:]), "batch": args.batch, "backend": args.backend,
-               "refit": calib is not None and not args.no_refit, "blas_env": blas_env,
+               "refit": _refits(calib, args), "blas_env": blas_env,
                "budget_points": args.budget, "margin_se": args.margin,
                "baseline": {"ms_per_image": 1e3 * base_times[1] / args.batch,
                             "per_layer_ms_per_image": {k: 1e3 * v / args.batch for k, v in base_times[0].items()}}}
@@ -242,7 +242,7 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- the chosen ones on test, once
     from .experiment import fit_key
-    keep = [fit_key(net, r.config.plan, calib, calib is not None and not args.no_refit) for r in finals]
+    keep = [fit_key(net, r.config.plan, calib, _refits(calib, args)) for r in finals]
     fits = {k: v for k, v in fits.items() if k in keep}     # the other fitted networks are not needed again
     print(f"\n## chosen settings on the test split ({len(yte)} images), reported once\n{HEADER}")
     test_results = []
@@ -314,13 +314,18 @@ def _threads():
         return "?"
 
 
+def _refits(calib, args):
+    """Whether the job fits sequentially and refits the dense layers above (needs the calibration images)."""
+    return calib is not None and not args.no_refit
+
+
 def _run(net, cfg, X, y, base_pred, base_times, timing_batch, calib, device, dev_x, args, base, fits):
     """One configuration, approximated and measured; ``base`` (the exact network on the device) is timed again,
     interleaved with the approximated one, so that both are measured in the same conditions. ``fits``: the run's
     cache of fits (``run_config``): a plan scored on the validation split is not fitted again for the test split."""
     from .experiment import run_config
     return run_config(net, cfg, X, y, base_pred=base_pred, base_times=base_times, timing_batch=dev_x(timing_batch),
-                      data=calib, repeat=args.repeat, device=device, refit=calib is not None and not args.no_refit,
+                      data=calib, repeat=args.repeat, device=device, refit=_refits(calib, args),
                       base_net=base, fits=fits)
 
 

@@ -206,7 +206,7 @@ def run_config(net, config, X, y, *, base_pred, base_times, timing_batch, data=N
     """
     if fits is not None and not isinstance(fits, dict):
         raise TypeError(f"fits must be a dict (a cache the caller keeps) or None, got {type(fits).__name__}")
-    needs_data = refit or any(getattr(s, "fit", "weights") == "data" for s in config.plan.values())
+    needs_data = _needs_data(config.plan, refit)
     key = fit_key(net, config.plan, data, refit) if fits is not None else None
     if key is not None and key in fits:
         approx, reports, fit_s = fits[key][:3]
@@ -244,14 +244,18 @@ def run_config(net, config, X, y, *, base_pred, base_times, timing_batch, data=N
                         n_images=len(pred), **paired)
 
 
+def _needs_data(plan, refit):
+    """Whether fitting ``plan`` uses the data: for a refit, or for a spec fitted in the data metric."""
+    return bool(refit) or any(getattr(s, "fit", "weights") == "data" for s in plan.values())
+
+
 def fit_key(net, plan, data=None, refit=False):
     """The key under which ``run_config(net, Config(..., plan), ..., data=data, refit=refit, fits=fits)`` keeps its
     fit in ``fits``, or None for a plan whose specs are not hashable (such a fit is not kept). The network and the
     data are keyed by identity (the cache serves one sweep over the same objects); the data only where the fit
     uses it."""
-    needs_data = refit or any(getattr(s, "fit", "weights") == "data" for s in plan.values())
     try:
-        return (id(net), id(data) if needs_data else None, bool(refit), frozenset(plan.items()))
+        return (id(net), id(data) if _needs_data(plan, refit) else None, bool(refit), frozenset(plan.items()))
     except TypeError:
         return None
 
