@@ -111,6 +111,21 @@ def npconv_layer(name, N, dtype, *, path="auto"):
     return run
 
 
+def npconv_conv_layer(name, N, dtype):
+    """A zero-argument callable running the layer as an ``npconv.layers.Conv2d`` on the GPU (the same weights and
+    input as :func:`npconv_layer`): what a network runs, with the layer's launch replay at a shape it has seen
+    (``kernels/cuda/replay.py``)."""
+    import cupy as cp
+
+    from npconv.layers import Conv2d
+    C, H, F, K, s, p = LAYERS[name]
+    rng = np.random.default_rng(0)
+    x = cp.asarray(rng.standard_normal((N, C, H, H)).astype(dtype))
+    w, b = _weights(rng, C, F, K, dtype)
+    layer = Conv2d(w, b, stride=s, padding=p).to_gpu()
+    return lambda: layer(x)
+
+
 def winograd_shape(name):
     """Whether the layer is 3x3 with stride 1 (the shapes Winograd F(2x2, 3x3) can take)."""
     C, H, F, K, s, p = LAYERS[name]
@@ -277,7 +292,8 @@ def measure_all(batches, layer_batches, dtype, warmup, repeat):
         for name in LAYERS:
             # conv1 and the 3x3 layers also forced onto im2col (against the direct kernel, Winograd); all of a row's
             # cases timed in alternation
-            cases = {"npconv": (npconv_layer(name, N, dtype), "cupy")}
+            cases = {"npconv": (npconv_layer(name, N, dtype), "cupy"),
+                     "npconv_layer": (npconv_conv_layer(name, N, dtype), "cupy")}
             if LAYERS[name][0] <= 4 or winograd_shape(name):
                 cases["npconv_im2col"] = (npconv_layer(name, N, dtype, path="im2col"), "cupy")
             if winograd_shape(name):
@@ -368,17 +384,20 @@ def format_tables(results):
         lines.append(f"{n:>6} {ours:>14.4f} {_fmt(theirs, 13, '.4f')} {_fmt(theirs and ours / theirs, 13, '.2f')}")
     lines += ["", "Per layer (conv + bias), median CUDA-event time",
               f"{'layer':>6} {'batch':>6} {'npconv ms':>10} {'GFLOP/s':>9} {'im2col ms':>10} {'winograd ms':>12} "
-              f"{'torch ms':>9} {'npconv/torch':>13}"]
+              f"{'torch ms':>9} {'npconv/torch':>13} {'Conv2d ms':>10} {'Conv2d/torch':>13}"]
     for r in results["layers"]:
         ours = r["npconv"]["median_ms"]
         theirs = r["torch"]["median_ms"] if "torch" in r else None
         alt = r["npconv_im2col"]["median_ms"] if "npconv_im2col" in r else None
         wino = r["npconv_winograd"]["median_ms"] if "npconv_winograd" in r else None
+        lay = r["npconv_layer"]["median_ms"] if "npconv_layer" in r else None
         gflops = 2 * r["macs"] / (ours * 1e-3) / 1e9
         lines.append(f"{r['layer']:>6} {r['batch']:>6} {ours:>10.3f} {gflops:>9.0f} {_fmt(alt, 10, '.3f')} "
-                     f"{_fmt(wino, 12, '.3f')} {_fmt(theirs, 9, '.3f')} {_fmt(theirs and ours / theirs, 13, '.2f')}")
+                     f"{_fmt(wino, 12, '.3f')} {_fmt(theirs, 9, '.3f')} {_fmt(theirs and ours / theirs, 13, '.2f')} "
+                     f"{_fmt(lay, 10, '.3f')} {_fmt(theirs and lay and lay / theirs, 13, '.2f')}")
     lines.append("npconv/torch > 1 means npconv is slower. GFLOP/s: direct-convolution multiply-adds x 2 / time. "
-                 "im2col / winograd: the layer forced onto that path (conv1: the direct kernel switched off).")
+                 "im2col / winograd: the layer forced onto that path (conv1: the direct kernel switched off). "
+                 "npconv: the function conv2d; Conv2d: the layer (which replays its launches at a shape it has seen).")
     return "\n".join(lines)
 
 

@@ -260,11 +260,28 @@ def host(calls=200, quick=False):
             "svd": factored_callable("svd", svd_opts, 1, geom if quick else ZF_CONV2, np.float32),
             "shared": factored_callable("shared", shared_opts, 1, geom if quick else ZF_CONV2, np.float32),
             "zf_dense_net": lambda: net.forward(xn)}
-    res = {}
+    torch = None if quick else torch_cuda()
+    if torch is not None:                               # cuDNN's calls of the same dense convs, host-timed alike
+        torch.backends.cudnn.benchmark = True
+        for name, (xx, ww, bb, ss, pp) in {"conv1": (x1, w1, b1, g1[4], g1[5]), "conv2": (x, w, b, s, p)}.items():
+            tx, tw, tb = (torch.as_tensor(a, device="cuda") for a in (xx, ww, bb))
+            work[f"torch_{name}"] = (lambda tx=tx, tw=tw, tb=tb, ss=ss, pp=pp:
+                                     torch.nn.functional.conv2d(tx, tw, tb, stride=ss, padding=pp))
+    res = {"launch": launch_costs(cp, calls=20 if quick else 2000)}
+    grad = torch.no_grad() if torch is not None else None
+    if grad is not None:
+        grad.__enter__()
     for name, fn in work.items():
         for _ in range(warm):
             fn()
         dev.synchronize()
+        host_only = []                                  # the call alone: it returns once its kernels are queued
+        for _ in range(max(1, calls // 10)):
+            for _ in range(10):
+                t0 = time.perf_counter()
+                fn()
+                host_only.append(time.perf_counter() - t0)
+            dev.synchronize()
         t0 = time.perf_counter()
         for _ in range(calls):
             fn()
@@ -285,12 +302,76 @@ def host(calls=200, quick=False):
         split = {k: v / calls for k, v in host_split(st).items()}
         text = io.StringIO()
         pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(15)
+        host_med = 1e3 * float(np.median(host_only))
         res[name] = dict(ms_per_call_queued=1e3 * queued, ms_per_call_synced=1e3 * synced,
+                         host_ms_per_call=host_med, host_ms_per_call_min=1e3 * min(host_only),
                          host_ms_per_call_profiled={k: 1e3 * v for k, v in split.items()})
-        print(f"{name}: {1e3 * queued:.3f} ms per call queued, {1e3 * synced:.3f} synchronised; host time per call "
-              f"under cProfile (ms): " + ", ".join(f"{k} {1e3 * v:.3f}" for k, v in split.items()), flush=True)
+        print(f"{name}: {1e3 * queued:.3f} ms per call queued, {1e3 * synced:.3f} synchronised, host alone "
+              f"{host_med:.4f} (min {1e3 * min(host_only):.4f}); host time per call under cProfile (ms): "
+              + ", ".join(f"{k} {1e3 * v:.3f}" for k, v in split.items()), flush=True)
         print(text.getvalue()[:4000], flush=True)
+    if grad is not None:
+        grad.__exit__(None, None, None)
     return res
+
+
+_NOOP_SOURCE = r'''
+extern "C" __global__ void npconv_probe_noop0() {}
+extern "C" __global__ void npconv_probe_noop8(const float* a, float* b, int n0, int n1, int n2, int n3, int n4,
+                                              int n5) { if (n0 < 0) b[0] = a[0]; }
+extern "C" __global__ void npconv_probe_noop24(const float* a, const float* c, const float* d, float* b, int n0,
+    int n1, int n2, int n3, int n4, int n5, int n6, int n7, int n8, int n9, int n10, int n11, int n12, int n13,
+    int n14, int n15, int n16, int n17, int n18, int n19) { if (n0 < 0) b[0] = a[0] + c[0] + d[0]; }
+struct npconv_probe_ints { int n[20]; };
+extern "C" __global__ void npconv_probe_noop_struct(const float* a, const float* c, const float* d, float* b,
+    npconv_probe_ints p) { if (p.n[0] < 0) b[0] = a[0] + c[0] + d[0]; }
+'''
+
+
+def launch_costs(cp, calls=2000):
+    """Host microseconds per call of the primitives an eager layer call is made of (median of 10 groups of
+    ``calls // 10`` calls, queued, one synchronisation a group): empty kernels with 0, 8 and 24 parameters
+    (int parameters as ready ``np.int32`` values, and for 24 also made at each call; and 20 ints made into one
+    struct parameter at each call, a NumPy structured scalar), ``cupy.empty`` of ZF conv1's batch-1 output, and npconv's
+    own ``ops.launch`` of a kernel of the launch table (``bias_add`` on that output)."""
+    import time
+
+    from npconv.kernels.cuda import ops
+    mod = cp.RawModule(code=_NOOP_SOURCE)
+    k0, k8, k24, ks = (mod.get_function(f"npconv_probe_noop{n}") for n in (0, 8, 24, "_struct"))
+    ints = np.dtype([("n", np.int32, (20,))])
+    a = cp.zeros(16, dtype=np.float32)
+    y = cp.empty((1, 96, 110, 110), dtype=np.float32)
+    bias = cp.zeros(96, dtype=np.float32)
+    i32 = [np.int32(v) for v in range(20)]
+    cases = {
+        "noop_0_args": lambda: k0((1,), (32,), ()),
+        "noop_8_args_int32": lambda: k8((1,), (32,), (a, a) + tuple(i32[:6])),
+        "noop_24_args_int32": lambda: k24((1,), (32,), (a, a, a, a) + tuple(i32)),
+        "noop_24_args_int32_made": lambda: k24((1,), (32,), (a, a, a, a) + tuple(np.int32(v) for v in range(20))),
+        "noop_struct_of_20_int32_made": lambda: ks((1,), (32,), (a, a, a, a, np.array((tuple(range(20)),),
+                                                                                          dtype=ints)[()])),
+        "cupy_empty_conv1_out": lambda: cp.empty((1, 96, 110, 110), dtype=np.float32),
+        "ops_launch_bias_add": lambda: ops.launch(ops.LAUNCH_SIGNATURES, "bias_add", np.float32, (64,), (256,),
+                                                  (y, bias, 1, 96, 110 * 110)),
+    }
+    dev = cp.cuda.Device()
+    out = {}
+    group = max(1, calls // 10)
+    for name, fn in cases.items():
+        for _ in range(20):
+            fn()
+        dev.synchronize()
+        per = []
+        for _ in range(10):
+            t0 = time.perf_counter()
+            for _ in range(group):
+                fn()
+            per.append((time.perf_counter() - t0) / group)
+            dev.synchronize()
+        out[name] = 1e6 * float(np.median(per))
+        print(f"launch cost {name}: {out[name]:.2f} us a call (host)", flush=True)
+    return out
 
 
 #: ZF conv2-conv5: (C, H=W, F, K, stride, padding)

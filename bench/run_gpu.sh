@@ -21,8 +21,8 @@
 # compute-sanitizer over the float32 GPU tests (racecheck: the kernels with shared memory; RACECHECK_K narrows its
 # pytest -k expression), each stopped at its time limit.
 #
-# Environment: PYTHON (default python3), NPCONV_TEST_JOBS (pytest-xdist workers, default 8), TESTS_LIMIT and
-# SUITE_LIMIT (seconds), TAIL_LINES (log lines echoed per step), PACK (where the .tgz goes).
+# Environment: PYTHON (default python3), NPCONV_TEST_JOBS (pytest-xdist workers, default 8), TESTS_LIMIT,
+# SUITE_LIMIT, HOST_LIMIT (seconds), TAIL_LINES (log lines echoed per step), PACK (where the .tgz goes).
 set -u
 cd "$(dirname "$0")/.."
 out=${1:-out/gpu}
@@ -67,7 +67,7 @@ torch.__version__, \"cudnn\", torch.backends.cudnn.version())'; nproc; lscpu | g
     probe)
         step probe "${PROBE_LIMIT:-120}" "$py" bench/gpu_profile.py probe --out "$out/probe.json" ;;
     host)
-        step host 90 "$py" bench/gpu_profile.py host --out "$out/host.json" ;;
+        step host "${HOST_LIMIT:-150}" "$py" bench/gpu_profile.py host --out "$out/host.json" ;;
     small)
         step small "${SMALL_LIMIT:-150}" "$py" bench/gpu_profile.py small --out "$out/small.json" ;;
     cpblock)

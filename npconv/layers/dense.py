@@ -4,9 +4,10 @@ from __future__ import annotations
 import numpy as np
 
 from .. import functional as F
-from .._backend import FLOAT_DTYPES, get_array_module
+from .._backend import FLOAT_DTYPES, get_array_module, is_cupy_array
 from .._validate import as_pair, as_padding4, check_array, check_finite, check_int
 from ..functional.conv import _conv2d, conv2d_output_shape
+from ..kernels.cuda import replay
 from .base import Layer, register_layer
 
 __all__ = ["Conv2d", "Linear", "as_weight", "dense_equivalent"]
@@ -43,6 +44,7 @@ class _WeightedLayer(Layer):
     def __init__(self):
         super().__init__()
         self._cast = _WeightCast()
+        self._replays = replay.new_table()
 
     def _params_for(self, x):
         check_array(x, "x")     # a list or scalar: the TypeError every layer gives, before x.dtype below
@@ -51,6 +53,14 @@ class _WeightedLayer(Layer):
 
     def _sync_params(self):
         self._cast.clear()
+        self._replays.clear()
+
+    def _recorded(self, x, out, p, run):
+        """``run()``, the layer's ordinary path for ``x``; on the GPU without ``out``, recorded so that later calls at
+        x's shape replay its launches (``kernels/cuda/replay.py``; ``replay.lookup(self._replays, x)`` finds them)."""
+        if out is not None or not is_cupy_array(x):
+            return run()
+        return replay.record(self._replays, x, p, run, get_array_module(x).empty)
 
     @classmethod
     def from_config(cls, config, params):
@@ -89,9 +99,13 @@ class Conv2d(_WeightedLayer):
     writes_out = True
 
     def forward(self, x, *, out=None):
+        rep = replay.lookup(self._replays, x) if out is None else None
+        if rep is not None:                 # this shape's GPU launches, recorded: the call without its host work
+            return rep(x)
         p = self._params_for(x)
-        return _conv2d(x, p["weight"], p.get("bias"), stride=self.stride, padding=self.padding,
-                       dilation=self.dilation, groups=self.groups, out=out, prep=p)
+        return self._recorded(x, out, p, lambda: _conv2d(
+            x, p["weight"], p.get("bias"), stride=self.stride, padding=self.padding, dilation=self.dilation,
+            groups=self.groups, out=out, prep=p))
 
     def config(self):
         return dict(stride=list(self.stride), padding=list(self.padding), dilation=list(self.dilation),

@@ -13,6 +13,7 @@ from .._backend import get_array_module, to_numpy
 from .._validate import as_pair, as_padding4, check_array, check_float_array, check_out, out_size
 from ..decompose import cost as _cost
 from ..functional import lowrank as FL
+from ..kernels.cuda import replay
 from .base import register_layer
 from .dense import _WeightedLayer, as_weight, dense_equivalent
 
@@ -174,9 +175,12 @@ class LowRankConv2d(_FactoredConv):
     writes_out = True
 
     def forward(self, x, *, out=None):
+        rep = replay.lookup(self._replays, x) if out is None else None
+        if rep is not None:                 # this shape's GPU launches, recorded (``_WeightedLayer._recorded``)
+            return rep(x)
         p = self._checked_call(x, out, ("first", "second"))
-        return FL.lowrank_core(x, p["first"], p["second"], p.get("bias"), self.stride, self.padding, self.dilation,
-                               out)
+        return self._recorded(x, out, p, lambda: FL.lowrank_core(
+            x, p["first"], p["second"], p.get("bias"), self.stride, self.padding, self.dilation, out))
 
     def config(self):
         return dict(super().config(), dilation=list(self.dilation))
@@ -262,10 +266,13 @@ class MonochromaticConv2d(_FactoredConv):
     writes_out = True
 
     def forward(self, x, *, out=None):
+        rep = replay.lookup(self._replays, x) if out is None else None
+        if rep is not None:                 # this shape's GPU launches, recorded (``_WeightedLayer._recorded``)
+            return rep(x)
         p = self._checked_call(x, out, ("colors", "spatial"))
         # on the CPU, what the path derives from the factors is kept in p (emptied with the parameters)
-        return FL.mono_core(x, p["colors"], p["assignment"], p["spatial"], p.get("bias"), self.stride, self.padding,
-                            out, prep=p)
+        return self._recorded(x, out, p, lambda: FL.mono_core(
+            x, p["colors"], p["assignment"], p["spatial"], p.get("bias"), self.stride, self.padding, out, prep=p))
 
     def n_params(self):
         return int(sum(int(np.prod(v.shape)) for k, v in self.params.items() if k != "assignment"))
@@ -320,8 +327,12 @@ class SeparableConv2d(_FactoredConv):
     writes_out = True
 
     def forward(self, x, *, out=None):
+        rep = replay.lookup(self._replays, x) if out is None else None
+        if rep is not None:                 # this shape's GPU launches, recorded (``_WeightedLayer._recorded``)
+            return rep(x)
         p = self._checked_call(x, out, ("vertical", "horizontal"))
-        return FL.separable_core(x, p["vertical"], p["horizontal"], p.get("bias"), self.stride, self.padding, out)
+        return self._recorded(x, out, p, lambda: FL.separable_core(
+            x, p["vertical"], p["horizontal"], p.get("bias"), self.stride, self.padding, out))
 
     def macs(self, in_shape):
         self.output_shape(in_shape)

@@ -67,3 +67,17 @@ def test_bad_arguments_are_refused():
         time_interleaved({}, warmup=0, repeat=3)
     with pytest.raises(ValueError, match="kind must be 'cupy' or 'torch'"):
         event_timer("opencl")
+
+
+def test_format_tables_gives_the_layer_and_its_ratio_to_torch():
+    """The per-layer table: the function's and the Conv2d layer's times, each against cuDNN's (hand-made results)."""
+    from bench import bench_gpu
+    res = {"stack": [], "layers": [
+        {"layer": "conv1", "batch": 1, "macs": 10**8, "npconv": {"median_ms": 0.12},
+         "npconv_layer": {"median_ms": 0.09}, "torch": {"median_ms": 0.06}},
+        {"layer": "conv2", "batch": 1, "macs": 10**8, "npconv": {"median_ms": 0.2}}]}
+    lines = bench_gpu.format_tables(res).splitlines()
+    row1 = next(ln for ln in lines if ln.split()[:2] == ["conv1", "1"])
+    assert row1.split()[-4:] == ["0.060", "2.00", "0.090", "1.50"]
+    row2 = next(ln for ln in lines if ln.split()[:2] == ["conv2", "1"])
+    assert row2.split()[-4:] == ["-", "-", "-", "-"]

@@ -82,10 +82,15 @@ def test_host_quick_run_on_the_emulated_cupy(monkeypatch, tmp_path, capsys):
     """The host probe's code path, on the CPU-emulated cupy with small shapes: it writes one record per workload
     with finite times and a host split (no timing is asserted: the emulator says nothing about a GPU)."""
     rep = quick_run_on_the_emulated_cupy("host", monkeypatch, tmp_path)
+    launch = rep.pop("launch")
+    assert set(launch) == {"noop_0_args", "noop_8_args_int32", "noop_24_args_int32", "noop_24_args_int32_made",
+                           "noop_struct_of_20_int32_made", "cupy_empty_conv1_out", "ops_launch_bias_add"}
+    assert all(v > 0 for v in launch.values())
     assert set(rep) == {"conv2", "conv3", "conv1", "conv1_layer", "mono4", "svd8", "sep4", "cp2", "svd", "shared",
                         "zf_dense_net"}
     for row in rep.values():
         assert row["ms_per_call_queued"] > 0 and row["ms_per_call_synced"] > 0
+        assert 0 < row["host_ms_per_call_min"] <= row["host_ms_per_call"]
         assert set(row["host_ms_per_call_profiled"]) == {"npconv", "cupy", "numpy", "other"}
     assert "ms per call queued" in capsys.readouterr().out
 

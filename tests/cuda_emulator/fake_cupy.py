@@ -17,8 +17,17 @@ from .emulator import CpuRawModule
 float32, float64, int32 = np.float32, np.float64, np.int32
 
 
+class _MemoryPointer(types.SimpleNamespace):
+    """What ``cupy.ndarray.data`` is: where the array starts (``ptr``) and on which device."""
+
+
 class ndarray(np.ndarray):
     """Host memory standing in for a device array."""
+
+    @property
+    def data(self):
+        """The array's start as ``cupy.ndarray.data`` gives it (a MemoryPointer: ``ptr``, ``device_id``)."""
+        return _MemoryPointer(ptr=self.__array_interface__["data"][0], device_id=0)
 
     def get(self):
         """A host copy, as ``cupy.ndarray.get`` returns."""

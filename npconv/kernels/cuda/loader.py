@@ -18,6 +18,7 @@ from importlib import resources
 import numpy as np
 
 from ... import _backend
+from . import replay
 
 __all__ = [
     "RAWMODULE_OPTIONS", "DTYPE_SUFFIX", "source_names", "private_source_names", "source_text", "kernel_name",
@@ -123,3 +124,7 @@ def clear_cache() -> None:
     with _lock:
         _modules.clear()
         _kernels.clear()
+    replay.advance()                # the layers' recorded launches hold kernels of the old modules
+
+
+replay.watch(__name__)

@@ -47,7 +47,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ... import _backend
-from . import loader, ops
+from . import loader, ops, replay
 from ._gemm import matmul as _matmul
 from .ops import I32, IPTR, PTR, REAL  # the kinds of the launch table; ops.launch packs every launch
 
@@ -242,6 +242,7 @@ def factor_conv(x, w, b, *, stride, padding, dilation):
     _launch("factor_conv", dt, grid, (_BLOCK,),
             (x, w, b if has_bias else w, y, N, C, H, W, F, KH, KW, sh, sw, pt, pl, dh, dw, OH, OW, CC, has_bias),
             shared_mem=CC * KH * KW * FACTOR_FILTERS_PER_BLOCK * dt.itemsize)
+    replay.complete(y)
     return y
 
 
@@ -347,6 +348,7 @@ def _sep_conv(cp, x, vertical, horizontal, bias, plan, stride, padding):
         _launch(f"sep_conv{plan.KB}", dt, (grid_x, n1 - n0, -(-F // FS)), (plan.TR * SEP_TILE_COLS,),
                 (x[n0:n1], V, Hz, bias if has_bias else Hz, y[n0:n1], n1 - n0, C, H, W, K, F, X, Y, sh, sw, pt, pl,
                  OH, OW, tiles_w, has_bias, FS), shared_mem=plan.smem)
+    replay.complete(y)
     return y
 
 
@@ -473,6 +475,7 @@ def _lr_conv(cp, x, first, second, bias, plan, stride, padding, dilation):
             (LR_CONV_THREADS,),
             (x, first, second, bias if has_bias else second, y, N, C, H, W, t, F, KH, KW, sh, sw, pt, pl, dh, dw, OH,
              OW, plan.CC, plan.FC, has_bias), shared_mem=plan.smem)
+    replay.complete(y)
     return y
 
 
@@ -606,6 +609,7 @@ def monochromatic_conv2d(x, color_transform, assignment, spatial, bias, *, strid
         _launch("mono_conv", dt, (n_tiles, Cp * splits, n1 - n0), (TW, TH),
                 (x[n0:n1], T, S, order, starts, b if has_bias else S, y[n0:n1],
                  n1 - n0, C, H, W, F, KH, KW, sh, sw, pt, pl, OH, OW, tiles_w, RS, has_bias, splits), shared_mem=smem)
+    replay.complete(y)
     return y
 
 
@@ -626,3 +630,6 @@ def _monochromatic_composed(cp, x, T, assignment, S, b, stride, padding, out_hw)
     if b is not None:
         out += b.reshape(1, F, 1, 1)
     return out
+
+
+replay.watch(__name__)

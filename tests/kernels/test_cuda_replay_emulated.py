@@ -1,0 +1,195 @@
+"""Launch replay (``npconv/kernels/cuda/replay.py``) on the emulated CuPy: a GPU layer called again at a shape it
+has seen repeats its recorded launches instead of its host work. Each replayed output is compared with the same
+layer's CPU path (tested against independent references in tests/layers) and, bit for bit, with its ordinary GPU
+path (the call with ``out=``, which never replays). The tests also check when a call is *not* replayed: paths with a
+cuBLAS product, a workspace or a nested op, a changed launch rule, replaced parameters, another dtype, a strided
+input, and that a replay does no packing of arguments at all.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+from cuda_emulator import install_as_cupy
+
+from npconv.kernels.cuda import loader, ops, ops_lowrank, replay
+from npconv.layers import Conv2d
+from npconv.layers.lowrank import LowRankConv2d, MonochromaticConv2d, SeparableConv2d
+
+pytestmark = pytest.mark.cpuemu
+
+
+@pytest.fixture
+def cp(monkeypatch):
+    mod = install_as_cupy(monkeypatch)
+    yield mod
+    loader.clear_cache()
+    ops_lowrank.clear_cache()
+
+
+def make(kind, rng, C=3, F=10):
+    """A layer whose GPU path is one launch of its own kernel (a replay)."""
+    if kind == "direct":                      # conv_direct: C <= ops.DIRECT_CONV_MAX_C
+        return Conv2d(rng.standard_normal((F, C, 3, 3)), rng.standard_normal(F), stride=2, padding=1)
+    if kind == "depthwise":
+        return Conv2d(rng.standard_normal((2 * C, 1, 3, 3)), None, padding=(1, 0, 2, 1), groups=C)
+    if kind == "monochromatic":
+        return MonochromaticConv2d(rng.standard_normal((2, C)), rng.integers(0, 2, F), rng.standard_normal((F, 3, 3)),
+                                   rng.standard_normal(F), stride=1, padding=1)
+    if kind == "lowrank":
+        return LowRankConv2d(rng.standard_normal((3, C, 3, 3)), rng.standard_normal((F, 3)), rng.standard_normal(F),
+                             stride=1, padding=(1, 0, 2, 1))
+    if kind == "separable":
+        return SeparableConv2d(rng.standard_normal((4, C, 5, 1)), rng.standard_normal((F, 4, 1, 5)), None,
+                               stride=(2, 1), padding=2)
+    raise ValueError(kind)
+
+
+KINDS = ["direct", "depthwise", "monochromatic", "lowrank", "separable"]
+
+
+def gpu_without_replay(cp, layer, xd):
+    """The layer's ordinary GPU path (``out=`` never replays)."""
+    out = cp.empty((xd.shape[0],) + tuple(layer.output_shape(tuple(xd.shape[1:]))), dtype=xd.dtype)
+    return layer(xd, out=out)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kind", KINDS)
+def test_second_call_replays_and_matches(cp, rng, monkeypatch, dtype, kind):
+    layer = make(kind, rng)
+    xs = [rng.standard_normal((2, 3, 11, 12)).astype(dtype) for _ in range(3)]
+    want = [layer(x) for x in xs]                             # the CPU path
+    layer.to_gpu()
+    first = layer(cp.asarray(xs[0]))
+    assert type(layer._replays[(2, 3, 11, 12)]) is replay.Replay, "the first GPU call records its launches"
+    tol = 2e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(cp.asnumpy(first), want[0], rtol=tol, atol=tol * 10)
+
+    def no_packing(*args, **kwargs):
+        raise AssertionError("a replayed call packed kernel arguments")
+    with monkeypatch.context() as m:
+        m.setattr(ops, "pack_args", no_packing)               # (sets an ops attribute: advances the generation)
+        gen = replay.generation()
+        rep = layer._replays[(2, 3, 11, 12)]
+        rep.generation = gen                                  # so that this replay is still current under the patch
+        for x, w in zip(xs[1:], want[1:]):
+            xd = cp.asarray(x)
+            got = layer(xd)
+            assert isinstance(got, cp.ndarray) and got.shape == w.shape and got.dtype == dtype
+            np.testing.assert_allclose(cp.asnumpy(got), w, rtol=tol, atol=tol * 10)
+    for x in xs[1:]:                                          # bit for bit the ordinary path's result
+        xd = cp.asarray(x)
+        np.testing.assert_array_equal(cp.asnumpy(layer(xd)), cp.asnumpy(gpu_without_replay(cp, layer, xd)))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_no_replay_for_strided_input_out_or_another_dtype(cp, rng, kind):
+    layer = make(kind, rng).to_gpu()
+    x = rng.standard_normal((1, 3, 9, 10))
+    layer(cp.asarray(x))
+    assert type(layer._replays[(1, 3, 9, 10)]) is replay.Replay
+    big = cp.zeros((1, 3, 18, 20))
+    big[:, :, ::2, ::2] = x
+    strided = big[:, :, ::2, ::2]
+    assert not strided.flags.c_contiguous and replay.lookup(layer._replays, strided) is None
+    want = cp.asnumpy(layer(cp.asarray(x)))
+    np.testing.assert_array_equal(cp.asnumpy(layer(strided)), want)
+    x32 = cp.asarray(x.astype(np.float32))
+    assert replay.lookup(layer._replays, x32) is None         # recorded for float64
+    np.testing.assert_allclose(cp.asnumpy(layer(x32)), want, rtol=1e-4, atol=1e-4)
+    assert layer._replays[(1, 3, 9, 10)].dtype == np.float32  # recorded again, for float32
+    assert replay.lookup(layer._replays, x) is None           # a NumPy array never takes a device replay
+
+
+def test_parameters_replaced_drop_the_replays(cp, rng):
+    layer = make("direct", rng).to_gpu()
+    x = cp.asarray(rng.standard_normal((1, 3, 8, 8)))
+    before = cp.asnumpy(layer(x))
+    assert layer._replays
+    layer.to_cpu()
+    layer.params = {"weight": 2 * layer.params["weight"], "bias": layer.params["bias"]}
+    layer._sync_params()
+    assert not layer._replays
+    layer.to_gpu()
+    b = cp.asnumpy(layer.params["bias"]).reshape(1, -1, 1, 1)
+    np.testing.assert_allclose(cp.asnumpy(layer(x)), 2 * (before - b) + b, rtol=1e-12, atol=1e-12)
+
+
+def test_a_changed_rule_records_again(cp, rng, monkeypatch):
+    layer = make("separable", rng).to_gpu()
+    x = cp.asarray(rng.standard_normal((1, 3, 12, 12)))
+    want = cp.asnumpy(layer(x))
+    old = layer._replays[(1, 3, 12, 12)]
+    assert replay.lookup(layer._replays, x) is old
+    monkeypatch.setattr(ops_lowrank, "SEP_CONV_MAX_PIXELS", 0)   # the two-pass path now: factor_conv twice
+    assert replay.lookup(layer._replays, x) is None, "a rule set after the recording makes it stale"
+    np.testing.assert_allclose(cp.asnumpy(layer(x)), want, rtol=1e-12, atol=1e-12)
+    # two factor_conv launches with an intermediate between them: no replay for this shape in this generation
+    assert type(layer._replays[(1, 3, 12, 12)]) is not replay.Replay
+    np.testing.assert_allclose(cp.asnumpy(layer(x)), want, rtol=1e-12, atol=1e-12)
+    loader.clear_cache()
+    assert replay.generation() > layer._replays[(1, 3, 12, 12)].generation
+
+
+def test_paths_beyond_launches_are_not_replayed(cp, rng, monkeypatch):
+    """im2col + cuBLAS (a dense conv of many channels), a 1x1 conv (a cuBLAS product and a bias launch on its
+    output) and the monochromatic layer's composed fallback (a nested conv completes its own output): each records a
+    note, not a replay, and keeps giving the CPU path's result."""
+    cases = [Conv2d(rng.standard_normal((6, 8, 3, 3)), rng.standard_normal(6), padding=1),
+             Conv2d(rng.standard_normal((6, 8, 1, 1)), rng.standard_normal(6)),
+             make("monochromatic", rng, C=8)]
+    monkeypatch.setattr(ops_lowrank, "mono_tiling", lambda *a: None)     # the composed path
+    for layer in cases:
+        x = rng.standard_normal((2, 8, 7, 7))
+        want = layer(x)
+        layer.to_gpu()
+        for _ in range(2):
+            np.testing.assert_allclose(cp.asnumpy(layer(cp.asarray(x))), want, rtol=1e-12, atol=1e-12)
+        assert layer._replays and type(layer._replays[(2, 8, 7, 7)]) is not replay.Replay
+
+
+def test_shapes_kept_up_to_the_limit_and_deep_copies(cp, rng):
+    layer = make("lowrank", rng).to_gpu()
+    for h in range(replay.MAX_SHAPES):
+        layer(cp.asarray(rng.standard_normal((1, 3, 6 + h, 6))))
+    assert len(layer._replays) == replay.MAX_SHAPES
+    layer(cp.asarray(rng.standard_normal((1, 3, 30, 6))))
+    assert list(layer._replays) == [(1, 3, 30, 6)], "past the limit the table starts afresh"
+    twin = copy.deepcopy(layer)
+    assert not twin._replays and layer._replays
+    x = cp.asarray(rng.standard_normal((1, 3, 30, 6)))
+    np.testing.assert_array_equal(cp.asnumpy(twin(x)), cp.asnumpy(layer(x)))
+
+
+class _Kernel:
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, grid, block, args, shared_mem=0):
+        self.calls.append((grid, block, args, shared_mem))
+
+
+def test_make_classes_each_array_argument(cp):
+    """``replay._make`` on hand-made recordings: the input and output go in their slots, constants stay, anything
+    else (a workspace) or a recording not completed with the returned array gives no replay."""
+    x, y = cp.zeros((1, 2, 3, 3)), cp.empty((1, 4, 3, 3))
+    w, ws = cp.ones(5), cp.zeros(7)
+    k = _Kernel()
+    rec = replay._Recording()
+    rec.launches.append((k, (1,), (32,), (x[0:1], w, y[0:1], np.int32(3)), 0))
+    rec.completed = y
+    rep = replay._make(rec, x, y, {"w": w}, cp.empty)
+    assert rep is not None
+    x2 = cp.ones((1, 2, 3, 3))
+    y2 = rep(x2)
+    grid, block, args, smem = k.calls[-1]
+    assert args[0] is x2 and args[1] is w and args[2] is y2 and args[3] == 3 and y2.shape == (1, 4, 3, 3)
+    assert args[2] is not y
+    assert replay._make(rec, x, y, {}, cp.empty) is None, "w is not a constant of this layer"
+    rec.launches.append((k, (1,), (32,), (ws, y), 0))
+    assert replay._make(rec, x, y, {"w": w}, cp.empty) is None, "a workspace"
+    rec.launches.pop()
+    rec.completed = cp.empty((1, 4, 3, 3))
+    assert replay._make(rec, x, y, {"w": w}, cp.empty) is None, "completed with another array than the returned one"
