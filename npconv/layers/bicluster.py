@@ -22,6 +22,7 @@ from .._validate import as_pair, as_padding4, check_float_array, check_option, o
 from ..decompose.bicluster import BiclusterCPResult, BiclusterSVDResult
 from ..decompose.shared import SharedSeparableResult
 from ..functional import bicluster as FB
+from ..kernels.cuda import replay
 from .base import Layer, register_layer
 from .dense import dense_equivalent
 
@@ -57,6 +58,7 @@ class _FactoredConv(Layer):
         if bias is not None:
             self.params["bias"] = bias
         self._cache = {}
+        self._replays = replay.new_table()
 
     @property
     def bias(self):
@@ -78,6 +80,7 @@ class _FactoredConv(Layer):
         """After ``params`` were replaced: drop the cast cache, and rebuild (so validate) the result from the new
         factors when they differ from its own, so that shapes, costs and ``to_dense`` follow what forward runs."""
         self._cache = {}
+        self._replays.clear()
         res = self._result
         missing = [k for k in res.FACTORS if k not in self.params]
         if missing:
@@ -119,6 +122,9 @@ class _FactoredConv(Layer):
     writes_out = True
 
     def _run(self, form, x, names, out=None):
+        rep = replay.lookup(self._replays, x) if out is None else None
+        if rep is not None:                 # this shape's GPU work, recorded (``kernels/cuda/replay.py``)
+            return rep(x)
         p = self._params_for(x)
         C = self._result.shape[1]
         if x.shape[1] != C:
@@ -126,8 +132,8 @@ class _FactoredConv(Layer):
                              f"(x.shape {tuple(x.shape)})")
         _, OH, OW = self.output_shape(tuple(x.shape[1:]))
         # p (reset with the parameters) also keeps what the CPU path derives from the factors
-        return FB.run_validated(form, x, tuple(p[k] for k in names), p.get("bias"), self.stride, self.padding,
-                                OH, OW, out, prep=p)
+        return replay.call(self._replays, x, out, p, lambda: FB.run_validated(
+            form, x, tuple(p[k] for k in names), p.get("bias"), self.stride, self.padding, OH, OW, out, prep=p))
 
     def output_shape(self, in_shape):
         C, H, W = in_shape

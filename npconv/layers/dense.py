@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import functional as F
-from .._backend import FLOAT_DTYPES, get_array_module, is_cupy_array
+from .._backend import FLOAT_DTYPES, get_array_module
 from .._validate import as_pair, as_padding4, check_array, check_finite, check_int
 from ..functional.conv import _conv2d, conv2d_output_shape
 from ..kernels.cuda import replay
@@ -57,10 +57,8 @@ class _WeightedLayer(Layer):
 
     def _recorded(self, x, out, p, run):
         """``run()``, the layer's ordinary path for ``x``; on the GPU without ``out``, recorded so that later calls at
-        x's shape replay its launches (``kernels/cuda/replay.py``; ``replay.lookup(self._replays, x)`` finds them)."""
-        if out is not None or not is_cupy_array(x):
-            return run()
-        return replay.record(self._replays, x, p, run, get_array_module(x).empty)
+        x's shape replay its device work (``kernels/cuda/replay.py``; ``replay.lookup(self._replays, x)`` finds it)."""
+        return replay.call(self._replays, x, out, p, run)
 
     @classmethod
     def from_config(cls, config, params):

@@ -1,20 +1,40 @@
-"""Launch replay on a real GPU (``npconv/kernels/cuda/replay.py``): each layer whose GPU path is its own launches,
-called at one shape with several inputs, records on the first call and replays on the others. The outputs match the
-CPU path and, bit for bit, the ordinary GPU path (``out=``, never replayed); the emulated twin of this test, with
-the cases where no replay is made, is ``tests/kernels/test_cuda_replay_emulated.py``."""
+"""Launch replay on a real GPU (``npconv/kernels/cuda/replay.py``): each layer whose GPU path is launches and cuBLAS
+products only, called at one shape with several inputs, records on the first call and replays on the others. The
+outputs match the CPU path and the ordinary GPU path (``out=``, never replayed; to float rounding, though the same
+kernels and products should agree bit for bit); the emulated twin of this test, with the cases where no replay is
+made, is ``tests/kernels/test_cuda_replay_emulated.py``."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from npconv.kernels.cuda import replay
+from bicluster_reference import make_factors
+
+from npconv.decompose.bicluster import BiclusterCPResult, BiclusterSVDResult
+from npconv.decompose.shared import SharedSeparableResult
+from npconv.kernels.cuda import ops, replay
 from npconv.layers import Conv2d
+from npconv.layers.bicluster import BiclusterConv2d, SharedSeparableConv2d
 from npconv.layers.lowrank import LowRankConv2d, MonochromaticConv2d, SeparableConv2d
 
 pytestmark = pytest.mark.gpu
 
 
+RANKS = {"cp": 3, "svd": (2, 3), "shared": (3, 4)}
+
+
 def make(kind, rng, C=3, F=24):
+    if kind in ("cp", "svd", "shared"):
+        f = make_factors(kind, rng, np.float64, C, F, 5, 5, (C - C // 2, C // 2), (F - F // 3, F // 3), RANKS[kind])
+        if kind == "shared":
+            return SharedSeparableConv2d(**dict(zip(SharedSeparableResult.FACTORS, f)), bias=rng.standard_normal(F),
+                                         stride=2, padding=0)
+        names = (BiclusterCPResult if kind == "cp" else BiclusterSVDResult).FACTORS
+        return BiclusterConv2d(form=kind, **dict(zip(names, f)), bias=rng.standard_normal(F), stride=2, padding=0)
+    if kind in ("im2col", "winograd"):
+        return Conv2d(rng.standard_normal((F, C, 3, 3)), rng.standard_normal(F), padding=1)
+    if kind == "pointwise":
+        return Conv2d(rng.standard_normal((F, C, 1, 1)), rng.standard_normal(F))
     if kind == "direct":
         return Conv2d(rng.standard_normal((F, C, 7, 7)), rng.standard_normal(F), stride=2, padding=1)
     if kind == "depthwise":
@@ -29,19 +49,26 @@ def make(kind, rng, C=3, F=24):
                            stride=2, padding=1)
 
 
-@pytest.mark.parametrize("kind", ["direct", "depthwise", "monochromatic", "lowrank", "separable"])
-def test_layers_replay_their_launches(cp, rng, dtype, kind):
-    layer = make(kind, rng)
-    shape = (1, 3, 37, 41)
+WIDE = ("im2col", "winograd", "pointwise", "cp", "svd", "shared")
+
+
+@pytest.mark.parametrize("kind", ["direct", "depthwise", "monochromatic", "lowrank", "separable"] + list(WIDE))
+def test_layers_replay_their_launches(cp, rng, dtype, kind, monkeypatch):
+    C = 16 if kind in WIDE else 3
+    layer = make(kind, rng, C=C)
+    if kind == "winograd":
+        monkeypatch.setattr(ops, "WINOGRAD_MIN_TILES", 0)
+    shape = (1, C, 37, 41)
     xs = [rng.standard_normal(shape).astype(dtype) for _ in range(4)]
     want = [layer(x) for x in xs]
     layer.to_gpu()
-    tol = 5e-5 if dtype == np.float32 else 1e-11
+    tol = (5e-5 if dtype == np.float32 else 1e-11) * (4 if kind in WIDE else 1)
     for i, (x, w) in enumerate(zip(xs, want)):
         xd = cp.asarray(x)
         got = layer(xd)
         assert type(layer._replays[shape]) is replay.Replay
         assert isinstance(got, cp.ndarray) and got.dtype == dtype and got.shape == w.shape
         np.testing.assert_allclose(cp.asnumpy(got), w, rtol=tol, atol=tol * 10, err_msg=f"call {i}")
-        plain = cp.empty(got.shape, dtype=dtype)
-        np.testing.assert_array_equal(cp.asnumpy(got), cp.asnumpy(layer(xd, out=plain)))
+        plain = layer(xd, out=cp.empty(got.shape, dtype=dtype))
+        r = 1e-6 if dtype == np.float32 else 1e-14
+        np.testing.assert_allclose(cp.asnumpy(got), cp.asnumpy(plain), rtol=r, atol=r * float(np.abs(w).max()))

@@ -1,9 +1,10 @@
 """Launch replay (``npconv/kernels/cuda/replay.py``) on the emulated CuPy: a GPU layer called again at a shape it
-has seen repeats its recorded launches instead of its host work. Each replayed output is compared with the same
-layer's CPU path (tested against independent references in tests/layers) and, bit for bit, with its ordinary GPU
-path (the call with ``out=``, which never replays). The tests also check when a call is *not* replayed: paths with a
-cuBLAS product, a workspace or a nested op, a changed launch rule, replaced parameters, another dtype, a strided
-input, and that a replay does no packing of arguments at all.
+has seen repeats its recorded device work (launches and ``_gemm.matmul`` products) instead of its host work. Each
+replayed output is compared with the same layer's CPU path (tested against independent references in tests/layers)
+and, bit for bit, with its ordinary GPU path (the call with ``out=``, which never replays). The tests also check when
+a call is *not* replayed (a composed fallback whose nested op completes another array, a chunked batch, too large a
+workspace, a changed launch rule, replaced parameters, another dtype or stream, a strided input) and that a replay
+packs no kernel arguments at all.
 """
 from __future__ import annotations
 
@@ -13,8 +14,12 @@ import numpy as np
 import pytest
 from cuda_emulator import install_as_cupy
 
-from npconv.kernels.cuda import loader, ops, ops_lowrank, replay
+from bicluster_reference import make_factors
+from npconv.decompose.bicluster import BiclusterCPResult, BiclusterSVDResult
+from npconv.decompose.shared import SharedSeparableResult
+from npconv.kernels.cuda import loader, ops, ops_bicluster, ops_lowrank, replay
 from npconv.layers import Conv2d
+from npconv.layers.bicluster import BiclusterConv2d, SharedSeparableConv2d
 from npconv.layers.lowrank import LowRankConv2d, MonochromaticConv2d, SeparableConv2d
 
 pytestmark = pytest.mark.cpuemu
@@ -26,10 +31,26 @@ def cp(monkeypatch):
     yield mod
     loader.clear_cache()
     ops_lowrank.clear_cache()
+    ops_bicluster.clear_cache()
+
+
+RANKS = {"cp": 3, "svd": (2, 3), "shared": (3, 4)}
 
 
 def make(kind, rng, C=3, F=10):
-    """A layer whose GPU path is one launch of its own kernel (a replay)."""
+    """A layer whose GPU path at small batches is launches and cuBLAS products only (a replay)."""
+    if kind in ("cp", "svd", "shared"):
+        f = make_factors(kind, rng, np.float64, C, F, 3, 3, (C - C // 2, C // 2), (F - F // 2, F // 2), RANKS[kind])
+        if kind == "shared":
+            return SharedSeparableConv2d(**dict(zip(SharedSeparableResult.FACTORS, f)), bias=rng.standard_normal(F),
+                                         stride=(2, 1), padding=(1, 0, 2, 1))
+        names = (BiclusterCPResult if kind == "cp" else BiclusterSVDResult).FACTORS
+        return BiclusterConv2d(form=kind, **dict(zip(names, f)), bias=rng.standard_normal(F), stride=(2, 1),
+                               padding=(1, 0, 2, 1))
+    if kind in ("im2col", "winograd"):          # C > ops.DIRECT_CONV_MAX_C: im2col + GEMM + scatter
+        return Conv2d(rng.standard_normal((F, C, 3, 3)), rng.standard_normal(F), padding=1)
+    if kind == "pointwise":                     # 1x1: one GEMM on the input as it is, then the bias
+        return Conv2d(rng.standard_normal((F, C, 1, 1)), rng.standard_normal(F))
     if kind == "direct":                      # conv_direct: C <= ops.DIRECT_CONV_MAX_C
         return Conv2d(rng.standard_normal((F, C, 3, 3)), rng.standard_normal(F), stride=2, padding=1)
     if kind == "depthwise":
@@ -47,6 +68,8 @@ def make(kind, rng, C=3, F=10):
 
 
 KINDS = ["direct", "depthwise", "monochromatic", "lowrank", "separable"]
+#: layers whose replays keep intermediates (workspaces, GEMM results) and need C > 4 input channels
+WIDE = ["im2col", "winograd", "pointwise", "cp", "svd", "shared"]
 
 
 def gpu_without_replay(cp, layer, xd):
@@ -56,14 +79,19 @@ def gpu_without_replay(cp, layer, xd):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KINDS + WIDE)
 def test_second_call_replays_and_matches(cp, rng, monkeypatch, dtype, kind):
-    layer = make(kind, rng)
-    xs = [rng.standard_normal((2, 3, 11, 12)).astype(dtype) for _ in range(3)]
+    C = 6 if kind in WIDE else 3
+    shape = (2, C, 11, 12)
+    layer = make(kind, rng, C=C)
+    if kind == "winograd":
+        monkeypatch.setattr(ops, "WINOGRAD_MIN_TILES", 0)
+    xs = [rng.standard_normal(shape).astype(dtype) for _ in range(3)]
     want = [layer(x) for x in xs]                             # the CPU path
     layer.to_gpu()
     first = layer(cp.asarray(xs[0]))
-    assert type(layer._replays[(2, 3, 11, 12)]) is replay.Replay, "the first GPU call records its launches"
+    assert type(layer._replays[shape]) is replay.Replay, "the first GPU call records its device work"
+    assert (layer._replays[shape].stream is None) == (kind in KINDS), "a replay with intermediates keeps to a stream"
     tol = 2e-5 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(cp.asnumpy(first), want[0], rtol=tol, atol=tol * 10)
 
@@ -72,7 +100,7 @@ def test_second_call_replays_and_matches(cp, rng, monkeypatch, dtype, kind):
     with monkeypatch.context() as m:
         m.setattr(ops, "pack_args", no_packing)               # (sets an ops attribute: advances the generation)
         gen = replay.generation()
-        rep = layer._replays[(2, 3, 11, 12)]
+        rep = layer._replays[shape]
         rep.generation = gen                                  # so that this replay is still current under the patch
         for x, w in zip(xs[1:], want[1:]):
             xd = cp.asarray(x)
@@ -82,6 +110,18 @@ def test_second_call_replays_and_matches(cp, rng, monkeypatch, dtype, kind):
     for x in xs[1:]:                                          # bit for bit the ordinary path's result
         xd = cp.asarray(x)
         np.testing.assert_array_equal(cp.asnumpy(layer(xd)), cp.asnumpy(gpu_without_replay(cp, layer, xd)))
+
+
+def test_a_replay_with_intermediates_keeps_to_its_stream(cp, rng):
+    layer = make("svd", rng, C=6).to_gpu()
+    x = cp.asarray(rng.standard_normal((1, 6, 9, 9)))
+    want = cp.asnumpy(layer(x))
+    rep = layer._replays[(1, 6, 9, 9)]
+    assert rep.stream == 0 and replay.lookup(layer._replays, x) is rep
+    rep._stream_now = lambda: type("Stream", (), {"ptr": 7})()     # the caller is now on another stream
+    assert replay.lookup(layer._replays, x) is None
+    np.testing.assert_array_equal(cp.asnumpy(layer(x)), want)
+    assert layer._replays[(1, 6, 9, 9)] is not rep, "recorded again, for the current stream"
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -126,28 +166,33 @@ def test_a_changed_rule_records_again(cp, rng, monkeypatch):
     monkeypatch.setattr(ops_lowrank, "SEP_CONV_MAX_PIXELS", 0)   # the two-pass path now: factor_conv twice
     assert replay.lookup(layer._replays, x) is None, "a rule set after the recording makes it stale"
     np.testing.assert_allclose(cp.asnumpy(layer(x)), want, rtol=1e-12, atol=1e-12)
-    # two factor_conv launches with an intermediate between them: no replay for this shape in this generation
-    assert type(layer._replays[(1, 3, 12, 12)]) is not replay.Replay
-    np.testing.assert_allclose(cp.asnumpy(layer(x)), want, rtol=1e-12, atol=1e-12)
+    # recorded again: two factor_conv launches now, the intermediate between them kept (so, on this stream)
+    new = layer._replays[(1, 3, 12, 12)]
+    assert type(new) is replay.Replay and new is not old and len(new.ops) == 2 and new.stream is not None
+    x2 = cp.asarray(rng.standard_normal((1, 3, 12, 12)))
+    np.testing.assert_array_equal(cp.asnumpy(layer(x2)), cp.asnumpy(layer(x2, out=cp.empty(want.shape))))
     loader.clear_cache()
     assert replay.generation() > layer._replays[(1, 3, 12, 12)].generation
 
 
 def test_paths_beyond_launches_are_not_replayed(cp, rng, monkeypatch):
-    """im2col + cuBLAS (a dense conv of many channels), a 1x1 conv (a cuBLAS product and a bias launch on its
-    output) and the monochromatic layer's composed fallback (a nested conv completes its own output): each records a
-    note, not a replay, and keeps giving the CPU path's result."""
-    cases = [Conv2d(rng.standard_normal((6, 8, 3, 3)), rng.standard_normal(6), padding=1),
-             Conv2d(rng.standard_normal((6, 8, 1, 1)), rng.standard_normal(6)),
-             make("monochromatic", rng, C=8)]
-    monkeypatch.setattr(ops_lowrank, "mono_tiling", lambda *a: None)     # the composed path
-    for layer in cases:
+    """The monochromatic layer's composed fallback (a nested conv completes its own output, and the colours are
+    written by slicing), a batch in several chunks (views of the input at offsets) and a workspace above
+    ``MAX_HELD_BYTES``: each records a note, not a replay, and keeps giving the CPU path's result."""
+    mono = make("monochromatic", rng, C=8)
+    chunked = make("im2col", rng, C=8)
+    big = make("im2col", rng, C=8)
+    cases = [(mono, "mono_tiling", ops_lowrank, lambda *a: None), (chunked, "WORKSPACE_BYTES", ops, 1),
+             (big, "MAX_HELD_BYTES", replay, 64)]
+    for layer, rule, module, value in cases:
         x = rng.standard_normal((2, 8, 7, 7))
         want = layer(x)
         layer.to_gpu()
-        for _ in range(2):
-            np.testing.assert_allclose(cp.asnumpy(layer(cp.asarray(x))), want, rtol=1e-12, atol=1e-12)
-        assert layer._replays and type(layer._replays[(2, 8, 7, 7)]) is not replay.Replay
+        with monkeypatch.context() as m:
+            m.setattr(module, rule, value)
+            for _ in range(2):
+                np.testing.assert_allclose(cp.asnumpy(layer(cp.asarray(x))), want, rtol=1e-12, atol=1e-12)
+            assert layer._replays and type(layer._replays[(2, 8, 7, 7)]) is not replay.Replay, rule
 
 
 def test_shapes_kept_up_to_the_limit_and_deep_copies(cp, rng):
@@ -178,18 +223,28 @@ def test_make_classes_each_array_argument(cp):
     w, ws = cp.ones(5), cp.zeros(7)
     k = _Kernel()
     rec = replay._Recording()
-    rec.launches.append((k, (1,), (32,), (x[0:1], w, y[0:1], np.int32(3)), 0))
+    rec.ops.append(("launch", k, (1,), (32,), (x[0:1], w, ws, y[0:1], np.int32(3)), 0))
+    rec.ops.append(("launch", k, (2,), (64,), (ws, x.reshape(2, 9), y.reshape(4, 9)), 16))
     rec.completed = y
-    rep = replay._make(rec, x, y, {"w": w}, cp.empty)
-    assert rep is not None
+    stream = cp.cuda.get_current_stream
+    rep = replay._make(rec, x, y, {"w": w}, cp.empty, stream)
+    assert rep is not None and rep.stream == stream().ptr
     x2 = cp.ones((1, 2, 3, 3))
     y2 = rep(x2)
-    grid, block, args, smem = k.calls[-1]
-    assert args[0] is x2 and args[1] is w and args[2] is y2 and args[3] == 3 and y2.shape == (1, 4, 3, 3)
-    assert args[2] is not y
-    assert replay._make(rec, x, y, {}, cp.empty) is None, "w is not a constant of this layer"
-    rec.launches.append((k, (1,), (32,), (ws, y), 0))
-    assert replay._make(rec, x, y, {"w": w}, cp.empty) is None, "a workspace"
-    rec.launches.pop()
+    (_, _, a1, _), (grid, block, a2, smem) = k.calls[-2:]
+    assert a1[0] is x2 and a1[1] is w and a1[2] is ws and a1[3] is y2 and a1[4] == 3 and y2.shape == (1, 4, 3, 3)
+    assert a1[3] is not y
+    assert grid == (2,) and block == (64,) and smem == 16 and a2[0] is ws
+    assert a2[1].shape == (2, 9) and a2[1].data.ptr == x2.data.ptr, "a reshape of the input, of the new input"
+    assert a2[2].shape == (4, 9) and a2[2].data.ptr == y2.data.ptr
+    rec.ops.append(("launch", k, (1,), (32,), (x[:, 1:],), 0))
+    assert replay._make(rec, x, y, {"w": w}, cp.empty, stream) is None, "a part of the input"
+    rec.ops[-1] = ("launch", k, (1,), (32,), (y[:, :2],), 0)
+    assert replay._make(rec, x, y, {"w": w}, cp.empty, stream) is None, "a part of the output"
+    rec.ops.pop()
     rec.completed = cp.empty((1, 4, 3, 3))
-    assert replay._make(rec, x, y, {"w": w}, cp.empty) is None, "completed with another array than the returned one"
+    assert replay._make(rec, x, y, {"w": w}, cp.empty, stream) is None, "completed with another array than the output"
+    rec.completed = y
+    rec.ops[1:] = []
+    rep = replay._make(rec, x, y, {"w": w, "ws": ws}, cp.empty, stream)
+    assert rep.stream is None, "nothing kept but the layer's constants: any stream"

@@ -24,6 +24,7 @@ import functools
 import numpy as np
 
 from ... import _backend
+from . import replay
 
 OP_N, OP_T = 0, 1          # cublasOperation_t
 POINTER_MODE_HOST = 0      # cublasPointerMode_t
@@ -34,8 +35,11 @@ def matmul(a, b, out=None):
     cp = _backend.require_cupy()
     stream = cp.cuda.get_current_stream()
     if stream.is_capturing():
-        return _captured_matmul(cp, a, b, out, stream)
-    return cp.matmul(a, b, out=out)
+        r = _captured_matmul(cp, a, b, out, stream)
+    else:
+        r = cp.matmul(a, b, out=out)
+    replay.recording_matmul(a, b, r)
+    return r
 
 
 def operand(shape, strides, itemsize):
@@ -155,3 +159,6 @@ def _cublas():
     lib.cublasGetPointerMode_v2.argtypes, lib.cublasGetPointerMode_v2.restype = [vp, ctypes.POINTER(i)], i
     lib.cublasSetPointerMode_v2.argtypes, lib.cublasSetPointerMode_v2.restype = [vp, i], i
     return lib
+
+
+replay.watch(__name__)

@@ -223,6 +223,7 @@ def conv2d(x, w, b, *, stride, padding, dilation, groups):
         y = cp.ascontiguousarray(y)
         if has_bias:
             _launch_1d("bias_add", dt, y.size, (y, b, N, F, H * W), "the convolution output")
+        replay.complete(y)
         return y
 
     y = cp.empty((N, F, OH, OW), dtype=dt)
@@ -248,8 +249,9 @@ def conv2d(x, w, b, *, stride, padding, dilation, groups):
 
     if use_winograd(N, C, F, groups, (KH, KW), (sh, sw), (dh, dw), (OH, OW)):
         _conv_winograd(cp, x, w, b, y, pt, pl)
-        return y
-    _conv_im2col(cp, x, w, b, y, groups, geometry)
+    else:
+        _conv_im2col(cp, x, w, b, y, groups, geometry)
+    replay.complete(y)                   # launches and _matmul products only, in both
     return y
 
 

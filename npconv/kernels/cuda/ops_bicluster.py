@@ -54,7 +54,7 @@ import functools
 import numpy as np
 
 from ... import _backend
-from . import loader, ops
+from . import loader, ops, replay
 from ._gemm import matmul as _matmul
 from .ops import I32, IPTR, PTR  # the kinds of the launch table; ops.launch packs every launch
 
@@ -415,6 +415,7 @@ def bicluster_cp_conv2d(x, in_perm, in_off, reduce, vertical, horizontal, expand
                 (x[n0:n0 + m], d_in_perm, d_in_off, reduce, vertical, horizontal, z,
                  m, C, H, W, G, NH, K, X, Y, sh, sw, pt, pl, OH, OW, TW, TH, KC, tiles_w, kchunks), shared_mem=smem)
         _expand_scatter(cp, z, expand, d_out_perm, out_off_h, Fh, bias, y[n0:n0 + m], m, P)
+    replay.complete(y)                   # launches and _matmul products only
     return y
 
 
@@ -477,6 +478,7 @@ def bicluster_svd_conv2d(x, in_perm, in_off, reduce, spatial, expand, out_perm, 
                 (z1, spatial, z2, m, G, NH, K1, K2, H, W, X, Y, sh, sw, pt, pl, OH, OW, CC),
                 shared_mem=CC * X * Y * FT * dt.itemsize)
         _expand_scatter(cp, z2, expand, d_out_perm, out_off_h, Fh, bias, y[n0:n0 + m], m, P)
+    replay.complete(y)                   # launches and _matmul products only
     return y
 
 
@@ -540,4 +542,8 @@ def shared_separable_conv2d(x, in_perm, in_off, reduce, assign, vertical, horizo
         _launch_1d("bic_shared_combine", dt, z.size,
                    (q, reduce, d_slot, d_in_off, d_used_ptr, d_qoff, z, m, P, G, NH, K))
         _expand_scatter(cp, z, expand, d_out_perm, out_off_h, Fh, bias, y[n0:n0 + m], m, P)
+    replay.complete(y)                   # launches and _matmul products only
     return y
+
+
+replay.watch(__name__)

@@ -1,33 +1,36 @@
 """Launch replay: a layer's GPU call at an input shape it has seen, without redoing its host work.
 
-At batch 1 a GPU layer's time is mostly the host's: on the H100 machine's Xeon (twenty-fifth session,
-``docs/gpu_results.md``) the dense ``Conv2d`` of ZF conv1 spent 79 us of host time a call before its 34 us kernel,
-the CUDA launch itself (CuPy packing 20 arguments) a third of it, the rest the checks and the planning of the call in
-Python. All of that depends on the input's shape, dtype and device alone.
+At batch 1 a GPU layer's time is mostly the host's. On the H100 machine's Xeon (twenty-fifth session,
+``docs/gpu_results.md``) the dense ``Conv2d`` of ZF conv1 spent 79 us of host time a call before its 34 us kernel:
+CuPy's launch with 20 arguments a third of it, the rest the checks and the planning of the call in Python, all of
+which depends only on the input's shape, dtype and device.
 
-So a layer whose GPU path for a shape is nothing but kernel launches over the input, the layer's own (cached)
-parameters, arrays built once from host data (``ops.on_device``) and one freshly allocated output records those
-launches on its first call at that shape (:func:`record`): the kernel, grid, block, shared memory and packed
-arguments, each array argument classed as the input, the output or a constant. Later calls with the same input
-shape, dtype, array type and device (:func:`lookup`) allocate the output and launch the same kernels with the new
-input and output in their places (:class:`Replay`).
+So a layer records, on its first call at a shape (:func:`record`), the device work of its ordinary GPU path: each
+kernel launch (``ops.launch``: kernel, grid, block, shared memory, packed arguments) and each matrix product
+(``_gemm.matmul``), in order. Each array they take is classed as the input (or a C-contiguous reshape of it), the
+output (likewise), or an array to keep: the layer's parameters, device index arrays, and the call's intermediates
+(workspaces, GEMM results). Later calls at the same shape, dtype, array type and device (:func:`lookup`) allocate a
+new output and repeat the recorded work with the new input and output in their places (:class:`Replay`), the
+intermediates reused.
 
 What makes a recording a replay, all of it checked:
 
-* the path said so: the GPU entry points call :func:`complete` with their output just before returning it, on the
-  paths whose whole device work is their launches (a cuBLAS product, a copy, a workspace or a nested call's output
-  leaves the call without a replay: the ``complete`` of a nested op names another array than the one returned);
-* every array argument of every launch is the input (same device pointer, shape and dtype), the output (likewise), or
-  a constant: one of the layer's cached parameters or an ``ops.on_device`` array; anything else (a workspace, an
-  intermediate) means no replay for that shape;
+* the path said so: the GPU entry points call :func:`complete` with their output before returning it, on the paths
+  whose whole device work is launches and ``_gemm.matmul`` products (a copy or a slice assignment in CuPy, as in the
+  monochromatic layer's composed fallback, leaves the call without a replay). An entry point that returns another
+  entry point's output unchanged may do nothing else on the device before it (the separable layer's two passes);
+* no kept array overlaps the input or the output other than as a whole (a batch in chunks, views at offsets, is not
+  replayed);
+* the kept intermediates take at most :data:`MAX_HELD_BYTES` (a layer keeps them between calls);
+* a replay that keeps intermediates runs on the stream it was recorded on, so that two streams never share them
+  (calls on one stream are ordered); on another stream the call is recorded again;
 * the launch rules were not changed since: setting any attribute of a watched module (``ops``, ``ops_lowrank``,
-  ``loader``: the modules of the paths that complete, whose constants tests and benches set to compare rules) or
-  ``loader.clear_cache()`` advances :func:`generation`, and a replay of an older generation is not used (the next
-  call records again).
+  ``ops_bicluster``, ``_gemm``, ``loader``, as tests and benches do to compare rules) or ``loader.clear_cache()``
+  advances :func:`generation`, and a replay of an older generation is not used (the next call records again).
 
-The layer keeps its replays in a small dict (:func:`new_table`) that it empties whenever its parameters are replaced
-(``Layer._sync_params``). A call with ``out=`` takes the ordinary path. Replays run on the current stream, as the
-recorded call did.
+The layer keeps its replays in a small table (:func:`new_table`) that it empties whenever its parameters are replaced
+(``Layer._sync_params``) and that a deep copy does not copy. A call with ``out=`` takes the ordinary path, and nothing
+is recorded while a CUDA graph is being captured (``Network.cuda_graph``).
 """
 from __future__ import annotations
 
@@ -35,7 +38,8 @@ import sys
 import threading
 import types
 
-__all__ = ["new_table", "record", "lookup", "complete", "generation", "advance", "watch", "Replay", "MAX_SHAPES"]
+__all__ = ["new_table", "lookup", "call", "record", "complete", "generation", "advance", "watch", "Replay",
+           "MAX_SHAPES", "MAX_HELD_BYTES"]
 
 #: input shapes a layer keeps replays for; past it the table starts afresh
 MAX_SHAPES = 8
@@ -72,65 +76,110 @@ def watch(module_name: str) -> None:
 
 
 class _Recording:
-    __slots__ = ("launches", "completed")
+    __slots__ = ("ops", "completed")
 
     def __init__(self):
-        self.launches = []
+        self.ops = []
         self.completed = None
+
+
+_LAUNCH, _MATMUL = "launch", "matmul"        # the kinds of recorded device work
 
 
 def recording_launch(kernel, grid, block, args, shared_mem):
     """Called by ``ops.launch`` after each launch: note it if a recording is on in this thread."""
     rec = getattr(_local, "rec", None)
     if rec is not None:
-        rec.launches.append((kernel, grid, block, args, shared_mem))
+        rec.ops.append((_LAUNCH, kernel, grid, block, args, shared_mem))
+
+
+def recording_matmul(a, b, out):
+    """Called by ``_gemm.matmul`` after each product (``out`` the array it wrote): note it if a recording is on."""
+    rec = getattr(_local, "rec", None)
+    if rec is not None:
+        rec.ops.append((_MATMUL, a, b, out))
 
 
 def complete(y) -> None:
-    """Say that the launches of this call so far are all the device work that produced ``y``, the array the entry
-    point returns (a no-op unless a recording is on)."""
+    """Say that the device work of this call so far (its launches and ``_gemm.matmul`` products) is all the work
+    that produced ``y``, the array the entry point returns (a no-op unless a recording is on)."""
     rec = getattr(_local, "rec", None)
     if rec is not None:
         rec.completed = y
 
 
-_X, _Y = object(), object()           # argument slots of the input and of the output
+_X, _Y = "x", "y"                     # argument slots of the input and of the output
+
+#: bytes of intermediate arrays (workspaces) one replay may keep between calls; a call needing more is not replayed
+MAX_HELD_BYTES = 16 * 2**20
 
 
 class Replay:
-    """The launches of one recorded call; ``replay(x)`` repeats them on a new input of the same shape and dtype and
-    returns the new output."""
-    __slots__ = ("launches", "out_shape", "dtype", "xtype", "device", "generation", "_empty")
+    """The device work of one recorded call; ``replay(x)`` repeats it on a new input of the same shape and dtype
+    (the output newly allocated, intermediates reused) and returns the new output."""
+    __slots__ = ("ops", "out_shape", "dtype", "xtype", "device", "stream", "generation", "_empty", "_stream_now",
+                 "_matmul")
 
-    def __init__(self, launches, out_shape, dtype, xtype, device, empty):
-        self.launches = launches
+    def __init__(self, ops, out_shape, dtype, xtype, device, stream, empty, stream_now, matmul):
+        self.ops = ops
         self.out_shape = out_shape
         self.dtype = dtype
         self.xtype = xtype
         self.device = device
+        self.stream = stream              # the stream it must run on (it keeps intermediates), or None: any
         self.generation = generation()
         self._empty = empty
+        self._stream_now = stream_now
+        self._matmul = matmul
 
     def __call__(self, x):
         y = self._empty(self.out_shape, dtype=self.dtype)
-        for kernel, grid, block, args, smem, slots in self.launches:
+        for op in self.ops:
+            slots = op[-1]
+            args = op[-2]
             if slots:
                 args = list(args)
-                for i, which in slots:
-                    args[i] = x if which is _X else y
-                args = tuple(args)
-            kernel(grid, block, args, shared_mem=smem)
+                for i, which, shape in slots:
+                    v = x if which is _X else y
+                    args[i] = v if shape is None else v.reshape(shape)
+            if op[0] is _LAUNCH:
+                op[1](op[2], op[3], tuple(args), shared_mem=op[4])
+            else:
+                self._matmul(args[0], args[1], out=args[2])
         return y
 
 
-def _same_array(a, b):
-    return (a.data.ptr == b.data.ptr and a.shape == b.shape and a.dtype == b.dtype
-            and a.flags.c_contiguous and b.flags.c_contiguous)
+def _slot(a, x, y):
+    """(which, shape) when ``a`` is x or y (shape None) or a C-contiguous reshape of one of them, else None."""
+    for which, v in ((_X, x), (_Y, y)):
+        if (a.data.ptr == v.data.ptr and a.dtype == v.dtype and a.size == v.size and a.flags.c_contiguous
+                and v.flags.c_contiguous):
+            return which, (None if tuple(a.shape) == tuple(v.shape) else tuple(a.shape))
+    return None
+
+
+def _extent(a):
+    """[lo, hi) device addresses an array's elements lie in."""
+    lo = hi = a.data.ptr
+    for n, st in zip(a.shape, a.strides):
+        if n > 1:
+            if st < 0:
+                lo += (n - 1) * st
+            else:
+                hi += (n - 1) * st
+    return lo, hi + a.itemsize
+
+
+def _overlaps(a, b):
+    if a.size == 0 or b.size == 0:
+        return False
+    (alo, ahi), (blo, bhi) = _extent(a), _extent(b)
+    return alo < bhi and blo < ahi
 
 
 def _constants(params):
-    """ids of the arrays a recorded launch may keep: the layer's cached parameters and the ``ops.on_device`` arrays
-    (device copies of host index data, never written)."""
+    """ids of the arrays that stay the same between calls without being kept by a replay: the layer's cached
+    parameters and the ``ops.on_device`` arrays (device copies of host index data, never written)."""
     from . import ops
     ids = set()
 
@@ -147,26 +196,37 @@ def _constants(params):
     return ids
 
 
-def _make(rec, x, y, params, empty):
+def _make(rec, x, y, params, empty, stream_now):
     """The :class:`Replay` of a recording, or None when it is not one (see the module docstring)."""
-    if rec.completed is not y or not rec.launches:
+    if rec.completed is not y or not rec.ops:
         return None
+    from ._gemm import matmul
     xtype = type(x)
     consts = _constants(params)
-    launches = []
-    for kernel, grid, block, args, smem in rec.launches:
+    held, held_bytes = set(), 0
+    ops = []
+    for op in rec.ops:
+        args = op[4] if op[0] is _LAUNCH else op[1:4]
         slots = []
         for i, a in enumerate(args):
             if not isinstance(a, xtype):
                 continue                                # a packed scalar
-            if _same_array(a, x):
-                slots.append((i, _X))
-            elif _same_array(a, y):
-                slots.append((i, _Y))
-            elif id(a) not in consts:
-                return None                             # a workspace or an intermediate: no replay
-        launches.append((kernel, grid, block, args, smem, tuple(slots)))
-    return Replay(tuple(launches), tuple(y.shape), y.dtype, xtype, x.data.device_id, empty)
+            slot = _slot(a, x, y)
+            if slot is not None:
+                slots.append((i,) + slot)
+            elif _overlaps(a, x) or _overlaps(a, y):
+                return None                             # a part of the input or output: not replayed
+            elif id(a) not in consts and id(a) not in held:
+                held.add(id(a))
+                held_bytes += a.nbytes
+        if op[0] is _LAUNCH:
+            ops.append((_LAUNCH, op[1], op[2], op[3], op[5], op[4], tuple(slots)))
+        else:
+            ops.append((_MATMUL, tuple(args), tuple(slots)))
+    if held_bytes > MAX_HELD_BYTES:
+        return None
+    stream = stream_now().ptr if held else None
+    return Replay(tuple(ops), tuple(y.shape), y.dtype, xtype, x.data.device_id, stream, empty, stream_now, matmul)
 
 
 class _Table(dict):
@@ -183,13 +243,14 @@ def new_table() -> dict:
 
 
 def lookup(table, x):
-    """The replay in ``table`` for input ``x``, or None: same shape, array type, dtype and device, C-contiguous, and
-    recorded in the current generation."""
+    """The replay in ``table`` for input ``x``, or None: same shape, array type, dtype and device, C-contiguous,
+    recorded in the current generation, and (for one that keeps intermediates) on the same stream."""
     if not table:
         return None
     rep = table.get(getattr(x, "shape", None))
     if (type(rep) is not Replay or rep.generation != _GENERATION[0] or type(x) is not rep.xtype or x.dtype != rep.dtype
-            or not x.flags.c_contiguous or x.data.device_id != rep.device):
+            or not x.flags.c_contiguous or x.data.device_id != rep.device
+            or (rep.stream is not None and rep._stream_now().ptr != rep.stream)):
         return None
     return rep
 
@@ -202,13 +263,16 @@ class _NoReplay:
         self.generation = generation()
 
 
-def record(table, x, params, run, empty):
+def record(table, x, params, run, xp):
     """``run()`` (the layer's ordinary GPU path for ``x``), recorded; the replay of it, if it is one, goes into
     ``table`` under x's shape, else a note not to record this shape again in this generation. ``params``: the
-    layer's cached parameters (the arrays a launch may keep); ``empty``: the array module's ``empty``. Returns run()'s
-    result."""
+    layer's cached parameters (arrays that stay); ``xp``: x's array module. Returns run()'s result. Nothing is
+    recorded while a CUDA graph is being captured on the current stream (``Network.cuda_graph``)."""
     seen = table.get(x.shape)
     if type(seen) is _NoReplay and seen.generation == _GENERATION[0]:
+        return run()
+    stream_now = xp.cuda.get_current_stream
+    if stream_now().is_capturing():
         return run()
     rec = _Recording()
     outer = getattr(_local, "rec", None)
@@ -217,13 +281,22 @@ def record(table, x, params, run, empty):
         y = run()
     finally:
         _local.rec = outer
-    if outer is not None:                 # a layer inside a recorded call: its launches belong to the outer record
-        outer.launches.extend(rec.launches)
+    if outer is not None:                 # a layer inside a recorded call: its work belongs to the outer record
+        outer.ops.extend(rec.ops)
         return y
     if not x.flags.c_contiguous:
         return y
-    rep = _make(rec, x, y, params, empty)
+    rep = _make(rec, x, y, params, xp.empty, stream_now)
     if len(table) >= MAX_SHAPES:
         table.clear()
     table[tuple(x.shape)] = _NoReplay() if rep is None else rep
     return y
+
+
+def call(table, x, out, params, run):
+    """A layer's call: ``run()`` (its ordinary path), recorded when x is a CuPy array and there is no ``out``
+    (:func:`record`). The layer looks its replays up first (:func:`lookup`), before its own checks."""
+    from ..._backend import get_array_module, is_cupy_array
+    if out is not None or not is_cupy_array(x):
+        return run()
+    return record(table, x, params, run, get_array_module(x))
