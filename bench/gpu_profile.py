@@ -147,12 +147,14 @@ def _profiled(run, name):
 
 
 #: the ncu workloads: name -> (batch, what); "conv<k>" is npconv's dense ZF conv<k> and cuDNN's, "cp<K>" the biclustered
-#: CP layer G=48 H=2 with that K, "mono<C'>" the monochromatic ZF conv1 with C' colours, "svd<t>" / "sep<K>" its
+#: CP layer G=48 H=2 with that K, "bsvd" / "bshared" the biclustered SVD (19, 51) and shared (K 6, S 4) layers,
+#: "mono<C'>" the monochromatic ZF conv1 with C' colours, "svd<t>" / "sep<K>" its
 #: low-rank (rank t) and separable (rank K) forms, "sepf<K>" the separable form in one sep_conv launch
 NCU_WORKLOADS = {"b128": ((128, "conv2"), (128, "cp8"), (128, "cp12"), (128, "mono24")),
                  "b1": ((1, "conv2"), (1, "cp8")),
                  "convs": ((8, "conv3"), (8, "conv4")),
                  "cp": ((128, "cp6"), (128, "cp8"), (128, "cp12"), (1, "cp8"), (1, "cp12")),
+                 "bic1": ((1, "conv2"), (1, "bsvd"), (1, "bshared"), (1, "cp8")),
                  "lr": ((1, "conv1"), (1, "mono4"), (1, "svd8"), (1, "sep4"), (128, "svd8"), (128, "sep4")),
                  "sep": ((1, "sep4"), (1, "sepf4"), (128, "sep4"), (128, "sepf4"))}
 
@@ -182,6 +184,9 @@ def ncu_workloads(which="b128"):
             del x
         elif what.startswith("cp"):
             _profiled(factored_callable("cp", (48, 2, int(what[2:])), N, ZF_CONV2, np.float32), f"{what}_b{N}")
+        elif what in ("bsvd", "bshared"):           # the biclustered SVD (19, 51) and shared (K 6, S 4) conv2
+            opts = (2, 2, (19, 51)) if what == "bsvd" else (48, 2, 6, 4)
+            _profiled(factored_callable(what[1:], opts, N, ZF_CONV2, np.float32), f"{what}_b{N}")
         else:
             kind = what.rstrip("0123456789")
             method = {"mono": "monochromatic", "svd": "conv_svd", "sep": "separable", "sepf": "separable"}[kind]
