@@ -6,6 +6,7 @@
     python bench/gpu_profile.py small [--out FILE.json]   # small batches: dense vs cuDNN, fused expansion or not
     python bench/gpu_profile.py cpblock [--out FILE.json] # the CP front end with 1, 2, 4 images a block
     python bench/gpu_profile.py lowrank [--out FILE.json] # ZF conv1's low-rank and separable forms, rules A/B
+    python bench/gpu_profile.py bicrules [--out FILE.json] # the biclustered SVD and shared conv2 rules at batch 1, 8
 
 ``probe`` times, on ZF conv2 (96 -> 256, 5x5, stride 2, 55x55) at batch 128 and the CIFAR reference net's conv2:
 the whole npconv conv (im2col + GEMM + scatter, the chunk size that ``ops.WORKSPACE_BYTES`` gives and larger ones),
@@ -42,6 +43,10 @@ its filters shared among blocks below 0 (never), 256, 512 or 1024 blocks (``SEP_
 at batches 1 and 8 the monochromatic form (C' = 4, 6) with its colours' filters shared in 8- or 4-filter shares up
 to 512 or 1024 blocks (``MONO_SHARE_FILTERS``, ``MONO_MIN_BLOCKS``: ``MONO_SHARE_RULES``); and the dense conv1,
 npconv and cuDNN, as the reference of each batch.
+``bicrules`` times the biclustered SVD conv2 ((K1, K2) = (19, 51)) with ``bic_svd_spatial`` in blocks of 256, 128
+or 64 threads (``ops_bicluster.SVD_SPATIAL_MIN_BLOCKS``) and the shared separable conv2 (K = 6, S = 4) with its
+combination fused into the expansion or not (``SHARED_FUSED_MAX_COLUMNS``), at batches 1 and 8, against the dense
+``Conv2d`` layer, the layers replaying their launches (:func:`bic_rules`).
 ``cpblock`` times the biclustered CP conv2 (K = 6, 8, 12, batch 128) with ``ops_bicluster.CP_IMAGES_PER_BLOCK`` at
 1, 2 and 4 in alternation, and checks that the outputs agree (``ncu --workloads cp`` profiles the front end alone).
 """
@@ -379,6 +384,72 @@ def launch_costs(cp, calls=2000):
     return out
 
 
+#: bicrules: the rule settings compared, name -> (module attribute, value); None: the module's default
+BIC_RULES = {"svd": {"svd_t256": ("SVD_SPATIAL_MIN_BLOCKS", 0), "svd_t128": ("SVD_SPATIAL_MIN_BLOCKS", 100),
+                     "svd_t64": ("SVD_SPATIAL_MIN_BLOCKS", 10**9)},
+             "shared": {"shared_fused": ("SHARED_FUSED_MAX_COLUMNS", 1 << 62),
+                        "shared_unfused": ("SHARED_FUSED_MAX_COLUMNS", 0)}}
+
+
+def bic_rules(batches=(1, 8), rounds=12, block=5, quick=False):
+    """The biclustered SVD and shared conv2 layers at small batches under each setting of :data:`BIC_RULES`, with
+    the dense ``Conv2d`` layer as the reference: rounds in which each case in turn is set up (its rule set, one
+    untimed call, which records the layer's replay), timed ``block`` times with CUDA events after a synchronize
+    (latency) and once as 20 calls queued back to back. Returns {"<case>/b<N>": {"latency_ms", "queued_ms",
+    "speedup_vs_dense"}} (medians over the rounds; the speed-up the median of the rounds' latency ratios)."""
+    import time
+
+    import cupy as cp
+
+    from bench.bench_gpu_bicluster import ZF_CONV2, dense_callable, factored_callable
+    from npconv.kernels.cuda import ops_bicluster
+    geom = QUICK_CONV2 if quick else ZF_CONV2
+    opts = {"svd": (2, 2, (2, 3)) if quick else (2, 2, (19, 51)), "shared": (4, 2, 3, 2) if quick else (48, 2, 6, 4)}
+    if quick:
+        batches, rounds, block = batches[:1], 2, 1
+    once = bench_event_timer()
+    sync = cp.cuda.Device().synchronize
+    out = {}
+    for N in batches:
+        cases = {"dense": (dense_callable(N, geom, np.float32), None)}
+        for kind, settings in BIC_RULES.items():
+            layer = factored_callable(kind, opts[kind], N, geom, np.float32)
+            for name, rule in settings.items():
+                cases[name] = (layer, rule)
+        lat = {k: [] for k in cases}
+        queued = {k: [] for k in cases}
+        for _ in range(rounds):
+            for name, (fn, rule) in cases.items():
+                saved = None
+                if rule is not None:
+                    saved = getattr(ops_bicluster, rule[0])
+                    setattr(ops_bicluster, rule[0], rule[1])
+                try:
+                    fn()
+                    lat[name].append(float(np.median([once(fn) for _ in range(block)])))
+                    sync()
+                    t0 = time.perf_counter()
+                    for _ in range(20):
+                        fn()
+                    sync()
+                    queued[name].append(1e3 * (time.perf_counter() - t0) / 20)
+                finally:
+                    if saved is not None:
+                        setattr(ops_bicluster, rule[0], saved)
+        for name in cases:
+            ratio = float(np.median([d / t for d, t in zip(lat["dense"], lat[name])]))
+            out[f"{name}/b{N}"] = {"latency_ms": float(np.median(lat[name])),
+                                   "queued_ms": float(np.median(queued[name])), "speedup_vs_dense": ratio}
+            print(f"{name}/b{N}: latency {out[f'{name}/b{N}']['latency_ms']:.4f} ms, queued "
+                  f"{out[f'{name}/b{N}']['queued_ms']:.4f} ms, dense / this {ratio:.2f}", flush=True)
+    return out
+
+
+def bench_event_timer():
+    from bench.bench_gpu import event_timer
+    return event_timer("cupy")
+
+
 #: ZF conv2-conv5: (C, H=W, F, K, stride, padding)
 ZF_CONVS = {"conv2": (96, 55, 256, 5, 2, 0), "conv3": (256, 13, 384, 3, 1, 1), "conv4": (384, 13, 384, 3, 1, 1),
             "conv5": (384, 13, 256, 3, 1, 1)}
@@ -607,7 +678,7 @@ def cp_images_per_block(per_block=(1, 2, 4), ks=(6, 8, 12), N=128, repeat=15, qu
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=("probe", "ncu", "host", "small", "cpblock", "lowrank"))
+    ap.add_argument("what", choices=("probe", "ncu", "host", "small", "cpblock", "lowrank", "bicrules"))
     ap.add_argument("--out", help="JSON file for the probe's times (written atomically)")
     ap.add_argument("--workloads", choices=sorted(NCU_WORKLOADS), default="b128",
                     help="ncu: which set of workloads (NCU_WORKLOADS)")
@@ -618,8 +689,8 @@ def main(argv=None):
     if why is not None:
         print(f"gpu_profile {args.what}: skipped, no GPU ({why})")
         return 0
-    if args.what in ("probe", "host", "small", "cpblock", "lowrank"):
-        run = {"probe": probe, "host": lambda: host(quick=args.quick),
+    if args.what in ("probe", "host", "small", "cpblock", "lowrank", "bicrules"):
+        run = {"probe": probe, "host": lambda: host(quick=args.quick), "bicrules": lambda: bic_rules(quick=args.quick),
                "small": lambda: probe_small(quick=args.quick),
                "lowrank": lambda: probe_lowrank(quick=args.quick),
                "cpblock": lambda: cp_images_per_block(quick=args.quick)}[args.what]
