@@ -67,6 +67,9 @@ def test_every_launch_matches_ptx(recording, monkeypatch, rng, dtype_name):
         entry[kind](x, *args, cp.asarray(rng.standard_normal(6).astype(dt)), stride=(2, 1), padding=(1, 0, 2, 1))
         entry[kind](x, *args, None, stride=(1, 1), padding=(0, 0, 0, 0))
         with monkeypatch.context() as mp:
+            mp.setattr(ops_bicluster, "SHARED_FUSED_MAX_COLUMNS", 1 << 62)   # bic_expand_shared (off by default)
+            entry[kind](x, *args, None, stride=(1, 1), padding=(0, 0, 0, 0))
+        with monkeypatch.context() as mp:
             mp.setattr(ops_bicluster, "EXPAND_TILED_MAX_COLUMNS", 0)     # a GEMM and a scatter a group
             mp.setattr(ops_bicluster, "REDUCE_TILED_MAX_COLUMNS", 0)     # bic_gather and a GEMM a group
             entry[kind](x, *args, None, stride=(1, 1), padding=(0, 0, 0, 0))

@@ -31,6 +31,16 @@ def front(kind, X, SH, fused=True):
             "shared": ["bic_shared_filter"] + ([] if fused else ["bic_shared_combine"])}[kind]
 
 
+SHARED_FUSED_DEFAULT = ops_bicluster.SHARED_FUSED_MAX_COLUMNS
+
+
+@pytest.fixture(autouse=True)
+def fused_shared_combination(monkeypatch):
+    """The shared form's combination fused into its expansion (bic_expand_shared) wherever the expansion is one
+    launch, as these tests expect; the default (``SHARED_FUSED_MAX_COLUMNS`` 0, never fused) has a test of its own."""
+    monkeypatch.setattr(ops_bicluster, "SHARED_FUSED_MAX_COLUMNS", 1 << 62)
+
+
 def launches(kind, X, SH, fused=True, NH=3):
     """Every launch of ``kind``: the front end, then the expansion (one fused launch for few columns, else a scatter
     after each of the NH output groups' GEMMs)."""
@@ -293,10 +303,11 @@ def test_svd_spatial_with_smaller_blocks(fc, launched, monkeypatch, rng, dtype, 
     assert launched == ["bic_reduce", "bic_svd_spatial", "bic_expand"]
 
 
-def test_shared_combination_unfused_by_rule(fc, launched, monkeypatch, rng, dtype, order):
-    """SHARED_FUSED_MAX_COLUMNS below the columns: bic_shared_combine into Z, then one bic_expand launch (not
-    bic_expand_shared), the same result."""
-    monkeypatch.setattr(ops_bicluster, "SHARED_FUSED_MAX_COLUMNS", 0)
+def test_shared_combination_unfused_by_default(fc, launched, monkeypatch, rng, dtype, order):
+    """SHARED_FUSED_MAX_COLUMNS (the module's default, not the autouse fixture's) below the columns:
+    bic_shared_combine into Z, then one bic_expand launch (not bic_expand_shared), the same result."""
+    monkeypatch.setattr(ops_bicluster, "SHARED_FUSED_MAX_COLUMNS", SHARED_FUSED_DEFAULT)
+    assert SHARED_FUSED_DEFAULT < 5 * 10                  # the output: 5 x 10 columns
     C, F, X, Y = 7, 9, 3, 4
     f = make_factors("shared", rng, dtype, C, F, X, Y, (1, 4, 2), (2, 3, 4), RANKS["shared"])
     x = rng.standard_normal((1, C, 11, 10)).astype(dtype)

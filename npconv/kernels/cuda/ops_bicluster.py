@@ -101,15 +101,19 @@ EXPAND_TILED_MAX_COLUMNS = 4096
 #: docs/gpu_results.md) on ZF conv2 (3025 input pixels an image): fused, a layer call was 1.49-2.05x faster queued and
 #: 1.53-1.83x in latency at batches 1, 2, 4 and 8; batch 8 (24200 columns) is the largest measured, hence the bound.
 REDUCE_TILED_MAX_COLUMNS = 24576
-#: bic_svd_spatial's threads a block: 256, halved (down to 64) while its grid has fewer than this many blocks, so that
-#: at small batches more SMs get work (at batch 1 on ZF conv2, (19, 51), its 48 blocks of 256 threads took 83 us of the
-#: layer's 101 on an H100: twenty-fifth session, docs/gpu_results.md). 0: always 256.
+#: bic_svd_spatial's threads a block: 256, halved (down to 64) while its grid has fewer than this many blocks. At batch
+#: 1 on ZF conv2 ((19, 51): 48 blocks of 256 threads, 83 us of the layer's 101 on an H100) smaller blocks were slower:
+#: the layer 0.68-0.69x the dense layer's speed with 128 or 64 threads, 0.78x with 256; at batch 8 1.05-1.18x either
+#: way (twenty-fifth session, docs/gpu_results.md). So 0: always 256; the kernel's serial work per thread (K1 x X x Y
+#: taps for 16 filters) is what batch 1 lacks parallelism for.
 SVD_SPATIAL_MIN_BLOCKS = 0
 #: the shared separable form forms its combination inside the expansion (one bic_expand_shared launch) for at most
 #: this many columns (images x output positions) where the expansion is one launch; above it, bic_shared_combine into
-#: Z and then bic_expand (at batch 1 on ZF conv2, bic_expand_shared took 101 us of the layer's 114 on an H100 at 4%
-#: occupancy, where bic_expand alone took 30 us for the CP form: twenty-fifth session).
-SHARED_FUSED_MAX_COLUMNS = 1 << 62
+#: Z and then the expansion (bic_expand). On an H100 (twenty-fifth session, ZF conv2 K 6 S 4, layers replayed), at
+#: batch 1 bic_expand_shared took 101 us of the layer's 114 at 4% occupancy, and the layer ran 0.70x the dense layer's
+#: speed fused against 1.46x unfused (batch 8 is above EXPAND_TILED_MAX_COLUMNS: no one-launch expansion there).
+#: Hence never fused.
+SHARED_FUSED_MAX_COLUMNS = 0
 #: bic_expand's tile (rows x columns, NPC_TG_BM x NPC_TG_BN in _bicluster.cu) and threads a block (NPC_TG_THREADS)
 EXPAND_TILE = (32, 32)
 EXPAND_THREADS = 64
