@@ -10,10 +10,12 @@ measures that part on any machine: it runs the GPU code path on the CuPy stand-i
 (its launch, its cuBLAS call, its allocator) are not in it; ``bench/gpu_profile.py host`` measures the whole on a
 GPU.
 
-Workloads at batch 1, ZF shapes: the dense conv2 through ``npconv.functional.conv2d``, the biclustered CP conv2 layer
+Workloads at batch 1, ZF shapes: the dense conv2 through ``npconv.functional.conv2d`` and as the ``Conv2d`` layer
+(which replays its recorded launches from its second call on: ``kernels/cuda/replay.py``), the biclustered CP conv2 layer
 (G=48, H=2, K=8), the biclustered SVD conv2 layer (G=H=2, (19, 51)) as it runs (``bic_reduce``) and with its gather
 and reductions as ``bic_gather`` and a GEMM a group (``svd_layer_gather_gemms``), the shared separable conv2 layer
-(G=48, H=2, K=6, S=4), the dense conv1, its monochromatic (C'=6), low-rank (rank 8) and separable (rank 4) layers,
+(G=48, H=2, K=6, S=4), the dense conv1 (function and layer), its monochromatic (C'=6), low-rank (rank 8) and
+separable (rank 4) layers,
 and the whole dense ZF network's ``forward``. Prints
 the best of five runs of ``--calls`` calls (microseconds per call), and with ``--profile`` cProfile's 12 functions
 with the most own time per workload.
@@ -107,12 +109,17 @@ def workloads(fake, quick=False):
             return svd()
         finally:
             ops_bicluster.REDUCE_TILED_MAX_COLUMNS = saved
+    from npconv.layers import Conv2d
+    conv2_layer = Conv2d(np.asarray(w), np.asarray(b), stride=s, padding=p).to_gpu()
+    conv1_layer = Conv2d(np.asarray(w1), np.asarray(b1), stride=s1, padding=p1).to_gpu()
     return {"conv2": lambda: conv2d(x, w, b, stride=s, padding=p),
+            "conv2_layer": lambda: conv2_layer(x),
             "cp8_layer": factored_callable("cp", (4, 2, 2) if quick else (48, 2, 8), 1, conv2, np.float32),
             "svd_layer": svd,
             "svd_layer_gather_gemms": svd_gather_gemms,
             "shared_layer": factored_callable("shared", (4, 2, 3, 2) if quick else (48, 2, 6, 4), 1, conv2, np.float32),
             "conv1": lambda: conv2d(x1, w1, b1, stride=s1, padding=p1),
+            "conv1_layer": lambda: conv1_layer(x1),
             "monochromatic6_layer": lowrank_callable("monochromatic", 2 if quick else 6, 1, conv1, np.float32),
             "conv_svd8_layer": lowrank_callable("conv_svd", 8, 1, conv1, np.float32),
             "separable4_layer": lowrank_callable("separable", 4, 1, conv1, np.float32),

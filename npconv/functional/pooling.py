@@ -101,7 +101,7 @@ def max_pool2d(x, kernel, *, stride=None, padding=0, ceil_mode=False, relu=False
         from ..kernels.cuda import ops
         y = ops.max_pool2d(xp.ascontiguousarray(x), kernel=k, stride=s, padding=p, out_hw=(oh, ow))
         if relu:
-            xp.maximum(y, y.dtype.type(0), out=y)
+            ops.bias_relu(y, None)          # in place, one launch (which a layer's replay records)
         return fill_out(y, out)
     from ..kernels.cpu.pool import max_pool2d_planes, serial_if_small
     planes = np.ascontiguousarray(x).reshape(N * C, H, W)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._backend import is_cupy_array, require_cupy
+from ..kernels.cuda import replay
 
 __all__ = ["Layer", "register_layer", "layer_class", "LAYER_REGISTRY"]
 
@@ -46,6 +47,8 @@ class Layer:
 
     def __init__(self):
         self.params: dict = {}
+        #: recorded GPU calls by input shape (``kernels/cuda/replay.py``), emptied with the parameters
+        self._replays = replay.new_table()
 
     # --- computation ---------------------------------------------------------------------------------
     def forward(self, x):
@@ -99,6 +102,7 @@ class Layer:
 
     def _sync_params(self):
         """Called after ``params`` were replaced; layers that cache derived arrays refresh them here."""
+        self._replays.clear()
         for k, v in self.params.items():
             if hasattr(self, k):
                 setattr(self, k, v)

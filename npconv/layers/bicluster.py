@@ -58,7 +58,6 @@ class _FactoredConv(Layer):
         if bias is not None:
             self.params["bias"] = bias
         self._cache = {}
-        self._replays = replay.new_table()
 
     @property
     def bias(self):

@@ -44,7 +44,6 @@ class _WeightedLayer(Layer):
     def __init__(self):
         super().__init__()
         self._cast = _WeightCast()
-        self._replays = replay.new_table()
 
     def _params_for(self, x):
         check_array(x, "x")     # a list or scalar: the TypeError every layer gives, before x.dtype below
@@ -146,10 +145,12 @@ class Linear(_WeightedLayer):
         return self.params.get("bias")
 
     def forward(self, x):
+        rep = replay.lookup(self._replays, x)
+        if rep is not None:                 # this shape's GPU work, recorded (``_WeightedLayer._recorded``)
+            return rep(x)
         p = self._params_for(x)
-        if x.ndim > 2:
-            x = x.reshape(x.shape[0], -1)
-        return F.linear(x, p["weight"], p.get("bias"))
+        x2 = x.reshape(x.shape[0], -1) if x.ndim > 2 else x
+        return self._recorded(x, None, p, lambda: F.linear(x2, p["weight"], p.get("bias")))
 
     def output_shape(self, in_shape):
         n_in = int(np.prod(in_shape))

@@ -15,6 +15,7 @@ from .._validate import as_pair, check_float_array, check_int, check_real
 from ..functional.activation import dropout, flatten, relu, softmax
 from ..functional.normalization import _normalize, local_response_norm
 from ..functional.pooling import _check_bool, _pool_args, avg_pool2d, max_pool2d, pool2d_out_hw
+from ..kernels.cuda import replay
 from .base import Layer, register_layer
 
 __all__ = ["MaxPool2d", "AvgPool2d", "LocalResponseNorm", "Normalize", "ReLU", "Softmax", "Flatten", "Dropout"]
@@ -33,6 +34,11 @@ class _Pool2d(Layer):
         super().__init__()
         k, s, p, ceil_mode = _pool_args(kernel, stride, padding, ceil_mode)
         self.kernel, self.stride, self.padding, self.ceil_mode = k, s, p, ceil_mode
+        self._replays_relu = replay.new_table()      # MaxPool2d's calls with relu=True
+
+    def _sync_params(self):
+        super()._sync_params()
+        self._replays_relu.clear()
 
     def config(self):
         return {"kernel": list(self.kernel), "stride": list(self.stride), "padding": list(self.padding),
@@ -59,8 +65,13 @@ class MaxPool2d(_Pool2d):
 
     def forward(self, x, *, out=None, relu=False):
         """``relu=True``: the pooling of ``relu(x)``, in one pass (see :func:`max_pool2d`)."""
-        return max_pool2d(x, self.kernel, stride=self.stride, padding=self.padding, ceil_mode=self.ceil_mode,
-                          relu=relu, out=out)
+        table = self._replays_relu if relu else self._replays
+        rep = replay.lookup(table, x) if out is None else None
+        if rep is not None:                 # this shape's GPU work, recorded (``kernels/cuda/replay.py``)
+            return rep(x)
+        return replay.call(table, x, out, {}, lambda: max_pool2d(
+            x, self.kernel, stride=self.stride, padding=self.padding, ceil_mode=self.ceil_mode, relu=relu, out=out))
+
 
 
 @register_layer
@@ -78,8 +89,12 @@ class AvgPool2d(_Pool2d):
     writes_out = True
 
     def forward(self, x, *, out=None):
-        return avg_pool2d(x, self.kernel, stride=self.stride, padding=self.padding, ceil_mode=self.ceil_mode,
-                          count_include_pad=self.count_include_pad, out=out)
+        rep = replay.lookup(self._replays, x) if out is None else None
+        if rep is not None:                 # this shape's GPU work, recorded (``kernels/cuda/replay.py``)
+            return rep(x)
+        return replay.call(self._replays, x, out, {}, lambda: avg_pool2d(
+            x, self.kernel, stride=self.stride, padding=self.padding, ceil_mode=self.ceil_mode,
+            count_include_pad=self.count_include_pad, out=out))
 
 
 @register_layer
@@ -100,7 +115,11 @@ class LocalResponseNorm(Layer):
     writes_out = True
 
     def forward(self, x, *, out=None):
-        return local_response_norm(x, size=self.size, alpha=self.alpha, beta=self.beta, k=self.k, out=out)
+        rep = replay.lookup(self._replays, x) if out is None else None
+        if rep is not None:                 # this shape's GPU work, recorded (``kernels/cuda/replay.py``)
+            return rep(x)
+        return replay.call(self._replays, x, out, {}, lambda: local_response_norm(
+            x, size=self.size, alpha=self.alpha, beta=self.beta, k=self.k, out=out))
 
     def output_shape(self, in_shape):
         return _chw(in_shape, self.kind)

@@ -13,7 +13,8 @@ from bicluster_reference import make_factors
 from npconv.decompose.bicluster import BiclusterCPResult, BiclusterSVDResult
 from npconv.decompose.shared import SharedSeparableResult
 from npconv.kernels.cuda import ops, replay
-from npconv.layers import Conv2d
+from npconv import functional as F
+from npconv.layers import AvgPool2d, Conv2d, Linear, LocalResponseNorm, MaxPool2d
 from npconv.layers.bicluster import BiclusterConv2d, SharedSeparableConv2d
 from npconv.layers.lowrank import LowRankConv2d, MonochromaticConv2d, SeparableConv2d
 
@@ -35,6 +36,14 @@ def make(kind, rng, C=3, F=24):
         return Conv2d(rng.standard_normal((F, C, 3, 3)), rng.standard_normal(F), padding=1)
     if kind == "pointwise":
         return Conv2d(rng.standard_normal((F, C, 1, 1)), rng.standard_normal(F))
+    if kind in ("maxpool", "maxpool_relu"):
+        return MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
+    if kind == "avgpool":
+        return AvgPool2d((3, 2), stride=(2, 1), padding=1, count_include_pad=False)
+    if kind == "lrn":
+        return LocalResponseNorm(5, alpha=1e-2, beta=0.75, k=2.0)
+    if kind == "linear":
+        return Linear(rng.standard_normal((F, C * 37 * 41)), rng.standard_normal(F))
     if kind == "direct":
         return Conv2d(rng.standard_normal((F, C, 7, 7)), rng.standard_normal(F), stride=2, padding=1)
     if kind == "depthwise":
@@ -50,9 +59,23 @@ def make(kind, rng, C=3, F=24):
 
 
 WIDE = ("im2col", "winograd", "pointwise", "cp", "svd", "shared")
+SIMPLE = ("maxpool", "maxpool_relu", "avgpool", "lrn", "linear")
 
 
-@pytest.mark.parametrize("kind", ["direct", "depthwise", "monochromatic", "lowrank", "separable"] + list(WIDE))
+def call(kind, layer, x, **kw):
+    return layer(x, relu=True, **kw) if kind == "maxpool_relu" else layer(x, **kw)
+
+
+def plain(cp, kind, layer, xd, shape):
+    """The ordinary GPU path: ``out=`` (never replayed), or for Linear the functional API (which never replays)."""
+    if kind == "linear":
+        p = layer._params_for(xd)
+        return F.linear(xd.reshape(xd.shape[0], -1), p["weight"], p["bias"])
+    return call(kind, layer, xd, out=cp.empty(shape, dtype=xd.dtype))
+
+
+@pytest.mark.parametrize("kind", ["direct", "depthwise", "monochromatic", "lowrank", "separable"] + list(WIDE)
+                         + list(SIMPLE))
 def test_layers_replay_their_launches(cp, rng, dtype, kind, monkeypatch):
     C = 16 if kind in WIDE else 3
     layer = make(kind, rng, C=C)
@@ -60,15 +83,16 @@ def test_layers_replay_their_launches(cp, rng, dtype, kind, monkeypatch):
         monkeypatch.setattr(ops, "WINOGRAD_MIN_TILES", 0)
     shape = (1, C, 37, 41)
     xs = [rng.standard_normal(shape).astype(dtype) for _ in range(4)]
-    want = [layer(x) for x in xs]
+    want = [call(kind, layer, x) for x in xs]
     layer.to_gpu()
+    table = layer._replays_relu if kind == "maxpool_relu" else layer._replays
     tol = (5e-5 if dtype == np.float32 else 1e-11) * (4 if kind in WIDE else 1)
     for i, (x, w) in enumerate(zip(xs, want)):
         xd = cp.asarray(x)
-        got = layer(xd)
-        assert type(layer._replays[shape]) is replay.Replay
+        got = call(kind, layer, xd)
+        assert type(table[shape]) is replay.Replay
         assert isinstance(got, cp.ndarray) and got.dtype == dtype and got.shape == w.shape
         np.testing.assert_allclose(cp.asnumpy(got), w, rtol=tol, atol=tol * 10, err_msg=f"call {i}")
-        plain = layer(xd, out=cp.empty(got.shape, dtype=dtype))
+        ref = plain(cp, kind, layer, xd, got.shape)
         r = 1e-6 if dtype == np.float32 else 1e-14
-        np.testing.assert_allclose(cp.asnumpy(got), cp.asnumpy(plain), rtol=r, atol=r * float(np.abs(w).max()))
+        np.testing.assert_allclose(cp.asnumpy(got), cp.asnumpy(ref), rtol=r, atol=r * float(np.abs(w).max()))

@@ -18,7 +18,8 @@ from bicluster_reference import make_factors
 from npconv.decompose.bicluster import BiclusterCPResult, BiclusterSVDResult
 from npconv.decompose.shared import SharedSeparableResult
 from npconv.kernels.cuda import loader, ops, ops_bicluster, ops_lowrank, replay
-from npconv.layers import Conv2d
+from npconv import functional as F
+from npconv.layers import AvgPool2d, Conv2d, Linear, LocalResponseNorm, MaxPool2d
 from npconv.layers.bicluster import BiclusterConv2d, SharedSeparableConv2d
 from npconv.layers.lowrank import LowRankConv2d, MonochromaticConv2d, SeparableConv2d
 
@@ -51,6 +52,14 @@ def make(kind, rng, C=3, F=10):
         return Conv2d(rng.standard_normal((F, C, 3, 3)), rng.standard_normal(F), padding=1)
     if kind == "pointwise":                     # 1x1: one GEMM on the input as it is, then the bias
         return Conv2d(rng.standard_normal((F, C, 1, 1)), rng.standard_normal(F))
+    if kind in ("maxpool", "maxpool_relu"):
+        return MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
+    if kind == "avgpool":
+        return AvgPool2d((3, 2), stride=(2, 1), padding=1, count_include_pad=False)
+    if kind == "lrn":
+        return LocalResponseNorm(3, alpha=1e-2, beta=0.75, k=2.0)
+    if kind == "linear":                        # on a 4-D input, flattened: a reshape of it goes to the GEMM
+        return Linear(rng.standard_normal((F, C * 11 * 12)), rng.standard_normal(F))
     if kind == "direct":                      # conv_direct: C <= ops.DIRECT_CONV_MAX_C
         return Conv2d(rng.standard_normal((F, C, 3, 3)), rng.standard_normal(F), stride=2, padding=1)
     if kind == "depthwise":
@@ -70,16 +79,29 @@ def make(kind, rng, C=3, F=10):
 KINDS = ["direct", "depthwise", "monochromatic", "lowrank", "separable"]
 #: layers whose replays keep intermediates (workspaces, GEMM results) and need C > 4 input channels
 WIDE = ["im2col", "winograd", "pointwise", "cp", "svd", "shared"]
+#: layers without parameters (their replays keep nothing) and the dense Linear (it keeps its weight's transpose)
+SIMPLE = ["maxpool", "maxpool_relu", "avgpool", "lrn", "linear"]
 
 
-def gpu_without_replay(cp, layer, xd):
-    """The layer's ordinary GPU path (``out=`` never replays)."""
+def call(kind, layer, x, **kw):
+    return layer(x, relu=True, **kw) if kind == "maxpool_relu" else layer(x, **kw)
+
+
+def gpu_without_replay(cp, kind, layer, xd):
+    """The layer's ordinary GPU path (``out=`` never replays; the functional API never does)."""
+    if kind == "linear":
+        p = layer._params_for(xd)
+        return F.linear(xd.reshape(xd.shape[0], -1), p["weight"], p["bias"])
     out = cp.empty((xd.shape[0],) + tuple(layer.output_shape(tuple(xd.shape[1:]))), dtype=xd.dtype)
-    return layer(xd, out=out)
+    return call(kind, layer, xd, out=out)
+
+
+def keeps_nothing(kind):
+    return kind in KINDS or kind in SIMPLE[:-1]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("kind", KINDS + WIDE)
+@pytest.mark.parametrize("kind", KINDS + WIDE + SIMPLE)
 def test_second_call_replays_and_matches(cp, rng, monkeypatch, dtype, kind):
     C = 6 if kind in WIDE else 3
     shape = (2, C, 11, 12)
@@ -87,11 +109,14 @@ def test_second_call_replays_and_matches(cp, rng, monkeypatch, dtype, kind):
     if kind == "winograd":
         monkeypatch.setattr(ops, "WINOGRAD_MIN_TILES", 0)
     xs = [rng.standard_normal(shape).astype(dtype) for _ in range(3)]
-    want = [layer(x) for x in xs]                             # the CPU path
+    want = [call(kind, layer, x) for x in xs]                 # the CPU path
     layer.to_gpu()
-    first = layer(cp.asarray(xs[0]))
-    assert type(layer._replays[shape]) is replay.Replay, "the first GPU call records its device work"
-    assert (layer._replays[shape].stream is None) == (kind in KINDS), "a replay with intermediates keeps to a stream"
+    first = call(kind, layer, cp.asarray(xs[0]))
+    table = layer._replays_relu if kind == "maxpool_relu" else layer._replays
+    assert type(table[shape]) is replay.Replay, "the first GPU call records its device work"
+    assert (table[shape].stream is None) == keeps_nothing(kind), "a replay with intermediates keeps to a stream"
+    if kind.startswith("maxpool"):
+        assert not (layer._replays_relu if kind == "maxpool" else layer._replays), "one table for each relu"
     tol = 2e-5 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(cp.asnumpy(first), want[0], rtol=tol, atol=tol * 10)
 
@@ -100,16 +125,17 @@ def test_second_call_replays_and_matches(cp, rng, monkeypatch, dtype, kind):
     with monkeypatch.context() as m:
         m.setattr(ops, "pack_args", no_packing)               # (sets an ops attribute: advances the generation)
         gen = replay.generation()
-        rep = layer._replays[shape]
+        rep = table[shape]
         rep.generation = gen                                  # so that this replay is still current under the patch
         for x, w in zip(xs[1:], want[1:]):
             xd = cp.asarray(x)
-            got = layer(xd)
+            got = call(kind, layer, xd)
             assert isinstance(got, cp.ndarray) and got.shape == w.shape and got.dtype == dtype
             np.testing.assert_allclose(cp.asnumpy(got), w, rtol=tol, atol=tol * 10)
     for x in xs[1:]:                                          # bit for bit the ordinary path's result
         xd = cp.asarray(x)
-        np.testing.assert_array_equal(cp.asnumpy(layer(xd)), cp.asnumpy(gpu_without_replay(cp, layer, xd)))
+        np.testing.assert_array_equal(cp.asnumpy(call(kind, layer, xd)),
+                                      cp.asnumpy(gpu_without_replay(cp, kind, layer, xd)))
 
 
 def test_a_replay_with_intermediates_keeps_to_its_stream(cp, rng):

@@ -335,6 +335,7 @@ def linear(x, w, b):
     if b is not None:
         N, O = y.shape
         _launch_1d("bias_add", x.dtype, y.size, (y, b, N, O, 1), "the linear output")
+    replay.complete(y)
     return y
 
 
@@ -351,6 +352,7 @@ def _pool(name, x, kernel, stride, padding, out_hw, extra=()):
     y = cp.empty((N, C, oh, ow), dtype=x.dtype)
     _launch_1d(name, x.dtype, y.size, (x, y, N * C, H, W, kh, kw, sh, sw, ph, pw, oh, ow, *extra),
                "the pooled output")
+    replay.complete(y)
     return y
 
 
@@ -377,6 +379,7 @@ def local_response_norm(x, *, size, alpha, beta, k):
     S = int(np.prod(x.shape[2:], dtype=np.int64))
     y = cp.empty(x.shape, dtype=x.dtype)
     _launch_1d("lrn", x.dtype, y.size, (x, y, N, C, S, int(size), alpha, beta, k))
+    replay.complete(y)
     return y
 
 

@@ -17,8 +17,11 @@ What makes a recording a replay, all of it checked:
 
 * the path said so: the GPU entry points call :func:`complete` with their output before returning it, on the paths
   whose whole device work is launches and ``_gemm.matmul`` products (a copy or a slice assignment in CuPy, as in the
-  monochromatic layer's composed fallback, leaves the call without a replay). An entry point that returns another
-  entry point's output unchanged may do nothing else on the device before it (the separable layer's two passes);
+  monochromatic layer's composed fallback, leaves the call without a replay). What a caller does on the device
+  before or after an entry point that completes the array it returns must be recorded work too (the separable
+  layer's two passes; max pooling's ReLU, an ``ops.bias_relu`` launch, not ``cupy.maximum``): this is the one rule
+  the recording cannot check, and ``tests/kernels/test_cuda_replay_emulated.py`` compares every replayed layer with
+  its ordinary path on new inputs;
 * no kept array overlaps the input or the output other than as a whole (a batch in chunks, views at offsets, is not
   replayed);
 * the kept intermediates take at most :data:`MAX_HELD_BYTES` (a layer keeps them between calls);
@@ -28,7 +31,9 @@ What makes a recording a replay, all of it checked:
   ``ops_bicluster``, ``_gemm``, ``loader``, as tests and benches do to compare rules) or ``loader.clear_cache()``
   advances :func:`generation`, and a replay of an older generation is not used (the next call records again).
 
-The layer keeps its replays in a small table (:func:`new_table`) that it empties whenever its parameters are replaced
+The layers that replay: ``Conv2d``, ``Linear``, the low-rank and biclustered conv layers, ``MaxPool2d`` (a table
+for each ``relu`` flag), ``AvgPool2d`` and ``LocalResponseNorm``. Each keeps its replays in a small table
+(:func:`new_table`, made by ``Layer.__init__``) that it empties whenever its parameters are replaced
 (``Layer._sync_params``) and that a deep copy does not copy. A call with ``out=`` takes the ordinary path, and nothing
 is recorded while a CUDA graph is being captured (``Network.cuda_graph``).
 """
