@@ -46,9 +46,15 @@ class Layer:
     writes_out = False
 
     def __init__(self):
-        self.params: dict = {}
-        #: recorded GPU calls by input shape (``kernels/cuda/replay.py``), emptied with the parameters
+        #: recorded GPU calls by input shape (``kernels/cuda/replay.py``), emptied with the parameters and whenever
+        #: a public attribute is set (``__setattr__``)
         self._replays = replay.new_table()
+        self.params: dict = {}
+
+    def __setattr__(self, name, value):
+        object.__setattr__(self, name, value)
+        if not name.startswith("_") and "_replays" in self.__dict__:
+            replay.forget(self)     # a changed stride, padding, alpha...: the recorded launches no longer apply
 
     # --- computation ---------------------------------------------------------------------------------
     def forward(self, x):
@@ -102,7 +108,7 @@ class Layer:
 
     def _sync_params(self):
         """Called after ``params`` were replaced; layers that cache derived arrays refresh them here."""
-        self._replays.clear()
+        replay.forget(self)
         for k, v in self.params.items():
             if hasattr(self, k):
                 setattr(self, k, v)

@@ -79,7 +79,7 @@ class _FactoredConv(Layer):
         """After ``params`` were replaced: drop the cast cache, and rebuild (so validate) the result from the new
         factors when they differ from its own, so that shapes, costs and ``to_dense`` follow what forward runs."""
         self._cache = {}
-        self._replays.clear()
+        replay.forget(self)
         res = self._result
         missing = [k for k in res.FACTORS if k not in self.params]
         if missing:

@@ -52,7 +52,7 @@ class _WeightedLayer(Layer):
 
     def _sync_params(self):
         self._cast.clear()
-        self._replays.clear()
+        replay.forget(self)
 
     def _recorded(self, x, out, p, run):
         """``run()``, the layer's ordinary path for ``x``; on the GPU without ``out``, recorded so that later calls at

@@ -34,11 +34,7 @@ class _Pool2d(Layer):
         super().__init__()
         k, s, p, ceil_mode = _pool_args(kernel, stride, padding, ceil_mode)
         self.kernel, self.stride, self.padding, self.ceil_mode = k, s, p, ceil_mode
-        self._replays_relu = replay.new_table()      # MaxPool2d's calls with relu=True
-
-    def _sync_params(self):
-        super()._sync_params()
-        self._replays_relu.clear()
+        self._replays_relu = replay.new_table()      # MaxPool2d's calls with relu=True (emptied with _replays)
 
     def config(self):
         return {"kernel": list(self.kernel), "stride": list(self.stride), "padding": list(self.padding),
@@ -71,7 +67,6 @@ class MaxPool2d(_Pool2d):
             return rep(x)
         return replay.call(table, x, out, {}, lambda: max_pool2d(
             x, self.kernel, stride=self.stride, padding=self.padding, ceil_mode=self.ceil_mode, relu=relu, out=out))
-
 
 
 @register_layer

@@ -274,3 +274,18 @@ def test_contiguous_returns_a_ready_device_array_itself(fake_cupy):
         assert isinstance(got, fake_cupy.ndarray) and got.flags.c_contiguous
         np.testing.assert_array_equal(np.asarray(got), want)
     assert ops.contiguous(fake_cupy, a, np.float32).dtype == np.float32
+
+
+def test_pack_args_makes_each_int32_once():
+    """``ops.pack_args``: Python ints and bools become ``np.int32`` values kept for the next launch (the same
+    objects), NumPy ints and 0-d arrays are converted each time, and the 32-bit range is checked either way."""
+    kinds = (ops.I32,) * 5
+    a = ops.pack_args("k", kinds, np.float32, (7, True, np.int64(9), np.array(11), -3))
+    assert [type(v) for v in a] == [np.int32] * 5 and [int(v) for v in a] == [7, 1, 9, 11, -3]
+    b = ops.pack_args("k", kinds, np.float32, (7, True, np.int64(9), np.array(11), -3))
+    assert a[0] is b[0] and a[1] is b[1] and a[4] is b[4], "Python ints and bools: made once"
+    assert ops._I32_MADE.get(7) is a[0]
+    for bad in (2**31, -2**31 - 1, np.int64(2**31)):
+        with pytest.raises(ValueError, match="does not fit a 32-bit int"):
+            ops.pack_args("k", (ops.I32,), np.float32, (bad,))
+    assert 2**31 not in ops._I32_MADE

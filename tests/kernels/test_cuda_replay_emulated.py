@@ -274,3 +274,25 @@ def test_make_classes_each_array_argument(cp):
     rec.ops[1:] = []
     rep = replay._make(rec, x, y, {"w": w, "ws": ws}, cp.empty, stream)
     assert rep.stream is None, "nothing kept but the layer's constants: any stream"
+
+
+def test_setting_an_attribute_forgets_the_replays(cp, rng):
+    """A layer's public attribute set after a recording (``alpha`` of an LRN, ``stride`` of a max pooling) empties
+    its tables, both of MaxPool2d's among them, and the next call follows the new setting."""
+    x = rng.standard_normal((1, 4, 9, 9))
+    lrn = LocalResponseNorm(3, alpha=1e-2).to_gpu()
+    lrn(cp.asarray(x))
+    assert lrn._replays
+    lrn.alpha = 0.5
+    assert not lrn._replays
+    want = LocalResponseNorm(3, alpha=0.5)(x)
+    np.testing.assert_allclose(cp.asnumpy(lrn(cp.asarray(x))), want, rtol=1e-12, atol=1e-12)
+    pool = MaxPool2d(3, stride=2).to_gpu()
+    pool(cp.asarray(x))
+    pool(cp.asarray(x), relu=True)
+    assert pool._replays and pool._replays_relu
+    pool.stride = (1, 1)
+    assert not pool._replays and not pool._replays_relu
+    np.testing.assert_array_equal(cp.asnumpy(pool(cp.asarray(x))), MaxPool2d(3, stride=1)(x))
+    pool._scratch = 1                                  # a private attribute keeps them
+    assert pool._replays

@@ -106,14 +106,16 @@ def pack_args(name, kinds, dtype, args):
     for i, kind in enumerate(kinds):   # one pass, cheap branches first: this runs before every launch
         a = args[i]
         if kind is I32:
-            v = known.get(a)
+            cached = type(a) in _I32_KEYS     # a Python int or bool (a NumPy int or a 0-d array: made each time)
+            v = known.get(a) if cached else None
             if v is None:
                 if not -2147483648 <= a <= 2147483647:
                     raise ValueError(f"kernel {name}, argument {i}: {a} does not fit a 32-bit int")
                 v = _I32_TYPE(a)
-                if len(known) >= _I32_MADE_SIZE:
-                    known.clear()
-                known[a] = v
+                if cached:
+                    if len(known) >= _I32_MADE_SIZE:
+                        known.clear()
+                    known[a] = v
             packed[i] = v
         elif kind is REAL:
             packed[i] = dtype.type(a)
@@ -131,6 +133,7 @@ _INT32 = np.dtype(np.int32)
 #: 12 us of a 20-argument launch (twenty-fifth session, ``bench/gpu_profile.py host``'s launch costs)
 _I32_MADE: dict = {}
 _I32_MADE_SIZE = 4096
+_I32_KEYS = frozenset((int, bool))
 
 
 def launch(table, name, dtype, grid, block, args, shared_mem=0):

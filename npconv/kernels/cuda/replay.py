@@ -34,7 +34,8 @@ What makes a recording a replay, all of it checked:
 The layers that replay: ``Conv2d``, ``Linear``, the low-rank and biclustered conv layers, ``MaxPool2d`` (a table
 for each ``relu`` flag), ``AvgPool2d`` and ``LocalResponseNorm``. Each keeps its replays in a small table
 (:func:`new_table`, made by ``Layer.__init__``) that it empties whenever its parameters are replaced
-(``Layer._sync_params``) and that a deep copy does not copy. A call with ``out=`` takes the ordinary path, and nothing
+(``Layer._sync_params``) or any of its public attributes is set (``Layer.__setattr__``: ``layer.stride = ...``),
+and that a deep copy does not copy. A call with ``out=`` takes the ordinary path, and nothing
 is recorded while a CUDA graph is being captured (``Network.cuda_graph``).
 """
 from __future__ import annotations
@@ -43,7 +44,7 @@ import sys
 import threading
 import types
 
-__all__ = ["new_table", "lookup", "call", "record", "complete", "generation", "advance", "watch", "Replay",
+__all__ = ["new_table", "forget", "lookup", "call", "record", "complete", "generation", "advance", "watch", "Replay",
            "MAX_SHAPES", "MAX_HELD_BYTES"]
 
 #: input shapes a layer keeps replays for; past it the table starts afresh
@@ -245,6 +246,13 @@ class _Table(dict):
 def new_table() -> dict:
     """A layer's (empty) table of replays, by input shape (:func:`lookup`, :func:`record`)."""
     return _Table()
+
+
+def forget(obj) -> None:
+    """Empty every replay table that ``obj`` (a layer) holds as an attribute."""
+    for v in vars(obj).values():
+        if type(v) is _Table:
+            v.clear()
 
 
 def lookup(table, x):
