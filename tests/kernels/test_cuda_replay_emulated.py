@@ -12,88 +12,18 @@ import copy
 
 import numpy as np
 import pytest
-from cuda_emulator import install_as_cupy
+from replay_cases import KINDS, SIMPLE, WIDE, call, channels, make, ordinary, table_of
+from test_cuda_lowrank_functional_emulated import cp  # noqa: F401  (cp: a fixture)
 
-from bicluster_reference import make_factors
-from npconv.decompose.bicluster import BiclusterCPResult, BiclusterSVDResult
-from npconv.decompose.shared import SharedSeparableResult
-from npconv.kernels.cuda import loader, ops, ops_bicluster, ops_lowrank, replay
-from npconv import functional as F
-from npconv.layers import AvgPool2d, Conv2d, Linear, LocalResponseNorm, MaxPool2d
-from npconv.layers.bicluster import BiclusterConv2d, SharedSeparableConv2d
-from npconv.layers.lowrank import LowRankConv2d, MonochromaticConv2d, SeparableConv2d
+from npconv.kernels.cuda import loader, ops, ops_lowrank, replay
+from npconv.layers import Conv2d, LocalResponseNorm, MaxPool2d
 
 pytestmark = pytest.mark.cpuemu
 
 
-@pytest.fixture
-def cp(monkeypatch):
-    mod = install_as_cupy(monkeypatch)
-    yield mod
-    loader.clear_cache()
-    ops_lowrank.clear_cache()
-    ops_bicluster.clear_cache()
-
-
-RANKS = {"cp": 3, "svd": (2, 3), "shared": (3, 4)}
-
-
-def make(kind, rng, C=3, F=10):
-    """A layer whose GPU path at small batches is launches and cuBLAS products only (a replay)."""
-    if kind in ("cp", "svd", "shared"):
-        f = make_factors(kind, rng, np.float64, C, F, 3, 3, (C - C // 2, C // 2), (F - F // 2, F // 2), RANKS[kind])
-        if kind == "shared":
-            return SharedSeparableConv2d(**dict(zip(SharedSeparableResult.FACTORS, f)), bias=rng.standard_normal(F),
-                                         stride=(2, 1), padding=(1, 0, 2, 1))
-        names = (BiclusterCPResult if kind == "cp" else BiclusterSVDResult).FACTORS
-        return BiclusterConv2d(form=kind, **dict(zip(names, f)), bias=rng.standard_normal(F), stride=(2, 1),
-                               padding=(1, 0, 2, 1))
-    if kind in ("im2col", "winograd"):          # C > ops.DIRECT_CONV_MAX_C: im2col + GEMM + scatter
-        return Conv2d(rng.standard_normal((F, C, 3, 3)), rng.standard_normal(F), padding=1)
-    if kind == "pointwise":                     # 1x1: one GEMM on the input as it is, then the bias
-        return Conv2d(rng.standard_normal((F, C, 1, 1)), rng.standard_normal(F))
-    if kind in ("maxpool", "maxpool_relu"):
-        return MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
-    if kind == "avgpool":
-        return AvgPool2d((3, 2), stride=(2, 1), padding=1, count_include_pad=False)
-    if kind == "lrn":
-        return LocalResponseNorm(3, alpha=1e-2, beta=0.75, k=2.0)
-    if kind == "linear":                        # on a 4-D input, flattened: a reshape of it goes to the GEMM
-        return Linear(rng.standard_normal((F, C * 11 * 12)), rng.standard_normal(F))
-    if kind == "direct":                      # conv_direct: C <= ops.DIRECT_CONV_MAX_C
-        return Conv2d(rng.standard_normal((F, C, 3, 3)), rng.standard_normal(F), stride=2, padding=1)
-    if kind == "depthwise":
-        return Conv2d(rng.standard_normal((2 * C, 1, 3, 3)), None, padding=(1, 0, 2, 1), groups=C)
-    if kind == "monochromatic":
-        return MonochromaticConv2d(rng.standard_normal((2, C)), rng.integers(0, 2, F), rng.standard_normal((F, 3, 3)),
-                                   rng.standard_normal(F), stride=1, padding=1)
-    if kind == "lowrank":
-        return LowRankConv2d(rng.standard_normal((3, C, 3, 3)), rng.standard_normal((F, 3)), rng.standard_normal(F),
-                             stride=1, padding=(1, 0, 2, 1))
-    if kind == "separable":
-        return SeparableConv2d(rng.standard_normal((4, C, 5, 1)), rng.standard_normal((F, 4, 1, 5)), None,
-                               stride=(2, 1), padding=2)
-    raise ValueError(kind)
-
-
-KINDS = ["direct", "depthwise", "monochromatic", "lowrank", "separable"]
-#: layers whose replays keep intermediates (workspaces, GEMM results) and need C > 4 input channels
-WIDE = ["im2col", "winograd", "pointwise", "cp", "svd", "shared"]
-#: layers without parameters (their replays keep nothing) and the dense Linear (it keeps its weight's transpose)
-SIMPLE = ["maxpool", "maxpool_relu", "avgpool", "lrn", "linear"]
-
-
-def call(kind, layer, x, **kw):
-    return layer(x, relu=True, **kw) if kind == "maxpool_relu" else layer(x, **kw)
-
-
-def gpu_without_replay(cp, kind, layer, xd):
-    """The layer's ordinary GPU path (``out=`` never replays; the functional API never does)."""
-    if kind == "linear":
-        p = layer._params_for(xd)
-        return F.linear(xd.reshape(xd.shape[0], -1), p["weight"], p["bias"])
-    out = cp.empty((xd.shape[0],) + tuple(layer.output_shape(tuple(xd.shape[1:]))), dtype=xd.dtype)
-    return call(kind, layer, xd, out=out)
+def layer_of(kind, rng, C=None):
+    C = channels(kind) if C is None else C
+    return make(kind, rng, C=C, F=10, k=3, hw=(11, 12))
 
 
 def keeps_nothing(kind):
@@ -103,16 +33,15 @@ def keeps_nothing(kind):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("kind", KINDS + WIDE + SIMPLE)
 def test_second_call_replays_and_matches(cp, rng, monkeypatch, dtype, kind):
-    C = 6 if kind in WIDE else 3
-    shape = (2, C, 11, 12)
-    layer = make(kind, rng, C=C)
+    shape = (2, channels(kind), 11, 12)
+    layer = layer_of(kind, rng)
     if kind == "winograd":
         monkeypatch.setattr(ops, "WINOGRAD_MIN_TILES", 0)
     xs = [rng.standard_normal(shape).astype(dtype) for _ in range(3)]
     want = [call(kind, layer, x) for x in xs]                 # the CPU path
     layer.to_gpu()
     first = call(kind, layer, cp.asarray(xs[0]))
-    table = layer._replays_relu if kind == "maxpool_relu" else layer._replays
+    table = table_of(kind, layer)
     assert type(table[shape]) is replay.Replay, "the first GPU call records its device work"
     assert (table[shape].stream is None) == keeps_nothing(kind), "a replay with intermediates keeps to a stream"
     if kind.startswith("maxpool"):
@@ -135,11 +64,11 @@ def test_second_call_replays_and_matches(cp, rng, monkeypatch, dtype, kind):
     for x in xs[1:]:                                          # bit for bit the ordinary path's result
         xd = cp.asarray(x)
         np.testing.assert_array_equal(cp.asnumpy(call(kind, layer, xd)),
-                                      cp.asnumpy(gpu_without_replay(cp, kind, layer, xd)))
+                                      cp.asnumpy(ordinary(cp, kind, layer, xd)))
 
 
 def test_a_replay_with_intermediates_keeps_to_its_stream(cp, rng):
-    layer = make("svd", rng, C=6).to_gpu()
+    layer = layer_of("svd", rng).to_gpu()
     x = cp.asarray(rng.standard_normal((1, 6, 9, 9)))
     want = cp.asnumpy(layer(x))
     rep = layer._replays[(1, 6, 9, 9)]
@@ -152,7 +81,7 @@ def test_a_replay_with_intermediates_keeps_to_its_stream(cp, rng):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_no_replay_for_strided_input_out_or_another_dtype(cp, rng, kind):
-    layer = make(kind, rng).to_gpu()
+    layer = layer_of(kind, rng).to_gpu()
     x = rng.standard_normal((1, 3, 9, 10))
     layer(cp.asarray(x))
     assert type(layer._replays[(1, 3, 9, 10)]) is replay.Replay
@@ -170,7 +99,7 @@ def test_no_replay_for_strided_input_out_or_another_dtype(cp, rng, kind):
 
 
 def test_parameters_replaced_drop_the_replays(cp, rng):
-    layer = make("direct", rng).to_gpu()
+    layer = layer_of("direct", rng).to_gpu()
     x = cp.asarray(rng.standard_normal((1, 3, 8, 8)))
     before = cp.asnumpy(layer(x))
     assert layer._replays
@@ -184,7 +113,7 @@ def test_parameters_replaced_drop_the_replays(cp, rng):
 
 
 def test_a_changed_rule_records_again(cp, rng, monkeypatch):
-    layer = make("separable", rng).to_gpu()
+    layer = layer_of("separable", rng).to_gpu()
     x = cp.asarray(rng.standard_normal((1, 3, 12, 12)))
     want = cp.asnumpy(layer(x))
     old = layer._replays[(1, 3, 12, 12)]
@@ -205,9 +134,9 @@ def test_paths_beyond_launches_are_not_replayed(cp, rng, monkeypatch):
     """The monochromatic layer's composed fallback (a nested conv completes its own output, and the colours are
     written by slicing), a batch in several chunks (views of the input at offsets) and a workspace above
     ``MAX_HELD_BYTES``: each records a note, not a replay, and keeps giving the CPU path's result."""
-    mono = make("monochromatic", rng, C=8)
-    chunked = make("im2col", rng, C=8)
-    big = make("im2col", rng, C=8)
+    mono = layer_of("monochromatic", rng, C=8)
+    chunked = layer_of("im2col", rng, C=8)
+    big = layer_of("im2col", rng, C=8)
     cases = [(mono, "mono_tiling", ops_lowrank, lambda *a: None), (chunked, "WORKSPACE_BYTES", ops, 1),
              (big, "MAX_HELD_BYTES", replay, 64)]
     for layer, rule, module, value in cases:
@@ -222,7 +151,7 @@ def test_paths_beyond_launches_are_not_replayed(cp, rng, monkeypatch):
 
 
 def test_shapes_kept_up_to_the_limit_and_deep_copies(cp, rng):
-    layer = make("lowrank", rng).to_gpu()
+    layer = layer_of("lowrank", rng).to_gpu()
     for h in range(replay.MAX_SHAPES):
         layer(cp.asarray(rng.standard_normal((1, 3, 6 + h, 6))))
     assert len(layer._replays) == replay.MAX_SHAPES
