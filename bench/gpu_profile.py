@@ -6,7 +6,7 @@
     python bench/gpu_profile.py small [--out FILE.json]   # small batches: dense vs cuDNN, fused expansion or not
     python bench/gpu_profile.py cpblock [--out FILE.json] # the CP front end with 1, 2, 4 images a block
     python bench/gpu_profile.py lowrank [--out FILE.json] # ZF conv1's low-rank and separable forms, rules A/B
-    python bench/gpu_profile.py bicrules [--out FILE.json] # the biclustered SVD and shared conv2 rules at batch 1, 8
+    python bench/gpu_profile.py bicrules [--out FILE.json] # biclustered SVD, shared conv2 (fused or not) at batch 1, 8
 
 ``probe`` times, on ZF conv2 (96 -> 256, 5x5, stride 2, 55x55) at batch 128 and the CIFAR reference net's conv2:
 the whole npconv conv (im2col + GEMM + scatter, the chunk size that ``ops.WORKSPACE_BYTES`` gives and larger ones),
@@ -43,10 +43,10 @@ its filters shared among blocks below 0 (never), 256, 512 or 1024 blocks (``SEP_
 at batches 1 and 8 the monochromatic form (C' = 4, 6) with its colours' filters shared in 8- or 4-filter shares up
 to 512 or 1024 blocks (``MONO_SHARE_FILTERS``, ``MONO_MIN_BLOCKS``: ``MONO_SHARE_RULES``); and the dense conv1,
 npconv and cuDNN, as the reference of each batch.
-``bicrules`` times the biclustered SVD conv2 ((K1, K2) = (19, 51)) with ``bic_svd_spatial`` in blocks of 256, 128
-or 64 threads (``ops_bicluster.SVD_SPATIAL_MIN_BLOCKS``) and the shared separable conv2 (K = 6, S = 4) with its
-combination fused into the expansion or not (``SHARED_FUSED_MAX_COLUMNS``), at batches 1 and 8, against the dense
-``Conv2d`` layer, the layers replaying their launches (:func:`bic_rules`).
+``bicrules`` times the biclustered SVD conv2 ((K1, K2) = (19, 51)) and the shared separable conv2 (K = 6, S = 4)
+with its combination fused into the expansion or not (``ops_bicluster.SHARED_FUSED_MAX_COLUMNS``), at batches 1 and
+8, against the dense ``Conv2d`` layer, the layers replaying their launches (:func:`bic_rules`; the twenty-fifth
+session's run also compared blocks of 256, 128 and 64 threads for ``bic_svd_spatial``, a rule since removed).
 ``cpblock`` times the biclustered CP conv2 (K = 6, 8, 12, batch 128) with ``ops_bicluster.CP_IMAGES_PER_BLOCK`` at
 1, 2 and 4 in alternation, and checks that the outputs agree (``ncu --workloads cp`` profiles the front end alone).
 """
@@ -384,9 +384,8 @@ def launch_costs(cp, calls=2000):
     return out
 
 
-#: bicrules: the rule settings compared, name -> (module attribute, value); None: the module's default
-BIC_RULES = {"svd": {"svd_t256": ("SVD_SPATIAL_MIN_BLOCKS", 0), "svd_t128": ("SVD_SPATIAL_MIN_BLOCKS", 100),
-                     "svd_t64": ("SVD_SPATIAL_MIN_BLOCKS", 10**9)},
+#: bicrules: the rule settings compared, name -> (``ops_bicluster`` attribute, value), or None: the module's rules
+BIC_RULES = {"svd": {"svd": None},
              "shared": {"shared_fused": ("SHARED_FUSED_MAX_COLUMNS", 1 << 62),
                         "shared_unfused": ("SHARED_FUSED_MAX_COLUMNS", 0)}}
 

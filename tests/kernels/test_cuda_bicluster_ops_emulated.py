@@ -272,37 +272,6 @@ def test_launch_refuses_wrong_argument_types(fc, rng):
         ops_bicluster.get_kernel("nope", np.float32)
 
 
-def test_svd_spatial_threads_rule(monkeypatch):
-    """Threads of a bic_svd_spatial block: 256 unless the grid would have fewer than SVD_SPATIAL_MIN_BLOCKS blocks,
-    then halved while it does, down to 64 (ZF conv2 at batch 1: 676 pixels, 4 filter blocks x 4 groups)."""
-    f = ops_bicluster.svd_spatial_threads
-    monkeypatch.setattr(ops_bicluster, "SVD_SPATIAL_MIN_BLOCKS", 0)
-    assert f(676, 16) == 256
-    monkeypatch.setattr(ops_bicluster, "SVD_SPATIAL_MIN_BLOCKS", 50)       # 3 x 16 = 48 blocks: 128 gives 96
-    assert f(676, 16) == 128
-    monkeypatch.setattr(ops_bicluster, "SVD_SPATIAL_MIN_BLOCKS", 10**9)
-    assert f(676, 16) == 64 and f(1, 1) == 64
-    monkeypatch.setattr(ops_bicluster, "SVD_SPATIAL_MIN_BLOCKS", 48)
-    assert f(676, 16) == 256
-
-
-@pytest.mark.parametrize("threads", [64, 128])
-def test_svd_spatial_with_smaller_blocks(fc, launched, monkeypatch, rng, dtype, order, threads):
-    """bic_svd_spatial with 64 or 128 threads a block (the rule forced), weights in two channel chunks: the same
-    result as the dense conv and the CPU path."""
-    X, Y = 3, 3
-    monkeypatch.setattr(ops_bicluster, "SVD_SMEM_BUDGET", 2 * X * Y * 16 * dtype.itemsize)
-    monkeypatch.setattr(ops_bicluster, "svd_spatial_threads", lambda pixels, other: threads)
-    f = make_factors("svd", rng, dtype, 6, 7, X, Y, (2, 4), (3, 4), (3, 18))
-    x = rng.standard_normal((2, 6, 12, 11)).astype(dtype)
-    b = rng.standard_normal(7).astype(dtype)
-    y = run(fc, "svd", x, f, b, (2, 1), (1, 0, 1, 1))
-    ref = conv2d_einsum(x, dense_kernel("svd", f), b, stride=(2, 1), padding=(1, 0, 1, 1))
-    check(fc, y, ref, dtype, 6 * X * Y * 18)
-    check(fc, y, CPU["svd"](x, *f, b, stride=(2, 1), padding=(1, 0, 1, 1)), dtype, 6 * X * Y * 18)
-    assert launched == ["bic_reduce", "bic_svd_spatial", "bic_expand"]
-
-
 def test_shared_combination_unfused_by_default(fc, launched, monkeypatch, rng, dtype, order):
     """SHARED_FUSED_MAX_COLUMNS (the module's default, not the autouse fixture's) below the columns:
     bic_shared_combine into Z, then one bic_expand launch (not bic_expand_shared), the same result."""

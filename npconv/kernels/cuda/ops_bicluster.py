@@ -64,7 +64,7 @@ __all__ = [
     "CP_TILE_ROWS", "CP_MAX_THREADS", "CP_SPECIALISED", "CP_IMAGES_PER_BLOCK", "cp_front_kernel",
     "SVD_FILTERS_PER_BLOCK", "TILE_W", "TILE_ROWS", "CP_SMEM_BUDGET", "SHARED_SMEM_BUDGET", "SVD_SMEM_BUDGET",
     "WORKSPACE_BYTES", "EXPAND_TILED_MAX_COLUMNS", "EXPAND_TILE", "EXPAND_THREADS", "REDUCE_TILED_MAX_COLUMNS",
-    "SVD_SPATIAL_MIN_BLOCKS", "SHARED_FUSED_MAX_COLUMNS", "svd_spatial_threads",
+    "SHARED_FUSED_MAX_COLUMNS",
 ]
 
 #: the kernel source of this module (a file of npconv.kernels.cuda)
@@ -101,12 +101,6 @@ EXPAND_TILED_MAX_COLUMNS = 4096
 #: docs/gpu_results.md) on ZF conv2 (3025 input pixels an image): fused, a layer call was 1.49-2.05x faster queued and
 #: 1.53-1.83x in latency at batches 1, 2, 4 and 8; batch 8 (24200 columns) is the largest measured, hence the bound.
 REDUCE_TILED_MAX_COLUMNS = 24576
-#: bic_svd_spatial's threads a block: 256, halved (down to 64) while its grid has fewer than this many blocks. At batch
-#: 1 on ZF conv2 ((19, 51): 48 blocks of 256 threads, 83 us of the layer's 101 on an H100) smaller blocks were slower:
-#: the layer 0.68-0.69x the dense layer's speed with 128 or 64 threads, 0.78x with 256; at batch 8 1.05-1.18x either
-#: way (twenty-fifth session, docs/gpu_results.md). So 0: always 256; the kernel's serial work per thread (K1 x X x Y
-#: taps for 16 filters) is what batch 1 lacks parallelism for.
-SVD_SPATIAL_MIN_BLOCKS = 0
 #: the shared separable form forms its combination inside the expansion (one bic_expand_shared launch) for at most
 #: this many columns (images x output positions) where the expansion is one launch; above it, bic_shared_combine into
 #: Z and then the expansion (bic_expand). On an H100 (twenty-fifth session, ZF conv2 K 6 S 4, layers replayed), at
@@ -286,15 +280,6 @@ def shared_tiling(X, Y, SH, SW, itemsize):
 def svd_chunk(K1, X, Y, itemsize):
     """K1 channels per shared-memory chunk of bic_svd_spatial (0 when not even one fits :data:`SVD_SMEM_BUDGET`)."""
     return min(K1, SVD_SMEM_BUDGET // (X * Y * SVD_FILTERS_PER_BLOCK * itemsize))
-
-
-def svd_spatial_threads(pixels, other_blocks):
-    """bic_svd_spatial's threads a block for ``pixels`` output pixels (images x positions) and ``other_blocks``
-    blocks along its other grid axes (filter blocks x groups): see :data:`SVD_SPATIAL_MIN_BLOCKS`."""
-    threads = _BLOCK
-    while threads > 64 and min(-(-pixels // threads), _MAX_GRID) * other_blocks < SVD_SPATIAL_MIN_BLOCKS:
-        threads //= 2
-    return threads
 
 
 def _images_per_chunk(N, per_image, largest, itemsize):
@@ -496,9 +481,8 @@ def bicluster_svd_conv2d(x, in_perm, in_off, reduce, spatial, expand, out_perm, 
             for g in range(G):
                 _matmul(red_t[g], xg[int(in_off_h[g]):int(in_off_h[g + 1])], out=z1[g * HK1:(g + 1) * HK1])
         z2 = z2_buf[:rows2 * m * P].reshape(NH, G * K2, m * P)
-        threads = svd_spatial_threads(m * P, fblocks * G * NH)
-        grid = (min(-(-(m * P) // threads), _MAX_GRID), fblocks, G * NH)
-        _launch("bic_svd_spatial", dt, grid, (threads,),
+        grid = (min(-(-(m * P) // _BLOCK), _MAX_GRID), fblocks, G * NH)
+        _launch("bic_svd_spatial", dt, grid, (_BLOCK,),
                 (z1, spatial, z2, m, G, NH, K1, K2, H, W, X, Y, sh, sw, pt, pl, OH, OW, CC),
                 shared_mem=CC * X * Y * FT * dt.itemsize)
         _expand_scatter(cp, z2, expand, d_out_perm, out_off_h, Fh, bias, y[n0:n0 + m], m, P)
