@@ -75,7 +75,8 @@ def no_op_cupy():
 
 
 def workloads(fake, quick=False):
-    """name -> zero-argument callable, on the stand-in's "device" arrays (``quick``: small shapes)."""
+    """name -> zero-argument callable, on the stand-in's "device" arrays (``quick``: small shapes), or (callable,
+    {``ops_bicluster`` rule: value}) to time with those rules set."""
     from bench.bench_gpu_bicluster import ZF_CONV2, factored_callable
     from bench.bench_gpu_lowrank import ZF_CONV1
     from bench.bench_gpu_lowrank import factored_callable as lowrank_callable
@@ -100,15 +101,10 @@ def workloads(fake, quick=False):
     w1 = fake.asarray(rng.standard_normal((F1, C1, K1, K1)).astype(np.float32))
     b1 = fake.asarray(rng.standard_normal(F1).astype(np.float32))
 
-    def svd_gather_gemms():
-        # the SVD layer's gather and reductions as before bic_reduce: bic_gather and a GEMM an input group
-        from npconv.kernels.cuda import ops_bicluster
-        saved = ops_bicluster.REDUCE_TILED_MAX_COLUMNS
-        ops_bicluster.REDUCE_TILED_MAX_COLUMNS = 0
-        try:
-            return svd()
-        finally:
-            ops_bicluster.REDUCE_TILED_MAX_COLUMNS = saved
+    # the SVD layer's gather and reductions as before bic_reduce: bic_gather and a GEMM an input group (the rule is
+    # set once around the whole timing, see measure: set at each call, it would make the layers record again)
+    svd_gather_gemms = (factored_callable("svd", (2, 2, (2, 3)) if quick else (2, 2, (19, 51)), 1, conv2, np.float32),
+                        {"REDUCE_TILED_MAX_COLUMNS": 0})
     from npconv.layers import Conv2d
     conv2_layer = Conv2d(np.asarray(w), np.asarray(b), stride=s, padding=p).to_gpu()
     conv1_layer = Conv2d(np.asarray(w1), np.asarray(b1), stride=s1, padding=p1).to_gpu()
@@ -132,28 +128,37 @@ def measure(calls=300, quick=False, profile=False, log=print):
     import io
     import pstats
 
+    from npconv.kernels.cuda import ops_bicluster
     out = {}
     with no_op_cupy() as fake:
         for name, fn in workloads(fake, quick).items():
-            for _ in range(max(1, calls // 5)):
-                fn()
-            best = float("inf")
-            for _ in range(5):
-                t0 = time.perf_counter()
-                for _ in range(calls):
+            fn, rules = fn if isinstance(fn, tuple) else (fn, {})
+            saved = {k: getattr(ops_bicluster, k) for k in rules}
+            for k, v in rules.items():
+                setattr(ops_bicluster, k, v)
+            try:
+                for _ in range(max(1, calls // 5)):
                     fn()
-                best = min(best, (time.perf_counter() - t0) / calls)
-            out[name] = 1e6 * best
-            log(f"{name:22s} {1e6 * best:8.1f} us per call (npconv's Python, launches and GEMMs as no-ops)")
-            if profile:
-                prof = cProfile.Profile()
-                prof.enable()
-                for _ in range(calls):
-                    fn()
-                prof.disable()
-                text = io.StringIO()
-                pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(12)
-                log(text.getvalue())
+                best = float("inf")
+                for _ in range(5):
+                    t0 = time.perf_counter()
+                    for _ in range(calls):
+                        fn()
+                    best = min(best, (time.perf_counter() - t0) / calls)
+                out[name] = 1e6 * best
+                log(f"{name:22s} {1e6 * best:8.1f} us per call (npconv's Python, launches and GEMMs as no-ops)")
+                if profile:
+                    prof = cProfile.Profile()
+                    prof.enable()
+                    for _ in range(calls):
+                        fn()
+                    prof.disable()
+                    text = io.StringIO()
+                    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(12)
+                    log(text.getvalue())
+            finally:
+                for k, v in saved.items():
+                    setattr(ops_bicluster, k, v)
     return out
 
 
