@@ -267,6 +267,18 @@ def time_interleaved(cases, *, warmup, repeat, block=2, timers=None):
     return {name: _summary(t) for name, t in times.items()}, rounds
 
 
+class LayerCall:
+    """A zero-argument callable running ``layer(x)``; ``layer`` stays reachable, so that a probe can give each rule
+    variant its own table of recorded calls (``gpu_profile._with_rules``)."""
+    __slots__ = ("layer", "x")
+
+    def __init__(self, layer, x):
+        self.layer, self.x = layer, x
+
+    def __call__(self):
+        return self.layer(self.x)
+
+
 def paired_speedup(rounds, base, case):
     """The median over the rounds of ``base``'s time / ``case``'s time in the same round (:func:`time_interleaved`):
     a change of the machine's speed between rounds cancels, where the ratio of the two medians would keep it."""

@@ -29,7 +29,7 @@ if str(_ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from bench.bench_gpu import (_fmt, factored_bench_args, gpu_guarded, gpu_missing,  # noqa: E402
+from bench.bench_gpu import (LayerCall, _fmt, factored_bench_args, gpu_guarded, gpu_missing,  # noqa: E402
                              measure_against_dense, torch_cuda)
 
 #: layer geometry: (C, H=W, F, kernel, stride, padding)
@@ -125,14 +125,15 @@ def dense_callable(N, geom, dtype):
 
 
 def factored_callable(kind, opts, N, geom, dtype):
-    """A zero-argument callable: the factored layer (built on the host, moved to the GPU) on the GPU."""
+    """A zero-argument callable (``bench_gpu.LayerCall``): the factored layer (built on the host, moved to the GPU) on
+    the GPU."""
     import cupy as cp
     C, H, F, K, s, p = geom
     layer = make_result(kind, opts, C, F, K).to_layer(bias=_dense_weights(C, F, K)[1], stride=s, padding=p)
     layer.to_gpu()
     x = cp.asarray(_input(N, geom, dtype))
     layer(x[:1])                        # compile the kernels and fill the weight cache outside the timing
-    return lambda: layer(x)
+    return LayerCall(layer, x)
 
 
 def torch_dense_callable(N, geom, dtype):

@@ -27,7 +27,8 @@ if str(_ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from bench.bench_gpu import factored_bench_args, gpu_guarded, gpu_missing, measure_against_dense  # noqa: E402
+from bench.bench_gpu import (LayerCall, factored_bench_args, gpu_guarded, gpu_missing,  # noqa: E402
+                             measure_against_dense)
 from bench.bench_lowrank import (LOWRANK_RANKS, MONO_COLORS, SEPARABLE_RANKS, TINY, ZF_CONV1,  # noqa: E402
                                  _costs, _factored_layer, _weights)
 
@@ -62,13 +63,14 @@ def dense_callable(N, geom, dtype):
 
 
 def factored_callable(method, size, N, geom, dtype):
-    """A zero-argument callable: the factored layer (decomposed on the host, moved to the GPU) on the GPU."""
+    """A zero-argument callable (``bench_gpu.LayerCall``): the factored layer (decomposed on the host, moved to the
+    GPU) on the GPU."""
     C, H, F, K, s, p = geom
     w, b = _weights(C, F, K)
     layer = _factored_layer(method, size, w, b, s, p).to_gpu()
     x = _input(N, geom, dtype)
     layer(x[:1])                        # compile the kernels and fill the weight cache outside the timing
-    return lambda: layer(x)
+    return LayerCall(layer, x)
 
 
 def cases(quick=False, dtype=np.float32):

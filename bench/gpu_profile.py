@@ -391,10 +391,10 @@ BIC_RULES = {"svd": {"svd": None},
 
 
 def bic_rules(batches=(1, 8), rounds=12, block=5, quick=False):
-    """The biclustered SVD and shared conv2 layers at small batches under each setting of :data:`BIC_RULES`, with
-    the dense ``Conv2d`` layer as the reference: rounds in which each case in turn is set up (its rule set, one
-    untimed call, which records the layer's replay), timed ``block`` times with CUDA events after a synchronize
-    (latency) and once as 20 calls queued back to back. Returns {"<case>/b<N>": {"latency_ms", "queued_ms",
+    """The biclustered SVD and shared conv2 layers at small batches under each setting of :data:`BIC_RULES`
+    (:func:`_with_rules`), with the dense ``Conv2d`` layer as the reference: rounds in which each case in turn makes
+    one untimed call, ``block`` calls timed with CUDA events after a synchronize (latency) and 20 calls queued back to
+    back. Returns {"<case>/b<N>": {"latency_ms", "queued_ms",
     "speedup_vs_dense"}} (medians over the rounds; the speed-up the median of the rounds' latency ratios)."""
     import time
 
@@ -410,31 +410,23 @@ def bic_rules(batches=(1, 8), rounds=12, block=5, quick=False):
     sync = cp.cuda.Device().synchronize
     out = {}
     for N in batches:
-        cases = {"dense": (dense_callable(N, geom, np.float32), None)}
+        cases = {"dense": dense_callable(N, geom, np.float32)}
         for kind, settings in BIC_RULES.items():
             layer = factored_callable(kind, opts[kind], N, geom, np.float32)
             for name, rule in settings.items():
-                cases[name] = (layer, rule)
+                cases[name] = layer if rule is None else _with_rules(layer, ops_bicluster, **{rule[0]: rule[1]})
         lat = {k: [] for k in cases}
         queued = {k: [] for k in cases}
         for _ in range(rounds):
-            for name, (fn, rule) in cases.items():
-                saved = None
-                if rule is not None:
-                    saved = getattr(ops_bicluster, rule[0])
-                    setattr(ops_bicluster, rule[0], rule[1])
-                try:
+            for name, fn in cases.items():
+                fn()
+                lat[name].append(float(np.median([once(fn) for _ in range(block)])))
+                sync()
+                t0 = time.perf_counter()
+                for _ in range(20):
                     fn()
-                    lat[name].append(float(np.median([once(fn) for _ in range(block)])))
-                    sync()
-                    t0 = time.perf_counter()
-                    for _ in range(20):
-                        fn()
-                    sync()
-                    queued[name].append(1e3 * (time.perf_counter() - t0) / 20)
-                finally:
-                    if saved is not None:
-                        setattr(ops_bicluster, rule[0], saved)
+                sync()
+                queued[name].append(1e3 * (time.perf_counter() - t0) / 20)
         for name in cases:
             ratio = float(np.median([d / t for d, t in zip(lat["dense"], lat[name])]))
             out[f"{name}/b{N}"] = {"latency_ms": float(np.median(lat[name])),
@@ -511,15 +503,7 @@ def probe_small(batches=(1, 2, 4, 8, 16, 32), cp_batches=(1, 2, 4, 8), repeat=30
             del cases
             cp.get_default_memory_pool().free_all_blocks()
     def with_rule(layer, rule, limit, module=ops_bicluster):
-        saved = getattr(module, rule)
-
-        def run():
-            setattr(module, rule, limit)
-            try:
-                return layer()
-            finally:
-                setattr(module, rule, saved)
-        return run
+        return _with_rules(layer, module, **{rule: limit})
     # (name, kind, options, the rule its two variants set): the CP expansion, the SVD form's gather + reductions
     # (bic_reduce, or bic_gather and a GEMM a group; its expansion follows EXPAND_TILED_MAX_COLUMNS as it is)
     forms = [(f"cp{k}", "cp", (4, 2, k) if quick else (48, 2, k), "EXPAND_TILED_MAX_COLUMNS")
@@ -551,17 +535,26 @@ def probe_small(batches=(1, 2, 4, 8, 16, 32), cp_batches=(1, 2, 4, 8), repeat=30
     return out
 
 
-def _with_rules(layer, module, **rules):
-    """``layer`` run with ``module``'s attributes set to ``rules`` for the call (restored after it)."""
+def _with_rules(call, module, **rules):
+    """``call`` (a ``bench_gpu.LayerCall``) run with ``module``'s attributes set to ``rules`` for the call (restored
+    after it), its layer's recorded GPU calls kept in a table of this variant's own (``kernels/cuda/replay.py``).
+
+    The rules are written into the module's namespace directly, which does not make recorded calls stale (as
+    ``setattr`` does): each variant records once, under its own rules, and later calls replay, so that variants
+    compared in alternation all run as a layer runs at a shape it has seen, not recording at every call."""
+    from npconv.kernels.cuda import replay
+    layer, own = call.layer, replay.new_table()
+    space = vars(module)
+
     def run():
-        saved = {k: getattr(module, k) for k in rules}
-        for k, v in rules.items():
-            setattr(module, k, v)
+        saved, shared = {k: space[k] for k in rules}, layer._replays
+        space.update(rules)
+        layer._replays = own
         try:
-            return layer()
+            return call()
         finally:
-            for k, v in saved.items():
-                setattr(module, k, v)
+            layer._replays = shared
+            space.update(saved)
     return run
 
 
@@ -652,9 +645,7 @@ def cp_images_per_block(per_block=(1, 2, 4), ks=(6, 8, 12), N=128, repeat=15, qu
             layer = factored_callable("cp", opts, N, geom, np.float32)
             cases, ref = {}, None
             for n in per_block:
-                def run(n=n):
-                    ops_bicluster.CP_IMAGES_PER_BLOCK = n
-                    return layer()
+                run = _with_rules(layer, ops_bicluster, CP_IMAGES_PER_BLOCK=n)
                 y = cp.asnumpy(run())
                 if ref is None:
                     ref = y

@@ -156,3 +156,37 @@ def test_bicrules_quick_run_on_the_emulated_cupy(monkeypatch, tmp_path):
     assert all(r["latency_ms"] > 0 and r["queued_ms"] > 0 and r["speedup_vs_dense"] > 0 for r in rep.values())
     assert rep["dense/b1"]["speedup_vs_dense"] == 1.0
     assert ops_bicluster.SHARED_FUSED_MAX_COLUMNS == before
+
+
+@pytest.mark.cpuemu
+@pytest.mark.skipif(not HAS_CXX, reason="no C++ compiler for the CUDA C emulator")
+def test_with_rules_gives_each_variant_its_own_recorded_calls(monkeypatch):
+    """``_with_rules``: a variant runs under its rules and records once into a table of its own (one launch of
+    sep_conv, or two factor_conv passes), replays after, and leaves the module's rules, the layer's own table and
+    the replay generation as they were."""
+    import numpy as np
+
+    from bench import gpu_profile
+    from bench.bench_gpu import LayerCall
+    from npconv.kernels.cuda import loader, ops_lowrank, replay
+    from npconv.layers.lowrank import SeparableConv2d
+    fake = install_as_cupy(monkeypatch)
+    try:
+        rng = np.random.default_rng(0)
+        layer = SeparableConv2d(rng.standard_normal((3, 2, 5, 1)), rng.standard_normal((6, 3, 1, 5)), None,
+                                padding=2).to_gpu()
+        call = LayerCall(layer, fake.asarray(rng.standard_normal((1, 2, 9, 9))))
+        rule = ops_lowrank.SEP_CONV_MAX_PIXELS
+        one = gpu_profile._with_rules(call, ops_lowrank, SEP_CONV_MAX_PIXELS=10**12)
+        two = gpu_profile._with_rules(call, ops_lowrank, SEP_CONV_MAX_PIXELS=0)
+        gen = replay.generation()
+        outs = [one(), two(), one(), two()]
+        assert replay.generation() == gen and ops_lowrank.SEP_CONV_MAX_PIXELS == rule
+        assert not layer._replays, "the layer's own table is not used by the variants"
+        tables = [cell.cell_contents for fn in (one, two) for cell in fn.__closure__
+                  if type(cell.cell_contents).__name__ == "_Table"]
+        assert [len(t[(1, 2, 9, 9)].ops) for t in tables] == [1, 2]
+        for y in outs[1:]:
+            np.testing.assert_allclose(np.asarray(y), np.asarray(outs[0]), rtol=1e-12, atol=1e-12)
+    finally:
+        loader.clear_cache()
