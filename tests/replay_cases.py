@@ -10,7 +10,7 @@ from bicluster_reference import make_factors
 from npconv import functional as F
 from npconv.decompose.bicluster import BiclusterCPResult, BiclusterSVDResult
 from npconv.decompose.shared import SharedSeparableResult
-from npconv.layers import AvgPool2d, Conv2d, Linear, LocalResponseNorm, MaxPool2d
+from npconv.layers import AvgPool2d, Conv2d, Linear, LocalResponseNorm, MaxPool2d, Normalize, ReLU, Softmax
 from npconv.layers.bicluster import BiclusterConv2d, SharedSeparableConv2d
 from npconv.layers.lowrank import LowRankConv2d, MonochromaticConv2d, SeparableConv2d
 
@@ -18,8 +18,9 @@ from npconv.layers.lowrank import LowRankConv2d, MonochromaticConv2d, SeparableC
 KINDS = ["direct", "depthwise", "monochromatic", "lowrank", "separable"]
 #: intermediates kept between calls (workspaces, GEMM results); more than ops.DIRECT_CONV_MAX_C input channels
 WIDE = ["im2col", "winograd", "pointwise", "cp", "svd", "shared"]
-#: without parameters (nothing kept), and the dense Linear (it keeps its weight's transpose, a view)
-SIMPLE = ["maxpool", "maxpool_relu", "avgpool", "lrn", "linear"]
+#: without parameters or with per-channel vectors (nothing kept), and the dense Linear (it keeps its weight's
+#: transpose, a view: the last of the list)
+SIMPLE = ["maxpool", "maxpool_relu", "avgpool", "lrn", "normalize", "relu", "softmax", "linear"]
 
 RANKS = {"cp": 3, "svd": (2, 3), "shared": (3, 4)}
 
@@ -44,6 +45,12 @@ def make(kind, rng, *, C, F, k, hw):
         return AvgPool2d((3, 2), stride=(2, 1), padding=1, count_include_pad=False)
     if kind == "lrn":
         return LocalResponseNorm(3, alpha=1e-2, beta=0.75, k=2.0)
+    if kind == "normalize":
+        return Normalize(rng.standard_normal(C), 0.5 + rng.random(C))
+    if kind == "relu":
+        return ReLU()
+    if kind in ("softmax", "softmax_axis1"):    # rows along the last axis: the kernel's output, reshaped
+        return Softmax(axis=1 if kind == "softmax_axis1" else -1)
     if kind == "linear":                        # on a 4-D input, flattened: a reshape of it goes to the GEMM
         return Linear(rng.standard_normal((F, C * hw[0] * hw[1])), rng.standard_normal(F))
     if kind == "direct":                        # conv_direct: C <= ops.DIRECT_CONV_MAX_C
@@ -81,5 +88,10 @@ def ordinary(cp, kind, layer, xd):
     if kind == "linear":
         p = layer._params_for(xd)
         return F.linear(xd.reshape(xd.shape[0], -1), p["weight"], p["bias"])
+    if kind == "normalize":
+        mean, std, _ = layer._params_as(xd)
+        return F.normalize(xd, mean=mean, std=std)
+    if kind == "softmax":
+        return F.softmax(xd, axis=layer.axis)
     out = cp.empty((xd.shape[0],) + tuple(layer.output_shape(tuple(xd.shape[1:]))), dtype=xd.dtype)
     return call(kind, layer, xd, out=out)

@@ -183,12 +183,16 @@ class Normalize(Layer):
         return self._cast[key]
 
     def forward(self, x):
+        rep = replay.lookup(self._replays, x)
+        if rep is not None:                 # this shape's GPU work, recorded (``kernels/cuda/replay.py``)
+            return rep(x)
         check_float_array(x, "x", ndim=4)
         if x.shape[1] != self.mean.shape[0]:
             raise ValueError(f"x must have {self.mean.shape[0]} channels (the length of this Normalize layer's "
                              f"mean and std), got shape {tuple(x.shape)}")
         mean, std, scale = self._params_as(x)
-        return _normalize(require_cupy() if is_cupy_array(x) else np, x, mean, std, scale)
+        return replay.call(self._replays, x, None, {"mean": mean, "scale": scale}, lambda: _normalize(
+            require_cupy() if is_cupy_array(x) else np, x, mean, std, scale))
 
     def output_shape(self, in_shape):
         shape = _chw(in_shape, self.kind)
@@ -206,7 +210,10 @@ class ReLU(Layer):
     writes_out = True
 
     def forward(self, x, *, out=None):
-        return relu(x, out=out)
+        rep = replay.lookup(self._replays, x) if out is None else None
+        if rep is not None:                 # this shape's GPU work, recorded (``kernels/cuda/replay.py``)
+            return rep(x)
+        return replay.call(self._replays, x, out, {}, lambda: relu(x, out=out))
 
 
 @register_layer
@@ -229,10 +236,13 @@ class Softmax(Layer):
         return {"axis": self.axis}
 
     def forward(self, x):
+        rep = replay.lookup(self._replays, x)
+        if rep is not None:                 # this shape's GPU work, recorded (``kernels/cuda/replay.py``)
+            return rep(x)
         if self.axis < 0 and getattr(x, "ndim", 0) + self.axis == 0:
             raise ValueError(f"axis {self.axis} of this Softmax layer is the batch axis of x (shape "
                              f"{tuple(x.shape)}); it must be a feature axis")
-        return softmax(x, axis=self.axis)
+        return replay.call(self._replays, x, None, {}, lambda: softmax(x, axis=self.axis))
 
     def output_shape(self, in_shape):
         shape = tuple(in_shape)

@@ -392,6 +392,7 @@ def relu(x):
     x = contiguous(cp, x)
     y = cp.empty(x.shape, dtype=x.dtype)
     _launch_1d("relu", x.dtype, y.size, (x, y, y.size))
+    replay.complete(y)
     return y
 
 
@@ -420,6 +421,7 @@ def softmax(x2d):
     if y.size:
         _check_index_range(y.size, "the softmax input")
         _launch("softmax_rows", x2d.dtype, (min(R, _MAX_GRID),), (SOFTMAX_THREADS,), (x2d, y, R, L))
+    replay.complete(y)
     return y
 
 
@@ -433,6 +435,7 @@ def normalize(x, *, mean, scale):
     S = int(np.prod(x.shape[2:], dtype=np.int64))
     y = cp.empty(x.shape, dtype=dt)
     _launch_1d("normalize", dt, y.size, (x, mean, scale, y, N, C, S))
+    replay.complete(y)
     return y
 
 

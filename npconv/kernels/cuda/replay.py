@@ -16,7 +16,8 @@ intermediates reused.
 What makes a recording a replay, all of it checked:
 
 * the path said so: the GPU entry points call :func:`complete` with their output before returning it, on the paths
-  whose whole device work is launches and ``_gemm.matmul`` products (a copy or a slice assignment in CuPy, as in the
+  whose whole device work is launches and ``_gemm.matmul`` products (the layer may return that array or a reshape of
+  it, as the softmax does) (a copy or a slice assignment in CuPy, as in the
   monochromatic layer's composed fallback, leaves the call without a replay). What a caller does on the device
   before or after an entry point that completes the array it returns must be recorded work too (the separable
   layer's two passes; max pooling's ReLU, an ``ops.bias_relu`` launch, not ``cupy.maximum``): this is the one rule
@@ -32,7 +33,7 @@ What makes a recording a replay, all of it checked:
   advances :func:`generation`, and a replay of an older generation is not used (the next call records again).
 
 The layers that replay: ``Conv2d``, ``Linear``, the low-rank and biclustered conv layers, ``MaxPool2d`` (a table
-for each ``relu`` flag), ``AvgPool2d`` and ``LocalResponseNorm``. Each keeps its replays in a small table
+for each ``relu`` flag), ``AvgPool2d``, ``LocalResponseNorm``, ``Normalize``, ``ReLU`` and ``Softmax``. Each keeps its replays in a small table
 (:func:`new_table`, made by ``Layer.__init__``) that it empties whenever its parameters are replaced
 (``Layer._sync_params``) or any of its public attributes is set (``Layer.__setattr__``: ``layer.stride = ...``),
 and that a deep copy does not copy. A call with ``out=`` takes the ordinary path, and nothing
@@ -202,9 +203,15 @@ def _constants(params):
     return ids
 
 
+def _same_memory(a, b):
+    """Whether arrays ``a`` and ``b`` are C-contiguous over the same bytes (one a reshape of the other)."""
+    return (a is b or a.data.ptr == b.data.ptr and a.nbytes == b.nbytes and a.dtype == b.dtype
+            and a.flags.c_contiguous and b.flags.c_contiguous)
+
+
 def _make(rec, x, y, params, empty, stream_now):
     """The :class:`Replay` of a recording, or None when it is not one (see the module docstring)."""
-    if rec.completed is not y or not rec.ops:
+    if rec.completed is None or not rec.ops or not _same_memory(rec.completed, y):
         return None
     from ._gemm import matmul
     xtype = type(x)
