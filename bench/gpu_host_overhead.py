@@ -11,8 +11,8 @@ measures that part on any machine: it runs the GPU code path on the CuPy stand-i
 GPU.
 
 Workloads at batch 1, ZF shapes: the dense conv2 through ``npconv.functional.conv2d`` and as the ``Conv2d`` layer
-(which replays its recorded launches from its second call on: ``kernels/cuda/replay.py``), the biclustered CP conv2 layer
-(G=48, H=2, K=8), the biclustered SVD conv2 layer (G=H=2, (19, 51)) as it runs (``bic_reduce``) and with its gather
+(which replays its recorded launches from its second call on: ``kernels/cuda/replay.py``), the biclustered CP conv2
+layer (G=48, H=2, K=8), the biclustered SVD conv2 layer (G=H=2, (19, 51)) as it runs (``bic_reduce``) and with its gather
 and reductions as ``bic_gather`` and a GEMM a group (``svd_layer_gather_gemms``), the shared separable conv2 layer
 (G=48, H=2, K=6, S=4), the dense conv1 (function and layer), its monochromatic (C'=6), low-rank (rank 8) and
 separable (rank 4) layers,
