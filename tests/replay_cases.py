@@ -12,12 +12,12 @@ from npconv.decompose.bicluster import BiclusterCPResult, BiclusterSVDResult
 from npconv.decompose.shared import SharedSeparableResult
 from npconv.layers import AvgPool2d, Conv2d, Linear, LocalResponseNorm, MaxPool2d, Normalize, ReLU, Softmax
 from npconv.layers.bicluster import BiclusterConv2d, SharedSeparableConv2d
-from npconv.layers.lowrank import LowRankConv2d, MonochromaticConv2d, SeparableConv2d
+from npconv.layers.lowrank import LowRankConv2d, LowRankLinear, MonochromaticConv2d, SeparableConv2d
 
 #: one launch, nothing kept between calls (few input channels: the direct conv path)
 KINDS = ["direct", "depthwise", "monochromatic", "lowrank", "separable"]
 #: intermediates kept between calls (workspaces, GEMM results); more than ops.DIRECT_CONV_MAX_C input channels
-WIDE = ["im2col", "winograd", "pointwise", "cp", "svd", "shared"]
+WIDE = ["im2col", "winograd", "pointwise", "cp", "svd", "shared", "lowrank_linear"]
 #: without parameters or with per-channel vectors (nothing kept), and the dense Linear (it keeps its weight's
 #: transpose, a view: the last of the list)
 SIMPLE = ["maxpool", "maxpool_relu", "avgpool", "lrn", "normalize", "relu", "softmax", "linear"]
@@ -51,6 +51,9 @@ def make(kind, rng, *, C, F, k, hw):
         return ReLU()
     if kind in ("softmax", "softmax_axis1"):    # rows along the last axis: the kernel's output, reshaped
         return Softmax(axis=1 if kind == "softmax_axis1" else -1)
+    if kind == "lowrank_linear":                # two GEMMs (the first's result kept) and the bias
+        return LowRankLinear(rng.standard_normal((F, 4)), rng.standard_normal((4, C * hw[0] * hw[1])),
+                             rng.standard_normal(F))
     if kind == "linear":                        # on a 4-D input, flattened: a reshape of it goes to the GEMM
         return Linear(rng.standard_normal((F, C * hw[0] * hw[1])), rng.standard_normal(F))
     if kind == "direct":                        # conv_direct: C <= ops.DIRECT_CONV_MAX_C
@@ -88,6 +91,9 @@ def ordinary(cp, kind, layer, xd):
     if kind == "linear":
         p = layer._params_for(xd)
         return F.linear(xd.reshape(xd.shape[0], -1), p["weight"], p["bias"])
+    if kind == "lowrank_linear":
+        p = layer._params_for(xd)
+        return F.lowrank_linear(xd.reshape(xd.shape[0], -1), p["a"], p["b"], p["bias"])
     if kind == "normalize":
         mean, std, _ = layer._params_as(xd)
         return F.normalize(xd, mean=mean, std=std)

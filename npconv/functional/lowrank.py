@@ -112,13 +112,9 @@ def lowrank_linear(x, a, b_fac, bias=None):
     if a.shape[1] != b_fac.shape[0]:
         raise ValueError(f"a must have shape (out, {b_fac.shape[0]}) to match b_fac's rank, got {tuple(a.shape)}")
     _check_bias(x, bias, a.shape[0])
-    if xp is np:
-        h = np.matmul(x, b_fac.T)
-        y = np.matmul(h, a.T)
-    else:
-        from ..kernels.cuda._gemm import matmul   # also inside a CUDA-graph recording
-        h = matmul(x, b_fac.T)
-        y = matmul(h, a.T)
+    if xp is not np:
+        return _gpu_ops().lowrank_linear(x, a, b_fac, bias)
+    y = np.matmul(np.matmul(x, b_fac.T), a.T)
     if bias is not None:
         y += bias
     return y

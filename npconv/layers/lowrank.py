@@ -113,10 +113,12 @@ class LowRankLinear(_WeightedLayer):
         return dense_equivalent(self, _host64(a) @ _host64(self.params["b"]), a.dtype)
 
     def forward(self, x):
+        rep = replay.lookup(self._replays, x)
+        if rep is not None:                 # this shape's GPU work, recorded (``_WeightedLayer._recorded``)
+            return rep(x)
         p = self._params_for(x)
-        if x.ndim > 2:
-            x = x.reshape(x.shape[0], -1)
-        return FL.lowrank_linear(x, p["a"], p["b"], p.get("bias"))
+        x2 = x.reshape(x.shape[0], -1) if x.ndim > 2 else x
+        return self._recorded(x, None, p, lambda: FL.lowrank_linear(x2, p["a"], p["b"], p.get("bias")))
 
     def output_shape(self, in_shape):
         n_in = int(np.prod(in_shape))

@@ -238,3 +238,28 @@ def test_setting_an_attribute_forgets_the_replays(cp, rng):
     np.testing.assert_array_equal(cp.asnumpy(pool(cp.asarray(x))), MaxPool2d(3, stride=1)(x))
     pool._scratch = 1                                  # a private attribute keeps them
     assert pool._replays
+
+
+@pytest.mark.parametrize("plan", ["dense", "cp"])
+def test_a_network_forward_replays_its_layers_and_matches_the_cpu(cp, plan):
+    """A small ZF network (dense, or with the biclustered CP conv layers) on the emulated GPU: from the second
+    forward pass on its conv, pooling, LRN and linear layers replay, and every pass, at two batch sizes, gives the
+    CPU network's output for its own input."""
+    import npconv.layers.bicluster  # noqa: F401  (register the factored layer kinds)
+    from bench.zf_net import random_approximation, zf_net, zf_plan
+    kw = dict(input_size=64, width=1 / 8, fc_width=128, classes=100)
+    net = zf_net(seed=0, dtype=np.float32, **kw)
+    if plan == "cp":
+        net = random_approximation(net, zf_plan("cp", upper=True, width=1 / 8, fc_width=128), seed=1)
+    gnet = net.copy().to_gpu()
+    rng = np.random.default_rng(3)
+    for n in (2, 2, 1, 2, 1):
+        x = rng.standard_normal((n,) + net.input_shape).astype(np.float32)
+        np.testing.assert_allclose(cp.asnumpy(gnet.forward(cp.asarray(x))), net.forward(x), rtol=5e-4, atol=5e-4)
+    replayed = {name: layer.kind for name, layer in gnet._layers.items()
+                if any(type(v) is replay.Replay for v in layer._replays.values())
+                or any(type(v) is replay.Replay for v in getattr(layer, "_replays_relu", {}).values())}
+    kinds = set(replayed.values())
+    # every kind but the ReLUs (run in place on the output before them) and the Flatten (a view)
+    assert {layer.kind for layer in gnet._layers.values()} - {"relu", "flatten"} == kinds, kinds
+    assert {"max_pool2d", "lrn", "linear", "conv2d" if plan == "dense" else "bicluster_conv2d"} <= kinds, kinds

@@ -211,6 +211,20 @@ def uses_factor_conv(F, C, KH, KW, itemsize) -> bool:
     return F <= DIRECT_MAX_FILTERS and factor_chunk(C, KH, KW, itemsize) >= 1
 
 
+def lowrank_linear(x, a, b_fac, bias):
+    """Rank-t dense layer of CuPy arrays: ``(x @ b_fac.T) @ a.T + bias`` with x (N, in), a (out, t), b_fac (t, in),
+    bias (out,) or None: two cuBLAS products (``_gemm.matmul``, so inside a CUDA-graph recording too) and the bias
+    in one launch. Returns a new (N, out) array."""
+    cp = _cupy()
+    y = _matmul(_matmul(x, b_fac.T), a.T)
+    if bias is not None and y.size:
+        y = ops.contiguous(cp, y)
+        N, O = (int(v) for v in y.shape)
+        ops._launch_1d("bias_add", y.dtype, y.size, (y, ops.contiguous(cp, bias), N, O, 1), "the linear output")
+    replay.complete(y)
+    return y
+
+
 def factor_conv(x, w, b, *, stride, padding, dilation):
     """Direct convolution of CuPy arrays on ``factor_conv``: x (N, C, H, W), w (F, C, KH, KW), b (F,) or None;
     ``stride``/``dilation`` pairs, ``padding`` (top, bottom, left, right). Returns a new (N, F, OH, OW) array.

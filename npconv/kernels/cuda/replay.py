@@ -32,7 +32,7 @@ What makes a recording a replay, all of it checked:
   ``ops_bicluster``, ``_gemm``, ``loader``, as tests and benches do to compare rules) or ``loader.clear_cache()``
   advances :func:`generation`, and a replay of an older generation is not used (the next call records again).
 
-The layers that replay: ``Conv2d``, ``Linear``, the low-rank and biclustered conv layers, ``MaxPool2d`` (a table
+The layers that replay: ``Conv2d``, ``Linear``, ``LowRankLinear``, the low-rank and biclustered conv layers, ``MaxPool2d`` (a table
 for each ``relu`` flag), ``AvgPool2d``, ``LocalResponseNorm``, ``Normalize``, ``ReLU`` and ``Softmax``. Each keeps
 its replays in a small table (:func:`new_table`, made by ``Layer.__init__``) that it empties whenever its parameters
 are replaced (``Layer._sync_params``) or any of its public attributes is set (``Layer.__setattr__``: ``layer.stride
