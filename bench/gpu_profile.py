@@ -43,10 +43,12 @@ its filters shared among blocks below 0 (never), 256, 512 or 1024 blocks (``SEP_
 at batches 1 and 8 the monochromatic form (C' = 4, 6) with its colours' filters shared in 8- or 4-filter shares up
 to 512 or 1024 blocks (``MONO_SHARE_FILTERS``, ``MONO_MIN_BLOCKS``: ``MONO_SHARE_RULES``); and the dense conv1,
 npconv and cuDNN, as the reference of each batch.
-``bicrules`` times the biclustered SVD conv2 ((K1, K2) = (19, 51)) and the shared separable conv2 (K = 6, S = 4)
-with its combination fused into the expansion or not (``ops_bicluster.SHARED_FUSED_MAX_COLUMNS``), at batches 1 and
-8, against the dense ``Conv2d`` layer, the layers replaying their launches (:func:`bic_rules`; the twenty-fifth
-session's run also compared blocks of 256, 128 and 64 threads for ``bic_svd_spatial``, a rule since removed).
+``bicrules`` times the biclustered SVD conv2 ((K1, K2) = (19, 51)) with its spatial stage in blocks of 16 or 4
+filters (``bic_svd_spatial`` or ``bic_svd_spatial_f4``: ``ops_bicluster.SVD_SMALL_MAX_COLUMNS``) and the shared
+separable conv2 (K = 6, S = 4) with its combination fused into the expansion or not (``SHARED_FUSED_MAX_COLUMNS``),
+at batches 1 and 8, against the dense ``Conv2d`` layer, the layers replaying their launches (:func:`bic_rules`; the
+twenty-fifth session's run also compared blocks of 256, 128 and 64 threads for ``bic_svd_spatial``, a rule since
+removed).
 ``cpblock`` times the biclustered CP conv2 (K = 6, 8, 12, batch 128) with ``ops_bicluster.CP_IMAGES_PER_BLOCK`` at
 1, 2 and 4 in alternation, and checks that the outputs agree (``ncu --workloads cp`` profiles the front end alone).
 """
@@ -385,7 +387,7 @@ def launch_costs(cp, calls=2000):
 
 
 #: bicrules: the rule settings compared, name -> (``ops_bicluster`` attribute, value), or None: the module's rules
-BIC_RULES = {"svd": {"svd": None},
+BIC_RULES = {"svd": {"svd": ("SVD_SMALL_MAX_COLUMNS", 0), "svd_f4": ("SVD_SMALL_MAX_COLUMNS", 1 << 62)},
              "shared": {"shared_fused": ("SHARED_FUSED_MAX_COLUMNS", 1 << 62),
                         "shared_unfused": ("SHARED_FUSED_MAX_COLUMNS", 0)}}
 

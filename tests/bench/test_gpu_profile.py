@@ -148,14 +148,14 @@ def test_lowrank_quick_run_on_the_emulated_cupy(monkeypatch, tmp_path):
 @pytest.mark.skipif(not HAS_CXX, reason="no C++ compiler for the CUDA C emulator")
 def test_bicrules_quick_run_on_the_emulated_cupy(monkeypatch, tmp_path):
     """The rule comparison of the biclustered SVD and shared layers on the CPU-emulated cupy: a record per case, the
-    rule restored after."""
+    rules restored after."""
     from npconv.kernels.cuda import ops_bicluster
-    before = ops_bicluster.SHARED_FUSED_MAX_COLUMNS
+    before = (ops_bicluster.SHARED_FUSED_MAX_COLUMNS, ops_bicluster.SVD_SMALL_MAX_COLUMNS)
     rep = quick_run_on_the_emulated_cupy("bicrules", monkeypatch, tmp_path)
-    assert set(rep) == {"dense/b1", "svd/b1", "shared_fused/b1", "shared_unfused/b1"}
+    assert set(rep) == {"dense/b1", "svd/b1", "svd_f4/b1", "shared_fused/b1", "shared_unfused/b1"}
     assert all(r["latency_ms"] > 0 and r["queued_ms"] > 0 and r["speedup_vs_dense"] > 0 for r in rep.values())
     assert rep["dense/b1"]["speedup_vs_dense"] == 1.0
-    assert ops_bicluster.SHARED_FUSED_MAX_COLUMNS == before
+    assert (ops_bicluster.SHARED_FUSED_MAX_COLUMNS, ops_bicluster.SVD_SMALL_MAX_COLUMNS) == before
 
 
 @pytest.mark.cpuemu

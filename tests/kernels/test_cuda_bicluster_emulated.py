@@ -274,9 +274,11 @@ SVD_CASES = {
 }
 
 
+@pytest.mark.parametrize("name,ft", [("bic_svd_spatial", FT), ("bic_svd_spatial_f4", 4)])
 @pytest.mark.parametrize("launch", LAUNCHES)
 @pytest.mark.parametrize("case", sorted(SVD_CASES))
-def test_svd_spatial(bic_module, rng, dtype, launch, case):
+def test_svd_spatial(bic_module, rng, dtype, launch, case, name, ft):
+    """Both entry points: 16 filters a block, or 4 (bic_svd_spatial_f4, for small batches)."""
     m, G, NH, K1, K2, H, W, X, Y, stride, pad, CC = SVD_CASES[case]
     z1 = rng.standard_normal((G * NH * K1, m * H * W)).astype(dtype)
     sp = rng.standard_normal((G, NH, K2, K1, X, Y)).astype(dtype)
@@ -291,12 +293,11 @@ def test_svd_spatial(bic_module, rng, dtype, launch, case):
     z = np.full(ref.shape, np.nan, dtype)
     total = m * P
     if launch == "forward-full":
-        order, grid, block = "forward", (-(-total // 256), -(-K2 // FT), G * NH), (256,)
+        order, grid, block = "forward", (-(-total // 256), -(-K2 // ft), G * NH), (256,)
     else:
-        order, grid, block = "reverse", (2, -(-K2 // FT), G * NH), (32,)
+        order, grid, block = "reverse", (2, -(-K2 // ft), G * NH), (32,)
     args = (z1, sp, z, *map(i32, (m, G, NH, K1, K2, H, W, X, Y, *stride, pad[0], pad[2], OH, OW, CC)))
-    kernel(bic_module, "bic_svd_spatial", dtype)(grid, block, args, shared_mem=CC * X * Y * FT * dtype.itemsize,
-                                                 order=order)
+    kernel(bic_module, name, dtype)(grid, block, args, shared_mem=CC * X * Y * ft * dtype.itemsize, order=order)
     check(z, ref, dtype, K1 * X * Y)
 
 

@@ -285,3 +285,27 @@ def test_shared_combination_unfused_by_default(fc, launched, monkeypatch, rng, d
     check(fc, y, conv2d_einsum(x, dense_kernel("shared", f), b, stride=(2, 1), padding=(1, 0, 2, 1)), dtype,
           C * X * Y * 4)
     assert launched == ["bic_shared_filter", "bic_shared_combine", "bic_expand"]
+
+
+def test_svd_spatial_with_four_filters_a_block(fc, launched, monkeypatch, rng, dtype, order):
+    """SVD_SMALL_MAX_COLUMNS at or above the batch's columns: bic_svd_spatial_f4 (4 filters a block, K2 = 18 in five
+    filter blocks, the weights of K1 = 5 channels in chunks of 3 + 2 by the shared-memory budget of 4 filters), the
+    same result as the dense conv and the CPU path; one column more than the rule and the 16-filter kernel runs."""
+    X, Y = 3, 2
+    monkeypatch.setattr(ops_bicluster, "SVD_SMEM_BUDGET", 3 * X * Y * 4 * dtype.itemsize)
+    assert ops_bicluster.svd_chunk(5, X, Y, dtype.itemsize, 4) == 3
+    f = make_factors("svd", rng, dtype, 6, 5, X, Y, (2, 4), (2, 3), (5, 18))
+    x = rng.standard_normal((2, 6, 14, 13)).astype(dtype)
+    b = rng.standard_normal(5).astype(dtype)
+    ref = conv2d_einsum(x, dense_kernel("svd", f), b, stride=(2, 1), padding=(1, 0, 0, 1))
+    columns = 2 * 7 * 13
+    monkeypatch.setattr(ops_bicluster, "SVD_SMALL_MAX_COLUMNS", columns)
+    y = run(fc, "svd", x, f, b, (2, 1), (1, 0, 0, 1))
+    assert y.shape[2:] == (7, 13) and launched == ["bic_reduce", "bic_svd_spatial_f4", "bic_expand"]
+    check(fc, y, ref, dtype, 6 * X * Y * 18)
+    check(fc, y, CPU["svd"](x, *f, b, stride=(2, 1), padding=(1, 0, 0, 1)), dtype, 6 * X * Y * 18)
+    del launched[:]
+    monkeypatch.setattr(ops_bicluster, "SVD_SMALL_MAX_COLUMNS", columns - 1)
+    monkeypatch.setattr(ops_bicluster, "SVD_SMEM_BUDGET", 2 * X * Y * 16 * dtype.itemsize)
+    check(fc, run(fc, "svd", x, f, b, (2, 1), (1, 0, 0, 1)), ref, dtype, 6 * X * Y * 18)
+    assert launched == ["bic_reduce", "bic_svd_spatial", "bic_expand"]

@@ -15,7 +15,7 @@
 //  * bic_gather         -- SVD form: x gathered through in_perm into a channel-major matrix xg[j][n*H*W + s], so
 //                          each group's C_g -> H*K1 reduction is one GEMM on contiguous rows.
 //  * bic_svd_spatial    -- SVD form: the K1 -> K2 X x Y conv of every block (g, h), direct (no im2col matrix),
-//                          from the reduction's output to Z.
+//                          from the reduction's output to Z (bic_svd_spatial_f4: 4 filters a block, not 16).
 //  * bic_shared_filter  -- shared separable form: every input channel filtered by each shared filter its group
 //                          uses (vertical then horizontal pass), once: Q rows.
 //  * bic_shared_combine -- shared separable form: component (g, h, k) = sum_j reduce[j, h, k] * Q[j, slot]: Z.
@@ -28,6 +28,7 @@
 
 #define NPCONV_BIC_TH 8   // most output rows of a bic_cp_front tile (a column's outputs held in registers)
 #define NPCONV_BIC_FT 16  // filters per bic_svd_spatial block (accumulators held in registers)
+#define NPCONV_BIC_FT_SMALL 4  // filters per bic_svd_spatial_f4 block (small batches)
 
 // CP front end.
 //   x (m, C, H, W); in_perm (C,), in_off (G+1,); reduce (C, NH*K) rows in permuted order; vertical (G, NH*K, X);
@@ -284,17 +285,18 @@ NPCONV_KERNEL_LB(bic_gather, 256)(const real_t* __restrict__ x, const int* __res
 
 // SVD form, the K1 -> K2 X x Y conv of every block (g, h), groups of its own: z1 (G*NH*K1, m*H*W) holds the
 // reduction's output, row (g*NH + h)*K1 + k1; spatial (G, NH, K2, K1, X, Y); z (NH*G*K2, m*P) as in the header.
-// Launch: 1-D blocks (at most 256 threads), grid (pixel blocks, ceil(K2 / NPCONV_BIC_FT), G*NH); the pixel loop
+// FT filters a block (NPCONV_BIC_FT for bic_svd_spatial, NPCONV_BIC_FT_SMALL for bic_svd_spatial_f4).
+// Launch: 1-D blocks (at most 256 threads), grid (pixel blocks, ceil(K2 / FT), G*NH); the pixel loop
 // is grid-stride with a trip count that is the same for every thread of a block (the loop holds barriers).
-// Dynamic shared memory: CC * X * Y * NPCONV_BIC_FT real_t, the weights of the block's filters for CC of the K1
+// Dynamic shared memory: CC * X * Y * FT real_t, the weights of the block's filters for CC of the K1
 // input channels (CC >= 1), laid out wsh[k * FT + f].
-NPCONV_KERNEL_LB(bic_svd_spatial, 256)(const real_t* __restrict__ z1, const real_t* __restrict__ spatial,
-                                       real_t* __restrict__ z, int m, int G, int NH, int K1, int K2, int H,
-                                       int W, int X, int Y, int SH, int SW, int PT, int PL, int OH, int OW,
-                                       int CC) {
+template <int FT>
+__device__ __forceinline__ void npc_svd_spatial(const real_t* __restrict__ z1, const real_t* __restrict__ spatial,
+                                                real_t* __restrict__ z, int m, int G, int NH, int K1, int K2, int H,
+                                                int W, int X, int Y, int SH, int SW, int PT, int PL, int OH, int OW,
+                                                int CC) {
   extern __shared__ __align__(16) unsigned char npconv_bic_svd_smem[];
   real_t* wsh = reinterpret_cast<real_t*>(npconv_bic_svd_smem);
-  const int FT = NPCONV_BIC_FT;
   const int XY = X * Y;
   const int blk = blockIdx.z;  // g * NH + h
   const int g = blk / NH;
@@ -316,9 +318,9 @@ NPCONV_KERNEL_LB(bic_svd_spatial, 256)(const real_t* __restrict__ z1, const real
     const int oh = pix / OW;
     const int ih0 = oh * SH - PT;
     const int iw0 = (pix - oh * OW) * SW - PL;
-    real_t acc[NPCONV_BIC_FT];
+    real_t acc[FT];
 #pragma unroll
-    for (int f = 0; f < NPCONV_BIC_FT; ++f) acc[f] = real_t(0);
+    for (int f = 0; f < FT; ++f) acc[f] = real_t(0);
     for (int c0 = 0; c0 < K1; c0 += CC) {
       const int cc = min(CC, K1 - c0);
       __syncthreads();  // the previous chunk's weights are no longer read
@@ -335,12 +337,23 @@ NPCONV_KERNEL_LB(bic_svd_spatial, 256)(const real_t* __restrict__ z1, const real
           for (int kh = 0; kh < X; ++kh) {
             const int ih = ih0 + kh;
             const bool row_ok = npc_inside(ih, H);
-            for (int kw = 0; kw < Y; ++kw, wk += NPCONV_BIC_FT) {
-              const int iw = iw0 + kw;
-              real_t v = real_t(0);
-              if (row_ok && npc_inside(iw, W)) v = __ldg(src + (size_t)ih * W + iw);
+            if (FT == NPCONV_BIC_FT) {
+              for (int kw = 0; kw < Y; ++kw, wk += FT) {
+                const int iw = iw0 + kw;
+                real_t v = real_t(0);
+                if (row_ok && npc_inside(iw, W)) v = __ldg(src + (size_t)ih * W + iw);
 #pragma unroll
-              for (int f = 0; f < NPCONV_BIC_FT; ++f) acc[f] += v * wk[f];
+                for (int f = 0; f < FT; ++f) acc[f] += v * wk[f];
+              }
+            } else {  // the same, the tap loop kept rolled: unrolled, it spilled in float64 on sm_75/80
+#pragma unroll 1
+              for (int kw = 0; kw < Y; ++kw, wk += FT) {
+                const int iw = iw0 + kw;
+                real_t v = real_t(0);
+                if (row_ok && npc_inside(iw, W)) v = __ldg(src + (size_t)ih * W + iw);
+#pragma unroll
+                for (int f = 0; f < FT; ++f) acc[f] += v * wk[f];
+              }
             }
           }
         }
@@ -348,11 +361,25 @@ NPCONV_KERNEL_LB(bic_svd_spatial, 256)(const real_t* __restrict__ z1, const real
     }
     if (active) {
 #pragma unroll
-      for (int f = 0; f < NPCONV_BIC_FT; ++f)
+      for (int f = 0; f < FT; ++f)
         if (f0 + f < K2) zout[(size_t)(f0 + f) * ldo + i] = acc[f];
     }
   }
 }
+
+#define NPC_SVD_PARAMS                                                                                          \
+  const real_t* __restrict__ z1, const real_t* __restrict__ spatial, real_t* __restrict__ z, int m, int G, int NH, \
+      int K1, int K2, int H, int W, int X, int Y, int SH, int SW, int PT, int PL, int OH, int OW, int CC
+// NPCONV_BIC_FT filters a block: 16 accumulators a thread (the weights of a tap serve 16 filters)
+NPCONV_KERNEL_LB(bic_svd_spatial, 256)(NPC_SVD_PARAMS) {
+  npc_svd_spatial<NPCONV_BIC_FT>(z1, spatial, z, m, G, NH, K1, K2, H, W, X, Y, SH, SW, PT, PL, OH, OW, CC);
+}
+// NPCONV_BIC_FT_SMALL filters a block, for small batches (ops_bicluster.SVD_SMALL_MAX_COLUMNS): four times the
+// blocks along the filters and a quarter of the serial work a thread
+NPCONV_KERNEL_LB(bic_svd_spatial_f4, 256)(NPC_SVD_PARAMS) {
+  npc_svd_spatial<NPCONV_BIC_FT_SMALL>(z1, spatial, z, m, G, NH, K1, K2, H, W, X, Y, SH, SW, PT, PL, OH, OW, CC);
+}
+#undef NPC_SVD_PARAMS
 
 // Shared separable form, the filtering: input channel jj (permuted order) of group g = chan_group[jj] is filtered
 // by each shared filter its group uses, s = used_filter[used_ptr[g] + u] for u < U_g = used_ptr[g+1] - used_ptr[g]

@@ -64,7 +64,7 @@ __all__ = [
     "CP_TILE_ROWS", "CP_MAX_THREADS", "CP_SPECIALISED", "CP_IMAGES_PER_BLOCK", "cp_front_kernel",
     "SVD_FILTERS_PER_BLOCK", "TILE_W", "TILE_ROWS", "CP_SMEM_BUDGET", "SHARED_SMEM_BUDGET", "SVD_SMEM_BUDGET",
     "WORKSPACE_BYTES", "EXPAND_TILED_MAX_COLUMNS", "EXPAND_TILE", "EXPAND_THREADS", "REDUCE_TILED_MAX_COLUMNS",
-    "SHARED_FUSED_MAX_COLUMNS",
+    "SHARED_FUSED_MAX_COLUMNS", "SVD_FILTERS_SMALL", "SVD_SMALL_MAX_COLUMNS",
 ]
 
 #: the kernel source of this module (a file of npconv.kernels.cuda)
@@ -81,6 +81,13 @@ CP_SPECIALISED = ((3, 1), (3, 2), (5, 1), (5, 2), (7, 1), (7, 2))
 CP_IMAGES_PER_BLOCK = 4
 #: filters per bic_svd_spatial block (NPCONV_BIC_FT in _bicluster.cu)
 SVD_FILTERS_PER_BLOCK = 16
+#: filters per bic_svd_spatial_f4 block (NPCONV_BIC_FT_SMALL)
+SVD_FILTERS_SMALL = 4
+#: the SVD form's spatial stage runs bic_svd_spatial_f4 (4 filters a block, 4x the blocks, a quarter of each thread's
+#: serial work) for batches of at most this many output columns (images x positions). At batch 1 on ZF conv2 ((19, 51):
+#: 48 blocks, 475 taps x 16 filters a thread) bic_svd_spatial took 83 of the layer's 101 us on an H100 (twenty-fifth
+#: session, docs/gpu_results.md). Written after that session's GPU calls and not yet timed: 0, off.
+SVD_SMALL_MAX_COLUMNS = 0
 #: output columns per tile of bic_shared_filter (blockDim.x; also the most of a bic_cp_front tile), and the rows
 #: bic_shared_filter tries, largest first
 TILE_W = 32
@@ -130,6 +137,7 @@ LAUNCH_SIGNATURES: dict[str, tuple[str, tuple[str, ...]]] = {
     "bic_gather": (SOURCE, (PTR, IPTR, PTR) + (I32,) * 3),
     # z1, spatial, z, m, G, NH, K1, K2, H, W, X, Y, SH, SW, PT, PL, OH, OW, CC
     "bic_svd_spatial": (SOURCE, (PTR, PTR, PTR) + (I32,) * 16),
+    "bic_svd_spatial_f4": (SOURCE, (PTR, PTR, PTR) + (I32,) * 16),
     # x, in_perm, chan_group, in_off, used_ptr, used_filter, qoff, vertical, horizontal, q,
     # m, C, H, W, X, Y, SH, SW, PT, PL, OH, OW, tiles_w
     "bic_shared_filter": (SOURCE, (PTR,) + (IPTR,) * 6 + (PTR,) * 3 + (I32,) * 13),
@@ -277,9 +285,10 @@ def shared_tiling(X, Y, SH, SW, itemsize):
     return _tile(X, Y, SH, SW, itemsize, SHARED_SMEM_BUDGET, lambda TH, TIH, TIW: TIH * TIW + TH * TIW)
 
 
-def svd_chunk(K1, X, Y, itemsize):
-    """K1 channels per shared-memory chunk of bic_svd_spatial (0 when not even one fits :data:`SVD_SMEM_BUDGET`)."""
-    return min(K1, SVD_SMEM_BUDGET // (X * Y * SVD_FILTERS_PER_BLOCK * itemsize))
+def svd_chunk(K1, X, Y, itemsize, filters=None):
+    """K1 channels per shared-memory chunk of bic_svd_spatial with ``filters`` filters a block (default
+    :data:`SVD_FILTERS_PER_BLOCK`; 0 when not even one channel fits :data:`SVD_SMEM_BUDGET`)."""
+    return min(K1, SVD_SMEM_BUDGET // (X * Y * (filters or SVD_FILTERS_PER_BLOCK) * itemsize))
 
 
 def _images_per_chunk(N, per_image, largest, itemsize):
@@ -439,8 +448,9 @@ def bicluster_svd_conv2d(x, in_perm, in_off, reduce, spatial, expand, out_perm, 
     sh, sw = (int(v) for v in stride)
     pt, pb, pl, pr = (int(v) for v in padding)
     OH, OW = _out_len(H, X, sh, pt, pb), _out_len(W, Y, sw, pl, pr)
-    FT = SVD_FILTERS_PER_BLOCK
-    CC = svd_chunk(K1, X, Y, dt.itemsize)
+    small = N * OH * OW <= SVD_SMALL_MAX_COLUMNS           # bic_svd_spatial_f4: fewer filters a block
+    FT = SVD_FILTERS_SMALL if small else SVD_FILTERS_PER_BLOCK
+    CC = svd_chunk(K1, X, Y, dt.itemsize, FT)
     fblocks = -(-K2 // FT)
     if CC < 1 or G * NH > _MAX_GRID_YZ or fblocks > _MAX_GRID_YZ:
         return _composed("svd", cp, x, in_perm, in_off, (reduce, spatial, expand), out_perm, out_off, bias,
@@ -482,7 +492,7 @@ def bicluster_svd_conv2d(x, in_perm, in_off, reduce, spatial, expand, out_perm, 
                 _matmul(red_t[g], xg[int(in_off_h[g]):int(in_off_h[g + 1])], out=z1[g * HK1:(g + 1) * HK1])
         z2 = z2_buf[:rows2 * m * P].reshape(NH, G * K2, m * P)
         grid = (min(-(-(m * P) // _BLOCK), _MAX_GRID), fblocks, G * NH)
-        _launch("bic_svd_spatial", dt, grid, (_BLOCK,),
+        _launch("bic_svd_spatial_f4" if small else "bic_svd_spatial", dt, grid, (_BLOCK,),
                 (z1, spatial, z2, m, G, NH, K1, K2, H, W, X, Y, sh, sw, pt, pl, OH, OW, CC),
                 shared_mem=CC * X * Y * FT * dt.itemsize)
         _expand_scatter(cp, z2, expand, d_out_perm, out_off_h, Fh, bias, y[n0:n0 + m], m, P)
