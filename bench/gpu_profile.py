@@ -386,20 +386,17 @@ def launch_costs(cp, calls=2000):
     return out
 
 
-#: bicrules: the rule settings compared, name -> (``ops_bicluster`` attribute, value), or None: the module's rules
+#: bicrules: the rule settings compared, name -> (``ops_bicluster`` attribute, value)
 BIC_RULES = {"svd": {"svd": ("SVD_SMALL_MAX_COLUMNS", 0), "svd_f4": ("SVD_SMALL_MAX_COLUMNS", 1 << 62)},
              "shared": {"shared_fused": ("SHARED_FUSED_MAX_COLUMNS", 1 << 62),
                         "shared_unfused": ("SHARED_FUSED_MAX_COLUMNS", 0)}}
 
 
-def bic_rules(batches=(1, 8), rounds=12, block=5, quick=False):
+def bic_rules(batches=(1, 8), repeat=24, quick=False):
     """The biclustered SVD and shared conv2 layers at small batches under each setting of :data:`BIC_RULES`
-    (:func:`_with_rules`), with the dense ``Conv2d`` layer as the reference: rounds in which each case in turn makes
-    one untimed call, ``block`` calls timed with CUDA events after a synchronize (latency) and 20 calls queued back to
-    back. Returns {"<case>/b<N>": {"latency_ms", "queued_ms",
-    "speedup_vs_dense"}} (medians over the rounds; the speed-up the median of the rounds' latency ratios)."""
-    import time
-
+    (:func:`_with_rules`), with the dense ``Conv2d`` layer as the reference, timed in alternation
+    (``bench_gpu.time_interleaved``). Returns {"<case>/b<N>": {"latency_ms", "queued_ms", "speedup_vs_dense"}}: the
+    median latency, the time a call of 50 queued back to back, and the median of the rounds' dense / case ratios."""
     import cupy as cp
 
     from bench.bench_gpu_bicluster import ZF_CONV2, dense_callable, factored_callable
@@ -407,40 +404,24 @@ def bic_rules(batches=(1, 8), rounds=12, block=5, quick=False):
     geom = QUICK_CONV2 if quick else ZF_CONV2
     opts = {"svd": (2, 2, (2, 3)) if quick else (2, 2, (19, 51)), "shared": (4, 2, 3, 2) if quick else (48, 2, 6, 4)}
     if quick:
-        batches, rounds, block = batches[:1], 2, 1
-    once = bench_event_timer()
+        batches, repeat = batches[:1], 2
     sync = cp.cuda.Device().synchronize
     out = {}
     for N in batches:
-        cases = {"dense": dense_callable(N, geom, np.float32)}
+        cases = {"dense": (dense_callable(N, geom, np.float32), "cupy")}
         for kind, settings in BIC_RULES.items():
             layer = factored_callable(kind, opts[kind], N, geom, np.float32)
-            for name, rule in settings.items():
-                cases[name] = layer if rule is None else _with_rules(layer, ops_bicluster, **{rule[0]: rule[1]})
-        lat = {k: [] for k in cases}
-        queued = {k: [] for k in cases}
-        for _ in range(rounds):
-            for name, fn in cases.items():
-                fn()
-                lat[name].append(float(np.median([once(fn) for _ in range(block)])))
-                sync()
-                t0 = time.perf_counter()
-                for _ in range(20):
-                    fn()
-                sync()
-                queued[name].append(1e3 * (time.perf_counter() - t0) / 20)
-        for name in cases:
-            ratio = float(np.median([d / t for d, t in zip(lat["dense"], lat[name])]))
-            out[f"{name}/b{N}"] = {"latency_ms": float(np.median(lat[name])),
-                                   "queued_ms": float(np.median(queued[name])), "speedup_vs_dense": ratio}
-            print(f"{name}/b{N}: latency {out[f'{name}/b{N}']['latency_ms']:.4f} ms, queued "
-                  f"{out[f'{name}/b{N}']['queued_ms']:.4f} ms, dense / this {ratio:.2f}", flush=True)
+            for name, (rule, value) in settings.items():
+                cases[name] = (_with_rules(layer, ops_bicluster, **{rule: value}), "cupy")
+        timed, rounds = time_interleaved(cases, warmup=3, repeat=repeat)
+        for name, (fn, _kind) in cases.items():
+            key = f"{name}/b{N}"
+            out[key] = {"latency_ms": timed[name]["median_ms"], "queued_ms": _queued_ms(fn, sync),
+                        "speedup_vs_dense": paired_speedup(rounds, "dense", name)}
+            print(f"{key}: latency {out[key]['latency_ms']:.4f} ms, queued {out[key]['queued_ms']:.4f} ms, "
+                  f"dense / this {out[key]['speedup_vs_dense']:.2f}", flush=True)
+        cp.get_default_memory_pool().free_all_blocks()
     return out
-
-
-def bench_event_timer():
-    from bench.bench_gpu import event_timer
-    return event_timer("cupy")
 
 
 #: ZF conv2-conv5: (C, H=W, F, K, stride, padding)

@@ -290,6 +290,16 @@ NPCONV_KERNEL_LB(bic_gather, 256)(const real_t* __restrict__ x, const int* __res
 // is grid-stride with a trip count that is the same for every thread of a block (the loop holds barriers).
 // Dynamic shared memory: CC * X * Y * FT real_t, the weights of the block's filters for CC of the K1
 // input channels (CC >= 1), laid out wsh[k * FT + f].
+// one tap of bic_svd_spatial for FT filters: acc[f] += src[ih][iw] * wk[f] (zero outside the image)
+template <int FT>
+__device__ __forceinline__ void npc_svd_tap(real_t (&acc)[FT], const real_t* __restrict__ src, const real_t* wk,
+                                            bool row_ok, int ih, int iw, int W) {
+  real_t v = real_t(0);
+  if (row_ok && npc_inside(iw, W)) v = __ldg(src + (size_t)ih * W + iw);
+#pragma unroll
+  for (int f = 0; f < FT; ++f) acc[f] += v * wk[f];
+}
+
 template <int FT>
 __device__ __forceinline__ void npc_svd_spatial(const real_t* __restrict__ z1, const real_t* __restrict__ spatial,
                                                 real_t* __restrict__ z, int m, int G, int NH, int K1, int K2, int H,
@@ -338,22 +348,10 @@ __device__ __forceinline__ void npc_svd_spatial(const real_t* __restrict__ z1, c
             const int ih = ih0 + kh;
             const bool row_ok = npc_inside(ih, H);
             if (FT == NPCONV_BIC_FT) {
-              for (int kw = 0; kw < Y; ++kw, wk += FT) {
-                const int iw = iw0 + kw;
-                real_t v = real_t(0);
-                if (row_ok && npc_inside(iw, W)) v = __ldg(src + (size_t)ih * W + iw);
-#pragma unroll
-                for (int f = 0; f < FT; ++f) acc[f] += v * wk[f];
-              }
+              for (int kw = 0; kw < Y; ++kw, wk += FT) npc_svd_tap<FT>(acc, src, wk, row_ok, ih, iw0 + kw, W);
             } else {  // the same, the tap loop kept rolled: unrolled, it spilled in float64 on sm_75/80
 #pragma unroll 1
-              for (int kw = 0; kw < Y; ++kw, wk += FT) {
-                const int iw = iw0 + kw;
-                real_t v = real_t(0);
-                if (row_ok && npc_inside(iw, W)) v = __ldg(src + (size_t)ih * W + iw);
-#pragma unroll
-                for (int f = 0; f < FT; ++f) acc[f] += v * wk[f];
-              }
+              for (int kw = 0; kw < Y; ++kw, wk += FT) npc_svd_tap<FT>(acc, src, wk, row_ok, ih, iw0 + kw, W);
             }
           }
         }

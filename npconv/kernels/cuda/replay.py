@@ -45,6 +45,8 @@ import sys
 import threading
 import types
 
+from ..._backend import get_array_module, is_cupy_array
+
 __all__ = ["new_table", "forget", "lookup", "call", "record", "complete", "generation", "advance", "watch", "Replay",
            "MAX_SHAPES", "MAX_HELD_BYTES"]
 
@@ -159,8 +161,7 @@ class Replay:
 def _slot(a, x, y):
     """(which, shape) when ``a`` is x or y (shape None) or a C-contiguous reshape of one of them, else None."""
     for which, v in ((_X, x), (_Y, y)):
-        if (a.data.ptr == v.data.ptr and a.dtype == v.dtype and a.size == v.size and a.flags.c_contiguous
-                and v.flags.c_contiguous):
+        if _same_memory(a, v):
             return which, (None if tuple(a.shape) == tuple(v.shape) else tuple(a.shape))
     return None
 
@@ -316,7 +317,6 @@ def record(table, x, params, run, xp):
 def call(table, x, out, params, run):
     """A layer's call: ``run()`` (its ordinary path), recorded when x is a CuPy array and there is no ``out``
     (:func:`record`). The layer looks its replays up first (:func:`lookup`), before its own checks."""
-    from ..._backend import get_array_module, is_cupy_array
     if out is not None or not is_cupy_array(x):
         return run()
     return record(table, x, params, run, get_array_module(x))
