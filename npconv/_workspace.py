@@ -44,6 +44,8 @@ class Workspace(threading.local):
 
     def clear(self):
         self.bufs.clear()
+        from .kernels.cuda import replay       # the layers' CPU plans keep workspace views: make them stale
+        replay.advance()
 
     def nbytes(self):
         return sum(b.nbytes for b in self.bufs.values())

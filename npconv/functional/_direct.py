@@ -23,6 +23,7 @@ import functools
 import numpy as np
 
 from .._validate import out_size
+from ..kernels.cpu import plan as _PL
 from ._prepared import prepared
 
 __all__ = ["dense_direct", "direct_conv_cpu", "direct_eligible", "use_direct"]
@@ -193,14 +194,15 @@ def direct_conv_cpu(x, wt, order, bounds, group_plane, Cg, X, Y, bias, stride, p
         VW, MR, NV = tile
         blk_f, blk_nf, grp_blk = _blocks(order, bounds, MR)
         wp = prepared(prep, ("cpu-direct-mk", x.dtype, MR), lambda: _pack_blocks(wt, blk_f, blk_nf, MR, x.dtype))
-        K.fused_direct_conv_mk(x, T, transform is not None, np.asarray(group_plane, np.int64), Cg, grp_blk, blk_f,
-                               blk_nf, tapoff, wp, _bias_or_zeros(bias, F, x.dtype), pad[0], pad[2], Dh, Dw, band,
-                               Hb, Wq, MR, VW * NV, out)
+        _PL.run(K.fused_direct_conv_mk, x, T, transform is not None, np.asarray(group_plane, np.int64), Cg, grp_blk,
+                blk_f, blk_nf, tapoff, wp, _bias_or_zeros(bias, F, x.dtype), pad[0], pad[2], Dh, Dw, band, Hb, Wq,
+                MR, VW * NV, out)
+        _PL.complete(out)       # the whole work: one kernel call (kernels/cpu/plan.py)
         return out
     blk_f, blk_nf, grp_blk = _blocks(order, bounds)
-    K.fused_direct_conv(x, T, transform is not None, np.asarray(group_plane, np.int64), Cg, grp_blk, blk_f,
-                        blk_nf, tapoff, wt, _bias_or_zeros(bias, F, x.dtype), pad[0], pad[2], Dh, Dw, band, Hb,
-                        Wq, out)
+    _PL.run(K.fused_direct_conv, x, T, transform is not None, np.asarray(group_plane, np.int64), Cg, grp_blk, blk_f,
+            blk_nf, tapoff, wt, _bias_or_zeros(bias, F, x.dtype), pad[0], pad[2], Dh, Dw, band, Hb, Wq, out)
+    _PL.complete(out)
     return out
 
 
@@ -210,3 +212,6 @@ def dense_direct(x, w, bias, stride, pad, out=None, prep=None):
     F, C, KH, KW = w.shape
     wt = np.ascontiguousarray(w.reshape(F, C * KH * KW))
     return direct_conv_cpu(x, wt, np.arange(F), [0, F], [0], C, KH, KW, bias, stride, pad, F, out=out, prep=prep)
+
+
+_PL.watch(__name__)

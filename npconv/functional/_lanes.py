@@ -14,6 +14,7 @@ import numba
 import numpy as np
 
 from .._workspace import WS
+from ..kernels.cpu import plan as PL
 from ._prepared import prepared
 
 __all__ = ["lanes_eligible", "use_lanes", "conv2d_lanes_cpu"]
@@ -87,10 +88,14 @@ def conv2d_lanes_cpu(x, w, b, stride, pad, dilation, OH, OW, out=None, prep=None
     outf = out.reshape(-1)
     for n0 in range(0, N, m):
         n1 = min(N, n0 + m)
-        KL.pack_lanes_input(x[n0:n1], pad[0], pad[2], sw, Hp, Wq, xq)
+        PL.run(KL.pack_lanes_input, x[n0:n1], pad[0], pad[2], sw, Hp, Wq, xq)
         ntile = (n1 - n0) * OH * -(-OW // MR)
         # enough jobs for 4 a thread (the threads take equal runs of jobs in order)
         nchunk = max(1, min(ntile, -(-4 * numba.get_num_threads() // nfb)))
-        KL.conv_lanes(wp, F, C * KH * KW, NR, MR, xq, ximg, koff, OH, OW, sh * Wq, n1 - n0,
-                      outf[n0 * F * OH * OW:n1 * F * OH * OW], bias, has_b, nchunk)
+        PL.run(KL.conv_lanes, wp, F, C * KH * KW, NR, MR, xq, ximg, koff, OH, OW, sh * Wq, n1 - n0,
+               outf[n0 * F * OH * OW:n1 * F * OH * OW], bias, has_b, nchunk)
+    PL.complete(out)        # the whole work: kernel calls (a batch in several chunks is not planned: x in parts)
     return out
+
+
+PL.watch(__name__)

@@ -138,3 +138,7 @@ def conv2d_winograd_cpu(x, w, bias, pad, OH, OW, out=None, prep=None):
             np.matmul(U, _stack(v_buf, sv, C, T), out=_stack(m_buf, sm, F, T))
         KW.output_transform(m_buf, T, sm, n0, m, TH, TW, b, has_b, out)
     return out
+
+
+from ..kernels.cpu import plan as _PL  # noqa: E402  (the rules here choose the planned paths)
+_PL.watch(__name__)

@@ -42,6 +42,7 @@ import numpy as np
 
 from .._backend import get_array_module, is_cupy_array, to_numpy
 from .._workspace import WS
+from ..kernels.cpu import plan as PL
 from .._validate import (as_pair, as_padding4, check_array, check_float_array, check_out, check_same_dtype, fill_out,
                          out_size)
 from ._prepared import prepared
@@ -588,8 +589,9 @@ def _cp_fused_cpu(x, wts, in_off, out_off, bias, stride, pad, OH, OW, Y, Mp, out
     scratch = WS.get_aligned("front", nth * srow, dt).reshape(nth, srow)
     y = np.empty((x.shape[0], F, OH, OW), dt) if out is None else out
     has_b = bias is not None
-    KU.cp_fused(x, in_perm, pad[0], pad[2], sh, sw, Mp, in_off, hpack, hoff, koff, Y, MR, NR, vertical, OH, OW, BR,
-                epack, eoff, out_off, out_perm, bias if has_b else np.zeros(1, dt), has_b, y, scratch, N > nth)
+    PL.run(KU.cp_fused, x, in_perm, pad[0], pad[2], sh, sw, Mp, in_off, hpack, hoff, koff, Y, MR, NR, vertical, OH,
+           OW, BR, epack, eoff, out_off, out_perm, bias if has_b else np.zeros(1, dt), has_b, y, scratch, N > nth)
+    PL.complete(y)
     return y
 
 
@@ -849,9 +851,10 @@ def _svd_fused_cpu(x, wts, in_perm, in_off, out_off, bias, stride, pad, OH, OW, 
     tiles = WS.get_aligned("svd-tile", nth * nt, dt).reshape(nth, nt)
     y = np.empty((N, F, OH, OW), dt) if out is None else out
     has_b = bias is not None
-    KS.svd_fused(x, in_off, red, red_po, red_koff, R1, sp, sp_po, sp_koff, K2p, K1 * X * Y, X, OH, OW, BR, sh, sw, M,
-                 pad[0], pad[2], ep, eoff, out_off, out_perm, bias if has_b else np.zeros(1, dt), has_b, y, z1s, z2s,
-                 tiles, MR, NR, KG.PREFETCH_PANELS)
+    PL.run(KS.svd_fused, x, in_off, red, red_po, red_koff, R1, sp, sp_po, sp_koff, K2p, K1 * X * Y, X, OH, OW, BR, sh,
+           sw, M, pad[0], pad[2], ep, eoff, out_off, out_perm, bias if has_b else np.zeros(1, dt), has_b, y, z1s, z2s,
+           tiles, MR, NR, KG.PREFETCH_PANELS)
+    PL.complete(y)
     return y
 
 
@@ -959,9 +962,10 @@ def _shared_fused_cpu(x, wts, in_perm, in_off, out_off, bias, pad, OH, OW, M, st
     scratch = WS.get_aligned("front", nth * row, dt).reshape(nth, row)
     y = np.empty((x.shape[0], F, OH, OW), dt) if out is None else out
     has_b = bias is not None
-    KB.shared_fused(x, in_perm, pad[0], pad[2], sh, sw, Rb, M, in_off, used_ptr, used_filter,
-                    vertical, horizontal, reduce, slot, OH, OW, BR, epack, eoff, out_off, out_perm,
-                    bias if has_b else np.zeros(1, dt), has_b, y, MR, NR, scratch, srow, zrow)
+    PL.run(KB.shared_fused, x, in_perm, pad[0], pad[2], sh, sw, Rb, M, in_off, used_ptr, used_filter,
+           vertical, horizontal, reduce, slot, OH, OW, BR, epack, eoff, out_off, out_perm,
+           bias if has_b else np.zeros(1, dt), has_b, y, MR, NR, scratch, srow, zrow)
+    PL.complete(y)
     return y
 
 
@@ -1091,3 +1095,6 @@ def _shared_gpu(x, in_perm, in_off, reduce, assign, vertical, horizontal, expand
 
 
 _RUNNERS = {"cp": (_cp_cpu, _cp_gpu), "svd": (_svd_cpu, _svd_gpu), "shared": (_shared_cpu, _shared_gpu)}
+
+
+PL.watch(__name__)

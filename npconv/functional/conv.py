@@ -332,3 +332,7 @@ def _conv2d_mk(x, wmat, bias, has_b, groups, Cg, KH, KW, tile, stride, pad, dila
             KG.matmul(packs[g], Fg, rows, tile, col_flat, ld, P, outf[(n0 * F + g * Fg) * P:], nimg=m, cimg=F * P,
                       bias=bias[g * Fg:(g + 1) * Fg] if has_b else None)
     return out
+
+
+from ..kernels.cpu import plan as _PL  # noqa: E402  (the rules here choose the planned paths)
+_PL.watch(__name__)

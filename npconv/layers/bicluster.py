@@ -22,6 +22,7 @@ from .._validate import as_pair, as_padding4, check_float_array, check_option, o
 from ..decompose.bicluster import BiclusterCPResult, BiclusterSVDResult
 from ..decompose.shared import SharedSeparableResult
 from ..functional import bicluster as FB
+from ..kernels.cpu import plan
 from ..kernels.cuda import replay
 from .base import Layer, register_layer
 from .dense import dense_equivalent
@@ -116,11 +117,15 @@ class _FactoredConv(Layer):
                 else:
                     hit[k] = v if v.dtype == x.dtype else v.astype(x.dtype)
             self._cache = {key: hit}
+            plan.drop(self._replays)        # one dtype kept: no CPU plan keeps another dtype's arrays
         return hit
 
     writes_out = True
 
     def _run(self, form, x, names, out=None):
+        pl = plan.lookup(self._replays, x)
+        if pl is not None:                  # this shape's CPU kernel calls, recorded (``kernels/cpu/plan.py``)
+            return pl(x, out)
         rep = replay.lookup(self._replays, x) if out is None else None
         if rep is not None:                 # this shape's GPU work, recorded (``kernels/cuda/replay.py``)
             return rep(x)
@@ -131,8 +136,10 @@ class _FactoredConv(Layer):
                              f"(x.shape {tuple(x.shape)})")
         _, OH, OW = self.output_shape(tuple(x.shape[1:]))
         # p (reset with the parameters) also keeps what the CPU path derives from the factors
-        return replay.call(self._replays, x, out, p, lambda: FB.run_validated(
-            form, x, tuple(p[k] for k in names), p.get("bias"), self.stride, self.padding, OH, OW, out, prep=p))
+        def run():
+            return FB.run_validated(form, x, tuple(p[k] for k in names), p.get("bias"), self.stride, self.padding, OH,
+                                    OW, out, prep=p)
+        return plan.call(self._replays, x, out, p, lambda: replay.call(self._replays, x, out, p, run))
 
     def output_shape(self, in_shape):
         C, H, W = in_shape

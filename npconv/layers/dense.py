@@ -7,6 +7,7 @@ from .. import functional as F
 from .._backend import FLOAT_DTYPES, get_array_module
 from .._validate import as_pair, as_padding4, check_array, check_finite, check_int
 from ..functional.conv import _conv2d, conv2d_output_shape
+from ..kernels.cpu import plan
 from ..kernels.cuda import replay
 from .base import Layer, register_layer
 
@@ -34,6 +35,7 @@ class _WeightCast:
         if hit is None:
             hit = {k: (v if v.dtype == dtype else v.astype(dtype)) for k, v in layer.params.items()}
             self._cache = {key: hit}  # keep one dtype: the cache never grows
+            plan.drop(layer._replays)  # nor do the CPU plans keep another dtype's arrays
         return hit
 
     def clear(self):
@@ -96,13 +98,16 @@ class Conv2d(_WeightedLayer):
     writes_out = True
 
     def forward(self, x, *, out=None):
+        pl = plan.lookup(self._replays, x)
+        if pl is not None:                  # this shape's CPU kernel calls, recorded (``kernels/cpu/plan.py``)
+            return pl(x, out)
         rep = replay.lookup(self._replays, x) if out is None else None
         if rep is not None:                 # this shape's GPU launches, recorded: the call without its host work
             return rep(x)
         p = self._params_for(x)
-        return self._recorded(x, out, p, lambda: _conv2d(
+        return plan.call(self._replays, x, out, p, lambda: self._recorded(x, out, p, lambda: _conv2d(
             x, p["weight"], p.get("bias"), stride=self.stride, padding=self.padding, dilation=self.dilation,
-            groups=self.groups, out=out, prep=p))
+            groups=self.groups, out=out, prep=p)))
 
     def config(self):
         return dict(stride=list(self.stride), padding=list(self.padding), dilation=list(self.dilation),

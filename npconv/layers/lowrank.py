@@ -13,6 +13,7 @@ from .._backend import get_array_module, to_numpy
 from .._validate import as_pair, as_padding4, check_array, check_float_array, check_out, out_size
 from ..decompose import cost as _cost
 from ..functional import lowrank as FL
+from ..kernels.cpu import plan
 from ..kernels.cuda import replay
 from .base import register_layer
 from .dense import _WeightedLayer, as_weight, dense_equivalent
@@ -246,6 +247,7 @@ class MonochromaticConv2d(_FactoredConv):
             hit = {k: (v if v.dtype == x.dtype else v.astype(x.dtype)) for k, v in floats.items()}
             hit["assignment"] = self.params["assignment"]
             self._cast._cache = {key: hit}
+            plan.drop(self._replays)        # one dtype kept: no CPU plan keeps another dtype's arrays
         return hit
 
     def to_gpu(self):
@@ -268,13 +270,16 @@ class MonochromaticConv2d(_FactoredConv):
     writes_out = True
 
     def forward(self, x, *, out=None):
+        pl = plan.lookup(self._replays, x)
+        if pl is not None:                  # this shape's CPU kernel call, recorded (``kernels/cpu/plan.py``)
+            return pl(x, out)
         rep = replay.lookup(self._replays, x) if out is None else None
         if rep is not None:                 # this shape's GPU launches, recorded (``_WeightedLayer._recorded``)
             return rep(x)
         p = self._checked_call(x, out, ("colors", "spatial"))
         # on the CPU, what the path derives from the factors is kept in p (emptied with the parameters)
-        return self._recorded(x, out, p, lambda: FL.mono_core(
-            x, p["colors"], p["assignment"], p["spatial"], p.get("bias"), self.stride, self.padding, out, prep=p))
+        return plan.call(self._replays, x, out, p, lambda: self._recorded(x, out, p, lambda: FL.mono_core(
+            x, p["colors"], p["assignment"], p["spatial"], p.get("bias"), self.stride, self.padding, out, prep=p)))
 
     def n_params(self):
         return int(sum(int(np.prod(v.shape)) for k, v in self.params.items() if k != "assignment"))

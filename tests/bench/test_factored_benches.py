@@ -10,6 +10,9 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
 from bench import bench_bicluster, bench_lowrank  # noqa: E402
 
 
@@ -49,3 +52,24 @@ def test_bench_bicluster_cifar_layer(tmp_path, capsys):
     assert "C=64 H=W=16 F=128 k=5 stride=1 pad=2" in printed
     rows = json.loads(out.read_text())["results"]
     assert [r["config"] for r in rows] == ["cp_G8_H2_K8"] and rows[0]["speedup"] > 0
+
+
+def test_cpu_plan_quick(tmp_path, capsys):
+    """``bench/cpu_plan.py --quick``: one row per layer, the factored layers planned (where this CPU runs their
+    planned paths), the speed-up the ratio of the two medians, the plan switch restored."""
+    from bench import cpu_plan
+    from npconv.functional import bicluster as FB
+    from npconv.kernels.cpu import plan
+    out = tmp_path / "plan.json"
+    cpu_plan.main(["--quick", "--repeat", "2", "--json", str(out)])
+    printed = capsys.readouterr().out
+    rows = json.loads(out.read_text())
+    assert [r["layer"] for r in rows][:3] == ["dense_conv2", "dense_conv1", "mono_conv1_C6"] and len(rows) == 6
+    for r in rows:
+        assert r["layer"] in printed and r["batch"] == 1
+        assert abs(r["speedup"] - r["path_ms"] / r["plan_ms"]) < 1e-9
+    assert rows[2]["planned"], "the monochromatic layer runs on the direct kernel: planned on every CPU"
+    assert all(r["planned"] == FB._taps_ok(np.dtype(np.float32)) for r in rows[3:])
+    assert plan.USE_PLANS is True
+    with pytest.raises(SystemExit, match="--batch and --repeat must be >= 1, got 0"):
+        cpu_plan.main(["--batch", "0"])

@@ -186,3 +186,7 @@ def pack_lanes_input(x, pt, pl, sw, Hp, Wq, xq):
     planes = xq[:N * C * sw * Hp * Wq].reshape(N * C, 1, sw, Hp, Wq)
     for job in numba.prange(N * C):
         pack_plane(x[job // C, job % C], pt, pl, np.int64(1), sw, planes[job])
+
+
+from .plan import watch as _watch  # noqa: E402  (planned kernels: kernels/cpu/plan.py)
+_watch(__name__)

@@ -138,3 +138,7 @@ def cp_fused(x, in_perm, pt, pl, SH, SW, Mp, in_offsets, hpack, hoff, koff, Y, M
         for h in range(H):
             matmul_local(epack, eoff[h], out_offsets[h + 1] - out_offsets[h], GK, MR, NR, zb, h * GK * ldz, ldz, Pb, yf,
                          n * F * P + o0 * OW, P, out_perm, out_offsets[h], bias, has_bias, tile)
+
+
+from .plan import watch as _watch  # noqa: E402  (planned kernels: kernels/cpu/plan.py)
+_watch(__name__)

@@ -647,3 +647,7 @@ def matmul_stream(packed, M, K, tile, b, bimg, P, c, *, nimg=1, cimg=None, bias=
     # enough jobs for every thread twice over
     nsplit = max(1, min(max(1, P // NR), -(-2 * numba.get_num_threads() // (nimg * nsub))))
     gemm_stream(packed, M, K, MR, NR, b, bimg, P, nimg, c, cimg, bias4, nsplit)
+
+
+from .plan import watch as _watch  # noqa: E402  (planned kernels: kernels/cpu/plan.py)
+_watch(__name__)
