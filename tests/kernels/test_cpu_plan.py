@@ -320,3 +320,18 @@ def test_a_network_plans_its_layers_and_matches_the_reference(rng, dtype):
             if planned(name, dtype):
                 assert any(type(v) is plan.Plan for v in net[name]._replays.values()), name
         assert all(type(v) is plan._NoPlan for v in net["conv"]._replays.values()), "im2col + GEMM: not planned"
+
+
+def test_copies_and_pickles_start_without_plans(rng):
+    """A deep copy or a pickled layer has other arrays (and, unpickled, maybe another process's workspace): its table
+    starts empty, and it records its own plans."""
+    import pickle
+    layer, w, b = make("mono", rng)
+    xs = inputs("mono", rng, np.float64)
+    layer(xs[0])
+    assert type(entry(layer, xs[0])) is plan.Plan
+    for other in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert not other._replays
+        for x in xs[1:]:
+            close(other(x), conv2d_einsum(x, w, b, (1, 1), (1, 1, 1, 1)), np.float64)
+        assert type(entry(other, xs[1])) is plan.Plan and entry(other, xs[1]) is not entry(layer, xs[1])

@@ -244,11 +244,15 @@ def _make(rec, x, y, params, empty, stream_now):
 
 
 class _Table(dict):
-    """A layer's replays by input shape. A deep copy of the layer (``Network.copy``) starts with none: the copy's
-    parameters are other arrays, and CuPy's kernel objects do not copy."""
+    """A layer's replays by input shape (and its CPU plans, ``kernels/cpu/plan.py``). A deep copy of the layer
+    (``Network.copy``) starts with none: the copy's parameters are other arrays, and CuPy's kernel objects do not
+    copy. A pickled layer likewise (a plan's scratch is its process's workspace)."""
 
     def __deepcopy__(self, memo):
         return _Table()
+
+    def __reduce__(self):
+        return (_Table, ())
 
 
 def new_table() -> dict:
