@@ -18,7 +18,8 @@ What makes a recording a plan, all of it checked but the first:
 
 * the path said so: the CPU paths call :func:`complete` with their output before returning it, on paths whose whole
   work on arrays is the kernel calls made through :func:`run` (the fused biclustered layers; the lanes kernel's
-  dense conv in one chunk). No NumPy operation on a kept array may run between them: the plan would not repeat it.
+  dense conv in one chunk; the direct kernel, which runs dense convs and the monochromatic layer). No NumPy
+  operation on a kept array may run between them: the plan would not repeat it.
   ``tests/kernels/test_cpu_plan.py`` compares every planned layer with its ordinary path on new inputs, after
   other layers have written over the workspace;
 * the layer returns the completed array itself, and only one path completed in the call (a layer that composes
@@ -33,9 +34,10 @@ What makes a recording a plan, all of it checked but the first:
 
 Plans live in the layer's replay table (``Layer._replays``) under ``(shape, dtype)`` (the GPU's replays under the
 shape alone), so that they are emptied with the GPU replays: whenever the layer's parameters are replaced or a
-public attribute is set. A layer keeps its cast and derived parameters for one dtype at a time, and drops its plans
-(:func:`drop`) when it switches to another, so that no plan keeps a second dtype's arrays alive. The layers that
-plan: ``Conv2d`` and the biclustered conv layers (CP, SVD, shared separable).
+public attribute is set, and a deep copy or a pickled layer starts without them. A layer keeps its cast and derived
+parameters for one dtype at a time, and drops its plans (:func:`drop`) when it switches to another, so that no plan
+keeps a second dtype's arrays alive. The layers that plan: ``Conv2d``, ``MonochromaticConv2d`` and the biclustered
+conv layers (CP, SVD, shared separable). ``bench/cpu_plan.py`` times each with its plan and with its path.
 """
 from __future__ import annotations
 
@@ -71,6 +73,9 @@ class _Recording:
         self.calls = []
         self.completed = None
         self.n_completed = 0
+
+    def absorb(self, inner):
+        self.calls.extend(inner.calls)
 
 
 def run(kernel, *args):
@@ -225,14 +230,8 @@ def call(table, x, out, params, run_path):
     if type(seen) is _NoPlan and seen.generation == _replay.generation():
         return run_path()
     rec = _Recording()
-    outer = getattr(_local, "rec", None)
-    _local.rec = rec
-    try:
-        y = run_path()
-    finally:
-        _local.rec = outer
-    if outer is not None:                  # a layer inside a recorded call: its work belongs to the outer record
-        outer.calls.extend(rec.calls)
+    y, nested = _replay.run_recorded(_local, rec, run_path)
+    if nested:
         return y
     pl = _make(rec, x, y, params)
     if len(table) >= _replay.MAX_SHAPES:

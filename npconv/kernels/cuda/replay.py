@@ -47,8 +47,8 @@ import types
 
 from ..._backend import get_array_module, is_cupy_array
 
-__all__ = ["new_table", "forget", "lookup", "call", "record", "complete", "generation", "advance", "watch", "Replay",
-           "MAX_SHAPES", "MAX_HELD_BYTES"]
+__all__ = ["new_table", "forget", "lookup", "call", "record", "run_recorded", "complete", "generation", "advance",
+           "watch", "Replay", "MAX_SHAPES", "MAX_HELD_BYTES"]
 
 #: input shapes a layer keeps replays for; past it the table starts afresh
 MAX_SHAPES = 8
@@ -90,6 +90,24 @@ class _Recording:
     def __init__(self):
         self.ops = []
         self.completed = None
+
+    def absorb(self, inner):
+        self.ops.extend(inner.ops)
+
+
+def run_recorded(local, rec, run):
+    """``run()`` with ``rec`` as this thread's recording (``local.rec``, restored after). Returns ``(y, nested)``:
+    ``nested`` when another recording was on, into which ``rec``'s work then goes (a layer inside a recorded call:
+    its work belongs to the outer record). Shared with the CPU plans (``kernels/cpu/plan.py``)."""
+    outer = getattr(local, "rec", None)
+    local.rec = rec
+    try:
+        y = run()
+    finally:
+        local.rec = outer
+    if outer is not None:
+        outer.absorb(rec)
+    return y, outer is not None
 
 
 _LAUNCH, _MATMUL = "launch", "matmul"        # the kinds of recorded device work
@@ -300,16 +318,8 @@ def record(table, x, params, run, xp):
     if stream_now().is_capturing():
         return run()
     rec = _Recording()
-    outer = getattr(_local, "rec", None)
-    _local.rec = rec
-    try:
-        y = run()
-    finally:
-        _local.rec = outer
-    if outer is not None:                 # a layer inside a recorded call: its work belongs to the outer record
-        outer.ops.extend(rec.ops)
-        return y
-    if not x.flags.c_contiguous:
+    y, nested = run_recorded(_local, rec, run)
+    if nested or not x.flags.c_contiguous:
         return y
     rep = _make(rec, x, y, params, xp.empty, stream_now)
     if len(table) >= MAX_SHAPES:
