@@ -10,10 +10,11 @@ layer called with plans (``plan.USE_PLANS`` true: the plan runs) and without (fa
 plans), in alternating blocks of calls (``bench._timing.interleaved``), and prints both medians and their ratio.
 Every call writes into an output allocated once (``out=``), as ``Network.forward`` does.
 
-The layers, ZF-net shapes: the dense conv2 (the lanes kernel), the dense conv1 (im2col and GEMM: not planned, a
-control whose ratio should be 1), the monochromatic conv1 (C' = 6; the direct kernel), and the biclustered conv2 at
-the paper's settings (CP K = 6, 8, 12; SVD (19, 51); shared separable K = 6, S = 4), with random factors (timing
-does not depend on their values).
+The layers, ZF-net shapes: the dense conv1 (im2col and the GEMM micro-kernel at batch 1, the direct kernel from 8
+images), conv2 (the lanes kernel) and conv3 (Winograd), the monochromatic conv1 (C' = 6; the direct kernel), the
+biclustered conv2 at the paper's settings (CP K = 6, 8, 12; SVD (19, 51); shared separable K = 6, S = 4), and the
+separable conv1 at rank 4 (two convs in a row: not planned, a control whose ratio should be 1), with random
+weights (timing does not depend on their values).
 """
 from __future__ import annotations
 
@@ -32,8 +33,10 @@ import numpy as np  # noqa: E402
 
 ZF_CONV1 = (3, 224, 96, 7, 2, 1)
 ZF_CONV2 = (96, 55, 256, 5, 2, 0)
+ZF_CONV3 = (256, 13, 384, 3, 1, 1)
 TINY_CONV1 = (3, 32, 16, 5, 2, 1)
 TINY_CONV2 = (16, 15, 32, 3, 2, 1)
+TINY_CONV3 = (128, 8, 128, 3, 1, 1)
 
 
 def _layers(quick):
@@ -41,18 +44,18 @@ def _layers(quick):
     from bench.bench_bicluster import CONFIGS, QUICK_CONFIGS, make_layer
     from bench.bench_lowrank import _factored_layer, _weights
     from npconv.layers import Conv2d
-    c1, c2 = (TINY_CONV1, TINY_CONV2) if quick else (ZF_CONV1, ZF_CONV2)
+    c1, c2, c3 = (TINY_CONV1, TINY_CONV2, TINY_CONV3) if quick else (ZF_CONV1, ZF_CONV2, ZF_CONV3)
     out = {}
-    C, H, F, K, s, p = c2
-    rng = np.random.default_rng(0)
-    w = (rng.standard_normal((F, C, K, K)) / np.sqrt(C * K * K)).astype(np.float32)
-    out["dense_conv2"] = (Conv2d(w, rng.standard_normal(F).astype(np.float32), stride=s, padding=p), (C, H, H))
+    for name, (C, H, F, K, s, p) in (("dense_conv1", c1), ("dense_conv2", c2), ("dense_conv3", c3)):
+        w, b = _weights(C, F, K)
+        out[name] = (Conv2d(w, b, stride=s, padding=p), (C, H, H))
     C1, H1, F1, K1, s1, p1 = c1
     w1, b1 = _weights(C1, F1, K1)
-    out["dense_conv1"] = (Conv2d(w1, b1, stride=s1, padding=p1), (C1, H1, H1))
     out["mono_conv1_C6"] = (_factored_layer("monochromatic", 4 if quick else 6, w1, b1, s1, p1), (C1, H1, H1))
+    C, H, F, K, s, p = c2
     for name, (kind, opts) in (QUICK_CONFIGS if quick else CONFIGS).items():
         out[name] = (make_layer(kind, opts, C, F, K, s, p)[1], (C, H, H))
+    out["separable_conv1_r4"] = (_factored_layer("separable", 4, w1, b1, s1, p1), (C1, H1, H1))
     return out
 
 

@@ -15,6 +15,7 @@ import numba
 import numpy as np
 
 from .._workspace import WS
+from ..kernels.cpu import plan as _PL
 from ._prepared import prepared
 
 __all__ = ["use_winograd", "winograd_beats_lanes", "winograd_eligible", "conv2d_winograd_cpu"]
@@ -130,15 +131,16 @@ def conv2d_winograd_cpu(x, w, bias, pad, OH, OW, out=None, prep=None):
         T = m * TT
         sv = _stride(C * T)
         sm = _stride(F * T)
-        KW.input_transform(x, n0, m, pad[0], pad[2], TH, TW, v_buf, T, sv, scratch)
+        _PL.run(KW.input_transform, x, n0, m, pad[0], pad[2], TH, TW, v_buf, T, sv, scratch)
         if packs is not None:
             # the 16 products in one parallel region
             KG.matmul(packs, F, C, tile, v_buf, T, T, m_buf, batch=(16, packs.shape[0] // 16, sv, sm))
         else:
             np.matmul(U, _stack(v_buf, sv, C, T), out=_stack(m_buf, sm, F, T))
-        KW.output_transform(m_buf, T, sm, n0, m, TH, TW, b, has_b, out)
+        _PL.run(KW.output_transform, m_buf, T, sm, n0, m, TH, TW, b, has_b, out)
+    if packs is not None:
+        _PL.complete(out)       # the whole work: kernel calls (kernels/cpu/plan.py); not so with np.matmul
     return out
 
 
-from ..kernels.cpu import plan as _PL  # noqa: E402  (the rules here choose the planned paths)
 _PL.watch(__name__)

@@ -26,6 +26,7 @@ import numpy as np
 
 from .._backend import get_array_module
 from .._workspace import WS
+from ..kernels.cpu import plan as _PL
 from ._prepared import prepared
 from .._validate import (as_pair, as_padding4, check_float_array, check_int, check_out, check_same_dtype, fill_out,
                          out_size)
@@ -234,8 +235,9 @@ def _conv2d_cpu(x, w, b, stride, pad, dilation, groups, OH, OW, out=None, prep=N
         out = np.empty((N, F, OH, OW), dt)
 
     if Cg == 1 and groups > 1 and Fg * KH * KW <= 64:
-        K.depthwise_direct(x, w, bias, has_b, Fg, stride[0], stride[1], pad[0], pad[2], dilation[0],
-                           dilation[1], out)
+        _PL.run(K.depthwise_direct, x, w, bias, has_b, Fg, stride[0], stride[1], pad[0], pad[2], dilation[0],
+                dilation[1], out)
+        _PL.complete(out)           # the whole work: one kernel call (kernels/cpu/plan.py)
         return out
 
     out3 = out.reshape(N, F, P)
@@ -320,19 +322,18 @@ def _conv2d_mk(x, wmat, bias, has_b, groups, Cg, KH, KW, tile, stride, pad, dila
     ld = chunk * P
     # NR readable values past the last column: the last panel loads whole vectors
     col_flat = WS.get("conv.col", rows * ld + NR, dt)
-    col_flat[rows * ld:] = 0
-    col = col_flat[:rows * ld].reshape(rows, ld)
+    _PL.run(np.copyto, col_flat[rows * ld:], 0)     # (a call, so that a plan repeats it: other paths use the slot)
     outf = out.reshape(-1)
     for n0 in range(0, N, chunk):
         n1 = min(N, n0 + chunk)
         m = n1 - n0
         for g in range(groups):
-            K.im2col(x, n0, n1, g * Cg, (g + 1) * Cg, KH, KW, stride[0], stride[1], pad[0], pad[2], dilation[0],
-                     dilation[1], OH, OW, K.row_split(m, Cg, KH), col_flat, ld)
+            _PL.run(K.im2col, x, n0, n1, g * Cg, (g + 1) * Cg, KH, KW, stride[0], stride[1], pad[0], pad[2],
+                    dilation[0], dilation[1], OH, OW, K.row_split(m, Cg, KH), col_flat, ld)
             KG.matmul(packs[g], Fg, rows, tile, col_flat, ld, P, outf[(n0 * F + g * Fg) * P:], nimg=m, cimg=F * P,
                       bias=bias[g * Fg:(g + 1) * Fg] if has_b else None)
+    _PL.complete(out)   # the whole work: kernel calls (in several groups or chunks, parts of out: not planned)
     return out
 
 
-from ..kernels.cpu import plan as _PL  # noqa: E402  (the rules here choose the planned paths)
 _PL.watch(__name__)

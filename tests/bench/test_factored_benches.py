@@ -64,12 +64,15 @@ def test_cpu_plan_quick(tmp_path, capsys):
     cpu_plan.main(["--quick", "--repeat", "2", "--json", str(out)])
     printed = capsys.readouterr().out
     rows = json.loads(out.read_text())
-    assert [r["layer"] for r in rows][:3] == ["dense_conv2", "dense_conv1", "mono_conv1_C6"] and len(rows) == 6
+    names = [r["layer"] for r in rows]
+    assert names[:4] == ["dense_conv1", "dense_conv2", "dense_conv3", "mono_conv1_C6"] and len(rows) == 8
+    assert names[-1] == "separable_conv1_r4"
     for r in rows:
         assert r["layer"] in printed and r["batch"] == 1
         assert abs(r["speedup"] - r["path_ms"] / r["plan_ms"]) < 1e-9
-    assert rows[2]["planned"], "the monochromatic layer runs on the direct kernel: planned on every CPU"
-    assert all(r["planned"] == FB._taps_ok(np.dtype(np.float32)) for r in rows[3:])
+    assert rows[3]["planned"], "the monochromatic layer runs on the direct kernel: planned on every CPU"
+    assert all(r["planned"] == FB._taps_ok(np.dtype(np.float32)) for r in rows[4:7])
+    assert not rows[-1]["planned"], "the separable layer (two convs) is not planned"
     assert plan.USE_PLANS is True
     with pytest.raises(SystemExit, match="--batch and --repeat must be >= 1, got 0"):
         cpu_plan.main(["--batch", "0"])

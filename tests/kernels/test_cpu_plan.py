@@ -22,26 +22,38 @@ from npconv.decompose.monochromatic import monochromatic
 from npconv.decompose.shared import shared_separable
 from npconv.functional import _direct as DR
 from npconv.functional import _lanes as LN
+from npconv.functional import _winograd as WG
+from npconv.functional import conv as FC
 from npconv.functional import bicluster as FB
 from npconv.functional import lowrank as FL
 from npconv.kernels.cpu import conv_lanes as KL
 from npconv.kernels.cpu import cp_fused as KU
+from npconv.kernels.cpu import gemm as KG
 from npconv.kernels.cpu import plan
 from npconv.layers import Conv2d
 from tests.reference import conv2d_einsum, count_calls, tolerance
 
-KINDS = ["conv", "direct", "mono", "cp", "svd", "shared"]
+KINDS = ["conv", "direct", "wino", "gemm", "depthwise", "mono", "cp", "svd", "shared"]
 DTYPES = [np.float32, np.float64]
-C_IN = {"conv": 32, "direct": 3, "mono": 3, "cp": 8, "svd": 8, "shared": 8}
+C_IN = {"conv": 32, "direct": 3, "wino": 128, "gemm": 8, "depthwise": 16, "mono": 3, "cp": 8, "svd": 8, "shared": 8}
+#: the dense layers' kernels: on the lanes kernel (800 taps a filter), the direct kernel (3 input channels), Winograd
+#: (3x3 with 128 channels; at stride 2 the lanes kernel), im2col and the GEMM micro-kernel (72 taps), depthwise
+DENSE = {"conv": (16, 32, 5, 5), "direct": (48, 3, 5, 5), "wino": (128, 128, 3, 3), "gemm": (16, 8, 3, 3),
+         "depthwise": (16, 1, 3, 3)}
 
 
 def make(kind, rng, dtype=np.float64, stride=1, padding=1):
-    """(layer, dense kernel, bias): a ``Conv2d`` on the lanes kernel (800 taps a filter) or on the direct kernel (3
-    input channels), a monochromatic layer (on the direct kernel) or a biclustered layer."""
-    b = rng.standard_normal({"conv": 16, "direct": 48}.get(kind, 12))
-    if kind in ("conv", "direct"):
-        w = rng.standard_normal((16, 32, 5, 5) if kind == "conv" else (48, 3, 5, 5))
-        return Conv2d(w.astype(dtype), b.astype(dtype), stride=stride, padding=padding), w, b
+    """(layer, dense kernel, bias): a ``Conv2d`` (``DENSE``; the depthwise one's kernel returned as its dense
+    equivalent, diagonal in the channels), a monochromatic layer (on the direct kernel) or a biclustered layer."""
+    if kind in DENSE:
+        w = rng.standard_normal(DENSE[kind])
+        b = rng.standard_normal(w.shape[0])
+        groups = w.shape[0] if kind == "depthwise" else 1
+        layer = Conv2d(w.astype(dtype), b.astype(dtype), stride=stride, padding=padding, groups=groups)
+        if groups > 1:
+            w = np.einsum("fxy,fc->fcxy", w[:, 0], np.eye(groups))
+        return layer, w, b
+    b = rng.standard_normal(12)
     if kind == "mono":
         r = monochromatic(rng.standard_normal((12, 3, 5, 5)), 4, random_state=0)
         return r.to_layer(bias=b, stride=stride, padding=padding), r.to_tensor(), b
@@ -57,11 +69,13 @@ def make(kind, rng, dtype=np.float64, stride=1, padding=1):
 
 def planned(kind, dtype):
     """Whether this CPU takes the planned path for ``kind`` (the lanes kernel and the fused biclustered layers need
-    AVX-512's register tiles)."""
+    AVX-512's register tiles, Winograd's and im2col's planned paths the GEMM micro-kernel's)."""
     if kind == "conv":
         return LN.lanes_eligible(np.dtype(dtype), 1)
-    if kind in ("direct", "mono"):
+    if kind in ("direct", "mono", "depthwise"):
         return True
+    if kind in ("wino", "gemm"):
+        return KG.tile_shape(np.dtype(dtype)) is not None
     return FB._taps_ok(np.dtype(dtype))
 
 
@@ -93,7 +107,8 @@ def test_second_call_runs_the_plan_and_matches(rng, monkeypatch, kind, stride, d
     xs = inputs(kind, rng, dtype)
     runs = count_calls(monkeypatch, FB, "run_validated")     # (before the first call: setting them is a rule change)
     convs = count_calls(monkeypatch, LN, "conv2d_lanes_cpu")
-    spies = [runs, convs, count_calls(monkeypatch, DR, "direct_conv_cpu"), count_calls(monkeypatch, FL, "mono_core")]
+    spies = [runs, convs, count_calls(monkeypatch, DR, "direct_conv_cpu"), count_calls(monkeypatch, FL, "mono_core"),
+             count_calls(monkeypatch, WG, "conv2d_winograd_cpu"), count_calls(monkeypatch, FC, "_conv2d_cpu")]
     first = layer(xs[0])
     assert type(entry(layer, xs[0])) is plan.Plan, "the first call records its kernel calls"
     assert sum(map(len, spies)) == 1, "one path ran"
@@ -294,8 +309,8 @@ def test_make_refuses_kept_parts_of_x_and_too_much_scratch(monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_a_network_plans_its_layers_and_matches_the_reference(rng, dtype):
     """``Network.forward`` passes each layer an output buffer of its arena (``out=``): five passes at batch 2 and
-    then 1, each against the layers' rebuilt kernels; from the second pass at a batch the monochromatic and CP layers
-    run plans, the last conv (im2col and GEMM) its path."""
+    then 1, each against the layers' rebuilt kernels; from the second pass at a batch the monochromatic, CP and last
+    (im2col and GEMM) conv layers run plans."""
     from npconv.layers import ReLU
     from npconv.network import Network
     W1, W2 = rng.standard_normal((12, 3, 5, 5)), rng.standard_normal((12, 12, 3, 3))
@@ -316,10 +331,9 @@ def test_a_network_plans_its_layers_and_matches_the_reference(rng, dtype):
         for i in range(5):
             x = rng.standard_normal((N, 3, 20, 19)).astype(dtype)
             close(net.forward(x), reference(x), dtype)
-        for name in ("mono", "cp"):
-            if planned(name, dtype):
+        for name, kind in (("mono", "mono"), ("cp", "cp"), ("conv", "gemm")):
+            if planned(kind, dtype):
                 assert any(type(v) is plan.Plan for v in net[name]._replays.values()), name
-        assert all(type(v) is plan._NoPlan for v in net["conv"]._replays.values()), "im2col + GEMM: not planned"
 
 
 def test_copies_and_pickles_start_without_plans(rng):

@@ -30,6 +30,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from .plan import run as _plan_run
+
 __all__ = ["tile_shape", "taps_tile_shapes", "microkernel", "microkernel_rows4", "microkernel_rows8",
            "microkernel_cols1", "microkernel_taps12", "microkernel_taps8", "microkernel_taps4",
            "microkernel_taps_rows4", "microkernel_taps_rows8", "microkernel_taps1", "TAPS1_BYTES", "prefetch_write",
@@ -562,9 +564,9 @@ def matmul(packed, M, K, tile, b, ldb, N, c, *, nimg=1, cimg=0, bias=None, rowma
     nb, abat, bbat, cbat = (1, 0, 0, 0) if batch is None else batch
     mgroups = max(1, min(nblk, -(-4 * numba.get_num_threads() // (nb * -(-nimg * N // NR)))))
     has_b = bias is not None
-    gemm_images(packed, M, K, MR, NR, KC, b, ldb, N, nimg, c, cimg, bias if has_b else np.zeros(1, c.dtype), has_b,
-                mgroups, _NO_MAP if rowmap is None else rowmap, rowmap is not None,
-                PREFETCH_PANELS, nb, abat, bbat, cbat, WRITE_PREFETCH)
+    _plan_run(gemm_images, packed, M, K, MR, NR, KC, b, ldb, N, nimg, c, cimg,
+              bias if has_b else np.zeros(1, c.dtype), has_b, mgroups, _NO_MAP if rowmap is None else rowmap,
+              rowmap is not None, PREFETCH_PANELS, nb, abat, bbat, cbat, WRITE_PREFETCH)
 
 
 #: :func:`matmul_stream` is the faster from a product of this depth down (its 4-row tile does a third of the

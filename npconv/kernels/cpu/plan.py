@@ -17,9 +17,11 @@ checks it) and repeat the kernel calls with the new input and output in their pl
 What makes a recording a plan, all of it checked but the first:
 
 * the path said so: the CPU paths call :func:`complete` with their output before returning it, on paths whose whole
-  work on arrays is the kernel calls made through :func:`run` (the fused biclustered layers; the lanes kernel's
-  dense conv in one chunk; the direct kernel, which runs dense convs and the monochromatic layer). No NumPy
-  operation on a kept array may run between them: the plan would not repeat it.
+  work on arrays is the kernel calls made through :func:`run` (the fused biclustered layers; the direct kernel,
+  which runs dense convs and the monochromatic layer; the dense conv's lanes kernel, Winograd on the GEMM
+  micro-kernel, im2col and the micro-kernel in one chunk and one group, the depthwise kernel; ``gemm.matmul`` makes
+  its call through :func:`run`). No NumPy operation on a kept array may run between them: the plan would not repeat
+  it (``np.copyto`` through :func:`run` is a call like the others).
   ``tests/kernels/test_cpu_plan.py`` compares every planned layer with its ordinary path on new inputs, after
   other layers have written over the workspace;
 * the layer returns the completed array itself, and only one path completed in the call (a layer that composes
