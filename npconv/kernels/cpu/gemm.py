@@ -31,6 +31,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .plan import run as _plan_run
+from .plan import watch as _watch
 
 __all__ = ["tile_shape", "taps_tile_shapes", "microkernel", "microkernel_rows4", "microkernel_rows8",
            "microkernel_cols1", "microkernel_taps12", "microkernel_taps8", "microkernel_taps4",
@@ -651,5 +652,4 @@ def matmul_stream(packed, M, K, tile, b, bimg, P, c, *, nimg=1, cimg=None, bias=
     gemm_stream(packed, M, K, MR, NR, b, bimg, P, nimg, c, cimg, bias4, nsplit)
 
 
-from .plan import watch as _watch  # noqa: E402  (planned kernels: kernels/cpu/plan.py)
-_watch(__name__)
+_watch(__name__)        # planned kernels (kernels/cpu/plan.py): a rule set here makes the plans stale

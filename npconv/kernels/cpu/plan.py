@@ -153,19 +153,6 @@ class _NoPlan:
         self.generation = _replay.generation()
 
 
-def _extent(a):
-    """(first byte, end byte) of the memory an array's elements span."""
-    lo = hi = a.ctypes.data
-    for n, s in zip(a.shape, a.strides):
-        if n == 0:
-            return lo, lo
-        if s < 0:
-            lo += (n - 1) * s
-        else:
-            hi += (n - 1) * s
-    return lo, hi + a.itemsize
-
-
 def _root(a):
     while isinstance(a.base, np.ndarray):
         a = a.base
@@ -177,8 +164,10 @@ def _slot(a, whole):
     view of all of it; False when it overlaps it otherwise."""
     if a is whole:
         return (None,)
-    lo, hi = _extent(a)
-    wlo, whi = _extent(whole)
+    if a.size == 0:
+        return None
+    lo, hi = _replay.extent(a, a.ctypes.data)
+    wlo, whi = _replay.extent(whole, whole.ctypes.data)
     if hi <= wlo or whi <= lo:
         return None
     if (lo, hi) == (wlo, whi) and a.flags.c_contiguous and a.dtype == whole.dtype and a.size == whole.size:

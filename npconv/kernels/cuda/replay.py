@@ -48,7 +48,7 @@ import types
 from ..._backend import get_array_module, is_cupy_array
 
 __all__ = ["new_table", "forget", "lookup", "call", "record", "run_recorded", "complete", "generation", "advance",
-           "watch", "Replay", "MAX_SHAPES", "MAX_HELD_BYTES"]
+           "watch", "extent", "Replay", "MAX_SHAPES", "MAX_HELD_BYTES"]
 
 #: input shapes a layer keeps replays for; past it the table starts afresh
 MAX_SHAPES = 8
@@ -184,9 +184,10 @@ def _slot(a, x, y):
     return None
 
 
-def _extent(a):
-    """[lo, hi) device addresses an array's elements lie in."""
-    lo = hi = a.data.ptr
+def extent(a, base):
+    """[lo, hi) addresses an array's elements lie in, ``base`` the address of its first element (``a.data.ptr`` for
+    a CuPy array, ``a.ctypes.data`` for a NumPy one; the CPU plans use it too)."""
+    lo = hi = base
     for n, st in zip(a.shape, a.strides):
         if n > 1:
             if st < 0:
@@ -199,7 +200,7 @@ def _extent(a):
 def _overlaps(a, b):
     if a.size == 0 or b.size == 0:
         return False
-    (alo, ahi), (blo, bhi) = _extent(a), _extent(b)
+    (alo, ahi), (blo, bhi) = extent(a, a.data.ptr), extent(b, b.data.ptr)
     return alo < bhi and blo < ahi
 
 
