@@ -80,7 +80,7 @@ def run(batch=1, repeat=30, min_time=3.0, quick=False):
             t = interleaved({"plan": with_plans, "path": without}, repeat, min_time=min_time)
         finally:
             PL.USE_PLANS = True
-        planned = type(layer._replays.get((x.shape, x.dtype))) is PL.Plan
+        planned = type(layer._replays.get(PL.key_of(x))) is PL.Plan
         rows.append(dict(layer=name, batch=batch, planned=planned, plan_ms=t["plan"]["median"] * 1e3,
                          path_ms=t["path"]["median"] * 1e3, plan_min_ms=t["plan"]["min"] * 1e3,
                          path_min_ms=t["path"]["min"] * 1e3,

@@ -87,7 +87,7 @@ def close(y, ref, dtype):
 
 
 def entry(layer, x):
-    return layer._replays.get((x.shape, x.dtype))
+    return layer._replays.get(plan.key_of(x))
 
 
 def inputs(kind, rng, dtype, n=3, N=2):
@@ -235,26 +235,34 @@ def test_plans_are_dropped_when_what_they_depend_on_changes(rng, monkeypatch, ki
 
 
 def test_a_plan_runs_only_in_its_thread(rng, monkeypatch):
-    """A plan keeps its thread's workspace views: another Python thread runs the path (and may record its own)."""
+    """A plan keeps its thread's workspace views: another Python thread does not find it, records its own, and the
+    two threads then each run their own plan."""
     if not planned("cp", np.float64):
         pytest.skip("no AVX-512: the fused CP layer does not run")
     layer, w, b = make("cp", rng)
-    xs = inputs("cp", rng, np.float64)
+    xs = inputs("cp", rng, np.float64, n=4)
+    runs = count_calls(monkeypatch, FB, "run_validated")
     layer(xs[0])
     mine = entry(layer, xs[0])
-    assert plan.lookup(layer._replays, xs[0]) is mine
+    assert type(mine) is plan.Plan and plan.lookup(layer._replays, xs[0]) is mine
     seen = {}
 
     def other():
         seen["lookup"] = plan.lookup(layer._replays, xs[1])
-        seen["y"] = layer(xs[1])
+        seen["y"] = [layer(xs[1]), layer(xs[2])]
+        seen["own"] = entry(layer, xs[1])
 
     t = threading.Thread(target=other)
     t.start()
     t.join()
     assert seen["lookup"] is None
-    close(seen["y"], conv2d_einsum(xs[1], w, b, (1, 1), (1, 1, 1, 1)), np.float64)
-    close(layer(xs[2]), conv2d_einsum(xs[2], w, b, (1, 1), (1, 1, 1, 1)), np.float64)
+    assert type(seen["own"]) is plan.Plan and seen["own"] is not mine
+    assert len(runs) == 2, "each thread ran the path once, then its plan"
+    for y, x in zip(seen["y"], xs[1:3]):
+        close(y, conv2d_einsum(x, w, b, (1, 1), (1, 1, 1, 1)), np.float64)
+    assert plan.lookup(layer._replays, xs[3]) is mine, "this thread's plan still stands"
+    close(layer(xs[3]), conv2d_einsum(xs[3], w, b, (1, 1), (1, 1, 1, 1)), np.float64)
+    assert len(runs) == 2
 
 
 @pytest.mark.parametrize("kind", KINDS)

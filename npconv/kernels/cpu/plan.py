@@ -28,18 +28,19 @@ What makes a recording a plan, all of it checked but the first:
   paths, as the separable layer's two convs, is not planned);
 * no kept array overlaps the input or the output other than as a whole (a batch in chunks is not planned);
 * the kept scratch takes at most :data:`MAX_HELD_BYTES` (a plan keeps it between calls);
-* the plan runs only in the thread that recorded it (its scratch is that thread's workspace) and with the same
-  number of numba threads (the kernels size their scratch by it);
+* the plan runs only in the thread that recorded it (its scratch is that thread's workspace; another thread records
+  its own) and with the same number of numba threads (the kernels size their scratch by it);
 * the rules were not changed since: the watched modules (the functional and CPU-kernel modules of the planned
   paths) advance the generation that the GPU's replays use (``replay.generation``) whenever one of their attributes
   is set, and so does ``WS.clear()``; a plan of an older generation is not used (the next call records again).
 
-Plans live in the layer's replay table (``Layer._replays``) under ``(shape, dtype)`` (the GPU's replays under the
-shape alone), so that they are emptied with the GPU replays: whenever the layer's parameters are replaced or a
-public attribute is set, and a deep copy or a pickled layer starts without them. A layer keeps its cast and derived
-parameters for one dtype at a time, and drops its plans (:func:`drop`) when it switches to another, so that no plan
-keeps a second dtype's arrays alive. The layers that plan: ``Conv2d``, ``MonochromaticConv2d`` and the biclustered
-conv layers (CP, SVD, shared separable). ``bench/cpu_plan.py`` times each with its plan and with its path.
+Plans live in the layer's replay table (``Layer._replays``) under ``(shape, dtype, thread)`` (:func:`key_of`; the
+GPU's replays under the shape alone), each Python thread that calls the layer with its own. So they are emptied with
+the GPU replays, whenever the layer's parameters are replaced or a public attribute is set, and a deep copy or a
+pickled layer starts without them. A layer keeps its cast and derived parameters for one dtype at a time, and drops
+its plans (:func:`drop`) when it switches to another, so that no plan keeps a second dtype's arrays alive. The
+layers that plan: ``Conv2d``, ``MonochromaticConv2d`` and the biclustered conv layers (CP, SVD, shared separable).
+``bench/cpu_plan.py`` times each with its plan and with its path.
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ import numpy as np
 from ..._validate import check_out
 from ..cuda import replay as _replay
 
-__all__ = ["run", "complete", "call", "lookup", "drop", "watch", "Plan", "MAX_HELD_BYTES"]
+__all__ = ["run", "complete", "call", "lookup", "key_of", "drop", "watch", "Plan", "MAX_HELD_BYTES"]
 
 #: bytes of workspace (scratch) one plan may keep between calls; a call needing more is not planned
 MAX_HELD_BYTES = 64 * 2**20
@@ -100,14 +101,13 @@ def complete(y) -> None:
 class Plan:
     """The kernel calls of one recorded call; ``plan(x, out)`` repeats them for a new input of the same shape and
     dtype, into ``out`` (checked) or a new output, and returns the output."""
-    __slots__ = ("calls", "out_shape", "dtype", "thread", "nthreads", "generation", "inputs")
+    __slots__ = ("calls", "out_shape", "dtype", "nthreads", "generation", "inputs")
 
     def __init__(self, calls, out_shape, dtype, inputs):
         self.calls = calls                 # (kernel, args, x slots, y slots); a slot is (index, shape or None)
         self.out_shape = out_shape
         self.dtype = dtype
         self.inputs = inputs               # (name, array) pairs that out must not overlap, besides x
-        self.thread = threading.get_ident()
         self.nthreads = numba.get_num_threads()
         self.generation = _replay.generation()
 
@@ -126,14 +126,20 @@ class Plan:
         return y
 
 
+def key_of(x):
+    """A plan's key in a layer's table: x's shape and dtype and the calling thread (a plan keeps its thread's
+    workspace views, so each Python thread that calls the layer records its own)."""
+    return (x.shape, x.dtype, threading.get_ident())
+
+
 def lookup(table, x):
-    """The plan in ``table`` for input ``x``, or None: a NumPy array of the same shape and dtype, C-contiguous, in
-    the recording thread, with the same numba thread count, recorded in the current generation."""
+    """The plan in ``table`` for input ``x``, or None: a C-contiguous NumPy array of the same shape and dtype, in the
+    recording thread, with the same numba thread count, recorded in the current generation."""
     if not table or type(x) is not np.ndarray or not USE_PLANS:
         return None
-    pl = table.get((x.shape, x.dtype))
+    pl = table.get(key_of(x))
     if (type(pl) is not Plan or pl.generation != _replay.generation() or not x.flags.c_contiguous
-            or pl.thread != threading.get_ident() or pl.nthreads != numba.get_num_threads()):
+            or pl.nthreads != numba.get_num_threads()):
         return None
     return pl
 
@@ -211,12 +217,12 @@ def _make(rec, x, y, params):
 
 def call(table, x, out, params, run_path):
     """A layer's CPU call: ``run_path()`` (its ordinary path), recorded when x is a C-contiguous NumPy array; the
-    plan of it, if it is one, goes into ``table`` under ``(x.shape, x.dtype)``, else a note not to record this shape
+    plan of it, if it is one, goes into ``table`` under :func:`key_of`, else a note not to record this shape
     again in this generation. ``params``: the layer's cached parameters (``out`` must not overlap them). The layer
     looks its plans up first (:func:`lookup`), before its own checks."""
     if type(x) is not np.ndarray or not x.flags.c_contiguous or not USE_PLANS:
         return run_path()
-    key = (x.shape, x.dtype)
+    key = key_of(x)
     seen = table.get(key)
     if type(seen) is _NoPlan and seen.generation == _replay.generation():
         return run_path()
