@@ -50,6 +50,7 @@ import numba
 import numpy as np
 
 from ..._validate import check_out
+from ..._workspace import WS
 from ..cuda import replay as _replay
 
 __all__ = ["run", "complete", "call", "lookup", "key_of", "drop", "watch", "Plan", "MAX_HELD_BYTES"]
@@ -183,7 +184,6 @@ def _slot(a, whole):
 
 def _make(rec, x, y, params):
     """The plan of a recording, or None when it is not one (see the module docstring)."""
-    from ..._workspace import WS
     if rec.completed is not y or rec.n_completed != 1 or not rec.calls:
         return None                        # (two paths completed in one call: a layer composing paths)
     ws_roots = {id(b) for b in WS.bufs.values()}
