@@ -6,7 +6,8 @@
     python bench/gpu_profile.py small [--out FILE.json]   # small batches: dense vs cuDNN, fused expansion or not
     python bench/gpu_profile.py cpblock [--out FILE.json] # the CP front end with 1, 2, 4 images a block
     python bench/gpu_profile.py lowrank [--out FILE.json] # ZF conv1's low-rank and separable forms, rules A/B
-    python bench/gpu_profile.py bicrules [--out FILE.json] # biclustered SVD, shared conv2 (fused or not) at batch 1, 8
+    python bench/gpu_profile.py bicrules [--out FILE.json] # biclustered SVD conv2's rules at batch 1, 8
+    python bench/gpu_profile.py latency [--out FILE.json]  # dense conv2-conv5 and cuDNN: host, queued, latency
 
 ``probe`` times, on ZF conv2 (96 -> 256, 5x5, stride 2, 55x55) at batch 128 and the CIFAR reference net's conv2:
 the whole npconv conv (im2col + GEMM + scatter, the chunk size that ``ops.WORKSPACE_BYTES`` gives and larger ones),
@@ -43,12 +44,14 @@ its filters shared among blocks below 0 (never), 256, 512 or 1024 blocks (``SEP_
 at batches 1 and 8 the monochromatic form (C' = 4, 6) with its colours' filters shared in 8- or 4-filter shares up
 to 512 or 1024 blocks (``MONO_SHARE_FILTERS``, ``MONO_MIN_BLOCKS``: ``MONO_SHARE_RULES``); and the dense conv1,
 npconv and cuDNN, as the reference of each batch.
-``bicrules`` times the biclustered SVD conv2 ((K1, K2) = (19, 51)) with its spatial stage in blocks of 16 or 4
-filters (``bic_svd_spatial`` or ``bic_svd_spatial_f4``: ``ops_bicluster.SVD_SMALL_MAX_COLUMNS``) and the shared
-separable conv2 (K = 6, S = 4) with its combination fused into the expansion or not (``SHARED_FUSED_MAX_COLUMNS``),
-at batches 1 and 8, against the dense ``Conv2d`` layer, the layers replaying their launches (:func:`bic_rules`; the
-twenty-fifth session's run also compared blocks of 256, 128 and 64 threads for ``bic_svd_spatial``, a rule since
-removed).
+``bicrules`` times the biclustered SVD conv2 ((K1, K2) = (19, 51)) with its spatial stage's K1 channels in 1, 2 or 4
+splits among blocks (``ops_bicluster.SVD_SPLIT_MAX_BLOCKS``, ``SVD_SPLITS``), at batches 1 and 8 (``--batches``),
+against the dense ``Conv2d`` layer, the layers replaying their launches (:func:`bic_rules`; the twenty-fifth
+session's run compared the shared separable conv2's combination fused into the expansion or not, and blocks of 256,
+128 and 64 threads for ``bic_svd_spatial``; the twenty-seventh's, 4 filters a block: rules since removed).
+``latency`` splits the benches' measure of the dense ZF conv2-conv5 (the ``Conv2d`` layer, replayed) and of
+cuDNN's at batches 1, 8, 32 and 128 (``--batches``): the host time of a call, the time of a call queued among 50,
+and the latency of one call between CUDA events (:func:`dense_latency`).
 ``cpblock`` times the biclustered CP conv2 (K = 6, 8, 12, batch 128) with ``ops_bicluster.CP_IMAGES_PER_BLOCK`` at
 1, 2 and 4 in alternation, and checks that the outputs agree (``ncu --workloads cp`` profiles the front end alone).
 """
@@ -386,17 +389,22 @@ def launch_costs(cp, calls=2000):
     return out
 
 
-#: bicrules: the rule settings compared, name -> (``ops_bicluster`` attribute, value)
-BIC_RULES = {"svd": {"svd": ("SVD_SMALL_MAX_COLUMNS", 0), "svd_f4": ("SVD_SMALL_MAX_COLUMNS", 1 << 62)},
-             "shared": {"shared_fused": ("SHARED_FUSED_MAX_COLUMNS", 1 << 62),
-                        "shared_unfused": ("SHARED_FUSED_MAX_COLUMNS", 0)}}
+_ON = 1 << 62
+#: bicrules: the rule settings compared, layer kind -> {case name -> {``ops_bicluster`` attribute: value}}: the SVD
+#: layer's spatial stage with its K1 channels in 1, 2 or 4 splits (``SVD_SPLIT_MAX_BLOCKS``, ``SVD_SPLITS``). (The
+#: twenty-fifth session's run settled the shared layer's combination, unfused; the twenty-seventh's dropped the
+#: spatial stage with 4 filters a block, no faster than 16.)
+BIC_RULES = {"svd": {"svd": {"SVD_SPLIT_MAX_BLOCKS": 0},
+                     "svd_s2": {"SVD_SPLIT_MAX_BLOCKS": _ON, "SVD_SPLITS": 2},
+                     "svd_s4": {"SVD_SPLIT_MAX_BLOCKS": _ON, "SVD_SPLITS": 4}}}
 
 
 def bic_rules(batches=(1, 8), repeat=24, quick=False):
-    """The biclustered SVD and shared conv2 layers at small batches under each setting of :data:`BIC_RULES`
+    """The biclustered conv2 layers of :data:`BIC_RULES` at small batches under each of their settings
     (:func:`_with_rules`), with the dense ``Conv2d`` layer as the reference, timed in alternation
     (``bench_gpu.time_interleaved``). Returns {"<case>/b<N>": {"latency_ms", "queued_ms", "speedup_vs_dense"}}: the
-    median latency, the time a call of 50 queued back to back, and the median of the rounds' dense / case ratios."""
+    median latency, the time a call of 50 queued back to back, and the median of the rounds' dense / case ratios.
+    Every setting's output is checked against the first's (to within 1e-4 of the output's scale)."""
     import cupy as cp
 
     from bench.bench_gpu_bicluster import ZF_CONV2, dense_callable, factored_callable
@@ -411,8 +419,13 @@ def bic_rules(batches=(1, 8), repeat=24, quick=False):
         cases = {"dense": (dense_callable(N, geom, np.float32), "cupy")}
         for kind, settings in BIC_RULES.items():
             layer = factored_callable(kind, opts[kind], N, geom, np.float32)
-            for name, (rule, value) in settings.items():
-                cases[name] = (_with_rules(layer, ops_bicluster, **{rule: value}), "cupy")
+            ref = None
+            for name, rules in settings.items():
+                cases[name] = (_with_rules(layer, ops_bicluster, **rules), "cupy")
+                y = cp.asnumpy(cases[name][0]())
+                ref = y if ref is None else ref
+                if not np.allclose(y, ref, rtol=0, atol=1e-4 * max(1.0, float(np.abs(ref).max()))):
+                    raise AssertionError(f"{kind}/b{N}: setting {name} gives another output")
         timed, rounds = time_interleaved(cases, warmup=3, repeat=repeat)
         for name, (fn, _kind) in cases.items():
             key = f"{name}/b{N}"
@@ -456,6 +469,60 @@ def _queued_ms(fn, sync, calls=50):
         fn()
     sync()
     return 1e3 * (time.perf_counter() - t0) / calls
+
+
+def dense_latency(batches=(1, 8, 32, 128), repeat=30, quick=False):
+    """The dense ZF conv2-conv5 as npconv's ``Conv2d`` layer (replaying its launches) and as cuDNN's conv at each
+    batch: {"<conv>/b<N>/<npconv|cudnn>": {"host_us", "queued_ms", "latency_ms"}}: the host time of a call (groups of
+    10 calls issued without a synchronisation, median), the time a call of 50 queued back to back, and the latency of
+    one call between CUDA events after a synchronize (the benches' measure; the two in alternation). A latency well
+    above both the host time and the queued time is time the call spends waiting, neither issuing nor computing.
+    ``quick``: the small conv2-like shape at batch 1, no cuDNN."""
+    import time
+
+    import cupy as cp
+
+    from bench.bench_gpu_bicluster import dense_callable
+    torch = None if quick else torch_cuda()
+    convs = {"conv2": QUICK_CONV2} if quick else ZF_CONVS
+    if quick:
+        batches, repeat = (1,), 2
+    out = {}
+    grad = torch.no_grad() if torch is not None else None
+    if grad is not None:
+        grad.__enter__()
+    try:
+        for N in batches:
+            for name, geom in convs.items():
+                cases = {"npconv": (dense_callable(N, geom, np.float32), "cupy")}
+                syncs = {"npconv": cp.cuda.Device().synchronize}
+                if torch is not None:
+                    torch.backends.cudnn.benchmark = True
+                    s, p = geom[4:]
+                    tx, tw, tb = (torch.as_tensor(a, device="cuda") for a in _conv_inputs(cp, geom, N))
+                    cases["cudnn"] = (lambda tx=tx, tw=tw, tb=tb, s=s, p=p:
+                                      torch.nn.functional.conv2d(tx, tw, tb, stride=s, padding=p), "torch")
+                    syncs["cudnn"] = torch.cuda.synchronize
+                timed, _ = time_interleaved(cases, warmup=3, repeat=repeat)
+                for case, (fn, _kind) in cases.items():
+                    host = []
+                    for _ in range(2 if quick else 20):
+                        syncs[case]()
+                        t0 = time.perf_counter()
+                        for _ in range(10):
+                            fn()
+                        host.append((time.perf_counter() - t0) / 10)
+                    syncs[case]()
+                    key = f"{name}/b{N}/{case}"
+                    out[key] = {"host_us": 1e6 * float(np.median(host)), "queued_ms": _queued_ms(fn, syncs[case]),
+                                "latency_ms": timed[case]["median_ms"]}
+                    print(f"{key:22s} host {out[key]['host_us']:7.1f} us   queued {out[key]['queued_ms']:7.4f} ms   "
+                          f"latency {out[key]['latency_ms']:7.4f} ms", flush=True)
+                cp.get_default_memory_pool().free_all_blocks()
+    finally:
+        if grad is not None:
+            grad.__exit__(None, None, None)
+    return out
 
 
 def probe_small(batches=(1, 2, 4, 8, 16, 32), cp_batches=(1, 2, 4, 8), repeat=30, quick=False):
@@ -651,19 +718,25 @@ def cp_images_per_block(per_block=(1, 2, 4), ks=(6, 8, 12), N=128, repeat=15, qu
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=("probe", "ncu", "host", "small", "cpblock", "lowrank", "bicrules"))
+    ap.add_argument("what", choices=("probe", "ncu", "host", "small", "cpblock", "lowrank", "bicrules", "latency"))
     ap.add_argument("--out", help="JSON file for the probe's times (written atomically)")
     ap.add_argument("--workloads", choices=sorted(NCU_WORKLOADS), default="b128",
                     help="ncu: which set of workloads (NCU_WORKLOADS)")
     ap.add_argument("--quick", action="store_true",
                     help="host, small, cpblock, lowrank: small shapes, few calls (a smoke run)")
+    ap.add_argument("--batches", type=int, nargs="+", default=None,
+                    help="bicrules, latency: the batch sizes (default 1 8; latency 1 8 32 128)")
     args = ap.parse_args(argv)
+    if args.batches is not None and min(args.batches) < 1:
+        ap.error(f"--batches: expected batch sizes of at least 1, got {args.batches}")
     why = gpu_missing()
     if why is not None:
         print(f"gpu_profile {args.what}: skipped, no GPU ({why})")
         return 0
-    if args.what in ("probe", "host", "small", "cpblock", "lowrank", "bicrules"):
-        run = {"probe": probe, "host": lambda: host(quick=args.quick), "bicrules": lambda: bic_rules(quick=args.quick),
+    if args.what in ("probe", "host", "small", "cpblock", "lowrank", "bicrules", "latency"):
+        run = {"probe": probe, "host": lambda: host(quick=args.quick),
+               "bicrules": lambda: bic_rules(tuple(args.batches or (1, 8)), quick=args.quick),
+               "latency": lambda: dense_latency(tuple(args.batches or (1, 8, 32, 128)), quick=args.quick),
                "small": lambda: probe_small(quick=args.quick),
                "lowrank": lambda: probe_lowrank(quick=args.quick),
                "cpblock": lambda: cp_images_per_block(quick=args.quick)}[args.what]

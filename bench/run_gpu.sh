@@ -5,13 +5,14 @@
 #
 #   bash bench/run_gpu.sh [OUTDIR] [STEP ...]     # steps: info tests suite bench network factored tune (default:
 #                                                 # all but suite; suite = the whole test suite, GPU tests included)
-#                                                 # and, only when named: probe host small cpblock lowrank ncu
-#                                                 # memcheck racecheck
+#                                                 # and, only when named: probe host small cpblock bicrules
+#                                                 # lowrank ncu memcheck racecheck
 #
 # probe: bench/gpu_profile.py's CUDA-event times of the parts of the dense conv2 and of variants; host: its split of
 # the host time of eager batch-1 calls (npconv's Python, CuPy, NumPy) and the per-call times, queued and
 # synchronised; small: its timings at small batches (dense convs against cuDNN, the biclustered CP expansion and SVD
-# reduction fused or not); cpblock: the CP layer with 1, 2, 4 images a bic_cp_front block; lowrank: ZF conv1's
+# reduction fused or not); cpblock: the CP layer with 1, 2, 4 images a bic_cp_front block; bicrules: the biclustered
+# SVD layer's spatial stage with 16 or 4 filters a block and its channels in 1, 2 or 4 splits; lowrank: ZF conv1's
 # low-rank form on each path (one lr_conv launch, factor_conv + lr_expand, factor_conv + GEMM + bias_add), the
 # separable form in one sep_conv launch or two factor_conv passes, and at batches 1 and 8 the filter-sharing rules
 # of lr_conv, sep_conv and mono_conv; ncu: Nsight
@@ -22,7 +23,7 @@
 # pytest -k expression), each stopped at its time limit.
 #
 # Environment: PYTHON (default python3), NPCONV_TEST_JOBS (pytest-xdist workers, default 8), TESTS_LIMIT,
-# SUITE_LIMIT, HOST_LIMIT (seconds), TAIL_LINES (log lines echoed per step), PACK (where the .tgz goes).
+# SUITE_LIMIT, HOST_LIMIT, BICRULES_LIMIT (seconds), TAIL_LINES (log lines echoed per step), PACK (where the .tgz goes).
 set -u
 cd "$(dirname "$0")/.."
 out=${1:-out/gpu}
@@ -72,6 +73,8 @@ torch.__version__, \"cudnn\", torch.backends.cudnn.version())'; nproc; lscpu | g
         step small "${SMALL_LIMIT:-150}" "$py" bench/gpu_profile.py small --out "$out/small.json" ;;
     cpblock)
         step cpblock 90 "$py" bench/gpu_profile.py cpblock --out "$out/cpblock.json" ;;
+    bicrules)
+        step bicrules "${BICRULES_LIMIT:-180}" "$py" bench/gpu_profile.py bicrules --out "$out/bicrules.json" ;;
     lowrank)
         step lowrank "${LOWRANK_LIMIT:-120}" "$py" bench/gpu_profile.py lowrank --out "$out/lowrank.json" ;;
     ncu)
@@ -90,8 +93,8 @@ torch.__version__, \"cudnn\", torch.backends.cudnn.version())'; nproc; lscpu | g
             -k "${RACECHECK_K:-float32 and not strided and not network}" tests/gpu/test_gpu_bicluster.py \
             tests/gpu/test_gpu_lowrank.py tests/gpu/test_gpu_ops.py ;;
     *)
-        echo "unknown step $s (steps: info tests suite bench network factored tune probe host small cpblock lowrank" \
-            "ncu memcheck racecheck)"
+        echo "unknown step $s (steps: info tests suite bench network factored tune probe host small cpblock" \
+            "bicrules lowrank ncu memcheck racecheck)"
         exit 2 ;;
     esac
 done

@@ -16,7 +16,7 @@ from tests.cuda_emulator import install_as_cupy  # noqa: E402
 
 
 @pytest.mark.skipif(HAS_GPU, reason="checks the behaviour without a CUDA device")
-@pytest.mark.parametrize("what", ["probe", "ncu", "host", "small", "cpblock", "lowrank"])
+@pytest.mark.parametrize("what", ["probe", "ncu", "host", "small", "cpblock", "bicrules", "lowrank", "latency"])
 def test_skips_without_a_gpu(capsys, tmp_path, what):
     from bench import gpu_profile
     out = tmp_path / "probe.json"
@@ -31,6 +31,15 @@ def test_unknown_command_is_refused(capsys):
         gpu_profile.main(["profile-everything"])
     assert exc.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("batches", [["0"], ["1", "-2"], ["two"]])
+def test_bad_batches_are_refused(capsys, batches):
+    from bench import gpu_profile
+    with pytest.raises(SystemExit) as exc:
+        gpu_profile.main(["bicrules", "--batches", *batches])
+    assert exc.value.code == 2
+    assert "--batches" in capsys.readouterr().err
 
 
 def test_host_split_places_the_time_by_package():
@@ -150,12 +159,24 @@ def test_bicrules_quick_run_on_the_emulated_cupy(monkeypatch, tmp_path):
     """The rule comparison of the biclustered SVD and shared layers on the CPU-emulated cupy: a record per case, the
     rules restored after."""
     from npconv.kernels.cuda import ops_bicluster
-    before = (ops_bicluster.SHARED_FUSED_MAX_COLUMNS, ops_bicluster.SVD_SMALL_MAX_COLUMNS)
+    names = ("SVD_SPLIT_MAX_BLOCKS", "SVD_SPLITS")
+    before = [getattr(ops_bicluster, n) for n in names]
     rep = quick_run_on_the_emulated_cupy("bicrules", monkeypatch, tmp_path)
-    assert set(rep) == {"dense/b1", "svd/b1", "svd_f4/b1", "shared_fused/b1", "shared_unfused/b1"}
+    assert set(rep) == {f"{c}/b1" for c in ("dense", "svd", "svd_s2", "svd_s4")}
     assert all(r["latency_ms"] > 0 and r["queued_ms"] > 0 and r["speedup_vs_dense"] > 0 for r in rep.values())
     assert rep["dense/b1"]["speedup_vs_dense"] == 1.0
-    assert (ops_bicluster.SHARED_FUSED_MAX_COLUMNS, ops_bicluster.SVD_SMALL_MAX_COLUMNS) == before
+    assert [getattr(ops_bicluster, n) for n in names] == before
+
+
+@pytest.mark.cpuemu
+@pytest.mark.skipif(not HAS_CXX, reason="no C++ compiler for the CUDA C emulator")
+def test_latency_quick_run_on_the_emulated_cupy(monkeypatch, tmp_path):
+    """The dense latency split on the CPU-emulated cupy: one record of the small conv at batch 1 (no cuDNN there),
+    with positive host, queued and latency times."""
+    rep = quick_run_on_the_emulated_cupy("latency", monkeypatch, tmp_path)
+    assert set(rep) == {"conv2/b1/npconv"}
+    assert set(rep["conv2/b1/npconv"]) == {"host_us", "queued_ms", "latency_ms"}
+    assert all(v > 0 for v in rep["conv2/b1/npconv"].values())
 
 
 @pytest.mark.cpuemu

@@ -107,23 +107,25 @@ def test_layer_gpu_matches_cpu(cp, rng, dtype, contiguous, kind):
         layer(x)
 
 
-@pytest.mark.parametrize("rules", [{"SVD_SMALL_MAX_COLUMNS": 1 << 62}, {"SHARED_FUSED_MAX_COLUMNS": 1 << 62}],
-                         ids=["svd-f4", "shared-fused"])
-def test_small_batch_rules_off_by_default(cp, rng, dtype, monkeypatch, rules):
-    """The small-batch variants that a rule keeps off (or switched off): the SVD layer's spatial stage with 4 filters
-    a block, the shared layer's combination fused into the expansion, against the CPU path."""
+@pytest.mark.parametrize("rules", [{"SVD_SPLIT_MAX_BLOCKS": 1 << 62}, {"SVD_SPLIT_MAX_BLOCKS": 0},
+                                   {"SHARED_FUSED_MAX_COLUMNS": 1 << 62}],
+                         ids=["svd-split", "svd-no-split", "shared-fused"])
+def test_small_batch_rules(cp, rng, dtype, monkeypatch, rules):
+    """The small-batch variants of the rules, each way: the SVD layer's spatial stage with its K1 channels split among
+    blocks or not, the shared layer's combination fused into the expansion (off by default); against the CPU path,
+    recorded and then replayed on another input."""
     if not hasattr(cp.ndarray, "get"):
         pytest.skip("this cupy (the CPU-emulator stand-in) has no ndarray.get, which the layer uses")
     from npconv.kernels.cuda import ops_bicluster
-    kind = "svd" if "SVD_SMALL_MAX_COLUMNS" in rules else "shared"
+    kind = "shared" if "SHARED_FUSED_MAX_COLUMNS" in rules else "svd"
     for k, v in rules.items():
         monkeypatch.setattr(ops_bicluster, k, v)
     f = make_factors(kind, rng, np.float64, 6, 10, 3, 3, (2, 1, 3), (6, 4), RANKS[kind])
     layer = make_layer(kind, f, rng.standard_normal(10), stride=(2, 1), padding=(1, 0, 2, 1))
-    x = rng.standard_normal((1, 6, 21, 19)).astype(dtype)
-    want = layer(x)
+    xs = [rng.standard_normal((1, 6, 21, 19)).astype(dtype) for _ in range(2)]
+    wants = [layer(x) for x in xs]
     layer.to_gpu()
-    for _ in range(2):                                   # recorded, then replayed
+    for x, want in zip(xs, wants):                       # recorded, then replayed
         check(cp, layer(cp.asarray(x)), want, dtype, 6 * 9 * 4)
 
 

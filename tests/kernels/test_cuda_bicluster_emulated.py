@@ -274,30 +274,40 @@ SVD_CASES = {
 }
 
 
-@pytest.mark.parametrize("name,ft", [("bic_svd_spatial", FT), ("bic_svd_spatial_f4", 4)])
 @pytest.mark.parametrize("launch", LAUNCHES)
 @pytest.mark.parametrize("case", sorted(SVD_CASES))
-def test_svd_spatial(bic_module, rng, dtype, launch, case, name, ft):
-    """Both entry points: 16 filters a block, or 4 (bic_svd_spatial_f4, for small batches)."""
+@pytest.mark.parametrize("splits,split_entry", [(1, False), (1, True), (2, True), (3, True)],
+                         ids=["bic_svd_spatial", "split1", "split2", "split3"])
+def test_svd_spatial(bic_module, rng, dtype, launch, case, splits, split_entry):
+    """16 filters a block; bic_svd_spatial_split with the K1 channels in 1-3 splits along grid z, each written to its
+    own rows of Z (ceil(K1 / splits) channels a split, the last ones short or empty)."""
     m, G, NH, K1, K2, H, W, X, Y, stride, pad, CC = SVD_CASES[case]
     z1 = rng.standard_normal((G * NH * K1, m * H * W)).astype(dtype)
     sp = rng.standard_normal((G, NH, K2, K1, X, Y)).astype(dtype)
     OH, OW = out_len(H, X, stride[0], pad[0], pad[1]), out_len(W, Y, stride[1], pad[2], pad[3])
     P = OH * OW
-    ref = np.zeros((NH * G * K2, m * P))
+    per = -(-K1 // splits)
+    ref = np.zeros((NH * G * splits * K2, m * P))
     for g in range(G):
         for h in range(NH):
             rows = z1[(g * NH + h) * K1:(g * NH + h + 1) * K1].reshape(K1, m, H, W).transpose(1, 0, 2, 3)
-            out = conv2d_einsum(rows, sp[g, h], None, stride=stride, padding=pad)        # (m, K2, OH, OW)
-            ref[(h * G + g) * K2:(h * G + g + 1) * K2] = out.transpose(1, 0, 2, 3).reshape(K2, m * P)
+            for s in range(splits):
+                c = slice(min(K1, s * per), min(K1, (s + 1) * per))
+                if c.start == c.stop:
+                    continue                                                           # an empty split: zeros
+                out = conv2d_einsum(rows[:, c], sp[g, h][:, c], None, stride=stride, padding=pad)  # (m, K2, OH, OW)
+                r0 = ((h * G + g) * splits + s) * K2
+                ref[r0:r0 + K2] = out.transpose(1, 0, 2, 3).reshape(K2, m * P)
     z = np.full(ref.shape, np.nan, dtype)
     total = m * P
     if launch == "forward-full":
-        order, grid, block = "forward", (-(-total // 256), -(-K2 // ft), G * NH), (256,)
+        order, grid, block = "forward", (-(-total // 256), -(-K2 // FT), G * NH * splits), (256,)
     else:
-        order, grid, block = "reverse", (2, -(-K2 // ft), G * NH), (32,)
-    args = (z1, sp, z, *map(i32, (m, G, NH, K1, K2, H, W, X, Y, *stride, pad[0], pad[2], OH, OW, CC)))
-    kernel(bic_module, name, dtype)(grid, block, args, shared_mem=CC * X * Y * ft * dtype.itemsize, order=order)
+        order, grid, block = "reverse", (2, -(-K2 // FT), G * NH * splits), (32,)
+    ints = (m, G, NH, K1, K2, H, W, X, Y, *stride, pad[0], pad[2], OH, OW, CC) + ((splits,) if split_entry else ())
+    args = (z1, sp, z, *map(i32, ints))
+    name = "bic_svd_spatial_split" if split_entry else "bic_svd_spatial"
+    kernel(bic_module, name, dtype)(grid, block, args, shared_mem=CC * X * Y * FT * dtype.itemsize, order=order)
     check(z, ref, dtype, K1 * X * Y)
 
 

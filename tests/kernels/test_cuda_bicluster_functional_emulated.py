@@ -80,7 +80,7 @@ def test_bicluster_conv2d_dispatch(bcp, rng, dtype):
         got = FB.bicluster_conv2d(bcp.asarray(x), *[bcp.asarray(a) if i in FLOATS[kind] else a
                                                     for i, a in enumerate(f)], stride=1, padding=1)
         check(bcp, got, FB.bicluster_conv2d(x, *f, stride=1, padding=1), dtype, 6 * 9 * 3)
-        assert {"cp": "bic_cp_front_x3s1", "svd": "bic_svd_spatial"}[kind] in bcp.launched
+        assert {"cp": "bic_cp_front_x3s1", "svd": "bic_svd_spatial_split"}[kind] in bcp.launched   # a small grid
 
 
 def test_functional_validation_on_device(bcp, rng):
@@ -116,7 +116,8 @@ def test_layers_on_device(bcp, rng, dtype, contiguous, kind):
     del bcp.launched[:]
     got = layer(to_dev(bcp, x, contiguous))
     check(bcp, got, want, dtype, 6 * 9 * 4)
-    assert {"cp": "bic_cp_front_x3s2", "svd": "bic_svd_spatial", "shared": "bic_shared_filter"}[kind] in bcp.launched
+    assert {"cp": "bic_cp_front_x3s2", "svd": "bic_svd_spatial_split",                  # a small grid: split
+            "shared": "bic_shared_filter"}[kind] in bcp.launched
     cached = layer._params_for(to_dev(bcp, x, True))
     for k in ("in_perm", "out_perm"):                     # converted to the kernels' int32 once, not every call
         assert isinstance(cached[k], bcp.ndarray) and cached[k].dtype == np.int32, k

@@ -28,7 +28,6 @@ def test_constants_shared_with_the_source():
     assert entries == {("bic_cp_front", "0", "0")} | {(ops_bicluster.cp_front_kernel(X, S), str(X), str(S))
                                                       for X, S in ops_bicluster.CP_SPECIALISED}
     assert int(re.search(r"#define NPCONV_BIC_FT (\d+)", text)[1]) == ops_bicluster.SVD_FILTERS_PER_BLOCK
-    assert int(re.search(r"#define NPCONV_BIC_FT_SMALL (\d+)", text)[1]) == ops_bicluster.SVD_FILTERS_SMALL
     tile = tuple(int(re.search(rf"#define NPC_TG_{d} (\d+)", text)[1]) for d in ("BM", "BN"))
     assert tile == ops_bicluster.EXPAND_TILE
     assert int(re.search(r"#define NPC_TG_THREADS (\d+)", text)[1]) == ops_bicluster.EXPAND_THREADS
@@ -36,7 +35,7 @@ def test_constants_shared_with_the_source():
     assert re.search(r"NPCONV_KERNEL_LB\(bic_shared_filter, 256\)", text)   # TILE_W x up to max(TILE_ROWS)
     assert ops_bicluster.TILE_W * max(ops_bicluster.TILE_ROWS) <= 256
     assert re.search(r"NPCONV_KERNEL_LB\(bic_svd_spatial, 256\)", text) and ops_bicluster._BLOCK <= 256
-    assert re.search(r"NPCONV_KERNEL_LB\(bic_svd_spatial_f4, 256\)", text)
+    assert re.search(r"NPCONV_KERNEL_LB\(bic_svd_spatial_split, 256\)", text)
 
 
 def test_a_wrong_declaration_is_caught():
@@ -70,7 +69,11 @@ def test_every_launch_matches_ptx(recording, monkeypatch, rng, dtype_name):
         entry[kind](x, *args, None, stride=(1, 1), padding=(0, 0, 0, 0))
         with monkeypatch.context() as mp:
             mp.setattr(ops_bicluster, "SHARED_FUSED_MAX_COLUMNS", 1 << 62)   # bic_expand_shared (off by default)
-            mp.setattr(ops_bicluster, "SVD_SMALL_MAX_COLUMNS", 1 << 62)      # bic_svd_spatial_f4 (off by default)
+            entry[kind](x, *args, None, stride=(1, 1), padding=(0, 0, 0, 0))
+        with monkeypatch.context() as mp:
+            mp.setattr(ops_bicluster, "SVD_SPLIT_MAX_BLOCKS", 1 << 62)      # the SVD spatial stage's channel splits
+            entry[kind](x, *args, None, stride=(1, 1), padding=(0, 0, 0, 0))
+            mp.setattr(ops_bicluster, "SVD_SPLIT_MAX_BLOCKS", 0)
             entry[kind](x, *args, None, stride=(1, 1), padding=(0, 0, 0, 0))
         with monkeypatch.context() as mp:
             mp.setattr(ops_bicluster, "EXPAND_TILED_MAX_COLUMNS", 0)     # a GEMM and a scatter a group

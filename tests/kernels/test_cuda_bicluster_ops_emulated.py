@@ -37,8 +37,11 @@ SHARED_FUSED_DEFAULT = ops_bicluster.SHARED_FUSED_MAX_COLUMNS
 @pytest.fixture(autouse=True)
 def fused_shared_combination(monkeypatch):
     """The shared form's combination fused into its expansion (bic_expand_shared) wherever the expansion is one
-    launch, as these tests expect; the default (``SHARED_FUSED_MAX_COLUMNS`` 0, never fused) has a test of its own."""
+    launch, and the SVD form's spatial stage unsplit (bic_svd_spatial, as on large grids), as these tests expect; the
+    defaults (``SHARED_FUSED_MAX_COLUMNS`` 0, never fused; ``SVD_SPLIT_MAX_BLOCKS``, the small grids of these tests
+    split) have tests of their own."""
     monkeypatch.setattr(ops_bicluster, "SHARED_FUSED_MAX_COLUMNS", 1 << 62)
+    monkeypatch.setattr(ops_bicluster, "SVD_SPLIT_MAX_BLOCKS", 0)
 
 
 def launches(kind, X, SH, fused=True, NH=3):
@@ -287,25 +290,41 @@ def test_shared_combination_unfused_by_default(fc, launched, monkeypatch, rng, d
     assert launched == ["bic_shared_filter", "bic_shared_combine", "bic_expand"]
 
 
-def test_svd_spatial_with_four_filters_a_block(fc, launched, monkeypatch, rng, dtype, order):
-    """SVD_SMALL_MAX_COLUMNS at or above the batch's columns: bic_svd_spatial_f4 (4 filters a block, K2 = 18 in five
-    filter blocks, the weights of K1 = 5 channels in chunks of 3 + 2 by the shared-memory budget of 4 filters), the
-    same result as the dense conv and the CPU path; one column more than the rule and the 16-filter kernel runs."""
+@pytest.mark.parametrize("splits,used", [(2, 2), (3, 3), (4, 3), (9, 5)])
+@pytest.mark.parametrize("expand", ["fused", "gemm"])
+def test_svd_spatial_with_channel_splits(fc, launched, monkeypatch, rng, dtype, order, splits, used, expand):
+    """SVD_SPLIT_MAX_BLOCKS at or above the unsplit grid's blocks (of the whole batch: ceil(3 * 91 / 256) = 2 pixel
+    blocks x 2 filter blocks x G * NH = 4): bic_svd_spatial_split splits the K1 = 5 channels into ``used`` blocks of
+    ceil(5 / splits) channels (SVD_SPLITS = 4 gives 2 + 2 + 1, none empty; 9 gives one a channel) along grid z, each
+    writing its own rows of Z, and the expansion (one bic_expand launch, or a GEMM and a scatter a group) sums them:
+    the same result as the dense conv and the CPU path, in chunks of images too. One block fewer in the rule and
+    bic_svd_spatial runs unsplit."""
     X, Y = 3, 2
-    monkeypatch.setattr(ops_bicluster, "SVD_SMEM_BUDGET", 3 * X * Y * 4 * dtype.itemsize)
-    assert ops_bicluster.svd_chunk(5, X, Y, dtype.itemsize, 4) == 3
-    f = make_factors("svd", rng, dtype, 6, 5, X, Y, (2, 4), (2, 3), (5, 18))
-    x = rng.standard_normal((2, 6, 14, 13)).astype(dtype)
+    f = make_factors("svd", rng, dtype, 6, 5, X, Y, (2, 4), (2, 3), (5, 18))        # G = 2, NH = 2
+    x = rng.standard_normal((3, 6, 14, 13)).astype(dtype)
     b = rng.standard_normal(5).astype(dtype)
-    ref = conv2d_einsum(x, dense_kernel("svd", f), b, stride=(2, 1), padding=(1, 0, 0, 1))
-    columns = 2 * 7 * 13
-    monkeypatch.setattr(ops_bicluster, "SVD_SMALL_MAX_COLUMNS", columns)
-    y = run(fc, "svd", x, f, b, (2, 1), (1, 0, 0, 1))
-    assert y.shape[2:] == (7, 13) and launched == ["bic_reduce", "bic_svd_spatial_f4", "bic_expand"]
+    stride, pad = (2, 1), (1, 0, 0, 1)
+    ref = conv2d_einsum(x, dense_kernel("svd", f), b, stride=stride, padding=pad)
+    blocks = 2 * 2 * 4
+    monkeypatch.setattr(ops_bicluster, "SVD_SPLIT_MAX_BLOCKS", blocks)
+    monkeypatch.setattr(ops_bicluster, "SVD_SPLITS", splits)
+    if expand == "gemm":
+        monkeypatch.setattr(ops_bicluster, "EXPAND_TILED_MAX_COLUMNS", 0)
+    per_image = 6 * 14 * 13 + 2 * 2 * 5 * 14 * 13 + 2 * 2 * used * 18 * 7 * 13 + 3 * 7 * 13
+    monkeypatch.setattr(ops_bicluster, "WORKSPACE_BYTES", 2 * per_image * dtype.itemsize + 1)   # chunks of 2 + 1
+    grids = []
+    real_launch = ops_bicluster._launch
+
+    def spy(name, dt, grid, block, args, **kw):
+        if name.startswith("bic_svd_spatial"):
+            grids.append((name, grid[2], int(args[-1]) if name.endswith("split") else 1))
+        return real_launch(name, dt, grid, block, args, **kw)
+    monkeypatch.setattr(ops_bicluster, "_launch", spy)
+    y = run(fc, "svd", x, f, b, stride, pad)
+    assert grids == [("bic_svd_spatial_split", 4 * used, used)] * 2    # two chunks, G * NH * splits blocks along z
     check(fc, y, ref, dtype, 6 * X * Y * 18)
-    check(fc, y, CPU["svd"](x, *f, b, stride=(2, 1), padding=(1, 0, 0, 1)), dtype, 6 * X * Y * 18)
-    del launched[:]
-    monkeypatch.setattr(ops_bicluster, "SVD_SMALL_MAX_COLUMNS", columns - 1)
-    monkeypatch.setattr(ops_bicluster, "SVD_SMEM_BUDGET", 2 * X * Y * 16 * dtype.itemsize)
-    check(fc, run(fc, "svd", x, f, b, (2, 1), (1, 0, 0, 1)), ref, dtype, 6 * X * Y * 18)
-    assert launched == ["bic_reduce", "bic_svd_spatial", "bic_expand"]
+    check(fc, y, CPU["svd"](x, *f, b, stride=stride, padding=pad), dtype, 6 * X * Y * 18)
+    del grids[:]
+    monkeypatch.setattr(ops_bicluster, "SVD_SPLIT_MAX_BLOCKS", blocks - 1)
+    check(fc, run(fc, "svd", x, f, b, stride, pad), ref, dtype, 6 * X * Y * 18)
+    assert grids and grids == [("bic_svd_spatial", 4, 1)] * len(grids)

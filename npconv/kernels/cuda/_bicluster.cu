@@ -15,7 +15,8 @@
 //  * bic_gather         -- SVD form: x gathered through in_perm into a channel-major matrix xg[j][n*H*W + s], so
 //                          each group's C_g -> H*K1 reduction is one GEMM on contiguous rows.
 //  * bic_svd_spatial    -- SVD form: the K1 -> K2 X x Y conv of every block (g, h), direct (no im2col matrix),
-//                          from the reduction's output to Z (bic_svd_spatial_f4: 4 filters a block, not 16).
+//                          from the reduction's output to Z (bic_svd_spatial_split: for small batches, the K1
+//                          channels split among blocks).
 //  * bic_shared_filter  -- shared separable form: every input channel filtered by each shared filter its group
 //                          uses (vertical then horizontal pass), once: Q rows.
 //  * bic_shared_combine -- shared separable form: component (g, h, k) = sum_j reduce[j, h, k] * Q[j, slot]: Z.
@@ -28,7 +29,6 @@
 
 #define NPCONV_BIC_TH 8   // most output rows of a bic_cp_front tile (a column's outputs held in registers)
 #define NPCONV_BIC_FT 16  // filters per bic_svd_spatial block (accumulators held in registers)
-#define NPCONV_BIC_FT_SMALL 4  // filters per bic_svd_spatial_f4 block (small batches)
 
 // CP front end.
 //   x (m, C, H, W); in_perm (C,), in_off (G+1,); reduce (C, NH*K) rows in permuted order; vertical (G, NH*K, X);
@@ -285,11 +285,13 @@ NPCONV_KERNEL_LB(bic_gather, 256)(const real_t* __restrict__ x, const int* __res
 
 // SVD form, the K1 -> K2 X x Y conv of every block (g, h), groups of its own: z1 (G*NH*K1, m*H*W) holds the
 // reduction's output, row (g*NH + h)*K1 + k1; spatial (G, NH, K2, K1, X, Y); z (NH*G*K2, m*P) as in the header.
-// FT filters a block (NPCONV_BIC_FT for bic_svd_spatial, NPCONV_BIC_FT_SMALL for bic_svd_spatial_f4).
-// Launch: 1-D blocks (at most 256 threads), grid (pixel blocks, ceil(K2 / FT), G*NH); the pixel loop
+// FT (NPCONV_BIC_FT) filters a block.
+// Launch: 1-D blocks (at most 256 threads), grid (pixel blocks, ceil(K2 / FT), G*NH*KS); the pixel loop
 // is grid-stride with a trip count that is the same for every thread of a block (the loop holds barriers).
-// Dynamic shared memory: CC * X * Y * FT real_t, the weights of the block's filters for CC of the K1
-// input channels (CC >= 1), laid out wsh[k * FT + f].
+// KS >= 1 splits the K1 channels among blocks: split s sums channels [s*ceil(K1/KS), (s+1)*ceil(K1/KS)) into its own
+// rows of z, (NH, G, KS, K2, m*P) (KS = 1: the layout above); the expansion then sums the splits (its matrix repeated
+// along them). Dynamic shared memory: CC * X * Y * FT real_t, the weights of the block's filters for CC of the
+// K1 input channels (CC >= 1), laid out wsh[k * FT + f].
 // one tap of bic_svd_spatial for FT filters: acc[f] += src[ih][iw] * wk[f] (zero outside the image)
 template <int FT>
 __device__ __forceinline__ void npc_svd_tap(real_t (&acc)[FT], const real_t* __restrict__ src, const real_t* wk,
@@ -304,11 +306,15 @@ template <int FT>
 __device__ __forceinline__ void npc_svd_spatial(const real_t* __restrict__ z1, const real_t* __restrict__ spatial,
                                                 real_t* __restrict__ z, int m, int G, int NH, int K1, int K2, int H,
                                                 int W, int X, int Y, int SH, int SW, int PT, int PL, int OH, int OW,
-                                                int CC) {
+                                                int CC, int KS) {
   extern __shared__ __align__(16) unsigned char npconv_bic_svd_smem[];
   real_t* wsh = reinterpret_cast<real_t*>(npconv_bic_svd_smem);
   const int XY = X * Y;
-  const int blk = blockIdx.z;  // g * NH + h
+  const int blk = blockIdx.z / KS;  // g * NH + h
+  const int s = blockIdx.z - blk * KS;  // the split of the K1 channels
+  const int cs = (K1 + KS - 1) / KS;
+  const int c_begin = s * cs;
+  const int c_end = min(K1, c_begin + cs);
   const int g = blk / NH;
   const int h = blk - g * NH;
   const int f0 = blockIdx.y * FT;
@@ -319,7 +325,7 @@ __device__ __forceinline__ void npc_svd_spatial(const real_t* __restrict__ z1, c
   const size_t ldo = (size_t)total;
   const real_t* zin = z1 + (size_t)blk * K1 * ldi;
   const real_t* wb = spatial + (size_t)blk * K2 * K1 * XY;
-  real_t* zout = z + ((size_t)h * G + g) * K2 * ldo;
+  real_t* zout = z + (((size_t)h * G + g) * KS + s) * K2 * ldo;
   for (int base = blockIdx.x * blockDim.x; base < total; base += blockDim.x * gridDim.x) {
     const int i = base + threadIdx.x;  // n * P + pixel
     const bool active = i < total;
@@ -331,8 +337,8 @@ __device__ __forceinline__ void npc_svd_spatial(const real_t* __restrict__ z1, c
     real_t acc[FT];
 #pragma unroll
     for (int f = 0; f < FT; ++f) acc[f] = real_t(0);
-    for (int c0 = 0; c0 < K1; c0 += CC) {
-      const int cc = min(CC, K1 - c0);
+    for (int c0 = c_begin; c0 < c_end; c0 += CC) {
+      const int cc = min(CC, c_end - c0);
       __syncthreads();  // the previous chunk's weights are no longer read
       for (int j = threadIdx.x; j < cc * XY * FT; j += blockDim.x) {
         const int f = j % FT;
@@ -347,12 +353,7 @@ __device__ __forceinline__ void npc_svd_spatial(const real_t* __restrict__ z1, c
           for (int kh = 0; kh < X; ++kh) {
             const int ih = ih0 + kh;
             const bool row_ok = npc_inside(ih, H);
-            if (FT == NPCONV_BIC_FT) {
-              for (int kw = 0; kw < Y; ++kw, wk += FT) npc_svd_tap<FT>(acc, src, wk, row_ok, ih, iw0 + kw, W);
-            } else {  // the same, the tap loop kept rolled: unrolled, it spilled in float64 on sm_75/80
-#pragma unroll 1
-              for (int kw = 0; kw < Y; ++kw, wk += FT) npc_svd_tap<FT>(acc, src, wk, row_ok, ih, iw0 + kw, W);
-            }
+            for (int kw = 0; kw < Y; ++kw, wk += FT) npc_svd_tap<FT>(acc, src, wk, row_ok, ih, iw0 + kw, W);
           }
         }
       }
@@ -368,14 +369,14 @@ __device__ __forceinline__ void npc_svd_spatial(const real_t* __restrict__ z1, c
 #define NPC_SVD_PARAMS                                                                                          \
   const real_t* __restrict__ z1, const real_t* __restrict__ spatial, real_t* __restrict__ z, int m, int G, int NH, \
       int K1, int K2, int H, int W, int X, int Y, int SH, int SW, int PT, int PL, int OH, int OW, int CC
-// NPCONV_BIC_FT filters a block: 16 accumulators a thread (the weights of a tap serve 16 filters)
+// NPCONV_BIC_FT filters a block: 16 accumulators a thread (the weights of a tap serve 16 filters); KS = 1, a constant
 NPCONV_KERNEL_LB(bic_svd_spatial, 256)(NPC_SVD_PARAMS) {
-  npc_svd_spatial<NPCONV_BIC_FT>(z1, spatial, z, m, G, NH, K1, K2, H, W, X, Y, SH, SW, PT, PL, OH, OW, CC);
+  npc_svd_spatial<NPCONV_BIC_FT>(z1, spatial, z, m, G, NH, K1, K2, H, W, X, Y, SH, SW, PT, PL, OH, OW, CC, 1);
 }
-// NPCONV_BIC_FT_SMALL filters a block, for small batches (ops_bicluster.SVD_SMALL_MAX_COLUMNS): four times the
-// blocks along the filters and a quarter of the serial work a thread
-NPCONV_KERNEL_LB(bic_svd_spatial_f4, 256)(NPC_SVD_PARAMS) {
-  npc_svd_spatial<NPCONV_BIC_FT_SMALL>(z1, spatial, z, m, G, NH, K1, K2, H, W, X, Y, SH, SW, PT, PL, OH, OW, CC);
+// the same with the K1 channels in KS splits along grid z (small batches: ops_bicluster.SVD_SPLIT_MAX_COLUMNS); an
+// entry point of its own, as a run-time KS took the 1-split kernel from 58 to 127 registers (sm_90, float32)
+NPCONV_KERNEL_LB(bic_svd_spatial_split, 256)(NPC_SVD_PARAMS, int KS) {
+  npc_svd_spatial<NPCONV_BIC_FT>(z1, spatial, z, m, G, NH, K1, K2, H, W, X, Y, SH, SW, PT, PL, OH, OW, CC, KS);
 }
 #undef NPC_SVD_PARAMS
 

@@ -64,7 +64,7 @@ __all__ = [
     "CP_TILE_ROWS", "CP_MAX_THREADS", "CP_SPECIALISED", "CP_IMAGES_PER_BLOCK", "cp_front_kernel",
     "SVD_FILTERS_PER_BLOCK", "TILE_W", "TILE_ROWS", "CP_SMEM_BUDGET", "SHARED_SMEM_BUDGET", "SVD_SMEM_BUDGET",
     "WORKSPACE_BYTES", "EXPAND_TILED_MAX_COLUMNS", "EXPAND_TILE", "EXPAND_THREADS", "REDUCE_TILED_MAX_COLUMNS",
-    "SHARED_FUSED_MAX_COLUMNS", "SVD_FILTERS_SMALL", "SVD_SMALL_MAX_COLUMNS",
+    "SHARED_FUSED_MAX_COLUMNS", "SVD_SPLIT_MAX_BLOCKS", "SVD_SPLITS",
 ]
 
 #: the kernel source of this module (a file of npconv.kernels.cuda)
@@ -81,13 +81,15 @@ CP_SPECIALISED = ((3, 1), (3, 2), (5, 1), (5, 2), (7, 1), (7, 2))
 CP_IMAGES_PER_BLOCK = 4
 #: filters per bic_svd_spatial block (NPCONV_BIC_FT in _bicluster.cu)
 SVD_FILTERS_PER_BLOCK = 16
-#: filters per bic_svd_spatial_f4 block (NPCONV_BIC_FT_SMALL)
-SVD_FILTERS_SMALL = 4
-#: the SVD form's spatial stage runs bic_svd_spatial_f4 (4 filters a block, 4x the blocks, a quarter of each thread's
-#: serial work) for batches of at most this many output columns (images x positions). At batch 1 on ZF conv2 ((19, 51):
-#: 48 blocks, 475 taps x 16 filters a thread) bic_svd_spatial took 83 of the layer's 101 us on an H100 (twenty-fifth
-#: session, docs/gpu_results.md). Written after that session's GPU calls and not yet timed: 0, off.
-SVD_SMALL_MAX_COLUMNS = 0
+#: when the SVD form's spatial stage would run at most SVD_SPLIT_MAX_BLOCKS blocks (small batches), it splits the K1
+#: channels among SVD_SPLITS blocks (bic_svd_spatial_split: that many times the blocks, a fraction of each thread's
+#: serial work); each split writes its own rows of Z and the expansion sums them, its matrix repeated along K2 (that
+#: much more expansion work). Measured on an H100 (132 SMs; twenty-seventh session, docs/gpu_results.md), ZF conv2
+#: (19, 51), whose unsplit grid is 48 blocks an image up to 4 images: 2 splits made the layer 1.29-1.42x faster at
+#: batch 1 (48 blocks), 1.30x at 2 (96), 1.22x at 3 (144), and 0.96x, 0.91x, 0.87x at 4, 6, 8 (192, 288, 384);
+#: 4 splits 1.31-1.44x at batch 1, less at 2 and 3.
+SVD_SPLIT_MAX_BLOCKS = 160
+SVD_SPLITS = 2
 #: output columns per tile of bic_shared_filter (blockDim.x; also the most of a bic_cp_front tile), and the rows
 #: bic_shared_filter tries, largest first
 TILE_W = 32
@@ -135,9 +137,9 @@ LAUNCH_SIGNATURES: dict[str, tuple[str, tuple[str, ...]]] = {
        for name in ["bic_cp_front"] + [f"bic_cp_front_x{X}s{S}" for X, S in CP_SPECIALISED]},
     # x, perm, xg, m, C, HW
     "bic_gather": (SOURCE, (PTR, IPTR, PTR) + (I32,) * 3),
-    # z1, spatial, z, m, G, NH, K1, K2, H, W, X, Y, SH, SW, PT, PL, OH, OW, CC
+    # z1, spatial, z, m, G, NH, K1, K2, H, W, X, Y, SH, SW, PT, PL, OH, OW, CC (bic_svd_spatial_split: and KS)
     "bic_svd_spatial": (SOURCE, (PTR, PTR, PTR) + (I32,) * 16),
-    "bic_svd_spatial_f4": (SOURCE, (PTR, PTR, PTR) + (I32,) * 16),
+    "bic_svd_spatial_split": (SOURCE, (PTR, PTR, PTR) + (I32,) * 17),
     # x, in_perm, chan_group, in_off, used_ptr, used_filter, qoff, vertical, horizontal, q,
     # m, C, H, W, X, Y, SH, SW, PT, PL, OH, OW, tiles_w
     "bic_shared_filter": (SOURCE, (PTR,) + (IPTR,) * 6 + (PTR,) * 3 + (I32,) * 13),
@@ -285,10 +287,10 @@ def shared_tiling(X, Y, SH, SW, itemsize):
     return _tile(X, Y, SH, SW, itemsize, SHARED_SMEM_BUDGET, lambda TH, TIH, TIW: TIH * TIW + TH * TIW)
 
 
-def svd_chunk(K1, X, Y, itemsize, filters=None):
-    """K1 channels per shared-memory chunk of bic_svd_spatial with ``filters`` filters a block (default
-    :data:`SVD_FILTERS_PER_BLOCK`; 0 when not even one channel fits :data:`SVD_SMEM_BUDGET`)."""
-    return min(K1, SVD_SMEM_BUDGET // (X * Y * (filters or SVD_FILTERS_PER_BLOCK) * itemsize))
+def svd_chunk(K1, X, Y, itemsize):
+    """K1 channels per shared-memory chunk of bic_svd_spatial (0 when not even one channel's weights for
+    :data:`SVD_FILTERS_PER_BLOCK` filters fit :data:`SVD_SMEM_BUDGET`)."""
+    return min(K1, SVD_SMEM_BUDGET // (X * Y * SVD_FILTERS_PER_BLOCK * itemsize))
 
 
 def _images_per_chunk(N, per_image, largest, itemsize):
@@ -448,11 +450,13 @@ def bicluster_svd_conv2d(x, in_perm, in_off, reduce, spatial, expand, out_perm, 
     sh, sw = (int(v) for v in stride)
     pt, pb, pl, pr = (int(v) for v in padding)
     OH, OW = _out_len(H, X, sh, pt, pb), _out_len(W, Y, sw, pl, pr)
-    small = N * OH * OW <= SVD_SMALL_MAX_COLUMNS           # bic_svd_spatial_f4: fewer filters a block
-    FT = SVD_FILTERS_SMALL if small else SVD_FILTERS_PER_BLOCK
-    CC = svd_chunk(K1, X, Y, dt.itemsize, FT)
+    FT = SVD_FILTERS_PER_BLOCK
+    CC = svd_chunk(K1, X, Y, dt.itemsize)
     fblocks = -(-K2 // FT)
-    if CC < 1 or G * NH > _MAX_GRID_YZ or fblocks > _MAX_GRID_YZ:
+    KS = 1
+    if min(-(-(N * OH * OW) // _BLOCK), _MAX_GRID) * fblocks * G * NH <= SVD_SPLIT_MAX_BLOCKS:
+        KS = -(-K1 // -(-K1 // max(1, int(SVD_SPLITS))))      # splits of ceil(K1 / SVD_SPLITS) channels, none empty
+    if CC < 1 or G * NH * KS > _MAX_GRID_YZ or fblocks > _MAX_GRID_YZ:
         return _composed("svd", cp, x, in_perm, in_off, (reduce, spatial, expand), out_perm, out_off, bias,
                          stride, padding)
     y = cp.empty((N, F, OH, OW), dtype=dt)
@@ -462,7 +466,11 @@ def bicluster_svd_conv2d(x, in_perm, in_off, reduce, spatial, expand, out_perm, 
     d_in_perm, d_out_perm = _ints(cp, in_perm), _ints(cp, out_perm)
     HK1 = NH * K1
     HW, P = H * W, OH * OW
-    rows1, rows2 = G * HK1, NH * G * K2
+    rows1, rows2 = G * HK1, NH * G * KS * K2
+    if KS > 1:   # the expansion sums the splits: row (g, s, k2) of Z takes expand[:, g, k2]
+        repeated = cp.empty((F, G, KS, K2), dtype=dt)
+        repeated[...] = expand[:, :, None, :]
+        expand = repeated.reshape(F, G, KS * K2)
     Fh = _largest(out_off_h)
     nb = _images_per_chunk(N, C * HW + rows1 * HW + rows2 * P + Fh * P,
                            max(C * HW, rows1 * HW, rows2 * P, Fh * P), dt.itemsize)
@@ -490,10 +498,10 @@ def bicluster_svd_conv2d(x, in_perm, in_off, reduce, spatial, expand, out_perm, 
             _launch_1d("bic_gather", dt, xg.size, (x[n0:n0 + m], d_in_perm, xg, m, C, HW))
             for g in range(G):
                 _matmul(red_t[g], xg[int(in_off_h[g]):int(in_off_h[g + 1])], out=z1[g * HK1:(g + 1) * HK1])
-        z2 = z2_buf[:rows2 * m * P].reshape(NH, G * K2, m * P)
-        grid = (min(-(-(m * P) // _BLOCK), _MAX_GRID), fblocks, G * NH)
-        _launch("bic_svd_spatial_f4" if small else "bic_svd_spatial", dt, grid, (_BLOCK,),
-                (z1, spatial, z2, m, G, NH, K1, K2, H, W, X, Y, sh, sw, pt, pl, OH, OW, CC),
+        z2 = z2_buf[:rows2 * m * P].reshape(NH, G * KS * K2, m * P)
+        grid = (min(-(-(m * P) // _BLOCK), _MAX_GRID), fblocks, G * NH * KS)
+        _launch("bic_svd_spatial_split" if KS > 1 else "bic_svd_spatial", dt, grid, (_BLOCK,),
+                (z1, spatial, z2, m, G, NH, K1, K2, H, W, X, Y, sh, sw, pt, pl, OH, OW, CC) + ((KS,) if KS > 1 else ()),
                 shared_mem=CC * X * Y * FT * dt.itemsize)
         _expand_scatter(cp, z2, expand, d_out_perm, out_off_h, Fh, bias, y[n0:n0 + m], m, P)
     replay.complete(y)                   # launches and _matmul products only
