@@ -86,7 +86,7 @@ SVD_FILTERS_PER_BLOCK = 16
 #: serial work); each split writes its own rows of Z and the expansion sums them, its matrix repeated along K2 (that
 #: much more expansion work). Measured on an H100 (132 SMs; twenty-seventh session, docs/gpu_results.md), ZF conv2
 #: (19, 51), whose unsplit grid is 48 blocks an image up to 4 images: 2 splits made the layer 1.29-1.42x faster at
-#: batch 1 (48 blocks), 1.30x at 2 (96), 1.22x at 3 (144), and 0.96x, 0.91x, 0.87x at 4, 6, 8 (192, 288, 384);
+#: batch 1 (48 blocks), 1.30x at 2 (96), 1.22x at 3 (144), and 0.96x, 0.90x, 0.87x at 4, 6, 8 (192, 288, 384);
 #: 4 splits 1.31-1.44x at batch 1, less at 2 and 3.
 SVD_SPLIT_MAX_BLOCKS = 160
 SVD_SPLITS = 2
