@@ -373,7 +373,7 @@ __device__ __forceinline__ void npc_svd_spatial(const real_t* __restrict__ z1, c
 NPCONV_KERNEL_LB(bic_svd_spatial, 256)(NPC_SVD_PARAMS) {
   npc_svd_spatial<NPCONV_BIC_FT>(z1, spatial, z, m, G, NH, K1, K2, H, W, X, Y, SH, SW, PT, PL, OH, OW, CC, 1);
 }
-// the same with the K1 channels in KS splits along grid z (small batches: ops_bicluster.SVD_SPLIT_MAX_COLUMNS); an
+// the same with the K1 channels in KS splits along grid z (small grids: ops_bicluster.SVD_SPLIT_MAX_BLOCKS); an
 // entry point of its own, as a run-time KS took the 1-split kernel from 58 to 127 registers (sm_90, float32)
 NPCONV_KERNEL_LB(bic_svd_spatial_split, 256)(NPC_SVD_PARAMS, int KS) {
   npc_svd_spatial<NPCONV_BIC_FT>(z1, spatial, z, m, G, NH, K1, K2, H, W, X, Y, SH, SW, PT, PL, OH, OW, CC, KS);

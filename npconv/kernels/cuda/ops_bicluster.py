@@ -23,7 +23,9 @@ row ``(h*G + g)*K + k`` holds component k of block (g, h). The expansion of outp
     :data:`REDUCE_TILED_MAX_COLUMNS` columns ``bic_reduce`` reads x through in_perm and does every group's
     reduction in one launch); ``bic_svd_spatial`` then runs the
     K1 -> K2 X x Y conv of every block (g, h) directly (16 filters per block in registers, their weights in shared
-    memory one chunk of K1 channels at a time, no im2col matrix), from the reduction's output to Z.
+    memory one chunk of K1 channels at a time, no im2col matrix), from the reduction's output to Z; on small grids
+    (:data:`SVD_SPLIT_MAX_BLOCKS`) ``bic_svd_spatial_split`` splits the K1 channels among blocks, and the expansion
+    sums the splits.
   * Shared separable (:func:`shared_separable_conv2d`): ``bic_shared_filter`` filters each input channel once per
     shared filter its group uses (vertical then horizontal pass through shared memory), into Q; ``bic_shared_combine``
     forms each component as the C_g-term combination of its group's filtered maps, into Z. For at most
@@ -34,8 +36,8 @@ When a tile does not fit its shared-memory budget even with one row of outputs (
 dimension would pass 65535, a form falls back to the composition of generic ops (the functions ``_cp_composed``,
 ``_svd_composed``, ``_shared_composed`` of :mod:`npconv.functional.bicluster`: grouped 1x1 and depthwise convs through
 :func:`npconv.kernels.cuda.ops.conv2d`). The batch is processed in chunks of images whose intermediates fit
-:data:`WORKSPACE_BYTES`. The budgets and tile shapes here were not tuned on a GPU; the expansion rule was measured
-(docs/gpu_results.md).
+:data:`WORKSPACE_BYTES`. The budgets and tile shapes here were not tuned on a GPU; the expansion rule and the SVD
+splits were measured (docs/gpu_results.md).
 
 Small host arrays go to the device on every call: the offsets, and for the shared form its filter lists (computed on
 the host from ``assign``, memoised by content). A device ``assign`` is copied to the host for that (a
