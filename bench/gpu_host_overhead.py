@@ -16,7 +16,9 @@ layer (G=48, H=2, K=8), the biclustered SVD conv2 layer (G=H=2, (19, 51)) as it 
 and reductions as ``bic_gather`` and a GEMM a group (``svd_layer_gather_gemms``), the shared separable conv2 layer
 (G=48, H=2, K=6, S=4), the dense conv1 (function and layer), its monochromatic (C'=6), low-rank (rank 8) and
 separable (rank 4) layers,
-and the whole dense ZF network's ``forward``. Prints
+and the whole dense ZF network's ``forward``; then the dense ZF conv2 at batch 8 and conv3 at batches 8 and 32 as
+``Conv2d`` layers, where the im2col path's intermediates of conv2 at 8 (56 MB) and conv3 at 32 (50 MB) exceed what a
+replay may keep (``replay.MAX_HELD_BYTES``), so those calls take the whole Python path every time. Prints
 the best of five runs of ``--calls`` calls (microseconds per call), and with ``--profile`` cProfile's 12 functions
 with the most own time per workload.
 """
@@ -108,6 +110,14 @@ def workloads(fake, quick=False):
     from npconv.layers import Conv2d
     conv2_layer = Conv2d(np.asarray(w), np.asarray(b), stride=s, padding=p).to_gpu()
     conv1_layer = Conv2d(np.asarray(w1), np.asarray(b1), stride=s1, padding=p1).to_gpu()
+
+    def layer_at(geom, N):
+        Cg, Hg, Fg, Kg, sg, pg = geom
+        layer = Conv2d(rng.standard_normal((Fg, Cg, Kg, Kg)).astype(np.float32), np.zeros(Fg, np.float32),
+                       stride=sg, padding=pg).to_gpu()
+        xg = fake.asarray(rng.standard_normal((N, Cg, Hg, Hg)).astype(np.float32))
+        return lambda: layer(xg)
+    conv3 = (8, 7, 16, 3, 1, 1) if quick else (256, 13, 384, 3, 1, 1)
     return {"conv2": lambda: conv2d(x, w, b, stride=s, padding=p),
             "conv2_layer": lambda: conv2_layer(x),
             "cp8_layer": factored_callable("cp", (4, 2, 2) if quick else (48, 2, 8), 1, conv2, np.float32),
@@ -119,7 +129,10 @@ def workloads(fake, quick=False):
             "monochromatic6_layer": lowrank_callable("monochromatic", 2 if quick else 6, 1, conv1, np.float32),
             "conv_svd8_layer": lowrank_callable("conv_svd", 8, 1, conv1, np.float32),
             "separable4_layer": lowrank_callable("separable", 4, 1, conv1, np.float32),
-            "zf_dense_net": lambda: net.forward(xn)}
+            "zf_dense_net": lambda: net.forward(xn),
+            "conv2_layer_b8": layer_at(conv2, 8),
+            "conv3_layer_b8": layer_at(conv3, 8),
+            "conv3_layer_b32": layer_at(conv3, 32)}
 
 
 def measure(calls=300, quick=False, profile=False, log=print):

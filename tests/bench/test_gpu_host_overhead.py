@@ -28,7 +28,8 @@ def test_quick_run_times_every_workload_and_restores_everything(tmp_path):
     rep = json.loads(out.read_text())
     assert set(rep["us_per_call"]) == {"conv2", "conv2_layer", "cp8_layer", "svd_layer", "svd_layer_gather_gemms",
                                        "shared_layer", "conv1", "conv1_layer", "monochromatic6_layer",
-                                       "conv_svd8_layer", "separable4_layer", "zf_dense_net"}
+                                       "conv_svd8_layer", "separable4_layer", "zf_dense_net", "conv2_layer_b8",
+                                       "conv3_layer_b8", "conv3_layer_b32"}
     assert all(v > 0 for v in rep["us_per_call"].values())
     after = (sys.modules.get("cupy"), backend.require_cupy, loader.get_kernel, _gemm.matmul, ops._matmul,
              ops_bicluster._matmul, ops_lowrank._matmul, backend._cupy, ops_bicluster.REDUCE_TILED_MAX_COLUMNS)
