@@ -110,9 +110,9 @@ def _input(N, geom, dtype):
 
 
 def dense_callable(N, geom, dtype):
-    """A zero-argument callable: npconv's dense ``Conv2d`` layer (+ bias) on the GPU, the layer a factored one
-    replaces (as in the CPU benches; until the twentieth session's GPU runs it was the function ``conv2d``, about 2
-    us less host time a call)."""
+    """A zero-argument callable (``bench_gpu.LayerCall``): npconv's dense ``Conv2d`` layer (+ bias) on the GPU, the
+    layer a factored one replaces (as in the CPU benches; until the twentieth session's GPU runs it was the function
+    ``conv2d``, about 2 us less host time a call)."""
     import cupy as cp
 
     from npconv.layers import Conv2d
@@ -121,7 +121,7 @@ def dense_callable(N, geom, dtype):
     layer = Conv2d(w, b, stride=s, padding=p).to_gpu()
     x = cp.asarray(_input(N, geom, dtype))
     layer(x[:1])                        # compile the kernels and fill the weight cache outside the timing
-    return lambda: layer(x)
+    return LayerCall(layer, x)
 
 
 def factored_callable(kind, opts, N, geom, dtype):

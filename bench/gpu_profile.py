@@ -477,7 +477,12 @@ def dense_latency(batches=(1, 8, 32, 128), repeat=30, quick=False):
     10 calls issued without a synchronisation, median), the time a call of 50 queued back to back, and the latency of
     one call between CUDA events after a synchronize (the benches' measure; the two in alternation). A latency well
     above both the host time and the queued time is time the call spends waiting, neither issuing nor computing.
-    ``quick``: the small conv2-like shape at batch 1, no cuDNN."""
+    npconv's records also hold ``replayed`` (whether the layer replays its launches at that shape) and ``host_split``
+    with ``top``: cProfile's split of a call's host time (ms, ``host_split``) and the 8 functions with the most own
+    time, over 50 calls. ``quick``: the small conv2-like shape at batch 1, no cuDNN."""
+    import cProfile
+    import io
+    import pstats
     import time
 
     import cupy as cp
@@ -518,6 +523,25 @@ def dense_latency(batches=(1, 8, 32, 128), repeat=30, quick=False):
                                 "latency_ms": timed[case]["median_ms"]}
                     print(f"{key:22s} host {out[key]['host_us']:7.1f} us   queued {out[key]['queued_ms']:7.4f} ms   "
                           f"latency {out[key]['latency_ms']:7.4f} ms", flush=True)
+                    if case == "npconv":
+                        table = fn.layer._replays or {}
+                        out[key]["replayed"] = any(type(v).__name__ == "Replay" for v in table.values())
+                        prof = cProfile.Profile()
+                        calls = 3 if quick else 50
+                        prof.enable()
+                        for _ in range(calls):
+                            fn()
+                        prof.disable()
+                        syncs[case]()
+                        out[key]["host_split"] = {k: 1e3 * v / calls for k, v in host_split(pstats.Stats(prof)).items()}
+                        text = io.StringIO()
+                        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(8)
+                        out[key]["top"] = [ln.strip() for ln in text.getvalue().splitlines()
+                                           if ln.strip()[:1].isdigit()][:8]
+                        print(f"    replayed {out[key]['replayed']}; host ms a call under cProfile: "
+                              + ", ".join(f"{k} {v:.4f}" for k, v in out[key]["host_split"].items()), flush=True)
+                        for ln in out[key]["top"]:
+                            print("      " + ln, flush=True)
                 cp.get_default_memory_pool().free_all_blocks()
     finally:
         if grad is not None:

@@ -172,11 +172,14 @@ def test_bicrules_quick_run_on_the_emulated_cupy(monkeypatch, tmp_path):
 @pytest.mark.skipif(not HAS_CXX, reason="no C++ compiler for the CUDA C emulator")
 def test_latency_quick_run_on_the_emulated_cupy(monkeypatch, tmp_path):
     """The dense latency split on the CPU-emulated cupy: one record of the small conv at batch 1 (no cuDNN there),
-    with positive host, queued and latency times."""
+    with positive host, queued and latency times, the replay seen, and a cProfile split."""
     rep = quick_run_on_the_emulated_cupy("latency", monkeypatch, tmp_path)
     assert set(rep) == {"conv2/b1/npconv"}
-    assert set(rep["conv2/b1/npconv"]) == {"host_us", "queued_ms", "latency_ms"}
-    assert all(v > 0 for v in rep["conv2/b1/npconv"].values())
+    r = rep["conv2/b1/npconv"]
+    assert set(r) == {"host_us", "queued_ms", "latency_ms", "replayed", "host_split", "top"}
+    assert all(r[k] > 0 for k in ("host_us", "queued_ms", "latency_ms"))
+    assert r["replayed"] is True                                 # a small layer at a shape it has seen replays
+    assert set(r["host_split"]) == {"npconv", "cupy", "numpy", "other"} and 0 < len(r["top"]) <= 8
 
 
 @pytest.mark.cpuemu
