@@ -472,9 +472,9 @@ def _queued_ms(fn, sync, calls=50):
 
 
 def dense_latency(batches=(1, 8, 32, 128), repeat=30, quick=False):
-    """The dense ZF conv2-conv5 as npconv's ``Conv2d`` layer (replaying its launches) and as cuDNN's conv at each
-    batch: {"<conv>/b<N>/<npconv|cudnn>": {"host_us", "queued_ms", "latency_ms"}}: the host time of a call (groups of
-    10 calls issued without a synchronisation, median), the time a call of 50 queued back to back, and the latency of
+    """The dense ZF conv2-conv5 as npconv's ``Conv2d`` layer (replaying its launches where it can) and as cuDNN's
+    conv at each batch: {"<conv>/b<N>/<npconv|cudnn>": {"host_us", "queued_ms", "latency_ms"}}: the host time of a
+    call (groups of 10 calls issued without a synchronisation, median), the time a call of 50 queued back to back, and the latency of
     one call between CUDA events after a synchronize (the benches' measure; the two in alternation). A latency well
     above both the host time and the queued time is time the call spends waiting, neither issuing nor computing.
     npconv's records also hold ``replayed`` (whether the layer replays its launches at that shape) and ``host_split``
