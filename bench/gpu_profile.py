@@ -474,12 +474,12 @@ def _queued_ms(fn, sync, calls=50):
 def dense_latency(batches=(1, 8, 32, 128), repeat=30, quick=False):
     """The dense ZF conv2-conv5 as npconv's ``Conv2d`` layer (replaying its launches where it can) and as cuDNN's
     conv at each batch: {"<conv>/b<N>/<npconv|cudnn>": {"host_us", "queued_ms", "latency_ms"}}: the host time of a
-    call (groups of 10 calls issued without a synchronisation, median), the time a call of 50 queued back to back, and the latency of
-    one call between CUDA events after a synchronize (the benches' measure; the two in alternation). A latency well
-    above both the host time and the queued time is time the call spends waiting, neither issuing nor computing.
-    npconv's records also hold ``replayed`` (whether the layer replays its launches at that shape) and ``host_split``
-    with ``top``: cProfile's split of a call's host time (ms, ``host_split``) and the 8 functions with the most own
-    time, over 50 calls. ``quick``: the small conv2-like shape at batch 1, no cuDNN."""
+    call (groups of 10 calls issued without a synchronisation, median), the time a call of 50 queued back to back,
+    and the latency of one call between CUDA events after a synchronize (the benches' measure; the two in
+    alternation). A latency well above both the host time and the queued time is time the call spends waiting,
+    neither issuing nor computing. npconv's records also hold ``replayed`` (whether the layer replays its launches at
+    that shape) and ``host_split`` with ``top``: cProfile's split of a call's host time (ms, ``host_split``) and the 8
+    functions with the most own time, over 50 calls. ``quick``: the small conv2-like shape at batch 1, no cuDNN."""
     import cProfile
     import io
     import pstats
