@@ -328,3 +328,9 @@ def test_svd_spatial_with_channel_splits(fc, launched, monkeypatch, rng, dtype, 
     monkeypatch.setattr(ops_bicluster, "SVD_SPLIT_MAX_BLOCKS", blocks - 1)
     check(fc, run(fc, "svd", x, f, b, stride, pad), ref, dtype, 6 * X * Y * 18)
     assert grids and grids == [("bic_svd_spatial", 4, 1)] * len(grids)
+    # within the rule, but the splits would pass grid z's limit (lowered to G * NH = 4): unsplit, not the fallback
+    del grids[:]
+    monkeypatch.setattr(ops_bicluster, "SVD_SPLIT_MAX_BLOCKS", blocks)
+    monkeypatch.setattr(ops_bicluster, "_MAX_GRID_YZ", 4)
+    check(fc, run(fc, "svd", x, f, b, stride, pad), ref, dtype, 6 * X * Y * 18)
+    assert grids and grids == [("bic_svd_spatial", 4, 1)] * len(grids)

@@ -458,7 +458,9 @@ def bicluster_svd_conv2d(x, in_perm, in_off, reduce, spatial, expand, out_perm, 
     KS = 1
     if min(-(-(N * OH * OW) // _BLOCK), _MAX_GRID) * fblocks * G * NH <= SVD_SPLIT_MAX_BLOCKS:
         KS = -(-K1 // -(-K1 // max(1, int(SVD_SPLITS))))      # splits of ceil(K1 / SVD_SPLITS) channels, none empty
-    if CC < 1 or G * NH * KS > _MAX_GRID_YZ or fblocks > _MAX_GRID_YZ:
+        if G * NH * KS > _MAX_GRID_YZ:                          # no room along grid z: unsplit
+            KS = 1
+    if CC < 1 or G * NH > _MAX_GRID_YZ or fblocks > _MAX_GRID_YZ:
         return _composed("svd", cp, x, in_perm, in_off, (reduce, spatial, expand), out_perm, out_off, bias,
                          stride, padding)
     y = cp.empty((N, F, OH, OW), dtype=dt)
