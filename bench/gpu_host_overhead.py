@@ -17,7 +17,7 @@ and reductions as ``bic_gather`` and a GEMM a group (``svd_layer_gather_gemms``)
 (G=48, H=2, K=6, S=4), the dense conv1 (function and layer), its monochromatic (C'=6), low-rank (rank 8) and
 separable (rank 4) layers,
 and the whole dense ZF network's ``forward``; then the dense ZF conv2 at batch 8 and conv3 at batches 8 and 32 as
-``Conv2d`` layers, where the im2col path's intermediates of conv2 at 8 (56 MB) and conv3 at 32 (50 MB) exceed what a
+``Conv2d`` layers, where the workspaces of conv2 at 8 (im2col, 56 MB) and conv3 at 32 (Winograd) exceed what a
 replay may keep (``replay.MAX_HELD_BYTES``), so those calls take the whole Python path every time. Prints
 the best of five runs of ``--calls`` calls (microseconds per call), and with ``--profile`` cProfile's 12 functions
 with the most own time per workload.
@@ -79,7 +79,7 @@ def no_op_cupy():
 def workloads(fake, quick=False):
     """name -> zero-argument callable, on the stand-in's "device" arrays (``quick``: small shapes), or (callable,
     {``ops_bicluster`` rule: value}) to time with those rules set."""
-    from bench.bench_gpu_bicluster import ZF_CONV2, factored_callable
+    from bench.bench_gpu_bicluster import ZF_CONV2, dense_callable, factored_callable
     from bench.bench_gpu_lowrank import ZF_CONV1
     from bench.bench_gpu_lowrank import factored_callable as lowrank_callable
     from bench.zf_net import zf_net
@@ -110,13 +110,6 @@ def workloads(fake, quick=False):
     from npconv.layers import Conv2d
     conv2_layer = Conv2d(np.asarray(w), np.asarray(b), stride=s, padding=p).to_gpu()
     conv1_layer = Conv2d(np.asarray(w1), np.asarray(b1), stride=s1, padding=p1).to_gpu()
-
-    def layer_at(geom, N):
-        Cg, Hg, Fg, Kg, sg, pg = geom
-        layer = Conv2d(rng.standard_normal((Fg, Cg, Kg, Kg)).astype(np.float32), np.zeros(Fg, np.float32),
-                       stride=sg, padding=pg).to_gpu()
-        xg = fake.asarray(rng.standard_normal((N, Cg, Hg, Hg)).astype(np.float32))
-        return lambda: layer(xg)
     conv3 = (8, 7, 16, 3, 1, 1) if quick else (256, 13, 384, 3, 1, 1)
     return {"conv2": lambda: conv2d(x, w, b, stride=s, padding=p),
             "conv2_layer": lambda: conv2_layer(x),
@@ -130,9 +123,9 @@ def workloads(fake, quick=False):
             "conv_svd8_layer": lowrank_callable("conv_svd", 8, 1, conv1, np.float32),
             "separable4_layer": lowrank_callable("separable", 4, 1, conv1, np.float32),
             "zf_dense_net": lambda: net.forward(xn),
-            "conv2_layer_b8": layer_at(conv2, 8),
-            "conv3_layer_b8": layer_at(conv3, 8),
-            "conv3_layer_b32": layer_at(conv3, 32)}
+            "conv2_layer_b8": dense_callable(8, conv2, np.float32),
+            "conv3_layer_b8": dense_callable(8, conv3, np.float32),
+            "conv3_layer_b32": dense_callable(32, conv3, np.float32)}
 
 
 def measure(calls=300, quick=False, profile=False, log=print):

@@ -12,7 +12,7 @@
 # the host time of eager batch-1 calls (npconv's Python, CuPy, NumPy) and the per-call times, queued and
 # synchronised; small: its timings at small batches (dense convs against cuDNN, the biclustered CP expansion and SVD
 # reduction fused or not); cpblock: the CP layer with 1, 2, 4 images a bic_cp_front block; bicrules: the biclustered
-# SVD layer's spatial stage with 16 or 4 filters a block and its channels in 1, 2 or 4 splits; lowrank: ZF conv1's
+# SVD layer's spatial stage with its channels in 1, 2 or 4 splits; lowrank: ZF conv1's
 # low-rank form on each path (one lr_conv launch, factor_conv + lr_expand, factor_conv + GEMM + bias_add), the
 # separable form in one sep_conv launch or two factor_conv passes, and at batches 1 and 8 the filter-sharing rules
 # of lr_conv, sep_conv and mono_conv; ncu: Nsight
