@@ -24,6 +24,7 @@ import numpy as np
 
 from .gemm import TAPS1_BYTES, microkernel_taps1, microkernel_taps12, microkernel_taps_rows4, microkernel_taps_rows8
 from .gemm import prefetch_run
+from ._pack import deinterleave2
 
 __all__ = ["gemm_taps_images", "gemm_taps_phase", "taps_panel", "phase_panel", "zero_phase_borders", "zero_borders",
            "taps_rows"]
@@ -185,6 +186,10 @@ def phase_panel(ap, M, K, MR, NR, b, bbase, koff, H, W, q0, ib0, ib1, z, zrow, z
             xb = min(xb, Mz * sw - pl)      # input columns past the planes are never read: not stored
             if yr >= R:
                 continue
+            if sw == 2:
+                _split_run2(scratch, y * W + xa - q0, NR, rows, z, (ib * MR) * zrow, zrow,
+                            zbase + (ph * 2 * R + yr) * Mz, R * Mz, xa + pl, xb - xa)
+                continue
             for pw in range(sw):
                 xf = xa + (pw - (xa + pl)) % sw
                 if xf >= xb:
@@ -201,6 +206,29 @@ def phase_panel(ap, M, K, MR, NR, b, bbase, koff, H, W, q0, ib0, ib1, z, zrow, z
                     else:
                         for e in range(cnt):
                             d[e] = sv[e * sw]
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _split_run2(tile, s0, NR, rows, z, z0, zrow, pbase, pstride, c0, n):
+    """:func:`phase_panel`'s store of one run at stride 2: tile columns ``s0 .. s0 + n - 1`` of each of ``rows`` tile
+    rows (``NR`` apart) are padded input columns ``c0 .. c0 + n - 1`` of one row; column ``c`` goes to column ``c // 2``
+    of phase plane ``c % 2`` (planes ``pstride`` apart from ``z[z0 + pbase:]``, tile row ``r`` at ``r * zrow``). Both
+    phases in one pass, a vector of each at a time (``_pack.deinterleave2``: masked loads, two shuffles, masked
+    stores), instead of a strided scalar loop per phase: the fused SVD layer's reductions, ZF conv2 at batch 1,
+    0.14 ms before (0.06 of it these stores)."""
+    VW = 64 // z.itemsize
+    pa = c0 % 2
+    na = (n + 1) // 2                # columns c0, c0 + 2, ...: phase pa
+    nb = n // 2                      # columns c0 + 1, c0 + 3, ...: the other phase
+    da = z0 + pbase + pa * pstride + c0 // 2
+    db = z0 + pbase + (1 - pa) * pstride + (c0 + 1) // 2
+    for r in range(rows):
+        so = r * NR + s0
+        zo = r * zrow
+        for e0 in range(0, na, VW):
+            ka = min(VW, na - e0)
+            kb = max(0, min(VW, nb - e0))
+            deinterleave2(tile, so + 2 * e0, z, da + zo + e0, ka, ka, z, db + zo + e0, kb, kb)
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
