@@ -51,15 +51,26 @@ def measure(fn, *, warmup=1, repeat=5, min_time=0.0, sync=None, max_repeat=1000)
     return dict(median=statistics.median(times), min=times[0], max=times[-1], p25=q[0], p75=q[2], n=len(times))
 
 
-def interleaved(fns, repeat, min_time=0.0, clock=time.perf_counter, block=3, max_calls=300):
+def interleaved(fns, repeat, min_time=0.0, clock=time.perf_counter, block=3, max_calls=300, warm=0.01):
     """Median and min time of each callable of ``fns`` (a dict). Calls come in blocks of ``block`` consecutive
-    calls of one callable (warm caches, as when each is timed on its own), and the blocks of the callables
-    alternate, so all see the same machine state over the run (on the development VM a layer timed minutes apart
-    from its baseline drifted by up to 25%). Each callable runs ``repeat`` times at least, more while under
-    ``min_time`` seconds (up to ``max_calls``).
+    timed calls of one callable, and the blocks of the callables alternate, so all see the same machine state over
+    the run (on the development VM a layer timed minutes apart from its baseline drifted by up to 25%). Before each
+    block the callable runs untimed for ``warm`` seconds (at least one call), so that a block is timed as the
+    callable runs on its own, in a loop. Each callable runs ``repeat`` times at least, more while under
+    ``min_time`` seconds (up to ``max_calls`` timed calls).
+
+    Why ``warm`` is a time, not a call: on the 2-core Zen 5 VM a layer called right after another one runs slower for
+    its next 2-3 ms, not for one call. ZF conv2's biclustered CP layer (K = 6) at batch 1, 0.36 ms a call in a loop,
+    took 0.60 / 0.46 / 0.39 / 0.40 / 0.37 ms in its first five calls after four calls of the dense layer, and 0.62 /
+    0.49 / 0.45 / 0.42 / 0.41 ms after 7 ms of scalar arithmetic on both threads, which touches no memory: not (only)
+    the caches (twenty-eighth session, docs/benchmarks.md). With one untimed call a block (until that session), the
+    faster callable's median took more of that ramp than the slower one's: CP K = 6 against the dense layer 4.2-4.7x
+    with one call, 4.8x with 2, 5, 10 and 20 ms (a 1.75 ms dense call is warm after its first).
     """
     if repeat < 1:
         raise ValueError(f"repeat must be >= 1, got {repeat}")
+    if not warm >= 0:
+        raise ValueError(f"warm must be a time >= 0 in seconds, got {warm!r}")
     for f in fns.values():
         f()
     times = {k: [] for k in fns}
@@ -67,7 +78,10 @@ def interleaved(fns, repeat, min_time=0.0, clock=time.perf_counter, block=3, max
     while min(len(v) for v in times.values()) < repeat or (time.perf_counter() - t0 < min_time and
                                                            min(len(v) for v in times.values()) < max_calls):
         for k, f in fns.items():
+            tw = time.perf_counter()
             f()                                    # re-warm after the other callable's block
+            while time.perf_counter() - tw < warm:
+                f()
             for _ in range(block):
                 t = clock()
                 f()

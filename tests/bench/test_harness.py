@@ -57,8 +57,9 @@ def test_measure_keeps_going_until_min_time():
 def test_interleaved_alternates_blocks_and_counts_calls():
     order = []
     fns = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
-    t = interleaved(fns, repeat=4, block=2)
-    # one warm-up call each, then per round a re-warm and `block` timed calls of each, a's block first
+    t = interleaved(fns, repeat=4, block=2, warm=0)
+    # one warm-up call each, then per round a re-warm (one call with warm=0) and `block` timed calls of each, a's
+    # block first
     assert order[:2] == ["a", "b"]
     assert order[2:8] == ["a", "a", "a", "b", "b", "b"]
     assert t["a"]["n"] == t["b"]["n"] == 4
@@ -66,6 +67,40 @@ def test_interleaved_alternates_blocks_and_counts_calls():
     assert 0 <= t["a"]["min"] <= t["a"]["median"]
     with pytest.raises(ValueError, match="repeat"):
         interleaved(fns, repeat=0)
+    for bad in (-0.001, float("nan")):
+        with pytest.raises(ValueError, match="warm must be a time >= 0"):
+            interleaved(fns, repeat=1, warm=bad)
+
+
+class _Ramp:
+    """Two callables that are slow (``slow`` s) for their first ``n_slow`` calls after a call of the other one, and
+    ``fast`` s after that: the warm-up ramp ``interleaved``'s ``warm`` is for."""
+
+    def __init__(self, n_slow=4, slow=0.004, fast=0.0005):
+        self.last, self.since, self.n_slow, self.slow, self.fast = None, 0, n_slow, slow, fast
+        self.calls = {"a": 0, "b": 0}
+
+    def fn(self, name):
+        def call():
+            self.since = self.since + 1 if self.last == name else 1
+            self.last = name
+            self.calls[name] += 1
+            time.sleep(self.slow if self.since <= self.n_slow else self.fast)
+        return call
+
+
+def test_interleaved_warms_each_block_for_a_time():
+    ramp = _Ramp()
+    t = interleaved({"a": ramp.fn("a"), "b": ramp.fn("b")}, repeat=6, block=3, warm=0.03)
+    # 30 ms of untimed calls before each block: past the 4 slow calls (16 ms), so every timed call is a fast one
+    assert t["a"]["n"] == t["b"]["n"] == 6
+    assert t["a"]["median"] < 0.004 and t["b"]["median"] < 0.004
+    assert ramp.calls["a"] >= 1 + 2 * (3 + 4)
+    # with one untimed call a block, the first two timed calls of each block are still slow ones: a median of them
+    ramp = _Ramp()
+    t = interleaved({"a": ramp.fn("a"), "b": ramp.fn("b")}, repeat=6, block=3, warm=0)
+    assert t["a"]["median"] >= 0.004 and t["b"]["median"] >= 0.004
+    assert ramp.calls["a"] == 1 + 2 * 4
 
 
 def test_interleaved_sees_a_slow_callable():
