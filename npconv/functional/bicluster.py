@@ -443,7 +443,7 @@ def _cp_weights(in_perm, in_off, reduce, vertical, horizontal, expand, out_perm,
     in_perm = _as_index(in_perm)
     cg_max = int(np.diff(in_off).max())
     # groups of many channels: reduce to one plane per component first, then the horizontal taps
-    rfirst = KB.cp_reduce_first(cg_max, sw, Y)
+    rfirst = KB.cp_reduce_first(cg_max, sw, Y, USE_CP_GEMM_FRONT and _taps_ok(dt))
     if rfirst:
         rcoef = np.ascontiguousarray(reduce.reshape(C, H * K), dtype=dt)
         hor = np.ascontiguousarray(horizontal.reshape(G, H * K, Y), dtype=dt)

@@ -238,6 +238,39 @@ def test_fused_band_rows(nth):
                 assert nbands >= nth
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cg, fused", [(2, True), (8, True), (16, True), (32, False)])
+def test_cp_groups_fold_on_the_micro_kernel_up_to_the_bound(rng, monkeypatch, dtype, cg, fused):
+    """Left to its rule, the CP layer folds its reduction into the horizontal taps and runs fused
+    (``kernels/cpu/cp_fused.py``) for input groups of up to 20 channels at stride 1 and Y = 5 (the bundled CIFAR
+    network's conv2 has 8), and reduces first (``cp_front``) past ``cg * Y > 4 * (cg + Y)``; both give the rebuilt
+    kernel's conv. Without the micro-kernel's front end the earlier bound holds: groups of 3 or more reduce first."""
+    from npconv.kernels.cpu import bicluster as KB
+    from npconv.kernels.cpu import cp_fused as KU
+    calls = {"fused": 0, "front": 0}
+
+    def spy(name, fn):
+        def wrapped(*a):
+            calls[name] += 1
+            return fn(*a)
+        return wrapped
+
+    monkeypatch.setattr(KU, "cp_fused", spy("fused", KU.cp_fused))
+    monkeypatch.setattr(KB, "cp_front", spy("front", KB.cp_front))
+    G = 2
+    C = G * cg
+    f = _cp_factors(rng, C, 12, 5, 5, (cg,) * G, (5, 7), 4, dtype)
+    x = rng.standard_normal((2, C, 9, 11)).astype(dtype)
+    b = rng.standard_normal(12).astype(dtype)
+    y = bicluster_cp_conv2d(x, *f, b, stride=(1, 1), padding=(2, 2, 2, 2))
+    np.testing.assert_allclose(y, conv2d_einsum(x, _dense_kernel("cp", f), b, (1, 1), (2, 2, 2, 2)), *tolerance(dtype))
+    # the fused layer needs the micro-kernel's 12-row tile (AVX-512); without it the loop front end runs
+    on_tile = FB._taps_ok(np.dtype(dtype))
+    assert (calls["fused"], calls["front"]) == ((1, 0) if fused and on_tile else (0, 1))
+    assert KB.cp_reduce_first(cg, 1, 5, True) is (not fused)
+    assert KB.cp_reduce_first(cg, 1, 5, False) is (cg >= 3)
+
+
 @pytest.mark.parametrize("reduce_first", [False, True])
 @pytest.mark.parametrize("own", [True, False])
 @pytest.mark.parametrize("N", [1, 3])

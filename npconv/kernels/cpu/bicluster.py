@@ -271,7 +271,7 @@ def cp_scratch_size(sh, sw, R, Mp, cg_pack=0, reduce_first=False):
     return 4 * sh * R * Mp + TAPS1_BYTES // 4 + own + red
 
 
-def cp_reduce_first(cg, sw, Y):
+def cp_reduce_first(cg, sw, Y, gemm=False):
     """Whether :func:`cp_front` reduces a group's ``cg`` channels to one plane per component before the
     horizontal pass (``cg * sw + Y`` multiply-adds per horizontal output, the reduction on every column phase)
     rather than folding the reduction into the horizontal taps (``cg * Y``, but the input loads shared by 4
@@ -279,7 +279,17 @@ def cp_reduce_first(cg, sw, Y):
     Y = 5 (same process, interleaved, 2026-11-26): C_g = 2 folds (stride 1: 18.1 against 18.9 ms; ZF conv2,
     stride 2: 11.6 against 12.6), C_g = 3 and 4 reduce first (stride 1: 9.4 against 10.3, 10.0 against 11.6;
     C_g = 4, stride 2: 4.9 against 5.9), as do C_g = 8 and 12 (the bundled CIFAR network's conv2 at G = 8:
-    6.2 against 8.6 ms at batch 128)."""
+    6.2 against 8.6 ms at batch 128).
+
+    With ``gemm`` (the folded front end runs as an implicit GEMM on the micro-kernel, fused with the expansion:
+    ``kernels/cpu/cp_fused.py``), folding pays up to about 4 times the multiply-adds: fold unless ``cg * Y > 4 *
+    (cg * sw + Y)``. Folded and fused against reduce-first, K = 8 unless said (twenty-eighth session, same process,
+    docs/benchmarks.md): CIFAR conv2 (stride 1) C_g = 2 / 4 / 8 / 16 at batch 32 1.75 / 1.55 / 1.31 / 1.32x (K = 24:
+    C_g = 8 1.15x, 16 0.97x), at batch 1 1.4-2.5x; ZF conv2 (stride 2) C_g = 4-96 at batch 16 1.28-2.15x, at batch 1
+    1.3-2.1x. Past the bound, C_g = 32 and 64 at stride 1, batch 32: 1.03-1.20x at K = 8 but 0.88 and 0.76x at K = 24
+    (at batch 1 folding stays faster, 1.4-2.4x)."""
+    if gemm:
+        return cg * Y > 4 * (cg * sw + Y)
     return 2 * cg * Y >= 3 * (cg * sw + Y)
 
 
