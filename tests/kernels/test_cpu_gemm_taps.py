@@ -134,6 +134,40 @@ def test_phase_split_product_matches_numpy(rng, dtype, M, geom):
         np.testing.assert_allclose(got, ref, rtol=tol, atol=tol * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("geom", [
+    # (H, W, sh, sw, pt, pl, R, Mz): no padding at stride 2 (one border column of one phase, one row of another),
+    # padding on every side, unstrided, a row phase wholly outside the input, planes smaller than the input
+    (29, 55, 2, 2, 0, 0, 15, 28),
+    (9, 11, 2, 2, 2, 1, 8, 8),
+    (6, 5, 1, 1, 1, 2, 9, 10),
+    (4, 7, 3, 2, 5, 0, 4, 5),
+    (12, 15, 2, 2, 1, 0, 5, 6),
+])
+def test_zero_borders_zero_exactly_the_borders(dtype, geom):
+    """``zero_borders`` (the fused SVD layer's, serial) and ``zero_phase_borders`` (parallel) set to zero every
+    position of the phase-split planes that no input position maps to, and leave every other one (NaN here) as it
+    was, over several blocks of planes."""
+    H, W, sh, sw, pt, pl, R, Mz = geom
+    nblk = 3
+    yr = np.arange(R)[:, None]
+    xc = np.arange(Mz)[None, :]
+    inside = np.empty((sh, sw, R, Mz), bool)
+    for ph in range(sh):
+        for pw in range(sw):
+            y = yr * sh + ph - pt
+            x = xc * sw + pw - pl
+            inside[ph, pw] = (y >= 0) & (y < H) & (x >= 0) & (x < W)
+    inside = np.broadcast_to(inside, (nblk, sh, sw, R, Mz)).ravel()
+    for fn in (GT.zero_borders, GT.zero_phase_borders):
+        z = np.full(nblk * sh * sw * R * Mz + 5, np.nan, dtype)
+        fn(z, nblk, sh, sw, R, Mz, H, W, pt, pl)
+        body = z[:inside.size]
+        assert np.isnan(body[inside]).all(), f"{fn.__name__} wrote inside the input's positions"
+        assert (body[~inside] == 0).all(), f"{fn.__name__} left a border position"
+        assert np.isnan(z[inside.size:]).all(), f"{fn.__name__} wrote past the planes"
+
+
 _GENERIC_SCRIPT = """
 import numpy as np
 from npconv.kernels.cpu import gemm as G

@@ -243,29 +243,48 @@ def zero_phase_borders(z, nplanes, sh, sw, R, Mz, H, W, pt, pl):
 
 @numba.njit(cache=True, nogil=True)
 def zero_borders(z, nplanes, sh, sw, R, Mz, H, W, pt, pl):
-    """:func:`zero_phase_borders` in the calling thread (the fused SVD layer's band planes, ``svd_fused.py``)."""
-    for job in range(nplanes * sh * sw):
-        _zero_plane_borders(z, job, sh, sw, R, Mz, H, W, pt, pl)
+    """:func:`zero_phase_borders` in the calling thread (the fused SVD layer's band planes, ``svd_fused.py``), each
+    phase's bounds worked out once for all the blocks."""
+    for ph in range(sh):
+        r_lo, r_hi = _bounds(R, H, pt, ph, sh)
+        for pw in range(sw):
+            c_lo, c_hi = _bounds(Mz, W, pl, pw, sw)
+            for blk in range(nplanes):
+                _zero_plane(z, (blk * sh * sw + ph * sw + pw) * R * Mz, R, Mz, r_lo, r_hi, c_lo, c_hi)
 
 
 @numba.njit(cache=True, nogil=True)
 def _zero_plane_borders(z, job, sh, sw, R, Mz, H, W, pt, pl):
     """Plane ``job`` (block ``job // (sh*sw)``, phase ``(job // sw) % sh, job % sw``) of :func:`zero_phase_borders`."""
-    blk = job // (sh * sw)
     ph = (job // sw) % sh
     pw = job % sw
-    base = blk * sh * sw * R * Mz + (ph * sw + pw) * R * Mz
-    # the columns that hold input columns: xc*sw + pw - pl in [0, W)
-    c_lo = min(Mz, max(0, (pl - pw + sw - 1) // sw))
-    c_hi = max(c_lo, min(Mz, (W + pl - pw + sw - 1) // sw))
-    for yr in range(R):
-        y = yr * sh + ph - pt
-        row = z[base + yr * Mz:base + (yr + 1) * Mz]
-        if y < 0 or y >= H:
-            for e in range(Mz):
-                row[e] = 0
-        else:
-            for e in range(c_lo):
-                row[e] = 0
-            for e in range(c_hi, Mz):
-                row[e] = 0
+    r_lo, r_hi = _bounds(R, H, pt, ph, sh)
+    c_lo, c_hi = _bounds(Mz, W, pl, pw, sw)
+    _zero_plane(z, ((job // (sh * sw)) * sh * sw + ph * sw + pw) * R * Mz, R, Mz, r_lo, r_hi, c_lo, c_hi)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _bounds(n, size, pad, phase, stride):
+    """The positions ``i < n`` of a phase-split plane's axis that hold input positions (``i*stride + phase - pad``
+    in ``[0, size)``), as ``(lo, hi)``."""
+    lo = min(n, max(0, (pad - phase + stride - 1) // stride))
+    return lo, max(lo, min(n, (size + pad - phase + stride - 1) // stride))
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _zero_plane(z, base, R, Mz, r_lo, r_hi, c_lo, c_hi):
+    """Zeros in the ``R x Mz`` plane at ``z[base:]`` outside rows ``[r_lo, r_hi)`` and columns ``[c_lo, c_hi)``: the
+    rows above and below as two runs, then the border columns of the rows between, a column at a time down the rows.
+    Row by row (a loop over each row's one or two border values, which LLVM makes a ``memset`` call), each plane's
+    bounds worked out anew from its index, :func:`zero_borders` took 12.8 us for a band of the fused SVD layer on ZF
+    conv2 (304 planes of 15 x 28 values: 2.5% of the layer at batch 1), 3.0-4.9 us this way (twenty-eighth session)."""
+    for e in range(base, base + r_lo * Mz):
+        z[e] = 0
+    for e in range(base + r_hi * Mz, base + R * Mz):
+        z[e] = 0
+    for c in range(c_lo):
+        for yr in range(r_lo, r_hi):
+            z[base + yr * Mz + c] = 0
+    for c in range(c_hi, Mz):
+        for yr in range(r_lo, r_hi):
+            z[base + yr * Mz + c] = 0
