@@ -494,7 +494,7 @@ def _cp_cpu(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, 
     per = 64 // dt.itemsize
     Mp = -(-M // per) * per
     if gemm_front and USE_CP_FUSED:
-        return _cp_fused_cpu(x, wts, in_off, out_off, bias, stride, pad, OH, OW, Y, Mp, out, prep)
+        return _cp_fused_cpu(x, wts, in_off, out_off, bias, stride, pad, OH, OW, Y, _fused_row(M, Mp), out, prep)
     P = OH * OW
     C = x.shape[1]
     plane = sh * sw * R * Mp
@@ -564,6 +564,16 @@ def _fused_band_rows(N, OH, nth):
         if best is None or cost < best - 1e-12:
             best, nbands = cost, nb
     return -(-OH // nbands)
+
+
+def _fused_row(M, Mp):
+    """Items of a packed row of the fused CP layer: ``Mp`` (``M`` rounded up to 64 bytes, so that the vertical taps,
+    whole rows apart, load aligned) unless that adds more than a quarter of ``M``; then ``M``, and less work in the
+    front end's products over the rows. Same process, alternating, K = 8, twenty-eighth session (docs/benchmarks.md),
+    unpadded against padded: ZF conv2 (28 -> 32) 0.95-1.00x, a 13 x 13 3 x 3 layer (15 -> 16) 0.88-0.97x; 5 x 5
+    stride-1 layers on 20 x 20 (24 -> 32) and 32 x 32 maps (36 -> 48) 1.05-1.08x, the bundled CIFAR network's conv2
+    (20 -> 32) 1.07-1.16x at batches 1, 32 and 128."""
+    return Mp if 4 * (Mp - M) <= M else M
 
 
 def _cp_fused_cpu(x, wts, in_off, out_off, bias, stride, pad, OH, OW, Y, Mp, out, prep):

@@ -55,10 +55,12 @@ def cp_fused_scratch_size(BR, X, SH, SW, Mp, OW, MR, NR, cg_max, HGK, F_max, ite
     """Items of one thread's scratch row for :func:`cp_fused`: the accumulator rows (``MR`` rows of ``SH`` row
     phases) and ``NR`` slack; the largest group's packed planes and ``NR + Mp`` slack; ``Zb`` (``HGK`` rows of
     :func:`_zrow`) and ``NR`` slack; the output tile (``F_max`` rows, the largest output group, rounded up to
-    ``MR``, by ``NR``). Every part a multiple of 64 bytes."""
+    ``MR``, by ``NR``). Every part a multiple of 64 bytes (the packed planes rounded up: their rows, ``Mp`` items,
+    need not be; ``functional.bicluster._fused_row``)."""
     _, RMp, plane = cp_fused_geometry(BR, X, SH, SW, Mp, NR)
     acc = MR * SH * RMp + NR
-    xg = cg_max * plane + NR + Mp
+    lv = 64 // itemsize
+    xg = -(-(cg_max * plane + NR + Mp) // lv) * lv    # Mp need not be a multiple of 64 bytes
     zb = HGK * _zrow(BR, OW, itemsize) + NR
     tile = -(-F_max // MR) * MR * NR
     return acc + xg + zb + tile
@@ -97,7 +99,7 @@ def cp_fused(x, in_perm, pt, pl, SH, SW, Mp, in_offsets, hpack, hoff, koff, Y, M
     for g in range(G):
         cg_max = max(cg_max, in_offsets[g + 1] - in_offsets[g])
     acc_len = MR * PLp + NR
-    xg_len = cg_max * plane + NR + Mp
+    xg_len = (cg_max * plane + NR + Mp + LV - 1) // LV * LV    # as cp_fused_scratch_size
     z_len = H * GK * ldz + NR
     yf = y.reshape(y.size)
     xin = x.reshape(x.size)
