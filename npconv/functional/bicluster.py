@@ -572,7 +572,7 @@ def _fused_row(M, Mp):
     front end's products over the rows. Same process, alternating, K = 8, twenty-eighth session (docs/benchmarks.md),
     unpadded against padded: ZF conv2 (28 -> 32) 0.95-1.00x, a 13 x 13 3 x 3 layer (15 -> 16) 0.88-0.97x; 5 x 5
     stride-1 layers on 20 x 20 (24 -> 32) and 32 x 32 maps (36 -> 48) 1.03-1.15x, the bundled CIFAR network's conv2
-    (20 -> 32) 1.07-1.22x, at batches 1 and 32 (and 128 for the CIFAR conv2)."""
+    (20 -> 32) 1.07-1.33x, at batches 1 and 32 (and 128 for the CIFAR conv2)."""
     return Mp if 4 * (Mp - M) <= M else M
 
 
