@@ -25,7 +25,7 @@ channels' phase-split planes where the micro-kernel has its 12-row AVX-512 tile 
 else a channel-major im2col and a GEMM. Where the micro-kernel has its 12-row AVX-512 tile the three forms run fused
 instead: one parallel pass over the batch whose jobs (an image's band of output rows) expand what they have just
 made, from their thread's buffers
-(``kernels/cpu/cp_fused.py``, ``kernels/cpu/svd_fused.py``, ``kernels/cpu/bicluster.shared_fused``).
+(``kernels/cpu/cp_fused.py``, ``kernels/cpu/svd_fused.py``, ``kernels/cpu/shared_gemm.py``).
 
 GPU (CuPy): dedicated kernels, :mod:`npconv.kernels.cuda.ops_bicluster` (a fused CP front end, the SVD block conv,
 the shared-filter passes; cuBLAS expansion GEMMs and a scatter by ``out_perm``). The composed paths
@@ -553,7 +553,7 @@ def _cp_cpu(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, 
 
 def _fused_band_rows(N, OH, nth):
     """Output rows a band of the fused CP, SVD and shared-separable layers (``kernels/cpu/cp_fused.py``,
-    ``kernels/cpu/svd_fused.py``, ``kernels/cpu/bicluster.shared_fused``). Bands give the threads more jobs
+    ``kernels/cpu/svd_fused.py``, ``kernels/cpu/shared_gemm.py``). Bands give the threads more jobs
     (images x bands), at a price: each band repeats ``(X - 1) // SH`` rows of the horizontal pass and of the packing,
     about :data:`FUSED_BAND_COST` of the layer a band. The band count minimises the rounds of jobs the busiest
     thread runs times that price (the jobs are equal: numba shares them out in equal slices); then the rows are
@@ -645,7 +645,7 @@ FUSED_BAND_COST = 0.045
 #: (``kernels/cpu/svd_fused.py``; bands from :func:`_fused_band_rows`). A module constant for same-process
 #: comparisons, not a user setting
 USE_SVD_FUSED = True
-#: the shared-separable form's fused pass (``kernels/cpu/bicluster.shared_fused``, in bands as the CP form's:
+#: the shared-separable form's fused pass (``kernels/cpu/shared_gemm.py``, in bands as the CP form's:
 #: :func:`_fused_band_rows`). A module constant for same-process comparisons, not a user setting
 USE_SHARED_FUSED = True
 #: the shared form's front-end jobs pack their own input groups (when a group's planes fit ``_OWN_PACK_BYTES``)
@@ -922,7 +922,7 @@ def _shared_cpu(x, in_perm, in_off, reduce, assign, vertical, horizontal, expand
     per_z = H * G * K * P
     dt = x.dtype
     if USE_SHARED_FUSED and _taps_ok(dt):
-        return _shared_fused_cpu(x, wts, _as_index(in_perm), in_off, out_off, bias, pad, OH, OW, M, stride, out, prep)
+        return _shared_gemm_cpu(x, wts, _as_index(in_perm), in_off, out_off, bias, pad, OH, OW, M, stride, out, prep)
     nb = _chunk(N, P, C * plane + per_z + F * P, x.dtype.itemsize, _CP_CACHE_BYTES)
     # the front end's jobs pack their own groups (no packing pass) when a group's planes fit _OWN_PACK_BYTES
     own = SHARED_OWN_PACK and cg_max * plane * dt.itemsize <= _OWN_PACK_BYTES
@@ -947,10 +947,26 @@ def _shared_cpu(x, in_perm, in_off, reduce, assign, vertical, horizontal, expand
     return y
 
 
-def _shared_fused_cpu(x, wts, in_perm, in_off, out_off, bias, pad, OH, OW, M, stride, out, prep):
-    """The shared-separable layer as one parallel pass over (image, band of output rows; :func:`_fused_band_rows`)
-    (``kernels/cpu/bicluster.shared_fused``)."""
-    from ..kernels.cpu import bicluster as KB
+def _shared_gemm_packs(wts, Y, MR, dt):
+    """Each input group's horizontal coefficients for :func:`kernels.cpu.shared_gemm.shared_gemm_fused`: ``A_g``
+    (``U_g`` x ``Y``, the horizontal taps of the shared filters the group uses, in its list's order) packed for the
+    ``MR``-row tile as ``gemm.pack_a`` packs, group after group, and the groups' offsets."""
+    used_ptr, used_filter, horizontal = wts.used_ptr, wts.used_filter, wts.horizontal
+    packs = []
+    for g in range(len(used_ptr) - 1):
+        f = used_filter[used_ptr[g]:used_ptr[g + 1]]
+        a = np.zeros((-(-len(f) // MR) * MR, Y), dt)
+        a[:len(f)] = horizontal[f]
+        packs.append(a.reshape(-1, MR, Y).transpose(0, 2, 1).ravel())
+    return np.concatenate(packs), np.cumsum([0] + [p.shape[0] for p in packs[:-1]]).astype(np.int64)
+
+
+def _shared_gemm_cpu(x, wts, in_perm, in_off, out_off, bias, pad, OH, OW, M, stride, out, prep):
+    """The shared-separable layer as one parallel pass over (image, band of output rows) on the fused CP layer's
+    machinery (``kernels/cpu/shared_gemm.py``)."""
+    from ..kernels.cpu import cp_front_gemm as KF
+    from ..kernels.cpu import cp_fused as KU
+    from ..kernels.cpu import shared_gemm as KS
     _, out_perm, reduce, vertical, horizontal, expand, used_ptr, used_filter, slot, cg_max, nu_max = wts
     dt = x.dtype
     G, H, K = slot.shape
@@ -960,21 +976,24 @@ def _shared_fused_cpu(x, wts, in_perm, in_off, out_off, bias, pad, OH, OW, M, st
     sh, sw = stride
     VW, MR, NV = _mk_tile(dt)
     NR = VW * NV
-    nth = numba.get_num_threads()
-    BR = _fused_band_rows(x.shape[0], OH, nth)
-    Rb = _phase_geometry(BR, OW, X, Y, stride)[0]
-    plane = sh * sw * Rb * M
+    per = 64 // dt.itemsize
+    Mp = _fused_row(M, -(-M // per) * per)
+    qpack, qoff = prepared(prep, ("cpu-shared-gemm", dt), lambda: _shared_gemm_packs(wts, Y, MR, dt))
     epack, eoff = prepared(prep, ("cpu-shared-fused", dt), lambda: _flat_packs(_group_rows(expand, out_off, dt), MR))
-    r16 = lambda n: -(-n // 16) * 16  # noqa: E731
-    srow = r16(KB.shared_scratch_size(cg_max, nu_max, sw, M, BR, OW, Y, plane))
-    zrow = r16(H * G * K * BR * OW + NR)
-    row = srow + zrow + r16(-(-int(np.diff(out_off).max()) // MR) * MR * NR)
-    scratch = WS.get_aligned("front", nth * row, dt).reshape(nth, row)
-    y = np.empty((x.shape[0], F, OH, OW), dt) if out is None else out
+    nth = numba.get_num_threads()
+    N = x.shape[0]
+    BR = _fused_band_rows(N, OH, nth)
+    Rb, _, plane = KU.cp_fused_geometry(BR, X, sh, sw, Mp, NR)
+    koff = KF.cp_gemm_tap_offsets(1, Y, sw, Rb, Mp, plane)
+    q_max = int((np.diff(in_off) * np.diff(used_ptr)).max())
+    srow = KS.shared_gemm_scratch_size(BR, X, sh, sw, Mp, OW, MR, NR, cg_max, q_max, H * G * K,
+                                       int(np.diff(out_off).max()), dt.itemsize)
+    scratch = WS.get_aligned("front", nth * srow, dt).reshape(nth, srow)
+    y = np.empty((N, F, OH, OW), dt) if out is None else out
     has_b = bias is not None
-    PL.run(KB.shared_fused, x, in_perm, pad[0], pad[2], sh, sw, Rb, M, in_off, used_ptr, used_filter,
-           vertical, horizontal, reduce, slot, OH, OW, BR, epack, eoff, out_off, out_perm,
-           bias if has_b else np.zeros(1, dt), has_b, y, MR, NR, scratch, srow, zrow)
+    PL.run(KS.shared_gemm_fused, x, in_perm, pad[0], pad[2], sh, sw, Mp, in_off, qpack, qoff, koff, Y, MR, NR,
+           used_ptr, used_filter, vertical, reduce, slot, OH, OW, BR, epack, eoff, out_off, out_perm,
+           bias if has_b else np.zeros(1, dt), has_b, y, scratch, N > nth)
     PL.complete(y)
     return y
 

@@ -437,6 +437,23 @@ def test_shared_fused_geometries(rng, monkeypatch, dtype, stride, padding, bands
                                *tolerance(dtype))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_shared_fused_groups_of_many_filters(rng, dtype):
+    """The fused shared-separable layer (``kernels/cpu/shared_gemm.py``) where a group uses more shared filters than
+    the micro-kernel's tile has rows (up to 20 of 24: row blocks of 12 and of 8 or 4 a channel) and has up to 3
+    channels; against the rebuilt kernel's conv, one image in two bands and three images."""
+    from npconv.functional.bicluster import shared_plan
+    f = _shared_factors(rng, 6, 9, 3, 5, (3, 1, 2), (4, 5), 12, 24, dtype)
+    used_ptr = shared_plan(f[3], 24)[0]
+    assert np.diff(used_ptr).max() > 12          # some group runs a second row block
+    b = rng.standard_normal(9).astype(dtype)
+    for N in (1, 3):
+        x = rng.standard_normal((N, 6, 11, 13)).astype(dtype)
+        y = shared_separable_conv2d(x, *f, b, stride=(1, 2), padding=(1, 1, 2, 0))
+        np.testing.assert_allclose(y, conv2d_einsum(x, _dense_kernel("shared", f), b, (1, 2), (1, 1, 2, 0)),
+                                   *tolerance(dtype))
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("microkernel", [True, False], ids=["microkernel", "blas"])
 def test_batch_chunking(rng, kind, monkeypatch, microkernel):

@@ -31,7 +31,7 @@ import numpy as np
 
 from ._pack import pack_plane as _pack_plane
 from ._pack import pack_plane_ahead as _pack_plane_ahead
-from .gemm import TAPS1_BYTES, matmul_local
+from .gemm import TAPS1_BYTES
 from .gemm_taps import taps_rows
 
 
@@ -305,7 +305,7 @@ def front_job(job, nsplit, G, in_offsets):
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def band_job(job, nbands, BR, OH):
-    """A fused layer's job (``cp_fused``, ``svd_fused``, :func:`shared_fused`) as (image, first output row, output
+    """A fused layer's job (``cp_fused``, ``svd_fused``, ``shared_gemm``) as (image, first output row, output
     rows) of its band: jobs run image by image, ``nbands`` bands of ``BR`` rows an image, the last band with what is
     left of the ``OH`` rows."""
     n = job // nbands
@@ -637,48 +637,6 @@ def im2col_phase(z, c0s, nch, KH, KW, OH, OW, col):
             d = dst[oh * OW:(oh + 1) * OW]
             for e in range(OW):
                 d[e] = s[e]
-
-
-@numba.njit(parallel=True, cache=True, nogil=True)
-def shared_fused(x, in_perm, pt, pl, SH, SW, R, M, in_offsets, used_ptr, used_filter, vertical, horizontal, comb,
-                 comb_slot, OH, OW, BR, epack, eoff, out_offsets, out_perm, bias, has_bias, y, MR, NR, scratch, srow,
-                 zrow):
-    """The shared-separable layer in one parallel pass, a job an (image, band of ``BR`` output rows; the last band
-    may have fewer): each group's front end (:func:`shared_group`, the band's rows of its planes packed by the job,
-    ``R`` rows a row phase: ``BR + (X - 1) // SH``) into the thread's ``Zb`` (``H*G*K`` rows of ``BR*OW``), then
-    each output group's expansion from it into the band's outputs with the bias (``gemm.matmul_local``; ``epack``
-    each output group's expansion (``F_h`` x ``G*K``) packed for ``MR`` rows from ``eoff[h]``). ``scratch``: a row a
-    thread, the front end's ``srow`` items (:func:`shared_scratch_size` for ``BR`` rows, with the packed plane), then
-    ``Zb`` (``zrow`` items: ``H*G*K*BR*OW`` and ``NR`` slack), then the output tile. As ``cp_fused``: ``Zb`` stays
-    with the core that makes it, and a batch is one region; bands as there (neighbouring bands repeat
-    ``(X - 1) // SH`` rows of the packing and the vertical pass)."""
-    N = x.shape[0]
-    G, H, K = comb_slot.shape
-    GK = G * K
-    P = OH * OW
-    F = y.shape[1]
-    plane = SH * SW * R * M
-    ldz = BR * OW
-    nbands = (OH + BR - 1) // BR
-    yf = y.reshape(y.size)
-    xin = x.reshape(x.size)
-    for job in numba.prange(N * nbands):
-        n, o0, ob = band_job(job, nbands, BR, OH)
-        sc = scratch[numba.get_thread_id()]
-        front = sc[:srow]
-        zb = sc[srow:srow + zrow]
-        tile = sc[srow + zrow:]
-        for g in range(G):
-            j0 = in_offsets[g]
-            cg = in_offsets[g + 1] - j0
-            # the band's rows: padded row r*SH + p of the band is input row (o0 + r)*SH + p - pt
-            xsrc, xbase = group_planes(True, front, srow - cg * plane, 0, x, n, in_perm, j0, cg, pt - o0 * SH, pl, SH,
-                                       SW, R, M, xin, 0, xin, next_plane(x, n, g + 1, in_perm, in_offsets))
-            shared_group(xsrc, np.int64(xbase), g, j0, cg, SH, SW, R, M, used_ptr, used_filter, vertical, horizontal,
-                         comb, comb_slot, ob, OW, front, zb, ldz, np.int64(0))
-        for h in range(H):
-            matmul_local(epack, eoff[h], out_offsets[h + 1] - out_offsets[h], GK, MR, NR, zb, h * GK * ldz, ldz,
-                         ob * OW, yf, n * F * P + o0 * OW, P, out_perm, out_offsets[h], bias, has_bias, tile)
 
 
 from .plan import watch as _watch  # noqa: E402  (planned kernels: kernels/cpu/plan.py)

@@ -518,7 +518,7 @@ def matmul_local(ap, aoff, M, K, MR, NR, b, boff, ldb, ncols, c, cbase, ldc, row
     for ``MR`` rows from ``ap[aoff:]``. Panel by panel, K blocks of :data:`KC_BYTES` and every row block over the
     panel's slice, the tiles in ``tile`` (``ceil(M / MR) * MR * NR`` values), then copied out with the bias; the
     tiles as :func:`gemm_images` picks them. ``b`` must have ``NR`` readable values past the last column of its last
-    row. The fused layers' expansions (``cp_fused.py``, ``svd_fused.py``, ``bicluster.shared_fused``), from a block
+    row. The fused layers' expansions (``cp_fused.py``, ``svd_fused.py``, ``shared_gemm.py``), from a block
     of ``b`` in the thread's cache."""
     KC = max(16, KC_BYTES // (NR * c.itemsize))
     nblk = (M + MR - 1) // MR
