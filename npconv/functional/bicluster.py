@@ -489,12 +489,13 @@ def _cp_cpu(x, in_perm, in_off, reduce, vertical, horizontal, expand, out_perm, 
     Y = horizontal.shape[3]
     F = expand.shape[0]
     R, M = _phase_geometry(OH, OW, X, Y, stride)
+    if gemm_front and USE_CP_FUSED:
+        return _cp_fused_cpu(x, wts, in_off, out_off, bias, stride, pad, OH, OW, Y, _fused_row(M, dt.itemsize), out,
+                             prep)
     # rows of the packed input and of the front end's planes padded to 64 bytes: the vertical taps, whole rows
     # apart, then load aligned
     per = 64 // dt.itemsize
     Mp = -(-M // per) * per
-    if gemm_front and USE_CP_FUSED:
-        return _cp_fused_cpu(x, wts, in_off, out_off, bias, stride, pad, OH, OW, Y, _fused_row(M, Mp), out, prep)
     P = OH * OW
     C = x.shape[1]
     plane = sh * sw * R * Mp
@@ -566,13 +567,15 @@ def _fused_band_rows(N, OH, nth):
     return -(-OH // nbands)
 
 
-def _fused_row(M, Mp):
-    """Items of a packed row of the fused CP layer: ``Mp`` (``M`` rounded up to 64 bytes, so that the vertical taps,
-    whole rows apart, load aligned) unless that adds more than a quarter of ``M``; then ``M``, and less work in the
-    front end's products over the rows. Same process, alternating, K = 8, twenty-eighth session (docs/benchmarks.md),
+def _fused_row(M, itemsize):
+    """Items of a packed row of the fused CP and shared-separable layers, for rows of ``M`` values of ``itemsize``
+    bytes: ``M`` rounded up to 64 bytes (so that the vertical taps, whole rows apart, load aligned) unless that adds
+    more than a quarter of ``M``; then ``M``, and less work in the front end's products over the rows. Same process, alternating, K = 8, twenty-eighth session (docs/benchmarks.md),
     unpadded against padded: ZF conv2 (28 -> 32) 0.95-1.00x, a 13 x 13 3 x 3 layer (15 -> 16) 0.88-0.97x; 5 x 5
     stride-1 layers on 20 x 20 (24 -> 32) and 32 x 32 maps (36 -> 48) 1.03-1.15x, the bundled CIFAR network's conv2
     (20 -> 32) 1.07-1.33x, at batches 1 and 32 (and 128 for the CIFAR conv2)."""
+    per = 64 // itemsize
+    Mp = -(-M // per) * per
     return Mp if 4 * (Mp - M) <= M else M
 
 
@@ -976,8 +979,7 @@ def _shared_gemm_cpu(x, wts, in_perm, in_off, out_off, bias, pad, OH, OW, M, str
     sh, sw = stride
     VW, MR, NV = _mk_tile(dt)
     NR = VW * NV
-    per = 64 // dt.itemsize
-    Mp = _fused_row(M, -(-M // per) * per)
+    Mp = _fused_row(M, dt.itemsize)
     qpack, qoff = prepared(prep, ("cpu-shared-gemm", dt), lambda: _shared_gemm_packs(wts, Y, MR, dt))
     epack, eoff = prepared(prep, ("cpu-shared-fused", dt), lambda: _flat_packs(_group_rows(expand, out_off, dt), MR))
     nth = numba.get_num_threads()
