@@ -33,7 +33,7 @@ from .cp_front_gemm import front_tiles
 from .gemm import TAPS1_BYTES, matmul_local
 from .gemm_taps import taps_rows
 
-__all__ = ["cp_fused_geometry", "cp_fused_scratch_size", "cp_fused"]
+__all__ = ["cp_fused_geometry", "cp_fused_scratch_size", "cp_fused", "band_layout", "vertical_offsets", "zb_row"]
 
 
 def cp_fused_geometry(BR, X, SH, SW, Mp, NR):
@@ -44,7 +44,7 @@ def cp_fused_geometry(BR, X, SH, SW, Mp, NR):
     return Rb, RMp, SH * SW * Rb * Mp
 
 
-def _zrow(BR, OW, itemsize):
+def zb_row(BR, OW, itemsize):
     """Items of a row of ``Zb``: a band's ``BR*OW`` outputs and a run of ``gemm.TAPS1_BYTES`` (the vertical pass's
     last run stores past the outputs: ``gemm_taps.taps_rows`` with ``slack``), rounded up to 64 bytes."""
     lv = 64 // itemsize
@@ -54,16 +54,39 @@ def _zrow(BR, OW, itemsize):
 def cp_fused_scratch_size(BR, X, SH, SW, Mp, OW, MR, NR, cg_max, HGK, F_max, itemsize):
     """Items of one thread's scratch row for :func:`cp_fused`: the accumulator rows (``MR`` rows of ``SH`` row
     phases) and ``NR`` slack; the largest group's packed planes and ``NR + Mp`` slack; ``Zb`` (``HGK`` rows of
-    :func:`_zrow`) and ``NR`` slack; the output tile (``F_max`` rows, the largest output group, rounded up to
+    :func:`zb_row`) and ``NR`` slack; the output tile (``F_max`` rows, the largest output group, rounded up to
     ``MR``, by ``NR``). Every part a multiple of 64 bytes (the packed planes rounded up: their rows, ``Mp`` items,
     need not be; ``functional.bicluster._fused_row``)."""
     _, RMp, plane = cp_fused_geometry(BR, X, SH, SW, Mp, NR)
     acc = MR * SH * RMp + NR
     lv = 64 // itemsize
     xg = -(-(cg_max * plane + NR + Mp) // lv) * lv    # Mp need not be a multiple of 64 bytes
-    zb = HGK * _zrow(BR, OW, itemsize) + NR
+    zb = HGK * zb_row(BR, OW, itemsize) + NR
     tile = -(-F_max // MR) * MR * NR
     return acc + xg + zb + tile
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def band_layout(OH, OW, BR, X, SH, SW, Mp, NR, itemsize):
+    """The fused layers' band geometry (``cp_fused``, ``shared_gemm.shared_gemm_fused``): (bands an image, packed
+    rows a row phase ``Rb``, a row phase's items ``RM = Rb*Mp`` and in the accumulator rows ``RMp``, a component's
+    accumulator items ``PLp``, a packed channel's items, and the items of a row of ``Zb``: :func:`zb_row`)."""
+    Rb = BR + (X - 1) // SH
+    RM = Rb * Mp
+    RMp = (RM + NR - 1) // NR * NR
+    lv = 64 // itemsize
+    ldz = (BR * OW + TAPS1_BYTES // itemsize + lv - 1) // lv * lv
+    return (OH + BR - 1) // BR, Rb, RM, RMp, SH * RMp, SH * SW * RM, ldz
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def vertical_offsets(X, SH, RMp, Mp):
+    """The vertical taps' offsets in a component's accumulator rows: tap ``a`` at row phase ``a % SH``, ``a // SH``
+    rows on."""
+    voffs = np.empty(X, np.int64)
+    for a in range(X):
+        voffs[a] = (a % SH) * RMp + (a // SH) * Mp
+    return voffs
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -86,15 +109,9 @@ def cp_fused(x, in_perm, pt, pl, SH, SW, Mp, in_offsets, hpack, hoff, koff, Y, M
     GK = G * K
     F = y.shape[1]
     P = OH * OW
-    nbands = (OH + BR - 1) // BR
-    Rb = BR + (X - 1) // SH
-    RM = Rb * Mp
-    RMp = (RM + NR - 1) // NR * NR
-    PLp = SH * RMp
-    plane = SH * SW * RM
+    nbands, Rb, RM, RMp, PLp, plane, ldz = band_layout(OH, OW, BR, X, SH, SW, Mp, NR, y.itemsize)
     nblk = (HK + MR - 1) // MR
     LV = 64 // y.itemsize
-    ldz = (BR * OW + TAPS1_BYTES // y.itemsize + LV - 1) // LV * LV   # as _zrow
     cg_max = 0
     for g in range(G):
         cg_max = max(cg_max, in_offsets[g + 1] - in_offsets[g])
@@ -111,9 +128,7 @@ def cp_fused(x, in_perm, pt, pl, SH, SW, Mp, in_offsets, hpack, hoff, koff, Y, M
         tile = sc[acc_len + xg_len + z_len:]
         vcoef = np.empty(X, y.dtype)
         tmp = np.empty(NR, y.dtype)
-        voffs = np.empty(X, np.int64)
-        for a in range(X):
-            voffs[a] = (a % SH) * RMp + (a // SH) * Mp
+        voffs = vertical_offsets(X, SH, RMp, Mp)
         # 1. the front end, group by group, into Zb
         for g in range(G):
             j0 = in_offsets[g]

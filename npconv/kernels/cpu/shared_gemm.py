@@ -29,32 +29,25 @@ import numpy as np
 
 from .bicluster import band_job, group_planes, next_plane
 from .cp_front_gemm import front_tiles
-from .cp_fused import cp_fused_geometry
-from .gemm import TAPS1_BYTES, matmul_local
+from .cp_fused import band_layout, cp_fused_geometry, vertical_offsets, zb_row
+from .gemm import matmul_local
 from .gemm_taps import taps_rows
 
 __all__ = ["shared_gemm_scratch_size", "shared_gemm_fused"]
 
 
-def _row(BR, OW, itemsize):
-    """Items of a row of ``Q`` or ``Zb``: a band's ``BR*OW`` outputs and a run of ``gemm.TAPS1_BYTES`` (the vertical
-    pass's last run stores past the outputs), rounded up to 64 bytes."""
-    lv = 64 // itemsize
-    return -(-(BR * OW + TAPS1_BYTES // itemsize) // lv) * lv
-
-
 def shared_gemm_scratch_size(BR, X, SH, SW, Mp, OW, MR, NR, cg_max, q_max, HGK, F_max, itemsize):
     """Items of one thread's scratch row for :func:`shared_gemm_fused`: the accumulator rows (``MR`` rows of ``SH``
     row phases) and ``NR`` slack; the largest group's packed planes and ``NR + Mp`` slack, rounded up to 64 bytes;
-    ``Q`` (``q_max`` rows, the most (channel, filter) pairs of a group, of :func:`_row`) and ``NR`` slack; ``Zb``
-    (``HGK`` rows of :func:`_row`) and ``NR`` slack; the output tile (``F_max`` rows rounded up to ``MR``, by
+    ``Q`` (``q_max`` rows, the most (channel, filter) pairs of a group, of ``cp_fused.zb_row``) and ``NR`` slack;
+    ``Zb`` (``HGK`` rows of the same) and ``NR`` slack; the output tile (``F_max`` rows rounded up to ``MR``, by
     ``NR``). Every part a multiple of 64 bytes."""
     _, RMp, plane = cp_fused_geometry(BR, X, SH, SW, Mp, NR)
     lv = 64 // itemsize
     acc = MR * SH * RMp + NR
     xg = -(-(cg_max * plane + NR + Mp) // lv) * lv
-    q = q_max * _row(BR, OW, itemsize) + NR
-    zb = HGK * _row(BR, OW, itemsize) + NR
+    q = q_max * zb_row(BR, OW, itemsize) + NR
+    zb = HGK * zb_row(BR, OW, itemsize) + NR
     tile = -(-F_max // MR) * MR * NR
     return acc + xg + q + zb + tile
 
@@ -81,14 +74,8 @@ def shared_gemm_fused(x, in_perm, pt, pl, SH, SW, Mp, in_offsets, qpack, qoff, k
     GK = G * K
     F = y.shape[1]
     P = OH * OW
-    nbands = (OH + BR - 1) // BR
-    Rb = BR + (X - 1) // SH
-    RM = Rb * Mp
-    RMp = (RM + NR - 1) // NR * NR
-    PLp = SH * RMp
-    plane = SH * SW * RM
+    nbands, Rb, RM, RMp, PLp, plane, ldz = band_layout(OH, OW, BR, X, SH, SW, Mp, NR, y.itemsize)
     LV = 64 // y.itemsize
-    ldz = (BR * OW + TAPS1_BYTES // y.itemsize + LV - 1) // LV * LV   # as _row
     cg_max = 0
     q_max = 0
     for g in range(G):
@@ -111,9 +98,7 @@ def shared_gemm_fused(x, in_perm, pt, pl, SH, SW, Mp, in_offsets, qpack, qoff, k
         tile = sc[e0 + q_len + z_len:]
         vcoef = np.empty(X, y.dtype)
         tmp = np.empty(NR, y.dtype)
-        voffs = np.empty(X, np.int64)
-        for a in range(X):
-            voffs[a] = (a % SH) * RMp + (a // SH) * Mp
+        voffs = vertical_offsets(X, SH, RMp, Mp)
         Pb = ob * OW
         for g in range(G):
             j0 = in_offsets[g]
