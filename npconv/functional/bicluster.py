@@ -570,10 +570,11 @@ def _fused_band_rows(N, OH, nth):
 def _fused_row(M, itemsize):
     """Items of a packed row of the fused CP and shared-separable layers, for rows of ``M`` values of ``itemsize``
     bytes: ``M`` rounded up to 64 bytes (so that the vertical taps, whole rows apart, load aligned) unless that adds
-    more than a quarter of ``M``; then ``M``, and less work in the front end's products over the rows. Same process, alternating, K = 8, twenty-eighth session (docs/benchmarks.md),
-    unpadded against padded: ZF conv2 (28 -> 32) 0.95-1.00x, a 13 x 13 3 x 3 layer (15 -> 16) 0.88-0.97x; 5 x 5
-    stride-1 layers on 20 x 20 (24 -> 32) and 32 x 32 maps (36 -> 48) 1.03-1.15x, the bundled CIFAR network's conv2
-    (20 -> 32) 1.07-1.33x, at batches 1 and 32 (and 128 for the CIFAR conv2)."""
+    more than a quarter of ``M``; then ``M``, and less work in the front end's products over the rows. Same process,
+    alternating, K = 8, twenty-eighth session (docs/benchmarks.md), unpadded against padded: ZF conv2 (28 -> 32)
+    0.95-1.00x, a 13 x 13 3 x 3 layer (15 -> 16) 0.88-0.97x; 5 x 5 stride-1 layers on 20 x 20 (24 -> 32) and
+    32 x 32 maps (36 -> 48) 1.03-1.15x, the bundled CIFAR network's conv2 (20 -> 32) 1.07-1.33x, at batches 1 and
+    32 (and 128 for the CIFAR conv2)."""
     per = 64 // itemsize
     Mp = -(-M // per) * per
     return Mp if 4 * (Mp - M) <= M else M

@@ -222,9 +222,9 @@ def test_cp_fused_bands(rng, monkeypatch, dtype, bands, case):
 
 
 def test_fused_row_pads_to_64_bytes_only_when_it_costs_little():
-    """The fused CP and shared layers' packed rows: rounded up to 64 bytes where that adds at most a quarter (ZF conv2's 28 -> 32
-    values, a 13 x 13 map's 15 -> 16), unpadded where it would add more (the CIFAR network's conv2, 20 -> 32); the
-    unpadded rows are exercised by ``test_cp_fused_bands`` (its first case: rows of 9 values)."""
+    """The fused CP and shared layers' packed rows: rounded up to 64 bytes where that adds at most a quarter (ZF
+    conv2's 28 -> 32 values, a 13 x 13 map's 15 -> 16), unpadded where it would add more (the CIFAR network's conv2,
+    20 -> 32); the unpadded rows are exercised by ``test_cp_fused_bands`` (its first case: rows of 9 values)."""
     assert FB._fused_row(28, 4) == 32 and FB._fused_row(15, 4) == 16 and FB._fused_row(32, 4) == 32
     assert FB._fused_row(20, 4) == 20 and FB._fused_row(24, 4) == 24 and FB._fused_row(10, 4) == 10
     assert FB._fused_row(7, 8) == 8 and FB._fused_row(5, 8) == 5      # float64 rows: 8 values to 64 bytes

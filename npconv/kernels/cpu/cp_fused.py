@@ -33,34 +33,47 @@ from .cp_front_gemm import front_tiles
 from .gemm import TAPS1_BYTES, matmul_local
 from .gemm_taps import taps_rows
 
-__all__ = ["cp_fused_geometry", "cp_fused_scratch_size", "cp_fused", "band_layout", "vertical_offsets", "zb_row"]
+__all__ = ["cp_fused_geometry", "cp_fused_scratch_size", "cp_fused", "band_layout", "vertical_offsets", "zb_row",
+           "packed_len"]
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
 def cp_fused_geometry(BR, X, SH, SW, Mp, NR):
     """(Rb, RMp, plane) of a band of ``BR`` output rows: packed rows a row phase, a row phase's items in the
-    accumulator rows (whole panels of ``NR``), and items of a packed channel (``SH*SW*Rb*Mp``)."""
+    accumulator rows (whole panels of ``NR``), and items of a packed channel (``SH*SW*Rb*Mp``). Jitted, so that the
+    kernels and the scratch sizes the functional layer computes share one definition (as :func:`zb_row` and
+    :func:`packed_len`)."""
     Rb = BR + (X - 1) // SH
-    RMp = -(-(Rb * Mp) // NR) * NR
+    RMp = (Rb * Mp + NR - 1) // NR * NR
     return Rb, RMp, SH * SW * Rb * Mp
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
 def zb_row(BR, OW, itemsize):
     """Items of a row of ``Zb``: a band's ``BR*OW`` outputs and a run of ``gemm.TAPS1_BYTES`` (the vertical pass's
     last run stores past the outputs: ``gemm_taps.taps_rows`` with ``slack``), rounded up to 64 bytes."""
     lv = 64 // itemsize
-    return -(-(BR * OW + TAPS1_BYTES // itemsize) // lv) * lv
+    return (BR * OW + TAPS1_BYTES // itemsize + lv - 1) // lv * lv
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def packed_len(cg_max, plane, NR, Mp, itemsize):
+    """Items of a job's packed input group in its scratch row: ``cg_max`` planes of ``plane`` items and ``NR + Mp``
+    of slack, rounded up to 64 bytes (a row of ``Mp`` items need not be a multiple of 64 bytes:
+    ``functional.bicluster._fused_row``), so that the parts after it stay aligned."""
+    lv = 64 // itemsize
+    return (cg_max * plane + NR + Mp + lv - 1) // lv * lv
 
 
 def cp_fused_scratch_size(BR, X, SH, SW, Mp, OW, MR, NR, cg_max, HGK, F_max, itemsize):
     """Items of one thread's scratch row for :func:`cp_fused`: the accumulator rows (``MR`` rows of ``SH`` row
     phases) and ``NR`` slack; the largest group's packed planes and ``NR + Mp`` slack; ``Zb`` (``HGK`` rows of
     :func:`zb_row`) and ``NR`` slack; the output tile (``F_max`` rows, the largest output group, rounded up to
-    ``MR``, by ``NR``). Every part a multiple of 64 bytes (the packed planes rounded up: their rows, ``Mp`` items,
-    need not be; ``functional.bicluster._fused_row``)."""
+    ``MR``, by ``NR``). Every part a multiple of 64 bytes (the packed planes rounded up:
+    :func:`packed_len`)."""
     _, RMp, plane = cp_fused_geometry(BR, X, SH, SW, Mp, NR)
     acc = MR * SH * RMp + NR
-    lv = 64 // itemsize
-    xg = -(-(cg_max * plane + NR + Mp) // lv) * lv    # Mp need not be a multiple of 64 bytes
+    xg = packed_len(cg_max, plane, NR, Mp, itemsize)
     zb = HGK * zb_row(BR, OW, itemsize) + NR
     tile = -(-F_max // MR) * MR * NR
     return acc + xg + zb + tile
@@ -71,12 +84,8 @@ def band_layout(OH, OW, BR, X, SH, SW, Mp, NR, itemsize):
     """The fused layers' band geometry (``cp_fused``, ``shared_gemm.shared_gemm_fused``): (bands an image, packed
     rows a row phase ``Rb``, a row phase's items ``RM = Rb*Mp`` and in the accumulator rows ``RMp``, a component's
     accumulator items ``PLp``, a packed channel's items, and the items of a row of ``Zb``: :func:`zb_row`)."""
-    Rb = BR + (X - 1) // SH
-    RM = Rb * Mp
-    RMp = (RM + NR - 1) // NR * NR
-    lv = 64 // itemsize
-    ldz = (BR * OW + TAPS1_BYTES // itemsize + lv - 1) // lv * lv
-    return (OH + BR - 1) // BR, Rb, RM, RMp, SH * RMp, SH * SW * RM, ldz
+    Rb, RMp, plane = cp_fused_geometry(BR, X, SH, SW, Mp, NR)
+    return (OH + BR - 1) // BR, Rb, Rb * Mp, RMp, SH * RMp, plane, zb_row(BR, OW, itemsize)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -111,12 +120,11 @@ def cp_fused(x, in_perm, pt, pl, SH, SW, Mp, in_offsets, hpack, hoff, koff, Y, M
     P = OH * OW
     nbands, Rb, RM, RMp, PLp, plane, ldz = band_layout(OH, OW, BR, X, SH, SW, Mp, NR, y.itemsize)
     nblk = (HK + MR - 1) // MR
-    LV = 64 // y.itemsize
     cg_max = 0
     for g in range(G):
         cg_max = max(cg_max, in_offsets[g + 1] - in_offsets[g])
     acc_len = MR * PLp + NR
-    xg_len = (cg_max * plane + NR + Mp + LV - 1) // LV * LV    # as cp_fused_scratch_size
+    xg_len = packed_len(cg_max, plane, NR, Mp, y.itemsize)
     z_len = H * GK * ldz + NR
     yf = y.reshape(y.size)
     xin = x.reshape(x.size)

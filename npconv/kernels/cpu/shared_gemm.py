@@ -29,7 +29,7 @@ import numpy as np
 
 from .bicluster import band_job, group_planes, next_plane
 from .cp_front_gemm import front_tiles
-from .cp_fused import band_layout, cp_fused_geometry, vertical_offsets, zb_row
+from .cp_fused import band_layout, cp_fused_geometry, packed_len, vertical_offsets, zb_row
 from .gemm import matmul_local
 from .gemm_taps import taps_rows
 
@@ -38,14 +38,13 @@ __all__ = ["shared_gemm_scratch_size", "shared_gemm_fused"]
 
 def shared_gemm_scratch_size(BR, X, SH, SW, Mp, OW, MR, NR, cg_max, q_max, HGK, F_max, itemsize):
     """Items of one thread's scratch row for :func:`shared_gemm_fused`: the accumulator rows (``MR`` rows of ``SH``
-    row phases) and ``NR`` slack; the largest group's packed planes and ``NR + Mp`` slack, rounded up to 64 bytes;
+    row phases) and ``NR`` slack; the largest group's packed planes (``cp_fused.packed_len``);
     ``Q`` (``q_max`` rows, the most (channel, filter) pairs of a group, of ``cp_fused.zb_row``) and ``NR`` slack;
     ``Zb`` (``HGK`` rows of the same) and ``NR`` slack; the output tile (``F_max`` rows rounded up to ``MR``, by
     ``NR``). Every part a multiple of 64 bytes."""
     _, RMp, plane = cp_fused_geometry(BR, X, SH, SW, Mp, NR)
-    lv = 64 // itemsize
     acc = MR * SH * RMp + NR
-    xg = -(-(cg_max * plane + NR + Mp) // lv) * lv
+    xg = packed_len(cg_max, plane, NR, Mp, itemsize)
     q = q_max * zb_row(BR, OW, itemsize) + NR
     zb = HGK * zb_row(BR, OW, itemsize) + NR
     tile = -(-F_max // MR) * MR * NR
@@ -75,7 +74,6 @@ def shared_gemm_fused(x, in_perm, pt, pl, SH, SW, Mp, in_offsets, qpack, qoff, k
     F = y.shape[1]
     P = OH * OW
     nbands, Rb, RM, RMp, PLp, plane, ldz = band_layout(OH, OW, BR, X, SH, SW, Mp, NR, y.itemsize)
-    LV = 64 // y.itemsize
     cg_max = 0
     q_max = 0
     for g in range(G):
@@ -83,7 +81,7 @@ def shared_gemm_fused(x, in_perm, pt, pl, SH, SW, Mp, in_offsets, qpack, qoff, k
         cg_max = max(cg_max, cg)
         q_max = max(q_max, cg * (used_ptr[g + 1] - used_ptr[g]))
     acc_len = MR * PLp + NR
-    xg_len = (cg_max * plane + NR + Mp + LV - 1) // LV * LV
+    xg_len = packed_len(cg_max, plane, NR, Mp, y.itemsize)
     q_len = q_max * ldz + NR
     z_len = H * GK * ldz + NR
     yf = y.reshape(y.size)
